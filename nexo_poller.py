@@ -2163,3 +2163,1731 @@ def _serve_stdio(handlers: Mapping[str, Callable]) -> int:
         out.write(_dumps(reply).encode() + b"\n")
         out.flush()
     return 0
+
+
+# ============================================================================
+# State
+# One sqlite3 file per daemon: cursors, status, totals, leases and operator
+# commands.  Writes from many ticks are grouped into one durable transaction.
+# ============================================================================
+
+STATE_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY,
+    cursor BLOB,
+    paused INTEGER NOT NULL DEFAULT 0,
+    last_status TEXT,
+    last_error TEXT,
+    consecutive_errors INTEGER NOT NULL DEFAULT 0,
+    last_run_at REAL,
+    next_run_at REAL,
+    items_seen_total INTEGER NOT NULL DEFAULT 0,
+    items_dispatched_total INTEGER NOT NULL DEFAULT 0,
+    last_alert_at REAL,
+    lease_owner TEXT,
+    lease_until REAL
+);
+CREATE TABLE commands (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job TEXT NOT NULL,
+    verb TEXT NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0
+);
+"""
+JOB_COLUMNS = ("id", "cursor", "paused", "last_status", "last_error", "consecutive_errors",
+               "last_run_at", "next_run_at", "items_seen_total", "items_dispatched_total",
+               "last_alert_at", "lease_owner", "lease_until")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StateStore:
+    """The daemon's sqlite3 state, with group commit.
+
+    ``submit(fn, done)`` queues ``fn(conn)`` for the writer thread, which
+    runs every queued write in one transaction and then calls each
+    ``done(result)``: a tick is acknowledged only once it is on disk.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, owner: str | None = None):
+        self.path = os.path.abspath(os.fspath(path))
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self._db = self._open()
+        self._lock = threading.Lock()        # the connection is shared by threads
+        self._queue: deque = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._writer: threading.Thread | None = None
+        self._closing = False
+        self._data_version = self._pragma("data_version")
+
+    def _open(self):
+        import sqlite3
+        folder = os.path.dirname(self.path)
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                                 check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(f"{self.path}: cannot open state database: {exc}") from None
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not tables:
+                db.execute("BEGIN IMMEDIATE")
+                if not {r[0] for r in db.execute("SELECT name FROM sqlite_master")}:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute("INSERT INTO meta VALUES ('schema_version', ?)",
+                               (str(STATE_SCHEMA_VERSION),))
+                    db.execute("INSERT INTO meta VALUES ('app', 'nexo-poller')")
+                db.execute("COMMIT")
+            elif "meta" not in tables:
+                raise StateError(f"{self.path}: not a nexo-poller state database "
+                                 f"(tables: {', '.join(sorted(tables))})")
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None or row[0] != str(STATE_SCHEMA_VERSION):
+                raise StateError(f"{self.path}: unknown state schema version "
+                                 f"{row[0] if row else 'none'} (this nexo-poller reads "
+                                 f"version {STATE_SCHEMA_VERSION})")
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise StateError(f"{self.path}: corrupt or not a state database: {exc}") from None
+        except StateError:
+            db.close()
+            raise
+        return db
+
+    def _pragma(self, name: str):
+        with self._lock:
+            return self._db.execute(f"PRAGMA {name}").fetchone()[0]
+
+    # -- group commit --------------------------------------------------------
+
+    def submit(self, fn: Callable, done: Callable | None = None) -> None:
+        """Queue ``fn(conn)``; ``done(result_or_exception)`` runs after the commit."""
+        with self._cond:
+            if self._closing:
+                raise StateError(f"{self.path}: state store is closed")
+            self._queue.append((fn, done))
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                                name="nexo-state-writer")
+                self._writer.start()
+            self._cond.notify()
+
+    def run(self, fn: Callable) -> Any:
+        """Run ``fn(conn)`` in the next transaction and return its result."""
+        box: list = []
+        ready = threading.Event()
+
+        def done(result):
+            box.append(result)
+            ready.set()
+        self.submit(fn, done)
+        ready.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def _write_loop(self) -> None:
+        import sqlite3
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = list(self._queue)
+                self._queue.clear()
+            results = []
+            with self._lock:
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    for fn, _ in batch:
+                        try:
+                            self._db.execute("SAVEPOINT one")
+                            results.append(fn(self._db))
+                            self._db.execute("RELEASE one")
+                        except sqlite3.Error as exc:
+                            self._db.execute("ROLLBACK TO one")
+                            self._db.execute("RELEASE one")
+                            results.append(StateError(f"{self.path}: {exc}"))
+                    self._db.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                    err = StateError(f"{self.path}: commit failed: {exc}")
+                    log.error("%s", err)
+                    results = [err] * len(batch)
+            for (_, done), result in zip(batch, results):
+                if done is not None:
+                    try:
+                        done(result)
+                    except Exception:
+                        log.exception("state callback failed")
+
+    def close(self) -> None:
+        """Commit what is queued, then close."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+            writer = self._writer
+        if writer is not None:
+            writer.join()
+        with self._lock:
+            self._db.close()
+
+    # -- reads ---------------------------------------------------------------
+
+    def read(self, sql: str, args: tuple = ()) -> list:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def jobs(self) -> dict[str, dict]:
+        rows = self.read(f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs")
+        return {r[0]: dict(zip(JOB_COLUMNS, r)) for r in rows}
+
+    def changed(self) -> bool:
+        """True when another connection committed since the last call."""
+        version = self._pragma("data_version")
+        changed, self._data_version = version != self._data_version, version
+        return changed
+
+    # -- writes used by the runner and the CLI ------------------------------
+
+    @staticmethod
+    def ensure_jobs(ids: Iterable[str], paused_on_boot: Iterable[str] = ()):
+        paused = set(paused_on_boot)
+
+        def fn(db):
+            db.executemany("INSERT OR IGNORE INTO jobs (id, paused) VALUES (?, ?)",
+                           [(i, int(i in paused)) for i in ids])
+        return fn
+
+    def meta_get(self, key: str) -> str | None:
+        row = self.read("SELECT value FROM meta WHERE key=?", (key,))
+        return row[0][0] if row else None
+
+    def daemon_alive(self) -> str | None:
+        """The owner string of a live daemon on this state, if any."""
+        owner = self.meta_get("daemon")
+        if not owner or owner == self.owner:
+            return None
+        host, _, rest = owner.partition(":")
+        pid = rest.partition(":")[0]
+        if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+            return None
+        return owner
+
+    def lease_is_stale(self, owner: str | None) -> bool:
+        """A lease held by a dead process on this host can be taken over."""
+        if not owner:
+            return True
+        host, _, rest = owner.partition(":")
+        pid = rest.partition(":")[0]
+        return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+
+    def claim(self, job_id: str, until: float, now: float) -> bool:
+        """Take or renew this owner's lease on a job; False when another holds it."""
+        owner = self.owner
+
+        def fn(db):
+            cur = db.execute(
+                "UPDATE jobs SET lease_owner=?, lease_until=? WHERE id=? AND "
+                "(lease_owner IS NULL OR lease_owner=? OR lease_until < ?)",
+                (owner, until, job_id, owner, now))
+            if cur.rowcount:
+                return True
+            row = db.execute("SELECT lease_owner FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is not None and self.lease_is_stale(row[0]):
+                db.execute("UPDATE jobs SET lease_owner=?, lease_until=? WHERE id=?",
+                           (owner, until, job_id))
+                return True
+            return False
+        return self.run(fn)
+
+
+# ============================================================================
+# Schedule
+# When a job runs next: every N seconds, a cron expression (5 or 6 fields,
+# in a time zone), or once at an instant.  Pure functions of a given time.
+# ============================================================================
+
+_MONTHS = {m: i for i, m in enumerate(
+    "jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}
+_DAYS = {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())}
+# name, low, high, names
+_CRON_FIELDS = (("second", 0, 59, None), ("minute", 0, 59, None), ("hour", 0, 23, None),
+                ("day of month", 1, 31, None), ("month", 1, 12, _MONTHS),
+                ("day of week", 0, 7, _DAYS))
+
+
+class CronExpr:
+    """A cron expression: ``sec min hour dom month dow`` or the 5-field form.
+
+    Ranges (``1-5``), steps (``*/15``, ``10-50/10``), lists (``1,15``),
+    month and day names, ``?`` for "any".  When both day of month and day
+    of week are restricted a day matching either runs, as in Vixie cron.
+    """
+
+    def __init__(self, text: str):
+        if not isinstance(text, str):
+            raise ValueError("a cron expression must be a string")
+        parts = text.split()
+        if len(parts) == 5:
+            parts = ["0"] + parts
+        if len(parts) != 6:
+            raise ValueError(f"cron {text!r} has {len(parts)} fields; expected 5 "
+                             "(minute first) or 6 (seconds first)")
+        self.text = text
+        sets = []
+        for part, (name, low, high, names) in zip(parts, _CRON_FIELDS):
+            sets.append(self._field(part, name, low, high, names))
+        self.seconds, self.minutes, self.hours, self.days, self.months, dows = (
+            sorted(s) for s in sets)
+        self.dows = {d % 7 for d in dows}     # 7 is Sunday too
+        self.dom_any = parts[3] in ("*", "?")
+        self.dow_any = parts[5] in ("*", "?")
+        if not any(d <= _MAX_MONTH_DAYS[m] for m in self.months for d in self.days) \
+                and self.dow_any:
+            raise ValueError(f"cron {text!r} never fires (no such day in those months)")
+
+    @staticmethod
+    def _field(part: str, name: str, low: int, high: int, names) -> set[int]:
+        values: set[int] = set()
+
+        def number(tok: str) -> int:
+            tok_l = tok.lower()
+            if names and tok_l in names:
+                return names[tok_l]
+            if not tok.isdigit():
+                raise ValueError(f"cron {name} field: {tok!r} is not a number"
+                                 + (" or a name" if names else ""))
+            n = int(tok)
+            if not low <= n <= high:
+                raise ValueError(f"cron {name} field: {n} is outside {low}-{high}")
+            return n
+
+        for item in part.split(","):
+            rng, _, step_s = item.partition("/")
+            step = 1
+            if step_s:
+                if not step_s.isdigit() or int(step_s) == 0:
+                    raise ValueError(f"cron {name} field: bad step {step_s!r}")
+                step = int(step_s)
+            if rng in ("*", "?"):
+                a, b = low, high
+            elif "-" in rng:
+                a_s, _, b_s = rng.partition("-")
+                a, b = number(a_s), number(b_s)
+                if a > b:
+                    raise ValueError(f"cron {name} field: range {rng!r} runs backwards")
+            else:
+                a = number(rng)
+                b = high if step_s else a
+            values.update(range(a, b + 1, step))
+        return values
+
+    def _day_matches(self, d) -> bool:
+        if d.month not in self.months:
+            return False
+        dom = d.day in self.days
+        dow = (d.weekday() + 1) % 7 in self.dows
+        if self.dom_any and self.dow_any:
+            return True
+        if self.dom_any:
+            return dow
+        if self.dow_any:
+            return dom
+        return dom or dow
+
+    def next_after(self, after: datetime, tz=timezone.utc) -> datetime | None:
+        """The first firing strictly after ``after`` (aware), in UTC.
+
+        Wall times skipped by a DST change do not fire; a wall time that
+        happens twice fires once, at its first occurrence.
+        """
+        from bisect import bisect_left
+        after_utc = after.astimezone(timezone.utc)
+        wall = (after_utc + timedelta(seconds=1)).astimezone(tz).replace(
+            tzinfo=None, microsecond=0)
+        day = wall.date()
+        start = (wall.hour, wall.minute, wall.second)
+        for _ in range(366 * 8):
+            if self._day_matches(day):
+                for h in self.hours[bisect_left(self.hours, start[0]):]:
+                    m0 = start[1] if h == start[0] else 0
+                    for m in self.minutes[bisect_left(self.minutes, m0):]:
+                        s0 = start[2] if (h, m) == start[:2] else 0
+                        for s in self.seconds[bisect_left(self.seconds, s0):]:
+                            local = datetime(day.year, day.month, day.day, h, m, s)
+                            found = _wall_to_utc(local, tz)
+                            if found is not None and found > after_utc:
+                                return found
+            day += timedelta(days=1)
+            start = (0, 0, 0)
+        return None
+
+
+_MAX_MONTH_DAYS = {1: 31, 2: 29, 3: 31, 4: 30, 5: 31, 6: 30, 7: 31, 8: 31, 9: 30,
+                   10: 31, 11: 30, 12: 31}
+
+
+def _wall_to_utc(local: datetime, tz) -> datetime | None:
+    """A naive wall time in ``tz`` as a UTC instant; None if DST skipped it."""
+    aware = local.replace(tzinfo=tz, fold=0)
+    utc = aware.astimezone(timezone.utc)
+    if utc.astimezone(tz).replace(tzinfo=None) != local:
+        return None
+    return utc
+
+
+def _parse_instant(text: str) -> datetime:
+    """RFC 3339 (``Z`` or an offset) to an aware UTC datetime."""
+    if not isinstance(text, str):
+        raise ValueError("must be an RFC 3339 string")
+    value = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    if value.tzinfo is None:
+        raise ValueError(f"{text!r} needs a time zone offset (e.g. Z or +02:00)")
+    return value.astimezone(timezone.utc)
+
+
+@dataclasses.dataclass
+class Schedule:
+    """When a job runs: ``every_secs``, ``cron`` (with ``tz``) or ``at``."""
+    every_secs: float | None = None
+    cron: CronExpr | None = None
+    tz: Any = timezone.utc
+    at: datetime | None = None
+    stagger_jitter_ms: int | None = None
+
+    @property
+    def nominal_interval(self) -> float:
+        """The interval hint sent to plugins: N, 60 for cron, 0 for a one-shot."""
+        if self.every_secs is not None:
+            return self.every_secs
+        return 60.0 if self.cron is not None else 0.0
+
+    def first_after(self, now: float) -> float | None:
+        """The first slot of a job that never ran."""
+        if self.at is not None:
+            return self.at.timestamp()
+        if self.cron is not None:
+            return self.next_after(now, now)
+        return now
+
+    def next_after(self, slot: float, now: float) -> float | None:
+        """The slot after ``slot``; missed slots collapse into ``now``."""
+        if self.at is not None:
+            return None
+        if self.every_secs is not None:
+            nxt = slot + self.every_secs
+        else:
+            found = self.cron.next_after(datetime.fromtimestamp(slot, timezone.utc), self.tz)
+            if found is None:
+                return None
+            nxt = found.timestamp()
+        return max(nxt, now) if nxt < now else nxt
+
+
+# ============================================================================
+# Config
+# ``pollers.json`` read and checked as a whole before anything starts: every
+# problem is reported at once, each with its JSON path.
+# ============================================================================
+
+_JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
+_TOP_DEFAULTS = {"enabled": True, "state_db": "./data/poller.db", "default_jitter_ms": 5000,
+                 "lease_ttl_factor": 2.0, "failure_alert_cooldown_secs": 3600,
+                 "breaker_threshold": 5, "backoff_initial_secs": 30.0,
+                 "backoff_max_secs": 300.0, "max_workers": 64, "shutdown_grace_secs": 10.0,
+                 "alert_topic": "nexo.poller.alert", "broker": None, "metrics_addr": None,
+                 "plugins": [], "jobs": []}
+_JOB_KEYS = {"id", "kind", "agent", "schedule", "config", "failure_to", "paused_on_boot"}
+_SCHEDULE_KEYS = {"every_secs", "cron", "tz", "at", "stagger_jitter_ms"}
+
+
+@dataclasses.dataclass
+class JobConfig:
+    """One configured job."""
+    id: str
+    kind: str
+    agent: str
+    schedule: Schedule
+    config: Any = dataclasses.field(default_factory=dict)
+    failure_to: dict | None = None
+    paused_on_boot: bool = False
+    raw: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @classmethod
+    def every(cls, id: str, kind: str, every_secs: float, config: Any = None, *,
+              agent: str = "default", jitter_ms: int = 0) -> "JobConfig":
+        """A convenience for library users: a job that runs every N seconds."""
+        raw = {"id": id, "kind": kind, "agent": agent, "config": config or {},
+               "schedule": {"every_secs": every_secs, "stagger_jitter_ms": jitter_ms}}
+        return cls(id, kind, agent, Schedule(every_secs=every_secs, stagger_jitter_ms=jitter_ms),
+                   config or {}, raw=raw)
+
+
+@dataclasses.dataclass
+class DaemonConfig:
+    """The whole of ``pollers.json``, validated, paths made absolute."""
+    enabled: bool = True
+    state_db: str = "./data/poller.db"
+    default_jitter_ms: int = 5000
+    lease_ttl_factor: float = 2.0
+    failure_alert_cooldown_secs: float = 3600
+    breaker_threshold: int = 5
+    backoff_initial_secs: float = 30.0
+    backoff_max_secs: float = 300.0
+    max_workers: int = 64
+    shutdown_grace_secs: float = 10.0
+    alert_topic: str = "nexo.poller.alert"
+    broker: str | None = None
+    metrics_addr: tuple[str, int] | None = None
+    plugins: list[PluginPollerHandle] = dataclasses.field(default_factory=list)
+    jobs: list[JobConfig] = dataclasses.field(default_factory=list)
+    source: str | None = None
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append((path, message))
+
+
+def _check_type(probs: _Problems, path: str, value: Any, kinds, what: str) -> bool:
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in (
+        kinds if isinstance(kinds, tuple) else (kinds,)))
+    if not ok:
+        probs.add(path, f"must be {what}, got {_json_type(value)}")
+    return ok
+
+
+def load_config(path: str | os.PathLike, *, extra_kinds: Iterable[str] = ()) -> DaemonConfig:
+    """Read and validate ``pollers.json``; raises ``ConfigError`` listing every problem.
+
+    ``extra_kinds`` are kinds served in-process (registered with
+    ``Runner.register``), so jobs may name them.
+    """
+    path = os.path.abspath(os.fspath(path))
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read().decode("utf-8")
+        doc = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except OSError as exc:
+        raise ConfigError(path, [("", f"cannot read: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, [("", f"not UTF-8 text (byte {exc.start})")]) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(path, [("", f"invalid JSON at line {exc.lineno} column "
+                                      f"{exc.colno}: {exc.msg}")]) from None
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(path, [("", f"invalid JSON: {exc}")]) from None
+    return config_from_dict(doc, base_dir=os.path.dirname(path), source=path,
+                            extra_kinds=extra_kinds)
+
+
+def _no_duplicate_keys(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None,
+                     extra_kinds: Iterable[str] = ()) -> DaemonConfig:
+    """Validate an already-parsed configuration (see ``load_config``)."""
+    probs = _Problems()
+    prefix = ""
+    if isinstance(doc, dict) and set(doc) == {"pollers"}:
+        doc, prefix = doc["pollers"], "pollers."
+    if not isinstance(doc, dict):
+        raise ConfigError(source, [("", f"must be a JSON object, got {_json_type(doc)}")])
+    for key in sorted(set(doc) - set(_TOP_DEFAULTS)):
+        probs.add(prefix + key, f"unknown key (allowed: {', '.join(sorted(_TOP_DEFAULTS))})")
+    cfg = DaemonConfig(source=source)
+    get = lambda key: doc.get(key, _TOP_DEFAULTS[key])  # noqa: E731
+
+    def number(key, low, high, integer=False):
+        value = get(key)
+        kinds = int if integer else (int, float)
+        if _check_type(probs, prefix + key, value, kinds,
+                       "an integer" if integer else "a number"):
+            if not low <= value <= high:
+                probs.add(prefix + key, f"{value} is outside {low}..{high}")
+            else:
+                setattr(cfg, key, value)
+
+    if _check_type(probs, prefix + "enabled", get("enabled"), bool, "true or false"):
+        cfg.enabled = get("enabled")
+    if _check_type(probs, prefix + "state_db", get("state_db"), str, "a file path"):
+        cfg.state_db = os.path.normpath(os.path.join(base_dir, get("state_db")))
+    number("default_jitter_ms", 0, 86_400_000, integer=True)
+    number("lease_ttl_factor", 1.0, 100.0)
+    number("failure_alert_cooldown_secs", 0, 10 ** 9)
+    number("breaker_threshold", 1, 10 ** 6, integer=True)
+    number("backoff_initial_secs", 0.001, 86400)
+    number("backoff_max_secs", 0.001, 86400 * 7)
+    number("max_workers", 1, 4096, integer=True)
+    number("shutdown_grace_secs", 0.1, 3600)
+    if _check_type(probs, prefix + "alert_topic", get("alert_topic"), str, "a topic string"):
+        cfg.alert_topic = get("alert_topic")
+    broker = get("broker")
+    if broker is not None and _check_type(probs, prefix + "broker", broker, str,
+                                          "a unix:// URL or null"):
+        if not broker.startswith("unix://") or len(broker) <= 7:
+            probs.add(prefix + "broker", f"{broker!r} must look like unix:///path/broker.sock")
+        else:
+            cfg.broker = "unix://" + os.path.normpath(os.path.join(base_dir, broker[7:]))
+    metrics = get("metrics_addr")
+    if metrics is not None and _check_type(probs, prefix + "metrics_addr", metrics, str,
+                                           "\"host:port\" or null"):
+        host, _, port = metrics.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            probs.add(prefix + "metrics_addr", f"{metrics!r} must look like 127.0.0.1:9464")
+        else:
+            cfg.metrics_addr = (host.strip("[]"), int(port))
+
+    owners: dict[str, str] = {k: "(in-process)" for k in extra_kinds}
+    plugins = get("plugins")
+    if _check_type(probs, prefix + "plugins", plugins, list, "an array of paths"):
+        for i, entry in enumerate(plugins):
+            where = f"{prefix}plugins[{i}]"
+            if not _check_type(probs, where, entry, str, "a path"):
+                continue
+            full = os.path.normpath(os.path.join(base_dir, entry))
+            if os.path.isdir(full):
+                full = os.path.join(full, "nexo-plugin.toml")
+            try:
+                handle = load_manifest(full)
+            except ManifestError as exc:
+                probs.add(where, str(exc))
+                continue
+            if any(h.plugin_id == handle.plugin_id for h in cfg.plugins):
+                probs.add(where, f"plugin id {handle.plugin_id!r} is listed twice")
+                continue
+            for kind in handle.kinds:
+                if kind in owners:
+                    probs.add(where, f"kind {kind!r} is claimed by {owners[kind]} and by "
+                                     f"plugin {handle.plugin_id!r}")
+                else:
+                    owners[kind] = f"plugin {handle.plugin_id!r}"
+            cfg.plugins.append(handle)
+
+    jobs = get("jobs")
+    ids: set[str] = set()
+    if _check_type(probs, prefix + "jobs", jobs, list, "an array of jobs"):
+        for i, raw in enumerate(jobs):
+            job = _job_from_dict(raw, f"{prefix}jobs[{i}]", probs, owners)
+            if job is None:
+                continue
+            if job.id in ids:
+                probs.add(f"{prefix}jobs[{i}].id", f"duplicate job id {job.id!r}")
+                continue
+            ids.add(job.id)
+            cfg.jobs.append(job)
+    if probs.items:
+        raise ConfigError(source, probs.items)
+    return cfg
+
+
+def _job_from_dict(raw: Any, where: str, probs: _Problems,
+                   owners: Mapping[str, str]) -> JobConfig | None:
+    if not _check_type(probs, where, raw, dict, "an object"):
+        return None
+    before = len(probs.items)
+    for key in sorted(set(raw) - _JOB_KEYS):
+        probs.add(f"{where}.{key}", f"unknown key (allowed: {', '.join(sorted(_JOB_KEYS))})")
+    job_id, kind, agent = raw.get("id"), raw.get("kind"), raw.get("agent", "default")
+    if _check_type(probs, f"{where}.id", job_id, str, "a string"):
+        if not _JOB_ID_RE.fullmatch(job_id):
+            probs.add(f"{where}.id", f"{job_id!r} must be 1-128 letters, digits or _.:- "
+                                     "starting with a letter or digit")
+    if _check_type(probs, f"{where}.kind", kind, str, "a string") and kind not in owners:
+        known = ", ".join(sorted(owners)) or "none"
+        probs.add(f"{where}.kind", f"no plugin or in-process poller serves kind {kind!r} "
+                                   f"(known kinds: {known})")
+    _check_type(probs, f"{where}.agent", agent, str, "a string")
+    failure_to = raw.get("failure_to")
+    if failure_to is not None and _check_type(probs, f"{where}.failure_to", failure_to, dict,
+                                              "an object {channel, to}"):
+        for key in sorted(set(failure_to) - {"channel", "to"}):
+            probs.add(f"{where}.failure_to.{key}", "unknown key (allowed: channel, to)")
+        for key in ("channel", "to"):
+            _check_type(probs, f"{where}.failure_to.{key}", failure_to.get(key), str, "a string")
+    paused = raw.get("paused_on_boot", False)
+    _check_type(probs, f"{where}.paused_on_boot", paused, bool, "true or false")
+    schedule = _schedule_from_dict(raw.get("schedule"), f"{where}.schedule", probs)
+    if len(probs.items) > before:
+        return None
+    return JobConfig(job_id, kind, agent, schedule, raw.get("config", {}), failure_to,
+                     paused, raw=raw)
+
+
+def _schedule_from_dict(raw: Any, where: str, probs: _Problems) -> Schedule | None:
+    if not _check_type(probs, where, raw, dict, "an object like {\"every_secs\": 60}"):
+        return None
+    for key in sorted(set(raw) - _SCHEDULE_KEYS):
+        probs.add(f"{where}.{key}", f"unknown key (allowed: {', '.join(sorted(_SCHEDULE_KEYS))})")
+    chosen = [k for k in ("every_secs", "cron", "at") if k in raw]
+    if len(chosen) != 1:
+        probs.add(where, "needs exactly one of every_secs, cron, at"
+                  + (f" (got {', '.join(chosen)})" if chosen else ""))
+        return None
+    sched = Schedule()
+    jitter = raw.get("stagger_jitter_ms")
+    if jitter is not None and _check_type(probs, f"{where}.stagger_jitter_ms", jitter, int,
+                                          "an integer"):
+        if not 0 <= jitter <= 86_400_000:
+            probs.add(f"{where}.stagger_jitter_ms", f"{jitter} is outside 0..86400000")
+        sched.stagger_jitter_ms = jitter
+    if "tz" in raw and "cron" not in raw:
+        probs.add(f"{where}.tz", "only a cron schedule takes a time zone")
+    kind = chosen[0]
+    value = raw[kind]
+    if kind == "every_secs":
+        if _check_type(probs, f"{where}.every_secs", value, (int, float), "a number"):
+            if not 0.001 <= value <= 366 * 86400:
+                probs.add(f"{where}.every_secs", f"{value} is outside 0.001..31622400")
+            sched.every_secs = float(value)
+    elif kind == "cron":
+        if _check_type(probs, f"{where}.cron", value, str, "a cron string"):
+            try:
+                sched.cron = CronExpr(value)
+            except ValueError as exc:
+                probs.add(f"{where}.cron", str(exc))
+        tz = raw.get("tz")
+        if tz is not None and _check_type(probs, f"{where}.tz", tz, str, "a zone name"):
+            try:
+                from zoneinfo import ZoneInfo
+                sched.tz = ZoneInfo(tz)
+            except (ValueError, OSError, LookupError) as exc:     # ZoneInfoNotFoundError too
+                probs.add(f"{where}.tz", f"cannot load time zone {tz!r}: {exc}")
+    else:
+        try:
+            sched.at = _parse_instant(value)
+        except ValueError as exc:
+            probs.add(f"{where}.at", f"bad RFC 3339 instant: {exc}")
+    return sched
+
+
+# ============================================================================
+# Runner
+# One timer heap for every job, a shared worker pool with one lane per
+# plugin, and the error policy: the only place a PollerError gets a meaning.
+# ============================================================================
+
+_LEASE_MIN_SECS = 30.0
+_COMMAND_POLL_SECS = 0.5
+
+
+class _Job:
+    """A job's configuration and live state inside the runner."""
+
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.cursor: bytes | None = None
+        self.paused = False
+        self.last_status: str | None = None
+        self.last_error: str | None = None
+        self.consecutive_errors = 0
+        self.last_run_at: float | None = None
+        self.next_run_at: float | None = None
+        self.items_seen_total = 0
+        self.items_dispatched_total = 0
+        self.last_alert_at: float | None = None
+        self.lease_until = 0.0
+        self.running = False
+        self.generation = 0          # bumped to invalidate heap entries
+        self.cancel: threading.Event | None = None
+        self.reset_pending = False
+        self.removed = False
+
+    def load(self, row: Mapping[str, Any]) -> None:
+        for key in ("cursor", "last_status", "last_error", "consecutive_errors", "last_run_at",
+                    "next_run_at", "items_seen_total", "items_dispatched_total",
+                    "last_alert_at"):
+            setattr(self, key, row[key])
+        self.paused = bool(row["paused"])
+
+    def status(self) -> dict:
+        c = self.cfg
+        return {"id": c.id, "kind": c.kind, "agent": c.agent, "paused": self.paused,
+                "cursor": None if self.cursor is None else encode_cursor(self.cursor),
+                "last_status": self.last_status, "last_error": self.last_error,
+                "consecutive_errors": self.consecutive_errors,
+                "breaker_open": self.breaker_open,
+                "last_run_at": _iso(self.last_run_at), "next_run_at": _iso(self.next_run_at),
+                "items_seen_total": self.items_seen_total,
+                "items_dispatched_total": self.items_dispatched_total,
+                "running": self.running}
+
+    breaker_open = False
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
+
+
+class _WorkerPool:
+    """Daemon threads started on demand up to a bound; a stuck tick cannot
+    keep the process alive at exit the way executor threads would."""
+
+    def __init__(self, limit: int):
+        import queue
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._limit, self._threads, self._idle = limit, 0, 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable, *args) -> None:
+        with self._lock:
+            if self._idle == 0 and self._threads < self._limit:
+                self._threads += 1
+                threading.Thread(target=self._work, daemon=True, name="nexo-tick").start()
+            else:
+                self._idle -= 1 if self._idle else 0
+        self._q.put((fn, args))
+
+    def _work(self) -> None:
+        while True:
+            fn, args = self._q.get()
+            if fn is None:
+                return
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("tick worker failed")
+            with self._lock:
+                self._idle += 1
+
+    def close(self) -> None:
+        for _ in range(self._threads):
+            self._q.put((None, ()))
+
+
+class _Lane:
+    """At most ``limit`` ticks of one plugin at once; the rest wait in order."""
+    __slots__ = ("limit", "running", "waiting")
+
+    def __init__(self, limit: int):
+        self.limit, self.running, self.waiting = limit, 0, deque()
+
+
+@dataclasses.dataclass
+class TickOutcome:
+    """What one tick of one job came to, as logged and stored."""
+    job_id: str
+    kind: str
+    status: str                      # ok | transient | permanent | config | leased | cancelled
+    error: str | None = None
+    duration: float = 0.0
+    ack: TickAck | None = None
+    next_run_at: float | None = None
+
+    def to_dict(self) -> dict:
+        m = self.ack.metrics if self.ack and self.ack.metrics else TickMetrics()
+        return {"job": self.job_id, "kind": self.kind, "outcome": self.status,
+                "error": self.error, "duration_ms": round(self.duration * 1000, 3),
+                "items_seen": m.items_seen, "items_dispatched": m.items_dispatched,
+                "next_cursor": None if not self.ack or self.ack.next_cursor is None
+                else encode_cursor(self.ack.next_cursor),
+                "next_run_at": _iso(self.next_run_at)}
+
+
+class Runner:
+    """The poller daemon: schedules jobs, ticks them, stores what they return.
+
+    ``Runner(config)`` then ``register(poller)`` for in-process kinds, then
+    ``start()``; ``stop()`` shuts everything down.  ``run_once(job_id)``
+    ticks one job now.  ``clock`` (seconds since the epoch) is injectable.
+    """
+
+    def __init__(self, config: DaemonConfig, *, clock: Callable[[], float] = time.time,
+                 rng: Any = None):
+        import random
+        self.config = config
+        self.clock = clock
+        self._rng = rng or random.Random()
+        self.router = PluginPollerRouter()
+        self._in_process: dict[str, Any] = {}
+        self._pollers: dict[str, Any] = {}
+        self._supervisors: dict[str, PluginSupervisor] = {}
+        self._jobs: dict[str, _Job] = {}
+        self._heap: list[tuple[float, int, int, str, float]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition(threading.Lock())
+        self._lanes: dict[str, _Lane] = {}
+        self._pool = _WorkerPool(config.max_workers)
+        self._running = 0
+        self._stopping = False
+        self._opened = False
+        self.state: StateStore | None = None
+        self.broker_server: BrokerServer | None = None
+        self.broker = None
+        self._scheduler: threading.Thread | None = None
+        self._metrics = _Metrics()
+        self._metrics_server = None
+        self.stopped = threading.Event()
+
+    # -- registry -------------------------------------------------------------
+
+    def register(self, poller: Any) -> None:
+        """Serve ``poller.kind`` in-process with ``poller.tick(ctx) -> TickAck``."""
+        kind = getattr(poller, "kind", None)
+        if not isinstance(kind, str) or not callable(getattr(poller, "tick", None)):
+            raise TypeError("a poller needs a `kind` string and a `tick(ctx)` method")
+        owner = self.router.handle_for_kind(kind)
+        if owner is not None:
+            raise PollerRouteRegistrationError.DuplicateKind(kind, owner.plugin_id, "(in-process)")
+        self._in_process[kind] = poller
+        self._pollers[kind] = poller
+
+    def _install_plugins(self, handles: Iterable[PluginPollerHandle]) -> None:
+        for handle in handles:
+            for kind in handle.kinds:
+                if kind in self._in_process:
+                    raise PollerRouteRegistrationError.DuplicateKind(
+                        kind, "(in-process)", handle.plugin_id)
+            self.router.register(handle)
+            for kind in handle.kinds:
+                self._pollers[kind] = _proxy_for(kind, handle, self.broker)
+            if handle.lifecycle is Lifecycle.LONG_LIVED:
+                self._supervisors[handle.plugin_id] = PluginSupervisor(
+                    handle, self.broker_server.url).start()
+
+    def _remove_plugin(self, plugin_id: str) -> None:
+        handle = self.router.handles_for_plugin(plugin_id)
+        sup = self._supervisors.pop(plugin_id, None)
+        if sup is not None:
+            sup.stop()
+        if handle is not None:
+            self.router.unregister(plugin_id)
+            for kind in handle.kinds:
+                self._pollers.pop(kind, None)
+
+    # -- life cycle -------------------------------------------------------------
+
+    def open(self) -> "Runner":
+        """Start the broker, the plugins and the state, but not the scheduler."""
+        if self._opened:
+            return self
+        cfg = self.config
+        self.state = StateStore(cfg.state_db)
+        try:
+            path = cfg.broker[7:] if cfg.broker else None
+            self.broker_server = BrokerServer(path).start()
+            self.broker = self.broker_server.client()
+            self._install_plugins(cfg.plugins)
+            for job_cfg in cfg.jobs:
+                self._jobs[job_cfg.id] = _Job(job_cfg)
+            self._load_jobs(cfg.jobs)
+        except BaseException:
+            self._teardown()
+            raise
+        self._opened = True
+        return self
+
+    def _load_jobs(self, job_cfgs: list[JobConfig]) -> None:
+        self.state.run(StateStore.ensure_jobs([j.id for j in job_cfgs],
+                                              [j.id for j in job_cfgs if j.paused_on_boot]))
+        rows = self.state.jobs()
+        for jc in job_cfgs:
+            self._jobs[jc.id].load(rows[jc.id])
+
+    def start(self) -> "Runner":
+        """Open, then schedule every job and serve until ``stop()``."""
+        self.open()
+        owner = self.state.owner
+        self.state.run(lambda db: db.execute(
+            "INSERT OR REPLACE INTO meta VALUES ('daemon', ?)", (owner,)))
+        now = self.clock()
+        with self._cond:
+            for job in self._jobs.values():
+                self._schedule_first(job, now)
+        if self.config.metrics_addr:
+            self._metrics_server = _serve_metrics(self, self.config.metrics_addr)
+        self._scheduler = threading.Thread(target=self._schedule_loop, daemon=True,
+                                           name="nexo-scheduler")
+        self._scheduler.start()
+        log.info("nexo-poller started: %d jobs, %d plugins, broker %s", len(self._jobs),
+                 self.router.len(), self.broker_server.url)
+        return self
+
+    def _schedule_first(self, job: _Job, now: float) -> None:
+        """Queue a job's first slot at start (lock held)."""
+        if job.paused:
+            return
+        slot = job.next_run_at
+        if slot is None:
+            slot = job.cfg.schedule.first_after(now)
+            if slot is not None:
+                self._push(job, max(slot, now) + self._jitter(job), slot)
+        else:
+            self._push(job, max(slot, now))       # missed while down: once, now
+
+    def stop(self) -> None:
+        """Stop scheduling, cancel ticks in flight, stop plugins, flush state."""
+        with self._cond:
+            if self._stopping:
+                return
+            self._stopping = True
+            for job in self._jobs.values():
+                if job.cancel is not None:
+                    job.cancel.set()
+            self._cond.notify_all()
+        if self._scheduler is not None:
+            self._scheduler.join(5)
+        deadline = time.monotonic() + self.config.shutdown_grace_secs
+        with self._cond:
+            while self._running and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            if self._running:
+                log.warning("%d ticks did not finish within %.1fs; their results are dropped",
+                            self._running, self.config.shutdown_grace_secs)
+        self._teardown()
+        self.stopped.set()
+        log.info("nexo-poller stopped")
+
+    def _teardown(self) -> None:
+        for plugin_id in list(self._supervisors):
+            self._supervisors.pop(plugin_id).stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        if self.state is not None:
+            owner = self.state.owner
+            try:
+                self.state.run(lambda db: (
+                    db.execute("UPDATE jobs SET lease_owner=NULL, lease_until=NULL "
+                               "WHERE lease_owner=?", (owner,)),
+                    db.execute("DELETE FROM meta WHERE key='daemon' AND value=?", (owner,))))
+            except StateError as exc:
+                log.error("%s", exc)
+            self.state.close()
+        if self.broker is not None:
+            self.broker.close()
+        if self.broker_server is not None:
+            self.broker_server.close()
+        self._pool.close()
+
+    def __enter__(self) -> "Runner":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- the timer heap ----------------------------------------------------------
+
+    def _jitter(self, job: _Job) -> float:
+        ms = job.cfg.schedule.stagger_jitter_ms
+        if ms is None:
+            ms = self.config.default_jitter_ms
+        return self._rng.uniform(0, ms / 1000) if ms else 0.0
+
+    def _push(self, job: _Job, when: float, nominal: float | None = None) -> None:
+        """Put a job's next run on the heap (lock held).
+
+        ``nominal`` is the schedule's slot without jitter; the slot after
+        it is computed from it, so jitter never accumulates into drift.
+        """
+        job.generation += 1
+        job.next_run_at = when
+        seq = next(self._seq)
+        heapq.heappush(self._heap, (when, seq, job.generation, job.cfg.id,
+                                    when if nominal is None else nominal))
+        if self._heap[0][1] == seq:         # earlier than what the scheduler waits for
+            self._cond.notify()
+
+    def _schedule_loop(self) -> None:
+        next_poll = 0.0
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                now = self.clock()
+                due = self._pop_due(now)
+                if not due:
+                    wait = _COMMAND_POLL_SECS
+                    if self._heap:
+                        wait = min(wait, max(0.0, self._heap[0][0] - now))
+                    self._cond.wait(wait)
+            for job, slot in due:
+                self._dispatch(job, slot)
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + _COMMAND_POLL_SECS
+                try:
+                    if self.state.changed():
+                        self.apply_commands()
+                except StateError as exc:
+                    log.error("%s", exc)
+
+    def _pop_due(self, now: float) -> list[tuple[_Job, float]]:
+        due = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            when, _, gen, job_id, nominal = heapq.heappop(heap)
+            job = self._jobs.get(job_id)
+            if job is None or job.generation != gen or job.paused or job.running:
+                continue
+            job.running = True
+            self._running += 1
+            due.append((job, nominal))
+        return due
+
+    def fire_due(self) -> int:
+        """Dispatch every job whose slot has come (for tests driving the clock)."""
+        with self._cond:
+            due = self._pop_due(self.clock())
+        for job, slot in due:
+            self._dispatch(job, slot)
+        return len(due)
+
+    def _lane_for(self, kind: str) -> tuple[str, int] | None:
+        handle = self.router.handle_for_kind(kind)
+        if handle is not None:
+            return handle.plugin_id, handle.max_concurrent_ticks
+        limit = getattr(self._in_process.get(kind), "max_concurrent_ticks", None)
+        return (f"kind:{kind}", limit) if limit else None
+
+    def _dispatch(self, job: _Job, slot: float) -> None:
+        """Hand a due job to the pool, through its plugin's lane."""
+        lane_key = self._lane_for(job.cfg.kind)
+        if lane_key is not None:
+            key, limit = lane_key
+            with self._cond:
+                lane = self._lanes.get(key)
+                if lane is None:
+                    lane = self._lanes[key] = _Lane(limit)
+                lane.limit = limit
+                if lane.running >= lane.limit:
+                    lane.waiting.append((job, slot))
+                    return
+                lane.running += 1
+        self._pool.submit(self._work, job, slot, lane_key)
+
+    def _work(self, job: _Job, slot: float, lane_key) -> None:
+        try:
+            self._tick(job, slot, commit_async=True)
+        finally:
+            if lane_key is not None:
+                with self._cond:
+                    lane = self._lanes[lane_key[0]]
+                    nxt = lane.waiting.popleft() if lane.waiting else None
+                    if nxt is None:
+                        lane.running -= 1
+                if nxt is not None:
+                    self._pool.submit(self._work, nxt[0], nxt[1], lane_key)
+
+    # -- one tick ------------------------------------------------------------------
+
+    def _lease_ttl(self, job: _Job) -> float:
+        ttl = max(_LEASE_MIN_SECS, self.config.lease_ttl_factor * job.cfg.schedule.nominal_interval)
+        handle = self.router.handle_for_kind(job.cfg.kind)
+        if handle is not None:
+            ttl = max(ttl, handle.tick_timeout.total_seconds() + _LEASE_MIN_SECS)
+        return ttl
+
+    def _tick(self, job: _Job, slot: float, commit_async: bool) -> TickOutcome:
+        """Run one tick of a job (``running`` already set) and store its outcome."""
+        cfg = job.cfg
+        now = self.clock()
+        started = time.monotonic()
+        cancel = threading.Event()
+        with self._cond:
+            job.cancel = cancel
+            if self._stopping:
+                cancel.set()
+        outcome = TickOutcome(cfg.id, cfg.kind, "ok")
+        ttl = self._lease_ttl(job)
+        if job.lease_until < now + ttl / 2:
+            try:
+                leased = self.state.claim(cfg.id, now + ttl, now)
+            except StateError as exc:
+                leased, outcome.error = False, str(exc)
+            if not leased:
+                outcome.status = "leased"
+                outcome.error = outcome.error or "another daemon holds this job's lease"
+                return self._finish(job, slot, outcome, now, None)
+            job.lease_until = now + ttl
+        poller = self._pollers.get(cfg.kind)
+        ctx = PollContext(cfg.id, cfg.agent, cfg.kind, job.cursor, cfg.config,
+                          datetime.fromtimestamp(now, timezone.utc),
+                          timedelta(seconds=cfg.schedule.nominal_interval), cancel)
+        try:
+            if poller is None:
+                raise PollerError.Config(cfg.id, f"no plugin or poller serves kind {cfg.kind!r}")
+            ack = poller.tick(ctx)
+            if ack is not None and not isinstance(ack, TickAck):
+                raise PollerError.Transient(f"poller returned {type(ack).__name__}, not TickAck")
+            outcome.ack = ack or TickAck()
+        except PollerError as exc:
+            outcome.status = exc.classify().value
+            outcome.error = str(exc)
+        except Exception as exc:            # a bug in an in-process poller: retry later
+            log.debug("poller for %s raised", cfg.kind, exc_info=True)
+            outcome.status, outcome.error = "transient", f"{type(exc).__name__}: {exc}"
+        outcome.duration = time.monotonic() - started
+        if cancel.is_set():
+            outcome.status, outcome.error, outcome.ack = "cancelled", "tick cancelled", None
+        return self._finish(job, slot, outcome, now, ttl, commit_async)
+
+    def _finish(self, job: _Job, slot: float, outcome: TickOutcome, now: float,
+                ttl: float | None, commit_async: bool = False) -> TickOutcome:
+        """Apply the error policy, commit, then free the job for its next slot."""
+        if outcome.status in ("cancelled", "leased"):
+            self._log_tick(outcome)
+            self._release(job, None if self._stopping else
+                          (job.cfg.schedule.next_after(slot, self.clock()) or None))
+            return outcome
+        plan = self._plan(job, outcome, slot, now)
+        outcome.next_run_at = plan["next_run_at"]
+        owner = self.state.owner
+        job_id = job.cfg.id
+        lease_until = now + (ttl or 0)
+        fields = {k: v for k, v in plan.items() if k not in ("alert", "slot")}
+
+        def write(db):
+            cols = ", ".join(f"{k}=?" for k in fields)
+            cur = db.execute(f"UPDATE jobs SET {cols}, lease_until=? WHERE id=? AND lease_owner=?",
+                             (*fields.values(), lease_until, job_id, owner))
+            return cur.rowcount == 1
+
+        def done(result):
+            if result is True:
+                self._apply(job, fields, plan, outcome)
+            else:
+                why = result if isinstance(result, BaseException) else "lease lost"
+                log.error("job %s: tick result not stored (%s)", job_id, why)
+                outcome.status, outcome.error = "unstored", str(why)
+                self._release(job, None if self._stopping else self.clock() + 1.0)
+            self._log_tick(outcome)
+
+        if commit_async:
+            self.state.submit(write, done)
+        else:
+            result = None
+            try:
+                result = self.state.run(write)
+            except StateError as exc:
+                result = exc
+            done(result)
+        return outcome
+
+    def _plan(self, job: _Job, outcome: TickOutcome, slot: float, now: float) -> dict:
+        """The error policy: what to store and when to run next."""
+        cfg, sched = self.config, job.cfg.schedule
+        plan: dict[str, Any] = {"last_run_at": now, "last_status": outcome.status,
+                                "last_error": outcome.error}
+        if outcome.status == "ok":
+            ack = outcome.ack
+            cursor = job.cursor if ack.next_cursor is None else ack.next_cursor
+            if job.reset_pending:
+                cursor = None
+            metrics = ack.metrics or TickMetrics()
+            plan.update(cursor=cursor, consecutive_errors=0,
+                        items_seen_total=job.items_seen_total + metrics.items_seen,
+                        items_dispatched_total=job.items_dispatched_total
+                        + metrics.items_dispatched)
+            end = self.clock()
+            if ack.next_interval_hint is not None:
+                nxt = end + ack.next_interval_hint.total_seconds()
+            else:
+                nxt = sched.next_after(slot, end)
+            if sched.at is not None:
+                plan["paused"] = 1          # a one-shot stays paused after it fired
+                nxt = None
+        elif outcome.status == "transient":
+            errors = job.consecutive_errors + 1
+            plan["consecutive_errors"] = errors
+            delay = min(cfg.backoff_max_secs, cfg.backoff_initial_secs * 2 ** min(errors - 1, 60))
+            delay *= self._rng.uniform(1.0, 1.1)
+            nxt = self.clock() + delay
+            if errors == cfg.breaker_threshold:
+                plan["alert"] = f"circuit breaker opened after {errors} consecutive errors"
+        else:
+            plan["paused"] = 1
+            plan["consecutive_errors"] = job.consecutive_errors + 1
+            plan["alert"] = f"job paused after a {outcome.status} error"
+            nxt = None
+        if plan.get("alert") and not self._alert_allowed(job, now):
+            plan["alert"] = None
+        if plan.get("alert"):
+            plan["last_alert_at"] = now
+        plan["slot"] = nxt
+        plan["next_run_at"] = None if nxt is None else nxt + (
+            self._jitter(job) if outcome.status == "ok" else 0.0)
+        return plan
+
+    def _alert_allowed(self, job: _Job, now: float) -> bool:
+        last = job.last_alert_at
+        return last is None or now - last >= self.config.failure_alert_cooldown_secs
+
+    def _apply(self, job: _Job, fields: dict, plan: dict, outcome: TickOutcome) -> None:
+        """A committed outcome becomes the job's live state (writer thread)."""
+        with self._cond:
+            for key, value in fields.items():
+                setattr(job, key, bool(value) if key == "paused" else value)
+            job.reset_pending = False
+            job.breaker_open = job.consecutive_errors >= self.config.breaker_threshold
+        self._metrics.observe(outcome, job)
+        if plan.get("alert"):
+            self._send_alert(job, plan["alert"], outcome)
+        self._release(job, fields["next_run_at"], plan["slot"])
+
+    def _release(self, job: _Job, next_run_at: float | None, slot: float | None = None) -> None:
+        with self._cond:
+            job.running = False
+            job.cancel = None
+            self._running -= 1
+            if next_run_at is not None and not job.paused and not job.removed \
+                    and not self._stopping:
+                self._push(job, next_run_at, slot)
+            else:
+                job.next_run_at = None if job.paused else next_run_at
+            self._cond.notify_all()
+
+    def _send_alert(self, job: _Job, reason: str, outcome: TickOutcome) -> None:
+        payload = {"job": job.cfg.id, "kind": job.cfg.kind, "agent": job.cfg.agent,
+                   "reason": reason, "error": outcome.error,
+                   "consecutive_errors": job.consecutive_errors,
+                   "failure_to": job.cfg.failure_to, "at": _iso(self.clock())}
+        log.warning("alert: job %s: %s: %s", job.cfg.id, reason, outcome.error)
+        try:
+            self.broker.publish(self.config.alert_topic, payload)
+        except PluginPollerForwardError as exc:
+            log.error("alert for job %s not published: %s", job.cfg.id, exc)
+
+    def _log_tick(self, o: TickOutcome) -> None:
+        m = o.ack.metrics if o.ack and o.ack.metrics else TickMetrics()
+        level = logging.INFO if o.status in ("ok", "leased", "cancelled") else logging.WARNING
+        log.log(level, "tick job=%s kind=%s outcome=%s duration_ms=%.1f items_seen=%d "
+                "items_dispatched=%d%s", o.job_id, o.kind, o.status, o.duration * 1000,
+                m.items_seen, m.items_dispatched, f" error={o.error}" if o.error else "",
+                extra={"tick": o.to_dict()})
+
+    # -- operator actions ------------------------------------------------------------
+
+    def _job(self, job_id: str) -> _Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise KeyError(f"no job {job_id!r} (known: {', '.join(sorted(self._jobs))})")
+        return job
+
+    def run_once(self, job_id: str) -> TickOutcome:
+        """Tick a job now, exactly as the scheduler would, and store the outcome."""
+        self.open()
+        job = self._job(job_id)
+        with self._cond:
+            if job.running:
+                return TickOutcome(job_id, job.cfg.kind, "busy", "a tick of this job is running")
+            job.running = True
+            self._running += 1
+            slot = job.next_run_at or self.clock()
+        return self._tick(job, slot, commit_async=False)
+
+    def pause(self, job_id: str) -> None:
+        self._command(job_id, "pause")
+
+    def resume(self, job_id: str) -> None:
+        self._command(job_id, "resume")
+
+    def reset(self, job_id: str) -> None:
+        """Forget a job's cursor: its next tick starts from scratch."""
+        self._command(job_id, "reset")
+
+    def _command(self, job_id: str, verb: str) -> None:
+        job = self._job(job_id)
+        self.state.run(_COMMAND_SQL[verb](job_id))
+        with self._cond:
+            if verb == "pause":
+                job.paused = True
+            elif verb == "resume":
+                was = job.paused
+                job.paused, job.consecutive_errors, job.breaker_open = False, 0, False
+                if was and not job.running and self._scheduler is not None:
+                    self._push(job, self.clock())
+            elif verb == "reset":
+                job.cursor = None
+                job.reset_pending = job.running
+
+    def apply_commands(self) -> int:
+        """Carry out what ``nexo-poller pause/resume/reset`` queued in the state."""
+        rows = self.state.read("SELECT seq, job, verb FROM commands ORDER BY seq")
+        for seq, job_id, verb in rows:
+            if job_id in self._jobs and verb in _COMMAND_SQL:
+                self._command(job_id, verb)
+                log.info("operator: %s %s", verb, job_id)
+            self.state.run(lambda db, s=seq: db.execute("DELETE FROM commands WHERE seq=?", (s,)))
+        return len(rows)
+
+    def status(self) -> list[dict]:
+        with self._cond:
+            return [job.status() for job in self._jobs.values()]
+
+    # -- reload ------------------------------------------------------------------------
+
+    def reload(self, new: DaemonConfig) -> dict[str, list[str]]:
+        """Bring the running set in line with ``new`` (already validated).
+
+        Returns the diff: ``added``, ``replaced``, ``removed``, ``kept`` job
+        ids and ``restarted`` plugin ids.
+        """
+        old_plugins = {h.plugin_id: h for h in self.router.handles()}
+        new_plugins = {h.plugin_id: h for h in new.plugins}
+        restarted = []
+        for pid, handle in old_plugins.items():
+            if pid not in new_plugins or not handle.same_spec(new_plugins[pid]):
+                self._remove_plugin(pid)
+        changed = [h for pid, h in new_plugins.items()
+                   if pid not in old_plugins or not old_plugins[pid].same_spec(h)]
+        self._install_plugins(changed)
+        restarted = [h.plugin_id for h in changed if h.plugin_id in old_plugins]
+        diff: dict[str, list[str]] = {"added": [], "replaced": [], "removed": [], "kept": [],
+                                      "restarted": restarted}
+        new_jobs = {j.id: j for j in new.jobs}
+        added = [j for j in new.jobs if j.id not in self._jobs]
+        if added:
+            for jc in added:
+                self._jobs[jc.id] = _Job(jc)
+            self._load_jobs(added)
+        now = self.clock()
+        with self._cond:
+            for job_id in list(self._jobs):
+                job = self._jobs[job_id]
+                if job_id not in new_jobs:
+                    job.removed = True
+                    job.generation += 1
+                    if job.cancel is not None:
+                        job.cancel.set()
+                    del self._jobs[job_id]
+                    diff["removed"].append(job_id)
+                elif any(j.id == job_id for j in added):
+                    diff["added"].append(job_id)
+                    if self._scheduler is not None:
+                        self._schedule_first(job, now)
+                elif new_jobs[job_id].raw != job.cfg.raw:
+                    schedule_changed = new_jobs[job_id].raw.get("schedule") != \
+                        job.cfg.raw.get("schedule")
+                    job.cfg = new_jobs[job_id]
+                    diff["replaced"].append(job_id)
+                    if schedule_changed and not job.running and self._scheduler is not None:
+                        job.next_run_at = None
+                        self._schedule_first(job, now)
+                else:
+                    diff["kept"].append(job_id)
+        self.config = dataclasses.replace(new, jobs=list(new.jobs), plugins=list(new.plugins))
+        log.info("reloaded: %s", ", ".join(f"{k} {len(v)}" for k, v in diff.items()))
+        return diff
+
+    # -- the daemon's main thread --------------------------------------------------------
+
+    def run_forever(self, config_path: str | None = None) -> None:
+        """Start, then serve until SIGINT/SIGTERM; SIGHUP re-reads ``config_path``."""
+        wake = threading.Event()
+        flags = {"reload": False}
+
+        def on_stop(signum, frame):
+            wake.set()
+
+        def on_hup(signum, frame):
+            flags["reload"] = True
+            wake.set()
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGTERM, on_stop)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, on_hup)
+        self.start()
+        try:
+            while True:
+                wake.wait()
+                wake.clear()
+                if not flags["reload"]:
+                    break
+                flags["reload"] = False
+                if config_path is None:
+                    continue
+                try:
+                    new = load_config(config_path, extra_kinds=self._in_process)
+                    self.reload(new)
+                except (ConfigError, ManifestError, PollerRouteRegistrationError) as exc:
+                    log.error("reload rejected, keeping the running config: %s", exc)
+        finally:
+            self.stop()
+
+
+_COMMAND_SQL = {
+    "pause": lambda job: lambda db: db.execute("UPDATE jobs SET paused=1 WHERE id=?", (job,)),
+    "resume": lambda job: lambda db: db.execute(
+        "UPDATE jobs SET paused=0, consecutive_errors=0 WHERE id=?", (job,)),
+    "reset": lambda job: lambda db: db.execute("UPDATE jobs SET cursor=NULL WHERE id=?", (job,)),
+}
+
+
+class _Metrics:
+    """Counters for the Prometheus endpoint; updated after each commit."""
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.ticks: dict[tuple[str, str, str], int] = {}
+        self.duration: dict[str, list] = {}     # kind -> [bucket counts..., sum, count]
+
+    def observe(self, o: TickOutcome, job: _Job) -> None:
+        with self._lock:
+            key = (o.job_id, o.kind, o.status)
+            self.ticks[key] = self.ticks.get(key, 0) + 1
+            h = self.duration.setdefault(o.kind, [0] * (len(self.BUCKETS) + 2))
+            for i, bound in enumerate(self.BUCKETS):
+                if o.duration <= bound:
+                    h[i] += 1
+            h[-2] += o.duration
+            h[-1] += 1
+
+    def render(self, runner: "Runner") -> str:
+        out = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}")
+
+        def lbl(**labels) -> str:
+            return "{" + ",".join(f'{k}="{_prom_escape(v)}"' for k, v in labels.items()) + "}"
+
+        with self._lock:
+            family("nexo_poller_ticks_total", "counter", "Ticks by job, kind and outcome.")
+            for (job, kind, status), n in sorted(self.ticks.items()):
+                out.append(f"nexo_poller_ticks_total{lbl(job=job, kind=kind, outcome=status)} {n}")
+            family("nexo_poller_tick_duration_seconds", "histogram", "Tick duration.")
+            for kind, h in sorted(self.duration.items()):
+                for bound, n in zip(self.BUCKETS, h):
+                    out.append(f"nexo_poller_tick_duration_seconds_bucket"
+                               f"{lbl(kind=kind, le=bound)} {n}")
+                out.append(f"nexo_poller_tick_duration_seconds_bucket"
+                           f"{lbl(kind=kind, le='+Inf')} {h[-1]}")
+                out.append(f"nexo_poller_tick_duration_seconds_sum{lbl(kind=kind)} {h[-2]:.6f}")
+                out.append(f"nexo_poller_tick_duration_seconds_count{lbl(kind=kind)} {h[-1]}")
+        jobs = runner.status()
+        for name, key, help_text in (
+                ("nexo_poller_consecutive_errors", "consecutive_errors", "Consecutive errors."),
+                ("nexo_poller_breaker_open", "breaker_open", "1 when the job's breaker is open."),
+                ("nexo_poller_paused", "paused", "1 when the job is paused."),
+                ("nexo_poller_items_seen_total", "items_seen_total", "Items seen."),
+                ("nexo_poller_items_dispatched_total", "items_dispatched_total",
+                 "Items dispatched.")):
+            family(name, "counter" if name.endswith("_total") else "gauge", help_text)
+            for j in jobs:
+                out.append(f"{name}{lbl(job=j['id'], kind=j['kind'])} {int(j[key])}")
+        family("nexo_poller_plugin_restarts_total", "counter", "Long-lived plugin restarts.")
+        for pid, sup in sorted(runner._supervisors.items()):
+            out.append(f"nexo_poller_plugin_restarts_total{lbl(plugin=pid)} {sup.restarts}")
+        return "\n".join(out) + "\n"
+
+
+def _prom_escape(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _serve_metrics(runner: Runner, addr: tuple[str, int]):
+    """Serve ``/metrics`` on a background thread; returns the server."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] != "/metrics":
+                self.send_error(404, "only /metrics is served")
+                return
+            body = runner._metrics.render(runner).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(addr, Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True, name="nexo-metrics").start()
+    log.info("metrics on http://%s:%d/metrics", *server.server_address[:2])
+    return server
+
+
+# ============================================================================
+# CLI
+# ``python nexo_poller.py --config FILE [VERB]``: one clear line per user
+# error, never a traceback, and documented exit codes.
+# ============================================================================
+
+EXIT_OK = 0
+EXIT_TICK_FAILED = 1
+EXIT_USAGE = 2        # bad arguments or an invalid config / manifest
+EXIT_STATE = 3        # the state database cannot be used
+EXIT_UNKNOWN_JOB = 4
+EXIT_BUSY = 5         # the job is leased by another running daemon
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
+               "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage()}
+        tick = getattr(record, "tick", None)
+        if tick is not None:
+            doc.update(tick)
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, separators=(",", ":"))
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _parser():
+    import argparse
+    p = argparse.ArgumentParser(
+        prog="nexo-poller", description="Poller daemon: schedules jobs and routes each tick "
+        "to the plugin owning its kind.",
+        epilog="exit codes: 0 ok, 1 tick failed, 2 usage or invalid config, "
+               "3 state database error, 4 unknown job, 5 job busy in another daemon")
+    p.add_argument("--config", required=True, metavar="FILE", help="pollers.json")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.add_argument("--version", action="version", version=f"nexo-poller {__version__}")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    sub.add_parser("run", help="run the daemon in the foreground (default)")
+    sub.add_parser("validate", help="check the config and manifests, then exit")
+    st = sub.add_parser("status", help="show every job's state")
+    st.add_argument("--json", action="store_true", help="print a JSON array")
+    for verb, text in (("tick", "tick a job now and store the outcome"),
+                       ("pause", "pause a job"), ("resume", "resume a paused job"),
+                       ("reset", "clear a job's cursor")):
+        sub.add_parser(verb, help=text).add_argument("job")
+    return p
+
+
+class _UsageError(Exception):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level, args.log_format)
+    try:
+        return _run_verb(args)
+    except _UsageError as exc:
+        print(f"nexo-poller: {exc}", file=sys.stderr)
+        return exc.code
+    except (ConfigError, ManifestError, PollerRouteRegistrationError) as exc:
+        print(f"nexo-poller: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StateError as exc:
+        print(f"nexo-poller: state: {exc}", file=sys.stderr)
+        return EXIT_STATE
+    except PluginPollerForwardError as exc:
+        print(f"nexo-poller: broker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_verb(args) -> int:
+    config = load_config(args.config)
+    verb = args.verb or "run"
+    if verb == "validate":
+        print(f"{args.config}: ok ({len(config.jobs)} jobs, {len(config.plugins)} plugins)")
+        return EXIT_OK
+    job_ids = {j.id for j in config.jobs}
+    job = getattr(args, "job", None)
+    if job is not None and job not in job_ids:
+        raise _UsageError(f"no job {job!r} in {args.config} (jobs: "
+                          f"{', '.join(sorted(job_ids)) or 'none'})", EXIT_UNKNOWN_JOB)
+    if verb == "run":
+        if not config.enabled:
+            print("nexo-poller: disabled by \"enabled\": false in the config; nothing to do",
+                  file=sys.stderr)
+            return EXIT_OK
+        Runner(config).run_forever(args.config)
+        return EXIT_OK
+    if verb == "tick":
+        runner = Runner(config)
+        try:
+            outcome = runner.run_once(job)
+        finally:
+            runner.stop()
+        print(json.dumps(outcome.to_dict(), indent=2))
+        if outcome.status == "leased":
+            return EXIT_BUSY
+        return EXIT_OK if outcome.status == "ok" else EXIT_TICK_FAILED
+    store = StateStore(config.state_db)
+    try:
+        if verb == "status":
+            return _print_status(config, store, args.json)
+        store.run(StateStore.ensure_jobs(job_ids, [j.id for j in config.jobs if j.paused_on_boot]))
+        store.run(_COMMAND_SQL[verb](job))
+        daemon = store.daemon_alive()
+        if daemon:
+            # The running daemon picks the command up and applies it to its live state.
+            store.run(lambda db: db.execute("INSERT INTO commands (job, verb) VALUES (?, ?)",
+                                            (job, verb)))
+        print(f"{verb} {job}: done" + (f" (daemon {daemon} notified)" if daemon else ""))
+        return EXIT_OK
+    finally:
+        store.close()
+
+
+def _print_status(config: DaemonConfig, store: StateStore, as_json: bool) -> int:
+    rows = store.jobs()
+    out = []
+    for jc in config.jobs:
+        job = _Job(jc)
+        if jc.id in rows:
+            job.load(rows[jc.id])
+        else:
+            job.paused = jc.paused_on_boot
+        job.breaker_open = job.consecutive_errors >= config.breaker_threshold
+        out.append(job.status())
+    if as_json:
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    print(f"{'JOB':<24} {'KIND':<16} {'STATE':<8} {'LAST':<10} {'ERRS':>4}  NEXT RUN")
+    for s in out:
+        state = "paused" if s["paused"] else ("breaker" if s["breaker_open"] else "active")
+        print(f"{s['id']:<24} {s['kind']:<16} {state:<8} {s['last_status'] or '-':<10} "
+              f"{s['consecutive_errors']:>4}  {s['next_run_at'] or '-'}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
