@@ -3042,6 +3042,7 @@ class Runner:
         self._running = 0
         self._stopping = False
         self._opened = False
+        self._started = False
         self.state: StateStore | None = None
         self.broker_server: BrokerServer | None = None
         self.broker = None
@@ -3115,8 +3116,12 @@ class Runner:
         for jc in job_cfgs:
             self._jobs[jc.id].load(rows[jc.id])
 
-    def start(self) -> "Runner":
-        """Open, then schedule every job and serve until ``stop()``."""
+    def start(self, background: bool = True) -> "Runner":
+        """Open, then schedule every job and serve until ``stop()``.
+
+        With ``background=False`` no scheduler thread runs: the caller drives
+        time through ``clock`` and calls ``fire_due()`` (tests do).
+        """
         self.open()
         owner = self.state.owner
         self.state.run(lambda db: db.execute(
@@ -3127,9 +3132,11 @@ class Runner:
                 self._schedule_first(job, now)
         if self.config.metrics_addr:
             self._metrics_server = _serve_metrics(self, self.config.metrics_addr)
-        self._scheduler = threading.Thread(target=self._schedule_loop, daemon=True,
-                                           name="nexo-scheduler")
-        self._scheduler.start()
+        self._started = True
+        if background:
+            self._scheduler = threading.Thread(target=self._schedule_loop, daemon=True,
+                                               name="nexo-scheduler")
+            self._scheduler.start()
         log.info("nexo-poller started: %d jobs, %d plugins, broker %s", len(self._jobs),
                  self.router.len(), self.broker_server.url)
         return self
@@ -3254,6 +3261,11 @@ class Runner:
             self._running += 1
             due.append((job, nominal))
         return due
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no tick is running or committing; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._running == 0, timeout)
 
     def fire_due(self) -> int:
         """Dispatch every job whose slot has come (for tests driving the clock)."""
@@ -3525,7 +3537,7 @@ class Runner:
             elif verb == "resume":
                 was = job.paused
                 job.paused, job.consecutive_errors, job.breaker_open = False, 0, False
-                if was and not job.running and self._scheduler is not None:
+                if was and not job.running and self._started:
                     self._push(job, self.clock())
             elif verb == "reset":
                 job.cursor = None
@@ -3584,14 +3596,14 @@ class Runner:
                     diff["removed"].append(job_id)
                 elif any(j.id == job_id for j in added):
                     diff["added"].append(job_id)
-                    if self._scheduler is not None:
+                    if self._started:
                         self._schedule_first(job, now)
                 elif new_jobs[job_id].raw != job.cfg.raw:
                     schedule_changed = new_jobs[job_id].raw.get("schedule") != \
                         job.cfg.raw.get("schedule")
                     job.cfg = new_jobs[job_id]
                     diff["replaced"].append(job_id)
-                    if schedule_changed and not job.running and self._scheduler is not None:
+                    if schedule_changed and not job.running and self._started:
                         job.next_run_at = None
                         self._schedule_first(job, now)
                 else:
