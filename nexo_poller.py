@@ -209,6 +209,7 @@ ERROR_TRANSIENT = -32001
 ERROR_PERMANENT = -32002
 ERROR_CONFIG = -32602
 ERROR_INTERNAL = -32603
+_MAX_INTERVAL_SECS = 100 * 366 * 86400     # a longer next_interval_secs means "a century"
 
 _CODE_TO_CLASS = {ERROR_TRANSIENT: PollerError.Transient,
                   ERROR_PERMANENT: PollerError.Permanent}
@@ -357,7 +358,7 @@ class TickReply:
         """Decode the cursor to bytes; a bad cursor raises ``ParseReply``."""
         cursor = None if self.next_cursor is None else decode_cursor(self.next_cursor)
         hint = (None if self.next_interval_secs is None
-                else timedelta(seconds=self.next_interval_secs))
+                else timedelta(seconds=min(self.next_interval_secs, _MAX_INTERVAL_SECS)))
         return TickAck(cursor, hint, self.metrics)
 
     @classmethod
@@ -641,6 +642,9 @@ class PluginPollerRouter:
         self._by_plugin: dict[str, PluginPollerHandle] = {}
         self._by_kind: dict[str, PluginPollerHandle] = {}
 
+    # Writers change entries in an order that never lets a lock-free reader
+    # miss a kind that stays registered: new entries first, stale ones last.
+
     def register(self, handle: PluginPollerHandle) -> None:
         """Add a plugin; the same plugin id again replaces its entry (hot restart).
 
@@ -653,23 +657,26 @@ class PluginPollerRouter:
                 if owner is not None and owner.plugin_id != handle.plugin_id:
                     raise PollerRouteRegistrationError.DuplicateKind(
                         kind, owner.plugin_id, handle.plugin_id)
-            self._drop(handle.plugin_id)
+            old = self._by_plugin.get(handle.plugin_id)
             self._by_plugin[handle.plugin_id] = handle
             for kind in handle.kinds:
                 self._by_kind[kind] = handle
+            if old is not None:
+                self._drop_kinds(old, keep=set(handle.kinds))
 
     def unregister(self, plugin_id: str) -> bool:
         """Remove a plugin and its kinds; True when something was removed."""
         with self._lock:
-            return self._drop(plugin_id) is not None
+            old = self._by_plugin.pop(plugin_id, None)
+            if old is None:
+                return False
+            self._drop_kinds(old, keep=set())
+            return True
 
-    def _drop(self, plugin_id: str) -> PluginPollerHandle | None:
-        old = self._by_plugin.pop(plugin_id, None)
-        if old is not None:
-            for kind in old.kinds:
-                if self._by_kind.get(kind) is old:
-                    del self._by_kind[kind]
-        return old
+    def _drop_kinds(self, old: PluginPollerHandle, keep: set[str]) -> None:
+        for kind in old.kinds:
+            if kind not in keep and self._by_kind.get(kind) is old:
+                del self._by_kind[kind]
 
     def handle_for_kind(self, kind: str) -> PluginPollerHandle | None:
         # A single dict read is atomic under the GIL; no lock on the hot path.
