@@ -45,6 +45,7 @@ import heapq
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -763,8 +764,9 @@ def spawn_ephemeral_tick(command: str, plugin_id: str, request: TickRequest,
             stderr=subprocess.PIPE, cwd=cwd, start_new_session=True, bufsize=0,
             env=_child_env(plugin_id, env, NEXO_POLLER_EPHEMERAL="1"))
     except OSError as exc:
+        what = exc.filename if exc.filename == cwd and cwd else command
         raise PollerError.Transient(
-            f"plugin {plugin_id!r}: cannot start {command!r}: "
+            f"plugin {plugin_id!r}: cannot start {command!r}: {what}: "
             f"{exc.strerror or exc}") from None
     stderr = bytearray()
     try:
@@ -1299,7 +1301,7 @@ class BrokerServer:
 
     def _handle_line(self, peer: _SocketPeer, line: bytes) -> None:
         try:
-            msg = json.loads(line)
+            msg = json.loads(line.decode("utf-8"))     # strict: no encoding guesses
         except UnicodeDecodeError:
             peer.answer(None, error={"code": BROKER_PARSE_ERROR, "message": "line is not UTF-8"})
             return
@@ -1321,11 +1323,13 @@ class BrokerServer:
         params = msg.get("params", {})
         has_id = "id" in msg and not isinstance(req_id, (dict, list))
         if not isinstance(method, str):
-            if "result" in msg or "error" in msg:
-                return                      # a stray response: nothing to do
-            return self._fail(peer, req_id, BROKER_INVALID_REQUEST, "`method` must be a string")
+            if has_id and "result" not in msg and "error" not in msg:
+                self._fail(peer, req_id, BROKER_INVALID_REQUEST, "`method` must be a string")
+            return                          # notifications and stray responses get no answer
         if not isinstance(params, dict):
-            return self._fail(peer, req_id, BROKER_INVALID_PARAMS, "`params` must be an object")
+            if has_id:
+                self._fail(peer, req_id, BROKER_INVALID_PARAMS, "`params` must be an object")
+            return
         handler = self._methods.get(method)
         if handler is None:
             if has_id:
@@ -2102,7 +2106,7 @@ def _plugin_dispatch(handlers: Mapping[str, Callable], envelope: Any) -> dict:
     except PollerError as exc:
         code = {ErrorClass.PERMANENT: ERROR_PERMANENT,
                 ErrorClass.CONFIG: ERROR_CONFIG}.get(exc.classify(), ERROR_TRANSIENT)
-        return answer(code, exc)
+        return answer(code, getattr(exc, "reason", exc))   # Config's text without "job 'x':"
     except Exception as exc:                 # a bug in the handler: retry later, keep serving
         return answer(ERROR_TRANSIENT, f"{type(exc).__name__}: {exc}")
     return answer(None, TickReply.from_ack(ack).to_dict())
@@ -2249,8 +2253,6 @@ class StateStore:
         except (OSError, sqlite3.Error) as exc:
             raise StateError(f"{self.path}: cannot open state database: {exc}") from None
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if not tables:
                 db.execute("BEGIN IMMEDIATE")
@@ -2270,6 +2272,9 @@ class StateStore:
                 raise StateError(f"{self.path}: unknown state schema version "
                                  f"{row[0] if row else 'none'} (this nexo-poller reads "
                                  f"version {STATE_SCHEMA_VERSION})")
+            # Only now that the file is known to be ours may its journal change.
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
         except sqlite3.DatabaseError as exc:
             db.close()
             raise StateError(f"{self.path}: corrupt or not a state database: {exc}") from None
@@ -2329,10 +2334,11 @@ class StateStore:
                             self._db.execute("SAVEPOINT one")
                             results.append(fn(self._db))
                             self._db.execute("RELEASE one")
-                        except sqlite3.Error as exc:
+                        except Exception as exc:        # this write only; the batch goes on
                             self._db.execute("ROLLBACK TO one")
                             self._db.execute("RELEASE one")
-                            results.append(StateError(f"{self.path}: {exc}"))
+                            results.append(exc if isinstance(exc, StateError)
+                                           else StateError(f"{self.path}: {exc}"))
                     self._db.execute("COMMIT")
                 except sqlite3.Error as exc:
                     try:
@@ -2410,6 +2416,22 @@ class StateStore:
         pid = rest.partition(":")[0]
         return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
 
+    def claim_all(self, leases: Mapping[str, float], now: float) -> set[str]:
+        """Take every lease in ``leases`` (job id -> expiry) that is free, ours,
+        expired or held by a dead local process; returns the ids taken."""
+        owner = self.owner
+
+        def fn(db):
+            holders = {r[0]: r[1] for r in db.execute(
+                "SELECT id, lease_owner FROM jobs WHERE lease_owner IS NOT NULL "
+                "AND lease_owner != ? AND lease_until >= ?", (owner, now))}
+            stale = {h for h in set(holders.values()) if self.lease_is_stale(h)}
+            taken = [(owner, until, job) for job, until in leases.items()
+                     if holders.get(job) is None or holders[job] in stale]
+            db.executemany("UPDATE jobs SET lease_owner=?, lease_until=? WHERE id=?", taken)
+            return {job for _, _, job in taken}
+        return self.run(fn)
+
     def claim(self, job_id: str, until: float, now: float) -> bool:
         """Take or renew this owner's lease on a job; False when another holds it."""
         owner = self.owner
@@ -2483,7 +2505,7 @@ class CronExpr:
             tok_l = tok.lower()
             if names and tok_l in names:
                 return names[tok_l]
-            if not tok.isdigit():
+            if not (tok.isascii() and tok.isdigit()):
                 raise ValueError(f"cron {name} field: {tok!r} is not a number"
                                  + (" or a name" if names else ""))
             n = int(tok)
@@ -2494,8 +2516,8 @@ class CronExpr:
         for item in part.split(","):
             rng, _, step_s = item.partition("/")
             step = 1
-            if step_s:
-                if not step_s.isdigit() or int(step_s) == 0:
+            if "/" in item:
+                if not (step_s.isascii() and step_s.isdigit()) or int(step_s) == 0:
                     raise ValueError(f"cron {name} field: bad step {step_s!r}")
                 step = int(step_s)
             if rng in ("*", "?"):
@@ -2507,7 +2529,7 @@ class CronExpr:
                     raise ValueError(f"cron {name} field: range {rng!r} runs backwards")
             else:
                 a = number(rng)
-                b = high if step_s else a
+                b = high if "/" in item else a
             values.update(range(a, b + 1, step))
         return values
 
@@ -2600,17 +2622,20 @@ class Schedule:
         return now
 
     def next_after(self, slot: float, now: float) -> float | None:
-        """The slot after ``slot``; missed slots collapse into ``now``."""
+        """The first slot after ``slot`` that is later than ``now``.
+
+        Slots missed while a tick ran (or the daemon was down) are skipped
+        here: the run at ``now`` stood in for all of them.  ``every_secs``
+        keeps its phase (``slot + k * N``).
+        """
         if self.at is not None:
             return None
         if self.every_secs is not None:
-            nxt = slot + self.every_secs
-        else:
-            found = self.cron.next_after(datetime.fromtimestamp(slot, timezone.utc), self.tz)
-            if found is None:
-                return None
-            nxt = found.timestamp()
-        return max(nxt, now) if nxt < now else nxt
+            n = self.every_secs
+            return slot + n * (max(0, math.floor((now - slot) / n)) + 1)
+        found = self.cron.next_after(datetime.fromtimestamp(max(slot, now), timezone.utc),
+                                     self.tz)
+        return None if found is None else found.timestamp()
 
 
 # ============================================================================
@@ -2748,7 +2773,10 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
 
     if _check_type(probs, prefix + "enabled", get("enabled"), bool, "true or false"):
         cfg.enabled = get("enabled")
-    if _check_type(probs, prefix + "state_db", get("state_db"), str, "a file path"):
+    if _check_type(probs, prefix + "state_db", get("state_db"), str, "a file path") and \
+            not get("state_db").strip():
+        probs.add(prefix + "state_db", "must not be empty")
+    elif isinstance(get("state_db"), str):
         cfg.state_db = os.path.normpath(os.path.join(base_dir, get("state_db")))
     number("default_jitter_ms", 0, 86_400_000, integer=True)
     number("lease_ttl_factor", 1.0, 100.0)
@@ -2843,6 +2871,7 @@ def _job_from_dict(raw: Any, where: str, probs: _Problems,
             probs.add(f"{where}.failure_to.{key}", "unknown key (allowed: channel, to)")
         for key in ("channel", "to"):
             _check_type(probs, f"{where}.failure_to.{key}", failure_to.get(key), str, "a string")
+    _check_type(probs, f"{where}.config", raw.get("config", {}), dict, "an object")
     paused = raw.get("paused_on_boot", False)
     _check_type(probs, f"{where}.paused_on_boot", paused, bool, "true or false")
     schedule = _schedule_from_dict(raw.get("schedule"), f"{where}.schedule", probs)
@@ -2926,7 +2955,7 @@ class _Job:
         self.last_alert_at: float | None = None
         self.lease_until = 0.0
         self.running = False
-        self.generation = 0          # bumped to invalidate heap entries
+        self.generation = -1         # seq of the job's live heap entry
         self.cancel: threading.Event | None = None
         self.reset_pending = False
         self.removed = False
@@ -3041,7 +3070,7 @@ class Runner:
         self._pollers: dict[str, Any] = {}
         self._supervisors: dict[str, PluginSupervisor] = {}
         self._jobs: dict[str, _Job] = {}
-        self._heap: list[tuple[float, int, int, str, float]] = []
+        self._heap: list[tuple[float, int, str, float]] = []    # when, seq, job, nominal
         self._seq = itertools.count()
         self._cond = threading.Condition(threading.Lock())
         self._lanes: dict[str, _Lane] = {}
@@ -3121,7 +3150,9 @@ class Runner:
                                               [j.id for j in job_cfgs if j.paused_on_boot]))
         rows = self.state.jobs()
         for jc in job_cfgs:
-            self._jobs[jc.id].load(rows[jc.id])
+            job = self._jobs[jc.id]
+            job.load(rows[jc.id])
+            job.breaker_open = job.consecutive_errors >= self.config.breaker_threshold
 
     def start(self, background: bool = True) -> "Runner":
         """Open, then schedule every job and serve until ``stop()``.
@@ -3134,6 +3165,11 @@ class Runner:
         self.state.run(lambda db: db.execute(
             "INSERT OR REPLACE INTO meta VALUES ('daemon', ?)", (owner,)))
         now = self.clock()
+        # One transaction leases every job up front, so a tick needs no
+        # round trip to the database before it runs, only its commit after.
+        leases = {job_id: now + self._lease_ttl(job) for job_id, job in self._jobs.items()}
+        for job_id in self.state.claim_all(leases, now):
+            self._jobs[job_id].lease_until = leases[job_id]
         with self._cond:
             for job in self._jobs.values():
                 self._schedule_first(job, now)
@@ -3225,11 +3261,10 @@ class Runner:
         ``nominal`` is the schedule's slot without jitter; the slot after
         it is computed from it, so jitter never accumulates into drift.
         """
-        job.generation += 1
-        job.next_run_at = when
         seq = next(self._seq)
-        heapq.heappush(self._heap, (when, seq, job.generation, job.cfg.id,
-                                    when if nominal is None else nominal))
+        job.generation = seq               # older entries of this job are now stale
+        job.next_run_at = when
+        heapq.heappush(self._heap, (when, seq, job.cfg.id, when if nominal is None else nominal))
         if self._heap[0][1] == seq:         # earlier than what the scheduler waits for
             self._cond.notify()
 
@@ -3260,9 +3295,9 @@ class Runner:
         due = []
         heap = self._heap
         while heap and heap[0][0] <= now:
-            when, _, gen, job_id, nominal = heapq.heappop(heap)
+            when, seq, job_id, nominal = heapq.heappop(heap)
             job = self._jobs.get(job_id)
-            if job is None or job.generation != gen or job.paused or job.running:
+            if job is None or job.generation != seq or job.paused or job.running:
                 continue
             job.running = True
             self._running += 1
@@ -3428,11 +3463,10 @@ class Runner:
                         items_seen_total=job.items_seen_total + metrics.items_seen,
                         items_dispatched_total=job.items_dispatched_total
                         + metrics.items_dispatched)
-            end = self.clock()
             if ack.next_interval_hint is not None:
-                nxt = end + ack.next_interval_hint.total_seconds()
+                nxt = self.clock() + ack.next_interval_hint.total_seconds()
             else:
-                nxt = sched.next_after(slot, end)
+                nxt = sched.next_after(slot, now)
             if sched.at is not None:
                 plan["paused"] = 1          # a one-shot stays paused after it fired
                 nxt = None
@@ -3596,7 +3630,7 @@ class Runner:
                 job = self._jobs[job_id]
                 if job_id not in new_jobs:
                     job.removed = True
-                    job.generation += 1
+                    job.generation = -1
                     if job.cancel is not None:
                         job.cancel.set()
                     del self._jobs[job_id]
@@ -3860,7 +3894,10 @@ def _run_verb(args) -> int:
         Runner(config).run_forever(args.config)
         return EXIT_OK
     if verb == "tick":
-        runner = Runner(config)
+        kind = next(j.kind for j in config.jobs if j.id == job)
+        runner = Runner(dataclasses.replace(     # start only what this one tick needs
+            config, jobs=[j for j in config.jobs if j.id == job],
+            plugins=[h for h in config.plugins if kind in h.kinds]))
         try:
             outcome = runner.run_once(job)
         finally:

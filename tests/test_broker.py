@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 import unittest
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -168,6 +169,49 @@ class BrokerLifecycleTests(unittest.TestCase):
             server.close()
             with open(path) as f:
                 self.assertEqual(f.read(), "precious")
+
+    def test_close_fails_requests_in_flight(self):
+        server = BrokerServer().start()
+        self.addCleanup(server.close)
+        entered, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def h(p):
+            entered.set()
+            release.wait(WAIT)
+            return "late"
+        responder = BrokerClient.connect(server.url)
+        self.addCleanup(responder.close)
+        responder.subscribe("stuck", h)
+        local = server.client()
+        self.addCleanup(local.close)
+        remote = BrokerClient.connect(server.url)
+        self.addCleanup(remote.close)
+        outcomes = {}
+
+        def ask(name, client):
+            try:
+                outcomes[name] = client.request("stuck", name, 30)
+            except PluginPollerForwardError.Broker as exc:
+                outcomes[name] = exc
+            outcomes[name + "_at"] = time.monotonic()
+        threads = [threading.Thread(target=ask, args=("local", local)),
+                   threading.Thread(target=ask, args=("remote", remote))]
+        for t in threads:
+            t.start()
+        self.assertTrue(entered.wait(WAIT))
+        self.assertTrue(wait_until(lambda: server.stats()["pending"] == 2))
+        closed_at = time.monotonic()
+        server.close()
+        for t in threads:
+            t.join(WAIT)
+            self.assertFalse(t.is_alive())
+        for name in ("local", "remote"):
+            self.assertIsInstance(outcomes[name], PluginPollerForwardError.Broker,
+                                  outcomes)
+            self.assertLess(outcomes[name + "_at"] - closed_at, 5.0)
+        self.assertTrue(remote.wait_closed(WAIT))
+        self.assertEqual(server.stats()["pending"], 0)
 
     def test_connect_to_missing_broker_fails(self):
         with tempfile.TemporaryDirectory() as d:
@@ -492,6 +536,50 @@ class RequestReplyTests(_ServerCase):
             self.connect().request("gone.soon", {}, 10)
         self.assertEqual(broker_code(cm.exception), npl.BROKER_NO_RESPONDERS)
 
+    def test_requester_leaving_clears_bookkeeping(self):
+        # A parked request whose requester goes away is forgotten.
+        r = self.raw()
+        r.send({"jsonrpc": "2.0", "id": 1, "method": "request",
+                "params": {"topic": "later", "payload": 1, "timeout_ms": 60000, "wait": True}})
+        self.assertTrue(wait_until(lambda: self.server.stats()["parked"] == 1))
+        r.close()
+        self.assertTrue(wait_until(lambda: self.server.stats()["parked"] == 0
+                                   and self.server.stats()["pending"] == 0),
+                        self.server.stats())
+        # A request being served whose requester goes away: the reply is dropped.
+        entered, release = threading.Event(), threading.Event()
+
+        def h(p):
+            entered.set()
+            release.wait(WAIT)
+            return "done"
+        self.connect().subscribe("served", h)
+        r2 = RawConn(self.server.path)
+        r2.send({"jsonrpc": "2.0", "id": 2, "method": "request",
+                 "params": {"topic": "served", "payload": 1, "timeout_ms": 60000}})
+        self.assertTrue(entered.wait(WAIT))
+        r2.close()
+        self.assertTrue(wait_until(lambda: self.server.stats()["pending"] == 0),
+                        self.server.stats())
+        release.set()
+        other = self.connect()
+        self.assertEqual(other.request("served", 2, 10), "done")
+
+    def test_slow_consumer_is_dropped_and_broker_stays_responsive(self):
+        slow = self.raw()                      # subscribes, then never reads
+        self.assertTrue(slow.call("subscribe", {"topic": "firehose", "sid": 1})["result"])
+        publisher = self.connect()
+        blob = "x" * 100_000
+        for _ in range(200):                   # ~20 MB, over BROKER_MAX_OUTBUF_BYTES
+            publisher.publish("firehose", blob)
+        responder, requester = self.connect(), self.connect()
+        responder.subscribe("still.alive", lambda p: p)
+        t0 = time.monotonic()
+        self.assertEqual(requester.request("still.alive", "yes", 10), "yes")
+        self.assertLess(time.monotonic() - t0, 5.0)
+        self.assertTrue(wait_until(lambda: not self.server.has_subscriber("firehose")),
+                        "slow consumer kept")
+
     def test_client_sees_broker_close(self):
         c = BrokerClient.connect(self.server.url)
         self._closers.append(c.close)
@@ -674,7 +762,11 @@ class PeerCredTests(unittest.TestCase):
         got EOF, 12 connected and got data, 13 connected and timed out,
         14 connect failed otherwise, 15 could not drop privileges.
         """
-        pid = os.fork()
+        with warnings.catch_warnings():
+            # The broker's thread is running: 3.12+ warns about fork(); the child
+            # only makes a few system calls and leaves with os._exit.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
         if pid == 0:                         # child: no unittest machinery here
             code = 99
             try:

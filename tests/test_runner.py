@@ -1,0 +1,748 @@
+"""Runner of nexo_poller (section "Runner"): scheduling, error policy, state.
+
+Time is driven through the injected clock and ``fire_due()``; nothing sleeps.
+"""
+
+import logging
+import os
+import sqlite3
+import tempfile
+import threading
+import unittest
+from datetime import datetime, timedelta, timezone
+
+from nexo_poller import (PollerError, Runner, StateStore, TickAck, TickMetrics, TickOutcome,
+                         config_from_dict, encode_cursor)
+
+T0 = 1_900_000_000.0            # 2030-03-17T17:46:40Z, a whole second
+WAIT = 5.0
+STATUS_KEYS = {"id", "kind", "agent", "paused", "cursor", "last_status", "last_error",
+               "consecutive_errors", "last_run_at", "next_run_at", "items_seen_total",
+               "items_dispatched_total"}
+
+
+def ts(iso):
+    return None if iso is None else datetime.fromisoformat(iso).timestamp()
+
+
+def iso_z(t):
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Scripted:
+    """An in-process poller.  ``script`` maps a job id to a list of steps, each
+    a TickAck, an exception (raised), or a callable(ctx) returning either;
+    when a job's list runs out, ``default`` is used."""
+
+    def __init__(self, kind="mem", default=None, script=None, max_concurrent_ticks=None):
+        self.kind = kind
+        self.default = default if default is not None else TickAck()
+        self.script = {k: list(v) for k, v in (script or {}).items()}
+        self.calls = []
+        self.lock = threading.Lock()
+        if max_concurrent_ticks is not None:
+            self.max_concurrent_ticks = max_concurrent_ticks
+
+    def tick(self, ctx):
+        with self.lock:
+            self.calls.append(ctx)
+            steps = self.script.get(ctx.job_id)
+            step = steps.pop(0) if steps else self.default
+        if callable(step) and not isinstance(step, (TickAck, BaseException)):
+            step = step(ctx)
+        if isinstance(step, BaseException):
+            raise step
+        return step
+
+    def calls_for(self, job_id):
+        with self.lock:
+            return [c for c in self.calls if c.job_id == job_id]
+
+
+class RunnerCase(unittest.TestCase):
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory(prefix="nexo-runner-")
+        self.addCleanup(tmp.cleanup)
+        self.dir = tmp.name
+        self.db = os.path.join(self.dir, "s.db")
+        self.t = [T0]
+        logger = logging.getLogger("nexo_poller")
+        level = logger.level
+        logger.setLevel(logging.CRITICAL)
+        self.addCleanup(logger.setLevel, level)
+
+    # -- helpers ---------------------------------------------------------------
+
+    def config(self, jobs, **top):
+        doc = {"state_db": self.db, "default_jitter_ms": 0, "shutdown_grace_secs": 3,
+               "jobs": jobs}
+        doc.update(top)
+        return config_from_dict(doc, extra_kinds=["mem"])
+
+    @staticmethod
+    def job(id="a", every=10, **kw):
+        raw = {"id": id, "kind": "mem", "schedule": {"every_secs": every}}
+        raw.update(kw)
+        return raw
+
+    def runner(self, cfg, *pollers, start=True):
+        r = Runner(cfg, clock=lambda: self.t[0])
+        for p in pollers:
+            r.register(p)
+        self.addCleanup(r.stop)
+        if start:
+            r.start(background=False)
+        return r
+
+    def fire(self, r):
+        n = r.fire_due()
+        self.assertTrue(r.wait_idle(WAIT), "ticks did not finish")
+        return n
+
+    def status(self, r, job_id="a"):
+        for s in r.status():
+            if s["id"] == job_id:
+                return s
+        self.fail(f"no status for {job_id}")
+
+    def next_at(self, r, job_id="a"):
+        return ts(self.status(r, job_id)["next_run_at"])
+
+    def go_to_next(self, r, job_id="a"):
+        nxt = self.next_at(r, job_id)
+        self.assertIsNotNone(nxt, "job has no next run")
+        self.t[0] = nxt + 0.001
+
+    def row(self, job_id="a"):
+        db = sqlite3.connect(self.db, timeout=10)
+        try:
+            db.row_factory = sqlite3.Row
+            row = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            return None if row is None else dict(row)
+        finally:
+            db.close()
+
+    def spy_alerts(self, r):
+        """Record (synchronously) every alert the runner publishes."""
+        sent = []
+        real = r.broker.publish
+
+        def publish(topic, payload):
+            if topic == r.config.alert_topic:
+                sent.append(payload)
+            return real(topic, payload)
+        r.broker.publish = publish
+        return sent
+
+    def subscribe_alerts(self, r):
+        got, event = [], threading.Event()
+
+        def handler(payload):
+            got.append(payload)
+            event.set()
+        r.broker.subscribe(r.config.alert_topic, handler)
+        return got, event
+
+    def gate(self):
+        entered, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def step(ctx, ack=None):
+            entered.set()
+            release.wait(WAIT)
+            return ack or TickAck()
+        return entered, release, step
+
+
+# ============================================================================
+# Cursors, totals, restart
+# ============================================================================
+
+class CursorTests(RunnerCase):
+
+    def test_cursor_round_trips_and_is_stored_only_after_success(self):
+        seen_in_db = []
+
+        def second(ctx):
+            seen_in_db.append(self.row()["cursor"])   # the tick in flight has not stored yet
+            return TickAck(metrics=TickMetrics(4, 1))
+        p = Scripted(script={"a": [
+            TickAck(next_cursor=b"c1", metrics=TickMetrics(3, 2)),
+            second,                                       # no next_cursor: keep c1
+            PollerError.Transient("blip"),                # failure: keep c1
+            TickAck(next_cursor=b"c2", metrics=TickMetrics(1, 1)),
+        ]})
+        r = self.runner(self.config([self.job()]), p)
+        self.assertEqual(self.fire(r), 1)
+        self.assertIsNone(p.calls[0].cursor)
+        self.assertEqual(self.status(r)["cursor"], encode_cursor(b"c1"))
+        self.assertEqual(self.row()["cursor"], b"c1")
+
+        self.go_to_next(r)
+        self.assertEqual(self.fire(r), 1)
+        self.assertEqual(p.calls[1].cursor, b"c1")
+        self.assertEqual(seen_in_db, [b"c1"])
+        self.assertEqual(self.status(r)["cursor"], encode_cursor(b"c1"))
+        self.assertEqual(self.row()["cursor"], b"c1")
+
+        self.go_to_next(r)
+        self.assertEqual(self.fire(r), 1)
+        self.assertEqual(p.calls[2].cursor, b"c1")
+        self.assertEqual(self.status(r)["last_status"], "transient")
+        self.assertEqual(self.row()["cursor"], b"c1")
+
+        self.go_to_next(r)
+        self.assertEqual(self.fire(r), 1)
+        self.assertEqual(p.calls[3].cursor, b"c1")
+        self.assertEqual(self.row()["cursor"], b"c2")
+        st = self.status(r)
+        self.assertEqual(st["cursor"], encode_cursor(b"c2"))
+        self.assertEqual((st["items_seen_total"], st["items_dispatched_total"]), (8, 4))
+        row = self.row()
+        self.assertEqual((row["items_seen_total"], row["items_dispatched_total"]), (8, 4))
+
+    def test_ctx_carries_job_fields(self):
+        p = Scripted()
+        r = self.runner(self.config([self.job(every=300, agent="ana", config={"url": "u"})]), p)
+        self.fire(r)
+        ctx = p.calls[0]
+        self.assertEqual((ctx.job_id, ctx.agent_id, ctx.kind), ("a", "ana", "mem"))
+        self.assertEqual(ctx.config, {"url": "u"})
+        self.assertEqual(ctx.interval_hint, timedelta(seconds=300))
+        self.assertEqual(ctx.now, datetime.fromtimestamp(T0, timezone.utc))
+        self.assertFalse(ctx.cancel.is_set())
+
+    def test_restart_resumes_stored_cursor_and_totals(self):
+        cfg = self.config([self.job()])
+        p1 = Scripted(script={"a": [TickAck(next_cursor=b"keep", metrics=TickMetrics(2, 1))]})
+        r1 = self.runner(cfg, p1)
+        self.fire(r1)
+        r1.stop()
+        p2 = Scripted()
+        r2 = self.runner(cfg, p2)
+        st = self.status(r2)
+        self.assertEqual(st["cursor"], encode_cursor(b"keep"))
+        self.assertEqual((st["items_seen_total"], st["items_dispatched_total"]), (2, 1))
+        self.assertEqual(st["last_status"], "ok")
+        self.t[0] = T0 + 10
+        self.assertEqual(self.fire(r2), 1)
+        self.assertEqual(p2.calls[0].cursor, b"keep")
+
+    def test_status_has_documented_keys(self):
+        r = self.runner(self.config([self.job("a"), self.job("b", agent="x")]), Scripted())
+        self.fire(r)
+        sts = r.status()
+        self.assertEqual({s["id"] for s in sts}, {"a", "b"})
+        for s in sts:
+            self.assertLessEqual(STATUS_KEYS, set(s), STATUS_KEYS - set(s))
+        b = self.status(r, "b")
+        self.assertEqual((b["kind"], b["agent"], b["paused"]), ("mem", "x", False))
+        self.assertEqual(ts(b["last_run_at"]), T0)
+        self.assertEqual(ts(b["next_run_at"]), T0 + 10)
+        self.assertEqual(b["consecutive_errors"], 0)
+        self.assertIsNone(b["last_error"])
+
+
+# ============================================================================
+# Error policy
+# ============================================================================
+
+class ErrorPolicyTests(RunnerCase):
+
+    def test_transient_backoff_breaker_alert_then_success_resets(self):
+        cfg = self.config([self.job(every=1000, failure_to={"channel": "slack", "to": "#ops"})],
+                          backoff_initial_secs=10, backoff_max_secs=40, breaker_threshold=3,
+                          alert_topic="test.alerts")
+        p = Scripted(default=PollerError.Transient("feed timed out"))
+        r = self.runner(cfg, p)
+        got, alerted = self.subscribe_alerts(r)
+        sent = self.spy_alerts(r)
+        for n, base in enumerate([10, 20, 40, 40, 40], start=1):
+            if n > 1:
+                self.go_to_next(r)
+            self.assertEqual(self.fire(r), 1)
+            st = self.status(r)
+            self.assertEqual(st["consecutive_errors"], n)
+            self.assertEqual(st["last_status"], "transient")
+            self.assertIn("feed timed out", st["last_error"])
+            self.assertFalse(st["paused"])
+            delay = self.next_at(r) - self.t[0]
+            self.assertGreaterEqual(delay, base - 0.01, f"error {n}")
+            self.assertLessEqual(delay, base * 1.1 + 0.01, f"error {n}")
+            self.assertEqual(st["breaker_open"], n >= 3, f"error {n}")
+            self.assertEqual(len(sent), 0 if n < 3 else 1, f"error {n}")
+            if n == 3:
+                self.assertTrue(alerted.wait(WAIT), "no alert on the broker")
+                alert = got[0]
+                self.assertEqual(alert["job"], "a")
+                self.assertEqual(alert["failure_to"], {"channel": "slack", "to": "#ops"})
+                self.assertEqual(alert["consecutive_errors"], 3)
+                self.assertIn("feed timed out", alert["error"])
+        self.assertEqual(self.row()["consecutive_errors"], 5)
+        # a success closes the breaker and returns to the schedule
+        p.default = TickAck()
+        self.go_to_next(r)
+        self.assertEqual(self.fire(r), 1)
+        st = self.status(r)
+        self.assertEqual(st["consecutive_errors"], 0)
+        self.assertFalse(st["breaker_open"])
+        self.assertEqual(st["last_status"], "ok")
+        self.assertIsNone(st["last_error"])
+        self.assertAlmostEqual(self.next_at(r) - self.t[0], 1000, delta=0.01)
+        self.assertEqual(self.row()["consecutive_errors"], 0)
+
+    def test_breaker_state_survives_restart(self):
+        cfg = self.config([self.job(every=1000)], breaker_threshold=2,
+                          backoff_initial_secs=10, backoff_max_secs=40)
+        p = Scripted(default=PollerError.Transient("down"))
+        r1 = self.runner(cfg, p)
+        self.fire(r1)
+        self.go_to_next(r1)
+        self.fire(r1)
+        self.assertTrue(self.status(r1)["breaker_open"])
+        r1.stop()
+        r2 = self.runner(cfg, Scripted(default=PollerError.Transient("down")))
+        st = self.status(r2)
+        self.assertEqual(st["consecutive_errors"], 2)
+        self.assertTrue(st["breaker_open"], "breaker closed by a restart without a success")
+
+    def _pausing_error(self, exc, status):
+        cfg = self.config([self.job(failure_to={"channel": "mail", "to": "ops@x"})],
+                          alert_topic="test.alerts")
+        p = Scripted(default=exc)
+        r = self.runner(cfg, p)
+        got, alerted = self.subscribe_alerts(r)
+        self.assertEqual(self.fire(r), 1)
+        st = self.status(r)
+        self.assertTrue(st["paused"])
+        self.assertEqual(st["last_status"], status)
+        self.assertIsNone(st["next_run_at"])
+        self.assertEqual(self.row()["paused"], 1)
+        self.assertTrue(alerted.wait(WAIT), "no alert")
+        self.assertEqual(got[0]["job"], "a")
+        self.assertEqual(got[0]["failure_to"], {"channel": "mail", "to": "ops@x"})
+        for dt in (10, 100, 10_000):
+            self.t[0] = T0 + dt
+            self.assertEqual(self.fire(r), 0)
+        self.assertEqual(len(p.calls), 1)
+        return r, p
+
+    def test_permanent_error_pauses_and_alerts(self):
+        self._pausing_error(PollerError.Permanent("token revoked"), "permanent")
+
+    def test_config_error_pauses_and_alerts(self):
+        self._pausing_error(PollerError.Config("a", "feed url missing"), "config")
+
+    def test_resume_unpauses_and_job_ticks_again(self):
+        r, p = self._pausing_error(PollerError.Permanent("gone"), "permanent")
+        p.default = TickAck(next_cursor=b"back")
+        r.resume("a")
+        st = self.status(r)
+        self.assertFalse(st["paused"])
+        self.assertEqual(st["consecutive_errors"], 0)
+        self.assertEqual(self.row()["paused"], 0)
+        self.assertEqual(self.fire(r), 1)
+        self.assertEqual(len(p.calls), 2)
+        self.assertEqual(self.status(r)["cursor"], encode_cursor(b"back"))
+
+    def test_alert_cooldown_suppresses_repeat_and_survives_restart(self):
+        cfg = self.config([self.job()], failure_alert_cooldown_secs=3600)
+        r1 = self.runner(cfg, Scripted(default=PollerError.Permanent("gone")))
+        sent1 = self.spy_alerts(r1)
+        self.fire(r1)
+        self.assertEqual(len(sent1), 1)
+        self.assertEqual(self.row()["last_alert_at"], T0)
+        self.t[0] = T0 + 60
+        r1.resume("a")
+        self.fire(r1)
+        self.assertTrue(self.status(r1)["paused"])
+        self.assertEqual(len(sent1), 1, "second alert within the cooldown")
+        self.assertEqual(self.row()["last_alert_at"], T0)
+        r1.stop()
+
+        r2 = self.runner(cfg, Scripted(default=PollerError.Permanent("gone")))
+        sent2 = self.spy_alerts(r2)
+        self.t[0] = T0 + 120
+        r2.resume("a")
+        self.assertEqual(self.fire(r2), 1)
+        self.assertEqual(len(sent2), 0, "cooldown forgotten across a restart")
+        self.t[0] = T0 + 3600 + 1
+        r2.resume("a")
+        self.assertEqual(self.fire(r2), 1)
+        self.assertEqual(len(sent2), 1, "no alert after the cooldown")
+        self.assertEqual(self.row()["last_alert_at"], T0 + 3601)
+
+    def test_non_poller_exception_is_transient(self):
+        p = Scripted(default=RuntimeError("bug in poller"))
+        r = self.runner(self.config([self.job(every=1000)], backoff_initial_secs=10), p)
+        self.fire(r)
+        st = self.status(r)
+        self.assertEqual(st["last_status"], "transient")
+        self.assertIn("RuntimeError", st["last_error"])
+        self.assertIn("bug in poller", st["last_error"])
+        self.assertEqual(st["consecutive_errors"], 1)
+        self.assertFalse(st["paused"])
+        delay = self.next_at(r) - self.t[0]
+        self.assertTrue(10 - 0.01 <= delay <= 11.01, delay)
+
+    def test_returning_a_non_ack_is_transient(self):
+        p = Scripted(default=lambda ctx: {"next_cursor": "x"})
+        r = self.runner(self.config([self.job()]), p)
+        self.fire(r)
+        st = self.status(r)
+        self.assertEqual(st["last_status"], "transient")
+        self.assertIsNone(st["cursor"])
+
+
+# ============================================================================
+# Operator actions
+# ============================================================================
+
+class OperatorTests(RunnerCase):
+
+    def test_pause_stops_ticks(self):
+        p = Scripted()
+        r = self.runner(self.config([self.job()]), p)
+        self.fire(r)
+        r.pause("a")
+        self.assertTrue(self.status(r)["paused"])
+        self.assertEqual(self.row()["paused"], 1)
+        for dt in (10, 20, 1000):
+            self.t[0] = T0 + dt
+            self.assertEqual(self.fire(r), 0)
+        self.assertEqual(len(p.calls), 1)
+        r.resume("a")
+        self.assertEqual(self.fire(r), 1)
+        self.assertEqual(len(p.calls), 2)
+
+    def test_reset_clears_cursor(self):
+        p = Scripted(script={"a": [TickAck(next_cursor=b"old")]})
+        r = self.runner(self.config([self.job()]), p)
+        self.fire(r)
+        self.assertEqual(self.row()["cursor"], b"old")
+        r.reset("a")
+        self.assertIsNone(self.status(r)["cursor"])
+        self.assertIsNone(self.row()["cursor"])
+        self.go_to_next(r)
+        self.fire(r)
+        self.assertIsNone(p.calls[1].cursor)
+        self.assertIsNone(self.row()["cursor"])
+
+    def test_run_once_returns_and_stores_outcome(self):
+        p = Scripted(script={"a": [TickAck(next_cursor=b"now", metrics=TickMetrics(5, 4))]})
+        r = self.runner(self.config([self.job()]), p)
+        out = r.run_once("a")
+        self.assertIsInstance(out, TickOutcome)
+        self.assertEqual((out.job_id, out.kind, out.status), ("a", "mem", "ok"))
+        self.assertEqual(out.ack.next_cursor, b"now")
+        self.assertEqual(out.to_dict()["next_cursor"], encode_cursor(b"now"))
+        self.assertEqual(self.row()["cursor"], b"now")
+        self.assertEqual(self.row()["items_seen_total"], 5)
+        st = self.status(r)
+        self.assertEqual((st["last_status"], st["cursor"]), ("ok", encode_cursor(b"now")))
+        self.assertEqual(len(p.calls), 1)
+        self.assertTrue(r.wait_idle(WAIT))
+        # the failed run is stored too
+        p.default = PollerError.Permanent("nope")
+        out = r.run_once("a")
+        self.assertEqual(out.status, "permanent")
+        self.assertEqual(self.row()["last_status"], "permanent")
+        self.assertEqual(self.row()["paused"], 1)
+        with self.assertRaises(KeyError):
+            r.run_once("no-such-job")
+
+    def test_commands_table_is_applied(self):
+        p = Scripted(default=TickAck(next_cursor=b"c"))
+        r = self.runner(self.config([self.job(), self.job("b")]), p)
+        self.fire(r)
+        r.state.run(lambda db: db.execute("INSERT INTO commands (job, verb) VALUES (?,?)",
+                                          ("a", "pause")))
+        self.assertEqual(r.apply_commands(), 1)
+        self.assertTrue(self.status(r, "a")["paused"])
+        self.assertFalse(self.status(r, "b")["paused"])
+        self.assertEqual(r.state.read("SELECT count(*) FROM commands")[0][0], 0)
+        self.t[0] = T0 + 10
+        self.fire(r)
+        self.assertEqual(len(p.calls_for("a")), 1)
+        self.assertEqual(len(p.calls_for("b")), 2)
+        for verb in ("resume", "reset"):
+            r.state.run(lambda db, v=verb: db.execute(
+                "INSERT INTO commands (job, verb) VALUES (?,?)", ("a", v)))
+        self.assertEqual(r.apply_commands(), 2)
+        self.assertFalse(self.status(r, "a")["paused"])
+        self.assertIsNone(self.row("a")["cursor"])
+        self.assertEqual(self.fire(r), 1)
+        self.assertEqual(len(p.calls_for("a")), 2)
+        self.assertIsNone(p.calls_for("a")[1].cursor)
+
+
+# ============================================================================
+# Schedules
+# ============================================================================
+
+class ScheduleTests(RunnerCase):
+
+    def test_next_interval_hint_replaces_next_interval_once(self):
+        p = Scripted(script={"a": [TickAck(next_interval_hint=timedelta(seconds=5))]})
+        r = self.runner(self.config([self.job(every=100)]), p)
+        self.fire(r)
+        self.assertAlmostEqual(self.next_at(r), T0 + 5, delta=0.01)
+        self.t[0] = T0 + 5
+        self.assertEqual(self.fire(r), 1)
+        self.assertAlmostEqual(self.next_at(r), T0 + 105, delta=0.01)
+
+    def test_at_schedule_fires_once_then_stays_paused(self):
+        at = T0 + 50
+        cfg = self.config([{"id": "once", "kind": "mem", "schedule": {"at": iso_z(at)}}])
+        p = Scripted()
+        r = self.runner(cfg, p)
+        self.assertEqual(self.next_at(r, "once"), at)
+        self.assertEqual(self.fire(r), 0)
+        self.t[0] = at
+        self.assertEqual(self.fire(r), 1)
+        self.assertEqual(p.calls[0].interval_hint, timedelta(0))
+        st = self.status(r, "once")
+        self.assertTrue(st["paused"])
+        self.assertEqual(st["last_status"], "ok")
+        self.assertIsNone(st["next_run_at"])
+        for dt in (1, 1000, 10 ** 6):
+            self.t[0] = at + dt
+            self.assertEqual(self.fire(r), 0)
+        r.stop()
+        r2 = self.runner(cfg, Scripted())
+        self.assertTrue(self.status(r2, "once")["paused"])
+        self.assertEqual(self.fire(r2), 0)
+
+    def test_cron_job_next_run(self):
+        first = (int(T0) // 300 + 1) * 300            # next 5-minute boundary in UTC
+        cfg = self.config([{"id": "c", "kind": "mem", "schedule": {"cron": "0 */5 * * * *"}}])
+        p = Scripted()
+        r = self.runner(cfg, p)
+        self.assertEqual(self.next_at(r, "c"), first)
+        self.assertEqual(self.fire(r), 0)
+        self.t[0] = first
+        self.assertEqual(self.fire(r), 1)
+        self.assertEqual(p.calls[0].interval_hint, timedelta(seconds=60))
+        self.assertEqual(self.next_at(r, "c"), first + 300)
+
+    def test_cron_job_in_a_time_zone(self):
+        # 09:00 in Asia/Kolkata (UTC+05:30, no DST) is 03:30 UTC
+        cfg = self.config([{"id": "c", "kind": "mem",
+                            "schedule": {"cron": "0 0 9 * * *", "tz": "Asia/Kolkata"}}])
+        r = self.runner(cfg, Scripted())
+        expected = datetime(2030, 3, 18, 3, 30, tzinfo=timezone.utc).timestamp()
+        self.assertEqual(self.next_at(r, "c"), expected)
+
+    def test_missed_slots_coalesce_into_one_tick(self):
+        p = Scripted()
+        r = self.runner(self.config([self.job(every=10)]), p)
+        self.fire(r)
+        self.t[0] = T0 + 100
+        self.assertEqual(self.fire(r), 1)
+        self.assertEqual(len(p.calls), 2)
+
+    def test_missed_slots_do_not_run_again_right_after_catching_up(self):
+        # After the coalesced tick at T0+100 the next run belongs in the future;
+        # firing again at the same instant must not tick a second time.
+        p = Scripted()
+        r = self.runner(self.config([self.job(every=10)]), p)
+        self.fire(r)
+        self.t[0] = T0 + 100
+        self.assertEqual(self.fire(r), 1)
+        self.assertGreater(self.next_at(r), self.t[0])
+        self.assertEqual(self.fire(r), 0)
+        self.assertEqual(len(p.calls), 2)
+
+
+# ============================================================================
+# Concurrency: overlap, lanes, leases, stop
+# ============================================================================
+
+class ConcurrencyTests(RunnerCase):
+
+    def test_a_job_never_runs_two_ticks_at_once(self):
+        entered, release, slow = self.gate()
+        p = Scripted(script={"a": [slow]})
+        r = self.runner(self.config([self.job(every=10)]), p)
+        self.assertEqual(r.fire_due(), 1)
+        self.assertTrue(entered.wait(WAIT))
+        self.assertTrue(self.status(r)["running"])
+        for dt in (10, 25, 100):
+            self.t[0] = T0 + dt
+            self.assertEqual(r.fire_due(), 0)
+        self.assertEqual(r.run_once("a").status, "busy")
+        release.set()
+        self.assertTrue(r.wait_idle(WAIT))
+        self.assertEqual(len(p.calls), 1)
+
+    def test_lane_limits_concurrent_ticks_of_one_kind(self):
+        lock = threading.Lock()
+        state = {"active": 0, "max": 0, "done": 0}
+        entered = threading.Semaphore(0)
+        gate = threading.Semaphore(0)
+        self.addCleanup(lambda: [gate.release() for _ in range(5)])
+
+        def slow(ctx):
+            with lock:
+                state["active"] += 1
+                state["max"] = max(state["max"], state["active"])
+            entered.release()
+            gate.acquire(timeout=WAIT)
+            with lock:
+                state["active"] -= 1
+                state["done"] += 1
+            return TickAck()
+        p = Scripted(default=slow, max_concurrent_ticks=2)
+        ids = [f"j{i}" for i in range(5)]
+        r = self.runner(self.config([self.job(i) for i in ids]), p)
+        self.assertEqual(r.fire_due(), 5)
+        for _ in range(2):
+            self.assertTrue(entered.acquire(timeout=WAIT))
+        with lock:
+            self.assertEqual(state["active"], 2)
+        for n in range(3):                   # free one slot at a time
+            gate.release()
+            self.assertTrue(entered.acquire(timeout=WAIT), f"tick {n + 3} never started")
+            with lock:
+                self.assertLessEqual(state["active"], 2)
+        gate.release()
+        gate.release()
+        self.assertTrue(r.wait_idle(WAIT))
+        self.assertEqual(state["done"], 5)
+        self.assertLessEqual(state["max"], 2)
+        self.assertEqual(sorted(c.job_id for c in p.calls), ids)
+        for i in ids:
+            self.assertEqual(self.status(r, i)["last_status"], "ok")
+
+    def test_two_runners_on_one_state_never_tick_the_same_job(self):
+        cfg = self.config([self.job(every=10)])
+        entered, release, slow = self.gate()
+        p1 = Scripted(script={"a": [slow]})
+        p2 = Scripted()
+        r1 = self.runner(cfg, p1)
+        r2 = self.runner(cfg, p2)
+        self.assertNotEqual(r1.state.owner, r2.state.owner)
+        self.assertEqual(r1.fire_due(), 1)
+        self.assertTrue(entered.wait(WAIT))
+        self.assertEqual(self.fire(r2), 1)       # r2's own slot: dispatched, but leased
+        self.assertEqual(self.status(r2)["last_status"], None)
+        out = r2.run_once("a")
+        self.assertEqual(out.status, "leased")
+        self.assertEqual(p2.calls, [])
+        release.set()
+        self.assertTrue(r1.wait_idle(WAIT))
+        self.assertEqual(len(p1.calls), 1)
+        # r1 still holds the lease after its tick
+        self.assertEqual(r2.run_once("a").status, "leased")
+        self.assertEqual(p2.calls, [])
+        self.assertEqual(self.row()["lease_owner"], r1.state.owner)
+        # once r1 stops its leases are released and r2 may tick
+        r1.stop()
+        self.assertEqual(r2.run_once("a").status, "ok")
+        self.assertEqual(len(p2.calls), 1)
+        self.assertEqual(self.row()["lease_owner"], r2.state.owner)
+
+    def test_expired_lease_passes_to_the_other_runner(self):
+        cfg = self.config([self.job(every=10)])
+        p1, p2 = Scripted(), Scripted()
+        r1 = self.runner(cfg, p1)
+        r2 = self.runner(cfg, p2)
+        self.assertEqual(r1.run_once("a").status, "ok")
+        self.assertEqual(r2.run_once("a").status, "leased")
+        self.t[0] = T0 + 31                      # lease: max(30 s, 2 x 10 s)
+        self.assertEqual(r2.run_once("a").status, "ok")
+        self.assertEqual(r1.run_once("a").status, "leased")
+        self.assertEqual((len(p1.calls), len(p2.calls)), (1, 1))
+
+    def test_stop_cancels_tick_in_flight_and_drops_its_cursor(self):
+        entered = threading.Event()
+        saw_cancel = []
+
+        def slow(ctx):
+            entered.set()
+            saw_cancel.append(ctx.cancel.wait(WAIT))
+            return TickAck(next_cursor=b"c2", metrics=TickMetrics(9, 9))
+        p = Scripted(script={"a": [TickAck(next_cursor=b"c1", metrics=TickMetrics(1, 1)),
+                                   slow]})
+        r = self.runner(self.config([self.job(every=10)]), p)
+        self.fire(r)
+        self.t[0] = T0 + 10
+        self.assertEqual(r.fire_due(), 1)
+        self.assertTrue(entered.wait(WAIT))
+        r.stop()
+        self.assertEqual(saw_cancel, [True])
+        row = self.row()
+        self.assertEqual(row["cursor"], b"c1")
+        self.assertEqual(row["items_seen_total"], 1)
+        self.assertIsNone(row["lease_owner"])
+        store = StateStore(self.db, owner="check")
+        self.addCleanup(store.close)
+        self.assertEqual(store.jobs()["a"]["cursor"], b"c1")
+
+
+# ============================================================================
+# Reload
+# ============================================================================
+
+class ReloadTests(RunnerCase):
+
+    def test_reload_diffs_and_applies(self):
+        old = self.config([self.job("keep"), self.job("change", config={"v": 1}),
+                           self.job("drop")])
+        p = Scripted()
+        r = self.runner(old, p)
+        self.assertEqual(self.fire(r), 3)
+        self.t[0] = T0 + 5
+        new = self.config([self.job("keep"), self.job("change", config={"v": 2}),
+                           self.job("add")])
+        diff = r.reload(new)
+        self.assertEqual(diff["kept"], ["keep"])
+        self.assertEqual(diff["replaced"], ["change"])
+        self.assertEqual(diff["removed"], ["drop"])
+        self.assertEqual(diff["added"], ["add"])
+        self.assertEqual({s["id"] for s in r.status()}, {"keep", "change", "add"})
+        self.assertEqual(self.fire(r), 1)                    # the new job, at once
+        self.assertEqual(len(p.calls_for("add")), 1)
+        self.t[0] = T0 + 10
+        self.fire(r)
+        self.t[0] = T0 + 1000
+        self.fire(r)
+        self.assertEqual(len(p.calls_for("drop")), 1, "removed job ticked again")
+        self.assertGreaterEqual(len(p.calls_for("keep")), 2)
+        self.assertEqual(p.calls_for("change")[-1].config, {"v": 2})
+        self.assertGreaterEqual(len(p.calls_for("add")), 2)
+
+    def test_reload_schedule_change_reschedules(self):
+        p = Scripted()
+        r = self.runner(self.config([self.job("a", every=1000)]), p)
+        self.fire(r)
+        self.assertEqual(self.next_at(r), T0 + 1000)
+        self.t[0] = T0 + 1
+        diff = r.reload(self.config([self.job("a", every=10)]))
+        self.assertEqual(diff["replaced"], ["a"])
+        self.t[0] = T0 + 20
+        self.assertEqual(self.fire(r), 1)
+        self.assertEqual(p.calls[-1].interval_hint, timedelta(seconds=10))
+
+    def test_removed_then_re_added_job_ignores_stale_heap_entries(self):
+        # The removed job's old timer entry must not fire the re-added job.
+        p = Scripted()
+        r = self.runner(self.config([self.job("x", every=100)]), p)
+        self.fire(r)                                     # next slot T0+100 on the heap
+        self.t[0] = T0 + 1
+        self.assertEqual(r.reload(self.config([]))["removed"], ["x"])
+        self.t[0] = T0 + 2
+        self.assertEqual(r.reload(self.config([self.job("x", every=10)]))["added"], ["x"])
+        self.t[0] = T0 + 3
+        self.assertEqual(r.run_once("x").status, "ok")
+        nxt = self.next_at(r, "x")
+        self.assertGreater(nxt, T0 + 100)
+        self.t[0] = T0 + 100
+        self.assertEqual(self.fire(r), 0, f"ticked at T0+100 though next_run_at is {nxt - T0}")
+        self.t[0] = nxt
+        self.assertEqual(self.fire(r), 1)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,352 @@
+"""StateStore of nexo_poller (section "State"): schema, group commit, leases."""
+
+import os
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+import nexo_poller as np
+from nexo_poller import StateError, StateStore
+
+WAIT = 10.0
+
+
+class _Tmp(unittest.TestCase):
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory(prefix="nexo-state-")
+        self.addCleanup(tmp.cleanup)
+        self.dir = tmp.name
+        self.path = os.path.join(self.dir, "s.db")
+
+    def open_store(self, path=None, **kw):
+        store = StateStore(path or self.path, **kw)
+        self.addCleanup(_close_quietly, store)
+        return store
+
+    def raw(self, path=None):
+        db = sqlite3.connect(path or self.path, timeout=10)
+        self.addCleanup(db.close)
+        return db
+
+
+def _close_quietly(store):
+    try:
+        store.close()
+    except Exception:
+        pass
+
+
+class SchemaTests(_Tmp):
+
+    def test_new_file_is_created_with_mode_0600(self):
+        store = self.open_store()
+        self.assertTrue(os.path.isfile(self.path))
+        mode = stat.S_IMODE(os.stat(self.path).st_mode)
+        self.assertEqual(mode, 0o600, oct(mode))
+        store.close()
+
+    def test_missing_folder_is_created_private(self):
+        path = os.path.join(self.dir, "sub", "dir", "s.db")
+        self.open_store(path)
+        self.assertTrue(os.path.isfile(path))
+        mode = stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode)
+        self.assertEqual(mode & 0o077, 0, oct(mode))
+
+    def test_schema_version_is_recorded(self):
+        store = self.open_store()
+        self.assertEqual(store.meta_get("schema_version"), str(np.STATE_SCHEMA_VERSION))
+        store.close()
+        rows = dict(self.raw().execute("SELECT key, value FROM meta").fetchall())
+        self.assertEqual(rows.get("schema_version"), str(np.STATE_SCHEMA_VERSION))
+
+    def test_reopening_keeps_data(self):
+        store = self.open_store()
+        store.run(StateStore.ensure_jobs(["a", "b"], paused_on_boot=["b"]))
+        store.run(lambda db: db.execute("UPDATE jobs SET cursor=?, items_seen_total=7 "
+                                        "WHERE id='a'", (b"cur",)))
+        store.close()
+        again = self.open_store()
+        jobs = again.jobs()
+        self.assertEqual(set(jobs), {"a", "b"})
+        self.assertEqual(jobs["a"]["cursor"], b"cur")
+        self.assertEqual(jobs["a"]["items_seen_total"], 7)
+        self.assertEqual(jobs["b"]["paused"], 1)
+        self.assertEqual(jobs["a"]["paused"], 0)
+        self.assertEqual(again.meta_get("schema_version"), str(np.STATE_SCHEMA_VERSION))
+
+    def test_ensure_jobs_does_not_overwrite_existing_rows(self):
+        store = self.open_store()
+        store.run(StateStore.ensure_jobs(["a"]))
+        store.run(lambda db: db.execute("UPDATE jobs SET cursor=x'01' WHERE id='a'"))
+        store.run(StateStore.ensure_jobs(["a"], paused_on_boot=["a"]))
+        row = store.jobs()["a"]
+        self.assertEqual(row["cursor"], b"\x01")
+        self.assertEqual(row["paused"], 0)
+
+    def test_garbage_file_is_refused_and_left_untouched(self):
+        garbage = bytes(range(256)) * 16 + b"this is not a sqlite database\n" * 10
+        with open(self.path, "wb") as fh:
+            fh.write(garbage)
+        with self.assertRaises(StateError) as cm:
+            StateStore(self.path)
+        self.assertIn(self.path, str(cm.exception))
+        with open(self.path, "rb") as fh:
+            self.assertEqual(fh.read(), garbage)
+
+    def test_short_text_file_is_refused_and_left_untouched(self):
+        garbage = b"hello, I am a config file\n"
+        with open(self.path, "wb") as fh:
+            fh.write(garbage)
+        with self.assertRaises(StateError):
+            StateStore(self.path)
+        with open(self.path, "rb") as fh:
+            self.assertEqual(fh.read(), garbage)
+
+    def _foreign_db(self):
+        db = sqlite3.connect(self.path)
+        db.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+        db.execute("INSERT INTO customers (name) VALUES ('ada')")
+        db.commit()
+        db.close()
+
+    def test_foreign_sqlite_database_is_refused(self):
+        self._foreign_db()
+        with self.assertRaises(StateError) as cm:
+            StateStore(self.path)
+        self.assertIn("not a nexo-poller state database", str(cm.exception))
+        self.assertEqual(self.raw().execute("SELECT name FROM customers").fetchall(), [("ada",)])
+
+    def test_refused_foreign_database_is_not_modified(self):
+        # Refusing someone else's database must leave it as it was: no switch
+        # to WAL journaling (which rewrites the header and leaves -wal/-shm).
+        self._foreign_db()
+        with open(self.path, "rb") as fh:
+            before = fh.read()
+        with self.assertRaises(StateError):
+            StateStore(self.path)
+        with open(self.path, "rb") as fh:
+            self.assertEqual(fh.read(), before, "refused foreign database was modified")
+        self.assertEqual(self.raw().execute("PRAGMA journal_mode").fetchone()[0], "delete")
+
+    def test_unknown_schema_version_is_refused_naming_it(self):
+        self.open_store().close()
+        db = sqlite3.connect(self.path)
+        db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+        db.commit()
+        db.close()
+        with self.assertRaises(StateError) as cm:
+            StateStore(self.path)
+        self.assertIn("99", str(cm.exception))
+        self.assertIn("version", str(cm.exception))
+
+
+class GroupCommitTests(_Tmp):
+
+    def test_many_submits_from_many_threads_all_commit_and_ack_once(self):
+        store = self.open_store()
+        observer = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
+        self.addCleanup(observer.close)
+        threads_n, per_thread = 8, 125
+        total = threads_n * per_thread
+        calls: dict[str, int] = {}
+        failures: list = []
+        seen_by_other_conn: dict[str, bool] = {}
+        lock = threading.Lock()
+        all_done = threading.Event()
+
+        def make_done(job_id):
+            def done(result):
+                if isinstance(result, BaseException):
+                    failures.append((job_id, result))
+                # the row is committed by the time `done` runs
+                visible = observer.execute("SELECT count(*) FROM jobs WHERE id=?",
+                                           (job_id,)).fetchone()[0] == 1
+                with lock:
+                    calls[job_id] = calls.get(job_id, 0) + 1
+                    seen_by_other_conn[job_id] = visible
+                    if len(calls) == total:
+                        all_done.set()
+            return done
+
+        def worker(t):
+            for i in range(per_thread):
+                job_id = f"t{t}-{i}"
+                store.submit(lambda db, j=job_id: db.execute(
+                    "INSERT INTO jobs (id) VALUES (?)", (j,)), make_done(job_id))
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(threads_n)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(WAIT)
+        self.assertTrue(all_done.wait(WAIT), f"{len(calls)} of {total} callbacks ran")
+        self.assertEqual(len(calls), total)
+        self.assertEqual(failures, [])
+        self.assertTrue(all(n == 1 for n in calls.values()),
+                        {k: n for k, n in calls.items() if n != 1})
+        not_visible = [k for k, v in seen_by_other_conn.items() if not v]
+        self.assertEqual(not_visible, [], "done fired before the row was committed")
+        count = observer.execute("SELECT count(*) FROM jobs").fetchone()[0]
+        self.assertEqual(count, total)
+        # still exactly once after a quiet moment (writer drained)
+        store.run(lambda db: None)
+        self.assertTrue(all(n == 1 for n in calls.values()))
+
+    def _block_writer(self, store):
+        """Occupy the writer thread so that what is submitted next forms one batch."""
+        entered, gate = threading.Event(), threading.Event()
+
+        def blocker(db):
+            entered.set()
+            gate.wait(WAIT)
+        store.submit(blocker)
+        self.assertTrue(entered.wait(WAIT))
+        return gate
+
+    def test_bad_sql_fails_only_its_own_write(self):
+        store = self.open_store()
+        gate = self._block_writer(store)
+        results: dict[str, object] = {}
+        finished = threading.Event()
+
+        def done_for(name):
+            def done(result):
+                results[name] = result
+                if len(results) == 3:
+                    finished.set()
+            return done
+        store.submit(lambda db: db.execute("INSERT INTO jobs (id) VALUES ('good1')"),
+                     done_for("good1"))
+        store.submit(lambda db: (db.execute("INSERT INTO jobs (id) VALUES ('bad')"),
+                                 db.execute("INSERT INTO no_such_table VALUES (1)")),
+                     done_for("bad"))
+        store.submit(lambda db: db.execute("INSERT INTO jobs (id) VALUES ('good2')"),
+                     done_for("good2"))
+        gate.set()
+        self.assertTrue(finished.wait(WAIT))
+        self.assertIsInstance(results["bad"], StateError)
+        self.assertIn("no_such_table", str(results["bad"]))
+        self.assertNotIsInstance(results["good1"], BaseException)
+        self.assertNotIsInstance(results["good2"], BaseException)
+        ids = {r[0] for r in self.raw().execute("SELECT id FROM jobs")}
+        # the failed write's partial effect was rolled back, the others committed
+        self.assertEqual(ids, {"good1", "good2"})
+
+    def test_run_raises_state_error_for_bad_sql(self):
+        store = self.open_store()
+        with self.assertRaises(StateError):
+            store.run(lambda db: db.execute("SELECT * FROM nope"))
+        self.assertEqual(store.run(lambda db: db.execute("SELECT 41 + 1").fetchone()[0]), 42)
+
+    def test_python_exception_in_write_fails_only_its_own_write(self):
+        # A write function that raises something other than sqlite3.Error must
+        # not take the writer thread (and every later write) down with it.
+        store = self.open_store()
+        gate = self._block_writer(store)
+        results: dict[str, object] = {}
+        finished = threading.Event()
+
+        def done_for(name):
+            def done(result):
+                results[name] = result
+                if len(results) == 3:
+                    finished.set()
+            return done
+
+        def boom(db):
+            db.execute("INSERT INTO jobs (id) VALUES ('boom')")
+            raise ValueError("bug in a write function")
+        store.submit(lambda db: db.execute("INSERT INTO jobs (id) VALUES ('ok1')"),
+                     done_for("ok1"))
+        store.submit(boom, done_for("boom"))
+        store.submit(lambda db: db.execute("INSERT INTO jobs (id) VALUES ('ok2')"),
+                     done_for("ok2"))
+        gate.set()
+        self.assertTrue(finished.wait(2), f"callbacks that ran: {sorted(results)}")
+        self.assertIsInstance(results["boom"], BaseException)
+        self.assertNotIsInstance(results["ok1"], BaseException)
+        self.assertNotIsInstance(results["ok2"], BaseException)
+        # and the store keeps working afterwards
+        later = threading.Event()
+        store.submit(lambda db: db.execute("INSERT INTO jobs (id) VALUES ('later')"),
+                     lambda r: later.set())
+        self.assertTrue(later.wait(2), "writer thread died")
+        ids = {r[0] for r in self.raw().execute("SELECT id FROM jobs")}
+        self.assertEqual(ids, {"ok1", "ok2", "later"})
+
+    def test_close_commits_queued_writes(self):
+        store = StateStore(self.path)
+        gate = self._block_writer(store)
+        acked = []
+        for i in range(20):
+            store.submit(lambda db, i=i: db.execute("INSERT INTO jobs (id) VALUES (?)",
+                                                    (f"q{i}",)),
+                         lambda r, i=i: acked.append((i, r)))
+        closer = threading.Thread(target=store.close)
+        closer.start()
+        gate.set()
+        closer.join(WAIT)
+        self.assertFalse(closer.is_alive())
+        self.assertEqual(sorted(i for i, _ in acked), list(range(20)))
+        self.assertFalse(any(isinstance(r, BaseException) for _, r in acked))
+        count = self.raw().execute("SELECT count(*) FROM jobs").fetchone()[0]
+        self.assertEqual(count, 20)
+        with self.assertRaises(StateError):
+            store.submit(lambda db: None)
+
+
+class ClaimTests(_Tmp):
+
+    def setUp(self):
+        super().setUp()
+        self.a = self.open_store(owner="owner-a")
+        self.b = self.open_store(owner="owner-b")
+        self.a.run(StateStore.ensure_jobs(["job"]))
+
+    def lease(self):
+        return self.raw().execute(
+            "SELECT lease_owner, lease_until FROM jobs WHERE id='job'").fetchone()
+
+    def test_first_claims_second_refused_until_lease_expires(self):
+        now = 1_000_000.0
+        self.assertTrue(self.a.claim("job", now + 30, now))
+        self.assertEqual(self.lease(), ("owner-a", now + 30))
+        self.assertFalse(self.b.claim("job", now + 30, now))
+        self.assertFalse(self.b.claim("job", now + 40, now + 10))
+        self.assertEqual(self.lease(), ("owner-a", now + 30))
+        # the holder may renew
+        self.assertTrue(self.a.claim("job", now + 35, now + 5))
+        self.assertFalse(self.b.claim("job", now + 60, now + 30))
+        # once lease_until has passed the other owner takes it
+        self.assertTrue(self.b.claim("job", now + 70, now + 40))
+        self.assertEqual(self.lease(), ("owner-b", now + 70))
+        self.assertFalse(self.a.claim("job", now + 70, now + 41))
+
+    def test_claim_of_unknown_job_is_refused(self):
+        self.assertFalse(self.a.claim("nope", 100.0, 0.0))
+
+    def test_lease_of_dead_process_on_this_host_is_taken_over_at_once(self):
+        proc = subprocess.Popen([sys.executable, "-c", "pass"])
+        proc.wait()                     # started and reaped: the pid is dead
+        dead = self.open_store(owner=f"{socket.gethostname()}:{proc.pid}:x")
+        now = 1_000_000.0
+        self.assertTrue(dead.claim("job", now + 3600, now))
+        self.assertTrue(self.a.claim("job", now + 30, now + 1))
+        self.assertEqual(self.lease(), ("owner-a", now + 30))
+
+    def test_lease_of_live_process_on_this_host_is_respected(self):
+        live = self.open_store(owner=f"{socket.gethostname()}:{os.getpid()}:x")
+        now = 1_000_000.0
+        self.assertTrue(live.claim("job", now + 3600, now))
+        self.assertFalse(self.a.claim("job", now + 30, now + 1))
+
+
+if __name__ == "__main__":
+    unittest.main()
