@@ -2974,7 +2974,8 @@ class _Job:
                 "last_status": self.last_status, "last_error": self.last_error,
                 "consecutive_errors": self.consecutive_errors,
                 "breaker_open": self.breaker_open,
-                "last_run_at": _iso(self.last_run_at), "next_run_at": _iso(self.next_run_at),
+                "last_run_at": _iso(self.last_run_at),
+                "next_run_at": None if self.paused else _iso(self.next_run_at),
                 "items_seen_total": self.items_seen_total,
                 "items_dispatched_total": self.items_dispatched_total,
                 "running": self.running}
@@ -3588,11 +3589,24 @@ class Runner:
         """Carry out what ``nexo-poller pause/resume/reset`` queued in the state."""
         rows = self.state.read("SELECT seq, job, verb FROM commands ORDER BY seq")
         for seq, job_id, verb in rows:
-            if job_id in self._jobs and verb in _COMMAND_SQL:
+            if job_id in self._jobs and verb == "tick":
+                self._tick_soon(self._jobs[job_id])
+                log.info("operator: tick %s", job_id)
+            elif job_id in self._jobs and verb in _COMMAND_SQL:
                 self._command(job_id, verb)
                 log.info("operator: %s %s", verb, job_id)
             self.state.run(lambda db, s=seq: db.execute("DELETE FROM commands WHERE seq=?", (s,)))
         return len(rows)
+
+    def _tick_soon(self, job: _Job) -> None:
+        """Dispatch a job now, off schedule, unless a tick of it is running."""
+        with self._cond:
+            if job.running:
+                return
+            job.running = True
+            self._running += 1
+            slot = job.next_run_at or self.clock()
+        self._dispatch(job, slot)
 
     def status(self) -> list[dict]:
         with self._cond:
@@ -3894,6 +3908,9 @@ def _run_verb(args) -> int:
         Runner(config).run_forever(args.config)
         return EXIT_OK
     if verb == "tick":
+        daemon_result = _tick_through_daemon(config, job)
+        if daemon_result is not None:
+            return daemon_result
         kind = next(j.kind for j in config.jobs if j.id == job)
         runner = Runner(dataclasses.replace(     # start only what this one tick needs
             config, jobs=[j for j in config.jobs if j.id == job],
@@ -3919,6 +3936,40 @@ def _run_verb(args) -> int:
                                             (job, verb)))
         print(f"{verb} {job}: done" + (f" (daemon {daemon} notified)" if daemon else ""))
         return EXIT_OK
+    finally:
+        store.close()
+
+
+def _tick_through_daemon(config: DaemonConfig, job: str) -> int | None:
+    """When a daemon runs on this state, ask it to tick ``job`` and report.
+
+    The daemon holds the job's lease, so it must be the one to tick; None
+    means no daemon runs and the caller ticks the job itself.
+    """
+    store = StateStore(config.state_db)
+    try:
+        daemon = store.daemon_alive()
+        if not daemon:
+            return None
+        before = store.read("SELECT last_run_at FROM jobs WHERE id=?", (job,))
+        store.run(lambda db: db.execute("INSERT INTO commands (job, verb) VALUES (?, 'tick')",
+                                        (job,)))
+        kind = next(j.kind for j in config.jobs if j.id == job)
+        handle = next((h for h in config.plugins if kind in h.kinds), None)
+        budget = (handle.tick_timeout.total_seconds() if handle else 60) + 15
+        deadline = time.monotonic() + budget
+        while time.monotonic() < deadline:
+            row = store.read("SELECT last_run_at, last_status, last_error, cursor, "
+                             "next_run_at FROM jobs WHERE id=?", (job,))
+            if row and row[0][0] is not None and (not before or row[0][0] != before[0][0]):
+                _, status, error, cursor, nxt = row[0]
+                print(json.dumps({"job": job, "kind": kind, "outcome": status, "error": error,
+                                  "next_cursor": None if cursor is None else encode_cursor(cursor),
+                                  "next_run_at": _iso(nxt), "via": f"daemon {daemon}"}, indent=2))
+                return EXIT_OK if status == "ok" else EXIT_TICK_FAILED
+            time.sleep(0.1)
+        raise _UsageError(f"the running daemon ({daemon}) did not tick {job!r} within "
+                          f"{budget:g}s", EXIT_BUSY)
     finally:
         store.close()
 
