@@ -2957,7 +2957,7 @@ class _Job:
         self.running = False
         self.generation = -1         # seq of the job's live heap entry
         self.cancel: threading.Event | None = None
-        self.reset_pending = False
+        self.resets = 0              # bumped by reset(); a tick planned before it keeps no cursor
         self.removed = False
 
     def load(self, row: Mapping[str, Any]) -> None:
@@ -3421,8 +3421,11 @@ class Runner:
         job_id = job.cfg.id
         lease_until = now + (ttl or 0)
         fields = {k: v for k, v in plan.items() if k not in ("alert", "slot")}
+        resets = job.resets
 
         def write(db):
+            if job.resets != resets and "cursor" in fields:
+                fields["cursor"] = None     # a reset landed while this tick ran: it wins
             cols = ", ".join(f"{k}=?" for k in fields)
             cur = db.execute(f"UPDATE jobs SET {cols}, lease_until=? WHERE id=? AND lease_owner=?",
                              (*fields.values(), lease_until, job_id, owner))
@@ -3457,8 +3460,6 @@ class Runner:
         if outcome.status == "ok":
             ack = outcome.ack
             cursor = job.cursor if ack.next_cursor is None else ack.next_cursor
-            if job.reset_pending:
-                cursor = None
             metrics = ack.metrics or TickMetrics()
             plan.update(cursor=cursor, consecutive_errors=0,
                         items_seen_total=job.items_seen_total + metrics.items_seen,
@@ -3502,7 +3503,6 @@ class Runner:
         with self._cond:
             for key, value in fields.items():
                 setattr(job, key, bool(value) if key == "paused" else value)
-            job.reset_pending = False
             job.breaker_open = job.consecutive_errors >= self.config.breaker_threshold
         self._metrics.observe(outcome, job)
         if plan.get("alert"):
@@ -3558,7 +3558,11 @@ class Runner:
             job.running = True
             self._running += 1
             slot = job.next_run_at or self.clock()
-        return self._tick(job, slot, commit_async=False)
+        try:
+            return self._tick(job, slot, commit_async=False)
+        finally:
+            if job.running:                 # interrupted (Ctrl-C) before it was released
+                self._release(job, None)
 
     def pause(self, job_id: str) -> None:
         self._command(job_id, "pause")
@@ -3572,6 +3576,8 @@ class Runner:
 
     def _command(self, job_id: str, verb: str) -> None:
         job = self._job(job_id)
+        if verb == "reset":
+            job.resets += 1                 # before the write: see _finish's write()
         self.state.run(_COMMAND_SQL[verb](job_id))
         with self._cond:
             if verb == "pause":
@@ -3583,7 +3589,6 @@ class Runner:
                     self._push(job, self.clock())
             elif verb == "reset":
                 job.cursor = None
-                job.reset_pending = job.running
 
     def apply_commands(self) -> int:
         """Carry out what ``nexo-poller pause/resume/reset`` queued in the state."""
