@@ -23,9 +23,10 @@ The sections of this file, in dependency order:
     Proxies     PollContext, EphemeralPollerProxy, PluginPollerProxy,
                 forward_tick, PluginSupervisor
     SDK         run_plugin
-    State       StateStore (sqlite3, batched durable commits, leases)
+    State       StateStore (sqlite3, group commit, leases, operator commands)
     Schedule    Schedule, CronExpr
-    Runner      Runner (timer heap, lanes, error policy, alerts, reload)
+    Config      load_config, config_from_dict, DaemonConfig, JobConfig
+    Runner      Runner (timer heap, lanes, error policy, alerts, reload, metrics)
     CLI         main
 
 A tick travels: scheduler -> runner picks the poller for the job's kind ->
@@ -85,7 +86,7 @@ __all__ = [
     "run_plugin",
     # daemon
     "StateStore", "Schedule", "CronExpr", "JobConfig", "DaemonConfig",
-    "load_config", "Runner", "main",
+    "load_config", "config_from_dict", "Runner", "TickOutcome", "main",
 ]
 
 log = logging.getLogger("nexo_poller")
@@ -444,6 +445,7 @@ _KIND_RE = re.compile(r"[a-z][a-z0-9_]+")
 _POLLER_KEYS = {"kinds", "broker_topic_prefix", "lifecycle",
                 "max_concurrent_ticks", "tick_timeout_secs"}
 MAX_CONCURRENT_TICKS = 64
+_MISSING = object()
 MAX_TICK_TIMEOUT_SECS = 3600
 
 
@@ -534,19 +536,21 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
                                 else f"must be a table, got {_toml_type(value)}", name)
         return value
 
-    def typed(tbl: dict, key: str, name: str, kind: type, default: Any = None) -> Any:
-        value = tbl.get(key, default)
-        if value is None and default is None and kind is not _REQUIRED:
-            return None
-        want = str if kind is _REQUIRED else kind
-        if value is None or not isinstance(value, want) or (
-                want is int and isinstance(value, bool)):
-            got = "nothing" if value is None else _toml_type(value)
-            raise ManifestError(path, f"must be {_toml_name(want)}, got {got}", name)
+    def typed(tbl: dict, key: str, name: str, kind: type, default: Any = _MISSING) -> Any:
+        """``tbl[key]`` checked against ``kind``; absent means ``default``,
+        and no default means the key is required."""
+        if key not in tbl:
+            if default is _MISSING:
+                raise ManifestError(path, f"missing; must be {_toml_name(kind)}", name)
+            return default
+        value = tbl[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ManifestError(path, f"must be {_toml_name(kind)}, got {_toml_type(value)}",
+                                name)
         return value
 
     plugin = table(doc, "plugin", "plugin", True)
-    plugin_id = typed(plugin, "id", "plugin.id", _REQUIRED)
+    plugin_id = typed(plugin, "id", "plugin.id", str)
     if not plugin_id.strip():
         raise ManifestError(path, "must not be empty", "plugin.id")
     poller = table(plugin, "poller", "plugin.poller", True)
@@ -565,7 +569,7 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
         if kind in seen:
             raise ManifestError(path, f"duplicate kind {kind!r}", where)
         seen.add(kind)
-    prefix = typed(poller, "broker_topic_prefix", "plugin.poller.broker_topic_prefix", _REQUIRED)
+    prefix = typed(poller, "broker_topic_prefix", "plugin.poller.broker_topic_prefix", str)
     where = "plugin.poller.broker_topic_prefix"
     if not prefix:
         raise ManifestError(path, "must not be empty", where)
@@ -587,7 +591,7 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
                             "plugin.poller.tick_timeout_secs")
 
     entry = table(plugin, "entrypoint", "plugin.entrypoint", False)
-    command = typed(entry, "command", "plugin.entrypoint.command", str)
+    command = typed(entry, "command", "plugin.entrypoint.command", str, None)
     if command is not None and not command.strip():
         raise ManifestError(path, "must not be empty", "plugin.entrypoint.command")
     args = typed(entry, "args", "plugin.entrypoint.args", list, [])
@@ -609,13 +613,6 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
         tick_timeout=timedelta(seconds=timeout), entrypoint_command=command,
         entrypoint_args=tuple(args), entrypoint_env=dict(env),
         working_dir=folder, manifest_path=path)
-
-
-class _Required:
-    """Marker: a manifest string key that must be present."""
-
-
-_REQUIRED = _Required
 
 
 def _toml_type(value: Any) -> str:
