@@ -1576,6 +1576,10 @@ class _ClientBase:
             if inbox is not None:
                 self._send_reply(inbox, None, {"message": "no handler for this subscription"})
             return
+        self._submit(handler, payload, inbox)
+
+    def _submit(self, handler, payload, inbox) -> None:
+        """Run a handler on the pool."""
         if self._pool is None:
             with self._pool_lock:
                 if self._pool is None:
@@ -1684,8 +1688,11 @@ class _LocalClient(_ClientBase):
 class BrokerClient(_ClientBase):
     """A client of a BrokerServer over its Unix socket; thread-safe.
 
-    Many requests may be in flight at once; subscription handlers run on a
-    small pool so they never block the connection's reader.
+    Many requests may be in flight at once.  Reading follows the
+    leader/follower pattern: one thread reads; when it meets a message for
+    a handler it passes the reading role to an idle thread and runs the
+    handler itself, so handlers never block reading and a tick's reply
+    costs no thread hand-off.
     """
 
     def __init__(self, sock: socket.socket, url: str, max_workers: int = 32):
@@ -1695,9 +1702,17 @@ class BrokerClient(_ClientBase):
         self._wlock = threading.Lock()
         self._pending: dict[int, _Waiter] = {}
         self._ids = itertools.count(1)
-        self._reader = threading.Thread(target=self._read_loop, name="nexo-broker-client",
-                                        daemon=True)
-        self._reader.start()
+        self._leader = threading.Lock()       # held by the one thread that reads
+        self._buf = bytearray()
+        self._eof = False
+        self._tlock = threading.Lock()
+        self._threads = self._idle = 0
+        self._spawn()
+
+    def _spawn(self) -> None:
+        """Start one more serving thread (``_tlock`` held or not yet shared)."""
+        self._threads += 1
+        threading.Thread(target=self._serve, name="nexo-broker-client", daemon=True).start()
 
     @classmethod
     def connect(cls, url: str, timeout: float = 5.0, max_workers: int = 32) -> "BrokerClient":
@@ -1791,45 +1806,82 @@ class BrokerClient(_ClientBase):
         except PluginPollerForwardError:
             pass                             # the connection is gone; so is the requester's wait
 
-    def _read_loop(self) -> None:
-        sock = self._sock
-        buf = bytearray()
-        try:
-            while True:
-                data = sock.recv(262144)
-                if not data:
-                    break
-                buf += data
-                if b"\n" not in data:
-                    continue
-                lines = buf.split(b"\n")
-                buf = bytearray(lines.pop())
-                for line in lines:
-                    if line:
-                        self._on_line(line)
-        except OSError:
-            pass
-        finally:
-            self._lost()
+    def _serve(self) -> None:
+        while True:
+            with self._tlock:
+                self._idle += 1
+            self._leader.acquire()
+            with self._tlock:
+                self._idle -= 1
+            try:
+                work = self._read_until_work()
+                if work is not None:
+                    with self._tlock:        # make sure someone goes on reading
+                        if self._idle == 0 and self._threads < self._max_workers:
+                            self._spawn()
+            finally:
+                self._leader.release()
+            if work is None:
+                return
+            self._run_handler(*work)
 
-    def _on_line(self, line: bytes) -> None:
+    def _read_until_work(self):
+        """Read and settle responses until a handler has work (leader only).
+
+        Returns ``(handler, payload, inbox)`` for the caller to run, or None
+        once the connection is gone.  When one read brings several messages
+        for handlers, all but the last go to the pool.
+        """
+        while not self._eof:
+            try:
+                data = self._sock.recv(262144)
+            except OSError:
+                data = b""
+            if not data:
+                self._eof = True
+                self._lost()
+                return None
+            self._buf += data
+            if b"\n" not in data:
+                continue
+            lines = self._buf.split(b"\n")
+            self._buf = bytearray(lines.pop())
+            work = None
+            for line in lines:
+                item = self._on_line(line) if line else None
+                if item is not None:
+                    if work is not None:
+                        self._submit(*work)
+                    work = item
+            if work is not None:
+                return work
+        return None
+
+    def _on_line(self, line: bytes):
+        """Settle a response, or return a handler's work for a message."""
         try:
             msg = json.loads(line)
         except ValueError:
             log.warning("broker sent a line that is not JSON; ignored")
-            return
+            return None
         if not isinstance(msg, dict):
-            return
+            return None
         if msg.get("method") == "message":
             params = msg.get("params") or {}
-            self._dispatch(params.get("sid"), params.get("payload"), params.get("inbox"))
-            return
+            handler = self._handlers.get(params.get("sid"))
+            inbox = params.get("inbox")
+            if handler is not None:
+                return handler, params.get("payload"), inbox
+            if inbox is not None:
+                self._send_reply(inbox, None, {"message": "no handler for this subscription"})
+            return None
         waiter = self._pending.get(msg.get("id")) if _is_int(msg.get("id")) else None
         if waiter is not None:
             error = msg.get("error")
             waiter.set(msg.get("result"), error if isinstance(error, dict) else None)
         elif "error" in msg:
             log.warning("broker error: %s", msg["error"])
+        return None
 
     def _lost(self) -> None:
         with self._wlock:
@@ -1847,7 +1899,7 @@ class BrokerClient(_ClientBase):
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self._reader.join(5)
+        self.closed.wait(5)                  # the reading thread saw the end
         self._sock.close()
 
     def __enter__(self):
