@@ -217,6 +217,29 @@ _CODE_TO_CLASS = {ERROR_TRANSIENT: PollerError.Transient,
                   ERROR_PERMANENT: PollerError.Permanent}
 
 
+# ASCII output: a lone surrogate in a string becomes a \udXXX escape rather
+# than an encoding error, and NaN/Infinity (not JSON) are refused.
+_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _loads(data: bytes | str) -> Any:
+    """Strict JSON: UTF-8 only, no NaN or Infinity (1e999 included)."""
+    if isinstance(data, (bytes, bytearray)):
+        data = data.decode("utf-8")
+    return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def encode_cursor(raw: bytes) -> str:
     """Encode cursor bytes as URL-safe base64 without padding."""
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
@@ -526,6 +549,10 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
         raise ManifestError(path, f"not UTF-8 text: {exc}") from None
     except OSError as exc:
         raise ManifestError(path, f"cannot read: {exc.strerror or exc}") from None
+    except RecursionError:
+        raise ManifestError(path, "invalid TOML: nested too deeply") from None
+    except ValueError as exc:            # a path with NUL, an integer too long to convert
+        raise ManifestError(path, f"cannot read: {exc}") from None
 
     def table(parent: dict, key: str, name: str, required: bool) -> dict:
         value = parent.get(key)
@@ -594,11 +621,13 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
     command = typed(entry, "command", "plugin.entrypoint.command", str, None)
     if command is not None and not command.strip():
         raise ManifestError(path, "must not be empty", "plugin.entrypoint.command")
+    if command is not None and "\0" in command:
+        raise ManifestError(path, "must not contain a NUL character", "plugin.entrypoint.command")
     args = typed(entry, "args", "plugin.entrypoint.args", list, [])
     for i, arg in enumerate(args):
-        if not isinstance(arg, str):
-            raise ManifestError(path, f"must be a string, got {_toml_type(arg)}",
-                                f"plugin.entrypoint.args[{i}]")
+        if not isinstance(arg, str) or "\0" in arg:
+            raise ManifestError(path, "must be a string without NUL characters, got "
+                                f"{_toml_type(arg)}", f"plugin.entrypoint.args[{i}]")
     env = table(entry, "env", "plugin.entrypoint.env", False)
     for key, value in env.items():
         if not isinstance(value, str) or "=" in key or "\0" in key + value:
@@ -754,12 +783,18 @@ def spawn_ephemeral_tick(command: str, plugin_id: str, request: TickRequest,
     group is killed and reaped before this returns.  Raises ``PollerError``.
     """
     budget = _seconds(timeout, "timeout")
-    payload = (json.dumps(request.envelope(1), separators=(",", ":")) + "\n").encode()
+    try:
+        payload = (_dumps(request.envelope(1)) + "\n").encode()
+    except (ValueError, TypeError) as exc:
+        raise PollerError.Config(request.job_id, f"config is not JSON: {exc}") from None
     try:
         proc = subprocess.Popen(
             [command, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, cwd=cwd, start_new_session=True, bufsize=0,
             env=_child_env(plugin_id, env, NEXO_POLLER_EPHEMERAL="1"))
+    except ValueError as exc:            # NUL bytes and the like: nothing was started
+        raise PollerError.Transient(f"plugin {plugin_id!r}: cannot start {command!r}: "
+                                    f"{exc}") from None
     except OSError as exc:
         what = exc.filename if exc.filename == cwd and cwd else command
         raise PollerError.Transient(
@@ -780,7 +815,7 @@ def spawn_ephemeral_tick(command: str, plugin_id: str, request: TickRequest,
     if not line.strip():
         raise PollerError.Transient(f"plugin {plugin_id!r} replied with an empty line")
     try:
-        envelope = json.loads(line)
+        envelope = _loads(line)
     except (ValueError, RecursionError) as exc:
         raise PollerError.Transient(
             f"plugin {plugin_id!r} replied with a line that is not JSON: {exc}") from None
@@ -878,9 +913,6 @@ BROKER_TIMEOUT = -32011
 BROKER_RESPONDER_GONE = -32012
 BROKER_RESPONDER_ERROR = -32013
 BROKER_CLOSED = -32014
-
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
 
 def _broker_error(code: int, message: str) -> PluginPollerForwardError:
     exc = PluginPollerForwardError.Broker(message)
@@ -1007,6 +1039,10 @@ class _SocketPeer(_Peer):
                     n = self.sock.send(self.out)
                 except (BlockingIOError, InterruptedError):
                     return False
+                except OSError:                 # the peer went away with replies unread
+                    self.out.clear()
+                    self.server._schedule_close(self, "write failed")
+                    return True
                 del self.out[:n]
             return True
 
@@ -1199,12 +1235,7 @@ class BrokerServer:
                         except BlockingIOError:
                             pass
                     else:
-                        peer = key.data
-                        if mask & selectors.EVENT_READ and not peer.closed:
-                            self._read(peer)
-                        if mask & selectors.EVENT_WRITE and not peer.closed:
-                            if peer.flush():
-                                sel.modify(peer.sock, selectors.EVENT_READ, peer)
+                        self._serve_peer(key.data, mask)
                 self._housekeeping()
         except Exception:                   # pragma: no cover - a bug, never silent
             log.exception("broker loop crashed")
@@ -1215,6 +1246,17 @@ class BrokerServer:
             self._listener.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
+
+    def _serve_peer(self, peer: _SocketPeer, mask: int) -> None:
+        try:
+            if mask & selectors.EVENT_READ and not peer.closed:
+                self._read(peer)
+            if mask & selectors.EVENT_WRITE and not peer.closed and peer.flush() \
+                    and not peer.closed:
+                self._sel.modify(peer.sock, selectors.EVENT_READ, peer)
+        except Exception:                   # a bug must cost one connection, not the broker
+            log.exception("broker: dropping a connection after an internal error")
+            self._close_peer(peer, "internal error")
 
     def _housekeeping(self) -> None:
         with self._lock:
@@ -1298,7 +1340,7 @@ class BrokerServer:
 
     def _handle_line(self, peer: _SocketPeer, line: bytes) -> None:
         try:
-            msg = json.loads(line.decode("utf-8"))     # strict: no encoding guesses
+            msg = _loads(line)                         # strict: no encoding guesses
         except UnicodeDecodeError:
             peer.answer(None, error={"code": BROKER_PARSE_ERROR, "message": "line is not UTF-8"})
             return
@@ -1409,9 +1451,10 @@ class BrokerServer:
             error = {"code": BROKER_RESPONDER_ERROR,
                      "message": message if isinstance(message, str) else "responder failed"}
         with self._lock:
-            p = self._take_pending(inbox)
-        if p is None:
-            return False                     # late or unknown: dropped
+            p = self._pending.get(inbox)
+            if p is None or peer not in p.responders:
+                return False                 # late, unknown, or not asked: dropped
+            self._take_pending(inbox)
         self._answer(p, result=params.get("payload"), error=error)
         return True
 
@@ -1440,7 +1483,12 @@ class BrokerServer:
             peer.answer(req_id, error={"code": BROKER_NO_RESPONDERS,
                                        "message": f"no responders on {topic!r}"})
             return None
-        self._send_all([send])
+        try:
+            self._send_all([send])
+        except (ValueError, TypeError) as exc:     # only an in-process caller can get here
+            with self._lock:
+                self._take_pending(p.inbox)
+            raise _broker_error(BROKER_INVALID_PARAMS, f"payload is not JSON: {exc}") from None
         return p
 
     def _route(self, p: _Pending):
@@ -1600,7 +1648,11 @@ class _ClientBase:
                 self._send_reply(inbox, None, {"message": f"{type(exc).__name__}: {exc}"})
             return
         if inbox is not None:
-            self._send_reply(inbox, result, None)
+            try:
+                self._send_reply(inbox, result, None)
+            except (ValueError, TypeError) as exc:      # NaN, a set, an object...
+                self._send_reply(inbox, None, {"message": f"handler returned a value that "
+                                                          f"is not JSON: {exc}"})
 
     def _shutdown_pool(self) -> None:
         if self._pool is not None:
@@ -1662,7 +1714,10 @@ class _LocalClient(_ClientBase):
         if self.closed.is_set():
             raise _broker_error(BROKER_CLOSED, "client is closed")
         waiter = _Waiter()
-        self._server._handle(self._peer, {"id": waiter, "method": method, "params": params})
+        try:
+            self._server._handle(self._peer, {"id": waiter, "method": method, "params": params})
+        except (ValueError, TypeError) as exc:
+            raise _broker_error(BROKER_INVALID_PARAMS, f"payload is not JSON: {exc}") from None
         waiter.wait(0)
         if waiter.error is not None:
             self._raise_error(waiter.error, method)
@@ -1860,7 +1915,7 @@ class BrokerClient(_ClientBase):
     def _on_line(self, line: bytes):
         """Settle a response, or return a handler's work for a message."""
         try:
-            msg = json.loads(line)
+            msg = _loads(line)
         except ValueError:
             log.warning("broker sent a line that is not JSON; ignored")
             return None
@@ -2045,7 +2100,7 @@ class PluginSupervisor:
                 start_new_session=True,
                 env=_child_env(h.plugin_id, h.entrypoint_env, NEXO_BROKER_URL=self.broker_url,
                                NEXO_POLLER_TICK_TOPIC=h.tick_topic()))
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             log.error("plugin %s: cannot start %r: %s", h.plugin_id, h.entrypoint_command,
                       exc.strerror or exc)
             return None
@@ -2101,19 +2156,32 @@ class PluginSupervisor:
 
     def stop(self) -> None:
         """SIGTERM the plugin's group, SIGKILL after the grace; wait for it."""
+        self.request_stop()
+        self.join()
+
+    def request_stop(self) -> None:
+        """Stop restarting and SIGTERM the plugin's group; returns at once."""
         self._stop.set()
         with self._plock:
             proc = self.proc
         if proc is not None and proc.poll() is None:
             _kill_group(proc, signal.SIGTERM)
+
+    def join(self, deadline: float | None = None) -> None:
+        """Wait for the plugin until ``deadline`` (monotonic; default: the
+        grace from now), SIGKILL its group, and reap it."""
+        if deadline is None:
+            deadline = time.monotonic() + self.stop_grace
+        with self._plock:
+            proc = self.proc
+        if proc is not None:
             try:
-                proc.wait(self.stop_grace)
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("plugin %s: ignored SIGTERM; killing", self.handle.plugin_id)
-        if proc is not None:
             _kill_group(proc)
         if self._thread is not None:
-            self._thread.join(self.stop_grace + 5)
+            self._thread.join(5)
 
 
 # ============================================================================
@@ -2214,7 +2282,7 @@ def _serve_stdio(handlers: Mapping[str, Callable]) -> int:
         if not line.strip():
             continue
         try:
-            envelope = json.loads(line)
+            envelope = _loads(line)
         except (ValueError, RecursionError) as exc:
             reply = {"jsonrpc": "2.0", "id": None,
                      "error": {"code": BROKER_PARSE_ERROR, "message": f"invalid JSON: {exc}"}}
@@ -2299,7 +2367,7 @@ class StateStore:
             os.close(fd)
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
                                  check_same_thread=False)
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, ValueError, sqlite3.Error) as exc:
             raise StateError(f"{self.path}: cannot open state database: {exc}") from None
         try:
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -2773,7 +2841,8 @@ def load_config(path: str | os.PathLike, *, extra_kinds: Iterable[str] = ()) -> 
     try:
         with open(path, "rb") as fh:
             text = fh.read().decode("utf-8")
-        doc = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        doc = json.loads(text, object_pairs_hook=_no_duplicate_keys,
+                         parse_constant=_reject_constant, parse_float=_finite_float)
     except OSError as exc:
         raise ConfigError(path, [("", f"cannot read: {exc.strerror or exc}")]) from None
     except UnicodeDecodeError as exc:
@@ -2823,8 +2892,8 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
     if _check_type(probs, prefix + "enabled", get("enabled"), bool, "true or false"):
         cfg.enabled = get("enabled")
     if _check_type(probs, prefix + "state_db", get("state_db"), str, "a file path") and \
-            not get("state_db").strip():
-        probs.add(prefix + "state_db", "must not be empty")
+            (not get("state_db").strip() or "\0" in get("state_db")):
+        probs.add(prefix + "state_db", "must be a non-empty path without NUL characters")
     elif isinstance(get("state_db"), str):
         cfg.state_db = os.path.normpath(os.path.join(base_dir, get("state_db")))
     number("default_jitter_ms", 0, 86_400_000, integer=True)
@@ -2840,7 +2909,7 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
     broker = get("broker")
     if broker is not None and _check_type(probs, prefix + "broker", broker, str,
                                           "a unix:// URL or null"):
-        if not broker.startswith("unix://") or len(broker) <= 7:
+        if not broker.startswith("unix://") or len(broker) <= 7 or "\0" in broker:
             probs.add(prefix + "broker", f"{broker!r} must look like unix:///path/broker.sock")
         else:
             cfg.broker = "unix://" + os.path.normpath(os.path.join(base_dir, broker[7:]))
@@ -2848,7 +2917,7 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
     if metrics is not None and _check_type(probs, prefix + "metrics_addr", metrics, str,
                                            "\"host:port\" or null"):
         host, _, port = metrics.rpartition(":")
-        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
             probs.add(prefix + "metrics_addr", f"{metrics!r} must look like 127.0.0.1:9464")
         else:
             cfg.metrics_addr = (host.strip("[]"), int(port))
@@ -2955,7 +3024,8 @@ def _schedule_from_dict(raw: Any, where: str, probs: _Problems) -> Schedule | No
         if _check_type(probs, f"{where}.every_secs", value, (int, float), "a number"):
             if not 0.001 <= value <= 366 * 86400:
                 probs.add(f"{where}.every_secs", f"{value} is outside 0.001..31622400")
-            sched.every_secs = float(value)
+            else:
+                sched.every_secs = float(value)
     elif kind == "cron":
         if _check_type(probs, f"{where}.cron", value, str, "a cron string"):
             try:
@@ -3270,8 +3340,12 @@ class Runner:
         log.info("nexo-poller stopped")
 
     def _teardown(self) -> None:
-        for plugin_id in list(self._supervisors):
-            self._supervisors.pop(plugin_id).stop()
+        sups, self._supervisors = list(self._supervisors.values()), {}
+        for sup in sups:                    # all plugins get SIGTERM at once and
+            sup.request_stop()              # share one grace period
+        deadline = time.monotonic() + max((s.stop_grace for s in sups), default=0)
+        for sup in sups:
+            sup.join(deadline)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
