@@ -410,7 +410,7 @@ def check_reply_outcome(case, data, result, line):
     if not isinstance(result, (nx.TickAck, PollerError)):
         case.fail("not a TickAck or PollerError: %s: %r" % (type(result).__name__, result))
     try:
-        envelope = json.loads(line)
+        envelope = strict_loads(line)     # serde_json, like the original, refuses NaN
     except (ValueError, RecursionError):
         case.assertIsInstance(result, PollerError.Transient, "unparsable reply line")
         return
