@@ -50,6 +50,8 @@ def _finite(text):
 
 def strict_loads(data):
     """JSON as the protocol defines it: NaN and Infinity (1e999 too) are not JSON."""
+    if isinstance(data, (bytes, bytearray)):
+        data = data.decode("utf-8")       # strict: the protocol is UTF-8, no surrogates
     return json.loads(data, parse_constant=_no_constant, parse_float=_finite)
 
 CASES = wd.scale(300, 10_000)
