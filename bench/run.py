@@ -1,0 +1,742 @@
+#!/usr/bin/env python3
+"""nexo-poller benchmark suite: the hot paths against their floors and peers.
+
+    python bench/run.py                 # everything (several minutes)
+    python bench/run.py --smoke         # tiny sizes, no peers, < 60 s (CI)
+    python bench/run.py --only 1,2      # some figures
+    python bench/run.py --json out.json # where the figures go (bench/results.json)
+
+Every row is one figure, the floor or peer it is compared with (measured in
+the same run), their ratio, the target and whether it is met.  Each
+measurement runs in a fresh process (bench/workers.py), after a warm-up.
+Latencies are medians (p50) and nearest-rank p99s.
+
+Peers (APScheduler 3.x, nats-py, nats-server) are benchmark-only: they are
+installed into a throwaway virtual environment, bench/.venv, and nats-server
+from the system's package manager when it is missing; a peer that cannot be
+had is skipped with a note.  Nothing here or in the workers that import
+nexo_poller uses anything outside the standard library.
+
+Exit status: 0 when every figure ran (met or missed), 1 when one crashed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import py_compile
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import BENCH_DIR, REPO, start_echo, summary  # noqa: E402
+import workers  # noqa: E402
+
+VENV = os.path.join(BENCH_DIR, ".venv")
+VENV_PY = os.path.join(VENV, "bin", "python")
+PEER_NATS = os.path.join(BENCH_DIR, "peer_nats.py")
+PEER_APS = os.path.join(BENCH_DIR, "peer_aps.py")
+
+# Sizes: the full run, and the smoke run CI uses to check the suite still works.
+FULL = {
+    "rt": {"warm": 1000, "rounds_rt": 10, "block": 1000},
+    "tp": {"inflight": [1, 8, 64], "warm_secs": 0.5, "secs": 2.0, "rounds": 3,
+           "procs": [1, 4]},
+    "eph": {"n": {"python": 40, "sh": 300}, "warm": 3},
+    "sched": {"sizes": [10_000, 100_000], "window": 20.0, "spread": 60.0},
+    "router": {"sizes": [10, 10_000], "probe": 100_000, "repeats": 31},
+    "startup": {"n": 30, "warm": 3},
+    "mem": {"jobs": 1000, "plugins": 10, "idle": 2.0,
+            "churn": {"jobs": 20, "every": 0.02, "warm_secs": 3.0, "settle_secs": 1.0,
+                      "secs": 6.0, "warm": 1000, "ticks": 5000}},
+}
+SMOKE = {
+    "rt": {"warm": 20, "rounds_rt": 2, "block": 100},
+    "tp": {"inflight": [1, 8], "warm_secs": 0.05, "secs": 0.2, "rounds": 1, "procs": [1, 2]},
+    "eph": {"n": {"python": 2, "sh": 5}, "warm": 1},
+    "sched": {"sizes": [500], "window": 2.0, "spread": 60.0},
+    "router": {"sizes": [10, 1000], "probe": 10_000, "repeats": 5},
+    "startup": {"n": 3, "warm": 1},
+    "mem": {"jobs": 40, "plugins": 2, "idle": 0.2,
+            "churn": {"jobs": 5, "every": 0.05, "warm_secs": 0.5, "settle_secs": 0.2,
+                      "secs": 0.5, "warm": 50, "ticks": 200}},
+}
+
+
+# ------------------------------------------------------------------------ rows
+
+def row(figure: str, name: str, value, unit: str, baseline_name: str | None = None,
+        baseline_value=None, *, target: str = "-", met: bool | None = None,
+        ratio: float | None = None, p99=None, baseline_p99=None, notes: str = "") -> dict:
+    num = (int, float)
+    if ratio is None and isinstance(value, num) and isinstance(baseline_value, num) \
+            and baseline_value:
+        ratio = value / baseline_value
+    return {"figure": figure, "name": name, "value": value, "p99": p99, "unit": unit,
+            "baseline_name": baseline_name, "baseline_value": baseline_value,
+            "baseline_p99": baseline_p99, "ratio": ratio, "target": target, "met": met,
+            "notes": notes}
+
+
+# ----------------------------------------------------------------------- peers
+
+class Peers:
+    """The benchmark-only peers, set up on first use; each may be missing."""
+
+    def __init__(self, enabled: bool, log) -> None:
+        self.enabled, self.log = enabled, log
+        self._venv: tuple[bool, bool, str] | None = None
+        self._nats_url: str | None = None
+        self._nats_note: str | None = None
+        self._nats_proc: subprocess.Popen | None = None
+        self.versions: dict = {}
+
+    def venv(self) -> tuple[bool, bool, str]:
+        """(apscheduler ok, nats-py ok, note)."""
+        if self._venv is not None:
+            return self._venv
+        if not self.enabled:
+            self._venv = (False, False, "peers disabled (--smoke or --no-peers)")
+            return self._venv
+        probe = ("import importlib.metadata as m\nfor d in ('apscheduler', 'nats-py'):\n"
+                 "    try: print(d, m.version(d))\n    except Exception: print(d, '-')")
+
+        def versions() -> dict:
+            try:
+                out = subprocess.run([VENV_PY, "-c", probe], capture_output=True, text=True,
+                                     timeout=60).stdout
+            except (OSError, subprocess.SubprocessError):
+                return {}
+            return {k: v for k, v in (line.split() for line in out.splitlines()) if v != "-"}
+        have = versions() if os.path.exists(VENV_PY) else {}
+        note = ""
+        if not {"apscheduler", "nats-py"} <= set(have):
+            self.log("peers: creating bench/.venv and installing apscheduler<4, nats-py ...")
+            try:
+                if not os.path.exists(VENV_PY):
+                    subprocess.run([sys.executable, "-m", "venv", VENV], check=True,
+                                   capture_output=True, timeout=300)
+                r = subprocess.run([VENV_PY, "-m", "pip", "install", "-q", "apscheduler<4",
+                                    "nats-py"], capture_output=True, text=True, timeout=600)
+                if r.returncode:
+                    note = "pip install failed: " + (r.stderr.strip().splitlines() or ["?"])[-1]
+            except (OSError, subprocess.SubprocessError) as exc:
+                note = f"cannot create bench/.venv: {exc}"
+            have = versions()
+        self.versions.update(have)
+        aps, nats = "apscheduler" in have, "nats-py" in have
+        if not (aps and nats) and not note:
+            note = "missing in bench/.venv: " + ", ".join(
+                d for d, ok in (("apscheduler", aps), ("nats-py", nats)) if not ok)
+        self._venv = (aps, nats, note)
+        return self._venv
+
+    def aps(self) -> tuple[bool, str]:
+        aps, _, note = self.venv()
+        return aps, "" if aps else f"APScheduler peer skipped: {note}"
+
+    def nats(self) -> tuple[str | None, str]:
+        """The URL of a running local nats-server with nats-py usable, or a note."""
+        if self._nats_url or self._nats_note:
+            return self._nats_url, self._nats_note or ""
+        _, nats_py, note = self.venv()
+        if not nats_py:
+            self._nats_note = f"nats-py peer skipped: {note}"
+            return None, self._nats_note
+        exe = shutil.which("nats-server")
+        if exe is None and shutil.which("apt-get") and os.geteuid() == 0:
+            self.log("peers: nats-server missing; apt-get install -y nats-server ...")
+            try:
+                subprocess.run(["apt-get", "update"], capture_output=True, timeout=600)
+                subprocess.run(["apt-get", "install", "-y", "nats-server"], capture_output=True,
+                               timeout=600, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+            except (OSError, subprocess.SubprocessError):
+                pass
+            exe = shutil.which("nats-server")
+        if exe is None:
+            self._nats_note = ("nats-py peer skipped: nats-server is not installed and "
+                               "could not be installed with apt-get")
+            return None, self._nats_note
+        try:
+            v = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
+            self.versions["nats-server"] = v.stdout.strip().split()[-1]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            pass
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self._nats_proc = subprocess.Popen([exe, "-a", "127.0.0.1", "-p", str(port)],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                self._nats_url = f"nats://127.0.0.1:{port}"
+                return self._nats_url, ""
+            except OSError:
+                time.sleep(0.05)
+        self._nats_note = "nats-py peer skipped: nats-server did not start"
+        return None, self._nats_note
+
+    def close(self) -> None:
+        if self._nats_proc is not None:
+            self._nats_proc.terminate()
+            try:
+                self._nats_proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._nats_proc.kill()
+                self._nats_proc.wait()
+
+
+class Ctx:
+    def __init__(self, sizes: dict, smoke: bool, peers: Peers, log) -> None:
+        self.sizes, self.smoke, self.peers, self.log = sizes, smoke, peers, log
+        self.raw: dict = {}          # every worker's full result, for the JSON file
+
+    def timeout(self, full: float) -> float:
+        """A worker's time limit: a hang in the smoke run fails fast."""
+        return min(full, 45.0) if self.smoke else full
+
+
+def _envelope_json() -> str:
+    return json.dumps(workers.sample_envelope())
+
+
+def _fmt_ratio(r) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+# ------------------------------------------------------------ figure 1: latency
+
+def fig1_round_trip(ctx: Ctx) -> list[dict]:
+    """Long-lived tick round trip vs a bare JSON-line echo, both paths, and nats-py.
+
+    Every measuring process times its own path and the floor side by side
+    (blocks of round trips taking turns), so each ratio compares figures
+    taken under the same conditions."""
+    s = ctx.sizes["rt"]
+    tmp = tempfile.mkdtemp(prefix="nexo-bench-echo-")
+    echo_path = os.path.join(tmp, "echo.sock")
+    echo = start_echo(echo_path)
+    try:
+        args = dict(s, echo=echo_path)
+        ctx.log("fig 1: daemon and external paths, each with the floor side by side ...")
+        nx = workers.call_worker("broker", dict(args, procs=1, external=True),
+                                 timeout=ctx.timeout(600))
+        url, note = ctx.peers.nats()
+        nats = None
+        if url:
+            ctx.log("fig 1: nats-py request/reply, with the floor side by side ...")
+            nats = workers.call_worker("rt", dict(args, url=url, subject="bench.rt", procs=1,
+                                                  envelope=_envelope_json()),
+                                       timeout=ctx.timeout(600), python=VENV_PY,
+                                       script=PEER_NATS)
+    finally:
+        echo.kill()
+        echo.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    ctx.raw["fig1"] = {"broker": nx, "nats": nats}
+    d, fd = nx["daemon"]["latency"], nx["daemon"]["floor"]
+    e, fe = nx["external"]["latency"], nx["external"]["floor"]
+    n_rt = (f"{d['n']:,} round trips per path, in {s['rounds_rt']} blocks taking turns "
+            "with the floor")
+    rows = [
+        row("1", "floor: JSON-line echo between 2 processes, Unix socket", fd["p50"], "us",
+            p99=fd["p99"], notes=n_rt),
+        row("1", "daemon path: server.client() -> forward_tick -> plugin", d["p50"], "us",
+            "floor", fd["p50"], p99=d["p99"], baseline_p99=fd["p99"], target="<= 1.5x floor",
+            met=d["p50"] <= 1.5 * fd["p50"]),
+        row("1", "external path: BrokerClient over the socket -> plugin", e["p50"], "us",
+            "floor", fe["p50"], p99=e["p99"], baseline_p99=fe["p99"], target="<= 3x floor",
+            met=e["p50"] <= 3 * fe["p50"], notes="floor timed by the client process"),
+    ]
+    if nats:
+        n, fn = nats["latency"], nats["floor"]
+        rows += [
+            row("1", "peer: nats-py request/reply via local nats-server", n["p50"], "us",
+                "floor", fn["p50"], p99=n["p99"], baseline_p99=fn["p99"],
+                notes="floor timed by the nats-py process"),
+            row("1", "daemon path vs nats-py request/reply", d["p50"], "us", "nats-py",
+                n["p50"], p99=d["p99"], baseline_p99=n["p99"], target="<= 0.3x nats-py",
+                met=d["p50"] <= 0.3 * n["p50"],
+                notes=f"each over its own floor: {d['p50'] / fd['p50']:.2f}x vs "
+                      f"{n['p50'] / fn['p50']:.2f}x"),
+        ]
+    else:
+        rows.append(row("1", "daemon path vs nats-py request/reply", d["p50"], "us",
+                        "nats-py", None, p99=d["p99"], target="<= 0.3x nats-py", notes=note))
+    return rows
+
+
+# --------------------------------------------------------- figure 2: throughput
+
+def fig2_throughput(ctx: Ctx) -> list[dict]:
+    """Ticks/s with 1, 8, 64 in flight, 1 plugin process and a queue group."""
+    s = ctx.sizes["tp"]
+    args = {k: s[k] for k in ("inflight", "warm_secs", "secs", "rounds")}
+    url, note = ctx.peers.nats()
+    rows = []
+    raw = {}
+    for procs in s["procs"]:
+        ctx.log(f"fig 2: {procs} plugin process(es), daemon and external paths ...")
+        nx = workers.call_worker("broker", dict(args, procs=procs, external=True),
+                                 timeout=ctx.timeout(900))
+        nats = None
+        if url:
+            ctx.log(f"fig 2: {procs} nats-py responder(s) ...")
+            nats = workers.call_worker("rt", dict(args, url=url, subject=f"bench.tp{procs}",
+                                                  procs=procs, envelope=_envelope_json()),
+                                       timeout=ctx.timeout(900), python=VENV_PY, script=PEER_NATS)
+        raw[procs] = {"broker": nx, "nats": nats}
+        topo = "1 plugin process" if procs == 1 else f"{procs} processes, queue group"
+        for path, label in (("daemon", "daemon path"), ("external", "external path")):
+            for k in s["inflight"]:
+                t = nx[path]["throughput"][str(k)]
+                b = nats["throughput"][str(k)] if nats else None
+                target, met = "-", None
+                if path == "daemon" and k == 64:
+                    target = ">= 10,000/s and >= 1x nats-py"
+                    met = t["rate"] >= 10_000 and (b is None or t["rate"] >= b["rate"])
+                rows.append(row(
+                    "2", f"{label}, {topo}, {k} in flight", t["rate"], "ticks/s",
+                    "nats-py, same shape" if url else "nats-py", b["rate"] if b else None,
+                    target=target, met=met, p99=t["lat_us"]["p99"],
+                    baseline_p99=b["lat_us"]["p99"] if b else None,
+                    notes=("p99 columns: per-tick latency in us under load"
+                           + ("" if b else f"; {note}")) if k == s["inflight"][0]
+                    and path == "daemon" else ""))
+    ctx.raw["fig2"] = raw
+    return rows
+
+
+# ---------------------------------------------------------- figure 3: ephemeral
+
+def fig3_ephemeral(ctx: Ctx) -> list[dict]:
+    """spawn_ephemeral_tick vs subprocess.run of the same child with the same input."""
+    ctx.log("fig 3: ephemeral ticks ...")
+    r = workers.call_worker("ephemeral", ctx.sizes["eph"], timeout=ctx.timeout(600))
+    ctx.raw["fig3"] = r
+    rows = []
+    for child, label in (("python", "python plugin (run_plugin, stdio)"),
+                         ("sh", "minimal /bin/sh child (overhead magnified)")):
+        e, s = r[child]["ephemeral_ms"], r[child]["subprocess_ms"]
+        rows.append(row("3", f"ephemeral tick, {label}", e["p50"], "ms", "subprocess.run",
+                        s["p50"], p99=e["p99"], baseline_p99=s["p99"],
+                        target="median <= 1.10x", met=e["p50"] <= 1.10 * s["p50"],
+                        notes=f"{e['n']} of each, interleaved"))
+    return rows
+
+
+# ---------------------------------------------------------- figure 4: scheduler
+
+def fig4_scheduler(ctx: Ctx) -> list[dict]:
+    """Runner at 10,000 and 100,000 every-60-s jobs vs APScheduler 3.x."""
+    s = ctx.sizes["sched"]
+    aps_ok, aps_note = ctx.peers.aps()
+    rows, raw = [], {}
+    for n in s["sizes"]:
+        args = {"n": n, "window": s["window"], "spread": s["spread"]}
+        ctx.log(f"fig 4: Runner, {n:,} jobs, steady ...")
+        ours = workers.call_worker("sched", dict(args, mode="steady"), timeout=ctx.timeout(900))
+        ctx.log(f"fig 4: Runner, {n:,} jobs, burst ...")
+        ours_b = workers.call_worker("sched", dict(args, mode="burst"), timeout=ctx.timeout(900))
+        aps = aps_b = None
+        if aps_ok:
+            ctx.log(f"fig 4: APScheduler, {n:,} jobs, steady and burst ...")
+            aps = workers.call_worker("sched", dict(args, mode="steady"),
+                                      timeout=ctx.timeout(900), python=VENV_PY, script=PEER_APS)
+            aps_b = workers.call_worker("sched", dict(args, mode="burst"),
+                                        timeout=ctx.timeout(900), python=VENV_PY,
+                                        script=PEER_APS)
+        raw[n] = {"runner": ours, "runner_burst": ours_b, "aps": aps, "aps_burst": aps_b}
+        big = n >= 100_000
+        tag = f"{n:,} jobs"
+        peer = "APScheduler 3.x" if aps else "APScheduler"
+        note = "" if aps else aps_note
+        g = (lambda d, *k: None if d is None else _dig(d, *k))
+        hwm = ours["vm"]["VmHWM"] / 1024
+        late, disp = ours["lateness_ms"], ours["dispatch_lateness_ms"]
+        rows += [
+            row("4", f"load, {tag} (config -> all scheduled)", ours["load_s"], "s", peer,
+                g(aps, "load_s"), target="<= 5 s" if big else "-",
+                met=ours["load_s"] <= 5 if big else None,
+                notes=f"config {ours['config_s']:.2f} s, sqlite open {ours['open_s']:.2f} s, "
+                      f"schedule {ours['schedule_s']:.2f} s" + (f"; {note}" if note else "")),
+            row("4", f"peak RSS (VmHWM), {tag}", hwm, "MiB", peer,
+                None if aps is None else aps["vm"]["VmHWM"] / 1024,
+                target="<= 250 MiB" if big else "-", met=hwm <= 250 if big else None,
+                notes="whole process, incl. the job list the caller built"),
+            row("4", f"ticks/s sustained, {tag}, every 60 s", ours["rate"], "ticks/s", peer,
+                g(aps, "rate"), target=f">= demand ({n / s['spread']:,.0f}/s) -5%",
+                met=ours["rate"] >= 0.95 * n / s["spread"],
+                notes=f"{s['window']:.0f} s window"),
+            row("4", f"firing lateness p50 / p99, {tag}", late["p50"], "ms", peer,
+                g(aps, "lateness_ms", "p50"), p99=late["p99"],
+                baseline_p99=g(aps, "lateness_ms", "p99"),
+                target="p99 <= 100 ms" if big else "-",
+                met=late["p99"] <= 100 if big else None,
+                notes=f"{late['n']:,} ticks; dispatch lateness (ctx.now) p99 "
+                      f"{disp['p99']:.2f} ms; {ours['excluded_before_ready']} slots before "
+                      "start() returned excluded"),
+            row("4", f"ticks durable after stop, {tag}",
+                100.0 * ours["durable"] / max(1, ours["fired_total"]), "%",
+                target="100%", met=ours["durable"] == ours["fired_total"],
+                notes=f"{ours['durable']:,}/{ours['fired_total']:,} ticks stored with "
+                      f"synchronous={ours['synchronous']} (2 = FULL)" + (
+                          f"; {ours['lost_count']} lost, {ours['lost_before_stop']} of them "
+                          "fired before stop() was called" if ours["lost_count"] else "")
+                      + "; APScheduler's memory store keeps none"),
+            row("4", f"burst: all {tag} due at once, drain rate", ours_b["rate"], "ticks/s",
+                peer, g(aps_b, "rate"), notes=f"drained in {ours_b['drain_s']:.2f} s"),
+        ]
+    ctx.raw["fig4"] = raw
+    return rows
+
+
+def _dig(d, *keys):
+    for k in keys:
+        d = d[k]
+    return d
+
+
+# ------------------------------------------------------------- figure 5: router
+
+def fig5_router(ctx: Ctx) -> list[dict]:
+    """handle_for_kind with 10 and 10,000 registered plugins."""
+    ctx.log("fig 5: router lookups ...")
+    s = ctx.sizes["router"]
+    r = workers.call_worker("router", s, timeout=ctx.timeout(300))
+    ctx.raw["fig5"] = r
+    small, large = (str(n) for n in s["sizes"])
+    a, b = r[small]["router_ns"], r[large]["router_ns"]
+    return [
+        row("5", f"router lookup, {int(small):,} plugins", a["p50"], "ns", "dict.get, same size",
+            r[small]["dict_ns"]["p50"], p99=a["p99"]),
+        row("5", f"router lookup, {int(large):,} plugins", b["p50"], "ns",
+            f"router, {int(small):,} plugins", a["p50"], p99=b["p99"], baseline_p99=a["p99"],
+            target="<= 1.5x (flat)", met=b["p50"] <= 1.5 * a["p50"],
+            notes=f"dict.get at {int(large):,}: {r[large]['dict_ns']['p50']:.1f} ns"),
+    ]
+
+
+# ------------------------------------------------------------ figure 6: start-up
+
+def fig6_startup(ctx: Ctx) -> list[dict]:
+    """import nexo_poller and nexo_poller.py --help vs python -c pass."""
+    ctx.log("fig 6: start-up ...")
+    s = ctx.sizes["startup"]
+    py = sys.executable
+    cmds = {"pass": [py, "-c", "pass"],
+            "import": [py, "-c", "import nexo_poller"],
+            "help": [py, os.path.join(REPO, "nexo_poller.py"), "--help"]}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    times = {k: [] for k in cmds}
+
+    def once(cmd):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, check=True)
+        return (time.perf_counter() - t0) * 1e3
+    for _ in range(s["warm"]):
+        for cmd in cmds.values():
+            once(cmd)
+    for _ in range(s["n"]):
+        for k, cmd in cmds.items():
+            times[k].append(once(cmd))
+    st = {k: summary(v) for k, v in times.items()}
+    # in-process import time, from -X importtime (cumulative us of nexo_poller)
+    imp = subprocess.run([py, "-X", "importtime", "-c", "import nexo_poller"], cwd=REPO,
+                         env=env, capture_output=True, text=True).stderr
+    cum = next((int(line.split("|")[1]) for line in imp.splitlines()
+                if line.rstrip().endswith("| nexo_poller")), None)
+    ctx.raw["fig6"] = {"times_ms": st, "importtime_us": cum}
+    base = st["pass"]["p50"]
+    i, h = st["import"]["p50"], st["help"]["p50"]
+    return [
+        row("6", "python -c 'pass' (interpreter start)", base, "ms", p99=st["pass"]["p99"]),
+        row("6", "python -c 'import nexo_poller'", i, "ms", "python -c pass", base,
+            p99=st["import"]["p99"], baseline_p99=st["pass"]["p99"],
+            target="<= 50 ms over pass", met=i - base <= 50,
+            notes=f"+{i - base:.1f} ms over pass" + (
+                f"; -X importtime: {cum / 1000:.1f} ms cumulative" if cum else "")),
+        row("6", "python nexo_poller.py --help", h, "ms", "python -c pass", base,
+            p99=st["help"]["p99"], baseline_p99=st["pass"]["p99"],
+            target="<= 100 ms over pass", met=h - base <= 100,
+            notes=f"+{h - base:.1f} ms over pass"),
+    ]
+
+
+# -------------------------------------------------------------- figure 7: memory
+
+def fig7_memory(ctx: Ctx) -> list[dict]:
+    """Idle RSS with 1,000 jobs and 10 long-lived plugins; per-tick churn."""
+    s = ctx.sizes["mem"]
+    ctx.log("fig 7: idle daemon RSS ...")
+    idle = workers.call_worker("memory-idle", {k: s[k] for k in ("jobs", "plugins", "idle")},
+                               timeout=ctx.timeout(300))
+    ctx.log("fig 7: per-tick churn (tracemalloc) ...")
+    churn = workers.call_worker("memory-churn", s["churn"], timeout=ctx.timeout(600))
+    ctx.raw["fig7"] = {"idle": idle, "churn": churn}
+    d = idle["daemon"]["VmRSS"] / 1024
+    base = idle["import_only"]["VmRSS"] / 1024
+    plug = [p["VmRSS"] / 1024 for p in idle["plugins"]]
+    rows = [
+        row("7", f"daemon RSS idle, {s['jobs']:,} jobs + {s['plugins']} long-lived plugins",
+            d, "MiB", "same process, nexo_poller imported", base,
+            notes=f"{idle['threads']} threads, every job ticked once then idle"),
+        row("7", "long-lived plugin process RSS (median of plugins)",
+            summary(plug)["p50"] if plug else None, "MiB",
+            notes=f"{len(plug)} processes, {sum(plug):.1f} MiB together"),
+    ]
+    labels = {"scheduled": "scheduler steady state (in-process poller, sqlite)",
+              "run_once": "Runner.run_once, same job set",
+              "broker": "forward_tick, daemon path to a plugin"}
+    for key, label in labels.items():
+        c = churn[key]
+        top = ", ".join(f"{t['where']} {t['size_diff']:+d} B" for t in c["top"][:2])
+        rows.append(row("7", f"retained per tick: {label}", c["retained_per_tick"], "B/tick",
+                        target="no growth (< 16 B/tick)", met=c["retained_per_tick"] < 16,
+                        notes=f"{c['ticks']:,} ticks traced; transient peak "
+                              f"{c['transient_peak'] / 1024:.0f} KiB; top: {top}"))
+    return rows
+
+
+FIGURES = {1: fig1_round_trip, 2: fig2_throughput, 3: fig3_ephemeral, 4: fig4_scheduler,
+           5: fig5_router, 6: fig6_startup, 7: fig7_memory}
+
+
+# ------------------------------------------------------------------- the table
+
+def _num(v, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        if abs(v) >= 10:
+            return f"{v:.1f}"
+        return f"{v:.2f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def table(rows: list[dict]) -> str:
+    head = ["fig", "figure", "value", "p99", "unit", "baseline", "baseline value",
+            "baseline p99", "ratio", "target", "met"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        met = {True: "yes", False: "**NO**", None: "-"}[r["met"]]
+        lines.append("| " + " | ".join([
+            r["figure"], r["name"], _num(r["value"]), _num(r["p99"]), r["unit"],
+            r["baseline_name"] or "-", _num(r["baseline_value"]), _num(r["baseline_p99"]),
+            _fmt_ratio(r["ratio"]), r["target"], met]) + " |")
+    return "\n".join(lines)
+
+
+def notes_block(rows: list[dict]) -> str:
+    out = []
+    for r in rows:
+        if r["notes"]:
+            out.append(f"- fig {r['figure']}, {r['name']}: {r['notes']}")
+    return "\n".join(out)
+
+
+def _stat() -> tuple[int, int]:
+    """(all, idle) jiffies of every CPU, from /proc/stat."""
+    with open("/proc/stat") as fh:
+        v = [int(x) for x in fh.readline().split()[1:]]
+    return sum(v[:8]), v[3] + v[4]
+
+
+def cpu_busy(secs: float = 0.5) -> float | None:
+    """Percent of all CPUs busy over ``secs``."""
+    try:
+        t1, i1 = _stat()
+        time.sleep(secs)
+        t2, i2 = _stat()
+    except (OSError, ValueError):
+        return None
+    return 100.0 * (1 - (i2 - i1) / max(1, t2 - t1))
+
+
+class ForeignLoad:
+    """CPU used by processes other than this suite's during a span, as a
+    percent of the machine: another job on a shared machine shows up here."""
+
+    def __init__(self, peers: Peers) -> None:
+        self.peers = peers
+        self.hz = os.sysconf("SC_CLK_TCK")
+        try:
+            self.start = (_stat(), self._own(), time.monotonic())
+        except (OSError, ValueError):
+            self.start = None
+
+    def _own(self) -> float:
+        t = os.times()
+        own = t.user + t.system + t.children_user + t.children_system
+        proc = self.peers._nats_proc        # not reaped until the end: count it by hand
+        if proc is not None and proc.poll() is None:
+            try:
+                with open(f"/proc/{proc.pid}/stat") as fh:
+                    f = fh.read().rsplit(")", 1)[1].split()
+                own += (int(f[11]) + int(f[12])) / self.hz
+            except (OSError, ValueError, IndexError):
+                pass
+        return own
+
+    def percent(self) -> float | None:
+        if self.start is None:
+            return None
+        (t1, i1), own1, w1 = self.start
+        try:
+            (t2, i2), own2, w2 = _stat(), self._own(), time.monotonic()
+        except (OSError, ValueError):
+            return None
+        busy = ((t2 - t1) - (i2 - i1)) / self.hz
+        return max(0.0, busy - (own2 - own1)) / max(1e-9, (w2 - w1) * (os.cpu_count() or 1)) \
+            * 100
+
+
+def source_id() -> dict:
+    """Which nexo_poller.py a figure measured: its hash, the git commit, and
+    whether the file differs from that commit."""
+    import hashlib
+    path = os.path.join(REPO, "nexo_poller.py")
+    with open(path, "rb") as fh:
+        sha = hashlib.sha256(fh.read()).hexdigest()[:12]
+    out = {"sha256": sha}
+    try:
+        out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                       capture_output=True, text=True, timeout=10
+                                       ).stdout.strip() or None
+        out["dirty"] = subprocess.run(["git", "diff", "--quiet", "HEAD", "--",
+                                       "nexo_poller.py"], cwd=REPO, timeout=10
+                                      ).returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def machine() -> dict:
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        with open("/proc/meminfo") as fh:
+            mem = f"{int(fh.readline().split()[1]) / 1024 / 1024:.1f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"nproc": os.cpu_count(), "cpu": cpu, "memory": mem,
+            "python": platform.python_version(),
+            "implementation": platform.python_implementation(),
+            "kernel": platform.release(), "platform": platform.platform()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes, no peers, no installs (CI); < 60 s")
+    p.add_argument("--only", metavar="N[,N]", help="run only these figures (1-7)")
+    p.add_argument("--json", metavar="PATH", default=os.path.join(BENCH_DIR, "results.json"),
+                   help="write the figures here (default: bench/results.json)")
+    p.add_argument("--no-peers", action="store_true",
+                   help="skip APScheduler / nats-py / nats-server (no installs)")
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECS",
+                   help="before each figure, wait up to SECS for the machine to be idle "
+                        "(< 15%% busy); for shared machines")
+    args = p.parse_args(argv)
+    try:
+        only = sorted({int(x) for x in args.only.split(",")}) if args.only else sorted(FIGURES)
+    except ValueError:
+        p.error("--only takes figure numbers like 1,4")
+    if not set(only) <= set(FIGURES):
+        p.error(f"--only: figures are {', '.join(map(str, FIGURES))}")
+    started = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    # Children import nexo_poller from its cached bytecode, as an installed copy
+    # would, even where PYTHONDONTWRITEBYTECODE keeps them from writing it.
+    py_compile.compile(os.path.join(REPO, "nexo_poller.py"), doraise=True)
+    source = source_id()
+    peers = Peers(enabled=not (args.smoke or args.no_peers), log=log)
+    ctx = Ctx(SMOKE if args.smoke else FULL, args.smoke, peers, log)
+    rows: list[dict] = []
+    crashed: list[str] = []
+    conditions: dict = {}
+    try:
+        for n in only:
+            busy = cpu_busy()
+            if args.wait_quiet and busy is not None and busy > 15:
+                log(f"the machine is {busy:.0f}% busy; waiting up to {args.wait_quiet:g} s "
+                    "for it to settle ...")
+                deadline = time.monotonic() + args.wait_quiet
+                while busy is not None and busy > 15 and time.monotonic() < deadline:
+                    busy = cpu_busy(2.0)
+            foreign = ForeignLoad(peers)
+            try:
+                rows += FIGURES[n](ctx)
+            except Exception:
+                crashed.append(f"figure {n}")
+                print(f"figure {n} CRASHED:\n{traceback.format_exc()}", file=sys.stderr)
+            pct = foreign.percent()
+            conditions[n] = {"busy_pct_before": busy, "foreign_cpu_pct": pct,
+                             "loadavg_after": os.getloadavg(),
+                             "nexo_poller": source_id()["sha256"]}
+            if pct is not None and pct > 10 and not args.smoke:
+                log(f"warning: other processes used {pct:.0f}% of the CPUs during figure "
+                    f"{n}; its figures may be noisy")
+    finally:
+        peers.close()
+    elapsed = time.monotonic() - started
+    command = " ".join(["python bench/run.py", *(argv if argv is not None else sys.argv[1:])])
+    shas = {source["sha256"], *(c["nexo_poller"] for c in conditions.values())}
+    doc = {"command": command, "smoke": args.smoke, "machine": machine(), "source": source,
+           "peers": peers.versions, "elapsed_s": elapsed, "rows": rows, "crashed": crashed,
+           "conditions": conditions,
+           "raw": ctx.raw}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as fh:
+        json.dump(doc, fh, indent=1, default=str)
+    m = doc["machine"]
+    print(f"\nnexo-poller benchmarks ({'smoke' if args.smoke else 'full'}), "
+          f"{m['nproc']} cores {m['cpu']}, Python {m['python']}, {elapsed:.0f} s; "
+          f"nexo_poller.py {source['sha256']} (commit {source.get('commit')}"
+          f"{', modified' if source.get('dirty') else ''})")
+    if len(shas) > 1:
+        print("warning: nexo_poller.py changed during the run; figures mix versions "
+              f"({', '.join(sorted(shas))})")
+    print("\n" + table(rows))
+    notes = notes_block(rows)
+    if notes:
+        print("\nnotes:\n" + notes)
+    load = ", ".join(f"{n}: {c['foreign_cpu_pct']:.0f}%" for n, c in conditions.items()
+                     if c.get("foreign_cpu_pct") is not None)
+    if load:
+        print(f"\nCPU used by other processes during each figure: {load}")
+    missed = [r for r in rows if r["met"] is False]
+    print(f"\n{len(rows)} figures, {sum(r['met'] is True for r in rows)} targets met, "
+          f"{len(missed)} missed, {len(crashed)} crashed; JSON: {args.json}")
+    if crashed:
+        print("crashed: " + ", ".join(crashed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,579 @@
+#!/usr/bin/env python3
+"""Benchmark workers: each measurement runs in a fresh process of its own.
+
+``python bench/workers.py NAME 'JSON-ARGS'`` runs one worker and prints its
+result as the last line of stdout (``RESULT {...}``).  These workers import
+nexo_poller and nothing else outside the standard library; the peers
+(nats-py, APScheduler) live in ``peer_nats.py`` and ``peer_aps.py``, which run
+in the suite's throwaway virtual environment.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (BENCH_DIR, REPO, children_of, emit, floor_call,  # noqa: E402
+                     interleaved, proc_status, run_for, summary)
+
+sys.path.insert(0, REPO)
+
+PLUGIN = os.path.join(BENCH_DIR, "plugin_noop.py")
+
+# The one tick request every round-trip figure sends (the floor and the
+# peers send the same JSON envelope).
+SAMPLE = {"kind": "bench", "job_id": "job-0001", "agent_id": "agent-1",
+          "cursor": b"cursor-0000000001", "config": {"feed": "https://example.org/feed.xml",
+                                                      "limit": 50},
+          "now": datetime(2025, 1, 1, tzinfo=timezone.utc), "interval_hint": 60}
+
+
+def sample_request():
+    import nexo_poller as nx
+    return nx.build_tick_request(**SAMPLE)
+
+
+def sample_envelope() -> dict:
+    """The JSON envelope of the sample tick, as forward_tick sends it."""
+    return sample_request().envelope()
+
+
+def call_worker(name: str, args: dict, timeout: float, python: str | None = None,
+                script: str | None = None) -> dict:
+    """Run a worker in a fresh process and return its RESULT."""
+    cmd = [python or sys.executable, script or os.path.abspath(__file__), name, json.dumps(args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"worker {name} failed (exit {proc.returncode}):\n"
+                       f"{proc.stderr[-3000:]}{proc.stdout[-1000:]}")
+
+
+def throughput(call, inflight: list[int], warm_secs: float, secs: float, rounds: int) -> dict:
+    """Median rate over ``rounds`` runs of ``secs`` for each in-flight count."""
+    out = {}
+    for k in inflight:
+        run_for(call, k, warm_secs)
+        runs = sorted((run_for(call, k, secs) for _ in range(rounds)), key=lambda r: r["rate"])
+        mid = runs[len(runs) // 2]
+        out[str(k)] = {"rate": mid["rate"], "rates": [r["rate"] for r in runs],
+                       "lat_us": mid["lat_us"]}
+    return out
+
+
+# ------------------------------------------------------- figures 1-2: the broker
+
+def bench_handle(procs: int = 1):
+    import nexo_poller as nx
+    return nx.PluginPollerHandle(
+        plugin_id="bench", kinds=("bench",), broker_topic_prefix="bench.noop",
+        max_concurrent_ticks=64, tick_timeout=30, entrypoint_command=sys.executable,
+        entrypoint_args=(PLUGIN, "bench"))
+
+
+def wait_subscriptions(server, want: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while server.stats()["subscriptions"] < want:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {server.stats()['subscriptions']} of {want} plugin "
+                               "processes subscribed")
+        time.sleep(0.02)
+
+
+def measure_path(call, a: dict) -> dict:
+    """Round trips interleaved with the floor (when ``rounds``), throughput
+    (when ``inflight``)."""
+    out = {}
+    if a.get("rounds_rt"):
+        floor = floor_call(a["echo"], sample_envelope())
+        try:
+            lat = interleaved({"floor": floor, "path": call}, a["warm"], a["rounds_rt"],
+                              a["block"])
+        finally:
+            floor.close()
+        out["latency"], out["floor"] = lat["path"], lat["floor"]
+    if a.get("inflight"):
+        out["throughput"] = throughput(call, a["inflight"], a["warm_secs"], a["secs"],
+                                       a["rounds"])
+    return out
+
+
+def w_broker(a: dict) -> dict:
+    """A BrokerServer with ``procs`` plugin processes (one queue group): the
+    daemon's path measured here, the external path in a client process."""
+    import nexo_poller as nx
+    procs = a["procs"]
+    server = nx.BrokerServer().start()
+    handle = bench_handle(procs)
+    sups = [nx.PluginSupervisor(handle, server.url, backoff_initial=0.2).start()
+            for _ in range(procs)]
+    client = None
+    try:
+        wait_subscriptions(server, procs)
+        client = server.client()
+        request = sample_request()
+
+        def call():
+            return nx.forward_tick(client, handle, request)
+        assert call().to_dict() == {}, "the no-op plugin should answer an empty reply"
+        out = {"daemon": measure_path(call, a)}
+        if a.get("external"):
+            out["external"] = call_worker("broker-client", dict(a, url=server.url),
+                                          timeout=a.get("timeout", 600))
+        out["plugin_pids"] = [s.proc.pid for s in sups if s.proc is not None]
+        return out
+    finally:
+        if client is not None:
+            client.close()
+        for s in sups:
+            s.stop()
+        server.close()
+
+
+def w_broker_client(a: dict) -> dict:
+    """The external path: a BrokerClient in its own process, over the socket."""
+    import nexo_poller as nx
+    handle = bench_handle()
+    request = sample_request()
+    with nx.BrokerClient.connect(a["url"]) as bc:
+        def call():
+            return nx.forward_tick(bc, handle, request)
+        return measure_path(call, a)
+
+
+# ------------------------------------------------------- figure 3: ephemeral ticks
+
+def w_ephemeral(a: dict) -> dict:
+    """spawn_ephemeral_tick vs subprocess.run of the same child, same input."""
+    import nexo_poller as nx
+    request = sample_request()
+    payload = (json.dumps(request.envelope(1), separators=(",", ":")) + "\n").encode()
+    env = dict(os.environ, NEXO_POLLER_PLUGIN_ID="bench", NEXO_POLLER_EPHEMERAL="1")
+    reply = '{"jsonrpc":"2.0","id":1,"result":{}}'
+    children = {
+        "python": (sys.executable, [PLUGIN, "bench"]),
+        "sh": ("/bin/sh", ["-c", f"read line; echo '{reply}'"]),
+    }
+    out = {}
+    for name, (cmd, args) in children.items():
+        n = a["n"][name]
+
+        def eph():
+            ack = nx.spawn_ephemeral_tick(cmd, "bench", request, 30, args=args)
+            assert ack == nx.TickAck()
+
+        def run():
+            r = subprocess.run([cmd, *args], input=payload, capture_output=True, env=env,
+                               timeout=30)
+            env_ = json.loads(r.stdout.split(b"\n", 1)[0])
+            assert env_["result"] == {}, env_
+
+        for _ in range(a["warm"]):
+            eph()
+            run()
+        te, tr = [], []
+        pc = time.perf_counter
+        for i in range(n):                  # interleaved, alternating which goes first
+            for fn, sink in ((eph, te), (run, tr)) if i % 2 == 0 else ((run, tr), (eph, te)):
+                t0 = pc()
+                fn()
+                sink.append((pc() - t0) * 1e3)
+        out[name] = {"ephemeral_ms": summary(te), "subprocess_ms": summary(tr)}
+    return out
+
+
+# --------------------------------------------------------- figure 4: the scheduler
+
+class _PlannedJitter:
+    """The Runner's rng, planned: the first ``len(plan)`` jitters drawn (one per
+    job, in config order, all at start()) come from ``plan``; the clock value
+    in force at the first draw is start()'s ``now``.  Later draws are random."""
+
+    def __init__(self, plan: list[float], clock_box: list) -> None:
+        self.plan, self.i, self.box = plan, 0, clock_box
+        self.real = random.Random(1)
+        self.base: float | None = None
+
+    def uniform(self, low: float, high: float) -> float:
+        if self.i < len(self.plan):
+            if self.base is None:
+                self.base = self.box[0]
+            v = self.plan[self.i]
+            self.i += 1
+            return min(max(v, low), high)
+        return self.real.uniform(low, high)
+
+
+def w_sched(a: dict) -> dict:
+    """``n`` every-60-s jobs on a no-op in-process poller with sqlite state.
+
+    steady: first runs are spread evenly over ``spread`` seconds (the jobs'
+    stagger jitter, drawn by a planned rng so each job's intended slot is
+    known); ticks are observed for ``window`` seconds from the moment start()
+    returns.  burst: every job is due at once; the figure is how fast the
+    runner drains them.
+    """
+    import nexo_poller as nx
+    n, mode = a["n"], a["mode"]
+    spread = a.get("spread", 60.0) if mode == "steady" else 0.0
+    tmp = tempfile.mkdtemp(prefix="nexo-bench-sched-")
+    db = os.path.join(tmp, "state.db")
+    jitter_ms = int(spread * 1000)
+    doc = {"state_db": db, "default_jitter_ms": 0,
+           "jobs": [{"id": f"j{i}", "kind": "noop",
+                     "schedule": {"every_secs": 60, "stagger_jitter_ms": jitter_ms}}
+                    for i in range(n)]}
+    order = list(range(n))
+    random.Random(7).shuffle(order)
+    plan = [order[i] * spread / n for i in range(n)]
+    box = [0.0]
+
+    def clock() -> float:
+        t = time.time()
+        box[0] = t
+        return t
+    rng = _PlannedJitter(plan, box)
+    fired: list = []
+    done_evt = threading.Event()
+
+    class Noop:
+        kind = "noop"
+
+        def tick(self, ctx):
+            fired.append((ctx.job_id, time.time(), ctx.now.timestamp()))
+            if mode == "burst" and len(fired) >= n:
+                done_evt.set()
+            return None
+
+    gc.collect()
+    t0 = time.perf_counter()
+    cfg = nx.config_from_dict(doc, extra_kinds=["noop"])
+    t1 = time.perf_counter()
+    runner = nx.Runner(cfg, clock=clock, rng=rng)
+    runner.register(Noop())
+    runner.open()
+    t2 = time.perf_counter()
+    runner.start()
+    t3 = time.perf_counter()
+    ready = time.time()
+    if mode == "steady" and rng.i != n:
+        raise RuntimeError(f"Runner.start() drew {rng.i} jitters for {n} jobs; the bench "
+                           "assumes one per job, in config order: update w_sched")
+    base = rng.base if rng.base is not None else ready
+    out = {"n": n, "mode": mode, "load_s": t3 - t0, "config_s": t1 - t0, "open_s": t2 - t1,
+           "schedule_s": t3 - t2}
+    try:
+        if mode == "burst":
+            if not done_evt.wait(a.get("timeout", 300)):
+                raise RuntimeError(f"only {len(fired)} of {n} ticks fired")
+            if not runner.wait_idle(60):
+                raise RuntimeError("ticks did not finish")
+            end = time.time()
+            out["drain_s"] = end - base
+            out["rate"] = n / (end - base)
+        else:
+            window = a["window"]
+            time.sleep(max(0.0, ready + window - time.time()) + 0.5)
+            snap = list(fired)
+            lo = max(ready, base)
+            hi = lo + window
+            late, disp, excluded = [], [], 0
+            in_window = 0
+            for job_id, t_fire, t_now in snap:
+                intended = base + plan[int(job_id[1:])]
+                if lo <= t_fire <= hi:
+                    in_window += 1
+                if intended < lo:
+                    excluded += 1
+                    continue
+                if intended <= hi:
+                    late.append((t_fire - intended) * 1e3)
+                    disp.append((t_now - intended) * 1e3)
+            out.update(window_s=window, rate=in_window / window, demand=n / spread,
+                       lateness_ms=summary(late), dispatch_lateness_ms=summary(disp),
+                       excluded_before_ready=excluded)
+        out["vm"] = proc_status()
+        if mode == "steady":
+            out["slot_check"] = _check_slots(runner, base, plan, {f[0] for f in fired})
+    finally:
+        t_stop = time.time()
+        runner.stop()
+    total = len(fired)
+    with sqlite3.connect(db) as conn:
+        stored = conn.execute("SELECT count(*) FROM jobs WHERE last_status='ok' "
+                              "AND last_run_at IS NOT NULL").fetchone()[0]
+        sync = conn.execute("PRAGMA synchronous").fetchone()[0]
+        rows = dict((r[0], r[1:]) for r in conn.execute(
+            "SELECT id, last_status, last_error FROM jobs WHERE last_run_at IS NOT NULL"))
+    # ticks whose poller ran but whose outcome is not in the state, and when
+    lost = [(job_id, round(t_fire - t_stop, 4)) for job_id, t_fire, _ in fired
+            if rows.get(job_id, (None,))[0] != "ok"]
+    out.update(fired_total=total, distinct_jobs=len({f[0] for f in fired}), durable=stored,
+               synchronous=sync, lost=lost[:20], lost_count=len(lost),
+               lost_before_stop=sum(1 for _, dt in lost if dt < 0))
+    for name in os.listdir(tmp):
+        os.unlink(os.path.join(tmp, name))
+    os.rmdir(tmp)
+    return out
+
+
+def _check_slots(runner, base: float, plan: list[float], fired: set) -> dict:
+    """Cross-check the planned slots against the Runner's own view: a job that
+    has not fired yet reports next_run_at == start's now + its jitter."""
+    worst, checked = 0.0, 0
+    for st in runner.status():
+        if st["id"] in fired or st["next_run_at"] is None:
+            continue
+        want = base + plan[int(st["id"][1:])]
+        got = datetime.fromisoformat(st["next_run_at"]).timestamp()
+        worst = max(worst, abs(got - want))
+        checked += 1
+    if checked and worst > 0.001:
+        raise RuntimeError(f"planned slots are off by up to {worst * 1e3:.1f} ms from the "
+                           "Runner's next_run_at: the lateness figure would be wrong")
+    return {"checked": checked, "worst_ms": worst * 1e3}
+
+
+# ----------------------------------------------------------- figure 5: the router
+
+def w_router(a: dict) -> dict:
+    import nexo_poller as nx
+    out = {}
+    rng = random.Random(3)
+    for n in a["sizes"]:
+        router = nx.PluginPollerRouter()
+        for i in range(n):
+            router.register(nx.PluginPollerHandle(f"plugin{i}", (f"kind_{i}",), f"p.{i}"))
+        kinds = [f"kind_{i}" for i in range(n)]
+        probe = [rng.choice(kinds) for _ in range(a["probe"])]
+        plain = {k: router.handle_for_kind(k) for k in kinds}
+        lookup, get = router.handle_for_kind, plain.get
+
+        def run_router():
+            t0 = time.perf_counter_ns()
+            for k in probe:
+                lookup(k)
+            return (time.perf_counter_ns() - t0) / len(probe)
+
+        def run_dict():
+            t0 = time.perf_counter_ns()
+            for k in probe:
+                get(k)
+            return (time.perf_counter_ns() - t0) / len(probe)
+
+        for _ in range(3):
+            run_router()
+            run_dict()
+        r, d = [], []
+        for _ in range(a["repeats"]):
+            r.append(run_router())
+            d.append(run_dict())
+        assert router.handle_for_kind(kinds[-1]).plugin_id == f"plugin{n - 1}"
+        out[str(n)] = {"router_ns": summary(r), "dict_ns": summary(d), "plugins": len(router)}
+    return out
+
+
+# ------------------------------------------------------------ figure 7: memory
+
+MANIFEST = """[plugin]
+id = "{id}"
+version = "0.1.0"
+
+[plugin.entrypoint]
+command = "{python}"
+args = ["{plugin}", "{kind}"]
+
+[plugin.poller]
+kinds = ["{kind}"]
+broker_topic_prefix = "bench.{id}"
+lifecycle = "long_lived"
+max_concurrent_ticks = 4
+tick_timeout_secs = 30
+"""
+
+
+def w_memory_idle(a: dict) -> dict:
+    """RSS of a daemon with ``jobs`` jobs over ``plugins`` long-lived plugins,
+    idle after every job's first tick."""
+    import nexo_poller as nx
+    base = proc_status()
+    tmp = tempfile.mkdtemp(prefix="nexo-bench-mem-")
+    plugins = []
+    for i in range(a["plugins"]):
+        folder = os.path.join(tmp, f"p{i}")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "nexo-plugin.toml"), "w") as fh:
+            fh.write(MANIFEST.format(id=f"p{i}", python=sys.executable, plugin=PLUGIN,
+                                     kind=f"kind_{i}"))
+        plugins.append(folder)
+    doc = {"state_db": os.path.join(tmp, "state.db"), "default_jitter_ms": 0,
+           "plugins": plugins,
+           "jobs": [{"id": f"j{i}", "kind": f"kind_{i % a['plugins']}",
+                     "schedule": {"every_secs": 3600}} for i in range(a["jobs"])]}
+    cfg = nx.config_from_dict(doc, base_dir=tmp)
+    runner = nx.Runner(cfg).start()
+    try:
+        deadline = time.monotonic() + a.get("timeout", 120)
+        while True:
+            ok = sum(1 for s in runner.status() if s["last_status"] == "ok")
+            if ok >= a["jobs"]:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {ok} of {a['jobs']} first ticks stored")
+            time.sleep(0.1)
+        runner.wait_idle(30)
+        gc.collect()
+        time.sleep(a.get("idle", 2.0))
+        me = proc_status()
+        kids = [proc_status(pid) for pid in children_of(os.getpid())]
+        kids = [k for k in kids if k]
+        threads = threading.active_count()
+    finally:
+        runner.stop()
+    for root, dirs, files in os.walk(tmp, topdown=False):
+        for f in files:
+            os.unlink(os.path.join(root, f))
+        for d in dirs:
+            os.rmdir(os.path.join(root, d))
+    os.rmdir(tmp)
+    return {"import_only": base, "daemon": me, "plugins": kids, "threads": threads}
+
+
+def w_memory_churn(a: dict) -> dict:
+    """tracemalloc over steady-state ticks: the scheduler's own loop (in-process
+    poller, sqlite commit), Runner.run_once, and the broker path (forward_tick
+    from the daemon's client to a plugin process)."""
+    import nexo_poller as nx
+    import tracemalloc
+    out = {}
+    counter = [0]
+
+    class Noop:
+        kind = "noop"
+
+        def tick(self, ctx):
+            counter[0] += 1
+            return nx.TickAck(next_cursor=b"c%d" % counter[0], metrics=nx.TickMetrics(1, 1))
+
+    def runner_for(every: float, jobs: int):
+        tmp = tempfile.mkdtemp(prefix="nexo-bench-churn-")
+        doc = {"state_db": os.path.join(tmp, "state.db"), "default_jitter_ms": 0,
+               "jobs": [{"id": f"j{i}", "kind": "noop", "schedule": {"every_secs": every}}
+                        for i in range(jobs)]}
+        runner = nx.Runner(nx.config_from_dict(doc, extra_kinds=["noop"]))
+        runner.register(Noop())
+        return runner, tmp
+
+    def cleanup(tmp):
+        for f in os.listdir(tmp):
+            os.unlink(os.path.join(tmp, f))
+        os.rmdir(tmp)
+
+    # 1. the scheduler, as it runs: jobs every `every` seconds, time-based
+    runner, tmp = runner_for(a["every"], a["jobs"])
+    try:
+        runner.start()
+        time.sleep(a["warm_secs"])
+        tracemalloc.start(10)
+        time.sleep(a["settle_secs"])
+        gc.collect()
+        s1, c1 = tracemalloc.take_snapshot(), counter[0]
+        cur1, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        time.sleep(a["secs"])
+        gc.collect()
+        cur2, peak = tracemalloc.get_traced_memory()
+        s2, c2 = tracemalloc.take_snapshot(), counter[0]
+        tracemalloc.stop()
+        out["scheduled"] = _diff(s1, s2, cur1, cur2, peak, c2 - c1, a["secs"])
+    finally:
+        runner.stop()
+        cleanup(tmp)
+
+    # 2. Runner.run_once, count-based
+    runner, tmp = runner_for(3600, a["jobs"])
+    try:
+        runner.open()
+        ids = [f"j{i}" for i in range(a["jobs"])]
+        it = [0]
+
+        def tick_runner():
+            it[0] += 1
+            o = runner.run_once(ids[it[0] % len(ids)])
+            assert o.status == "ok", o
+        out["run_once"] = _churn(tick_runner, a["warm"], a["ticks"], lambda: counter[0])
+    finally:
+        runner.stop()
+        cleanup(tmp)
+
+    # 3. the broker path: forward_tick from the daemon's own client
+    server = nx.BrokerServer().start()
+    handle = bench_handle()
+    sup = nx.PluginSupervisor(handle, server.url).start()
+    client = server.client()
+    request = sample_request()
+    sent = [0]
+
+    def tick_broker():
+        nx.forward_tick(client, handle, request)
+        sent[0] += 1
+    try:
+        wait_subscriptions(server, 1)
+        out["broker"] = _churn(tick_broker, a["warm"], a["ticks"], lambda: sent[0])
+    finally:
+        client.close()
+        sup.stop()
+        server.close()
+    return out
+
+
+def _diff(s1, s2, cur1, cur2, peak, done, elapsed) -> dict:
+    top = []
+    for st in s2.compare_to(s1, "lineno")[:5]:
+        frame = st.traceback[0]
+        top.append({"where": f"{os.path.basename(frame.filename)}:{frame.lineno}",
+                    "size_diff": st.size_diff, "count_diff": st.count_diff})
+    return {"ticks": done, "retained_per_tick": (cur2 - cur1) / max(1, done),
+            "retained_total": cur2 - cur1, "transient_peak": peak - cur1,
+            "traced_rate": done / elapsed, "top": top}
+
+
+def _churn(tick, warm_ticks: int, ticks: int, count) -> dict:
+    """Bytes still allocated per tick after ``ticks`` steady-state ticks."""
+    import tracemalloc
+    for _ in range(warm_ticks):
+        tick()
+    tracemalloc.start(10)
+    for _ in range(max(1, warm_ticks // 10)):
+        tick()
+    gc.collect()
+    s1, c1 = tracemalloc.take_snapshot(), count()
+    cur1, _ = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    t0 = time.perf_counter()
+    for _ in range(ticks):
+        tick()
+    elapsed = time.perf_counter() - t0
+    gc.collect()
+    cur2, peak = tracemalloc.get_traced_memory()
+    s2, c2 = tracemalloc.take_snapshot(), count()
+    tracemalloc.stop()
+    return _diff(s1, s2, cur1, cur2, peak, c2 - c1, elapsed)
+
+
+WORKERS = {"broker": w_broker, "broker-client": w_broker_client,
+           "ephemeral": w_ephemeral, "sched": w_sched, "router": w_router,
+           "memory-idle": w_memory_idle, "memory-churn": w_memory_churn}
+
+if __name__ == "__main__":
+    emit(WORKERS[sys.argv[1]](json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}))
