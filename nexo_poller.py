@@ -233,11 +233,14 @@ def _finite_float(text: str) -> float:
     return value
 
 
+_decode = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float).decode
+
+
 def _loads(data: bytes | str) -> Any:
     """Strict JSON: UTF-8 only, no NaN or Infinity (1e999 included)."""
     if isinstance(data, (bytes, bytearray)):
         data = data.decode("utf-8")
-    return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+    return _decode(data)
 
 
 def encode_cursor(raw: bytes) -> str:
@@ -1259,6 +1262,12 @@ class BrokerServer:
             self._close_peer(peer, "internal error")
 
     def _housekeeping(self) -> None:
+        if self._to_close or self._to_write:
+            self._drain_requests()
+        if self._deadlines:
+            self._expire()
+
+    def _drain_requests(self) -> None:
         with self._lock:
             closing, self._to_close = self._to_close, []
             writing, self._to_write = self._to_write, []
@@ -1267,6 +1276,9 @@ class BrokerServer:
                 self._sel.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, peer)
         for peer, why in closing:
             self._close_peer(peer, why)
+
+    def _expire(self) -> None:
+        """Answer requests whose timeout passed (socket requesters; loop thread)."""
         now = time.monotonic()
         while self._deadlines and self._deadlines[0][0] <= now:
             _, inbox = heapq.heappop(self._deadlines)
@@ -3059,6 +3071,10 @@ _COMMAND_POLL_SECS = 0.5
 
 class _Job:
     """A job's configuration and live state inside the runner."""
+    __slots__ = ("cfg", "cursor", "paused", "last_status", "last_error", "consecutive_errors",
+                 "last_run_at", "next_run_at", "items_seen_total", "items_dispatched_total",
+                 "last_alert_at", "lease_until", "running", "generation", "cancel", "resets",
+                 "removed", "breaker_open")
 
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
@@ -3078,6 +3094,7 @@ class _Job:
         self.cancel: threading.Event | None = None
         self.resets = 0              # bumped by reset(); a tick planned before it keeps no cursor
         self.removed = False
+        self.breaker_open = False
 
     def load(self, row: Mapping[str, Any]) -> None:
         for key in ("cursor", "last_status", "last_error", "consecutive_errors", "last_run_at",
@@ -3098,8 +3115,6 @@ class _Job:
                 "items_seen_total": self.items_seen_total,
                 "items_dispatched_total": self.items_dispatched_total,
                 "running": self.running}
-
-    breaker_open = False
 
 
 def _iso(ts: float | None) -> str | None:
@@ -3389,8 +3404,17 @@ class Runner:
         job.generation = seq               # older entries of this job are now stale
         job.next_run_at = when
         heapq.heappush(self._heap, (when, seq, job.cfg.id, when if nominal is None else nominal))
+        if len(self._heap) > 2 * len(self._jobs) + 1024:
+            self._compact_heap()
         if self._heap[0][1] == seq:         # earlier than what the scheduler waits for
             self._cond.notify()
+
+    def _compact_heap(self) -> None:
+        """Drop superseded entries (rescheduled, resumed, removed jobs) (lock held)."""
+        jobs = self._jobs
+        self._heap = [e for e in self._heap
+                      if e[2] in jobs and jobs[e[2]].generation == e[1]]
+        heapq.heapify(self._heap)
 
     def _schedule_loop(self) -> None:
         next_poll = 0.0
@@ -3508,6 +3532,9 @@ class Runner:
                 outcome.error = outcome.error or "another daemon holds this job's lease"
                 return self._finish(job, slot, outcome, now, None)
             job.lease_until = now + ttl
+        if cancel.is_set():                 # stop() came while this tick sat in the queue
+            outcome.status, outcome.error = "cancelled", "tick cancelled before it started"
+            return self._finish(job, slot, outcome, now, ttl)
         poller = self._pollers.get(cfg.kind)
         ctx = PollContext(cfg.id, cfg.agent, cfg.kind, job.cursor, cfg.config,
                           datetime.fromtimestamp(now, timezone.utc),

@@ -685,6 +685,39 @@ class ConcurrencyTests(RunnerCase):
 # Reload
 # ============================================================================
 
+    def test_tick_queued_when_stop_comes_never_calls_its_poller(self):
+        gate, started = threading.Event(), threading.Event()
+
+        def slow(ctx):
+            started.set()
+            gate.wait(WAIT)
+            return TickAck(next_cursor=b"1")
+
+        poller = Scripted(script={"a": [slow]}, max_concurrent_ticks=1)
+        r = self.runner(self.config([self.job("a"), self.job("b")]), poller)
+        self.assertEqual(r.fire_due(), 2)       # "b" waits in the lane behind "a"
+        self.assertTrue(started.wait(WAIT))
+        stopper = threading.Thread(target=r.stop)
+        stopper.start()
+        self.assertTrue(r.stopped.wait(0) is False)
+        gate.set()
+        stopper.join(WAIT * 2)
+        self.assertFalse(stopper.is_alive())
+        self.assertEqual([c.job_id for c in poller.calls], ["a"])
+        self.assertIsNone(self.row("b")["cursor"])
+
+
+class HeapTests(RunnerCase):
+
+    def test_rescheduling_does_not_grow_the_heap_without_bound(self):
+        r = self.runner(self.config([self.job("a", every=10)]), Scripted())
+        for _ in range(3000):                    # each run_once supersedes the live entry
+            self.assertEqual(r.run_once("a").status, "ok")
+        self.assertLessEqual(len(r._heap), 2 * 1 + 1024)
+        self.go_to_next(r)
+        self.assertEqual(self.fire(r), 1)        # and the live entry still fires
+
+
 class ReloadTests(RunnerCase):
 
     def test_reload_diffs_and_applies(self):
