@@ -1010,44 +1010,55 @@ class _SocketPeer(_Peer):
         self.inbuf = bytearray()
         self.out = bytearray()
         self.out_lock = threading.Lock()
+        self.writing = False                # a thread holds the writer's role
+
+    # Write combining: the first sender to find nobody writing becomes the
+    # writer and sends whatever has piled up meanwhile in one system call;
+    # when the socket is full the loop thread takes the writer's role.
 
     def send(self, obj: Any) -> None:
         data = _dumps(obj).encode() + b"\n"
         with self.out_lock:
             if self.closed:
                 return
-            if not self.out:
-                try:
-                    n = self.sock.send(data)
-                except (BlockingIOError, InterruptedError):
-                    n = 0
-                except OSError:
-                    self.server._schedule_close(self, "write failed")
-                    return
-                if n == len(data):
-                    return
-                data = data[n:]
-                self.out += data
-                self.server._want_write(self)
-                return
             self.out += data
             if len(self.out) > BROKER_MAX_OUTBUF_BYTES:
                 self.server._schedule_close(self, "slow consumer: output buffer full")
+                return
+            if self.writing:
+                return
+            self.writing = True
+        if self._write_out():
+            return
+        self.server._want_write(self)       # socket full: the loop finishes the job
 
     def flush(self) -> bool:
-        """Write what is queued; True when the buffer is empty (loop thread)."""
-        with self.out_lock:
-            while self.out:
-                try:
-                    n = self.sock.send(self.out)
-                except (BlockingIOError, InterruptedError):
-                    return False
-                except OSError:                 # the peer went away with replies unread
-                    self.out.clear()
-                    self.server._schedule_close(self, "write failed")
+        """The loop thread's turn as writer; True once everything is sent."""
+        return self._write_out()
+
+    def _write_out(self) -> bool:
+        """Send what is queued (writer only); True when done, False when the
+        socket is full and the rest must wait for it to become writable."""
+        while True:
+            with self.out_lock:
+                if not self.out or self.closed:
+                    self.writing = False
                     return True
-                del self.out[:n]
-            return True
+                chunk = bytes(self.out)
+                self.out.clear()
+            try:
+                n = self.sock.send(chunk)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:                 # the peer went away with replies unread
+                with self.out_lock:
+                    self.writing = False
+                self.server._schedule_close(self, "write failed")
+                return True
+            if n < len(chunk):
+                with self.out_lock:
+                    self.out[:0] = chunk[n:]
+                return False
 
     def deliver(self, sid, topic, payload, inbox) -> None:
         params = {"sid": sid, "topic": topic, "payload": payload}
@@ -1347,7 +1358,6 @@ class BrokerServer:
         peer.send({"jsonrpc": "2.0", "id": None, "error": {
             "code": BROKER_INVALID_REQUEST,
             "message": f"line longer than {BROKER_MAX_LINE_BYTES} bytes; closing"}})
-        peer.flush()
         self._close_peer(peer, "over-long line")
 
     def _handle_line(self, peer: _SocketPeer, line: bytes) -> None:
@@ -1767,6 +1777,8 @@ class BrokerClient(_ClientBase):
         self.url = url
         self._sock = sock
         self._wlock = threading.Lock()
+        self._outq: list[bytes] = []          # lines waiting for the writer
+        self._writing = False
         self._pending: dict[int, _Waiter] = {}
         self._ids = itertools.count(1)
         self._leader = threading.Lock()       # held by the one thread that reads
@@ -1797,14 +1809,30 @@ class BrokerClient(_ClientBase):
         return cls(sock, url, max_workers)
 
     def _send(self, obj: dict) -> None:
+        """Queue one line; the first thread to find nobody writing sends every
+        line queued meanwhile in one system call (write combining)."""
         data = _dumps(obj).encode() + b"\n"
         with self._wlock:
             if self.closed.is_set():
                 raise _broker_error(BROKER_CLOSED, "connection to broker is closed")
-            try:
-                self._sock.sendall(data)
-            except OSError as exc:
-                raise _broker_error(BROKER_CLOSED, f"broker connection lost: {exc}") from None
+            self._outq.append(data)
+            if self._writing:
+                return
+            self._writing = True
+        try:
+            while True:
+                with self._wlock:
+                    if not self._outq:
+                        self._writing = False
+                        return
+                    chunk = b"".join(self._outq)
+                    self._outq.clear()
+                self._sock.sendall(chunk)
+        except OSError as exc:
+            with self._wlock:
+                self._writing = False
+                self._outq.clear()
+            raise _broker_error(BROKER_CLOSED, f"broker connection lost: {exc}") from None
 
     def _call(self, method: str, params: dict, timeout: float) -> Any:
         req_id = next(self._ids)
