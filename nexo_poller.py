@@ -1680,6 +1680,24 @@ class _ClientBase:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def _send_reply(self, inbox, result, error) -> None:
+        params = {"inbox": inbox, "payload": result}
+        if error is not None:
+            params["error"] = error
+        self._post_reply(params)
+
+    @classmethod
+    def _outcome(cls, waiter: _Waiter, answered: bool, topic: str, secs: float,
+                 cancel: threading.Event | None) -> Any:
+        """A request's reply payload, or the Broker error it ended in."""
+        if not answered:
+            what = "cancelled" if cancel is not None and cancel.is_set() else \
+                f"timed out after {secs:g}s"
+            raise _broker_error(BROKER_TIMEOUT, f"request to {topic!r} {what}")
+        if waiter.error is not None:
+            cls._raise_error(waiter.error, topic)
+        return waiter.result
+
     @staticmethod
     def _raise_error(error: dict, topic: str):
         raise _broker_error(error.get("code", BROKER_RESPONDER_ERROR),
@@ -1715,21 +1733,15 @@ class _LocalClient(_ClientBase):
         waiter = _Waiter()
         p = self._server._open_request(self._peer, waiter, topic, payload,
                                        time.monotonic() + secs, wait)
-        if not waiter.wait(secs, cancel):
-            with self._server._lock:
-                self._server._take_pending(p.inbox) if p is not None else None
-            if not waiter.wait(0):
-                what = "cancelled" if cancel is not None and cancel.is_set() else \
-                    f"timed out after {secs:g}s"
-                raise _broker_error(BROKER_TIMEOUT, f"request to {topic!r} {what}")
-        if waiter.error is not None:
-            self._raise_error(waiter.error, topic)
-        return waiter.result
+        answered = waiter.wait(secs, cancel)
+        if not answered:
+            if p is not None:
+                with self._server._lock:
+                    self._server._take_pending(p.inbox)
+            answered = waiter.wait(0)       # it may have come in meanwhile
+        return self._outcome(waiter, answered, topic, secs, cancel)
 
-    def _send_reply(self, inbox, result, error) -> None:
-        params = {"inbox": inbox, "payload": result}
-        if error is not None:
-            params["error"] = error
+    def _post_reply(self, params: dict) -> None:
         self._server._handle(self._peer, {"method": "reply", "params": params})
 
     def _call(self, method: str, params: dict) -> Any:
@@ -1882,20 +1894,12 @@ class BrokerClient(_ClientBase):
                         "params": {"topic": topic, "payload": payload, "timeout_ms": ms,
                                    "wait": wait}})
             # The broker answers a timeout itself; the grace covers a wedged broker.
-            if not waiter.wait(secs + 1.0, cancel):
-                what = "cancelled" if cancel is not None and cancel.is_set() else \
-                    f"timed out after {secs:g}s"
-                raise _broker_error(BROKER_TIMEOUT, f"request to {topic!r} {what}")
+            answered = waiter.wait(secs + 1.0, cancel)
         finally:
             self._pending.pop(req_id, None)
-        if waiter.error is not None:
-            self._raise_error(waiter.error, topic)
-        return waiter.result
+        return self._outcome(waiter, answered, topic, secs, cancel)
 
-    def _send_reply(self, inbox, result, error) -> None:
-        params = {"inbox": inbox, "payload": result}
-        if error is not None:
-            params["error"] = error
+    def _post_reply(self, params: dict) -> None:
         try:
             self._send({"jsonrpc": "2.0", "method": "reply", "params": params})
         except PluginPollerForwardError:
