@@ -2981,6 +2981,10 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
             except ManifestError as exc:
                 probs.add(where, str(exc))
                 continue
+            if handle.lifecycle is Lifecycle.LONG_LIVED and not handle.entrypoint_command:
+                probs.add(where, f"{full}: [plugin.entrypoint] command is required for a "
+                                 "long-lived plugin (the daemon starts it at boot)")
+                continue
             if any(h.plugin_id == handle.plugin_id for h in cfg.plugins):
                 probs.add(where, f"plugin id {handle.plugin_id!r} is listed twice")
                 continue

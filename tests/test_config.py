@@ -441,6 +441,25 @@ class PluginsTest(ConfigTestCase):
         self.assertIn("rss_a", msg)
         self.assertIn("rss_b", msg)
 
+    def test_long_lived_plugin_without_command_is_refused(self):
+        folder = os.path.join(self.dir, "plugins/bare")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "nexo-plugin.toml"), "w", encoding="utf-8") as fh:
+            fh.write('[plugin]\nid = "bare"\n[plugin.poller]\nkinds = ["bare"]\n'
+                     'broker_topic_prefix = "plugin.poller.bare"\n')
+        msg = self.assertOnlyProblem({"plugins": ["plugins/bare"]}, "plugins[0]", "command")
+        self.assertIn("long-lived", msg)
+
+    def test_ephemeral_plugin_without_command_loads(self):
+        # As in the original: the missing command is the tick's Config error.
+        folder = os.path.join(self.dir, "plugins/bare")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "nexo-plugin.toml"), "w", encoding="utf-8") as fh:
+            fh.write('[plugin]\nid = "bare"\n[plugin.poller]\nkinds = ["bare"]\n'
+                     'broker_topic_prefix = "plugin.poller.bare"\nlifecycle = "ephemeral"\n')
+        cfg = self.load({"plugins": ["plugins/bare"]})
+        self.assertIsNone(cfg.plugins[0].entrypoint_command)
+
     def test_plugin_kind_clashing_with_in_process_kind(self):
         self.write_plugin("plugins/a", plugin_id="rss_a", kinds=("rss",))
         self.assertOnlyProblem({"plugins": ["plugins/a"]}, "plugins[0]", "rss",
