@@ -3345,7 +3345,11 @@ class Runner:
             for job in self._jobs.values():
                 self._schedule_first(job, now)
         if self.config.metrics_addr:
-            self._metrics_server = _serve_metrics(self, self.config.metrics_addr)
+            try:
+                self._metrics_server = _serve_metrics(self, self.config.metrics_addr)
+            except ConfigError:
+                self.stop()
+                raise
         self._started = True
         if background:
             self._scheduler = threading.Thread(target=self._schedule_loop, daemon=True,
@@ -3598,6 +3602,7 @@ class Runner:
         """Apply the error policy, commit, then free the job for its next slot."""
         if outcome.status in ("cancelled", "leased"):
             self._log_tick(outcome)
+            self._metrics.observe(outcome, job)
             self._release(job, None if self._stopping else
                           (job.cfg.schedule.next_after(slot, self.clock()) or None))
             return outcome
@@ -3619,13 +3624,15 @@ class Runner:
 
         def done(result):
             if result is True:
+                self._log_tick(outcome)     # before the release: wait_idle() sees it
                 self._apply(job, fields, plan, outcome)
             else:
                 why = result if isinstance(result, BaseException) else "lease lost"
                 log.error("job %s: tick result not stored (%s)", job_id, why)
                 outcome.status, outcome.error = "unstored", str(why)
+                self._log_tick(outcome)
+                self._metrics.observe(outcome, job)
                 self._release(job, None if self._stopping else self.clock() + 1.0)
-            self._log_tick(outcome)
 
         if commit_async:
             self.state.submit(write, done)
@@ -3875,8 +3882,8 @@ class Runner:
         signal.signal(signal.SIGTERM, on_stop)
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, on_hup)
-        self.start()
         try:
+            self.start()
             while True:
                 wake.wait()
                 wake.clear()
@@ -3984,8 +3991,15 @@ def _serve_metrics(runner: Runner, addr: tuple[str, int]):
         def log_message(self, *args) -> None:
             pass
 
-    server = ThreadingHTTPServer(addr, Handler)
-    server.daemon_threads = True
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        daemon_threads = True
+
+    try:
+        server = Server(addr, Handler)
+    except OSError as exc:
+        where = f"cannot listen on {addr[0]}:{addr[1]}: {exc.strerror or exc}"
+        raise ConfigError(runner.config.source, [("metrics_addr", where)]) from None
     threading.Thread(target=server.serve_forever, daemon=True, name="nexo-metrics").start()
     log.info("metrics on http://%s:%d/metrics", *server.server_address[:2])
     return server

@@ -1,0 +1,679 @@
+"""Observability of nexo_poller: the Prometheus endpoint, the tick log lines
+(text and ``--log-format json``), secrets kept out of logs, and plugin
+reloads and restarts as the runner and ``/metrics`` report them.
+
+In-process ticks are driven with ``run_once`` (synchronous commit) under an
+injected clock; long-lived plugins are ``tests/fixtures/sdk_plugin.py`` and
+``tests/fixtures/e2e_counter_plugin.py`` run by ``sys.executable`` from
+manifests written at test time.  Nothing sleeps: waits poll a condition
+with a generous deadline.
+"""
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+import urllib.error
+import urllib.request
+from datetime import timedelta
+
+import nexo_poller as nx
+from nexo_poller import PollerError, Runner, TickAck, TickMetrics, config_from_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NEXO = os.path.join(ROOT, "nexo_poller.py")
+SDK_PLUGIN = os.path.join(ROOT, "tests", "fixtures", "sdk_plugin.py")
+E2E_PLUGIN = os.path.join(ROOT, "tests", "fixtures", "e2e_counter_plugin.py")
+
+T0 = 1_900_000_000.0
+WAIT = 15.0                     # generous: a slow machine must not fail a test
+SECRET = "s3cr3t-token"
+TICK_KEYS = {"job", "kind", "outcome", "duration_ms", "items_seen", "items_dispatched"}
+
+
+def wait_until(pred, timeout=WAIT, interval=0.01):
+    """Poll ``pred`` until it returns something truthy; that value, or None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(interval)
+
+
+def pid_gone(pid):
+    """True once ``pid`` no longer exists (an unreaped zombie still counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def q(text):
+    """A TOML basic string (JSON's escapes are a subset TOML accepts)."""
+    return json.dumps(text)
+
+
+# -- the Prometheus text exposition format (0.0.4) ------------------------------
+
+_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_LNAME = r"[a-zA-Z_][a-zA-Z0-9_]*"
+_LVALUE = r'"(?:[^"\\\n]|\\[\\"n])*"'
+_LABEL = rf"{_LNAME}={_LVALUE}"
+_VALUE = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?Inf|NaN"
+SAMPLE_RE = re.compile(rf"({_NAME})(?:\{{((?:{_LABEL})(?:,{_LABEL})*)?,?\}})? ({_VALUE})(?: -?\d+)?")
+LABEL_RE = re.compile(rf"({_LNAME})=({_LVALUE})")
+HELP_RE = re.compile(rf"# HELP ({_NAME}) (?:[^\\\n]|\\[\\n])*")
+TYPE_RE = re.compile(rf"# TYPE ({_NAME}) (counter|gauge|histogram|summary|untyped)")
+_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+
+def parse_exposition(case, text):
+    """Check ``text`` line by line; returns ({family: type}, [(name, labels, value)])."""
+    case.assertTrue(text.endswith("\n"), "the body must end with a newline")
+    types, samples, seen, family = {}, [], set(), None
+    for n, line in enumerate(text[:-1].split("\n"), 1):
+        where = f"line {n}: {line!r}"
+        if line.startswith("#"):
+            if line.startswith("# HELP "):
+                case.assertRegex(line, rf"^{HELP_RE.pattern}$", where)
+            elif line.startswith("# TYPE "):
+                m = TYPE_RE.fullmatch(line)
+                case.assertIsNotNone(m, where)
+                case.assertNotIn(m.group(1), types, f"{where}: a second TYPE line")
+                types[m.group(1)] = m.group(2)
+                family = m.group(1)
+            continue
+        m = SAMPLE_RE.fullmatch(line)
+        case.assertIsNotNone(m, f"{where} is not `name{{labels}} value`")
+        name, raw_labels, value = m.groups()
+        case.assertIsNotNone(family, f"{where}: a sample before any TYPE line")
+        allowed = {family}
+        if types[family] == "histogram":
+            allowed = {family + "_bucket", family + "_sum", family + "_count"}
+        case.assertIn(name, allowed, f"{where}: not in the family of the TYPE above it")
+        labels = {}
+        for lname, lvalue in LABEL_RE.findall(raw_labels or ""):
+            case.assertNotIn(lname, labels, f"{where}: label {lname} twice")
+            labels[lname] = re.sub(r'\\[\\"n]', lambda e: _UNESCAPE[e.group(0)], lvalue[1:-1])
+        key = (name, tuple(sorted(labels.items())))
+        case.assertNotIn(key, seen, f"{where}: a duplicate series")
+        seen.add(key)
+        samples.append((name, labels, float(value)))
+    return types, samples
+
+
+def series(samples, name, **labels):
+    """Every sample of ``name`` whose labels include ``labels``."""
+    return [(lb, v) for n, lb, v in samples
+            if n == name and all(lb.get(k) == str(v2) for k, v2 in labels.items())]
+
+
+def fetch(addr, path="/metrics"):
+    with urllib.request.urlopen(f"http://{addr[0]}:{addr[1]}{path}", timeout=WAIT) as resp:
+        return resp.status, resp.headers, resp.read().decode("utf-8")
+
+
+# -- pollers and plugins ---------------------------------------------------------------
+
+class Scripted:
+    """An in-process poller: ``script`` maps a job id to steps, each a TickAck
+    or an exception to raise; when a job's steps run out it returns TickAck()."""
+
+    def __init__(self, kind="mem", script=None):
+        self.kind = kind
+        self.script = {k: list(v) for k, v in (script or {}).items()}
+
+    def tick(self, ctx):
+        steps = self.script.get(ctx.job_id)
+        step = steps.pop(0) if steps else TickAck()
+        if isinstance(step, BaseException):
+            raise step
+        return step
+
+
+class Case(unittest.TestCase):
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory(prefix="nexo-obs-")
+        self.addCleanup(tmp.cleanup)
+        self.dir = tmp.name
+        self.db = os.path.join(self.dir, "s.db")
+        self.t = [T0]
+        logger = logging.getLogger("nexo_poller")
+        level = logger.level
+        logger.setLevel(logging.CRITICAL)           # assertLogs lowers it where needed
+        self.addCleanup(logger.setLevel, level)
+
+    def config(self, jobs, plugins=(), extra_kinds=("mem",), **top):
+        doc = {"state_db": self.db, "default_jitter_ms": 0, "shutdown_grace_secs": 3,
+               "plugins": list(plugins), "jobs": jobs}
+        doc.update(top)
+        return config_from_dict(doc, base_dir=self.dir, extra_kinds=list(extra_kinds))
+
+    @staticmethod
+    def job(id, kind="mem", every=60, **kw):
+        raw = {"id": id, "kind": kind, "schedule": {"every_secs": every}}
+        raw.update(kw)
+        return raw
+
+    def runner(self, cfg, *pollers, start=True):
+        r = Runner(cfg, clock=lambda: self.t[0])
+        for p in pollers:
+            r.register(p)
+        self.addCleanup(r.stop)
+        if start:
+            r.start(background=False)
+        return r
+
+    def manifest(self, name, plugin_id, kind, script, *, args=(), env=None, timeout=30,
+                 lifecycle="long_lived"):
+        """Write ``<dir>/<name>/nexo-plugin.toml``; returns its path."""
+        folder = os.path.join(self.dir, name)
+        os.makedirs(folder, exist_ok=True)
+        lines = ["[plugin]", f"id = {q(plugin_id)}", "", "[plugin.entrypoint]",
+                 f"command = {q(sys.executable)}",
+                 f"args = [{', '.join(q(a) for a in (script, *args))}]"]
+        if env:
+            lines.append("[plugin.entrypoint.env]")
+            lines += [f"{k} = {q(v)}" for k, v in env.items()]
+        lines += ["", "[plugin.poller]", f"kinds = [{q(kind)}]",
+                  f"broker_topic_prefix = {q('plugin.poller.' + plugin_id)}",
+                  f"lifecycle = {q(lifecycle)}", f"tick_timeout_secs = {timeout}", ""]
+        path = os.path.join(folder, "nexo-plugin.toml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines))
+        return path
+
+    def plugin_pid(self, runner, plugin_id, not_pid=None):
+        """The pid of a long-lived plugin's current process (waits for it)."""
+        def current():
+            sup = runner._supervisors.get(plugin_id)
+            proc = sup.proc if sup is not None else None
+            if proc is not None and proc.pid != not_pid and proc.poll() is None:
+                return proc.pid
+            return None
+        pid = wait_until(current)
+        self.assertIsNotNone(pid, f"plugin {plugin_id} has no running process")
+        return pid
+
+    def assert_ok(self, outcome):
+        self.assertEqual(outcome.status, "ok", outcome.to_dict())
+        return outcome
+
+
+# ============================================================================
+# 1. GET /metrics
+# ============================================================================
+
+class TestMetricsEndpoint(Case):
+
+    def test_metrics_reflect_ticks_and_job_state(self):
+        job_id = "a.b:c-d"                     # every character the id rule allows
+        cfg = self.config([self.job(job_id), self.job("flaky"), self.job("doomed"),
+                           self.job("idle")], breaker_threshold=2,
+                          metrics_addr="127.0.0.1:0")
+        poller = Scripted(script={
+            job_id: [TickAck(b"1", metrics=TickMetrics(items_seen=3, items_dispatched=2)),
+                     TickAck(b"2", metrics=TickMetrics(items_seen=4, items_dispatched=1)),
+                     TickAck(b"3")],
+            "flaky": [PollerError.Transient("upstream 503"), PollerError.Transient("again")],
+            "doomed": [PollerError.Permanent("feed deleted")]})
+        r = self.runner(cfg, poller)
+        self.assertIsNotNone(r._metrics_server, "metrics_addr set but no server")
+        addr = r._metrics_server.server_address[:2]
+        self.assertEqual(addr[0], "127.0.0.1")
+        self.assertNotEqual(addr[1], 0)
+
+        outcomes = [r.run_once(job_id) for _ in range(3)]
+        outcomes += [r.run_once("flaky"), r.run_once("flaky"), r.run_once("doomed")]
+        self.assertEqual([o.status for o in outcomes],
+                         ["ok", "ok", "ok", "transient", "transient", "permanent"])
+
+        status, headers, body = fetch(addr)
+        self.assertEqual(status, 200)
+        ctype = headers["Content-Type"]
+        self.assertTrue(ctype.startswith("text/plain"), ctype)
+        self.assertIn("version=0.0.4", ctype)
+        self.assertEqual(int(headers["Content-Length"]), len(body.encode("utf-8")))
+        types, samples = parse_exposition(self, body)
+
+        self.assertEqual(types, {
+            "nexo_poller_ticks_total": "counter",
+            "nexo_poller_tick_duration_seconds": "histogram",
+            "nexo_poller_consecutive_errors": "gauge",
+            "nexo_poller_breaker_open": "gauge",
+            "nexo_poller_paused": "gauge",
+            "nexo_poller_items_seen_total": "counter",
+            "nexo_poller_items_dispatched_total": "counter",
+            "nexo_poller_plugin_restarts_total": "counter"})
+        for name in types:
+            self.assertIn(f"# HELP {name} ", body)
+
+        # ticks_total{job,kind,outcome}: one series per (job, kind, outcome) seen
+        ticks = {(lb["job"], lb["kind"], lb["outcome"]): v
+                 for lb, v in series(samples, "nexo_poller_ticks_total")}
+        self.assertEqual(ticks, {(job_id, "mem", "ok"): 3, ("flaky", "mem", "transient"): 2,
+                                 ("doomed", "mem", "permanent"): 1})
+        self.assertIn(f'nexo_poller_ticks_total{{job="{job_id}",kind="mem",outcome="ok"}} 3',
+                      body.splitlines())
+
+        # the duration histogram of kind "mem": cumulative buckets, +Inf == count
+        buckets = series(samples, "nexo_poller_tick_duration_seconds_bucket", kind="mem")
+        by_le = {lb["le"]: v for lb, v in buckets}
+        self.assertEqual(by_le["+Inf"], 6)
+        [(_, count)] = series(samples, "nexo_poller_tick_duration_seconds_count", kind="mem")
+        [(_, total)] = series(samples, "nexo_poller_tick_duration_seconds_sum", kind="mem")
+        self.assertEqual(count, 6)
+        self.assertEqual(by_le["+Inf"], count)
+        self.assertAlmostEqual(total, sum(o.duration for o in outcomes), delta=1e-5)
+        finite = sorted((float(le), v) for le, v in by_le.items() if le != "+Inf")
+        self.assertGreater(len(finite), 1)
+        for (_, lo), (_, hi) in zip(finite, finite[1:]):
+            self.assertLessEqual(lo, hi, "buckets are not cumulative")
+        for le, v in finite:
+            self.assertEqual(v, sum(1 for o in outcomes if o.duration <= le), f"le={le}")
+        self.assertEqual(buckets[-1][0]["le"], "+Inf", "+Inf must be the last bucket")
+
+        # per-job gauges and totals, for every configured job (ticked or not)
+        def per_job(name):
+            got = {lb["job"]: v for lb, v in series(samples, name)}
+            for lb, _ in series(samples, name):
+                self.assertEqual(lb["kind"], "mem")
+            return got
+
+        self.assertEqual(per_job("nexo_poller_consecutive_errors"),
+                         {job_id: 0, "flaky": 2, "doomed": 1, "idle": 0})
+        self.assertEqual(per_job("nexo_poller_breaker_open"),
+                         {job_id: 0, "flaky": 1, "doomed": 0, "idle": 0})
+        self.assertEqual(per_job("nexo_poller_paused"),
+                         {job_id: 0, "flaky": 0, "doomed": 1, "idle": 0})
+        seen = sum(o.ack.metrics.items_seen for o in outcomes if o.ack and o.ack.metrics)
+        dispatched = sum(o.ack.metrics.items_dispatched
+                         for o in outcomes if o.ack and o.ack.metrics)
+        self.assertEqual((seen, dispatched), (7, 3))
+        self.assertEqual(per_job("nexo_poller_items_seen_total"),
+                         {job_id: seen, "flaky": 0, "doomed": 0, "idle": 0})
+        self.assertEqual(per_job("nexo_poller_items_dispatched_total"),
+                         {job_id: dispatched, "flaky": 0, "doomed": 0, "idle": 0})
+        # the same figures as status()
+        st = {s["id"]: s for s in r.status()}
+        self.assertEqual(st[job_id]["items_seen_total"], seen)
+        self.assertTrue(st["doomed"]["paused"])
+        self.assertTrue(st["flaky"]["breaker_open"])
+        self.assertEqual(series(samples, "nexo_poller_plugin_restarts_total"), [])
+
+        # a query string is still /metrics; any other path is a 404
+        self.assertEqual(fetch(addr, "/metrics?x=1")[0], 200)
+        for path in ("/other", "/", "/metrics/extra"):
+            with self.subTest(path=path):
+                with self.assertRaises(urllib.error.HTTPError) as cm:
+                    fetch(addr, path)
+                self.assertEqual(cm.exception.code, 404)
+                cm.exception.close()
+
+        r.stop()
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(addr, timeout=5).close()
+
+    def test_metrics_follow_scheduler_ticks(self):
+        """Ticks dispatched by the scheduler (fire_due) are counted as well."""
+        cfg = self.config([self.job("s1", every=10)], metrics_addr="127.0.0.1:0")
+        r = self.runner(cfg, Scripted(script={"s1": [
+            TickAck(b"1", metrics=TickMetrics(items_seen=5, items_dispatched=5))]}))
+        addr = r._metrics_server.server_address[:2]
+        for _ in range(2):
+            self.t[0] += 10.001
+            self.assertEqual(r.fire_due(), 1)
+            self.assertTrue(r.wait_idle(WAIT))
+        _, samples = parse_exposition(self, fetch(addr)[2])
+        self.assertEqual(series(samples, "nexo_poller_ticks_total", job="s1", outcome="ok"),
+                         [({"job": "s1", "kind": "mem", "outcome": "ok"}, 2)])
+        self.assertEqual(series(samples, "nexo_poller_items_seen_total", job="s1")[0][1], 5)
+
+    def test_ipv6_metrics_addr(self):
+        """The config accepts ``[host]:port`` (it strips the brackets), so the
+        endpoint must serve on an IPv6 address too."""
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            self.skipTest("no IPv6 loopback here")
+        cfg = self.config([self.job("v6")], metrics_addr="[::1]:0")
+        self.assertEqual(cfg.metrics_addr, ("::1", 0))
+        r = self.runner(cfg, Scripted(), start=False)
+        r.start(background=False)
+        port = r._metrics_server.server_address[1]
+        self.assert_ok(r.run_once("v6"))
+        status, _, body = fetch(("[::1]", port))
+        self.assertEqual(status, 200)
+        _, samples = parse_exposition(self, body)
+        self.assertEqual(len(series(samples, "nexo_poller_ticks_total", job="v6")), 1)
+
+    def test_busy_metrics_port_is_one_clear_error(self):
+        """``run`` with ``metrics_addr`` on a port already taken: the README's
+        CLI promise is one clear line per user error, never a traceback."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            addr = "127.0.0.1:%d" % taken.getsockname()[1]
+            cfg_path = os.path.join(self.dir, "pollers.json")
+            with open(cfg_path, "w", encoding="utf-8") as f:
+                json.dump({"state_db": self.db, "metrics_addr": addr, "jobs": []}, f)
+            proc = subprocess.run([sys.executable, NEXO, "--config", cfg_path, "run"],
+                                  capture_output=True, text=True, timeout=60, cwd=self.dir,
+                                  stdin=subprocess.DEVNULL)
+        last = proc.stderr.strip().splitlines()[-1:] or [""]
+        self.assertFalse("Traceback" in proc.stderr, f"a traceback, ending {last[0]!r}")
+        self.assertNotIn(proc.returncode, (0, 1), proc.stderr)   # 1 means "a tick failed"
+        self.assertIn(addr, proc.stderr)
+
+    def test_label_values_are_escaped(self):
+        kind = 'we"ird\\kind\nline'            # in-process kinds are free-form
+        cfg = self.config([self.job("e.s:c-1", kind=kind)], extra_kinds=[kind],
+                          metrics_addr="127.0.0.1:0")
+        r = self.runner(cfg, Scripted(kind=kind))
+        self.assert_ok(r.run_once("e.s:c-1"))
+        body = fetch(r._metrics_server.server_address[:2])[2]
+        _, samples = parse_exposition(self, body)     # every line still well-formed
+        self.assertIn('kind="we\\"ird\\\\kind\\nline"', body)
+        self.assertEqual(series(samples, "nexo_poller_ticks_total", job="e.s:c-1"),
+                         [({"job": "e.s:c-1", "kind": kind, "outcome": "ok"}, 1)])
+        self.assertEqual(series(samples, "nexo_poller_tick_duration_seconds_count", kind=kind)
+                         [0][1], 1)
+        self.assertEqual(series(samples, "nexo_poller_paused", kind=kind)[0][1], 0)
+        self.assertEqual(nx._prom_escape('a\\b"c\nd'), 'a\\\\b\\"c\\nd')
+
+
+# ============================================================================
+# 2. tick log lines
+# ============================================================================
+
+TICK_LINE = re.compile(r"tick job=(\S+) kind=(\S+) outcome=(\S+) duration_ms=(\d+\.\d) "
+                       r"items_seen=(\d+) items_dispatched=(\d+)(?: error=(.*))?")
+
+
+class TestTickLogs(Case):
+
+    @staticmethod
+    def tick_records(records):
+        return [rec for rec in records if rec.getMessage().startswith("tick ")]
+
+    def test_one_line_per_tick_with_its_fields(self):
+        cfg = self.config([self.job("ok1"), self.job("flaky"), self.job("doomed")])
+        r = self.runner(cfg, Scripted(script={
+            "ok1": [TickAck(b"1", metrics=TickMetrics(items_seen=3, items_dispatched=2))] * 2,
+            "flaky": [PollerError.Transient("upstream 503")],
+            "doomed": [PollerError.Permanent("feed deleted")]}))
+        with self.assertLogs("nexo_poller", "INFO") as cm:
+            outcomes = [r.run_once("ok1"), r.run_once("ok1"), r.run_once("flaky"),
+                        r.run_once("doomed")]
+        self.assertEqual([o.status for o in outcomes], ["ok", "ok", "transient", "permanent"])
+        ticks = self.tick_records(cm.records)
+        self.assertEqual(len(ticks), 4, [rec.getMessage() for rec in ticks])
+        fmt = nx._JsonFormatter()
+        for rec, o in zip(ticks, outcomes):
+            with self.subTest(job=o.job_id, outcome=o.status):
+                msg = rec.getMessage()
+                m = TICK_LINE.fullmatch(msg)
+                self.assertIsNotNone(m, msg)
+                job, kind, outcome, duration_ms, seen, dispatched, error = m.groups()
+                self.assertEqual((job, kind, outcome), (o.job_id, "mem", o.status))
+                self.assertAlmostEqual(float(duration_ms), o.duration * 1000, delta=0.051)
+                if o.status == "ok":
+                    self.assertEqual(rec.levelno, logging.INFO)
+                    self.assertEqual((seen, dispatched), ("3", "2"))
+                    self.assertIsNone(error)
+                else:
+                    self.assertEqual(rec.levelno, logging.WARNING)
+                    self.assertEqual((seen, dispatched), ("0", "0"))
+                    self.assertEqual(error, o.error)
+                    self.assertIn({"transient": "upstream 503",
+                                   "permanent": "feed deleted"}[o.status], error)
+                # the structured copy on the record
+                tick = getattr(rec, "tick", None)
+                self.assertIsInstance(tick, dict)
+                self.assertLessEqual(TICK_KEYS, set(tick))
+                self.assertEqual((tick["job"], tick["kind"], tick["outcome"]),
+                                 (o.job_id, "mem", o.status))
+                self.assertEqual(tick["duration_ms"], round(o.duration * 1000, 3))
+                self.assertEqual((tick["items_seen"], tick["items_dispatched"]),
+                                 (3, 2) if o.status == "ok" else (0, 0))
+                # --log-format json: one object on one line
+                line = fmt.format(rec)
+                self.assertNotIn("\n", line)
+                doc = json.loads(line)
+                self.assertIsInstance(doc, dict)
+                self.assertEqual(doc["level"], rec.levelname.lower())
+                self.assertEqual(doc["msg"], msg)
+                for key in TICK_KEYS:
+                    self.assertEqual(doc[key], tick[key], key)
+        for rec in cm.records:                       # non-tick lines are JSON too
+            doc = json.loads(fmt.format(rec))
+            self.assertIn("level", doc)
+
+    def test_json_formatter_keeps_a_traceback_on_one_line(self):
+        try:
+            raise RuntimeError("boom\nsecond line")
+        except RuntimeError:
+            rec = logging.getLogger("nexo_poller").makeRecord(
+                "nexo_poller", logging.ERROR, __file__, 1, "failed %s", ("x",), sys.exc_info())
+        line = nx._JsonFormatter().format(rec)
+        self.assertNotIn("\n", line)
+        doc = json.loads(line)
+        self.assertEqual((doc["level"], doc["msg"]), ("error", "failed x"))
+        self.assertIn("RuntimeError: boom", doc["exc"])
+
+    def test_job_config_is_never_logged(self):
+        """A secret in job config appears in no log record at DEBUG, whatever the
+        tick's outcome and whichever way the kind is served."""
+        conf = {"token": SECRET, "nested": {"headers": [f"Bearer {SECRET}"]}}
+        eph = self.manifest("eph", "obs_eph", "counter", SDK_PLUGIN, lifecycle="ephemeral")
+        lived = self.manifest("lived", "obs_lived", "lcounter", E2E_PLUGIN, args=["lcounter"])
+        jobs = [self.job("m_ok", config=conf), self.job("m_tr", config=conf),
+                self.job("m_pm", config=conf), self.job("m_bug", config=conf),
+                self.job("e_ok", kind="counter", config=conf),
+                self.job("e_tr", kind="counter", config=dict(conf, **{"raise": "transient"})),
+                self.job("e_pm", kind="counter", config=dict(conf, **{"raise": "permanent"})),
+                self.job("l_ok", kind="lcounter", config=conf),
+                self.job("l_tr", kind="lcounter", config=dict(conf, fail="transient")),
+                self.job("l_pm", kind="lcounter", config=dict(conf, fail="permanent"))]
+        poller = Scripted(script={"m_ok": [TickAck(b"1", metrics=TickMetrics(items_seen=1))],
+                                  "m_tr": [PollerError.Transient("upstream 503")],
+                                  "m_pm": [PollerError.Permanent("feed deleted")],
+                                  "m_bug": [RuntimeError("poller bug")]})
+        with self.assertLogs("nexo_poller", "DEBUG") as cm:
+            r = self.runner(self.config(jobs, plugins=[eph, lived]), poller)
+            got = {j["id"]: r.run_once(j["id"]).status for j in jobs}
+            r.stop()
+        self.assertEqual(got, {"m_ok": "ok", "m_tr": "transient", "m_pm": "permanent",
+                               "m_bug": "transient", "e_ok": "ok", "e_tr": "transient",
+                               "e_pm": "permanent", "l_ok": "ok", "l_tr": "transient",
+                               "l_pm": "permanent"})
+        # not vacuous: every tick was logged, and DEBUG records were captured
+        self.assertEqual(sorted(rec.tick["job"] for rec in self.tick_records(cm.records)),
+                         sorted(got))
+        self.assertTrue(any(rec.levelno == logging.DEBUG for rec in cm.records))
+        text_fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+        json_fmt = nx._JsonFormatter()
+        for rec in cm.records:
+            for out in (text_fmt.format(rec), json_fmt.format(rec), repr(vars(rec))):
+                self.assertNotIn(SECRET, out, f"secret logged: {out[:300]!r}")
+
+    def test_cli_json_logs_and_no_secret(self):
+        """``--log-level debug --log-format json tick JOB``: every stderr line is
+        one JSON object, the tick line carries its fields, the secret never shows."""
+        eph = self.manifest("eph", "obs_eph", "e2e_counter", E2E_PLUGIN, lifecycle="ephemeral")
+        conf = {"token": SECRET}
+        cfg_path = os.path.join(self.dir, "pollers.json")
+        with open(cfg_path, "w", encoding="utf-8") as f:
+            json.dump({"state_db": self.db, "default_jitter_ms": 0, "plugins": [eph],
+                       "jobs": [self.job("c_ok", kind="e2e_counter", config=conf),
+                                self.job("c_tr", kind="e2e_counter",
+                                         config=dict(conf, fail="transient")),
+                                self.job("c_pm", kind="e2e_counter",
+                                         config=dict(conf, fail="permanent"))]}, f)
+        for job, outcome, code in (("c_ok", "ok", 0), ("c_tr", "transient", 1),
+                                   ("c_pm", "permanent", 1)):
+            with self.subTest(job=job):
+                proc = subprocess.run(
+                    [sys.executable, NEXO, "--config", cfg_path, "--log-level", "debug",
+                     "--log-format", "json", "tick", job],
+                    capture_output=True, text=True, timeout=60, cwd=self.dir,
+                    stdin=subprocess.DEVNULL)
+                self.assertEqual(proc.returncode, code, proc.stderr)
+                self.assertNotIn(SECRET, proc.stderr)
+                docs = []
+                for line in proc.stderr.splitlines():
+                    doc = json.loads(line)          # every line, not only tick lines
+                    self.assertIsInstance(doc, dict)
+                    self.assertIn(doc.get("level"), {"debug", "info", "warning", "error"})
+                    docs.append(doc)
+                ticks = [d for d in docs if d.get("msg", "").startswith("tick ")]
+                self.assertEqual(len(ticks), 1, proc.stderr)
+                self.assertLessEqual(TICK_KEYS, set(ticks[0]))
+                self.assertEqual((ticks[0]["job"], ticks[0]["kind"], ticks[0]["outcome"]),
+                                 (job, "e2e_counter", outcome))
+                self.assertEqual(ticks[0]["level"], "info" if outcome == "ok" else "warning")
+                if outcome == "ok":
+                    self.assertEqual((ticks[0]["items_seen"], ticks[0]["items_dispatched"]),
+                                     (1, 1))
+
+
+# ============================================================================
+# 3. reload of long-lived plugins
+# ============================================================================
+
+class TestPluginReload(Case):
+
+    def counter_manifest(self, gen, **kw):
+        report = os.path.join(self.dir, f"report-{gen}.json")
+        env = {"SDK_PLUGIN_REPORT": report, "FIXTURE_GEN": str(gen)}
+        return self.manifest("counter", "obs_counter", "counter", SDK_PLUGIN, env=env, **kw), \
+            report
+
+    def read_report(self, path):
+        def load():
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return json.load(f)
+            except FileNotFoundError:
+                return None
+        doc = wait_until(load)
+        self.assertIsNotNone(doc, f"the plugin never wrote {path}")
+        return doc
+
+    def test_changed_manifest_restarts_unchanged_keeps(self):
+        path, report1 = self.counter_manifest(1)
+        jobs = [self.job("c1", kind="counter")]
+        r = self.runner(self.config(jobs, plugins=[path]))
+        pid1 = self.plugin_pid(r, "obs_counter")
+        self.assertEqual(self.read_report(report1)["pid"], pid1)
+        self.assertEqual(self.assert_ok(r.run_once("c1")).ack.next_cursor, b"1")
+
+        # the same manifest, read again: nothing restarts
+        sup = r._supervisors["obs_counter"]
+        diff = r.reload(self.config(jobs, plugins=[path]))
+        self.assertEqual(diff["restarted"], [])
+        self.assertEqual(diff["kept"], ["c1"])
+        self.assertIs(r._supervisors["obs_counter"], sup)
+        self.assertEqual(self.plugin_pid(r, "obs_counter"), pid1)
+        self.assertFalse(pid_gone(pid1))
+        self.assertEqual(self.assert_ok(r.run_once("c1")).ack.next_cursor, b"2")
+
+        # a different entrypoint env: a new process, with the new env
+        path, report2 = self.counter_manifest(2)
+        diff = r.reload(self.config(jobs, plugins=[path]))
+        self.assertEqual(diff["restarted"], ["obs_counter"])
+        self.assertEqual(diff["kept"], ["c1"])
+        self.assertTrue(wait_until(lambda: pid_gone(pid1)), f"old plugin {pid1} still there")
+        pid2 = self.plugin_pid(r, "obs_counter", not_pid=pid1)
+        rep = self.read_report(report2)
+        self.assertEqual((rep["pid"], rep["env"].get("FIXTURE_GEN")), (pid2, "2"))
+        self.assertEqual(self.assert_ok(r.run_once("c1")).ack.next_cursor, b"3")
+
+        # a different tick timeout: restarted again, the router has the new handle
+        path, report3 = self.counter_manifest(2, timeout=20)
+        diff = r.reload(self.config(jobs, plugins=[path]))
+        self.assertEqual(diff["restarted"], ["obs_counter"])
+        self.assertTrue(wait_until(lambda: pid_gone(pid2)), f"old plugin {pid2} still there")
+        pid3 = self.plugin_pid(r, "obs_counter", not_pid=pid2)
+        self.assertNotIn(pid3, (pid1, pid2))
+        self.assertEqual(r.router.handles_for_plugin("obs_counter").tick_timeout,
+                         timedelta(seconds=20))
+        self.assertEqual(self.assert_ok(r.run_once("c1")).ack.next_cursor, b"4")
+        self.assertEqual(r.status()[0]["cursor"], nx.encode_cursor(b"4"))
+
+    def test_remove_and_add_plugins(self):
+        path, _ = self.counter_manifest(1)
+        r = self.runner(self.config([self.job("c1", kind="counter")], plugins=[path]))
+        pid_a = self.plugin_pid(r, "obs_counter")
+        self.assert_ok(r.run_once("c1"))
+
+        added = self.manifest("gauge", "obs_gauge", "gauge", E2E_PLUGIN, args=["gauge"])
+        diff = r.reload(self.config([self.job("g1", kind="gauge")], plugins=[added]))
+        self.assertEqual((diff["removed"], diff["added"], diff["restarted"]),
+                         (["c1"], ["g1"], []))
+        # the removed plugin: its process ends, nothing routes to it any more
+        self.assertTrue(wait_until(lambda: pid_gone(pid_a)), f"removed plugin {pid_a} runs on")
+        self.assertNotIn("obs_counter", r._supervisors)
+        self.assertIsNone(r.router.handle_for_kind("counter"))
+        with self.assertRaises(KeyError):
+            r.run_once("c1")
+        # the added plugin: started, and its job ticks
+        pid_b = self.plugin_pid(r, "obs_gauge")
+        self.assertNotEqual(pid_b, pid_a)
+        o = self.assert_ok(r.run_once("g1"))
+        self.assertEqual((o.ack.next_cursor, o.ack.metrics.items_seen), (b"1", 1))
+        self.assertEqual([s["id"] for s in r.status()], ["g1"])
+
+        r.stop()
+        self.assertTrue(wait_until(lambda: pid_gone(pid_b)), f"plugin {pid_b} outlived stop()")
+
+
+# ============================================================================
+# 4. nexo_poller_plugin_restarts_total
+# ============================================================================
+
+class TestPluginRestartMetric(Case):
+
+    def test_restart_after_sigkill_is_counted(self):
+        path = self.manifest("counter", "obs_counter", "counter", SDK_PLUGIN)
+        r = self.runner(self.config([self.job("c1", kind="counter")], plugins=[path],
+                                    metrics_addr="127.0.0.1:0"))
+        addr = r._metrics_server.server_address[:2]
+
+        def restarts():
+            _, samples = parse_exposition(self, fetch(addr)[2])
+            got = series(samples, "nexo_poller_plugin_restarts_total")
+            self.assertEqual([lb for lb, _ in got], [{"plugin": "obs_counter"}])
+            return got[0][1]
+
+        pid1 = self.plugin_pid(r, "obs_counter")
+        self.assertEqual(restarts(), 0)
+        self.assert_ok(r.run_once("c1"))
+        sup = r._supervisors["obs_counter"]
+
+        os.kill(pid1, signal.SIGKILL)
+        pid2 = self.plugin_pid(r, "obs_counter", not_pid=pid1)
+        self.assertTrue(wait_until(lambda: sup.restarts >= 1))
+        self.assertEqual(sup.restarts, 1)
+        self.assertEqual(restarts(), 1)
+        self.assertTrue(pid_gone(pid1))
+        self.assertNotEqual(pid2, pid1)
+        o = self.assert_ok(r.run_once("c1"))             # and it serves ticks again
+        self.assertEqual(o.ack.next_cursor, b"2")
+
+
+if __name__ == "__main__":
+    unittest.main()
