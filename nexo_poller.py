@@ -3543,11 +3543,17 @@ class Runner:
 
     # -- one tick ------------------------------------------------------------------
 
-    def _lease_ttl(self, job: _Job) -> float:
-        ttl = max(_LEASE_MIN_SECS, self.config.lease_ttl_factor * job.cfg.schedule.nominal_interval)
+    def _tick_budget(self, job: _Job) -> float:
+        """How long a tick of this job may take: its plugin's timeout, or a
+        few seconds for an in-process poller."""
         handle = self.router.handle_for_kind(job.cfg.kind)
-        if handle is not None:
-            ttl = max(ttl, handle.tick_timeout.total_seconds() + _LEASE_MIN_SECS)
+        return 5.0 if handle is None else handle.tick_timeout.total_seconds()
+
+    def _lease_ttl(self, job: _Job) -> float:
+        """factor x interval, at least 30 s, and at least a plugin's tick timeout + 30 s."""
+        ttl = max(_LEASE_MIN_SECS, self.config.lease_ttl_factor * job.cfg.schedule.nominal_interval)
+        if self.router.handle_for_kind(job.cfg.kind) is not None:
+            ttl = max(ttl, self._tick_budget(job) + _LEASE_MIN_SECS)
         return ttl
 
     def _tick(self, job: _Job, slot: float, commit_async: bool) -> TickOutcome:
@@ -3562,7 +3568,9 @@ class Runner:
                 cancel.set()
         outcome = TickOutcome(cfg.id, cfg.kind, "ok")
         ttl = self._lease_ttl(job)
-        if job.lease_until < now + ttl / 2:
+        # Claim only when the lease would not outlast this tick: in steady
+        # state each commit renews it, so ticks make no extra round trip.
+        if job.lease_until < now + self._tick_budget(job) + 5.0:
             try:
                 leased = self.state.claim(cfg.id, now + ttl, now)
             except StateError as exc:
@@ -3624,6 +3632,7 @@ class Runner:
 
         def done(result):
             if result is True:
+                job.lease_until = lease_until   # the commit renewed the lease
                 self._log_tick(outcome)     # before the release: wait_idle() sees it
                 self._apply(job, fields, plan, outcome)
             else:

@@ -643,6 +643,18 @@ class ConcurrencyTests(RunnerCase):
         self.assertEqual(len(p2.calls), 1)
         self.assertEqual(self.row()["lease_owner"], r2.state.owner)
 
+    def test_steady_ticks_renew_the_lease_without_a_separate_claim(self):
+        r = self.runner(self.config([self.job(every=60)]), Scripted())
+        claims = []
+        real = r.state.claim
+        r.state.claim = lambda *a: claims.append(a) or real(*a)
+        for _ in range(4):                      # a little late each time, as jitter makes it
+            self.go_to_next(r)
+            self.t[0] += 0.7
+            self.assertEqual(self.fire(r), 1)
+        self.assertEqual(claims, [])            # start() leased it; each commit renewed it
+        self.assertGreater(self.row()["lease_until"], self.t[0] + 60)
+
     def test_expired_lease_passes_to_the_other_runner(self):
         cfg = self.config([self.job(every=10)])
         p1, p2 = Scripted(), Scripted()
