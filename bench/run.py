@@ -501,8 +501,9 @@ def fig7_memory(ctx: Ctx) -> list[dict]:
         top = ", ".join(f"{t['where']} {t['size_diff']:+d} B" for t in c["top"][:2])
         rows.append(row("7", f"retained per tick: {label}", c["retained_per_tick"], "B/tick",
                         target="no growth (< 16 B/tick)", met=c["retained_per_tick"] < 16,
-                        notes=f"{c['ticks']:,} ticks traced; transient peak "
-                              f"{c['transient_peak'] / 1024:.0f} KiB; top: {top}"))
+                        notes=f"{c['ticks']:,} ticks traced; high-water growth, 2nd half over "
+                              f"1st; end over start {c['endpoint_per_tick']:.2f} B/tick; "
+                              f"transient peak {c['transient_peak'] / 1024:.0f} KiB; top: {top}"))
     return rows
 
 

@@ -486,16 +486,21 @@ def w_memory_churn(a: dict) -> dict:
         time.sleep(a["warm_secs"])
         tracemalloc.start(10)
         time.sleep(a["settle_secs"])
+        samples = _Samples(int(a["secs"] / 0.01) + 10)
         gc.collect()
         s1, c1 = tracemalloc.take_snapshot(), counter[0]
         cur1, _ = tracemalloc.get_traced_memory()
+        samples.add(c1, cur1)
         tracemalloc.reset_peak()
-        time.sleep(a["secs"])
+        end = time.monotonic() + a["secs"]
+        while time.monotonic() < end:
+            time.sleep(0.01)
+            samples.add(counter[0], tracemalloc.get_traced_memory()[0])
         gc.collect()
         cur2, peak = tracemalloc.get_traced_memory()
         s2, c2 = tracemalloc.take_snapshot(), counter[0]
         tracemalloc.stop()
-        out["scheduled"] = _diff(s1, s2, cur1, cur2, peak, c2 - c1, a["secs"])
+        out["scheduled"] = _diff(s1, s2, cur1, cur2, peak, c2 - c1, a["secs"], samples)
     finally:
         runner.stop()
         cleanup(tmp)
@@ -537,38 +542,83 @@ def w_memory_churn(a: dict) -> dict:
     return out
 
 
-def _diff(s1, s2, cur1, cur2, peak, done, elapsed) -> dict:
+class _Samples:
+    """(ticks done, traced bytes) pairs in arrays allocated before the window,
+    so that taking samples allocates nothing the trace would count."""
+
+    def __init__(self, cap: int) -> None:
+        import array
+        self.ticks, self.cur = array.array("q", [0]) * (cap + 1), array.array("q", [0]) * (cap + 1)
+        self.n = 0
+
+    def add(self, ticks: int, cur: int) -> None:
+        if self.n < len(self.ticks):
+            self.ticks[self.n], self.cur[self.n] = ticks, cur
+            self.n += 1
+
+    def pairs(self) -> list:
+        return list(zip(self.ticks[:self.n], self.cur[:self.n]))
+
+
+def _growth(samples: list) -> float | None:
+    """Bytes per tick by which the traced high-water mark of the second half
+    of the window exceeds the first half's.  ``samples`` are (ticks done,
+    traced bytes) taken all through the window.  A leak raises the second
+    half's peak by its rate times the ticks in between; a bounded structure
+    that fills and is trimmed (the timer heap, compacted when stale entries
+    reach 2 x jobs + 1,024) peaks as high in both halves, so it cancels out
+    instead of counting at whatever phase the window happens to end on."""
+    if len(samples) < 4:
+        return None
+    mid = len(samples) // 2
+    first, second = samples[:mid], samples[mid:]
+    ticks = second[-1][0] - first[-1][0]
+    return (max(c for _, c in second) - max(c for _, c in first)) / max(1, ticks)
+
+
+def _diff(s1, s2, cur1, cur2, peak, done, elapsed,
+          samples: "_Samples | None" = None) -> dict:
     top = []
     for st in s2.compare_to(s1, "lineno")[:5]:
         frame = st.traceback[0]
         top.append({"where": f"{os.path.basename(frame.filename)}:{frame.lineno}",
                     "size_diff": st.size_diff, "count_diff": st.count_diff})
-    return {"ticks": done, "retained_per_tick": (cur2 - cur1) / max(1, done),
+    endpoint = (cur2 - cur1) / max(1, done)
+    pairs = samples.pairs() if samples is not None else []
+    growth = _growth(pairs)
+    return {"ticks": done, "retained_per_tick": endpoint if growth is None else growth,
+            "endpoint_per_tick": endpoint, "high_water_growth_per_tick": growth,
+            "samples": len(pairs),
             "retained_total": cur2 - cur1, "transient_peak": peak - cur1,
             "traced_rate": done / elapsed, "top": top}
 
 
 def _churn(tick, warm_ticks: int, ticks: int, count) -> dict:
-    """Bytes still allocated per tick after ``ticks`` steady-state ticks."""
+    """Growth per tick over ``ticks`` steady-state ticks (see _growth), and the
+    bytes still allocated at the end over those at the start."""
     import tracemalloc
     for _ in range(warm_ticks):
         tick()
     tracemalloc.start(10)
     for _ in range(max(1, warm_ticks // 10)):
         tick()
+    samples = _Samples(ticks // 10 + 1)
     gc.collect()
     s1, c1 = tracemalloc.take_snapshot(), count()
     cur1, _ = tracemalloc.get_traced_memory()
+    samples.add(c1, cur1)
     tracemalloc.reset_peak()
     t0 = time.perf_counter()
-    for _ in range(ticks):
+    for i in range(1, ticks + 1):
         tick()
+        if i % 10 == 0:
+            samples.add(count(), tracemalloc.get_traced_memory()[0])
     elapsed = time.perf_counter() - t0
     gc.collect()
     cur2, peak = tracemalloc.get_traced_memory()
     s2, c2 = tracemalloc.take_snapshot(), count()
     tracemalloc.stop()
-    return _diff(s1, s2, cur1, cur2, peak, c2 - c1, elapsed)
+    return _diff(s1, s2, cur1, cur2, peak, c2 - c1, elapsed, samples)
 
 
 WORKERS = {"broker": w_broker, "broker-client": w_broker_client,
