@@ -39,20 +39,23 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import dataclasses
 import enum
-import errno
 import heapq
 import itertools
 import json
 import logging
 import math
 import os
+import queue
+import random
 import re
 import select
 import selectors
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -63,6 +66,10 @@ import tomllib
 from collections import deque
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Mapping
+
+# sqlite3, http.server, argparse, zoneinfo and concurrent.futures are
+# imported where first needed: a plugin importing this module for run_plugin
+# should not pay for the daemon's parts.
 
 __version__ = "0.1.0"
 
@@ -1149,7 +1156,6 @@ class BrokerServer:
     def _clear_stale_socket(self) -> None:
         if not os.path.lexists(self.path):
             return
-        import stat
         if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
             raise _broker_error(BROKER_CLOSED, f"{self.path} exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -2713,7 +2719,6 @@ class CronExpr:
         Wall times skipped by a DST change do not fire; a wall time that
         happens twice fires once, at its first occurrence.
         """
-        from bisect import bisect_left
         after_utc = after.astimezone(timezone.utc)
         wall = (after_utc + timedelta(seconds=1)).astimezone(tz).replace(
             tzinfo=None, microsecond=0)
@@ -2721,11 +2726,11 @@ class CronExpr:
         start = (wall.hour, wall.minute, wall.second)
         for _ in range(366 * 8):
             if self._day_matches(day):
-                for h in self.hours[bisect_left(self.hours, start[0]):]:
+                for h in self.hours[bisect.bisect_left(self.hours, start[0]):]:
                     m0 = start[1] if h == start[0] else 0
-                    for m in self.minutes[bisect_left(self.minutes, m0):]:
+                    for m in self.minutes[bisect.bisect_left(self.minutes, m0):]:
                         s0 = start[2] if (h, m) == start[:2] else 0
-                        for s in self.seconds[bisect_left(self.seconds, s0):]:
+                        for s in self.seconds[bisect.bisect_left(self.seconds, s0):]:
                             local = datetime(day.year, day.month, day.day, h, m, s)
                             found = _wall_to_utc(local, tz)
                             if found is not None and found > after_utc:
@@ -3162,7 +3167,6 @@ class _WorkerPool:
     keep the process alive at exit the way executor threads would."""
 
     def __init__(self, limit: int):
-        import queue
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._limit, self._threads, self._idle = limit, 0, 0
         self._lock = threading.Lock()
@@ -3232,7 +3236,6 @@ class Runner:
 
     def __init__(self, config: DaemonConfig, *, clock: Callable[[], float] = time.time,
                  rng: Any = None):
-        import random
         self.config = config
         self.clock = clock
         self._rng = rng or random.Random()
@@ -3877,37 +3880,38 @@ class Runner:
     # -- the daemon's main thread --------------------------------------------------------
 
     def run_forever(self, config_path: str | None = None) -> None:
-        """Start, then serve until SIGINT/SIGTERM; SIGHUP re-reads ``config_path``."""
-        wake = threading.Event()
-        flags = {"reload": False}
+        """Start, then serve until SIGINT/SIGTERM; SIGHUP re-reads ``config_path``.
 
-        def on_stop(signum, frame):
-            wake.set()
-
-        def on_hup(signum, frame):
-            flags["reload"] = True
-            wake.set()
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGTERM, on_stop)
-        if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, on_hup)
+        Call it from the main thread.  Signals arrive through a wake-up pipe
+        (``signal.set_wakeup_fd``): a handler that took a lock could deadlock
+        against the very thread it interrupted.
+        """
+        stops = {signal.SIGINT, signal.SIGTERM}
+        wanted = stops | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        previous = {s: signal.signal(s, lambda signum, frame: None) for s in wanted}
+        old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         try:
             self.start()
             while True:
-                wake.wait()
-                wake.clear()
-                if not flags["reload"]:
+                received = set(os.read(read_fd, 256))      # one byte per signal number
+                if received & stops:
                     break
-                flags["reload"] = False
-                if config_path is None:
-                    continue
-                try:
-                    new = load_config(config_path, extra_kinds=self._in_process)
-                    self.reload(new)
-                except (ConfigError, ManifestError, PollerRouteRegistrationError) as exc:
-                    log.error("reload rejected, keeping the running config: %s", exc)
+                if received & wanted and config_path is not None:
+                    try:
+                        self.reload(load_config(config_path, extra_kinds=self._in_process))
+                    except (ConfigError, ManifestError, PollerRouteRegistrationError) as exc:
+                        log.error("reload rejected, keeping the running config: %s", exc)
         finally:
-            self.stop()
+            try:
+                self.stop()                 # a second Ctrl-C meanwhile does not cut it short
+            finally:
+                signal.set_wakeup_fd(old_wakeup)
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+                os.close(read_fd)
+                os.close(write_fd)
 
 
 _COMMAND_SQL = {
