@@ -6,7 +6,6 @@ interpreter (``sys.executable``), so any Python 3.11+ works.  The module
 under test is never imported for behaviour, only run.
 """
 
-import base64
 import json
 import os
 import re
@@ -18,39 +17,15 @@ import tempfile
 import time
 import unittest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NEXO = os.path.join(ROOT, "nexo_poller.py")
-PLUGIN = os.path.join(ROOT, "tests", "fixtures", "e2e_counter_plugin.py")
-PY = sys.executable
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
+from e2e_support import (NEXO, PY, ROOT, b64, pid_gone, unb64,  # noqa: E402
+                         write_counter_plugin)
+
 TIMEOUT = 60          # for any one CLI run: a hang fails, a slow machine does not
 
 STATUS_KEYS = {"id", "kind", "agent", "paused", "cursor", "last_status", "last_error",
                "consecutive_errors", "last_run_at", "next_run_at", "items_seen_total",
                "items_dispatched_total", "breaker_open", "running"}
-
-
-def b64(raw: bytes) -> str:
-    """A cursor as it travels on the wire: URL-safe base64, no padding."""
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def q(text: str) -> str:
-    """A TOML basic string (JSON's escapes are a subset TOML accepts)."""
-    return json.dumps(text)
-
-
-def pid_gone(pid: int) -> bool:
-    """True when the process no longer exists or is only a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode("ascii", "replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return data[data.rindex(")") + 2:].split()[0] in ("Z", "X")
 
 
 class Project:
@@ -63,28 +38,7 @@ class Project:
         self.pid_file = os.path.join(root, "plugin-pids.txt")
 
     def plugin(self, name: str, kind: str, lifecycle: str) -> str:
-        folder = os.path.join(self.root, "plugins", name)
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "nexo-plugin.toml"), "w", encoding="utf-8") as f:
-            f.write(f"""[plugin]
-id = {q(name)}
-version = "0.0.1"
-
-[plugin.entrypoint]
-command = {q(PY)}
-args = [{q(PLUGIN)}, {q(kind)}]
-
-[plugin.entrypoint.env]
-E2E_PID_FILE = {q(self.pid_file)}
-
-[plugin.poller]
-kinds = [{q(kind)}]
-broker_topic_prefix = {q("plugin.poller." + name)}
-lifecycle = {q(lifecycle)}
-max_concurrent_ticks = 2
-tick_timeout_secs = 20
-""")
-        return os.path.join("plugins", name)
+        return write_counter_plugin(self.root, name, kind, lifecycle, self.pid_file, 2)
 
     def write(self, doc) -> str:
         text = doc if isinstance(doc, str) else json.dumps(doc, indent=2)

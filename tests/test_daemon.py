@@ -20,18 +20,13 @@ import threading
 import time
 import unittest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NEXO = os.path.join(ROOT, "nexo_poller.py")
-PLUGIN = os.path.join(ROOT, "tests", "fixtures", "e2e_counter_plugin.py")
-PY = sys.executable
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
+from e2e_support import NEXO, PY, ROOT, pid_gone, write_counter_plugin  # noqa: E402
+
 CLI_TIMEOUT = 60
 STOP_BOUND = 15.0       # a signalled daemon must have exited within this
 WAIT = 20.0             # default deadline for "this should happen soon"
 EVERY = 0.3             # every_secs of the test jobs
-
-
-def b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
 def counter(cursor_b64):
@@ -39,20 +34,6 @@ def counter(cursor_b64):
     if cursor_b64 is None:
         return 0
     return int(base64.urlsafe_b64decode(cursor_b64 + "=" * (-len(cursor_b64) % 4)))
-
-
-def q(text: str) -> str:
-    return json.dumps(text)
-
-
-def pid_gone(pid: int) -> bool:
-    """True when the process no longer exists or is only a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode("ascii", "replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return data[data.rindex(")") + 2:].split()[0] in ("Z", "X")
 
 
 def wait_gone(pids, timeout: float) -> list[int]:
@@ -75,27 +56,7 @@ class Project:
         self.pid_file = os.path.join(root, "plugin-pids.txt")
         for name, kind, lifecycle in (("feed", "e2e_feed", "ephemeral"),
                                       ("clock", "e2e_clock", "long_lived")):
-            folder = os.path.join(root, "plugins", name)
-            os.makedirs(folder)
-            with open(os.path.join(folder, "nexo-plugin.toml"), "w", encoding="utf-8") as f:
-                f.write(f"""[plugin]
-id = {q(name)}
-version = "0.0.1"
-
-[plugin.entrypoint]
-command = {q(PY)}
-args = [{q(PLUGIN)}, {q(kind)}]
-
-[plugin.entrypoint.env]
-E2E_PID_FILE = {q(self.pid_file)}
-
-[plugin.poller]
-kinds = [{q(kind)}]
-broker_topic_prefix = {q("plugin.poller." + name)}
-lifecycle = {q(lifecycle)}
-max_concurrent_ticks = 4
-tick_timeout_secs = 20
-""")
+            write_counter_plugin(root, name, kind, lifecycle, self.pid_file, 4)
 
     def doc(self, jobs=None, **top) -> dict:
         doc = {"state_db": "state/poller.db", "default_jitter_ms": 0,
@@ -334,6 +295,20 @@ class TestRunAndStop(DaemonTestCase):
         lived = [p for p in self.p.plugin_procs() if p[2] == "long_lived"]
         self.assertEqual(len(lived), 1, lived)
         self.assert_stopped_cleanly(d, signal.SIGTERM)
+
+    def test_a_storm_of_signals_never_wedges_it(self):
+        # Handlers that take locks can deadlock against the thread they
+        # interrupt; hundreds of SIGHUPs then a SIGTERM and a second SIGINT
+        # during shutdown must still end in a clean, prompt exit.
+        d = self._run_both_lifecycles()
+        for _ in range(300):
+            d.proc.send_signal(signal.SIGHUP)
+        d.wait_ticks("clock", 2, since=d.mark())
+        start = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        d.proc.send_signal(signal.SIGINT)
+        self.assert_stopped_cleanly(d, signal.SIGTERM)
+        self.assertLess(time.monotonic() - start, STOP_BOUND)
 
     def test_sigint_exits_0_and_leaves_no_plugin(self):
         d = self._run_both_lifecycles(verb=())        # `run` is the default verb

@@ -8,7 +8,6 @@ deadline" from "hangs", not fast from slow.
 import concurrent.futures
 import json
 import os
-import stat
 import subprocess
 import sys
 import tempfile
