@@ -2183,10 +2183,11 @@ class PluginSupervisor:
         fd = proc.stdout.fileno()
         os.set_blocking(fd, False)
         buf = bytearray()
+        poller = select.poll()               # not select(): fds past 1024 are fine
+        poller.register(fd, select.POLLIN)
         try:
             while True:
-                ready, _, _ = select.select([fd], [], [], 0.5)
-                if ready:
+                if poller.poll(500):
                     try:
                         chunk = os.read(fd, 65536)
                     except BlockingIOError:
@@ -3173,11 +3174,11 @@ class _WorkerPool:
 
     def submit(self, fn: Callable, *args) -> None:
         with self._lock:
-            if self._idle == 0 and self._threads < self._limit:
+            if self._idle:
+                self._idle -= 1              # an idle thread will take it
+            elif self._threads < self._limit:
                 self._threads += 1
                 threading.Thread(target=self._work, daemon=True, name="nexo-tick").start()
-            else:
-                self._idle -= 1 if self._idle else 0
         self._q.put((fn, args))
 
     def _work(self) -> None:

@@ -337,3 +337,33 @@ class OrphanedPluginTests(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class SupervisorHighFdTest(unittest.TestCase):
+    """The relay of a plugin's output must work whatever its pipe's fd number
+    (select() cannot watch descriptors past 1023)."""
+
+    def test_output_is_relayed_when_the_pipe_fd_is_above_1024(self):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            self.skipTest(f"RLIMIT_NOFILE hard limit {hard} is below 1200")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+        self.addCleanup(lambda: [os.close(fd) for fd in fillers])
+        script = "import sys, time; print('hello from a high fd', flush=True); time.sleep(30)"
+        handle = PluginPollerHandle(
+            "highfd", ["highfd"], "plugin.poller.highfd", entrypoint_command=sys.executable,
+            entrypoint_args=["-c", script])
+        with self.assertLogs("nexo_poller", "INFO") as logs:
+            sup = PluginSupervisor(handle, "unix:///nonexistent.sock",
+                                               stop_grace=1.0).start()
+            self.addCleanup(sup.stop)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not any(
+                    "hello from a high fd" in line for line in logs.output):
+                time.sleep(0.05)
+            self.assertGreater(sup.proc.stdout.fileno(), 1024)
+        self.assertTrue(any("plugin highfd: hello from a high fd" in line
+                            for line in logs.output), logs.output)
