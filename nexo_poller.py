@@ -2375,7 +2375,7 @@ CREATE TABLE commands (
     done INTEGER NOT NULL DEFAULT 0
 );
 """
-JOB_COLUMNS = ("id", "cursor", "paused", "last_status", "last_error", "consecutive_errors",
+_JOB_COLUMNS = ("id", "cursor", "paused", "last_status", "last_error", "consecutive_errors",
                "last_run_at", "next_run_at", "items_seen_total", "items_dispatched_total",
                "last_alert_at", "lease_owner", "lease_until")
 
@@ -2541,8 +2541,8 @@ class StateStore:
             return self._db.execute(sql, args).fetchall()
 
     def jobs(self) -> dict[str, dict]:
-        rows = self.read(f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs")
-        return {r[0]: dict(zip(JOB_COLUMNS, r)) for r in rows}
+        rows = self.read(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs")
+        return {r[0]: dict(zip(_JOB_COLUMNS, r)) for r in rows}
 
     def changed(self) -> bool:
         """True when another connection committed since the last call."""
@@ -2568,16 +2568,14 @@ class StateStore:
     def daemon_alive(self) -> str | None:
         """The owner string of a live daemon on this state, if any."""
         owner = self.meta_get("daemon")
-        if not owner or owner == self.owner:
-            return None
-        host, _, rest = owner.partition(":")
-        pid = rest.partition(":")[0]
-        if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+        if not owner or owner == self.owner or self.lease_is_stale(owner):
             return None
         return owner
 
-    def lease_is_stale(self, owner: str | None) -> bool:
-        """A lease held by a dead process on this host can be taken over."""
+    @staticmethod
+    def lease_is_stale(owner: str | None) -> bool:
+        """True for no owner or an owner (``host:pid:token``) that is a dead
+        process on this host: its lease, or its daemon mark, can be ignored."""
         if not owner:
             return True
         host, _, rest = owner.partition(":")

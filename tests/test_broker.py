@@ -18,19 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import nexo_poller as npl  # noqa: E402
 from nexo_poller import BrokerClient, BrokerServer, PluginPollerForwardError  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
+from support import wait_until  # noqa: E402
+
 WAIT = 10.0        # generous bound for anything that should happen "soon"
-
-
-def wait_until(pred, timeout=WAIT, interval=0.01):
-    """Poll ``pred`` until true; for state only observable by looking (another
-    process, the broker's bookkeeping)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 class RawConn:
@@ -38,6 +29,7 @@ class RawConn:
 
     def __init__(self, path, timeout=WAIT):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
         self.sock.settimeout(timeout)
         self.sock.connect(path)
         self.buf = b""

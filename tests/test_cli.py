@@ -18,7 +18,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
-from e2e_support import (NEXO, PY, ROOT, b64, pid_gone, unb64,  # noqa: E402
+from support import (NEXO, PY, ROOT, b64, pid_gone, unb64,  # noqa: E402
                          write_counter_plugin)
 
 TIMEOUT = 60          # for any one CLI run: a hang fails, a slow machine does not

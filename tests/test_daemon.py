@@ -21,7 +21,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
-from e2e_support import NEXO, PY, ROOT, pid_gone, write_counter_plugin  # noqa: E402
+from support import NEXO, PY, ROOT, pid_gone, write_counter_plugin  # noqa: E402
 
 CLI_TIMEOUT = 60
 STOP_BOUND = 15.0       # a signalled daemon must have exited within this

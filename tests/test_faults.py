@@ -36,12 +36,10 @@ import nexo_poller as nx  # noqa: E402
 from nexo_poller import Lifecycle, PollerError  # noqa: E402
 
 NOW = datetime(2026, 5, 17, 10, 0, 0, tzinfo=timezone.utc)
+
 KILL_ROUNDS = wd.scale(3, 20)
 LEAVE_TIMEOUT = 10.0
 
-
-def b64(raw):
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
 def counter_of(cursor):

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import unittest
 import urllib.error
 import urllib.request
@@ -28,6 +27,9 @@ import nexo_poller as nx
 from nexo_poller import PollerError, Runner, TickAck, TickMetrics, config_from_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
+from support import q, wait_until  # noqa: E402
 NEXO = os.path.join(ROOT, "nexo_poller.py")
 SDK_PLUGIN = os.path.join(ROOT, "tests", "fixtures", "sdk_plugin.py")
 E2E_PLUGIN = os.path.join(ROOT, "tests", "fixtures", "e2e_counter_plugin.py")
@@ -38,17 +40,6 @@ SECRET = "s3cr3t-token"
 TICK_KEYS = {"job", "kind", "outcome", "duration_ms", "items_seen", "items_dispatched"}
 
 
-def wait_until(pred, timeout=WAIT, interval=0.01):
-    """Poll ``pred`` until it returns something truthy; that value, or None."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(interval)
-
 
 def pid_gone(pid):
     """True once ``pid`` no longer exists (an unreaped zombie still counts)."""
@@ -58,10 +49,6 @@ def pid_gone(pid):
         return True
     return False
 
-
-def q(text):
-    """A TOML basic string (JSON's escapes are a subset TOML accepts)."""
-    return json.dumps(text)
 
 
 # -- the Prometheus text exposition format (0.0.4) ------------------------------

@@ -19,22 +19,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nexo_poller import (BrokerServer, PluginPollerHandle, PluginPollerProxy,  # noqa: E402
                          PluginSupervisor, PollContext, PollerError)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
+from support import wait_until  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SDK_PLUGIN = os.path.join(HERE, "fixtures", "sdk_plugin.py")
 STUBBORN_PLUGIN = os.path.join(HERE, "fixtures", "stubborn_plugin.py")
 NOW = datetime(2026, 5, 17, 10, 0, 0, tzinfo=timezone.utc)
 WAIT = 10.0
 
-
-def wait_until(pred, timeout=WAIT, interval=0.01):
-    """Poll ``pred`` until true: for state in another process or in the broker."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 def read_json(path):

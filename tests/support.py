@@ -1,11 +1,13 @@
-"""Helpers shared by the end-to-end tests (test_cli, test_daemon): the
-paths of the module and its fixture plugin, cursor codecs, process checks,
-and the manifest of the counter fixture plugin."""
+"""Helpers shared by the tests: the paths of the module and its fixture
+plugin, cursor codecs, polling with a deadline, process checks, and the
+manifest of the counter fixture plugin.  (Not a test module: discovery
+skips it; test files put this folder on sys.path to import it.)"""
 
 import base64
 import json
 import os
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEXO = os.path.join(ROOT, "nexo_poller.py")
@@ -25,6 +27,20 @@ def unb64(text: str) -> bytes:
 def q(text: str) -> str:
     """A TOML basic string (JSON's escapes are a subset TOML accepts)."""
     return json.dumps(text)
+
+
+def wait_until(pred, timeout: float = 15.0, interval: float = 0.01):
+    """Poll ``pred`` until it returns something truthy; that value, or None
+    at the deadline.  Only for state no event reports (another process,
+    the broker's bookkeeping)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(interval)
 
 
 def pid_gone(pid: int) -> bool:
