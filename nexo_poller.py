@@ -3614,7 +3614,7 @@ class Runner:
             self._log_tick(outcome)
             self._metrics.observe(outcome, job)
             self._release(job, None if self._stopping else
-                          (job.cfg.schedule.next_after(slot, self.clock()) or None))
+                          job.cfg.schedule.next_after(slot, self.clock()))
             return outcome
         plan = self._plan(job, outcome, slot, now)
         outcome.next_run_at = plan["next_run_at"]
