@@ -13,7 +13,8 @@ Run it::
 
 The sections of this file, in dependency order:
 
-    Errors      PollerError, PluginPollerForwardError, ManifestError, ...
+    Errors      NexoPollerError (the root), PollerError, PluginPollerForwardError,
+                ManifestError, ConfigError, StateError, ...
     Wire        encode_cursor, decode_cursor, TickRequest, TickReply, TickAck,
                 build_tick_request
     Manifest    Lifecycle, PluginPollerHandle, load_manifest
@@ -23,15 +24,19 @@ The sections of this file, in dependency order:
     Proxies     PollContext, EphemeralPollerProxy, PluginPollerProxy,
                 forward_tick, PluginSupervisor
     SDK         run_plugin
-    State       StateStore (sqlite3, group commit, leases, operator commands)
+    State       JobState, TickStatus, StateStore (the one owner of job state:
+                leases, commits, commands), SqliteStateStore, open_state
     Schedule    Schedule, CronExpr
     Config      load_config, config_from_dict, DaemonConfig, JobConfig
-    Runner      Runner (timer heap, lanes, error policy, alerts, reload, metrics)
+    Runner      plan_tick, next_run (the pure error policy and catch-up rule),
+                Runner (timer heap, routes and lanes, effects, reload, metrics)
     CLI         main
 
-A tick travels: scheduler -> runner picks the poller for the job's kind ->
-``poller.tick(ctx) -> TickAck`` -> state store commits cursor and counters ->
-scheduler sets the next slot.  Errors travel as ``PollerError`` variants and
+A tick travels: scheduler (one timer heap) -> the job's kind gives its route
+(poller, lane, budget) -> ``poller.tick(ctx) -> TickAck`` -> ``plan_tick``
+decides the new state and effects -> the state store commits it (group
+commit, only while the lease is held) -> the scheduler thread carries out the
+effects: log, alert, next slot.  Errors travel as ``PollerError`` variants and
 only the runner decides what they mean.
 """
 
@@ -42,6 +47,7 @@ import binascii
 import bisect
 import dataclasses
 import enum
+import functools
 import heapq
 import itertools
 import json
@@ -75,7 +81,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # errors
-    "ErrorClass", "PollerError", "PluginPollerForwardError",
+    "NexoPollerError", "ErrorClass", "PollerError", "PluginPollerForwardError",
     "PollerRouteRegistrationError", "ManifestError", "ConfigError", "StateError",
     # wire
     "encode_cursor", "decode_cursor", "TickMetrics", "TickRequest", "TickReply",
@@ -92,8 +98,10 @@ __all__ = [
     # sdk
     "run_plugin",
     # daemon
-    "StateStore", "Schedule", "CronExpr", "JobConfig", "DaemonConfig",
-    "load_config", "config_from_dict", "Runner", "TickOutcome", "main",
+    "StateStore", "SqliteStateStore", "open_state", "JobState", "Command", "TickStatus",
+    "apply_command", "COMMAND_VERBS", "Schedule", "CronExpr", "JobConfig", "DaemonConfig",
+    "load_config", "config_from_dict", "Runner", "TickOutcome", "TickPlan", "plan_tick",
+    "next_run", "main",
 ]
 
 log = logging.getLogger("nexo_poller")
@@ -101,9 +109,14 @@ log = logging.getLogger("nexo_poller")
 
 # ============================================================================
 # Errors
-# All exceptions the module raises on purpose.  Each enum of the original is
-# a base class whose variants hang off it: ``except PollerError.Transient``.
+# All exceptions the module raises on purpose, under one root.  Each enum of
+# the original is a base class whose variants hang off it.
 # ============================================================================
+
+class NexoPollerError(Exception):
+    """The root of every error this module raises on purpose: an embedding
+    application catches them all with ``except NexoPollerError``."""
+
 
 class ErrorClass(enum.Enum):
     """What the runner does with a failed tick."""
@@ -112,7 +125,7 @@ class ErrorClass(enum.Enum):
     CONFIG = "config"         # the job's configuration is wrong: pause it
 
 
-class PollerError(Exception):
+class PollerError(NexoPollerError):
     """A tick failed.  Variants: ``Transient``, ``Permanent``, ``Config``."""
 
     error_class: ErrorClass = ErrorClass.TRANSIENT
@@ -148,7 +161,7 @@ for _cls, _name in ((_PollerTransient, "Transient"), (_PollerPermanent, "Permane
     _cls.__qualname__ = f"PollerError.{_name}"
 
 
-class PluginPollerForwardError(Exception):
+class PluginPollerForwardError(NexoPollerError):
     """Reaching a plugin failed.  Variants: ``Broker``, ``ParseReply``."""
 
 
@@ -166,7 +179,7 @@ _ForwardBroker.__qualname__ = "PluginPollerForwardError.Broker"
 _ForwardParseReply.__qualname__ = "PluginPollerForwardError.ParseReply"
 
 
-class PollerRouteRegistrationError(Exception):
+class PollerRouteRegistrationError(NexoPollerError):
     """Registering a plugin with the router failed.  Variant: ``DuplicateKind``."""
 
 
@@ -182,7 +195,7 @@ PollerRouteRegistrationError.DuplicateKind = _DuplicateKind
 _DuplicateKind.__qualname__ = "PollerRouteRegistrationError.DuplicateKind"
 
 
-class ManifestError(Exception):
+class ManifestError(NexoPollerError):
     """A ``nexo-plugin.toml`` is unreadable or breaks a rule; names file and key."""
 
     def __init__(self, path: Any, message: str, key: str | None = None):
@@ -191,7 +204,7 @@ class ManifestError(Exception):
         self.path, self.key, self.detail = str(path), key, message
 
 
-class ConfigError(Exception):
+class ConfigError(NexoPollerError):
     """``pollers.json`` is invalid.  ``problems`` lists every (json path, message)."""
 
     def __init__(self, source: Any, problems: list[tuple[str, str]]):
@@ -204,7 +217,7 @@ class ConfigError(Exception):
             super().__init__(head + f"{len(lines)} problems:\n  " + "\n  ".join(lines))
 
 
-class StateError(Exception):
+class StateError(NexoPollerError):
     """The state database cannot be used (corrupt, foreign schema, locked)."""
 
 
@@ -2346,11 +2359,221 @@ def _serve_stdio(handlers: Mapping[str, Callable]) -> int:
 
 # ============================================================================
 # State
-# One sqlite3 file per daemon: cursors, status, totals, leases and operator
-# commands.  Writes from many ticks are grouped into one durable transaction.
+# Every job's durable state has one owner: a StateStore.  The Runner and the
+# CLI speak to it in JobState records; only the backend speaks SQL.
 # ============================================================================
 
-STATE_SCHEMA_VERSION = 1
+class TickStatus(str, enum.Enum):
+    """What one tick came to.  A ``str`` so ``status == "ok"`` still reads."""
+    OK = "ok"
+    TRANSIENT = "transient"   # failed; back off and retry
+    PERMANENT = "permanent"   # failed; the job pauses
+    CONFIG = "config"         # failed; the job's configuration is wrong, it pauses
+    LEASED = "leased"         # not run: another daemon holds the job's lease
+    CANCELLED = "cancelled"   # not run or not kept: the daemon is stopping, or the job was removed
+    BUSY = "busy"             # not run: a tick of the job was already running
+    UNSTORED = "unstored"     # ran, but its outcome could not be stored
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_ERROR_TEXT_LIMIT = 4096        # bytes of an error message that are stored
+
+
+def _storable(text: str | None, limit: int = _ERROR_TEXT_LIMIT) -> str | None:
+    """Text any backend can store: lone surrogates escaped, length bounded."""
+    if text is None:
+        return None
+    text = str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+@dataclasses.dataclass
+class JobState:
+    """Everything durable about one job: one record per job in any backend.
+
+    ``revision`` is the backend's compare-and-set token; ``lease_owner`` and
+    ``lease_until`` say which daemon may tick the job and until when.
+    ``next_run_at`` is the next slot as planned under ``schedule_key``; a
+    different schedule in the configuration makes it void.
+    """
+    id: str
+    cursor: bytes | None = None
+    paused: bool = False
+    last_status: str | None = None
+    last_error: str | None = None
+    consecutive_errors: int = 0
+    last_run_at: float | None = None
+    next_run_at: float | None = None
+    items_seen_total: int = 0
+    items_dispatched_total: int = 0
+    last_alert_at: float | None = None
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    schedule_key: str | None = None
+    revision: int = 0
+
+    def replace(self, **changes) -> "JobState":
+        return dataclasses.replace(self, **changes)
+
+
+_JOB_FIELDS = tuple(f.name for f in dataclasses.fields(JobState))
+COMMAND_VERBS = ("pause", "resume", "reset", "tick")
+
+
+def apply_command(state: JobState, verb: str) -> JobState:
+    """An operator command applied to a job's state (pure).
+
+    ``tick`` changes nothing here: the owner runs the tick.  ``resume``
+    leaves the next slot to the owner's schedule (see ``Runner``).
+    """
+    if verb == "pause":
+        return state.replace(paused=True)
+    if verb == "resume":
+        return state.replace(paused=False, consecutive_errors=0)
+    if verb == "reset":
+        return state.replace(cursor=None)
+    if verb == "tick":
+        return state
+    raise ValueError(f"unknown command {verb!r} (known: {', '.join(COMMAND_VERBS)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """An operator command waiting for the daemon that owns its job."""
+    seq: int
+    job: str
+    verb: str
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner_pid(owner: str | None) -> int | None:
+    """The pid of an owner string ``host:pid:token`` on this host, else None."""
+    if not owner:
+        return None
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    return int(pid) if host == socket.gethostname() and pid.isdigit() else None
+
+
+class StateStore:
+    """The one owner of every job's durable state; the interface of a backend.
+
+    Callers (the Runner, the CLI) use only these methods.  A backend keeps
+    one record per job and must be able to do each write below as one
+    compare-and-set of that record: the sqlite backend does it in a
+    transaction, a key-value backend would on the key's revision.
+
+    Leases: ``claim`` grants a job to this store's ``owner`` and returns the
+    state *as committed*, read in the same step that grants it, so a daemon
+    that takes a job over ticks from the last committed cursor.  ``commit``
+    writes a tick's new state only while the lease is still this owner's.
+    Commands: the CLI calls ``command``; when a live daemon holds the job it
+    is queued for that daemon (``pending_commands``), otherwise applied at
+    once.  Every failure is a ``StateError``.
+    """
+
+    owner: str
+    location: str
+
+    def load(self, ids: Iterable[str] | None = None) -> dict[str, JobState]:
+        """The committed states of ``ids`` (or of every job); none is created."""
+        raise NotImplementedError
+
+    def claim(self, wanted: Mapping[str, float], now: float, *,
+              paused_on_boot: Iterable[str] = ()) -> dict[str, JobState]:
+        """Take the leases of ``wanted`` (job id -> lease expiry) that are free,
+        ours, expired or held by a dead daemon; create missing jobs (paused
+        when in ``paused_on_boot``).  Returns the granted jobs' states."""
+        raise NotImplementedError
+
+    def commit(self, state: JobState, done: Callable[[Any], None] | None = None, *,
+               command: tuple[int, str | None] | None = None) -> None:
+        """Queue ``state`` for the next durable write, while this owner holds
+        the lease.  ``done`` gets True, False (the lease was lost) or a
+        StateError.  ``command`` (seq, result) is marked done in the same
+        write."""
+        raise NotImplementedError
+
+    def commit_now(self, state: JobState, *, command: tuple[int, str | None] | None = None) -> bool:
+        """``commit`` and wait for it: True when stored, False when the lease was lost."""
+        box: list = []
+        ready = threading.Event()
+        self.commit(state, lambda result: (box.append(result), ready.set()), command=command)
+        ready.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def release(self, ids: Iterable[str] | None = None) -> None:
+        """Give up this owner's leases (of ``ids``, or all) so others may take them."""
+        raise NotImplementedError
+
+    def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False
+                ) -> tuple[str | None, int | None]:
+        """An operator command: ``(owner, seq)`` when queued for the live daemon
+        holding the job, ``(None, None)`` when applied here and now."""
+        raise NotImplementedError
+
+    def pending_commands(self) -> list[Command]:
+        """Commands for the jobs this owner holds, oldest first."""
+        raise NotImplementedError
+
+    def finish_command(self, seq: int, result: str | None = None) -> None:
+        """Mark a command done without a state change (``result`` for the CLI)."""
+        raise NotImplementedError
+
+    def command_result(self, seq: int) -> tuple[bool, str | None]:
+        """``(done, result)`` of a queued command."""
+        raise NotImplementedError
+
+    def register_daemon(self, now: float) -> list[str]:
+        """Say this owner runs a daemon; returns the other live daemons."""
+        raise NotImplementedError
+
+    def set_running(self, ids: Iterable[str]) -> None:
+        """Publish which jobs this daemon is ticking right now (for ``status``)."""
+        raise NotImplementedError
+
+    def daemons(self) -> dict[str, list[str]]:
+        """Live daemons on this state: owner -> the jobs it is ticking."""
+        raise NotImplementedError
+
+    def unregister_daemon(self) -> None:
+        """Say this owner's daemon has stopped (a clean stop)."""
+        raise NotImplementedError
+
+    def changed(self) -> bool:
+        """True when another process wrote since the last call."""
+        raise NotImplementedError
+
+    def set_deadline(self, deadline: float | None) -> None:
+        """From now on, give up waiting for a locked state at ``deadline``
+        (a ``time.monotonic()``): shutdown is bounded."""
+        raise NotImplementedError
+
+    def close(self, deadline: float | None = None) -> None:
+        """Write what is queued (until ``deadline``, a ``time.monotonic()``), then close."""
+        raise NotImplementedError
+
+    @staticmethod
+    def lease_is_stale(owner: str | None) -> bool:
+        """True for no owner, or an owner that is a dead process on this host."""
+        pid = _owner_pid(owner)
+        return not owner or (pid is not None and not _pid_alive(pid))
+
+
+STATE_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE jobs (
@@ -2366,99 +2589,201 @@ CREATE TABLE jobs (
     items_dispatched_total INTEGER NOT NULL DEFAULT 0,
     last_alert_at REAL,
     lease_owner TEXT,
-    lease_until REAL
+    lease_until REAL,
+    schedule_key TEXT,
+    revision INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE commands (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     job TEXT NOT NULL,
     verb TEXT NOT NULL,
-    done INTEGER NOT NULL DEFAULT 0
+    done INTEGER NOT NULL DEFAULT 0,
+    result TEXT
+);
+CREATE TABLE daemons (
+    owner TEXT PRIMARY KEY,
+    started_at REAL NOT NULL,
+    running TEXT NOT NULL DEFAULT '[]'
 );
 """
-_JOB_COLUMNS = ("id", "cursor", "paused", "last_status", "last_error", "consecutive_errors",
-               "last_run_at", "next_run_at", "items_seen_total", "items_dispatched_total",
-               "last_alert_at", "lease_owner", "lease_until")
+# What version 1 lacks; applied in place when a daemon opens an old file.
+_MIGRATE_1_TO_2 = """
+ALTER TABLE jobs ADD COLUMN schedule_key TEXT;
+ALTER TABLE jobs ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE commands ADD COLUMN result TEXT;
+CREATE TABLE daemons (owner TEXT PRIMARY KEY, started_at REAL NOT NULL,
+                      running TEXT NOT NULL DEFAULT '[]');
+DELETE FROM meta WHERE key='daemon';
+UPDATE meta SET value='2' WHERE key='schema_version';
+"""
+_BUSY_SLICE_MS = 200            # one wait inside sqlite for a lock; we retry around it
+_WRITE_PATIENCE_SECS = 30.0     # how long a write waits for a locked database
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+class SqliteStateStore(StateStore):
+    """The default backend: one sqlite3 file, WAL, ``synchronous=FULL``.
 
-
-class StateStore:
-    """The daemon's sqlite3 state, with group commit.
-
-    ``submit(fn, done)`` queues ``fn(conn)`` for the writer thread, which
-    runs every queued write in one transaction and then calls each
-    ``done(result)``: a tick is acknowledged only once it is on disk.
+    Writes from many ticks are grouped into one durable transaction by a
+    writer thread; each ``done`` runs after the commit.  A locked database is
+    retried in short slices, so ``close(deadline)`` bounds shutdown whatever
+    another process does.  ``readonly`` opens an existing file for reading
+    only and never creates one (``status``).
     """
 
-    def __init__(self, path: str | os.PathLike, *, owner: str | None = None):
-        self.path = os.path.abspath(os.fspath(path))
+    def __init__(self, path: str | os.PathLike, *, owner: str | None = None,
+                 readonly: bool = False):
+        self.path = self.location = os.path.abspath(os.fspath(path))
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
-        self._db = self._open()
+        self.readonly = readonly
         self._lock = threading.Lock()        # the connection is shared by threads
         self._queue: deque = deque()
         self._cond = threading.Condition(threading.Lock())
         self._writer: threading.Thread | None = None
         self._closing = False
+        self._deadline: float | None = None
+        self._db = self._open()
+        self._identity = self._file_identity()
         self._data_version = self._pragma("data_version")
+
+    # -- opening -----------------------------------------------------------------
 
     def _open(self):
         import sqlite3
-        folder = os.path.dirname(self.path)
         try:
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
-                                 check_same_thread=False)
+            if self.readonly:
+                if not os.path.exists(self.path):
+                    raise StateError(f"{self.path}: no state yet (no daemon has run "
+                                     "with this state_db)")
+                from urllib.parse import quote
+                uri = "file:" + quote(self.path) + "?mode=ro"
+                db = sqlite3.connect(uri, uri=True, timeout=_BUSY_SLICE_MS / 1000,
+                                     isolation_level=None, check_same_thread=False)
+            else:
+                os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+                db = sqlite3.connect(self.path, timeout=_BUSY_SLICE_MS / 1000,
+                                     isolation_level=None, check_same_thread=False)
         except (OSError, ValueError, sqlite3.Error) as exc:
             raise StateError(f"{self.path}: cannot open state database: {exc}") from None
         try:
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if not tables:
-                db.execute("BEGIN IMMEDIATE")
-                if not {r[0] for r in db.execute("SELECT name FROM sqlite_master")}:
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            db.execute(statement)
-                    db.execute("INSERT INTO meta VALUES ('schema_version', ?)",
-                               (str(STATE_SCHEMA_VERSION),))
-                    db.execute("INSERT INTO meta VALUES ('app', 'nexo-poller')")
-                db.execute("COMMIT")
-            elif "meta" not in tables:
-                raise StateError(f"{self.path}: not a nexo-poller state database "
-                                 f"(tables: {', '.join(sorted(tables))})")
-            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None or row[0] != str(STATE_SCHEMA_VERSION):
-                raise StateError(f"{self.path}: unknown state schema version "
-                                 f"{row[0] if row else 'none'} (this nexo-poller reads "
-                                 f"version {STATE_SCHEMA_VERSION})")
-            # Only now that the file is known to be ours may its journal change.
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-        except sqlite3.DatabaseError as exc:
-            db.close()
-            raise StateError(f"{self.path}: corrupt or not a state database: {exc}") from None
-        except StateError:
+            self._retry(lambda: self._prepare(db), _WRITE_PATIENCE_SECS)
+        except BaseException:
             db.close()
             raise
         return db
 
-    def _pragma(self, name: str):
-        with self._lock:
-            return self._db.execute(f"PRAGMA {name}").fetchone()[0]
+    def _prepare(self, db) -> None:
+        import sqlite3
+        try:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not tables and not self.readonly:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    if not {r[0] for r in db.execute("SELECT name FROM sqlite_master")}:
+                        for statement in _SCHEMA.split(";"):
+                            if statement.strip():
+                                db.execute(statement)
+                        db.execute("INSERT INTO meta VALUES ('schema_version', ?)",
+                                   (str(STATE_SCHEMA_VERSION),))
+                        db.execute("INSERT INTO meta VALUES ('app', 'nexo-poller')")
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                tables = {"meta"}
+            if "meta" not in tables:
+                raise StateError(f"{self.path}: not a nexo-poller state database "
+                                 f"(tables: {', '.join(sorted(tables)) or 'none'})")
+            version = self._schema_version(db)
+            if version == "1" and not self.readonly:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    if self._schema_version(db) == "1":
+                        for statement in _MIGRATE_1_TO_2.split(";"):
+                            if statement.strip():
+                                db.execute(statement)
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                version = self._schema_version(db)
+            if version not in (str(STATE_SCHEMA_VERSION), "1" if self.readonly else None):
+                raise StateError(f"{self.path}: unknown state schema version "
+                                 f"{version or 'none'} (this nexo-poller reads "
+                                 f"version {STATE_SCHEMA_VERSION})")
+            if not self.readonly:
+                # Only now that the file is known to be ours may its journal change.
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+        except sqlite3.OperationalError:
+            raise                                   # busy or locked: _retry decides
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"{self.path}: corrupt or not a state database: {exc}") from None
 
-    # -- group commit --------------------------------------------------------
+    @staticmethod
+    def _schema_version(db) -> str | None:
+        row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return row[0] if row else None
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def check_file(self) -> None:
+        """Raise StateError when the file was deleted or replaced under us:
+        writes to an unlinked file would look durable and be lost."""
+        now = self._file_identity()
+        if now != self._identity:
+            what = "deleted" if now is None else "replaced by another file"
+            raise StateError(f"{self.path}: the state file was {what} while in use; "
+                             "nothing written from now on is durable (restart the daemon)")
+
+    # -- the one place sqlite errors become StateErrors ----------------------------
+
+    def _retry(self, fn: Callable, patience: float) -> Any:
+        """Run ``fn`` (holding nothing), retrying while the database is busy
+        or locked, until ``patience`` seconds or the close deadline pass."""
+        import sqlite3
+        give_up = time.monotonic() + patience
+        pause = 0.01
+        while True:
+            try:
+                return fn()
+            except StateError:
+                raise
+            except sqlite3.OperationalError as exc:
+                text = str(exc)
+                transient = ("locked" in text or "busy" in text or "locking protocol" in text)
+                limit = give_up if self._deadline is None else min(give_up, self._deadline)
+                if not transient or time.monotonic() >= limit:
+                    raise StateError(f"{self.path}: {text}") from None
+                time.sleep(min(pause, max(0.0, limit - time.monotonic())))
+                pause = min(pause * 2, 0.2)
+            except (sqlite3.Error, ValueError, OverflowError) as exc:
+                raise StateError(f"{self.path}: {exc}") from None
+
+    def _read(self, sql: str, args: tuple = ()) -> list:
+        def fn():
+            with self._lock:
+                return self._db.execute(sql, args).fetchall()
+        return self._retry(fn, _WRITE_PATIENCE_SECS)
+
+    def _pragma(self, name: str):
+        return self._read(f"PRAGMA {name}")[0][0]
+
+    # -- group commit ----------------------------------------------------------------
 
     def submit(self, fn: Callable, done: Callable | None = None) -> None:
-        """Queue ``fn(conn)``; ``done(result_or_exception)`` runs after the commit."""
+        """Queue ``fn(conn)``; ``done(result_or_StateError)`` runs after the commit.
+
+        The backend's own primitive: callers outside this section use the
+        StateStore methods, which are built on it.
+        """
+        if self.readonly:
+            raise StateError(f"{self.path}: opened read-only")
         with self._cond:
             if self._closing:
                 raise StateError(f"{self.path}: state store is closed")
@@ -2473,18 +2798,13 @@ class StateStore:
         """Run ``fn(conn)`` in the next transaction and return its result."""
         box: list = []
         ready = threading.Event()
-
-        def done(result):
-            box.append(result)
-            ready.set()
-        self.submit(fn, done)
+        self.submit(fn, lambda result: (box.append(result), ready.set()))
         ready.wait()
         if isinstance(box[0], BaseException):
             raise box[0]
         return box[0]
 
     def _write_loop(self) -> None:
-        import sqlite3
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
@@ -2493,29 +2813,17 @@ class StateStore:
                     return
                 batch = list(self._queue)
                 self._queue.clear()
-            results = []
-            with self._lock:
-                try:
-                    self._db.execute("BEGIN IMMEDIATE")
-                    for fn, _ in batch:
-                        try:
-                            self._db.execute("SAVEPOINT one")
-                            results.append(fn(self._db))
-                            self._db.execute("RELEASE one")
-                        except Exception as exc:        # this write only; the batch goes on
-                            self._db.execute("ROLLBACK TO one")
-                            self._db.execute("RELEASE one")
-                            results.append(exc if isinstance(exc, StateError)
-                                           else StateError(f"{self.path}: {exc}"))
-                    self._db.execute("COMMIT")
-                except sqlite3.Error as exc:
-                    try:
-                        self._db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                    err = StateError(f"{self.path}: commit failed: {exc}")
-                    log.error("%s", err)
-                    results = [err] * len(batch)
+            try:
+                self.check_file()
+                results = self._retry(lambda: self._write_batch(batch), _WRITE_PATIENCE_SECS)
+            except StateError as exc:
+                err = StateError(f"commit failed: {exc}")
+                log.error("%s", err)
+                results = [err] * len(batch)
+            except Exception as exc:                   # never let the writer die
+                err = StateError(f"{self.path}: commit failed: {type(exc).__name__}: {exc}")
+                log.error("%s", err)
+                results = [err] * len(batch)
             for (_, done), result in zip(batch, results):
                 if done is not None:
                     try:
@@ -2523,99 +2831,216 @@ class StateStore:
                     except Exception:
                         log.exception("state callback failed")
 
-    def close(self) -> None:
-        """Commit what is queued, then close."""
+    def _write_batch(self, batch: list) -> list:
+        import sqlite3
+        results = []
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for fn, _ in batch:
+                    db.execute("SAVEPOINT one")
+                    try:
+                        results.append(fn(db))
+                        db.execute("RELEASE one")
+                    except sqlite3.OperationalError as exc:
+                        if "locked" in str(exc) or "busy" in str(exc):
+                            raise                       # the whole batch is retried
+                        db.execute("ROLLBACK TO one")
+                        db.execute("RELEASE one")
+                        results.append(StateError(f"{self.path}: {exc}"))
+                    except Exception as exc:            # this write only; the batch goes on
+                        db.execute("ROLLBACK TO one")
+                        db.execute("RELEASE one")
+                        results.append(exc if isinstance(exc, StateError)
+                                       else StateError(f"{self.path}: {exc}"))
+                db.execute("COMMIT")
+            except BaseException:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                raise
+        return results
+
+    def close(self, deadline: float | None = None) -> None:
         with self._cond:
             self._closing = True
+            self._deadline = deadline
             self._cond.notify()
             writer = self._writer
         if writer is not None:
-            writer.join()
+            writer.join(None if deadline is None else max(0.0, deadline - time.monotonic()) + 1.0)
+            if writer.is_alive():
+                log.error("%s: writes still pending at the shutdown deadline are not stored",
+                          self.path)
+                return              # the writer thread owns the connection; it is a daemon thread
         with self._lock:
             self._db.close()
 
-    # -- reads ---------------------------------------------------------------
+    # -- records ----------------------------------------------------------------------
 
-    def read(self, sql: str, args: tuple = ()) -> list:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+    @staticmethod
+    def _state(row: Mapping[str, Any]) -> JobState:
+        values = {f: row[f] for f in _JOB_FIELDS if f in row.keys()}
+        values["paused"] = bool(values.get("paused"))
+        values["revision"] = values.get("revision") or 0
+        return JobState(**values)
 
-    def jobs(self) -> dict[str, dict]:
-        rows = self.read(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs")
-        return {r[0]: dict(zip(_JOB_COLUMNS, r)) for r in rows}
+    def _rows(self, db, where: str = "", args: tuple = ()) -> dict[str, JobState]:
+        import sqlite3
+        db.row_factory = sqlite3.Row
+        try:
+            return {r["id"]: self._state(r) for r in db.execute(f"SELECT * FROM jobs {where}", args)}
+        finally:
+            db.row_factory = None
+
+    @staticmethod
+    def _write_state(db, state: JobState) -> None:
+        s = state
+        db.execute(
+            "INSERT OR REPLACE INTO jobs (id, cursor, paused, last_status, last_error, "
+            "consecutive_errors, last_run_at, next_run_at, items_seen_total, "
+            "items_dispatched_total, last_alert_at, lease_owner, lease_until, schedule_key, "
+            "revision) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (s.id, s.cursor, int(s.paused), _storable(s.last_status), _storable(s.last_error),
+             s.consecutive_errors, s.last_run_at, s.next_run_at, s.items_seen_total,
+             s.items_dispatched_total, s.last_alert_at, s.lease_owner, s.lease_until,
+             s.schedule_key, s.revision))
+
+    def load(self, ids: Iterable[str] | None = None) -> dict[str, JobState]:
+        def fn():
+            with self._lock:
+                return self._rows(self._db)
+        rows = self._retry(fn, _WRITE_PATIENCE_SECS)
+        return rows if ids is None else {i: rows[i] for i in ids if i in rows}
+
+    def claim(self, wanted: Mapping[str, float], now: float, *,
+              paused_on_boot: Iterable[str] = ()) -> dict[str, JobState]:
+        owner, paused = self.owner, set(paused_on_boot)
+
+        def fn(db):
+            db.executemany("INSERT OR IGNORE INTO jobs (id, paused) VALUES (?, ?)",
+                           [(i, int(i in paused)) for i in wanted])
+            current = self._rows(db)
+            granted = {}
+            for job_id, until in wanted.items():
+                s = current[job_id]
+                if (s.lease_owner not in (None, owner) and (s.lease_until or 0) >= now
+                        and not self.lease_is_stale(s.lease_owner)):
+                    continue
+                s = s.replace(lease_owner=owner, lease_until=until, revision=s.revision + 1)
+                db.execute("UPDATE jobs SET lease_owner=?, lease_until=?, revision=? WHERE id=?",
+                           (owner, until, s.revision, job_id))
+                granted[job_id] = s
+            return granted
+        return self.run(fn)
+
+    def commit(self, state: JobState, done: Callable[[Any], None] | None = None, *,
+               command: tuple[int, str | None] | None = None) -> None:
+        owner = self.owner
+
+        def fn(db):
+            row = db.execute("SELECT lease_owner, revision FROM jobs WHERE id=?",
+                             (state.id,)).fetchone()
+            if row is None or row[0] != owner:
+                return False                    # another daemon took the job over
+            self._write_state(db, state.replace(lease_owner=owner, revision=row[1] + 1))
+            if command is not None:
+                db.execute("UPDATE commands SET done=1, result=? WHERE seq=?",
+                           (_storable(command[1], 1 << 20), command[0]))
+            return True
+        self.submit(fn, done)
+
+    def release(self, ids: Iterable[str] | None = None) -> None:
+        owner = self.owner
+        if ids is None:
+            self.run(lambda db: db.execute(
+                "UPDATE jobs SET lease_owner=NULL, lease_until=NULL WHERE lease_owner=?",
+                (owner,)))
+        else:
+            self.run(lambda db: db.executemany(
+                "UPDATE jobs SET lease_owner=NULL, lease_until=NULL "
+                "WHERE id=? AND lease_owner=?", [(i, owner) for i in ids]))
+
+    def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False
+                ) -> tuple[str | None, int | None]:
+        apply_command(JobState(job_id), verb)           # an unknown verb fails here
+
+        def fn(db):
+            db.execute("INSERT OR IGNORE INTO jobs (id, paused) VALUES (?, ?)",
+                       (job_id, int(paused_on_boot)))
+            state = self._rows(db, "WHERE id=?", (job_id,))[job_id]
+            holder = state.lease_owner
+            if holder and not self.lease_is_stale(holder) and self._daemon_alive(db, holder):
+                cur = db.execute("INSERT INTO commands (job, verb) VALUES (?, ?)", (job_id, verb))
+                return holder, cur.lastrowid
+            if verb == "tick":
+                return None, None                       # nobody to tick it: the caller does
+            self._write_state(db, apply_command(state, verb).replace(
+                revision=state.revision + 1))
+            return None, None
+        return self.run(fn)
+
+    def _daemon_alive(self, db, owner: str) -> bool:
+        """A lease holder counts as a live daemon while its daemons row exists
+        (a clean stop removes it) and, on this host, its process lives."""
+        return db.execute("SELECT 1 FROM daemons WHERE owner=?", (owner,)).fetchone() is not None
+
+    def pending_commands(self) -> list[Command]:
+        rows = self._read("SELECT c.seq, c.job, c.verb FROM commands c JOIN jobs j ON j.id=c.job "
+                          "WHERE c.done=0 AND j.lease_owner=? ORDER BY c.seq", (self.owner,))
+        return [Command(*r) for r in rows]
+
+    def finish_command(self, seq: int, result: str | None = None) -> None:
+        self.submit(lambda db: db.execute("UPDATE commands SET done=1, result=? WHERE seq=?",
+                                          (_storable(result, 1 << 20), seq)))
+
+    def command_result(self, seq: int) -> tuple[bool, str | None]:
+        rows = self._read("SELECT done, result FROM commands WHERE seq=?", (seq,))
+        return (True, "command lost") if not rows else (bool(rows[0][0]), rows[0][1])
+
+    def register_daemon(self, now: float) -> list[str]:
+        owner = self.owner
+
+        def fn(db):
+            others = [r[0] for r in db.execute("SELECT owner FROM daemons WHERE owner != ?",
+                                               (owner,))]
+            dead = [o for o in others if self.lease_is_stale(o)]
+            db.executemany("DELETE FROM daemons WHERE owner=?", [(o,) for o in dead])
+            db.execute("INSERT OR REPLACE INTO daemons (owner, started_at) VALUES (?, ?)",
+                       (owner, now))
+            return [o for o in others if o not in dead]
+        return self.run(fn)
+
+    def unregister_daemon(self) -> None:
+        owner = self.owner
+        self.run(lambda db: db.execute("DELETE FROM daemons WHERE owner=?", (owner,)))
+
+    def set_running(self, ids: Iterable[str]) -> None:
+        text, owner = json.dumps(sorted(ids)), self.owner
+        self.submit(lambda db: db.execute("UPDATE daemons SET running=? WHERE owner=?",
+                                          (text, owner)))
+
+    def daemons(self) -> dict[str, list[str]]:
+        try:
+            rows = self._read("SELECT owner, running FROM daemons")
+        except StateError:
+            return {}                           # a version 1 file has no daemons table
+        return {o: json.loads(r) for o, r in rows if not self.lease_is_stale(o)}
 
     def changed(self) -> bool:
-        """True when another connection committed since the last call."""
         version = self._pragma("data_version")
         changed, self._data_version = version != self._data_version, version
         return changed
 
-    # -- writes used by the runner and the CLI ------------------------------
+    def set_deadline(self, deadline: float | None) -> None:
+        self._deadline = deadline
 
-    @staticmethod
-    def ensure_jobs(ids: Iterable[str], paused_on_boot: Iterable[str] = ()):
-        paused = set(paused_on_boot)
 
-        def fn(db):
-            db.executemany("INSERT OR IGNORE INTO jobs (id, paused) VALUES (?, ?)",
-                           [(i, int(i in paused)) for i in ids])
-        return fn
-
-    def meta_get(self, key: str) -> str | None:
-        row = self.read("SELECT value FROM meta WHERE key=?", (key,))
-        return row[0][0] if row else None
-
-    def daemon_alive(self) -> str | None:
-        """The owner string of a live daemon on this state, if any."""
-        owner = self.meta_get("daemon")
-        if not owner or owner == self.owner or self.lease_is_stale(owner):
-            return None
-        return owner
-
-    @staticmethod
-    def lease_is_stale(owner: str | None) -> bool:
-        """True for no owner or an owner (``host:pid:token``) that is a dead
-        process on this host: its lease, or its daemon mark, can be ignored."""
-        if not owner:
-            return True
-        host, _, rest = owner.partition(":")
-        pid = rest.partition(":")[0]
-        return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
-
-    def claim_all(self, leases: Mapping[str, float], now: float) -> set[str]:
-        """Take every lease in ``leases`` (job id -> expiry) that is free, ours,
-        expired or held by a dead local process; returns the ids taken."""
-        owner = self.owner
-
-        def fn(db):
-            holders = {r[0]: r[1] for r in db.execute(
-                "SELECT id, lease_owner FROM jobs WHERE lease_owner IS NOT NULL "
-                "AND lease_owner != ? AND lease_until >= ?", (owner, now))}
-            stale = {h for h in set(holders.values()) if self.lease_is_stale(h)}
-            taken = [(owner, until, job) for job, until in leases.items()
-                     if holders.get(job) is None or holders[job] in stale]
-            db.executemany("UPDATE jobs SET lease_owner=?, lease_until=? WHERE id=?", taken)
-            return {job for _, _, job in taken}
-        return self.run(fn)
-
-    def claim(self, job_id: str, until: float, now: float) -> bool:
-        """Take or renew this owner's lease on a job; False when another holds it."""
-        owner = self.owner
-
-        def fn(db):
-            cur = db.execute(
-                "UPDATE jobs SET lease_owner=?, lease_until=? WHERE id=? AND "
-                "(lease_owner IS NULL OR lease_owner=? OR lease_until < ?)",
-                (owner, until, job_id, owner, now))
-            if cur.rowcount:
-                return True
-            row = db.execute("SELECT lease_owner FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if row is not None and self.lease_is_stale(row[0]):
-                db.execute("UPDATE jobs SET lease_owner=?, lease_until=? WHERE id=?",
-                           (owner, until, job_id))
-                return True
-            return False
-        return self.run(fn)
+def open_state(location: str, *, readonly: bool = False, owner: str | None = None) -> StateStore:
+    """The state store for a ``state_db`` location (a file path: sqlite)."""
+    return SqliteStateStore(location, readonly=readonly, owner=owner)
 
 
 # ============================================================================
@@ -3101,60 +3526,179 @@ def _schedule_from_dict(raw: Any, where: str, probs: _Problems) -> Schedule | No
 
 # ============================================================================
 # Runner
-# One timer heap for every job, a shared worker pool with one lane per
-# plugin, and the error policy: the only place a PollerError gets a meaning.
+# One timer heap for every job, one table of routes (kind -> poller, lane,
+# budget), and the error policy: the only place a PollerError gets a meaning.
 # ============================================================================
 
 _LEASE_MIN_SECS = 30.0
 _COMMAND_POLL_SECS = 0.5
+_IN_PROCESS_BUDGET_SECS = 5.0
+_STATE_RETRY_MAX_SECS = 5.0
+
+
+def _schedule_key(cfg: JobConfig) -> str:
+    """What identifies a job's schedule: a stored slot planned under another
+    key is void (the configuration is the truth for the schedule)."""
+    raw = cfg.raw.get("schedule") if cfg.raw else None
+    if not isinstance(raw, dict):
+        s = cfg.schedule
+        raw = {"every_secs": s.every_secs, "cron": s.cron.text if s.cron else None,
+               "tz": str(s.tz), "at": s.at.isoformat() if s.at else None}
+    return json.dumps({k: v for k, v in raw.items() if k != "stagger_jitter_ms"},
+                      sort_keys=True, default=str)
+
+
+def _jitter(schedule: Schedule, config: DaemonConfig, rng) -> float:
+    ms = schedule.stagger_jitter_ms
+    if ms is None:
+        ms = config.default_jitter_ms
+    return rng.uniform(0, ms / 1000) if ms else 0.0
+
+
+@dataclasses.dataclass
+class TickOutcome:
+    """What one tick of one job came to, as logged and stored."""
+    job_id: str
+    kind: str
+    status: TickStatus
+    error: str | None = None
+    duration: float = 0.0
+    ack: TickAck | None = None
+    next_run_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.status = TickStatus(self.status)
+
+    def to_dict(self) -> dict:
+        m = self.ack.metrics if self.ack and self.ack.metrics else TickMetrics()
+        return {"job": self.job_id, "kind": self.kind, "outcome": self.status.value,
+                "error": self.error, "duration_ms": round(self.duration * 1000, 3),
+                "items_seen": m.items_seen, "items_dispatched": m.items_dispatched,
+                "next_cursor": None if not self.ack or self.ack.next_cursor is None
+                else encode_cursor(self.ack.next_cursor),
+                "next_run_at": _iso(self.next_run_at)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TickPlan:
+    """What the error policy made of one tick: the state to commit, when the
+    job runs next (``run_at`` with jitter, ``slot`` without) and an alert."""
+    state: JobState
+    run_at: float | None
+    slot: float | None
+    alert: str | None = None
+
+
+def plan_tick(state: JobState, outcome: TickOutcome, *, schedule: Schedule,
+              slot: float | None, started: float, finished: float, config: DaemonConfig,
+              rng: Any, schedule_key: str | None = None) -> TickPlan:
+    """The error policy as a pure function: state + outcome + time -> plan.
+
+    ``slot`` is the scheduled slot the tick stood for; None for an
+    off-schedule tick (an operator's), which keeps the planned next slot.
+    Ok: new cursor and totals, next slot (or the plugin's hint).
+    Transient: back off ``initial * 2^(n-1)`` up to the maximum, plus up to
+    10 % jitter; the breaker alert fires when the streak reaches its
+    threshold.  Permanent and config: the job pauses with an alert.  Alerts
+    repeat no sooner than ``failure_alert_cooldown_secs``.
+    """
+    status = outcome.status
+    new = state.replace(last_run_at=started, last_status=status.value, last_error=outcome.error,
+                        schedule_key=schedule_key)
+    alert = None
+    if status is TickStatus.OK:
+        ack = outcome.ack or TickAck()
+        m = ack.metrics or TickMetrics()
+        new = new.replace(cursor=state.cursor if ack.next_cursor is None else ack.next_cursor,
+                          consecutive_errors=0,
+                          items_seen_total=state.items_seen_total + m.items_seen,
+                          items_dispatched_total=state.items_dispatched_total
+                          + m.items_dispatched)
+        if ack.next_interval_hint is not None:
+            nxt = finished + ack.next_interval_hint.total_seconds()
+        elif slot is None and state.next_run_at is not None and state.next_run_at > finished:
+            nxt = state.next_run_at                 # an extra tick keeps the planned slot
+        else:
+            nxt = schedule.next_after(started if slot is None else slot, started)
+        if schedule.at is not None:
+            new, nxt = new.replace(paused=True), None   # a one-shot stays paused after it fired
+    elif status is TickStatus.TRANSIENT:
+        errors = state.consecutive_errors + 1
+        delay = min(config.backoff_max_secs,
+                    config.backoff_initial_secs * 2 ** min(errors - 1, 60))
+        nxt = finished + delay * rng.uniform(1.0, 1.1)
+        new = new.replace(consecutive_errors=errors)
+        if errors == config.breaker_threshold:
+            alert = f"circuit breaker opened after {errors} consecutive errors"
+    elif status in (TickStatus.PERMANENT, TickStatus.CONFIG):
+        new = new.replace(paused=True, consecutive_errors=state.consecutive_errors + 1)
+        alert, nxt = f"job paused after a {status.value} error", None
+    else:
+        raise ValueError(f"a {status.value!r} outcome is not planned: nothing ran")
+    if alert and state.last_alert_at is not None and \
+            started - state.last_alert_at < config.failure_alert_cooldown_secs:
+        alert = None
+    if alert:
+        new = new.replace(last_alert_at=started)
+    run_at = None if nxt is None else nxt + (
+        _jitter(schedule, config, rng) if status is TickStatus.OK else 0.0)
+    return TickPlan(new.replace(next_run_at=run_at), run_at, nxt, alert)
+
+
+def next_run(state: JobState, schedule: Schedule, schedule_key: str | None,
+             now: float) -> tuple[float | None, bool]:
+    """Where a job stands on its schedule at start, take-over, resume or
+    reload (pure): ``(slot, fresh)``.
+
+    The stored slot holds while the schedule is the one it was planned
+    under; otherwise the configured schedule decides from the last run.  A
+    slot in the past means "run now, once" (the catch-up rule).  ``fresh``
+    is True when the slot was not stored (the caller adds jitter).
+    """
+    if state.paused:
+        return None, False
+    if state.next_run_at is not None and state.schedule_key == schedule_key:
+        return state.next_run_at, False
+    if state.last_run_at is not None and schedule.at is None:
+        return schedule.next_after(state.last_run_at, state.last_run_at), True
+    return schedule.first_after(now), True
+
+
+def _status_dict(cfg: JobConfig, state: JobState, threshold: int, running: bool,
+                 next_run_at: float | None = None) -> dict:
+    """A job as ``status`` shows it (one shape for the Runner and the CLI);
+    ``next_run_at`` is the live slot where one is known, else the stored one."""
+    if next_run_at is None:
+        next_run_at = state.next_run_at
+    return {"id": cfg.id, "kind": cfg.kind, "agent": cfg.agent, "paused": state.paused,
+            "cursor": None if state.cursor is None else encode_cursor(state.cursor),
+            "last_status": state.last_status, "last_error": state.last_error,
+            "consecutive_errors": state.consecutive_errors,
+            "breaker_open": state.consecutive_errors >= threshold,
+            "last_run_at": _iso(state.last_run_at),
+            "next_run_at": None if state.paused else _iso(next_run_at),
+            "items_seen_total": state.items_seen_total,
+            "items_dispatched_total": state.items_dispatched_total,
+            "running": running}
 
 
 class _Job:
-    """A job's configuration and live state inside the runner."""
-    __slots__ = ("cfg", "cursor", "paused", "last_status", "last_error", "consecutive_errors",
-                 "last_run_at", "next_run_at", "items_seen_total", "items_dispatched_total",
-                 "last_alert_at", "lease_until", "running", "generation", "cancel", "resets",
-                 "removed", "breaker_open")
+    """A job inside the runner: its configuration, its committed state, and
+    what only this process knows (running, lease held, heap entry)."""
+    __slots__ = ("cfg", "key", "state", "leased", "running", "generation", "next_run_at",
+                 "cancel", "removed", "unstored")
 
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, state: JobState | None = None):
         self.cfg = cfg
-        self.cursor: bytes | None = None
-        self.paused = False
-        self.last_status: str | None = None
-        self.last_error: str | None = None
-        self.consecutive_errors = 0
-        self.last_run_at: float | None = None
-        self.next_run_at: float | None = None
-        self.items_seen_total = 0
-        self.items_dispatched_total = 0
-        self.last_alert_at: float | None = None
-        self.lease_until = 0.0
+        self.key = _schedule_key(cfg)
+        self.state = state or JobState(cfg.id, paused=cfg.paused_on_boot)
+        self.leased = False          # this daemon holds the lease (state.lease_until says until)
         self.running = False
         self.generation = -1         # seq of the job's live heap entry
+        self.next_run_at: float | None = None    # when that entry fires
         self.cancel: threading.Event | None = None
-        self.resets = 0              # bumped by reset(); a tick planned before it keeps no cursor
         self.removed = False
-        self.breaker_open = False
-
-    def load(self, row: Mapping[str, Any]) -> None:
-        for key in ("cursor", "last_status", "last_error", "consecutive_errors", "last_run_at",
-                    "next_run_at", "items_seen_total", "items_dispatched_total",
-                    "last_alert_at"):
-            setattr(self, key, row[key])
-        self.paused = bool(row["paused"])
-
-    def status(self) -> dict:
-        c = self.cfg
-        return {"id": c.id, "kind": c.kind, "agent": c.agent, "paused": self.paused,
-                "cursor": None if self.cursor is None else encode_cursor(self.cursor),
-                "last_status": self.last_status, "last_error": self.last_error,
-                "consecutive_errors": self.consecutive_errors,
-                "breaker_open": self.breaker_open,
-                "last_run_at": _iso(self.last_run_at),
-                "next_run_at": None if self.paused else _iso(self.next_run_at),
-                "items_seen_total": self.items_seen_total,
-                "items_dispatched_total": self.items_dispatched_total,
-                "running": self.running}
+        self.unstored = 0            # outcomes in a row that could not be stored
 
 
 def _iso(ts: float | None) -> str | None:
@@ -3197,32 +3741,23 @@ class _WorkerPool:
 
 
 class _Lane:
-    """At most ``limit`` ticks of one plugin at once; the rest wait in order."""
-    __slots__ = ("limit", "running", "waiting")
+    """At most ``limit`` ticks of one plugin (or in-process kind) at once;
+    the rest wait in order."""
+    __slots__ = ("key", "limit", "running", "waiting")
 
-    def __init__(self, limit: int):
-        self.limit, self.running, self.waiting = limit, 0, deque()
+    def __init__(self, key: str, limit: int):
+        self.key, self.limit, self.running, self.waiting = key, limit, 0, deque()
 
 
-@dataclasses.dataclass
-class TickOutcome:
-    """What one tick of one job came to, as logged and stored."""
-    job_id: str
+@dataclasses.dataclass(eq=False)
+class _Route:
+    """How one kind is served: the poller, the lane its ticks queue in (one
+    per plugin), the time a tick may take, and the plugin (None in-process)."""
     kind: str
-    status: str                      # ok | transient | permanent | config | leased | cancelled
-    error: str | None = None
-    duration: float = 0.0
-    ack: TickAck | None = None
-    next_run_at: float | None = None
-
-    def to_dict(self) -> dict:
-        m = self.ack.metrics if self.ack and self.ack.metrics else TickMetrics()
-        return {"job": self.job_id, "kind": self.kind, "outcome": self.status,
-                "error": self.error, "duration_ms": round(self.duration * 1000, 3),
-                "items_seen": m.items_seen, "items_dispatched": m.items_dispatched,
-                "next_cursor": None if not self.ack or self.ack.next_cursor is None
-                else encode_cursor(self.ack.next_cursor),
-                "next_run_at": _iso(self.next_run_at)}
+    poller: Any
+    lane: _Lane
+    budget: float
+    plugin_id: str | None = None
 
 
 class Runner:
@@ -3230,29 +3765,39 @@ class Runner:
 
     ``Runner(config)`` then ``register(poller)`` for in-process kinds, then
     ``start()``; ``stop()`` shuts everything down.  ``run_once(job_id)``
-    ticks one job now.  ``clock`` (seconds since the epoch) is injectable.
+    ticks one job now.  ``clock`` (seconds since the epoch) is injectable;
+    ``state`` may be any ``StateStore`` (default: sqlite at ``state_db``).
+
+    Threads: the scheduler pops due jobs and carries out every committed
+    outcome's effects (log, alert, next slot); workers run ticks; the state
+    store's writer only writes.
     """
 
     def __init__(self, config: DaemonConfig, *, clock: Callable[[], float] = time.time,
-                 rng: Any = None):
+                 rng: Any = None, state: StateStore | None = None):
         self.config = config
         self.clock = clock
         self._rng = rng or random.Random()
-        self.router = PluginPollerRouter()
-        self._in_process: dict[str, Any] = {}
-        self._pollers: dict[str, Any] = {}
+        self.router = PluginPollerRouter()          # plugins by id (the manifests)
+        self._routes: dict[str, _Route] = {}        # kinds: the one answer to "who serves it"
+        self._lanes: dict[str, _Lane] = {}
+        self._idle_lanes = 0
+        self._busy = 0                              # ticks holding a worker thread
         self._supervisors: dict[str, PluginSupervisor] = {}
         self._jobs: dict[str, _Job] = {}
         self._heap: list[tuple[float, int, str, float]] = []    # when, seq, job, nominal
         self._seq = itertools.count()
         self._cond = threading.Condition(threading.Lock())
-        self._lanes: dict[str, _Lane] = {}
+        self._effects: deque = deque()              # committed outcomes waiting for their effects
         self._pool = _WorkerPool(config.max_workers)
         self._running = 0
         self._stopping = False
         self._opened = False
         self._started = False
-        self.state: StateStore | None = None
+        self._commands_due = False
+        self._published_running: frozenset = frozenset()
+        self.state: StateStore | None = state
+        self.state_error: str | None = None         # why the state cannot be used now
         self.broker_server: BrokerServer | None = None
         self.broker = None
         self._scheduler: threading.Thread | None = None
@@ -3260,72 +3805,100 @@ class Runner:
         self._metrics_server = None
         self.stopped = threading.Event()
 
-    # -- registry -------------------------------------------------------------
+    # -- routes ---------------------------------------------------------------------
 
     def register(self, poller: Any) -> None:
-        """Serve ``poller.kind`` in-process with ``poller.tick(ctx) -> TickAck``."""
+        """Serve ``poller.kind`` in-process with ``poller.tick(ctx) -> TickAck``.
+
+        An optional ``max_concurrent_ticks`` attribute bounds its ticks.
+        """
         kind = getattr(poller, "kind", None)
         if not isinstance(kind, str) or not callable(getattr(poller, "tick", None)):
             raise TypeError("a poller needs a `kind` string and a `tick(ctx)` method")
-        owner = self.router.handle_for_kind(kind)
-        if owner is not None:
-            raise PollerRouteRegistrationError.DuplicateKind(kind, owner.plugin_id, "(in-process)")
-        self._in_process[kind] = poller
-        self._pollers[kind] = poller
+        route = self._routes.get(kind)
+        if route is not None:
+            raise PollerRouteRegistrationError.DuplicateKind(
+                kind, route.plugin_id or "(in-process)", "(in-process)")
+        limit = getattr(poller, "max_concurrent_ticks", None) or self.config.max_workers
+        self._routes[kind] = _Route(kind, poller, self._lane(f"kind:{kind}", limit),
+                                    _IN_PROCESS_BUDGET_SECS)
+
+    def _lane(self, key: str, limit: int) -> _Lane:
+        with self._cond:
+            lane = self._lanes.get(key)
+            if lane is None:
+                lane = self._lanes[key] = _Lane(key, limit)
+                self._idle_lanes += 1
+            lane.limit = limit
+            return lane
 
     def _install_plugins(self, handles: Iterable[PluginPollerHandle]) -> None:
         for handle in handles:
             for kind in handle.kinds:
-                if kind in self._in_process:
+                route = self._routes.get(kind)
+                if route is not None and route.plugin_id is None:
                     raise PollerRouteRegistrationError.DuplicateKind(
                         kind, "(in-process)", handle.plugin_id)
             self.router.register(handle)
+            lane = self._lane(handle.plugin_id, handle.max_concurrent_ticks)
             for kind in handle.kinds:
-                self._pollers[kind] = _proxy_for(kind, handle, self.broker)
+                self._routes[kind] = _Route(kind, _proxy_for(kind, handle, self.broker), lane,
+                                            handle.tick_timeout.total_seconds(),
+                                            handle.plugin_id)
             if handle.lifecycle is Lifecycle.LONG_LIVED:
                 self._supervisors[handle.plugin_id] = PluginSupervisor(
                     handle, self.broker_server.url).start()
 
     def _remove_plugin(self, plugin_id: str) -> None:
-        handle = self.router.handles_for_plugin(plugin_id)
         sup = self._supervisors.pop(plugin_id, None)
         if sup is not None:
             sup.stop()
-        if handle is not None:
-            self.router.unregister(plugin_id)
-            for kind in handle.kinds:
-                self._pollers.pop(kind, None)
+        if self.router.unregister(plugin_id):
+            for kind in [k for k, r in self._routes.items() if r.plugin_id == plugin_id]:
+                del self._routes[kind]
 
-    # -- life cycle -------------------------------------------------------------
+    def _budget(self, kind: str, plugins: Iterable[PluginPollerHandle] | None = None) -> float:
+        """How long a tick of ``kind`` may take: its plugin's timeout, or a
+        few seconds in-process."""
+        if plugins is not None:
+            for h in plugins:
+                if kind in h.kinds:
+                    return h.tick_timeout.total_seconds()
+        route = self._routes.get(kind)
+        return route.budget if route is not None else _IN_PROCESS_BUDGET_SECS
+
+    def _lease_ttl(self, cfg: JobConfig, plugins: Iterable[PluginPollerHandle] | None = None
+                   ) -> float:
+        """factor x interval, at least 30 s, and at least a plugin's tick timeout + 30 s."""
+        ttl = max(_LEASE_MIN_SECS, self.config.lease_ttl_factor * cfg.schedule.nominal_interval)
+        handle = next((h for h in (plugins or ()) if cfg.kind in h.kinds), None)
+        route = self._routes.get(cfg.kind) if plugins is None else None
+        if handle is not None or (route is not None and route.plugin_id is not None):
+            ttl = max(ttl, self._budget(cfg.kind, plugins) + _LEASE_MIN_SECS)
+        return ttl
+
+    # -- life cycle -------------------------------------------------------------------
 
     def open(self) -> "Runner":
         """Start the broker, the plugins and the state, but not the scheduler."""
         if self._opened:
             return self
         cfg = self.config
-        self.state = StateStore(cfg.state_db)
+        if self.state is None:
+            self.state = open_state(cfg.state_db)
         try:
             path = cfg.broker[7:] if cfg.broker else None
             self.broker_server = BrokerServer(path).start()
             self.broker = self.broker_server.client()
             self._install_plugins(cfg.plugins)
-            for job_cfg in cfg.jobs:
-                self._jobs[job_cfg.id] = _Job(job_cfg)
-            self._load_jobs(cfg.jobs)
+            stored = self.state.load([j.id for j in cfg.jobs])
+            for jc in cfg.jobs:
+                self._jobs[jc.id] = _Job(jc, stored.get(jc.id))
         except BaseException:
-            self._teardown()
+            self._teardown(time.monotonic() + self.config.shutdown_grace_secs)
             raise
         self._opened = True
         return self
-
-    def _load_jobs(self, job_cfgs: list[JobConfig]) -> None:
-        self.state.run(StateStore.ensure_jobs([j.id for j in job_cfgs],
-                                              [j.id for j in job_cfgs if j.paused_on_boot]))
-        rows = self.state.jobs()
-        for jc in job_cfgs:
-            job = self._jobs[jc.id]
-            job.load(rows[jc.id])
-            job.breaker_open = job.consecutive_errors >= self.config.breaker_threshold
 
     def start(self, background: bool = True) -> "Runner":
         """Open, then schedule every job and serve until ``stop()``.
@@ -3334,15 +3907,17 @@ class Runner:
         time through ``clock`` and calls ``fire_due()`` (tests do).
         """
         self.open()
-        owner = self.state.owner
-        self.state.run(lambda db: db.execute(
-            "INSERT OR REPLACE INTO meta VALUES ('daemon', ?)", (owner,)))
         now = self.clock()
-        # One transaction leases every job up front, so a tick needs no
-        # round trip to the database before it runs, only its commit after.
-        leases = {job_id: now + self._lease_ttl(job) for job_id, job in self._jobs.items()}
-        for job_id in self.state.claim_all(leases, now):
-            self._jobs[job_id].lease_until = leases[job_id]
+        others = self.state.register_daemon(now)
+        # One step leases every job up front, so a tick needs no round trip to
+        # the state before it runs, only its commit after.
+        granted = self._claim(list(self._jobs.values()), now)
+        if others:
+            held = sorted(set(self._jobs) - set(granted))
+            log.warning("another daemon runs on this state (%s); this one holds %d of %d jobs%s",
+                        ", ".join(others), len(granted), len(self._jobs),
+                        f"; held elsewhere: {', '.join(held)}" if held else "")
+        self.apply_commands()
         with self._cond:
             for job in self._jobs.values():
                 self._schedule_first(job, now)
@@ -3361,20 +3936,37 @@ class Runner:
                  self.router.len(), self.broker_server.url)
         return self
 
+    def _claim(self, jobs: list[_Job], now: float) -> dict[str, JobState]:
+        """Lease ``jobs``; each granted job takes the state the claim read."""
+        wanted = {j.cfg.id: now + self._lease_ttl(j.cfg) for j in jobs}
+        granted = self.state.claim(wanted, now, paused_on_boot=[
+            j.cfg.id for j in jobs if j.cfg.paused_on_boot])
+        with self._cond:
+            for job in jobs:
+                if job.cfg.id in granted:
+                    job.state, job.leased = granted[job.cfg.id], True
+        return granted
+
     def _schedule_first(self, job: _Job, now: float) -> None:
-        """Queue a job's first slot at start (lock held)."""
-        if job.paused:
+        """Put a job on the heap where it stands on its schedule (lock held)."""
+        if job.removed or job.state.paused or job.running:
             return
-        slot = job.next_run_at
+        slot, fresh = next_run(job.state, job.cfg.schedule, job.key, now)
         if slot is None:
-            slot = job.cfg.schedule.first_after(now)
-            if slot is not None:
-                self._push(job, max(slot, now) + self._jitter(job), slot)
-        else:
-            self._push(job, max(slot, now))       # missed while down: once, now
+            job.generation = -1
+            return
+        when = max(slot, now)            # missed while down or paused: once, now
+        if fresh and slot >= now:
+            when += _jitter(job.cfg.schedule, self.config, self._rng)
+        self._push(job, when, slot)
 
     def stop(self) -> None:
-        """Stop scheduling, cancel ticks in flight, stop plugins, flush state."""
+        """Stop scheduling, cancel ticks in flight, stop plugins, flush state.
+
+        Bounded: ``shutdown_grace_secs`` for ticks in flight, then the state
+        gets what it can store within a few seconds more, whatever another
+        process does to it; what it cannot store is logged.
+        """
         with self._cond:
             if self._stopping:
                 return
@@ -3383,39 +3975,38 @@ class Runner:
                 if job.cancel is not None:
                     job.cancel.set()
             self._cond.notify_all()
+        grace = self.config.shutdown_grace_secs
+        deadline = time.monotonic() + grace
+        if self.state is not None:
+            self.state.set_deadline(deadline + 2.0)
         if self._scheduler is not None:
             self._scheduler.join(5)
-        deadline = time.monotonic() + self.config.shutdown_grace_secs
-        with self._cond:
-            while self._running and time.monotonic() < deadline:
-                self._cond.wait(deadline - time.monotonic())
-            if self._running:
-                log.warning("%d ticks did not finish within %.1fs; their results are dropped",
-                            self._running, self.config.shutdown_grace_secs)
-        self._teardown()
+        if not self._settle(lambda: self._running == 0, deadline):
+            log.warning("%d ticks did not finish within %.1fs; their results are dropped",
+                        self._running, grace)
+        self._teardown(deadline + 2.0)
         self.stopped.set()
-        log.info("nexo-poller stopped")
+        if self._started:
+            log.info("nexo-poller stopped")
 
-    def _teardown(self) -> None:
+    def _teardown(self, deadline: float) -> None:
+        if self.state is not None:
+            try:
+                self.state.release()
+                self.state.unregister_daemon()
+            except StateError as exc:
+                log.error("leases not released (they expire on their own): %s", exc)
         sups, self._supervisors = list(self._supervisors.values()), {}
         for sup in sups:                    # all plugins get SIGTERM at once and
             sup.request_stop()              # share one grace period
-        deadline = time.monotonic() + max((s.stop_grace for s in sups), default=0)
+        plugin_deadline = time.monotonic() + max((s.stop_grace for s in sups), default=0)
         for sup in sups:
-            sup.join(deadline)
+            sup.join(plugin_deadline)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         if self.state is not None:
-            owner = self.state.owner
-            try:
-                self.state.run(lambda db: (
-                    db.execute("UPDATE jobs SET lease_owner=NULL, lease_until=NULL "
-                               "WHERE lease_owner=?", (owner,)),
-                    db.execute("DELETE FROM meta WHERE key='daemon' AND value=?", (owner,))))
-            except StateError as exc:
-                log.error("%s", exc)
-            self.state.close()
+            self.state.close(deadline)
         if self.broker is not None:
             self.broker.close()
         if self.broker_server is not None:
@@ -3428,13 +4019,7 @@ class Runner:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    # -- the timer heap ----------------------------------------------------------
-
-    def _jitter(self, job: _Job) -> float:
-        ms = job.cfg.schedule.stagger_jitter_ms
-        if ms is None:
-            ms = self.config.default_jitter_ms
-        return self._rng.uniform(0, ms / 1000) if ms else 0.0
+    # -- the timer heap -------------------------------------------------------------------
 
     def _push(self, job: _Job, when: float, nominal: float | None = None) -> None:
         """Put a job's next run on the heap (lock held).
@@ -3449,7 +4034,7 @@ class Runner:
         if len(self._heap) > 2 * len(self._jobs) + 1024:
             self._compact_heap()
         if self._heap[0][1] == seq:         # earlier than what the scheduler waits for
-            self._cond.notify()
+            self._cond.notify_all()
 
     def _compact_heap(self) -> None:
         """Drop superseded entries (rescheduled, resumed, removed jobs) (lock held)."""
@@ -3458,28 +4043,69 @@ class Runner:
                       if e[2] in jobs and jobs[e[2]].generation == e[1]]
         heapq.heapify(self._heap)
 
+    def _next_wake(self, now: float) -> float:
+        """Seconds until the scheduler has something to do (lock held)."""
+        wait = _COMMAND_POLL_SECS if self.state_error is None else self._state_backoff
+        if self._heap:
+            wait = min(wait, max(0.0, self._heap[0][0] - now))
+        return wait
+
     def _schedule_loop(self) -> None:
+        """Pop due jobs, carry out committed outcomes, pick up commands.
+
+        Nothing raised here may end the thread: a state that cannot be read
+        is retried with backoff and reported until it can.
+        """
         next_poll = 0.0
+        self._state_backoff = _COMMAND_POLL_SECS
         while True:
-            with self._cond:
-                if self._stopping:
-                    return
-                now = self.clock()
-                due = self._pop_due(now)
-                if not due:
-                    wait = _COMMAND_POLL_SECS
-                    if self._heap:
-                        wait = min(wait, max(0.0, self._heap[0][0] - now))
-                    self._cond.wait(wait)
-            for job, slot in due:
-                self._dispatch(job, slot)
-            if time.monotonic() >= next_poll:
-                next_poll = time.monotonic() + _COMMAND_POLL_SECS
-                try:
-                    if self.state.changed():
-                        self.apply_commands()
-                except StateError as exc:
-                    log.error("%s", exc)
+            try:
+                with self._cond:
+                    if self._stopping:
+                        return
+                    now = self.clock()
+                    due = self._pop_due(now)
+                    if not due and not self._effects and not self._commands_due:
+                        self._cond.wait(self._next_wake(now))
+                        continue
+                self._drain_effects()
+                for job, slot in due:
+                    self._dispatch(job, slot)
+                if time.monotonic() >= next_poll or self._commands_due:
+                    next_poll = time.monotonic() + _COMMAND_POLL_SECS
+                    self._poll_state()
+            except StateError as exc:
+                self._state_failed(exc)
+                next_poll = time.monotonic() + self._state_backoff
+            except Exception:
+                log.exception("scheduler: unexpected error; carrying on")
+                with self._cond:
+                    self._cond.wait(1.0)
+
+    def _poll_state(self) -> None:
+        """Commands and the running set, each time the scheduler looks at the state."""
+        if isinstance(self.state, SqliteStateStore):
+            self.state.check_file()
+        due, self._commands_due = self._commands_due, False
+        if self.state.changed() or due:
+            self.apply_commands()
+        running = frozenset(j.cfg.id for j in self._jobs.values() if j.running)
+        if running != self._published_running:
+            self.state.set_running(running)
+            self._published_running = running
+        if self.state_error is not None:
+            log.warning("state readable again after: %s", self.state_error)
+            self.state_error, self._state_backoff = None, _COMMAND_POLL_SECS
+
+    def _state_failed(self, exc: StateError) -> None:
+        first = self.state_error is None
+        self.state_error = str(exc)
+        self._metrics.state_error()
+        if first:
+            log.error("state: %s (retrying with backoff; ticks wait)", exc)
+        else:
+            log.debug("state still failing: %s", exc)
+        self._state_backoff = min(_STATE_RETRY_MAX_SECS, self._state_backoff * 2)
 
     def _pop_due(self, now: float) -> list[tuple[_Job, float]]:
         due = []
@@ -3487,7 +4113,7 @@ class Runner:
         while heap and heap[0][0] <= now:
             when, seq, job_id, nominal = heapq.heappop(heap)
             job = self._jobs.get(job_id)
-            if job is None or job.generation != seq or job.paused or job.running:
+            if job is None or job.generation != seq or job.state.paused or job.running:
                 continue
             job.running = True
             self._running += 1
@@ -3496,239 +4122,254 @@ class Runner:
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no tick is running or committing; False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._running == 0, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._settle(lambda: self._running == 0, deadline)
+
+    def _settle(self, done: Callable[[], bool], deadline: float | None) -> bool:
+        """Carry out committed outcomes until ``done()`` (lock held) or the deadline."""
+        while True:
+            self._drain_effects()
+            with self._cond:
+                if done():
+                    return True
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                if not self._effects:
+                    self._cond.wait(left)
 
     def fire_due(self) -> int:
         """Dispatch every job whose slot has come (for tests driving the clock)."""
+        self._drain_effects()
         with self._cond:
             due = self._pop_due(self.clock())
         for job, slot in due:
             self._dispatch(job, slot)
         return len(due)
 
-    def _lane_for(self, kind: str) -> tuple[str, int] | None:
-        handle = self.router.handle_for_kind(kind)
-        if handle is not None:
-            return handle.plugin_id, handle.max_concurrent_ticks
-        limit = getattr(self._in_process.get(kind), "max_concurrent_ticks", None)
-        return (f"kind:{kind}", limit) if limit else None
+    # -- lanes --------------------------------------------------------------------------
 
-    def _dispatch(self, job: _Job, slot: float) -> None:
-        """Hand a due job to the pool, through its plugin's lane."""
-        lane_key = self._lane_for(job.cfg.kind)
-        if lane_key is not None:
-            key, limit = lane_key
-            with self._cond:
-                lane = self._lanes.get(key)
-                if lane is None:
-                    lane = self._lanes[key] = _Lane(limit)
-                lane.limit = limit
-                if lane.running >= lane.limit:
-                    lane.waiting.append((job, slot))
-                    return
+    def _dispatch(self, job: _Job, slot: float | None, command: int | None = None) -> None:
+        """Queue a due job in its route's lane; start what capacity allows."""
+        route = self._routes.get(job.cfg.kind)
+        lane = route.lane if route is not None else self._lane("(unrouted)", 1)
+        with self._cond:
+            lane.waiting.append((job, slot, command))
+            starts = self._start_ready((lane,))
+        for args in starts:
+            self._pool.submit(self._work, *args)
+
+    def _start_ready(self, lanes: Iterable[_Lane]) -> list:
+        """Take queued ticks that may start now (lock held).
+
+        A lane runs at most its limit; and every lane with nothing running
+        keeps one worker in reserve, so a plugin hung at its limit cannot
+        take the threads other plugins need.
+        """
+        starts, cap = [], self.config.max_workers
+        for lane in lanes:
+            while lane.waiting and lane.running < lane.limit:
+                reserve = min(self._idle_lanes - (lane.running == 0), cap - 1)
+                if self._busy >= cap - reserve:
+                    break
+                job, slot, command = lane.waiting.popleft()
+                if lane.running == 0:
+                    self._idle_lanes -= 1
                 lane.running += 1
-        self._pool.submit(self._work, job, slot, lane_key)
+                self._busy += 1
+                starts.append((job, slot, command, lane))
+        return starts
 
-    def _work(self, job: _Job, slot: float, lane_key) -> None:
+    def _work(self, job: _Job, slot: float | None, command: int | None, lane: _Lane) -> None:
         try:
-            self._tick(job, slot, commit_async=True)
+            self._tick(job, slot, command=command, commit_async=True)
         finally:
-            if lane_key is not None:
-                with self._cond:
-                    lane = self._lanes[lane_key[0]]
-                    nxt = lane.waiting.popleft() if lane.waiting else None
-                    if nxt is None:
-                        lane.running -= 1
-                if nxt is not None:
-                    self._pool.submit(self._work, nxt[0], nxt[1], lane_key)
+            with self._cond:
+                lane.running -= 1
+                self._busy -= 1
+                if lane.running == 0:
+                    self._idle_lanes += 1
+                waiting = [lane] + [ln for ln in self._lanes.values()
+                                    if ln.waiting and ln is not lane]
+                starts = self._start_ready(waiting)
+            for args in starts:
+                self._pool.submit(self._work, *args)
 
-    # -- one tick ------------------------------------------------------------------
+    # -- one tick -----------------------------------------------------------------------
 
-    def _tick_budget(self, job: _Job) -> float:
-        """How long a tick of this job may take: its plugin's timeout, or a
-        few seconds for an in-process poller."""
-        handle = self.router.handle_for_kind(job.cfg.kind)
-        return 5.0 if handle is None else handle.tick_timeout.total_seconds()
+    def _tick(self, job: _Job, slot: float | None, *, command: int | None = None,
+              commit_async: bool) -> TickOutcome:
+        """Run one tick of a job (``running`` already set) and store its outcome.
 
-    def _lease_ttl(self, job: _Job) -> float:
-        """factor x interval, at least 30 s, and at least a plugin's tick timeout + 30 s."""
-        ttl = max(_LEASE_MIN_SECS, self.config.lease_ttl_factor * job.cfg.schedule.nominal_interval)
-        if self.router.handle_for_kind(job.cfg.kind) is not None:
-            ttl = max(ttl, self._tick_budget(job) + _LEASE_MIN_SECS)
-        return ttl
-
-    def _tick(self, job: _Job, slot: float, commit_async: bool) -> TickOutcome:
-        """Run one tick of a job (``running`` already set) and store its outcome."""
+        ``slot`` None is an off-schedule tick (an operator's): it runs even
+        when the job is not due.
+        """
         cfg = job.cfg
         now = self.clock()
         started = time.monotonic()
         cancel = threading.Event()
+        route = self._routes.get(cfg.kind)
         with self._cond:
             job.cancel = cancel
-            if self._stopping:
+            if self._stopping or job.removed:
                 cancel.set()
-        outcome = TickOutcome(cfg.id, cfg.kind, "ok")
-        ttl = self._lease_ttl(job)
+        outcome = TickOutcome(cfg.id, cfg.kind, TickStatus.OK)
+        if cancel.is_set():                 # stop() or a reload came while it sat in the queue
+            outcome.status, outcome.error = TickStatus.CANCELLED, "tick cancelled before it started"
+            return self._finish_unplanned(job, slot, outcome, command)
+        budget = route.budget if route is not None else _IN_PROCESS_BUDGET_SECS
+        ttl = self._lease_ttl(cfg)
         # Claim only when the lease would not outlast this tick: in steady
         # state each commit renews it, so ticks make no extra round trip.
-        if job.lease_until < now + self._tick_budget(job) + 5.0:
+        if not job.leased or (job.state.lease_until or 0) < now + budget + 5.0:
+            taking_over = not job.leased
             try:
-                leased = self.state.claim(cfg.id, now + ttl, now)
+                granted = self.state.claim({cfg.id: now + ttl}, now, paused_on_boot=(
+                    [cfg.id] if cfg.paused_on_boot else []))
             except StateError as exc:
-                leased, outcome.error = False, str(exc)
-            if not leased:
-                outcome.status = "leased"
+                granted, outcome.error = {}, str(exc)
+            if cfg.id not in granted:
+                outcome.status = TickStatus.LEASED
                 outcome.error = outcome.error or "another daemon holds this job's lease"
-                return self._finish(job, slot, outcome, now, None)
-            job.lease_until = now + ttl
-        if cancel.is_set():                 # stop() came while this tick sat in the queue
-            outcome.status, outcome.error = "cancelled", "tick cancelled before it started"
-            return self._finish(job, slot, outcome, now, ttl)
-        poller = self._pollers.get(cfg.kind)
-        ctx = PollContext(cfg.id, cfg.agent, cfg.kind, job.cursor, cfg.config,
+                return self._finish_unplanned(job, slot, outcome, command)
+            with self._cond:
+                job.state, job.leased = granted[cfg.id], True
+            if taking_over:
+                # The state is what the last owner committed: resume from it.
+                with self._cond:
+                    self._commands_due = True
+                    self._cond.notify_all()
+                resume_at, _ = next_run(job.state, cfg.schedule, job.key, now)
+                if slot is not None and (resume_at is None or resume_at > now):
+                    log.info("job %s taken over; its next slot is %s", cfg.id, _iso(resume_at))
+                    self._release(job, resume_at)
+                    outcome.status = TickStatus.CANCELLED
+                    outcome.error = "taken over; not due yet"
+                    return outcome
+        ctx = PollContext(cfg.id, cfg.agent, cfg.kind, job.state.cursor, cfg.config,
                           datetime.fromtimestamp(now, timezone.utc),
                           timedelta(seconds=cfg.schedule.nominal_interval), cancel)
         try:
-            if poller is None:
+            if route is None:
                 raise PollerError.Config(cfg.id, f"no plugin or poller serves kind {cfg.kind!r}")
-            ack = poller.tick(ctx)
+            ack = route.poller.tick(ctx)
             if ack is not None and not isinstance(ack, TickAck):
                 raise PollerError.Transient(f"poller returned {type(ack).__name__}, not TickAck")
             outcome.ack = ack or TickAck()
         except PollerError as exc:
-            outcome.status = exc.classify().value
+            outcome.status = TickStatus(exc.classify().value)
             outcome.error = str(exc)
         except Exception as exc:            # a bug in an in-process poller: retry later
             log.debug("poller for %s raised", cfg.kind, exc_info=True)
-            outcome.status, outcome.error = "transient", f"{type(exc).__name__}: {exc}"
+            outcome.status = TickStatus.TRANSIENT
+            outcome.error = f"{type(exc).__name__}: {exc}"
         outcome.duration = time.monotonic() - started
         if cancel.is_set():
-            outcome.status, outcome.error, outcome.ack = "cancelled", "tick cancelled", None
-        return self._finish(job, slot, outcome, now, ttl, commit_async)
-
-    def _finish(self, job: _Job, slot: float, outcome: TickOutcome, now: float,
-                ttl: float | None, commit_async: bool = False) -> TickOutcome:
-        """Apply the error policy, commit, then free the job for its next slot."""
-        if outcome.status in ("cancelled", "leased"):
-            self._log_tick(outcome)
-            self._metrics.observe(outcome, job)
-            self._release(job, None if self._stopping else
-                          job.cfg.schedule.next_after(slot, self.clock()))
-            return outcome
-        plan = self._plan(job, outcome, slot, now)
-        outcome.next_run_at = plan["next_run_at"]
-        owner = self.state.owner
-        job_id = job.cfg.id
-        lease_until = now + (ttl or 0)
-        fields = {k: v for k, v in plan.items() if k not in ("alert", "slot")}
-        resets = job.resets
-
-        def write(db):
-            if job.resets != resets and "cursor" in fields:
-                fields["cursor"] = None     # a reset landed while this tick ran: it wins
-            cols = ", ".join(f"{k}=?" for k in fields)
-            cur = db.execute(f"UPDATE jobs SET {cols}, lease_until=? WHERE id=? AND lease_owner=?",
-                             (*fields.values(), lease_until, job_id, owner))
-            return cur.rowcount == 1
-
-        def done(result):
-            if result is True:
-                job.lease_until = lease_until   # the commit renewed the lease
-                self._log_tick(outcome)     # before the release: wait_idle() sees it
-                self._apply(job, fields, plan, outcome)
-            else:
-                why = result if isinstance(result, BaseException) else "lease lost"
-                log.error("job %s: tick result not stored (%s)", job_id, why)
-                outcome.status, outcome.error = "unstored", str(why)
-                self._log_tick(outcome)
-                self._metrics.observe(outcome, job)
-                self._release(job, None if self._stopping else self.clock() + 1.0)
-
+            why = "job removed by a reload" if job.removed else "tick cancelled"
+            outcome.status, outcome.error, outcome.ack = TickStatus.CANCELLED, why, None
+            return self._finish_unplanned(job, slot, outcome, command)
+        base = job.state
+        if slot is None:                    # off schedule: the slot on the heap stays
+            base = base.replace(next_run_at=job.next_run_at if job.generation >= 0 else None)
+        plan = plan_tick(base, outcome, schedule=cfg.schedule, slot=slot, started=now,
+                         finished=self.clock(), config=self.config, rng=self._rng,
+                         schedule_key=job.key)
+        outcome.next_run_at = plan.run_at
+        new = plan.state.replace(lease_until=now + ttl)
+        result_text = None if command is None else json.dumps(outcome.to_dict())
+        done = functools.partial(self._committed, job, plan, new, outcome, slot)
+        cmd = None if command is None else (command, result_text)
         if commit_async:
-            self.state.submit(write, done)
-        else:
-            result = None
             try:
-                result = self.state.run(write)
+                self.state.commit(new, done, command=cmd)
+            except StateError as exc:
+                done(exc)
+        else:
+            try:
+                result = self.state.commit_now(new, command=cmd)
             except StateError as exc:
                 result = exc
-            done(result)
+            self._settle_one(job, plan, new, outcome, slot, result)
         return outcome
 
-    def _plan(self, job: _Job, outcome: TickOutcome, slot: float, now: float) -> dict:
-        """The error policy: what to store and when to run next."""
-        cfg, sched = self.config, job.cfg.schedule
-        plan: dict[str, Any] = {"last_run_at": now, "last_status": outcome.status,
-                                "last_error": outcome.error}
-        if outcome.status == "ok":
-            ack = outcome.ack
-            cursor = job.cursor if ack.next_cursor is None else ack.next_cursor
-            metrics = ack.metrics or TickMetrics()
-            plan.update(cursor=cursor, consecutive_errors=0,
-                        items_seen_total=job.items_seen_total + metrics.items_seen,
-                        items_dispatched_total=job.items_dispatched_total
-                        + metrics.items_dispatched)
-            if ack.next_interval_hint is not None:
-                nxt = self.clock() + ack.next_interval_hint.total_seconds()
-            else:
-                nxt = sched.next_after(slot, now)
-            if sched.at is not None:
-                plan["paused"] = 1          # a one-shot stays paused after it fired
-                nxt = None
-        elif outcome.status == "transient":
-            errors = job.consecutive_errors + 1
-            plan["consecutive_errors"] = errors
-            delay = min(cfg.backoff_max_secs, cfg.backoff_initial_secs * 2 ** min(errors - 1, 60))
-            delay *= self._rng.uniform(1.0, 1.1)
-            nxt = self.clock() + delay
-            if errors == cfg.breaker_threshold:
-                plan["alert"] = f"circuit breaker opened after {errors} consecutive errors"
-        else:
-            plan["paused"] = 1
-            plan["consecutive_errors"] = job.consecutive_errors + 1
-            plan["alert"] = f"job paused after a {outcome.status} error"
-            nxt = None
-        if plan.get("alert") and not self._alert_allowed(job, now):
-            plan["alert"] = None
-        if plan.get("alert"):
-            plan["last_alert_at"] = now
-        plan["slot"] = nxt
-        plan["next_run_at"] = None if nxt is None else nxt + (
-            self._jitter(job) if outcome.status == "ok" else 0.0)
-        return plan
+    def _finish_unplanned(self, job: _Job, slot: float | None, outcome: TickOutcome,
+                          command: int | None) -> TickOutcome:
+        """A tick that stored nothing (cancelled, leased): log it, free the job."""
+        self._log_tick(outcome)
+        self._metrics.observe(outcome)
+        if command is not None:
+            try:
+                self.state.finish_command(command, json.dumps(outcome.to_dict()))
+            except StateError as exc:
+                log.error("%s", exc)
+        nxt = None
+        if not self._stopping and not job.removed and slot is not None:
+            nxt = job.cfg.schedule.next_after(slot, self.clock())
+        self._release(job, nxt, nxt)
+        return outcome
 
-    def _alert_allowed(self, job: _Job, now: float) -> bool:
-        last = job.last_alert_at
-        return last is None or now - last >= self.config.failure_alert_cooldown_secs
-
-    def _apply(self, job: _Job, fields: dict, plan: dict, outcome: TickOutcome) -> None:
-        """A committed outcome becomes the job's live state (writer thread)."""
+    def _committed(self, job: _Job, plan: TickPlan, new: JobState, outcome: TickOutcome,
+                   slot: float | None, result: Any) -> None:
+        """The store's ``done`` callback (writer thread): hand over, do nothing else."""
         with self._cond:
-            for key, value in fields.items():
-                setattr(job, key, bool(value) if key == "paused" else value)
-            job.breaker_open = job.consecutive_errors >= self.config.breaker_threshold
-        self._metrics.observe(outcome, job)
-        if plan.get("alert"):
-            self._send_alert(job, plan["alert"], outcome)
-        self._release(job, fields["next_run_at"], plan["slot"])
+            self._effects.append((job, plan, new, outcome, slot, result))
+            self._cond.notify_all()
+
+    def _drain_effects(self) -> None:
+        while True:
+            with self._cond:
+                if not self._effects:
+                    return
+                item = self._effects.popleft()
+            self._settle_one(*item)
+
+    def _settle_one(self, job: _Job, plan: TickPlan, new: JobState, outcome: TickOutcome,
+                    slot: float | None, result: Any) -> None:
+        """A commit's effects, in the Runner: live state, log, metrics, alert, next slot."""
+        if result is True:
+            with self._cond:
+                job.state, job.unstored = new.replace(revision=new.revision + 1), 0
+            self._log_tick(outcome)         # before the release: wait_idle() sees it
+            self._metrics.observe(outcome)
+            if plan.alert:
+                self._send_alert(job, plan.alert, outcome)
+            self._release(job, plan.run_at, plan.slot)
+            return
+        lost = result is False
+        why = "lease lost: another daemon took this job over" if lost else str(result)
+        log.error("job %s: tick result not stored (%s)", job.cfg.id, why)
+        outcome.status, outcome.error, outcome.next_run_at = TickStatus.UNSTORED, why, None
+        self._log_tick(outcome)
+        self._metrics.observe(outcome)
+        now = self.clock()
+        with self._cond:
+            job.unstored += 1
+            if lost:
+                job.leased = False
+        if lost and slot is not None:
+            nxt = job.cfg.schedule.next_after(slot, now)
+        else:                               # never a tight loop: back off as for errors
+            cfg = self.config
+            nxt = now + min(cfg.backoff_max_secs,
+                            cfg.backoff_initial_secs * 2 ** min(job.unstored - 1, 60))
+        self._release(job, None if self._stopping else nxt, nxt)
 
     def _release(self, job: _Job, next_run_at: float | None, slot: float | None = None) -> None:
         with self._cond:
             job.running = False
             job.cancel = None
             self._running -= 1
-            if next_run_at is not None and not job.paused and not job.removed \
+            if next_run_at is not None and not job.state.paused and not job.removed \
                     and not self._stopping:
                 self._push(job, next_run_at, slot)
             else:
-                job.next_run_at = None if job.paused else next_run_at
+                job.generation = -1
             self._cond.notify_all()
 
     def _send_alert(self, job: _Job, reason: str, outcome: TickOutcome) -> None:
         payload = {"job": job.cfg.id, "kind": job.cfg.kind, "agent": job.cfg.agent,
                    "reason": reason, "error": outcome.error,
-                   "consecutive_errors": job.consecutive_errors,
+                   "consecutive_errors": job.state.consecutive_errors,
                    "failure_to": job.cfg.failure_to, "at": _iso(self.clock())}
         log.warning("alert: job %s: %s: %s", job.cfg.id, reason, outcome.error)
         try:
@@ -3737,14 +4378,17 @@ class Runner:
             log.error("alert for job %s not published: %s", job.cfg.id, exc)
 
     def _log_tick(self, o: TickOutcome) -> None:
+        level = logging.INFO if o.status in (TickStatus.OK, TickStatus.LEASED,
+                                             TickStatus.CANCELLED) else logging.WARNING
+        if not log.isEnabledFor(level):
+            return
         m = o.ack.metrics if o.ack and o.ack.metrics else TickMetrics()
-        level = logging.INFO if o.status in ("ok", "leased", "cancelled") else logging.WARNING
         log.log(level, "tick job=%s kind=%s outcome=%s duration_ms=%.1f items_seen=%d "
-                "items_dispatched=%d%s", o.job_id, o.kind, o.status, o.duration * 1000,
+                "items_dispatched=%d%s", o.job_id, o.kind, o.status.value, o.duration * 1000,
                 m.items_seen, m.items_dispatched, f" error={o.error}" if o.error else "",
                 extra={"tick": o.to_dict()})
 
-    # -- operator actions ------------------------------------------------------------
+    # -- operator actions --------------------------------------------------------------
 
     def _job(self, job_id: str) -> _Job:
         job = self._jobs.get(job_id)
@@ -3758,12 +4402,12 @@ class Runner:
         job = self._job(job_id)
         with self._cond:
             if job.running:
-                return TickOutcome(job_id, job.cfg.kind, "busy", "a tick of this job is running")
+                return TickOutcome(job_id, job.cfg.kind, TickStatus.BUSY,
+                                   "a tick of this job is running")
             job.running = True
             self._running += 1
-            slot = job.next_run_at or self.clock()
         try:
-            return self._tick(job, slot, commit_async=False)
+            return self._tick(job, None, commit_async=False)
         finally:
             if job.running:                 # interrupted (Ctrl-C) before it was released
                 self._release(job, None)
@@ -3772,6 +4416,7 @@ class Runner:
         self._command(job_id, "pause")
 
     def resume(self, job_id: str) -> None:
+        """Put a paused job back on its schedule (a slot missed while paused runs once)."""
         self._command(job_id, "resume")
 
     def reset(self, job_id: str) -> None:
@@ -3779,114 +4424,179 @@ class Runner:
         self._command(job_id, "reset")
 
     def _command(self, job_id: str, verb: str) -> None:
+        """Apply a command now when this runner owns the idle job; otherwise
+        queue it for the owner (this runner, after the running tick, or the
+        daemon holding the lease)."""
         job = self._job(job_id)
-        if verb == "reset":
-            job.resets += 1                 # before the write: see _finish's write()
-        self.state.run(_COMMAND_SQL[verb](job_id))
         with self._cond:
+            direct = job.leased and not job.running
+        if direct and self._apply_command(job, verb):
+            return
+        owner, seq = self.state.command(job_id, verb, paused_on_boot=job.cfg.paused_on_boot)
+        if seq is None:                     # nobody holds it: applied in the state
+            with self._cond:
+                job.state = self.state.load([job_id])[job_id]
+        elif owner == self.state.owner:
+            with self._cond:
+                self._commands_due = True
+                self._cond.notify_all()
+
+    def _apply_command(self, job: _Job, verb: str, seq: int | None = None) -> bool:
+        """Apply a pause/resume/reset to a job this runner owns, in one commit
+        with the command's completion.  False when the lease was lost."""
+        now = self.clock()
+        new = apply_command(job.state, verb)
+        if verb == "resume" and job.state.paused:
+            slot, _ = next_run(new.replace(next_run_at=job.state.next_run_at), job.cfg.schedule,
+                               job.key, now)
+            new = new.replace(next_run_at=slot, schedule_key=job.key)
+        if not self.state.commit_now(new, command=None if seq is None else (seq, None)):
+            with self._cond:
+                job.leased = False
+            return False
+        with self._cond:
+            was_paused, job.state = job.state.paused, new.replace(revision=new.revision + 1)
             if verb == "pause":
-                job.paused = True
-            elif verb == "resume":
-                was = job.paused
-                job.paused, job.consecutive_errors, job.breaker_open = False, 0, False
-                if was and not job.running and self._started:
-                    self._push(job, self.clock())
-            elif verb == "reset":
-                job.cursor = None
+                job.generation = -1
+            elif verb == "resume" and was_paused and self._started and not job.running:
+                self._schedule_first(job, now)
+        return True
 
     def apply_commands(self) -> int:
-        """Carry out what ``nexo-poller pause/resume/reset`` queued in the state."""
-        rows = self.state.read("SELECT seq, job, verb FROM commands ORDER BY seq")
-        for seq, job_id, verb in rows:
-            if job_id in self._jobs and verb == "tick":
-                self._tick_soon(self._jobs[job_id])
-                log.info("operator: tick %s", job_id)
-            elif job_id in self._jobs and verb in _COMMAND_SQL:
-                self._command(job_id, verb)
-                log.info("operator: %s %s", verb, job_id)
-            self.state.run(lambda db, s=seq: db.execute("DELETE FROM commands WHERE seq=?", (s,)))
-        return len(rows)
+        """Carry out the operator commands queued for the jobs this daemon owns."""
+        n = 0
+        for cmd in self.state.pending_commands():
+            job = self._jobs.get(cmd.job)
+            if job is None or job.removed:
+                self.state.finish_command(cmd.seq, json.dumps(
+                    {"job": cmd.job, "error": "this daemon has no such job"}))
+            elif cmd.verb == "tick":
+                if not self._tick_soon(job, cmd.seq):
+                    self.state.finish_command(cmd.seq, json.dumps(TickOutcome(
+                        job.cfg.id, job.cfg.kind, TickStatus.BUSY,
+                        "a tick of this job is running").to_dict()))
+            else:
+                with self._cond:
+                    busy = job.running
+                    if busy:
+                        self._commands_due = True   # after the tick's commit
+                if busy or not self._apply_command(job, cmd.verb, cmd.seq):
+                    continue
+            log.info("operator: %s %s", cmd.verb, cmd.job)
+            n += 1
+        return n
 
-    def _tick_soon(self, job: _Job) -> None:
+    def _tick_soon(self, job: _Job, command: int | None = None) -> bool:
         """Dispatch a job now, off schedule, unless a tick of it is running."""
         with self._cond:
-            if job.running:
-                return
+            if job.running or job.removed:
+                return False
             job.running = True
             self._running += 1
-            slot = job.next_run_at or self.clock()
-        self._dispatch(job, slot)
+        self._dispatch(job, None, command)
+        return True
 
     def status(self) -> list[dict]:
+        threshold = self.config.breaker_threshold
         with self._cond:
-            return [job.status() for job in self._jobs.values()]
+            return [_status_dict(j.cfg, j.state, threshold, j.running,
+                                 j.next_run_at if j.generation >= 0 else None)
+                    for j in self._jobs.values()]
 
-    # -- reload ------------------------------------------------------------------------
+    # -- reload ----------------------------------------------------------------------------
 
     def reload(self, new: DaemonConfig) -> dict[str, list[str]]:
         """Bring the running set in line with ``new`` (already validated).
 
+        All or nothing where it matters: a change of ``state_db`` is refused,
+        and the state is asked for the new jobs before anything changes, so a
+        state that cannot be written leaves the old configuration running.
         Returns the diff: ``added``, ``replaced``, ``removed``, ``kept`` job
         ids and ``restarted`` plugin ids.
         """
+        if os.path.abspath(new.state_db) != os.path.abspath(self.config.state_db):
+            raise ConfigError(new.source, [("state_db", (
+                f"changed from {self.config.state_db} to {new.state_db}: the state cannot "
+                "move while the daemon runs; restart the daemon to use the new location"))])
+        new_jobs = {j.id: j for j in new.jobs}
+        added = [_Job(jc) for jc in new.jobs if jc.id not in self._jobs]
+        now = self.clock()
+        if added:
+            stored = self.state.load([j.cfg.id for j in added])
+            for job in added:
+                job.state = stored.get(job.cfg.id, job.state)
+        # Jobs leave first, so no queued tick of theirs runs against a plugin that is gone.
+        removed = []
+        with self._cond:
+            for job_id in [i for i in self._jobs if i not in new_jobs]:
+                job = self._jobs.pop(job_id)
+                job.removed, job.generation = True, -1
+                if job.cancel is not None:
+                    job.cancel.set()
+                removed.append(job_id)
+        if removed:
+            try:
+                self.state.release(removed)
+            except StateError as exc:
+                log.error("leases of removed jobs not released (they expire): %s", exc)
         old_plugins = {h.plugin_id: h for h in self.router.handles()}
         new_plugins = {h.plugin_id: h for h in new.plugins}
-        restarted = []
         for pid, handle in old_plugins.items():
             if pid not in new_plugins or not handle.same_spec(new_plugins[pid]):
                 self._remove_plugin(pid)
         changed = [h for pid, h in new_plugins.items()
                    if pid not in old_plugins or not old_plugins[pid].same_spec(h)]
         self._install_plugins(changed)
-        restarted = [h.plugin_id for h in changed if h.plugin_id in old_plugins]
-        diff: dict[str, list[str]] = {"added": [], "replaced": [], "removed": [], "kept": [],
-                                      "restarted": restarted}
-        new_jobs = {j.id: j for j in new.jobs}
-        added = [j for j in new.jobs if j.id not in self._jobs]
-        if added:
-            for jc in added:
-                self._jobs[jc.id] = _Job(jc)
-            self._load_jobs(added)
-        now = self.clock()
-        with self._cond:
-            for job_id in list(self._jobs):
-                job = self._jobs[job_id]
-                if job_id not in new_jobs:
-                    job.removed = True
-                    job.generation = -1
-                    if job.cancel is not None:
-                        job.cancel.set()
-                    del self._jobs[job_id]
-                    diff["removed"].append(job_id)
-                elif any(j.id == job_id for j in added):
-                    diff["added"].append(job_id)
-                    if self._started:
-                        self._schedule_first(job, now)
-                elif new_jobs[job_id].raw != job.cfg.raw:
-                    schedule_changed = new_jobs[job_id].raw.get("schedule") != \
-                        job.cfg.raw.get("schedule")
-                    job.cfg = new_jobs[job_id]
-                    diff["replaced"].append(job_id)
-                    if schedule_changed and not job.running and self._started:
-                        job.next_run_at = None
-                        self._schedule_first(job, now)
-                else:
-                    diff["kept"].append(job_id)
+        diff: dict[str, list[str]] = {
+            "added": [j.cfg.id for j in added], "replaced": [], "removed": removed, "kept": [],
+            "restarted": [h.plugin_id for h in changed if h.plugin_id in old_plugins]}
         self.config = dataclasses.replace(new, jobs=list(new.jobs), plugins=list(new.plugins))
+        with self._cond:
+            for job in added:
+                self._jobs[job.cfg.id] = job
+        if added and self._started:
+            try:
+                self._claim(added, now)
+            except StateError as exc:
+                log.error("new jobs not leased yet (their ticks will claim them): %s", exc)
+        with self._cond:
+            for job in added:
+                if self._started:
+                    self._schedule_first(job, now)
+            for job_id, jc in new_jobs.items():
+                job = self._jobs[job_id]
+                if job_id in diff["added"]:
+                    continue
+                if jc.raw == job.cfg.raw:
+                    diff["kept"].append(job_id)
+                    continue
+                job.cfg, job.key = jc, _schedule_key(jc)
+                diff["replaced"].append(job_id)
+                if self._started and not job.running:
+                    self._schedule_first(job, now)      # a new schedule voids the stored slot
         log.info("reloaded: %s", ", ".join(f"{k} {len(v)}" for k, v in diff.items()))
         return diff
 
-    # -- the daemon's main thread --------------------------------------------------------
+    # -- the daemon's main thread ------------------------------------------------------------
+
+    def poke(self) -> None:
+        """Look at the state's commands now instead of at the next poll."""
+        with self._cond:
+            self._commands_due = True
+            self._cond.notify_all()
 
     def run_forever(self, config_path: str | None = None) -> None:
-        """Start, then serve until SIGINT/SIGTERM; SIGHUP re-reads ``config_path``.
+        """Start, then serve until SIGINT/SIGTERM; SIGHUP re-reads ``config_path``;
+        SIGUSR1 makes the daemon look at queued operator commands at once.
 
         Call it from the main thread.  Signals arrive through a wake-up pipe
         (``signal.set_wakeup_fd``): a handler that took a lock could deadlock
         against the very thread it interrupted.
         """
         stops = {signal.SIGINT, signal.SIGTERM}
-        wanted = stops | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
+        reloads = {getattr(signal, "SIGHUP", None)} - {None}
+        pokes = {getattr(signal, "SIGUSR1", None)} - {None}
+        wanted = stops | reloads | pokes
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
         previous = {s: signal.signal(s, lambda signum, frame: None) for s in wanted}
@@ -3897,10 +4607,13 @@ class Runner:
                 received = set(os.read(read_fd, 256))      # one byte per signal number
                 if received & stops:
                     break
-                if received & wanted and config_path is not None:
+                if received & pokes:
+                    self.poke()
+                if received & reloads and config_path is not None:
                     try:
-                        self.reload(load_config(config_path, extra_kinds=self._in_process))
-                    except (ConfigError, ManifestError, PollerRouteRegistrationError) as exc:
+                        self.reload(load_config(config_path, extra_kinds=self._in_process_kinds()))
+                    except (ConfigError, ManifestError, PollerRouteRegistrationError,
+                            StateError) as exc:
                         log.error("reload rejected, keeping the running config: %s", exc)
         finally:
             try:
@@ -3912,13 +4625,8 @@ class Runner:
                 os.close(read_fd)
                 os.close(write_fd)
 
-
-_COMMAND_SQL = {
-    "pause": lambda job: lambda db: db.execute("UPDATE jobs SET paused=1 WHERE id=?", (job,)),
-    "resume": lambda job: lambda db: db.execute(
-        "UPDATE jobs SET paused=0, consecutive_errors=0 WHERE id=?", (job,)),
-    "reset": lambda job: lambda db: db.execute("UPDATE jobs SET cursor=NULL WHERE id=?", (job,)),
-}
+    def _in_process_kinds(self) -> list[str]:
+        return [k for k, r in self._routes.items() if r.plugin_id is None]
 
 
 class _Metrics:
@@ -3929,10 +4637,11 @@ class _Metrics:
         self._lock = threading.Lock()
         self.ticks: dict[tuple[str, str, str], int] = {}
         self.duration: dict[str, list] = {}     # kind -> [bucket counts..., sum, count]
+        self.state_errors = 0
 
-    def observe(self, o: TickOutcome, job: _Job) -> None:
+    def observe(self, o: TickOutcome) -> None:
         with self._lock:
-            key = (o.job_id, o.kind, o.status)
+            key = (o.job_id, o.kind, o.status.value)
             self.ticks[key] = self.ticks.get(key, 0) + 1
             h = self.duration.setdefault(o.kind, [0] * (len(self.BUCKETS) + 2))
             for i, bound in enumerate(self.BUCKETS):
@@ -3940,6 +4649,10 @@ class _Metrics:
                     h[i] += 1
             h[-2] += o.duration
             h[-1] += 1
+
+    def state_error(self) -> None:
+        with self._lock:
+            self.state_errors += 1
 
     def render(self, runner: "Runner") -> str:
         out = []
@@ -3974,6 +4687,11 @@ class _Metrics:
             family(name, "counter" if name.endswith("_total") else "gauge", help_text)
             for j in jobs:
                 out.append(f"{name}{lbl(job=j['id'], kind=j['kind'])} {int(j[key])}")
+        family("nexo_poller_state_errors_total", "counter",
+               "Times the scheduler could not read or write the state.")
+        out.append(f"nexo_poller_state_errors_total {self.state_errors}")
+        family("nexo_poller_state_ok", "gauge", "1 while the state can be used, 0 when not.")
+        out.append(f"nexo_poller_state_ok {int(runner.state_error is None)}")
         family("nexo_poller_plugin_restarts_total", "counter", "Long-lived plugin restarts.")
         for pid, sup in sorted(runner._supervisors.items()):
             out.append(f"nexo_poller_plugin_restarts_total{lbl(plugin=pid)} {sup.restarts}")
@@ -4140,74 +4858,97 @@ def _run_verb(args) -> int:
         if outcome.status == "leased":
             return EXIT_BUSY
         return EXIT_OK if outcome.status == "ok" else EXIT_TICK_FAILED
-    store = StateStore(config.state_db)
+    if verb == "status":
+        return _print_status(config, args.json)
+    store = open_state(config.state_db)
     try:
-        if verb == "status":
-            return _print_status(config, store, args.json)
-        store.run(StateStore.ensure_jobs(job_ids, [j.id for j in config.jobs if j.paused_on_boot]))
-        store.run(_COMMAND_SQL[verb](job))
-        daemon = store.daemon_alive()
-        if daemon:
-            # The running daemon picks the command up and applies it to its live state.
-            store.run(lambda db: db.execute("INSERT INTO commands (job, verb) VALUES (?, ?)",
-                                            (job, verb)))
-        print(f"{verb} {job}: done" + (f" (daemon {daemon} notified)" if daemon else ""))
+        jc = next(j for j in config.jobs if j.id == job)
+        owner, seq = store.command(job, verb, paused_on_boot=jc.paused_on_boot)
+        if seq is None:
+            print(f"{verb} {job}: done")
+            return EXIT_OK
+        done, _ = _await_command(store, owner, seq, 10.0)
+        print(f"{verb} {job}: " + (f"done (applied by daemon {owner})" if done else
+                                   f"queued for daemon {owner}, which applies it next"))
         return EXIT_OK
     finally:
         store.close()
+
+
+def _await_command(store: StateStore, owner: str, seq: int, budget: float
+                   ) -> tuple[bool, str | None]:
+    """Wake the daemon that owns a queued command and wait for its result."""
+    pid = _owner_pid(owner)
+    if pid is not None and hasattr(signal, "SIGUSR1"):
+        try:
+            os.kill(pid, signal.SIGUSR1)       # run_forever: look at the commands now
+        except OSError:
+            pass                                # it polls the state anyway
+    deadline = time.monotonic() + budget
+    pause = 0.002
+    while True:
+        done, result = store.command_result(seq)
+        if done or time.monotonic() >= deadline:
+            return done, result
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 def _tick_through_daemon(config: DaemonConfig, job: str) -> int | None:
-    """When a daemon runs on this state, ask it to tick ``job`` and report.
+    """When a daemon holds ``job``, ask it to tick the job and print the outcome.
 
     The daemon holds the job's lease, so it must be the one to tick; None
-    means no daemon runs and the caller ticks the job itself.
+    means no daemon holds it and the caller ticks the job itself.
     """
-    store = StateStore(config.state_db)
+    store = open_state(config.state_db)
     try:
-        daemon = store.daemon_alive()
-        if not daemon:
+        jc = next(j for j in config.jobs if j.id == job)
+        owner, seq = store.command(job, "tick", paused_on_boot=jc.paused_on_boot)
+        if seq is None:
             return None
-        before = store.read("SELECT last_run_at FROM jobs WHERE id=?", (job,))
-        store.run(lambda db: db.execute("INSERT INTO commands (job, verb) VALUES (?, 'tick')",
-                                        (job,)))
-        kind = next(j.kind for j in config.jobs if j.id == job)
-        handle = next((h for h in config.plugins if kind in h.kinds), None)
-        budget = (handle.tick_timeout.total_seconds() if handle else 60) + 15
-        deadline = time.monotonic() + budget
-        while time.monotonic() < deadline:
-            row = store.read("SELECT last_run_at, last_status, last_error, cursor, "
-                             "next_run_at FROM jobs WHERE id=?", (job,))
-            if row and row[0][0] is not None and (not before or row[0][0] != before[0][0]):
-                _, status, error, cursor, nxt = row[0]
-                print(json.dumps({"job": job, "kind": kind, "outcome": status, "error": error,
-                                  "next_cursor": None if cursor is None else encode_cursor(cursor),
-                                  "next_run_at": _iso(nxt), "via": f"daemon {daemon}"}, indent=2))
-                return EXIT_OK if status == "ok" else EXIT_TICK_FAILED
-            time.sleep(0.1)
-        raise _UsageError(f"the running daemon ({daemon}) did not tick {job!r} within "
-                          f"{budget:g}s", EXIT_BUSY)
+        budget = _budget_of(config, jc.kind) + 15
+        done, result = _await_command(store, owner, seq, budget)
+        if not done:
+            raise _UsageError(f"the running daemon ({owner}) did not tick {job!r} within "
+                              f"{budget:g}s", EXIT_BUSY)
+        outcome = json.loads(result) if result else {"job": job, "outcome": None}
+        outcome["via"] = f"daemon {owner}"
+        print(json.dumps(outcome, indent=2))
+        return EXIT_OK if outcome.get("outcome") == "ok" else (
+            EXIT_BUSY if outcome.get("outcome") in ("busy", "leased") else EXIT_TICK_FAILED)
     finally:
         store.close()
 
 
-def _print_status(config: DaemonConfig, store: StateStore, as_json: bool) -> int:
-    rows = store.jobs()
-    out = []
-    for jc in config.jobs:
-        job = _Job(jc)
-        if jc.id in rows:
-            job.load(rows[jc.id])
-        else:
-            job.paused = jc.paused_on_boot
-        job.breaker_open = job.consecutive_errors >= config.breaker_threshold
-        out.append(job.status())
+def _budget_of(config: DaemonConfig, kind: str) -> float:
+    handle = next((h for h in config.plugins if kind in h.kinds), None)
+    return handle.tick_timeout.total_seconds() if handle else 60.0
+
+
+def _print_status(config: DaemonConfig, as_json: bool) -> int:
+    """Every job's state, read only: ``status`` never creates a state file."""
+    note, states, daemons = None, {}, {}
+    if not os.path.exists(config.state_db):
+        note = f"no state yet at {config.state_db} (no daemon has run with this config)"
+    else:
+        store = open_state(config.state_db, readonly=True)
+        try:
+            states, daemons = store.load(), store.daemons()
+        finally:
+            store.close()
+    running = set().union(*daemons.values()) if daemons else set()
+    out = [_status_dict(jc, states.get(jc.id) or JobState(jc.id, paused=jc.paused_on_boot),
+                        config.breaker_threshold, jc.id in running) for jc in config.jobs]
     if as_json:
         print(json.dumps(out, indent=2))
         return EXIT_OK
+    if note:
+        print(note)
+    print("daemon: " + (", ".join(sorted(daemons)) if daemons else "none running"))
     print(f"{'JOB':<24} {'KIND':<16} {'STATE':<8} {'LAST':<10} {'ERRS':>4}  NEXT RUN")
     for s in out:
-        state = "paused" if s["paused"] else ("breaker" if s["breaker_open"] else "active")
+        state = ("disabled" if not config.enabled else "running" if s["running"] else
+                 "paused" if s["paused"] else "breaker" if s["breaker_open"] else "active")
         print(f"{s['id']:<24} {s['kind']:<16} {state:<8} {s['last_status'] or '-':<10} "
               f"{s['consecutive_errors']:>4}  {s['next_run_at'] or '-'}")
     return EXIT_OK

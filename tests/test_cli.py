@@ -365,8 +365,10 @@ class TestStatusAndTick(CliTestCase):
         self.p.standard()
         r = self.run_ok("status")
         lines = r.stdout.strip().splitlines()
-        self.assertEqual(len(lines), 7, r.stdout)
-        self.assertTrue(lines[0].startswith("JOB"), lines[0])
+        self.assertTrue(lines[0].startswith("no state yet at "), lines[0])
+        self.assertEqual(lines[1], "daemon: none running")
+        self.assertEqual(len(lines), 9, r.stdout)
+        self.assertTrue(lines[2].startswith("JOB"), lines[2])
         self.assertIn("paused", next(line for line in lines if line.startswith("sleepy")))
         self.assertIn("active", next(line for line in lines if line.startswith("news")))
 

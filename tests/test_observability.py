@@ -243,6 +243,8 @@ class TestMetricsEndpoint(Case):
             "nexo_poller_paused": "gauge",
             "nexo_poller_items_seen_total": "counter",
             "nexo_poller_items_dispatched_total": "counter",
+            "nexo_poller_state_errors_total": "counter",
+            "nexo_poller_state_ok": "gauge",
             "nexo_poller_plugin_restarts_total": "counter"})
         for name in types:
             self.assertIn(f"# HELP {name} ", body)

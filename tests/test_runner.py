@@ -11,7 +11,7 @@ import threading
 import unittest
 from datetime import datetime, timedelta, timezone
 
-from nexo_poller import (PollerError, Runner, StateStore, TickAck, TickMetrics, TickOutcome,
+from nexo_poller import (PollerError, Runner, SqliteStateStore, TickAck, TickMetrics, TickOutcome,
                          config_from_dict, encode_cursor)
 
 T0 = 1_900_000_000.0            # 2030-03-17T17:46:40Z, a whole second
@@ -456,19 +456,21 @@ class OperatorTests(RunnerCase):
         p = Scripted(default=TickAck(next_cursor=b"c"))
         r = self.runner(self.config([self.job(), self.job("b")]), p)
         self.fire(r)
-        r.state.run(lambda db: db.execute("INSERT INTO commands (job, verb) VALUES (?,?)",
-                                          ("a", "pause")))
+        other = SqliteStateStore(self.db)          # the CLI's view: the job has a live owner
+        self.addCleanup(other.close)
+        owner, seq = other.command("a", "pause")
+        self.assertEqual(owner, r.state.owner)
         self.assertEqual(r.apply_commands(), 1)
         self.assertTrue(self.status(r, "a")["paused"])
         self.assertFalse(self.status(r, "b")["paused"])
-        self.assertEqual(r.state.read("SELECT count(*) FROM commands")[0][0], 0)
+        self.assertEqual(r.state.pending_commands(), [])
+        self.assertEqual(other.command_result(seq)[0], True)
         self.t[0] = T0 + 10
         self.fire(r)
         self.assertEqual(len(p.calls_for("a")), 1)
         self.assertEqual(len(p.calls_for("b")), 2)
         for verb in ("resume", "reset"):
-            r.state.run(lambda db, v=verb: db.execute(
-                "INSERT INTO commands (job, verb) VALUES (?,?)", ("a", v)))
+            other.command("a", verb)
         self.assertEqual(r.apply_commands(), 2)
         self.assertFalse(self.status(r, "a")["paused"])
         self.assertIsNone(self.row("a")["cursor"])
@@ -688,9 +690,9 @@ class ConcurrencyTests(RunnerCase):
         self.assertEqual(row["cursor"], b"c1")
         self.assertEqual(row["items_seen_total"], 1)
         self.assertIsNone(row["lease_owner"])
-        store = StateStore(self.db, owner="check")
+        store = SqliteStateStore(self.db, owner="check")
         self.addCleanup(store.close)
-        self.assertEqual(store.jobs()["a"]["cursor"], b"c1")
+        self.assertEqual(store.load()["a"].cursor, b"c1")
 
 
 # ============================================================================
@@ -782,11 +784,13 @@ class ReloadTests(RunnerCase):
         self.t[0] = T0 + 3
         self.assertEqual(r.run_once("x").status, "ok")
         nxt = self.next_at(r, "x")
-        self.assertGreater(nxt, T0 + 100)
-        self.t[0] = T0 + 100
-        self.assertEqual(self.fire(r), 0, f"ticked at T0+100 though next_run_at is {nxt - T0}")
-        self.t[0] = nxt
+        self.assertEqual(nxt, T0 + 10, "the new schedule counts from the last run; "
+                         "an extra tick keeps the planned slot")
+        self.t[0] = T0 + 10
         self.assertEqual(self.fire(r), 1)
+        self.t[0] = T0 + 100                             # the old entry's time: one tick, not two
+        self.assertEqual(self.fire(r), 1)
+        self.assertEqual(len(p.calls), 4)
 
 
 if __name__ == "__main__":

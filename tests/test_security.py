@@ -442,8 +442,8 @@ class TestPrivateFiles(SecurityCase):
                 old = os.umask(umask)
                 try:
                     path = self.tmp.join("state-%o" % umask, "poller.db")
-                    store = nx.StateStore(path)
-                    store.run(nx.StateStore.ensure_jobs(["a"]))
+                    store = nx.SqliteStateStore(path)
+                    store.claim({"a": 1.0}, 0.0)
                     files = [path, path + "-wal", path + "-shm"]
                     for f in files:
                         self.assertTrue(os.path.exists(f), f)

@@ -11,7 +11,7 @@ import threading
 import unittest
 
 import nexo_poller as np
-from nexo_poller import StateError, StateStore
+from nexo_poller import JobState, SqliteStateStore, StateError
 
 WAIT = 10.0
 
@@ -25,9 +25,13 @@ class _Tmp(unittest.TestCase):
         self.path = os.path.join(self.dir, "s.db")
 
     def open_store(self, path=None, **kw):
-        store = StateStore(path or self.path, **kw)
+        store = SqliteStateStore(path or self.path, **kw)
         self.addCleanup(_close_quietly, store)
         return store
+
+    def meta(self, key):
+        rows = dict(self.raw().execute("SELECT key, value FROM meta").fetchall())
+        return rows.get(key)
 
     def raw(self, path=None):
         db = sqlite3.connect(path or self.path, timeout=10)
@@ -60,41 +64,42 @@ class SchemaTests(_Tmp):
 
     def test_schema_version_is_recorded(self):
         store = self.open_store()
-        self.assertEqual(store.meta_get("schema_version"), str(np.STATE_SCHEMA_VERSION))
+        self.assertEqual(self.meta("schema_version"), str(np.STATE_SCHEMA_VERSION))
         store.close()
         rows = dict(self.raw().execute("SELECT key, value FROM meta").fetchall())
         self.assertEqual(rows.get("schema_version"), str(np.STATE_SCHEMA_VERSION))
 
     def test_reopening_keeps_data(self):
         store = self.open_store()
-        store.run(StateStore.ensure_jobs(["a", "b"], paused_on_boot=["b"]))
+        store.claim({"a": 1.0, "b": 1.0}, 0.0, paused_on_boot=["b"])
         store.run(lambda db: db.execute("UPDATE jobs SET cursor=?, items_seen_total=7 "
                                         "WHERE id='a'", (b"cur",)))
         store.close()
         again = self.open_store()
-        jobs = again.jobs()
+        jobs = again.load()
         self.assertEqual(set(jobs), {"a", "b"})
-        self.assertEqual(jobs["a"]["cursor"], b"cur")
-        self.assertEqual(jobs["a"]["items_seen_total"], 7)
-        self.assertEqual(jobs["b"]["paused"], 1)
-        self.assertEqual(jobs["a"]["paused"], 0)
-        self.assertEqual(again.meta_get("schema_version"), str(np.STATE_SCHEMA_VERSION))
+        self.assertEqual(jobs["a"].cursor, b"cur")
+        self.assertEqual(jobs["a"].items_seen_total, 7)
+        self.assertIs(jobs["b"].paused, True)
+        self.assertIs(jobs["a"].paused, False)
+        self.assertEqual(self.meta("schema_version"), str(np.STATE_SCHEMA_VERSION))
 
-    def test_ensure_jobs_does_not_overwrite_existing_rows(self):
+    def test_claim_does_not_overwrite_existing_rows(self):
         store = self.open_store()
-        store.run(StateStore.ensure_jobs(["a"]))
+        store.claim({"a": 1.0}, 0.0)
         store.run(lambda db: db.execute("UPDATE jobs SET cursor=x'01' WHERE id='a'"))
-        store.run(StateStore.ensure_jobs(["a"], paused_on_boot=["a"]))
-        row = store.jobs()["a"]
-        self.assertEqual(row["cursor"], b"\x01")
-        self.assertEqual(row["paused"], 0)
+        granted = store.claim({"a": 2.0}, 0.0, paused_on_boot=["a"])
+        row = store.load()["a"]
+        self.assertEqual(row.cursor, b"\x01")
+        self.assertIs(row.paused, False)
+        self.assertEqual(granted["a"], row, "the claim returns the state as committed")
 
     def test_garbage_file_is_refused_and_left_untouched(self):
         garbage = bytes(range(256)) * 16 + b"this is not a sqlite database\n" * 10
         with open(self.path, "wb") as fh:
             fh.write(garbage)
         with self.assertRaises(StateError) as cm:
-            StateStore(self.path)
+            SqliteStateStore(self.path)
         self.assertIn(self.path, str(cm.exception))
         with open(self.path, "rb") as fh:
             self.assertEqual(fh.read(), garbage)
@@ -104,7 +109,7 @@ class SchemaTests(_Tmp):
         with open(self.path, "wb") as fh:
             fh.write(garbage)
         with self.assertRaises(StateError):
-            StateStore(self.path)
+            SqliteStateStore(self.path)
         with open(self.path, "rb") as fh:
             self.assertEqual(fh.read(), garbage)
 
@@ -118,7 +123,7 @@ class SchemaTests(_Tmp):
     def test_foreign_sqlite_database_is_refused(self):
         self._foreign_db()
         with self.assertRaises(StateError) as cm:
-            StateStore(self.path)
+            SqliteStateStore(self.path)
         self.assertIn("not a nexo-poller state database", str(cm.exception))
         self.assertEqual(self.raw().execute("SELECT name FROM customers").fetchall(), [("ada",)])
 
@@ -129,7 +134,7 @@ class SchemaTests(_Tmp):
         with open(self.path, "rb") as fh:
             before = fh.read()
         with self.assertRaises(StateError):
-            StateStore(self.path)
+            SqliteStateStore(self.path)
         with open(self.path, "rb") as fh:
             self.assertEqual(fh.read(), before, "refused foreign database was modified")
         self.assertEqual(self.raw().execute("PRAGMA journal_mode").fetchone()[0], "delete")
@@ -141,7 +146,7 @@ class SchemaTests(_Tmp):
         db.commit()
         db.close()
         with self.assertRaises(StateError) as cm:
-            StateStore(self.path)
+            SqliteStateStore(self.path)
         self.assertIn("99", str(cm.exception))
         self.assertIn("version", str(cm.exception))
 
@@ -281,7 +286,7 @@ class GroupCommitTests(_Tmp):
         self.assertEqual(ids, {"ok1", "ok2", "later"})
 
     def test_close_commits_queued_writes(self):
-        store = StateStore(self.path)
+        store = SqliteStateStore(self.path)
         gate = self._block_writer(store)
         acked = []
         for i in range(20):
@@ -307,7 +312,11 @@ class ClaimTests(_Tmp):
         super().setUp()
         self.a = self.open_store(owner="owner-a")
         self.b = self.open_store(owner="owner-b")
-        self.a.run(StateStore.ensure_jobs(["job"]))
+        self.a.claim({"job": 0.0}, 0.0)
+
+    @staticmethod
+    def claim(store, job, until, now):
+        return job in store.claim({job: until}, now)
 
     def lease(self):
         return self.raw().execute(
@@ -315,36 +324,39 @@ class ClaimTests(_Tmp):
 
     def test_first_claims_second_refused_until_lease_expires(self):
         now = 1_000_000.0
-        self.assertTrue(self.a.claim("job", now + 30, now))
+        self.assertTrue(self.claim(self.a, "job", now + 30, now))
         self.assertEqual(self.lease(), ("owner-a", now + 30))
-        self.assertFalse(self.b.claim("job", now + 30, now))
-        self.assertFalse(self.b.claim("job", now + 40, now + 10))
+        self.assertFalse(self.claim(self.b, "job", now + 30, now))
+        self.assertFalse(self.claim(self.b, "job", now + 40, now + 10))
         self.assertEqual(self.lease(), ("owner-a", now + 30))
         # the holder may renew
-        self.assertTrue(self.a.claim("job", now + 35, now + 5))
-        self.assertFalse(self.b.claim("job", now + 60, now + 30))
+        self.assertTrue(self.claim(self.a, "job", now + 35, now + 5))
+        self.assertFalse(self.claim(self.b, "job", now + 60, now + 30))
         # once lease_until has passed the other owner takes it
-        self.assertTrue(self.b.claim("job", now + 70, now + 40))
+        self.assertTrue(self.claim(self.b, "job", now + 70, now + 40))
         self.assertEqual(self.lease(), ("owner-b", now + 70))
-        self.assertFalse(self.a.claim("job", now + 70, now + 41))
+        self.assertFalse(self.claim(self.a, "job", now + 70, now + 41))
 
-    def test_claim_of_unknown_job_is_refused(self):
-        self.assertFalse(self.a.claim("nope", 100.0, 0.0))
+    def test_claim_of_unknown_job_creates_it_paused_when_asked(self):
+        granted = self.a.claim({"new": 100.0}, 0.0, paused_on_boot=["new"])
+        self.assertEqual(granted["new"].lease_owner, "owner-a")
+        self.assertIs(granted["new"].paused, True)
+        self.assertIsNone(granted["new"].cursor)
 
     def test_lease_of_dead_process_on_this_host_is_taken_over_at_once(self):
         proc = subprocess.Popen([sys.executable, "-c", "pass"])
         proc.wait()                     # started and reaped: the pid is dead
         dead = self.open_store(owner=f"{socket.gethostname()}:{proc.pid}:x")
         now = 1_000_000.0
-        self.assertTrue(dead.claim("job", now + 3600, now))
-        self.assertTrue(self.a.claim("job", now + 30, now + 1))
+        self.assertTrue(self.claim(dead, "job", now + 3600, now))
+        self.assertTrue(self.claim(self.a, "job", now + 30, now + 1))
         self.assertEqual(self.lease(), ("owner-a", now + 30))
 
     def test_lease_of_live_process_on_this_host_is_respected(self):
         live = self.open_store(owner=f"{socket.gethostname()}:{os.getpid()}:x")
         now = 1_000_000.0
-        self.assertTrue(live.claim("job", now + 3600, now))
-        self.assertFalse(self.a.claim("job", now + 30, now + 1))
+        self.assertTrue(self.claim(live, "job", now + 3600, now))
+        self.assertFalse(self.claim(self.a, "job", now + 30, now + 1))
 
 
 if __name__ == "__main__":
