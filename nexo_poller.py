@@ -3765,8 +3765,16 @@ class Runner:
 
     ``Runner(config)`` then ``register(poller)`` for in-process kinds, then
     ``start()``; ``stop()`` shuts everything down.  ``run_once(job_id)``
-    ticks one job now.  ``clock`` (seconds since the epoch) is injectable;
-    ``state`` may be any ``StateStore`` (default: sqlite at ``state_db``).
+    ticks one job now.  ``state`` may be any ``StateStore`` (default: sqlite
+    at ``state_db``).
+
+    Time: ``clock`` is wall time (seconds since the epoch: what plugins are
+    told, what cron and ``at`` mean); ``monotonic`` is what the timer heap
+    waits on, so a wall clock stepped back or forth delays nothing.  A step
+    is noticed as a change of ``clock() - monotonic()``: interval jobs keep
+    their pace, cron and ``at`` jobs move to their new wall-clock slots.
+    Inject both to drive time in tests; with only ``clock`` injected it
+    serves as both (steps then cannot be told from time passing).
 
     Threads: the scheduler pops due jobs and carries out every committed
     outcome's effects (log, alert, next slot); workers run ticks; the state
@@ -3774,9 +3782,12 @@ class Runner:
     """
 
     def __init__(self, config: DaemonConfig, *, clock: Callable[[], float] = time.time,
-                 rng: Any = None, state: StateStore | None = None):
+                 monotonic: Callable[[], float] | None = None, rng: Any = None,
+                 state: StateStore | None = None):
         self.config = config
         self.clock = clock
+        self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
+        self._offset = clock() - self.monotonic()   # wall - monotonic, as last seen
         self._rng = rng or random.Random()
         self.router = PluginPollerRouter()          # plugins by id (the manifests)
         self._routes: dict[str, _Route] = {}        # kinds: the one answer to "who serves it"
@@ -3785,7 +3796,8 @@ class Runner:
         self._busy = 0                              # ticks holding a worker thread
         self._supervisors: dict[str, PluginSupervisor] = {}
         self._jobs: dict[str, _Job] = {}
-        self._heap: list[tuple[float, int, str, float]] = []    # when, seq, job, nominal
+        # (monotonic deadline, seq, job id, nominal wall-clock slot)
+        self._heap: list[tuple[float, int, str, float]] = []
         self._seq = itertools.count()
         self._cond = threading.Condition(threading.Lock())
         self._effects: deque = deque()              # committed outcomes waiting for their effects
@@ -4027,10 +4039,12 @@ class Runner:
         ``nominal`` is the schedule's slot without jitter; the slot after
         it is computed from it, so jitter never accumulates into drift.
         """
+        self._watch_clock()                 # ``when`` is wall time: convert at today's offset
         seq = next(self._seq)
         job.generation = seq               # older entries of this job are now stale
         job.next_run_at = when
-        heapq.heappush(self._heap, (when, seq, job.cfg.id, when if nominal is None else nominal))
+        heapq.heappush(self._heap, (when - self._offset, seq, job.cfg.id,
+                                    when if nominal is None else nominal))
         if len(self._heap) > 2 * len(self._jobs) + 1024:
             self._compact_heap()
         if self._heap[0][1] == seq:         # earlier than what the scheduler waits for
@@ -4042,6 +4056,35 @@ class Runner:
         self._heap = [e for e in self._heap
                       if e[2] in jobs and jobs[e[2]].generation == e[1]]
         heapq.heapify(self._heap)
+
+    def _watch_clock(self) -> None:
+        """Notice a wall clock step and re-base the heap on it (lock held).
+
+        Interval jobs keep their monotonic deadlines (their nominal slots
+        move with the step, so the slot after stays one interval away);
+        cron and ``at`` jobs are about wall time, so their deadlines move.
+        """
+        offset = self.clock() - self.monotonic()
+        step = offset - self._offset
+        if abs(step) < 1.0:
+            return
+        self._offset = offset
+        log.warning("wall clock stepped by %+.1fs; interval jobs keep their pace, "
+                    "cron and at jobs move to their wall-clock slots", step)
+        heap = []
+        for mono, seq, job_id, nominal in self._heap:
+            job = self._jobs.get(job_id)
+            if job is None or job.generation != seq:
+                continue
+            if job.cfg.schedule.every_secs is not None:
+                heap.append((mono, seq, job_id, nominal + step))
+                job.next_run_at = mono + offset
+            else:
+                jitter = (job.next_run_at or nominal) - nominal
+                heap.append((nominal + jitter - offset, seq, job_id, nominal))
+        heapq.heapify(heap)
+        self._heap = heap
+        self._cond.notify_all()
 
     def _next_wake(self, now: float) -> float:
         """Seconds until the scheduler has something to do (lock held)."""
@@ -4063,7 +4106,8 @@ class Runner:
                 with self._cond:
                     if self._stopping:
                         return
-                    now = self.clock()
+                    self._watch_clock()
+                    now = self.monotonic()
                     due = self._pop_due(now)
                     if not due and not self._effects and not self._commands_due:
                         self._cond.wait(self._next_wake(now))
@@ -4142,7 +4186,8 @@ class Runner:
         """Dispatch every job whose slot has come (for tests driving the clock)."""
         self._drain_effects()
         with self._cond:
-            due = self._pop_due(self.clock())
+            self._watch_clock()
+            due = self._pop_due(self.monotonic())
         for job, slot in due:
             self._dispatch(job, slot)
         return len(due)

@@ -695,6 +695,83 @@ class ConcurrencyTests(RunnerCase):
         self.assertEqual(store.load()["a"].cursor, b"c1")
 
 
+class CapacityTests(RunnerCase):
+
+    def test_a_hung_plugin_at_its_limit_does_not_starve_another(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+        hung = Scripted("hung", default=lambda ctx: release.wait(WAIT) and TickAck(),
+                        max_concurrent_ticks=64)
+        healthy_ran = threading.Event()
+        healthy = Scripted("ok", default=lambda ctx: healthy_ran.set() or TickAck())
+        jobs = [self.job(f"h{i}", kind="hung") for i in range(64)] + [self.job("b", kind="ok")]
+        cfg = config_from_dict({"state_db": self.db, "default_jitter_ms": 0, "max_workers": 8,
+                                "shutdown_grace_secs": 3, "jobs": jobs},
+                               extra_kinds=["hung", "ok"])
+        r = Runner(cfg, clock=lambda: self.t[0])
+        r.register(hung)
+        r.register(healthy)
+        self.addCleanup(r.stop)
+        self.addCleanup(release.set)
+        r.start(background=False)
+        self.assertEqual(r.fire_due(), 65)
+        self.assertTrue(healthy_ran.wait(WAIT), "the healthy plugin never got a thread")
+        self.assertLessEqual(len(hung.calls), 7, "one worker stays reserved for the idle lane")
+        release.set()
+        self.assertTrue(r.wait_idle(WAIT))
+        self.assertEqual(len(hung.calls), 64, "queued ticks of the hung plugin ran later")
+
+
+class ClockStepTests(RunnerCase):
+    """Intervals are measured on the monotonic clock; wall time is for cron and at."""
+
+    def runner_with_clocks(self, cfg, poller):
+        self.mono = [1000.0]
+        r = Runner(cfg, clock=lambda: self.t[0], monotonic=lambda: self.mono[0])
+        r.register(poller)
+        self.addCleanup(r.stop)
+        r.start(background=False)
+        return r
+
+    def advance(self, secs, step=0.0):
+        self.mono[0] += secs
+        self.t[0] += secs + step
+
+    def test_interval_job_keeps_its_pace_when_the_wall_clock_steps_back(self):
+        p = Scripted()
+        r = self.runner_with_clocks(self.config([self.job(every=1)]), p)
+        self.assertEqual(self.fire(r), 1)
+        with self.assertLogs("nexo_poller", "WARNING") as logs:
+            self.advance(1.0, step=-3600)
+            self.assertEqual(self.fire(r), 1, "a step back must not stall the job")
+        self.assertIn("wall clock stepped by -3600.0s", "\n".join(logs.output))
+        for _ in range(3):
+            self.advance(1.0)
+            self.assertEqual(self.fire(r), 1)
+        self.assertEqual(len(p.calls), 5)
+        self.assertEqual(p.calls[-1].now.timestamp(), self.t[0], "plugins get wall time")
+
+    def test_interval_job_does_not_burst_when_the_wall_clock_steps_forward(self):
+        p = Scripted()
+        r = self.runner_with_clocks(self.config([self.job(every=10)]), p)
+        self.assertEqual(self.fire(r), 1)
+        self.advance(1.0, step=+3600)
+        self.assertEqual(self.fire(r), 0, "an hour of wall time is not an hour of waiting")
+        self.advance(9.0)
+        self.assertEqual(self.fire(r), 1)
+        self.advance(10.0)
+        self.assertEqual(self.fire(r), 1)
+
+    def test_cron_job_follows_the_wall_clock_after_a_step(self):
+        p = Scripted()
+        self.t[0] = T0 - (T0 % 60) + 30                   # half past a minute
+        r = self.runner_with_clocks(self.config([self.job("c", every=None) | {
+            "schedule": {"cron": "0 * * * * *"}}]), p)
+        self.assertEqual(self.fire(r), 0)
+        self.advance(1.0, step=+29.5)                     # the wall is now past the minute
+        self.assertEqual(self.fire(r), 1, "cron fires at its wall-clock slot")
+
+
 # ============================================================================
 # Reload
 # ============================================================================
