@@ -167,12 +167,22 @@ class TestCrashSafety(WorstCase):
         for rnd in range(KILL_ROUNDS):
             lived_before = self._lived_pids()
             # Some kills land while the daemon is still starting (state creation,
-            # broker bind, plugin spawn), most while ticks run and commit.
-            delay = (self.rng.uniform(0.02, 0.5) if self.rng.random() < 0.2
-                     else self.rng.uniform(0.5, 2.5))
+            # broker bind, plugin spawn), most while ticks run and commit: those
+            # wait for a commit to be reported (a logged ok tick), however long a
+            # loaded machine takes, then kill at a random moment after it.
+            # Round 0 is always of the second kind, so a commit is always seen.
+            early = rnd > 0 and self.rng.random() < 0.2
+            delay = self.rng.uniform(0.02, 0.5) if early else self.rng.uniform(0.0, 2.0)
             d = wd.Daemon(self.config, cwd=self.tmp.path, env=env)
             try:
-                deadline = d.started_at + delay
+                if early:
+                    deadline = d.started_at + delay
+                else:
+                    committed_once = wd.wait_until(
+                        lambda: d.proc.poll() is not None or d.ticks(outcome="ok"), 60)
+                    self.assertTrue(committed_once and d.ticks(outcome="ok"), self.m(
+                        "round %d: no tick committed within 60 s:\n%s" % (rnd, d.tail())))
+                    deadline = time.monotonic() + delay
                 while time.monotonic() < deadline and d.proc.poll() is None:
                     time.sleep(0.005)
                 self.assertIsNone(d.proc.poll(), self.m(

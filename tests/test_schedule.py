@@ -203,10 +203,17 @@ class CronErrorTest(unittest.TestCase):
         self.assertCronError("0 0 0 31 apr,jun,sep,nov ?", "never fires")
 
     def test_rare_but_possible_is_fine(self):
-        CronExpr("0 0 29 2 *")
-        CronExpr("0 0 31 2,3 *")
+        # Accepted, and they fire when the calendar allows it.
+        after = utc(2026, 5, 17, 10, 0)
+        leap = CronExpr("0 0 29 2 *")
+        self.assertEqual(leap.next_after(after), utc(2028, 2, 29))
+        self.assertEqual(leap.next_after(utc(2028, 2, 29)), utc(2032, 2, 29))
+        # Only March has a 31st of the two months.
+        self.assertEqual(CronExpr("0 0 31 2,3 *").next_after(after), utc(2027, 3, 31))
         # Restricted day of week makes it fire on Mondays in February (Vixie OR).
-        CronExpr("0 0 31 2 mon")
+        mondays = CronExpr("0 0 31 2 mon")
+        self.assertEqual(mondays.next_after(after), utc(2027, 2, 1))
+        self.assertEqual(mondays.next_after(utc(2027, 2, 1)), utc(2027, 2, 8))
 
 
 class CronNextAfterTest(unittest.TestCase):
