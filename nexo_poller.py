@@ -85,7 +85,7 @@ __all__ = [
     "PollerRouteRegistrationError", "ManifestError", "ConfigError", "StateError",
     # wire
     "encode_cursor", "decode_cursor", "TickMetrics", "TickRequest", "TickReply",
-    "TickAck", "build_tick_request", "tick_topic_for",
+    "TickAck", "Delivery", "build_tick_request", "tick_topic_for",
     "ERROR_TRANSIENT", "ERROR_PERMANENT", "ERROR_CONFIG", "ERROR_INTERNAL",
     # manifest and router
     "Lifecycle", "PluginPollerHandle", "load_manifest", "PluginPollerRouter",
@@ -101,7 +101,7 @@ __all__ = [
     "StateStore", "SqliteStateStore", "open_state", "JobState", "Command", "TickStatus",
     "apply_command", "COMMAND_VERBS", "Schedule", "CronExpr", "JobConfig", "DaemonConfig",
     "load_config", "config_from_dict", "Runner", "TickOutcome", "TickPlan", "plan_tick",
-    "next_run", "main",
+    "next_run", "OutboxItem", "outbound_topic", "nexo_event", "main",
 ]
 
 log = logging.getLogger("nexo_poller")
@@ -339,11 +339,55 @@ class TickRequest:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Delivery:
+    """One item a tick hands on: ``payload`` goes to ``recipient`` on ``channel``
+    (nexo's ``deliver`` entries)."""
+    channel: str
+    recipient: str
+    payload: Any = None
+
+    def to_dict(self) -> dict:
+        return {"channel": self.channel, "recipient": self.recipient, "payload": self.payload}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "deliver") -> "Delivery":
+        """Parse one ``deliver`` entry; a malformed one raises ``ParseReply`` naming it."""
+        if not isinstance(d, dict):
+            raise PluginPollerForwardError.ParseReply(
+                f"{where} must be an object, got {_json_type(d)}")
+        for name in ("channel", "recipient"):
+            value = d.get(name)
+            if not isinstance(value, str) or not value:
+                raise PluginPollerForwardError.ParseReply(
+                    f"{where}.{name} must be a non-empty string, got {_json_type(value)}")
+        if not _TOPIC_TOKEN_RE.fullmatch(d["channel"]):
+            raise PluginPollerForwardError.ParseReply(
+                f"{where}.channel {d['channel']!r:.60} is not a topic token "
+                "(letters, digits, '_' and '-')")
+        return cls(d["channel"], d["recipient"], d.get("payload"))
+
+
+_TOPIC_TOKEN_RE = re.compile(r"[A-Za-z0-9_\-]{1,128}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class TickAck:
-    """What a tick returns to the runner (the in-process poller trait's shape)."""
+    """What a tick returns to the runner (the in-process poller trait's shape).
+
+    ``deliver`` lists the items to hand on; they are stored with the cursor
+    and published after the commit (see the Runner's outbox).
+    """
     next_cursor: bytes | None = None
     next_interval_hint: timedelta | None = None
     metrics: TickMetrics | None = None
+    deliver: tuple[Delivery, ...] = ()
+
+    def __post_init__(self) -> None:
+        deliver = tuple(self.deliver or ())
+        for d in deliver:
+            if not isinstance(d, Delivery):
+                raise TypeError(f"TickAck.deliver holds Delivery items, not {type(d).__name__}")
+        object.__setattr__(self, "deliver", deliver)
 
 
 @dataclasses.dataclass(slots=True)
@@ -352,6 +396,7 @@ class TickReply:
     next_cursor: str | None = None
     next_interval_secs: int | None = None
     metrics: TickMetrics | None = None
+    deliver: tuple[Delivery, ...] = ()
 
     @classmethod
     def from_dict(cls, d: Any) -> "TickReply":
@@ -389,7 +434,15 @@ class TickReply:
                         f"metrics.{name} must be a non-negative integer, got {v!r:.40}")
                 values.append(v)
             metrics = TickMetrics(*values)
-        return cls(cursor, interval, metrics)
+        deliver = d.get("deliver")
+        if deliver is None:
+            deliver = ()
+        elif not isinstance(deliver, list):
+            raise PluginPollerForwardError.ParseReply(
+                f"deliver must be an array, got {_json_type(deliver)}")
+        else:
+            deliver = tuple(Delivery.from_dict(e, f"deliver[{i}]") for i, e in enumerate(deliver))
+        return cls(cursor, interval, metrics, deliver)
 
     def to_dict(self) -> dict:
         d: dict = {}
@@ -400,6 +453,8 @@ class TickReply:
         if self.metrics is not None:
             d["metrics"] = {"items_seen": self.metrics.items_seen,
                             "items_dispatched": self.metrics.items_dispatched}
+        if self.deliver:
+            d["deliver"] = [e.to_dict() for e in self.deliver]
         return d
 
     def into_tick_ack(self) -> TickAck:
@@ -407,7 +462,7 @@ class TickReply:
         cursor = None if self.next_cursor is None else decode_cursor(self.next_cursor)
         hint = (None if self.next_interval_secs is None
                 else timedelta(seconds=min(self.next_interval_secs, _MAX_INTERVAL_SECS)))
-        return TickAck(cursor, hint, self.metrics)
+        return TickAck(cursor, hint, self.metrics, self.deliver)
 
     @classmethod
     def from_ack(cls, ack: TickAck | None) -> "TickReply":
@@ -416,7 +471,7 @@ class TickReply:
         secs = ack.next_interval_hint
         return cls(None if ack.next_cursor is None else encode_cursor(ack.next_cursor),
                    None if secs is None else max(0, int(_seconds(secs))),
-                   ack.metrics)
+                   ack.metrics, tuple(ack.deliver))
 
 
 def _json_type(value: Any) -> str:
@@ -1743,8 +1798,9 @@ class _LocalClient(_ClientBase):
         self._handlers.pop(sid, None)
         self._call("unsubscribe", {"sid": sid})
 
-    def publish(self, topic: str, payload: Any) -> None:
-        self._call("publish", {"topic": topic, "payload": payload})
+    def publish(self, topic: str, payload: Any) -> int:
+        """Publish; returns how many subscribers the message was handed to."""
+        return self._call("publish", {"topic": topic, "payload": payload})
 
     def request(self, topic: str, payload: Any, timeout: timedelta | float, *,
                 wait: bool = False, cancel: threading.Event | None = None) -> Any:
@@ -2413,6 +2469,7 @@ class JobState:
     lease_until: float | None = None
     schedule_key: str | None = None
     revision: int = 0
+    delivered_total: int = 0        # written only by the outbox, never by a commit
 
     def replace(self, **changes) -> "JobState":
         return dataclasses.replace(self, **changes)
@@ -2437,6 +2494,27 @@ def apply_command(state: JobState, verb: str) -> JobState:
     if verb == "tick":
         return state
     raise ValueError(f"unknown command {verb!r} (known: {', '.join(COMMAND_VERBS)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutboxItem:
+    """One message waiting in the outbox: an Event (``body``, JSON) for a topic.
+
+    ``id`` is the Event's id, stable across retries, so a receiver can drop
+    a repeat; ``what`` is ``delivery`` or ``alert``.
+    """
+    id: str
+    job: str
+    what: str
+    topic: str
+    body: str
+    created_at: float
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    last_error: str | None = None
+
+
+_OUTBOX_FIELDS = tuple(f.name for f in dataclasses.fields(OutboxItem))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2498,18 +2576,21 @@ class StateStore:
         raise NotImplementedError
 
     def commit(self, state: JobState, done: Callable[[Any], None] | None = None, *,
-               command: tuple[int, str | None] | None = None) -> None:
+               command: tuple[int, str | None] | None = None,
+               outbox: Iterable[OutboxItem] = ()) -> None:
         """Queue ``state`` for the next durable write, while this owner holds
         the lease.  ``done`` gets True, False (the lease was lost) or a
-        StateError.  ``command`` (seq, result) is marked done in the same
-        write."""
+        StateError.  ``command`` (seq, result) is marked done and ``outbox``
+        items are stored in the same write: all of it or none."""
         raise NotImplementedError
 
-    def commit_now(self, state: JobState, *, command: tuple[int, str | None] | None = None) -> bool:
+    def commit_now(self, state: JobState, *, command: tuple[int, str | None] | None = None,
+                   outbox: Iterable[OutboxItem] = ()) -> bool:
         """``commit`` and wait for it: True when stored, False when the lease was lost."""
         box: list = []
         ready = threading.Event()
-        self.commit(state, lambda result: (box.append(result), ready.set()), command=command)
+        self.commit(state, lambda result: (box.append(result), ready.set()), command=command,
+                    outbox=outbox)
         ready.wait()
         if isinstance(box[0], BaseException):
             raise box[0]
@@ -2535,6 +2616,30 @@ class StateStore:
 
     def command_result(self, seq: int) -> tuple[bool, str | None]:
         """``(done, result)`` of a queued command."""
+        raise NotImplementedError
+
+    def outbox_pending(self, limit: int = 500) -> list[OutboxItem]:
+        """Undelivered items of the jobs this owner holds, oldest first."""
+        raise NotImplementedError
+
+    def outbox_settle(self, delivered: Iterable[OutboxItem] = (),
+                      retry: Iterable[tuple[str, float, str]] = (),
+                      dead: Iterable[tuple[OutboxItem, str]] = (), now: float = 0.0) -> None:
+        """One write after a publishing pass: remove ``delivered`` (counting
+        deliveries into their jobs' ``delivered_total``), reschedule ``retry``
+        (id, next attempt, error), move ``dead`` (item, error) to the dead letters."""
+        raise NotImplementedError
+
+    def outbox(self, *, dead: bool = False) -> list[OutboxItem]:
+        """Every item in the outbox (or among the dead letters), oldest first."""
+        raise NotImplementedError
+
+    def outbox_retry(self, ids: Iterable[str] | None = None) -> int:
+        """Make items due now, and bring dead letters back (all, or ``ids``)."""
+        raise NotImplementedError
+
+    def outbox_drop(self, ids: Iterable[str] | None = None, *, dead: bool = False) -> int:
+        """Delete items (all, or ``ids``) from the outbox or the dead letters."""
         raise NotImplementedError
 
     def register_daemon(self, now: float) -> list[str]:
@@ -2574,6 +2679,24 @@ class StateStore:
 
 
 STATE_SCHEMA_VERSION = 2
+# The outbox and its dead letters have one shape (a dead letter also has died_at).
+_OUTBOX_TABLES = """
+CREATE TABLE outbox (
+    n INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    job TEXT NOT NULL,
+    what TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error TEXT{dead}
+);"""
+_OUTBOX_SCHEMA = (_OUTBOX_TABLES.format(dead="")
+                  + "\nCREATE INDEX outbox_by_job ON outbox (job, n);"
+                  + _OUTBOX_TABLES.format(dead=",\n    died_at REAL").replace(
+                      "TABLE outbox", "TABLE dead_letters"))
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE jobs (
@@ -2591,7 +2714,8 @@ CREATE TABLE jobs (
     lease_owner TEXT,
     lease_until REAL,
     schedule_key TEXT,
-    revision INTEGER NOT NULL DEFAULT 0
+    revision INTEGER NOT NULL DEFAULT 0,
+    delivered_total INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE commands (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -2605,19 +2729,21 @@ CREATE TABLE daemons (
     started_at REAL NOT NULL,
     running TEXT NOT NULL DEFAULT '[]'
 );
-"""
+""" + _OUTBOX_SCHEMA
 # What version 1 lacks; applied in place when a daemon opens an old file.
 _MIGRATE_1_TO_2 = """
 ALTER TABLE jobs ADD COLUMN schedule_key TEXT;
 ALTER TABLE jobs ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN delivered_total INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE commands ADD COLUMN result TEXT;
 CREATE TABLE daemons (owner TEXT PRIMARY KEY, started_at REAL NOT NULL,
                       running TEXT NOT NULL DEFAULT '[]');
 DELETE FROM meta WHERE key='daemon';
 UPDATE meta SET value='2' WHERE key='schema_version';
-"""
+""" + _OUTBOX_SCHEMA
 _BUSY_SLICE_MS = 200            # one wait inside sqlite for a lock; we retry around it
 _WRITE_PATIENCE_SECS = 30.0     # how long a write waits for a locked database
+_READ_PATIENCE_SECS = 2.0       # how long a read waits before it is reported
 
 
 class SqliteStateStore(StateStore):
@@ -2747,8 +2873,9 @@ class SqliteStateStore(StateStore):
         """Run ``fn`` (holding nothing), retrying while the database is busy
         or locked, until ``patience`` seconds or the close deadline pass."""
         import sqlite3
-        give_up = time.monotonic() + patience
-        pause = 0.01
+        started = time.monotonic()
+        give_up = started + patience
+        pause, said = 0.01, False
         while True:
             try:
                 return fn()
@@ -2760,6 +2887,10 @@ class SqliteStateStore(StateStore):
                 limit = give_up if self._deadline is None else min(give_up, self._deadline)
                 if not transient or time.monotonic() >= limit:
                     raise StateError(f"{self.path}: {text}") from None
+                if not said and time.monotonic() - started >= 1.0:
+                    said = True             # say so while still trying, not only at the end
+                    log.warning("state: %s: %s; retrying for up to %.0fs", self.path, text,
+                                limit - started)
                 time.sleep(min(pause, max(0.0, limit - time.monotonic())))
                 pause = min(pause * 2, 0.2)
             except (sqlite3.Error, ValueError, OverflowError) as exc:
@@ -2769,7 +2900,7 @@ class SqliteStateStore(StateStore):
         def fn():
             with self._lock:
                 return self._db.execute(sql, args).fetchall()
-        return self._retry(fn, _WRITE_PATIENCE_SECS)
+        return self._retry(fn, _READ_PATIENCE_SECS)
 
     def _pragma(self, name: str):
         return self._read(f"PRAGMA {name}")[0][0]
@@ -2897,22 +3028,23 @@ class SqliteStateStore(StateStore):
 
     @staticmethod
     def _write_state(db, state: JobState) -> None:
+        """Write a job's record (its row exists); ``delivered_total`` is the outbox's."""
         s = state
         db.execute(
-            "INSERT OR REPLACE INTO jobs (id, cursor, paused, last_status, last_error, "
-            "consecutive_errors, last_run_at, next_run_at, items_seen_total, "
-            "items_dispatched_total, last_alert_at, lease_owner, lease_until, schedule_key, "
-            "revision) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (s.id, s.cursor, int(s.paused), _storable(s.last_status), _storable(s.last_error),
+            "UPDATE jobs SET cursor=?, paused=?, last_status=?, last_error=?, "
+            "consecutive_errors=?, last_run_at=?, next_run_at=?, items_seen_total=?, "
+            "items_dispatched_total=?, last_alert_at=?, lease_owner=?, lease_until=?, "
+            "schedule_key=?, revision=? WHERE id=?",
+            (s.cursor, int(s.paused), _storable(s.last_status), _storable(s.last_error),
              s.consecutive_errors, s.last_run_at, s.next_run_at, s.items_seen_total,
              s.items_dispatched_total, s.last_alert_at, s.lease_owner, s.lease_until,
-             s.schedule_key, s.revision))
+             s.schedule_key, s.revision, s.id))
 
     def load(self, ids: Iterable[str] | None = None) -> dict[str, JobState]:
         def fn():
             with self._lock:
                 return self._rows(self._db)
-        rows = self._retry(fn, _WRITE_PATIENCE_SECS)
+        rows = self._retry(fn, _READ_PATIENCE_SECS)
         return rows if ids is None else {i: rows[i] for i in ids if i in rows}
 
     def claim(self, wanted: Mapping[str, float], now: float, *,
@@ -2937,8 +3069,9 @@ class SqliteStateStore(StateStore):
         return self.run(fn)
 
     def commit(self, state: JobState, done: Callable[[Any], None] | None = None, *,
-               command: tuple[int, str | None] | None = None) -> None:
-        owner = self.owner
+               command: tuple[int, str | None] | None = None,
+               outbox: Iterable[OutboxItem] = ()) -> None:
+        owner, items = self.owner, [self._outbox_row(i) for i in outbox]
 
         def fn(db):
             row = db.execute("SELECT lease_owner, revision FROM jobs WHERE id=?",
@@ -2949,8 +3082,88 @@ class SqliteStateStore(StateStore):
             if command is not None:
                 db.execute("UPDATE commands SET done=1, result=? WHERE seq=?",
                            (_storable(command[1], 1 << 20), command[0]))
+            if items:
+                db.executemany(f"INSERT INTO outbox ({', '.join(_OUTBOX_FIELDS)}) "
+                               f"VALUES ({', '.join('?' * len(_OUTBOX_FIELDS))})", items)
             return True
         self.submit(fn, done)
+
+    @staticmethod
+    def _outbox_row(item: OutboxItem) -> tuple:
+        return tuple(_storable(v, 1 << 24) if isinstance(v, str) else v
+                     for v in dataclasses.astuple(item))
+
+    def outbox_pending(self, limit: int = 500) -> list[OutboxItem]:
+        rows = self._read(f"SELECT {', '.join('o.' + f for f in _OUTBOX_FIELDS)} FROM outbox o "
+                          "JOIN jobs j ON j.id=o.job WHERE j.lease_owner=? ORDER BY o.n LIMIT ?",
+                          (self.owner, limit))
+        return [OutboxItem(*r) for r in rows]
+
+    def outbox_settle(self, delivered: Iterable[OutboxItem] = (),
+                      retry: Iterable[tuple[str, float, str]] = (),
+                      dead: Iterable[tuple[OutboxItem, str]] = (), now: float = 0.0) -> None:
+        delivered, retry, dead = list(delivered), list(retry), list(dead)
+        counts: dict[str, int] = {}
+        for item in delivered:
+            if item.what == "delivery":
+                counts[item.job] = counts.get(item.job, 0) + 1
+        fields = ", ".join(_OUTBOX_FIELDS)
+
+        def fn(db):
+            db.executemany("DELETE FROM outbox WHERE id=?", [(i.id,) for i in delivered])
+            db.executemany("UPDATE jobs SET delivered_total = delivered_total + ? WHERE id=?",
+                           [(n, job) for job, n in counts.items()])
+            db.executemany("UPDATE outbox SET attempts = attempts + 1, next_attempt_at=?, "
+                           "last_error=? WHERE id=?",
+                           [(at, _storable(err), i) for i, at, err in retry])
+            for item, err in dead:
+                db.execute(f"INSERT OR REPLACE INTO dead_letters ({fields}, died_at) "
+                           f"SELECT {fields.replace('attempts', 'attempts + 1')}, ? "
+                           "FROM outbox WHERE id=?", (now, item.id))
+                db.execute("UPDATE dead_letters SET last_error=? WHERE id=?",
+                           (_storable(err), item.id))
+                db.execute("DELETE FROM outbox WHERE id=?", (item.id,))
+        if delivered or retry or dead:
+            self.run(fn)
+
+    def outbox(self, *, dead: bool = False) -> list[OutboxItem]:
+        table = "dead_letters" if dead else "outbox"
+        try:
+            rows = self._read(f"SELECT {', '.join(_OUTBOX_FIELDS)} FROM {table} ORDER BY n")
+        except StateError:
+            if self._schema_version_now() == "1":
+                return []                       # a version 1 file has no outbox
+            raise
+        return [OutboxItem(*r) for r in rows]
+
+    def _schema_version_now(self) -> str | None:
+        with self._lock:
+            return self._schema_version(self._db)
+
+    def outbox_retry(self, ids: Iterable[str] | None = None) -> int:
+        fields = ", ".join(_OUTBOX_FIELDS)
+        where, args = self._id_filter(ids)
+
+        def fn(db):
+            n = db.execute(f"UPDATE outbox SET next_attempt_at=0 {where}", args).rowcount
+            cols = fields.replace("attempts", "0").replace("next_attempt_at", "0")
+            n += db.execute(f"INSERT OR IGNORE INTO outbox ({fields}) SELECT {cols} "
+                            f"FROM dead_letters {where} ORDER BY n", args).rowcount
+            db.execute(f"DELETE FROM dead_letters {where}", args)
+            return n
+        return self.run(fn)
+
+    def outbox_drop(self, ids: Iterable[str] | None = None, *, dead: bool = False) -> int:
+        where, args = self._id_filter(ids)
+        table = "dead_letters" if dead else "outbox"
+        return self.run(lambda db: db.execute(f"DELETE FROM {table} {where}", args).rowcount)
+
+    @staticmethod
+    def _id_filter(ids: Iterable[str] | None) -> tuple[str, tuple]:
+        if ids is None:
+            return "", ()
+        ids = tuple(ids)
+        return f"WHERE id IN ({', '.join('?' * len(ids))})" if ids else "WHERE 0", ids
 
     def release(self, ids: Iterable[str] | None = None) -> None:
         owner = self.owner
@@ -3240,7 +3453,9 @@ _TOP_DEFAULTS = {"enabled": True, "state_db": "./data/poller.db", "default_jitte
                  "breaker_threshold": 5, "backoff_initial_secs": 30.0,
                  "backoff_max_secs": 300.0, "max_workers": 64, "shutdown_grace_secs": 10.0,
                  "alert_topic": "nexo.poller.alert", "broker": None, "metrics_addr": None,
-                 "plugins": [], "jobs": []}
+                 "agents": {}, "delivery_sink": "broker", "delivery_max_attempts": 20,
+                 "delivery_max_age_secs": 86400.0, "delivery_retry_initial_secs": 1.0,
+                 "delivery_retry_max_secs": 60.0, "plugins": [], "jobs": []}
 _JOB_KEYS = {"id", "kind", "agent", "schedule", "config", "failure_to", "paused_on_boot"}
 _SCHEDULE_KEYS = {"every_secs", "cron", "tz", "at", "stagger_jitter_ms"}
 
@@ -3283,6 +3498,12 @@ class DaemonConfig:
     alert_topic: str = "nexo.poller.alert"
     broker: str | None = None
     metrics_addr: tuple[str, int] | None = None
+    agents: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    delivery_sink: str = "broker"
+    delivery_max_attempts: int = 20
+    delivery_max_age_secs: float = 86400.0
+    delivery_retry_initial_secs: float = 1.0
+    delivery_retry_max_secs: float = 60.0
     plugins: list[PluginPollerHandle] = dataclasses.field(default_factory=list)
     jobs: list[JobConfig] = dataclasses.field(default_factory=list)
     source: str | None = None
@@ -3377,6 +3598,32 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
     number("backoff_max_secs", 0.001, 86400 * 7)
     number("max_workers", 1, 4096, integer=True)
     number("shutdown_grace_secs", 0.1, 3600)
+    number("delivery_max_attempts", 1, 10 ** 6, integer=True)
+    number("delivery_max_age_secs", 1, 86400 * 365)
+    number("delivery_retry_initial_secs", 0.001, 3600)
+    number("delivery_retry_max_secs", 0.001, 86400)
+    agents = get("agents")
+    if _check_type(probs, prefix + "agents", agents, dict, "an object of agent -> channels"):
+        for agent, channels in agents.items():
+            where = f"{prefix}agents.{agent}"
+            if not _check_type(probs, where, channels, dict, "an object of channel -> instance"):
+                continue
+            for channel, instance in channels.items():
+                if not _TOPIC_TOKEN_RE.fullmatch(channel):
+                    probs.add(f"{where}.{channel}", "a channel name is a topic token "
+                                                    "(letters, digits, '_' and '-')")
+                elif _check_type(probs, f"{where}.{channel}", instance, str,
+                                 "an instance name") and not _TOPIC_TOKEN_RE.fullmatch(instance):
+                    probs.add(f"{where}.{channel}", f"{instance!r} is not a topic token "
+                                                    "(letters, digits, '_' and '-')")
+            cfg.agents[agent] = dict(channels)
+    sink = get("delivery_sink")
+    if _check_type(probs, prefix + "delivery_sink", sink, str, '"broker" or an http(s) URL'):
+        if sink != "broker" and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", sink):
+            probs.add(prefix + "delivery_sink",
+                      f"{sink!r} must be \"broker\" or an http:// or https:// URL")
+        else:
+            cfg.delivery_sink = sink
     if _check_type(probs, prefix + "alert_topic", get("alert_topic"), str, "a topic string"):
         cfg.alert_topic = get("alert_topic")
     broker = get("broker")
@@ -3464,6 +3711,10 @@ def _job_from_dict(raw: Any, where: str, probs: _Problems,
                                               "an object {channel, to}"):
         for key in sorted(set(failure_to) - {"channel", "to"}):
             probs.add(f"{where}.failure_to.{key}", "unknown key (allowed: channel, to)")
+        channel = failure_to.get("channel")
+        if isinstance(channel, str) and not _TOPIC_TOKEN_RE.fullmatch(channel):
+            probs.add(f"{where}.failure_to.channel", f"{channel!r} is not a topic token "
+                                                     "(letters, digits, '_' and '-')")
         for key in ("channel", "to"):
             _check_type(probs, f"{where}.failure_to.{key}", failure_to.get(key), str, "a string")
     _check_type(probs, f"{where}.config", raw.get("config", {}), dict, "an object")
@@ -3598,9 +3849,10 @@ def plan_tick(state: JobState, outcome: TickOutcome, *, schedule: Schedule,
     off-schedule tick (an operator's), which keeps the planned next slot.
     Ok: new cursor and totals, next slot (or the plugin's hint).
     Transient: back off ``initial * 2^(n-1)`` up to the maximum, plus up to
-    10 % jitter; the breaker alert fires when the streak reaches its
-    threshold.  Permanent and config: the job pauses with an alert.  Alerts
-    repeat no sooner than ``failure_alert_cooldown_secs``.
+    10 % jitter; once the streak reaches the breaker threshold it alerts,
+    and again after each cooldown while it keeps failing (as nexo does).
+    Permanent and config: the job pauses with an alert.  Alerts repeat no
+    sooner than ``failure_alert_cooldown_secs``.
     """
     status = outcome.status
     new = state.replace(last_run_at=started, last_status=status.value, last_error=outcome.error,
@@ -3609,11 +3861,13 @@ def plan_tick(state: JobState, outcome: TickOutcome, *, schedule: Schedule,
     if status is TickStatus.OK:
         ack = outcome.ack or TickAck()
         m = ack.metrics or TickMetrics()
+        # Items handed on through ``deliver`` count when delivered (the
+        # outbox counts them); a plugin that dispatches by itself reports them.
         new = new.replace(cursor=state.cursor if ack.next_cursor is None else ack.next_cursor,
                           consecutive_errors=0,
                           items_seen_total=state.items_seen_total + m.items_seen,
                           items_dispatched_total=state.items_dispatched_total
-                          + m.items_dispatched)
+                          + (0 if ack.deliver else m.items_dispatched))
         if ack.next_interval_hint is not None:
             nxt = finished + ack.next_interval_hint.total_seconds()
         elif slot is None and state.next_run_at is not None and state.next_run_at > finished:
@@ -3628,8 +3882,8 @@ def plan_tick(state: JobState, outcome: TickOutcome, *, schedule: Schedule,
                     config.backoff_initial_secs * 2 ** min(errors - 1, 60))
         nxt = finished + delay * rng.uniform(1.0, 1.1)
         new = new.replace(consecutive_errors=errors)
-        if errors == config.breaker_threshold:
-            alert = f"circuit breaker opened after {errors} consecutive errors"
+        if errors >= config.breaker_threshold:      # again after each cooldown
+            alert = f"circuit breaker open after {errors} consecutive errors"
     elif status in (TickStatus.PERMANENT, TickStatus.CONFIG):
         new = new.replace(paused=True, consecutive_errors=state.consecutive_errors + 1)
         alert, nxt = f"job paused after a {status.value} error", None
@@ -3665,9 +3919,11 @@ def next_run(state: JobState, schedule: Schedule, schedule_key: str | None,
 
 
 def _status_dict(cfg: JobConfig, state: JobState, threshold: int, running: bool,
-                 next_run_at: float | None = None) -> dict:
+                 next_run_at: float | None = None, delivered: int = 0,
+                 undelivered: int = 0) -> dict:
     """A job as ``status`` shows it (one shape for the Runner and the CLI);
-    ``next_run_at`` is the live slot where one is known, else the stored one."""
+    ``next_run_at`` is the live slot where one is known, else the stored one;
+    ``delivered`` counts deliveries made since ``state`` was read."""
     if next_run_at is None:
         next_run_at = state.next_run_at
     return {"id": cfg.id, "kind": cfg.kind, "agent": cfg.agent, "paused": state.paused,
@@ -3678,7 +3934,9 @@ def _status_dict(cfg: JobConfig, state: JobState, threshold: int, running: bool,
             "last_run_at": _iso(state.last_run_at),
             "next_run_at": None if state.paused else _iso(next_run_at),
             "items_seen_total": state.items_seen_total,
-            "items_dispatched_total": state.items_dispatched_total,
+            "items_dispatched_total": state.items_dispatched_total + state.delivered_total
+            + delivered,
+            "undelivered": undelivered,
             "running": running}
 
 
@@ -3686,7 +3944,7 @@ class _Job:
     """A job inside the runner: its configuration, its committed state, and
     what only this process knows (running, lease held, heap entry)."""
     __slots__ = ("cfg", "key", "state", "leased", "running", "generation", "next_run_at",
-                 "cancel", "removed", "unstored")
+                 "cancel", "removed", "unstored", "delivered")
 
     def __init__(self, cfg: JobConfig, state: JobState | None = None):
         self.cfg = cfg
@@ -3699,6 +3957,7 @@ class _Job:
         self.cancel: threading.Event | None = None
         self.removed = False
         self.unstored = 0            # outcomes in a row that could not be stored
+        self.delivered = 0           # deliveries made since ``state`` was read
 
 
 def _iso(ts: float | None) -> str | None:
@@ -3778,12 +4037,17 @@ class Runner:
 
     Threads: the scheduler pops due jobs and carries out every committed
     outcome's effects (log, alert, next slot); workers run ticks; the state
-    store's writer only writes.
+    store's writer only writes; the publisher drains the outbox.
+
+    Deliveries go, by precedence, to ``deliver(topic, event)`` (a callable:
+    returning means delivered, raising means retry), to the configured
+    ``delivery_sink`` webhook, or to the broker.
     """
 
     def __init__(self, config: DaemonConfig, *, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] | None = None, rng: Any = None,
-                 state: StateStore | None = None):
+                 state: StateStore | None = None,
+                 deliver: Callable[[str, dict], Any] | None = None):
         self.config = config
         self.clock = clock
         self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
@@ -3816,6 +4080,8 @@ class Runner:
         self._metrics = _Metrics()
         self._metrics_server = None
         self.stopped = threading.Event()
+        self._deliver_hook = deliver
+        self._publisher: _Publisher | None = None
 
     # -- routes ---------------------------------------------------------------------
 
@@ -3906,6 +4172,13 @@ class Runner:
             stored = self.state.load([j.id for j in cfg.jobs])
             for jc in cfg.jobs:
                 self._jobs[jc.id] = _Job(jc, stored.get(jc.id))
+            if self._deliver_hook is not None:
+                sink = self._deliver_hook
+            elif cfg.delivery_sink != "broker":
+                sink = _webhook_sink(cfg.delivery_sink)
+            else:
+                sink = _broker_sink(self.broker)
+            self._publisher = _Publisher(self, sink)
         except BaseException:
             self._teardown(time.monotonic() + self.config.shutdown_grace_secs)
             raise
@@ -3944,19 +4217,21 @@ class Runner:
             self._scheduler = threading.Thread(target=self._schedule_loop, daemon=True,
                                                name="nexo-scheduler")
             self._scheduler.start()
+        self._publisher.start()
         log.info("nexo-poller started: %d jobs, %d plugins, broker %s", len(self._jobs),
                  self.router.len(), self.broker_server.url)
         return self
 
-    def _claim(self, jobs: list[_Job], now: float) -> dict[str, JobState]:
+    def _claim(self, jobs: list[_Job], now: float,
+               plugins: Iterable[PluginPollerHandle] | None = None) -> dict[str, JobState]:
         """Lease ``jobs``; each granted job takes the state the claim read."""
-        wanted = {j.cfg.id: now + self._lease_ttl(j.cfg) for j in jobs}
+        wanted = {j.cfg.id: now + self._lease_ttl(j.cfg, plugins) for j in jobs}
         granted = self.state.claim(wanted, now, paused_on_boot=[
             j.cfg.id for j in jobs if j.cfg.paused_on_boot])
         with self._cond:
             for job in jobs:
                 if job.cfg.id in granted:
-                    job.state, job.leased = granted[job.cfg.id], True
+                    job.state, job.leased, job.delivered = granted[job.cfg.id], True, 0
         return granted
 
     def _schedule_first(self, job: _Job, now: float) -> None:
@@ -4002,6 +4277,8 @@ class Runner:
             log.info("nexo-poller stopped")
 
     def _teardown(self, deadline: float) -> None:
+        if self._publisher is not None:
+            self._publisher.stop(deadline)
         if self.state is not None:
             try:
                 self.state.release()
@@ -4278,7 +4555,7 @@ class Runner:
                 outcome.error = outcome.error or "another daemon holds this job's lease"
                 return self._finish_unplanned(job, slot, outcome, command)
             with self._cond:
-                job.state, job.leased = granted[cfg.id], True
+                job.state, job.leased, job.delivered = granted[cfg.id], True, 0
             if taking_over:
                 # The state is what the last owner committed: resume from it.
                 with self._cond:
@@ -4321,21 +4598,43 @@ class Runner:
                          schedule_key=job.key)
         outcome.next_run_at = plan.run_at
         new = plan.state.replace(lease_until=now + ttl)
+        outbox = self._outbox_for(job, plan, outcome, now)
         result_text = None if command is None else json.dumps(outcome.to_dict())
-        done = functools.partial(self._committed, job, plan, new, outcome, slot)
+        done = functools.partial(self._committed, job, plan, new, outcome, slot, bool(outbox))
         cmd = None if command is None else (command, result_text)
         if commit_async:
             try:
-                self.state.commit(new, done, command=cmd)
+                self.state.commit(new, done, command=cmd, outbox=outbox)
             except StateError as exc:
                 done(exc)
         else:
             try:
-                result = self.state.commit_now(new, command=cmd)
+                result = self.state.commit_now(new, command=cmd, outbox=outbox)
             except StateError as exc:
                 result = exc
-            self._settle_one(job, plan, new, outcome, slot, result)
+            self._settle_one(job, plan, new, outcome, slot, bool(outbox), result)
+            if outbox and result is True and not self._started:
+                try:                        # no daemon behind this runner: try once now
+                    self._publisher.run_pass()
+                except StateError as exc:
+                    log.error("outbox: %s", exc)
         return outcome
+
+    def _outbox_for(self, job: _Job, plan: TickPlan, outcome: TickOutcome,
+                    now: float) -> list[OutboxItem]:
+        """What this tick hands on, stored with its state: the reply's
+        deliveries, and the alert for the job's ``failure_to`` channel."""
+        agents, cfg = self.config.agents, job.cfg
+        items = [_outbox_item(cfg.id, "delivery", outbound_topic(d.channel, cfg.agent, agents),
+                              _addressed(d.payload, d.recipient), now)
+                 for d in (outcome.ack.deliver if outcome.ack else ())]
+        to = cfg.failure_to
+        if plan.alert and to and to.get("channel") and to.get("to"):
+            text = f"\u26a0 poller `{cfg.id}` (kind={cfg.kind}) failing: {outcome.error}"
+            items.append(_outbox_item(cfg.id, "alert", outbound_topic(to["channel"], cfg.agent,
+                                                                      agents),
+                                      {"text": text, "to": to["to"]}, now))
+        return items
 
     def _finish_unplanned(self, job: _Job, slot: float | None, outcome: TickOutcome,
                           command: int | None) -> TickOutcome:
@@ -4354,10 +4653,10 @@ class Runner:
         return outcome
 
     def _committed(self, job: _Job, plan: TickPlan, new: JobState, outcome: TickOutcome,
-                   slot: float | None, result: Any) -> None:
+                   slot: float | None, queued: bool, result: Any) -> None:
         """The store's ``done`` callback (writer thread): hand over, do nothing else."""
         with self._cond:
-            self._effects.append((job, plan, new, outcome, slot, result))
+            self._effects.append((job, plan, new, outcome, slot, queued, result))
             self._cond.notify_all()
 
     def _drain_effects(self) -> None:
@@ -4369,11 +4668,14 @@ class Runner:
             self._settle_one(*item)
 
     def _settle_one(self, job: _Job, plan: TickPlan, new: JobState, outcome: TickOutcome,
-                    slot: float | None, result: Any) -> None:
-        """A commit's effects, in the Runner: live state, log, metrics, alert, next slot."""
+                    slot: float | None, queued: bool, result: Any) -> None:
+        """A commit's effects, in the Runner: live state, log, metrics, alert,
+        the publisher woken for what was queued, next slot."""
         if result is True:
             with self._cond:
                 job.state, job.unstored = new.replace(revision=new.revision + 1), 0
+            if queued and self._publisher is not None:
+                self._publisher.wake()
             self._log_tick(outcome)         # before the release: wait_idle() sees it
             self._metrics.observe(outcome)
             if plan.alert:
@@ -4410,6 +4712,27 @@ class Runner:
             else:
                 job.generation = -1
             self._cond.notify_all()
+
+    def _delivered(self, items: list[OutboxItem]) -> None:
+        """The publisher delivered these: count them into their jobs (live view)."""
+        with self._cond:
+            for item in items:
+                job = self._jobs.get(item.job)
+                if job is not None:
+                    job.delivered += 1
+
+    def _dead_letter(self, item: OutboxItem, error: str) -> None:
+        job = self._jobs.get(item.job)
+        payload = {"job": item.job, "kind": job.cfg.kind if job else None,
+                   "agent": job.cfg.agent if job else None,
+                   "reason": f"{item.what} {item.id} moved to the dead letters",
+                   "error": error, "topic": item.topic, "at": _iso(self.clock())}
+        log.error("outbox: %s %s for job %s dead-lettered: %s", item.what, item.id, item.job,
+                  error)
+        try:
+            self.broker.publish(self.config.alert_topic, payload)
+        except PluginPollerForwardError as exc:
+            log.error("alert not published: %s", exc)
 
     def _send_alert(self, job: _Job, reason: str, outcome: TickOutcome) -> None:
         payload = {"job": job.cfg.id, "kind": job.cfg.kind, "agent": job.cfg.agent,
@@ -4545,7 +4868,7 @@ class Runner:
         threshold = self.config.breaker_threshold
         with self._cond:
             return [_status_dict(j.cfg, j.state, threshold, j.running,
-                                 j.next_run_at if j.generation >= 0 else None)
+                                 j.next_run_at if j.generation >= 0 else None, j.delivered)
                     for j in self._jobs.values()]
 
     # -- reload ----------------------------------------------------------------------------
@@ -4566,10 +4889,12 @@ class Runner:
         new_jobs = {j.id: j for j in new.jobs}
         added = [_Job(jc) for jc in new.jobs if jc.id not in self._jobs]
         now = self.clock()
-        if added:
+        if added:                           # the state first: a failure here changes nothing
             stored = self.state.load([j.cfg.id for j in added])
             for job in added:
                 job.state = stored.get(job.cfg.id, job.state)
+            if self._started:
+                self._claim(added, now, new.plugins)
         # Jobs leave first, so no queued tick of theirs runs against a plugin that is gone.
         removed = []
         with self._cond:
@@ -4599,12 +4924,6 @@ class Runner:
         with self._cond:
             for job in added:
                 self._jobs[job.cfg.id] = job
-        if added and self._started:
-            try:
-                self._claim(added, now)
-            except StateError as exc:
-                log.error("new jobs not leased yet (their ticks will claim them): %s", exc)
-        with self._cond:
             for job in added:
                 if self._started:
                     self._schedule_first(job, now)
@@ -4625,10 +4944,12 @@ class Runner:
     # -- the daemon's main thread ------------------------------------------------------------
 
     def poke(self) -> None:
-        """Look at the state's commands now instead of at the next poll."""
+        """Look at the state's commands and the outbox now, not at the next poll."""
         with self._cond:
             self._commands_due = True
             self._cond.notify_all()
+        if self._publisher is not None:
+            self._publisher.wake()
 
     def run_forever(self, config_path: str | None = None) -> None:
         """Start, then serve until SIGINT/SIGTERM; SIGHUP re-reads ``config_path``;
@@ -4672,6 +4993,172 @@ class Runner:
 
     def _in_process_kinds(self) -> list[str]:
         return [k for k, r in self._routes.items() if r.plugin_id is None]
+
+
+# -- the outbox: deliveries and channel alerts, committed with the cursor ----------
+
+_WEBHOOK_TIMEOUT_SECS = 10.0
+
+
+def outbound_topic(channel: str, agent: str, agents: Mapping[str, Mapping[str, str]]) -> str:
+    """Where a channel's messages for an agent go: ``plugin.outbound.<channel>.<instance>``
+    with the agent's instance from ``agents``, else ``plugin.outbound.<channel>``."""
+    instance = agents.get(agent, {}).get(channel)
+    return f"plugin.outbound.{channel}.{instance}" if instance else f"plugin.outbound.{channel}"
+
+
+def nexo_event(topic: str, payload: Any, *, event_id: str | None = None,
+               now: float | None = None, source: str = "plugin.poller") -> dict:
+    """A nexo broker ``Event``: id, timestamp (RFC 3339, Z), topic, source, payload."""
+    import uuid
+    when = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc)
+    return {"id": event_id or str(uuid.uuid4()),
+            "timestamp": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "topic": topic,
+            "source": source, "session_id": None, "payload": payload}
+
+
+def _addressed(payload: Any, recipient: str) -> dict:
+    """nexo's rule: an object payload gets ``to``; anything else becomes ``text``."""
+    if isinstance(payload, dict):
+        return {**payload, "to": recipient}
+    return {"text": payload, "to": recipient}
+
+
+def _outbox_item(job_id: str, what: str, topic: str, payload: Any, now: float) -> OutboxItem:
+    event = nexo_event(topic, payload, now=now)
+    return OutboxItem(event["id"], job_id, what, topic, json.dumps(event, ensure_ascii=False),
+                      now, 0, now)
+
+
+class _Undelivered(Exception):
+    """A sink could not hand a message on; the publisher retries it."""
+
+
+def _broker_sink(broker) -> Callable[[str, dict], None]:
+    """Publish on the broker; on the embedded broker a message counts as
+    delivered only when a subscriber took it."""
+    def send(topic: str, event: dict) -> None:
+        taken = broker.publish(topic, event)
+        if taken == 0:
+            raise _Undelivered(f"no subscriber on {topic}")
+    return send
+
+
+def _webhook_sink(url: str) -> Callable[[str, dict], None]:
+    """POST the Event JSON to ``url``; a 2xx answer means delivered."""
+    import urllib.error
+    import urllib.request
+
+    def send(topic: str, event: dict) -> None:
+        req = urllib.request.Request(url, data=json.dumps(event).encode(), method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              "X-Nexo-Topic": topic,
+                                              "X-Nexo-Event-Id": event["id"]})
+        try:
+            with urllib.request.urlopen(req, timeout=_WEBHOOK_TIMEOUT_SECS) as resp:
+                resp.read(1 << 16)
+                status = resp.status
+        except urllib.error.HTTPError as exc:
+            raise _Undelivered(f"{url}: HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise _Undelivered(f"{url}: {getattr(exc, 'reason', exc)}") from None
+        if not 200 <= status < 300:
+            raise _Undelivered(f"{url}: HTTP {status}")
+    return send
+
+
+class _Publisher:
+    """Drains the outbox through one sink: in order per job, retried with
+    backoff, dead-lettered past ``delivery_max_attempts`` or
+    ``delivery_max_age_secs``, removed only once delivered."""
+
+    def __init__(self, runner: "Runner", sink: Callable[[str, dict], Any]):
+        self.runner, self.sink = runner, sink
+        self._cond = threading.Condition(threading.Lock())
+        self._due = True
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.delivered = self.retried = self.dead = 0
+
+    def start(self) -> "_Publisher":
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="nexo-outbox")
+        self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        with self._cond:
+            self._due = True
+            self._cond.notify()
+
+    def stop(self, deadline: float) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _loop(self) -> None:
+        wait = None
+        while True:
+            with self._cond:
+                if not self._due and not self._stopping:
+                    self._cond.wait(wait)
+                if self._stopping:
+                    return
+                self._due = False
+            try:
+                nxt = self.run_pass()
+                wait = None if nxt is None else max(0.05, nxt - self.runner.clock())
+            except StateError as exc:
+                log.error("outbox: %s", exc)
+                wait = 5.0
+            except Exception:
+                log.exception("outbox: unexpected error; carrying on")
+                wait = 5.0
+
+    def run_pass(self) -> float | None:
+        """Try every due item once, in order per job; returns when to look again."""
+        r, cfg = self.runner, self.runner.config
+        items = r.state.outbox_pending()
+        now = r.clock()
+        blocked: set[str] = set()
+        delivered, retry, dead, soonest = [], [], [], None
+        for item in items:
+            if item.job in blocked:
+                continue
+            if item.next_attempt_at > now:
+                blocked.add(item.job)           # a later item never overtakes it
+                soonest = item.next_attempt_at if soonest is None else min(soonest, item.next_attempt_at)
+                continue
+            try:
+                self.sink(item.topic, json.loads(item.body))
+                delivered.append(item)
+                continue
+            except Exception as exc:            # _Undelivered, a hook's own error, ...
+                error = str(exc) if isinstance(exc, _Undelivered) else f"{type(exc).__name__}: {exc}"
+            attempts = item.attempts + 1
+            if attempts >= cfg.delivery_max_attempts or \
+                    now - item.created_at >= cfg.delivery_max_age_secs:
+                dead.append((item, error))      # out of the way: the next item may go
+                continue
+            blocked.add(item.job)
+            delay = min(cfg.delivery_retry_max_secs,
+                        cfg.delivery_retry_initial_secs * 2 ** min(attempts - 1, 30))
+            at = now + delay * r._rng.uniform(1.0, 1.1)
+            retry.append((item.id, at, error))
+            soonest = at if soonest is None else min(soonest, at)
+            log.warning("outbox: %s %s for job %s not delivered (attempt %d): %s",
+                        item.what, item.id, item.job, attempts, error)
+        r.state.outbox_settle(delivered, retry, dead, now)
+        self.delivered += len(delivered)
+        self.retried += len(retry)
+        self.dead += len(dead)
+        r._delivered([i for i in delivered if i.what == "delivery"])
+        for item, error in dead:
+            r._dead_letter(item, error)
+        if len(items) >= 500 and (delivered or dead):
+            return now                          # more behind these: look again at once
+        return soonest
 
 
 class _Metrics:
@@ -4732,6 +5219,23 @@ class _Metrics:
             family(name, "counter" if name.endswith("_total") else "gauge", help_text)
             for j in jobs:
                 out.append(f"{name}{lbl(job=j['id'], kind=j['kind'])} {int(j[key])}")
+        pub = runner._publisher
+        family("nexo_poller_deliveries_total", "counter",
+               "Outbox messages by outcome: delivered, retried, dead (dead-lettered).")
+        for outcome in ("delivered", "retried", "dead"):
+            out.append(f"nexo_poller_deliveries_total{lbl(outcome=outcome)} "
+                       f"{getattr(pub, outcome) if pub else 0}")
+        try:
+            pending = runner.state.outbox() if runner.state is not None else []
+        except StateError:
+            pending = []
+        family("nexo_poller_outbox_depth", "gauge", "Messages waiting in the outbox.")
+        out.append(f"nexo_poller_outbox_depth {len(pending)}")
+        family("nexo_poller_outbox_oldest_age_seconds", "gauge",
+               "Age of the oldest undelivered message (0 when none).")
+        oldest = min((i.created_at for i in pending), default=None)
+        out.append("nexo_poller_outbox_oldest_age_seconds "
+                   f"{0 if oldest is None else max(0.0, runner.clock() - oldest):.3f}")
         family("nexo_poller_state_errors_total", "counter",
                "Times the scheduler could not read or write the state.")
         out.append(f"nexo_poller_state_errors_total {self.state_errors}")
@@ -4837,6 +5341,12 @@ def _parser():
                        ("pause", "pause a job"), ("resume", "resume a paused job"),
                        ("reset", "clear a job's cursor")):
         sub.add_parser(verb, help=text).add_argument("job")
+    ob = sub.add_parser("outbox", help="list, retry or drop undelivered deliveries and alerts")
+    ob.add_argument("action", nargs="?", default="list", choices=["list", "retry", "drop"])
+    ob.add_argument("ids", nargs="*", metavar="ID", help="event ids (default: all)")
+    ob.add_argument("--dead", action="store_true", help="the dead letters instead")
+    ob.add_argument("--json", action="store_true", help="list as a JSON array")
+    ob.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     return p
 
 
@@ -4849,7 +5359,12 @@ class _UsageError(Exception):
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "verb", None) == "outbox" and \
+            not any(e.startswith("-") for e in extra):
+        args.ids += extra                   # ids after an option: `outbox drop --dead ID`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.log_level, args.log_format)
     try:
         return _run_verb(args)
@@ -4885,8 +5400,14 @@ def _run_verb(args) -> int:
             print("nexo-poller: disabled by \"enabled\": false in the config; nothing to do",
                   file=sys.stderr)
             return EXIT_OK
-        Runner(config).run_forever(args.config)
+        mark = _mark_daemon(args.config, config)
+        try:
+            Runner(config).run_forever(args.config)
+        finally:
+            _unmark_daemon(mark)
         return EXIT_OK
+    if verb in ("tick", "pause", "resume", "reset"):
+        _refuse_if_daemon_elsewhere(args.config, config)
     if verb == "tick":
         daemon_result = _tick_through_daemon(config, job)
         if daemon_result is not None:
@@ -4905,6 +5426,8 @@ def _run_verb(args) -> int:
         return EXIT_OK if outcome.status == "ok" else EXIT_TICK_FAILED
     if verb == "status":
         return _print_status(config, args.json)
+    if verb == "outbox":
+        return _outbox_verb(config, args)
     store = open_state(config.state_db)
     try:
         jc = next(j for j in config.jobs if j.id == job)
@@ -4918,6 +5441,111 @@ def _run_verb(args) -> int:
         return EXIT_OK
     finally:
         store.close()
+
+
+def _mark_path(config_path: str, create: bool = False) -> str | None:
+    """Where a daemon says which state it runs a config file on: a private
+    per-user folder (made by the daemon, gone with the last mark), one file
+    per config path."""
+    import hashlib
+    folder = os.path.join(tempfile.gettempdir(), f"nexo-poller-{os.getuid()}")
+    try:
+        if create:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        st = os.stat(folder)
+    except OSError:
+        return None
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return None                             # not ours alone: say nothing there
+    digest = hashlib.sha256(os.path.abspath(config_path).encode()).hexdigest()[:16]
+    return os.path.join(folder, f"daemon-{digest}.json")
+
+
+def _mark_daemon(config_path: str, config: DaemonConfig) -> str | None:
+    path = _mark_path(config_path, create=True)
+    if path is not None:
+        try:
+            with open(path, "w", encoding="utf-8") as fh:
+                json.dump({"pid": os.getpid(), "state_db": config.state_db,
+                           "config": os.path.abspath(config_path)}, fh)
+        except OSError:
+            return None
+    return path
+
+
+def _unmark_daemon(path: str | None) -> None:
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                if json.load(fh).get("pid") != os.getpid():
+                    return
+            os.unlink(path)
+            os.rmdir(os.path.dirname(path))     # only when no other daemon's mark is left
+        except (OSError, ValueError):
+            pass
+
+
+def _refuse_if_daemon_elsewhere(config_path: str, config: DaemonConfig) -> None:
+    """A daemon runs this config file on another state (its ``state_db``
+    changed since it started): the CLI must not act on the new one beside it."""
+    path = _mark_path(config_path)
+    try:
+        with open(path or "", encoding="utf-8") as fh:
+            mark = json.load(fh)
+        pid, state_db = int(mark["pid"]), str(mark["state_db"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if pid != os.getpid() and _pid_alive(pid) and \
+            os.path.abspath(state_db) != os.path.abspath(config.state_db):
+        raise _UsageError(f"a daemon (pid {pid}) runs {config_path} on the state at {state_db}; "
+                          f"the config now names {config.state_db}, which takes effect when "
+                          "that daemon restarts", EXIT_BUSY)
+
+
+def _outbox_verb(config: DaemonConfig, args) -> int:
+    """``outbox [list|retry|drop] [ID ...] [--dead]``: look at and unstick the outbox."""
+    if args.action == "list":
+        items = []
+        if os.path.exists(config.state_db):
+            store = open_state(config.state_db, readonly=True)
+            try:
+                items = store.outbox(dead=args.dead)
+            finally:
+                store.close()
+        if args.json:
+            print(json.dumps([dataclasses.asdict(i) | {"body": json.loads(i.body)}
+                              for i in items], indent=2))
+            return EXIT_OK
+        print(f"{len(items)} {'dead letters' if args.dead else 'undelivered'}")
+        for i in items:
+            print(f"{i.id}  {i.job:<20} {i.what:<8} {i.topic:<32} attempts={i.attempts} "
+                  f"created={_iso(i.created_at)} error={i.last_error or '-'}")
+        return EXIT_OK
+    what = ("these" if args.ids else "all") + (" dead letters" if args.dead else " items")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise _UsageError(f"outbox {args.action} {what}: confirm with --yes", EXIT_USAGE)
+        if input(f"{args.action} {what}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing done")
+            return EXIT_OK
+    store = open_state(config.state_db)
+    try:
+        ids = args.ids or None
+        if args.action == "retry":
+            n = store.outbox_retry(ids)
+        else:
+            n = store.outbox_drop(ids, dead=args.dead)
+        for owner in store.daemons():
+            pid = _owner_pid(owner)
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGUSR1)    # the publisher looks again now
+                except OSError:
+                    pass
+    finally:
+        store.close()
+    print(f"outbox {args.action}: {n} {'item' if n == 1 else 'items'}")
+    return EXIT_OK
 
 
 def _await_command(store: StateStore, owner: str, seq: int, budget: float
@@ -4972,30 +5600,34 @@ def _budget_of(config: DaemonConfig, kind: str) -> float:
 
 def _print_status(config: DaemonConfig, as_json: bool) -> int:
     """Every job's state, read only: ``status`` never creates a state file."""
-    note, states, daemons = None, {}, {}
+    note, states, daemons, undelivered = None, {}, {}, {}
     if not os.path.exists(config.state_db):
         note = f"no state yet at {config.state_db} (no daemon has run with this config)"
     else:
         store = open_state(config.state_db, readonly=True)
         try:
             states, daemons = store.load(), store.daemons()
+            for item in store.outbox():
+                undelivered[item.job] = undelivered.get(item.job, 0) + 1
         finally:
             store.close()
     running = set().union(*daemons.values()) if daemons else set()
     out = [_status_dict(jc, states.get(jc.id) or JobState(jc.id, paused=jc.paused_on_boot),
-                        config.breaker_threshold, jc.id in running) for jc in config.jobs]
+                        config.breaker_threshold, jc.id in running,
+                        undelivered=undelivered.get(jc.id, 0)) for jc in config.jobs]
     if as_json:
         print(json.dumps(out, indent=2))
         return EXIT_OK
     if note:
         print(note)
     print("daemon: " + (", ".join(sorted(daemons)) if daemons else "none running"))
-    print(f"{'JOB':<24} {'KIND':<16} {'STATE':<8} {'LAST':<10} {'ERRS':>4}  NEXT RUN")
+    print(f"{'JOB':<24} {'KIND':<16} {'STATE':<8} {'LAST':<10} {'ERRS':>4} {'UNDELIV':>7}  "
+          "NEXT RUN")
     for s in out:
         state = ("disabled" if not config.enabled else "running" if s["running"] else
                  "paused" if s["paused"] else "breaker" if s["breaker_open"] else "active")
         print(f"{s['id']:<24} {s['kind']:<16} {state:<8} {s['last_status'] or '-':<10} "
-              f"{s['consecutive_errors']:>4}  {s['next_run_at'] or '-'}")
+              f"{s['consecutive_errors']:>4} {s['undelivered']:>7}  {s['next_run_at'] or '-'}")
     return EXIT_OK
 
 

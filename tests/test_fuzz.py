@@ -22,6 +22,7 @@ import base64
 import json
 import os
 import random
+import re
 import socket
 import sys
 import threading
@@ -388,6 +389,17 @@ def ref_outcome(envelope):
             v = metrics.get(name, 0)
             v = 0 if v is None else v
             if not (is_int(v) and 0 <= v < 2 ** 63):
+                return "error", T
+    deliver = result.get("deliver")
+    if deliver is not None:
+        if not isinstance(deliver, list):
+            return "error", T
+        for entry in deliver:
+            if not isinstance(entry, dict):
+                return "error", T
+            channel, recipient = entry.get("channel"), entry.get("recipient")
+            if not (isinstance(recipient, str) and recipient and isinstance(channel, str)
+                    and re.fullmatch(r"[A-Za-z0-9_\-]{1,128}", channel)):
                 return "error", T
     return "ack", cursor
 

@@ -243,6 +243,9 @@ class TestMetricsEndpoint(Case):
             "nexo_poller_paused": "gauge",
             "nexo_poller_items_seen_total": "counter",
             "nexo_poller_items_dispatched_total": "counter",
+            "nexo_poller_deliveries_total": "counter",
+            "nexo_poller_outbox_depth": "gauge",
+            "nexo_poller_outbox_oldest_age_seconds": "gauge",
             "nexo_poller_state_errors_total": "counter",
             "nexo_poller_state_ok": "gauge",
             "nexo_poller_plugin_restarts_total": "counter"})

@@ -84,9 +84,13 @@ class PlanTickTests(unittest.TestCase):
         s = JobState("a", consecutive_errors=1)
         self.assertIsNone(plan(s, TickStatus.TRANSIENT).alert)
         p = plan(s.replace(consecutive_errors=2), TickStatus.TRANSIENT)
-        self.assertIn("circuit breaker opened after 3", p.alert)
+        self.assertIn("circuit breaker open after 3", p.alert)
         self.assertEqual(p.state.last_alert_at, T0)
-        self.assertIsNone(plan(p.state, TickStatus.TRANSIENT).alert, "once per streak")
+        self.assertIsNone(plan(p.state, TickStatus.TRANSIENT, started=T0 + 60).alert,
+                          "not again within the cooldown")
+        again = plan(p.state, TickStatus.TRANSIENT, started=T0 + 3600)
+        self.assertIn("circuit breaker open after 4", again.alert,
+                      "again after the cooldown while the job keeps failing")
 
     def test_permanent_and_config_pause_with_an_alert(self):
         for status in (TickStatus.PERMANENT, TickStatus.CONFIG):
@@ -120,6 +124,15 @@ class PlanTickTests(unittest.TestCase):
         bad = plan_tick(JobState("a"), TickOutcome("a", "m", "transient"), schedule=sched,
                         slot=T0, started=T0, finished=T0, config=CFG, rng=Half())
         self.assertEqual(bad.run_at, T0 + 30 * 1.05)
+
+    def test_dispatched_counts_the_plugins_figure_only_without_deliveries(self):
+        from nexo_poller import Delivery
+        s = JobState("a", items_dispatched_total=10)
+        p = plan(s, TickStatus.OK, ack=TickAck(metrics=TickMetrics(3, 2)))
+        self.assertEqual(p.state.items_dispatched_total, 12)
+        p = plan(s, TickStatus.OK, ack=TickAck(metrics=TickMetrics(3, 2), deliver=[
+            Delivery("telegram", "u1", {"text": "hi"})]))
+        self.assertEqual(p.state.items_dispatched_total, 10, "the outbox counts deliveries")
 
     def test_error_text_is_kept_verbatim_in_the_plan(self):
         p = plan(JobState("a"), TickStatus.PERMANENT, error="bad \udc80 text")

@@ -8,6 +8,7 @@ import os
 import sqlite3
 import tempfile
 import threading
+import time
 import unittest
 from datetime import datetime, timedelta, timezone
 
@@ -19,6 +20,15 @@ WAIT = 5.0
 STATUS_KEYS = {"id", "kind", "agent", "paused", "cursor", "last_status", "last_error",
                "consecutive_errors", "last_run_at", "next_run_at", "items_seen_total",
                "items_dispatched_total"}
+
+
+def wait_until(pred, timeout):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def ts(iso):
@@ -720,6 +730,37 @@ class CapacityTests(RunnerCase):
         release.set()
         self.assertTrue(r.wait_idle(WAIT))
         self.assertEqual(len(hung.calls), 64, "queued ticks of the hung plugin ran later")
+
+
+class StateHealthTests(RunnerCase):
+
+    def test_scheduler_survives_an_unreadable_state_and_reports_it(self):
+        from nexo_poller import StateError
+        store = SqliteStateStore(self.db)
+        fails, seen = [3], []
+        real = store.changed
+
+        def changed():
+            if fails[0]:
+                fails[0] -= 1
+                raise StateError("locking protocol")
+            return real()
+        store.changed = changed
+        p = Scripted()
+        r = Runner(self.config([self.job(every=0.05)]), state=store)
+        r.register(p)
+        self.addCleanup(r.stop)
+        with self.assertLogs("nexo_poller", "ERROR") as logs:
+            r.start()
+            self.assertTrue(wait_until(lambda: r.state_error or seen, WAIT))
+            seen.append(r._metrics.render(r))
+            self.assertTrue(wait_until(lambda: not fails[0] and r.state_error is None, 30))
+        self.assertIn("nexo_poller_state_ok 0", seen[0])
+        self.assertIn("locking protocol", "\n".join(logs.output))
+        self.assertEqual(r._metrics.state_errors, 3)
+        calls = len(p.calls)
+        self.assertTrue(wait_until(lambda: len(p.calls) > calls + 2, WAIT), "ticking goes on")
+        self.assertTrue(r._scheduler.is_alive())
 
 
 class ClockStepTests(RunnerCase):

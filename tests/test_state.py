@@ -94,6 +94,34 @@ class SchemaTests(_Tmp):
         self.assertIs(row.paused, False)
         self.assertEqual(granted["a"], row, "the claim returns the state as committed")
 
+    def test_a_version_1_file_is_migrated_in_place_and_keeps_its_data(self):
+        db = self.raw()
+        db.executescript("""
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE jobs (id TEXT PRIMARY KEY, cursor BLOB, paused INTEGER NOT NULL
+                DEFAULT 0, last_status TEXT, last_error TEXT, consecutive_errors INTEGER NOT
+                NULL DEFAULT 0, last_run_at REAL, next_run_at REAL, items_seen_total INTEGER
+                NOT NULL DEFAULT 0, items_dispatched_total INTEGER NOT NULL DEFAULT 0,
+                last_alert_at REAL, lease_owner TEXT, lease_until REAL);
+            CREATE TABLE commands (seq INTEGER PRIMARY KEY AUTOINCREMENT, job TEXT NOT NULL,
+                verb TEXT NOT NULL, done INTEGER NOT NULL DEFAULT 0);
+            INSERT INTO meta VALUES ('schema_version', '1'), ('app', 'nexo-poller'),
+                                    ('daemon', 'gone:1:x');
+            INSERT INTO jobs (id, cursor, items_seen_total) VALUES ('a', x'2a', 9);
+        """)
+        db.commit()
+        ro = self.open_store(readonly=True)          # status reads an old file as it is
+        self.assertEqual(ro.load()["a"].cursor, b"*")
+        self.assertEqual(ro.outbox(), [])
+        ro.close()
+        store = self.open_store()
+        self.assertEqual(self.meta("schema_version"), "2")
+        self.assertIsNone(self.meta("daemon"))
+        a = store.load()["a"]
+        self.assertEqual((a.cursor, a.items_seen_total, a.revision), (b"*", 9, 0))
+        self.assertEqual(store.outbox(), [])
+        self.assertIn("a", store.claim({"a": 1.0}, 0.0))
+
     def test_garbage_file_is_refused_and_left_untouched(self):
         garbage = bytes(range(256)) * 16 + b"this is not a sqlite database\n" * 10
         with open(self.path, "wb") as fh:

@@ -464,7 +464,7 @@ class Test01TakeOverCursor(StateOwnerCase):
 # ===========================================================================
 
 class Test02SchedulerSurvivesStateReadError(StateOwnerCase):
-    def test_locking_protocol_in_change_detection_does_not_stop_ticking(self):
+    def _lock_while_parked(self, end_tick_under_lock):
         hold = os.path.join(self.p.root, "hold-tick")
         self.p.plugin("rec", timeout_secs=90)
         self.p.write([every_job("j", every=0.3, hold_file=hold)])
@@ -480,14 +480,17 @@ class Test02SchedulerSurvivesStateReadError(StateOwnerCase):
         since = d.mark()
         locks = ShmReadLocks(self.p.state())
         try:
+            if end_tick_under_lock:             # its commit must wait for the lock
+                os.unlink(hold)
             # ~10 s of retries, then "locking protocol" in whatever read comes first.
             wait_until(lambda: "Exception in thread" in d.raw_text() or d.errors(since),
-                       30, 0.05)
+                       30 if end_tick_under_lock else 15, 0.05)
         finally:
             locks.release()
         reported = d.errors(since)
         died = "Exception in thread" in d.raw_text()
-        os.unlink(hold)
+        if not end_tick_under_lock:
+            os.unlink(hold)
         released = time.time()
         resumed = wait_until(lambda: len(self.p.records("j", "A", since_t=released)) >= 2,
                              WAIT, 0.05)
@@ -498,9 +501,17 @@ class Test02SchedulerSurvivesStateReadError(StateOwnerCase):
         if died:
             problems.append("a daemon thread died of a raw exception:\n" + "\n".join(
                 line for line in d.raw if not line.startswith("{"))[:1500])
-        if not reported:
-            problems.append("the unreadable state was not reported in the log")
         self.assertIsNone(d.proc.poll(), "the daemon exited")
+        return problems, reported
+
+    def test_locking_protocol_in_change_detection_does_not_stop_ticking(self):
+        problems, _ = self._lock_while_parked(end_tick_under_lock=False)
+        self.check_all(problems)
+
+    def test_a_commit_under_the_lock_is_reported_and_retried(self):
+        problems, reported = self._lock_while_parked(end_tick_under_lock=True)
+        if not reported:
+            problems.append("the unusable state was not reported in the log")
         self.check_all(problems)
 
 

@@ -147,8 +147,8 @@ class TickReplyFromDictTests(unittest.TestCase):
         self.assertIsNone(r.metrics)
 
     def test_unknown_fields_ignored(self):
-        r = TickReply.from_dict({"next_cursor": "YQ", "deliver": [{"x": 1}], "extra": None,
-                                 "version": "9"})
+        r = TickReply.from_dict({"next_cursor": "YQ", "extra": None, "version": "9",
+                                 "tools": [{"x": 1}]})
         self.assertEqual(r.next_cursor, "YQ")
         self.assertIsNone(r.metrics)
 

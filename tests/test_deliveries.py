@@ -1,0 +1,455 @@
+"""Deliveries and channel alerts of nexo_poller (sections "Wire", "State",
+"Runner"): read from replies, stored with the cursor, drained in order."""
+
+import http.server
+import json
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from support import NEXO, PY, b64, wait_until  # noqa: E402
+
+import nexo_poller as nx  # noqa: E402
+from nexo_poller import Delivery, PollerError, Runner, TickAck, TickMetrics  # noqa: E402
+
+WAIT = 15.0
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+class Feed:
+    """An in-process poller whose every tick hands on the items of ``script``."""
+    kind = "feed"
+
+    def __init__(self, batches=None):
+        self.batches = list(batches or [])
+        self.calls = 0
+
+    def tick(self, ctx):
+        self.calls += 1
+        items = self.batches.pop(0) if self.batches else []
+        n = int(ctx.cursor or b"0") + 1
+        return TickAck(next_cursor=str(n).encode(), metrics=TickMetrics(len(items), len(items)),
+                       deliver=items)
+
+
+class Sink:
+    """A ``deliver`` hook that records, and fails while ``down`` is set."""
+
+    def __init__(self):
+        self.got = []
+        self.down = threading.Event()
+        self.changed = threading.Condition()
+
+    def __call__(self, topic, event):
+        if self.down.is_set():
+            raise ConnectionError("channel down")
+        with self.changed:
+            self.got.append((topic, event))
+            self.changed.notify_all()
+
+    def wait_for(self, n, timeout=WAIT):
+        with self.changed:
+            return self.changed.wait_for(lambda: len(self.got) >= n, timeout)
+
+
+class DeliveryCase(unittest.TestCase):
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory(prefix="nexo-deliver-")
+        self.addCleanup(tmp.cleanup)
+        self.dir = tmp.name
+        self.db = os.path.join(self.dir, "s.db")
+        logger = logging.getLogger("nexo_poller")
+        level = logger.level
+        logger.setLevel(logging.CRITICAL)
+        self.addCleanup(logger.setLevel, level)
+
+    def config(self, jobs, **top):
+        doc = {"state_db": self.db, "default_jitter_ms": 0, "shutdown_grace_secs": 3,
+               "delivery_retry_initial_secs": 0.02, "delivery_retry_max_secs": 0.1,
+               "jobs": jobs}
+        doc.update(top)
+        return nx.config_from_dict(doc, extra_kinds=["feed"])
+
+    @staticmethod
+    def job(id="a", every=3600, **kw):
+        return {"id": id, "kind": "feed", "agent": "ana", "schedule": {"every_secs": every}, **kw}
+
+    def runner(self, cfg, poller, **kw):
+        r = Runner(cfg, **kw)
+        r.register(poller)
+        self.addCleanup(r.stop)
+        r.start(background=False)
+        return r
+
+    def outbox_rows(self, table="outbox"):
+        db = sqlite3.connect(self.db, timeout=10)
+        try:
+            return db.execute(f"SELECT id, job, what, topic FROM {table} ORDER BY n").fetchall()
+        finally:
+            db.close()
+
+
+class ReplyParsingTests(unittest.TestCase):
+
+    def test_deliver_is_read_from_a_reply(self):
+        reply = nx.TickReply.from_dict({"deliver": [
+            {"channel": "telegram", "recipient": "42", "payload": {"text": "hi"}},
+            {"channel": "email", "recipient": "a@b", "payload": "plain"}]})
+        ack = reply.into_tick_ack()
+        self.assertEqual(ack.deliver, (Delivery("telegram", "42", {"text": "hi"}),
+                                       Delivery("email", "a@b", "plain")))
+        self.assertEqual(nx.TickReply.from_ack(ack).to_dict()["deliver"][1],
+                         {"channel": "email", "recipient": "a@b", "payload": "plain"})
+
+    def test_a_malformed_entry_is_transient_and_named(self):
+        for bad, words in (([{"channel": "telegram"}], "deliver[0].recipient"),
+                           ([{"channel": "a.b", "recipient": "x"}], "deliver[0].channel"),
+                           ({"channel": "x"}, "deliver must be an array"),
+                           ([{"recipient": "x", "channel": "ok"}, 7], "deliver[1]")):
+            with self.subTest(bad=bad), self.assertRaises(PollerError.Transient) as cm:
+                nx._reply_to_ack({"result": {"deliver": bad}}, "job")
+            self.assertIn(words, str(cm.exception))
+
+    def test_tickack_deliver_takes_only_deliveries(self):
+        self.assertEqual(TickAck(deliver=[Delivery("c", "r")]).deliver, (Delivery("c", "r"),))
+        with self.assertRaises(TypeError):
+            TickAck(deliver=[{"channel": "c"}])
+
+
+class OutboxTests(DeliveryCase):
+
+    def test_deliveries_reach_the_broker_as_nexo_events(self):
+        feed = Feed([[Delivery("telegram", "42", {"text": "one"}),
+                      Delivery("telegram", "42", "two")]])
+        r = self.runner(self.config([self.job()], agents={"ana": {"telegram": "ana_bot"}}), feed)
+        got, cond = [], threading.Condition()
+
+        def on(msg):
+            with cond:
+                got.append(msg)
+                cond.notify_all()
+        r.broker.subscribe("plugin.outbound.telegram.ana_bot", on)
+        self.assertEqual(r.fire_due(), 1)
+        self.assertTrue(r.wait_idle(WAIT))
+        with cond:
+            self.assertTrue(cond.wait_for(lambda: len(got) == 2, WAIT), got)
+        first, second = got
+        self.assertEqual(set(first), {"id", "timestamp", "topic", "source", "session_id",
+                                      "payload"})
+        self.assertEqual(first["topic"], "plugin.outbound.telegram.ana_bot")
+        self.assertEqual(first["source"], "plugin.poller")
+        self.assertIsNone(first["session_id"])
+        self.assertRegex(first["timestamp"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+        self.assertEqual(first["payload"], {"text": "one", "to": "42"})
+        self.assertEqual(second["payload"], {"text": "two", "to": "42"})
+        self.assertNotEqual(first["id"], second["id"])
+        self.assertTrue(wait_until(lambda: self.outbox_rows() == [], WAIT))
+        self.assertTrue(wait_until(
+            lambda: r.status()[0]["items_dispatched_total"] == 2, WAIT))
+
+    def test_without_an_agent_map_the_topic_has_no_instance(self):
+        sink = Sink()
+        r = self.runner(self.config([self.job()]), Feed([[Delivery("slack", "#ops", 1)]]),
+                        deliver=sink)
+        r.fire_due()
+        self.assertTrue(r.wait_idle(WAIT))
+        self.assertTrue(sink.wait_for(1))
+        self.assertEqual(sink.got[0][0], "plugin.outbound.slack")
+        self.assertEqual(sink.got[0][1]["payload"], {"text": 1, "to": "#ops"})
+
+    def test_no_subscriber_means_not_delivered_yet(self):
+        feed = Feed([[Delivery("telegram", "42", {"n": 1})]])
+        r = self.runner(self.config([self.job()]), feed)
+        r.fire_due()
+        self.assertTrue(r.wait_idle(WAIT))
+        self.assertTrue(wait_until(lambda: any(i.attempts >= 2 for i in r.state.outbox()), WAIT))
+        self.assertEqual(r.status()[0]["items_dispatched_total"], 0)
+        got = threading.Event()
+        r.broker.subscribe("plugin.outbound.telegram", lambda msg: got.set())
+        r.poke()
+        self.assertTrue(got.wait(WAIT), "delivered once a subscriber listens")
+
+    def test_an_outage_delays_deliveries_and_keeps_their_order_per_job(self):
+        batches = [[Delivery("c", "r", {"n": n})] for n in range(5)]
+        sink = Sink()
+        sink.down.set()
+        feed = Feed(batches)
+        r = self.runner(self.config([self.job(every=0.01)]), feed, deliver=sink)
+        while feed.calls < 5:
+            self.assertTrue(wait_until(r.fire_due, WAIT, 0.005))
+            self.assertTrue(r.wait_idle(WAIT))
+        self.assertTrue(wait_until(lambda: len(r.state.outbox()) >= 5, WAIT))
+        self.assertEqual(sink.got, [])
+        sink.down.clear()
+        r.poke()
+        self.assertTrue(sink.wait_for(5))
+        self.assertEqual([e["payload"]["n"] for _, e in sink.got], [0, 1, 2, 3, 4])
+
+    def test_a_lost_commit_delivers_nothing(self):
+        sink = Sink()
+        r = self.runner(self.config([self.job()]), Feed([[Delivery("c", "r", {"n": 1})]]),
+                        deliver=sink)
+        thief = nx.SqliteStateStore(self.db, owner="thief")
+        self.addCleanup(thief.close)
+        thief.run(lambda db: db.execute("UPDATE jobs SET lease_owner='thief'"))
+        r._jobs["a"].state = r._jobs["a"].state.replace(lease_until=1e12)   # no re-claim
+        self.assertEqual(r.run_once("a").status, "unstored")
+        self.assertEqual(self.outbox_rows(), [])
+        r.poke()
+        self.assertFalse(sink.wait_for(1, 0.3))
+
+    def test_committed_deliveries_survive_a_restart(self):
+        sink = Sink()
+        sink.down.set()
+        cfg = self.config([self.job()])
+        r1 = self.runner(cfg, Feed([[Delivery("c", "r", {"n": 1}), Delivery("c", "r", {"n": 2})]]),
+                         deliver=sink)
+        r1.fire_due()
+        self.assertTrue(r1.wait_idle(WAIT))
+        self.assertTrue(wait_until(lambda: any(i.attempts for i in r1.state.outbox()), WAIT))
+        ids = [row[0] for row in self.outbox_rows()]
+        self.assertEqual(len(ids), 2)
+        r1.stop()
+        sink2 = Sink()
+        self.runner(cfg, Feed(), deliver=sink2)
+        self.assertTrue(sink2.wait_for(2))
+        self.assertEqual([e["id"] for _, e in sink2.got], ids, "the same stable event ids")
+
+    def test_dead_letter_after_max_attempts_unblocks_the_job(self):
+        sink = Sink()
+        calls = []
+
+        def flaky(topic, event):
+            calls.append(event["payload"]["n"])
+            if event["payload"]["n"] == 1:
+                raise ConnectionError("recipient refuses")
+            sink(topic, event)
+        feed = Feed([[Delivery("c", "r", {"n": 1}), Delivery("c", "r", {"n": 2})]])
+        r = self.runner(self.config([self.job()], delivery_max_attempts=3,
+                                    alert_topic="test.alerts"), feed, deliver=flaky)
+        alerts = []
+        r.broker.subscribe("test.alerts", alerts.append)
+        r.fire_due()
+        self.assertTrue(r.wait_idle(WAIT))
+        self.assertTrue(sink.wait_for(1))
+        self.assertEqual(calls[:3], [1, 1, 1], "retried in order before anything after it")
+        self.assertEqual(sink.got[0][1]["payload"]["n"], 2)
+        dead = wait_until(lambda: r.state.outbox(dead=True), WAIT)
+        self.assertEqual([(d.attempts, d.last_error) for d in dead],
+                         [(3, "ConnectionError: recipient refuses")])
+        self.assertTrue(wait_until(lambda: alerts, WAIT))
+        self.assertIn("dead letters", alerts[0]["reason"])
+        self.assertEqual(r.state.outbox_retry(), 1)
+        self.assertEqual(self.outbox_rows("dead_letters"), [])
+
+    def test_failure_to_alert_goes_through_the_outbox_as_nexo_text(self):
+        sink = Sink()
+
+        class Broken:
+            kind = "feed"
+
+            def tick(self, ctx):
+                raise PollerError.Permanent("token revoked")
+        job = self.job(failure_to={"channel": "telegram", "to": "ops-chat"})
+        r = self.runner(self.config([job], agents={"ana": {"telegram": "ana_bot"}}), Broken(),
+                        deliver=sink)
+        r.fire_due()
+        self.assertTrue(r.wait_idle(WAIT))
+        self.assertTrue(sink.wait_for(1))
+        topic, event = sink.got[0]
+        self.assertEqual(topic, "plugin.outbound.telegram.ana_bot")
+        self.assertEqual(event["payload"]["to"], "ops-chat")
+        self.assertTrue(event["payload"]["text"].startswith(
+            "\u26a0 poller `a` (kind=feed) failing: token revoked"), event["payload"])
+
+
+class WebhookTests(DeliveryCase):
+
+    def test_webhook_sink_posts_events_and_retries_non_2xx(self):
+        seen, lock = [], threading.Lock()
+        status = [503]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with lock:
+                    seen.append((self.headers["X-Nexo-Topic"], json.loads(body), status[0]))
+                    code = status[0]
+                    status[0] = 200
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.addCleanup(server.server_close)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.shutdown)
+        url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+        r = self.runner(self.config([self.job()], delivery_sink=url),
+                        Feed([[Delivery("telegram", "42", {"text": "hi"})]]))
+        r.fire_due()
+        self.assertTrue(r.wait_idle(WAIT))
+        self.assertTrue(wait_until(lambda: len(seen) >= 2, WAIT), seen)
+        (topic, first, code1), (_, again, code2) = seen[:2]
+        self.assertEqual((code1, code2), (503, 200))
+        self.assertEqual(topic, "plugin.outbound.telegram")
+        self.assertEqual(first["id"], again["id"], "a retry carries the same event id")
+        self.assertEqual(again["payload"], {"text": "hi", "to": "42"})
+        self.assertTrue(wait_until(lambda: self.outbox_rows() == [], WAIT))
+
+    def test_a_bad_sink_url_is_a_config_error(self):
+        with self.assertRaises(nx.ConfigError) as cm:
+            self.config([], delivery_sink="ftp://x")
+        self.assertIn("delivery_sink", str(cm.exception))
+        with self.assertRaises(nx.ConfigError) as cm:
+            self.config([], agents={"ana": {"tele.gram": "x"}})
+        self.assertIn("agents.ana.tele.gram", str(cm.exception))
+
+
+class OutboxCliTests(DeliveryCase):
+
+    def cli(self, config_path, *args):
+        return subprocess.run([PY, NEXO, "--config", config_path, *args], capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    def test_list_retry_and_drop_stuck_deliveries(self):
+        sink = Sink()
+        sink.down.set()
+        path = os.path.join(self.dir, "pollers.json")
+        with open(path, "w") as fh:
+            json.dump({"state_db": self.db, "jobs": []}, fh)
+        r = self.runner(self.config([self.job()], delivery_max_attempts=1),
+                        Feed([[Delivery("c", "r", {"n": 1}), Delivery("c", "r", {"n": 2})]]),
+                        deliver=sink)
+        r.fire_due()
+        self.assertTrue(r.wait_idle(WAIT))
+        self.assertTrue(wait_until(lambda: len(r.state.outbox(dead=True)) == 2, WAIT))
+        r.stop()
+        out = self.cli(path, "outbox", "--dead", "--json")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        listed = json.loads(out.stdout)
+        self.assertEqual([d["body"]["payload"]["n"] for d in listed], [1, 2])
+        self.assertEqual(listed[0]["last_error"], "ConnectionError: channel down")
+        refused = self.cli(path, "outbox", "drop", "--dead", listed[0]["id"])
+        self.assertEqual(refused.returncode, 2)
+        self.assertIn("confirm with --yes", refused.stderr)
+        dropped = self.cli(path, "outbox", "drop", "--dead", listed[0]["id"], "--yes")
+        self.assertEqual(dropped.stdout.strip(), "outbox drop: 1 item")
+        retried = self.cli(path, "outbox", "retry", "--yes")
+        self.assertEqual(retried.stdout.strip(), "outbox retry: 1 item")
+        self.assertEqual(self.cli(path, "outbox").stdout.splitlines()[0], "1 undelivered")
+        sink.down.clear()
+        self.runner(self.config([self.job()]), Feed(), deliver=sink)
+        self.assertTrue(sink.wait_for(1))
+        self.assertEqual(sink.got[0][1]["payload"]["n"], 2)
+
+
+class DaemonTests(unittest.TestCase):
+    """The real daemon, with nexo's Python template as an ephemeral plugin."""
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory(prefix="nexo-deliver-e2e-")
+        self.addCleanup(tmp.cleanup)
+        self.root = tmp.name
+        plugin = os.path.join(self.root, "tpl")
+        os.mkdir(plugin)
+        with open(os.path.join(plugin, "nexo-plugin.toml"), "w") as fh:
+            fh.write(f'[plugin]\nid = "tpl"\n[plugin.entrypoint]\ncommand = {json.dumps(PY)}\n'
+                     f'args = [{json.dumps(os.path.join(FIXTURES, "template_plugin.py"))}]\n'
+                     '[plugin.poller]\nkinds = ["template_poll"]\n'
+                     'broker_topic_prefix = "plugin.poller.template"\nlifecycle = "ephemeral"\n')
+        self.port = None
+
+    def write_config(self, sink_url):
+        deliver = [{"channel": "telegram", "recipient": "u1", "payload": {"text": "new item"}}]
+        cfg = {"state_db": "state.db", "default_jitter_ms": 0, "delivery_sink": sink_url,
+               "delivery_retry_initial_secs": 0.05, "delivery_retry_max_secs": 0.2,
+               "plugins": ["tpl"], "jobs": [{
+                   "id": "tpl-job", "kind": "template_poll", "agent": "ana",
+                   "schedule": {"every_secs": 0.2},
+                   "config": {"deliver": deliver, "next_interval_secs": 0}}]}
+        path = os.path.join(self.root, "pollers.json")
+        with open(path, "w") as fh:
+            json.dump(cfg, fh)
+        return path
+
+    def daemon(self, config):
+        proc = subprocess.Popen([PY, NEXO, "--config", config, "--log-format", "json", "run"],
+                                cwd=self.root, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+
+        def stop():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.stderr.close()
+        self.addCleanup(stop)
+        return proc
+
+    def test_sigkill_between_commit_and_publish_delivers_after_restart(self):
+        import socket
+        with socket.socket() as s:                 # a port nobody listens on (yet)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        config = self.write_config(f"http://127.0.0.1:{port}/hook")
+        db = os.path.join(self.root, "state.db")
+        proc = self.daemon(config)
+
+        def queued():
+            try:
+                c = sqlite3.connect(db, timeout=5)
+                try:
+                    return c.execute("SELECT count(*) FROM outbox").fetchone()[0] >= 3
+                finally:
+                    c.close()
+            except sqlite3.Error:
+                return False
+        self.assertTrue(wait_until(queued, 30, 0.05), "the template's deliveries were queued")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        c = sqlite3.connect(db, timeout=5)
+        cursor = c.execute("SELECT cursor FROM jobs WHERE id='tpl-job'").fetchone()[0]
+        committed = int(cursor.decode())
+        stored = [json.loads(b)["id"] for (b,) in c.execute("SELECT body FROM outbox")]
+        c.close()
+        self.assertGreaterEqual(len(stored), committed - 1)
+        seen, lock = [], threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with lock:
+                    seen.append(body)
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.addCleanup(server.server_close)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.shutdown)
+        proc2 = self.daemon(config)
+        self.assertTrue(wait_until(lambda: {e["id"] for e in seen} >= set(stored), 30, 0.05),
+                        "every delivery committed before the kill arrives after the restart")
+        with lock:
+            self.assertEqual(seen[0]["payload"], {"text": "new item", "to": "u1"})
+            self.assertEqual(seen[0]["topic"], "plugin.outbound.telegram")
+            ids = [e["id"] for e in seen]
+        self.assertEqual(ids[:len(stored)], stored, "in commit order")
+        proc2.send_signal(signal.SIGTERM)
+        self.assertEqual(proc2.wait(30), 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
