@@ -208,6 +208,21 @@ class StateError(Exception):
     """The state database cannot be used (corrupt, foreign schema, locked)."""
 
 
+_UNSAFE_IN_LOG = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _log_safe(text: Any, limit: int | None = None) -> str:
+    """Text a plugin controls, made safe for one log line: control
+    characters (newline, carriage return, escape, ...) become ``\\xNN`` /
+    ``\\uNNNN`` escapes, so a plugin can neither forge a log line nor
+    drive a terminal; ``limit`` cuts it to that many characters."""
+    text = str(text)
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + "..."
+    return _UNSAFE_IN_LOG.sub(
+        lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
 # ============================================================================
 # Wire
 # The shapes that cross a process boundary, exactly as the original sends
@@ -445,6 +460,7 @@ def _parse_reply_envelope(envelope: Any, job: str) -> TickReply:
                 message = error["message"]
         elif isinstance(error, str):
             message = error
+        message = _log_safe(message, 2048)      # it reaches the log and the state
         if code == ERROR_CONFIG:
             raise PollerError.Config(job, message)
         raise _CODE_TO_CLASS.get(code, PollerError.Transient)(f"{message} (code {code})")
@@ -475,6 +491,9 @@ class Lifecycle(str, enum.Enum):
 
 
 _KIND_RE = re.compile(r"[a-z][a-z0-9_]+")
+# The job id pattern: an id is written into log lines, metrics labels and
+# thread names, so it may hold no space, quote or control character.
+_PLUGIN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
 _POLLER_KEYS = {"kinds", "broker_topic_prefix", "lifecycle",
                 "max_concurrent_ticks", "tick_timeout_secs"}
 MAX_CONCURRENT_TICKS = 64
@@ -508,6 +527,59 @@ class _Slots:
             self._cond.notify()
 
 
+class _PluginHealth:
+    """What a long-lived plugin's supervisor knows of its process, shared
+    with the plugin's proxy through the handle: while the process is down a
+    tick fails at once, with the plugin's last output lines, instead of
+    waiting out its timeout for a subscriber that is not coming."""
+    TAIL_LINES = 10                  # output lines kept for the error message
+    TAIL_CHARS = 240                 # characters kept per line
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.down: str | None = None            # why no process runs, or None
+        self.restart_at: float | None = None    # monotonic time of the next start
+        self.tail: deque[str] = deque(maxlen=self.TAIL_LINES)
+        self._watchers: set[threading.Event] = set()
+
+    def starting(self) -> None:
+        with self._lock:
+            self.down, self.restart_at = None, None
+            self.tail.clear()
+
+    def output(self, line: str) -> None:
+        """One relayed output line (already made log-safe)."""
+        with self._lock:
+            self.tail.append(line[:self.TAIL_CHARS])
+
+    def went_down(self, why: str, restart_at: float | None = None) -> None:
+        with self._lock:
+            self.down, self.restart_at = why, restart_at
+            watchers = list(self._watchers)
+        for event in watchers:
+            event.set()
+
+    def watch(self) -> threading.Event:
+        """An Event set when the process goes down (already set if it is)."""
+        event = threading.Event()
+        with self._lock:
+            self._watchers.add(event)
+            if self.down is not None:
+                event.set()
+        return event
+
+    def unwatch(self, event: threading.Event) -> None:
+        with self._lock:
+            self._watchers.discard(event)
+
+    def describe(self) -> str:
+        with self._lock:
+            why, at, tail = self.down or "went down", self.restart_at, list(self.tail)
+        if at is not None:
+            why += f"; restarting in {max(0.0, at - time.monotonic()):.1f}s"
+        return why + ("; last output: " + " | ".join(tail) if tail else "; no output")
+
+
 @dataclasses.dataclass(eq=False)
 class PluginPollerHandle:
     """One registered plugin's poller capability."""
@@ -523,6 +595,7 @@ class PluginPollerHandle:
     working_dir: str | None = None
     manifest_path: str | None = None
     slots: _Slots = dataclasses.field(init=False, repr=False)
+    health: _PluginHealth = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.kinds = tuple(self.kinds)
@@ -532,13 +605,14 @@ class PluginPollerHandle:
             self.tick_timeout = timedelta(seconds=_seconds(self.tick_timeout, "tick_timeout"))
         # One limiter per plugin: every kind it serves shares max_concurrent_ticks.
         self.slots = _Slots(self.max_concurrent_ticks)
+        self.health = _PluginHealth()
 
     def tick_topic(self) -> str:
         return tick_topic_for(self.broker_topic_prefix)
 
     def same_spec(self, other: "PluginPollerHandle") -> bool:
         """True when a reload would change nothing about this plugin."""
-        fields = [f.name for f in dataclasses.fields(self) if f.name != "slots"]
+        fields = [f.name for f in dataclasses.fields(self) if f.init]
         return all(getattr(self, f) == getattr(other, f) for f in fields)
 
 
@@ -590,6 +664,9 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
     plugin_id = typed(plugin, "id", "plugin.id", str)
     if not plugin_id.strip():
         raise ManifestError(path, "must not be empty", "plugin.id")
+    if not _PLUGIN_ID_RE.fullmatch(plugin_id):
+        raise ManifestError(path, f"{_log_safe(plugin_id)!r} must be 1-128 letters, digits "
+                            "or `_ . : -`, starting with a letter or digit", "plugin.id")
     poller = table(plugin, "poller", "plugin.poller", True)
     unknown = sorted(set(poller) - _POLLER_KEYS)
     if unknown:
@@ -779,6 +856,148 @@ def _reap(proc: subprocess.Popen) -> None:
             except OSError:
                 pass
     proc.wait()
+    with _CHILDREN.lock:
+        _CHILDREN.pids.discard(proc.pid)
+
+
+# -- escaped descendants ------------------------------------------------------
+# A descendant that calls setsid() leaves its plugin's process group, so
+# killing the group misses it.  The daemon's ``run`` makes itself a child
+# subreaper (Linux): such orphans are then re-parented to the daemon instead
+# of init, and _sweep_orphans finds them among its children, kills and reaps
+# them.  It only ever waits for a pid that no Popen of this module owns, so
+# it never takes the exit status a subprocess.Popen.wait() is waiting for.
+# Elsewhere (not Linux, or a library user's process) an escaped descendant
+# outlives its plugin: the documented limit.
+
+class _Children:
+    """The processes this module started and has not reaped yet."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pids: set[int] = set()
+        self.spawning = 0             # Popen calls whose child may not be listed yet
+        self.subreaper = False
+        self.sweeping = threading.Lock()   # one sweep at a time: no kill after a reap
+
+
+_CHILDREN = _Children()
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _popen(argv: list, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen, with the child recorded as ours until _reap."""
+    with _CHILDREN.lock:
+        _CHILDREN.spawning += 1
+    proc = None
+    try:
+        proc = subprocess.Popen(argv, **kwargs)
+        return proc
+    finally:
+        with _CHILDREN.lock:
+            _CHILDREN.spawning -= 1
+            if proc is not None:
+                _CHILDREN.pids.add(proc.pid)
+
+
+def _become_subreaper() -> bool:
+    """Make this process the reaper of its descendants' orphans (Linux
+    ``prctl(PR_SET_CHILD_SUBREAPER)``), and sweep them at exit.  Only the
+    daemon's ``run`` calls it: it makes every child that no Popen of this
+    module owns fair game for _sweep_orphans.  False where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            log.warning("cannot become a child subreaper: %s", os.strerror(ctypes.get_errno()))
+            return False
+    except (OSError, AttributeError, ImportError) as exc:
+        log.warning("cannot become a child subreaper: %s", exc)
+        return False
+    if not _CHILDREN.subreaper:
+        _CHILDREN.subreaper = True
+        import atexit
+        atexit.register(_sweep_orphans)
+    return True
+
+
+def _child_pids() -> set[int]:
+    """This process's children, from /proc (every thread's list, or a scan)."""
+    me, out = os.getpid(), set()
+    try:
+        for tid in os.listdir(f"/proc/{me}/task"):
+            with open(f"/proc/{me}/task/{tid}/children", "rb") as f:
+                out.update(int(p) for p in f.read().split())
+        return out
+    except (OSError, ValueError):
+        pass                             # no CONFIG_PROC_CHILDREN, or a thread ended
+    for entry in os.listdir("/proc"):
+        st = _proc_stat(int(entry)) if entry.isdigit() else None
+        if st is not None and st[1] == me:
+            out.add(int(entry))
+    return out
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, pgrp) of a process, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    return fields[0].decode(), int(fields[1]), int(fields[2])
+
+
+def _sweep_orphans(marker: bytes | None = None) -> int:
+    """Kill and reap the escaped descendants this subreaper adopted: children
+    no Popen of ours owns.  With ``marker`` (``b"NAME=value"``) only those
+    whose environment holds it are killed; zombies are always reaped.
+    Returns how many it killed or reaped; 0 unless _become_subreaper ran."""
+    if not _CHILDREN.subreaper:
+        return 0
+    with _CHILDREN.sweeping:
+        return _sweep_locked(marker)
+
+
+def _sweep_locked(marker: bytes | None) -> int:
+    done = 0
+    for _ in range(32):                  # a killed leader's children come to us next
+        kids = _child_pids()
+        with _CHILDREN.lock:
+            if _CHILDREN.spawning:       # a child not listed yet: leave it for next time
+                return done
+            kids -= _CHILDREN.pids
+        swept = 0
+        for pid in sorted(kids):
+            st = _proc_stat(pid)
+            if st is None:
+                continue
+            if st[0] != "Z" and marker is not None:
+                try:
+                    with open(f"/proc/{pid}/environ", "rb") as f:
+                        if marker not in f.read().split(b"\0"):
+                            continue
+                except OSError:
+                    continue
+            if st[0] != "Z":
+                try:                     # unreaped, so neither pid nor group id is reused
+                    if st[2] == pid:
+                        os.killpg(pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            try:
+                os.waitpid(pid, 0)
+                swept += 1
+            except ChildProcessError:
+                pass
+        done += swept
+        if not swept:
+            return done
+    return done
 
 
 def spawn_ephemeral_tick(command: str, plugin_id: str, request: TickRequest,
@@ -798,7 +1017,7 @@ def spawn_ephemeral_tick(command: str, plugin_id: str, request: TickRequest,
     except (ValueError, TypeError) as exc:
         raise PollerError.Config(request.job_id, f"config is not JSON: {exc}") from None
     try:
-        proc = subprocess.Popen(
+        proc = _popen(
             [command, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, cwd=cwd, start_new_session=True, bufsize=0,
             env=_child_env(plugin_id, env, NEXO_POLLER_EPHEMERAL="1"))
@@ -819,9 +1038,10 @@ def spawn_ephemeral_tick(command: str, plugin_id: str, request: TickRequest,
         raise PollerError.Transient(f"plugin {plugin_id!r}: {exc}") from None
     finally:
         _reap(proc)
+        _sweep_orphans(f"NEXO_POLLER_PLUGIN_ID={plugin_id}".encode())
         if stderr and log.isEnabledFor(logging.DEBUG):
             for text in stderr.decode("utf-8", "replace").splitlines():
-                log.debug("plugin %s stderr: %s", plugin_id, text)
+                log.debug("plugin %s stderr: %s", _log_safe(plugin_id), _log_safe(text))
     if not line.strip():
         raise PollerError.Transient(f"plugin {plugin_id!r} replied with an empty line")
     try:
@@ -893,6 +1113,15 @@ def _exchange(proc: subprocess.Popen, payload: bytes, budget: float,
                     raise _Failure(f"reply line longer than {max_reply} bytes")
                 if end >= 0:
                     return bytes(reply)
+
+
+def _wait_exit(proc: subprocess.Popen) -> None:
+    """Block until the child exits, leaving it unreaped (its pid and group id
+    stay ours until _reap)."""
+    try:
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+    except (ChildProcessError, AttributeError):     # reaped already; no waitid
+        proc.wait()
 
 
 def _exit_status(proc: subprocess.Popen) -> str:
@@ -1476,8 +1705,8 @@ class BrokerServer:
             if not isinstance(error, dict):
                 raise _ParamError("`error` must be an object")
             message = error.get("message")
-            error = {"code": BROKER_RESPONDER_ERROR,
-                     "message": message if isinstance(message, str) else "responder failed"}
+            error = {"code": BROKER_RESPONDER_ERROR, "message": _log_safe(
+                message, 2048) if isinstance(message, str) else "responder failed"}
         with self._lock:
             p = self._pending.get(inbox)
             if p is None or peer not in p.responders:
@@ -2095,13 +2324,33 @@ class PluginPollerProxy:
         self.kind, self.handle, self.broker = kind, handle, broker
 
     def tick(self, ctx: PollContext) -> TickAck:
+        health = self.handle.health
         with _SlotGuard(self.handle, ctx):
+            down = health.watch()        # set when the plugin's process goes down
             try:
-                reply = forward_tick(self.broker, self.handle, ctx.to_request(),
-                                     cancel=ctx.cancel)
-                return reply.into_tick_ack()
+                if not down.is_set():
+                    reply = forward_tick(self.broker, self.handle, ctx.to_request(),
+                                         cancel=_AnyEvent(ctx.cancel, down))
+                    return reply.into_tick_ack()
             except PluginPollerForwardError as exc:
-                raise PollerError.Transient(f"plugin {self.handle.plugin_id!r}: {exc}") from None
+                if not down.is_set() or ctx.cancel.is_set():
+                    raise PollerError.Transient(
+                        f"plugin {self.handle.plugin_id!r}: {exc}") from None
+            finally:
+                health.unwatch(down)
+            raise PollerError.Transient(f"plugin {self.handle.plugin_id!r} is down: "
+                                        f"{health.describe()}")
+
+
+class _AnyEvent:
+    """Looks like a set Event as soon as any of its events is set."""
+    __slots__ = ("events",)
+
+    def __init__(self, *events: threading.Event) -> None:
+        self.events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
 
 
 def _proxy_for(kind: str, handle: PluginPollerHandle, broker):
@@ -2131,6 +2380,7 @@ class PluginSupervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._plock = threading.Lock()
+        self._name = _log_safe(handle.plugin_id)
 
     def start(self) -> "PluginSupervisor":
         if not self.handle.entrypoint_command:
@@ -2141,45 +2391,58 @@ class PluginSupervisor:
         self._thread.start()
         return self
 
-    def _spawn(self) -> subprocess.Popen | None:
+    def _spawn(self) -> subprocess.Popen | str:
+        """The started process, or why it could not start."""
         h = self.handle
         try:
-            return subprocess.Popen(
+            return _popen(
                 [h.entrypoint_command, *h.entrypoint_args], stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=h.working_dir,
                 start_new_session=True,
                 env=_child_env(h.plugin_id, h.entrypoint_env, NEXO_BROKER_URL=self.broker_url,
                                NEXO_POLLER_TICK_TOPIC=h.tick_topic()))
         except (OSError, ValueError) as exc:
-            log.error("plugin %s: cannot start %r: %s", h.plugin_id, h.entrypoint_command,
-                      exc.strerror or exc)
-            return None
+            why = f"cannot start {h.entrypoint_command!r}: {exc.strerror or exc}"
+            log.error("plugin %s: %s", self._name, _log_safe(why))
+            return why
 
     def _run(self) -> None:
         delay = self.backoff_initial
-        while not self._stop.is_set():
-            started = time.monotonic()
-            with self._plock:
-                if self._stop.is_set():
+        health = self.handle.health
+        try:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                with self._plock:
+                    if self._stop.is_set():
+                        return
+                    health.starting()
+                    proc = self._spawn()
+                    self.proc = proc if isinstance(proc, subprocess.Popen) else None
+                if isinstance(proc, str):
+                    why = proc
+                else:
+                    log.info("plugin %s: started (pid %d)", self._name, proc.pid)
+                    self._relay(proc)
+                    if self._stop.is_set():
+                        return
+                    why = f"exited with status {proc.returncode}"
+                    log.warning("plugin %s: %s; restarting in %.1fs", self._name, why, delay)
+                health.went_down(why, time.monotonic() + delay)
+                if time.monotonic() - started >= self.stable_after:
+                    delay = self.backoff_initial
+                if self._stop.wait(delay):
                     return
-                self.proc = proc = self._spawn()
-            if proc is not None:
-                log.info("plugin %s: started (pid %d)", self.handle.plugin_id, proc.pid)
-                self._relay(proc)
-                code = proc.returncode
-                if self._stop.is_set():
-                    return
-                log.warning("plugin %s: exited with status %s; restarting in %.1fs",
-                            self.handle.plugin_id, code, delay)
-            if time.monotonic() - started >= self.stable_after:
-                delay = self.backoff_initial
-            if self._stop.wait(delay):
-                return
-            self.restarts += 1
-            delay = min(self.backoff_max, delay * 2)
+                self.restarts += 1
+                delay = min(self.backoff_max, delay * 2)
+        finally:
+            health.went_down("stopped")
 
     def _relay(self, proc: subprocess.Popen) -> None:
-        """Log the plugin's output until it exits; then clear its whole group."""
+        """Log the plugin's output until it exits; then clear its whole group.
+
+        End-of-file on the output pipe is not an exit: a plugin may redirect
+        its own output (``exec >>log 2>&1``) and go on serving.  Only the
+        process's exit ends its run."""
         fd = proc.stdout.fileno()
         os.set_blocking(fd, False)
         buf = bytearray()
@@ -2193,17 +2456,20 @@ class PluginSupervisor:
                     except BlockingIOError:
                         continue
                     if not chunk:
+                        _wait_exit(proc)     # output closed; the process may go on
                         break
                     buf += chunk
                     *lines, rest = buf.split(b"\n")
                     buf = bytearray(rest[-65536:])      # bound a newline-free flood
                     for line in lines:
-                        log.info("plugin %s: %s", self.handle.plugin_id,
-                                 line[:4096].decode("utf-8", "replace").rstrip())
+                        text = _log_safe(line[:4096].decode("utf-8", "replace").rstrip())
+                        self.handle.health.output(text)
+                        log.info("plugin %s: %s", self._name, text)
                 elif proc.poll() is not None:
                     break                   # exited; a grandchild may still hold the pipe
         finally:
             _reap(proc)
+            _sweep_orphans(f"NEXO_POLLER_PLUGIN_ID={self.handle.plugin_id}".encode())
 
     def stop(self) -> None:
         """SIGTERM the plugin's group, SIGKILL after the grace; wait for it."""
@@ -2229,7 +2495,7 @@ class PluginSupervisor:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("plugin %s: ignored SIGTERM; killing", self.handle.plugin_id)
+                log.warning("plugin %s: ignored SIGTERM; killing", self._name)
             _kill_group(proc)
         if self._thread is not None:
             self._thread.join(5)
@@ -4122,6 +4388,7 @@ def _run_verb(args) -> int:
             print("nexo-poller: disabled by \"enabled\": false in the config; nothing to do",
                   file=sys.stderr)
             return EXIT_OK
+        _become_subreaper()             # orphans of plugins come back to be killed
         Runner(config).run_forever(args.config)
         return EXIT_OK
     if verb == "tick":
