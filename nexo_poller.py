@@ -42,6 +42,7 @@ import binascii
 import bisect
 import dataclasses
 import enum
+import errno
 import heapq
 import itertools
 import json
@@ -1141,7 +1142,17 @@ def _exit_status(proc: subprocess.Popen) -> str:
 BROKER_MAX_LINE_BYTES = 1 << 20       # longest line a client may send
 BROKER_MAX_OUTBUF_BYTES = 8 << 20     # unsent bytes a connection may pile up
 BROKER_MAX_TIMEOUT_MS = 3_600_000     # longest request timeout accepted
+_ACCEPT_BACKOFF_MIN_SECS = 0.05       # first pause of accepting when fds run out
+_ACCEPT_BACKOFF_MAX_SECS = 1.0
+_ACCEPT_LOG_EVERY_SECS = 10.0         # one log line per interval while it lasts
+_NO_FDS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 BROKER_DEFAULT_TIMEOUT_MS = 30_000
+
+# What identifies an over-long line's request, looked for in its first bytes.
+_LINE_HEAD_BYTES = 4096
+_HEAD_METHOD = re.compile(rb'"method"\s*:\s*"([a-z_]{1,32})"')
+_HEAD_INBOX = re.compile(rb'"inbox"\s*:\s*([0-9]{1,18})\b')
+_HEAD_ID = re.compile(rb'"id"\s*:\s*(-?[0-9]{1,18}\b|"[A-Za-z0-9_.:\-]{1,64}")')
 
 BROKER_PARSE_ERROR = -32700
 BROKER_INVALID_REQUEST = -32600
@@ -1157,6 +1168,11 @@ def _broker_error(code: int, message: str) -> PluginPollerForwardError:
     exc = PluginPollerForwardError.Broker(message)
     exc.code = code
     return exc
+
+
+class _LineTooLong(_ForwardBroker):
+    """A message too long for one broker line; nothing was sent."""
+    code = BROKER_INVALID_REQUEST
 
 
 def _socket_path(url: str) -> str:
@@ -1244,6 +1260,7 @@ class _SocketPeer(_Peer):
         super().__init__()
         self.server, self.sock, self.fd = server, sock, sock.fileno()
         self.inbuf = bytearray()
+        self.skipping = False               # dropping the rest of an over-long line
         self.out = bytearray()
         self.out_lock = threading.Lock()
         self.writing = False                # a thread holds the writer's role
@@ -1353,6 +1370,13 @@ class BrokerServer:
         self._wake_r = self._wake_w = -1
         self._stopping = False
         self._uid = os.getuid()
+        # Out of file descriptors: accepting pauses (the listener leaves the
+        # selector) and backs off; failures are logged once per interval.
+        self._accept_paused_until: float | None = None
+        self._accept_backoff = _ACCEPT_BACKOFF_MIN_SECS
+        self._accept_failures = 0             # since the last log line
+        self._accept_failing_since: float | None = None
+        self._accept_logged_at = -math.inf
 
     # -- life cycle ---------------------------------------------------------
 
@@ -1474,6 +1498,9 @@ class BrokerServer:
                 timeout = None
                 if self._deadlines:
                     timeout = max(0.0, self._deadlines[0][0] - time.monotonic())
+                if self._accept_paused_until is not None:
+                    left = max(0.0, self._accept_paused_until - time.monotonic())
+                    timeout = left if timeout is None else min(timeout, left)
                 for key, mask in sel.select(timeout):
                     if key.data == "accept":
                         self._accept()
@@ -1512,6 +1539,11 @@ class BrokerServer:
             self._drain_requests()
         if self._deadlines:
             self._expire()
+            self._compact_deadlines()
+        if self._accept_paused_until is not None \
+                and time.monotonic() >= self._accept_paused_until:
+            self._accept_paused_until = None
+            self._sel.register(self._listener, selectors.EVENT_READ, "accept")
 
     def _drain_requests(self) -> None:
         with self._lock:
@@ -1522,6 +1554,18 @@ class BrokerServer:
                 self._sel.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, peer)
         for peer, why in closing:
             self._close_peer(peer, why)
+
+    def _compact_deadlines(self) -> None:
+        """Drop the deadlines of answered requests once they are half the
+        heap (loop thread): memory follows what is in flight, not request
+        rate x timeout, at amortised O(1) per request."""
+        heap = self._deadlines
+        if len(heap) <= 64 or len(heap) <= 2 * len(self._pending):
+            return
+        with self._lock:
+            live = [entry for entry in heap if entry[1] in self._pending]
+        heapq.heapify(live)
+        self._deadlines = live
 
     def _expire(self) -> None:
         """Answer requests whose timeout passed (socket requesters; loop thread)."""
@@ -1540,9 +1584,20 @@ class BrokerServer:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:          # EMFILE and friends: keep serving the rest
-                log.warning("broker: accept failed: %s", exc)
+            except OSError as exc:
+                if exc.errno in _NO_FDS:    # keep serving the connections we have
+                    self._pause_accepting(exc)
+                elif exc.errno != errno.ECONNABORTED:
+                    log.warning("broker: accept failed: %s", exc)
                 return
+            if self._accept_failing_since is not None:
+                log.warning("broker: accepting connections again after %.1fs without file "
+                            "descriptors (%d more failed accepts)",
+                            time.monotonic() - self._accept_failing_since,
+                            self._accept_failures)
+                self._accept_failing_since = None
+                self._accept_failures = 0
+                self._accept_backoff = _ACCEPT_BACKOFF_MIN_SECS
             try:
                 creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                         struct.calcsize("3i"))
@@ -1558,6 +1613,23 @@ class BrokerServer:
             self._peers[peer.fd] = peer
             self._sel.register(sock, selectors.EVENT_READ, peer)
 
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of fds: stop watching the listener for a while (pending
+        connections wait in its backlog), doubling the pause while it lasts."""
+        now = time.monotonic()
+        self._accept_failures += 1
+        if self._accept_failing_since is None:
+            self._accept_failing_since = now
+        if now - self._accept_logged_at >= _ACCEPT_LOG_EVERY_SECS:
+            log.warning("broker: cannot accept connections: %s; %d failed accepts, pausing "
+                        "accepts for up to %gs at a time until descriptors free up",
+                        exc.strerror or exc, self._accept_failures, _ACCEPT_BACKOFF_MAX_SECS)
+            self._accept_logged_at = now
+            self._accept_failures = 0
+        self._accept_paused_until = now + self._accept_backoff
+        self._accept_backoff = min(_ACCEPT_BACKOFF_MAX_SECS, self._accept_backoff * 2)
+        self._sel.unregister(self._listener)
+
     def _read(self, peer: _SocketPeer) -> None:
         try:
             data = peer.sock.recv(262144)
@@ -1568,31 +1640,61 @@ class BrokerServer:
         if not data:
             self._close_peer(peer, "disconnected")
             return
+        if peer.skipping:                    # the rest of an over-long line: drop it
+            end = data.find(b"\n")
+            if end < 0:
+                return
+            peer.skipping = False
+            data = data[end + 1:]
         buf = peer.inbuf
-        start = len(buf)
         buf += data
         if data.find(b"\n") < 0:
             if len(buf) > BROKER_MAX_LINE_BYTES:
-                self._reject_line(peer)
+                self._line_too_long(peer, buf, ended=False)
             return
         lines = buf.split(b"\n")
         peer.inbuf = bytearray(lines.pop())
-        del start
         for line in lines:
             if len(line) > BROKER_MAX_LINE_BYTES:
-                self._reject_line(peer)
-                return
-            if line.strip():
+                self._line_too_long(peer, line, ended=True)
+            elif line.strip():
                 self._handle_line(peer, line)
             if peer.closed:
                 return
         if len(peer.inbuf) > BROKER_MAX_LINE_BYTES:
-            self._reject_line(peer)
+            self._line_too_long(peer, peer.inbuf, ended=False)
 
-    def _reject_line(self, peer: _SocketPeer) -> None:
+    def _line_too_long(self, peer: _SocketPeer, line: bytearray | bytes, ended: bool) -> None:
+        """An over-long line fails the one request it belongs to, and the
+        connection goes on: its head names the request (a ``reply``'s inbox,
+        a call's id) and the rest, up to the newline, is dropped unread.  A
+        line whose head names nothing closes the connection, as before."""
+        head = bytes(line[:_LINE_HEAD_BYTES])
+        if not ended:
+            peer.inbuf = bytearray()
+            peer.skipping = True
+        method = _HEAD_METHOD.search(head)
+        inbox = _HEAD_INBOX.search(head)
+        req_id = _HEAD_ID.search(head)
+        limit = f"longer than the broker's line limit ({BROKER_MAX_LINE_BYTES} bytes)"
+        answered = None
+        is_reply = bool(method and method[1] == b"reply" and inbox)
+        if is_reply:
+            with self._lock:
+                answered = self._pending.get(int(inbox[1]))
+                if answered is None or peer not in answered.responders:
+                    answered = None
+                else:
+                    self._take_pending(answered.inbox)
+            if answered is not None:
+                self._answer(answered, error={"code": BROKER_RESPONDER_ERROR,
+                                              "message": f"the reply was {limit}"})
+        if is_reply or req_id:
+            self._fail(peer, _loads(req_id[1]) if req_id else None, BROKER_INVALID_REQUEST,
+                       f"line {limit}; dropped")
+            return
         peer.send({"jsonrpc": "2.0", "id": None, "error": {
-            "code": BROKER_INVALID_REQUEST,
-            "message": f"line longer than {BROKER_MAX_LINE_BYTES} bytes; closing"}})
+            "code": BROKER_INVALID_REQUEST, "message": f"line {limit}; closing"}})
         self._close_peer(peer, "over-long line")
 
     def _handle_line(self, peer: _SocketPeer, line: bytes) -> None:
@@ -1694,6 +1796,7 @@ class BrokerServer:
         p = self._open_request(peer, req_id, topic, params.get("payload"), deadline, wait)
         if p is not None and not peer.local:
             heapq.heappush(self._deadlines, (deadline, p.inbox))   # loop thread only
+            self._compact_deadlines()
         return _NO_ANSWER
 
     def _m_reply(self, peer, params, req_id):
@@ -1910,6 +2013,8 @@ class _ClientBase:
             except (ValueError, TypeError) as exc:      # NaN, a set, an object...
                 self._send_reply(inbox, None, {"message": f"handler returned a value that "
                                                           f"is not JSON: {exc}"})
+            except _LineTooLong as exc:     # fail this request; the connection goes on
+                self._send_reply(inbox, None, {"message": str(exc)})
 
     def _shutdown_pool(self) -> None:
         if self._pool is not None:
@@ -2059,6 +2164,10 @@ class BrokerClient(_ClientBase):
         """Queue one line; the first thread to find nobody writing sends every
         line queued meanwhile in one system call (write combining)."""
         data = _dumps(obj).encode() + b"\n"
+        if len(data) > BROKER_MAX_LINE_BYTES + 1:
+            raise _LineTooLong(f"{obj.get('method', 'message')} of {len(data) - 1} bytes is "
+                               f"longer than the broker's line limit "
+                               f"({BROKER_MAX_LINE_BYTES} bytes)")
         with self._wlock:
             if self.closed.is_set():
                 raise _broker_error(BROKER_CLOSED, "connection to broker is closed")
@@ -2137,6 +2246,8 @@ class BrokerClient(_ClientBase):
     def _post_reply(self, params: dict) -> None:
         try:
             self._send({"jsonrpc": "2.0", "method": "reply", "params": params})
+        except _LineTooLong:
+            raise
         except PluginPollerForwardError:
             pass                             # the connection is gone; so is the requester's wait
 
@@ -4250,11 +4361,37 @@ def _prom_escape(value: Any) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _serve_metrics(runner: Runner, addr: tuple[str, int]):
-    """Serve ``/metrics`` on a background thread; returns the server."""
+_METRICS_READ_TIMEOUT_SECS = 10.0     # an idle or trickling scraper is cut off
+_METRICS_MAX_CONNECTIONS = 16         # served at once; more are closed at accept
+_METRICS_MAX_REQUEST_BYTES = 8192     # request line and headers together
+
+
+def _serve_metrics(runner: Runner, addr: tuple[str, int], *,
+                   read_timeout: float = _METRICS_READ_TIMEOUT_SECS,
+                   max_connections: int = _METRICS_MAX_CONNECTIONS,
+                   max_request_bytes: int = _METRICS_MAX_REQUEST_BYTES):
+    """Serve ``/metrics`` on a background thread; returns the server.
+
+    Bounded: each connection gets ``read_timeout`` per read, at most
+    ``max_connections`` are served at once (the rest are closed at accept,
+    costing no thread), and a request may be ``max_request_bytes`` long."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import io
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = read_timeout              # StreamRequestHandler sets it on the socket
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile = _CappedReader(self.rfile, max_request_bytes)
+
+        def parse_request(self) -> bool:
+            if not self.raw_requestline.endswith(b"\n"):
+                self.requestline, self.request_version, self.command = "", "", ""
+                self.send_error(414, f"request longer than {max_request_bytes} bytes")
+                return False
+            return super().parse_request()
+
         def do_GET(self) -> None:
             if self.path.split("?")[0] != "/metrics":
                 self.send_error(404, "only /metrics is served")
@@ -4269,9 +4406,49 @@ def _serve_metrics(runner: Runner, addr: tuple[str, int]):
         def log_message(self, *args) -> None:
             pass
 
+    class _CappedReader(io.RawIOBase):
+        """A request's reader that yields at most ``budget`` bytes in all."""
+
+        def __init__(self, raw, budget: int) -> None:
+            super().__init__()
+            self.raw, self.budget = raw, budget
+
+        def readline(self, size: int = -1) -> bytes:
+            size = self.budget if size is None or size < 0 else min(size, self.budget)
+            line = self.raw.readline(size) if size > 0 else b""
+            self.budget -= len(line)
+            return line
+
+        def read(self, size: int = -1) -> bytes:
+            size = self.budget if size is None or size < 0 else min(size, self.budget)
+            data = self.raw.read(size) if size > 0 else b""
+            self.budget -= len(data)
+            return data
+
+        def readable(self) -> bool:
+            return True
+
+    slots = threading.BoundedSemaphore(max_connections)
+
     class Server(ThreadingHTTPServer):
         address_family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         daemon_threads = True
+
+        def process_request(self, request, client_address) -> None:
+            if not slots.acquire(blocking=False):
+                self.shutdown_request(request)       # at the cap: no thread, no fd kept
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                slots.release()
+                raise
+
+        def process_request_thread(self, request, client_address) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                slots.release()
 
     try:
         server = Server(addr, Handler)

@@ -356,5 +356,266 @@ class TestEscapedGrandchildren(Case):
         self.assertTrue(wd.wait_until(lambda: not wd.tagged(self.token), 10))
 
 
+
+# ============================================================================
+# 3. One oversize reply fails its own request, not the plugin's connection
+# ============================================================================
+
+class TestOversizeReply(Case):
+
+    def test_big_reply_fails_alone_and_other_jobs_go_on(self):
+        handle = self.handle("bigsmall", timeout=30)
+        server, sup, proxy, close, fds = self.lived(handle)
+        self.assertTrue(wd.wait_until(lambda: server.has_subscriber(handle.tick_topic()), 15))
+        conns = server.stats()["connections"]
+        for round_ in range(wd.scale(3, 20)):
+            result, took = self.tick(proxy, {"big": 900 * 1024}, job="big")
+            self.assertIsInstance(result, PollerError.Transient, repr(result))
+            self.assertIn(str(nx.BROKER_MAX_LINE_BYTES), str(result))
+            self.assertLess(took, 20, "the big tick waited out its timeout")
+            result, _ = self.tick(proxy, job="small", cursor=str(round_).encode())
+            self.assertIsInstance(result, nx.TickAck, "round %d: small: %r" % (round_, result))
+            self.assertEqual(result.next_cursor, str(round_ + 1).encode())
+        self.assertEqual(len(self.lines(self.starts_log)), 1, "the plugin was restarted")
+        self.assertEqual(sup.restarts, 0)
+        self.assertEqual(server.stats()["connections"], conns)
+        self.assertEqual(server.stats()["pending"], 0)
+        close()
+        self.assert_nothing_left(fds, "oversize")
+
+    def test_broker_fails_only_the_request_an_oversize_reply_line_answers(self):
+        # A plugin in another language, no SDK refusal: the broker itself
+        # drops the line, fails the one request, and keeps the connection.
+        server = nx.BrokerServer().start()
+        self.addCleanup(server.close)
+        local = server.client()
+        self.addCleanup(local.close)
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.connect(server.path)
+        self.addCleanup(raw.close)
+        reader = raw.makefile("rb")
+        self.addCleanup(reader.close)
+
+        def send(obj):
+            raw.sendall(json.dumps(obj).encode() + b"\n")
+        send({"jsonrpc": "2.0", "id": 1, "method": "subscribe",
+              "params": {"topic": "t", "sid": 1}})
+        self.assertEqual(json.loads(reader.readline())["result"], True)
+        for n in range(2):
+            box = {}
+            t = threading.Thread(target=lambda: box.update(r=self._request(local)))
+            t.start()
+            msg = json.loads(reader.readline())
+            inbox = msg["params"]["inbox"]
+            if n == 0:           # over the limit, sent in pieces
+                raw.sendall(b'{"jsonrpc":"2.0","method":"reply","params":{"inbox":%d,'
+                            b'"payload":"' % inbox)
+                for _ in range(3):
+                    raw.sendall(b"x" * (nx.BROKER_MAX_LINE_BYTES // 2))
+                raw.sendall(b'"}}\n')
+                error = json.loads(reader.readline())
+                self.assertEqual(error["error"]["code"], nx.BROKER_INVALID_REQUEST)
+            else:
+                send({"jsonrpc": "2.0", "method": "reply",
+                      "params": {"inbox": inbox, "payload": "fine"}})
+            t.join(30)
+            self.assertFalse(t.is_alive())
+            if n == 0:
+                self.assertIsInstance(box["r"], nx.PluginPollerForwardError, box)
+                self.assertIn(str(nx.BROKER_MAX_LINE_BYTES), str(box["r"]))
+            else:
+                self.assertEqual(box["r"], "fine")
+        send({"jsonrpc": "2.0", "id": 9, "method": "ping"})
+        self.assertEqual(json.loads(reader.readline()), {"jsonrpc": "2.0", "id": 9,
+                                                         "result": "pong"})
+        self.assertEqual(server.stats()["connections"], 1)
+
+    def _request(self, client):
+        try:
+            return client.request("t", {"q": 1}, 30)
+        except nx.PluginPollerForwardError as exc:
+            return exc
+
+
+# ============================================================================
+# 7. The broker's memory follows what is in flight
+# ============================================================================
+
+class TestAnsweredRequestsAreForgotten(Case):
+
+    def test_answered_requests_leave_no_deadline_behind(self):
+        server = nx.BrokerServer().start()
+        self.addCleanup(server.close)
+        responder = nx.BrokerClient.connect(server.url)
+        self.addCleanup(responder.close)
+        responder.subscribe("echo", lambda payload: payload)
+        n, threads = wd.scale(20_000, 200_000), 4
+        peak = {"heap": 0}
+
+        def requester():
+            with nx.BrokerClient.connect(server.url) as client:
+                for i in range(n // threads):
+                    self.assertEqual(client.request("echo", i, 3600), i)
+                    if i % 1000 == 0:
+                        peak["heap"] = max(peak["heap"], len(server._deadlines))
+        ts = [threading.Thread(target=requester) for _ in range(threads)]
+        [t.start() for t in ts]
+        [t.join(600) for t in ts]
+        self.assertEqual(server.stats()["pending"], 0)
+        left = len(server._deadlines)
+        print("\n[worst-day] %d answered requests with a 3600 s timeout: %d deadlines "
+              "left, peak %d" % (n, left, peak["heap"]), file=sys.stderr)
+        self.assertLessEqual(left, 200, "%d answered requests left %d deadlines" % (n, left))
+        self.assertLessEqual(peak["heap"], 1000)
+
+
+# ============================================================================
+# 8. The metrics endpoint is bounded
+# ============================================================================
+
+class _FakeRunner:
+    def __init__(self):
+        self._metrics = nx._Metrics()
+        self._supervisors = {}
+        self.config = nx.DaemonConfig(state_db=":memory:")
+
+    def status(self):
+        return []
+
+
+class TestMetricsBounds(Case):
+
+    def test_idle_connections_cost_no_thread_and_are_cut_off(self):
+        cap, timeout = 4, 1.0
+        threads_before = threading.active_count()
+        server = nx._serve_metrics(_FakeRunner(), ("127.0.0.1", 0), read_timeout=timeout,
+                                   max_connections=cap, max_request_bytes=2048)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        port = server.server_address[1]
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(wd.scale(60, 600))]
+        for s in idle:
+            self.addCleanup(s.close)
+        # Every idle connection is closed by the server: at once past the
+        # cap, after the read timeout within it.  Meanwhile no more than the
+        # cap of threads ever ran.
+        peak = threads_before
+        closed = set()
+        deadline = time.monotonic() + 30
+        while len(closed) < len(idle) and time.monotonic() < deadline:
+            peak = max(peak, threading.active_count())
+            for i, s in enumerate(idle):
+                if i not in closed:
+                    s.settimeout(0.001)
+                    try:
+                        if s.recv(1) == b"":
+                            closed.add(i)
+                    except (socket.timeout, BlockingIOError):
+                        pass
+                    except OSError:
+                        closed.add(i)
+        print("\n[worst-day] %d idle metrics connections: peak %d extra threads, all closed "
+              "within %.1fs" % (len(idle), peak - threads_before,
+                                30 - (deadline - time.monotonic())), file=sys.stderr)
+        self.assertEqual(len(closed), len(idle), "%d idle connections still held"
+                         % (len(idle) - len(closed)))
+        self.assertLessEqual(peak - threads_before, cap + 1,
+                             "%d threads for %d idle connections" % (peak - threads_before,
+                                                                     len(idle)))
+        # A request line over the limit is refused; a scrape still works.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/metrics?" + "x" * 4096)
+        self.assertEqual(conn.getresponse().status, 414)
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertIn(b"nexo_poller_ticks_total", response.read())
+        conn.close()
+
+
+# ============================================================================
+# 4. Out of file descriptors, the broker backs off instead of spinning
+# ============================================================================
+
+BROKER_CHILD = textwrap.dedent("""    import logging, resource, sys
+    sys.path.insert(0, %(root)r)
+    import nexo_poller as nx
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (%(fds)d, hard))
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%%(message)s")
+    server = nx.BrokerServer(%(path)r).start()
+    print("ready", flush=True)
+    sys.stdin.read()                  # until the test closes our stdin
+    server.close()
+    print("closed", flush=True)
+    """)
+
+
+class TestOutOfFileDescriptors(Case):
+
+    def cpu_secs(self, pid):
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def test_broker_backs_off_logs_once_and_recovers(self):
+        path = self.tmp.join("broker.sock")
+        log_path = self.tmp.join("broker.log")
+        with open(log_path, "wb") as log_file:
+            child = subprocess.Popen(
+                [wd.PY, "-c", BROKER_CHILD % {"root": wd.ROOT, "fds": 64, "path": path}],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
+                env=wd.daemon_env(self.token))
+        self.addCleanup(lambda: child.poll() is None and (child.kill(), child.wait()))
+        self.assertEqual(child.stdout.readline().strip(), b"ready")
+
+        def log_lines():
+            with open(log_path, "rb") as f:
+                return [line for line in f.read().decode("utf-8", "replace").splitlines()
+                        if "accept" in line]
+        held = []
+        for _ in range(wd.scale(150, 400)):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(path)
+            held.append(s)
+        self.assertTrue(wd.wait_until(log_lines, 15), "the broker never ran out of fds")
+        # A measuring window: the broker must sit idle in it, not spin.
+        cpu0, lines0, t0 = self.cpu_secs(child.pid), len(log_lines()), time.monotonic()
+        time.sleep(2.0)
+        cpu = self.cpu_secs(child.pid) - cpu0
+        window = time.monotonic() - t0
+        lines = len(log_lines()) - lines0
+        print("\n[worst-day] out of fds for %.1fs: %.2fs CPU, %d accept log lines"
+              % (window, cpu, lines), file=sys.stderr)
+        self.assertLess(cpu, window * 0.5, "the broker spun: %.2fs CPU in %.1fs" % (cpu, window))
+        self.assertLessEqual(lines, 2, "%d accept log lines in %.1fs" % (lines, window))
+        for s in held:
+            s.close()
+        # Descriptors free up: the broker accepts and serves again.
+        client = wd.wait_until(lambda: self._connect(path), 30)
+        self.assertTrue(client, "the broker did not recover")
+        self.assertEqual(client._call("ping", {}, 30), "pong")
+        client.close()
+        self.assertTrue(any("again" in line for line in log_lines()), log_lines())
+        child.stdin.close()
+        self.assertEqual(child.stdout.readline().strip(), b"closed")
+        self.assertEqual(child.wait(30), 0)
+        child.stdout.close()
+
+    def _connect(self, path):
+        client = None
+        try:
+            client = nx.BrokerClient.connect("unix://" + path, timeout=2)
+            client._call("ping", {}, 2)
+            return client
+        except nx.PluginPollerForwardError:
+            if client is not None:
+                client.close()
+            return None
+
+
 if __name__ == "__main__":
     unittest.main()
