@@ -4433,6 +4433,7 @@ def _serve_metrics(runner: Runner, addr: tuple[str, int], *,
     class Server(ThreadingHTTPServer):
         address_family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         daemon_threads = True
+        request_queue_size = 128            # a burst is accepted (and shed), not dropped
 
         def process_request(self, request, client_address) -> None:
             if not slots.acquire(blocking=False):
