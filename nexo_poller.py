@@ -47,6 +47,7 @@ import binascii
 import bisect
 import dataclasses
 import enum
+import errno
 import functools
 import heapq
 import itertools
@@ -219,6 +220,21 @@ class ConfigError(NexoPollerError):
 
 class StateError(NexoPollerError):
     """The state database cannot be used (corrupt, foreign schema, locked)."""
+
+
+_UNSAFE_IN_LOG = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _log_safe(text: Any, limit: int | None = None) -> str:
+    """Text a plugin controls, made safe for one log line: control
+    characters (newline, carriage return, escape, ...) become ``\\xNN`` /
+    ``\\uNNNN`` escapes, so a plugin can neither forge a log line nor
+    drive a terminal; ``limit`` cuts it to that many characters."""
+    text = str(text)
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + "..."
+    return _UNSAFE_IN_LOG.sub(
+        lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
 
 
 # ============================================================================
@@ -513,6 +529,7 @@ def _parse_reply_envelope(envelope: Any, job: str) -> TickReply:
                 message = error["message"]
         elif isinstance(error, str):
             message = error
+        message = _log_safe(message, 2048)      # it reaches the log and the state
         if code == ERROR_CONFIG:
             raise PollerError.Config(job, message)
         raise _CODE_TO_CLASS.get(code, PollerError.Transient)(f"{message} (code {code})")
@@ -543,6 +560,9 @@ class Lifecycle(str, enum.Enum):
 
 
 _KIND_RE = re.compile(r"[a-z][a-z0-9_]+")
+# The job id pattern: an id is written into log lines, metrics labels and
+# thread names, so it may hold no space, quote or control character.
+_PLUGIN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
 _POLLER_KEYS = {"kinds", "broker_topic_prefix", "lifecycle",
                 "max_concurrent_ticks", "tick_timeout_secs"}
 MAX_CONCURRENT_TICKS = 64
@@ -576,6 +596,59 @@ class _Slots:
             self._cond.notify()
 
 
+class _PluginHealth:
+    """What a long-lived plugin's supervisor knows of its process, shared
+    with the plugin's proxy through the handle: while the process is down a
+    tick fails at once, with the plugin's last output lines, instead of
+    waiting out its timeout for a subscriber that is not coming."""
+    TAIL_LINES = 10                  # output lines kept for the error message
+    TAIL_CHARS = 240                 # characters kept per line
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.down: str | None = None            # why no process runs, or None
+        self.restart_at: float | None = None    # monotonic time of the next start
+        self.tail: deque[str] = deque(maxlen=self.TAIL_LINES)
+        self._watchers: set[threading.Event] = set()
+
+    def starting(self) -> None:
+        with self._lock:
+            self.down, self.restart_at = None, None
+            self.tail.clear()
+
+    def output(self, line: str) -> None:
+        """One relayed output line (already made log-safe)."""
+        with self._lock:
+            self.tail.append(line[:self.TAIL_CHARS])
+
+    def went_down(self, why: str, restart_at: float | None = None) -> None:
+        with self._lock:
+            self.down, self.restart_at = why, restart_at
+            watchers = list(self._watchers)
+        for event in watchers:
+            event.set()
+
+    def watch(self) -> threading.Event:
+        """An Event set when the process goes down (already set if it is)."""
+        event = threading.Event()
+        with self._lock:
+            self._watchers.add(event)
+            if self.down is not None:
+                event.set()
+        return event
+
+    def unwatch(self, event: threading.Event) -> None:
+        with self._lock:
+            self._watchers.discard(event)
+
+    def describe(self) -> str:
+        with self._lock:
+            why, at, tail = self.down or "went down", self.restart_at, list(self.tail)
+        if at is not None:
+            why += f"; restarting in {max(0.0, at - time.monotonic()):.1f}s"
+        return why + ("; last output: " + " | ".join(tail) if tail else "; no output")
+
+
 @dataclasses.dataclass(eq=False)
 class PluginPollerHandle:
     """One registered plugin's poller capability."""
@@ -591,6 +664,7 @@ class PluginPollerHandle:
     working_dir: str | None = None
     manifest_path: str | None = None
     slots: _Slots = dataclasses.field(init=False, repr=False)
+    health: _PluginHealth = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.kinds = tuple(self.kinds)
@@ -600,13 +674,14 @@ class PluginPollerHandle:
             self.tick_timeout = timedelta(seconds=_seconds(self.tick_timeout, "tick_timeout"))
         # One limiter per plugin: every kind it serves shares max_concurrent_ticks.
         self.slots = _Slots(self.max_concurrent_ticks)
+        self.health = _PluginHealth()
 
     def tick_topic(self) -> str:
         return tick_topic_for(self.broker_topic_prefix)
 
     def same_spec(self, other: "PluginPollerHandle") -> bool:
         """True when a reload would change nothing about this plugin."""
-        fields = [f.name for f in dataclasses.fields(self) if f.name != "slots"]
+        fields = [f.name for f in dataclasses.fields(self) if f.init]
         return all(getattr(self, f) == getattr(other, f) for f in fields)
 
 
@@ -658,6 +733,9 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
     plugin_id = typed(plugin, "id", "plugin.id", str)
     if not plugin_id.strip():
         raise ManifestError(path, "must not be empty", "plugin.id")
+    if not _PLUGIN_ID_RE.fullmatch(plugin_id):
+        raise ManifestError(path, f"{_log_safe(plugin_id)!r} must be 1-128 letters, digits "
+                            "or `_ . : -`, starting with a letter or digit", "plugin.id")
     poller = table(plugin, "poller", "plugin.poller", True)
     unknown = sorted(set(poller) - _POLLER_KEYS)
     if unknown:
@@ -847,6 +925,148 @@ def _reap(proc: subprocess.Popen) -> None:
             except OSError:
                 pass
     proc.wait()
+    with _CHILDREN.lock:
+        _CHILDREN.pids.discard(proc.pid)
+
+
+# -- escaped descendants ------------------------------------------------------
+# A descendant that calls setsid() leaves its plugin's process group, so
+# killing the group misses it.  The daemon's ``run`` makes itself a child
+# subreaper (Linux): such orphans are then re-parented to the daemon instead
+# of init, and _sweep_orphans finds them among its children, kills and reaps
+# them.  It only ever waits for a pid that no Popen of this module owns, so
+# it never takes the exit status a subprocess.Popen.wait() is waiting for.
+# Elsewhere (not Linux, or a library user's process) an escaped descendant
+# outlives its plugin: the documented limit.
+
+class _Children:
+    """The processes this module started and has not reaped yet."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pids: set[int] = set()
+        self.spawning = 0             # Popen calls whose child may not be listed yet
+        self.subreaper = False
+        self.sweeping = threading.Lock()   # one sweep at a time: no kill after a reap
+
+
+_CHILDREN = _Children()
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _popen(argv: list, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen, with the child recorded as ours until _reap."""
+    with _CHILDREN.lock:
+        _CHILDREN.spawning += 1
+    proc = None
+    try:
+        proc = subprocess.Popen(argv, **kwargs)
+        return proc
+    finally:
+        with _CHILDREN.lock:
+            _CHILDREN.spawning -= 1
+            if proc is not None:
+                _CHILDREN.pids.add(proc.pid)
+
+
+def _become_subreaper() -> bool:
+    """Make this process the reaper of its descendants' orphans (Linux
+    ``prctl(PR_SET_CHILD_SUBREAPER)``), and sweep them at exit.  Only the
+    daemon's ``run`` calls it: it makes every child that no Popen of this
+    module owns fair game for _sweep_orphans.  False where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            log.warning("cannot become a child subreaper: %s", os.strerror(ctypes.get_errno()))
+            return False
+    except (OSError, AttributeError, ImportError) as exc:
+        log.warning("cannot become a child subreaper: %s", exc)
+        return False
+    if not _CHILDREN.subreaper:
+        _CHILDREN.subreaper = True
+        import atexit
+        atexit.register(_sweep_orphans)
+    return True
+
+
+def _child_pids() -> set[int]:
+    """This process's children, from /proc (every thread's list, or a scan)."""
+    me, out = os.getpid(), set()
+    try:
+        for tid in os.listdir(f"/proc/{me}/task"):
+            with open(f"/proc/{me}/task/{tid}/children", "rb") as f:
+                out.update(int(p) for p in f.read().split())
+        return out
+    except (OSError, ValueError):
+        pass                             # no CONFIG_PROC_CHILDREN, or a thread ended
+    for entry in os.listdir("/proc"):
+        st = _proc_stat(int(entry)) if entry.isdigit() else None
+        if st is not None and st[1] == me:
+            out.add(int(entry))
+    return out
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, pgrp) of a process, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    return fields[0].decode(), int(fields[1]), int(fields[2])
+
+
+def _sweep_orphans(marker: bytes | None = None) -> int:
+    """Kill and reap the escaped descendants this subreaper adopted: children
+    no Popen of ours owns.  With ``marker`` (``b"NAME=value"``) only those
+    whose environment holds it are killed; zombies are always reaped.
+    Returns how many it killed or reaped; 0 unless _become_subreaper ran."""
+    if not _CHILDREN.subreaper:
+        return 0
+    with _CHILDREN.sweeping:
+        return _sweep_locked(marker)
+
+
+def _sweep_locked(marker: bytes | None) -> int:
+    done = 0
+    for _ in range(32):                  # a killed leader's children come to us next
+        kids = _child_pids()
+        with _CHILDREN.lock:
+            if _CHILDREN.spawning:       # a child not listed yet: leave it for next time
+                return done
+            kids -= _CHILDREN.pids
+        swept = 0
+        for pid in sorted(kids):
+            st = _proc_stat(pid)
+            if st is None:
+                continue
+            if st[0] != "Z" and marker is not None:
+                try:
+                    with open(f"/proc/{pid}/environ", "rb") as f:
+                        if marker not in f.read().split(b"\0"):
+                            continue
+                except OSError:
+                    continue
+            if st[0] != "Z":
+                try:                     # unreaped, so neither pid nor group id is reused
+                    if st[2] == pid:
+                        os.killpg(pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            try:
+                os.waitpid(pid, 0)
+                swept += 1
+            except ChildProcessError:
+                pass
+        done += swept
+        if not swept:
+            return done
+    return done
 
 
 def spawn_ephemeral_tick(command: str, plugin_id: str, request: TickRequest,
@@ -866,7 +1086,7 @@ def spawn_ephemeral_tick(command: str, plugin_id: str, request: TickRequest,
     except (ValueError, TypeError) as exc:
         raise PollerError.Config(request.job_id, f"config is not JSON: {exc}") from None
     try:
-        proc = subprocess.Popen(
+        proc = _popen(
             [command, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, cwd=cwd, start_new_session=True, bufsize=0,
             env=_child_env(plugin_id, env, NEXO_POLLER_EPHEMERAL="1"))
@@ -887,9 +1107,10 @@ def spawn_ephemeral_tick(command: str, plugin_id: str, request: TickRequest,
         raise PollerError.Transient(f"plugin {plugin_id!r}: {exc}") from None
     finally:
         _reap(proc)
+        _sweep_orphans(f"NEXO_POLLER_PLUGIN_ID={plugin_id}".encode())
         if stderr and log.isEnabledFor(logging.DEBUG):
             for text in stderr.decode("utf-8", "replace").splitlines():
-                log.debug("plugin %s stderr: %s", plugin_id, text)
+                log.debug("plugin %s stderr: %s", _log_safe(plugin_id), _log_safe(text))
     if not line.strip():
         raise PollerError.Transient(f"plugin {plugin_id!r} replied with an empty line")
     try:
@@ -963,6 +1184,15 @@ def _exchange(proc: subprocess.Popen, payload: bytes, budget: float,
                     return bytes(reply)
 
 
+def _wait_exit(proc: subprocess.Popen) -> None:
+    """Block until the child exits, leaving it unreaped (its pid and group id
+    stay ours until _reap)."""
+    try:
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+    except (ChildProcessError, AttributeError):     # reaped already; no waitid
+        proc.wait()
+
+
 def _exit_status(proc: subprocess.Popen) -> str:
     try:
         code = proc.wait(0.5)
@@ -980,7 +1210,17 @@ def _exit_status(proc: subprocess.Popen) -> str:
 BROKER_MAX_LINE_BYTES = 1 << 20       # longest line a client may send
 BROKER_MAX_OUTBUF_BYTES = 8 << 20     # unsent bytes a connection may pile up
 BROKER_MAX_TIMEOUT_MS = 3_600_000     # longest request timeout accepted
+_ACCEPT_BACKOFF_MIN_SECS = 0.05       # first pause of accepting when fds run out
+_ACCEPT_BACKOFF_MAX_SECS = 1.0
+_ACCEPT_LOG_EVERY_SECS = 10.0         # one log line per interval while it lasts
+_NO_FDS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 BROKER_DEFAULT_TIMEOUT_MS = 30_000
+
+# What identifies an over-long line's request, looked for in its first bytes.
+_LINE_HEAD_BYTES = 4096
+_HEAD_METHOD = re.compile(rb'"method"\s*:\s*"([a-z_]{1,32})"')
+_HEAD_INBOX = re.compile(rb'"inbox"\s*:\s*([0-9]{1,18})\b')
+_HEAD_ID = re.compile(rb'"id"\s*:\s*(-?[0-9]{1,18}\b|"[A-Za-z0-9_.:\-]{1,64}")')
 
 BROKER_PARSE_ERROR = -32700
 BROKER_INVALID_REQUEST = -32600
@@ -996,6 +1236,11 @@ def _broker_error(code: int, message: str) -> PluginPollerForwardError:
     exc = PluginPollerForwardError.Broker(message)
     exc.code = code
     return exc
+
+
+class _LineTooLong(_ForwardBroker):
+    """A message too long for one broker line; nothing was sent."""
+    code = BROKER_INVALID_REQUEST
 
 
 def _socket_path(url: str) -> str:
@@ -1083,6 +1328,7 @@ class _SocketPeer(_Peer):
         super().__init__()
         self.server, self.sock, self.fd = server, sock, sock.fileno()
         self.inbuf = bytearray()
+        self.skipping = False               # dropping the rest of an over-long line
         self.out = bytearray()
         self.out_lock = threading.Lock()
         self.writing = False                # a thread holds the writer's role
@@ -1192,6 +1438,13 @@ class BrokerServer:
         self._wake_r = self._wake_w = -1
         self._stopping = False
         self._uid = os.getuid()
+        # Out of file descriptors: accepting pauses (the listener leaves the
+        # selector) and backs off; failures are logged once per interval.
+        self._accept_paused_until: float | None = None
+        self._accept_backoff = _ACCEPT_BACKOFF_MIN_SECS
+        self._accept_failures = 0             # since the last log line
+        self._accept_failing_since: float | None = None
+        self._accept_logged_at = -math.inf
 
     # -- life cycle ---------------------------------------------------------
 
@@ -1313,6 +1566,9 @@ class BrokerServer:
                 timeout = None
                 if self._deadlines:
                     timeout = max(0.0, self._deadlines[0][0] - time.monotonic())
+                if self._accept_paused_until is not None:
+                    left = max(0.0, self._accept_paused_until - time.monotonic())
+                    timeout = left if timeout is None else min(timeout, left)
                 for key, mask in sel.select(timeout):
                     if key.data == "accept":
                         self._accept()
@@ -1351,6 +1607,11 @@ class BrokerServer:
             self._drain_requests()
         if self._deadlines:
             self._expire()
+            self._compact_deadlines()
+        if self._accept_paused_until is not None \
+                and time.monotonic() >= self._accept_paused_until:
+            self._accept_paused_until = None
+            self._sel.register(self._listener, selectors.EVENT_READ, "accept")
 
     def _drain_requests(self) -> None:
         with self._lock:
@@ -1361,6 +1622,18 @@ class BrokerServer:
                 self._sel.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, peer)
         for peer, why in closing:
             self._close_peer(peer, why)
+
+    def _compact_deadlines(self) -> None:
+        """Drop the deadlines of answered requests once they are half the
+        heap (loop thread): memory follows what is in flight, not request
+        rate x timeout, at amortised O(1) per request."""
+        heap = self._deadlines
+        if len(heap) <= 64 or len(heap) <= 2 * len(self._pending):
+            return
+        with self._lock:
+            live = [entry for entry in heap if entry[1] in self._pending]
+        heapq.heapify(live)
+        self._deadlines = live
 
     def _expire(self) -> None:
         """Answer requests whose timeout passed (socket requesters; loop thread)."""
@@ -1379,9 +1652,20 @@ class BrokerServer:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:          # EMFILE and friends: keep serving the rest
-                log.warning("broker: accept failed: %s", exc)
+            except OSError as exc:
+                if exc.errno in _NO_FDS:    # keep serving the connections we have
+                    self._pause_accepting(exc)
+                elif exc.errno != errno.ECONNABORTED:
+                    log.warning("broker: accept failed: %s", exc)
                 return
+            if self._accept_failing_since is not None:
+                log.warning("broker: accepting connections again after %.1fs without file "
+                            "descriptors (%d more failed accepts)",
+                            time.monotonic() - self._accept_failing_since,
+                            self._accept_failures)
+                self._accept_failing_since = None
+                self._accept_failures = 0
+                self._accept_backoff = _ACCEPT_BACKOFF_MIN_SECS
             try:
                 creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                         struct.calcsize("3i"))
@@ -1397,6 +1681,23 @@ class BrokerServer:
             self._peers[peer.fd] = peer
             self._sel.register(sock, selectors.EVENT_READ, peer)
 
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of fds: stop watching the listener for a while (pending
+        connections wait in its backlog), doubling the pause while it lasts."""
+        now = time.monotonic()
+        self._accept_failures += 1
+        if self._accept_failing_since is None:
+            self._accept_failing_since = now
+        if now - self._accept_logged_at >= _ACCEPT_LOG_EVERY_SECS:
+            log.warning("broker: cannot accept connections: %s; %d failed accepts, pausing "
+                        "accepts for up to %gs at a time until descriptors free up",
+                        exc.strerror or exc, self._accept_failures, _ACCEPT_BACKOFF_MAX_SECS)
+            self._accept_logged_at = now
+            self._accept_failures = 0
+        self._accept_paused_until = now + self._accept_backoff
+        self._accept_backoff = min(_ACCEPT_BACKOFF_MAX_SECS, self._accept_backoff * 2)
+        self._sel.unregister(self._listener)
+
     def _read(self, peer: _SocketPeer) -> None:
         try:
             data = peer.sock.recv(262144)
@@ -1407,31 +1708,61 @@ class BrokerServer:
         if not data:
             self._close_peer(peer, "disconnected")
             return
+        if peer.skipping:                    # the rest of an over-long line: drop it
+            end = data.find(b"\n")
+            if end < 0:
+                return
+            peer.skipping = False
+            data = data[end + 1:]
         buf = peer.inbuf
-        start = len(buf)
         buf += data
         if data.find(b"\n") < 0:
             if len(buf) > BROKER_MAX_LINE_BYTES:
-                self._reject_line(peer)
+                self._line_too_long(peer, buf, ended=False)
             return
         lines = buf.split(b"\n")
         peer.inbuf = bytearray(lines.pop())
-        del start
         for line in lines:
             if len(line) > BROKER_MAX_LINE_BYTES:
-                self._reject_line(peer)
-                return
-            if line.strip():
+                self._line_too_long(peer, line, ended=True)
+            elif line.strip():
                 self._handle_line(peer, line)
             if peer.closed:
                 return
         if len(peer.inbuf) > BROKER_MAX_LINE_BYTES:
-            self._reject_line(peer)
+            self._line_too_long(peer, peer.inbuf, ended=False)
 
-    def _reject_line(self, peer: _SocketPeer) -> None:
+    def _line_too_long(self, peer: _SocketPeer, line: bytearray | bytes, ended: bool) -> None:
+        """An over-long line fails the one request it belongs to, and the
+        connection goes on: its head names the request (a ``reply``'s inbox,
+        a call's id) and the rest, up to the newline, is dropped unread.  A
+        line whose head names nothing closes the connection, as before."""
+        head = bytes(line[:_LINE_HEAD_BYTES])
+        if not ended:
+            peer.inbuf = bytearray()
+            peer.skipping = True
+        method = _HEAD_METHOD.search(head)
+        inbox = _HEAD_INBOX.search(head)
+        req_id = _HEAD_ID.search(head)
+        limit = f"longer than the broker's line limit ({BROKER_MAX_LINE_BYTES} bytes)"
+        answered = None
+        is_reply = bool(method and method[1] == b"reply" and inbox)
+        if is_reply:
+            with self._lock:
+                answered = self._pending.get(int(inbox[1]))
+                if answered is None or peer not in answered.responders:
+                    answered = None
+                else:
+                    self._take_pending(answered.inbox)
+            if answered is not None:
+                self._answer(answered, error={"code": BROKER_RESPONDER_ERROR,
+                                              "message": f"the reply was {limit}"})
+        if is_reply or req_id:
+            self._fail(peer, _loads(req_id[1]) if req_id else None, BROKER_INVALID_REQUEST,
+                       f"line {limit}; dropped")
+            return
         peer.send({"jsonrpc": "2.0", "id": None, "error": {
-            "code": BROKER_INVALID_REQUEST,
-            "message": f"line longer than {BROKER_MAX_LINE_BYTES} bytes; closing"}})
+            "code": BROKER_INVALID_REQUEST, "message": f"line {limit}; closing"}})
         self._close_peer(peer, "over-long line")
 
     def _handle_line(self, peer: _SocketPeer, line: bytes) -> None:
@@ -1533,6 +1864,7 @@ class BrokerServer:
         p = self._open_request(peer, req_id, topic, params.get("payload"), deadline, wait)
         if p is not None and not peer.local:
             heapq.heappush(self._deadlines, (deadline, p.inbox))   # loop thread only
+            self._compact_deadlines()
         return _NO_ANSWER
 
     def _m_reply(self, peer, params, req_id):
@@ -1544,8 +1876,8 @@ class BrokerServer:
             if not isinstance(error, dict):
                 raise _ParamError("`error` must be an object")
             message = error.get("message")
-            error = {"code": BROKER_RESPONDER_ERROR,
-                     "message": message if isinstance(message, str) else "responder failed"}
+            error = {"code": BROKER_RESPONDER_ERROR, "message": _log_safe(
+                message, 2048) if isinstance(message, str) else "responder failed"}
         with self._lock:
             p = self._pending.get(inbox)
             if p is None or peer not in p.responders:
@@ -1749,6 +2081,8 @@ class _ClientBase:
             except (ValueError, TypeError) as exc:      # NaN, a set, an object...
                 self._send_reply(inbox, None, {"message": f"handler returned a value that "
                                                           f"is not JSON: {exc}"})
+            except _LineTooLong as exc:     # fail this request; the connection goes on
+                self._send_reply(inbox, None, {"message": str(exc)})
 
     def _shutdown_pool(self) -> None:
         if self._pool is not None:
@@ -1899,6 +2233,10 @@ class BrokerClient(_ClientBase):
         """Queue one line; the first thread to find nobody writing sends every
         line queued meanwhile in one system call (write combining)."""
         data = _dumps(obj).encode() + b"\n"
+        if len(data) > BROKER_MAX_LINE_BYTES + 1:
+            raise _LineTooLong(f"{obj.get('method', 'message')} of {len(data) - 1} bytes is "
+                               f"longer than the broker's line limit "
+                               f"({BROKER_MAX_LINE_BYTES} bytes)")
         with self._wlock:
             if self.closed.is_set():
                 raise _broker_error(BROKER_CLOSED, "connection to broker is closed")
@@ -1977,6 +2315,8 @@ class BrokerClient(_ClientBase):
     def _post_reply(self, params: dict) -> None:
         try:
             self._send({"jsonrpc": "2.0", "method": "reply", "params": params})
+        except _LineTooLong:
+            raise
         except PluginPollerForwardError:
             pass                             # the connection is gone; so is the requester's wait
 
@@ -2164,13 +2504,33 @@ class PluginPollerProxy:
         self.kind, self.handle, self.broker = kind, handle, broker
 
     def tick(self, ctx: PollContext) -> TickAck:
+        health = self.handle.health
         with _SlotGuard(self.handle, ctx):
+            down = health.watch()        # set when the plugin's process goes down
             try:
-                reply = forward_tick(self.broker, self.handle, ctx.to_request(),
-                                     cancel=ctx.cancel)
-                return reply.into_tick_ack()
+                if not down.is_set():
+                    reply = forward_tick(self.broker, self.handle, ctx.to_request(),
+                                         cancel=_AnyEvent(ctx.cancel, down))
+                    return reply.into_tick_ack()
             except PluginPollerForwardError as exc:
-                raise PollerError.Transient(f"plugin {self.handle.plugin_id!r}: {exc}") from None
+                if not down.is_set() or ctx.cancel.is_set():
+                    raise PollerError.Transient(
+                        f"plugin {self.handle.plugin_id!r}: {exc}") from None
+            finally:
+                health.unwatch(down)
+            raise PollerError.Transient(f"plugin {self.handle.plugin_id!r} is down: "
+                                        f"{health.describe()}")
+
+
+class _AnyEvent:
+    """Looks like a set Event as soon as any of its events is set."""
+    __slots__ = ("events",)
+
+    def __init__(self, *events: threading.Event) -> None:
+        self.events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
 
 
 def _proxy_for(kind: str, handle: PluginPollerHandle, broker):
@@ -2200,6 +2560,7 @@ class PluginSupervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._plock = threading.Lock()
+        self._name = _log_safe(handle.plugin_id)
 
     def start(self) -> "PluginSupervisor":
         if not self.handle.entrypoint_command:
@@ -2210,45 +2571,58 @@ class PluginSupervisor:
         self._thread.start()
         return self
 
-    def _spawn(self) -> subprocess.Popen | None:
+    def _spawn(self) -> subprocess.Popen | str:
+        """The started process, or why it could not start."""
         h = self.handle
         try:
-            return subprocess.Popen(
+            return _popen(
                 [h.entrypoint_command, *h.entrypoint_args], stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=h.working_dir,
                 start_new_session=True,
                 env=_child_env(h.plugin_id, h.entrypoint_env, NEXO_BROKER_URL=self.broker_url,
                                NEXO_POLLER_TICK_TOPIC=h.tick_topic()))
         except (OSError, ValueError) as exc:
-            log.error("plugin %s: cannot start %r: %s", h.plugin_id, h.entrypoint_command,
-                      exc.strerror or exc)
-            return None
+            why = f"cannot start {h.entrypoint_command!r}: {exc.strerror or exc}"
+            log.error("plugin %s: %s", self._name, _log_safe(why))
+            return why
 
     def _run(self) -> None:
         delay = self.backoff_initial
-        while not self._stop.is_set():
-            started = time.monotonic()
-            with self._plock:
-                if self._stop.is_set():
+        health = self.handle.health
+        try:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                with self._plock:
+                    if self._stop.is_set():
+                        return
+                    health.starting()
+                    proc = self._spawn()
+                    self.proc = proc if isinstance(proc, subprocess.Popen) else None
+                if isinstance(proc, str):
+                    why = proc
+                else:
+                    log.info("plugin %s: started (pid %d)", self._name, proc.pid)
+                    self._relay(proc)
+                    if self._stop.is_set():
+                        return
+                    why = f"exited with status {proc.returncode}"
+                    log.warning("plugin %s: %s; restarting in %.1fs", self._name, why, delay)
+                health.went_down(why, time.monotonic() + delay)
+                if time.monotonic() - started >= self.stable_after:
+                    delay = self.backoff_initial
+                if self._stop.wait(delay):
                     return
-                self.proc = proc = self._spawn()
-            if proc is not None:
-                log.info("plugin %s: started (pid %d)", self.handle.plugin_id, proc.pid)
-                self._relay(proc)
-                code = proc.returncode
-                if self._stop.is_set():
-                    return
-                log.warning("plugin %s: exited with status %s; restarting in %.1fs",
-                            self.handle.plugin_id, code, delay)
-            if time.monotonic() - started >= self.stable_after:
-                delay = self.backoff_initial
-            if self._stop.wait(delay):
-                return
-            self.restarts += 1
-            delay = min(self.backoff_max, delay * 2)
+                self.restarts += 1
+                delay = min(self.backoff_max, delay * 2)
+        finally:
+            health.went_down("stopped")
 
     def _relay(self, proc: subprocess.Popen) -> None:
-        """Log the plugin's output until it exits; then clear its whole group."""
+        """Log the plugin's output until it exits; then clear its whole group.
+
+        End-of-file on the output pipe is not an exit: a plugin may redirect
+        its own output (``exec >>log 2>&1``) and go on serving.  Only the
+        process's exit ends its run."""
         fd = proc.stdout.fileno()
         os.set_blocking(fd, False)
         buf = bytearray()
@@ -2262,17 +2636,20 @@ class PluginSupervisor:
                     except BlockingIOError:
                         continue
                     if not chunk:
+                        _wait_exit(proc)     # output closed; the process may go on
                         break
                     buf += chunk
                     *lines, rest = buf.split(b"\n")
                     buf = bytearray(rest[-65536:])      # bound a newline-free flood
                     for line in lines:
-                        log.info("plugin %s: %s", self.handle.plugin_id,
-                                 line[:4096].decode("utf-8", "replace").rstrip())
+                        text = _log_safe(line[:4096].decode("utf-8", "replace").rstrip())
+                        self.handle.health.output(text)
+                        log.info("plugin %s: %s", self._name, text)
                 elif proc.poll() is not None:
                     break                   # exited; a grandchild may still hold the pipe
         finally:
             _reap(proc)
+            _sweep_orphans(f"NEXO_POLLER_PLUGIN_ID={self.handle.plugin_id}".encode())
 
     def stop(self) -> None:
         """SIGTERM the plugin's group, SIGKILL after the grace; wait for it."""
@@ -2298,7 +2675,7 @@ class PluginSupervisor:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("plugin %s: ignored SIGTERM; killing", self.handle.plugin_id)
+                log.warning("plugin %s: ignored SIGTERM; killing", self._name)
             _kill_group(proc)
         if self._thread is not None:
             self._thread.join(5)
@@ -5251,11 +5628,37 @@ def _prom_escape(value: Any) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _serve_metrics(runner: Runner, addr: tuple[str, int]):
-    """Serve ``/metrics`` on a background thread; returns the server."""
+_METRICS_READ_TIMEOUT_SECS = 10.0     # an idle or trickling scraper is cut off
+_METRICS_MAX_CONNECTIONS = 16         # served at once; more are closed at accept
+_METRICS_MAX_REQUEST_BYTES = 8192     # request line and headers together
+
+
+def _serve_metrics(runner: Runner, addr: tuple[str, int], *,
+                   read_timeout: float = _METRICS_READ_TIMEOUT_SECS,
+                   max_connections: int = _METRICS_MAX_CONNECTIONS,
+                   max_request_bytes: int = _METRICS_MAX_REQUEST_BYTES):
+    """Serve ``/metrics`` on a background thread; returns the server.
+
+    Bounded: each connection gets ``read_timeout`` per read, at most
+    ``max_connections`` are served at once (the rest are closed at accept,
+    costing no thread), and a request may be ``max_request_bytes`` long."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import io
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = read_timeout              # StreamRequestHandler sets it on the socket
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile = _CappedReader(self.rfile, max_request_bytes)
+
+        def parse_request(self) -> bool:
+            if not self.raw_requestline.endswith(b"\n"):
+                self.requestline, self.request_version, self.command = "", "", ""
+                self.send_error(414, f"request longer than {max_request_bytes} bytes")
+                return False
+            return super().parse_request()
+
         def do_GET(self) -> None:
             if self.path.split("?")[0] != "/metrics":
                 self.send_error(404, "only /metrics is served")
@@ -5270,9 +5673,50 @@ def _serve_metrics(runner: Runner, addr: tuple[str, int]):
         def log_message(self, *args) -> None:
             pass
 
+    class _CappedReader(io.RawIOBase):
+        """A request's reader that yields at most ``budget`` bytes in all."""
+
+        def __init__(self, raw, budget: int) -> None:
+            super().__init__()
+            self.raw, self.budget = raw, budget
+
+        def readline(self, size: int = -1) -> bytes:
+            size = self.budget if size is None or size < 0 else min(size, self.budget)
+            line = self.raw.readline(size) if size > 0 else b""
+            self.budget -= len(line)
+            return line
+
+        def read(self, size: int = -1) -> bytes:
+            size = self.budget if size is None or size < 0 else min(size, self.budget)
+            data = self.raw.read(size) if size > 0 else b""
+            self.budget -= len(data)
+            return data
+
+        def readable(self) -> bool:
+            return True
+
+    slots = threading.BoundedSemaphore(max_connections)
+
     class Server(ThreadingHTTPServer):
         address_family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         daemon_threads = True
+        request_queue_size = 128            # a burst is accepted (and shed), not dropped
+
+        def process_request(self, request, client_address) -> None:
+            if not slots.acquire(blocking=False):
+                self.shutdown_request(request)       # at the cap: no thread, no fd kept
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                slots.release()
+                raise
+
+        def process_request_thread(self, request, client_address) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                slots.release()
 
     try:
         server = Server(addr, Handler)
@@ -5400,6 +5844,7 @@ def _run_verb(args) -> int:
             print("nexo-poller: disabled by \"enabled\": false in the config; nothing to do",
                   file=sys.stderr)
             return EXIT_OK
+        _become_subreaper()             # orphans of plugins come back to be killed
         mark = _mark_daemon(args.config, config)
         try:
             Runner(config).run_forever(args.config)

@@ -689,23 +689,22 @@ class BadInputTests(_ServerCase):
         self.assertEqual(r.call("ping"), {"jsonrpc": "2.0", "id": 1000, "result": "pong"})
         self.assertEqual(r.skipped, [], "a notification was answered")
 
-    def test_over_long_line_closes_connection(self):
+    def test_over_long_line_with_an_id_fails_that_call_alone(self):
+        # The head of the line names its call: that call gets the error, the
+        # rest of the line is dropped unread, and the connection goes on.
         r = self.raw()
         blob = b'{"jsonrpc":"2.0","id":1,"method":"ping","x":"' + \
             b"a" * (npl.BROKER_MAX_LINE_BYTES + 1024)
-
-        def flood():
-            try:
-                r.sock.sendall(blob)
-            except OSError:
-                pass                        # the broker hung up on us: expected
-        t = threading.Thread(target=flood, daemon=True)
+        t = threading.Thread(target=r.send_raw, args=(blob,), daemon=True)
         t.start()
-        lines = r.read_until_closed()
+        error = r.recv()
+        self.assertEqual(error["id"], 1, error)
+        self.assertEqual(error["error"]["code"], npl.BROKER_INVALID_REQUEST, error)
+        self.assertIn(str(npl.BROKER_MAX_LINE_BYTES), error["error"]["message"])
         t.join(WAIT)
-        self.assertEqual(len(lines), 1, lines)
-        self.assertEqual(lines[0]["error"]["code"], npl.BROKER_INVALID_REQUEST, lines)
-        self.assertTrue(wait_until(lambda: self.server.stats()["connections"] == 0))
+        r.send_raw(b'a"}\n')                # the end of the over-long line
+        self.assertEqual(r.call("ping"), {"jsonrpc": "2.0", "id": 1000, "result": "pong"})
+        self.assertEqual(self.server.stats()["connections"], 1)
 
     def test_over_long_line_with_newline_closes_connection(self):
         r = self.raw()
