@@ -2306,6 +2306,8 @@ class NatsClient(_ClientBase):
         self._parser = _NatsParser(self)
         self._reader: threading.Thread | None = None
         self._wake = threading.Event()    # set by close(): stop waiting to reconnect
+        self._io_lock: threading.Lock | None = None   # TLS only: one SSL call at a time
+        self._poll = None
 
     # ---------------------------------------------------------- connecting
     @classmethod
@@ -2364,7 +2366,8 @@ class NatsClient(_ClientBase):
                 raise _broker_error(BROKER_AUTH_FAILED, (
                     f"{where} asks for an nkey/JWT signature (Ed25519), which the "
                     "Python standard library cannot make; use a token or user/password"))
-            sock.sendall(self._connect_line(server) + b"PING\r\n")
+            sock.sendall(self._connect_line(server, hasattr(sock, "pending"))
+                         + b"PING\r\n")
             while True:
                 line = self._read_line(sock, buf, where)
                 if line == b"PONG":
@@ -2403,9 +2406,9 @@ class NatsClient(_ClientBase):
                                     "during the handshake")
             buf += data
 
-    def _connect_line(self, server: _NatsServer) -> bytes:
+    def _connect_line(self, server: _NatsServer, tls: bool) -> bytes:
         opts = {"verbose": False, "pedantic": False, "headers": True, "no_responders": True,
-                "tls_required": bool(server.tls), "name": self.name, "lang": "python-stdlib",
+                "tls_required": tls, "name": self.name, "lang": "python-stdlib",
                 "version": __version__, "protocol": 1, "echo": True}
         if server.token:
             opts["auth_token"] = server.token
@@ -2418,6 +2421,9 @@ class NatsClient(_ClientBase):
         self._apply_info(info)
         self._parser = _NatsParser(self)
         sock.settimeout(self.ping_interval)
+        self._io_lock = threading.Lock() if hasattr(sock, "pending") else None   # TLS
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
         with self._wlock:
             lines = [f"SUB {self._inbox}* {self._inbox_sid}\r\n".encode()]
             lines += [_sub_line(sid, *spec) for sid, spec in list(self._subs.items())]
@@ -2465,7 +2471,7 @@ class NatsClient(_ClientBase):
                     return
                 continue
             try:
-                n = sock.recv_into(self._rbuf)
+                n = self._recv(sock)
             except socket.timeout:
                 if self._unanswered_pings >= 2:
                     self._lose(sock, "the server stopped answering PINGs")
@@ -2483,6 +2489,17 @@ class NatsClient(_ClientBase):
                 self._parser.feed(self._rview[:n])
             except (_NatsProtocolError, ValueError) as exc:
                 self._lose(sock, f"protocol error: {exc}")
+
+    def _recv(self, sock) -> int:
+        """Read into the reused buffer.  An SSL object must not read and write
+        at once, so over TLS the read waits for data unlocked, then reads
+        under the lock the writers take."""
+        if self._io_lock is None:
+            return sock.recv_into(self._rbuf)
+        if not sock.pending() and not self._poll.poll(self.ping_interval * 1000):
+            raise socket.timeout
+        with self._io_lock:
+            return sock.recv_into(self._rbuf)
 
     def on_msg(self, subject: str, sid: int, reply, headers, payload: bytes) -> None:
         if sid == self._inbox_sid:
@@ -2610,7 +2627,11 @@ class NatsClient(_ClientBase):
                         return
                     chunk = bytes(self._out)
                     self._out.clear()
-                sock.sendall(chunk)
+                if self._io_lock is None:
+                    sock.sendall(chunk)
+                else:
+                    with self._io_lock:
+                        sock.sendall(chunk)
         except OSError as exc:
             with self._wlock:
                 if self._sock is sock:

@@ -5,10 +5,12 @@ NEXO_REQUIRE_NATS=1)."""
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -448,6 +450,137 @@ class UserPassTest(LiveTest):
         with self.assertRaises(PluginPollerForwardError.Broker) as cm:
             connect_broker(f"nats://ann:nope@127.0.0.1:{self.server.port}")
         self.assertEqual(cm.exception.code, npl.BROKER_AUTH_FAILED)
+
+
+def make_certs(folder: str) -> dict:
+    """A CA and a server certificate for 127.0.0.1, made with the openssl CLI."""
+    if shutil.which("openssl") is None:
+        raise unittest.SkipTest("openssl CLI missing: cannot make test certificates")
+    f = {k: os.path.join(folder, k) for k in ("ca.key", "ca.pem", "srv.key", "srv.csr",
+                                              "srv.pem", "ext")}
+    with open(f["ext"], "w") as out:
+        out.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f["ca.key"], "-out",
+        f["ca.pem"], "-days", "2", "-subj", "/CN=nexo-test-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f["srv.key"], "-out", f["srv.csr"],
+        "-subj", "/CN=localhost")
+    run("x509", "-req", "-in", f["srv.csr"], "-CA", f["ca.pem"], "-CAkey", f["ca.key"],
+        "-CAcreateserial", "-out", f["srv.pem"], "-days", "2", "-extfile", f["ext"])
+    return f
+
+
+class TlsTest(LiveTest):
+    def setUp(self):
+        require_nats()
+        self.certs = make_certs(tempfile.mkdtemp(prefix="nexo-tls-"))
+        self.addCleanup(shutil.rmtree, os.path.dirname(self.certs["ca.pem"]), True)
+        self.server_args = ("--tls", "--tlscert", self.certs["srv.pem"],
+                            "--tlskey", self.certs["srv.key"])
+        super().setUp()
+
+    def test_tls_with_ca_file(self):
+        for scheme in ("tls", "nats"):          # nats:// too: INFO says tls_required
+            with self.subTest(scheme=scheme):
+                c = connect_broker(f"{scheme}://127.0.0.1:{self.server.port}",
+                                   tls_ca_file=self.certs["ca.pem"])
+                self.clients.append(c)
+                c.subscribe(f"sec.{scheme}", lambda p: {"tls": p})
+                self.assertEqual(c.request(f"sec.{scheme}", 1, WAIT), {"tls": 1})
+                self.assertTrue(c.info.get("tls_required"))
+
+    def test_untrusted_certificate_is_a_clear_error(self):
+        with self.assertRaisesRegex(PluginPollerForwardError.Broker,
+                                    f"127.0.0.1:{self.server.port}: TLS failed") as cm:
+            connect_broker(f"tls://127.0.0.1:{self.server.port}")
+        self.assertEqual(cm.exception.code, npl.BROKER_CLOSED)
+
+
+class FakeServerTest(unittest.TestCase):
+    """The client against a hand-written server: what it sends, and server PINGs."""
+
+    def setUp(self):
+        logger = logging.getLogger("nexo_poller")
+        self.addCleanup(logger.setLevel, logger.level)
+        logger.setLevel(logging.CRITICAL)
+
+    def test_connect_fields_and_answering_server_pings(self):
+        lst = socket.socket()
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        self.addCleanup(lst.close)
+        got = {}
+
+        def serve():
+            conn, _ = lst.accept()
+            with conn:
+                f = conn.makefile("rb")
+                conn.sendall(b'INFO {"server_id":"fake","max_payload":4096}\r\n')
+                got["connect"] = f.readline()
+                got["ping"] = f.readline()
+                conn.sendall(b"PONG\r\n")
+                got["sub"] = f.readline()
+                conn.sendall(b"PING\r\n")
+                got["pong"] = f.readline()
+                conn.sendall(b'INFO {"server_id":"fake","max_payload":2048,'
+                             b'"connect_urls":["127.0.0.1:1","10.0.0.9:4333"],"ldm":true}\r\n'
+                             b"PING\r\n")
+                got["pong2"] = f.readline()
+        t = threading.Thread(target=serve)
+        t.start()
+        port = lst.getsockname()[1]
+        c = connect_broker(f"nats://tok@127.0.0.1:{port}", name="tester")
+        try:
+            t.join(WAIT)
+            opts = json.loads(got["connect"][len(b"CONNECT "):])
+            self.assertEqual({k: opts[k] for k in ("verbose", "pedantic", "headers",
+                                                   "no_responders", "name", "auth_token")},
+                             {"verbose": False, "pedantic": False, "headers": True,
+                              "no_responders": True, "name": "tester", "auth_token": "tok"})
+            self.assertEqual(opts["version"], npl.__version__)
+            self.assertIn("lang", opts)
+            self.assertEqual(got["ping"], b"PING\r\n")
+            self.assertRegex(got["sub"], rb"^SUB _INBOX\.[0-9a-f]+\.\* \d+\r\n$")
+            self.assertEqual(got["pong"], b"PONG\r\n")
+            self.assertEqual(got["pong2"], b"PONG\r\n")      # after the async INFO
+            self.assertEqual(c.max_payload, 2048)
+            self.assertTrue(c.lame_duck)
+            self.assertEqual([s.name for s in c.servers],
+                             [f"127.0.0.1:{port}", "127.0.0.1:1", "10.0.0.9:4333"])
+            self.assertEqual(c.servers[2].token, "tok")          # learned servers keep auth
+        finally:
+            c.close()
+
+    def test_silent_server_is_dropped_after_unanswered_pings(self):
+        lst = socket.socket()
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(4)
+        self.addCleanup(lst.close)
+        conns = []
+        accepted = threading.Event()
+
+        def serve():
+            conn, _ = lst.accept()
+            conns.append(conn)
+            conn.sendall(b'INFO {"server_id":"fake"}\r\n')
+            f = conn.makefile("rb")
+            f.readline()
+            f.readline()
+            conn.sendall(b"PONG\r\n")
+            accepted.set()                    # then never answer again
+        t = threading.Thread(target=serve)
+        t.start()
+        c = connect_broker(f"nats://127.0.0.1:{lst.getsockname()[1]}", ping_interval=0.1,
+                           max_reconnect_attempts=1, reconnect_wait=0.01)
+        try:
+            self.assertTrue(accepted.wait(WAIT))
+            self.assertTrue(c.wait_closed(WAIT))     # dropped, one failed retry, gave up
+            self.assertFalse(c.connected.is_set())
+        finally:
+            c.close()
+            t.join(WAIT)
+            for conn in conns:
+                conn.close()
 
 
 class NkeyTest(unittest.TestCase):
