@@ -2420,8 +2420,16 @@ class NatsClient(_ClientBase):
         """Make a fresh connection current: resubscribe, then send what waited."""
         self._apply_info(info)
         self._parser = _NatsParser(self)
-        sock.settimeout(self.ping_interval)
         self._io_lock = threading.Lock() if hasattr(sock, "pending") else None   # TLS
+        if self._io_lock is None:
+            # Blocking, with a kernel receive timeout for the PINGs: Python's own
+            # timeout mode would add a poll() to every send and receive.
+            sock.settimeout(None)
+            secs = max(0.001, self.ping_interval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                            struct.pack("@ll", int(secs), int(secs % 1 * 1e6)))
+        else:
+            sock.settimeout(self.ping_interval)
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
         with self._wlock:
@@ -2472,7 +2480,7 @@ class NatsClient(_ClientBase):
                 continue
             try:
                 n = self._recv(sock)
-            except socket.timeout:
+            except (socket.timeout, BlockingIOError):     # no data for ping_interval
                 if self._unanswered_pings >= 2:
                     self._lose(sock, "the server stopped answering PINGs")
                 else:
@@ -2855,9 +2863,12 @@ def _close_socket(sock) -> None:
     sock.close()
 
 
+_NATS_SPACE = re.compile(r"\s")
+
+
 def _nats_subject(subject: Any, what: str = "subject") -> str:
-    if not isinstance(subject, str) or not subject or len(subject) > 1024 or any(
-            c.isspace() for c in subject):
+    if not isinstance(subject, str) or not subject or len(subject) > 1024 or \
+            _NATS_SPACE.search(subject):
         raise _broker_error(BROKER_INVALID_PARAMS,
                             f"NATS {what} must be a non-empty string without spaces, "
                             f"got {subject!r:.60}")
