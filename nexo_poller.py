@@ -2356,6 +2356,8 @@ class NatsClient(_ClientBase):
                 raise _broker_error(BROKER_CLOSED, f"{where}: not a NATS server "
                                     f"(first line {line[:40]!r})")
             info = _loads(line[5:])
+            if not isinstance(info, dict):
+                raise ValueError("INFO is not a JSON object")
             if server.tls or info.get("tls_required"):
                 import ssl
                 try:
@@ -2433,6 +2435,9 @@ class NatsClient(_ClientBase):
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
         with self._wlock:
+            if self._closing:                 # close() came during the handshake
+                sock.close()
+                raise _broker_error(BROKER_CLOSED, "NATS client is closed")
             lines = [f"SUB {self._inbox}* {self._inbox_sid}\r\n".encode()]
             lines += [_sub_line(sid, *spec) for sid, spec in list(self._subs.items())]
             data = b"".join(lines) + self._outage
@@ -2495,8 +2500,8 @@ class NatsClient(_ClientBase):
                 continue
             try:
                 self._parser.feed(self._rview[:n])
-            except (_NatsProtocolError, ValueError) as exc:
-                self._lose(sock, f"protocol error: {exc}")
+            except Exception as exc:          # a protocol error (or a bug): start afresh
+                self._lose(sock, f"{type(exc).__name__}: {exc}")
 
     def _recv(self, sock) -> int:
         """Read into the reused buffer.  An SSL object must not read and write

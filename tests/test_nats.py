@@ -410,6 +410,16 @@ class RestartTest(LiveTest):
         self.assertTrue(wait_until(lambda: fd_count() <= self.fds0 + 0, WAIT),
                         f"{fd_count()} fds, {self.fds0} before")
 
+    def test_close_while_reconnecting_leaves_nothing(self):
+        a = self.client(reconnect_wait=0.05, reconnect_wait_max=0.2)
+        self.server.stop()
+        self.assertTrue(wait_until(lambda: not a.connected.is_set(), WAIT))
+        a.close()
+        self.assertTrue(a.wait_closed(0))
+        self.assertFalse(a._reader.is_alive())
+        self.assertTrue(wait_until(lambda: threading.active_count() <= self.threads0, WAIT))
+        self.assertTrue(wait_until(lambda: fd_count() <= self.fds0, WAIT))
+
     def test_outage_buffer_bound(self):
         a = self.client(outage_buffer=1000, reconnect_wait=5, reconnect_wait_max=5)
         self.server.stop()
@@ -550,6 +560,37 @@ class FakeServerTest(unittest.TestCase):
             self.assertEqual(c.servers[2].token, "tok")          # learned servers keep auth
         finally:
             c.close()
+
+    def test_protocol_garbage_drops_the_connection_and_reconnects(self):
+        lst = socket.socket()
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(4)
+        self.addCleanup(lst.close)
+        conns = []
+
+        def serve():
+            for garbage in (b"BOGUS STUFF\r\n", None):
+                conn, _ = lst.accept()
+                conns.append(conn)
+                conn.sendall(b'INFO {"server_id":"fake"}\r\n')
+                f = conn.makefile("rb")
+                f.readline()
+                f.readline()
+                conn.sendall(b"PONG\r\n")
+                if garbage:
+                    f.readline()              # the inbox SUB
+                    conn.sendall(garbage)
+        t = threading.Thread(target=serve)
+        t.start()
+        c = connect_broker(f"nats://127.0.0.1:{lst.getsockname()[1]}", reconnect_wait=0.01)
+        try:
+            self.assertTrue(wait_until(lambda: c.reconnects == 1, WAIT))
+            self.assertTrue(c.connected.is_set())
+        finally:
+            c.close()
+            t.join(WAIT)
+            for conn in conns:
+                conn.close()
 
     def test_silent_server_is_dropped_after_unanswered_pings(self):
         lst = socket.socket()
