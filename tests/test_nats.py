@@ -513,115 +513,94 @@ class FakeServerTest(unittest.TestCase):
         logger = logging.getLogger("nexo_poller")
         self.addCleanup(logger.setLevel, logger.level)
         logger.setLevel(logging.CRITICAL)
+        self.lst = socket.socket()
+        self.lst.bind(("127.0.0.1", 0))
+        self.lst.listen(4)
+        self.addCleanup(self.lst.close)
+        self.port = self.lst.getsockname()[1]
+        self.conns = []
+
+    def serve(self, fn) -> None:
+        """Run ``fn()`` as the server, joined and its connections closed at cleanup."""
+        t = threading.Thread(target=fn)
+        t.start()
+
+        def done():
+            t.join(WAIT)
+            for conn in self.conns:
+                conn.close()
+        self.addCleanup(done)
+
+    def accept(self, info=b'{"server_id":"fake"}'):
+        """Accept one client and send INFO; returns (connection, its reader)."""
+        conn, _ = self.lst.accept()
+        self.conns.append(conn)
+        conn.sendall(b"INFO " + info + b"\r\n")
+        return conn, conn.makefile("rb")
+
+    def handshake(self):
+        """Accept one client and answer its CONNECT + PING."""
+        conn, f = self.accept()
+        f.readline()
+        f.readline()
+        conn.sendall(b"PONG\r\n")
+        return conn, f
 
     def test_connect_fields_and_answering_server_pings(self):
-        lst = socket.socket()
-        lst.bind(("127.0.0.1", 0))
-        lst.listen(1)
-        self.addCleanup(lst.close)
         got = {}
 
-        def serve():
-            conn, _ = lst.accept()
-            with conn:
-                f = conn.makefile("rb")
-                conn.sendall(b'INFO {"server_id":"fake","max_payload":4096}\r\n')
-                got["connect"] = f.readline()
-                got["ping"] = f.readline()
-                conn.sendall(b"PONG\r\n")
-                got["sub"] = f.readline()
-                conn.sendall(b"PING\r\n")
-                got["pong"] = f.readline()
-                conn.sendall(b'INFO {"server_id":"fake","max_payload":2048,'
-                             b'"connect_urls":["127.0.0.1:1","10.0.0.9:4333"],"ldm":true}\r\n'
-                             b"PING\r\n")
-                got["pong2"] = f.readline()
-        t = threading.Thread(target=serve)
-        t.start()
-        port = lst.getsockname()[1]
-        c = connect_broker(f"nats://tok@127.0.0.1:{port}", name="tester")
-        try:
-            t.join(WAIT)
-            opts = json.loads(got["connect"][len(b"CONNECT "):])
-            self.assertEqual({k: opts[k] for k in ("verbose", "pedantic", "headers",
-                                                   "no_responders", "name", "auth_token")},
-                             {"verbose": False, "pedantic": False, "headers": True,
-                              "no_responders": True, "name": "tester", "auth_token": "tok"})
-            self.assertEqual(opts["version"], npl.__version__)
-            self.assertIn("lang", opts)
-            self.assertEqual(got["ping"], b"PING\r\n")
-            self.assertRegex(got["sub"], rb"^SUB _INBOX\.[0-9a-f]+\.\* \d+\r\n$")
-            self.assertEqual(got["pong"], b"PONG\r\n")
-            self.assertEqual(got["pong2"], b"PONG\r\n")      # after the async INFO
-            self.assertEqual(c.max_payload, 2048)
-            self.assertTrue(c.lame_duck)
-            self.assertEqual([s.name for s in c.servers],
-                             [f"127.0.0.1:{port}", "127.0.0.1:1", "10.0.0.9:4333"])
-            self.assertEqual(c.servers[2].token, "tok")          # learned servers keep auth
-        finally:
-            c.close()
+        def server():
+            conn, f = self.accept(b'{"server_id":"fake","max_payload":4096}')
+            got["connect"] = f.readline()
+            got["ping"] = f.readline()
+            conn.sendall(b"PONG\r\n")
+            got["sub"] = f.readline()
+            conn.sendall(b"PING\r\n")
+            got["pong"] = f.readline()
+            conn.sendall(b'INFO {"server_id":"fake","max_payload":2048,'
+                         b'"connect_urls":["127.0.0.1:1","10.0.0.9:4333"],"ldm":true}\r\n'
+                         b"PING\r\n")
+            got["pong2"] = f.readline()
+        self.serve(server)
+        c = connect_broker(f"nats://tok@127.0.0.1:{self.port}", name="tester")
+        self.addCleanup(c.close)
+        self.assertTrue(wait_until(lambda: "pong2" in got, WAIT))
+        opts = json.loads(got["connect"][len(b"CONNECT "):])
+        self.assertEqual({k: opts[k] for k in ("verbose", "pedantic", "headers",
+                                               "no_responders", "name", "auth_token")},
+                         {"verbose": False, "pedantic": False, "headers": True,
+                          "no_responders": True, "name": "tester", "auth_token": "tok"})
+        self.assertEqual(opts["version"], npl.__version__)
+        self.assertIn("lang", opts)
+        self.assertEqual(got["ping"], b"PING\r\n")
+        self.assertRegex(got["sub"], rb"^SUB _INBOX\.[0-9a-f]+\.\* \d+\r\n$")
+        self.assertEqual(got["pong"], b"PONG\r\n")
+        self.assertEqual(got["pong2"], b"PONG\r\n")      # after the async INFO
+        self.assertTrue(wait_until(lambda: c.lame_duck, WAIT))
+        self.assertEqual(c.max_payload, 2048)
+        self.assertEqual([s.name for s in c.servers],
+                         [f"127.0.0.1:{self.port}", "127.0.0.1:1", "10.0.0.9:4333"])
+        self.assertEqual(c.servers[2].token, "tok")          # learned servers keep auth
 
     def test_protocol_garbage_drops_the_connection_and_reconnects(self):
-        lst = socket.socket()
-        lst.bind(("127.0.0.1", 0))
-        lst.listen(4)
-        self.addCleanup(lst.close)
-        conns = []
-
-        def serve():
-            for garbage in (b"BOGUS STUFF\r\n", None):
-                conn, _ = lst.accept()
-                conns.append(conn)
-                conn.sendall(b'INFO {"server_id":"fake"}\r\n')
-                f = conn.makefile("rb")
-                f.readline()
-                f.readline()
-                conn.sendall(b"PONG\r\n")
-                if garbage:
-                    f.readline()              # the inbox SUB
-                    conn.sendall(garbage)
-        t = threading.Thread(target=serve)
-        t.start()
-        c = connect_broker(f"nats://127.0.0.1:{lst.getsockname()[1]}", reconnect_wait=0.01)
-        try:
-            self.assertTrue(wait_until(lambda: c.reconnects == 1, WAIT))
-            self.assertTrue(c.connected.is_set())
-        finally:
-            c.close()
-            t.join(WAIT)
-            for conn in conns:
-                conn.close()
+        def server():
+            conn, f = self.handshake()
+            f.readline()                      # the inbox SUB
+            conn.sendall(b"BOGUS STUFF\r\n")
+            self.handshake()
+        self.serve(server)
+        c = connect_broker(f"nats://127.0.0.1:{self.port}", reconnect_wait=0.01)
+        self.addCleanup(c.close)
+        self.assertTrue(wait_until(lambda: c.reconnects == 1, WAIT))
+        self.assertTrue(c.connected.is_set())
 
     def test_silent_server_is_dropped_after_unanswered_pings(self):
-        lst = socket.socket()
-        lst.bind(("127.0.0.1", 0))
-        lst.listen(4)
-        self.addCleanup(lst.close)
-        conns = []
-        accepted = threading.Event()
-
-        def serve():
-            conn, _ = lst.accept()
-            conns.append(conn)
-            conn.sendall(b'INFO {"server_id":"fake"}\r\n')
-            f = conn.makefile("rb")
-            f.readline()
-            f.readline()
-            conn.sendall(b"PONG\r\n")
-            accepted.set()                    # then never answer again
-        t = threading.Thread(target=serve)
-        t.start()
-        c = connect_broker(f"nats://127.0.0.1:{lst.getsockname()[1]}", ping_interval=0.1,
+        self.serve(self.handshake)            # then it never answers again
+        c = connect_broker(f"nats://127.0.0.1:{self.port}", ping_interval=0.1,
                            max_reconnect_attempts=1, reconnect_wait=0.01)
-        try:
-            self.assertTrue(accepted.wait(WAIT))
-            self.assertTrue(c.wait_closed(WAIT))     # dropped, one failed retry, gave up
-            self.assertFalse(c.connected.is_set())
-        finally:
-            c.close()
-            t.join(WAIT)
-            for conn in conns:
-                conn.close()
+        self.addCleanup(c.close)
+        self.assertTrue(c.wait_closed(WAIT))     # dropped, one failed retry, gave up
+        self.assertFalse(c.connected.is_set())
 
 
 class NkeyTest(unittest.TestCase):
