@@ -21,6 +21,7 @@ The sections of this file, in dependency order:
     Router      PluginPollerRouter
     Processes   spawn_ephemeral_tick (process groups, bounded pipes, reaping)
     Broker      BrokerServer, BrokerClient (line-delimited JSON-RPC, Unix socket)
+    NATS        NatsClient, connect_broker, nexo envelopes (nexo_event, nexo_unwrap)
     Proxies     PollContext, EphemeralPollerProxy, PluginPollerProxy,
                 forward_tick, PluginSupervisor
     SDK         run_plugin
@@ -96,6 +97,9 @@ __all__ = [
     "DEFAULT_MAX_REPLY_BYTES",
     # broker
     "BrokerServer", "BrokerClient", "BROKER_MAX_LINE_BYTES",
+    # nats
+    "NatsClient", "connect_broker", "nexo_event", "nexo_request_event", "nexo_unwrap",
+    "nexo_reply_payload", "tick_reply_envelope",
     # sdk
     "run_plugin",
     # daemon
@@ -2424,6 +2428,884 @@ class BrokerClient(_ClientBase):
 
 
 # ============================================================================
+# NATS
+# A NATS core client (text protocol over TCP or TLS) with BrokerClient's
+# interface, nexo's Event/Message envelopes, and connect_broker choosing one.
+# ============================================================================
+
+NATS_DEFAULT_PORT = 4222
+NATS_MAX_CONTROL_LINE = 64 * 1024       # a longer line from the server is a protocol error
+NATS_MAX_OUTAGE_BUFFER = 8 << 20        # bytes of publishes kept during an outage
+BROKER_AUTH_FAILED = -32015             # the NATS server refused the credentials
+BROKER_PAYLOAD_TOO_LARGE = -32016       # over the server's max_payload; nothing was sent
+_NEXO_SOURCE = "plugin.poller"
+_NATS_ERROR_HEADER = "Nexo-Error"       # a responder's handler failed: {"message": ...}
+
+
+class _NatsProtocolError(Exception):
+    """The server sent bytes that are not the NATS protocol."""
+
+
+class _NatsParser:
+    """Split the server's byte stream into operations, however it was cut.
+
+    ``feed`` takes any chunk and calls ``sink.on_msg(subject, sid, reply,
+    headers, payload)`` (headers: raw bytes for HMSG, else None),
+    ``on_info(dict)``, ``on_ping()``, ``on_pong()``, ``on_err(text)`` for
+    each complete operation; a partial one waits in the buffer.
+    """
+    __slots__ = ("buf", "sink", "_msg")
+
+    def __init__(self, sink) -> None:
+        self.buf = bytearray()
+        self.sink = sink
+        self._msg = None              # (subject, sid, reply, header bytes, total bytes)
+
+    def feed(self, data) -> None:
+        buf = self.buf
+        buf += data
+        pos, end = 0, len(buf)
+        try:
+            while pos < end:
+                if self._msg is not None:
+                    subject, sid, reply, hlen, total = self._msg
+                    stop = pos + total
+                    if end < stop + 2:
+                        break
+                    if buf[stop:stop + 2] != b"\r\n":
+                        raise _NatsProtocolError("message payload not followed by CRLF")
+                    headers = bytes(buf[pos:pos + hlen]) if hlen >= 0 else None
+                    payload = bytes(buf[pos + max(hlen, 0):stop])
+                    pos = stop + 2
+                    self._msg = None
+                    self.sink.on_msg(subject, sid, reply, headers, payload)
+                    continue
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    if end - pos > NATS_MAX_CONTROL_LINE:
+                        raise _NatsProtocolError("control line too long")
+                    break
+                line = bytes(buf[pos:eol])
+                pos = eol + 2
+                self._control(line)
+        finally:
+            del buf[:pos]
+
+    def _control(self, line: bytes) -> None:
+        op, _, rest = line.partition(b" ")
+        op = op.upper()
+        if op == b"MSG" or op == b"HMSG":
+            args = rest.split()
+            want = 4 if op == b"MSG" else 5
+            if len(args) not in (want - 1, want):
+                raise _NatsProtocolError(f"bad {op.decode()} line {line[:80]!r}")
+            reply = args[2].decode("latin-1") if len(args) == want else None
+            try:
+                total = int(args[-1])
+                hlen = int(args[-2]) if op == b"HMSG" else -1
+                sid = int(args[1])
+            except ValueError:
+                raise _NatsProtocolError(f"bad {op.decode()} line {line[:80]!r}") from None
+            if total < 0 or hlen > total:
+                raise _NatsProtocolError(f"bad sizes in {line[:80]!r}")
+            self._msg = (args[0].decode("latin-1"), sid, reply, hlen, total)
+        elif op == b"PING":
+            self.sink.on_ping()
+        elif op == b"PONG":
+            self.sink.on_pong()
+        elif op == b"+OK":
+            pass
+        elif op == b"-ERR":
+            self.sink.on_err(rest.decode("utf-8", "replace").strip().strip("'"))
+        elif op == b"INFO":
+            try:
+                info = _loads(rest)
+            except ValueError:
+                raise _NatsProtocolError("INFO is not JSON") from None
+            self.sink.on_info(info if isinstance(info, dict) else {})
+        else:
+            raise _NatsProtocolError(f"unknown operation {line[:40]!r}")
+
+
+def _nats_parse_headers(raw: bytes) -> tuple[int | None, str, dict[str, list[str]]]:
+    """``NATS/1.0 503 No Responders\\r\\nK: v\\r\\n\\r\\n`` -> (503, "No Responders", {K: [v]})."""
+    lines = raw.decode("utf-8", "replace").split("\r\n")
+    first = lines[0].split(None, 2)
+    if not first or not first[0].startswith("NATS/"):
+        raise _NatsProtocolError(f"bad header block {raw[:40]!r}")
+    status = int(first[1]) if len(first) > 1 and first[1].isdigit() else None
+    description = first[2] if len(first) > 2 else ""
+    headers: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers.setdefault(name.strip(), []).append(value.strip())
+    return status, description, headers
+
+
+def _nats_headers(pairs: Mapping[str, str]) -> bytes:
+    return ("NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in pairs.items())
+            + "\r\n").encode()
+
+
+@dataclasses.dataclass(frozen=True)
+class _NatsServer:
+    """One server of the list, with the credentials its URL carried."""
+    host: str
+    port: int
+    tls: bool = False
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _nats_servers(url: str) -> list[_NatsServer]:
+    """Parse ``nats://[token@|user:pass@]host[:port]``, ``tls://...``, comma-separated."""
+    from urllib.parse import unquote, urlsplit
+    servers = []
+    for part in str(url).split(","):
+        part = part.strip()
+        try:
+            u = urlsplit(part if "://" in part else "nats://" + part)
+            port = u.port or NATS_DEFAULT_PORT
+        except ValueError as exc:
+            raise _broker_error(BROKER_INVALID_PARAMS, f"bad NATS URL {part!r}: {exc}") from None
+        if u.scheme not in ("nats", "tls") or not u.hostname:
+            raise _broker_error(BROKER_INVALID_PARAMS, f"NATS URL must look like "
+                                f"nats://host:4222 or tls://host:4222, got {part!r}")
+        user = unquote(u.username) if u.username else None
+        password = unquote(u.password) if u.password is not None else None
+        token = None
+        if user is not None and password is None:
+            user, token = None, user
+        servers.append(_NatsServer(u.hostname, port, u.scheme == "tls", user, password, token))
+    return servers
+
+
+def _uuid4() -> str:
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _nexo_timestamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def nexo_event(topic: str, payload: Any, *, source: str = _NEXO_SOURCE) -> dict:
+    """nexo's broker ``Event`` around ``payload`` (pure but for id and clock)."""
+    return {"id": _uuid4(), "timestamp": _nexo_timestamp(), "topic": topic,
+            "source": source, "session_id": None, "payload": payload}
+
+
+def nexo_request_event(topic: str, payload: Any, reply_to: str | None, *,
+                       source: str = _NEXO_SOURCE) -> dict:
+    """A request as nexo's plugins read it: ``Event(Message(reply_to, payload))``."""
+    return nexo_event(topic, {"id": _uuid4(), "topic": topic, "reply_to": reply_to,
+                              "payload": payload}, source=source)
+
+
+_RPC_KEYS = ("jsonrpc", "method", "result", "error")
+
+
+def _is_nexo_envelope(obj: Any) -> bool:
+    return (isinstance(obj, dict) and "payload" in obj and "topic" in obj
+            and not any(k in obj for k in _RPC_KEYS))
+
+
+def nexo_unwrap(obj: Any) -> tuple[Any, str | None, str | None]:
+    """Open a body that may be a nexo ``Event``, ``Message`` or ``Event(Message)``.
+
+    Returns ``(inner payload, Message.reply_to, shape)`` with shape
+    ``"event"``, ``"message"`` or None (not an envelope: returned as is).
+    """
+    if not _is_nexo_envelope(obj):
+        return obj, None, None
+    shape = "event" if ("source" in obj or "timestamp" in obj) else "message"
+    inner, reply_to = obj["payload"], obj.get("reply_to")
+    if shape == "event" and _is_nexo_envelope(inner) and "source" not in inner:
+        inner, reply_to = inner["payload"], inner.get("reply_to")
+    return inner, reply_to if isinstance(reply_to, str) and reply_to else None, shape
+
+
+def nexo_reply_payload(answer: Any) -> Any:
+    """A reply's payload for nexo readers: ``{"result": R}`` also carries R's
+    fields beside ``result``, so nexo's daemon, which decodes the payload
+    directly as a TickReply, reads them, while ``error`` keeps its code."""
+    if isinstance(answer, dict) and isinstance(answer.get("result"), dict):
+        return {**answer["result"], **answer}
+    return answer
+
+
+_TICK_REPLY_KEYS = ("next_cursor", "next_interval_secs", "metrics", "items_seen",
+                    "items_dispatched")
+
+
+def tick_reply_envelope(reply: Any) -> Any:
+    """Any reply shape a plugin sends, as ``{"result": ...}``/``{"error": ...}``:
+    a nexo envelope is opened, and a bare TickReply (an object with a
+    TickReply field and no JSON-RPC member) becomes its ``result``."""
+    inner, _, _ = nexo_unwrap(reply)
+    if (isinstance(inner, dict) and not any(k in inner for k in _RPC_KEYS)
+            and any(k in inner for k in _TICK_REPLY_KEYS)):
+        return {"result": inner}
+    return inner
+
+
+class NatsClient(_ClientBase):
+    """A NATS client with ``BrokerClient``'s interface; thread-safe.
+
+    One reader thread per client parses the server's stream; writers
+    append to one buffer and the first of them to find nobody sending
+    sends everything queued (write combining).  Requests share one
+    wildcard inbox subscription.  After a lost connection it reconnects
+    with backoff and jitter across the server list, resubscribes, and
+    sends the publishes buffered meanwhile (at most ``outage_buffer``
+    bytes).  With ``nexo_envelopes`` (the default) requests and
+    publishes travel as nexo ``Event``s and envelopes are opened on
+    receipt, so handlers and requesters see plain payloads.
+    """
+
+    def __init__(self, servers: list[_NatsServer], *, name: str = "nexo-poller",
+                 connect_timeout: float = 5.0, max_workers: int = 32,
+                 nexo_envelopes: bool = True, tls_ca_file: str | None = None,
+                 tls_cert_file: str | None = None, tls_key_file: str | None = None,
+                 reconnect_wait: float = 0.1, reconnect_wait_max: float = 5.0,
+                 max_reconnect_attempts: int = -1, ping_interval: float = 60.0,
+                 outage_buffer: int = NATS_MAX_OUTAGE_BUFFER,
+                 source: str = _NEXO_SOURCE) -> None:
+        super().__init__(max_workers)
+        if not servers:
+            raise _broker_error(BROKER_INVALID_PARAMS, "no NATS server given")
+        self.servers = list(servers)
+        self.url = ",".join(f"{'tls' if s.tls else 'nats'}://{s.name}" for s in servers)
+        self.name, self.connect_timeout, self.nexo_envelopes = name, connect_timeout, nexo_envelopes
+        self.tls_ca_file, self.tls_cert_file, self.tls_key_file = \
+            tls_ca_file, tls_cert_file, tls_key_file
+        self.reconnect_wait, self.reconnect_wait_max = reconnect_wait, reconnect_wait_max
+        self.max_reconnect_attempts, self.ping_interval = max_reconnect_attempts, ping_interval
+        self.outage_buffer, self.source = outage_buffer, source
+        self.server: _NatsServer | None = None   # the one connected to
+        self.info: dict = {}
+        self.max_payload = 1 << 20
+        self.reconnects = 0
+        self.lame_duck = False
+        self.connected = threading.Event()
+        self._sock = None                 # None while disconnected
+        self._wlock = threading.Lock()
+        self._out = bytearray()           # waiting for the current sender
+        self._outage = bytearray()        # publishes kept while disconnected
+        self._flushing = False
+        self._closing = False
+        self._subs: dict[int, tuple[str, str | None]] = {}    # sid -> (subject, queue)
+        self._inbox_sid = next(self._sids)
+        self._inbox = f"_INBOX.{_uuid4().replace('-', '')}."
+        self._pending: dict[str, _Waiter] = {}
+        self._tokens = itertools.count(1)
+        self._pongs: deque = deque()      # waiters of our PINGs, in order
+        self._unanswered_pings = 0
+        self._rbuf = bytearray(1 << 16)
+        self._rview = memoryview(self._rbuf)
+        self._parser = _NatsParser(self)
+        self._reader: threading.Thread | None = None
+        self._wake = threading.Event()    # set by close(): stop waiting to reconnect
+        self._io_lock: threading.Lock | None = None   # TLS only: one SSL call at a time
+        self._poll = None
+
+    # ---------------------------------------------------------- connecting
+    @classmethod
+    def connect(cls, url: str, **opts) -> "NatsClient":
+        """Connect to the first server of ``url`` that answers; raises
+        ``PluginPollerForwardError.Broker`` naming each server and its cause."""
+        client = cls(_nats_servers(url), **opts)
+        problems = []
+        for server in client.servers:
+            try:
+                client._adopt(*client._handshake(server))
+                break
+            except PluginPollerForwardError as exc:
+                problems.append(exc)
+                if getattr(exc, "code", None) == BROKER_AUTH_FAILED:
+                    break
+        if client._sock is None:
+            first = problems[0]
+            text = "; ".join(str(p) for p in problems)
+            raise _broker_error(getattr(first, "code", BROKER_CLOSED), text)
+        client._reader = threading.Thread(target=client._read_loop, daemon=True,
+                                          name="nexo-nats-reader")
+        client._reader.start()
+        return client
+
+    def _tls_context(self):
+        import ssl
+        ctx = ssl.create_default_context(cafile=self.tls_ca_file)
+        if self.tls_cert_file:
+            ctx.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        return ctx
+
+    def _handshake(self, server: _NatsServer):
+        """Connect and authenticate to one server: (socket, INFO, leftover bytes)."""
+        where = f"NATS server {server.name}"
+        try:
+            sock = socket.create_connection((server.host, server.port), self.connect_timeout)
+        except OSError as exc:
+            raise _broker_error(BROKER_CLOSED, f"{where}: cannot connect: "
+                                f"{exc.strerror or exc}") from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            buf = bytearray()
+            line = self._read_line(sock, buf, where)
+            if not line.startswith(b"INFO "):
+                raise _broker_error(BROKER_CLOSED, f"{where}: not a NATS server "
+                                    f"(first line {line[:40]!r})")
+            info = _loads(line[5:])
+            if not isinstance(info, dict):
+                raise ValueError("INFO is not a JSON object")
+            if server.tls or info.get("tls_required"):
+                import ssl
+                try:
+                    sock = self._tls_context().wrap_socket(sock, server_hostname=server.host)
+                except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
+                    raise _broker_error(BROKER_CLOSED, f"{where}: TLS failed: {exc}") from None
+            if info.get("nonce") and not (server.token or server.user):
+                raise _broker_error(BROKER_AUTH_FAILED, (
+                    f"{where} asks for an nkey/JWT signature (Ed25519), which the "
+                    "Python standard library cannot make; use a token or user/password"))
+            sock.sendall(self._connect_line(server, hasattr(sock, "pending"))
+                         + b"PING\r\n")
+            while True:
+                line = self._read_line(sock, buf, where)
+                if line == b"PONG":
+                    break
+                if line == b"PING":
+                    sock.sendall(b"PONG\r\n")
+                elif line.startswith(b"-ERR"):
+                    text = line[4:].decode("utf-8", "replace").strip().strip("'")
+                    code = (BROKER_AUTH_FAILED if "authoriz" in text.lower()
+                            or "authentication" in text.lower() else BROKER_CLOSED)
+                    raise _broker_error(code, f"{where} refused the connection: {text}")
+                elif line.startswith(b"INFO "):
+                    info = _loads(line[5:])
+            sock.settimeout(None)
+            return server, sock, info, bytes(buf)
+        except PluginPollerForwardError:
+            sock.close()
+            raise
+        except (OSError, ValueError) as exc:
+            sock.close()
+            raise _broker_error(BROKER_CLOSED, f"{where}: handshake failed: {exc}") from None
+
+    @staticmethod
+    def _read_line(sock, buf: bytearray, where: str) -> bytes:
+        while True:
+            eol = buf.find(b"\r\n")
+            if eol >= 0:
+                line = bytes(buf[:eol])
+                del buf[:eol + 2]
+                return line
+            if len(buf) > NATS_MAX_CONTROL_LINE:
+                raise _broker_error(BROKER_CLOSED, f"{where}: line too long in handshake")
+            data = sock.recv(65536)
+            if not data:
+                raise _broker_error(BROKER_CLOSED, f"{where} closed the connection "
+                                    "during the handshake")
+            buf += data
+
+    def _connect_line(self, server: _NatsServer, tls: bool) -> bytes:
+        opts = {"verbose": False, "pedantic": False, "headers": True, "no_responders": True,
+                "tls_required": tls, "name": self.name, "lang": "python-stdlib",
+                "version": __version__, "protocol": 1, "echo": True}
+        if server.token:
+            opts["auth_token"] = server.token
+        if server.user:
+            opts["user"], opts["pass"] = server.user, server.password or ""
+        return b"CONNECT " + _dumps(opts).encode() + b"\r\n"
+
+    def _adopt(self, server: _NatsServer, sock, info: dict, leftover: bytes) -> None:
+        """Make a fresh connection current: resubscribe, then send what waited."""
+        self._apply_info(info)
+        self._parser = _NatsParser(self)
+        self._io_lock = threading.Lock() if hasattr(sock, "pending") else None   # TLS
+        if self._io_lock is None:
+            # Blocking, with a kernel receive timeout for the PINGs: Python's own
+            # timeout mode would add a poll() to every send and receive.
+            sock.settimeout(None)
+            secs = max(0.001, self.ping_interval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                            struct.pack("@ll", int(secs), int(secs % 1 * 1e6)))
+        else:
+            sock.settimeout(self.ping_interval)
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
+        with self._wlock:
+            if self._closing:                 # close() came during the handshake
+                sock.close()
+                raise _broker_error(BROKER_CLOSED, "NATS client is closed")
+            lines = [f"SUB {self._inbox}* {self._inbox_sid}\r\n".encode()]
+            lines += [_sub_line(sid, *spec) for sid, spec in list(self._subs.items())]
+            data = b"".join(lines) + self._outage
+            self._outage.clear()
+            self._out.clear()
+            try:
+                sock.sendall(data)
+            except OSError as exc:
+                sock.close()
+                raise _broker_error(BROKER_CLOSED, f"NATS server {server.name}: "
+                                    f"lost while resubscribing: {exc}") from None
+            self._sock, self.server = sock, server
+            self._flushing = False
+            self._unanswered_pings = 0
+            self.lame_duck = False
+        if leftover:
+            self._parser.feed(leftover)
+        self.connected.set()
+
+    def _apply_info(self, info: dict) -> None:
+        self.info = info
+        if _is_int(info.get("max_payload")) and info["max_payload"] > 0:
+            self.max_payload = info["max_payload"]
+        for url in info.get("connect_urls") or ():
+            try:
+                learned = _nats_servers(url)[0]
+            except PluginPollerForwardError:
+                continue
+            if all(s.name != learned.name for s in self.servers):
+                base = self.servers[0]
+                self.servers.append(dataclasses.replace(
+                    base, host=learned.host, port=learned.port))
+        if info.get("ldm"):
+            self.lame_duck = True
+            log.info("NATS server %s is entering lame-duck mode",
+                     self.server.name if self.server else "?")
+
+    # ------------------------------------------------------------- reading
+    def _read_loop(self) -> None:
+        while True:
+            sock = self._sock
+            if sock is None:
+                if not self._reconnect():
+                    return
+                continue
+            try:
+                n = self._recv(sock)
+            except (socket.timeout, BlockingIOError):     # no data for ping_interval
+                if self._unanswered_pings >= 2:
+                    self._lose(sock, "the server stopped answering PINGs")
+                else:
+                    self._unanswered_pings += 1
+                    self._ping(None, quiet=True)
+                continue
+            except OSError as exc:
+                self._lose(sock, str(exc))
+                continue
+            if not n:
+                self._lose(sock, "the server closed the connection")
+                continue
+            try:
+                self._parser.feed(self._rview[:n])
+            except Exception as exc:          # a protocol error (or a bug): start afresh
+                self._lose(sock, f"{type(exc).__name__}: {exc}")
+
+    def _recv(self, sock) -> int:
+        """Read into the reused buffer.  An SSL object must not read and write
+        at once, so over TLS the read waits for data unlocked, then reads
+        under the lock the writers take."""
+        if self._io_lock is None:
+            return sock.recv_into(self._rbuf)
+        if not sock.pending() and not self._poll.poll(self.ping_interval * 1000):
+            raise socket.timeout
+        with self._io_lock:
+            return sock.recv_into(self._rbuf)
+
+    def on_msg(self, subject: str, sid: int, reply, headers, payload: bytes) -> None:
+        if sid == self._inbox_sid:
+            waiter = self._pending.pop(subject[len(self._inbox):], None)
+            if waiter is not None:
+                if headers is not None and not payload:
+                    status = _nats_parse_headers(headers)[0]
+                    if status == 503:
+                        waiter.set(None, {"code": BROKER_NO_RESPONDERS,
+                                          "message": "no responders"})
+                        return
+                waiter.set((headers, payload))
+            return
+        if sid not in self._subs:
+            return
+        try:
+            body = _loads(payload) if payload else None
+        except (ValueError, RecursionError):
+            body = payload                # not JSON: the handler gets the bytes
+        shape = None
+        if self.nexo_envelopes:
+            body, reply_to, shape = nexo_unwrap(body)
+            reply = reply or reply_to
+        self._dispatch(sid, body, None if reply is None else (reply, shape))
+
+    def on_info(self, info: dict) -> None:
+        self._apply_info(info)
+
+    def on_ping(self) -> None:
+        self._write(b"PONG\r\n", quiet=True)
+
+    def on_pong(self) -> None:
+        self._unanswered_pings = 0
+        if self._pongs:
+            waiter = self._pongs.popleft()
+            if waiter is not None:
+                waiter.set(True)
+
+    def on_err(self, text: str) -> None:
+        log.warning("NATS server %s: %s", self.server.name if self.server else "?", text)
+
+    def _lose(self, sock, why: str) -> None:
+        """The connection died: fail what was in flight; the loop reconnects."""
+        with self._wlock:
+            if self._sock is not sock:
+                return
+            self._sock = None
+            self._out.clear()
+            self._flushing = False
+            self.connected.clear()
+        _close_socket(sock)
+        if not self._closing:
+            log.warning("NATS server %s: connection lost: %s", self.server.name, why)
+        self._fail_in_flight("connection to NATS lost" if not self._closing
+                             else "client closed")
+
+    def _fail_in_flight(self, why: str) -> None:
+        error = {"code": BROKER_CLOSED, "message": why}
+        for token in list(self._pending):
+            waiter = self._pending.pop(token, None)
+            if waiter is not None:
+                waiter.set(None, error)
+        while self._pongs:
+            waiter = self._pongs.popleft()
+            if waiter is not None:
+                waiter.set(False)
+
+    def _reconnect(self) -> bool:
+        """Try the servers in turn until one answers; False when giving up."""
+        attempt = 0
+        while not self._closing:
+            delay = min(self.reconnect_wait_max, self.reconnect_wait * 2 ** min(attempt, 16))
+            if self._wake.wait(delay * (0.5 + random.random())) or self._closing:
+                break
+            order = [s for s in self.servers if s != self.server] or self.servers
+            if self.server in self.servers and len(self.servers) > 1:
+                order.append(self.server)     # the lost one (maybe lame-duck) goes last
+            server = order[attempt % len(order)]
+            attempt += 1
+            try:
+                self._adopt(*self._handshake(server))
+            except PluginPollerForwardError as exc:
+                log.info("NATS reconnect attempt %d: %s", attempt, exc)
+                if 0 <= self.max_reconnect_attempts <= attempt:
+                    break
+                continue
+            self.reconnects += 1
+            log.info("NATS: reconnected to %s", server.name)
+            return True
+        self._finish_close()
+        return False
+
+    # ------------------------------------------------------------- writing
+    def _write(self, data: bytes, *, buffer: bool = False, quiet: bool = False) -> None:
+        """Send ``data`` in order with everything queued; while disconnected
+        keep it (``buffer``) within the outage bound, or fail."""
+        with self._wlock:
+            if self._closing:
+                if quiet:
+                    return
+                raise _broker_error(BROKER_CLOSED, "NATS client is closed")
+            sock = self._sock
+            if sock is None:
+                if quiet:
+                    return
+                if not buffer:
+                    raise _broker_error(BROKER_CLOSED, "not connected to NATS (reconnecting)")
+                if len(self._outage) + len(data) > self.outage_buffer:
+                    raise _broker_error(BROKER_CLOSED, (
+                        f"not connected to NATS and the outage buffer "
+                        f"({self.outage_buffer} bytes) is full"))
+                self._outage += data
+                return
+            self._out += data
+            if self._flushing:
+                return
+            self._flushing = True
+        try:
+            while True:
+                with self._wlock:
+                    if self._sock is not sock:        # lost meanwhile: _adopt resets the flag
+                        return
+                    if not self._out:
+                        self._flushing = False
+                        return
+                    chunk = bytes(self._out)
+                    self._out.clear()
+                if self._io_lock is None:
+                    sock.sendall(chunk)
+                else:
+                    with self._io_lock:
+                        sock.sendall(chunk)
+        except OSError as exc:
+            with self._wlock:
+                if self._sock is sock:
+                    self._flushing = False
+            try:
+                sock.shutdown(socket.SHUT_RDWR)      # the reader notices and reconnects
+            except OSError:
+                pass
+            if not quiet:
+                raise _broker_error(BROKER_CLOSED, f"NATS connection lost: {exc}") from None
+
+    def _encode(self, payload: Any) -> bytes:
+        try:
+            return _dumps(payload).encode()
+        except (ValueError, TypeError) as exc:
+            raise _broker_error(BROKER_INVALID_PARAMS, f"payload is not JSON: {exc}") from None
+
+    def _pub(self, subject: str, body: bytes, reply: str | None = None,
+             headers: bytes | None = None, *, buffer: bool = True) -> None:
+        _nats_subject(subject)
+        size = len(body) + (len(headers) if headers else 0)
+        if size > self.max_payload:
+            raise _broker_error(BROKER_PAYLOAD_TOO_LARGE, (
+                f"message of {size} bytes to {subject!r} exceeds the NATS server's "
+                f"max_payload of {self.max_payload} bytes; not sent"))
+        r = f" {reply}" if reply else ""
+        if headers:
+            head = f"HPUB {subject}{r} {len(headers)} {size}\r\n".encode()
+            self._write(head + headers + body + b"\r\n", buffer=buffer)
+        else:
+            self._write(f"PUB {subject}{r} {size}\r\n".encode() + body + b"\r\n", buffer=buffer)
+
+    # ------------------------------------------------------ the interface
+    def subscribe(self, topic: str, handler: Callable[[Any], Any],
+                  queue: str | None = None) -> int:
+        """Run ``handler(payload)`` for each message; its return value answers
+        requests.  Returns once the server has the subscription."""
+        _nats_subject(topic)
+        if queue is not None:
+            _nats_subject(queue, "queue group")
+        if self._closing:
+            raise _broker_error(BROKER_CLOSED, "NATS client is closed")
+        sid = next(self._sids)
+        self._handlers[sid] = handler
+        self._subs[sid] = (topic, queue)      # sent again after every reconnect
+        # Disconnected, the SUB is dropped here and sent on reconnect; a SUB
+        # sent twice for one sid is ignored by the server.
+        self._write(_sub_line(sid, topic, queue), quiet=True)
+        try:
+            self.flush()
+        except PluginPollerForwardError:
+            pass                              # an outage: the reconnect subscribes
+        return sid
+
+    def unsubscribe(self, sid: int) -> None:
+        self._subs.pop(sid, None)
+        self._handlers.pop(sid, None)
+        self._write(f"UNSUB {sid}\r\n".encode(), quiet=True)
+
+    def publish(self, topic: str, payload: Any) -> None:
+        """Fire and forget; buffered (within ``outage_buffer``) during an outage."""
+        if self.nexo_envelopes:
+            payload = nexo_event(topic, payload, source=self.source)
+        self._pub(topic, self._encode(payload))
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until the server has processed everything sent so far."""
+        waiter = _Waiter()
+        self._ping(waiter)
+        if not waiter.wait(timeout) or not waiter.result:
+            raise _broker_error(BROKER_TIMEOUT, f"NATS flush: no PONG within {timeout:g}s")
+
+    def _ping(self, waiter: _Waiter | None, quiet: bool = False) -> None:
+        """Send a PING whose PONG settles ``waiter`` (PONGs come in order)."""
+        with self._wlock:
+            if self._sock is None or self._closing:
+                if quiet:
+                    return
+                raise _broker_error(BROKER_CLOSED, "not connected to NATS")
+            self._pongs.append(waiter)
+        self._write(b"PING\r\n", quiet=quiet)
+
+    def request(self, topic: str, payload: Any, timeout: timedelta | float, *,
+                wait: bool = False, cancel: threading.Event | None = None) -> Any:
+        """Send a request and return its one reply's payload.
+
+        No responders fails at once (code ``BROKER_NO_RESPONDERS``) unless
+        ``wait``: then it retries, and waits out an outage, within the timeout.
+        """
+        secs = _seconds(timeout, "timeout")
+        deadline = time.monotonic() + secs
+        pause = 0.02
+        while True:
+            if wait and not self.connected.is_set():
+                self._wait_for(self.connected, deadline, cancel)
+            waiter, answered = self._request_once(topic, payload, deadline, cancel)
+            if (wait and answered and waiter.error is not None
+                    and waiter.error.get("code") == BROKER_NO_RESPONDERS
+                    and time.monotonic() + pause < deadline
+                    and not (cancel is not None and cancel.is_set())):
+                self._wait_for(threading.Event(), time.monotonic() + pause, cancel)
+                pause = min(0.25, pause * 2)
+                continue
+            raw = self._outcome(waiter, answered, topic, secs, cancel)
+            return self._decode_reply(topic, *raw)
+
+    def _request_once(self, topic, payload, deadline, cancel):
+        token = str(next(self._tokens))
+        reply = self._inbox + token
+        body = payload
+        if self.nexo_envelopes:
+            body = nexo_request_event(topic, payload, reply, source=self.source)
+        data = self._encode(body)
+        waiter = _Waiter()
+        self._pending[token] = waiter
+        try:
+            self._pub(topic, data, reply, buffer=False)
+            answered = waiter.wait(deadline - time.monotonic(), cancel)
+        finally:
+            self._pending.pop(token, None)    # a timeout forgets the request
+        return waiter, answered or waiter.wait(0)
+
+    @staticmethod
+    def _wait_for(event: threading.Event, deadline: float, cancel) -> None:
+        while not event.is_set() and not (cancel is not None and cancel.is_set()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            event.wait(min(left, _CANCEL_POLL_SECS))
+
+    def _decode_reply(self, topic: str, headers: bytes | None, payload: bytes) -> Any:
+        if headers is not None:
+            _, _, fields = _nats_parse_headers(headers)
+            if _NATS_ERROR_HEADER in fields:
+                try:
+                    error = _loads(fields[_NATS_ERROR_HEADER][0])
+                except ValueError:
+                    error = {"message": fields[_NATS_ERROR_HEADER][0]}
+                self._raise_error(error if isinstance(error, dict) else {}, topic)
+        if not payload:
+            return None
+        try:
+            body = _loads(payload)
+        except (ValueError, RecursionError) as exc:
+            raise PluginPollerForwardError.ParseReply(
+                f"reply from {topic!r} is not JSON: {exc}") from None
+        return nexo_unwrap(body)[0] if self.nexo_envelopes else body
+
+    def _send_reply(self, inbox, result, error) -> None:
+        """Answer a request in the shape it came in; a handler's error
+        travels in a ``Nexo-Error`` header.  (Not JSON raises ValueError.)"""
+        subject, shape = inbox
+        if error is None and shape is not None:
+            result = nexo_event(subject, nexo_reply_payload(result), source=self.source)
+        body = b"" if error is not None else _dumps(result).encode()
+        try:
+            if error is not None:
+                self._pub(subject, body, buffer=False, headers=_nats_headers(
+                    {_NATS_ERROR_HEADER: _dumps({"code": BROKER_RESPONDER_ERROR, **error})}))
+            else:
+                self._pub(subject, body, buffer=False)
+        except PluginPollerForwardError as exc:
+            if getattr(exc, "code", None) == BROKER_PAYLOAD_TOO_LARGE and error is None:
+                self._send_reply(inbox, None, {"message": str(exc)})
+            else:
+                log.debug("NATS reply not sent: %s", exc)
+
+    # ------------------------------------------------------------- closing
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Block until the client is closed (close(), or reconnecting gave up)."""
+        return self.closed.wait(timeout)
+
+    def close(self) -> None:
+        """Send what is queued, close the connection, stop the reader thread."""
+        with self._wlock:
+            if self._closing:
+                already = True
+            else:
+                already, self._closing = False, True
+            sock = self._sock
+        if not already:
+            self._wake.set()
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(10)
+        elif reader is None:
+            self._finish_close()
+
+    def _finish_close(self) -> None:
+        with self._wlock:
+            sock, self._sock = self._sock, None
+            self.connected.clear()
+        if sock is not None:
+            _close_socket(sock)
+        self._fail_in_flight("client closed")
+        self._shutdown_pool()
+        self.closed.set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _sub_line(sid: int, subject: str, queue: str | None) -> bytes:
+    return f"SUB {subject} {queue + ' ' if queue else ''}{sid}\r\n".encode()
+
+
+def _close_socket(sock) -> None:
+    """Shut down first, so a thread blocked on it returns, then close."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+_NATS_SPACE = re.compile(r"\s")
+
+
+def _nats_subject(subject: Any, what: str = "subject") -> str:
+    if not isinstance(subject, str) or not subject or len(subject) > 1024 or \
+            _NATS_SPACE.search(subject):
+        raise _broker_error(BROKER_INVALID_PARAMS,
+                            f"NATS {what} must be a non-empty string without spaces, "
+                            f"got {subject!r:.60}")
+    return subject
+
+
+def connect_broker(url: str, **opts) -> "BrokerClient | NatsClient":
+    """A broker client for ``url``: ``unix:///path`` (the daemon's embedded
+    broker) or ``nats://``/``tls://`` (comma-separated for several servers).
+
+    Both have ``subscribe``/``unsubscribe``/``publish``/``request``/
+    ``wait_closed``/``close``; options go to ``BrokerClient.connect`` or
+    ``NatsClient``.  Raises ``PluginPollerForwardError.Broker``.
+    """
+    if isinstance(url, str) and url.startswith("unix://"):
+        return BrokerClient.connect(url, **opts)
+    if isinstance(url, str) and url.split("://", 1)[0] in ("nats", "tls"):
+        return NatsClient.connect(url, **opts)
+    raise _broker_error(BROKER_INVALID_PARAMS, f"broker URL must start with unix://, "
+                        f"nats:// or tls://, got {url!r:.80}")
+
+
+# ============================================================================
 # Proxies
 # Pollers that live in another process, with the same ``tick(ctx)`` as an
 # in-process one; plus the supervisor that keeps long-lived plugins running.
@@ -2494,7 +3376,7 @@ def forward_tick(broker, handle: PluginPollerHandle, request: TickRequest, *,
     """
     envelope = broker.request(handle.tick_topic(), request.envelope(), handle.tick_timeout,
                               wait=wait, cancel=cancel)
-    return _parse_reply_envelope(envelope, request.job_id)
+    return _parse_reply_envelope(tick_reply_envelope(envelope), request.job_id)
 
 
 class PluginPollerProxy:
@@ -2749,8 +3631,10 @@ def run_plugin(handlers: Mapping[str, Callable[[PollContext], TickAck | None]],
 
     With ``NEXO_POLLER_EPHEMERAL=1`` it answers request lines on stdin until
     stdin closes; otherwise it subscribes to ``NEXO_POLLER_TICK_TOPIC`` on
-    ``NEXO_BROKER_URL`` and returns when that connection ends.  Returns an
-    exit status for ``sys.exit``.
+    ``NEXO_BROKER_URL`` (``unix://``, or ``nats://``/``tls://`` through
+    ``connect_broker``) and returns when that connection ends; a NATS
+    connection reconnects through outages.  Returns an exit status for
+    ``sys.exit``.
     """
     env = os.environ if env is None else env
     handlers = dict(handlers)
@@ -2762,7 +3646,7 @@ def run_plugin(handlers: Mapping[str, Callable[[PollContext], TickAck | None]],
               "(or NEXO_POLLER_EPHEMERAL=1); start me from the daemon", file=sys.stderr)
         return 2
     try:
-        client = BrokerClient.connect(url)
+        client = connect_broker(url)
         # Plugin instances of one id share the work, NATS queue-group style.
         client.subscribe(topic, lambda payload: _plugin_dispatch(handlers, payload),
                          queue=env.get("NEXO_POLLER_PLUGIN_ID") or topic)

@@ -22,6 +22,7 @@ Exit status: 0 when every figure ran (met or missed), 1 when one crashed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -214,6 +215,20 @@ def _fmt_ratio(r) -> str:
 
 # ------------------------------------------------------------ figure 1: latency
 
+@contextlib.contextmanager
+def echo_floor():
+    """The floor's echo server for the length of a figure; yields its socket path."""
+    tmp = tempfile.mkdtemp(prefix="nexo-bench-echo-")
+    echo_path = os.path.join(tmp, "echo.sock")
+    echo = start_echo(echo_path)
+    try:
+        yield echo_path
+    finally:
+        echo.kill()
+        echo.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def fig1_round_trip(ctx: Ctx) -> list[dict]:
     """Long-lived tick round trip vs a bare JSON-line echo, both paths, and nats-py.
 
@@ -221,10 +236,7 @@ def fig1_round_trip(ctx: Ctx) -> list[dict]:
     (blocks of round trips taking turns), so each ratio compares figures
     taken under the same conditions."""
     s = ctx.sizes["rt"]
-    tmp = tempfile.mkdtemp(prefix="nexo-bench-echo-")
-    echo_path = os.path.join(tmp, "echo.sock")
-    echo = start_echo(echo_path)
-    try:
+    with echo_floor() as echo_path:
         args = dict(s, echo=echo_path)
         ctx.log("fig 1: daemon and external paths, each with the floor side by side ...")
         nx = workers.call_worker("broker", dict(args, procs=1, external=True),
@@ -237,10 +249,6 @@ def fig1_round_trip(ctx: Ctx) -> list[dict]:
                                                   envelope=_envelope_json()),
                                        timeout=ctx.timeout(600), python=VENV_PY,
                                        script=PEER_NATS)
-    finally:
-        echo.kill()
-        echo.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
     ctx.raw["fig1"] = {"broker": nx, "nats": nats}
     d, fd = nx["daemon"]["latency"], nx["daemon"]["floor"]
     e, fe = nx["external"]["latency"], nx["external"]["floor"]
@@ -507,8 +515,48 @@ def fig7_memory(ctx: Ctx) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------ figure 8: NATS client
+
+def fig8_nats_client(ctx: Ctx) -> list[dict]:
+    """NatsClient vs nats-py as the requesting client: one nats-server, the
+    same nats-py responder, the same envelope, each with the floor beside it."""
+    url, note = ctx.peers.nats()
+    name_rt = "NatsClient request/reply p50 vs nats-py"
+    name_tp = "NatsClient, 64 in flight, vs nats-py"
+    if not url:
+        return [row("8", name_rt, None, "us", "nats-py", None, target="<= 1.2x nats-py",
+                    notes=note),
+                row("8", name_tp, None, "req/s", "nats-py", None, target=">= 1x nats-py",
+                    notes=note)]
+    s = dict(ctx.sizes["rt"], **{k: ctx.sizes["tp"][k] for k in ("warm_secs", "secs",
+                                                                 "rounds")}, inflight=[64])
+    with echo_floor() as echo_path:
+        args = dict(s, echo=echo_path, url=url, subject="bench.nc", procs=1,
+                    envelope=_envelope_json())
+        ctx.log("fig 8: NatsClient against a nats-py responder ...")
+        ours = workers.call_worker("nats-client", dict(args, peer_python=VENV_PY,
+                                                       peer_script=PEER_NATS),
+                                   timeout=ctx.timeout(600))
+        ctx.log("fig 8: nats-py against a nats-py responder ...")
+        peer = workers.call_worker("rt", args, timeout=ctx.timeout(600), python=VENV_PY,
+                                   script=PEER_NATS)
+    ctx.raw["fig8"] = {"nexo": ours, "nats-py": peer}
+    o, n = ours["latency"], peer["latency"]
+    ot, nt = ours["throughput"]["64"], peer["throughput"]["64"]
+    return [
+        row("8", name_rt, o["p50"], "us", "nats-py", n["p50"], p99=o["p99"],
+            baseline_p99=n["p99"], target="<= 1.2x nats-py", met=o["p50"] <= 1.2 * n["p50"],
+            notes=f"each over its own floor: {o['p50'] / ours['floor']['p50']:.2f}x vs "
+                  f"{n['p50'] / peer['floor']['p50']:.2f}x"),
+        row("8", name_tp, ot["rate"], "req/s", "nats-py", nt["rate"],
+            p99=ot["lat_us"]["p99"], baseline_p99=nt["lat_us"]["p99"],
+            target=">= 1x nats-py", met=ot["rate"] >= nt["rate"],
+            notes="p99 columns: per-request latency in us under load"),
+    ]
+
+
 FIGURES = {1: fig1_round_trip, 2: fig2_throughput, 3: fig3_ephemeral, 4: fig4_scheduler,
-           5: fig5_router, 6: fig6_startup, 7: fig7_memory}
+           5: fig5_router, 6: fig6_startup, 7: fig7_memory, 8: fig8_nats_client}
 
 
 # ------------------------------------------------------------------- the table
@@ -651,7 +699,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes, no peers, no installs (CI); < 60 s")
-    p.add_argument("--only", metavar="N[,N]", help="run only these figures (1-7)")
+    p.add_argument("--only", metavar="N[,N]", help="run only these figures (1-8)")
     p.add_argument("--json", metavar="PATH", default=os.path.join(BENCH_DIR, "results.json"),
                    help="write the figures here (default: bench/results.json)")
     p.add_argument("--no-peers", action="store_true",

@@ -151,6 +151,28 @@ def w_broker_client(a: dict) -> dict:
         return measure_path(call, a)
 
 
+def w_nats_client(a: dict) -> dict:
+    """Figure 8: this module's NatsClient asking nats-py responders (started
+    with the peer's Python), as nats-py's own client does in peer_nats.py."""
+    import nexo_poller as nx
+    p = subprocess.Popen([a["peer_python"], a["peer_script"], "responder", a["url"],
+                          a["subject"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        if p.stdout.readline().strip() != "ready":
+            raise RuntimeError("the nats-py responder did not start")
+        with nx.NatsClient.connect(a["url"], nexo_envelopes=False) as nc:
+            envelope = sample_envelope()
+
+            def call():
+                return nc.request(a["subject"], envelope, 10)
+            assert "result" in call(), "the responder should answer a JSON-RPC result"
+            return measure_path(call, a)
+    finally:
+        p.kill()
+        p.wait()
+
+
 # ------------------------------------------------------- figure 3: ephemeral ticks
 
 def w_ephemeral(a: dict) -> dict:
@@ -621,7 +643,7 @@ def _churn(tick, warm_ticks: int, ticks: int, count) -> dict:
     return _diff(s1, s2, cur1, cur2, peak, c2 - c1, elapsed, samples)
 
 
-WORKERS = {"broker": w_broker, "broker-client": w_broker_client,
+WORKERS = {"broker": w_broker, "broker-client": w_broker_client, "nats-client": w_nats_client,
            "ephemeral": w_ephemeral, "sched": w_sched, "router": w_router,
            "memory-idle": w_memory_idle, "memory-churn": w_memory_churn}
 
