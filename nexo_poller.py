@@ -106,7 +106,7 @@ __all__ = [
     "StateStore", "SqliteStateStore", "open_state", "JobState", "Command", "TickStatus",
     "apply_command", "COMMAND_VERBS", "Schedule", "CronExpr", "JobConfig", "DaemonConfig",
     "load_config", "config_from_dict", "Runner", "TickOutcome", "TickPlan", "plan_tick",
-    "next_run", "OutboxItem", "outbound_topic", "nexo_event", "main",
+    "next_run", "OutboxItem", "outbound_topic", "main",
 ]
 
 log = logging.getLogger("nexo_poller")
@@ -2594,13 +2594,16 @@ def _uuid4() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def _nexo_timestamp() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+def _nexo_timestamp(now: float | None = None) -> str:
+    when = datetime.now(timezone.utc) if now is None else datetime.fromtimestamp(now, timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def nexo_event(topic: str, payload: Any, *, source: str = _NEXO_SOURCE) -> dict:
-    """nexo's broker ``Event`` around ``payload`` (pure but for id and clock)."""
-    return {"id": _uuid4(), "timestamp": _nexo_timestamp(), "topic": topic,
+def nexo_event(topic: str, payload: Any, *, source: str = _NEXO_SOURCE,
+               event_id: str | None = None, now: float | None = None) -> dict:
+    """nexo's broker ``Event`` around ``payload`` (pure but for id and clock):
+    id (a uuid4 unless given), timestamp (RFC 3339, Z), topic, source, payload."""
+    return {"id": event_id or _uuid4(), "timestamp": _nexo_timestamp(now), "topic": topic,
             "source": source, "session_id": None, "payload": payload}
 
 
@@ -6266,16 +6269,6 @@ def outbound_topic(channel: str, agent: str, agents: Mapping[str, Mapping[str, s
     with the agent's instance from ``agents``, else ``plugin.outbound.<channel>``."""
     instance = agents.get(agent, {}).get(channel)
     return f"plugin.outbound.{channel}.{instance}" if instance else f"plugin.outbound.{channel}"
-
-
-def nexo_event(topic: str, payload: Any, *, event_id: str | None = None,
-               now: float | None = None, source: str = "plugin.poller") -> dict:
-    """A nexo broker ``Event``: id, timestamp (RFC 3339, Z), topic, source, payload."""
-    import uuid
-    when = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc)
-    return {"id": event_id or str(uuid.uuid4()),
-            "timestamp": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "topic": topic,
-            "source": source, "session_id": None, "payload": payload}
 
 
 def _addressed(payload: Any, recipient: str) -> dict:
