@@ -3122,6 +3122,10 @@ class NatsClient(_ClientBase):
             payload = nexo_event(topic, payload, source=self.source)
         self._pub(topic, self._encode(payload))
 
+    def publish_event(self, topic: str, event: dict) -> None:
+        """Publish a body that is already a nexo ``Event`` (its id kept), as is."""
+        self._pub(topic, self._encode(event))
+
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until the server has processed everything sent so far."""
         waiter = _Waiter()
@@ -4716,7 +4720,8 @@ _TOP_DEFAULTS = {"enabled": True, "state_db": "./data/poller.db", "default_jitte
                  "lease_ttl_factor": 2.0, "failure_alert_cooldown_secs": 3600,
                  "breaker_threshold": 5, "backoff_initial_secs": 30.0,
                  "backoff_max_secs": 300.0, "max_workers": 64, "shutdown_grace_secs": 10.0,
-                 "alert_topic": "nexo.poller.alert", "broker": None, "metrics_addr": None,
+                 "alert_topic": "nexo.poller.alert", "broker": None, "broker_tls": None,
+                 "metrics_addr": None,
                  "agents": {}, "delivery_sink": "broker", "delivery_max_attempts": 20,
                  "delivery_max_age_secs": 86400.0, "delivery_retry_initial_secs": 1.0,
                  "delivery_retry_max_secs": 60.0, "plugins": [], "jobs": []}
@@ -4761,6 +4766,7 @@ class DaemonConfig:
     shutdown_grace_secs: float = 10.0
     alert_topic: str = "nexo.poller.alert"
     broker: str | None = None
+    broker_tls: dict[str, str] = dataclasses.field(default_factory=dict)
     metrics_addr: tuple[str, int] | None = None
     agents: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     delivery_sink: str = "broker"
@@ -4821,6 +4827,16 @@ def _no_duplicate_keys(pairs):
             raise ValueError(f"duplicate key {key!r}")
         seen[key] = value
     return seen
+
+
+def _redact_url(url: str | None) -> str | None:
+    """A broker URL fit for a log line: credentials replaced by ``***``."""
+    return None if url is None else re.sub(r"://[^@/,]*@", "://***@", url)
+
+
+def _is_nats(broker: str | None) -> bool:
+    """True for a ``nats://`` or ``tls://`` broker URL (plugins may run anywhere)."""
+    return bool(broker) and broker.split("://", 1)[0] in ("nats", "tls")
 
 
 def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None,
@@ -4892,11 +4908,34 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
         cfg.alert_topic = get("alert_topic")
     broker = get("broker")
     if broker is not None and _check_type(probs, prefix + "broker", broker, str,
-                                          "a unix:// URL or null"):
-        if not broker.startswith("unix://") or len(broker) <= 7 or "\0" in broker:
-            probs.add(prefix + "broker", f"{broker!r} must look like unix:///path/broker.sock")
+                                          "a unix://, nats:// or tls:// URL, or null"):
+        if broker.split("://", 1)[0] in ("nats", "tls"):
+            try:
+                _nats_servers(broker)
+                cfg.broker = broker
+            except PluginPollerForwardError as exc:
+                probs.add(prefix + "broker", str(exc))
+        elif not broker.startswith("unix://") or len(broker) <= 7 or "\0" in broker:
+            probs.add(prefix + "broker", f"{broker!r} must look like unix:///path/broker.sock, "
+                                         "nats://host:4222 or tls://host:4222")
         else:
             cfg.broker = "unix://" + os.path.normpath(os.path.join(base_dir, broker[7:]))
+    tls = get("broker_tls")
+    if tls is not None and _check_type(probs, prefix + "broker_tls", tls, dict,
+                                       "an object with ca_file, cert_file, key_file"):
+        for key in sorted(set(tls) - {"ca_file", "cert_file", "key_file"}):
+            probs.add(f"{prefix}broker_tls.{key}", "unknown key (allowed: ca_file, cert_file, "
+                                                   "key_file)")
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = tls.get(key)
+            if value is not None and _check_type(probs, f"{prefix}broker_tls.{key}", value, str,
+                                                 "a file path"):
+                full = os.path.normpath(os.path.join(base_dir, value))
+                if not os.path.isfile(full):
+                    probs.add(f"{prefix}broker_tls.{key}", f"{full}: no such file")
+                cfg.broker_tls[key] = full
+        if tls and not (cfg.broker or "").split("://", 1)[0] in ("nats", "tls"):
+            probs.add(prefix + "broker_tls", "only a nats:// or tls:// broker uses TLS options")
     metrics = get("metrics_addr")
     if metrics is not None and _check_type(probs, prefix + "metrics_addr", metrics, str,
                                            "\"host:port\" or null"):
@@ -4921,9 +4960,11 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
             except ManifestError as exc:
                 probs.add(where, str(exc))
                 continue
-            if handle.lifecycle is Lifecycle.LONG_LIVED and not handle.entrypoint_command:
+            if handle.lifecycle is Lifecycle.LONG_LIVED and not handle.entrypoint_command \
+                    and not _is_nats(cfg.broker):
                 probs.add(where, f"{full}: [plugin.entrypoint] command is required for a "
-                                 "long-lived plugin (the daemon starts it at boot)")
+                                 "long-lived plugin (the daemon starts it at boot; only "
+                                 "with a NATS broker may it run elsewhere)")
                 continue
             if any(h.plugin_id == handle.plugin_id for h in cfg.plugins):
                 probs.add(where, f"plugin id {handle.plugin_id!r} is listed twice")
@@ -5334,12 +5375,14 @@ class Runner:
         self._stopping = False
         self._opened = False
         self._started = False
+        self._torn_down = False
         self._commands_due = False
         self._published_running: frozenset = frozenset()
         self.state: StateStore | None = state
         self.state_error: str | None = None         # why the state cannot be used now
-        self.broker_server: BrokerServer | None = None
+        self.broker_server: BrokerServer | None = None     # the embedded one, when used
         self.broker = None
+        self.broker_url: str | None = None      # what long-lived plugins are given
         self._scheduler: threading.Thread | None = None
         self._metrics = _Metrics()
         self._metrics_server = None
@@ -5387,9 +5430,10 @@ class Runner:
                 self._routes[kind] = _Route(kind, _proxy_for(kind, handle, self.broker), lane,
                                             handle.tick_timeout.total_seconds(),
                                             handle.plugin_id)
-            if handle.lifecycle is Lifecycle.LONG_LIVED:
+            if handle.lifecycle is Lifecycle.LONG_LIVED and handle.entrypoint_command:
+                # Without a command (NATS only) the plugin runs elsewhere: not ours to start.
                 self._supervisors[handle.plugin_id] = PluginSupervisor(
-                    handle, self.broker_server.url).start()
+                    handle, self.broker_url).start()
 
     def _remove_plugin(self, plugin_id: str) -> None:
         sup = self._supervisors.pop(plugin_id, None)
@@ -5429,9 +5473,16 @@ class Runner:
         if self.state is None:
             self.state = open_state(cfg.state_db)
         try:
-            path = cfg.broker[7:] if cfg.broker else None
-            self.broker_server = BrokerServer(path).start()
-            self.broker = self.broker_server.client()
+            if _is_nats(cfg.broker):
+                tls = {f"tls_{k}": v for k, v in cfg.broker_tls.items()}
+                self.broker = connect_broker(cfg.broker, name=f"nexo-poller {self.state.owner}",
+                                             **tls)
+                self.broker_url = cfg.broker
+            else:
+                path = cfg.broker[7:] if cfg.broker else None
+                self.broker_server = BrokerServer(path).start()
+                self.broker = self.broker_server.client()
+                self.broker_url = self.broker_server.url
             self._install_plugins(cfg.plugins)
             stored = self.state.load([j.id for j in cfg.jobs])
             for jc in cfg.jobs:
@@ -5483,7 +5534,7 @@ class Runner:
             self._scheduler.start()
         self._publisher.start()
         log.info("nexo-poller started: %d jobs, %d plugins, broker %s", len(self._jobs),
-                 self.router.len(), self.broker_server.url)
+                 self.router.len(), _redact_url(self.broker_url))
         return self
 
     def _claim(self, jobs: list[_Job], now: float,
@@ -5541,6 +5592,10 @@ class Runner:
             log.info("nexo-poller stopped")
 
     def _teardown(self, deadline: float) -> None:
+        """Release what ``open`` took, once (a failed open, then stop())."""
+        if self._torn_down:
+            return
+        self._torn_down = True
         if self._publisher is not None:
             self._publisher.stop(deadline)
         if self.state is not None:
@@ -6292,6 +6347,9 @@ def _broker_sink(broker) -> Callable[[str, dict], None]:
     """Publish on the broker; on the embedded broker a message counts as
     delivered only when a subscriber took it."""
     def send(topic: str, event: dict) -> None:
+        if isinstance(broker, NatsClient):
+            broker.publish_event(topic, event)      # already an Event: not wrapped again
+            return
         taken = broker.publish(topic, event)
         if taken == 0:
             raise _Undelivered(f"no subscriber on {topic}")
@@ -6617,6 +6675,7 @@ EXIT_USAGE = 2        # bad arguments or an invalid config / manifest
 EXIT_STATE = 3        # the state database cannot be used
 EXIT_UNKNOWN_JOB = 4
 EXIT_BUSY = 5         # the job is leased by another running daemon
+EXIT_BROKER = 6       # the broker cannot be reached, refused the credentials, or TLS failed
 
 
 class _JsonFormatter(logging.Formatter):
@@ -6647,7 +6706,8 @@ def _parser():
         prog="nexo-poller", description="Poller daemon: schedules jobs and routes each tick "
         "to the plugin owning its kind.",
         epilog="exit codes: 0 ok, 1 tick failed, 2 usage or invalid config, "
-               "3 state database error, 4 unknown job, 5 job busy in another daemon")
+               "3 state database error, 4 unknown job, 5 job busy in another daemon, "
+               "6 broker unreachable or refused the credentials")
     p.add_argument("--config", required=True, metavar="FILE", help="pollers.json")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
@@ -6700,7 +6760,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STATE
     except PluginPollerForwardError as exc:
         print(f"nexo-poller: broker: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_BROKER
     except KeyboardInterrupt:
         return 130
 

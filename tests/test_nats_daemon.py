@@ -1,0 +1,175 @@
+"""The daemon on NATS (sections "Config", "Runner", "CLI"): ``"broker":
+"nats://..."`` selects a real nats-server; long-lived plugins get its URL,
+or run elsewhere; deliveries go out as nexo Events; boot failures are one
+line and exit 6."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from nats_support import NatsServer, free_port, require_nats  # noqa: E402
+from support import NEXO, PY, wait_until  # noqa: E402
+
+import nexo_poller as nx  # noqa: E402
+
+SDK_PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sdk_plugin.py")
+
+
+class NatsDaemonCase(unittest.TestCase):
+
+    def setUp(self):
+        require_nats()
+        tmp = tempfile.TemporaryDirectory(prefix="nexo-nats-daemon-")
+        self.addCleanup(tmp.cleanup)
+        self.root = tmp.name
+
+    def server(self, *args):
+        server = NatsServer(*args).start()
+        self.addCleanup(server.cleanup)
+        return server
+
+    def plugin(self, name, kind, with_entrypoint=True):
+        folder = os.path.join(self.root, name)
+        os.mkdir(folder)
+        entry = (f'[plugin.entrypoint]\ncommand = {json.dumps(PY)}\n'
+                 f'args = [{json.dumps(SDK_PLUGIN)}]\n') if with_entrypoint else ""
+        with open(os.path.join(folder, "nexo-plugin.toml"), "w") as fh:
+            fh.write(f'[plugin]\nid = "{name}"\n{entry}[plugin.poller]\nkinds = ["{kind}"]\n'
+                     f'broker_topic_prefix = "plugin.poller.{name}"\nlifecycle = "long_lived"\n'
+                     'tick_timeout_secs = 10\n')
+        return name
+
+    def config(self, broker, plugins, jobs, **top):
+        doc = {"state_db": "state.db", "default_jitter_ms": 0, "broker": broker,
+               "plugins": plugins, "jobs": jobs, **top}
+        path = os.path.join(self.root, "pollers.json")
+        with open(path, "w") as fh:
+            json.dump(doc, fh)
+        return path
+
+    def cli(self, config, *args, timeout=60):
+        return subprocess.run([PY, NEXO, "--config", config, *args], capture_output=True,
+                              text=True, timeout=timeout, cwd=self.root,
+                              stdin=subprocess.DEVNULL)
+
+    def daemon(self, config):
+        proc = subprocess.Popen([PY, NEXO, "--config", config, "run"], cwd=self.root,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+
+        def stop():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            proc.stderr.close()
+        self.addCleanup(stop)
+        return proc
+
+    def status(self, config):
+        out = self.cli(config, "status", "--json")
+        return {j["id"]: j for j in json.loads(out.stdout)} if out.returncode == 0 else {}
+
+
+class TestDaemonOnNats(NatsDaemonCase):
+
+    def test_supervised_long_lived_plugin_ticks_over_nats(self):
+        srv = self.server()
+        config = self.config(srv.url, [self.plugin("sdk", "counter")], [
+            {"id": "c", "kind": "counter", "schedule": {"every_secs": 0.2}}])
+        proc = self.daemon(config)
+        self.assertTrue(wait_until(
+            lambda: (self.status(config).get("c") or {}).get("items_seen_total", 0) >= 3, 30,
+            0.1), "no ticks over NATS")
+        proc.terminate()
+        self.assertEqual(proc.wait(30), 0)
+        self.assertNotIn("Traceback", proc.stderr.read())
+
+    def test_plugin_started_elsewhere_needs_no_entrypoint(self):
+        srv = self.server()
+        config = self.config(srv.url, [self.plugin("remote", "counter", with_entrypoint=False)],
+                             [{"id": "c", "kind": "counter", "schedule": {"every_secs": 0.2}}])
+        self.assertEqual(self.cli(config, "validate").returncode, 0)
+        env = dict(os.environ, NEXO_BROKER_URL=srv.url, NEXO_POLLER_PLUGIN_ID="remote",
+                   NEXO_POLLER_TICK_TOPIC="plugin.poller.remote.tick")
+        plugin = subprocess.Popen([PY, SDK_PLUGIN], env=env, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: (plugin.poll() is None and plugin.kill(), plugin.wait()))
+        self.daemon(config)
+        self.assertTrue(wait_until(
+            lambda: (self.status(config).get("c") or {}).get("items_seen_total", 0) >= 2, 30,
+            0.1), "the plugin on 'another host' got no ticks")
+
+    def test_without_nats_a_long_lived_plugin_needs_an_entrypoint(self):
+        config = self.config(None, [self.plugin("remote", "counter", with_entrypoint=False)], [])
+        out = self.cli(config, "validate")
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("only with a NATS broker", out.stderr)
+
+    def test_deliveries_go_out_as_nexo_events_with_their_ids(self):
+        srv = self.server()
+        got, ready = [], threading.Event()
+        sub = nx.NatsClient.connect(srv.url, nexo_envelopes=False)
+        self.addCleanup(sub.close)
+        sub.subscribe("plugin.outbound.telegram.ana_bot",
+                      lambda event: (got.append(event), ready.set()))
+        sub.flush()
+
+        class Feed:
+            kind = "feed"
+
+            def tick(self, ctx):
+                return nx.TickAck(deliver=[nx.Delivery("telegram", "42", {"text": "hi"})])
+        cfg = nx.config_from_dict({"state_db": os.path.join(self.root, "s.db"),
+                                   "broker": srv.url, "default_jitter_ms": 0,
+                                   "agents": {"ana": {"telegram": "ana_bot"}},
+                                   "jobs": [{"id": "f", "kind": "feed", "agent": "ana",
+                                             "schedule": {"every_secs": 3600}}]},
+                                  extra_kinds=["feed"])
+        r = nx.Runner(cfg)
+        r.register(Feed())
+        self.addCleanup(r.stop)
+        r.start()
+        self.assertTrue(ready.wait(30), "no delivery reached the NATS subscriber")
+        event = got[0]
+        self.assertEqual(event["payload"], {"text": "hi", "to": "42"})
+        self.assertEqual(event["source"], "plugin.poller")
+        stored = wait_until(lambda: r.state.outbox() == [], 15)
+        self.assertTrue(stored, "delivered items leave the outbox")
+
+
+class TestBootFailures(NatsDaemonCase):
+
+    def assert_one_line(self, out, *words):
+        self.assertEqual(out.returncode, 6, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, out.stderr)
+        self.assertTrue(lines[0].startswith("nexo-poller: broker: "), lines[0])
+        for w in words:
+            self.assertIn(w, lines[0])
+
+    def test_unreachable_server_is_one_line_and_exit_6(self):
+        port = free_port()
+        config = self.config(f"nats://127.0.0.1:{port}", [], [])
+        out = self.cli(config, "run")
+        self.assert_one_line(out, f"127.0.0.1:{port}")
+
+    def test_wrong_token_is_one_line_and_exit_6(self):
+        srv = self.server("--auth", "s3cret")
+        config = self.config(f"nats://wrong@127.0.0.1:{srv.port}", [], [])
+        out = self.cli(config, "run")
+        self.assert_one_line(out, f"127.0.0.1:{srv.port}")
+        self.assertNotIn("wrong", out.stderr.replace("wrong token", ""),
+                         "the credential itself is never printed")
+
+
+if __name__ == "__main__":
+    unittest.main()
