@@ -31,6 +31,8 @@ The sections of this file, in dependency order:
     Config      load_config, config_from_dict, DaemonConfig, JobConfig
     Runner      plan_tick, next_run (the pure error policy and catch-up rule),
                 Runner (timer heap, routes and lanes, effects, reload, metrics)
+    HTTP        /metrics, the admin API (nexo's routes), /healthz, /readyz and
+                the status page, on one bounded http.server
     CLI         main
 
 A tick travels: scheduler (one timer heap) -> the job's kind gives its route
@@ -3445,6 +3447,8 @@ class PluginSupervisor:
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self.stable_after, self.stop_grace = stable_after, stop_grace
         self.restarts = 0
+        self.last_exit: str | None = None        # why the last run ended, kept across restarts
+        self.last_output: list[str] = []         # and its last output lines
         self.proc: subprocess.Popen | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -3497,6 +3501,7 @@ class PluginSupervisor:
                     why = f"exited with status {proc.returncode}"
                     log.warning("plugin %s: %s; restarting in %.1fs", self._name, why, delay)
                 health.went_down(why, time.monotonic() + delay)
+                self.last_exit, self.last_output = why, list(health.tail)
                 if time.monotonic() - started >= self.stable_after:
                     delay = self.backoff_initial
                 if self._stop.wait(delay):
@@ -4721,7 +4726,7 @@ _TOP_DEFAULTS = {"enabled": True, "state_db": "./data/poller.db", "default_jitte
                  "breaker_threshold": 5, "backoff_initial_secs": 30.0,
                  "backoff_max_secs": 300.0, "max_workers": 64, "shutdown_grace_secs": 10.0,
                  "alert_topic": "nexo.poller.alert", "broker": None, "broker_tls": None,
-                 "metrics_addr": None,
+                 "metrics_addr": None, "admin_addr": None, "admin_token_file": None,
                  "agents": {}, "delivery_sink": "broker", "delivery_max_attempts": 20,
                  "delivery_max_age_secs": 86400.0, "delivery_retry_initial_secs": 1.0,
                  "delivery_retry_max_secs": 60.0, "plugins": [], "jobs": []}
@@ -4768,6 +4773,8 @@ class DaemonConfig:
     broker: str | None = None
     broker_tls: dict[str, str] = dataclasses.field(default_factory=dict)
     metrics_addr: tuple[str, int] | None = None
+    admin_addr: tuple[str, int] | None = None
+    admin_token_file: str | None = None
     agents: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     delivery_sink: str = "broker"
     delivery_max_attempts: int = 20
@@ -4936,14 +4943,23 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
                 cfg.broker_tls[key] = full
         if tls and not (cfg.broker or "").split("://", 1)[0] in ("nats", "tls"):
             probs.add(prefix + "broker_tls", "only a nats:// or tls:// broker uses TLS options")
-    metrics = get("metrics_addr")
-    if metrics is not None and _check_type(probs, prefix + "metrics_addr", metrics, str,
-                                           "\"host:port\" or null"):
-        host, _, port = metrics.rpartition(":")
-        if not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
-            probs.add(prefix + "metrics_addr", f"{metrics!r} must look like 127.0.0.1:9464")
+    for key, example in (("metrics_addr", "127.0.0.1:9464"), ("admin_addr", "127.0.0.1:9091")):
+        addr = get(key)
+        if addr is not None and _check_type(probs, prefix + key, addr, str,
+                                            "\"host:port\" or null"):
+            host, _, port = addr.rpartition(":")
+            if not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+                probs.add(prefix + key, f"{addr!r} must look like {example}")
+            else:
+                setattr(cfg, key, (host.strip("[]"), int(port)))
+    token_file = get("admin_token_file")
+    if token_file is not None and _check_type(probs, prefix + "admin_token_file", token_file,
+                                              str, "a file path or null"):
+        if not token_file.strip() or "\0" in token_file:
+            probs.add(prefix + "admin_token_file", "must be a non-empty path without NUL "
+                                                   "characters (the token itself never goes here)")
         else:
-            cfg.metrics_addr = (host.strip("[]"), int(port))
+            cfg.admin_token_file = os.path.normpath(os.path.join(base_dir, token_file))
 
     owners: dict[str, str] = {k: "(in-process)" for k in extra_kinds}
     plugins = get("plugins")
@@ -5386,6 +5402,9 @@ class Runner:
         self._scheduler: threading.Thread | None = None
         self._metrics = _Metrics()
         self._metrics_server = None
+        self._admin_server = None                   # may be _metrics_server itself (shared)
+        self.config_path: str | None = None         # what the admin API's reload re-reads
+        self.reload_lock = threading.Lock()         # one reload at a time (SIGHUP, admin API)
         self.stopped = threading.Event()
         self._deliver_hook = deliver
         self._publisher: _Publisher | None = None
@@ -5521,9 +5540,9 @@ class Runner:
         with self._cond:
             for job in self._jobs.values():
                 self._schedule_first(job, now)
-        if self.config.metrics_addr:
+        if self.config.metrics_addr or self.config.admin_addr:
             try:
-                self._metrics_server = _serve_metrics(self, self.config.metrics_addr)
+                self._metrics_server, self._admin_server = _start_http(self)
             except ConfigError:
                 self.stop()
                 raise
@@ -5610,9 +5629,10 @@ class Runner:
         plugin_deadline = time.monotonic() + max((s.stop_grace for s in sups), default=0)
         for sup in sups:
             sup.join(plugin_deadline)
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+        for server in {id(s): s for s in (self._metrics_server, self._admin_server)
+                       if s is not None}.values():
+            server.shutdown()
+            server.server_close()
         if self.state is not None:
             self.state.close(deadline)
         if self.broker is not None:
@@ -5996,7 +6016,7 @@ class Runner:
             if queued and self._publisher is not None:
                 self._publisher.wake()
             self._log_tick(outcome)         # before the release: wait_idle() sees it
-            self._metrics.observe(outcome)
+            self._metrics.observe(outcome, new.last_run_at)
             if plan.alert:
                 self._send_alert(job, plan.alert, outcome)
             self._release(job, plan.run_at, plan.slot)
@@ -6286,6 +6306,7 @@ class Runner:
         os.set_blocking(write_fd, False)
         previous = {s: signal.signal(s, lambda signum, frame: None) for s in wanted}
         old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        self.config_path = config_path
         try:
             self.start()
             while True:
@@ -6296,7 +6317,9 @@ class Runner:
                     self.poke()
                 if received & reloads and config_path is not None:
                     try:
-                        self.reload(load_config(config_path, extra_kinds=self._in_process_kinds()))
+                        with self.reload_lock:
+                            self.reload(load_config(config_path,
+                                                    extra_kinds=self._in_process_kinds()))
                     except (ConfigError, ManifestError, PollerRouteRegistrationError,
                             StateError) as exc:
                         log.error("reload rejected, keeping the running config: %s", exc)
@@ -6482,9 +6505,12 @@ class _Metrics:
         self.ticks: dict[tuple[str, str, str], int] = {}
         self.duration: dict[str, list] = {}     # kind -> [bucket counts..., sum, count]
         self.state_errors = 0
+        self.last_success: dict[str, float] = {}  # job -> wall time of its last ok tick
 
-    def observe(self, o: TickOutcome) -> None:
+    def observe(self, o: TickOutcome, at: float | None = None) -> None:
         with self._lock:
+            if o.status is TickStatus.OK and at is not None:
+                self.last_success[o.job_id] = max(at, self.last_success.get(o.job_id, at))
             key = (o.job_id, o.kind, o.status.value)
             self.ticks[key] = self.ticks.get(key, 0) + 1
             h = self.duration.setdefault(o.kind, [0] * (len(self.BUCKETS) + 2))
@@ -6531,6 +6557,16 @@ class _Metrics:
             family(name, "counter" if name.endswith("_total") else "gauge", help_text)
             for j in jobs:
                 out.append(f"{name}{lbl(job=j['id'], kind=j['kind'])} {int(j[key])}")
+        family("nexo_poller_last_success_timestamp_seconds", "gauge",
+               "Time of the job's last successful tick (absent until one succeeded).")
+        for j in jobs:
+            when = self.last_success.get(j["id"])
+            if j["last_status"] == "ok" and j["last_run_at"]:
+                stored = datetime.fromisoformat(j["last_run_at"]).timestamp()
+                when = stored if when is None else max(when, stored)
+            if when is not None:
+                out.append(f"nexo_poller_last_success_timestamp_seconds"
+                           f"{lbl(job=j['id'], kind=j['kind'])} {when:.3f}")
         pub = runner._publisher
         family("nexo_poller_deliveries_total", "counter",
                "Outbox messages by outcome: delivered, retried, dead (dead-lettered).")
@@ -6563,66 +6599,620 @@ def _prom_escape(value: Any) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-_METRICS_READ_TIMEOUT_SECS = 10.0     # an idle or trickling scraper is cut off
+# ============================================================================
+# HTTP
+# The daemon's one small HTTP server: ``/metrics`` for Prometheus, the admin
+# API (nexo's routes and JSON shapes), ``/healthz`` and ``/readyz``, and a
+# status page at ``/``.  Bounded like every listener here: connections at
+# once, time per read and per request, bytes per request.
+# ============================================================================
+
+_METRICS_READ_TIMEOUT_SECS = 10.0     # an idle or trickling client is cut off
 _METRICS_MAX_CONNECTIONS = 16         # served at once; more are closed at accept
 _METRICS_MAX_REQUEST_BYTES = 8192     # request line and headers together
+_HTTP_REQUEST_DEADLINE_SECS = 30.0    # a whole request (line, headers, body) at most
+_ADMIN_MAX_BODY_BYTES = 4096          # a POST body: the actions take none
+_ADMIN_TOKEN_ENV = "NEXO_POLLER_ADMIN_TOKEN"
+_ADMIN_URL_ENV = "NEXO_POLLER_ADMIN_URL"
+_ADMIN_ACTIONS = ("run", "pause", "resume", "reset")
 
 
-def _serve_metrics(runner: Runner, addr: tuple[str, int], *,
-                   read_timeout: float = _METRICS_READ_TIMEOUT_SECS,
-                   max_connections: int = _METRICS_MAX_CONNECTIONS,
-                   max_request_bytes: int = _METRICS_MAX_REQUEST_BYTES):
-    """Serve ``/metrics`` on a background thread; returns the server.
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
-    Bounded: each connection gets ``read_timeout`` per read, at most
-    ``max_connections`` are served at once (the rest are closed at accept,
-    costing no thread), and a request may be ``max_request_bytes`` long."""
+
+def _read_admin_token(config: DaemonConfig) -> str | None:
+    """The admin token: the file named by ``admin_token_file``, else the
+    environment; never the config file itself.  Blank means none."""
+    if config.admin_token_file:
+        try:
+            with open(config.admin_token_file, encoding="utf-8") as fh:
+                token = fh.read(4097).strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(config.source, [("admin_token_file", (
+                f"cannot read {config.admin_token_file}: "
+                f"{getattr(exc, 'strerror', None) or exc}"))]) from None
+        if not token or len(token) > 4096:
+            raise ConfigError(config.source, [("admin_token_file", (
+                f"{config.admin_token_file} must hold one token of 1..4096 characters"))])
+        return token
+    return os.environ.get(_ADMIN_TOKEN_ENV, "").strip() or None
+
+
+def _ms(iso: str | None) -> int | None:
+    return None if iso is None else int(datetime.fromisoformat(iso).timestamp() * 1000)
+
+
+def _schedule_text(s: Schedule) -> str:
+    if s.every_secs is not None:
+        return f"every {s.every_secs:g}s"
+    if s.cron is not None:
+        tz = getattr(s.tz, "key", None) or "UTC"
+        return f"cron {getattr(s.cron, 'text', '')} {tz}".replace("  ", " ")
+    return f"at {s.at.isoformat()}" if s.at is not None else "-"
+
+
+def _plugin_states(runner: "Runner") -> list[dict]:
+    """Every plugin with what its supervisor knows: up, restarting, down."""
+    out = []
+    sups = dict(runner._supervisors)
+    for h in sorted(runner.router.handles(), key=lambda h: h.plugin_id):
+        sup = sups.get(h.plugin_id)
+        doc = {"id": h.plugin_id, "kinds": list(h.kinds), "lifecycle": h.lifecycle.value,
+               "state": "ephemeral", "pid": None, "restarts": 0, "last_exit": None,
+               "restart_in_secs": None, "last_output": []}
+        if sup is not None:
+            health = h.health
+            with health._lock:
+                down, at, tail = health.down, health.restart_at, list(health.tail)
+            proc = sup.proc
+            alive = proc is not None and proc.poll() is None and down is None
+            doc.update(state="up" if alive else "restarting" if at is not None else "down",
+                       pid=proc.pid if alive else None, restarts=sup.restarts,
+                       last_exit=down or sup.last_exit,
+                       restart_in_secs=None if at is None or alive else
+                       round(max(0.0, at - time.monotonic()), 1),
+                       last_output=tail or list(sup.last_output))
+        out.append(doc)
+    return out
+
+
+def _admin_jobs(runner: "Runner") -> list[dict]:
+    """GET /admin/pollers: nexo's fields, then what this project adds."""
+    try:
+        pending = runner.state.outbox() if runner.state is not None else []
+    except StateError:
+        pending = []
+    undelivered: dict[str, int] = {}
+    for item in pending:
+        undelivered[item.job] = undelivered.get(item.job, 0) + 1
+    plugins = {p["id"]: p for p in _plugin_states(runner)}
+    with runner._cond:
+        schedules = {j.cfg.id: _schedule_text(j.cfg.schedule) for j in runner._jobs.values()}
+    out = []
+    for s in runner.status():
+        route = runner._routes.get(s["kind"])
+        plugin = route.plugin_id if route is not None else None
+        doc = {"id": s["id"], "kind": s["kind"], "agent": s["agent"], "paused": s["paused"],
+               "last_run_at_ms": _ms(s["last_run_at"]), "next_run_at_ms": _ms(s["next_run_at"]),
+               "last_status": s["last_status"], "last_error": s["last_error"],
+               "consecutive_errors": s["consecutive_errors"],
+               "items_seen_total": s["items_seen_total"],
+               "items_dispatched_total": s["items_dispatched_total"]}
+        doc.update(cursor=s["cursor"], breaker_open=s["breaker_open"], running=s["running"],
+                   last_run_at=s["last_run_at"], next_run_at=s["next_run_at"],
+                   schedule=schedules.get(s["id"]), undelivered=undelivered.get(s["id"], 0),
+                   plugin=plugin,
+                   plugin_state=plugins[plugin]["state"] if plugin in plugins else None,
+                   plugin_output=plugins[plugin]["last_output"] if plugin in plugins else [])
+        out.append(doc)
+    return out
+
+
+def _health(runner: "Runner") -> tuple[bool, dict]:
+    """/healthz: the process serves, the scheduler loop lives, the state works."""
+    checks = {"process": "ok"}
+    sched = runner._scheduler
+    if runner._stopping:
+        checks["scheduler"] = "stopping"
+    elif not runner._started:
+        checks["scheduler"] = "not started"
+    elif sched is not None and not sched.is_alive():
+        checks["scheduler"] = "the scheduler loop is not running"
+    else:
+        checks["scheduler"] = "ok"
+    checks["state"] = "ok" if runner.state_error is None else f"unusable: {runner.state_error}"
+    return all(v == "ok" for v in checks.values()), checks
+
+
+def _readiness(runner: "Runner") -> tuple[bool, dict]:
+    """/readyz: healthy, every long-lived plugin up, the broker connected."""
+    ok, checks = _health(runner)
+    down = [p["id"] for p in _plugin_states(runner) if p["state"] not in ("up", "ephemeral")]
+    checks["plugins"] = "ok" if not down else "not running: " + ", ".join(down)
+    broker = runner.broker
+    connected = getattr(broker, "connected", None)
+    if broker is None:
+        checks["broker"] = "not started"
+    elif getattr(broker, "closed", None) is not None and broker.closed.is_set():
+        checks["broker"] = "closed"
+    elif isinstance(connected, threading.Event) and not connected.is_set():
+        checks["broker"] = "disconnected"
+    else:
+        checks["broker"] = "ok"
+    return all(v == "ok" for v in checks.values()), checks
+
+
+class _Admin:
+    """What the admin routes need besides the runner: the token, whether the
+    listener is loopback, and how to reload (a callable; None: no config file)."""
+
+    def __init__(self, runner: "Runner", token: str | None, loopback: bool,
+                 reload: Callable[[], dict] | None = None):
+        self.runner, self.token, self.loopback, self.reload = runner, token, loopback, reload
+
+    def authorized(self, header: str | None) -> bool:
+        import hmac
+        if self.token is None or not header or not header.startswith("Bearer "):
+            return False
+        return hmac.compare_digest(header[7:].strip().encode(), self.token.encode())
+
+    def action(self, job_id: str, verb: str) -> tuple[int, dict]:
+        r = self.runner
+        try:
+            if verb == "run":
+                o = r.run_once(job_id)
+                if o.status is TickStatus.OK:
+                    m = o.ack.metrics if o.ack and o.ack.metrics else TickMetrics()
+                    return 200, {"ok": True, "items_seen": m.items_seen,
+                                 "items_dispatched": m.items_dispatched,
+                                 "deliveries": len(o.ack.deliver) if o.ack else 0,
+                                 "outcome": o.to_dict()}
+                code = 409 if o.status in (TickStatus.BUSY, TickStatus.LEASED) else 400
+                return code, {"ok": False, "error": o.error or o.status.value,
+                              "outcome": o.to_dict()}
+            getattr(r, verb)(job_id)
+        except StateError as exc:
+            return 503, {"ok": False, "error": f"state: {exc}"}
+        log.info("operator (admin API): %s %s", verb, job_id)
+        if verb == "reset":
+            return 200, {"ok": True, "reset": True}
+        return 200, {"ok": True, "paused": verb == "pause"}
+
+    def do_reload(self) -> tuple[int, dict]:
+        if self.reload is None:
+            return 400, {"ok": False, "error": "this daemon was not started from a config file"}
+        with self.runner.reload_lock:
+            try:
+                diff = self.reload()
+            except (ConfigError, ManifestError, PollerRouteRegistrationError,
+                    StateError) as exc:
+                log.error("reload (admin API) rejected, keeping the running config: %s", exc)
+                return 400, {"ok": False, "error": str(exc)}
+        return 200, {"ok": True, "add": diff["added"], "replace": diff["replaced"],
+                     "remove": diff["removed"], "keep": diff["kept"],
+                     "restarted": diff.get("restarted", [])}
+
+
+def _ago(ts_ms: int | None, now: float) -> str:
+    if ts_ms is None:
+        return "never"
+    delta = now - ts_ms / 1000
+    future, delta = delta < 0, abs(delta)
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "min"), (1, "s")):
+        if delta >= size or size == 1:
+            text = f"{int(delta // size)} {unit}"
+            return f"in {text}" if future else f"{text} ago"
+    return "now"
+
+
+_PAGE_STATUSES = ("all", "failing", "ok", "paused", "breaker", "running", "never run")
+
+
+def _job_status(j: dict) -> str:
+    if j["running"]:
+        return "running"
+    if j["paused"]:
+        return "paused"
+    if j["breaker_open"]:
+        return "breaker"
+    if j["last_status"] is None:
+        return "never run"
+    return "ok" if j["last_status"] == "ok" else "failing"
+
+
+def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> str:
+    """The status page: every value escaped; no external asset."""
+    from html import escape
+    from urllib.parse import parse_qs
+    e = lambda v: escape("-" if v is None else str(v), quote=True)  # noqa: E731
+    wanted = (parse_qs(query).get("status") or ["all"])[0]
+    wanted = wanted if wanted in _PAGE_STATUSES else "all"
+    now = runner.clock()
+    healthy, checks = _health(runner)
+    jobs = _admin_jobs(runner) if authorized else []
+    plugins = _plugin_states(runner) if authorized else []
+    rows = []
+    for j in jobs:
+        status = _job_status(j)
+        if wanted != "all" and status != wanted:
+            continue
+        mark = {"ok": "✓ ok", "failing": "✗ failing", "paused": "‖ paused",
+                "breaker": "! breaker open", "running": "» running"}.get(status, "– never run")
+        err = "-"
+        if j["last_error"]:
+            detail = j["last_error"] + ("\n\nplugin output:\n" + "\n".join(j["plugin_output"])
+                                        if j["plugin_output"] else "")
+            err = (f"<details><summary>{e(j['last_error'][:80])}</summary>"
+                   f"<pre>{e(detail)}</pre></details>")
+        toggle = "resume" if j["paused"] else "pause"
+        rows.append(
+            f'<tr data-job="{e(j["id"])}" data-status="{e(status)}">'
+            f'<th scope="row">{e(j["id"])}</th><td>{e(j["kind"])}</td><td>{e(j["plugin"])}</td>'
+            f'<td>{e(j["schedule"])}</td>'
+            f'<td><time datetime="{e(j["last_run_at"])}">{e(_ago(j["last_run_at_ms"], now))}'
+            f'</time></td><td class="st-{e(status.replace(" ", "-"))}">{e(mark)}'
+            f'<br><small>last: {e(j["last_status"])}, errors in a row: '
+            f'{e(j["consecutive_errors"])}</small></td><td class="err">{err}</td>'
+            f'<td><time datetime="{e(j["next_run_at"])}">'
+            f'{e("paused" if j["paused"] else _ago(j["next_run_at_ms"], now))}</time></td>'
+            f'<td><code>{e(j["cursor"])}</code></td><td>{e(j["undelivered"])}</td>'
+            f'<td><button type="button" data-action="{toggle}" data-job="{e(j["id"])}">'
+            f'{toggle.capitalize()}<span class="vh"> {e(j["id"])}</span></button> '
+            f'<button type="button" data-action="run" data-job="{e(j["id"])}">Run now'
+            f'<span class="vh"> {e(j["id"])}</span></button></td></tr>')
+    prow = []
+    for p in plugins:
+        out = ("<details><summary>" + e(len(p["last_output"])) + " lines</summary><pre>"
+               + e("\n".join(p["last_output"])) + "</pre></details>") if p["last_output"] else "-"
+        prow.append(f'<tr><th scope="row">{e(p["id"])}</th><td>{e(", ".join(p["kinds"]))}</td>'
+                    f'<td>{e(p["lifecycle"])}</td><td>{e(p["state"])}</td><td>{e(p["pid"])}</td>'
+                    f'<td>{e(p["restarts"])}</td><td>{e(p["last_exit"])}</td><td>{out}</td></tr>')
+    options = "".join(f'<option value="{e(s)}"{" selected" if s == wanted else ""}>{e(s)}'
+                      f'</option>' for s in _PAGE_STATUSES)
+    health = ("healthy" if healthy else "unhealthy: " + "; ".join(
+        f"{k} {v}" for k, v in checks.items() if v != "ok"))
+    locked = "" if authorized else (
+        '<p id="locked" role="alert">This daemon listens beyond loopback: enter the admin '
+        'token above to see its jobs.</p>')
+    empty = ('<tr><td colspan="11">no job matches</td></tr>' if not rows else "")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>nexo-poller status</title>
+<style nonce="{nonce}">
+body{{font:14px/1.4 system-ui,sans-serif;margin:1em;color:#111;background:#fff}}
+table{{border-collapse:collapse;width:100%;margin-bottom:1.5em}}
+th,td{{border:1px solid #bbb;padding:.3em .5em;text-align:left;vertical-align:top}}
+thead th{{background:#eee}} pre{{white-space:pre-wrap;max-width:40em;margin:.3em 0}}
+.st-ok{{color:#064}} .st-failing,.st-breaker{{color:#a00;font-weight:bold}}
+.st-paused{{color:#555}} .vh{{position:absolute;left:-9999px}}
+button{{font:inherit;padding:.2em .6em;margin:.1em}} button:focus,select:focus,input:focus{{outline:3px solid #36c}}
+#msg{{min-height:1.4em;font-weight:bold}} code{{word-break:break-all}}
+</style></head><body>
+<header><h1>nexo-poller</h1>
+<p>Version {e(__version__)} · <span id="health">{e(health)}</span> ·
+page rendered <time id="rendered" datetime="{e(_iso(now))}">{e(_iso(now))}</time></p>
+<form id="auth" autocomplete="off"><label for="token">Admin token (kept in this tab only)</label>
+<input id="token" type="password" size="30"> <button type="submit">Use token</button></form>
+<form method="get" action="/"><label for="status">Show jobs</label>
+<select id="status" name="status">{options}</select> <button type="submit">Filter</button></form>
+<p id="msg" role="status" aria-live="polite"></p></header>
+<main id="live">{locked}
+<h2>Jobs</h2>
+<table id="jobs"><caption>{e(len(rows))} of {e(len(jobs))} jobs (filter: {e(wanted)})</caption>
+<thead><tr><th scope="col">Job</th><th scope="col">Kind</th><th scope="col">Plugin</th>
+<th scope="col">Schedule</th><th scope="col">Last run</th><th scope="col">Outcome</th>
+<th scope="col">Last error</th><th scope="col">Next run</th><th scope="col">Cursor</th>
+<th scope="col">Undelivered</th><th scope="col">Actions</th></tr></thead>
+<tbody>{"".join(rows)}{empty}</tbody></table>
+<h2>Plugins</h2>
+<table id="plugins"><caption>{e(len(plugins))} plugins</caption>
+<thead><tr><th scope="col">Plugin</th><th scope="col">Kinds</th><th scope="col">Lifecycle</th>
+<th scope="col">State</th><th scope="col">PID</th><th scope="col">Restarts</th>
+<th scope="col">Last exit</th><th scope="col">Last output</th></tr></thead>
+<tbody>{"".join(prow) or '<tr><td colspan="8">no plugin</td></tr>'}</tbody></table>
+</main>
+<script nonce="{nonce}">
+(function () {{
+  var K = "nexo-poller-admin-token", tok = document.getElementById("token");
+  var msg = document.getElementById("msg");
+  tok.value = sessionStorage.getItem(K) || "";
+  function hdrs() {{ var t = sessionStorage.getItem(K); return t ? {{"Authorization": "Bearer " + t}} : {{}}; }}
+  function refresh() {{
+    fetch(location.pathname + location.search, {{headers: hdrs(), cache: "no-store"}})
+      .then(function (r) {{ return r.text(); }})
+      .then(function (html) {{
+        var doc = new DOMParser().parseFromString(html, "text/html");
+        var open = Array.prototype.map.call(document.querySelectorAll("details[open]"),
+          function (d) {{ return d.closest("tr") && d.closest("tr").dataset.job; }});
+        var active = document.activeElement;
+        if (active && active.closest && active.closest("#live")) return;
+        document.getElementById("live").innerHTML = doc.getElementById("live").innerHTML;
+        document.getElementById("health").textContent = doc.getElementById("health").textContent;
+        open.forEach(function (id) {{
+          var row = id && document.querySelector('tr[data-job="' + CSS.escape(id) + '"] details');
+          if (row) row.open = true; }});
+      }}).catch(function () {{ msg.textContent = "cannot reach the daemon; retrying"; }});
+  }}
+  document.getElementById("auth").addEventListener("submit", function (ev) {{
+    ev.preventDefault(); sessionStorage.setItem(K, tok.value.trim());
+    msg.textContent = "token kept for this tab"; refresh(); }});
+  document.addEventListener("click", function (ev) {{
+    var b = ev.target.closest("button[data-action]"); if (!b) return;
+    if (!sessionStorage.getItem(K)) {{ msg.textContent = "enter the admin token first"; tok.focus(); return; }}
+    var job = b.dataset.job, act = b.dataset.action;
+    msg.textContent = act + " " + job + "…";
+    fetch("/admin/pollers/" + encodeURIComponent(job) + "/" + act, {{method: "POST", headers: hdrs()}})
+      .then(function (r) {{ return r.json().then(function (j) {{ return [r.status, j]; }}); }})
+      .then(function (a) {{ msg.textContent = act + " " + job + ": " +
+        (a[1].ok ? "done" : "failed (" + a[0] + "): " + (a[1].error || "")); refresh(); }})
+      .catch(function (e) {{ msg.textContent = act + " " + job + ": " + e; }});
+  }});
+  setInterval(refresh, 5000);
+}})();
+</script></body></html>
+"""
+
+
+def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True,
+                admin: _Admin | None = None, key: str = "metrics_addr",
+                read_timeout: float = _METRICS_READ_TIMEOUT_SECS,
+                max_connections: int = _METRICS_MAX_CONNECTIONS,
+                max_request_bytes: int = _METRICS_MAX_REQUEST_BYTES,
+                request_deadline: float = _HTTP_REQUEST_DEADLINE_SECS):
+    """Serve ``/metrics`` and/or the admin routes on a background thread;
+    returns the server.
+
+    Bounded: each read gets ``read_timeout`` and a whole request
+    ``request_deadline``, at most ``max_connections`` are served at once (the
+    rest are closed at accept, costing no thread), and a request's line and
+    headers may be ``max_request_bytes`` long (a POST body
+    ``_ADMIN_MAX_BODY_BYTES`` more)."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import unquote
     import io
 
     class Handler(BaseHTTPRequestHandler):
         timeout = read_timeout              # StreamRequestHandler sets it on the socket
+        server_version = "nexo-poller"
+        sys_version = ""
 
         def setup(self) -> None:
             super().setup()
-            self.rfile = _CappedReader(self.rfile, max_request_bytes)
+            self.rfile = _CappedReader(self.rfile, max_request_bytes, self.connection,
+                                       time.monotonic() + request_deadline)
 
         def parse_request(self) -> bool:
             if not self.raw_requestline.endswith(b"\n"):
                 self.requestline, self.request_version, self.command = "", "", ""
                 self.send_error(414, f"request longer than {max_request_bytes} bytes")
                 return False
-            return super().parse_request()
+            if not super().parse_request():
+                return False
+            if self.rfile.budget <= 0:          # the headers ran past the limit
+                self.close_connection = True
+                self.send_error(431, f"request longer than {max_request_bytes} bytes")
+                return False
+            return True
+
+        # -- answers ---------------------------------------------------------------
+
+        def _send(self, code: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _json(self, code: int, doc: Any, extra: dict | None = None) -> None:
+            self._send(code, json.dumps(doc).encode(), "application/json", extra)
+
+        def _refuse(self, code: int, error: str) -> None:
+            extra = {"WWW-Authenticate": 'Bearer realm="nexo-poller"'} if code == 401 else None
+            self._json(code, {"ok": False, "error": error}, extra)
+
+        # -- the rules -------------------------------------------------------------
+
+        def _authorized(self) -> bool:
+            return admin is not None and admin.authorized(self.headers.get("Authorization"))
+
+        def _cross_site(self) -> str | None:
+            if (self.headers.get("Sec-Fetch-Site") or "").lower() == "cross-site":
+                return "Sec-Fetch-Site: cross-site"
+            origin = self.headers.get("Origin")
+            if origin is None:
+                return None
+            host = (self.headers.get("Host") or "").lower()
+            parts = origin.lower().split("://", 1)
+            if len(parts) != 2 or parts[1].rstrip("/") != host:
+                return f"Origin {origin[:100]!r} is not this host ({host[:100]!r})"
+            return None
+
+        def _body_ok(self) -> bool:
+            """Read (and drop) a POST body within its limit; False once answered."""
+            length = self.headers.get("Content-Length")
+            if self.headers.get("Transfer-Encoding"):
+                self.close_connection = True
+                self._refuse(411, "a body needs a Content-Length")
+                return False
+            try:
+                n = int(length or 0)
+            except ValueError:
+                n = -1
+            if n < 0 or n > _ADMIN_MAX_BODY_BYTES:
+                self.close_connection = True
+                self._refuse(413, f"a body may be at most {_ADMIN_MAX_BODY_BYTES} bytes")
+                return False
+            self.rfile.budget += n
+            if len(self.rfile.read(n)) != n:
+                self.close_connection = True
+                return False
+            return True
+
+        def _route(self, method: str) -> None:
+            path, _, query = self.path.partition("?")
+            if metrics and path == "/metrics" and admin is None:
+                if method != "GET":
+                    return self._refuse(405, "GET required")
+                return self._metrics()
+            if admin is None:
+                return self.send_error(404, "only /metrics is served")
+            public = admin.loopback
+            if path in ("/healthz", "/readyz"):
+                if not public and not self._authorized():
+                    return self._refuse(401, "a bearer token is required")
+                ok, checks = (_health if path == "/healthz" else _readiness)(admin.runner)
+                doc = {"ok": ok, "checks": checks}
+                if not ok:
+                    doc["reason"] = "; ".join(f"{k}: {v}" for k, v in checks.items() if v != "ok")
+                return self._json(200 if ok else 503, doc)
+            if path == "/metrics" and metrics:
+                if not public and not self._authorized():
+                    return self._refuse(401, "a bearer token is required")
+                return self._metrics() if method == "GET" else self._refuse(405, "GET required")
+            if path in ("/", "/index.html"):
+                if method != "GET":
+                    return self._refuse(405, "GET required")
+                return self._page(query)
+            if path == "/admin/plugins":
+                if not public and not self._authorized():
+                    return self._refuse(401, "a bearer token is required")
+                if method != "GET":
+                    return self._refuse(405, "GET required")
+                return self._json(200, _plugin_states(admin.runner))
+            if path == "/admin/pollers" or path.startswith("/admin/pollers/"):
+                return self._admin(method, [unquote(p) for p in path[15:].split("/")]
+                                   if len(path) > 15 else [])
+            return self._json(404, {"error": f"no route {path[:200]}"})
+
+        def _admin(self, method: str, parts: list[str]) -> None:
+            runner = admin.runner
+            mutation = method == "POST"
+            if mutation and not self._body_ok():
+                return
+            if mutation:
+                why = self._cross_site()
+                if why is not None:
+                    return self._refuse(403, f"cross-site request refused ({why})")
+            if mutation or not admin.loopback:
+                if admin.token is None:
+                    return self._refuse(403, "no admin token is configured (admin_token_file "
+                                             f"or {_ADMIN_TOKEN_ENV}): mutations are refused")
+                if not self._authorized():
+                    return self._refuse(401, "a valid bearer token is required")
+            if not parts:
+                if mutation:
+                    return self._refuse(405, "GET required")
+                return self._json(200, _admin_jobs(runner))
+            job_id = parts[0]
+            known = job_id in runner._jobs
+            if len(parts) == 1:
+                if job_id == "reload" and not known:
+                    if not mutation:
+                        return self._json(405, {"error": "POST required"}, {"Allow": "POST"})
+                    code, doc = admin.do_reload()
+                    return self._json(code, doc)
+                if mutation:
+                    return self._refuse(405, "GET required")
+                job = next((j for j in _admin_jobs(runner) if j["id"] == job_id), None)
+                if job is None:
+                    return self._json(404, {"error": f"job '{job_id}' not found"})
+                return self._json(200, job)
+            if len(parts) != 2 or parts[1] not in _ADMIN_ACTIONS:
+                return self._json(404, {"error": f"unknown action '{'/'.join(parts[1:])}'"})
+            if not mutation:
+                return self._json(405, {"error": "POST required"}, {"Allow": "POST"})
+            if not known:
+                return self._json(404, {"error": f"job '{job_id}' not found"})
+            try:
+                code, doc = admin.action(job_id, parts[1])
+            except KeyError:                # removed meanwhile by a reload
+                code, doc = 404, {"error": f"job '{job_id}' not found"}
+            self._json(code, doc)
+
+        def _metrics(self) -> None:
+            body = runner._metrics.render(runner).encode()
+            self._send(200, body, "text/plain; version=0.0.4; charset=utf-8")
+
+        def _page(self, query: str) -> None:
+            import secrets
+            nonce = secrets.token_urlsafe(12)
+            authorized = admin.loopback or self._authorized()
+            body = _render_page(admin.runner, authorized, query, nonce).encode()
+            csp = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+                   "connect-src 'self'; img-src 'self' data:; form-action 'self'; "
+                   "base-uri 'none'; frame-ancestors 'none'")
+            self._send(200, body, "text/html; charset=utf-8", {
+                "Content-Security-Policy": csp, "X-Frame-Options": "DENY",
+                "Referrer-Policy": "no-referrer"})
+
+        def _safely(self, method: str) -> None:
+            try:
+                self._route(method)
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                self.close_connection = True
+            except Exception:
+                log.exception("admin API: %s %s failed", method, _log_safe(self.path, 200))
+                self.close_connection = True
+                try:
+                    self._json(500, {"ok": False, "error": "internal error (see the log)"})
+                except OSError:
+                    pass
 
         def do_GET(self) -> None:
-            if self.path.split("?")[0] != "/metrics":
-                self.send_error(404, "only /metrics is served")
-                return
-            body = runner._metrics.render(runner).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self._safely("GET")
+
+        def do_HEAD(self) -> None:
+            self._safely("GET")
+
+        def do_POST(self) -> None:
+            self._safely("POST")
+
+        def _other(self) -> None:
+            self.close_connection = True
+            self._refuse(405, f"{self.command} is not served")
+
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _other
 
         def log_message(self, *args) -> None:
             pass
 
     class _CappedReader(io.RawIOBase):
-        """A request's reader that yields at most ``budget`` bytes in all."""
+        """A request's reader that yields at most ``budget`` bytes in all, and
+        nothing once the request's deadline has passed."""
 
-        def __init__(self, raw, budget: int) -> None:
+        def __init__(self, raw, budget: int, sock, deadline: float) -> None:
             super().__init__()
-            self.raw, self.budget = raw, budget
+            self.raw, self.budget, self.sock, self.deadline = raw, budget, sock, deadline
+
+        def _clock(self) -> None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("request deadline passed")
+            self.sock.settimeout(min(read_timeout, left))
 
         def readline(self, size: int = -1) -> bytes:
             size = self.budget if size is None or size < 0 else min(size, self.budget)
+            self._clock()
             line = self.raw.readline(size) if size > 0 else b""
             self.budget -= len(line)
             return line
 
         def read(self, size: int = -1) -> bytes:
             size = self.budget if size is None or size < 0 else min(size, self.budget)
+            self._clock()
             data = self.raw.read(size) if size > 0 else b""
             self.budget -= len(data)
             return data
@@ -6657,10 +7247,52 @@ def _serve_metrics(runner: Runner, addr: tuple[str, int], *,
         server = Server(addr, Handler)
     except OSError as exc:
         where = f"cannot listen on {addr[0]}:{addr[1]}: {exc.strerror or exc}"
-        raise ConfigError(runner.config.source, [("metrics_addr", where)]) from None
-    threading.Thread(target=server.serve_forever, daemon=True, name="nexo-metrics").start()
-    log.info("metrics on http://%s:%d/metrics", *server.server_address[:2])
+        raise ConfigError(runner.config.source, [(key, where)]) from None
+    name = "nexo-admin" if admin is not None else "nexo-metrics"
+    threading.Thread(target=server.serve_forever, daemon=True, name=name).start()
+    host, port = server.server_address[:2]
+    if metrics:
+        log.info("metrics on http://%s:%d/metrics", host, port)
+    if admin is not None:
+        log.info("admin API and status page on http://%s:%d/", host, port)
     return server
+
+
+def _serve_metrics(runner: "Runner", addr: tuple[str, int], **bounds):
+    """Serve only ``/metrics`` (see ``_serve_http`` for the bounds)."""
+    return _serve_http(runner, addr, **bounds)
+
+
+def _start_http(runner: "Runner") -> tuple[Any, Any]:
+    """The runner's listeners as configured: (metrics server, admin server);
+    one server serves both when ``metrics_addr`` and ``admin_addr`` agree."""
+    cfg = runner.config
+    admin = None
+    if cfg.admin_addr:
+        token = _read_admin_token(cfg)
+        loopback = _is_loopback(cfg.admin_addr[0])
+        if not loopback and token is None:
+            raise ConfigError(cfg.source, [("admin_addr", (
+                f"{cfg.admin_addr[0]} is not a loopback address: serving beyond loopback needs "
+                f"a token (admin_token_file or {_ADMIN_TOKEN_ENV})"))])
+        path = runner.config_path
+        reload = None if path is None else (lambda: runner.reload(
+            load_config(path, extra_kinds=runner._in_process_kinds())))
+        admin = _Admin(runner, token, loopback, reload)
+    shared = cfg.admin_addr is not None and cfg.admin_addr == cfg.metrics_addr
+    metrics_server = admin_server = None
+    try:
+        if admin is not None:
+            admin_server = _serve_http(runner, cfg.admin_addr, metrics=shared, admin=admin,
+                                       key="admin_addr")
+        if cfg.metrics_addr and not shared:
+            metrics_server = _serve_http(runner, cfg.metrics_addr)
+    except BaseException:
+        if admin_server is not None:
+            admin_server.shutdown()
+            admin_server.server_close()
+        raise
+    return (admin_server if shared else metrics_server), admin_server
 
 
 # ============================================================================
@@ -6676,6 +7308,7 @@ EXIT_STATE = 3        # the state database cannot be used
 EXIT_UNKNOWN_JOB = 4
 EXIT_BUSY = 5         # the job is leased by another running daemon
 EXIT_BROKER = 6       # the broker cannot be reached, refused the credentials, or TLS failed
+EXIT_ADMIN = 7        # --admin: the daemon's admin API cannot be reached or refused us
 
 
 class _JsonFormatter(logging.Formatter):
@@ -6707,8 +7340,14 @@ def _parser():
         "to the plugin owning its kind.",
         epilog="exit codes: 0 ok, 1 tick failed, 2 usage or invalid config, "
                "3 state database error, 4 unknown job, 5 job busy in another daemon, "
-               "6 broker unreachable or refused the credentials")
-    p.add_argument("--config", required=True, metavar="FILE", help="pollers.json")
+               "6 broker unreachable or refused the credentials, "
+               "7 admin API unreachable or refused")
+    p.add_argument("--config", metavar="FILE", help="pollers.json (required but with --admin)")
+    p.add_argument("--admin", metavar="URL", default=os.environ.get(_ADMIN_URL_ENV),
+                   help="status, tick, pause, resume and reset go to the daemon's admin API "
+                        f"at URL (default: ${_ADMIN_URL_ENV}); the token comes from "
+                        f"--admin-token-file or ${_ADMIN_TOKEN_ENV}")
+    p.add_argument("--admin-token-file", metavar="FILE", help="the admin API's bearer token")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="text", choices=["text", "json"])
@@ -6746,8 +7385,12 @@ def main(argv: list[str] | None = None) -> int:
         args.ids += extra                   # ids after an option: `outbox drop --dead ID`
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.config is None and not (args.admin and args.verb in _ADMIN_VERBS):
+        parser.error("the following arguments are required: --config")
     _setup_logging(args.log_level, args.log_format)
     try:
+        if args.admin and args.verb in _ADMIN_VERBS:
+            return _admin_verb(args)
         return _run_verb(args)
     except _UsageError as exc:
         print(f"nexo-poller: {exc}", file=sys.stderr)
@@ -7003,14 +7646,86 @@ def _print_status(config: DaemonConfig, as_json: bool) -> int:
     if note:
         print(note)
     print("daemon: " + (", ".join(sorted(daemons)) if daemons else "none running"))
+    _print_status_table(out, config.enabled)
+    return EXIT_OK
+
+
+def _print_status_table(out: list[dict], enabled: bool = True) -> None:
     print(f"{'JOB':<24} {'KIND':<16} {'STATE':<8} {'LAST':<10} {'ERRS':>4} {'UNDELIV':>7}  "
           "NEXT RUN")
     for s in out:
-        state = ("disabled" if not config.enabled else "running" if s["running"] else
+        state = ("disabled" if not enabled else "running" if s["running"] else
                  "paused" if s["paused"] else "breaker" if s["breaker_open"] else "active")
         print(f"{s['id']:<24} {s['kind']:<16} {state:<8} {s['last_status'] or '-':<10} "
               f"{s['consecutive_errors']:>4} {s['undelivered']:>7}  {s['next_run_at'] or '-'}")
-    return EXIT_OK
+
+
+_ADMIN_VERBS = ("status", "tick", "pause", "resume", "reset")
+
+
+def _admin_call(url: str, method: str, path: str, token: str | None,
+                timeout: float) -> tuple[int, Any]:
+    """One request to a daemon's admin API (no redirects, no proxies: the
+    token goes only where it was told to)."""
+    import http.client
+    from urllib.parse import quote, urlsplit
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _UsageError(f"--admin {url!r}: expected http://host:port or https://host:port",
+                          EXIT_USAGE)
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        conn = cls(parts.hostname, parts.port, timeout=timeout)
+        try:
+            conn.request(method, parts.path.rstrip("/") + quote(path), headers=headers)
+            resp = conn.getresponse()
+            body = resp.read(1 << 24)
+        finally:
+            conn.close()
+        return resp.status, json.loads(body)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise _UsageError(f"admin API at {url}: {exc}", EXIT_ADMIN) from None
+
+
+def _admin_verb(args) -> int:
+    """``status``/``tick``/``pause``/``resume``/``reset`` through a daemon's admin API."""
+    token = os.environ.get(_ADMIN_TOKEN_ENV, "").strip() or None
+    if args.admin_token_file:
+        try:
+            with open(args.admin_token_file, encoding="utf-8") as fh:
+                token = fh.read(4097).strip() or None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _UsageError(f"--admin-token-file: {getattr(exc, 'strerror', None) or exc}",
+                              EXIT_USAGE) from None
+    verb, job = args.verb, getattr(args, "job", None)
+    if verb == "status":
+        code, doc = _admin_call(args.admin, "GET", "/admin/pollers", token, 30)
+    else:
+        code, doc = _admin_call(args.admin, "POST", f"/admin/pollers/{job}/"
+                                + ("run" if verb == "tick" else verb), token, 600)
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if code in (401, 403):
+        raise _UsageError(f"admin API at {args.admin} refused: {error}", EXIT_ADMIN)
+    if code == 404:
+        raise _UsageError(f"admin API at {args.admin}: {error}", EXIT_UNKNOWN_JOB)
+    if code == 503:
+        raise _UsageError(f"admin API at {args.admin}: {error}", EXIT_STATE)
+    if verb == "status" and code == 200 and isinstance(doc, list):
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            print(f"daemon: admin API at {args.admin}")
+            _print_status_table(doc)
+        return EXIT_OK
+    if verb == "tick" and isinstance(doc, dict) and isinstance(doc.get("outcome"), dict):
+        outcome = doc["outcome"] | {"via": f"admin API {args.admin}"}
+        print(json.dumps(outcome, indent=2))
+        return EXIT_OK if code == 200 else EXIT_BUSY if code == 409 else EXIT_TICK_FAILED
+    if code == 200 and isinstance(doc, dict) and doc.get("ok"):
+        print(f"{verb} {job}: done (admin API at {args.admin})")
+        return EXIT_OK
+    raise _UsageError(f"admin API at {args.admin}: HTTP {code}: {error or doc!r}", EXIT_ADMIN)
 
 
 if __name__ == "__main__":

@@ -243,6 +243,7 @@ class TestMetricsEndpoint(Case):
             "nexo_poller_paused": "gauge",
             "nexo_poller_items_seen_total": "counter",
             "nexo_poller_items_dispatched_total": "counter",
+            "nexo_poller_last_success_timestamp_seconds": "gauge",
             "nexo_poller_deliveries_total": "counter",
             "nexo_poller_outbox_depth": "gauge",
             "nexo_poller_outbox_oldest_age_seconds": "gauge",
@@ -298,6 +299,10 @@ class TestMetricsEndpoint(Case):
                          {job_id: seen, "flaky": 0, "doomed": 0, "idle": 0})
         self.assertEqual(per_job("nexo_poller_items_dispatched_total"),
                          {job_id: dispatched, "flaky": 0, "doomed": 0, "idle": 0})
+        # the last successful tick, by job: only jobs that ever succeeded have one
+        last_ok = per_job("nexo_poller_last_success_timestamp_seconds")
+        self.assertEqual(set(last_ok), {job_id})
+        self.assertAlmostEqual(last_ok[job_id], self.t[0], delta=1.0)
         # the same figures as status()
         st = {s["id"]: s for s in r.status()}
         self.assertEqual(st[job_id]["items_seen_total"], seen)

@@ -346,7 +346,9 @@ def state_unwritable(pid: int, on: bool) -> None:
 
 class StateOwnerCase(unittest.TestCase):
     def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory(prefix="nexo-state9-")
+        # A SIGKILLed daemon cannot kill its ephemeral children; one may still be
+        # finishing its reply while the folder goes (they are killed just below).
+        self._tmp = tempfile.TemporaryDirectory(prefix="nexo-state9-", ignore_cleanup_errors=True)
         self.addCleanup(self._tmp.cleanup)
         self.p = Project(self._tmp.name)
         self.addCleanup(self._kill_plugins)
