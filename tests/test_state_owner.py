@@ -781,8 +781,10 @@ class Test09ShutdownBoundWithLockedState(StateOwnerCase):
         self.addCleanup(lock.release)
         since = d.mark()
         bound = GRACE + 15.0
-        rc, _ = d.stop(signal.SIGTERM, bound)
+        rc, secs = d.stop(signal.SIGTERM, bound)
         lock.release()
+        print(f"\n[state] SIGTERM with the state locked by another process: exited in "
+              f"{secs:.1f}s (shutdown_grace_secs {GRACE})", file=sys.stderr)
         self.assertIsNotNone(rc, f"SIGTERM with the state locked: still running after "
                                  f"{bound:.0f} s (shutdown_grace_secs {GRACE}); log:\n{d.tail()}")
         self.assertTrue(d.errors(since), "what could not be stored was not logged")
