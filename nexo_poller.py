@@ -23,7 +23,7 @@ The sections of this file, in dependency order:
     Broker      BrokerServer, BrokerClient (line-delimited JSON-RPC, Unix socket)
     NATS        NatsClient, connect_broker, nexo envelopes (nexo_event, nexo_unwrap)
     Proxies     PollContext, EphemeralPollerProxy, PluginPollerProxy,
-                forward_tick, PluginSupervisor
+                StdioPollerProxy, forward_tick, PluginSupervisor
     SDK         run_plugin
     State       JobState, TickStatus, StateStore (the one owner of job state:
                 leases, commits, commands), SqliteStateStore, open_state
@@ -95,8 +95,8 @@ __all__ = [
     "Lifecycle", "PluginPollerHandle", "load_manifest", "PluginPollerRouter",
     # processes and proxies
     "PollContext", "spawn_ephemeral_tick", "EphemeralPollerProxy",
-    "PluginPollerProxy", "forward_tick", "PluginSupervisor",
-    "DEFAULT_MAX_REPLY_BYTES",
+    "PluginPollerProxy", "forward_tick", "PluginSupervisor", "StdioPollerProxy",
+    "DEFAULT_MAX_REPLY_BYTES", "STDIO_INIT_WAIT_SECS", "STDIO_SHUTDOWN_WAIT_SECS",
     # broker
     "BrokerServer", "BrokerClient", "BROKER_MAX_LINE_BYTES",
     # nats
@@ -560,9 +560,11 @@ def _reply_to_ack(envelope: Any, job: str) -> TickAck:
 # ============================================================================
 
 class Lifecycle(str, enum.Enum):
-    """How a plugin process lives: one per daemon, or one per tick."""
+    """How a plugin process lives: one per daemon reached through the broker,
+    one per tick, or one per daemon reached through its stdin/stdout."""
     LONG_LIVED = "long_lived"
     EPHEMERAL = "ephemeral"
+    STDIO = "stdio"
 
 
 _KIND_RE = re.compile(r"[a-z][a-z0-9_]+")
@@ -570,7 +572,7 @@ _KIND_RE = re.compile(r"[a-z][a-z0-9_]+")
 # thread names, so it may hold no space, quote or control character.
 _PLUGIN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
 _POLLER_KEYS = {"kinds", "broker_topic_prefix", "lifecycle",
-                "max_concurrent_ticks", "tick_timeout_secs"}
+                "max_concurrent_ticks", "tick_timeout_secs", "stdio_bridge", "publish_allow"}
 MAX_CONCURRENT_TICKS = 64
 _MISSING = object()
 MAX_TICK_TIMEOUT_SECS = 3600
@@ -669,18 +671,23 @@ class PluginPollerHandle:
     entrypoint_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     working_dir: str | None = None
     manifest_path: str | None = None
+    stdio_bridge: bool = False           # stdio: ticks as broker.event, publishes allowed
+    publish_allow: tuple[str, ...] = ()  # stdio bridge: topics the plugin may publish to
     slots: _Slots = dataclasses.field(init=False, repr=False)
     health: _PluginHealth = dataclasses.field(init=False, repr=False)
+    stdio: "_StdioChannel" = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.kinds = tuple(self.kinds)
         self.entrypoint_args = tuple(self.entrypoint_args)
+        self.publish_allow = tuple(self.publish_allow)
         self.lifecycle = Lifecycle(self.lifecycle)
         if not isinstance(self.tick_timeout, timedelta):
             self.tick_timeout = timedelta(seconds=_seconds(self.tick_timeout, "tick_timeout"))
         # One limiter per plugin: every kind it serves shares max_concurrent_ticks.
         self.slots = _Slots(self.max_concurrent_ticks)
         self.health = _PluginHealth()
+        self.stdio = _StdioChannel(self)     # used by the stdio lifecycle only
 
     def tick_topic(self) -> str:
         return tick_topic_for(self.broker_topic_prefix)
@@ -691,17 +698,10 @@ class PluginPollerHandle:
         return all(getattr(self, f) == getattr(other, f) for f in fields)
 
 
-def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
-    """Read a ``nexo-plugin.toml`` and return its poller handle.
-
-    Raises ``ManifestError`` naming the file, the key and the broken rule.
-    A relative entrypoint command containing ``/`` resolves against the
-    manifest's folder, which is also the plugin's working directory.
-    """
-    path = os.path.abspath(os.fspath(path))
+def _read_toml(path: str) -> dict:
     try:
         with open(path, "rb") as fh:
-            doc = tomllib.load(fh)
+            return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(path, f"invalid TOML: {exc}") from None
     except UnicodeDecodeError as exc:
@@ -713,97 +713,185 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
     except ValueError as exc:            # a path with NUL, an integer too long to convert
         raise ManifestError(path, f"cannot read: {exc}") from None
 
-    def table(parent: dict, key: str, name: str, required: bool) -> dict:
-        value = parent.get(key)
-        if value is None and not required:
-            return {}
-        if not isinstance(value, dict):
-            raise ManifestError(path, "missing table" if value is None
-                                else f"must be a table, got {_toml_type(value)}", name)
-        return value
 
-    def typed(tbl: dict, key: str, name: str, kind: type, default: Any = _MISSING) -> Any:
-        """``tbl[key]`` checked against ``kind``; absent means ``default``,
-        and no default means the key is required."""
-        if key not in tbl:
-            if default is _MISSING:
-                raise ManifestError(path, f"missing; must be {_toml_name(kind)}", name)
-            return default
-        value = tbl[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ManifestError(path, f"must be {_toml_name(kind)}, got {_toml_type(value)}",
-                                name)
-        return value
+def _toml_table(path: str, parent: dict, key: str, name: str, required: bool) -> dict:
+    value = parent.get(key)
+    if value is None and not required:
+        return {}
+    if not isinstance(value, dict):
+        raise ManifestError(path, "missing table" if value is None
+                            else f"must be a table, got {_toml_type(value)}", name)
+    return value
 
-    plugin = table(doc, "plugin", "plugin", True)
-    plugin_id = typed(plugin, "id", "plugin.id", str)
+
+def _toml_typed(path: str, tbl: dict, key: str, name: str, kind: type,
+                default: Any = _MISSING) -> Any:
+    """``tbl[key]`` checked against ``kind``; absent means ``default``,
+    and no default means the key is required."""
+    if key not in tbl:
+        if default is _MISSING:
+            raise ManifestError(path, f"missing; must be {_toml_name(kind)}", name)
+        return default
+    value = tbl[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ManifestError(path, f"must be {_toml_name(kind)}, got {_toml_type(value)}", name)
+    return value
+
+
+def _manifest_id(path: str, plugin: dict) -> str:
+    plugin_id = _toml_typed(path, plugin, "id", "plugin.id", str)
     if not plugin_id.strip():
         raise ManifestError(path, "must not be empty", "plugin.id")
     if not _PLUGIN_ID_RE.fullmatch(plugin_id):
         raise ManifestError(path, f"{_log_safe(plugin_id)!r} must be 1-128 letters, digits "
                             "or `_ . : -`, starting with a letter or digit", "plugin.id")
-    poller = table(plugin, "poller", "plugin.poller", True)
-    unknown = sorted(set(poller) - _POLLER_KEYS)
-    if unknown:
-        raise ManifestError(path, f"unknown key {unknown[0]!r} (allowed: "
-                            f"{', '.join(sorted(_POLLER_KEYS))})", "plugin.poller")
-    kinds = typed(poller, "kinds", "plugin.poller.kinds", list, [])
+    return plugin_id
+
+
+def _manifest_kinds(path: str, tbl: dict, key: str, name: str) -> list:
+    kinds = _toml_typed(path, tbl, key, name, list, [])
     if not kinds:
-        raise ManifestError(path, "must list at least one kind", "plugin.poller.kinds")
+        raise ManifestError(path, "must list at least one kind", name)
     seen: set[str] = set()
     for i, kind in enumerate(kinds):
-        where = f"plugin.poller.kinds[{i}]"
+        where = f"{name}[{i}]"
         if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind):
             raise ManifestError(path, f"{kind!r} must match ^[a-z][a-z0-9_]+$", where)
         if kind in seen:
             raise ManifestError(path, f"duplicate kind {kind!r}", where)
         seen.add(kind)
-    prefix = typed(poller, "broker_topic_prefix", "plugin.poller.broker_topic_prefix", str)
-    where = "plugin.poller.broker_topic_prefix"
+    return kinds
+
+
+def _manifest_prefix(path: str, prefix: str, where: str) -> str:
     if not prefix:
         raise ManifestError(path, "must not be empty", where)
     if prefix.endswith("."):
         raise ManifestError(path, f"{prefix!r} must not end with '.'", where)
     if any(c.isspace() for c in prefix):
         raise ManifestError(path, f"{prefix!r} must not contain spaces", where)
-    lifecycle = typed(poller, "lifecycle", "plugin.poller.lifecycle", str, "long_lived")
-    if lifecycle not in {m.value for m in Lifecycle}:
-        raise ManifestError(path, f"{lifecycle!r} must be \"long_lived\" or \"ephemeral\"",
-                            "plugin.poller.lifecycle")
-    limit = typed(poller, "max_concurrent_ticks", "plugin.poller.max_concurrent_ticks", int, 1)
+    return prefix
+
+
+def _manifest_limits(path: str, tbl: dict, name: str) -> tuple[int, int]:
+    """``max_concurrent_ticks`` and ``tick_timeout_secs`` of a table, checked."""
+    limit = _toml_typed(path, tbl, "max_concurrent_ticks", f"{name}.max_concurrent_ticks",
+                        int, 1)
     if not 1 <= limit <= MAX_CONCURRENT_TICKS:
         raise ManifestError(path, f"{limit} is outside 1..={MAX_CONCURRENT_TICKS}",
-                            "plugin.poller.max_concurrent_ticks")
-    timeout = typed(poller, "tick_timeout_secs", "plugin.poller.tick_timeout_secs", int, 60)
+                            f"{name}.max_concurrent_ticks")
+    timeout = _toml_typed(path, tbl, "tick_timeout_secs", f"{name}.tick_timeout_secs", int, 60)
     if not 1 <= timeout <= MAX_TICK_TIMEOUT_SECS:
         raise ManifestError(path, f"{timeout} is outside 1..={MAX_TICK_TIMEOUT_SECS}",
-                            "plugin.poller.tick_timeout_secs")
+                            f"{name}.tick_timeout_secs")
+    return limit, timeout
 
-    entry = table(plugin, "entrypoint", "plugin.entrypoint", False)
-    command = typed(entry, "command", "plugin.entrypoint.command", str, None)
+
+def _manifest_entry(path: str, entry: dict, name: str) -> tuple[str | None, list, dict]:
+    """``command``, ``args`` and ``env`` of an entrypoint (or transport) table."""
+    command = _toml_typed(path, entry, "command", f"{name}.command", str, None)
     if command is not None and not command.strip():
-        raise ManifestError(path, "must not be empty", "plugin.entrypoint.command")
+        raise ManifestError(path, "must not be empty", f"{name}.command")
     if command is not None and "\0" in command:
-        raise ManifestError(path, "must not contain a NUL character", "plugin.entrypoint.command")
-    args = typed(entry, "args", "plugin.entrypoint.args", list, [])
+        raise ManifestError(path, "must not contain a NUL character", f"{name}.command")
+    args = _toml_typed(path, entry, "args", f"{name}.args", list, [])
     for i, arg in enumerate(args):
         if not isinstance(arg, str) or "\0" in arg:
             raise ManifestError(path, "must be a string without NUL characters, got "
-                                f"{_toml_type(arg)}", f"plugin.entrypoint.args[{i}]")
-    env = table(entry, "env", "plugin.entrypoint.env", False)
+                                f"{_toml_type(arg)}", f"{name}.args[{i}]")
+    env = _toml_table(path, entry, "env", f"{name}.env", False)
     for key, value in env.items():
         if not isinstance(value, str) or "=" in key or "\0" in key + value:
             raise ManifestError(path, "must be a string (and the name free of '=')",
-                                f"plugin.entrypoint.env.{key}")
-    folder = os.path.dirname(path)
+                                f"{name}.env.{key}")
     if command is not None and "/" in command and not os.path.isabs(command):
-        command = os.path.normpath(os.path.join(folder, command))
+        command = os.path.normpath(os.path.join(os.path.dirname(path), command))
+    return command, args, env
+
+
+def _manifest_bridge(path: str, tbl: dict, name: str) -> tuple[bool, tuple[str, ...]]:
+    """The stdio broker bridge switch and its publish allowlist."""
+    bridge = _toml_typed(path, tbl, "stdio_bridge", f"{name}.stdio_bridge", bool, False)
+    allow = _toml_typed(path, tbl, "publish_allow", f"{name}.publish_allow", list, [])
+    for i, topic in enumerate(allow):
+        if not isinstance(topic, str) or not topic or any(c.isspace() for c in topic):
+            raise ManifestError(path, f"{topic!r} must be a topic without spaces (a trailing "
+                                "`>` matches any rest)", f"{name}.publish_allow[{i}]")
+    return bridge, tuple(allow)
+
+
+def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
+    """Read a ``nexo-plugin.toml`` (or nexo's ``plugin.toml``) and return its
+    poller handle.
+
+    Raises ``ManifestError`` naming the file, the key and the broken rule.
+    A relative entrypoint command containing ``/`` resolves against the
+    manifest's folder, which is also the plugin's working directory.  A
+    file named ``plugin.toml``, or one with ``[transport]`` and no
+    ``[plugin.poller]``, is read as nexo's stdio extension manifest.
+    """
+    path = os.path.abspath(os.fspath(path))
+    doc = _read_toml(path)
+    plugin = _toml_table(path, doc, "plugin", "plugin", True)
+    if os.path.basename(path) == "plugin.toml" or ("transport" in doc and "poller" not in plugin):
+        return _load_extension(path, doc, plugin)
+    plugin_id = _manifest_id(path, plugin)
+    poller = _toml_table(path, plugin, "poller", "plugin.poller", True)
+    unknown = sorted(set(poller) - _POLLER_KEYS)
+    if unknown:
+        raise ManifestError(path, f"unknown key {unknown[0]!r} (allowed: "
+                            f"{', '.join(sorted(_POLLER_KEYS))})", "plugin.poller")
+    kinds = _manifest_kinds(path, poller, "kinds", "plugin.poller.kinds")
+    prefix = _manifest_prefix(path, _toml_typed(
+        path, poller, "broker_topic_prefix", "plugin.poller.broker_topic_prefix", str),
+        "plugin.poller.broker_topic_prefix")
+    lifecycle = _toml_typed(path, poller, "lifecycle", "plugin.poller.lifecycle", str,
+                            "long_lived")
+    if lifecycle not in {m.value for m in Lifecycle}:
+        raise ManifestError(path, f"{lifecycle!r} must be \"long_lived\", \"ephemeral\" or "
+                            "\"stdio\"", "plugin.poller.lifecycle")
+    limit, timeout = _manifest_limits(path, poller, "plugin.poller")
+    bridge, allow = _manifest_bridge(path, poller, "plugin.poller")
+    entry = _toml_table(path, plugin, "entrypoint", "plugin.entrypoint", False)
+    command, args, env = _manifest_entry(path, entry, "plugin.entrypoint")
     return PluginPollerHandle(
         plugin_id=plugin_id, kinds=tuple(kinds), broker_topic_prefix=prefix,
         lifecycle=Lifecycle(lifecycle), max_concurrent_ticks=limit,
         tick_timeout=timedelta(seconds=timeout), entrypoint_command=command,
         entrypoint_args=tuple(args), entrypoint_env=dict(env),
-        working_dir=folder, manifest_path=path)
+        working_dir=os.path.dirname(path), manifest_path=path,
+        stdio_bridge=bridge, publish_allow=allow)
+
+
+def _load_extension(path: str, doc: dict, plugin: dict) -> PluginPollerHandle:
+    """nexo's ``plugin.toml`` as written: ``[plugin] id``, ``[capabilities]
+    pollers``, ``[transport] kind = "stdio"``, ``command``, ``args``, ``env``.
+    Other sections and keys are nexo's business and ignored; ``[transport]``
+    may add this daemon's ``max_concurrent_ticks``, ``tick_timeout_secs``,
+    ``broker_topic_prefix``, ``stdio_bridge`` and ``publish_allow``."""
+    plugin_id = _manifest_id(path, plugin)
+    caps = _toml_table(path, doc, "capabilities", "capabilities", True)
+    kinds = _manifest_kinds(path, caps, "pollers", "capabilities.pollers")
+    transport = _toml_table(path, doc, "transport", "transport", True)
+    kind = _toml_typed(path, transport, "kind", "transport.kind", str)
+    if kind != "stdio":
+        raise ManifestError(path, f"{_log_safe(kind)!r} is not supported (only \"stdio\")",
+                            "transport.kind")
+    command, args, env = _manifest_entry(path, transport, "transport")
+    if command is None:
+        raise ManifestError(path, "missing; must be a string", "transport.command")
+    prefix = _manifest_prefix(path, _toml_typed(
+        path, transport, "broker_topic_prefix", "transport.broker_topic_prefix", str,
+        f"plugin.poller.{plugin_id}"), "transport.broker_topic_prefix")
+    limit, timeout = _manifest_limits(path, transport, "transport")
+    bridge, allow = _manifest_bridge(path, transport, "transport")
+    return PluginPollerHandle(
+        plugin_id=plugin_id, kinds=tuple(kinds), broker_topic_prefix=prefix,
+        lifecycle=Lifecycle.STDIO, max_concurrent_ticks=limit,
+        tick_timeout=timedelta(seconds=timeout), entrypoint_command=command,
+        entrypoint_args=tuple(args), entrypoint_env=dict(env),
+        working_dir=os.path.dirname(path), manifest_path=path,
+        stdio_bridge=bridge, publish_allow=allow)
 
 
 def _toml_type(value: Any) -> str:
@@ -1188,6 +1276,38 @@ def _exchange(proc: subprocess.Popen, payload: bytes, budget: float,
                     raise _Failure(f"reply line longer than {max_reply} bytes")
                 if end >= 0:
                     return bytes(reply)
+
+
+class _Lines:
+    """Split a byte stream into lines of at most ``limit`` bytes: each line
+    goes to ``on_line``; the head of a longer one to ``on_overflow`` and the
+    rest, up to its newline, is skipped (memory stays bounded)."""
+    __slots__ = ("limit", "on_line", "on_overflow", "buf", "skipping")
+
+    def __init__(self, limit: int, on_line: Callable[[bytes], None],
+                 on_overflow: Callable[[bytes], None]) -> None:
+        self.limit, self.on_line, self.on_overflow = limit, on_line, on_overflow
+        self.buf, self.skipping = bytearray(), False
+
+    def feed(self, chunk: bytes) -> None:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            if not self.skipping:
+                self.buf += piece
+                if len(self.buf) > self.limit:
+                    self.on_overflow(bytes(self.buf[:4096]))
+                    self.buf.clear()
+                    self.skipping = True
+                elif end >= 0:
+                    line = bytes(self.buf)
+                    self.buf.clear()
+                    self.on_line(line)
+            if end < 0:
+                return
+            self.skipping = False
+            start = end + 1
 
 
 def _wait_exit(proc: subprocess.Popen) -> None:
@@ -3395,22 +3515,28 @@ class PluginPollerProxy:
         self.kind, self.handle, self.broker = kind, handle, broker
 
     def tick(self, ctx: PollContext) -> TickAck:
-        health = self.handle.health
-        with _SlotGuard(self.handle, ctx):
-            down = health.watch()        # set when the plugin's process goes down
-            try:
-                if not down.is_set():
-                    reply = forward_tick(self.broker, self.handle, ctx.to_request(),
-                                         cancel=_AnyEvent(ctx.cancel, down))
-                    return reply.into_tick_ack()
-            except PluginPollerForwardError as exc:
-                if not down.is_set() or ctx.cancel.is_set():
-                    raise PollerError.Transient(
-                        f"plugin {self.handle.plugin_id!r}: {exc}") from None
-            finally:
-                health.unwatch(down)
-            raise PollerError.Transient(f"plugin {self.handle.plugin_id!r} is down: "
-                                        f"{health.describe()}")
+        return _watched_tick(self.handle, ctx, PluginPollerForwardError,
+                             lambda cancel: forward_tick(self.broker, self.handle, ctx.to_request(),
+                                                         cancel=cancel).into_tick_ack())
+
+
+def _watched_tick(handle: PluginPollerHandle, ctx: PollContext, failures,
+                  send: Callable[[Any], TickAck]) -> TickAck:
+    """One tick of a supervised plugin, in a slot: ``send(cancel)`` with a
+    cancel that is also set when the plugin's process goes down, which then
+    fails the tick at once with the plugin's last output."""
+    health = handle.health
+    with _SlotGuard(handle, ctx):
+        down = health.watch()            # set when the plugin's process goes down
+        try:
+            if not down.is_set():
+                return send(_AnyEvent(ctx.cancel, down))
+        except failures as exc:
+            if not down.is_set() or ctx.cancel.is_set():
+                raise PollerError.Transient(f"plugin {handle.plugin_id!r}: {exc}") from None
+        finally:
+            health.unwatch(down)
+        raise PollerError.Transient(f"plugin {handle.plugin_id!r} is down: {health.describe()}")
 
 
 class _AnyEvent:
@@ -3424,9 +3550,320 @@ class _AnyEvent:
         return any(e.is_set() for e in self.events)
 
 
+# -- the stdio lifecycle: one process, JSON-RPC lines on its stdin/stdout ---------
+
+STDIO_INIT_WAIT_SECS = 10.0     # an unanswered `initialize` is logged after this, not fatal
+STDIO_SHUTDOWN_WAIT_SECS = 2.0  # on stop: how long `shutdown` may take before SIGTERM
+_STDIO_WRITE_SECS = 5.0         # how long a broker.event may wait for room in the stdin pipe
+_STDIO_ID_RE = re.compile(rb'"id"\s*:\s*(-?\d+)')
+
+
+def _topic_allowed(topic: str, patterns: Iterable[str]) -> bool:
+    """NATS-style: ``a.b`` exactly, ``a.*`` one token, ``a.>`` any rest."""
+    parts = topic.split(".")
+    for pattern in patterns:
+        pat = pattern.split(".")
+        if pat[-1] == ">" and len(parts) >= len(pat) and all(
+                p in ("*", t) for p, t in zip(pat[:-1], parts)):
+            return True
+        if len(pat) == len(parts) and all(p in ("*", t) for p, t in zip(pat, parts)):
+            return True
+    return False
+
+
+class _StdioChannel:
+    """A stdio plugin's JSON-RPC 2.0 line channel, shared by its supervisor
+    (which attaches each new process and feeds it the stdout lines) and its
+    proxies (which send requests and wait for the replies, matched by id).
+
+    A request waits at most its deadline; then it is forgotten and a late
+    reply is dropped (logged).  When the process goes, every request in
+    flight fails at once.  Writes to stdin share one lock and never block
+    past their deadline; a line cut short by a deadline kills the process
+    (its stream is broken) and the supervisor restarts it.
+    """
+
+    def __init__(self, handle: PluginPollerHandle) -> None:
+        self.handle = handle
+        self._name = _log_safe(handle.plugin_id)
+        self._lock = threading.Condition(threading.Lock())
+        self._wlock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._gen = 0                            # bumped when the process goes
+        self._pending: dict[Any, _Waiter] = {}   # id (or bridge reply topic) -> waiter
+        self._ids = itertools.count(1)
+        self._init_deadline: float | None = None
+        self.broker = None                       # where bridge publishes go
+        self.pid: int | None = None
+        self.dropped = 0                         # replies nobody waited for
+        self._bye_id: int | None = None          # the id of `shutdown`, once sent
+
+    # -- the supervisor's side ----------------------------------------------------
+
+    def attach(self, proc: subprocess.Popen) -> None:
+        os.set_blocking(proc.stdin.fileno(), False)
+        with self._lock:
+            self._proc, self.pid = proc, proc.pid
+            self._pending[0] = _Waiter()
+            self._init_deadline = time.monotonic() + STDIO_INIT_WAIT_SECS
+            gen = self._gen
+            self._lock.notify_all()
+        init = {"jsonrpc": "2.0", "method": "initialize", "id": 0,
+                "params": {"agent_version": __version__, "extension_id": self.handle.plugin_id}}
+        try:
+            self._write(init, gen, time.monotonic() + _STDIO_WRITE_SECS, None)
+        except _Failure as exc:
+            log.warning("plugin %s: initialize not sent: %s", self._name, exc)
+
+    def detach(self, why: str) -> None:
+        """The process is gone (or its stdout closed): fail what is in flight."""
+        with self._lock:
+            self._proc, self._gen = None, self._gen + 1
+            pending, self._pending = self._pending, {}
+        self.handle.health.went_down(why)
+        for waiter in pending.values():
+            waiter.set(error={"why": why})
+        with self._wlock:                # a writer notices the new generation and lets go
+            pass
+
+    def idle(self) -> None:
+        """Called by the relay loop now and then: time out ``initialize``."""
+        with self._lock:
+            if self._init_deadline is None or time.monotonic() < self._init_deadline:
+                return
+            self._init_deadline = None
+            unanswered = self._pending.pop(0, None) is not None
+        if unanswered:
+            log.warning("plugin %s: no answer to initialize within %gs; serving it anyway",
+                        self._name, STDIO_INIT_WAIT_SECS)
+
+    def line(self, line: bytes) -> None:
+        """One line the plugin wrote on stdout."""
+        try:
+            msg = _loads(line)
+        except (ValueError, RecursionError):
+            msg = None
+        if not isinstance(msg, dict):
+            if line.strip():
+                text = _log_safe(line[:4096].decode("utf-8", "replace").rstrip())
+                self.handle.health.output(text)
+                log.info("plugin %s stdout (not JSON-RPC): %s", self._name, text)
+            return
+        method = msg.get("method")
+        if method == "broker.publish":
+            self._bridge_publish(msg.get("params"))
+            return
+        if method is not None:
+            log.info("plugin %s: ignoring %s from the plugin", self._name,
+                     _log_safe(str(method), 80))
+            return
+        rid = msg.get("id")
+        with self._lock:
+            waiter = self._pending.pop(rid, None) if _is_int(rid) else None
+            if rid == 0:
+                self._init_deadline = None
+        if rid == 0:
+            if waiter is not None:
+                waiter.set(msg)
+            if "error" in msg:
+                log.info("plugin %s: answered initialize with an error; serving it anyway",
+                         self._name)
+            else:
+                log.info("plugin %s: initialized: %s", self._name,
+                         _log_safe(_dumps(msg.get("result")), 400))
+            return
+        if rid is not None and rid == self._bye_id:
+            log.info("plugin %s: acknowledged shutdown", self._name)
+            return
+        self._resolve(waiter, rid, msg)
+
+    def overflow(self, head: bytes) -> None:
+        """A line longer than the bound: fail the request it answers, when its
+        id can be read before the result."""
+        head = head[:4096]
+        cut = min((i for i in (head.find(b"{", 1), head.find(b"[")) if i >= 0),
+                  default=len(head))
+        match = _STDIO_ID_RE.search(head[:cut])
+        limit = DEFAULT_MAX_REPLY_BYTES
+        with self._lock:
+            waiter = self._pending.pop(int(match.group(1)), None) if match else None
+        if waiter is not None:
+            waiter.set(error={"why": f"reply line longer than {limit} bytes"})
+        log.warning("plugin %s: dropped a stdout line longer than %d bytes%s", self._name,
+                    limit, f" (reply to request {match.group(1).decode()})" if match else "")
+
+    def shutdown(self) -> bool:
+        """Send ``shutdown`` and close stdin (the plugin reads until then);
+        False when no process runs."""
+        rid = self._bye_id = next(self._ids)
+        with self._lock:
+            proc, gen = self._proc, self._gen
+            if proc is None:
+                return False
+        try:
+            self._write({"jsonrpc": "2.0", "method": "shutdown", "id": rid}, gen,
+                        time.monotonic() + 0.5, None)
+        except _Failure:
+            pass
+        with self._wlock:                # not once detach has begun: _reap closes it then
+            with self._lock:
+                current = self._gen == gen
+            if current:
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass
+        return True
+
+    # -- the proxies' side -----------------------------------------------------------
+
+    def call(self, method: str, params: Any, timeout: float, cancel) -> Any:
+        """Send a request and return its reply envelope; raises ``_Failure``."""
+        return self._request(lambda rid: {"jsonrpc": "2.0", "method": method,
+                                          "params": params, "id": rid},
+                             next(self._ids), timeout, cancel)
+
+    def bridge_call(self, topic: str, payload: Any, timeout: float, cancel) -> Any:
+        """A request as a ``broker.event`` on ``topic``; the answer is the
+        payload the plugin publishes to the event's ``reply_to``."""
+        reply_to = f"_INBOX.stdio.{self.handle.plugin_id}.{next(self._ids)}"
+
+        def message(_rid):
+            event = nexo_request_event(topic, payload, reply_to)
+            return {"jsonrpc": "2.0", "method": "broker.event",
+                    "params": {"topic": topic, "event": event}}
+        return self._request(message, reply_to, timeout, cancel)
+
+    def _request(self, message: Callable[[Any], dict], key: Any, timeout: float, cancel) -> Any:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._proc is None:       # not started yet, or between restarts
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _Failure(f"no process within {timeout:g}s")
+                if cancel is not None and cancel.is_set():
+                    raise _Failure("tick cancelled")
+                self._lock.wait(min(left, _CANCEL_POLL_SECS))
+            waiter = self._pending[key] = _Waiter()
+            gen = self._gen
+        try:
+            self._write(message(key), gen, deadline, cancel)
+            if not waiter.wait(deadline - time.monotonic(), cancel):
+                raise _Failure("tick cancelled" if cancel is not None and cancel.is_set()
+                               else f"no reply within {timeout:g}s")
+        finally:
+            with self._lock:
+                if self._pending.get(key) is waiter:
+                    del self._pending[key]
+        if waiter.error is not None:
+            raise _Failure(waiter.error["why"])
+        return waiter.result
+
+    def event(self, topic: str, event: Any) -> None:
+        """A broker message for the plugin, as a ``broker.event`` notification."""
+        with self._lock:
+            gen = self._gen if self._proc is not None else None
+        if gen is None:
+            return
+        try:
+            self._write({"jsonrpc": "2.0", "method": "broker.event",
+                         "params": {"topic": topic, "event": event}}, gen,
+                        time.monotonic() + _STDIO_WRITE_SECS, None)
+        except _Failure as exc:
+            log.warning("plugin %s: broker.event on %s dropped: %s", self._name,
+                        _log_safe(topic, 200), exc)
+
+    def _write(self, message: dict, gen: int, deadline: float, cancel) -> None:
+        try:
+            data = (_dumps(message) + "\n").encode()
+        except (ValueError, TypeError) as exc:
+            raise _Failure(f"request is not JSON: {exc}") from None
+        view, sent = memoryview(data), 0
+        with self._wlock:
+            while sent < len(view):
+                with self._lock:
+                    proc = self._proc if self._gen == gen else None
+                if proc is None or proc.stdin.closed:
+                    raise _Failure("the plugin's process went away")
+                try:
+                    sent += os.write(proc.stdin.fileno(), view[sent:])
+                    continue
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    raise _Failure(f"cannot write to its stdin: {exc.strerror or exc}") from None
+                left = deadline - time.monotonic()
+                if left <= 0 or (cancel is not None and cancel.is_set()):
+                    if sent:                # half a line: the stream is broken
+                        log.warning("plugin %s: stdin full mid-line; killing it", self._name)
+                        _kill_group(proc)
+                    raise _Failure("its stdin stayed full (it reads no requests)")
+                poller = select.poll()
+                poller.register(proc.stdin.fileno(), select.POLLOUT)
+                poller.poll(int(min(left, _CANCEL_POLL_SECS) * 1000) + 1)
+
+    def _resolve(self, waiter: _Waiter | None, key: Any, msg: Any) -> None:
+        if waiter is not None:
+            waiter.set(msg)
+            return
+        self.dropped += 1
+        log.warning("plugin %s: reply for unknown id %s dropped (timed out or never sent)",
+                    self._name, _log_safe(_dumps(key), 80))
+
+    def _bridge_publish(self, params: Any) -> None:
+        topic = params.get("topic") if isinstance(params, dict) else None
+        if not isinstance(topic, str) or "event" not in params:
+            log.warning("plugin %s: broker.publish without topic and event dropped", self._name)
+            return
+        if topic.startswith("_INBOX.stdio."):
+            with self._lock:
+                waiter = self._pending.pop(topic, None)
+            self._resolve(waiter, topic, tick_reply_envelope(params["event"]))
+            return
+        if not self.handle.stdio_bridge or not _topic_allowed(topic, self.handle.publish_allow):
+            log.warning("plugin %s: publish to %s refused (not in publish_allow) and dropped",
+                        self._name, _log_safe(topic, 200))
+            return
+        broker = self.broker
+        if broker is None:
+            log.warning("plugin %s: publish to %s dropped: no broker", self._name,
+                        _log_safe(topic, 200))
+            return
+        try:
+            broker.publish(topic, params["event"])
+        except PluginPollerForwardError as exc:
+            log.warning("plugin %s: publish to %s failed: %s", self._name,
+                        _log_safe(topic, 200), exc)
+
+
+class StdioPollerProxy:
+    """A poller whose ticks go to a stdio plugin: ``poll_tick`` requests on
+    its stdin (or ``broker.event`` messages on its tick topic, with the
+    bridge), replies read from its stdout by the plugin's supervisor."""
+
+    def __init__(self, kind: str, handle: PluginPollerHandle, broker=None):
+        self.kind, self.handle = kind, handle
+        if broker is not None:
+            handle.stdio.broker = broker
+
+    def tick(self, ctx: PollContext) -> TickAck:
+        h = self.handle
+        request, secs = ctx.to_request(), h.tick_timeout.total_seconds()
+
+        def send(cancel) -> TickAck:
+            if h.stdio_bridge:
+                reply = h.stdio.bridge_call(h.tick_topic(), request.envelope(), secs, cancel)
+            else:
+                reply = h.stdio.call("poll_tick", request.to_dict(), secs, cancel)
+            return _reply_to_ack(reply, ctx.job_id)
+        return _watched_tick(h, ctx, _Failure, send)
+
+
 def _proxy_for(kind: str, handle: PluginPollerHandle, broker):
     if handle.lifecycle is Lifecycle.EPHEMERAL:
         return EphemeralPollerProxy(kind, handle)
+    if handle.lifecycle is Lifecycle.STDIO:
+        return StdioPollerProxy(kind, handle, broker)
     return PluginPollerProxy(kind, handle, broker)
 
 
@@ -3454,6 +3891,8 @@ class PluginSupervisor:
         self._thread: threading.Thread | None = None
         self._plock = threading.Lock()
         self._name = _log_safe(handle.plugin_id)
+        self._stdio = handle.lifecycle is Lifecycle.STDIO
+        self._bye = False                       # stdio: `shutdown` sent, stdin closed
 
     def start(self) -> "PluginSupervisor":
         if not self.handle.entrypoint_command:
@@ -3467,13 +3906,20 @@ class PluginSupervisor:
     def _spawn(self) -> subprocess.Popen | str:
         """The started process, or why it could not start."""
         h = self.handle
+        nexo = {"NEXO_POLLER_TICK_TOPIC": h.tick_topic()}
+        if self._stdio:                  # reached through its stdin/stdout, not the broker
+            nexo["NEXO_POLLER_LIFECYCLE"] = "stdio"
+            if h.stdio_bridge:
+                nexo["NEXO_BROKER_KIND"] = "stdio_bridge"
+        else:
+            nexo["NEXO_BROKER_URL"] = self.broker_url
         try:
             return _popen(
-                [h.entrypoint_command, *h.entrypoint_args], stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=h.working_dir,
-                start_new_session=True,
-                env=_child_env(h.plugin_id, h.entrypoint_env, NEXO_BROKER_URL=self.broker_url,
-                               NEXO_POLLER_TICK_TOPIC=h.tick_topic()))
+                [h.entrypoint_command, *h.entrypoint_args],
+                stdin=subprocess.PIPE if self._stdio else subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE if self._stdio else subprocess.STDOUT,
+                cwd=h.working_dir, start_new_session=True,
+                env=_child_env(h.plugin_id, h.entrypoint_env, **nexo))
         except (OSError, ValueError) as exc:
             why = f"cannot start {h.entrypoint_command!r}: {exc.strerror or exc}"
             log.error("plugin %s: %s", self._name, _log_safe(why))
@@ -3495,6 +3941,8 @@ class PluginSupervisor:
                     why = proc
                 else:
                     log.info("plugin %s: started (pid %d)", self._name, proc.pid)
+                    if self._stdio:
+                        self.handle.stdio.attach(proc)
                     self._relay(proc)
                     if self._stop.is_set():
                         return
@@ -3513,37 +3961,54 @@ class PluginSupervisor:
 
     def _relay(self, proc: subprocess.Popen) -> None:
         """Log the plugin's output until it exits; then clear its whole group.
+        A stdio plugin's stdout lines go to its channel instead.
 
         End-of-file on the output pipe is not an exit: a plugin may redirect
         its own output (``exec >>log 2>&1``) and go on serving.  Only the
         process's exit ends its run."""
-        fd = proc.stdout.fileno()
-        os.set_blocking(fd, False)
-        buf = bytearray()
+        channel = self.handle.stdio if self._stdio else None
+        streams = {proc.stdout.fileno(): _Lines(65536, self._output, self._output)}
+        if channel is not None:
+            streams = {proc.stdout.fileno(): _Lines(DEFAULT_MAX_REPLY_BYTES, channel.line,
+                                                    channel.overflow),
+                       proc.stderr.fileno(): _Lines(65536, self._output, self._output)}
         poller = select.poll()               # not select(): fds past 1024 are fine
-        poller.register(fd, select.POLLIN)
+        for fd in streams:
+            os.set_blocking(fd, False)
+            poller.register(fd, select.POLLIN)
+        why = "its stdout closed"
         try:
-            while True:
-                if poller.poll(500):
+            while streams:
+                ready = poller.poll(500)
+                if channel is not None:
+                    channel.idle()
+                for fd, _ in ready:
                     try:
                         chunk = os.read(fd, 65536)
                     except BlockingIOError:
                         continue
-                    if not chunk:
-                        _wait_exit(proc)     # output closed; the process may go on
-                        break
-                    buf += chunk
-                    *lines, rest = buf.split(b"\n")
-                    buf = bytearray(rest[-65536:])      # bound a newline-free flood
-                    for line in lines:
-                        text = _log_safe(line[:4096].decode("utf-8", "replace").rstrip())
-                        self.handle.health.output(text)
-                        log.info("plugin %s: %s", self._name, text)
-                elif proc.poll() is not None:
+                    if chunk:
+                        streams[fd].feed(chunk)
+                        continue
+                    poller.unregister(fd)
+                    del streams[fd]
+                    if channel is not None and fd == proc.stdout.fileno():
+                        channel.detach(why)         # no reply can come any more
+                if not ready and proc.poll() is not None:
                     break                   # exited; a grandchild may still hold the pipe
+            else:
+                _wait_exit(proc)             # output closed; the process may go on
         finally:
+            if channel is not None:
+                why = f"exited ({_exit_status(proc)})" if proc.poll() is not None else why
+                channel.detach(why)
             _reap(proc)
             _sweep_orphans(f"NEXO_POLLER_PLUGIN_ID={self.handle.plugin_id}".encode())
+
+    def _output(self, line: bytes) -> None:
+        text = _log_safe(line[:4096].decode("utf-8", "replace").rstrip())
+        self.handle.health.output(text)
+        log.info("plugin %s: %s", self._name, text)
 
     def stop(self) -> None:
         """SIGTERM the plugin's group, SIGKILL after the grace; wait for it."""
@@ -3556,7 +4021,10 @@ class PluginSupervisor:
         with self._plock:
             proc = self.proc
         if proc is not None and proc.poll() is None:
-            _kill_group(proc, signal.SIGTERM)
+            if self._stdio:                  # `shutdown` first; SIGTERM comes in join
+                self._bye = self.handle.stdio.shutdown()
+            else:
+                _kill_group(proc, signal.SIGTERM)
 
     def join(self, deadline: float | None = None) -> None:
         """Wait for the plugin until ``deadline`` (monotonic; default: the
@@ -3565,6 +4033,11 @@ class PluginSupervisor:
             deadline = time.monotonic() + self.stop_grace
         with self._plock:
             proc = self.proc
+        if proc is not None and self._bye:    # stdio: a plugin exits when its stdin closes
+            try:
+                proc.wait(max(0.0, min(STDIO_SHUTDOWN_WAIT_SECS, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                _kill_group(proc, signal.SIGTERM)
         if proc is not None:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
@@ -3641,8 +4114,10 @@ def run_plugin(handlers: Mapping[str, Callable[[PollContext], TickAck | None]],
                *, env: Mapping[str, str] | None = None) -> int:
     """Serve ticks for ``handlers`` (kind -> ``tick(ctx)``) until the daemon goes.
 
-    With ``NEXO_POLLER_EPHEMERAL=1`` it answers request lines on stdin until
-    stdin closes; otherwise it subscribes to ``NEXO_POLLER_TICK_TOPIC`` on
+    With ``NEXO_POLLER_EPHEMERAL=1`` (ephemeral) or ``NEXO_POLLER_LIFECYCLE=stdio``
+    (stdio; also ``NEXO_BROKER_KIND=stdio_bridge``) it answers request lines
+    on stdin until stdin closes, ``initialize``, ``shutdown`` and bridged
+    ``broker.event`` ticks included; otherwise it subscribes to ``NEXO_POLLER_TICK_TOPIC`` on
     ``NEXO_BROKER_URL`` (``unix://``, or ``nats://``/``tls://`` through
     ``connect_broker``) and returns when that connection ends; a NATS
     connection reconnects through outages.  Returns an exit status for
@@ -3650,7 +4125,8 @@ def run_plugin(handlers: Mapping[str, Callable[[PollContext], TickAck | None]],
     """
     env = os.environ if env is None else env
     handlers = dict(handlers)
-    if env.get("NEXO_POLLER_EPHEMERAL") == "1":
+    if (env.get("NEXO_POLLER_EPHEMERAL") == "1" or env.get("NEXO_POLLER_LIFECYCLE") == "stdio"
+            or env.get("NEXO_BROKER_KIND") == "stdio_bridge"):
         return _serve_stdio(handlers)
     url, topic = env.get("NEXO_BROKER_URL"), env.get("NEXO_POLLER_TICK_TOPIC")
     if not url or not topic:
@@ -3680,10 +4156,32 @@ def _serve_stdio(handlers: Mapping[str, Callable]) -> int:
             reply = {"jsonrpc": "2.0", "id": None,
                      "error": {"code": BROKER_PARSE_ERROR, "message": f"invalid JSON: {exc}"}}
         else:
-            reply = _plugin_dispatch(handlers, envelope)
-        out.write(_dumps(reply).encode() + b"\n")
-        out.flush()
+            reply = _stdio_answer(handlers, envelope)
+        if reply is not None:
+            out.write(_dumps(reply).encode() + b"\n")
+            out.flush()
     return 0
+
+
+def _stdio_answer(handlers: Mapping[str, Callable], envelope: Any) -> dict | None:
+    """The line to write for one line read on stdin (None: nothing)."""
+    method = envelope.get("method") if isinstance(envelope, dict) else None
+    if method in ("initialize", "shutdown"):
+        result = None if method == "shutdown" else {
+            "name": "nexo-poller-sdk", "version": __version__, "pollers": list(handlers)}
+        return {"jsonrpc": "2.0", "id": envelope.get("id"), "result": result}
+    if method == "broker.event":         # the stdio bridge: a tick on the tick topic
+        params = envelope.get("params")
+        payload, reply_to, _ = nexo_unwrap(params.get("event") if isinstance(params, dict)
+                                           else None)
+        if reply_to is None:
+            return None
+        answer = nexo_reply_payload(_plugin_dispatch(handlers, payload))
+        return {"jsonrpc": "2.0", "method": "broker.publish",
+                "params": {"topic": reply_to, "event": nexo_event(reply_to, answer)}}
+    if method != "poll_tick" and isinstance(envelope, dict) and "id" not in envelope:
+        return None                      # a notification gets no answer
+    return _plugin_dispatch(handlers, envelope)
 
 
 # ============================================================================
@@ -4969,18 +5467,23 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
             if not _check_type(probs, where, entry, str, "a path"):
                 continue
             full = os.path.normpath(os.path.join(base_dir, entry))
-            if os.path.isdir(full):
-                full = os.path.join(full, "nexo-plugin.toml")
+            if os.path.isdir(full):         # nexo's stdio extensions have a plugin.toml
+                toml = os.path.join(full, "nexo-plugin.toml")
+                nexo = os.path.join(full, "plugin.toml")
+                full = nexo if not os.path.exists(toml) and os.path.exists(nexo) else toml
             try:
                 handle = load_manifest(full)
             except ManifestError as exc:
                 probs.add(where, str(exc))
                 continue
-            if handle.lifecycle is Lifecycle.LONG_LIVED and not handle.entrypoint_command \
-                    and not _is_nats(cfg.broker):
+            # A stdio plugin is always ours to start; a long-lived one may run
+            # elsewhere when the broker is NATS.
+            if handle.lifecycle is not Lifecycle.EPHEMERAL and not handle.entrypoint_command \
+                    and not (handle.lifecycle is Lifecycle.LONG_LIVED and _is_nats(cfg.broker)):
+                what = "long-lived" if handle.lifecycle is Lifecycle.LONG_LIVED else "stdio"
                 probs.add(where, f"{full}: [plugin.entrypoint] command is required for a "
-                                 "long-lived plugin (the daemon starts it at boot; only "
-                                 "with a NATS broker may it run elsewhere)")
+                                 f"{what} plugin (the daemon starts it at boot; only a "
+                                 "long-lived plugin on a NATS broker may run elsewhere)")
                 continue
             if any(h.plugin_id == handle.plugin_id for h in cfg.plugins):
                 probs.add(where, f"plugin id {handle.plugin_id!r} is listed twice")
@@ -5449,8 +5952,9 @@ class Runner:
                 self._routes[kind] = _Route(kind, _proxy_for(kind, handle, self.broker), lane,
                                             handle.tick_timeout.total_seconds(),
                                             handle.plugin_id)
-            if handle.lifecycle is Lifecycle.LONG_LIVED and handle.entrypoint_command:
-                # Without a command (NATS only) the plugin runs elsewhere: not ours to start.
+            if handle.lifecycle is not Lifecycle.EPHEMERAL and handle.entrypoint_command:
+                # long-lived and stdio; without a command (NATS only) the plugin
+                # runs elsewhere: not ours to start.
                 self._supervisors[handle.plugin_id] = PluginSupervisor(
                     handle, self.broker_url).start()
 

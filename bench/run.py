@@ -555,8 +555,36 @@ def fig8_nats_client(ctx: Ctx) -> list[dict]:
     ]
 
 
+def fig9_stdio(ctx: Ctx) -> list[dict]:
+    """The stdio lifecycle: round trip vs the Unix-socket broker path vs the
+    floor (side by side in one process), and throughput with 64 in flight."""
+    s, tp = ctx.sizes["rt"], ctx.sizes["tp"]
+    with echo_floor() as echo_path:
+        ctx.log("fig 9: stdio lifecycle, broker path and floor side by side ...")
+        r = workers.call_worker("stdio", dict(s, echo=echo_path, inflight=[1, 64] if not ctx.smoke
+                                              else [1, 8], warm_secs=tp["warm_secs"],
+                                              secs=tp["secs"], rounds=tp["rounds"]),
+                                timeout=ctx.timeout(600))
+    ctx.raw["fig9"] = r
+    lat = r["latency"]
+    f, st, b = lat["floor"], lat["stdio"], lat["broker"]
+    rows = [
+        row("9", "stdio tick round trip: JSON-RPC lines on the plugin's stdin/stdout",
+            st["p50"], "us", "floor", f["p50"], p99=st["p99"], baseline_p99=f["p99"],
+            notes=f"{st['n']:,} round trips per path, in blocks taking turns"),
+        row("9", "stdio vs the Unix-socket broker path (forward_tick)", st["p50"], "us",
+            "broker path", b["p50"], p99=st["p99"], baseline_p99=b["p99"]),
+    ]
+    for k, t in r["throughput"].items():
+        rows.append(row("9", f"stdio throughput, 1 plugin process, {k} in flight", t["rate"],
+                        "ticks/s", p99=t["lat_us"]["p99"],
+                        notes="p99: per-tick latency in us under load"))
+    return rows
+
+
 FIGURES = {1: fig1_round_trip, 2: fig2_throughput, 3: fig3_ephemeral, 4: fig4_scheduler,
-           5: fig5_router, 6: fig6_startup, 7: fig7_memory, 8: fig8_nats_client}
+           5: fig5_router, 6: fig6_startup, 7: fig7_memory, 8: fig8_nats_client,
+           9: fig9_stdio}
 
 
 # ------------------------------------------------------------------- the table
@@ -699,7 +727,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes, no peers, no installs (CI); < 60 s")
-    p.add_argument("--only", metavar="N[,N]", help="run only these figures (1-8)")
+    p.add_argument("--only", metavar="N[,N]", help="run only these figures (1-9)")
     p.add_argument("--json", metavar="PATH", default=os.path.join(BENCH_DIR, "results.json"),
                    help="write the figures here (default: bench/results.json)")
     p.add_argument("--no-peers", action="store_true",

@@ -140,6 +140,48 @@ def w_broker(a: dict) -> dict:
         server.close()
 
 
+def w_stdio(a: dict) -> dict:
+    """The stdio lifecycle's round trip (JSON-RPC lines on the plugin's
+    stdin/stdout) side by side with the Unix-socket broker path and the
+    floor; then its throughput with ``inflight`` ticks in flight."""
+    import nexo_poller as nx
+    server = nx.BrokerServer().start()
+    broker_handle = bench_handle()
+    stdio_handle = nx.PluginPollerHandle(
+        plugin_id="bench-stdio", kinds=("bench",), broker_topic_prefix="bench.stdio",
+        lifecycle="stdio", max_concurrent_ticks=64, tick_timeout=30,
+        entrypoint_command=sys.executable, entrypoint_args=(PLUGIN, "bench"))
+    sups = [nx.PluginSupervisor(broker_handle, server.url, backoff_initial=0.2).start(),
+            nx.PluginSupervisor(stdio_handle, "", backoff_initial=0.2).start()]
+    client = floor = None
+    try:
+        wait_subscriptions(server, 1)
+        client = server.client()
+        request = sample_request()
+        params = request.to_dict()
+
+        def stdio():
+            return nx._parse_reply_envelope(
+                stdio_handle.stdio.call("poll_tick", params, 30.0, None), request.job_id)
+
+        def broker():
+            return nx.forward_tick(client, broker_handle, request)
+        assert stdio().to_dict() == {} == broker().to_dict()
+        floor = floor_call(a["echo"], sample_envelope())
+        lat = interleaved({"floor": floor, "stdio": stdio, "broker": broker}, a["warm"],
+                          a["rounds_rt"], a["block"])
+        return {"latency": lat, "throughput": throughput(
+            stdio, a["inflight"], a["warm_secs"], a["secs"], a["rounds"])}
+    finally:
+        if floor is not None:
+            floor.close()
+        if client is not None:
+            client.close()
+        for sup in sups:
+            sup.stop()
+        server.close()
+
+
 def w_broker_client(a: dict) -> dict:
     """The external path: a BrokerClient in its own process, over the socket."""
     import nexo_poller as nx
@@ -643,7 +685,7 @@ def _churn(tick, warm_ticks: int, ticks: int, count) -> dict:
     return _diff(s1, s2, cur1, cur2, peak, c2 - c1, elapsed, samples)
 
 
-WORKERS = {"broker": w_broker, "broker-client": w_broker_client, "nats-client": w_nats_client,
+WORKERS = {"broker": w_broker, "stdio": w_stdio, "broker-client": w_broker_client, "nats-client": w_nats_client,
            "ephemeral": w_ephemeral, "sched": w_sched, "router": w_router,
            "memory-idle": w_memory_idle, "memory-churn": w_memory_churn}
 

@@ -112,7 +112,7 @@ class TestDaemonOnNats(NatsDaemonCase):
         config = self.config(None, [self.plugin("remote", "counter", with_entrypoint=False)], [])
         out = self.cli(config, "validate")
         self.assertEqual(out.returncode, 2)
-        self.assertIn("only with a NATS broker", out.stderr)
+        self.assertIn("only a long-lived plugin on a NATS broker may run elsewhere", out.stderr)
 
     def test_deliveries_go_out_as_nexo_events_with_their_ids(self):
         srv = self.server()
