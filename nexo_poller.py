@@ -3458,12 +3458,16 @@ class PollContext:
 
 
 class _SlotGuard:
-    """Hold one of a plugin's ``max_concurrent_ticks`` slots for a tick."""
+    """Hold one of a plugin's ``max_concurrent_ticks`` slots for a tick; a
+    no-op for a proxy whose caller already bounds its ticks (the Runner's
+    lanes do: one place enforces the limit)."""
 
-    def __init__(self, handle: PluginPollerHandle, ctx: PollContext):
-        self.handle, self.ctx = handle, ctx
+    def __init__(self, handle: PluginPollerHandle, ctx: PollContext, enabled: bool = True):
+        self.handle, self.ctx, self.enabled = handle, ctx, enabled
 
     def __enter__(self) -> None:
+        if not self.enabled:
+            return
         secs = self.handle.tick_timeout.total_seconds()
         if not self.handle.slots.acquire(secs, self.ctx.cancel):
             why = "cancelled" if self.ctx.cancel.is_set() else f"none free within {secs:g}s"
@@ -3472,22 +3476,24 @@ class _SlotGuard:
                 f"(max_concurrent_ticks={self.handle.max_concurrent_ticks})")
 
     def __exit__(self, *exc) -> None:
-        self.handle.slots.release()
+        if self.enabled:
+            self.handle.slots.release()
 
 
 class EphemeralPollerProxy:
     """A poller that runs each tick in a fresh plugin process."""
 
     def __init__(self, kind: str, handle: PluginPollerHandle, *,
-                 max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES):
+                 max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES, limit: bool = True):
         self.kind, self.handle, self.max_reply_bytes = kind, handle, max_reply_bytes
+        self.limit = limit              # enforce max_concurrent_ticks here
 
     def tick(self, ctx: PollContext) -> TickAck:
         h = self.handle
         if not h.entrypoint_command:
             raise PollerError.Config(ctx.job_id, f"plugin {h.plugin_id!r} has no "
                                      "[plugin.entrypoint] command to run")
-        with _SlotGuard(h, ctx):
+        with _SlotGuard(h, ctx, self.limit):
             return spawn_ephemeral_tick(
                 h.entrypoint_command, h.plugin_id, ctx.to_request(), h.tick_timeout,
                 ctx.cancel, args=h.entrypoint_args, env=h.entrypoint_env,
@@ -3511,22 +3517,23 @@ def forward_tick(broker, handle: PluginPollerHandle, request: TickRequest, *,
 class PluginPollerProxy:
     """A poller whose ticks go to a long-lived plugin through the broker."""
 
-    def __init__(self, kind: str, handle: PluginPollerHandle, broker):
-        self.kind, self.handle, self.broker = kind, handle, broker
+    def __init__(self, kind: str, handle: PluginPollerHandle, broker, *, limit: bool = True):
+        self.kind, self.handle, self.broker, self.limit = kind, handle, broker, limit
 
     def tick(self, ctx: PollContext) -> TickAck:
         return _watched_tick(self.handle, ctx, PluginPollerForwardError,
                              lambda cancel: forward_tick(self.broker, self.handle, ctx.to_request(),
-                                                         cancel=cancel).into_tick_ack())
+                                                         cancel=cancel).into_tick_ack(),
+                             self.limit)
 
 
 def _watched_tick(handle: PluginPollerHandle, ctx: PollContext, failures,
-                  send: Callable[[Any], TickAck]) -> TickAck:
+                  send: Callable[[Any], TickAck], limit: bool = True) -> TickAck:
     """One tick of a supervised plugin, in a slot: ``send(cancel)`` with a
     cancel that is also set when the plugin's process goes down, which then
     fails the tick at once with the plugin's last output."""
     health = handle.health
-    with _SlotGuard(handle, ctx):
+    with _SlotGuard(handle, ctx, limit):
         down = health.watch()            # set when the plugin's process goes down
         try:
             if not down.is_set():
@@ -3841,8 +3848,9 @@ class StdioPollerProxy:
     its stdin (or ``broker.event`` messages on its tick topic, with the
     bridge), replies read from its stdout by the plugin's supervisor."""
 
-    def __init__(self, kind: str, handle: PluginPollerHandle, broker=None):
-        self.kind, self.handle = kind, handle
+    def __init__(self, kind: str, handle: PluginPollerHandle, broker=None, *,
+                 limit: bool = True):
+        self.kind, self.handle, self.limit = kind, handle, limit
         if broker is not None:
             handle.stdio.broker = broker
 
@@ -3856,15 +3864,17 @@ class StdioPollerProxy:
             else:
                 reply = h.stdio.call("poll_tick", request.to_dict(), secs, cancel)
             return _reply_to_ack(reply, ctx.job_id)
-        return _watched_tick(h, ctx, _Failure, send)
+        return _watched_tick(h, ctx, _Failure, send, self.limit)
 
 
-def _proxy_for(kind: str, handle: PluginPollerHandle, broker):
+def _proxy_for(kind: str, handle: PluginPollerHandle, broker, *, limit: bool = True):
+    """The proxy of ``handle``'s lifecycle; ``limit=False`` when the caller
+    bounds the plugin's ticks itself (the Runner's lane)."""
     if handle.lifecycle is Lifecycle.EPHEMERAL:
-        return EphemeralPollerProxy(kind, handle)
+        return EphemeralPollerProxy(kind, handle, limit=limit)
     if handle.lifecycle is Lifecycle.STDIO:
-        return StdioPollerProxy(kind, handle, broker)
-    return PluginPollerProxy(kind, handle, broker)
+        return StdioPollerProxy(kind, handle, broker, limit=limit)
+    return PluginPollerProxy(kind, handle, broker, limit=limit)
 
 
 class PluginSupervisor:
@@ -5949,7 +5959,8 @@ class Runner:
             self.router.register(handle)
             lane = self._lane(handle.plugin_id, handle.max_concurrent_ticks)
             for kind in handle.kinds:
-                self._routes[kind] = _Route(kind, _proxy_for(kind, handle, self.broker), lane,
+                self._routes[kind] = _Route(kind, _proxy_for(kind, handle, self.broker,
+                                                             limit=False), lane,
                                             handle.tick_timeout.total_seconds(),
                                             handle.plugin_id)
             if handle.lifecycle is not Lifecycle.EPHEMERAL and handle.entrypoint_command:

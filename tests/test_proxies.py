@@ -248,6 +248,18 @@ class SupervisorTests(_SupervisorCase):
         self.assertEqual(len(relayed), 2, logs.output)
         self.assertTrue(all(r.levelname == "INFO" for r in relayed))
 
+    def test_an_unlimited_proxy_leaves_the_limit_to_its_caller(self):
+        handle = make_handle("sup_nolimit", max_concurrent=1)
+        self.supervise(handle)
+        proxy = PluginPollerProxy("counter", handle, self.local, limit=False)
+        proxy.tick(ctx())
+        handle.slots.acquire(1)             # the one slot is taken elsewhere...
+        try:
+            ack = proxy.tick(ctx(job="free"))   # ...and this tick does not wait for it
+        finally:
+            handle.slots.release()
+        self.assertIsNotNone(ack.next_cursor)
+
     def test_max_concurrent_ticks_enforced(self):
         handle = make_handle("sup_conc", max_concurrent=2)
         self.supervise(handle)

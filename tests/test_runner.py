@@ -12,6 +12,7 @@ import time
 import unittest
 from datetime import datetime, timedelta, timezone
 
+from nexo_poller import PollerRouteRegistrationError as nx_errors
 from nexo_poller import (PollerError, Runner, SqliteStateStore, TickAck, TickMetrics, TickOutcome,
                          config_from_dict, encode_cursor)
 
@@ -761,6 +762,18 @@ class StateHealthTests(RunnerCase):
         calls = len(p.calls)
         self.assertTrue(wait_until(lambda: len(p.calls) > calls + 2, WAIT), "ticking goes on")
         self.assertTrue(r._scheduler.is_alive())
+
+
+class RouteTests(RunnerCase):
+
+    def test_one_route_per_kind_and_the_lane_is_the_only_limit(self):
+        p = Scripted(max_concurrent_ticks=3)
+        r = self.runner(self.config([self.job()]), p, start=False)
+        route = r._routes["mem"]
+        self.assertIs(route.poller, p)
+        self.assertEqual((route.lane.limit, route.plugin_id), (3, None))
+        with self.assertRaises(nx_errors.DuplicateKind):
+            r.register(Scripted())
 
 
 class ClockStepTests(RunnerCase):
