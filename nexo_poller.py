@@ -3116,11 +3116,23 @@ class NatsClient(_ClientBase):
         self._handlers.pop(sid, None)
         self._write(f"UNSUB {sid}\r\n".encode(), quiet=True)
 
-    def publish(self, topic: str, payload: Any) -> None:
-        """Fire and forget; buffered (within ``outage_buffer``) during an outage."""
+    def publish(self, topic: str, payload: Any, *, raw: bool = False,
+                headers: Mapping[str, str] | None = None) -> None:
+        """Fire and forget; buffered (within ``outage_buffer``) during an outage.
+
+        ``raw`` sends ``payload`` as it is (bytes, or JSON of anything else)
+        with no nexo envelope, and ``headers`` as NATS headers: an outbox
+        Event is published once, not wrapped again."""
+        if raw:
+            self._pub(topic, self._raw_body(payload), headers=_nats_headers(headers)
+                      if headers else None)
+            return
         if self.nexo_envelopes:
             payload = nexo_event(topic, payload, source=self.source)
         self._pub(topic, self._encode(payload))
+
+    def _raw_body(self, payload: Any) -> bytes:
+        return bytes(payload) if isinstance(payload, (bytes, bytearray)) else self._encode(payload)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until the server has processed everything sent so far."""
@@ -3140,11 +3152,15 @@ class NatsClient(_ClientBase):
         self._write(b"PING\r\n", quiet=quiet)
 
     def request(self, topic: str, payload: Any, timeout: timedelta | float, *,
-                wait: bool = False, cancel: threading.Event | None = None) -> Any:
+                wait: bool = False, cancel: threading.Event | None = None,
+                raw: bool = False, headers: Mapping[str, str] | None = None) -> Any:
         """Send a request and return its one reply's payload.
 
         No responders fails at once (code ``BROKER_NO_RESPONDERS``) unless
         ``wait``: then it retries, and waits out an outage, within the timeout.
+        ``raw`` (JetStream's API, for one) sends ``payload`` as it is (bytes,
+        or JSON of anything else) with ``headers``, and returns the reply
+        undecoded: ``(payload bytes, headers {name: [values]}, status or None)``.
         """
         secs = _seconds(timeout, "timeout")
         deadline = time.monotonic() + secs
@@ -3152,7 +3168,8 @@ class NatsClient(_ClientBase):
         while True:
             if wait and not self.connected.is_set():
                 self._wait_for(self.connected, deadline, cancel)
-            waiter, answered = self._request_once(topic, payload, deadline, cancel)
+            waiter, answered = self._request_once(topic, payload, deadline, cancel,
+                                                  raw, headers)
             if (wait and answered and waiter.error is not None
                     and waiter.error.get("code") == BROKER_NO_RESPONDERS
                     and time.monotonic() + pause < deadline
@@ -3160,20 +3177,64 @@ class NatsClient(_ClientBase):
                 self._wait_for(threading.Event(), time.monotonic() + pause, cancel)
                 pause = min(0.25, pause * 2)
                 continue
-            raw = self._outcome(waiter, answered, topic, secs, cancel)
-            return self._decode_reply(topic, *raw)
+            reply = self._outcome(waiter, answered, topic, secs, cancel)
+            return self._raw_reply(*reply) if raw else self._decode_reply(topic, *reply)
 
-    def _request_once(self, topic, payload, deadline, cancel):
+    @staticmethod
+    def _raw_reply(headers: bytes | None, payload: bytes) -> tuple:
+        if headers is None:
+            return payload, {}, None
+        status, _, fields = _nats_parse_headers(headers)
+        return payload, fields, status
+
+    def request_many(self, requests: Iterable[tuple[str, Any, Mapping[str, str] | None]],
+                     timeout: timedelta | float) -> list:
+        """Raw requests ``(topic, payload, headers)`` all sent before any reply
+        is awaited (pipelined: one round trip for the lot).  Returns, in order,
+        each reply as ``request(raw=True)`` does, or the Broker error it ended in."""
+        secs = _seconds(timeout, "timeout")
+        deadline = time.monotonic() + secs
+        sent = []
+        try:
+            for topic, payload, headers in requests:
+                token = str(next(self._tokens))
+                waiter = _Waiter()
+                self._pending[token] = waiter
+                sent.append((topic, token, waiter))
+                try:
+                    self._pub(topic, self._raw_body(payload), self._inbox + token,
+                              _nats_headers(headers) if headers else None, buffer=False)
+                except PluginPollerForwardError as exc:
+                    waiter.set(None, {"code": getattr(exc, "code", BROKER_CLOSED),
+                                      "message": str(exc)})
+            results = []
+            for topic, token, waiter in sent:
+                answered = waiter.wait(deadline - time.monotonic())
+                try:
+                    results.append(self._raw_reply(*self._outcome(
+                        waiter, answered or waiter.wait(0), topic, secs, None)))
+                except PluginPollerForwardError as exc:
+                    results.append(exc)
+            return results
+        finally:
+            for _, token, _ in sent:
+                self._pending.pop(token, None)
+
+    def _request_once(self, topic, payload, deadline, cancel, raw=False, headers=None):
         token = str(next(self._tokens))
         reply = self._inbox + token
-        body = payload
-        if self.nexo_envelopes:
-            body = nexo_request_event(topic, payload, reply, source=self.source)
-        data = self._encode(body)
+        if raw:
+            data = self._raw_body(payload)
+        else:
+            body = payload
+            if self.nexo_envelopes:
+                body = nexo_request_event(topic, payload, reply, source=self.source)
+            data = self._encode(body)
         waiter = _Waiter()
         self._pending[token] = waiter
         try:
-            self._pub(topic, data, reply, buffer=False)
+            self._pub(topic, data, reply, _nats_headers(headers) if headers else None,
+                      buffer=False)
             answered = waiter.wait(deadline - time.monotonic(), cancel)
         finally:
             self._pending.pop(token, None)    # a timeout forgets the request
