@@ -4604,6 +4604,7 @@ _KV_DELETED = ("DEL", "PURGE")
 _KV_PATIENCE_SECS = 30.0                # how long a write waits out a NATS outage
 _KV_CAS_ROUNDS = 8                      # re-reads of a record changed under a write
 _KV_COMMANDS_KEPT = 32                  # command results kept in a job's record
+_KV_COMMAND_KEEP_SECS = 600.0           # a done command's key is removed after this
 
 
 def _kv_token(text: str) -> str:
@@ -4831,6 +4832,16 @@ class JetStreamStateStore(StateStore):
         subjects = (info.get("state") or {}).get("subjects") or {}
         return sorted(s[len(self._prefix):] for s in subjects)
 
+    def _purge(self, keys: Iterable[str]) -> None:
+        """Remove keys with their history (daemons gone, old commands): a
+        delete marker would stay a subject that every listing reads."""
+        for key in keys:
+            answer = self._api(f"$JS.API.STREAM.PURGE.{self._stream}",
+                               {"filter": self._prefix + key})
+            if answer.get("error"):
+                raise StateError(f"{self.location}: removing {key}: "
+                                 f"{answer['error'].get('description')}")
+
     def _put_many(self, writes: list[tuple[str, dict | None, int | None]]) -> list:
         """Compare-and-set writes ``(key, value or None to delete, expected
         revision or None for any)``, pipelined: each is its new revision, or
@@ -4932,14 +4943,14 @@ class JetStreamStateStore(StateStore):
     def register_daemon(self, now: float) -> list[str]:
         daemons = self._daemon_records()
         stale = [o for o, r in daemons.items() if o != self.owner and not self._fresh(r)]
-        self._put_many([("daemon." + _kv_token(o), None, None) for o in stale])
+        self._purge("daemon." + _kv_token(o) for o in stale)
         self._started_at, self._registered = now, True
         self._beat()
         return sorted(o for o, r in daemons.items() if o != self.owner and self._fresh(r))
 
     def unregister_daemon(self) -> None:
         self._registered = False
-        self._put_many([("daemon." + _kv_token(self.owner), None, None)])
+        self._purge(["daemon." + _kv_token(self.owner)])
 
     def set_running(self, ids: Iterable[str]) -> None:
         self._running = sorted(ids)
@@ -5210,10 +5221,15 @@ class JetStreamStateStore(StateStore):
             return []
         with self._lock:
             held = set(self._held)
-        cmds = []
+        cmds, old = [], []
         for key, (rec, rev) in self._get_many(keys).items():
             if rec and not rec.get("done") and rec.get("job") in held:
                 cmds.append((rec["job"], rev, rec))
+            elif rec is None or (rec.get("done") and time.time() - float(
+                    rec.get("done_at") or 0) > _KV_COMMAND_KEEP_SECS):
+                old.append(key)              # done long ago: nobody waits for its result
+        if old and self._registered:
+            self._purge(old)
         if not cmds:
             return []
         records = self._get_many(sorted({"job." + _kv_token(c[0]) for c in cmds}))
@@ -5233,7 +5249,8 @@ class JetStreamStateStore(StateStore):
         if not key:
             return
         self._update("cmd." + key, lambda rec: False if rec is None else
-                     {**rec, "done": True, "result": _storable(result, 1 << 16)})
+                     {**rec, "done": True, "result": _storable(result, 1 << 16),
+                      "done_at": time.time()})
 
     def command_result(self, seq: int) -> tuple[bool, str | None]:
         key = self._cmd_key(seq)
@@ -5346,11 +5363,10 @@ class JetStreamStateStore(StateStore):
         want = None if ids is None else set(ids)
         count = 0
         if dead:
-            for key, (rec, rev) in self._get_many(self._keys("dead.")).items():
-                if rec and (want is None or rec["id"] in want):
-                    if self._put_many([(key, None, rev)])[0] is not False:
-                        count += 1
-            return count
+            gone = [key for key, (rec, _) in self._get_many(self._keys("dead.")).items()
+                    if rec and (want is None or rec["id"] in want)]
+            self._purge(gone)
+            return len(gone)
         for key in self._keys("job."):
             def change(rec):
                 nonlocal count

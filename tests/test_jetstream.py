@@ -171,6 +171,17 @@ class BackendTests(LiveCase):
         self.assertEqual(cli.command("j", "resume"), (None, None))
         self.assertFalse(cli.load()["j"].paused)
         self.assertEqual(cli.daemons(), {})
+        # a stopped daemon's key and a command done long ago are removed, not just marked
+        self.assertEqual(cli._keys("daemon."), [])
+        import nexo_poller
+        self.addCleanup(setattr, nexo_poller, "_KV_COMMAND_KEEP_SECS",
+                        nexo_poller._KV_COMMAND_KEEP_SECS)
+        nexo_poller._KV_COMMAND_KEEP_SECS = 0.0
+        owner.register_daemon(time.time())
+        self.assertEqual(len(cli._keys("cmd.")), 1)
+        self.assertEqual(owner.pending_commands(), [])
+        self.assertEqual(cli._keys("cmd."), [])
+        self.assertEqual(cli.command_result(seq), (True, "command lost"))
 
     def test_group_commit_pipelines_many_jobs(self):
         a = self.store()
