@@ -105,7 +105,7 @@ __all__ = [
     # sdk
     "run_plugin",
     # daemon
-    "StateStore", "SqliteStateStore", "open_state", "JobState", "Command", "TickStatus",
+    "StateStore", "SqliteStateStore", "JetStreamStateStore", "open_state", "JobState", "Command", "TickStatus",
     "apply_command", "COMMAND_VERBS", "Schedule", "CronExpr", "JobConfig", "DaemonConfig",
     "load_config", "config_from_dict", "Runner", "TickOutcome", "TickPlan", "plan_tick",
     "next_run", "OutboxItem", "outbound_topic", "main",
@@ -3238,15 +3238,23 @@ class NatsClient(_ClientBase):
         self._handlers.pop(sid, None)
         self._write(f"UNSUB {sid}\r\n".encode(), quiet=True)
 
-    def publish(self, topic: str, payload: Any) -> None:
-        """Fire and forget; buffered (within ``outage_buffer``) during an outage."""
+    def publish(self, topic: str, payload: Any, *, raw: bool = False,
+                headers: Mapping[str, str] | None = None) -> None:
+        """Fire and forget; buffered (within ``outage_buffer``) during an outage.
+
+        ``raw`` sends ``payload`` as it is (bytes, or JSON of anything else)
+        with no nexo envelope, and ``headers`` as NATS headers: an outbox
+        Event is published once, not wrapped again."""
+        if raw:
+            self._pub(topic, self._raw_body(payload), headers=_nats_headers(headers)
+                      if headers else None)
+            return
         if self.nexo_envelopes:
             payload = nexo_event(topic, payload, source=self.source)
         self._pub(topic, self._encode(payload))
 
-    def publish_event(self, topic: str, event: dict) -> None:
-        """Publish a body that is already a nexo ``Event`` (its id kept), as is."""
-        self._pub(topic, self._encode(event))
+    def _raw_body(self, payload: Any) -> bytes:
+        return bytes(payload) if isinstance(payload, (bytes, bytearray)) else self._encode(payload)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until the server has processed everything sent so far."""
@@ -3266,11 +3274,15 @@ class NatsClient(_ClientBase):
         self._write(b"PING\r\n", quiet=quiet)
 
     def request(self, topic: str, payload: Any, timeout: timedelta | float, *,
-                wait: bool = False, cancel: threading.Event | None = None) -> Any:
+                wait: bool = False, cancel: threading.Event | None = None,
+                raw: bool = False, headers: Mapping[str, str] | None = None) -> Any:
         """Send a request and return its one reply's payload.
 
         No responders fails at once (code ``BROKER_NO_RESPONDERS``) unless
         ``wait``: then it retries, and waits out an outage, within the timeout.
+        ``raw`` (JetStream's API, for one) sends ``payload`` as it is (bytes,
+        or JSON of anything else) with ``headers``, and returns the reply
+        undecoded: ``(payload bytes, headers {name: [values]}, status or None)``.
         """
         secs = _seconds(timeout, "timeout")
         deadline = time.monotonic() + secs
@@ -3278,7 +3290,8 @@ class NatsClient(_ClientBase):
         while True:
             if wait and not self.connected.is_set():
                 self._wait_for(self.connected, deadline, cancel)
-            waiter, answered = self._request_once(topic, payload, deadline, cancel)
+            waiter, answered = self._request_once(topic, payload, deadline, cancel,
+                                                  raw, headers)
             if (wait and answered and waiter.error is not None
                     and waiter.error.get("code") == BROKER_NO_RESPONDERS
                     and time.monotonic() + pause < deadline
@@ -3286,20 +3299,64 @@ class NatsClient(_ClientBase):
                 self._wait_for(threading.Event(), time.monotonic() + pause, cancel)
                 pause = min(0.25, pause * 2)
                 continue
-            raw = self._outcome(waiter, answered, topic, secs, cancel)
-            return self._decode_reply(topic, *raw)
+            reply = self._outcome(waiter, answered, topic, secs, cancel)
+            return self._raw_reply(*reply) if raw else self._decode_reply(topic, *reply)
 
-    def _request_once(self, topic, payload, deadline, cancel):
+    @staticmethod
+    def _raw_reply(headers: bytes | None, payload: bytes) -> tuple:
+        if headers is None:
+            return payload, {}, None
+        status, _, fields = _nats_parse_headers(headers)
+        return payload, fields, status
+
+    def request_many(self, requests: Iterable[tuple[str, Any, Mapping[str, str] | None]],
+                     timeout: timedelta | float) -> list:
+        """Raw requests ``(topic, payload, headers)`` all sent before any reply
+        is awaited (pipelined: one round trip for the lot).  Returns, in order,
+        each reply as ``request(raw=True)`` does, or the Broker error it ended in."""
+        secs = _seconds(timeout, "timeout")
+        deadline = time.monotonic() + secs
+        sent = []
+        try:
+            for topic, payload, headers in requests:
+                token = str(next(self._tokens))
+                waiter = _Waiter()
+                self._pending[token] = waiter
+                sent.append((topic, token, waiter))
+                try:
+                    self._pub(topic, self._raw_body(payload), self._inbox + token,
+                              _nats_headers(headers) if headers else None, buffer=False)
+                except PluginPollerForwardError as exc:
+                    waiter.set(None, {"code": getattr(exc, "code", BROKER_CLOSED),
+                                      "message": str(exc)})
+            results = []
+            for topic, token, waiter in sent:
+                answered = waiter.wait(deadline - time.monotonic())
+                try:
+                    results.append(self._raw_reply(*self._outcome(
+                        waiter, answered or waiter.wait(0), topic, secs, None)))
+                except PluginPollerForwardError as exc:
+                    results.append(exc)
+            return results
+        finally:
+            for _, token, _ in sent:
+                self._pending.pop(token, None)
+
+    def _request_once(self, topic, payload, deadline, cancel, raw=False, headers=None):
         token = str(next(self._tokens))
         reply = self._inbox + token
-        body = payload
-        if self.nexo_envelopes:
-            body = nexo_request_event(topic, payload, reply, source=self.source)
-        data = self._encode(body)
+        if raw:
+            data = self._raw_body(payload)
+        else:
+            body = payload
+            if self.nexo_envelopes:
+                body = nexo_request_event(topic, payload, reply, source=self.source)
+            data = self._encode(body)
         waiter = _Waiter()
         self._pending[token] = waiter
         try:
-            self._pub(topic, data, reply, buffer=False)
+            self._pub(topic, data, reply, _nats_headers(headers) if headers else None,
+                      buffer=False)
             answered = waiter.wait(deadline - time.monotonic(), cancel)
         finally:
             self._pending.pop(token, None)    # a timeout forgets the request
@@ -4452,11 +4509,42 @@ class StateStore:
         """Write what is queued (until ``deadline``, a ``time.monotonic()``), then close."""
         raise NotImplementedError
 
+    def handed_over(self, job_id: str) -> bool:
+        """True once after a commit that stored the job's state but gave its
+        lease back, so another daemon takes it (spreading jobs); the caller
+        must claim the job again before its next tick."""
+        return False
+
     @staticmethod
     def lease_is_stale(owner: str | None) -> bool:
         """True for no owner, or an owner that is a dead process on this host."""
         pid = _owner_pid(owner)
         return not owner or (pid is not None and not _pid_alive(pid))
+
+
+def _writer_has_work(store: StateStore) -> bool:
+    """In a backend's writer thread, ``_cond`` held: wait for queued writes;
+    False when there are none and the store is closing."""
+    while not store._queue and not store._closing:
+        store._cond.wait()
+    return bool(store._queue)
+
+
+def _stop_writer(store: StateStore, deadline: float | None) -> bool:
+    """Tell a backend's writer thread to store what is queued and stop; wait
+    for it until ``deadline``.  False (logged) when it is still writing."""
+    with store._cond:
+        store._closing = True
+        store._deadline = deadline
+        store._cond.notify()
+        writer = store._writer
+    if writer is not None:
+        writer.join(None if deadline is None else max(0.0, deadline - time.monotonic()) + 1.0)
+        if writer.is_alive():
+            log.error("%s: writes still pending at the shutdown deadline are not stored",
+                      store.location)
+            return False
+    return True
 
 
 STATE_SCHEMA_VERSION = 2
@@ -4719,9 +4807,7 @@ class SqliteStateStore(StateStore):
     def _write_loop(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
-                    self._cond.wait()
-                if not self._queue:
+                if not _writer_has_work(self):
                     return
                 batch = list(self._queue)
                 self._queue.clear()
@@ -4776,17 +4862,8 @@ class SqliteStateStore(StateStore):
         return results
 
     def close(self, deadline: float | None = None) -> None:
-        with self._cond:
-            self._closing = True
-            self._deadline = deadline
-            self._cond.notify()
-            writer = self._writer
-        if writer is not None:
-            writer.join(None if deadline is None else max(0.0, deadline - time.monotonic()) + 1.0)
-            if writer.is_alive():
-                log.error("%s: writes still pending at the shutdown deadline are not stored",
-                          self.path)
-                return              # the writer thread owns the connection; it is a daemon thread
+        if not _stop_writer(self, deadline):
+            return              # the writer thread owns the connection; it is a daemon thread
         with self._lock:
             self._db.close()
 
@@ -5032,8 +5109,825 @@ class SqliteStateStore(StateStore):
         self._deadline = deadline
 
 
-def open_state(location: str, *, readonly: bool = False, owner: str | None = None) -> StateStore:
-    """The state store for a ``state_db`` location (a file path: sqlite)."""
+_KV_KEY_SAFE = re.compile(r"[A-Za-z0-9-]")
+_JS_WRONG_LAST_SEQUENCE = 10071         # JetStream: the compare-and-set failed
+_JS_STREAM_NOT_FOUND = 10059
+_JS_NO_MESSAGE = 10037
+_KV_DELETED = ("DEL", "PURGE")
+_KV_PATIENCE_SECS = 30.0                # how long a write waits out a NATS outage
+_KV_CAS_ROUNDS = 8                      # re-reads of a record changed under a write
+_KV_COMMANDS_KEPT = 32                  # command results kept in a job's record
+_KV_COMMAND_KEEP_SECS = 600.0           # a done command's key is removed after this
+
+
+def _kv_token(text: str) -> str:
+    """A job id or owner as one NATS subject token, reversibly: letters,
+    digits and ``-`` stay, anything else becomes ``_XX`` (its hex code), so
+    ``rss.news:1`` is the key token ``rss_2Enews_3A1``."""
+    return "".join(c if _KV_KEY_SAFE.fullmatch(c) else
+                   "".join(f"_{b:02X}" for b in c.encode()) for c in text)
+
+
+def _kv_untoken(token: str) -> str:
+    return re.sub(rb"_([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]),
+                  token.encode()).decode("utf-8", "replace")
+
+
+def _state_record(state: JobState) -> dict:
+    rec = {f: getattr(state, f) for f in _JOB_FIELDS if f not in ("revision", "cursor")}
+    rec["cursor"] = None if state.cursor is None else encode_cursor(state.cursor)
+    rec["last_status"], rec["last_error"] = _storable(state.last_status), _storable(state.last_error)
+    return rec
+
+
+def _record_state(job_id: str, rec: Mapping[str, Any], revision: int) -> JobState:
+    values = {f: rec.get(f) for f in _JOB_FIELDS if f in rec and f not in ("id", "revision")}
+    values["cursor"] = None if rec.get("cursor") is None else decode_cursor(rec["cursor"])
+    for f in ("consecutive_errors", "items_seen_total", "items_dispatched_total",
+              "delivered_total"):
+        values[f] = int(values.get(f) or 0)
+    values["paused"] = bool(values.get("paused"))
+    return JobState(id=job_id, revision=revision, **values)
+
+
+class JetStreamStateStore(StateStore):
+    """Job state in a JetStream key-value bucket, for daemons on several machines.
+
+    The bucket is the stream ``KV_<bucket>`` on ``$KV.<bucket>.>``, created
+    when missing (``history`` revisions kept per key, ``replicas``,
+    ``max_age``; discard new, rollups allowed, direct get) or bound to as it
+    is.  Keys (a job id or owner is one subject token, see ``_kv_token``):
+
+    ``job.<id>``      one record per job: the JobState (cursor base64), its
+                      undelivered ``outbox`` items and the results of the
+                      last commands applied to it (``commands``).  One
+                      compare-and-set on this key's revision covers a tick's
+                      cursor, its outbox items and its command: KV has no
+                      multi-key transaction, so nothing that must commit
+                      with the cursor lives under another key.
+    ``cmd.<token>``   an operator command queued for the owner; its seq is
+                      the revision that created it.  Marked done after the
+                      job record that carries its result (a crash between
+                      the two leaves it done in the record, never run twice).
+    ``daemon.<owner>`` a daemon's heartbeat and running jobs.  A pid on
+                      another host cannot be checked: a daemon is live
+                      while its heartbeat (``daemon_ttl``) is fresh, and a
+                      lease whose owner's heartbeat went stale is free.
+    ``dead.<item id>`` a dead letter.
+
+    Deletes are ``KV-Operation: DEL`` markers, read as absent.  Writes are
+    publishes to ``$KV.<bucket>.<key>`` with ``Nats-Expected-Last-Subject-
+    Sequence`` (compare-and-set; 0 = only if absent) and a ``Nats-Msg-Id``
+    (a retry after a lost connection is deduplicated by the server), read
+    back from the PubAck, whose ``seq`` is the key's new revision.  Commits
+    are grouped: a writer thread sends every queued commit's compare-and-set
+    before awaiting any ack.
+
+    Spreading: a daemon takes a free or expired job only while it holds
+    fewer than ``ceil(jobs / live daemons) + 1``, visiting candidates in a
+    random order; a daemon holding more than that hands the surplus back
+    with the commit of their next tick (the state is stored, the lease left
+    free), so a daemon that joins gets its share as slots come, without a
+    stampede.
+    """
+
+    def __init__(self, bucket: str, broker_url: str | None = None, *, client=None,
+                 owner: str | None = None, readonly: bool = False, history: int = 5,
+                 replicas: int = 1, max_age: float = 0.0, timeout: float = 5.0,
+                 daemon_ttl: float = 20.0, broker_opts: Mapping[str, Any] | None = None):
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", bucket or ""):
+            raise StateError(f"jetstream://{bucket}: a bucket name is letters, digits, "
+                             "'-' and '_'")
+        self.bucket, self.location = bucket, f"jetstream://{bucket}"
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.readonly, self.timeout, self.daemon_ttl = readonly, timeout, daemon_ttl
+        self._stream, self._prefix = f"KV_{bucket}", f"$KV.{bucket}."
+        self._own_client = client is None
+        if client is None:
+            if not broker_url:
+                raise StateError(f"{self.location}: a JetStream state needs a NATS broker "
+                                 "(broker_url nats://...)")
+            try:
+                client = NatsClient.connect(broker_url, **{"name": "nexo-poller-state",
+                                                           **dict(broker_opts or {})})
+            except PluginPollerForwardError as exc:
+                raise StateError(f"{self.location}: {exc}") from None
+        self.client = client
+        self._lock = threading.Lock()            # the caches below
+        self._rev: dict[str, int] = {}           # job id -> revision last seen by this owner
+        self._held: set[str] = set()             # jobs whose lease this owner holds
+        self._handed: set[str] = set()           # committed with the lease handed back
+        self._known: set[str] = set()            # every job id claimed here (for the cap)
+        self._live = 0                           # live daemons at the last look (0: not one)
+        self._registered = False
+        self._last_beat = 0.0
+        self._running: list[str] = []
+        self._started_at = 0.0
+        self._seen_cmd_seq: int | None = None
+        self._daemons_seen: tuple[float, dict] | None = None    # (monotonic, records)
+        self._queue: deque = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._writer: threading.Thread | None = None
+        self._closing = False
+        self._deadline: float | None = None
+        try:
+            self._bind(history, replicas, max_age)
+        except BaseException:
+            if self._own_client:
+                self.client.close()
+            raise
+
+    # -- the bucket ----------------------------------------------------------------------
+
+    def _api(self, subject: str, body: Any = b"") -> dict:
+        """One JetStream API request; its JSON answer (errors included)."""
+        deadline = time.monotonic() + _KV_PATIENCE_SECS
+        while True:
+            try:
+                payload, _, status = self.client.request(subject, body, self.timeout, raw=True)
+                break
+            except PluginPollerForwardError as exc:
+                if (getattr(exc, "code", None) == BROKER_NO_RESPONDERS
+                        and subject.startswith("$JS.API.")):
+                    raise StateError(f"{self.location}: JetStream is not enabled on the NATS "
+                                     "server (start nats-server with -js)") from None
+                if self._give_up(exc, deadline):
+                    raise StateError(f"{self.location}: {exc}") from None
+        try:
+            answer = _loads(payload) if payload else {}
+        except ValueError:
+            raise StateError(f"{self.location}: JetStream answered {payload[:80]!r}") from None
+        return answer if isinstance(answer, dict) else {}
+
+    def _give_up(self, exc: Exception, deadline: float) -> bool:
+        """A failed request: wait for the connection and say retry, or give up."""
+        if getattr(exc, "code", None) not in (BROKER_CLOSED, BROKER_TIMEOUT) or self.client.closed.is_set():
+            return True
+        limit = deadline if self._deadline is None else min(deadline, self._deadline)
+        if time.monotonic() >= limit:
+            return True
+        self.client.connected.wait(max(0.0, min(1.0, limit - time.monotonic())))
+        return False
+
+    def _bind(self, history: int, replicas: int, max_age: float) -> None:
+        info = self._api(f"$JS.API.STREAM.INFO.{self._stream}")
+        err = info.get("error")
+        if not err:
+            return
+        if err.get("err_code") != _JS_STREAM_NOT_FOUND:
+            raise StateError(f"{self.location}: {err.get('description', err)}")
+        if self.readonly:
+            raise StateError(f"{self.location}: no state yet (no bucket {self.bucket!r} "
+                             "on the NATS server)")
+        config = {"name": self._stream, "subjects": [self._prefix + ">"],
+                  "max_msgs_per_subject": int(history), "max_msgs": -1, "max_bytes": -1,
+                  "max_age": int(max_age * 1e9), "max_msg_size": -1, "storage": "file",
+                  "retention": "limits", "discard": "new", "num_replicas": int(replicas),
+                  "duplicate_window": int(min(max_age or 120.0, 120.0) * 1e9),
+                  "allow_rollup_hdrs": True, "deny_delete": True, "deny_purge": False,
+                  "allow_direct": True}
+        answer = self._api(f"$JS.API.STREAM.CREATE.{self._stream}", config)
+        err = answer.get("error")
+        if err and "already in use" not in str(err.get("description")):   # lost a race: fine
+            raise StateError(f"{self.location}: cannot create the bucket: "
+                             f"{err.get('description', err)}")
+
+    # -- reading and writing keys ----------------------------------------------------
+
+    def _get_many(self, keys: list[str]) -> dict[str, tuple[dict | None, int]]:
+        """The last value of each key (read after write): key -> (JSON or None
+        when absent or deleted, revision; 0 when never written)."""
+        subject = f"$JS.API.STREAM.MSG.GET.{self._stream}"
+        out: dict[str, tuple[dict | None, int]] = {}
+        todo = list(keys)
+        deadline = time.monotonic() + _KV_PATIENCE_SECS
+        while todo:
+            replies = self.client.request_many(
+                [(subject, {"last_by_subj": self._prefix + k}, None) for k in todo], self.timeout)
+            retry = []
+            for key, reply in zip(todo, replies):
+                if isinstance(reply, Exception):
+                    if self._give_up(reply, deadline):
+                        raise StateError(f"{self.location}: reading {key}: {reply}")
+                    retry.append(key)
+                    continue
+                out[key] = self._decode_get(key, reply[0])
+            todo = retry
+        return out
+
+    def _decode_get(self, key: str, payload: bytes) -> tuple[dict | None, int]:
+        try:
+            answer = _loads(payload)
+            err = answer.get("error")
+            if err:
+                if err.get("err_code") == _JS_NO_MESSAGE or err.get("code") == 404:
+                    return None, 0
+                raise StateError(f"{self.location}: reading {key}: {err.get('description')}")
+            msg = answer["message"]
+            seq = int(msg["seq"])
+            if msg.get("hdrs"):
+                _, _, fields = _nats_parse_headers(base64.b64decode(msg["hdrs"]))
+                if fields.get("KV-Operation", [""])[0] in _KV_DELETED:
+                    return None, seq
+            value = _loads(base64.b64decode(msg.get("data") or b""))
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+            raise StateError(f"{self.location}: {key} holds a bad record: {exc}") from None
+        if not isinstance(value, dict):
+            raise StateError(f"{self.location}: {key} holds a bad record")
+        return value, seq
+
+    def _keys(self, prefix: str) -> list[str]:
+        """The keys under ``prefix`` (deleted ones included: they read as absent)."""
+        info = self._api(f"$JS.API.STREAM.INFO.{self._stream}",
+                         {"subjects_filter": f"{self._prefix}{prefix}>"})
+        if info.get("error"):
+            raise StateError(f"{self.location}: {info['error'].get('description')}")
+        subjects = (info.get("state") or {}).get("subjects") or {}
+        return sorted(s[len(self._prefix):] for s in subjects)
+
+    def _purge(self, keys: Iterable[str]) -> None:
+        """Remove keys with their history (daemons gone, old commands): a
+        delete marker would stay a subject that every listing reads."""
+        for key in keys:
+            answer = self._api(f"$JS.API.STREAM.PURGE.{self._stream}",
+                               {"filter": self._prefix + key})
+            if answer.get("error"):
+                raise StateError(f"{self.location}: removing {key}: "
+                                 f"{answer['error'].get('description')}")
+
+    def _put_many(self, writes: list[tuple[str, dict | None, int | None]]) -> list:
+        """Compare-and-set writes ``(key, value or None to delete, expected
+        revision or None for any)``, pipelined: each is its new revision, or
+        False when the key's revision was not the expected one."""
+        if not writes:
+            return []
+        if self.readonly:
+            raise StateError(f"{self.location}: opened read-only")
+        requests = []
+        for key, value, expected in writes:
+            headers = {"Nats-Msg-Id": _uuid4()}
+            if expected is not None:
+                headers["Nats-Expected-Last-Subject-Sequence"] = str(expected)
+            if value is None:
+                headers["KV-Operation"] = "DEL"
+            requests.append((self._prefix + key, b"" if value is None else
+                             _dumps(value).encode(), headers))
+        results: list = [None] * len(requests)
+        todo = list(range(len(requests)))
+        deadline = time.monotonic() + _KV_PATIENCE_SECS
+        while todo:
+            replies = self.client.request_many([requests[i] for i in todo], self.timeout)
+            retry = []
+            for i, reply in zip(todo, replies):
+                if isinstance(reply, Exception):
+                    if self._give_up(reply, deadline):
+                        raise StateError(f"{self.location}: writing {writes[i][0]}: {reply}")
+                    retry.append(i)          # same Nats-Msg-Id: a repeat is deduplicated
+                    continue
+                try:
+                    ack = _loads(reply[0])
+                except ValueError:
+                    raise StateError(f"{self.location}: JetStream answered "
+                                     f"{reply[0][:80]!r}") from None
+                err = ack.get("error") if isinstance(ack, dict) else {"description": ack}
+                if err:
+                    if err.get("err_code") == _JS_WRONG_LAST_SEQUENCE:
+                        results[i] = False
+                        continue
+                    raise StateError(f"{self.location}: writing {writes[i][0]}: "
+                                     f"{err.get('description', err)}")
+                results[i] = int(ack["seq"])
+            todo = retry
+        return results
+
+    def _update(self, key: str, change: Callable[[dict | None], dict | None | bool],
+                seen: tuple[dict | None, int] | None = None) -> tuple[Any, int]:
+        """Read-modify-write one key until its compare-and-set holds.  ``change``
+        gets the current value and returns the new one (None deletes it), or
+        False to write nothing.  Returns (what change returned, revision)."""
+        for _ in range(_KV_CAS_ROUNDS):
+            value, rev = seen if seen is not None else self._get_many([key])[key]
+            new = change(None if value is None else json.loads(json.dumps(value)))
+            if new is False:
+                return False, rev
+            got = self._put_many([(key, new, rev)])[0]
+            if got is not False:
+                return new, got
+            seen = None
+        raise StateError(f"{self.location}: {key} keeps changing; gave up after "
+                         f"{_KV_CAS_ROUNDS} attempts")
+
+    # -- daemons ------------------------------------------------------------------------
+
+    def _daemon_records(self, max_age: float = 0.0) -> dict[str, dict]:
+        """Every daemon's record; one read at most ``max_age`` seconds old will do."""
+        cached = self._daemons_seen
+        if cached is not None and time.monotonic() - cached[0] <= max_age:
+            return cached[1]
+        got = self._get_many(self._keys("daemon."))
+        records = {_kv_untoken(k[len("daemon."):]): v for k, (v, _) in got.items()
+                   if v is not None}
+        self._daemons_seen = (time.monotonic(), records)
+        return records
+
+    def _fresh(self, rec: Mapping[str, Any] | None) -> bool:
+        return rec is not None and time.time() - float(rec.get("heartbeat") or 0) <= self.daemon_ttl
+
+    def _stale_owners(self, daemons: Mapping[str, dict]) -> Callable[[str | None], bool]:
+        """``lease_is_stale`` for this backend: no owner, or an owner whose
+        daemon heartbeat went stale.  An owner with no daemon record (a CLI
+        ``tick``, or a daemon that stopped cleanly and released) is left to
+        its lease's expiry."""
+        return lambda owner: not owner or (owner in daemons and not self._fresh(daemons[owner]))
+
+    def lease_is_stale(self, owner: str | None) -> bool:
+        if not owner:
+            return True
+        return self._stale_owners(self._daemon_records())(owner)
+
+    def _beat(self, now: float | None = None) -> None:
+        rec = {"owner": self.owner, "started_at": self._started_at, "heartbeat": time.time(),
+               "running": self._running}
+        self._put_many([("daemon." + _kv_token(self.owner), rec, None)])
+        self._last_beat = time.monotonic()
+        daemons = self._daemon_records()
+        self._live = max(1, sum(1 for r in daemons.values() if self._fresh(r)))
+
+    def register_daemon(self, now: float) -> list[str]:
+        daemons = self._daemon_records()
+        stale = [o for o, r in daemons.items() if o != self.owner and not self._fresh(r)]
+        self._purge("daemon." + _kv_token(o) for o in stale)
+        self._started_at, self._registered = now, True
+        self._beat()
+        return sorted(o for o, r in daemons.items() if o != self.owner and self._fresh(r))
+
+    def unregister_daemon(self) -> None:
+        self._registered = False
+        self._purge(["daemon." + _kv_token(self.owner)])
+
+    def set_running(self, ids: Iterable[str]) -> None:
+        self._running = sorted(ids)
+        if self._registered:
+            self._beat()
+
+    def daemons(self) -> dict[str, list[str]]:
+        return {o: list(r.get("running") or []) for o, r in self._daemon_records().items()
+                if self._fresh(r)}
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def load(self, ids: Iterable[str] | None = None) -> dict[str, JobState]:
+        keys = (self._keys("job.") if ids is None else ["job." + _kv_token(i) for i in ids])
+        got = self._get_many(keys)
+        out = {}
+        for key, (rec, rev) in got.items():
+            if rec is not None:
+                job_id = _kv_untoken(key[4:])
+                out[job_id] = _record_state(job_id, rec, rev)
+        return out
+
+    def _cap(self, total: int) -> int | None:
+        """How many jobs this daemon may hold (None: no cap, one daemon)."""
+        if not self._registered or self._live <= 1:
+            return None
+        return math.ceil(total / self._live) + 1
+
+    def claim(self, wanted: Mapping[str, float], now: float, *,
+              paused_on_boot: Iterable[str] = ()) -> dict[str, JobState]:
+        paused = set(paused_on_boot)
+        with self._lock:
+            self._known.update(wanted)
+        # Heartbeats go stale after daemon_ttl: a look an eighth of that old will do,
+        # which saves two round trips on the claim a runner makes for each slot
+        # of a job another daemon holds.
+        daemons = self._daemon_records(self.daemon_ttl / 8)
+        stale = self._stale_owners(daemons)
+        if self._registered:
+            self._live = max(1, sum(1 for r in daemons.values() if self._fresh(r)))
+        keys = {i: "job." + _kv_token(i) for i in wanted}
+        got = self._get_many(list(keys.values()))
+        cap = self._cap(len(self._known))
+        order = list(wanted)
+        random.shuffle(order)                # a random order: daemons do not collide
+        order.sort(key=lambda i: (got[keys[i]][0] or {}).get("lease_owner") != self.owner)
+        writes, records = [], {}
+        held = len(self._held - set(wanted))
+        for job_id in order:
+            rec, rev = got[keys[job_id]]
+            holder = None if rec is None else rec.get("lease_owner")
+            if holder != self.owner:
+                if holder and (rec.get("lease_until") or 0) >= now and not stale(holder):
+                    continue
+                if cap is not None and held >= cap:
+                    continue
+            if rec is None:
+                rec = {**_state_record(JobState(job_id, paused=job_id in paused)),
+                       "outbox": [], "commands": {}}
+            rec = {**rec, "lease_owner": self.owner, "lease_until": wanted[job_id]}
+            writes.append((keys[job_id], rec, rev))
+            records[job_id] = rec
+            held += 1
+        results = self._put_many(writes)
+        granted = {}
+        with self._lock:
+            for (key, rec, _), rev in zip(writes, results):
+                job_id = rec["id"]
+                if rev is False:             # another daemon got there first
+                    continue
+                self._rev[job_id] = rev
+                self._held.add(job_id)
+                self._handed.discard(job_id)
+                granted[job_id] = _record_state(job_id, rec, rev)
+        return granted
+
+    def commit(self, state: JobState, done: Callable[[Any], None] | None = None, *,
+               command: tuple[int, str | None] | None = None,
+               outbox: Iterable[OutboxItem] = ()) -> None:
+        item = (state, command, [dataclasses.asdict(i) for i in outbox], done)
+        with self._cond:
+            if self._closing:
+                raise StateError(f"{self.location}: closed")
+            self._queue.append(item)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                                name="nexo-state-kv-writer")
+                self._writer.start()
+            self._cond.notify()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                if not _writer_has_work(self):
+                    return
+                batch, seen, rest = [], set(), deque()
+                while self._queue:           # one commit per job per round
+                    item = self._queue.popleft()
+                    (rest if item[0].id in seen else batch).append(item)
+                    seen.add(item[0].id)
+                self._queue.extendleft(reversed(rest))
+            try:
+                results = self._commit_batch(batch)
+            except Exception as exc:         # never let the writer die
+                err = exc if isinstance(exc, StateError) else StateError(
+                    f"{self.location}: commit failed: {type(exc).__name__}: {exc}")
+                log.error("%s", err)
+                results = [err] * len(batch)
+            for (_, _, _, done), result in zip(batch, results):
+                if done is not None:
+                    try:
+                        done(result)
+                    except Exception:
+                        log.exception("state callback failed")
+
+    def _commit_record(self, rec: dict | None, state: JobState, command, items: list,
+                       hand_back: bool = False) -> dict | bool:
+        """The job record a commit writes on top of ``rec`` (with the lease
+        left free when ``hand_back``); False when the lease is no longer
+        this owner's."""
+        if rec is None or rec.get("lease_owner") != self.owner:
+            return False
+        new = {**rec, **_state_record(state), "lease_owner": self.owner,
+               "delivered_total": int(rec.get("delivered_total") or 0)}
+        have = {i["id"] for i in rec.get("outbox") or ()}
+        new["outbox"] = list(rec.get("outbox") or ()) + [i for i in items if i["id"] not in have]
+        commands = dict(rec.get("commands") or {})
+        if command is not None:
+            commands[str(command[0])] = _storable(command[1], 1 << 16)
+            commands = dict(list(commands.items())[-_KV_COMMANDS_KEPT:])
+        new["commands"] = commands
+        if hand_back:
+            new["lease_owner"] = new["lease_until"] = None
+        return new
+
+    def _commit_batch(self, batch: list) -> list:
+        keys = ["job." + _kv_token(s.id) for s, _, _, _ in batch]
+        # Two pipelined rounds for the whole batch: read every record (its
+        # outbox and command results are kept), then compare-and-set each on
+        # the revision just read, so a daemon that took a job over in between
+        # makes the write fail instead of being overwritten.
+        got = self._get_many(keys)
+        results: list = [None] * len(batch)
+        writes, index = [], []
+        cap = self._cap(len(self._known))
+        surplus = 0 if cap is None else len(self._held) - cap    # hand back, one a commit
+        hand_back = set()
+        for n, ((state, command, items, _), key) in enumerate(zip(batch, keys)):
+            rec, rev = got[key]
+            if surplus > 0 and state.id in self._held:
+                hand_back.add(n)
+                surplus -= 1
+            new = self._commit_record(rec, state, command, items, n in hand_back)
+            if new is False:
+                results[n] = False
+                continue
+            writes.append((key, new, rev))
+            index.append(n)
+        for n, rev in zip(index, self._put_many(writes)):
+            state, command, items, _ = batch[n]
+            if rev is False:                 # changed between the read and the write
+                try:
+                    new, rev = self._update(keys[n], lambda r: self._commit_record(
+                        r, state, command, items, n in hand_back))
+                except StateError as exc:
+                    results[n] = exc
+                    continue
+                if new is False:
+                    results[n] = False
+                    continue
+            else:
+                new = writes[index.index(n)][1]
+            results[n] = True
+            with self._lock:
+                self._rev[state.id] = rev
+                if new.get("lease_owner") != self.owner:
+                    self._held.discard(state.id)
+                    self._handed.add(state.id)
+                    log.info("job %s handed back for another daemon to take "
+                             "(this one holds more than its share)", state.id)
+        for n, result in enumerate(results):
+            if result is False:
+                with self._lock:
+                    self._held.discard(batch[n][0].id)
+                log.warning("job %s: commit dropped, another daemon holds its lease now",
+                            batch[n][0].id)
+        for (_, command, _, _), result in zip(batch, results):
+            if result is True and command is not None:
+                try:                         # its result is in the job record already
+                    self._finish(*command)
+                except StateError as exc:
+                    log.warning("command %s: not marked done (%s)", command[0], exc)
+        return results
+
+    def import_states(self, states: Iterable[JobState],
+                      outbox: Iterable[OutboxItem] = ()) -> tuple[list[str], list[str]]:
+        """Copy jobs' states (another backend's, say) into the bucket with no
+        lease, each with its undelivered ``outbox`` items; a job the bucket
+        has already is left alone.  Returns (copied ids, skipped ids)."""
+        states = list(states)
+        boxes: dict[str, list] = {}
+        for item in outbox:
+            boxes.setdefault(item.job, []).append(dataclasses.asdict(item))
+        writes = [("job." + _kv_token(s.id),
+                   {**_state_record(s.replace(lease_owner=None, lease_until=None)),
+                    "outbox": boxes.get(s.id, []), "commands": {}}, 0) for s in states]
+        results = self._put_many(writes)
+        copied = [s.id for s, r in zip(states, results) if r is not False]
+        return copied, [s.id for s, r in zip(states, results) if r is False]
+
+    def handed_over(self, job_id: str) -> bool:
+        with self._lock:
+            if job_id in self._handed:
+                self._handed.discard(job_id)
+                return True
+        return False
+
+    def release(self, ids: Iterable[str] | None = None) -> None:
+        with self._lock:
+            mine = set(self._held) if ids is None else set(ids) & self._held
+        def free(rec):
+            if rec is None or rec.get("lease_owner") != self.owner:
+                return False
+            return {**rec, "lease_owner": None, "lease_until": None}
+        for job_id in sorted(mine):
+            self._update("job." + _kv_token(job_id), free)
+            with self._lock:
+                self._held.discard(job_id)
+
+    # -- commands -----------------------------------------------------------------------
+
+    def _cmd_key(self, seq: int) -> str:
+        """The key of command ``seq`` (its creating revision): the stream says."""
+        answer = self._api(f"$JS.API.STREAM.MSG.GET.{self._stream}", {"seq": int(seq)})
+        subject = (answer.get("message") or {}).get("subject") or ""
+        return subject[len(self._prefix) + 4:] if subject.startswith(self._prefix + "cmd.") else ""
+
+    def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False
+                ) -> tuple[str | None, int | None]:
+        apply_command(JobState(job_id), verb)           # an unknown verb fails here
+        key = "job." + _kv_token(job_id)
+        seen = self._get_many([key])[key]
+        rec = seen[0]
+        holder = None if rec is None else rec.get("lease_owner")
+        if holder:
+            daemons = self._daemon_records()
+            if holder in daemons and self._fresh(daemons[holder]):
+                token = os.urandom(8).hex()
+                seq = self._put_many([("cmd." + token, {"job": job_id, "verb": verb,
+                                                        "done": False, "result": None}, 0)])[0]
+                return holder, seq
+        if verb == "tick":
+            return None, None                           # nobody to tick it: the caller does
+
+        def change(rec):
+            if rec is None:
+                rec = {**_state_record(JobState(job_id, paused=paused_on_boot)),
+                       "outbox": [], "commands": {}}
+            state = apply_command(_record_state(job_id, rec, 0), verb)
+            return {**rec, **_state_record(state), "delivered_total": rec.get("delivered_total", 0),
+                    "lease_owner": rec.get("lease_owner"), "lease_until": rec.get("lease_until")}
+        self._update(key, change, seen)
+        return None, None
+
+    def pending_commands(self) -> list[Command]:
+        keys = self._keys("cmd.")
+        if not keys:
+            return []
+        with self._lock:
+            held = set(self._held)
+        cmds, old = [], []
+        for key, (rec, rev) in self._get_many(keys).items():
+            if rec and not rec.get("done") and rec.get("job") in held:
+                cmds.append((rec["job"], rev, rec))
+            elif rec is None or (rec.get("done") and time.time() - float(
+                    rec.get("done_at") or 0) > _KV_COMMAND_KEEP_SECS):
+                old.append(key)              # done long ago: nobody waits for its result
+        if old and self._registered:
+            self._purge(old)
+        if not cmds:
+            return []
+        records = self._get_many(sorted({"job." + _kv_token(c[0]) for c in cmds}))
+        out = []
+        for job_id, seq, rec in cmds:
+            # Not done yet, so written once: its revision is the seq it was created with.
+            done = (records.get("job." + _kv_token(job_id), (None, 0))[0] or {}).get("commands") or {}
+            if str(seq) not in done:
+                out.append(Command(seq, job_id, rec["verb"]))
+        return sorted(out, key=lambda c: c.seq)
+
+    def finish_command(self, seq: int, result: str | None = None) -> None:
+        self._finish(seq, result)
+
+    def _finish(self, seq: int, result: str | None) -> None:
+        key = self._cmd_key(seq)
+        if not key:
+            return
+        self._update("cmd." + key, lambda rec: False if rec is None else
+                     {**rec, "done": True, "result": _storable(result, 1 << 16),
+                      "done_at": time.time()})
+
+    def command_result(self, seq: int) -> tuple[bool, str | None]:
+        key = self._cmd_key(seq)
+        if not key:
+            return True, "command lost"
+        rec, _ = self._get_many(["cmd." + key])["cmd." + key]
+        if rec is None:
+            return True, "command lost"
+        if rec.get("done"):
+            return True, rec.get("result")
+        job = "job." + _kv_token(rec.get("job") or "")
+        done = (self._get_many([job])[job][0] or {}).get("commands") or {}
+        return (True, done[str(seq)]) if str(seq) in done else (False, None)
+
+    # -- the outbox ---------------------------------------------------------------------
+
+    def _outbox_items(self, ids: Iterable[str] | None) -> list[OutboxItem]:
+        keys = self._keys("job.") if ids is None else ["job." + _kv_token(i) for i in ids]
+        items = []
+        for rec, _ in self._get_many(keys).values():
+            for raw in (rec or {}).get("outbox") or ():
+                items.append(OutboxItem(**{f: raw.get(f) for f in _OUTBOX_FIELDS}))
+        return sorted(items, key=lambda i: (i.created_at, i.id))
+
+    def outbox_pending(self, limit: int = 500) -> list[OutboxItem]:
+        with self._lock:
+            held = sorted(self._held)
+        return self._outbox_items(held)[:limit] if held else []
+
+    def outbox_settle(self, delivered: Iterable[OutboxItem] = (),
+                      retry: Iterable[tuple[str, float, str]] = (),
+                      dead: Iterable[tuple[OutboxItem, str]] = (), now: float = 0.0) -> None:
+        delivered, retry, dead = list(delivered), list(retry), list(dead)
+        gone = {i.id for i in delivered} | {i.id for i, _ in dead}
+        later = {i: (at, err) for i, at, err in retry}
+        jobs = {i.job for i in delivered} | {i.job for i, _ in dead}
+        by_id = {}
+        for item in self._outbox_items(None) if later else ():
+            by_id[item.id] = item
+            if item.id in later:
+                jobs.add(item.job)
+        died = {i.id: err for i, err in dead}
+        dead_records = []
+
+        def change(rec):
+            if rec is None:
+                return False
+            kept, counted = [], 0
+            for raw in rec.get("outbox") or ():
+                if raw["id"] in died:
+                    dead_records.append({**raw, "attempts": raw.get("attempts", 0) + 1,
+                                         "last_error": _storable(died[raw["id"]]), "died_at": now})
+                elif raw["id"] in gone:
+                    counted += raw.get("what") == "delivery"
+                elif raw["id"] in later:
+                    at, err = later[raw["id"]]
+                    kept.append({**raw, "attempts": raw.get("attempts", 0) + 1,
+                                 "next_attempt_at": at, "last_error": _storable(err)})
+                else:
+                    kept.append(raw)
+            return {**rec, "outbox": kept,
+                    "delivered_total": int(rec.get("delivered_total") or 0) + counted}
+        for job_id in sorted(jobs):
+            dead_records.clear()
+            _, rev = self._update("job." + _kv_token(job_id), change)
+            with self._lock:
+                if job_id in self._held:
+                    self._rev[job_id] = rev
+            self._put_many([("dead." + _kv_token(r["id"]), r, None) for r in dead_records])
+
+    def outbox(self, *, dead: bool = False) -> list[OutboxItem]:
+        if not dead:
+            return self._outbox_items(None)
+        recs = [r for r, _ in self._get_many(self._keys("dead.")).values() if r]
+        return sorted((OutboxItem(**{f: r.get(f) for f in _OUTBOX_FIELDS}) for r in recs),
+                      key=lambda i: (i.created_at, i.id))
+
+    def outbox_retry(self, ids: Iterable[str] | None = None) -> int:
+        want = None if ids is None else set(ids)
+        count = 0
+        revived: dict[str, list] = {}
+        for key in self._keys("dead."):
+            rec, rev = self._get_many([key])[key]
+            if rec and (want is None or rec["id"] in want):
+                rec = {f: rec.get(f) for f in _OUTBOX_FIELDS}
+                revived.setdefault(rec["job"], []).append({**rec, "attempts": 0,
+                                                           "next_attempt_at": 0})
+                self._put_many([(key, None, rev)])
+        for key in self._keys("job."):
+            job_id = _kv_untoken(key[4:])
+
+            def change(rec):
+                nonlocal count
+                if rec is None:
+                    return False
+                box = list(rec.get("outbox") or ())
+                hit = [i for i, raw in enumerate(box) if want is None or raw["id"] in want]
+                for i in hit:
+                    box[i] = {**box[i], "next_attempt_at": 0}
+                have = {raw["id"] for raw in box}
+                extra = [r for r in revived.get(job_id, ()) if r["id"] not in have]
+                if not hit and not extra:
+                    return False
+                count += len(hit) + len(extra)
+                return {**rec, "outbox": box + extra}
+            self._update(key, change)
+        return count
+
+    def outbox_drop(self, ids: Iterable[str] | None = None, *, dead: bool = False) -> int:
+        want = None if ids is None else set(ids)
+        count = 0
+        if dead:
+            gone = [key for key, (rec, _) in self._get_many(self._keys("dead.")).items()
+                    if rec and (want is None or rec["id"] in want)]
+            self._purge(gone)
+            return len(gone)
+        for key in self._keys("job."):
+            def change(rec):
+                nonlocal count
+                box = (rec or {}).get("outbox") or []
+                kept = [r for r in box if not (want is None or r["id"] in want)]
+                if len(kept) == len(box):
+                    return False
+                count += len(box) - len(kept)
+                return {**rec, "outbox": kept}
+            self._update(key, change)
+        return count
+
+    # -- polling, shutdown ---------------------------------------------------------------
+
+    def changed(self) -> bool:
+        """True when a command was queued or marked since the last call (the
+        newest ``cmd.`` revision moved); also the daemon's heartbeat."""
+        if self._registered and time.monotonic() - self._last_beat >= self.daemon_ttl / 4:
+            self._beat()
+        answer = self._api(f"$JS.API.STREAM.MSG.GET.{self._stream}",
+                           {"last_by_subj": self._prefix + "cmd.>"})
+        seq = (answer.get("message") or {}).get("seq", 0)
+        changed, self._seen_cmd_seq = seq != self._seen_cmd_seq, seq
+        return changed
+
+    def set_deadline(self, deadline: float | None) -> None:
+        self._deadline = deadline
+
+    def close(self, deadline: float | None = None) -> None:
+        _stop_writer(self, deadline)
+        if self._own_client:
+            self.client.close()
+
+
+def open_state(location: str, *, readonly: bool = False, owner: str | None = None,
+               broker_url: str | None = None,
+               broker_opts: Mapping[str, Any] | None = None) -> StateStore:
+    """The state store for a ``state_db`` location: ``jetstream://<bucket>``
+    (a JetStream key-value bucket on the NATS broker ``broker_url``), else a
+    file path (sqlite)."""
+    if isinstance(location, str) and location.startswith("jetstream://"):
+        bucket = location[len("jetstream://"):]
+        if not broker_url or broker_url.split("://", 1)[0] not in ("nats", "tls"):
+            raise StateError(f"{location}: a JetStream state needs a NATS broker "
+                             f"(\"broker\": \"nats://host:4222\"), got "
+                             f"{broker_url or 'none'}")
+        return JetStreamStateStore(bucket, broker_url, readonly=readonly, owner=owner,
+                                   broker_opts=broker_opts)
     return SqliteStateStore(location, readonly=readonly, owner=owner)
 
 
@@ -5344,6 +6238,19 @@ def _no_duplicate_keys(pairs):
     return seen
 
 
+def _config_state(config: "DaemonConfig", *, readonly: bool = False) -> StateStore:
+    """The state store a configuration names (a file, or a bucket on its NATS broker)."""
+    tls = {f"tls_{k}": v for k, v in config.broker_tls.items()}
+    return open_state(config.state_db, readonly=readonly,
+                      broker_url=config.broker if _is_nats(config.broker) else None,
+                      broker_opts=tls or None)
+
+
+def _state_exists(config: "DaemonConfig") -> bool:
+    """False only for a state file that was never created (a bucket: ask it)."""
+    return config.state_db.startswith("jetstream://") or os.path.exists(config.state_db)
+
+
 def _redact_url(url: str | None) -> str | None:
     """A broker URL fit for a log line: credentials replaced by ``***``."""
     return None if url is None else re.sub(r"://[^@/,]*@", "://***@", url)
@@ -5383,6 +6290,12 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
     if _check_type(probs, prefix + "state_db", get("state_db"), str, "a file path") and \
             (not get("state_db").strip() or "\0" in get("state_db")):
         probs.add(prefix + "state_db", "must be a non-empty path without NUL characters")
+    elif isinstance(get("state_db"), str) and get("state_db").startswith("jetstream://"):
+        if not re.fullmatch(r"jetstream://[A-Za-z0-9_-]+", get("state_db")):
+            probs.add(prefix + "state_db", "a JetStream state is jetstream://<bucket>, the "
+                      "bucket name of letters, digits, '-' and '_'")
+        else:
+            cfg.state_db = get("state_db")      # a bucket, not a path
     elif isinstance(get("state_db"), str):
         cfg.state_db = os.path.normpath(os.path.join(base_dir, get("state_db")))
     number("default_jitter_ms", 0, 86_400_000, integer=True)
@@ -5451,6 +6364,9 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
                 cfg.broker_tls[key] = full
         if tls and not (cfg.broker or "").split("://", 1)[0] in ("nats", "tls"):
             probs.add(prefix + "broker_tls", "only a nats:// or tls:// broker uses TLS options")
+    if cfg.state_db.startswith("jetstream://") and not _is_nats(cfg.broker):
+        probs.add(prefix + "state_db", "a jetstream:// state needs a NATS broker "
+                                       "(\"broker\": \"nats://host:4222\")")
     for key, example in (("metrics_addr", "127.0.0.1:9464"), ("admin_addr", "127.0.0.1:9091")):
         addr = get(key)
         if addr is not None and _check_type(probs, prefix + key, addr, str,
@@ -6005,7 +6921,7 @@ class Runner:
             return self
         cfg = self.config
         if self.state is None:
-            self.state = open_state(cfg.state_db)
+            self.state = _config_state(cfg)
         try:
             if _is_nats(cfg.broker):
                 tls = {f"tls_{k}": v for k, v in cfg.broker_tls.items()}
@@ -6528,6 +7444,8 @@ class Runner:
         if result is True:
             with self._cond:
                 job.state, job.unstored = new.replace(revision=new.revision + 1), 0
+                if self.state.handed_over(job.cfg.id):
+                    job.leased = False      # stored, and left for another daemon to take
             if queued and self._publisher is not None:
                 self._publisher.wake()
             self._log_tick(outcome)         # before the release: wait_idle() sees it
@@ -6886,7 +7804,7 @@ def _broker_sink(broker) -> Callable[[str, dict], None]:
     delivered only when a subscriber took it."""
     def send(topic: str, event: dict) -> None:
         if isinstance(broker, NatsClient):
-            broker.publish_event(topic, event)      # already an Event: not wrapped again
+            broker.publish(topic, event, raw=True)  # already an Event: not wrapped again
             return
         taken = broker.publish(topic, event)
         if taken == 0:
@@ -7882,6 +8800,10 @@ def _parser():
     ob.add_argument("--dead", action="store_true", help="the dead letters instead")
     ob.add_argument("--json", action="store_true", help="list as a JSON array")
     ob.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    mi = sub.add_parser("migrate-state", help="copy the sqlite state (cursors, pause states, "
+                        "counters, outbox) into a JetStream bucket")
+    mi.add_argument("--to", required=True, metavar="jetstream://BUCKET")
+    mi.add_argument("--broker", required=True, metavar="nats://HOST:4222")
     return p
 
 
@@ -7968,7 +8890,9 @@ def _run_verb(args) -> int:
         return _print_status(config, args.json)
     if verb == "outbox":
         return _outbox_verb(config, args)
-    store = open_state(config.state_db)
+    if verb == "migrate-state":
+        return _migrate_state(config, args)
+    store = _config_state(config)
     try:
         jc = next(j for j in config.jobs if j.id == job)
         owner, seq = store.command(job, verb, paused_on_boot=jc.paused_on_boot)
@@ -7981,6 +8905,32 @@ def _run_verb(args) -> int:
         return EXIT_OK
     finally:
         store.close()
+
+
+def _migrate_state(config: DaemonConfig, args) -> int:
+    """``migrate-state --to jetstream://B --broker nats://...``: copy a stopped
+    daemon's sqlite state into a bucket; jobs the bucket has are left alone."""
+    if config.state_db.startswith("jetstream://"):
+        raise _UsageError(f"the config's state_db is already {config.state_db}; "
+                          "migrate-state copies from a sqlite state_db", EXIT_USAGE)
+    if not _state_exists(config):
+        raise _UsageError(f"no state at {config.state_db} to copy", EXIT_USAGE)
+    src = _config_state(config, readonly=True)
+    try:
+        if src.daemons():
+            raise _UsageError(f"a daemon runs on {config.state_db}: stop it first, so no "
+                              "cursor moves after the copy", EXIT_BUSY)
+        states, outbox = src.load(), src.outbox()
+    finally:
+        src.close()
+    dst = open_state(args.to, broker_url=args.broker)
+    try:
+        copied, skipped = dst.import_states(states.values(), outbox)
+    finally:
+        dst.close()
+    print(f"copied {len(copied)} jobs to {args.to}" + (
+        f"; left alone (already in the bucket): {', '.join(sorted(skipped))}" if skipped else ""))
+    return EXIT_OK
 
 
 def _mark_path(config_path: str, create: bool = False) -> str | None:
@@ -8046,8 +8996,8 @@ def _outbox_verb(config: DaemonConfig, args) -> int:
     """``outbox [list|retry|drop] [ID ...] [--dead]``: look at and unstick the outbox."""
     if args.action == "list":
         items = []
-        if os.path.exists(config.state_db):
-            store = open_state(config.state_db, readonly=True)
+        if _state_exists(config):
+            store = _config_state(config, readonly=True)
             try:
                 items = store.outbox(dead=args.dead)
             finally:
@@ -8068,7 +9018,7 @@ def _outbox_verb(config: DaemonConfig, args) -> int:
         if input(f"{args.action} {what}? [y/N] ").strip().lower() not in ("y", "yes"):
             print("nothing done")
             return EXIT_OK
-    store = open_state(config.state_db)
+    store = _config_state(config)
     try:
         ids = args.ids or None
         if args.action == "retry":
@@ -8113,7 +9063,7 @@ def _tick_through_daemon(config: DaemonConfig, job: str) -> int | None:
     The daemon holds the job's lease, so it must be the one to tick; None
     means no daemon holds it and the caller ticks the job itself.
     """
-    store = open_state(config.state_db)
+    store = _config_state(config)
     try:
         jc = next(j for j in config.jobs if j.id == job)
         owner, seq = store.command(job, "tick", paused_on_boot=jc.paused_on_boot)
@@ -8141,10 +9091,10 @@ def _budget_of(config: DaemonConfig, kind: str) -> float:
 def _print_status(config: DaemonConfig, as_json: bool) -> int:
     """Every job's state, read only: ``status`` never creates a state file."""
     note, states, daemons, undelivered = None, {}, {}, {}
-    if not os.path.exists(config.state_db):
+    if not _state_exists(config):
         note = f"no state yet at {config.state_db} (no daemon has run with this config)"
     else:
-        store = open_state(config.state_db, readonly=True)
+        store = _config_state(config, readonly=True)
         try:
             states, daemons = store.load(), store.daemons()
             for item in store.outbox():

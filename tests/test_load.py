@@ -339,6 +339,8 @@ class TestSlowClients(LoadCase):
         server = self.server()
         meter = PingMeter(server)
         s = raw_connect(server, rcvbuf=4096)
+        # Both connections counted first: "fewer than 2" below means "cut off".
+        self.assertTrue(wd.wait_until(lambda: server.stats()["connections"] >= 2, 30))
         s.setblocking(False)
         chunk = b"".join(line({"jsonrpc": "2.0", "id": i, "method": "ping"}) for i in range(2000))
         sent, cut = 0, False

@@ -751,5 +751,31 @@ class PluginTest(LiveTest):
         self.assertTrue(ev["payload"]["reply_to"].startswith("_INBOX."))
 
 
+class RawRequestTest(LiveTest):
+    def test_raw_request_with_headers_and_pipelined_requests(self):
+        c = self.client()
+        seen = []
+        sub = self.client(nexo_envelopes=False)
+        sub.subscribe("raw.echo", lambda p: seen.append(p) or {"got": p})
+        payload, headers, status = c.request("raw.echo", b'{"a":1}', 5, raw=True,
+                                             headers={"X-One": "1"})
+        self.assertEqual(payload, b'{"got":{"a":1}}')
+        self.assertEqual(seen, [{"a": 1}])          # no nexo envelope went out
+        c.publish("raw.echo", {"b": 2}, raw=True, headers={"X-Two": "2"})
+        self.assertTrue(wait_until(lambda: {"b": 2} in seen))
+        replies = c.request_many([("raw.echo", str(i).encode(), None) for i in range(50)], 5)
+        self.assertEqual([r[0] for r in replies], [b'{"got":%d}' % i for i in range(50)])
+        # JetStream answers a compare-and-set through headers
+        c.request("$JS.API.STREAM.CREATE.S", {"name": "S", "subjects": ["s.>"]}, 5, raw=True)
+        ok = c.request("s.k", b"1", 5, raw=True,
+                       headers={"Nats-Expected-Last-Subject-Sequence": "0"})[0]
+        bad = c.request("s.k", b"2", 5, raw=True,
+                        headers={"Nats-Expected-Last-Subject-Sequence": "0"})[0]
+        self.assertIn(b'"seq":1', ok)
+        self.assertIn(b"10071", bad)
+        missing = c.request_many([("no.responder", b"", None)], 2)[0]
+        self.assertIn("no responders", str(missing))
+
+
 if __name__ == "__main__":
     unittest.main()

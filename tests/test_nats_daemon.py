@@ -146,6 +146,31 @@ class TestDaemonOnNats(NatsDaemonCase):
         self.assertTrue(stored, "delivered items leave the outbox")
 
 
+class TestDaemonStateInJetStream(NatsDaemonCase):
+
+    def test_the_cli_and_the_daemon_share_a_bucket(self):
+        srv = self.server()
+        config = self.config(srv.url, [self.plugin("sdk", "counter")], [
+            {"id": "c", "kind": "counter", "schedule": {"every_secs": 0.2}}],
+            state_db="jetstream://nexo_test")
+        self.assertEqual(self.cli(config, "validate").returncode, 0)
+        self.daemon(config)
+        self.assertTrue(wait_until(
+            lambda: (self.status(config).get("c") or {}).get("items_seen_total", 0) >= 3, 30,
+            0.2), "no ticks committed to the bucket")
+        out = self.cli(config, "pause", "c")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertTrue(wait_until(lambda: self.status(config)["c"]["paused"], 15, 0.2))
+        self.assertFalse(os.path.exists(os.path.join(self.root, "jetstream:")),
+                         "a bucket is not a path")
+
+    def test_a_bucket_needs_a_nats_broker(self):
+        config = self.config(None, [], [], state_db="jetstream://b")
+        out = self.cli(config, "validate")
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("state_db: a jetstream:// state needs a NATS broker", out.stderr)
+
+
 class TestBootFailures(NatsDaemonCase):
 
     def assert_one_line(self, out, *words):
