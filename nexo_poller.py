@@ -569,6 +569,8 @@ _KIND_RE = re.compile(r"[a-z][a-z0-9_]+")
 _PLUGIN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
 _POLLER_KEYS = {"kinds", "broker_topic_prefix", "lifecycle",
                 "max_concurrent_ticks", "tick_timeout_secs"}
+_ENTRYPOINT_KEYS = {"command", "args", "env"}
+NEXO_PYTHON = "$NEXO_PYTHON"      # an entrypoint command meaning the daemon's own interpreter
 MAX_CONCURRENT_TICKS = 64
 _MISSING = object()
 MAX_TICK_TIMEOUT_SECS = 3600
@@ -711,6 +713,11 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
     except ValueError as exc:            # a path with NUL, an integer too long to convert
         raise ManifestError(path, f"cannot read: {exc}") from None
 
+    problems: list[tuple[str, str]] = []      # every problem, reported at once
+
+    def bad(key: str, message: str) -> None:
+        problems.append((key, message))
+
     def table(parent: dict, key: str, name: str, required: bool) -> dict:
         value = parent.get(key)
         if value is None and not required:
@@ -722,79 +729,85 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
 
     def typed(tbl: dict, key: str, name: str, kind: type, default: Any = _MISSING) -> Any:
         """``tbl[key]`` checked against ``kind``; absent means ``default``,
-        and no default means the key is required."""
+        and no default means the key is required.  None after a problem."""
         if key not in tbl:
             if default is _MISSING:
-                raise ManifestError(path, f"missing; must be {_toml_name(kind)}", name)
+                bad(name, f"missing; must be {_toml_name(kind)}")
+                return None
             return default
         value = tbl[key]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ManifestError(path, f"must be {_toml_name(kind)}, got {_toml_type(value)}",
-                                name)
+            bad(name, f"must be {_toml_name(kind)}, got {_toml_type(value)}")
+            return None
         return value
+
+    def unknown_keys(tbl: dict, allowed: set[str], name: str) -> None:
+        for key in sorted(set(tbl) - allowed):
+            bad(name, f"unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
 
     plugin = table(doc, "plugin", "plugin", True)
     plugin_id = typed(plugin, "id", "plugin.id", str)
-    if not plugin_id.strip():
-        raise ManifestError(path, "must not be empty", "plugin.id")
-    if not _PLUGIN_ID_RE.fullmatch(plugin_id):
-        raise ManifestError(path, f"{_log_safe(plugin_id)!r} must be 1-128 letters, digits "
-                            "or `_ . : -`, starting with a letter or digit", "plugin.id")
+    if plugin_id is not None and not plugin_id.strip():
+        bad("plugin.id", "must not be empty")
+    elif plugin_id is not None and not _PLUGIN_ID_RE.fullmatch(plugin_id):
+        bad("plugin.id", f"{_log_safe(plugin_id)!r} must be 1-128 letters, digits "
+            "or `_ . : -`, starting with a letter or digit")
     poller = table(plugin, "poller", "plugin.poller", True)
-    unknown = sorted(set(poller) - _POLLER_KEYS)
-    if unknown:
-        raise ManifestError(path, f"unknown key {unknown[0]!r} (allowed: "
-                            f"{', '.join(sorted(_POLLER_KEYS))})", "plugin.poller")
+    unknown_keys(poller, _POLLER_KEYS, "plugin.poller")
     kinds = typed(poller, "kinds", "plugin.poller.kinds", list, [])
-    if not kinds:
-        raise ManifestError(path, "must list at least one kind", "plugin.poller.kinds")
+    if kinds == []:
+        bad("plugin.poller.kinds", "must list at least one kind")
     seen: set[str] = set()
-    for i, kind in enumerate(kinds):
+    for i, kind in enumerate(kinds or ()):
         where = f"plugin.poller.kinds[{i}]"
         if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind):
-            raise ManifestError(path, f"{kind!r} must match ^[a-z][a-z0-9_]+$", where)
-        if kind in seen:
-            raise ManifestError(path, f"duplicate kind {kind!r}", where)
-        seen.add(kind)
+            bad(where, f"{kind!r} must match ^[a-z][a-z0-9_]+$")
+        elif kind in seen:
+            bad(where, f"duplicate kind {kind!r}")
+        seen.add(kind if isinstance(kind, str) else repr(kind))
     prefix = typed(poller, "broker_topic_prefix", "plugin.poller.broker_topic_prefix", str)
     where = "plugin.poller.broker_topic_prefix"
-    if not prefix:
-        raise ManifestError(path, "must not be empty", where)
-    if prefix.endswith("."):
-        raise ManifestError(path, f"{prefix!r} must not end with '.'", where)
-    if any(c.isspace() for c in prefix):
-        raise ManifestError(path, f"{prefix!r} must not contain spaces", where)
+    if prefix == "":
+        bad(where, "must not be empty")
+    elif prefix is not None and prefix.endswith("."):
+        bad(where, f"{prefix!r} must not end with '.'")
+    elif prefix is not None and any(c.isspace() for c in prefix):
+        bad(where, f"{prefix!r} must not contain spaces")
     lifecycle = typed(poller, "lifecycle", "plugin.poller.lifecycle", str, "long_lived")
-    if lifecycle not in {m.value for m in Lifecycle}:
-        raise ManifestError(path, f"{lifecycle!r} must be \"long_lived\" or \"ephemeral\"",
-                            "plugin.poller.lifecycle")
+    if lifecycle is not None and lifecycle not in {m.value for m in Lifecycle}:
+        bad("plugin.poller.lifecycle", f"{lifecycle!r} must be \"long_lived\" or \"ephemeral\"")
     limit = typed(poller, "max_concurrent_ticks", "plugin.poller.max_concurrent_ticks", int, 1)
-    if not 1 <= limit <= MAX_CONCURRENT_TICKS:
-        raise ManifestError(path, f"{limit} is outside 1..={MAX_CONCURRENT_TICKS}",
-                            "plugin.poller.max_concurrent_ticks")
+    if limit is not None and not 1 <= limit <= MAX_CONCURRENT_TICKS:
+        bad("plugin.poller.max_concurrent_ticks", f"{limit} is outside 1..={MAX_CONCURRENT_TICKS}")
     timeout = typed(poller, "tick_timeout_secs", "plugin.poller.tick_timeout_secs", int, 60)
-    if not 1 <= timeout <= MAX_TICK_TIMEOUT_SECS:
-        raise ManifestError(path, f"{timeout} is outside 1..={MAX_TICK_TIMEOUT_SECS}",
-                            "plugin.poller.tick_timeout_secs")
+    if timeout is not None and not 1 <= timeout <= MAX_TICK_TIMEOUT_SECS:
+        bad("plugin.poller.tick_timeout_secs", f"{timeout} is outside 1..={MAX_TICK_TIMEOUT_SECS}")
 
     entry = table(plugin, "entrypoint", "plugin.entrypoint", False)
+    unknown_keys(entry, _ENTRYPOINT_KEYS, "plugin.entrypoint")
     command = typed(entry, "command", "plugin.entrypoint.command", str, None)
     if command is not None and not command.strip():
-        raise ManifestError(path, "must not be empty", "plugin.entrypoint.command")
-    if command is not None and "\0" in command:
-        raise ManifestError(path, "must not contain a NUL character", "plugin.entrypoint.command")
+        bad("plugin.entrypoint.command", "must not be empty")
+    elif command is not None and "\0" in command:
+        bad("plugin.entrypoint.command", "must not contain a NUL character")
     args = typed(entry, "args", "plugin.entrypoint.args", list, [])
-    for i, arg in enumerate(args):
+    for i, arg in enumerate(args or ()):
         if not isinstance(arg, str) or "\0" in arg:
-            raise ManifestError(path, "must be a string without NUL characters, got "
-                                f"{_toml_type(arg)}", f"plugin.entrypoint.args[{i}]")
+            bad(f"plugin.entrypoint.args[{i}]", "must be a string without NUL characters, got "
+                f"{_toml_type(arg)}")
     env = table(entry, "env", "plugin.entrypoint.env", False)
     for key, value in env.items():
         if not isinstance(value, str) or "=" in key or "\0" in key + value:
-            raise ManifestError(path, "must be a string (and the name free of '=')",
-                                f"plugin.entrypoint.env.{key}")
+            bad(f"plugin.entrypoint.env.{key}", "must be a string (and the name free of '=')")
+    if len(problems) == 1:
+        raise ManifestError(path, problems[0][1], problems[0][0])
+    if problems:
+        raise ManifestError(path, f"{len(problems)} problems: " + "; ".join(
+            f"[{key}] {message}" for key, message in problems))
     folder = os.path.dirname(path)
-    if command is not None and "/" in command and not os.path.isabs(command):
+    if command == NEXO_PYTHON:
+        command = sys.executable or "python3"      # the daemon's own interpreter (its venv)
+    elif command is not None and "/" in command and not os.path.isabs(command):
         command = os.path.normpath(os.path.join(folder, command))
     return PluginPollerHandle(
         plugin_id=plugin_id, kinds=tuple(kinds), broker_topic_prefix=prefix,
@@ -802,6 +815,46 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
         tick_timeout=timedelta(seconds=timeout), entrypoint_command=command,
         entrypoint_args=tuple(args), entrypoint_env=dict(env),
         working_dir=folder, manifest_path=path)
+
+
+def entrypoint_problems(handle: PluginPollerHandle) -> list[str]:
+    """What keeps a plugin's entrypoint from starting, each with its fix
+    (``validate`` reports them): a missing file, a bare name not on PATH,
+    no execute bit, neither a ``#!`` interpreter line nor a binary."""
+    command = handle.entrypoint_command
+    if command is None:
+        return []
+    if "/" not in command:
+        path = handle.entrypoint_env.get("PATH", os.environ.get("PATH", os.defpath))
+        import shutil
+        if shutil.which(command, path=path) is None:
+            return [f"command {command!r} is not found on PATH; install it, or give its "
+                    "path (relative to the manifest's folder, e.g. \"./plugin.py\")"]
+        return []
+    if not os.path.exists(command):
+        return [f"command {command} does not exist; fix the path (a relative one starts "
+                "from the manifest's folder)"]
+    if os.path.isdir(command):
+        return [f"command {command} is a directory; name the program inside it"]
+    if not os.access(command, os.X_OK):
+        return [f"command {command} is not executable; run `chmod +x {command}`"]
+    try:
+        with open(command, "rb") as fh:
+            head = fh.readline(256)
+    except OSError as exc:
+        return [f"command {command} cannot be read: {exc.strerror or exc}"]
+    if head.startswith(b"\x7fELF"):
+        return []
+    if not head.startswith(b"#!"):
+        return [f"command {command} has no '#!' interpreter line and is not a binary; "
+                "make its first line e.g. `#!/usr/bin/env python3`, or set command to the "
+                f"interpreter (\"{NEXO_PYTHON}\" for the daemon's Python) and put the script "
+                "in args"]
+    words = head[2:].decode("utf-8", "replace").split()
+    if not words or not os.access(words[0], os.X_OK):
+        return [f"command {command}: its interpreter "
+                f"{words[0] if words else '(none)'!r} in the '#!' line does not exist"]
+    return []
 
 
 def _toml_type(value: Any) -> str:
@@ -897,17 +950,52 @@ class PluginPollerRouter:
 # ============================================================================
 
 DEFAULT_MAX_REPLY_BYTES = 1 << 20    # longest reply line an ephemeral plugin may send
-_STDERR_KEEP_BYTES = 8192            # stderr kept per tick for the debug log
+_STDERR_KEEP_BYTES = 8192            # stderr kept per tick (the newest) for the debug log
+_STDERR_TAIL_LINES = 10              # of which the last lines go into a failed tick's error
+_STDERR_TAIL_BYTES = 2048
+_UNHEALING_ERRNOS = {errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.EISDIR}
 _CANCEL_POLL_SECS = 0.05             # how often a wait looks at a cancel Event
 
 
 def _child_env(plugin_id: str, extra: Mapping[str, str] | None, **nexo: str) -> dict:
-    """The daemon's environment, plus the manifest's env, plus NEXO_* variables."""
+    """The daemon's environment, plus the manifest's env, plus NEXO_* variables;
+    the folder of this module leads ``PYTHONPATH``, so a Python plugin
+    anywhere can ``import nexo_poller``."""
     env = dict(os.environ)
     env.update(extra or {})
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
+    env["PYTHONPATH"] = os.pathsep.join([here, *paths])
+    env["NEXO_PYTHON"] = sys.executable or "python3"
     env["NEXO_POLLER_PLUGIN_ID"] = plugin_id
     env.update(nexo)
     return env
+
+
+def _stderr_tail(stderr: bytes | bytearray) -> str:
+    """The last lines of a plugin's stderr, bounded and on one line, or ''."""
+    lines = [_log_safe(x.strip()) for x in bytes(stderr[-_STDERR_TAIL_BYTES:])
+             .decode("utf-8", "replace").splitlines() if x.strip()]
+    return " | ".join(lines[-_STDERR_TAIL_LINES:])
+
+
+def _with_stderr(exc: PollerError, stderr: bytes | bytearray) -> PollerError:
+    """``exc`` with the plugin's last stderr lines appended to its message."""
+    tail = _stderr_tail(stderr)
+    if tail:
+        exc.args = (f"{exc}; stderr: {tail}",)
+    return exc
+
+
+def _spawn_error(job_id: str, plugin_id: str, command: str, what: str,
+                 exc: OSError) -> PollerError:
+    """A plugin that cannot be started: a missing file, no execute bit or no
+    interpreter line will not heal by retrying (Config: the job pauses)."""
+    text = f"plugin {plugin_id!r}: cannot start {command!r}: {what}: {exc.strerror or exc}"
+    if exc.errno in _UNHEALING_ERRNOS:
+        return PollerError.Config(job_id, text + " (check the manifest's [plugin.entrypoint] "
+                                  "command; `validate` names the fix)")
+    return PollerError.Transient(text)
 
 
 def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
@@ -1099,30 +1187,32 @@ def spawn_ephemeral_tick(command: str, plugin_id: str, request: TickRequest,
                                     f"{exc}") from None
     except OSError as exc:
         what = exc.filename if exc.filename == cwd and cwd else command
-        raise PollerError.Transient(
-            f"plugin {plugin_id!r}: cannot start {command!r}: {what}: "
-            f"{exc.strerror or exc}") from None
+        raise _spawn_error(request.job_id, plugin_id, command, what, exc) from None
     stderr = bytearray()
     try:
         line = _exchange(proc, payload, budget, cancel, max_reply_bytes, stderr)
         if line is None:
             raise _Failure(f"closed stdout before replying ({_exit_status(proc)})")
     except _Failure as exc:
-        raise PollerError.Transient(f"plugin {plugin_id!r}: {exc}") from None
+        raise _with_stderr(PollerError.Transient(f"plugin {plugin_id!r}: {exc}"),
+                           stderr) from None
     finally:
         _reap(proc)
         _sweep_orphans(f"NEXO_POLLER_PLUGIN_ID={plugin_id}".encode())
         if stderr and log.isEnabledFor(logging.DEBUG):
             for text in stderr.decode("utf-8", "replace").splitlines():
                 log.debug("plugin %s stderr: %s", _log_safe(plugin_id), _log_safe(text))
-    if not line.strip():
-        raise PollerError.Transient(f"plugin {plugin_id!r} replied with an empty line")
     try:
-        envelope = _loads(line)
-    except (ValueError, RecursionError) as exc:
-        raise PollerError.Transient(
-            f"plugin {plugin_id!r} replied with a line that is not JSON: {exc}") from None
-    return _reply_to_ack(envelope, request.job_id)
+        if not line.strip():
+            raise PollerError.Transient(f"plugin {plugin_id!r} replied with an empty line")
+        try:
+            envelope = _loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise PollerError.Transient(
+                f"plugin {plugin_id!r} replied with a line that is not JSON: {exc}") from None
+        return _reply_to_ack(envelope, request.job_id)
+    except PollerError as exc:
+        raise _with_stderr(exc, stderr) from None
 
 
 class _Failure(Exception):
@@ -1175,8 +1265,9 @@ def _exchange(proc: subprocess.Popen, payload: bytes, budget: float,
                 if fd == errfd:
                     if not chunk:
                         sel.unregister(fd)
-                    elif len(stderr) < _STDERR_KEEP_BYTES:
-                        stderr += chunk[:_STDERR_KEEP_BYTES - len(stderr)]
+                    else:                       # keep the newest bytes: the error is last
+                        stderr += chunk
+                        del stderr[:-_STDERR_KEEP_BYTES]
                     continue
                 if not chunk:
                     return None
@@ -4795,11 +4886,13 @@ def _check_type(probs: _Problems, path: str, value: Any, kinds, what: str) -> bo
     return ok
 
 
-def load_config(path: str | os.PathLike, *, extra_kinds: Iterable[str] = ()) -> DaemonConfig:
+def load_config(path: str | os.PathLike, *, extra_kinds: Iterable[str] = (),
+                check_entrypoints: bool = False) -> DaemonConfig:
     """Read and validate ``pollers.json``; raises ``ConfigError`` listing every problem.
 
     ``extra_kinds`` are kinds served in-process (registered with
-    ``Runner.register``), so jobs may name them.
+    ``Runner.register``), so jobs may name them.  ``check_entrypoints``
+    also checks that every plugin's command can start (``validate``).
     """
     path = os.path.abspath(os.fspath(path))
     try:
@@ -4817,7 +4910,7 @@ def load_config(path: str | os.PathLike, *, extra_kinds: Iterable[str] = ()) -> 
     except (ValueError, RecursionError) as exc:
         raise ConfigError(path, [("", f"invalid JSON: {exc}")]) from None
     return config_from_dict(doc, base_dir=os.path.dirname(path), source=path,
-                            extra_kinds=extra_kinds)
+                            extra_kinds=extra_kinds, check_entrypoints=check_entrypoints)
 
 
 def _no_duplicate_keys(pairs):
@@ -4840,7 +4933,8 @@ def _is_nats(broker: str | None) -> bool:
 
 
 def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None,
-                     extra_kinds: Iterable[str] = ()) -> DaemonConfig:
+                     extra_kinds: Iterable[str] = (), check_entrypoints: bool = False
+                     ) -> DaemonConfig:
     """Validate an already-parsed configuration (see ``load_config``)."""
     probs = _Problems()
     prefix = ""
@@ -4960,6 +5054,8 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
             except ManifestError as exc:
                 probs.add(where, str(exc))
                 continue
+            for problem in entrypoint_problems(handle) if check_entrypoints else ():
+                probs.add(where, f"{full}: [plugin.entrypoint] {problem}")
             if handle.lifecycle is Lifecycle.LONG_LIVED and not handle.entrypoint_command \
                     and not _is_nats(cfg.broker):
                 probs.add(where, f"{full}: [plugin.entrypoint] command is required for a "
@@ -4981,14 +5077,15 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
     ids: set[str] = set()
     if _check_type(probs, prefix + "jobs", jobs, list, "an array of jobs"):
         for i, raw in enumerate(jobs):
+            raw_id = raw.get("id") if isinstance(raw, dict) else None
+            duplicate = isinstance(raw_id, str) and raw_id in ids
+            if duplicate:                   # said even when the job has other problems
+                probs.add(f"{prefix}jobs[{i}].id", f"duplicate job id {raw_id!r}")
+            elif isinstance(raw_id, str):
+                ids.add(raw_id)
             job = _job_from_dict(raw, f"{prefix}jobs[{i}]", probs, owners)
-            if job is None:
-                continue
-            if job.id in ids:
-                probs.add(f"{prefix}jobs[{i}].id", f"duplicate job id {job.id!r}")
-                continue
-            ids.add(job.id)
-            cfg.jobs.append(job)
+            if job is not None and not duplicate:
+                cfg.jobs.append(job)
     if probs.items:
         raise ConfigError(source, probs.items)
     return cfg
@@ -6766,8 +6863,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_verb(args) -> int:
-    config = load_config(args.config)
     verb = args.verb or "run"
+    config = load_config(args.config, check_entrypoints=verb == "validate")
     if verb == "validate":
         print(f"{args.config}: ok ({len(config.jobs)} jobs, {len(config.plugins)} plugins)")
         return EXIT_OK

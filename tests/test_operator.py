@@ -1,0 +1,187 @@
+"""Operator experience (issue 15): why a tick failed, entrypoint mistakes,
+Python plugins anywhere.  Every verb runs as a subprocess, as an operator
+would run it; plugins are small scripts written into a temporary folder."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
+from support import NEXO, PY, b64, q  # noqa: E402
+
+TIMEOUT = 60
+
+
+def nexo(*args, config=None, timeout=TIMEOUT, env=None, input=None):
+    cmd = [PY, NEXO] + (["--config", config] if config else []) + list(args)
+    return subprocess.run(cmd, input=input, stdin=None if input is not None else
+                          subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+class OperatorCase(unittest.TestCase):
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory(prefix="nexo-op-")
+        self.addCleanup(tmp.cleanup)
+        self.root = tmp.name
+        self.config = os.path.join(self.root, "pollers.json")
+
+    def script(self, name: str, body: str, *, shebang: bool = True, mode: int = 0o755) -> str:
+        """A plugin script in the project folder (outside the repository)."""
+        path = os.path.join(self.root, name)
+        with open(path, "w", encoding="utf-8") as f:
+            if shebang:
+                f.write(f"#!{PY}\n")
+            f.write(textwrap.dedent(body))
+        os.chmod(path, mode)
+        return path
+
+    def manifest(self, name: str, kind: str, *, command: str, args=(), lifecycle="ephemeral",
+                 extra: str = "") -> str:
+        folder = os.path.join(self.root, "plugins", name)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "nexo-plugin.toml"), "w", encoding="utf-8") as f:
+            f.write(f"""[plugin]
+id = {q(name)}
+
+[plugin.entrypoint]
+command = {q(command)}
+args = [{", ".join(q(a) for a in args)}]
+{extra}
+[plugin.poller]
+kinds = [{q(kind)}]
+broker_topic_prefix = {q("plugin.poller." + name)}
+lifecycle = {q(lifecycle)}
+tick_timeout_secs = 20
+""")
+        return os.path.join("plugins", name)
+
+    def write(self, plugins, jobs, **top):
+        doc = {"state_db": "state/poller.db", "default_jitter_ms": 0, "plugins": plugins,
+               "jobs": jobs}
+        doc.update(top)
+        with open(self.config, "w", encoding="utf-8") as f:
+            json.dump(doc, f)
+
+    def run_cli(self, *args, traceback_ok=False, **kw):
+        r = nexo(*args, config=self.config, **kw)
+        if not traceback_ok:        # only a plugin's own traceback may show
+            self.assertNotIn("Traceback", r.stderr + r.stdout)
+        return r
+
+    def status(self) -> dict:
+        r = self.run_cli("status", "--json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        return {row["id"]: row for row in json.loads(r.stdout)}
+
+
+def job(job_id, kind, **more):
+    return {"id": job_id, "kind": kind, "schedule": {"every_secs": 60}, **more}
+
+
+GOOD_PLUGIN = """\
+import nexo_poller as nx
+
+def tick(ctx):
+    n = 0 if ctx.cursor is None else int(ctx.cursor)
+    import sys
+    print("ticking from", n, file=sys.stderr)
+    return nx.TickAck(next_cursor=str(n + 1).encode(), metrics=nx.TickMetrics(items_seen=2))
+
+nx.run_plugin({"counter": tick})
+"""
+
+
+class TestWhyATickFailed(OperatorCase):
+    def test_ephemeral_failure_carries_the_last_stderr_lines(self):
+        plugin = self.script("crash.py", """\
+            import sys
+            for i in range(100):
+                print(f"noise line {i}", file=sys.stderr)
+            raise ValueError("the real reason: token expired")
+            """)
+        self.write([self.manifest("crash", "crashy", command=plugin)], [job("c", "crashy")])
+        r = self.run_cli("tick", "c", traceback_ok=True)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertNotIn('File "' + NEXO, r.stderr, "the plugin's traceback, not ours")
+        out = json.loads(r.stdout)
+        self.assertEqual(out["outcome"], "transient")
+        self.assertIn("closed stdout before replying", out["error"])
+        self.assertIn("ValueError: the real reason: token expired", out["error"])
+        self.assertNotIn("noise line 0 ", out["error"] + " ")      # bounded: the tail only
+        self.assertLess(len(out["error"]), 3000)
+        self.assertIn("the real reason", r.stderr, "the log line carries it too")
+        self.assertIn("the real reason: token expired",
+                      nexo("status", "--json", config=self.config).stdout)
+
+
+class TestEntrypointMistakes(OperatorCase):
+    def test_validate_names_every_entrypoint_mistake_and_its_fix(self):
+        no_x = self.script("nox.py", "pass\n", mode=0o644)
+        no_bang = self.script("nobang.py", "print('hi')\n", shebang=False)
+        plugins = [self.manifest("missing", "k_missing", command="./nope.py"),
+                   self.manifest("bare", "k_bare", command="surely-not-a-command-xyz"),
+                   self.manifest("nox", "k_nox", command=no_x),
+                   self.manifest("nobang", "k_nobang", command=no_bang),
+                   self.manifest("fine", "k_fine", command="$NEXO_PYTHON", args=["x.py"])]
+        self.write(plugins, [job("j", "k_fine")])
+        r = self.run_cli("validate")
+        self.assertEqual(r.returncode, 2, r.stdout + r.stderr)
+        for needle in ("plugins[0]", "does not exist", "plugins[1]", "not found on PATH",
+                       "plugins[2]", "chmod +x", "plugins[3]", "'#!' interpreter line"):
+            self.assertIn(needle, r.stderr)
+        self.assertNotIn("plugins[4]", r.stderr)
+
+    def test_unknown_entrypoint_key_and_every_manifest_problem_at_once(self):
+        path = self.manifest("typo", "k_typo", command="$NEXO_PYTHON",
+                             extra='arg = ["x"]\n')
+        self.write([path], [])
+        r = self.run_cli("validate")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("unknown key 'arg'", r.stderr)
+        self.assertIn("plugin.entrypoint", r.stderr)
+        with open(os.path.join(self.root, path, "nexo-plugin.toml"), "w") as f:
+            f.write('[plugin]\nid = 5\n[plugin.poller]\nkinds = ["k_two"]\n'
+                    'broker_topic_prefix = "p.two"\ntick_timeout_secs = "60"\n')
+        r = self.run_cli("validate")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("[plugin.id] must be a string", r.stderr)
+        self.assertIn("[plugin.poller.tick_timeout_secs] must be an integer", r.stderr)
+
+    def test_duplicate_job_id_is_reported_beside_a_bad_cron(self):
+        self.write([self.manifest("ok", "k_ok", command="$NEXO_PYTHON")],
+                   [job("a", "k_ok"), {"id": "a", "kind": "k_ok", "schedule": {"cron": "x"}}])
+        r = self.run_cli("validate")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("duplicate job id 'a'", r.stderr)
+        self.assertIn("jobs[1].schedule.cron", r.stderr)
+
+    def test_a_command_that_cannot_start_is_a_config_error_that_pauses(self):
+        no_x = self.script("nox.py", GOOD_PLUGIN, mode=0o644)
+        self.write([self.manifest("nox", "k_nox", command=no_x)], [job("j", "k_nox")])
+        r = self.run_cli("tick", "j")
+        self.assertEqual(r.returncode, 1)
+        out = json.loads(r.stdout)
+        self.assertEqual(out["outcome"], "config", out)
+        self.assertIn("Permission denied", out["error"])
+        self.assertTrue(self.status()["j"]["paused"])
+
+
+class TestPythonPlugins(OperatorCase):
+    def test_nexo_python_and_import_from_anywhere(self):
+        plugin = self.script("anywhere.py", GOOD_PLUGIN, shebang=False, mode=0o644)
+        self.write([self.manifest("py", "counter", command="$NEXO_PYTHON", args=[plugin])],
+                   [job("j", "counter")])
+        self.assertEqual(self.run_cli("validate").returncode, 0)
+        r = self.run_cli("tick", "j")
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertEqual(json.loads(r.stdout)["next_cursor"], b64(b"1"))
+
+
+if __name__ == "__main__":
+    unittest.main()
