@@ -101,10 +101,11 @@ __all__ = [
     "NatsClient", "connect_broker", "nexo_event", "nexo_request_event", "nexo_unwrap",
     "nexo_reply_payload", "tick_reply_envelope",
     # sdk
-    "run_plugin",
+    "run_plugin", "NEXO_PYTHON", "entrypoint_problems",
     # daemon
     "StateStore", "SqliteStateStore", "open_state", "JobState", "Command", "TickStatus",
-    "apply_command", "COMMAND_VERBS", "Schedule", "CronExpr", "JobConfig", "DaemonConfig",
+    "apply_command", "COMMAND_VERBS", "CursorChange", "cursor_command_arg",
+    "CURSOR_HISTORY_KEEP", "Schedule", "CronExpr", "JobConfig", "DaemonConfig",
     "load_config", "config_from_dict", "Runner", "TickOutcome", "TickPlan", "plan_tick",
     "next_run", "OutboxItem", "outbound_topic", "main",
 ]
@@ -3835,15 +3836,38 @@ class JobState:
 
 
 _JOB_FIELDS = tuple(f.name for f in dataclasses.fields(JobState))
-COMMAND_VERBS = ("pause", "resume", "reset", "tick")
+COMMAND_VERBS = ("pause", "resume", "reset", "tick", "cursor")
 
 
-def apply_command(state: JobState, verb: str) -> JobState:
+def cursor_command_arg(cursor: bytes | None, source: str) -> str:
+    """The argument of a ``cursor`` command: the new cursor and why (for the history)."""
+    return json.dumps({"cursor": None if cursor is None else encode_cursor(cursor),
+                       "source": source})
+
+
+def _command_source(verb: str, arg: str | None) -> str:
+    """How a command names itself in the cursor history."""
+    if verb == "cursor" and arg:
+        try:
+            return str(json.loads(arg).get("source") or "set")
+        except (ValueError, AttributeError):
+            pass
+    return verb
+
+
+def apply_command(state: JobState, verb: str, arg: str | None = None) -> JobState:
     """An operator command applied to a job's state (pure).
 
     ``tick`` changes nothing here: the owner runs the tick.  ``resume``
     leaves the next slot to the owner's schedule (see ``Runner``).
+    ``cursor`` sets the cursor its ``arg`` (``cursor_command_arg``) carries.
     """
+    if verb == "cursor":
+        try:
+            text = json.loads(arg or "")["cursor"]
+            return state.replace(cursor=None if text is None else decode_cursor(text))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"bad cursor command argument: {exc}") from None
     if verb == "pause":
         return state.replace(paused=True)
     if verb == "resume":
@@ -3882,6 +3906,20 @@ class Command:
     seq: int
     job: str
     verb: str
+    arg: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CursorChange:
+    """One committed change of a job's cursor, as the state keeps it:
+    ``source`` is ``tick``, ``set``, ``rollback N`` or ``reset``."""
+    job: str
+    cursor: bytes | None
+    at: float
+    source: str
+
+
+CURSOR_HISTORY_KEEP = 20        # committed cursors kept per job
 
 
 def _pid_alive(pid: int) -> bool:
@@ -3959,10 +3997,11 @@ class StateStore:
         """Give up this owner's leases (of ``ids``, or all) so others may take them."""
         raise NotImplementedError
 
-    def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False
-                ) -> tuple[str | None, int | None]:
+    def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False,
+                arg: str | None = None) -> tuple[str | None, int | None]:
         """An operator command: ``(owner, seq)`` when queued for the live daemon
-        holding the job, ``(None, None)`` when applied here and now."""
+        holding the job, ``(None, None)`` when applied here and now.  ``arg``
+        is the verb's argument (``cursor``: ``cursor_command_arg``)."""
         raise NotImplementedError
 
     def pending_commands(self) -> list[Command]:
@@ -4036,6 +4075,13 @@ class StateStore:
         pid = _owner_pid(owner)
         return not owner or (pid is not None and not _pid_alive(pid))
 
+    def cursor_history(self, job_id: str, limit: int = CURSOR_HISTORY_KEEP
+                       ) -> list[CursorChange]:
+        """The last committed cursors of a job, newest first (at most
+        ``CURSOR_HISTORY_KEEP`` are kept); every commit that changes a cursor
+        adds one in the same transaction."""
+        raise NotImplementedError
+
 
 STATE_SCHEMA_VERSION = 2
 # The outbox and its dead letters have one shape (a dead letter also has died_at).
@@ -4056,6 +4102,15 @@ _OUTBOX_SCHEMA = (_OUTBOX_TABLES.format(dead="")
                   + "\nCREATE INDEX outbox_by_job ON outbox (job, n);"
                   + _OUTBOX_TABLES.format(dead=",\n    died_at REAL").replace(
                       "TABLE outbox", "TABLE dead_letters"))
+_CURSOR_HISTORY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cursor_history (
+    n INTEGER PRIMARY KEY AUTOINCREMENT,
+    job TEXT NOT NULL,
+    cursor BLOB,
+    at REAL NOT NULL,
+    source TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cursor_history_by_job ON cursor_history (job, n);"""
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE jobs (
@@ -4081,25 +4136,27 @@ CREATE TABLE commands (
     job TEXT NOT NULL,
     verb TEXT NOT NULL,
     done INTEGER NOT NULL DEFAULT 0,
-    result TEXT
+    result TEXT,
+    arg TEXT
 );
 CREATE TABLE daemons (
     owner TEXT PRIMARY KEY,
     started_at REAL NOT NULL,
     running TEXT NOT NULL DEFAULT '[]'
 );
-""" + _OUTBOX_SCHEMA
+""" + _OUTBOX_SCHEMA + _CURSOR_HISTORY_SCHEMA
 # What version 1 lacks; applied in place when a daemon opens an old file.
 _MIGRATE_1_TO_2 = """
 ALTER TABLE jobs ADD COLUMN schedule_key TEXT;
 ALTER TABLE jobs ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN delivered_total INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE commands ADD COLUMN result TEXT;
+ALTER TABLE commands ADD COLUMN arg TEXT;
 CREATE TABLE daemons (owner TEXT PRIMARY KEY, started_at REAL NOT NULL,
                       running TEXT NOT NULL DEFAULT '[]');
 DELETE FROM meta WHERE key='daemon';
 UPDATE meta SET value='2' WHERE key='schema_version';
-""" + _OUTBOX_SCHEMA
+""" + _OUTBOX_SCHEMA + _CURSOR_HISTORY_SCHEMA
 _BUSY_SLICE_MS = 200            # one wait inside sqlite for a lock; we retry around it
 _WRITE_PATIENCE_SECS = 30.0     # how long a write waits for a locked database
 _READ_PATIENCE_SECS = 2.0       # how long a read waits before it is reported
@@ -4175,7 +4232,7 @@ class SqliteStateStore(StateStore):
                 except BaseException:
                     db.execute("ROLLBACK")
                     raise
-                tables = {"meta"}
+                tables = {"meta", "cursor_history"}
             if "meta" not in tables:
                 raise StateError(f"{self.path}: not a nexo-poller state database "
                                  f"(tables: {', '.join(sorted(tables)) or 'none'})")
@@ -4196,6 +4253,8 @@ class SqliteStateStore(StateStore):
                 raise StateError(f"{self.path}: unknown state schema version "
                                  f"{version or 'none'} (this nexo-poller reads "
                                  f"version {STATE_SCHEMA_VERSION})")
+            if not self.readonly and version == "2" and "cursor_history" not in tables:
+                self._add_cursor_history(db)        # a version 2 file from before it
             if not self.readonly:
                 # Only now that the file is known to be ours may its journal change.
                 db.execute("PRAGMA journal_mode=WAL")
@@ -4386,9 +4445,13 @@ class SqliteStateStore(StateStore):
             db.row_factory = None
 
     @staticmethod
-    def _write_state(db, state: JobState) -> None:
-        """Write a job's record (its row exists); ``delivered_total`` is the outbox's."""
+    def _write_state(db, state: JobState, source: str = "tick") -> None:
+        """Write a job's record (its row exists); ``delivered_total`` is the outbox's.
+        A changed cursor goes into the job's history in the same transaction."""
         s = state
+        old = db.execute("SELECT cursor FROM jobs WHERE id=?", (s.id,)).fetchone()
+        if old is not None and old[0] != s.cursor:
+            SqliteStateStore._remember_cursor(db, s.id, s.cursor, source)
         db.execute(
             "UPDATE jobs SET cursor=?, paused=?, last_status=?, last_error=?, "
             "consecutive_errors=?, last_run_at=?, next_run_at=?, items_seen_total=?, "
@@ -4437,7 +4500,12 @@ class SqliteStateStore(StateStore):
                              (state.id,)).fetchone()
             if row is None or row[0] != owner:
                 return False                    # another daemon took the job over
-            self._write_state(db, state.replace(lease_owner=owner, revision=row[1] + 1))
+            source = "tick"
+            if command is not None:
+                cmd = db.execute("SELECT verb, arg FROM commands WHERE seq=?",
+                                 (command[0],)).fetchone()
+                source = _command_source(*cmd) if cmd else source
+            self._write_state(db, state.replace(lease_owner=owner, revision=row[1] + 1), source)
             if command is not None:
                 db.execute("UPDATE commands SET done=1, result=? WHERE seq=?",
                            (_storable(command[1], 1 << 20), command[0]))
@@ -4535,9 +4603,9 @@ class SqliteStateStore(StateStore):
                 "UPDATE jobs SET lease_owner=NULL, lease_until=NULL "
                 "WHERE id=? AND lease_owner=?", [(i, owner) for i in ids]))
 
-    def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False
-                ) -> tuple[str | None, int | None]:
-        apply_command(JobState(job_id), verb)           # an unknown verb fails here
+    def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False,
+                arg: str | None = None) -> tuple[str | None, int | None]:
+        apply_command(JobState(job_id), verb, arg)      # an unknown verb fails here
 
         def fn(db):
             db.execute("INSERT OR IGNORE INTO jobs (id, paused) VALUES (?, ?)",
@@ -4545,12 +4613,13 @@ class SqliteStateStore(StateStore):
             state = self._rows(db, "WHERE id=?", (job_id,))[job_id]
             holder = state.lease_owner
             if holder and not self.lease_is_stale(holder) and self._daemon_alive(db, holder):
-                cur = db.execute("INSERT INTO commands (job, verb) VALUES (?, ?)", (job_id, verb))
+                cur = db.execute("INSERT INTO commands (job, verb, arg) VALUES (?, ?, ?)",
+                                 (job_id, verb, arg))
                 return holder, cur.lastrowid
             if verb == "tick":
                 return None, None                       # nobody to tick it: the caller does
-            self._write_state(db, apply_command(state, verb).replace(
-                revision=state.revision + 1))
+            self._write_state(db, apply_command(state, verb, arg).replace(
+                revision=state.revision + 1), _command_source(verb, arg))
             return None, None
         return self.run(fn)
 
@@ -4560,7 +4629,8 @@ class SqliteStateStore(StateStore):
         return db.execute("SELECT 1 FROM daemons WHERE owner=?", (owner,)).fetchone() is not None
 
     def pending_commands(self) -> list[Command]:
-        rows = self._read("SELECT c.seq, c.job, c.verb FROM commands c JOIN jobs j ON j.id=c.job "
+        rows = self._read("SELECT c.seq, c.job, c.verb, c.arg FROM commands c "
+                          "JOIN jobs j ON j.id=c.job "
                           "WHERE c.done=0 AND j.lease_owner=? ORDER BY c.seq", (self.owner,))
         return [Command(*r) for r in rows]
 
@@ -4609,6 +4679,46 @@ class SqliteStateStore(StateStore):
     def set_deadline(self, deadline: float | None) -> None:
         self._deadline = deadline
 
+    # -- cursor history ------------------------------------------------------------
+
+    @staticmethod
+    def _add_cursor_history(db) -> None:
+        """Give a version 2 file made before the cursor history its table and
+        the commands their ``arg`` column (idempotent)."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _CURSOR_HISTORY_SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            if "arg" not in {r[1] for r in db.execute("PRAGMA table_info(commands)")}:
+                db.execute("ALTER TABLE commands ADD COLUMN arg TEXT")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _remember_cursor(db, job_id: str, cursor: bytes | None, source: str) -> None:
+        db.execute("INSERT INTO cursor_history (job, cursor, at, source) VALUES (?, ?, ?, ?)",
+                   (job_id, cursor, time.time(), _storable(source, 200)))
+        db.execute("DELETE FROM cursor_history WHERE job=? AND n <= (SELECT n FROM "
+                   "cursor_history WHERE job=? ORDER BY n DESC LIMIT 1 OFFSET ?)",
+                   (job_id, job_id, CURSOR_HISTORY_KEEP))
+
+    def cursor_history(self, job_id: str, limit: int = CURSOR_HISTORY_KEEP
+                       ) -> list[CursorChange]:
+        try:
+            rows = self._read("SELECT job, cursor, at, source FROM cursor_history WHERE job=? "
+                              "ORDER BY n DESC LIMIT ?", (job_id, limit))
+        except StateError:
+            if "cursor_history" in self._table_names():
+                raise
+            return []                       # a file from before the history: none yet
+        return [CursorChange(*r) for r in rows]
+
+    def _table_names(self) -> set[str]:
+        return {r[0] for r in self._read("SELECT name FROM sqlite_master WHERE type='table'")}
+
 
 def open_state(location: str, *, readonly: bool = False, owner: str | None = None) -> StateStore:
     """The state store for a ``state_db`` location (a file path: sqlite)."""
@@ -4630,8 +4740,15 @@ _CRON_FIELDS = (("second", 0, 59, None), ("minute", 0, 59, None), ("hour", 0, 23
                 ("day of week", 0, 7, _DAYS))
 
 
+_CRON_ALIASES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+                 "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+                 "@hourly": "0 * * * *"}
+
+
 class CronExpr:
-    """A cron expression: ``sec min hour dom month dow`` or the 5-field form.
+    """A cron expression: ``sec min hour dom month dow`` or the 5-field form,
+    or a Vixie cron alias (``@hourly``, ``@daily``, ``@weekly``, ``@monthly``,
+    ``@yearly``/``@annually``, ``@midnight``).
 
     Ranges (``1-5``), steps (``*/15``, ``10-50/10``), lists (``1,15``),
     month and day names, ``?`` for "any".  When both day of month and day
@@ -4641,7 +4758,10 @@ class CronExpr:
     def __init__(self, text: str):
         if not isinstance(text, str):
             raise ValueError("a cron expression must be a string")
-        parts = text.split()
+        alias = _CRON_ALIASES.get(text.strip().lower()) if text.strip().startswith("@") else None
+        if text.strip().startswith("@") and alias is None:
+            raise ValueError(f"cron {text!r} is not one of {', '.join(_CRON_ALIASES)}")
+        parts = (alias or text).split()
         if len(parts) == 5:
             parts = ["0"] + parts
         if len(parts) != 6:
@@ -5987,20 +6107,7 @@ class Runner:
         ctx = PollContext(cfg.id, cfg.agent, cfg.kind, job.state.cursor, cfg.config,
                           datetime.fromtimestamp(now, timezone.utc),
                           timedelta(seconds=cfg.schedule.nominal_interval), cancel)
-        try:
-            if route is None:
-                raise PollerError.Config(cfg.id, f"no plugin or poller serves kind {cfg.kind!r}")
-            ack = route.poller.tick(ctx)
-            if ack is not None and not isinstance(ack, TickAck):
-                raise PollerError.Transient(f"poller returned {type(ack).__name__}, not TickAck")
-            outcome.ack = ack or TickAck()
-        except PollerError as exc:
-            outcome.status = TickStatus(exc.classify().value)
-            outcome.error = str(exc)
-        except Exception as exc:            # a bug in an in-process poller: retry later
-            log.debug("poller for %s raised", cfg.kind, exc_info=True)
-            outcome.status = TickStatus.TRANSIENT
-            outcome.error = f"{type(exc).__name__}: {exc}"
+        self._poll(route, ctx, outcome)
         outcome.duration = time.monotonic() - started
         if cancel.is_set():
             why = "job removed by a reload" if job.removed else "tick cancelled"
@@ -6035,6 +6142,25 @@ class Runner:
                 except StateError as exc:
                     log.error("outbox: %s", exc)
         return outcome
+
+    @staticmethod
+    def _poll(route: _Route | None, ctx: PollContext, outcome: TickOutcome) -> None:
+        """Ask the route's poller for one tick; its ack or error goes into ``outcome``."""
+        try:
+            if route is None:
+                raise PollerError.Config(ctx.job_id,
+                                         f"no plugin or poller serves kind {ctx.kind!r}")
+            ack = route.poller.tick(ctx)
+            if ack is not None and not isinstance(ack, TickAck):
+                raise PollerError.Transient(f"poller returned {type(ack).__name__}, not TickAck")
+            outcome.ack = ack or TickAck()
+        except PollerError as exc:
+            outcome.status = TickStatus(exc.classify().value)
+            outcome.error = str(exc)
+        except Exception as exc:            # a bug in an in-process poller: retry later
+            log.debug("poller for %s raised", ctx.kind, exc_info=True)
+            outcome.status = TickStatus.TRANSIENT
+            outcome.error = f"{type(exc).__name__}: {exc}"
 
     def _outbox_for(self, job: _Job, plan: TickPlan, outcome: TickOutcome,
                     now: float) -> list[OutboxItem]:
@@ -6196,6 +6322,28 @@ class Runner:
             if job.running:                 # interrupted (Ctrl-C) before it was released
                 self._release(job, None)
 
+    def dry_run(self, job_id: str, cursor: bytes | None | object = _MISSING, *,
+                on_request: Callable[[TickRequest], None] | None = None) -> TickOutcome:
+        """Tick a job through its route and store nothing: no lease is taken,
+        nothing is committed, delivered or alerted.  ``cursor`` (default: the
+        stored one) is what the tick starts from; ``on_request`` sees the
+        request before it is sent."""
+        self.open()
+        cfg = self._job(job_id).cfg
+        if cursor is _MISSING:
+            cursor = self._job(job_id).state.cursor
+        now = self.clock()
+        ctx = PollContext(cfg.id, cfg.agent, cfg.kind, cursor, cfg.config,
+                          datetime.fromtimestamp(now, timezone.utc),
+                          timedelta(seconds=cfg.schedule.nominal_interval), threading.Event())
+        if on_request is not None:
+            on_request(ctx.to_request())
+        outcome = TickOutcome(cfg.id, cfg.kind, TickStatus.OK)
+        started = time.monotonic()
+        self._poll(self._routes.get(cfg.kind), ctx, outcome)
+        outcome.duration = time.monotonic() - started
+        return outcome
+
     def pause(self, job_id: str) -> None:
         self._command(job_id, "pause")
 
@@ -6225,11 +6373,12 @@ class Runner:
                 self._commands_due = True
                 self._cond.notify_all()
 
-    def _apply_command(self, job: _Job, verb: str, seq: int | None = None) -> bool:
-        """Apply a pause/resume/reset to a job this runner owns, in one commit
-        with the command's completion.  False when the lease was lost."""
+    def _apply_command(self, job: _Job, verb: str, seq: int | None = None,
+                       arg: str | None = None) -> bool:
+        """Apply a pause/resume/reset/cursor to a job this runner owns, in one
+        commit with the command's completion.  False when the lease was lost."""
         now = self.clock()
-        new = apply_command(job.state, verb)
+        new = apply_command(job.state, verb, arg)
         if verb == "resume" and job.state.paused:
             slot, _ = next_run(new.replace(next_run_at=job.state.next_run_at), job.cfg.schedule,
                                job.key, now)
@@ -6264,7 +6413,7 @@ class Runner:
                     busy = job.running
                     if busy:
                         self._commands_due = True   # after the tick's commit
-                if busy or not self._apply_command(job, cmd.verb, cmd.seq):
+                if busy or not self._apply_command(job, cmd.verb, cmd.seq, cmd.arg):
                     continue
             log.info("operator: %s %s", cmd.verb, cmd.job)
             n += 1
@@ -6790,6 +6939,7 @@ class _JsonFormatter(logging.Formatter):
 
 def _setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level.upper())         # a verb may lower a logger's level to capture
     handler.setFormatter(_JsonFormatter() if fmt == "json" else logging.Formatter(
         "%(asctime)s %(levelname)s %(message)s"))
     root = logging.getLogger()
@@ -6797,29 +6947,80 @@ def _setup_logging(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
 
 
+_VERB_HELP = {
+    "run": "run the daemon in the foreground (the default verb)",
+    "validate": "check the config, every manifest and every plugin entrypoint; report "
+                "every problem at once",
+    "status": "show every job's state (read only), or a job's next fire times (--next N)",
+    "tick": "tick a job now and store the outcome; --dry-run stores nothing",
+    "pause": "pause a job (through the daemon holding it, if one runs)",
+    "resume": "resume a paused job, clearing its error count",
+    "reset": "clear a job's cursor: its next tick starts from scratch",
+    "cursor": "show a job's cursor, its history, or set it (--set, --set-text, --rollback)",
+    "outbox": "list, retry or drop undelivered deliveries and alerts",
+}
+
+
 def _parser():
     import argparse
+    # The options every verb takes, before or after the verb: the main parser
+    # gives the defaults, each verb's parser only overrides what it was given.
+
+    def options(p, suppress: bool) -> None:
+        d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+        p.add_argument("--config", metavar="FILE", default=d(None),
+                       help="pollers.json (before or after the verb)")
+        p.add_argument("--log-level", default=d("info"), type=str.lower,
+                       choices=["debug", "info", "warning", "error"],
+                       help="debug, info (default), warning or error; any case")
+        p.add_argument("--log-format", default=d("text"), choices=["text", "json"],
+                       help="log lines as text (default) or one JSON object each")
     p = argparse.ArgumentParser(
         prog="nexo-poller", description="Poller daemon: schedules jobs and routes each tick "
         "to the plugin owning its kind.",
         epilog="exit codes: 0 ok, 1 tick failed, 2 usage or invalid config, "
                "3 state database error, 4 unknown job, 5 job busy in another daemon, "
-               "6 broker unreachable or refused the credentials")
-    p.add_argument("--config", required=True, metavar="FILE", help="pollers.json")
-    p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", default="text", choices=["text", "json"])
-    p.add_argument("--version", action="version", version=f"nexo-poller {__version__}")
+               "6 broker unreachable or refused the credentials; tick --dry-run: "
+               "1 transient, 7 permanent, 8 config")
+    options(p, False)
+    p.add_argument("--version", action="version", version=f"nexo-poller {__version__}",
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
-    sub.add_parser("run", help="run the daemon in the foreground (default)")
-    sub.add_parser("validate", help="check the config and manifests, then exit")
-    st = sub.add_parser("status", help="show every job's state")
-    st.add_argument("--json", action="store_true", help="print a JSON array")
-    for verb, text in (("tick", "tick a job now and store the outcome"),
-                       ("pause", "pause a job"), ("resume", "resume a paused job"),
-                       ("reset", "clear a job's cursor")):
-        sub.add_parser(verb, help=text).add_argument("job")
-    ob = sub.add_parser("outbox", help="list, retry or drop undelivered deliveries and alerts")
+
+    def verb(name: str):
+        v = sub.add_parser(name, help=_VERB_HELP[name], description=_VERB_HELP[name])
+        options(v, True)
+        return v
+    verb("run")
+    verb("validate")
+    st = verb("status")
+    st.add_argument("job", nargs="?", help="with --next: the job whose schedule to show")
+    st.add_argument("--json", action="store_true", help="print JSON (times in ISO 8601)")
+    st.add_argument("--next", type=int, metavar="N",
+                    help="list the next N fire times of JOB's schedule")
+    tk = verb("tick")
+    tk.add_argument("job")
+    tk.add_argument("--dry-run", action="store_true",
+                    help="run one tick and store nothing; print the request, the reply, "
+                         "deliveries, metrics, duration and the plugin's stderr")
+    tk.add_argument("--cursor", metavar="B64", help="--dry-run: start from this cursor "
+                    "(URL-safe base64, as `status` shows it)")
+    tk.add_argument("--cursor-text", metavar="TEXT", help="--dry-run: start from this "
+                    "cursor given as UTF-8 text")
+    for name in ("pause", "resume", "reset"):
+        verb(name).add_argument("job")
+    cu = verb("cursor")
+    cu.add_argument("job")
+    cu.add_argument("--json", action="store_true", help="print JSON")
+    cu.add_argument("--history", action="store_true",
+                    help=f"the last committed cursors (up to {CURSOR_HISTORY_KEEP}), newest first")
+    how = cu.add_mutually_exclusive_group()
+    how.add_argument("--set", metavar="B64", help="set the cursor (URL-safe base64)")
+    how.add_argument("--set-text", metavar="TEXT", help="set the cursor to this UTF-8 text")
+    how.add_argument("--rollback", type=int, metavar="N",
+                     help="go back N committed cursors in the history")
+    cu.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    ob = verb("outbox")
     ob.add_argument("action", nargs="?", default="list", choices=["list", "retry", "drop"])
     ob.add_argument("ids", nargs="*", metavar="ID", help="event ids (default: all)")
     ob.add_argument("--dead", action="store_true", help="the dead letters instead")
@@ -6843,13 +7044,20 @@ def main(argv: list[str] | None = None) -> int:
         args.ids += extra                   # ids after an option: `outbox drop --dead ID`
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not args.config:
+        parser.error("the following arguments are required: --config")
     _setup_logging(args.log_level, args.log_format)
     try:
         return _run_verb(args)
     except _UsageError as exc:
         print(f"nexo-poller: {exc}", file=sys.stderr)
         return exc.code
-    except (ConfigError, ManifestError, PollerRouteRegistrationError) as exc:
+    except ConfigError as exc:
+        busy = [m for p, m in exc.problems if p == "metrics_addr" and "cannot listen" in m]
+        print(f"nexo-poller: metrics_addr: {busy[0]}" if busy else
+              f"nexo-poller: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ManifestError, PollerRouteRegistrationError) as exc:
         print(f"nexo-poller: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except StateError as exc:
@@ -6860,6 +7068,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BROKER
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:                 # `status | head`: the reader had enough
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return EXIT_OK
 
 
 def _run_verb(args) -> int:
@@ -6878,6 +7092,7 @@ def _run_verb(args) -> int:
             print("nexo-poller: disabled by \"enabled\": false in the config; nothing to do",
                   file=sys.stderr)
             return EXIT_OK
+        _check_metrics_addr(config)      # before any plugin starts
         _become_subreaper()             # orphans of plugins come back to be killed
         mark = _mark_daemon(args.config, config)
         try:
@@ -6885,8 +7100,19 @@ def _run_verb(args) -> int:
         finally:
             _unmark_daemon(mark)
         return EXIT_OK
-    if verb in ("tick", "pause", "resume", "reset"):
+    if verb == "tick" and args.dry_run:
+        return _dry_run_verb(config, args)
+    if (args.verb == "tick" and (args.cursor is not None or args.cursor_text is not None)):
+        raise _UsageError("--cursor and --cursor-text go with --dry-run", EXIT_USAGE)
+    if verb == "status" and args.next is not None:
+        if job is None or args.next < 1:
+            raise _UsageError("status --next N needs a job and N >= 1: status JOB --next 5",
+                              EXIT_USAGE)
+        return _print_next(config, job, args.next, args.json)
+    if verb in ("tick", "pause", "resume", "reset", "cursor"):
         _refuse_if_daemon_elsewhere(args.config, config)
+    if verb == "cursor":
+        return _cursor_verb(config, args)
     if verb == "tick":
         daemon_result = _tick_through_daemon(config, job)
         if daemon_result is not None:
@@ -7077,6 +7303,207 @@ def _budget_of(config: DaemonConfig, kind: str) -> float:
     return handle.tick_timeout.total_seconds() if handle else 60.0
 
 
+EXIT_TICK_PERMANENT = 7   # tick --dry-run: the tick failed permanently
+EXIT_TICK_CONFIG = 8      # tick --dry-run: the job's configuration (or entrypoint) is wrong
+_DRY_RUN_EXITS = {"ok": EXIT_OK, "permanent": EXIT_TICK_PERMANENT, "config": EXIT_TICK_CONFIG}
+
+
+def _check_metrics_addr(config: DaemonConfig) -> None:
+    """A busy ``metrics_addr`` is said before any plugin starts."""
+    if not config.metrics_addr:
+        return
+    host, port = config.metrics_addr
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        raise _UsageError(f"metrics_addr: cannot listen on {host}:{port}: "
+                          f"{exc.strerror or exc}", EXIT_USAGE) from None
+
+
+def _cursor_from_args(b64: str | None, text: str | None, what: str) -> bytes | None:
+    """A cursor given on the command line as base64 or as text (None: neither)."""
+    if text is not None:
+        return text.encode("utf-8", "surrogateescape")
+    if b64 is None:
+        return None
+    try:
+        return decode_cursor(b64)
+    except ValueError as exc:
+        raise _UsageError(f"{what}: not URL-safe base64: {exc}", EXIT_USAGE) from None
+
+
+def _cursor_view(cursor: bytes | None) -> dict:
+    """A cursor for people: base64 as on the wire, and text when it is printable."""
+    if cursor is None:
+        return {"cursor": None, "text": None, "bytes": 0}
+    try:
+        text = cursor.decode("utf-8")
+        text = text if text.isprintable() else None
+    except UnicodeDecodeError:
+        text = None
+    return {"cursor": encode_cursor(cursor), "text": text, "bytes": len(cursor)}
+
+
+def _cursor_line(cursor: bytes | None) -> str:
+    v = _cursor_view(cursor)
+    if v["cursor"] is None:
+        return "(none)"
+    shown = json.dumps(v["text"], ensure_ascii=False) if v["text"] is not None else "(binary)"
+    return f"{shown}  base64 {v['cursor'] or '(empty)'}  {v['bytes']} bytes"
+
+
+def _stored_state(config: DaemonConfig, job: str) -> tuple[JobState | None, list[CursorChange]]:
+    """A job's committed state and cursor history, read only (None: no state yet)."""
+    if not os.path.exists(config.state_db):
+        return None, []
+    store = open_state(config.state_db, readonly=True)
+    try:
+        return store.load([job]).get(job), store.cursor_history(job)
+    finally:
+        store.close()
+
+
+class _DryState(StateStore):
+    """What ``tick --dry-run`` gives its Runner: the committed states, read
+    once, and no way to store anything (no file is created either)."""
+
+    def __init__(self, states: Mapping[str, JobState]):
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:dry-run"
+        self.location = "(dry run)"
+        self._states = dict(states)
+
+    def load(self, ids: Iterable[str] | None = None) -> dict[str, JobState]:
+        return {i: s for i, s in self._states.items() if ids is None or i in set(ids)}
+
+    def release(self, ids: Iterable[str] | None = None) -> None:
+        pass
+
+    def unregister_daemon(self) -> None:
+        pass
+
+    def set_deadline(self, deadline: float | None) -> None:
+        pass
+
+    def close(self, deadline: float | None = None) -> None:
+        pass
+
+
+class _PluginOutput(logging.Handler):
+    """Collects one plugin's output lines from the log while a dry run ticks."""
+
+    def __init__(self, plugin_id: str | None):
+        super().__init__(logging.DEBUG)
+        self.name_, self.lines = _log_safe(plugin_id or ""), []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg in ("plugin %s stderr: %s", "plugin %s: %s") and \
+                record.args and record.args[0] == self.name_:
+            self.lines.append(str(record.args[1]))
+
+
+def _dry_run_verb(config: DaemonConfig, args) -> int:
+    """``tick JOB --dry-run``: one tick through the job's route; nothing stored."""
+    job = args.job
+    state, _ = _stored_state(config, job)
+    cursor = _cursor_from_args(args.cursor, args.cursor_text, "--cursor")
+    given = args.cursor is not None or args.cursor_text is not None
+    if not given:
+        cursor = state.cursor if state else None
+    kind = next(j.kind for j in config.jobs if j.id == job)
+    handle = next((h for h in config.plugins if kind in h.kinds), None)
+    runner = Runner(dataclasses.replace(     # start only what this one tick needs, on a
+        config, jobs=[j for j in config.jobs if j.id == job],   # broker of its own beside
+        plugins=[handle] if handle else [],                      # a running daemon's
+        broker=config.broker if _is_nats(config.broker) else None),
+        state=_DryState({job: state} if state else {}))
+    sent: list[TickRequest] = []
+    output = _PluginOutput(handle.plugin_id if handle else None)
+    level = log.level
+    log.addHandler(output)
+    log.setLevel(logging.DEBUG)              # an ephemeral plugin's stderr is a debug line
+    try:
+        outcome = runner.dry_run(job, cursor, on_request=sent.append)
+    finally:
+        runner.stop()                        # a long-lived plugin's last lines come first
+        log.removeHandler(output)
+        log.setLevel(level)
+    ack = outcome.ack
+    m = ack.metrics if ack and ack.metrics else TickMetrics()
+    doc = {"dry_run": True, "job": job, "kind": kind, "outcome": outcome.status.value,
+           "error": outcome.error, "duration_ms": round(outcome.duration * 1000, 3),
+           "request": sent[0].to_dict() if sent else None,
+           "reply": TickReply.from_ack(ack).to_dict() if ack else None,
+           "from_cursor": _cursor_view(cursor),
+           "next_cursor": _cursor_view(ack.next_cursor) if ack and ack.next_cursor is not None
+           else None,
+           "deliveries": [d.to_dict() for d in (ack.deliver if ack else ())],
+           "metrics": dataclasses.asdict(m), "stderr": output.lines,
+           "stored": False}
+    print(json.dumps(doc, indent=2, ensure_ascii=False))
+    return _DRY_RUN_EXITS.get(outcome.status.value, EXIT_TICK_FAILED)
+
+
+def _cursor_verb(config: DaemonConfig, args) -> int:
+    """``cursor JOB [--history] [--set B64 | --set-text TEXT | --rollback N] [--yes]``."""
+    job = args.job
+    state, history = _stored_state(config, job)
+    cursor = state.cursor if state else None
+    changing = args.set is not None or args.set_text is not None or args.rollback is not None
+    if not changing:
+        if args.history:
+            rows = [dict(_cursor_view(c.cursor), at=_iso(c.at), source=c.source)
+                    for c in history]
+            if args.json:
+                print(json.dumps(rows, indent=2, ensure_ascii=False))
+                return EXIT_OK
+            print(f"{len(rows)} committed cursor{'s' if len(rows) != 1 else ''} of {job}, "
+                  "newest first")
+            now = time.time()
+            for i, c in enumerate(history):
+                print(f"{i:>3}  {_iso(c.at)}  {_relative(_iso(c.at), now):<9} "
+                      f"{c.source:<12} {_cursor_line(c.cursor)}")
+            return EXIT_OK
+        if args.json:
+            print(json.dumps(dict(_cursor_view(cursor), job=job), ensure_ascii=False))
+        else:
+            print(f"{job}: {_cursor_line(cursor)}" + ("" if state else "  (no state yet)"))
+        return EXIT_OK
+    if args.rollback is not None:
+        n = args.rollback
+        if n < 1 or n >= len(history):
+            raise _UsageError(f"cursor {job} --rollback {n}: the history holds "
+                              f"{len(history)} cursors; N must be 1..{len(history) - 1} "
+                              "(see `cursor JOB --history`)", EXIT_USAGE)
+        new, source = history[n].cursor, f"rollback {n}"
+    else:
+        new, source = _cursor_from_args(args.set, args.set_text, "--set"), "set"
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise _UsageError(f"cursor {job}: confirm with --yes (no terminal to ask on)",
+                              EXIT_USAGE)
+        print(f"{job}: now  {_cursor_line(cursor)}\n{' ' * len(job)}  new  {_cursor_line(new)}")
+        if input("set it? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing done")
+            return EXIT_OK
+    store = open_state(config.state_db)
+    try:
+        jc = next(j for j in config.jobs if j.id == job)
+        owner, seq = store.command(job, "cursor", paused_on_boot=jc.paused_on_boot,
+                                   arg=cursor_command_arg(new, source))
+        how = "done"
+        if seq is not None:
+            done, _ = _await_command(store, owner, seq, 10.0)
+            how = (f"done (applied by daemon {owner})" if done else
+                   f"queued for daemon {owner}, which applies it next")
+    finally:
+        store.close()
+    print(f"cursor {job}: {source}: {_cursor_line(new)}: {how}")
+    return EXIT_OK
+
+
 def _print_status(config: DaemonConfig, as_json: bool) -> int:
     """Every job's state, read only: ``status`` never creates a state file."""
     note, states, daemons, undelivered = None, {}, {}, {}
@@ -7100,13 +7527,63 @@ def _print_status(config: DaemonConfig, as_json: bool) -> int:
     if note:
         print(note)
     print("daemon: " + (", ".join(sorted(daemons)) if daemons else "none running"))
-    print(f"{'JOB':<24} {'KIND':<16} {'STATE':<8} {'LAST':<10} {'ERRS':>4} {'UNDELIV':>7}  "
-          "NEXT RUN")
+    now = time.time()
+    print(f"{'JOB':<24} {'KIND':<16} {'STATE':<8} {'LAST':<10} {'LAST RUN':<9} {'ERRS':>4} "
+          f"{'UNDELIV':>7}  {'NEXT RUN':<9} ERROR")
     for s in out:
         state = ("disabled" if not config.enabled else "running" if s["running"] else
                  "paused" if s["paused"] else "breaker" if s["breaker_open"] else "active")
         print(f"{s['id']:<24} {s['kind']:<16} {state:<8} {s['last_status'] or '-':<10} "
-              f"{s['consecutive_errors']:>4} {s['undelivered']:>7}  {s['next_run_at'] or '-'}")
+              f"{_relative(s['last_run_at'], now):<9} {s['consecutive_errors']:>4} "
+              f"{s['undelivered']:>7}  {_relative(s['next_run_at'], now):<9} "
+              f"{_error_cell(s['last_error'])}")
+    return EXIT_OK
+
+
+_ERROR_CELL_CHARS = 60
+
+
+def _error_cell(error: str | None) -> str:
+    """A stored error for one table cell: one line, its end (where a plugin's
+    last stderr line and the exception are) when too long."""
+    if not error:
+        return "-"
+    text = " ".join(error.split())
+    return text if len(text) <= _ERROR_CELL_CHARS else "…" + text[-(_ERROR_CELL_CHARS - 1):]
+
+
+def _relative(iso: str | None, now: float) -> str:
+    """An ISO time as an operator reads it: "in 4s", "3m ago", "now"."""
+    if not iso:
+        return "-"
+    delta = datetime.fromisoformat(iso).timestamp() - now
+    secs = abs(delta)
+    if secs < 1:
+        return "now"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if secs >= size or unit == "s":
+            text = f"{int(secs // size)}{unit}"
+            return f"in {text}" if delta > 0 else f"{text} ago"
+    return "-"
+
+
+def _print_next(config: DaemonConfig, job: str, n: int, as_json: bool) -> int:
+    """``status JOB --next N``: the next N fire times of a job's schedule."""
+    jc = next(j for j in config.jobs if j.id == job)
+    now, times, at = time.time(), [], time.time()
+    for _ in range(n):
+        nxt = jc.schedule.first_after(at) if not times else jc.schedule.next_after(at, at)
+        if nxt is None:
+            break
+        times.append(nxt)
+        at = nxt
+    if as_json:
+        print(json.dumps([_iso(t) for t in times]))
+        return EXIT_OK
+    for t in times:
+        print(f"{_iso(t)}  ({_relative(_iso(t), now)})")
+    if len(times) < n:
+        print(f"(the schedule of {job} fires no more after that)")
     return EXIT_OK
 
 

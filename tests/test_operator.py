@@ -1,4 +1,5 @@
 """Operator experience (issue 15): why a tick failed, entrypoint mistakes,
+dry-run ticks, cursor inspection and editing, a CLI that can be trusted,
 Python plugins anywhere.  Every verb runs as a subprocess, as an operator
 would run it; plugins are small scripts written into a temporary folder."""
 
@@ -118,6 +119,9 @@ class TestWhyATickFailed(OperatorCase):
         self.assertIn("the real reason", r.stderr, "the log line carries it too")
         self.assertIn("the real reason: token expired",
                       nexo("status", "--json", config=self.config).stdout)
+        table = nexo("status", config=self.config).stdout
+        self.assertIn("ERROR", table)
+        self.assertIn("token expired", table, "the error column shows the end of the error")
 
 
 class TestEntrypointMistakes(OperatorCase):
@@ -181,6 +185,180 @@ class TestPythonPlugins(OperatorCase):
         r = self.run_cli("tick", "j")
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         self.assertEqual(json.loads(r.stdout)["next_cursor"], b64(b"1"))
+
+
+class TestDryRun(OperatorCase):
+    def test_dry_run_stores_nothing_and_prints_everything(self):
+        plugin = self.script("good.py", GOOD_PLUGIN)
+        self.write([self.manifest("py", "counter", command=plugin)], [job("j", "counter")])
+        r = self.run_cli("tick", "j", "--dry-run", "--cursor-text", "41")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        out = json.loads(r.stdout)
+        self.assertEqual(out["outcome"], "ok")
+        self.assertEqual(out["request"]["cursor"], b64(b"41"))
+        self.assertEqual(out["next_cursor"]["text"], "42")
+        self.assertEqual(out["metrics"]["items_seen"], 2)
+        self.assertIn("ticking from 41", out["stderr"])
+        self.assertIn("duration_ms", out)
+        self.assertFalse(os.path.exists(os.path.join(self.root, "state")),
+                         "a dry run creates no state")
+        self.run_cli("tick", "j")                     # a real tick stores "1"
+        r = self.run_cli("tick", "j", "--dry-run")    # from the stored cursor
+        self.assertEqual(json.loads(r.stdout)["next_cursor"]["text"], "2")
+        self.assertEqual(self.status()["j"]["cursor"], b64(b"1"), "the dry run stored nothing")
+
+    def test_dry_run_exit_codes_say_the_outcome_class(self):
+        fail = self.script("fail.py", """\
+            import nexo_poller as nx
+            def tick(ctx):
+                what = ctx.config["fail"]
+                raise getattr(nx.PollerError, what)(*(["j", "bad"] if what == "Config" else ["x"]))
+            nx.run_plugin({"failing": tick})
+            """)
+        self.write([self.manifest("f", "failing", command=fail)],
+                   [job("t", "failing", config={"fail": "Transient"}),
+                    job("p", "failing", config={"fail": "Permanent"}),
+                    job("c", "failing", config={"fail": "Config"})])
+        for job_id, code in (("t", 1), ("p", 7), ("c", 8)):
+            r = self.run_cli("tick", job_id, "--dry-run")
+            self.assertEqual(r.returncode, code, r.stdout + r.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.root, "state")))
+
+    def test_dry_run_of_a_long_lived_plugin_without_a_daemon(self):
+        import socket
+        plugin = self.script("good.py", GOOD_PLUGIN)
+        os.mkdir(os.path.join(self.root, "run"))
+        daemons = socket.socket(socket.AF_UNIX)      # a daemon's broker listens there
+        self.addCleanup(daemons.close)
+        daemons.bind(os.path.join(self.root, "run", "broker.sock"))
+        daemons.listen()
+        self.write([self.manifest("ll", "counter", command=plugin, lifecycle="long_lived")],
+                   [job("j", "counter")], broker="unix://run/broker.sock")
+        r = self.run_cli("tick", "j", "--dry-run", "--cursor", b64(b"7"))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        out = json.loads(r.stdout)
+        self.assertEqual(out["next_cursor"]["text"], "8")
+        self.assertIn("ticking from 7", out["stderr"])
+
+
+class TestCursor(OperatorCase):
+    def setUp(self):
+        super().setUp()
+        plugin = self.script("good.py", GOOD_PLUGIN)
+        self.write([self.manifest("py", "counter", command=plugin)], [job("j", "counter")])
+
+    def test_show_history_set_and_rollback(self):
+        r = self.run_cli("cursor", "j")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("(none)", r.stdout)
+        for _ in range(3):
+            self.assertEqual(self.run_cli("tick", "j").returncode, 0)
+        shown = json.loads(self.run_cli("cursor", "j", "--json").stdout)
+        self.assertEqual((shown["cursor"], shown["text"]), (b64(b"3"), "3"))
+        hist = json.loads(self.run_cli("cursor", "j", "--history", "--json").stdout)
+        self.assertEqual([h["text"] for h in hist], ["3", "2", "1"])
+        self.assertTrue(all(h["at"] and h["source"] == "tick" for h in hist))
+        r = self.run_cli("cursor", "j", "--set-text", "100")        # no tty, no --yes
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("--yes", r.stderr)
+        self.assertEqual(self.status()["j"]["cursor"], b64(b"3"))
+        self.assertEqual(self.run_cli("cursor", "j", "--set", b64(b"\xff\x00"),
+                                      "--yes").returncode, 0)
+        self.assertEqual(self.status()["j"]["cursor"], b64(b"\xff\x00"))
+        self.assertEqual(self.run_cli("cursor", "j", "--rollback", "2", "--yes").returncode, 0)
+        self.assertEqual(self.status()["j"]["cursor"], b64(b"2"))
+        hist = json.loads(self.run_cli("cursor", "j", "--history", "--json").stdout)
+        self.assertEqual([h["source"] for h in hist][:3], ["rollback 2", "set", "tick"])
+        self.assertIsNone(hist[1]["text"], "binary cursors show as base64 only")
+        r = self.run_cli("cursor", "j", "--rollback", "99", "--yes")
+        self.assertEqual(r.returncode, 2)
+
+    def test_history_is_bounded(self):
+        for i in range(25):
+            self.assertEqual(self.run_cli("cursor", "j", "--set-text", str(i), "--yes")
+                             .returncode, 0)
+        hist = json.loads(self.run_cli("cursor", "j", "--history", "--json").stdout)
+        self.assertEqual(len(hist), 20)
+        self.assertEqual(hist[0]["text"], "24")
+
+    def test_set_through_a_running_daemon(self):
+        daemon = subprocess.Popen([PY, NEXO, "--config", self.config, "run"],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        self.addCleanup(daemon.wait, 30)
+        self.addCleanup(daemon.stderr.close)
+        self.addCleanup(daemon.terminate)
+        for line in daemon.stderr:                  # wait for the daemon's start line
+            if "nexo-poller started" in line:
+                break
+        r = self.run_cli("cursor", "j", "--set-text", "500", "--yes")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("applied by daemon", r.stdout)
+        hist = json.loads(self.run_cli("cursor", "j", "--history", "--json").stdout)
+        self.assertEqual((hist[0]["text"], hist[0]["source"]), ("500", "set"))
+
+
+class TestTrustingTheCli(OperatorCase):
+    def setUp(self):
+        super().setUp()
+        plugin = self.script("good.py", GOOD_PLUGIN)
+        self.write([self.manifest("py", "counter", command=plugin)],
+                   [job("j", "counter"), {"id": "h", "kind": "counter",
+                                          "schedule": {"cron": "@hourly"}}])
+
+    def test_status_relative_times_and_next(self):
+        self.assertEqual(self.run_cli("tick", "j").returncode, 0)
+        table = self.run_cli("status").stdout
+        self.assertRegex(table, r"\bin 59s\b|\bin 1m\b|\bin 58s\b")
+        self.assertRegex(table, r"\b\d+s ago\b|\bnow\b")
+        self.assertIn("ERROR", table.splitlines()[1])
+        rows = json.loads(self.run_cli("status", "--json").stdout)
+        self.assertRegex(rows[0]["last_run_at"], r"^\d{4}-\d\d-\d\dT")
+        r = self.run_cli("status", "h", "--next", "3", "--json")
+        times = json.loads(r.stdout)
+        self.assertEqual(len(times), 3)
+        self.assertTrue(all(t.endswith(":00:00+00:00") for t in times), times)
+
+    def test_config_after_the_verb_any_case_level_version_help(self):
+        r = nexo("status", "--config", self.config, "--log-level", "DEBUG")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        r = nexo("--version")
+        self.assertIn("nexo-poller", r.stdout)
+        for verb in ("run", "validate", "status", "tick", "pause", "resume", "reset",
+                     "cursor", "outbox"):
+            r = nexo(verb, "--help")
+            self.assertEqual(r.returncode, 0, verb)
+            self.assertRegex(r.stdout, r"\n\S.*\w+ .*\w+", verb)  # a description line
+            self.assertNotIn("usage", r.stdout.split("\n\n")[1], verb)
+
+    def test_vixie_cron_aliases(self):
+        for alias in ("@hourly", "@daily", "@weekly", "@monthly", "@yearly", "@annually",
+                      "@midnight"):
+            with open(self.config) as f:
+                doc = json.load(f)
+            doc["jobs"][1]["schedule"]["cron"] = alias
+            with open(self.config, "w") as f:
+                json.dump(doc, f)
+            r = self.run_cli("validate")
+            self.assertEqual(r.returncode, 0, alias + r.stderr)
+
+    def test_busy_metrics_addr_before_any_plugin_starts(self):
+        import socket
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        marker = os.path.join(self.root, "started")
+        plugin = self.script("ll.py", f"open({marker!r}, 'w').close()\n" + GOOD_PLUGIN)
+        self.write([self.manifest("ll", "counter", command=plugin, lifecycle="long_lived")],
+                   [job("j", "counter")], metrics_addr=f"127.0.0.1:{sock.getsockname()[1]}")
+        r = self.run_cli("run")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("metrics_addr", r.stderr)
+        self.assertIn("in use", r.stderr)
+        self.assertNotIn("invalid configuration", r.stderr)
+        self.assertNotIn("stopped", r.stderr)
+        self.assertFalse(os.path.exists(marker), "no plugin started")
 
 
 if __name__ == "__main__":
