@@ -7096,7 +7096,7 @@ def _run_verb(args) -> int:
         _become_subreaper()             # orphans of plugins come back to be killed
         mark = _mark_daemon(args.config, config)
         try:
-            Runner(config).run_forever(args.config)
+            _notifying(Runner(config)).run_forever(args.config)
         finally:
             _unmark_daemon(mark)
         return EXIT_OK
@@ -7146,6 +7146,41 @@ def _run_verb(args) -> int:
         return EXIT_OK
     finally:
         store.close()
+
+
+def _sd_notify(state: str) -> bool:
+    """Tell systemd (``Type=notify``) the daemon's state over ``$NOTIFY_SOCKET``,
+    a Unix datagram socket (``@name``: the abstract namespace).  False when
+    there is none or it cannot be reached; never raises."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr or not hasattr(socket, "AF_UNIX"):
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), addr)
+        return True
+    except OSError as exc:
+        log.debug("sd_notify %s: %s", state, exc)
+        return False
+
+
+def _notifying(runner: Runner) -> Runner:
+    """``runner`` saying READY=1 once started and STOPPING=1 as it begins to
+    stop (systemd ``Type=notify``), without the Runner knowing of systemd."""
+    start, stop = runner.start, runner.stop
+
+    def started(*args, **kwargs):
+        result = start(*args, **kwargs)
+        _sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={len(runner.config.jobs)} jobs")
+        return result
+
+    def stopping() -> None:
+        _sd_notify("STOPPING=1")
+        stop()
+    runner.start, runner.stop = started, stopping
+    return runner
 
 
 def _mark_path(config_path: str, create: bool = False) -> str | None:

@@ -361,5 +361,39 @@ class TestTrustingTheCli(OperatorCase):
         self.assertFalse(os.path.exists(marker), "no plugin started")
 
 
+class TestDeployment(OperatorCase):
+    def test_sd_notify_ready_and_stopping(self):
+        import signal
+        import socket
+        path = os.path.join(self.root, "notify.sock")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.bind(path)
+        sock.settimeout(30)
+        plugin = self.script("good.py", GOOD_PLUGIN)
+        self.write([self.manifest("py", "counter", command=plugin)], [job("j", "counter")])
+        daemon = subprocess.Popen([PY, NEXO, "--config", self.config, "run"],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL,
+                                  env=dict(os.environ, NOTIFY_SOCKET=path))
+        self.addCleanup(daemon.wait, 30)
+        self.addCleanup(daemon.kill)
+        ready = sock.recv(4096).decode()
+        self.assertIn("READY=1", ready.splitlines())
+        self.assertIn(f"MAINPID={daemon.pid}", ready.splitlines())
+        daemon.send_signal(signal.SIGTERM)
+        self.assertEqual(sock.recv(4096).decode(), "STOPPING=1")
+        self.assertEqual(daemon.wait(30), 0)
+
+    def test_examples_name_what_they_do(self):
+        root = os.path.dirname(NEXO)
+        with open(os.path.join(root, "examples", "pollers.json")) as f:
+            jobs = json.load(f)["jobs"]
+        self.assertNotIn("every_minute", [j["id"] for j in jobs], "it runs every 10 s")
+        with open(os.path.join(root, "examples", "nexo-poller.service")) as f:
+            self.assertIn("Type=notify", f.read())
+        self.assertTrue(os.path.exists(os.path.join(root, "examples", "Containerfile")))
+
+
 if __name__ == "__main__":
     unittest.main()
