@@ -103,10 +103,12 @@ __all__ = [
     "NatsClient", "connect_broker", "nexo_event", "nexo_request_event", "nexo_unwrap",
     "nexo_reply_payload", "tick_reply_envelope",
     # sdk
-    "run_plugin",
+    "run_plugin", "NEXO_PYTHON", "entrypoint_problems",
     # daemon
-    "StateStore", "SqliteStateStore", "JetStreamStateStore", "open_state", "JobState", "Command", "TickStatus",
-    "apply_command", "COMMAND_VERBS", "Schedule", "CronExpr", "JobConfig", "DaemonConfig",
+    "StateStore", "SqliteStateStore", "JetStreamStateStore", "open_state", "JobState",
+    "Command", "TickStatus", "apply_command", "COMMAND_VERBS", "CursorChange",
+    "cursor_command_arg", "CURSOR_HISTORY_KEEP", "Schedule", "CronExpr", "JobConfig",
+    "DaemonConfig",
     "load_config", "config_from_dict", "Runner", "TickOutcome", "TickPlan", "plan_tick",
     "next_run", "OutboxItem", "outbound_topic", "main",
 ]
@@ -573,6 +575,8 @@ _KIND_RE = re.compile(r"[a-z][a-z0-9_]+")
 _PLUGIN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
 _POLLER_KEYS = {"kinds", "broker_topic_prefix", "lifecycle",
                 "max_concurrent_ticks", "tick_timeout_secs", "stdio_bridge", "publish_allow"}
+_ENTRYPOINT_KEYS = {"command", "args", "env"}
+NEXO_PYTHON = "$NEXO_PYTHON"      # an entrypoint command meaning the daemon's own interpreter
 MAX_CONCURRENT_TICKS = 64
 _MISSING = object()
 MAX_TICK_TIMEOUT_SECS = 3600
@@ -804,9 +808,38 @@ def _manifest_entry(path: str, entry: dict, name: str) -> tuple[str | None, list
         if not isinstance(value, str) or "=" in key or "\0" in key + value:
             raise ManifestError(path, "must be a string (and the name free of '=')",
                                 f"{name}.env.{key}")
-    if command is not None and "/" in command and not os.path.isabs(command):
+    if command == NEXO_PYTHON:
+        command = sys.executable or "python3"      # the daemon's own interpreter (its venv)
+    elif command is not None and "/" in command and not os.path.isabs(command):
         command = os.path.normpath(os.path.join(os.path.dirname(path), command))
     return command, args, env
+
+
+class _ManifestProblems:
+    """Every problem of one manifest, reported at once: ``check`` runs one
+    rule, keeps its ManifestError and gives ``default`` back instead."""
+
+    def __init__(self, path: str):
+        self.path, self.items = path, []
+
+    def check(self, fn: Callable, *args, default: Any = None) -> Any:
+        try:
+            return fn(*args)
+        except ManifestError as exc:
+            self.items.append((exc.key, exc.detail))
+            return default
+
+    def unknown_keys(self, tbl: dict, allowed: set[str], name: str) -> None:
+        for key in sorted(set(tbl) - allowed):
+            self.items.append((name, f"unknown key {key!r} (allowed: "
+                                     f"{', '.join(sorted(allowed))})"))
+
+    def raise_any(self) -> None:
+        if len(self.items) == 1:
+            raise ManifestError(self.path, self.items[0][1], self.items[0][0])
+        if self.items:
+            raise ManifestError(self.path, f"{len(self.items)} problems: " + "; ".join(
+                f"[{key}] {message}" if key else message for key, message in self.items))
 
 
 def _manifest_bridge(path: str, tbl: dict, name: str) -> tuple[bool, tuple[str, ...]]:
@@ -835,25 +868,27 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
     plugin = _toml_table(path, doc, "plugin", "plugin", True)
     if os.path.basename(path) == "plugin.toml" or ("transport" in doc and "poller" not in plugin):
         return _load_extension(path, doc, plugin)
-    plugin_id = _manifest_id(path, plugin)
+    p = _ManifestProblems(path)
+    plugin_id = p.check(_manifest_id, path, plugin)
     poller = _toml_table(path, plugin, "poller", "plugin.poller", True)
-    unknown = sorted(set(poller) - _POLLER_KEYS)
-    if unknown:
-        raise ManifestError(path, f"unknown key {unknown[0]!r} (allowed: "
-                            f"{', '.join(sorted(_POLLER_KEYS))})", "plugin.poller")
-    kinds = _manifest_kinds(path, poller, "kinds", "plugin.poller.kinds")
-    prefix = _manifest_prefix(path, _toml_typed(
-        path, poller, "broker_topic_prefix", "plugin.poller.broker_topic_prefix", str),
-        "plugin.poller.broker_topic_prefix")
-    lifecycle = _toml_typed(path, poller, "lifecycle", "plugin.poller.lifecycle", str,
-                            "long_lived")
-    if lifecycle not in {m.value for m in Lifecycle}:
-        raise ManifestError(path, f"{lifecycle!r} must be \"long_lived\", \"ephemeral\" or "
-                            "\"stdio\"", "plugin.poller.lifecycle")
-    limit, timeout = _manifest_limits(path, poller, "plugin.poller")
-    bridge, allow = _manifest_bridge(path, poller, "plugin.poller")
+    p.unknown_keys(poller, _POLLER_KEYS, "plugin.poller")
+    kinds = p.check(_manifest_kinds, path, poller, "kinds", "plugin.poller.kinds", default=[])
+    where = "plugin.poller.broker_topic_prefix"
+    prefix = p.check(_toml_typed, path, poller, "broker_topic_prefix", where, str)
+    if prefix is not None:
+        prefix = p.check(_manifest_prefix, path, prefix, where)
+    lifecycle = p.check(_toml_typed, path, poller, "lifecycle", "plugin.poller.lifecycle", str,
+                        "long_lived")
+    if lifecycle is not None and lifecycle not in {m.value for m in Lifecycle}:
+        p.items.append(("plugin.poller.lifecycle", f"{lifecycle!r} must be \"long_lived\", "
+                        "\"ephemeral\" or \"stdio\""))
+    limit, timeout = p.check(_manifest_limits, path, poller, "plugin.poller", default=(1, 60))
+    bridge, allow = p.check(_manifest_bridge, path, poller, "plugin.poller", default=(False, ()))
     entry = _toml_table(path, plugin, "entrypoint", "plugin.entrypoint", False)
-    command, args, env = _manifest_entry(path, entry, "plugin.entrypoint")
+    p.unknown_keys(entry, _ENTRYPOINT_KEYS, "plugin.entrypoint")
+    command, args, env = p.check(_manifest_entry, path, entry, "plugin.entrypoint",
+                                 default=(None, [], {}))
+    p.raise_any()
     return PluginPollerHandle(
         plugin_id=plugin_id, kinds=tuple(kinds), broker_topic_prefix=prefix,
         lifecycle=Lifecycle(lifecycle), max_concurrent_ticks=limit,
@@ -892,6 +927,46 @@ def _load_extension(path: str, doc: dict, plugin: dict) -> PluginPollerHandle:
         entrypoint_args=tuple(args), entrypoint_env=dict(env),
         working_dir=os.path.dirname(path), manifest_path=path,
         stdio_bridge=bridge, publish_allow=allow)
+
+
+def entrypoint_problems(handle: PluginPollerHandle) -> list[str]:
+    """What keeps a plugin's entrypoint from starting, each with its fix
+    (``validate`` reports them): a missing file, a bare name not on PATH,
+    no execute bit, neither a ``#!`` interpreter line nor a binary."""
+    command = handle.entrypoint_command
+    if command is None:
+        return []
+    if "/" not in command:
+        path = handle.entrypoint_env.get("PATH", os.environ.get("PATH", os.defpath))
+        import shutil
+        if shutil.which(command, path=path) is None:
+            return [f"command {command!r} is not found on PATH; install it, or give its "
+                    "path (relative to the manifest's folder, e.g. \"./plugin.py\")"]
+        return []
+    if not os.path.exists(command):
+        return [f"command {command} does not exist; fix the path (a relative one starts "
+                "from the manifest's folder)"]
+    if os.path.isdir(command):
+        return [f"command {command} is a directory; name the program inside it"]
+    if not os.access(command, os.X_OK):
+        return [f"command {command} is not executable; run `chmod +x {command}`"]
+    try:
+        with open(command, "rb") as fh:
+            head = fh.readline(256)
+    except OSError as exc:
+        return [f"command {command} cannot be read: {exc.strerror or exc}"]
+    if head.startswith(b"\x7fELF"):
+        return []
+    if not head.startswith(b"#!"):
+        return [f"command {command} has no '#!' interpreter line and is not a binary; "
+                "make its first line e.g. `#!/usr/bin/env python3`, or set command to the "
+                f"interpreter (\"{NEXO_PYTHON}\" for the daemon's Python) and put the script "
+                "in args"]
+    words = head[2:].decode("utf-8", "replace").split()
+    if not words or not os.access(words[0], os.X_OK):
+        return [f"command {command}: its interpreter "
+                f"{words[0] if words else '(none)'!r} in the '#!' line does not exist"]
+    return []
 
 
 def _toml_type(value: Any) -> str:
@@ -987,17 +1062,52 @@ class PluginPollerRouter:
 # ============================================================================
 
 DEFAULT_MAX_REPLY_BYTES = 1 << 20    # longest reply line an ephemeral plugin may send
-_STDERR_KEEP_BYTES = 8192            # stderr kept per tick for the debug log
+_STDERR_KEEP_BYTES = 8192            # stderr kept per tick (the newest) for the debug log
+_STDERR_TAIL_LINES = 10              # of which the last lines go into a failed tick's error
+_STDERR_TAIL_BYTES = 2048
+_UNHEALING_ERRNOS = {errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.EISDIR}
 _CANCEL_POLL_SECS = 0.05             # how often a wait looks at a cancel Event
 
 
 def _child_env(plugin_id: str, extra: Mapping[str, str] | None, **nexo: str) -> dict:
-    """The daemon's environment, plus the manifest's env, plus NEXO_* variables."""
+    """The daemon's environment, plus the manifest's env, plus NEXO_* variables;
+    the folder of this module leads ``PYTHONPATH``, so a Python plugin
+    anywhere can ``import nexo_poller``."""
     env = dict(os.environ)
     env.update(extra or {})
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
+    env["PYTHONPATH"] = os.pathsep.join([here, *paths])
+    env["NEXO_PYTHON"] = sys.executable or "python3"
     env["NEXO_POLLER_PLUGIN_ID"] = plugin_id
     env.update(nexo)
     return env
+
+
+def _stderr_tail(stderr: bytes | bytearray) -> str:
+    """The last lines of a plugin's stderr, bounded and on one line, or ''."""
+    lines = [_log_safe(x.strip()) for x in bytes(stderr[-_STDERR_TAIL_BYTES:])
+             .decode("utf-8", "replace").splitlines() if x.strip()]
+    return " | ".join(lines[-_STDERR_TAIL_LINES:])
+
+
+def _with_stderr(exc: PollerError, stderr: bytes | bytearray) -> PollerError:
+    """``exc`` with the plugin's last stderr lines appended to its message."""
+    tail = _stderr_tail(stderr)
+    if tail:
+        exc.args = (f"{exc}; stderr: {tail}",)
+    return exc
+
+
+def _spawn_error(job_id: str, plugin_id: str, command: str, what: str,
+                 exc: OSError) -> PollerError:
+    """A plugin that cannot be started: a missing file, no execute bit or no
+    interpreter line will not heal by retrying (Config: the job pauses)."""
+    text = f"plugin {plugin_id!r}: cannot start {command!r}: {what}: {exc.strerror or exc}"
+    if exc.errno in _UNHEALING_ERRNOS:
+        return PollerError.Config(job_id, text + " (check the manifest's [plugin.entrypoint] "
+                                  "command; `validate` names the fix)")
+    return PollerError.Transient(text)
 
 
 def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
@@ -1189,30 +1299,32 @@ def spawn_ephemeral_tick(command: str, plugin_id: str, request: TickRequest,
                                     f"{exc}") from None
     except OSError as exc:
         what = exc.filename if exc.filename == cwd and cwd else command
-        raise PollerError.Transient(
-            f"plugin {plugin_id!r}: cannot start {command!r}: {what}: "
-            f"{exc.strerror or exc}") from None
+        raise _spawn_error(request.job_id, plugin_id, command, what, exc) from None
     stderr = bytearray()
     try:
         line = _exchange(proc, payload, budget, cancel, max_reply_bytes, stderr)
         if line is None:
             raise _Failure(f"closed stdout before replying ({_exit_status(proc)})")
     except _Failure as exc:
-        raise PollerError.Transient(f"plugin {plugin_id!r}: {exc}") from None
+        raise _with_stderr(PollerError.Transient(f"plugin {plugin_id!r}: {exc}"),
+                           stderr) from None
     finally:
         _reap(proc)
         _sweep_orphans(f"NEXO_POLLER_PLUGIN_ID={plugin_id}".encode())
         if stderr and log.isEnabledFor(logging.DEBUG):
             for text in stderr.decode("utf-8", "replace").splitlines():
                 log.debug("plugin %s stderr: %s", _log_safe(plugin_id), _log_safe(text))
-    if not line.strip():
-        raise PollerError.Transient(f"plugin {plugin_id!r} replied with an empty line")
     try:
-        envelope = _loads(line)
-    except (ValueError, RecursionError) as exc:
-        raise PollerError.Transient(
-            f"plugin {plugin_id!r} replied with a line that is not JSON: {exc}") from None
-    return _reply_to_ack(envelope, request.job_id)
+        if not line.strip():
+            raise PollerError.Transient(f"plugin {plugin_id!r} replied with an empty line")
+        try:
+            envelope = _loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise PollerError.Transient(
+                f"plugin {plugin_id!r} replied with a line that is not JSON: {exc}") from None
+        return _reply_to_ack(envelope, request.job_id)
+    except PollerError as exc:
+        raise _with_stderr(exc, stderr) from None
 
 
 class _Failure(Exception):
@@ -1265,8 +1377,9 @@ def _exchange(proc: subprocess.Popen, payload: bytes, budget: float,
                 if fd == errfd:
                     if not chunk:
                         sel.unregister(fd)
-                    elif len(stderr) < _STDERR_KEEP_BYTES:
-                        stderr += chunk[:_STDERR_KEEP_BYTES - len(stderr)]
+                    else:                       # keep the newest bytes: the error is last
+                        stderr += chunk
+                        del stderr[:-_STDERR_KEEP_BYTES]
                     continue
                 if not chunk:
                     return None
@@ -4314,15 +4427,38 @@ class JobState:
 
 
 _JOB_FIELDS = tuple(f.name for f in dataclasses.fields(JobState))
-COMMAND_VERBS = ("pause", "resume", "reset", "tick")
+COMMAND_VERBS = ("pause", "resume", "reset", "tick", "cursor")
 
 
-def apply_command(state: JobState, verb: str) -> JobState:
+def cursor_command_arg(cursor: bytes | None, source: str) -> str:
+    """The argument of a ``cursor`` command: the new cursor and why (for the history)."""
+    return json.dumps({"cursor": None if cursor is None else encode_cursor(cursor),
+                       "source": source})
+
+
+def _command_source(verb: str, arg: str | None) -> str:
+    """How a command names itself in the cursor history."""
+    if verb == "cursor" and arg:
+        try:
+            return str(json.loads(arg).get("source") or "set")
+        except (ValueError, AttributeError):
+            pass
+    return verb
+
+
+def apply_command(state: JobState, verb: str, arg: str | None = None) -> JobState:
     """An operator command applied to a job's state (pure).
 
     ``tick`` changes nothing here: the owner runs the tick.  ``resume``
     leaves the next slot to the owner's schedule (see ``Runner``).
+    ``cursor`` sets the cursor its ``arg`` (``cursor_command_arg``) carries.
     """
+    if verb == "cursor":
+        try:
+            text = json.loads(arg or "")["cursor"]
+            return state.replace(cursor=None if text is None else decode_cursor(text))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"bad cursor command argument: {exc}") from None
     if verb == "pause":
         return state.replace(paused=True)
     if verb == "resume":
@@ -4361,6 +4497,20 @@ class Command:
     seq: int
     job: str
     verb: str
+    arg: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CursorChange:
+    """One committed change of a job's cursor, as the state keeps it:
+    ``source`` is ``tick``, ``set``, ``rollback N`` or ``reset``."""
+    job: str
+    cursor: bytes | None
+    at: float
+    source: str
+
+
+CURSOR_HISTORY_KEEP = 20        # committed cursors kept per job
 
 
 def _pid_alive(pid: int) -> bool:
@@ -4438,10 +4588,11 @@ class StateStore:
         """Give up this owner's leases (of ``ids``, or all) so others may take them."""
         raise NotImplementedError
 
-    def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False
-                ) -> tuple[str | None, int | None]:
+    def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False,
+                arg: str | None = None) -> tuple[str | None, int | None]:
         """An operator command: ``(owner, seq)`` when queued for the live daemon
-        holding the job, ``(None, None)`` when applied here and now."""
+        holding the job, ``(None, None)`` when applied here and now.  ``arg``
+        is the verb's argument (``cursor``: ``cursor_command_arg``)."""
         raise NotImplementedError
 
     def pending_commands(self) -> list[Command]:
@@ -4521,6 +4672,13 @@ class StateStore:
         pid = _owner_pid(owner)
         return not owner or (pid is not None and not _pid_alive(pid))
 
+    def cursor_history(self, job_id: str, limit: int = CURSOR_HISTORY_KEEP
+                       ) -> list[CursorChange]:
+        """The last committed cursors of a job, newest first (at most
+        ``CURSOR_HISTORY_KEEP`` are kept); every commit that changes a cursor
+        adds one in the same transaction."""
+        raise NotImplementedError
+
 
 def _writer_has_work(store: StateStore) -> bool:
     """In a backend's writer thread, ``_cond`` held: wait for queued writes;
@@ -4566,6 +4724,15 @@ _OUTBOX_SCHEMA = (_OUTBOX_TABLES.format(dead="")
                   + "\nCREATE INDEX outbox_by_job ON outbox (job, n);"
                   + _OUTBOX_TABLES.format(dead=",\n    died_at REAL").replace(
                       "TABLE outbox", "TABLE dead_letters"))
+_CURSOR_HISTORY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cursor_history (
+    n INTEGER PRIMARY KEY AUTOINCREMENT,
+    job TEXT NOT NULL,
+    cursor BLOB,
+    at REAL NOT NULL,
+    source TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cursor_history_by_job ON cursor_history (job, n);"""
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE jobs (
@@ -4591,25 +4758,27 @@ CREATE TABLE commands (
     job TEXT NOT NULL,
     verb TEXT NOT NULL,
     done INTEGER NOT NULL DEFAULT 0,
-    result TEXT
+    result TEXT,
+    arg TEXT
 );
 CREATE TABLE daemons (
     owner TEXT PRIMARY KEY,
     started_at REAL NOT NULL,
     running TEXT NOT NULL DEFAULT '[]'
 );
-""" + _OUTBOX_SCHEMA
+""" + _OUTBOX_SCHEMA + _CURSOR_HISTORY_SCHEMA
 # What version 1 lacks; applied in place when a daemon opens an old file.
 _MIGRATE_1_TO_2 = """
 ALTER TABLE jobs ADD COLUMN schedule_key TEXT;
 ALTER TABLE jobs ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN delivered_total INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE commands ADD COLUMN result TEXT;
+ALTER TABLE commands ADD COLUMN arg TEXT;
 CREATE TABLE daemons (owner TEXT PRIMARY KEY, started_at REAL NOT NULL,
                       running TEXT NOT NULL DEFAULT '[]');
 DELETE FROM meta WHERE key='daemon';
 UPDATE meta SET value='2' WHERE key='schema_version';
-""" + _OUTBOX_SCHEMA
+""" + _OUTBOX_SCHEMA + _CURSOR_HISTORY_SCHEMA
 _BUSY_SLICE_MS = 200            # one wait inside sqlite for a lock; we retry around it
 _WRITE_PATIENCE_SECS = 30.0     # how long a write waits for a locked database
 _READ_PATIENCE_SECS = 2.0       # how long a read waits before it is reported
@@ -4685,7 +4854,7 @@ class SqliteStateStore(StateStore):
                 except BaseException:
                     db.execute("ROLLBACK")
                     raise
-                tables = {"meta"}
+                tables = {"meta", "cursor_history"}
             if "meta" not in tables:
                 raise StateError(f"{self.path}: not a nexo-poller state database "
                                  f"(tables: {', '.join(sorted(tables)) or 'none'})")
@@ -4706,6 +4875,8 @@ class SqliteStateStore(StateStore):
                 raise StateError(f"{self.path}: unknown state schema version "
                                  f"{version or 'none'} (this nexo-poller reads "
                                  f"version {STATE_SCHEMA_VERSION})")
+            if not self.readonly and version == "2" and "cursor_history" not in tables:
+                self._add_cursor_history(db)        # a version 2 file from before it
             if not self.readonly:
                 # Only now that the file is known to be ours may its journal change.
                 db.execute("PRAGMA journal_mode=WAL")
@@ -4885,9 +5056,13 @@ class SqliteStateStore(StateStore):
             db.row_factory = None
 
     @staticmethod
-    def _write_state(db, state: JobState) -> None:
-        """Write a job's record (its row exists); ``delivered_total`` is the outbox's."""
+    def _write_state(db, state: JobState, source: str = "tick") -> None:
+        """Write a job's record (its row exists); ``delivered_total`` is the outbox's.
+        A changed cursor goes into the job's history in the same transaction."""
         s = state
+        old = db.execute("SELECT cursor FROM jobs WHERE id=?", (s.id,)).fetchone()
+        if old is not None and old[0] != s.cursor:
+            SqliteStateStore._remember_cursor(db, s.id, s.cursor, source)
         db.execute(
             "UPDATE jobs SET cursor=?, paused=?, last_status=?, last_error=?, "
             "consecutive_errors=?, last_run_at=?, next_run_at=?, items_seen_total=?, "
@@ -4936,7 +5111,12 @@ class SqliteStateStore(StateStore):
                              (state.id,)).fetchone()
             if row is None or row[0] != owner:
                 return False                    # another daemon took the job over
-            self._write_state(db, state.replace(lease_owner=owner, revision=row[1] + 1))
+            source = "tick"
+            if command is not None:
+                cmd = db.execute("SELECT verb, arg FROM commands WHERE seq=?",
+                                 (command[0],)).fetchone()
+                source = _command_source(*cmd) if cmd else source
+            self._write_state(db, state.replace(lease_owner=owner, revision=row[1] + 1), source)
             if command is not None:
                 db.execute("UPDATE commands SET done=1, result=? WHERE seq=?",
                            (_storable(command[1], 1 << 20), command[0]))
@@ -5034,9 +5214,9 @@ class SqliteStateStore(StateStore):
                 "UPDATE jobs SET lease_owner=NULL, lease_until=NULL "
                 "WHERE id=? AND lease_owner=?", [(i, owner) for i in ids]))
 
-    def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False
-                ) -> tuple[str | None, int | None]:
-        apply_command(JobState(job_id), verb)           # an unknown verb fails here
+    def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False,
+                arg: str | None = None) -> tuple[str | None, int | None]:
+        apply_command(JobState(job_id), verb, arg)      # an unknown verb fails here
 
         def fn(db):
             db.execute("INSERT OR IGNORE INTO jobs (id, paused) VALUES (?, ?)",
@@ -5044,12 +5224,13 @@ class SqliteStateStore(StateStore):
             state = self._rows(db, "WHERE id=?", (job_id,))[job_id]
             holder = state.lease_owner
             if holder and not self.lease_is_stale(holder) and self._daemon_alive(db, holder):
-                cur = db.execute("INSERT INTO commands (job, verb) VALUES (?, ?)", (job_id, verb))
+                cur = db.execute("INSERT INTO commands (job, verb, arg) VALUES (?, ?, ?)",
+                                 (job_id, verb, arg))
                 return holder, cur.lastrowid
             if verb == "tick":
                 return None, None                       # nobody to tick it: the caller does
-            self._write_state(db, apply_command(state, verb).replace(
-                revision=state.revision + 1))
+            self._write_state(db, apply_command(state, verb, arg).replace(
+                revision=state.revision + 1), _command_source(verb, arg))
             return None, None
         return self.run(fn)
 
@@ -5059,7 +5240,8 @@ class SqliteStateStore(StateStore):
         return db.execute("SELECT 1 FROM daemons WHERE owner=?", (owner,)).fetchone() is not None
 
     def pending_commands(self) -> list[Command]:
-        rows = self._read("SELECT c.seq, c.job, c.verb FROM commands c JOIN jobs j ON j.id=c.job "
+        rows = self._read("SELECT c.seq, c.job, c.verb, c.arg FROM commands c "
+                          "JOIN jobs j ON j.id=c.job "
                           "WHERE c.done=0 AND j.lease_owner=? ORDER BY c.seq", (self.owner,))
         return [Command(*r) for r in rows]
 
@@ -5107,6 +5289,46 @@ class SqliteStateStore(StateStore):
 
     def set_deadline(self, deadline: float | None) -> None:
         self._deadline = deadline
+
+    # -- cursor history ------------------------------------------------------------
+
+    @staticmethod
+    def _add_cursor_history(db) -> None:
+        """Give a version 2 file made before the cursor history its table and
+        the commands their ``arg`` column (idempotent)."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _CURSOR_HISTORY_SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            if "arg" not in {r[1] for r in db.execute("PRAGMA table_info(commands)")}:
+                db.execute("ALTER TABLE commands ADD COLUMN arg TEXT")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _remember_cursor(db, job_id: str, cursor: bytes | None, source: str) -> None:
+        db.execute("INSERT INTO cursor_history (job, cursor, at, source) VALUES (?, ?, ?, ?)",
+                   (job_id, cursor, time.time(), _storable(source, 200)))
+        db.execute("DELETE FROM cursor_history WHERE job=? AND n <= (SELECT n FROM "
+                   "cursor_history WHERE job=? ORDER BY n DESC LIMIT 1 OFFSET ?)",
+                   (job_id, job_id, CURSOR_HISTORY_KEEP))
+
+    def cursor_history(self, job_id: str, limit: int = CURSOR_HISTORY_KEEP
+                       ) -> list[CursorChange]:
+        try:
+            rows = self._read("SELECT job, cursor, at, source FROM cursor_history WHERE job=? "
+                              "ORDER BY n DESC LIMIT ?", (job_id, limit))
+        except StateError:
+            if "cursor_history" in self._table_names():
+                raise
+            return []                       # a file from before the history: none yet
+        return [CursorChange(*r) for r in rows]
+
+    def _table_names(self) -> set[str]:
+        return {r[0] for r in self._read("SELECT name FROM sqlite_master WHERE type='table'")}
 
 
 _KV_KEY_SAFE = re.compile(r"[A-Za-z0-9-]")
@@ -5701,9 +5923,14 @@ class JetStreamStateStore(StateStore):
         subject = (answer.get("message") or {}).get("subject") or ""
         return subject[len(self._prefix) + 4:] if subject.startswith(self._prefix + "cmd.") else ""
 
-    def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False
-                ) -> tuple[str | None, int | None]:
-        apply_command(JobState(job_id), verb)           # an unknown verb fails here
+    def cursor_history(self, job_id: str, limit: int = CURSOR_HISTORY_KEEP
+                       ) -> list[CursorChange]:
+        raise StateError(f"{self.location}: the cursor history is kept by the sqlite "
+                         "backend only (the bucket keeps each job's current record)")
+
+    def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False,
+                arg: str | None = None) -> tuple[str | None, int | None]:
+        apply_command(JobState(job_id), verb, arg)      # an unknown verb fails here
         key = "job." + _kv_token(job_id)
         seen = self._get_many([key])[key]
         rec = seen[0]
@@ -5712,7 +5939,7 @@ class JetStreamStateStore(StateStore):
             daemons = self._daemon_records()
             if holder in daemons and self._fresh(daemons[holder]):
                 token = os.urandom(8).hex()
-                seq = self._put_many([("cmd." + token, {"job": job_id, "verb": verb,
+                seq = self._put_many([("cmd." + token, {"job": job_id, "verb": verb, "arg": arg,
                                                         "done": False, "result": None}, 0)])[0]
                 return holder, seq
         if verb == "tick":
@@ -5722,7 +5949,7 @@ class JetStreamStateStore(StateStore):
             if rec is None:
                 rec = {**_state_record(JobState(job_id, paused=paused_on_boot)),
                        "outbox": [], "commands": {}}
-            state = apply_command(_record_state(job_id, rec, 0), verb)
+            state = apply_command(_record_state(job_id, rec, 0), verb, arg)
             return {**rec, **_state_record(state), "delivered_total": rec.get("delivered_total", 0),
                     "lease_owner": rec.get("lease_owner"), "lease_until": rec.get("lease_until")}
         self._update(key, change, seen)
@@ -5751,7 +5978,7 @@ class JetStreamStateStore(StateStore):
             # Not done yet, so written once: its revision is the seq it was created with.
             done = (records.get("job." + _kv_token(job_id), (None, 0))[0] or {}).get("commands") or {}
             if str(seq) not in done:
-                out.append(Command(seq, job_id, rec["verb"]))
+                out.append(Command(seq, job_id, rec["verb"], rec.get("arg")))
         return sorted(out, key=lambda c: c.seq)
 
     def finish_command(self, seq: int, result: str | None = None) -> None:
@@ -5946,8 +6173,15 @@ _CRON_FIELDS = (("second", 0, 59, None), ("minute", 0, 59, None), ("hour", 0, 23
                 ("day of week", 0, 7, _DAYS))
 
 
+_CRON_ALIASES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+                 "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+                 "@hourly": "0 * * * *"}
+
+
 class CronExpr:
-    """A cron expression: ``sec min hour dom month dow`` or the 5-field form.
+    """A cron expression: ``sec min hour dom month dow`` or the 5-field form,
+    or a Vixie cron alias (``@hourly``, ``@daily``, ``@weekly``, ``@monthly``,
+    ``@yearly``/``@annually``, ``@midnight``).
 
     Ranges (``1-5``), steps (``*/15``, ``10-50/10``), lists (``1,15``),
     month and day names, ``?`` for "any".  When both day of month and day
@@ -5957,7 +6191,10 @@ class CronExpr:
     def __init__(self, text: str):
         if not isinstance(text, str):
             raise ValueError("a cron expression must be a string")
-        parts = text.split()
+        alias = _CRON_ALIASES.get(text.strip().lower()) if text.strip().startswith("@") else None
+        if text.strip().startswith("@") and alias is None:
+            raise ValueError(f"cron {text!r} is not one of {', '.join(_CRON_ALIASES)}")
+        parts = (alias or text).split()
         if len(parts) == 5:
             parts = ["0"] + parts
         if len(parts) != 6:
@@ -6204,11 +6441,13 @@ def _check_type(probs: _Problems, path: str, value: Any, kinds, what: str) -> bo
     return ok
 
 
-def load_config(path: str | os.PathLike, *, extra_kinds: Iterable[str] = ()) -> DaemonConfig:
+def load_config(path: str | os.PathLike, *, extra_kinds: Iterable[str] = (),
+                check_entrypoints: bool = False) -> DaemonConfig:
     """Read and validate ``pollers.json``; raises ``ConfigError`` listing every problem.
 
     ``extra_kinds`` are kinds served in-process (registered with
-    ``Runner.register``), so jobs may name them.
+    ``Runner.register``), so jobs may name them.  ``check_entrypoints``
+    also checks that every plugin's command can start (``validate``).
     """
     path = os.path.abspath(os.fspath(path))
     try:
@@ -6226,7 +6465,7 @@ def load_config(path: str | os.PathLike, *, extra_kinds: Iterable[str] = ()) -> 
     except (ValueError, RecursionError) as exc:
         raise ConfigError(path, [("", f"invalid JSON: {exc}")]) from None
     return config_from_dict(doc, base_dir=os.path.dirname(path), source=path,
-                            extra_kinds=extra_kinds)
+                            extra_kinds=extra_kinds, check_entrypoints=check_entrypoints)
 
 
 def _no_duplicate_keys(pairs):
@@ -6262,7 +6501,8 @@ def _is_nats(broker: str | None) -> bool:
 
 
 def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None,
-                     extra_kinds: Iterable[str] = ()) -> DaemonConfig:
+                     extra_kinds: Iterable[str] = (), check_entrypoints: bool = False
+                     ) -> DaemonConfig:
     """Validate an already-parsed configuration (see ``load_config``)."""
     probs = _Problems()
     prefix = ""
@@ -6402,6 +6642,8 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
             except ManifestError as exc:
                 probs.add(where, str(exc))
                 continue
+            for problem in entrypoint_problems(handle) if check_entrypoints else ():
+                probs.add(where, f"{full}: [plugin.entrypoint] {problem}")
             # A stdio plugin is always ours to start; a long-lived one may run
             # elsewhere when the broker is NATS.
             if handle.lifecycle is not Lifecycle.EPHEMERAL and not handle.entrypoint_command \
@@ -6426,14 +6668,15 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
     ids: set[str] = set()
     if _check_type(probs, prefix + "jobs", jobs, list, "an array of jobs"):
         for i, raw in enumerate(jobs):
+            raw_id = raw.get("id") if isinstance(raw, dict) else None
+            duplicate = isinstance(raw_id, str) and raw_id in ids
+            if duplicate:                   # said even when the job has other problems
+                probs.add(f"{prefix}jobs[{i}].id", f"duplicate job id {raw_id!r}")
+            elif isinstance(raw_id, str):
+                ids.add(raw_id)
             job = _job_from_dict(raw, f"{prefix}jobs[{i}]", probs, owners)
-            if job is None:
-                continue
-            if job.id in ids:
-                probs.add(f"{prefix}jobs[{i}].id", f"duplicate job id {job.id!r}")
-                continue
-            ids.add(job.id)
-            cfg.jobs.append(job)
+            if job is not None and not duplicate:
+                cfg.jobs.append(job)
     if probs.items:
         raise ConfigError(source, probs.items)
     return cfg
@@ -7341,20 +7584,7 @@ class Runner:
         ctx = PollContext(cfg.id, cfg.agent, cfg.kind, job.state.cursor, cfg.config,
                           datetime.fromtimestamp(now, timezone.utc),
                           timedelta(seconds=cfg.schedule.nominal_interval), cancel)
-        try:
-            if route is None:
-                raise PollerError.Config(cfg.id, f"no plugin or poller serves kind {cfg.kind!r}")
-            ack = route.poller.tick(ctx)
-            if ack is not None and not isinstance(ack, TickAck):
-                raise PollerError.Transient(f"poller returned {type(ack).__name__}, not TickAck")
-            outcome.ack = ack or TickAck()
-        except PollerError as exc:
-            outcome.status = TickStatus(exc.classify().value)
-            outcome.error = str(exc)
-        except Exception as exc:            # a bug in an in-process poller: retry later
-            log.debug("poller for %s raised", cfg.kind, exc_info=True)
-            outcome.status = TickStatus.TRANSIENT
-            outcome.error = f"{type(exc).__name__}: {exc}"
+        self._poll(route, ctx, outcome)
         outcome.duration = time.monotonic() - started
         if cancel.is_set():
             why = "job removed by a reload" if job.removed else "tick cancelled"
@@ -7389,6 +7619,25 @@ class Runner:
                 except StateError as exc:
                     log.error("outbox: %s", exc)
         return outcome
+
+    @staticmethod
+    def _poll(route: _Route | None, ctx: PollContext, outcome: TickOutcome) -> None:
+        """Ask the route's poller for one tick; its ack or error goes into ``outcome``."""
+        try:
+            if route is None:
+                raise PollerError.Config(ctx.job_id,
+                                         f"no plugin or poller serves kind {ctx.kind!r}")
+            ack = route.poller.tick(ctx)
+            if ack is not None and not isinstance(ack, TickAck):
+                raise PollerError.Transient(f"poller returned {type(ack).__name__}, not TickAck")
+            outcome.ack = ack or TickAck()
+        except PollerError as exc:
+            outcome.status = TickStatus(exc.classify().value)
+            outcome.error = str(exc)
+        except Exception as exc:            # a bug in an in-process poller: retry later
+            log.debug("poller for %s raised", ctx.kind, exc_info=True)
+            outcome.status = TickStatus.TRANSIENT
+            outcome.error = f"{type(exc).__name__}: {exc}"
 
     def _outbox_for(self, job: _Job, plan: TickPlan, outcome: TickOutcome,
                     now: float) -> list[OutboxItem]:
@@ -7552,6 +7801,28 @@ class Runner:
             if job.running:                 # interrupted (Ctrl-C) before it was released
                 self._release(job, None)
 
+    def dry_run(self, job_id: str, cursor: bytes | None | object = _MISSING, *,
+                on_request: Callable[[TickRequest], None] | None = None) -> TickOutcome:
+        """Tick a job through its route and store nothing: no lease is taken,
+        nothing is committed, delivered or alerted.  ``cursor`` (default: the
+        stored one) is what the tick starts from; ``on_request`` sees the
+        request before it is sent."""
+        self.open()
+        cfg = self._job(job_id).cfg
+        if cursor is _MISSING:
+            cursor = self._job(job_id).state.cursor
+        now = self.clock()
+        ctx = PollContext(cfg.id, cfg.agent, cfg.kind, cursor, cfg.config,
+                          datetime.fromtimestamp(now, timezone.utc),
+                          timedelta(seconds=cfg.schedule.nominal_interval), threading.Event())
+        if on_request is not None:
+            on_request(ctx.to_request())
+        outcome = TickOutcome(cfg.id, cfg.kind, TickStatus.OK)
+        started = time.monotonic()
+        self._poll(self._routes.get(cfg.kind), ctx, outcome)
+        outcome.duration = time.monotonic() - started
+        return outcome
+
     def pause(self, job_id: str) -> None:
         self._command(job_id, "pause")
 
@@ -7581,11 +7852,12 @@ class Runner:
                 self._commands_due = True
                 self._cond.notify_all()
 
-    def _apply_command(self, job: _Job, verb: str, seq: int | None = None) -> bool:
-        """Apply a pause/resume/reset to a job this runner owns, in one commit
-        with the command's completion.  False when the lease was lost."""
+    def _apply_command(self, job: _Job, verb: str, seq: int | None = None,
+                       arg: str | None = None) -> bool:
+        """Apply a pause/resume/reset/cursor to a job this runner owns, in one
+        commit with the command's completion.  False when the lease was lost."""
         now = self.clock()
-        new = apply_command(job.state, verb)
+        new = apply_command(job.state, verb, arg)
         if verb == "resume" and job.state.paused:
             slot, _ = next_run(new.replace(next_run_at=job.state.next_run_at), job.cfg.schedule,
                                job.key, now)
@@ -7620,7 +7892,7 @@ class Runner:
                     busy = job.running
                     if busy:
                         self._commands_due = True   # after the tick's commit
-                if busy or not self._apply_command(job, cmd.verb, cmd.seq):
+                if busy or not self._apply_command(job, cmd.verb, cmd.seq, cmd.arg):
                     continue
             log.info("operator: %s %s", cmd.verb, cmd.job)
             n += 1
@@ -8759,6 +9031,7 @@ class _JsonFormatter(logging.Formatter):
 
 def _setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level.upper())         # a verb may lower a logger's level to capture
     handler.setFormatter(_JsonFormatter() if fmt == "json" else logging.Formatter(
         "%(asctime)s %(levelname)s %(message)s"))
     root = logging.getLogger()
@@ -8766,35 +9039,86 @@ def _setup_logging(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
 
 
+_VERB_HELP = {
+    "run": "run the daemon in the foreground (the default verb)",
+    "validate": "check the config, every manifest and every plugin entrypoint; report "
+                "every problem at once",
+    "status": "show every job's state (read only), or a job's next fire times (--next N)",
+    "tick": "tick a job now and store the outcome; --dry-run stores nothing",
+    "pause": "pause a job (through the daemon holding it, if one runs)",
+    "resume": "resume a paused job, clearing its error count",
+    "reset": "clear a job's cursor: its next tick starts from scratch",
+    "cursor": "show a job's cursor, its history, or set it (--set, --set-text, --rollback)",
+    "outbox": "list, retry or drop undelivered deliveries and alerts",
+}
+
+
 def _parser():
     import argparse
+    # The options every verb takes, before or after the verb: the main parser
+    # gives the defaults, each verb's parser only overrides what it was given.
+
+    def options(p, suppress: bool) -> None:
+        d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+        p.add_argument("--config", metavar="FILE", default=d(None),
+                       help="pollers.json (before or after the verb)")
+        p.add_argument("--log-level", default=d("info"), type=str.lower,
+                       choices=["debug", "info", "warning", "error"],
+                       help="debug, info (default), warning or error; any case")
+        p.add_argument("--log-format", default=d("text"), choices=["text", "json"],
+                       help="log lines as text (default) or one JSON object each")
     p = argparse.ArgumentParser(
         prog="nexo-poller", description="Poller daemon: schedules jobs and routes each tick "
         "to the plugin owning its kind.",
         epilog="exit codes: 0 ok, 1 tick failed, 2 usage or invalid config, "
                "3 state database error, 4 unknown job, 5 job busy in another daemon, "
                "6 broker unreachable or refused the credentials, "
-               "7 admin API unreachable or refused")
-    p.add_argument("--config", metavar="FILE", help="pollers.json (required but with --admin)")
+               "7 admin API unreachable or refused; tick --dry-run: "
+               "1 transient, 8 permanent, 9 config")
+    options(p, False)
     p.add_argument("--admin", metavar="URL", default=os.environ.get(_ADMIN_URL_ENV),
                    help="status, tick, pause, resume and reset go to the daemon's admin API "
                         f"at URL (default: ${_ADMIN_URL_ENV}); the token comes from "
                         f"--admin-token-file or ${_ADMIN_TOKEN_ENV}")
     p.add_argument("--admin-token-file", metavar="FILE", help="the admin API's bearer token")
-    p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", default="text", choices=["text", "json"])
-    p.add_argument("--version", action="version", version=f"nexo-poller {__version__}")
+    p.add_argument("--version", action="version", version=f"nexo-poller {__version__}",
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
-    sub.add_parser("run", help="run the daemon in the foreground (default)")
-    sub.add_parser("validate", help="check the config and manifests, then exit")
-    st = sub.add_parser("status", help="show every job's state")
-    st.add_argument("--json", action="store_true", help="print a JSON array")
-    for verb, text in (("tick", "tick a job now and store the outcome"),
-                       ("pause", "pause a job"), ("resume", "resume a paused job"),
-                       ("reset", "clear a job's cursor")):
-        sub.add_parser(verb, help=text).add_argument("job")
-    ob = sub.add_parser("outbox", help="list, retry or drop undelivered deliveries and alerts")
+
+    def verb(name: str):
+        v = sub.add_parser(name, help=_VERB_HELP[name], description=_VERB_HELP[name])
+        options(v, True)
+        return v
+    verb("run")
+    verb("validate")
+    st = verb("status")
+    st.add_argument("job", nargs="?", help="with --next: the job whose schedule to show")
+    st.add_argument("--json", action="store_true", help="print JSON (times in ISO 8601)")
+    st.add_argument("--next", type=int, metavar="N",
+                    help="list the next N fire times of JOB's schedule")
+    tk = verb("tick")
+    tk.add_argument("job")
+    tk.add_argument("--dry-run", action="store_true",
+                    help="run one tick and store nothing; print the request, the reply, "
+                         "deliveries, metrics, duration and the plugin's stderr")
+    tk.add_argument("--cursor", metavar="B64", help="--dry-run: start from this cursor "
+                    "(URL-safe base64, as `status` shows it)")
+    tk.add_argument("--cursor-text", metavar="TEXT", help="--dry-run: start from this "
+                    "cursor given as UTF-8 text")
+    for name in ("pause", "resume", "reset"):
+        verb(name).add_argument("job")
+    cu = verb("cursor")
+    cu.add_argument("job")
+    cu.add_argument("--json", action="store_true", help="print JSON")
+    cu.add_argument("--history", action="store_true",
+                    help=f"the last committed cursors (up to {CURSOR_HISTORY_KEEP}), newest first")
+    how = cu.add_mutually_exclusive_group()
+    how.add_argument("--set", metavar="B64", help="set the cursor (URL-safe base64)")
+    how.add_argument("--set-text", metavar="TEXT", help="set the cursor to this UTF-8 text")
+    how.add_argument("--rollback", type=int, metavar="N",
+                     help="go back N committed cursors in the history")
+    cu.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    ob = verb("outbox")
     ob.add_argument("action", nargs="?", default="list", choices=["list", "retry", "drop"])
     ob.add_argument("ids", nargs="*", metavar="ID", help="event ids (default: all)")
     ob.add_argument("--dead", action="store_true", help="the dead letters instead")
@@ -8822,7 +9146,7 @@ def main(argv: list[str] | None = None) -> int:
         args.ids += extra                   # ids after an option: `outbox drop --dead ID`
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.config is None and not (args.admin and args.verb in _ADMIN_VERBS):
+    if not args.config and not (args.admin and args.verb in _ADMIN_VERBS):
         parser.error("the following arguments are required: --config")
     _setup_logging(args.log_level, args.log_format)
     try:
@@ -8832,7 +9156,12 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as exc:
         print(f"nexo-poller: {exc}", file=sys.stderr)
         return exc.code
-    except (ConfigError, ManifestError, PollerRouteRegistrationError) as exc:
+    except ConfigError as exc:
+        busy = [m for p, m in exc.problems if p == "metrics_addr" and "cannot listen" in m]
+        print(f"nexo-poller: metrics_addr: {busy[0]}" if busy else
+              f"nexo-poller: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ManifestError, PollerRouteRegistrationError) as exc:
         print(f"nexo-poller: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except StateError as exc:
@@ -8843,11 +9172,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BROKER
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:                 # `status | head`: the reader had enough
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return EXIT_OK
 
 
 def _run_verb(args) -> int:
-    config = load_config(args.config)
     verb = args.verb or "run"
+    config = load_config(args.config, check_entrypoints=verb == "validate")
     if verb == "validate":
         print(f"{args.config}: ok ({len(config.jobs)} jobs, {len(config.plugins)} plugins)")
         return EXIT_OK
@@ -8861,15 +9196,27 @@ def _run_verb(args) -> int:
             print("nexo-poller: disabled by \"enabled\": false in the config; nothing to do",
                   file=sys.stderr)
             return EXIT_OK
+        _check_metrics_addr(config)      # before any plugin starts
         _become_subreaper()             # orphans of plugins come back to be killed
         mark = _mark_daemon(args.config, config)
         try:
-            Runner(config).run_forever(args.config)
+            _notifying(Runner(config)).run_forever(args.config)
         finally:
             _unmark_daemon(mark)
         return EXIT_OK
-    if verb in ("tick", "pause", "resume", "reset"):
+    if verb == "tick" and args.dry_run:
+        return _dry_run_verb(config, args)
+    if (args.verb == "tick" and (args.cursor is not None or args.cursor_text is not None)):
+        raise _UsageError("--cursor and --cursor-text go with --dry-run", EXIT_USAGE)
+    if verb == "status" and args.next is not None:
+        if job is None or args.next < 1:
+            raise _UsageError("status --next N needs a job and N >= 1: status JOB --next 5",
+                              EXIT_USAGE)
+        return _print_next(config, job, args.next, args.json)
+    if verb in ("tick", "pause", "resume", "reset", "cursor"):
         _refuse_if_daemon_elsewhere(args.config, config)
+    if verb == "cursor":
+        return _cursor_verb(config, args)
     if verb == "tick":
         daemon_result = _tick_through_daemon(config, job)
         if daemon_result is not None:
@@ -8931,6 +9278,41 @@ def _migrate_state(config: DaemonConfig, args) -> int:
     print(f"copied {len(copied)} jobs to {args.to}" + (
         f"; left alone (already in the bucket): {', '.join(sorted(skipped))}" if skipped else ""))
     return EXIT_OK
+
+
+def _sd_notify(state: str) -> bool:
+    """Tell systemd (``Type=notify``) the daemon's state over ``$NOTIFY_SOCKET``,
+    a Unix datagram socket (``@name``: the abstract namespace).  False when
+    there is none or it cannot be reached; never raises."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr or not hasattr(socket, "AF_UNIX"):
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), addr)
+        return True
+    except OSError as exc:
+        log.debug("sd_notify %s: %s", state, exc)
+        return False
+
+
+def _notifying(runner: Runner) -> Runner:
+    """``runner`` saying READY=1 once started and STOPPING=1 as it begins to
+    stop (systemd ``Type=notify``), without the Runner knowing of systemd."""
+    start, stop = runner.start, runner.stop
+
+    def started(*args, **kwargs):
+        result = start(*args, **kwargs)
+        _sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={len(runner.config.jobs)} jobs")
+        return result
+
+    def stopping() -> None:
+        _sd_notify("STOPPING=1")
+        stop()
+    runner.start, runner.stop = started, stopping
+    return runner
 
 
 def _mark_path(config_path: str, create: bool = False) -> str | None:
@@ -9088,6 +9470,207 @@ def _budget_of(config: DaemonConfig, kind: str) -> float:
     return handle.tick_timeout.total_seconds() if handle else 60.0
 
 
+EXIT_TICK_PERMANENT = 8   # tick --dry-run: the tick failed permanently
+EXIT_TICK_CONFIG = 9      # tick --dry-run: the job's configuration (or entrypoint) is wrong
+_DRY_RUN_EXITS = {"ok": EXIT_OK, "permanent": EXIT_TICK_PERMANENT, "config": EXIT_TICK_CONFIG}
+
+
+def _check_metrics_addr(config: DaemonConfig) -> None:
+    """A busy ``metrics_addr`` is said before any plugin starts."""
+    if not config.metrics_addr:
+        return
+    host, port = config.metrics_addr
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        raise _UsageError(f"metrics_addr: cannot listen on {host}:{port}: "
+                          f"{exc.strerror or exc}", EXIT_USAGE) from None
+
+
+def _cursor_from_args(b64: str | None, text: str | None, what: str) -> bytes | None:
+    """A cursor given on the command line as base64 or as text (None: neither)."""
+    if text is not None:
+        return text.encode("utf-8", "surrogateescape")
+    if b64 is None:
+        return None
+    try:
+        return decode_cursor(b64)
+    except ValueError as exc:
+        raise _UsageError(f"{what}: not URL-safe base64: {exc}", EXIT_USAGE) from None
+
+
+def _cursor_view(cursor: bytes | None) -> dict:
+    """A cursor for people: base64 as on the wire, and text when it is printable."""
+    if cursor is None:
+        return {"cursor": None, "text": None, "bytes": 0}
+    try:
+        text = cursor.decode("utf-8")
+        text = text if text.isprintable() else None
+    except UnicodeDecodeError:
+        text = None
+    return {"cursor": encode_cursor(cursor), "text": text, "bytes": len(cursor)}
+
+
+def _cursor_line(cursor: bytes | None) -> str:
+    v = _cursor_view(cursor)
+    if v["cursor"] is None:
+        return "(none)"
+    shown = json.dumps(v["text"], ensure_ascii=False) if v["text"] is not None else "(binary)"
+    return f"{shown}  base64 {v['cursor'] or '(empty)'}  {v['bytes']} bytes"
+
+
+def _stored_state(config: DaemonConfig, job: str) -> tuple[JobState | None, list[CursorChange]]:
+    """A job's committed state and cursor history, read only (None: no state yet)."""
+    if not os.path.exists(config.state_db):
+        return None, []
+    store = open_state(config.state_db, readonly=True)
+    try:
+        return store.load([job]).get(job), store.cursor_history(job)
+    finally:
+        store.close()
+
+
+class _DryState(StateStore):
+    """What ``tick --dry-run`` gives its Runner: the committed states, read
+    once, and no way to store anything (no file is created either)."""
+
+    def __init__(self, states: Mapping[str, JobState]):
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:dry-run"
+        self.location = "(dry run)"
+        self._states = dict(states)
+
+    def load(self, ids: Iterable[str] | None = None) -> dict[str, JobState]:
+        return {i: s for i, s in self._states.items() if ids is None or i in set(ids)}
+
+    def release(self, ids: Iterable[str] | None = None) -> None:
+        pass
+
+    def unregister_daemon(self) -> None:
+        pass
+
+    def set_deadline(self, deadline: float | None) -> None:
+        pass
+
+    def close(self, deadline: float | None = None) -> None:
+        pass
+
+
+class _PluginOutput(logging.Handler):
+    """Collects one plugin's output lines from the log while a dry run ticks."""
+
+    def __init__(self, plugin_id: str | None):
+        super().__init__(logging.DEBUG)
+        self.name_, self.lines = _log_safe(plugin_id or ""), []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg in ("plugin %s stderr: %s", "plugin %s: %s") and \
+                record.args and record.args[0] == self.name_:
+            self.lines.append(str(record.args[1]))
+
+
+def _dry_run_verb(config: DaemonConfig, args) -> int:
+    """``tick JOB --dry-run``: one tick through the job's route; nothing stored."""
+    job = args.job
+    state, _ = _stored_state(config, job)
+    cursor = _cursor_from_args(args.cursor, args.cursor_text, "--cursor")
+    given = args.cursor is not None or args.cursor_text is not None
+    if not given:
+        cursor = state.cursor if state else None
+    kind = next(j.kind for j in config.jobs if j.id == job)
+    handle = next((h for h in config.plugins if kind in h.kinds), None)
+    runner = Runner(dataclasses.replace(     # start only what this one tick needs, on a
+        config, jobs=[j for j in config.jobs if j.id == job],   # broker of its own beside
+        plugins=[handle] if handle else [],                      # a running daemon's
+        broker=config.broker if _is_nats(config.broker) else None),
+        state=_DryState({job: state} if state else {}))
+    sent: list[TickRequest] = []
+    output = _PluginOutput(handle.plugin_id if handle else None)
+    level = log.level
+    log.addHandler(output)
+    log.setLevel(logging.DEBUG)              # an ephemeral plugin's stderr is a debug line
+    try:
+        outcome = runner.dry_run(job, cursor, on_request=sent.append)
+    finally:
+        runner.stop()                        # a long-lived plugin's last lines come first
+        log.removeHandler(output)
+        log.setLevel(level)
+    ack = outcome.ack
+    m = ack.metrics if ack and ack.metrics else TickMetrics()
+    doc = {"dry_run": True, "job": job, "kind": kind, "outcome": outcome.status.value,
+           "error": outcome.error, "duration_ms": round(outcome.duration * 1000, 3),
+           "request": sent[0].to_dict() if sent else None,
+           "reply": TickReply.from_ack(ack).to_dict() if ack else None,
+           "from_cursor": _cursor_view(cursor),
+           "next_cursor": _cursor_view(ack.next_cursor) if ack and ack.next_cursor is not None
+           else None,
+           "deliveries": [d.to_dict() for d in (ack.deliver if ack else ())],
+           "metrics": dataclasses.asdict(m), "stderr": output.lines,
+           "stored": False}
+    print(json.dumps(doc, indent=2, ensure_ascii=False))
+    return _DRY_RUN_EXITS.get(outcome.status.value, EXIT_TICK_FAILED)
+
+
+def _cursor_verb(config: DaemonConfig, args) -> int:
+    """``cursor JOB [--history] [--set B64 | --set-text TEXT | --rollback N] [--yes]``."""
+    job = args.job
+    state, history = _stored_state(config, job)
+    cursor = state.cursor if state else None
+    changing = args.set is not None or args.set_text is not None or args.rollback is not None
+    if not changing:
+        if args.history:
+            rows = [dict(_cursor_view(c.cursor), at=_iso(c.at), source=c.source)
+                    for c in history]
+            if args.json:
+                print(json.dumps(rows, indent=2, ensure_ascii=False))
+                return EXIT_OK
+            print(f"{len(rows)} committed cursor{'s' if len(rows) != 1 else ''} of {job}, "
+                  "newest first")
+            now = time.time()
+            for i, c in enumerate(history):
+                print(f"{i:>3}  {_iso(c.at)}  {_relative(_iso(c.at), now):<9} "
+                      f"{c.source:<12} {_cursor_line(c.cursor)}")
+            return EXIT_OK
+        if args.json:
+            print(json.dumps(dict(_cursor_view(cursor), job=job), ensure_ascii=False))
+        else:
+            print(f"{job}: {_cursor_line(cursor)}" + ("" if state else "  (no state yet)"))
+        return EXIT_OK
+    if args.rollback is not None:
+        n = args.rollback
+        if n < 1 or n >= len(history):
+            raise _UsageError(f"cursor {job} --rollback {n}: the history holds "
+                              f"{len(history)} cursors; N must be 1..{len(history) - 1} "
+                              "(see `cursor JOB --history`)", EXIT_USAGE)
+        new, source = history[n].cursor, f"rollback {n}"
+    else:
+        new, source = _cursor_from_args(args.set, args.set_text, "--set"), "set"
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise _UsageError(f"cursor {job}: confirm with --yes (no terminal to ask on)",
+                              EXIT_USAGE)
+        print(f"{job}: now  {_cursor_line(cursor)}\n{' ' * len(job)}  new  {_cursor_line(new)}")
+        if input("set it? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing done")
+            return EXIT_OK
+    store = open_state(config.state_db)
+    try:
+        jc = next(j for j in config.jobs if j.id == job)
+        owner, seq = store.command(job, "cursor", paused_on_boot=jc.paused_on_boot,
+                                   arg=cursor_command_arg(new, source))
+        how = "done"
+        if seq is not None:
+            done, _ = _await_command(store, owner, seq, 10.0)
+            how = (f"done (applied by daemon {owner})" if done else
+                   f"queued for daemon {owner}, which applies it next")
+    finally:
+        store.close()
+    print(f"cursor {job}: {source}: {_cursor_line(new)}: {how}")
+    return EXIT_OK
+
+
 def _print_status(config: DaemonConfig, as_json: bool) -> int:
     """Every job's state, read only: ``status`` never creates a state file."""
     note, states, daemons, undelivered = None, {}, {}, {}
@@ -9116,13 +9699,16 @@ def _print_status(config: DaemonConfig, as_json: bool) -> int:
 
 
 def _print_status_table(out: list[dict], enabled: bool = True) -> None:
-    print(f"{'JOB':<24} {'KIND':<16} {'STATE':<8} {'LAST':<10} {'ERRS':>4} {'UNDELIV':>7}  "
-          "NEXT RUN")
+    now = time.time()
+    print(f"{'JOB':<24} {'KIND':<16} {'STATE':<8} {'LAST':<10} {'LAST RUN':<9} {'ERRS':>4} "
+          f"{'UNDELIV':>7}  {'NEXT RUN':<9} ERROR")
     for s in out:
         state = ("disabled" if not enabled else "running" if s["running"] else
                  "paused" if s["paused"] else "breaker" if s["breaker_open"] else "active")
         print(f"{s['id']:<24} {s['kind']:<16} {state:<8} {s['last_status'] or '-':<10} "
-              f"{s['consecutive_errors']:>4} {s['undelivered']:>7}  {s['next_run_at'] or '-'}")
+              f"{_relative(s['last_run_at'], now):<9} {s['consecutive_errors']:>4} "
+              f"{s['undelivered']:>7}  {_relative(s['next_run_at'], now):<9} "
+              f"{_error_cell(s['last_error'])}")
 
 
 _ADMIN_VERBS = ("status", "tick", "pause", "resume", "reset")
@@ -9191,6 +9777,53 @@ def _admin_verb(args) -> int:
         print(f"{verb} {job}: done (admin API at {args.admin})")
         return EXIT_OK
     raise _UsageError(f"admin API at {args.admin}: HTTP {code}: {error or doc!r}", EXIT_ADMIN)
+
+
+_ERROR_CELL_CHARS = 60
+
+
+def _error_cell(error: str | None) -> str:
+    """A stored error for one table cell: one line, its end (where a plugin's
+    last stderr line and the exception are) when too long."""
+    if not error:
+        return "-"
+    text = " ".join(error.split())
+    return text if len(text) <= _ERROR_CELL_CHARS else "…" + text[-(_ERROR_CELL_CHARS - 1):]
+
+
+def _relative(iso: str | None, now: float) -> str:
+    """An ISO time as an operator reads it: "in 4s", "3m ago", "now"."""
+    if not iso:
+        return "-"
+    delta = datetime.fromisoformat(iso).timestamp() - now
+    secs = abs(delta)
+    if secs < 1:
+        return "now"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if secs >= size or unit == "s":
+            text = f"{int(secs // size)}{unit}"
+            return f"in {text}" if delta > 0 else f"{text} ago"
+    return "-"
+
+
+def _print_next(config: DaemonConfig, job: str, n: int, as_json: bool) -> int:
+    """``status JOB --next N``: the next N fire times of a job's schedule."""
+    jc = next(j for j in config.jobs if j.id == job)
+    now, times, at = time.time(), [], time.time()
+    for _ in range(n):
+        nxt = jc.schedule.first_after(at) if not times else jc.schedule.next_after(at, at)
+        if nxt is None:
+            break
+        times.append(nxt)
+        at = nxt
+    if as_json:
+        print(json.dumps([_iso(t) for t in times]))
+        return EXIT_OK
+    for t in times:
+        print(f"{_iso(t)}  ({_relative(_iso(t), now)})")
+    if len(times) < n:
+        print(f"(the schedule of {job} fires no more after that)")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

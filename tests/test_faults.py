@@ -374,11 +374,12 @@ class TestEphemeralFaults(WorstCase):
                                                % (mem.growth, n)))
         self.assert_nothing_left(fds, "exit loop")
 
-    def test_missing_program_and_shell_syntax_are_transient(self):
+    def test_missing_program_and_shell_syntax_are_config(self):
+        # issue 15: ENOENT cannot heal by retrying; the job pauses (Config).
         for command in (self.tmp.join("no-such-program"), "true; touch x"):
             fds = wd.fd_count()
             result, _ = self.run_tick([], 5, command=command)
-            self.assertIsInstance(result, PollerError.Transient, self.m(command))
+            self.assertIsInstance(result, PollerError.Config, self.m(command))
             self.assert_nothing_left(fds, command)
 
     def test_entrypoint_with_a_nul_byte_is_a_poller_error(self):

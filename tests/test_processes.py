@@ -306,20 +306,22 @@ class OriginalBehaviour(Base):
     def test_padded_cursor_decodes(self):
         self.assertEqual(run_mode("padded_cursor").next_cursor, b"hello")
 
-    def test_missing_program_is_transient_with_path(self):
+    # Changed by issue 15: a command that cannot start will not heal by
+    # retrying, so it is a Config error (the job pauses with an alert).
+    def test_missing_program_is_config_with_path(self):
         missing = self.path("no-such-plugin")
-        exc, _ = self.assert_transient_within(
-            5.0, spawn_ephemeral_tick, missing, PLUGIN, make_request(), 10)
-        self.assertIn(missing, str(exc))
+        with self.assertRaises(PollerError.Config) as cm:
+            spawn_ephemeral_tick(missing, PLUGIN, make_request(), 10)
+        self.assertIn(missing, str(cm.exception))
 
-    def test_non_executable_file_is_transient_with_path(self):
+    def test_non_executable_file_is_config_with_path(self):
         script = self.path("plugin.sh")
         with open(script, "w", encoding="ascii") as f:
             f.write("#!/bin/sh\necho '{\"result\":{}}'\n")
         os.chmod(script, 0o644)
-        exc, _ = self.assert_transient_within(
-            5.0, spawn_ephemeral_tick, script, PLUGIN, make_request(), 10)
-        self.assertIn(script, str(exc))
+        with self.assertRaises(PollerError.Config) as cm:
+            spawn_ephemeral_tick(script, PLUGIN, make_request(), 10)
+        self.assertIn(script, str(cm.exception))
 
     def test_template_plugin_works_and_cursor_advances(self):
         def tick(cursor):

@@ -236,8 +236,8 @@ class TestEntrypoints(SecurityCase):
         for command in ("/bin/true; touch %s" % marker, "sh -c 'touch %s'" % marker,
                         "$(touch %s)" % marker, "/bin/true && touch %s" % marker):
             with self.subTest(command=command):
-                result = self.eph_tick(command)
-                self.assertIsInstance(result, PollerError.Transient, repr(result))
+                result = self.eph_tick(command)     # no such program: Config (issue 15)
+                self.assertIsInstance(result, PollerError.Config, repr(result))
                 self.assertFalse(os.path.exists(marker), "a shell ran %r" % command)
 
     def test_arguments_reach_the_plugin_verbatim_in_both_lifecycles(self):
@@ -300,10 +300,14 @@ class TestEntrypoints(SecurityCase):
             with open(os.path.join(dumps, name)) as f:
                 got[name.split("-")[1]] = json.load(f)["env"]
         self.assertEqual(set(got), {"ephemeral", "long_lived"}, sorted(os.listdir(dumps)))
-        want_eph = dict(daemon_env, **manifest_env)
+        # issue 15: the module's folder leads PYTHONPATH; NEXO_PYTHON is the daemon's Python
+        python = dict(PYTHONPATH=os.path.dirname(os.path.abspath(nx.__file__)),
+                      NEXO_PYTHON=got["ephemeral"].get("NEXO_PYTHON", "?"))
+        self.assertTrue(os.path.isabs(python["NEXO_PYTHON"]), python)
+        want_eph = dict(daemon_env, **manifest_env, **python)
         want_eph.update(NEXO_POLLER_PLUGIN_ID="env_eph", NEXO_POLLER_EPHEMERAL="1")
         self.assertEqual(got["ephemeral"], want_eph)
-        want_lived = dict(daemon_env, **manifest_env)
+        want_lived = dict(daemon_env, **manifest_env, **python)
         want_lived.update(NEXO_POLLER_PLUGIN_ID="env_lived",
                           NEXO_POLLER_TICK_TOPIC="plugin.poller.env_lived.tick",
                           NEXO_BROKER_URL="unix://" + self.tmp.join("run", "broker.sock"))
@@ -339,7 +343,7 @@ class TestEntrypoints(SecurityCase):
             h = manifest(name)
             proxy = nx.EphemeralPollerProxy("probe_kind", h)
             ctx = nx.PollContext("j", "a", "probe_kind", None, {}, NOW, timedelta(seconds=60))
-            with self.assertRaises(PollerError.Transient):
+            with self.assertRaises(PollerError.Config):     # not on PATH (issue 15)
                 proxy.tick(ctx)
             # A relative path with a slash means the manifest's folder.
             h = manifest("bin/run")
