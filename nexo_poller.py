@@ -25,12 +25,14 @@ The sections of this file, in dependency order:
     Proxies     PollContext, EphemeralPollerProxy, PluginPollerProxy,
                 StdioPollerProxy, forward_tick, PluginSupervisor
     SDK         run_plugin
-    State       JobState, TickStatus, StateStore (the one owner of job state:
-                leases, commits, commands), SqliteStateStore, open_state
+    State       JobState, TickStatus, OutboxItem, StateStore (the one owner of
+                job state: leases, commits, commands, the outbox),
+                SqliteStateStore, JetStreamStateStore, open_state
     Schedule    Schedule, CronExpr
     Config      load_config, config_from_dict, DaemonConfig, JobConfig
     Runner      plan_tick, next_run (the pure error policy and catch-up rule),
-                Runner (timer heap, routes and lanes, effects, reload, metrics)
+                Runner (timer heap, routes and lanes, effects, reload), the
+                outbox publisher and its sinks, metrics
     HTTP        /metrics, the admin API (nexo's routes), /healthz, /readyz and
                 the status page, on one bounded http.server
     CLI         main
@@ -39,7 +41,8 @@ A tick travels: scheduler (one timer heap) -> the job's kind gives its route
 (poller, lane, budget) -> ``poller.tick(ctx) -> TickAck`` -> ``plan_tick``
 decides the new state and effects -> the state store commits it (group
 commit, only while the lease is held) -> the scheduler thread carries out the
-effects: log, alert, next slot.  Errors travel as ``PollerError`` variants and
+effects: log, alert, next slot -> the outbox publisher delivers what the
+commit stored.  Errors travel as ``PollerError`` variants and
 only the runner decides what they mean.
 """
 
