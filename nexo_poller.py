@@ -4568,20 +4568,22 @@ class StateStore:
 
     def commit(self, state: JobState, done: Callable[[Any], None] | None = None, *,
                command: tuple[int, str | None] | None = None,
-               outbox: Iterable[OutboxItem] = ()) -> None:
+               outbox: Iterable[OutboxItem] = (), source: str | None = None) -> None:
         """Queue ``state`` for the next durable write, while this owner holds
         the lease.  ``done`` gets True, False (the lease was lost) or a
         StateError.  ``command`` (seq, result) is marked done and ``outbox``
-        items are stored in the same write: all of it or none."""
+        items are stored in the same write: all of it or none.  ``source``
+        says why a changed cursor changed (the history), default: the
+        command's verb, else ``tick``."""
         raise NotImplementedError
 
     def commit_now(self, state: JobState, *, command: tuple[int, str | None] | None = None,
-                   outbox: Iterable[OutboxItem] = ()) -> bool:
+                   outbox: Iterable[OutboxItem] = (), source: str | None = None) -> bool:
         """``commit`` and wait for it: True when stored, False when the lease was lost."""
         box: list = []
         ready = threading.Event()
         self.commit(state, lambda result: (box.append(result), ready.set()), command=command,
-                    outbox=outbox)
+                    outbox=outbox, source=source)
         ready.wait()
         if isinstance(box[0], BaseException):
             raise box[0]
@@ -5106,7 +5108,7 @@ class SqliteStateStore(StateStore):
 
     def commit(self, state: JobState, done: Callable[[Any], None] | None = None, *,
                command: tuple[int, str | None] | None = None,
-               outbox: Iterable[OutboxItem] = ()) -> None:
+               outbox: Iterable[OutboxItem] = (), source: str | None = None) -> None:
         owner, items = self.owner, [self._outbox_row(i) for i in outbox]
 
         def fn(db):
@@ -5114,12 +5116,12 @@ class SqliteStateStore(StateStore):
                              (state.id,)).fetchone()
             if row is None or row[0] != owner:
                 return False                    # another daemon took the job over
-            source = "tick"
-            if command is not None:
+            why = source or "tick"
+            if command is not None and source is None:
                 cmd = db.execute("SELECT verb, arg FROM commands WHERE seq=?",
                                  (command[0],)).fetchone()
-                source = _command_source(*cmd) if cmd else source
-            self._write_state(db, state.replace(lease_owner=owner, revision=row[1] + 1), source)
+                why = _command_source(*cmd) if cmd else why
+            self._write_state(db, state.replace(lease_owner=owner, revision=row[1] + 1), why)
             if command is not None:
                 db.execute("UPDATE commands SET done=1, result=? WHERE seq=?",
                            (_storable(command[1], 1 << 20), command[0]))
@@ -5767,7 +5769,7 @@ class JetStreamStateStore(StateStore):
 
     def commit(self, state: JobState, done: Callable[[Any], None] | None = None, *,
                command: tuple[int, str | None] | None = None,
-               outbox: Iterable[OutboxItem] = ()) -> None:
+               outbox: Iterable[OutboxItem] = (), source: str | None = None) -> None:
         item = (state, command, [dataclasses.asdict(i) for i in outbox], done)
         with self._cond:
             if self._closing:
@@ -7837,16 +7839,21 @@ class Runner:
         """Forget a job's cursor: its next tick starts from scratch."""
         self._command(job_id, "reset")
 
-    def _command(self, job_id: str, verb: str) -> None:
+    def set_cursor(self, job_id: str, cursor: bytes | None, source: str = "set") -> None:
+        """Set a job's cursor (recorded in its history as ``source``)."""
+        self._command(job_id, "cursor", cursor_command_arg(cursor, source))
+
+    def _command(self, job_id: str, verb: str, arg: str | None = None) -> None:
         """Apply a command now when this runner owns the idle job; otherwise
         queue it for the owner (this runner, after the running tick, or the
         daemon holding the lease)."""
         job = self._job(job_id)
         with self._cond:
             direct = job.leased and not job.running
-        if direct and self._apply_command(job, verb):
+        if direct and self._apply_command(job, verb, arg=arg):
             return
-        owner, seq = self.state.command(job_id, verb, paused_on_boot=job.cfg.paused_on_boot)
+        owner, seq = self.state.command(job_id, verb, paused_on_boot=job.cfg.paused_on_boot,
+                                        arg=arg)
         if seq is None:                     # nobody holds it: applied in the state
             with self._cond:
                 job.state = self.state.load([job_id])[job_id]
@@ -7865,7 +7872,8 @@ class Runner:
             slot, _ = next_run(new.replace(next_run_at=job.state.next_run_at), job.cfg.schedule,
                                job.key, now)
             new = new.replace(next_run_at=slot, schedule_key=job.key)
-        if not self.state.commit_now(new, command=None if seq is None else (seq, None)):
+        if not self.state.commit_now(new, command=None if seq is None else (seq, None),
+                                     source=_command_source(verb, arg)):
             with self._cond:
                 job.leased = False
             return False
@@ -8074,11 +8082,47 @@ class _Undelivered(Exception):
     """A sink could not hand a message on; the publisher retries it."""
 
 
+_JS_STREAM_CACHE_SECS = 30.0
+
+
 def _broker_sink(broker) -> Callable[[str, dict], None]:
-    """Publish on the broker; on the embedded broker a message counts as
-    delivered only when a subscriber took it."""
+    """Publish on the broker.  On the embedded broker a message counts as
+    delivered only when a subscriber took it; on NATS, when the JetStream
+    stream that captures its subject acked it (``Nats-Msg-Id`` = the Event
+    id, so a retry is not stored twice), or, with no such stream, once
+    published."""
+    captured: dict[str, tuple[float, bool]] = {}      # topic -> (checked at, has a stream)
+
+    def has_stream(topic: str) -> bool:
+        seen = captured.get(topic)
+        if seen is not None and time.monotonic() - seen[0] < _JS_STREAM_CACHE_SECS:
+            return seen[1]
+        try:
+            body, _, status = broker.request("$JS.API.STREAM.NAMES", {"subject": topic}, 5.0,
+                                             raw=True)
+            found = status is None and bool((_loads(body) or {}).get("streams"))
+        except PluginPollerForwardError as exc:
+            if getattr(exc, "code", None) != BROKER_NO_RESPONDERS:
+                raise _Undelivered(f"{topic}: JetStream lookup: {exc}") from None
+            found = False                               # no JetStream on this server
+        except ValueError:
+            found = False
+        captured[topic] = (time.monotonic(), found)
+        return found
+
     def send(topic: str, event: dict) -> None:
         if isinstance(broker, NatsClient):
+            if has_stream(topic):
+                try:
+                    body, _, status = broker.request(topic, event, 10.0, raw=True,
+                                                     headers={"Nats-Msg-Id": event["id"]})
+                    ack = _loads(body) if body else {}
+                except (PluginPollerForwardError, ValueError) as exc:
+                    raise _Undelivered(f"{topic}: JetStream: {exc}") from None
+                if status is not None or not isinstance(ack, dict) or "error" in ack \
+                        or "seq" not in ack:
+                    raise _Undelivered(f"{topic}: JetStream did not ack: {ack!r:.200}")
+                return
             broker.publish(topic, event, raw=True)  # already an Event: not wrapped again
             return
         taken = broker.publish(topic, event)
@@ -8493,6 +8537,48 @@ class _Admin:
             return 200, {"ok": True, "reset": True}
         return 200, {"ok": True, "paused": verb == "pause"}
 
+    def cursor(self, job_id: str, body: bytes | None) -> tuple[int, dict]:
+        """GET: the cursor and its history; POST ``{"set": B64}``,
+        ``{"set_text": TEXT}`` or ``{"set": null}``: set it through the owner."""
+        r = self.runner
+        if body is not None:
+            try:
+                doc = _loads(body or b"{}")
+                if not isinstance(doc, dict) or len(doc) != 1 or \
+                        next(iter(doc)) not in ("set", "set_text"):
+                    raise ValueError('send one of {"set": "<base64>"|null} or '
+                                     '{"set_text": "<text>"}')
+                value = doc.get("set", doc.get("set_text"))
+                if "set_text" in doc:
+                    if not isinstance(value, str):
+                        raise ValueError("set_text must be a string")
+                    cursor = value.encode("utf-8")
+                else:
+                    if value is not None and not isinstance(value, str):
+                        raise ValueError("set must be a base64 string or null")
+                    cursor = None if value is None else decode_cursor(value)
+            except (ValueError, RecursionError, PluginPollerForwardError) as exc:
+                return 400, {"ok": False, "error": str(exc)}
+            try:
+                r.set_cursor(job_id, cursor, "set (admin API)")
+            except StateError as exc:
+                return 503, {"ok": False, "error": f"state: {exc}"}
+            log.info("operator (admin API): cursor %s", job_id)
+        state = None
+        try:
+            state = r.state.load([job_id]).get(job_id)
+            history = r.state.cursor_history(job_id)
+        except StateError as exc:
+            history = []
+            if body is None and state is None:
+                return 503, {"ok": False, "error": f"state: {exc}"}
+        cursor = None if state is None else state.cursor
+        return 200, {"ok": True, "job": job_id,
+                     "cursor": None if cursor is None else encode_cursor(cursor),
+                     "history": [{"cursor": None if h.cursor is None else encode_cursor(h.cursor),
+                                  "at": _iso(h.at), "source": h.source}
+                                 for h in history]}
+
     def do_reload(self) -> tuple[int, dict]:
         if self.reload is None:
             return 400, {"ok": False, "error": "this daemon was not started from a config file"}
@@ -8764,7 +8850,8 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
                 self._refuse(413, f"a body may be at most {_ADMIN_MAX_BODY_BYTES} bytes")
                 return False
             self.rfile.budget += n
-            if len(self.rfile.read(n)) != n:
+            self.body = self.rfile.read(n)
+            if len(self.body) != n:
                 self.close_connection = True
                 return False
             return True
@@ -8838,6 +8925,8 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
                 if job is None:
                     return self._json(404, {"error": f"job '{job_id}' not found"})
                 return self._json(200, job)
+            if len(parts) == 2 and parts[1] == "cursor" and known:
+                return self._json(*admin.cursor(job_id, self.body if mutation else None))
             if len(parts) != 2 or parts[1] not in _ADMIN_ACTIONS:
                 return self._json(404, {"error": f"unknown action '{'/'.join(parts[1:])}'"})
             if not mutation:
@@ -9527,9 +9616,9 @@ def _cursor_line(cursor: bytes | None) -> str:
 
 def _stored_state(config: DaemonConfig, job: str) -> tuple[JobState | None, list[CursorChange]]:
     """A job's committed state and cursor history, read only (None: no state yet)."""
-    if not os.path.exists(config.state_db):
+    if not _state_exists(config):
         return None, []
-    store = open_state(config.state_db, readonly=True)
+    store = _config_state(config, readonly=True)
     try:
         return store.load([job]).get(job), store.cursor_history(job)
     finally:
@@ -9658,7 +9747,7 @@ def _cursor_verb(config: DaemonConfig, args) -> int:
         if input("set it? [y/N] ").strip().lower() not in ("y", "yes"):
             print("nothing done")
             return EXIT_OK
-    store = open_state(config.state_db)
+    store = _config_state(config)
     try:
         jc = next(j for j in config.jobs if j.id == job)
         owner, seq = store.command(job, "cursor", paused_on_boot=jc.paused_on_boot,
@@ -9714,11 +9803,11 @@ def _print_status_table(out: list[dict], enabled: bool = True) -> None:
               f"{_error_cell(s['last_error'])}")
 
 
-_ADMIN_VERBS = ("status", "tick", "pause", "resume", "reset")
+_ADMIN_VERBS = ("status", "tick", "pause", "resume", "reset", "cursor")
 
 
 def _admin_call(url: str, method: str, path: str, token: str | None,
-                timeout: float) -> tuple[int, Any]:
+                timeout: float, body: bytes | None = None) -> tuple[int, Any]:
     """One request to a daemon's admin API (no redirects, no proxies: the
     token goes only where it was told to)."""
     import http.client
@@ -9732,7 +9821,10 @@ def _admin_call(url: str, method: str, path: str, token: str | None,
     try:
         conn = cls(parts.hostname, parts.port, timeout=timeout)
         try:
-            conn.request(method, parts.path.rstrip("/") + quote(path), headers=headers)
+            if body is not None:
+                headers["Content-Type"] = "application/json"
+            conn.request(method, parts.path.rstrip("/") + quote(path), body=body,
+                         headers=headers)
             resp = conn.getresponse()
             body = resp.read(1 << 24)
         finally:
@@ -9740,6 +9832,33 @@ def _admin_call(url: str, method: str, path: str, token: str | None,
         return resp.status, json.loads(body)
     except (OSError, http.client.HTTPException, ValueError) as exc:
         raise _UsageError(f"admin API at {url}: {exc}", EXIT_ADMIN) from None
+
+
+def _admin_cursor(args, job: str, token: str | None) -> int:
+    """``cursor JOB [--history] [--set B64 | --set-text TEXT]`` through the admin API."""
+    if args.rollback is not None:
+        raise _UsageError("cursor --rollback works on a local state only; with --admin, "
+                          "read --history and --set the cursor you want", EXIT_USAGE)
+    body = None
+    if args.set is not None or args.set_text is not None:
+        if not args.yes:
+            raise _UsageError(f"cursor {job}: confirm with --yes", EXIT_USAGE)
+        body = json.dumps({"set_text": args.set_text} if args.set_text is not None
+                          else {"set": args.set}).encode()
+    code, doc = _admin_call(args.admin, "POST" if body else "GET",
+                            f"/admin/pollers/{job}/cursor", token, 60, body)
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if code != 200 or not isinstance(doc, dict):
+        raise _UsageError(f"admin API at {args.admin}: HTTP {code}: {error or doc!r}",
+                          EXIT_UNKNOWN_JOB if code == 404 else EXIT_ADMIN)
+    if args.json:
+        print(json.dumps(doc["history"] if args.history else doc, indent=2))
+    elif args.history:
+        for i, h in enumerate(doc["history"]):
+            print(f"{i:>3}  {h['at']}  {h['source']:<16} {h['cursor'] or '(none)'}")
+    else:
+        print(f"{job}: {doc['cursor'] or '(none)'}" + (" (set)" if body else ""))
+    return EXIT_OK
 
 
 def _admin_verb(args) -> int:
@@ -9753,6 +9872,8 @@ def _admin_verb(args) -> int:
             raise _UsageError(f"--admin-token-file: {getattr(exc, 'strerror', None) or exc}",
                               EXIT_USAGE) from None
     verb, job = args.verb, getattr(args, "job", None)
+    if verb == "cursor":
+        return _admin_cursor(args, job, token)
     if verb == "status":
         code, doc = _admin_call(args.admin, "GET", "/admin/pollers", token, 30)
     else:

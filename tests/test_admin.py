@@ -224,6 +224,31 @@ class TestRoutes(Case):
         self.assertNotIn('last_success_timestamp_seconds{job="broken"', body)
 
 
+class TestCursorRoute(Case):
+
+    def test_cursor_and_history_read_and_set_through_the_owner(self):
+        r = self.runner()
+        code, doc, _ = self.call(r, "GET", "/admin/pollers/healthy/cursor")
+        self.assertEqual(code, 200, doc)
+        self.assertEqual(doc["cursor"], nx.encode_cursor(b"cursor-1"))
+        self.assertEqual(doc["history"][0]["source"], "tick")
+        self.assertEqual(self.call(r, "POST", "/admin/pollers/healthy/cursor",
+                                   body=b'{"set_text": "x"}')[0], 401, "a mutation needs the token")
+        code, doc, _ = self.call(r, "POST", "/admin/pollers/healthy/cursor", TOKEN,
+                                 body=b'{"set_text": "from-api"}',
+                                 headers={"Content-Type": "application/json"})
+        self.assertEqual(code, 200, doc)
+        self.assertEqual(doc["cursor"], nx.encode_cursor(b"from-api"))
+        self.assertEqual(doc["history"][0]["source"], "set (admin API)", doc["history"])
+        self.assertEqual(r.status()[0]["cursor"], nx.encode_cursor(b"from-api"))
+        for bad in (b'{"set": 7}', b'{"set": "***"}', b'{"other": 1}', b"[]", b"not json"):
+            code, doc, _ = self.call(r, "POST", "/admin/pollers/healthy/cursor", TOKEN, body=bad)
+            self.assertEqual(code, 400, (bad, doc))
+        code, doc, _ = self.call(r, "POST", "/admin/pollers/healthy/cursor", TOKEN,
+                                 body=b'{"set": null}')
+        self.assertEqual((code, doc["cursor"]), (200, None))
+
+
 class TestSecurity(Case):
 
     def test_mutations_need_the_token(self):
@@ -421,6 +446,12 @@ class TestCli(Case):
         code, out, err = self.cli("tick", "broken")
         self.assertEqual(code, nx.EXIT_TICK_FAILED, err)
         self.assertEqual(self.cli("reset", "nope")[0], nx.EXIT_UNKNOWN_JOB)
+        code, out, err = self.cli("cursor", "healthy", "--set-text", "remote", "--yes")
+        self.assertEqual((code, out.strip()), (0, f"healthy: {nx.encode_cursor(b'remote')} (set)"),
+                         err)
+        code, out, err = self.cli("cursor", "healthy", "--history", "--json")
+        self.assertEqual(json.loads(out)[0]["source"], "set (admin API)", err)
+        self.assertEqual(self.cli("cursor", "healthy", "--rollback", "1")[0], nx.EXIT_USAGE)
         del os.environ["NEXO_POLLER_ADMIN_URL"]
         code, out, err = self.cli("--admin", "http://127.0.0.1:1", "status")
         self.assertEqual(code, nx.EXIT_ADMIN)

@@ -316,6 +316,45 @@ class WebhookTests(DeliveryCase):
         self.assertIn("agents.ana.tele.gram", str(cm.exception))
 
 
+class PluginDeliveryTests(DeliveryCase):
+    """Deliveries from real plugins of each lifecycle reach a broker subscriber."""
+
+    def plugin_config(self, lifecycle, script, args, kind):
+        folder = os.path.join(self.dir, lifecycle)
+        os.mkdir(folder)
+        with open(os.path.join(folder, "nexo-plugin.toml"), "w") as fh:
+            fh.write(f'[plugin]\nid = "{lifecycle}"\n[plugin.entrypoint]\n'
+                     f'command = {json.dumps(PY)}\nargs = {json.dumps([script, *args])}\n'
+                     f'[plugin.poller]\nkinds = ["{kind}"]\nlifecycle = "{lifecycle}"\n'
+                     f'broker_topic_prefix = "plugin.poller.{lifecycle}"\n')
+        deliver = [{"channel": "telegram", "recipient": "u1", "payload": {"text": lifecycle}}]
+        return nx.config_from_dict({
+            "state_db": self.db, "default_jitter_ms": 0, "shutdown_grace_secs": 3,
+            "plugins": [folder], "jobs": [{"id": "j", "kind": kind, "agent": "ana",
+                                           "schedule": {"every_secs": 3600},
+                                           "config": {"deliver": deliver}}]})
+
+    def check(self, cfg, text):
+        r = Runner(cfg)
+        self.addCleanup(r.stop)
+        got = threading.Event()
+        seen = []
+        r.open()
+        r.broker.subscribe("plugin.outbound.telegram",
+                           lambda event: (seen.append(event), got.set()))
+        r.start()
+        self.assertTrue(got.wait(30), f"no delivery from the {text} plugin")
+        self.assertEqual(seen[0]["payload"], {"text": text, "to": "u1"})
+
+    def test_nexo_template_ephemeral_plugin(self):
+        self.check(self.plugin_config("ephemeral", os.path.join(FIXTURES, "template_plugin.py"),
+                                      [], "template_poll"), "ephemeral")
+
+    def test_sdk_long_lived_plugin(self):
+        self.check(self.plugin_config("long_lived", os.path.join(FIXTURES, "sdk_plugin.py"),
+                                      [], "counter"), "long_lived")
+
+
 class OutboxCliTests(DeliveryCase):
 
     def cli(self, config_path, *args):

@@ -171,6 +171,46 @@ class TestDaemonStateInJetStream(NatsDaemonCase):
         self.assertIn("state_db: a jetstream:// state needs a NATS broker", out.stderr)
 
 
+class TestDeliveriesToJetStream(NatsDaemonCase):
+
+    def test_a_delivery_counts_only_once_the_capturing_stream_acked_it(self):
+        srv = self.server()
+        admin = nx.NatsClient.connect(srv.url, nexo_envelopes=False)
+        self.addCleanup(admin.close)
+        body, _, status = admin.request("$JS.API.STREAM.CREATE.OUTBOUND", {
+            "name": "OUTBOUND", "subjects": ["plugin.outbound.>"], "storage": "file",
+            "max_msgs": 1, "discard": "new"}, 10,
+            raw=True)
+        self.assertIsNone(status, body)
+
+        class Feed:
+            kind = "feed"
+
+            def tick(self, ctx):
+                return nx.TickAck(deliver=[nx.Delivery("telegram", "42", {"n": 1}),
+                                           nx.Delivery("telegram", "42", {"n": 2})])
+        cfg = nx.config_from_dict({"state_db": os.path.join(self.root, "s.db"),
+                                   "broker": srv.url, "default_jitter_ms": 0,
+                                   "jobs": [{"id": "f", "kind": "feed",
+                                             "schedule": {"every_secs": 3600}}]},
+                                  extra_kinds=["feed"])
+        r = nx.Runner(cfg)
+        r.register(Feed())
+        self.addCleanup(r.stop)
+        r.start()
+
+        def stored():
+            info, _, _ = admin.request("$JS.API.STREAM.INFO.OUTBOUND", {}, 10, raw=True)
+            return json.loads(info)["state"]["messages"]
+        # The stream takes one message, then refuses (discard new): the second
+        # delivery is not acked, so it stays in the outbox and is retried.
+        self.assertTrue(wait_until(lambda: any(i.attempts >= 1 for i in r.state.outbox()),
+                                   30, 0.1))
+        self.assertEqual(stored(), 1)
+        self.assertEqual(r._publisher.delivered, 1)
+        self.assertEqual([json.loads(i.body)["payload"]["n"] for i in r.state.outbox()], [2])
+
+
 class TestBootFailures(NatsDaemonCase):
 
     def assert_one_line(self, out, *words):
