@@ -74,6 +74,24 @@ class NatsDaemonCase(unittest.TestCase):
         self.addCleanup(stop)
         return proc
 
+    def feed_runner(self, url, *deliveries, **top):
+        """A started Runner on NATS whose one job hands on ``deliveries`` each tick."""
+        class Feed:
+            kind = "feed"
+
+            def tick(self, ctx):
+                return nx.TickAck(deliver=list(deliveries))
+        cfg = nx.config_from_dict({"state_db": os.path.join(self.root, "s.db"), "broker": url,
+                                   "default_jitter_ms": 0, **top,
+                                   "jobs": [{"id": "f", "kind": "feed", "agent": "ana",
+                                             "schedule": {"every_secs": 3600}}]},
+                                  extra_kinds=["feed"])
+        r = nx.Runner(cfg)
+        r.register(Feed())
+        self.addCleanup(r.stop)
+        r.start()
+        return r
+
     def status(self, config):
         out = self.cli(config, "status", "--json")
         return {j["id"]: j for j in json.loads(out.stdout)} if out.returncode == 0 else {}
@@ -123,21 +141,8 @@ class TestDaemonOnNats(NatsDaemonCase):
                       lambda event: (got.append(event), ready.set()))
         sub.flush()
 
-        class Feed:
-            kind = "feed"
-
-            def tick(self, ctx):
-                return nx.TickAck(deliver=[nx.Delivery("telegram", "42", {"text": "hi"})])
-        cfg = nx.config_from_dict({"state_db": os.path.join(self.root, "s.db"),
-                                   "broker": srv.url, "default_jitter_ms": 0,
-                                   "agents": {"ana": {"telegram": "ana_bot"}},
-                                   "jobs": [{"id": "f", "kind": "feed", "agent": "ana",
-                                             "schedule": {"every_secs": 3600}}]},
-                                  extra_kinds=["feed"])
-        r = nx.Runner(cfg)
-        r.register(Feed())
-        self.addCleanup(r.stop)
-        r.start()
+        r = self.feed_runner(srv.url, nx.Delivery("telegram", "42", {"text": "hi"}),
+                             agents={"ana": {"telegram": "ana_bot"}})
         self.assertTrue(ready.wait(30), "no delivery reached the NATS subscriber")
         event = got[0]
         self.assertEqual(event["payload"], {"text": "hi", "to": "42"})
@@ -183,21 +188,8 @@ class TestDeliveriesToJetStream(NatsDaemonCase):
             raw=True)
         self.assertIsNone(status, body)
 
-        class Feed:
-            kind = "feed"
-
-            def tick(self, ctx):
-                return nx.TickAck(deliver=[nx.Delivery("telegram", "42", {"n": 1}),
-                                           nx.Delivery("telegram", "42", {"n": 2})])
-        cfg = nx.config_from_dict({"state_db": os.path.join(self.root, "s.db"),
-                                   "broker": srv.url, "default_jitter_ms": 0,
-                                   "jobs": [{"id": "f", "kind": "feed",
-                                             "schedule": {"every_secs": 3600}}]},
-                                  extra_kinds=["feed"])
-        r = nx.Runner(cfg)
-        r.register(Feed())
-        self.addCleanup(r.stop)
-        r.start()
+        r = self.feed_runner(srv.url, nx.Delivery("telegram", "42", {"n": 1}),
+                             nx.Delivery("telegram", "42", {"n": 2}))
 
         def stored():
             info, _, _ = admin.request("$JS.API.STREAM.INFO.OUTBOUND", {}, 10, raw=True)
