@@ -371,6 +371,10 @@ class TestOperatorCommandsWhileRunning(DaemonTestCase):
         out = json.loads(r.stdout)
         self.assertEqual((out["job"], out["outcome"]), ("feed", "ok"), out)
         self.assertEqual(counter(out["next_cursor"]), before + 1, out)
+        # the same outcome fields as a tick without a daemon, plus where it ran
+        self.assertLessEqual({"job", "kind", "outcome", "error", "duration_ms", "items_seen",
+                              "items_dispatched", "next_cursor", "next_run_at", "via"}, set(out))
+        self.assertGreater(out["duration_ms"], 0)
         at = d.wait_msg("operator: tick feed", since=since)
         d.wait_ticks("clock", 4, since=at)
         forced = d.ticks(d.records, "feed", since=since, outcome=None)
