@@ -476,9 +476,16 @@ class Test02SchedulerSurvivesStateReadError(StateOwnerCase):
         # only state access left is the scheduler's periodic change check.
         with open(hold, "w"):
             pass
-        parked = time.time()
-        # A tick of the job starts only once the one before it is committed.
-        self.wait_records(1, "j", "A", since_t=parked, what="a tick parked on the hold file")
+        # Parked: a tick of the job started (before or after the hold file
+        # appeared) and no other follows it, since one tick runs at a time.
+        last = {"n": -1, "since": time.monotonic()}
+
+        def parked():
+            n = len(self.p.records("j", "A"))
+            if n != last["n"]:
+                last.update(n=n, since=time.monotonic())
+            return time.monotonic() - last["since"] >= 1.5
+        self.assertTrue(wait_until(parked, WAIT, 0.05), "the job never parked on the hold file")
         since = d.mark()
         locks = ShmReadLocks(self.p.state())
         try:
