@@ -582,9 +582,39 @@ def fig9_stdio(ctx: Ctx) -> list[dict]:
     return rows
 
 
+def fig10_daemon_nats(ctx: Ctx) -> list[dict]:
+    """A daemon tick over NATS vs over the embedded Unix-socket broker: the
+    same forward_tick, one supervised SDK plugin on each, taking turns."""
+    url, note = ctx.peers.nats()
+    name = "daemon tick over NATS vs over the Unix socket"
+    if not url:
+        return [row("10", name, None, "us", "unix path", None, notes=note)]
+    s, tp = ctx.sizes["rt"], ctx.sizes["tp"]
+    with echo_floor() as echo_path:
+        ctx.log("fig 10: the daemon's tick over NATS and over the Unix socket ...")
+        r = workers.call_worker("daemon-nats", dict(s, echo=echo_path, url=url,
+                                                    inflight=[64] if not ctx.smoke else [8],
+                                                    warm_secs=tp["warm_secs"], secs=tp["secs"],
+                                                    rounds=tp["rounds"]),
+                                timeout=ctx.timeout(600))
+    ctx.raw["fig10"] = r
+    lat = r["latency"]
+    f, n, u = lat["floor"], lat["nats"], lat["unix"]
+    k = next(iter(r["nats"]))
+    nt, ut = r["nats"][k], r["unix"][k]
+    return [
+        row("10", name, n["p50"], "us", "unix path", u["p50"], p99=n["p99"],
+            baseline_p99=u["p99"], notes=f"floor {f['p50']:.0f} us; {n['n']:,} round trips "
+            "per path, in blocks taking turns"),
+        row("10", f"daemon ticks/s over NATS, {k} in flight, vs the Unix socket", nt["rate"],
+            "ticks/s", "unix path", ut["rate"], p99=nt["lat_us"]["p99"],
+            baseline_p99=ut["lat_us"]["p99"], notes="p99: per-tick latency in us under load"),
+    ]
+
+
 FIGURES = {1: fig1_round_trip, 2: fig2_throughput, 3: fig3_ephemeral, 4: fig4_scheduler,
            5: fig5_router, 6: fig6_startup, 7: fig7_memory, 8: fig8_nats_client,
-           9: fig9_stdio}
+           9: fig9_stdio, 10: fig10_daemon_nats}
 
 
 # ------------------------------------------------------------------- the table
@@ -727,7 +757,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes, no peers, no installs (CI); < 60 s")
-    p.add_argument("--only", metavar="N[,N]", help="run only these figures (1-9)")
+    p.add_argument("--only", metavar="N[,N]", help="run only these figures (1-10)")
     p.add_argument("--json", metavar="PATH", default=os.path.join(BENCH_DIR, "results.json"),
                    help="write the figures here (default: bench/results.json)")
     p.add_argument("--no-peers", action="store_true",

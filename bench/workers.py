@@ -182,6 +182,51 @@ def w_stdio(a: dict) -> dict:
         server.close()
 
 
+def w_daemon_nats(a: dict) -> dict:
+    """The daemon's tick path (forward_tick through its client to one
+    supervised SDK plugin) over NATS and over the embedded Unix-socket
+    broker, side by side with the floor; then both with 64 in flight."""
+    import nexo_poller as nx
+    server = nx.BrokerServer().start()
+    unix_handle = bench_handle()
+    nats_handle = nx.PluginPollerHandle(
+        plugin_id="bench-nats", kinds=("bench",), broker_topic_prefix="bench.nats",
+        max_concurrent_ticks=64, tick_timeout=30, entrypoint_command=sys.executable,
+        entrypoint_args=(PLUGIN, "bench"))
+    sups = [nx.PluginSupervisor(unix_handle, server.url, backoff_initial=0.2).start(),
+            nx.PluginSupervisor(nats_handle, a["url"], backoff_initial=0.2).start()]
+    local = nats = floor = None
+    try:
+        wait_subscriptions(server, 1)
+        local = server.client()
+        nats = nx.connect_broker(a["url"])
+        request = sample_request()
+
+        def over_unix():
+            return nx.forward_tick(local, unix_handle, request)
+
+        def over_nats():
+            return nx.forward_tick(nats, nats_handle, request)
+        assert over_unix().to_dict() == {} == over_nats().to_dict()
+        floor = floor_call(a["echo"], sample_envelope())
+        lat = interleaved({"floor": floor, "nats": over_nats, "unix": over_unix}, a["warm"],
+                          a["rounds_rt"], a["block"])
+        return {"latency": lat,
+                "nats": throughput(over_nats, a["inflight"], a["warm_secs"], a["secs"],
+                                   a["rounds"]),
+                "unix": throughput(over_unix, a["inflight"], a["warm_secs"], a["secs"],
+                                   a["rounds"])}
+    finally:
+        if floor is not None:
+            floor.close()
+        for client in (local, nats):
+            if client is not None:
+                client.close()
+        for sup in sups:
+            sup.stop()
+        server.close()
+
+
 def w_broker_client(a: dict) -> dict:
     """The external path: a BrokerClient in its own process, over the socket."""
     import nexo_poller as nx
@@ -685,7 +730,7 @@ def _churn(tick, warm_ticks: int, ticks: int, count) -> dict:
     return _diff(s1, s2, cur1, cur2, peak, c2 - c1, elapsed, samples)
 
 
-WORKERS = {"broker": w_broker, "stdio": w_stdio, "broker-client": w_broker_client, "nats-client": w_nats_client,
+WORKERS = {"broker": w_broker, "stdio": w_stdio, "daemon-nats": w_daemon_nats, "broker-client": w_broker_client, "nats-client": w_nats_client,
            "ephemeral": w_ephemeral, "sched": w_sched, "router": w_router,
            "memory-idle": w_memory_idle, "memory-churn": w_memory_churn}
 
