@@ -396,12 +396,24 @@ class ProcessTests(LiveCase):
                 return []
         self.assertTrue(wait_until(lambda: {"a", "b"} <= {t["tag"] for t in ticks()[-40:]}, 30),
                         "both daemons should tick a share")
+        latest = {t["job"]: t["tag"] for t in ticks()}       # who ticked each job last
+        a_jobs = {job for job, tag in latest.items() if tag == "a"}
         os.killpg(procs["a"].pid, signal.SIGKILL)
+        killed = time.monotonic()
         procs["a"].wait(10)
         killed_at = len(ticks())
-        self.assertTrue(wait_until(lambda: len({t["job"] for t in ticks()[killed_at:]
-                                                if t["tag"] == "b"}) == 10, 40),
-                        "b should take all ten jobs over")
+        first = []
+
+        def taken_over():
+            b_jobs = {t["job"] for t in ticks()[killed_at:] if t["tag"] == "b"}
+            if not first and b_jobs & a_jobs:
+                first.append(time.monotonic() - killed)
+            return len(b_jobs) == 10
+        self.assertTrue(wait_until(taken_over, 40), "b should take all ten jobs over")
+        print(f"\n[jetstream] SIGKILL of a daemon holding {len(a_jobs)} jobs: the first of "
+              f"them ticked elsewhere after {first[0] if first else float('nan'):.1f}s, all "
+              f"ten by {time.monotonic() - killed:.1f}s (daemon_ttl 2 s, lease_ttl_factor 1)",
+              file=sys.stderr)
         os.kill(procs["b"].pid, signal.SIGTERM)
         self.assertEqual(procs["b"].wait(20), 0)
         last: dict = {}
