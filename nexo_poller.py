@@ -117,6 +117,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("nexo_poller")
+# A library says nothing until its application configures logging (the CLI
+# does, for the daemon); without this, Python's last-resort handler would
+# print warnings of an embedded Runner to stderr.
+log.addHandler(logging.NullHandler())
 
 
 # ============================================================================

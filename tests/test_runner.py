@@ -776,6 +776,34 @@ class RouteTests(RunnerCase):
             r.register(Scripted())
 
 
+class QuietLibraryTests(unittest.TestCase):
+
+    def test_an_embedded_runner_prints_nothing_until_logging_is_configured(self):
+        import subprocess
+        import sys
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        script = """
+import sys, tempfile, os
+sys.path.insert(0, sys.argv[1])
+import nexo_poller as nx
+class Broken:
+    kind = "mem"
+    def tick(self, ctx):
+        raise nx.PollerError.Permanent("gone")
+with tempfile.TemporaryDirectory() as d:
+    cfg = nx.config_from_dict({"state_db": os.path.join(d, "s.db"), "jobs": [
+        {"id": "a", "kind": "mem", "schedule": {"every_secs": 60}}]}, extra_kinds=["mem"])
+    r = nx.Runner(cfg)
+    r.register(Broken())
+    print(str(r.run_once("a").status))
+    r.stop()
+"""
+        out = subprocess.run([sys.executable, "-c", script, root], capture_output=True,
+                             text=True, timeout=60)
+        self.assertEqual(out.stdout.strip(), "permanent", out.stderr)
+        self.assertEqual(out.stderr, "", "a library must not write to stderr by itself")
+
+
 class ClockStepTests(RunnerCase):
     """Intervals are measured on the monotonic clock; wall time is for cron and at."""
 

@@ -86,7 +86,11 @@ class SecurityCase(unittest.TestCase):
 
 def try_connect(path):
     """As the child: connect, ping, and say what happened."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        return _ping_over(s, path)
+
+
+def _ping_over(s, path):
     s.settimeout(5)
     try:
         s.connect(path)
