@@ -468,11 +468,21 @@ def make_certs(folder: str) -> dict:
         raise unittest.SkipTest("openssl CLI missing: cannot make test certificates")
     f = {k: os.path.join(folder, k) for k in ("ca.key", "ca.pem", "srv.key", "srv.csr",
                                               "srv.pem", "ext")}
+    # Extensions as Python 3.13's strict verification (VERIFY_X509_STRICT) wants
+    # them: a CA with key usage, a server certificate naming its issuer's key.
     with open(f["ext"], "w") as out:
-        out.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        out.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                  "basicConstraints=CA:FALSE\n"
+                  "keyUsage=critical,digitalSignature,keyEncipherment\n"
+                  "extendedKeyUsage=serverAuth\n"
+                  "subjectKeyIdentifier=hash\n"
+                  "authorityKeyIdentifier=keyid,issuer\n")
     run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)
     run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f["ca.key"], "-out",
-        f["ca.pem"], "-days", "2", "-subj", "/CN=nexo-test-ca")
+        f["ca.pem"], "-days", "2", "-subj", "/CN=nexo-test-ca",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        "-addext", "subjectKeyIdentifier=hash")
     run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f["srv.key"], "-out", f["srv.csr"],
         "-subj", "/CN=localhost")
     run("x509", "-req", "-in", f["srv.csr"], "-CA", f["ca.pem"], "-CAkey", f["ca.key"],
