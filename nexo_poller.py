@@ -4660,6 +4660,10 @@ class StateStore:
         """True when another process wrote since the last call."""
         raise NotImplementedError
 
+    def check_file(self) -> None:
+        """Raise StateError when the state's storage was deleted or replaced
+        under this store (a backend without such a file has nothing to check)."""
+
     def set_deadline(self, deadline: float | None) -> None:
         """From now on, give up waiting for a locked state at ``deadline``
         (a ``time.monotonic()``): shutdown is bounded."""
@@ -7427,8 +7431,7 @@ class Runner:
 
     def _poll_state(self) -> None:
         """Commands and the running set, each time the scheduler looks at the state."""
-        if isinstance(self.state, SqliteStateStore):
-            self.state.check_file()
+        self.state.check_file()
         due, self._commands_due = self._commands_due, False
         if self.state.changed() or due:
             self.apply_commands()
