@@ -1430,6 +1430,14 @@ class _Lines:
             start = end + 1
 
 
+def _pidfd(pid: int) -> int | None:
+    """A descriptor that turns readable when ``pid`` exits (Linux 5.3+), or None."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
 def _wait_exit(proc: subprocess.Popen) -> None:
     """Block until the child exits, leaving it unreaped (its pid and group id
     stay ours until _reap)."""
@@ -2949,6 +2957,7 @@ class NatsClient(_ClientBase):
         self._flushing = False
         self._closing = False
         self._subs: dict[int, tuple[str, str | None]] = {}    # sid -> (subject, queue)
+        self._listeners: set[int] = set()     # sids that never answer (subscribe)
         self._inbox_sid = next(self._sids)
         self._inbox = f"_INBOX.{_uuid4().replace('-', '')}."
         self._pending: dict[str, _Waiter] = {}
@@ -3190,6 +3199,8 @@ class NatsClient(_ClientBase):
         if self.nexo_envelopes:
             body, reply_to, shape = nexo_unwrap(body)
             reply = reply or reply_to
+        if sid in self._listeners:
+            reply = None
         self._dispatch(sid, body, None if reply is None else (reply, shape))
 
     def on_info(self, info: dict) -> None:
@@ -3333,9 +3344,13 @@ class NatsClient(_ClientBase):
 
     # ------------------------------------------------------ the interface
     def subscribe(self, topic: str, handler: Callable[[Any], Any],
-                  queue: str | None = None) -> int:
+                  queue: str | None = None, *, answer: bool = True) -> int:
         """Run ``handler(payload)`` for each message; its return value answers
-        requests.  Returns once the server has the subscription."""
+        requests.  Returns once the server has the subscription.
+
+        ``answer=False`` makes a listener that never replies: a message it
+        sees may carry a reply subject meant for someone else's answer (a
+        KV put awaits JetStream's ack)."""
         _nats_subject(topic)
         if queue is not None:
             _nats_subject(queue, "queue group")
@@ -3343,6 +3358,8 @@ class NatsClient(_ClientBase):
             raise _broker_error(BROKER_CLOSED, "NATS client is closed")
         sid = next(self._sids)
         self._handlers[sid] = handler
+        if not answer:
+            self._listeners.add(sid)
         self._subs[sid] = (topic, queue)      # sent again after every reconnect
         # Disconnected, the SUB is dropped here and sent on reconnect; a SUB
         # sent twice for one sid is ignored by the server.
@@ -3356,6 +3373,7 @@ class NatsClient(_ClientBase):
     def unsubscribe(self, sid: int) -> None:
         self._subs.pop(sid, None)
         self._handlers.pop(sid, None)
+        self._listeners.discard(sid)
         self._write(f"UNSUB {sid}\r\n".encode(), quiet=True)
 
     def publish(self, topic: str, payload: Any, *, raw: bool = False,
@@ -3810,16 +3828,21 @@ class _StdioChannel:
         with self._wlock:                # a writer notices the new generation and lets go
             pass
 
-    def idle(self) -> None:
-        """Called by the relay loop now and then: time out ``initialize``."""
+    def idle(self) -> float | None:
+        """Called by the relay loop when it wakes: time out ``initialize``.
+        Returns the seconds until it wants to be called again, or None."""
         with self._lock:
-            if self._init_deadline is None or time.monotonic() < self._init_deadline:
-                return
+            if self._init_deadline is None:
+                return None
+            left = self._init_deadline - time.monotonic()
+            if left > 0:
+                return left
             self._init_deadline = None
             unanswered = self._pending.pop(0, None) is not None
         if unanswered:
             log.warning("plugin %s: no answer to initialize within %gs; serving it anyway",
                         self._name, STDIO_INIT_WAIT_SECS)
+        return None
 
     def line(self, line: bytes) -> None:
         """One line the plugin wrote on stdout."""
@@ -4163,17 +4186,32 @@ class PluginSupervisor:
         for fd in streams:
             os.set_blocking(fd, False)
             poller.register(fd, select.POLLIN)
+        # A pidfd turns readable when the process exits, so the loop sleeps
+        # until output or the exit; without one it looks every 500 ms.
+        exit_fd = _pidfd(proc.pid)
+        if exit_fd is not None:
+            poller.register(exit_fd, select.POLLIN)
+        exited = False
         why = "its stdout closed"
         try:
             while streams:
-                ready = poller.poll(500)
-                if channel is not None:
-                    channel.idle()
+                wait = channel.idle() if channel is not None else None
+                if exited:
+                    wait = 0.0               # only drain what is already written
+                elif exit_fd is None:
+                    wait = 0.5 if wait is None else min(wait, 0.5)
+                ready = poller.poll(None if wait is None else math.ceil(wait * 1000))
+                output = False
                 for fd, _ in ready:
+                    if fd == exit_fd:
+                        exited = True
+                        poller.unregister(fd)
+                        continue
                     try:
                         chunk = os.read(fd, 65536)
                     except BlockingIOError:
                         continue
+                    output = True
                     if chunk:
                         streams[fd].feed(chunk)
                         continue
@@ -4181,11 +4219,13 @@ class PluginSupervisor:
                     del streams[fd]
                     if channel is not None and fd == proc.stdout.fileno():
                         channel.detach(why)         # no reply can come any more
-                if not ready and proc.poll() is not None:
+                if not output and (exited or exit_fd is None) and proc.poll() is not None:
                     break                   # exited; a grandchild may still hold the pipe
             else:
                 _wait_exit(proc)             # output closed; the process may go on
         finally:
+            if exit_fd is not None:
+                os.close(exit_fd)
             if channel is not None:
                 why = f"exited ({_exit_status(proc)})" if proc.poll() is not None else why
                 channel.detach(why)
@@ -4539,6 +4579,20 @@ def _owner_pid(owner: str | None) -> int | None:
     return int(pid) if host == socket.gethostname() and pid.isdigit() else None
 
 
+def _wake_owner(owner: str | None) -> bool:
+    """SIGUSR1 to the daemon ``owner`` when it runs on this host: it looks at
+    its queued commands and its outbox now (an idle daemon does not poll).
+    False when it could not be signalled."""
+    pid = _owner_pid(owner)
+    if pid is None or not hasattr(signal, "SIGUSR1"):
+        return False
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except OSError:
+        return False
+    return True
+
+
 class StateStore:
     """The one owner of every job's durable state; the interface of a backend.
 
@@ -4659,6 +4713,16 @@ class StateStore:
     def changed(self) -> bool:
         """True when another process wrote since the last call."""
         raise NotImplementedError
+
+    #: Seconds between the calls of ``changed()`` this store needs for its
+    #: own upkeep (a heartbeat that keeps its leases live), or None.
+    heartbeat_secs: float | None = None
+
+    def watch_commands(self, wake: Callable[[], None]) -> None:
+        """Call ``wake()`` (from any thread) whenever another process may have
+        queued a command for this owner, so an idle daemon need not poll.  A
+        backend that cannot notify does nothing: the CLI wakes the daemon
+        with SIGUSR1 instead (sqlite, one host)."""
 
     def check_file(self) -> None:
         """Raise StateError when the state's storage was deleted or replaced
@@ -5704,6 +5768,15 @@ class JetStreamStateStore(StateStore):
         self._running = sorted(ids)
         if self._registered:
             self._beat()
+
+    @property
+    def heartbeat_secs(self) -> float | None:
+        return self.daemon_ttl / 4 if self._registered else None
+
+    def watch_commands(self, wake: Callable[[], None]) -> None:
+        # A KV put is a publish on the key's subject: a plain subscription
+        # sees every command queued, from any host, as it is queued.
+        self.client.subscribe(self._prefix + "cmd.>", lambda _body: wake(), answer=False)
 
     def daemons(self) -> dict[str, list[str]]:
         return {o: list(r.get("running") or []) for o, r in self._daemon_records().items()
@@ -6788,9 +6861,15 @@ def _schedule_from_dict(raw: Any, where: str, probs: _Problems) -> Schedule | No
 # ============================================================================
 
 _LEASE_MIN_SECS = 30.0
-_COMMAND_POLL_SECS = 0.5
+_COMMAND_POLL_SECS = 0.5             # the running set is published at most this often
+_WALL_CLOCK_LOOK_SECS = 60.0         # how soon a wall-clock step moves cron/at slots
 _IN_PROCESS_BUDGET_SECS = 5.0
 _STATE_RETRY_MAX_SECS = 5.0
+
+
+def _has_wall_clock_jobs(config: "DaemonConfig") -> bool:
+    """Whether some job's slots follow the wall clock (cron, at)."""
+    return any(j.schedule.every_secs is None for j in config.jobs)
 
 
 def _schedule_key(cfg: JobConfig) -> str:
@@ -7066,6 +7145,7 @@ class Runner:
         self._busy = 0                              # ticks holding a worker thread
         self._supervisors: dict[str, PluginSupervisor] = {}
         self._jobs: dict[str, _Job] = {}
+        self._wall_jobs = _has_wall_clock_jobs(config)
         # (monotonic deadline, seq, job id, nominal wall-clock slot)
         self._heap: list[tuple[float, int, str, float]] = []
         self._seq = itertools.count()
@@ -7078,6 +7158,8 @@ class Runner:
         self._started = False
         self._torn_down = False
         self._commands_due = False
+        self._last_poll = 0.0                       # time.monotonic() of the last look at the state
+        self._state_backoff = _COMMAND_POLL_SECS
         self._published_running: frozenset = frozenset()
         self.state: StateStore | None = state
         self.state_error: str | None = None         # why the state cannot be used now
@@ -7234,6 +7316,7 @@ class Runner:
                 self.stop()
                 raise
         self._started = True
+        self.state.watch_commands(self.poke)
         if background:
             self._scheduler = threading.Thread(target=self._schedule_loop, daemon=True,
                                                name="nexo-scheduler")
@@ -7389,12 +7472,41 @@ class Runner:
         self._heap = heap
         self._cond.notify_all()
 
-    def _next_wake(self, now: float) -> float:
-        """Seconds until the scheduler has something to do (lock held)."""
-        wait = _COMMAND_POLL_SECS if self.state_error is None else self._state_backoff
+    def _poll_at(self) -> float | None:
+        """When the scheduler must look at the state unasked (a
+        ``time.monotonic()``; lock held), or None when only a poke needs it to.
+
+        An idle daemon does not poll: commands arrive as SIGUSR1 (the CLI),
+        through the admin API or by the store's own notification
+        (``StateStore.watch_commands``), each of which calls ``poke()``.
+        Timers remain for a failing state (retried with backoff), for the
+        running set while it settles (``status`` shows it) and for the
+        store's heartbeat."""
+        if self.state_error is not None:
+            return self._last_poll + self._state_backoff
+        if self._running or self._published_running:
+            return self._last_poll + _COMMAND_POLL_SECS
+        beat = self.state.heartbeat_secs
+        return None if beat is None else self._last_poll + beat
+
+    def _poll_due(self) -> bool:
+        at = self._poll_at()
+        return self._commands_due or (at is not None and time.monotonic() >= at)
+
+    def _next_wake(self, now: float) -> float | None:
+        """Seconds until the scheduler has something to do (lock held); None
+        when nothing will happen until somebody wakes it.  While cron or at
+        jobs wait it looks at the wall clock now and then: a step of it moves
+        their slots."""
+        waits = []
+        at = self._poll_at()
+        if at is not None:
+            waits.append(max(0.0, at - time.monotonic()))
         if self._heap:
-            wait = min(wait, max(0.0, self._heap[0][0] - now))
-        return wait
+            waits.append(max(0.0, self._heap[0][0] - now))
+            if self._wall_jobs:
+                waits.append(_WALL_CLOCK_LOOK_SECS)
+        return min(waits) if waits else None
 
     def _schedule_loop(self) -> None:
         """Pop due jobs, carry out committed outcomes, pick up commands.
@@ -7402,8 +7514,6 @@ class Runner:
         Nothing raised here may end the thread: a state that cannot be read
         is retried with backoff and reported until it can.
         """
-        next_poll = 0.0
-        self._state_backoff = _COMMAND_POLL_SECS
         while True:
             try:
                 with self._cond:
@@ -7412,18 +7522,17 @@ class Runner:
                     self._watch_clock()
                     now = self.monotonic()
                     due = self._pop_due(now)
-                    if not due and not self._effects and not self._commands_due:
+                    if not due and not self._effects and not self._poll_due():
                         self._cond.wait(self._next_wake(now))
                         continue
                 self._drain_effects()
                 for job, slot in due:
                     self._dispatch(job, slot)
-                if time.monotonic() >= next_poll or self._commands_due:
-                    next_poll = time.monotonic() + _COMMAND_POLL_SECS
+                if self._poll_due():
+                    self._last_poll = time.monotonic()
                     self._poll_state()
             except StateError as exc:
                 self._state_failed(exc)
-                next_poll = time.monotonic() + self._state_backoff
             except Exception:
                 log.exception("scheduler: unexpected error; carrying on")
                 with self._cond:
@@ -7868,6 +7977,8 @@ class Runner:
             with self._cond:
                 self._commands_due = True
                 self._cond.notify_all()
+        else:
+            _wake_owner(owner)              # another daemon on this state; it does not poll
 
     def _apply_command(self, job: _Job, verb: str, seq: int | None = None,
                        arg: str | None = None) -> bool:
@@ -7984,6 +8095,7 @@ class Runner:
             "restarted": [h.plugin_id for h in changed if h.plugin_id in old_plugins]}
         self.config = dataclasses.replace(new, jobs=list(new.jobs), plugins=list(new.plugins))
         with self._cond:
+            self._wall_jobs = _has_wall_clock_jobs(self.config)
             for job in added:
                 self._jobs[job.cfg.id] = job
             for job in added:
@@ -9031,6 +9143,12 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
         daemon_threads = True
         request_queue_size = 128            # a burst is accepted (and shed), not dropped
 
+        def server_activate(self) -> None:
+            super().server_activate()
+            self._closing = False
+            self._stopped = threading.Event()
+            self._wake_r, self._wake_w = os.pipe()
+
         def process_request(self, request, client_address) -> None:
             if not slots.acquire(blocking=False):
                 self.shutdown_request(request)       # at the cap: no thread, no fd kept
@@ -9046,6 +9164,29 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
                 super().process_request_thread(request, client_address)
             finally:
                 slots.release()
+
+        # socketserver's loop wakes every poll_interval to look for a
+        # shutdown request; this one sleeps until a connection comes or
+        # shutdown() writes to its pipe, so an idle daemon stays asleep.
+        def serve_forever(self, poll_interval=None) -> None:
+            with selectors.DefaultSelector() as sel:
+                sel.register(self, selectors.EVENT_READ)
+                sel.register(self._wake_r, selectors.EVENT_READ)
+                while not self._closing:
+                    for key, _ in sel.select():
+                        if key.fileobj is self and not self._closing:
+                            self._handle_request_noblock()
+            self._stopped.set()
+
+        def shutdown(self) -> None:
+            self._closing = True
+            os.write(self._wake_w, b"x")
+            self._stopped.wait()
+
+        def server_close(self) -> None:
+            super().server_close()
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
 
     try:
         server = Server(addr, Handler)
@@ -9507,12 +9648,7 @@ def _outbox_verb(config: DaemonConfig, args) -> int:
         else:
             n = store.outbox_drop(ids, dead=args.dead)
         for owner in store.daemons():
-            pid = _owner_pid(owner)
-            if pid is not None:
-                try:
-                    os.kill(pid, signal.SIGUSR1)    # the publisher looks again now
-                except OSError:
-                    pass
+            _wake_owner(owner)                  # the publisher looks again now
     finally:
         store.close()
     print(f"outbox {args.action}: {n} {'item' if n == 1 else 'items'}")
@@ -9522,12 +9658,7 @@ def _outbox_verb(config: DaemonConfig, args) -> int:
 def _await_command(store: StateStore, owner: str, seq: int, budget: float
                    ) -> tuple[bool, str | None]:
     """Wake the daemon that owns a queued command and wait for its result."""
-    pid = _owner_pid(owner)
-    if pid is not None and hasattr(signal, "SIGUSR1"):
-        try:
-            os.kill(pid, signal.SIGUSR1)       # run_forever: look at the commands now
-        except OSError:
-            pass                                # it polls the state anyway
+    _wake_owner(owner)      # a JetStream daemon elsewhere sees the put itself
     deadline = time.monotonic() + budget
     pause = 0.002
     while True:

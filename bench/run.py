@@ -497,6 +497,11 @@ def fig7_memory(ctx: Ctx) -> list[dict]:
         row("7", f"daemon RSS idle, {s['jobs']:,} jobs + {s['plugins']} long-lived plugins",
             d, "MiB", "same process, nexo_poller imported", base,
             notes=f"{idle['threads']} threads, every job ticked once then idle"),
+        row("7", f"daemon wake-ups idle, {s['jobs']:,} jobs + {s['plugins']} long-lived "
+                 "plugins + metrics endpoint", idle["wakeups_per_s"]["daemon"], "/s",
+            target="0 /s", met=idle["wakeups_per_s"]["daemon"] == 0,
+            notes=f"context switches of every daemon thread over {s['idle']:g} s idle; "
+                  f"its plugins together: {idle['wakeups_per_s']['plugins']:.1f}/s"),
         row("7", "long-lived plugin process RSS (median of plugins)",
             summary(plug)["p50"] if plug else None, "MiB",
             notes=f"{len(plug)} processes, {sum(plug):.1f} MiB together"),

@@ -526,7 +526,7 @@ def w_memory_idle(a: dict) -> dict:
                                      kind=f"kind_{i}"))
         plugins.append(folder)
     doc = {"state_db": os.path.join(tmp, "state.db"), "default_jitter_ms": 0,
-           "plugins": plugins,
+           "plugins": plugins, "metrics_addr": "127.0.0.1:0",
            "jobs": [{"id": f"j{i}", "kind": f"kind_{i % a['plugins']}",
                      "schedule": {"every_secs": 3600}} for i in range(a["jobs"])]}
     cfg = nx.config_from_dict(doc, base_dir=tmp)
@@ -542,7 +542,14 @@ def w_memory_idle(a: dict) -> dict:
             time.sleep(0.1)
         runner.wait_idle(30)
         gc.collect()
-        time.sleep(a.get("idle", 2.0))
+        time.sleep(1.0)                 # the running set is published, then all sleep
+        pids = [os.getpid(), *children_of(os.getpid())]
+        me_tid = str(threading.get_native_id())     # this thread's own sleep is not the daemon's
+        before = {pid: context_switches(pid, skip=me_tid) for pid in pids}
+        idle = a.get("idle", 2.0)
+        time.sleep(idle)
+        after = {pid: context_switches(pid, skip=me_tid) for pid in pids}
+        wakeups = {pid: (after[pid] - before[pid]) / idle for pid in pids}
         me = proc_status()
         kids = [proc_status(pid) for pid in children_of(os.getpid())]
         kids = [k for k in kids if k]
@@ -555,7 +562,24 @@ def w_memory_idle(a: dict) -> dict:
         for d in dirs:
             os.rmdir(os.path.join(root, d))
     os.rmdir(tmp)
-    return {"import_only": base, "daemon": me, "plugins": kids, "threads": threads}
+    return {"import_only": base, "daemon": me, "plugins": kids, "threads": threads,
+            "wakeups_per_s": {"daemon": wakeups[os.getpid()],
+                              "plugins": sum(v for k, v in wakeups.items() if k != os.getpid())}}
+
+
+def context_switches(pid: int, skip: str = "") -> int:
+    """Voluntary and involuntary context switches so far of every thread of
+    ``pid`` but ``skip`` (a thread asleep without a timeout adds none)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        if tid == skip:
+            continue
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status", encoding="ascii") as f:
+                total += sum(int(line.split()[1]) for line in f if "ctxt_switches:" in line)
+        except FileNotFoundError:
+            pass                                   # a thread that just ended
+    return total
 
 
 def w_memory_churn(a: dict) -> dict:

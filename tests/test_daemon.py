@@ -410,6 +410,48 @@ class TestOperatorCommandsWhileRunning(DaemonTestCase):
         self.assert_stopped_cleanly(d, signal.SIGTERM)
 
 
+def wake_ups(pid: int) -> int:
+    """Context switches so far of every thread of ``pid``: a thread asleep
+    on a wait without a timeout adds none."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status", encoding="ascii") as f:
+                total += sum(int(line.split()[1]) for line in f
+                             if line.endswith("ctxt_switches\n") or "ctxt_switches:" in line)
+        except FileNotFoundError:
+            pass                         # a thread that just ended
+    return total
+
+
+@unittest.skipUnless(os.path.isdir("/proc/self/task"), "counts context switches in /proc")
+class TestIdle(DaemonTestCase):
+    def test_an_idle_daemon_does_not_wake_up_and_still_hears_commands(self):
+        # Issue 17: with no job due and nothing happening, no thread of the
+        # daemon wakes (it used to poll its commands, its plugin's output
+        # and its HTTP listener twice a second each).
+        self.p.write(self.p.doc(jobs=[
+            {"id": "feed", "kind": "e2e_feed", "schedule": {"every_secs": 86400}},
+            {"id": "clock", "kind": "e2e_clock", "schedule": {"every_secs": 86400}}],
+            metrics_addr="127.0.0.1:0"))
+        d = self.start()
+        d.wait_ticks("feed", 1)
+        d.wait_ticks("clock", 1)
+        counts = []
+        for _ in range(15):              # the running set settles within a second
+            before = wake_ups(d.pid)
+            time.sleep(1.0)              # a window in which nothing may happen
+            counts.append(wake_ups(d.pid) - before)
+            if counts[-1] == 0:
+                break
+        self.assertEqual(counts[-1], 0, f"context switches per 1 s window: {counts}")
+        # Asleep, it still applies a command at once: the CLI's SIGUSR1 wakes it.
+        r = self.p.cli("pause", "clock")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("applied by daemon", r.stdout)
+        self.assert_stopped_cleanly(d, signal.SIGTERM)
+
+
 class TestReload(DaemonTestCase):
     def test_sighup_with_a_new_job_starts_ticking_it(self):
         self.p.write(self.p.doc())

@@ -311,6 +311,20 @@ class RunnerTests(LiveCase):
             self.assertEqual(c, sum(1 for t in log["ticks"] if t[0] == job))
             self.assertIsNone(self.store(readonly=True).load()[job].lease_owner)
 
+    def test_an_idle_daemon_hears_a_queued_command_without_polling(self):
+        # Issue 17: the daemon no longer polls its commands every 0.5 s; the
+        # KV put of a command wakes it.  Its heartbeat (daemon_ttl / 4 =
+        # 150 s here) is the only timer left, far beyond this wait.
+        log = self.new_log()
+        r = self.runner(self.config(1, every=3600), log, "a", daemon_ttl=600.0).start()
+        self.assertTrue(wait_until(lambda: len(log["ticks"]) == 1))
+        cli = self.store()
+        owner, seq = cli.command("job.0", "pause")
+        self.assertEqual(owner, r.state.owner)
+        self.assertTrue(wait_until(lambda: cli.command_result(seq)[0], 10),
+                        "the idle daemon did not apply the queued command")
+        self.assertTrue(cli.load(["job.0"])["job.0"].paused)
+
     def test_two_runners_share_ten_jobs_one_tick_at_a_time(self):
         log = self.new_log()
         cfg = self.config(10)

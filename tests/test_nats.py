@@ -276,6 +276,19 @@ class RequestReplyTest(LiveTest):
         self.assertEqual(set(answers), {"b1", "b2"})
         self.assertEqual(len(answers), 200)
 
+    def test_a_listener_never_answers_a_request_meant_for_another(self):
+        # A JetStream daemon listens to the KV puts of commands; each put
+        # awaits JetStream's ack on its reply subject, which a listener's
+        # "null" must not pre-empt.
+        a, listener, svc = self.client(), self.client(), self.client()
+        seen = []
+        listener.subscribe("svc.both", seen.append, answer=False)
+        svc.subscribe("svc.both", lambda p: "the service")
+        for i in range(20):
+            self.assertEqual(a.request("svc.both", i, WAIT), "the service")
+        self.assertTrue(wait_until(lambda: len(seen) == 20))
+        self.assertEqual(seen, list(range(20)))
+
     def test_no_responders_fails_at_once(self):
         a = self.client()
         t0 = time.monotonic()
