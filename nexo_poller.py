@@ -11,6 +11,9 @@ Run it::
 
     python nexo_poller.py --config pollers.json
 
+or, starting faster (from cached bytecode, not compiled from source each
+time), ``python -m nexo_poller ...`` or the checkout's ``./nexo-poller ...``.
+
 The sections of this file, in dependency order:
 
     Errors      NexoPollerError (the root), PollerError, PluginPollerForwardError,
