@@ -11,6 +11,9 @@ Run it::
 
     python nexo_poller.py --config pollers.json
 
+or, starting faster (from cached bytecode, not compiled from source each
+time), ``python -m nexo_poller ...`` or the checkout's ``./nexo-poller ...``.
+
 The sections of this file, in dependency order:
 
     Errors      NexoPollerError (the root), PollerError, PluginPollerForwardError,
@@ -72,17 +75,16 @@ import stat
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import tomllib
 from collections import deque
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Mapping
 
-# sqlite3, http.server, argparse, zoneinfo and concurrent.futures are
-# imported where first needed: a plugin importing this module for run_plugin
-# should not pay for the daemon's parts.
+# sqlite3, http.server, argparse, zoneinfo, concurrent.futures, tomllib and
+# tempfile are imported where first needed: a plugin importing this module for
+# run_plugin (a fresh process per ephemeral tick) should not pay for the
+# daemon's parts.
 
 __version__ = "0.1.0"
 
@@ -710,6 +712,7 @@ class PluginPollerHandle:
 
 
 def _read_toml(path: str) -> dict:
+    import tomllib
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
@@ -1673,6 +1676,7 @@ class BrokerServer:
     def __init__(self, path: str | os.PathLike | None = None):
         self._own_dir = None
         if path is None:
+            import tempfile
             self._own_dir = tempfile.mkdtemp(prefix="nexo-poller-")   # mode 0700
             path = os.path.join(self._own_dir, "broker.sock")
         self.path = os.path.abspath(os.fspath(path))
@@ -9560,6 +9564,7 @@ def _mark_path(config_path: str, create: bool = False) -> str | None:
     per-user folder (made by the daemon, gone with the last mark), one file
     per config path."""
     import hashlib
+    import tempfile
     folder = os.path.join(tempfile.gettempdir(), f"nexo-poller-{os.getuid()}")
     try:
         if create:

@@ -11,6 +11,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEXO = os.path.join(ROOT, "nexo_poller.py")
+LAUNCHER = os.path.join(ROOT, "nexo-poller")      # ./nexo-poller: imports NEXO, runs main
 PLUGIN = os.path.join(ROOT, "tests", "fixtures", "e2e_counter_plugin.py")
 PY = sys.executable
 

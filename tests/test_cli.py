@@ -18,8 +18,8 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
-from support import (NEXO, PY, ROOT, b64, pid_gone, unb64,  # noqa: E402
-                         write_counter_plugin)
+from support import (LAUNCHER, NEXO, PY, ROOT, b64, pid_gone, unb64,  # noqa: E402
+                     write_counter_plugin)
 
 TIMEOUT = 60          # for any one CLI run: a hang fails, a slow machine does not
 
@@ -178,6 +178,44 @@ class TestGeneral(CliTestCase):
         self.assertEqual(json.loads(r.stdout)["next_cursor"], b64(b"1"))
         r = nexo("tick", "nope", config=self.p.config, module=True, cwd=ROOT)
         self.assert_user_error(r, 4, "nope")
+
+    def test_the_launcher_behaves_as_the_script(self):
+        # ./nexo-poller imports nexo_poller (its cached bytecode) instead of
+        # running it as a script: the same output and exit code for each case.
+        self.p.standard()
+        cfg = self.p.config
+        cases = [["--help"], ["--version"], ["validate"], ["--config", cfg, "validate"],
+                 ["--config", cfg, "status", "--json"], ["--config", cfg, "tick", "nope"],
+                 ["--config", cfg, "explode"]]
+        for args in cases:
+            with self.subTest(args=args):
+                want, got = (subprocess.run([PY, script, *args], capture_output=True, text=True,
+                                            timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+                             for script in (NEXO, LAUNCHER))
+                self.assertEqual((got.returncode, got.stdout, got.stderr),
+                                 (want.returncode, want.stdout, want.stderr))
+        self.assertEqual([nexo(*args).returncode for args in cases], [0, 0, 2, 0, 0, 4, 2])
+
+    def test_the_launcher_runs_its_own_module_through_a_symlink(self):
+        # Run as a command from anywhere (a symlink in a bin folder, another
+        # working directory, a decoy nexo_poller.py there): the module beside
+        # the launcher's real file is the one that runs.
+        self.p.standard()
+        bin_dir = os.path.join(self._tmp.name, "bin")
+        os.mkdir(bin_dir)
+        os.symlink(LAUNCHER, os.path.join(bin_dir, "nexo-poller"))
+        with open(os.path.join(self._tmp.name, "nexo_poller.py"), "w") as f:
+            f.write("raise SystemExit('the decoy ran')\n")
+        env = dict(os.environ, PATH=os.pathsep.join([bin_dir, os.path.dirname(PY),
+                                                     os.environ.get("PATH", "")]))
+        env.pop("PYTHONPATH", None)
+        if not os.access(os.path.join(os.path.dirname(PY), "python3"), os.X_OK):
+            self.skipTest("no python3 beside this interpreter for the launcher's #! line")
+        r = subprocess.run(["nexo-poller", "--config", self.p.config, "tick", "news"],
+                           capture_output=True, text=True, timeout=TIMEOUT, env=env,
+                           cwd=self._tmp.name, stdin=subprocess.DEVNULL)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(json.loads(r.stdout)["next_cursor"], b64(b"1"))
 
     def test_bad_arguments_exit_2(self):
         self.p.standard()

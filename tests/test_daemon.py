@@ -21,7 +21,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
-from support import NEXO, PY, ROOT, pid_gone, write_counter_plugin  # noqa: E402
+from support import LAUNCHER, NEXO, PY, ROOT, pid_gone, write_counter_plugin  # noqa: E402
 
 CLI_TIMEOUT = 60
 STOP_BOUND = 15.0       # a signalled daemon must have exited within this
@@ -314,6 +314,18 @@ class TestRunAndStop(DaemonTestCase):
         d = self._run_both_lifecycles(verb=())        # `run` is the default verb
         self.assert_stopped_cleanly(d, signal.SIGINT)
 
+    def test_through_the_launcher_signals_and_a_clean_stop_work(self):
+        # ./nexo-poller imports the module and calls main() in the main thread:
+        # the signal handlers, the subreaper (no "cannot become" warning) and the
+        # clean stop are the script's.
+        d = self._run_both_lifecycles(script=LAUNCHER)
+        for _ in range(50):
+            d.proc.send_signal(signal.SIGHUP)
+        d.wait_ticks("clock", 2, since=d.mark())
+        self.assertFalse([r for r in d.records if "subreaper" in r.get("msg", "")],
+                         d.log_tail())
+        self.assert_stopped_cleanly(d, signal.SIGTERM)
+
 
     def test_sigterm_cancels_ticks_in_flight_of_both_lifecycles(self):
         mark = os.path.join(self.p.root, "started.txt")
@@ -558,8 +570,10 @@ class TestCrashPersistence(DaemonTestCase):
 
 class TestExamples(unittest.TestCase):
     def test_examples_config_runs_from_a_fresh_copy(self):
+        # README's first command: ./nexo-poller --config examples/pollers.json
         with tempfile.TemporaryDirectory(prefix="nexo-examples-") as tmp:
             shutil.copy2(NEXO, os.path.join(tmp, "nexo_poller.py"))
+            shutil.copy2(LAUNCHER, os.path.join(tmp, "nexo-poller"))
             shutil.copytree(os.path.join(ROOT, "examples"), os.path.join(tmp, "examples"),
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             env = dict(os.environ)
@@ -569,7 +583,7 @@ class TestExamples(unittest.TestCase):
                 env["PATH"] = here + os.pathsep + env.get("PATH", "")
             env.pop("PYTHONPATH", None)
             d = Daemon(os.path.join(tmp, "examples", "pollers.json"),
-                       script=os.path.join(tmp, "nexo_poller.py"), cwd=tmp, env=env)
+                       script=os.path.join(tmp, "nexo-poller"), cwd=tmp, env=env)
             self.addCleanup(d.cleanup)
             start = time.monotonic()
 
