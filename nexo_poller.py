@@ -4718,6 +4718,10 @@ def _stop_writer(store: StateStore, deadline: float | None) -> bool:
     return True
 
 
+class _WriteFailed(Exception):
+    """A write of a batch failed: run the batch again, each write on its own."""
+
+
 STATE_SCHEMA_VERSION = 2
 # The outbox and its dead letters have one shape (a dead letter also has died_at).
 _OUTBOX_TABLES = """
@@ -4795,6 +4799,10 @@ UPDATE meta SET value='2' WHERE key='schema_version';
 _BUSY_SLICE_MS = 200            # one wait inside sqlite for a lock; we retry around it
 _WRITE_PATIENCE_SECS = 30.0     # how long a write waits for a locked database
 _READ_PATIENCE_SECS = 2.0       # how long a read waits before it is reported
+# Writes per transaction at most: one commit (and its fsync) stays short however
+# far the queue has grown, so a reader or another process never waits long for
+# the lock, and the ticks that queued first are stored first.
+_COMMIT_BATCH_MAX = 256
 
 
 class SqliteStateStore(StateStore):
@@ -4993,8 +5001,8 @@ class SqliteStateStore(StateStore):
             with self._cond:
                 if not _writer_has_work(self):
                     return
-                batch = list(self._queue)
-                self._queue.clear()
+                batch = [self._queue.popleft()
+                         for _ in range(min(len(self._queue), _COMMIT_BATCH_MAX))]
             try:
                 self.check_file()
                 results = self._retry(lambda: self._write_batch(batch), _WRITE_PATIENCE_SECS)
@@ -5014,6 +5022,16 @@ class SqliteStateStore(StateStore):
                         log.exception("state callback failed")
 
     def _write_batch(self, batch: list) -> list:
+        """One transaction for ``batch``.  A write that fails must not take
+        the others with it, but a savepoint around every write costs two
+        statements each: so the batch runs plainly, and only when a write
+        fails is it rolled back and run again with each write in a savepoint."""
+        try:
+            return self._transaction(batch, isolated=False)
+        except _WriteFailed:
+            return self._transaction(batch, isolated=True)
+
+    def _transaction(self, batch: list, isolated: bool) -> list:
         import sqlite3
         results = []
         with self._lock:
@@ -5021,6 +5039,16 @@ class SqliteStateStore(StateStore):
             db.execute("BEGIN IMMEDIATE")
             try:
                 for fn, _ in batch:
+                    if not isolated:
+                        try:
+                            results.append(fn(db))
+                        except sqlite3.OperationalError as exc:
+                            if "locked" in str(exc) or "busy" in str(exc):
+                                raise                   # the whole batch is retried
+                            raise _WriteFailed from exc
+                        except Exception as exc:
+                            raise _WriteFailed from exc
+                        continue
                     db.execute("SAVEPOINT one")
                     try:
                         results.append(fn(db))
@@ -5069,12 +5097,16 @@ class SqliteStateStore(StateStore):
             db.row_factory = None
 
     @staticmethod
-    def _write_state(db, state: JobState, source: str = "tick") -> None:
+    def _write_state(db, state: JobState, source: str = "tick",
+                     old_cursor: Any = _MISSING) -> None:
         """Write a job's record (its row exists); ``delivered_total`` is the outbox's.
-        A changed cursor goes into the job's history in the same transaction."""
+        A changed cursor goes into the job's history in the same transaction;
+        ``old_cursor`` is the stored one when the caller has just read it."""
         s = state
-        old = db.execute("SELECT cursor FROM jobs WHERE id=?", (s.id,)).fetchone()
-        if old is not None and old[0] != s.cursor:
+        if old_cursor is _MISSING:
+            old = db.execute("SELECT cursor FROM jobs WHERE id=?", (s.id,)).fetchone()
+            old_cursor = s.cursor if old is None else old[0]
+        if old_cursor != s.cursor:
             SqliteStateStore._remember_cursor(db, s.id, s.cursor, source)
         db.execute(
             "UPDATE jobs SET cursor=?, paused=?, last_status=?, last_error=?, "
@@ -5120,7 +5152,7 @@ class SqliteStateStore(StateStore):
         owner, items = self.owner, [self._outbox_row(i) for i in outbox]
 
         def fn(db):
-            row = db.execute("SELECT lease_owner, revision FROM jobs WHERE id=?",
+            row = db.execute("SELECT lease_owner, revision, cursor FROM jobs WHERE id=?",
                              (state.id,)).fetchone()
             if row is None or row[0] != owner:
                 return False                    # another daemon took the job over
@@ -5129,7 +5161,8 @@ class SqliteStateStore(StateStore):
                 cmd = db.execute("SELECT verb, arg FROM commands WHERE seq=?",
                                  (command[0],)).fetchone()
                 why = _command_source(*cmd) if cmd else why
-            self._write_state(db, state.replace(lease_owner=owner, revision=row[1] + 1), why)
+            self._write_state(db, state.replace(lease_owner=owner, revision=row[1] + 1), why,
+                              row[2])
             if command is not None:
                 db.execute("UPDATE commands SET done=1, result=? WHERE seq=?",
                            (_storable(command[1], 1 << 20), command[0]))
