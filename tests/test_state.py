@@ -179,6 +179,17 @@ class SchemaTests(_Tmp):
         self.assertIn("version", str(cm.exception))
 
 
+class JobStateTests(unittest.TestCase):
+
+    def test_replace_copies_changes_only_known_fields_and_leaves_the_original(self):
+        s = JobState("j", cursor=b"c", revision=3)
+        t = s.replace(paused=True, revision=4)
+        self.assertEqual(t, JobState("j", cursor=b"c", paused=True, revision=4))
+        self.assertEqual(s, JobState("j", cursor=b"c", revision=3))
+        with self.assertRaises(TypeError):
+            s.replace(no_such_field=1)
+
+
 class GroupCommitTests(_Tmp):
 
     def test_many_submits_from_many_threads_all_commit_and_ack_once(self):
