@@ -7570,9 +7570,14 @@ class Runner:
         return starts
 
     def _work(self, job: _Job, slot: float | None, command: int | None, lane: _Lane) -> None:
-        try:
-            self._tick(job, slot, command=command, commit_async=True)
-        finally:
+        """Run a tick; then, on this same thread, the next tick the freed
+        capacity lets start.  Under load a lane always has one waiting:
+        handing it to the pool would wake another thread as this one goes idle."""
+        while True:
+            try:
+                self._tick(job, slot, command=command, commit_async=True)
+            except Exception:
+                log.exception("tick worker failed")
             with self._cond:
                 lane.running -= 1
                 self._busy -= 1
@@ -7581,8 +7586,11 @@ class Runner:
                 waiting = [lane] + [ln for ln in self._lanes.values()
                                     if ln.waiting and ln is not lane]
                 starts = self._start_ready(waiting)
-            for args in starts:
+            if not starts:
+                return
+            for args in starts[1:]:
                 self._pool.submit(self._work, *args)
+            job, slot, command, lane = starts[0]
 
     # -- one tick -----------------------------------------------------------------------
 
@@ -7727,10 +7735,14 @@ class Runner:
 
     def _committed(self, job: _Job, plan: TickPlan, new: JobState, outcome: TickOutcome,
                    slot: float | None, queued: bool, result: Any) -> None:
-        """The store's ``done`` callback (writer thread): hand over, do nothing else."""
+        """The store's ``done`` callback (writer thread): hand over, do nothing else.
+
+        A commit of many writes calls this once per write; whoever drains
+        the effects takes them all, so only the first one needs a wake-up."""
         with self._cond:
             self._effects.append((job, plan, new, outcome, slot, queued, result))
-            self._cond.notify_all()
+            if len(self._effects) == 1:
+                self._cond.notify_all()
 
     def _drain_effects(self) -> None:
         while True:
