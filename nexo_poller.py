@@ -8405,6 +8405,15 @@ class _Metrics:
         family("nexo_poller_plugin_restarts_total", "counter", "Long-lived plugin restarts.")
         for pid, sup in sorted(runner._supervisors.items()):
             out.append(f"nexo_poller_plugin_restarts_total{lbl(plugin=pid)} {sup.restarts}")
+        # Saturation at a glance: due ticks that wait for a slot of their plugin
+        # (or in-process kind).  Staying above zero means demand exceeds what it
+        # can take: every job still ticks, each later than its slot.
+        family("nexo_poller_ticks_waiting", "gauge",
+               "Due ticks waiting for a free slot in their plugin's lane.")
+        with runner._cond:
+            waiting = sorted((lane.key, len(lane.waiting)) for lane in runner._lanes.values())
+        for key, n in waiting:
+            out.append(f"nexo_poller_ticks_waiting{lbl(lane=key)} {n}")
         return "\n".join(out) + "\n"
 
 
