@@ -827,6 +827,17 @@ def w_runner_plugin(a: dict) -> dict:
             status_s.append(pc() - t)
             sent[0] = pc()
             os.kill(os.getpid(), signal.SIGUSR1)    # answered in the main thread
+    def switches() -> int:
+        """Voluntary context switches of this process's threads so far."""
+        n = 0
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/status") as fh:
+                    n += sum(int(line.split()[1]) for line in fh
+                             if line.startswith("voluntary_ctxt_switches"))
+            except OSError:
+                pass                                 # a thread that just ended
+        return n
     cpu0 = None
     try:
         runner.start()
@@ -835,7 +846,7 @@ def w_runner_plugin(a: dict) -> dict:
             time.sleep(wait)
         time.sleep(a["warm_secs"])
         threading.Thread(target=probe, daemon=True).start()
-        cpu0 = os.times()
+        cpu0, sw0 = os.times(), switches()
         window["on"] = True
         t0 = pc()
         end = t0 + a["secs"]
@@ -843,7 +854,7 @@ def w_runner_plugin(a: dict) -> dict:
             time.sleep(0.05)                         # the main thread answers signals here
         window["on"] = False
         elapsed = pc() - t0
-        cpu1 = os.times()
+        cpu1, sw1 = os.times(), switches()
         stop_probe.set()
         backlog = sum(1 for s in runner.status() if s["running"])
     finally:
@@ -865,6 +876,7 @@ def w_runner_plugin(a: dict) -> dict:
             "signal_ms": summary([t * 1e3 for t in signal_s]),
             "daemon_cpu_us_per_tick": ((cpu1.user + cpu1.system - cpu0.user - cpu0.system)
                                        / max(1, stored[0]) * 1e6),
+            "switches_per_tick": (sw1 - sw0) / max(1, stored[0]),
             "running_at_end": backlog, "stop_secs": stop_secs}
 
 
