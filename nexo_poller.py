@@ -4474,10 +4474,19 @@ class JobState:
     delivered_total: int = 0        # written only by the outbox, never by a commit
 
     def replace(self, **changes) -> "JobState":
-        return dataclasses.replace(self, **changes)
+        # A tick makes several copies of its job's state: copying the fields
+        # costs a quarter of dataclasses.replace (which calls __init__).
+        if not _JOB_FIELD_SET.issuperset(changes):
+            raise TypeError(f"JobState has no field {sorted(set(changes) - _JOB_FIELD_SET)}")
+        new = object.__new__(type(self))
+        fields = new.__dict__
+        fields.update(self.__dict__)
+        fields.update(changes)
+        return new
 
 
 _JOB_FIELDS = tuple(f.name for f in dataclasses.fields(JobState))
+_JOB_FIELD_SET = frozenset(_JOB_FIELDS)
 COMMAND_VERBS = ("pause", "resume", "reset", "tick", "cursor")
 
 
@@ -4786,6 +4795,10 @@ def _stop_writer(store: StateStore, deadline: float | None) -> bool:
     return True
 
 
+class _WriteFailed(Exception):
+    """A write of a batch failed: run the batch again, each write on its own."""
+
+
 STATE_SCHEMA_VERSION = 2
 # The outbox and its dead letters have one shape (a dead letter also has died_at).
 _OUTBOX_TABLES = """
@@ -4863,6 +4876,10 @@ UPDATE meta SET value='2' WHERE key='schema_version';
 _BUSY_SLICE_MS = 200            # one wait inside sqlite for a lock; we retry around it
 _WRITE_PATIENCE_SECS = 30.0     # how long a write waits for a locked database
 _READ_PATIENCE_SECS = 2.0       # how long a read waits before it is reported
+# Writes per transaction at most: one commit (and its fsync) stays short however
+# far the queue has grown, so a reader or another process never waits long for
+# the lock, and the ticks that queued first are stored first.
+_COMMIT_BATCH_MAX = 256
 
 
 class SqliteStateStore(StateStore):
@@ -5061,8 +5078,8 @@ class SqliteStateStore(StateStore):
             with self._cond:
                 if not _writer_has_work(self):
                     return
-                batch = list(self._queue)
-                self._queue.clear()
+                batch = [self._queue.popleft()
+                         for _ in range(min(len(self._queue), _COMMIT_BATCH_MAX))]
             try:
                 self.check_file()
                 results = self._retry(lambda: self._write_batch(batch), _WRITE_PATIENCE_SECS)
@@ -5082,6 +5099,16 @@ class SqliteStateStore(StateStore):
                         log.exception("state callback failed")
 
     def _write_batch(self, batch: list) -> list:
+        """One transaction for ``batch``.  A write that fails must not take
+        the others with it, but a savepoint around every write costs two
+        statements each: so the batch runs plainly, and only when a write
+        fails is it rolled back and run again with each write in a savepoint."""
+        try:
+            return self._transaction(batch, isolated=False)
+        except _WriteFailed:
+            return self._transaction(batch, isolated=True)
+
+    def _transaction(self, batch: list, isolated: bool) -> list:
         import sqlite3
         results = []
         with self._lock:
@@ -5089,6 +5116,16 @@ class SqliteStateStore(StateStore):
             db.execute("BEGIN IMMEDIATE")
             try:
                 for fn, _ in batch:
+                    if not isolated:
+                        try:
+                            results.append(fn(db))
+                        except sqlite3.OperationalError as exc:
+                            if "locked" in str(exc) or "busy" in str(exc):
+                                raise                   # the whole batch is retried
+                            raise _WriteFailed from exc
+                        except Exception as exc:
+                            raise _WriteFailed from exc
+                        continue
                     db.execute("SAVEPOINT one")
                     try:
                         results.append(fn(db))
@@ -5137,12 +5174,16 @@ class SqliteStateStore(StateStore):
             db.row_factory = None
 
     @staticmethod
-    def _write_state(db, state: JobState, source: str = "tick") -> None:
+    def _write_state(db, state: JobState, source: str = "tick",
+                     old_cursor: Any = _MISSING) -> None:
         """Write a job's record (its row exists); ``delivered_total`` is the outbox's.
-        A changed cursor goes into the job's history in the same transaction."""
+        A changed cursor goes into the job's history in the same transaction;
+        ``old_cursor`` is the stored one when the caller has just read it."""
         s = state
-        old = db.execute("SELECT cursor FROM jobs WHERE id=?", (s.id,)).fetchone()
-        if old is not None and old[0] != s.cursor:
+        if old_cursor is _MISSING:
+            old = db.execute("SELECT cursor FROM jobs WHERE id=?", (s.id,)).fetchone()
+            old_cursor = s.cursor if old is None else old[0]
+        if old_cursor != s.cursor:
             SqliteStateStore._remember_cursor(db, s.id, s.cursor, source)
         db.execute(
             "UPDATE jobs SET cursor=?, paused=?, last_status=?, last_error=?, "
@@ -5188,7 +5229,7 @@ class SqliteStateStore(StateStore):
         owner, items = self.owner, [self._outbox_row(i) for i in outbox]
 
         def fn(db):
-            row = db.execute("SELECT lease_owner, revision FROM jobs WHERE id=?",
+            row = db.execute("SELECT lease_owner, revision, cursor FROM jobs WHERE id=?",
                              (state.id,)).fetchone()
             if row is None or row[0] != owner:
                 return False                    # another daemon took the job over
@@ -5197,7 +5238,8 @@ class SqliteStateStore(StateStore):
                 cmd = db.execute("SELECT verb, arg FROM commands WHERE seq=?",
                                  (command[0],)).fetchone()
                 why = _command_source(*cmd) if cmd else why
-            self._write_state(db, state.replace(lease_owner=owner, revision=row[1] + 1), why)
+            self._write_state(db, state.replace(lease_owner=owner, revision=row[1] + 1), why,
+                              row[2])
             if command is not None:
                 db.execute("UPDATE commands SET done=1, result=? WHERE seq=?",
                            (_storable(command[1], 1 << 20), command[0]))
@@ -7641,9 +7683,14 @@ class Runner:
         return starts
 
     def _work(self, job: _Job, slot: float | None, command: int | None, lane: _Lane) -> None:
-        try:
-            self._tick(job, slot, command=command, commit_async=True)
-        finally:
+        """Run a tick; then, on this same thread, the next tick the freed
+        capacity lets start.  Under load a lane always has one waiting:
+        handing it to the pool would wake another thread as this one goes idle."""
+        while True:
+            try:
+                self._tick(job, slot, command=command, commit_async=True)
+            except Exception:
+                log.exception("tick worker failed")
             with self._cond:
                 lane.running -= 1
                 self._busy -= 1
@@ -7652,8 +7699,11 @@ class Runner:
                 waiting = [lane] + [ln for ln in self._lanes.values()
                                     if ln.waiting and ln is not lane]
                 starts = self._start_ready(waiting)
-            for args in starts:
+            if not starts:
+                return
+            for args in starts[1:]:
                 self._pool.submit(self._work, *args)
+            job, slot, command, lane = starts[0]
 
     # -- one tick -----------------------------------------------------------------------
 
@@ -7798,10 +7848,14 @@ class Runner:
 
     def _committed(self, job: _Job, plan: TickPlan, new: JobState, outcome: TickOutcome,
                    slot: float | None, queued: bool, result: Any) -> None:
-        """The store's ``done`` callback (writer thread): hand over, do nothing else."""
+        """The store's ``done`` callback (writer thread): hand over, do nothing else.
+
+        A commit of many writes calls this once per write; whoever drains
+        the effects takes them all, so only the first one needs a wake-up."""
         with self._cond:
             self._effects.append((job, plan, new, outcome, slot, queued, result))
-            self._cond.notify_all()
+            if len(self._effects) == 1:
+                self._cond.notify_all()
 
     def _drain_effects(self) -> None:
         while True:
@@ -8467,6 +8521,15 @@ class _Metrics:
         family("nexo_poller_plugin_restarts_total", "counter", "Long-lived plugin restarts.")
         for pid, sup in sorted(runner._supervisors.items()):
             out.append(f"nexo_poller_plugin_restarts_total{lbl(plugin=pid)} {sup.restarts}")
+        # Saturation at a glance: due ticks that wait for a slot of their plugin
+        # (or in-process kind).  Staying above zero means demand exceeds what it
+        # can take: every job still ticks, each later than its slot.
+        family("nexo_poller_ticks_waiting", "gauge",
+               "Due ticks waiting for a free slot in their plugin's lane.")
+        with runner._cond:
+            waiting = sorted((lane.key, len(lane.waiting)) for lane in runner._lanes.values())
+        for key, n in waiting:
+            out.append(f"nexo_poller_ticks_waiting{lbl(lane=key)} {n}")
         return "\n".join(out) + "\n"
 
 

@@ -57,6 +57,9 @@ FULL = {
     "mem": {"jobs": 1000, "plugins": 10, "idle": 2.0,
             "churn": {"jobs": 20, "every": 0.02, "warm_secs": 3.0, "settle_secs": 1.0,
                       "secs": 6.0, "warm": 1000, "ticks": 5000}},
+    # Warm-up: under 2x overload the queue takes a few intervals to settle.
+    "runner": {"demands": [1000, 2000, 2500, 3000, 5000], "interval": 2.0, "inflight": 8,
+               "warm_secs": 10.0, "secs": 6.0},
 }
 SMOKE = {
     "rt": {"warm": 20, "rounds_rt": 2, "block": 100},
@@ -68,6 +71,8 @@ SMOKE = {
     "mem": {"jobs": 40, "plugins": 2, "idle": 0.2,
             "churn": {"jobs": 5, "every": 0.05, "warm_secs": 0.5, "settle_secs": 0.2,
                       "secs": 0.5, "warm": 50, "ticks": 200}},
+    "runner": {"demands": [200, 400], "interval": 1.0, "inflight": 8,
+               "warm_secs": 0.5, "secs": 1.0},
 }
 
 
@@ -651,9 +656,63 @@ def fig10_daemon_nats(ctx: Ctx) -> list[dict]:
     ]
 
 
+# ------------------------------------------- figure 11: the Runner with one plugin
+
+SUSTAINED = 2500            # ticks/s the daemon must keep up with (issue 17)
+LATE_P99_MS = 100.0
+
+
+def fig11_runner_plugin(ctx: Ctx) -> list[dict]:
+    """The daemon (Runner, sqlite state, synchronous FULL) with one supervised
+    long-lived plugin over the Unix socket, at rising demands up to 2x the
+    sustained target: done vs demanded ticks/s, firing lateness, commit
+    batches and latency, and ``status``/a signal answered meanwhile."""
+    s = ctx.sizes["runner"]
+    rows = []
+    ctx.raw["fig11"] = []
+    for demand in s["demands"]:
+        jobs = int(demand * s["interval"])
+        ctx.log(f"fig 11: Runner, one plugin, {demand:,} ticks/s demanded ({jobs:,} jobs) ...")
+        r = workers.call_worker("runner-plugin", {"demand": demand, "jobs": jobs,
+                                                  "inflight": s["inflight"],
+                                                  "warm_secs": s["warm_secs"],
+                                                  "secs": s["secs"]},
+                                timeout=ctx.timeout(300))
+        ctx.raw["fig11"].append(r)
+        late, b, c = r["lateness_ms"], r["commit_batch"], r["commit_latency_ms"]
+        answered = max(r["status_ms"]["max"], r["signal_ms"]["max"])
+        done = r["done_rate"]
+        # At capacity every job waits its turn: one round of all jobs at the
+        # rate done is what the overload demands, no more.
+        round_ms = jobs / max(done, 1e-9) * 1e3
+        overload = demand > SUSTAINED and not ctx.smoke
+        if overload:
+            target = ("bounded: lateness p99 <= one round of all jobs at the done rate "
+                      "+ 100 ms, not growing; status and a signal answered < 1 s")
+            met = (late["p99"] <= round_ms + 100
+                   and r["lateness_ms_second_half"]["p99"]
+                   <= r["lateness_ms_first_half"]["p99"] * 1.25 + 100
+                   and answered < 1000)
+        else:
+            target = f"done >= 99% of demand, lateness p99 <= {LATE_P99_MS:g} ms"
+            met = done >= 0.99 * demand and late["p99"] <= LATE_P99_MS
+        rows.append(row(
+            "11", f"Runner + one long-lived plugin, {demand:,} ticks/s demanded: done",
+            done, "ticks/s", "demand", demand, p99=late["p99"], target=target, met=met,
+            notes=f"p99 is lateness in ms (p50 {late['p50']:.1f}; 1st/2nd half p99 "
+                  f"{r['lateness_ms_first_half']['p99']:.0f}/"
+                  f"{r['lateness_ms_second_half']['p99']:.0f}); {jobs:,} jobs every "
+                  f"{r['every_secs']:g} s, {s['inflight']} ticks in flight; commit batch "
+                  f"max {b['max']}, commit latency p99 {c['p99']:.0f} ms max {c['max']:.0f} "
+                  f"ms; status max {r['status_ms']['max']:.0f} ms, signal max "
+                  f"{r['signal_ms']['max']:.0f} ms; daemon CPU "
+                  f"{r['daemon_cpu_us_per_tick']:.0f} us/tick"))
+    return rows
+
+
 FIGURES = {1: fig1_round_trip, 2: fig2_throughput, 3: fig3_ephemeral, 4: fig4_scheduler,
            5: fig5_router, 6: fig6_startup, 7: fig7_memory, 8: fig8_nats_client,
-           9: fig9_stdio, 10: fig10_daemon_nats}
+           9: fig9_stdio, 10: fig10_daemon_nats, 11: fig11_runner_plugin}
 
 
 # ------------------------------------------------------------------- the table
@@ -796,7 +855,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes, no peers, no installs (CI); < 60 s")
-    p.add_argument("--only", metavar="N[,N]", help="run only these figures (1-10)")
+    p.add_argument("--only", metavar="N[,N]", help="run only these figures (1-11)")
     p.add_argument("--json", metavar="PATH", default=os.path.join(BENCH_DIR, "results.json"),
                    help="write the figures here (default: bench/results.json)")
     p.add_argument("--no-peers", action="store_true",

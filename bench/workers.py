@@ -13,6 +13,7 @@ import gc
 import json
 import os
 import random
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -556,27 +557,25 @@ def w_memory_idle(a: dict) -> dict:
         threads = threading.active_count()
     finally:
         runner.stop()
-    for root, dirs, files in os.walk(tmp, topdown=False):
-        for f in files:
-            os.unlink(os.path.join(root, f))
-        for d in dirs:
-            os.rmdir(os.path.join(root, d))
-    os.rmdir(tmp)
+    shutil.rmtree(tmp)
     return {"import_only": base, "daemon": me, "plugins": kids, "threads": threads,
             "wakeups_per_s": {"daemon": wakeups[os.getpid()],
                               "plugins": sum(v for k, v in wakeups.items() if k != os.getpid())}}
 
 
-def context_switches(pid: int, skip: str = "") -> int:
-    """Voluntary and involuntary context switches so far of every thread of
-    ``pid`` but ``skip`` (a thread asleep without a timeout adds none)."""
+def context_switches(pid: int, skip: str = "", voluntary_only: bool = False) -> int:
+    """Context switches so far of every thread of ``pid`` but ``skip`` (a
+    thread asleep without a timeout adds none); ``voluntary_only``: only the
+    waits, not the preemptions."""
+    wanted = (("voluntary_ctxt_switches:",) if voluntary_only else
+              ("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"))
     total = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         if tid == skip:
             continue
         try:
             with open(f"/proc/{pid}/task/{tid}/status", encoding="ascii") as f:
-                total += sum(int(line.split()[1]) for line in f if "ctxt_switches:" in line)
+                total += sum(int(line.split()[1]) for line in f if line.startswith(wanted))
         except FileNotFoundError:
             pass                                   # a thread that just ended
     return total
@@ -754,9 +753,155 @@ def _churn(tick, warm_ticks: int, ticks: int, count) -> dict:
     return _diff(s1, s2, cur1, cur2, peak, c2 - c1, elapsed, samples)
 
 
+# ------------------------------------------- figure 11: the Runner with one plugin
+
+def w_runner_plugin(a: dict) -> dict:
+    """A daemon (Runner, sqlite state, synchronous FULL) with ``jobs`` jobs on
+    one supervised long-lived SDK plugin over the Unix-socket broker, at a
+    demand of ``demand`` ticks/s (every job every ``jobs / demand`` s, slots
+    spread evenly: each job's first slot is stored before start).
+
+    Observed for ``secs`` after ``warm_secs``: ticks started and stored per
+    second, firing lateness (a tick's start in the Runner minus its slot),
+    every commit transaction's size and time, each commit's latency (queued
+    to stored), and how long ``status()`` and a signal take to be answered
+    meanwhile (a thread asks every second: status() of 10,000 jobs is not free)."""
+    import signal
+    import nexo_poller as nx
+    demand, jobs = a["demand"], a["jobs"]
+    every = jobs / demand
+    tmp = tempfile.mkdtemp(prefix="nexo-bench-runner-")
+    folder = os.path.join(tmp, "p0")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "nexo-plugin.toml"), "w") as fh:
+        fh.write(MANIFEST.replace("max_concurrent_ticks = 4",
+                                  f"max_concurrent_ticks = {a['inflight']}").format(
+            id="p0", python=sys.executable, plugin=PLUGIN, kind="bench"))
+    doc = {"state_db": os.path.join(tmp, "state.db"), "default_jitter_ms": 0,
+           "plugins": [folder],
+           "jobs": [{"id": f"j{i}", "kind": "bench", "schedule": {"every_secs": every}}
+                    for i in range(jobs)]}
+    cfg = nx.config_from_dict(doc, base_dir=tmp)
+    pc = time.perf_counter
+    window = {"on": False}
+    late: list = []
+    stored = [0]
+    batches: list = []
+    commit_lat: list = []
+
+    class Observed(nx.Runner):
+        def _tick(self, job, slot, **kw):
+            if slot is not None and window["on"]:
+                late.append(time.time() - job.next_run_at)
+            return super()._tick(job, slot, **kw)
+
+        def _committed(self, *args):
+            if window["on"]:
+                stored[0] += 1
+            return super()._committed(*args)
+
+    runner = Observed(cfg)
+    runner.open()
+    st = runner.state
+    # Every job's first slot, stored: spread evenly over one interval.
+    key = {j.cfg.id: j.key for j in runner._jobs.values()}
+    base = time.time() + a.get("lead_secs", 2.0)
+    granted = st.claim({f"j{i}": base + 3600 for i in range(jobs)}, time.time())
+    left = [jobs]
+    all_in = threading.Event()
+
+    def one_in(result):
+        left[0] -= 1
+        if left[0] == 0:
+            all_in.set()
+    for i in range(jobs):
+        s = granted[f"j{i}"]
+        st.commit(s.replace(next_run_at=base + i * every / jobs, schedule_key=key[s.id]),
+                  one_in)
+    all_in.wait(120)
+
+    write_batch, commit = st._write_batch, st.commit
+
+    def timed_batch(batch, *args, **kw):
+        t = pc()
+        try:
+            return write_batch(batch, *args, **kw)
+        finally:
+            if window["on"]:
+                batches.append((len(batch), pc() - t))
+
+    def timed_commit(state, done=None, **kw):
+        t = pc()
+
+        def done_timed(result):
+            if window["on"]:
+                commit_lat.append(pc() - t)
+            if done is not None:
+                done(result)
+        return commit(state, done_timed, **kw)
+    st._write_batch, st.commit = timed_batch, timed_commit
+
+    status_s: list = []
+    signal_s: list = []
+    sent = [0.0]
+    signal.signal(signal.SIGUSR1, lambda *_: signal_s.append(pc() - sent[0]))
+    stop_probe = threading.Event()
+
+    def probe():
+        while not stop_probe.wait(1.0):
+            t = pc()
+            runner.status()
+            status_s.append(pc() - t)
+            sent[0] = pc()
+            os.kill(os.getpid(), signal.SIGUSR1)    # answered in the main thread
+    def switches() -> int:
+        return context_switches(os.getpid(), voluntary_only=True)
+    cpu0 = None
+    try:
+        runner.start()
+        wait = base - time.time()
+        if wait > 0:
+            time.sleep(wait)
+        time.sleep(a["warm_secs"])
+        threading.Thread(target=probe, daemon=True).start()
+        cpu0, sw0 = os.times(), switches()
+        window["on"] = True
+        t0 = pc()
+        end = t0 + a["secs"]
+        while pc() < end:
+            time.sleep(0.05)                         # the main thread answers signals here
+        window["on"] = False
+        elapsed = pc() - t0
+        cpu1, sw1 = os.times(), switches()
+        stop_probe.set()
+        backlog = sum(1 for s in runner.status() if s["running"])
+    finally:
+        t_stop = pc()
+        runner.stop()
+        stop_secs = pc() - t_stop
+    shutil.rmtree(tmp)
+    half = len(late) // 2
+    ms = [x * 1e3 for x in late]
+    return {"demand": demand, "jobs": jobs, "every_secs": every, "secs": elapsed,
+            "started_rate": len(late) / elapsed, "done_rate": stored[0] / elapsed,
+            "lateness_ms": summary(ms),
+            "lateness_ms_first_half": summary(ms[:half]),
+            "lateness_ms_second_half": summary(ms[half:]),
+            "commit_batch": summary([b for b, _ in batches]),
+            "commit_txn_ms": summary([t * 1e3 for _, t in batches]),
+            "commit_latency_ms": summary([t * 1e3 for t in commit_lat]),
+            "status_ms": summary([t * 1e3 for t in status_s]),
+            "signal_ms": summary([t * 1e3 for t in signal_s]),
+            "daemon_cpu_us_per_tick": ((cpu1.user + cpu1.system - cpu0.user - cpu0.system)
+                                       / max(1, stored[0]) * 1e6),
+            "switches_per_tick": (sw1 - sw0) / max(1, stored[0]),
+            "running_at_end": backlog, "stop_secs": stop_secs}
+
+
 WORKERS = {"broker": w_broker, "stdio": w_stdio, "daemon-nats": w_daemon_nats, "broker-client": w_broker_client, "nats-client": w_nats_client,
            "ephemeral": w_ephemeral, "sched": w_sched, "router": w_router,
-           "memory-idle": w_memory_idle, "memory-churn": w_memory_churn}
+           "memory-idle": w_memory_idle, "memory-churn": w_memory_churn,
+           "runner-plugin": w_runner_plugin}
 
 if __name__ == "__main__":
     emit(WORKERS[sys.argv[1]](json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}))

@@ -483,6 +483,8 @@ class _FakeRunner:
     def __init__(self):
         self._metrics = nx._Metrics()
         self._supervisors = {}
+        self._lanes = {}
+        self._cond = threading.Condition()
         self._publisher = None
         self.state = None
         self.state_error = None

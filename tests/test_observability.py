@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import unittest
 import urllib.error
 import urllib.request
@@ -249,7 +250,8 @@ class TestMetricsEndpoint(Case):
             "nexo_poller_outbox_oldest_age_seconds": "gauge",
             "nexo_poller_state_errors_total": "counter",
             "nexo_poller_state_ok": "gauge",
-            "nexo_poller_plugin_restarts_total": "counter"})
+            "nexo_poller_plugin_restarts_total": "counter",
+            "nexo_poller_ticks_waiting": "gauge"})
         for name in types:
             self.assertIn(f"# HELP {name} ", body)
 
@@ -374,6 +376,32 @@ class TestMetricsEndpoint(Case):
         self.assertFalse("Traceback" in proc.stderr, f"a traceback, ending {last[0]!r}")
         self.assertNotIn(proc.returncode, (0, 1), proc.stderr)   # 1 means "a tick failed"
         self.assertIn(addr, proc.stderr)
+
+    def test_ticks_waiting_for_a_busy_lane_are_counted(self):
+        # Saturation as an operator sees it: due ticks queued behind a plugin
+        # (here an in-process kind) that has no free slot.
+        entered, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        class Held(Scripted):
+            max_concurrent_ticks = 1
+
+            def tick(self, ctx):
+                entered.set()
+                release.wait(WAIT)
+                return TickAck()
+        r = self.runner(self.config([self.job(f"j{i}") for i in range(3)]), Held())
+
+        def waiting():
+            _, samples = parse_exposition(self, r._metrics.render(r))
+            return {lb["lane"]: v for lb, v in series(samples, "nexo_poller_ticks_waiting")}
+        self.assertEqual(waiting(), {"kind:mem": 0})
+        self.assertEqual(r.fire_due(), 3)
+        self.assertTrue(entered.wait(WAIT))
+        self.assertEqual(waiting(), {"kind:mem": 2})
+        release.set()
+        self.assertTrue(r.wait_idle(WAIT))
+        self.assertEqual(waiting(), {"kind:mem": 0})
 
     def test_label_values_are_escaped(self):
         kind = 'we"ird\\kind\nline'            # in-process kinds are free-form

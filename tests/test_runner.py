@@ -628,6 +628,24 @@ class ConcurrencyTests(RunnerCase):
         for i in ids:
             self.assertEqual(self.status(r, i)["last_status"], "ok")
 
+    def test_a_finished_tick_starts_the_next_waiting_one_on_its_own_thread(self):
+        # Under load a lane always has a tick waiting: the worker that frees a
+        # slot runs it itself instead of waking another thread for it.
+        entered, release, slow = self.gate()
+        threads = []
+        p = Scripted(default=lambda ctx: threads.append(threading.get_ident()) or TickAck(),
+                     script={"j0": [slow]}, max_concurrent_ticks=1)
+        ids = [f"j{i}" for i in range(4)]
+        r = self.runner(self.config([self.job(i) for i in ids]), p)
+        self.assertEqual(r.fire_due(), 4)
+        self.assertTrue(entered.wait(WAIT))         # j0 holds the lane; j1..j3 wait
+        first = r._pool._threads
+        release.set()
+        self.assertTrue(r.wait_idle(WAIT))
+        self.assertEqual(sorted(c.job_id for c in p.calls), ids)
+        self.assertEqual(len(set(threads)), 1, "the waiting ticks ran on other threads")
+        self.assertEqual(r._pool._threads, first, "a thread was started for a waiting tick")
+
     def test_two_runners_on_one_state_never_tick_the_same_job(self):
         cfg = self.config([self.job(every=10)])
         entered, release, slow = self.gate()

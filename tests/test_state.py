@@ -179,6 +179,17 @@ class SchemaTests(_Tmp):
         self.assertIn("version", str(cm.exception))
 
 
+class JobStateTests(unittest.TestCase):
+
+    def test_replace_copies_changes_only_known_fields_and_leaves_the_original(self):
+        s = JobState("j", cursor=b"c", revision=3)
+        t = s.replace(paused=True, revision=4)
+        self.assertEqual(t, JobState("j", cursor=b"c", paused=True, revision=4))
+        self.assertEqual(s, JobState("j", cursor=b"c", revision=3))
+        with self.assertRaises(TypeError):
+            s.replace(no_such_field=1)
+
+
 class GroupCommitTests(_Tmp):
 
     def test_many_submits_from_many_threads_all_commit_and_ack_once(self):
@@ -312,6 +323,77 @@ class GroupCommitTests(_Tmp):
         self.assertTrue(later.wait(2), "writer thread died")
         ids = {r[0] for r in self.raw().execute("SELECT id FROM jobs")}
         self.assertEqual(ids, {"ok1", "ok2", "later"})
+
+    def test_a_commit_stores_a_bounded_batch_and_keeps_the_queue_order(self):
+        # However far the queue has grown, one transaction takes at most
+        # _COMMIT_BATCH_MAX writes: its commit (and the lock it holds) stays short.
+        store = self.open_store()
+        sizes: list[int] = []
+        write_batch = store._write_batch
+
+        def recorded(batch):
+            sizes.append(len(batch))
+            return write_batch(batch)
+        store._write_batch = recorded
+        gate = self._block_writer(store)
+        total = 2 * np._COMMIT_BATCH_MAX + 5
+        order: list[int] = []
+        finished = threading.Event()
+
+        def done_for(i):
+            def done(result):
+                self.assertNotIsInstance(result, BaseException)
+                order.append(i)
+                if len(order) == total:
+                    finished.set()
+            return done
+        for i in range(total):
+            store.submit(lambda db, i=i: db.execute("INSERT INTO jobs (id) VALUES (?)",
+                                                    (f"j{i}",)), done_for(i))
+        gate.set()
+        self.assertTrue(finished.wait(WAIT))
+        self.assertEqual(order, list(range(total)))
+        self.assertEqual(sum(sizes[1:]), total)          # sizes[0]: the blocker's batch
+        self.assertEqual(max(sizes), np._COMMIT_BATCH_MAX)
+        self.assertEqual(len(sizes[1:]), 3)
+        count = self.raw().execute("SELECT count(*) FROM jobs").fetchone()[0]
+        self.assertEqual(count, total)
+
+    def test_writes_of_a_batch_run_without_a_savepoint_each_until_one_fails(self):
+        # The fast path: one transaction, no SAVEPOINT/RELEASE per write; a
+        # failing write sends the batch round again, each write isolated.
+        store = self.open_store()
+        statements: list[str] = []
+        gate = self._block_writer(store)
+        finished = threading.Event()
+        results: list = []
+
+        def trace(db):
+            db.set_trace_callback(statements.append)
+        store.submit(trace)
+        for i in range(3):
+            store.submit(lambda db, i=i: db.execute("INSERT INTO jobs (id) VALUES (?)",
+                                                    (f"j{i}",)))
+        store.submit(lambda db: None, lambda r: finished.set())
+        gate.set()
+        self.assertTrue(finished.wait(WAIT))
+        self.assertFalse([s for s in statements if "SAVEPOINT" in s], statements)
+        finished.clear()
+        gate = self._block_writer(store)
+        store.submit(lambda db: db.execute("INSERT INTO jobs (id) VALUES ('a')"),
+                     results.append)
+        store.submit(lambda db: db.execute("INSERT INTO jobs (id) VALUES ('a')"),
+                     results.append)                      # the same key: fails
+        store.submit(lambda db: db.execute("INSERT INTO jobs (id) VALUES ('b')"),
+                     lambda r: (results.append(r), finished.set()))
+        gate.set()
+        self.assertTrue(finished.wait(WAIT))
+        self.assertNotIsInstance(results[0], BaseException)
+        self.assertIsInstance(results[1], StateError)
+        self.assertNotIsInstance(results[2], BaseException)
+        self.assertTrue([s for s in statements if "SAVEPOINT" in s])
+        ids = {r[0] for r in self.raw().execute("SELECT id FROM jobs")}
+        self.assertEqual(ids, {"j0", "j1", "j2", "a", "b"})
 
     def test_close_commits_queued_writes(self):
         store = SqliteStateStore(self.path)
