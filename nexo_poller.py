@@ -4699,6 +4699,16 @@ class StateStore:
         """Every item in the outbox (or among the dead letters), oldest first."""
         raise NotImplementedError
 
+    def outbox_counts(self) -> dict[str, tuple[int, float]]:
+        """Undelivered items per job: (how many, the oldest one's
+        ``created_at``), for metrics and status, which need no bodies.  A
+        backend that can count without reading the items overrides it."""
+        counts: dict[str, tuple[int, float]] = {}
+        for item in self.outbox():
+            n, oldest = counts.get(item.job, (0, item.created_at))
+            counts[item.job] = (n + 1, min(oldest, item.created_at))
+        return counts
+
     def outbox_retry(self, ids: Iterable[str] | None = None) -> int:
         """Make items due now, and bring dead letters back (all, or ``ids``)."""
         raise NotImplementedError
@@ -5296,6 +5306,15 @@ class SqliteStateStore(StateStore):
                 return []                       # a version 1 file has no outbox
             raise
         return [OutboxItem(*r) for r in rows]
+
+    def outbox_counts(self) -> dict[str, tuple[int, float]]:
+        try:
+            rows = self._read("SELECT job, COUNT(*), MIN(created_at) FROM outbox GROUP BY job")
+        except StateError:
+            if self._schema_version_now() == "1":
+                return {}                       # a version 1 file has no outbox
+            raise
+        return {job: (n, oldest) for job, n, oldest in rows}
 
     def _schema_version_now(self) -> str | None:
         with self._lock:
@@ -8502,15 +8521,12 @@ class _Metrics:
         for outcome in ("delivered", "retried", "dead"):
             out.append(f"nexo_poller_deliveries_total{lbl(outcome=outcome)} "
                        f"{getattr(pub, outcome) if pub else 0}")
-        try:
-            pending = runner.state.outbox() if runner.state is not None else []
-        except StateError:
-            pending = []
+        pending = _outbox_counts(runner)
         family("nexo_poller_outbox_depth", "gauge", "Messages waiting in the outbox.")
-        out.append(f"nexo_poller_outbox_depth {len(pending)}")
+        out.append(f"nexo_poller_outbox_depth {sum(n for n, _ in pending.values())}")
         family("nexo_poller_outbox_oldest_age_seconds", "gauge",
                "Age of the oldest undelivered message (0 when none).")
-        oldest = min((i.created_at for i in pending), default=None)
+        oldest = min((at for _, at in pending.values()), default=None)
         out.append("nexo_poller_outbox_oldest_age_seconds "
                    f"{0 if oldest is None else max(0.0, runner.clock() - oldest):.3f}")
         family("nexo_poller_state_errors_total", "counter",
@@ -8621,15 +8637,18 @@ def _plugin_states(runner: "Runner") -> list[dict]:
     return out
 
 
+def _outbox_counts(runner: "Runner") -> dict[str, tuple[int, float]]:
+    """The outbox per job, or nothing while the state cannot be read (the
+    state gauges say so)."""
+    try:
+        return runner.state.outbox_counts() if runner.state is not None else {}
+    except StateError:
+        return {}
+
+
 def _admin_jobs(runner: "Runner") -> list[dict]:
     """GET /admin/pollers: nexo's fields, then what this project adds."""
-    try:
-        pending = runner.state.outbox() if runner.state is not None else []
-    except StateError:
-        pending = []
-    undelivered: dict[str, int] = {}
-    for item in pending:
-        undelivered[item.job] = undelivered.get(item.job, 0) + 1
+    undelivered = {job: n for job, (n, _) in _outbox_counts(runner).items()}
     plugins = {p["id"]: p for p in _plugin_states(runner)}
     with runner._cond:
         schedules = {j.cfg.id: _schedule_text(j.cfg.schedule) for j in runner._jobs.values()}
@@ -9978,8 +9997,7 @@ def _print_status(config: DaemonConfig, as_json: bool) -> int:
         store = _config_state(config, readonly=True)
         try:
             states, daemons = store.load(), store.daemons()
-            for item in store.outbox():
-                undelivered[item.job] = undelivered.get(item.job, 0) + 1
+            undelivered = {job: n for job, (n, _) in store.outbox_counts().items()}
         finally:
             store.close()
     running = set().union(*daemons.values()) if daemons else set()

@@ -87,6 +87,7 @@ class BackendTests(LiveCase):
         self.assertEqual(loaded["j.1"].cursor, b"\x00\xffcur")
         self.assertEqual(loaded["j.1"].lease_owner, a.owner)
         self.assertEqual([i.id for i in a.outbox_pending()], ["e1"])
+        self.assertEqual(a.outbox_counts(), {"j.1": (1, item.created_at)})
         a.outbox_settle(delivered=[item])
         self.assertEqual(a.outbox(), [])
         self.assertEqual(a.load(["j.1"])["j.1"].delivered_total, 1)

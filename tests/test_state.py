@@ -416,6 +416,22 @@ class GroupCommitTests(_Tmp):
             store.submit(lambda db: None)
 
 
+class OutboxCountTests(_Tmp):
+    def test_counts_per_job_match_the_items_without_reading_them(self):
+        store = self.open_store(owner="o")
+        got = store.claim({"a": 1e12, "b": 1e12}, 0.0)
+        items = {"a": [np.OutboxItem("e1", "a", "delivery", "t", "{}", 30.0),
+                       np.OutboxItem("e2", "a", "alert", "t", "{}", 10.0)],
+                 "b": [np.OutboxItem("e3", "b", "delivery", "t", "{}", 20.0)]}
+        for job, box in items.items():
+            self.assertTrue(store.commit_now(got[job], outbox=box))
+        self.assertEqual(store.outbox_counts(), {"a": (2, 10.0), "b": (1, 20.0)})
+        # The interface's own answer (from the items) agrees with the SQL one.
+        self.assertEqual(np.StateStore.outbox_counts(store), store.outbox_counts())
+        store.outbox_settle(delivered=items["b"])
+        self.assertEqual(store.outbox_counts(), {"a": (2, 10.0)})
+
+
 class ClaimTests(_Tmp):
 
     def setUp(self):
