@@ -1461,6 +1461,12 @@ _ACCEPT_BACKOFF_MAX_SECS = 1.0
 _ACCEPT_LOG_EVERY_SECS = 10.0         # one log line per interval while it lasts
 _NO_FDS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 BROKER_DEFAULT_TIMEOUT_MS = 30_000
+_RECV_BYTES = 262144                  # one read from a broker socket, at most
+# How long a client's reading thread runs a handler itself before the
+# reading role is taken from it: a slow handler delays messages read after
+# it by at most this much; a fast one (a tick's usual case) costs no
+# thread hand-off at all.
+_INLINE_GRACE_SECS = 0.02
 
 # What identifies an over-long line's request, looked for in its first bytes.
 _LINE_HEAD_BYTES = 4096
@@ -2433,10 +2439,14 @@ class BrokerClient(_ClientBase):
     """A client of a BrokerServer over its Unix socket; thread-safe.
 
     Many requests may be in flight at once.  Reading follows the
-    leader/follower pattern: one thread reads; when it meets a message for
-    a handler it passes the reading role to an idle thread and runs the
-    handler itself, so handlers never block reading and a tick's reply
-    costs no thread hand-off.
+    leader/follower pattern, handing the role on only when it must: the
+    one thread that reads runs the handlers of the messages it read itself,
+    one after the other, and then reads on, so a tick costs no thread
+    hand-off.  A handler that runs longer than ``_INLINE_GRACE_SECS`` gets
+    the reading role taken from its thread (by a watchdog thread that wakes
+    only while handlers run): an idle thread reads on and the messages
+    queued behind the slow one go to the pool, so a slow handler delays
+    the others by at most that grace.
     """
 
     def __init__(self, sock: socket.socket, url: str, max_workers: int = 32):
@@ -2450,9 +2460,18 @@ class BrokerClient(_ClientBase):
         self._ids = itertools.count(1)
         self._leader = threading.Lock()       # held by the one thread that reads
         self._buf = bytearray()
+        self._rbuf = bytearray(_RECV_BYTES)   # recv_into target, reused
         self._eof = False
-        self._tlock = threading.Lock()
+        self._work: deque = deque()           # handlers' work read, not yet run (leader)
+        self._tlock = threading.Lock()        # guards the counts and the inline state
         self._threads = self._idle = 0
+        self._inline: int | None = None       # sequence number of the handler run inline
+        self._inline_since = 0.0
+        self._inline_seq = itertools.count(1)
+        self._watching = False                # the watchdog is awake, not parked
+        self._watch_wake = threading.Lock()   # released to wake the parked watchdog
+        self._watch_wake.acquire()
+        threading.Thread(target=self._watch, name="nexo-broker-watch", daemon=True).start()
         self._spawn()
 
     def _spawn(self) -> None:
@@ -2573,49 +2592,85 @@ class BrokerClient(_ClientBase):
             self._leader.acquire()
             with self._tlock:
                 self._idle -= 1
-            try:
-                work = self._read_until_work()
-                if work is not None:
-                    with self._tlock:        # make sure someone goes on reading
-                        if self._idle == 0 and self._threads < self._max_workers:
-                            self._spawn()
-            finally:
-                self._leader.release()
-            if work is None:
+            if not self._lead():
+                self._leader.release()       # the next thread sees the end too
                 return
-            self._run_handler(*work)
 
-    def _read_until_work(self):
-        """Read and settle responses until a handler has work (leader only).
+    def _lead(self) -> bool:
+        """Read, and run the handlers' work read, inline (leader only).
 
-        Returns ``(handler, payload, inbox)`` for the caller to run, or None
-        once the connection is gone.  When one read brings several messages
-        for handlers, all but the last go to the pool.
+        Returns True when the watchdog took the reading role (and released
+        the leader's lock) while this thread ran a slow handler, False once
+        the connection is gone.
         """
-        while not self._eof:
+        while True:
+            if not self._work:
+                if self._eof or not self._read_work():
+                    return False
+                continue
+            work = self._work.popleft()
+            with self._tlock:
+                self._inline = seq = next(self._inline_seq)
+                self._inline_since = time.monotonic()
+                wake, self._watching = not self._watching, True
+            if wake:
+                self._watch_wake.release()
             try:
-                data = self._sock.recv(262144)
+                self._run_handler(*work)
+            finally:
+                with self._tlock:
+                    deposed = self._inline != seq
+                    self._inline = None
+            if deposed:
+                return True
+
+    def _read_work(self) -> bool:
+        """Read and settle responses until handlers have work (leader only);
+        False once the connection is gone."""
+        view = memoryview(self._rbuf)
+        while True:
+            try:
+                n = self._sock.recv_into(self._rbuf)
             except OSError:
-                data = b""
-            if not data:
+                n = 0
+            if not n:
                 self._eof = True
                 self._lost()
-                return None
-            self._buf += data
-            if b"\n" not in data:
+                return False
+            self._buf += view[:n]
+            if self._rbuf.find(b"\n", 0, n) < 0:
                 continue
             lines = self._buf.split(b"\n")
             self._buf = bytearray(lines.pop())
-            work = None
             for line in lines:
                 item = self._on_line(line) if line else None
                 if item is not None:
-                    if work is not None:
-                        self._submit(*work)
-                    work = item
-            if work is not None:
-                return work
-        return None
+                    self._work.append(item)
+            if self._work:
+                return True
+
+    def _watch(self) -> None:
+        """The watchdog: while handlers run inline it looks every grace
+        period, and takes the reading role from a handler that has run for
+        longer; it parks (no wake-ups) once none is running."""
+        while True:
+            self._watch_wake.acquire()
+            while not self.closed.wait(_INLINE_GRACE_SECS):
+                with self._tlock:
+                    if self._inline is None:
+                        self._watching = False
+                        break
+                    if time.monotonic() - self._inline_since < _INLINE_GRACE_SECS:
+                        continue
+                    self._inline = None          # its thread finds it was deposed
+                    if self._idle == 0 and self._threads < self._max_workers:
+                        self._spawn()
+                    queued, self._work = self._work, deque()
+                for work in queued:              # they would wait behind the slow one
+                    self._submit(*work)
+                self._leader.release()           # on the slow thread's behalf
+            if self.closed.is_set():
+                return
 
     def _on_line(self, line: bytes):
         """Settle a response, or return a handler's work for a message."""
@@ -2646,6 +2701,10 @@ class BrokerClient(_ClientBase):
     def _lost(self) -> None:
         with self._wlock:
             self.closed.set()
+        with self._tlock:
+            if not self._watching:
+                self._watching = True
+                self._watch_wake.release()   # the parked watchdog ends
         for waiter in list(self._pending.values()):
             waiter.set(None, {"code": BROKER_CLOSED, "message": "connection to broker lost"})
         self._shutdown_pool()

@@ -499,6 +499,59 @@ class RequestReplyTests(_ServerCase):
         self.assertEqual(errors, [])
         self.assertEqual(results, [{"n": i, "twice": 2 * i} for i in range(64)])
 
+    def test_slow_handler_does_not_hold_up_the_messages_after_it(self):
+        """Handlers run in the reading thread; one that blocks has the
+        reading role taken from it, and the requests read after it (one at a
+        time, and a burst read together) are answered while it still runs."""
+        responder = self.connect()
+        release = threading.Event()
+
+        def handle(p):
+            if p == "slow":
+                return release.wait(WAIT * 3)   # True once the others were answered
+            return p
+        responder.subscribe("svc.mixed", handle)
+        requester = self.connect()
+        slow = {}
+        t = threading.Thread(target=lambda: slow.update(
+            out=requester.request("svc.mixed", "slow", WAIT * 3)))
+        t.start()
+        try:
+            self.assertEqual(requester.request("svc.mixed", 1, WAIT), 1)
+            results = [None] * 16
+            start = threading.Barrier(16)
+
+            def ask(i):
+                start.wait(WAIT)
+                results[i] = requester.request("svc.mixed", i, WAIT)
+            burst = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+            for b in burst:
+                b.start()
+            for b in burst:
+                b.join(WAIT * 2)
+            self.assertEqual(results, list(range(16)))
+        finally:
+            release.set()
+            t.join(WAIT)
+        self.assertEqual(slow, {"out": True})
+        self.assertEqual(requester.request("svc.mixed", 2, WAIT), 2)   # still served
+
+    def test_handlers_that_wait_for_each_other_all_run(self):
+        """Eight requests whose handlers each wait until all eight are
+        running: none may wait behind another for good."""
+        responder = self.connect()
+        meet = threading.Barrier(8)
+        responder.subscribe("svc.meet", lambda p: meet.wait(WAIT) >= 0)
+        requester = self.connect()
+        results = [None] * 8
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+            i, requester.request("svc.meet", i, WAIT * 2))) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT * 3)
+        self.assertEqual(results, [True] * 8)
+
     def test_handler_exception_becomes_broker_error(self):
         for rname, rmake in self.clients():
             for qname, qmake in self.clients():
