@@ -1504,13 +1504,17 @@ def _socket_path(url: str) -> str:
 
 class _Waiter:
     """A one-shot result slot; a pre-acquired lock is CPython's cheapest wake-up."""
-    __slots__ = ("_lock", "result", "error")
+    __slots__ = ("_lock", "result", "error", "following")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self.result: Any = None
         self.error: dict | None = None
+        self.following = False        # its requester waits for another thread to read
+
+    def done(self) -> bool:
+        return not self._lock.locked()
 
     def set(self, result: Any = None, error: dict | None = None) -> None:
         self.result, self.error = result, error
@@ -2447,6 +2451,12 @@ class BrokerClient(_ClientBase):
     only while handlers run): an idle thread reads on and the messages
     queued behind the slow one go to the pool, so a slow handler delays
     the others by at most that grace.
+
+    Requesters lead too: until the client subscribes or someone waits for
+    it to close, no thread reads between calls, and a requester that finds
+    nobody reading reads its own reply (no hand-off); it hands the reading
+    role on only when other requesters wait for theirs.  Until then a lost
+    connection shows at the next call.
     """
 
     def __init__(self, sock: socket.socket, url: str, max_workers: int = 32):
@@ -2471,8 +2481,20 @@ class BrokerClient(_ClientBase):
         self._watching = False                # the watchdog is awake, not parked
         self._watch_wake = threading.Lock()   # released to wake the parked watchdog
         self._watch_wake.acquire()
+        self._served = False                  # a thread reads at all times (subscribe)
+        self._followers = 0                   # requesters waiting for another's reading
+        self._poll = select.poll()            # a leading requester's wait, with its timeout
+        self._poll.register(sock, select.POLLIN)
         threading.Thread(target=self._watch, name="nexo-broker-watch", daemon=True).start()
-        self._spawn()
+
+    def _read_always(self) -> None:
+        """From now on a thread reads at all times: handlers and wait_closed need one."""
+        with self._tlock:
+            if self._served:
+                return
+            self._served = True
+            if self._threads == self._idle:     # none reads or is about to
+                self._spawn()
 
     def _spawn(self) -> None:
         """Start one more serving thread (``_tlock`` held or not yet shared)."""
@@ -2530,7 +2552,7 @@ class BrokerClient(_ClientBase):
         self._pending[req_id] = waiter
         try:
             self._send({"jsonrpc": "2.0", "id": req_id, "method": method, "params": params})
-            if not waiter.wait(timeout):
+            if not self._await(waiter, timeout, None):
                 raise _broker_error(BROKER_TIMEOUT, f"{method} timed out after {timeout:g}s")
         finally:
             self._pending.pop(req_id, None)
@@ -2543,6 +2565,7 @@ class BrokerClient(_ClientBase):
         """Run ``handler(payload)`` for each message; its return value answers requests."""
         sid = next(self._sids)
         self._handlers[sid] = handler      # before the broker can deliver to it
+        self._read_always()
         try:
             self._call("subscribe", {"topic": topic, "sid": sid, "queue": queue}, 10.0)
         except BaseException:
@@ -2572,10 +2595,47 @@ class BrokerClient(_ClientBase):
                         "params": {"topic": topic, "payload": payload, "timeout_ms": ms,
                                    "wait": wait}})
             # The broker answers a timeout itself; the grace covers a wedged broker.
-            answered = waiter.wait(secs + 1.0, cancel)
+            answered = self._await(waiter, secs + 1.0, cancel)
         finally:
             self._pending.pop(req_id, None)
         return self._outcome(waiter, answered, topic, secs, cancel)
+
+    def _await(self, waiter: _Waiter, secs: float, cancel: threading.Event | None) -> bool:
+        """Wait for a call's answer: read it when nobody else reads, else
+        follow (the reader sets the waiter)."""
+        with self._tlock:
+            lead = not self._served and self._leader.acquire(blocking=False)
+            if not lead:
+                waiter.following = True
+                self._followers += 1
+        if not lead:
+            answered = waiter.wait(secs, cancel)
+            with self._tlock:
+                if waiter.following:
+                    waiter.following = False
+                    self._followers -= 1
+            return answered
+        try:
+            return self._read_until(waiter, time.monotonic() + secs, cancel)
+        finally:
+            with self._tlock:                # others wait: a thread reads on for them
+                if self._followers and self._idle == 0 and not self._eof:
+                    self._spawn()
+                self._leader.release()
+
+    def _read_until(self, waiter: _Waiter, deadline: float,
+                    cancel: threading.Event | None) -> bool:
+        """Read until ``waiter`` is answered, the deadline passes or the
+        call is cancelled (a leading requester)."""
+        while not waiter.done():
+            left = deadline - time.monotonic()
+            if left <= 0 or (cancel is not None and cancel.is_set()) or self._eof:
+                return waiter.done()
+            if cancel is not None:
+                left = min(left, _CANCEL_POLL_SECS)
+            if self._poll.poll(int(left * 1000) + 1) and not self._read_once():
+                break
+        return waiter.done()
 
     def _post_reply(self, params: dict) -> None:
         try:
@@ -2593,15 +2653,17 @@ class BrokerClient(_ClientBase):
             with self._tlock:
                 self._idle -= 1
             if not self._lead():
-                self._leader.release()       # the next thread sees the end too
+                if self._eof:
+                    self._leader.release()   # the next thread sees the end too
                 return
 
     def _lead(self) -> bool:
         """Read, and run the handlers' work read, inline (leader only).
 
         Returns True when the watchdog took the reading role (and released
-        the leader's lock) while this thread ran a slow handler, False once
-        the connection is gone.
+        the leader's lock) while this thread ran a slow handler; False once
+        the connection is gone, or once no thread need read (the lock is
+        released then).
         """
         while True:
             if not self._work:
@@ -2626,28 +2688,38 @@ class BrokerClient(_ClientBase):
 
     def _read_work(self) -> bool:
         """Read and settle responses until handlers have work (leader only);
-        False once the connection is gone."""
-        view = memoryview(self._rbuf)
-        while True:
-            try:
-                n = self._sock.recv_into(self._rbuf)
-            except OSError:
-                n = 0
-            if not n:
-                self._eof = True
-                self._lost()
-                return False
-            self._buf += view[:n]
-            if self._rbuf.find(b"\n", 0, n) < 0:
-                continue
+        False once the connection is gone or no thread need read any more:
+        none is subscribed or waits for the end, and no requester waits."""
+        while self._read_once():
+            if self._work:
+                return True
+            with self._tlock:
+                if not self._served and not self._followers:
+                    self._threads -= 1
+                    self._leader.release()
+                    return False
+        return False
+
+    def _read_once(self) -> bool:
+        """One read: settle the responses, queue the handlers' work
+        (leader only); False once the connection is gone."""
+        try:
+            n = self._sock.recv_into(self._rbuf)
+        except OSError:
+            n = 0
+        if not n:
+            self._eof = True
+            self._lost()
+            return False
+        self._buf += memoryview(self._rbuf)[:n]
+        if self._rbuf.find(b"\n", 0, n) >= 0:
             lines = self._buf.split(b"\n")
             self._buf = bytearray(lines.pop())
             for line in lines:
                 item = self._on_line(line) if line else None
                 if item is not None:
                     self._work.append(item)
-            if self._work:
-                return True
+        return True
 
     def _watch(self) -> None:
         """The watchdog: while handlers run inline it looks every grace
@@ -2693,6 +2765,11 @@ class BrokerClient(_ClientBase):
         waiter = self._pending.get(msg.get("id")) if _is_int(msg.get("id")) else None
         if waiter is not None:
             error = msg.get("error")
+            if waiter.following:             # it no longer counts as waiting for a reader
+                with self._tlock:
+                    if waiter.following:
+                        waiter.following = False
+                        self._followers -= 1
             waiter.set(msg.get("result"), error if isinstance(error, dict) else None)
         elif "error" in msg:
             log.warning("broker error: %s", msg["error"])
@@ -2711,6 +2788,7 @@ class BrokerClient(_ClientBase):
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Block until the connection ends (the daemon went away or close())."""
+        self._read_always()
         return self.closed.wait(timeout)
 
     def close(self) -> None:
@@ -2718,6 +2796,12 @@ class BrokerClient(_ClientBase):
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        if self._leader.acquire(blocking=False):   # nobody reads: see the end here
+            try:
+                while not self._eof and self._read_once():
+                    pass
+            finally:
+                self._leader.release()
         self.closed.wait(5)                  # the reading thread saw the end
         self._sock.close()
 

@@ -536,6 +536,39 @@ class RequestReplyTests(_ServerCase):
         self.assertEqual(slow, {"out": True})
         self.assertEqual(requester.request("svc.mixed", 2, WAIT), 2)   # still served
 
+    def test_a_lone_requester_reads_its_own_reply(self):
+        """A client that has not subscribed keeps no thread reading between
+        calls: a lone requester reads its reply itself; concurrent ones
+        hand the reading role on, and the thread that read for them ends."""
+        responder = self.connect()
+        responder.subscribe("svc.echo", lambda p: p)
+        requester = self.connect()
+        for i in range(3):
+            self.assertEqual(requester.request("svc.echo", i, WAIT), i)
+            self.assertEqual(requester._threads, 0)
+        results = [None] * 16
+        start = threading.Barrier(16)
+
+        def ask(i):
+            start.wait(WAIT)
+            results[i] = requester.request("svc.echo", i, WAIT)
+        burst = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+        for b in burst:
+            b.start()
+        for b in burst:
+            b.join(WAIT * 2)
+        self.assertEqual(results, list(range(16)))
+        self.assertTrue(wait_until(lambda: requester._threads == 0), requester._threads)
+        self.assertEqual(requester.request("svc.echo", "again", WAIT), "again")
+
+    def test_a_lost_connection_fails_the_next_request(self):
+        requester = self.connect()
+        self.server.close()
+        with self.assertRaises(PluginPollerForwardError.Broker) as cm:
+            requester.request("svc.none", 1, WAIT)
+        self.assertIn(broker_code(cm.exception), (npl.BROKER_CLOSED, npl.BROKER_NO_RESPONDERS))
+        self.assertTrue(requester.wait_closed(WAIT))
+
     def test_handlers_that_wait_for_each_other_all_run(self):
         """Eight requests whose handlers each wait until all eight are
         running: none may wait behind another for good."""
