@@ -89,6 +89,22 @@ def broker_code(exc):
     return getattr(exc, "code", None)
 
 
+def burst(requester, topic, n):
+    """``n`` requests 0..n-1 sent at once from as many threads; their answers."""
+    results = [None] * n
+    start = threading.Barrier(n)
+
+    def ask(i):
+        start.wait(WAIT)
+        results[i] = requester.request(topic, i, WAIT)
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT * 2)
+    return results
+
+
 class BrokerLifecycleTests(unittest.TestCase):
 
     def test_default_path_start_url_close(self):
@@ -518,18 +534,7 @@ class RequestReplyTests(_ServerCase):
         t.start()
         try:
             self.assertEqual(requester.request("svc.mixed", 1, WAIT), 1)
-            results = [None] * 16
-            start = threading.Barrier(16)
-
-            def ask(i):
-                start.wait(WAIT)
-                results[i] = requester.request("svc.mixed", i, WAIT)
-            burst = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
-            for b in burst:
-                b.start()
-            for b in burst:
-                b.join(WAIT * 2)
-            self.assertEqual(results, list(range(16)))
+            self.assertEqual(burst(requester, "svc.mixed", 16), list(range(16)))
         finally:
             release.set()
             t.join(WAIT)
@@ -546,18 +551,7 @@ class RequestReplyTests(_ServerCase):
         for i in range(3):
             self.assertEqual(requester.request("svc.echo", i, WAIT), i)
             self.assertEqual(requester._threads, 0)
-        results = [None] * 16
-        start = threading.Barrier(16)
-
-        def ask(i):
-            start.wait(WAIT)
-            results[i] = requester.request("svc.echo", i, WAIT)
-        burst = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
-        for b in burst:
-            b.start()
-        for b in burst:
-            b.join(WAIT * 2)
-        self.assertEqual(results, list(range(16)))
+        self.assertEqual(burst(requester, "svc.echo", 16), list(range(16)))
         self.assertTrue(wait_until(lambda: requester._threads == 0), requester._threads)
         self.assertEqual(requester.request("svc.echo", "again", WAIT), "again")
 
