@@ -1692,6 +1692,7 @@ class BrokerServer:
         self._thread: threading.Thread | None = None
         self._listener: socket.socket | None = None
         self._wake_r = self._wake_w = -1
+        self._rbuf = bytearray(_RECV_BYTES)   # the loop thread's recv_into target
         self._stopping = False
         self._uid = os.getuid()
         # Out of file descriptors: accepting pauses (the listener leaves the
@@ -1955,24 +1956,26 @@ class BrokerServer:
         self._sel.unregister(self._listener)
 
     def _read(self, peer: _SocketPeer) -> None:
+        rbuf = self._rbuf                    # reused: recv(n) would allocate n bytes each time
         try:
-            data = peer.sock.recv(262144)
+            n = peer.sock.recv_into(rbuf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             self._close_peer(peer, "disconnected")
             return
+        start = 0
         if peer.skipping:                    # the rest of an over-long line: drop it
-            end = data.find(b"\n")
+            end = rbuf.find(b"\n", 0, n)
             if end < 0:
                 return
             peer.skipping = False
-            data = data[end + 1:]
+            start = end + 1
         buf = peer.inbuf
-        buf += data
-        if data.find(b"\n") < 0:
+        buf += memoryview(rbuf)[start:n]
+        if rbuf.find(b"\n", start, n) < 0:
             if len(buf) > BROKER_MAX_LINE_BYTES:
                 self._line_too_long(peer, buf, ended=False)
             return
