@@ -2469,6 +2469,7 @@ class BrokerClient(_ClientBase):
         self._wlock = threading.Lock()
         self._outq: list[bytes] = []          # lines waiting for the writer
         self._writing = False
+        self._corked = False                  # replies wait for the end of a batch
         self._pending: dict[int, _Waiter] = {}
         self._ids = itertools.count(1)
         self._leader = threading.Lock()       # held by the one thread that reads
@@ -2521,7 +2522,9 @@ class BrokerClient(_ClientBase):
 
     def _send(self, obj: dict) -> None:
         """Queue one line; the first thread to find nobody writing sends every
-        line queued meanwhile in one system call (write combining)."""
+        line queued meanwhile in one system call (write combining).  While
+        the reader runs a batch of handlers inline (``_corked``) their
+        replies wait and go out together once the batch is done."""
         data = _dumps(obj).encode() + b"\n"
         if len(data) > BROKER_MAX_LINE_BYTES + 1:
             raise _LineTooLong(f"{obj.get('method', 'message')} of {len(data) - 1} bytes is "
@@ -2531,9 +2534,25 @@ class BrokerClient(_ClientBase):
             if self.closed.is_set():
                 raise _broker_error(BROKER_CLOSED, "connection to broker is closed")
             self._outq.append(data)
-            if self._writing:
+            if self._writing or self._corked:
                 return
             self._writing = True
+        self._write_out()
+
+    def _uncork(self) -> None:
+        """End a batch: send the replies held back meanwhile (reader or watchdog)."""
+        with self._wlock:
+            self._corked = False
+            if self._writing or not self._outq:
+                return
+            self._writing = True
+        try:
+            self._write_out()
+        except PluginPollerForwardError:
+            pass                             # the connection is gone; the reader sees it
+
+    def _write_out(self) -> None:
+        """Send until nothing is queued (the writer's role held)."""
         try:
             while True:
                 with self._wlock:
@@ -2670,10 +2689,15 @@ class BrokerClient(_ClientBase):
         """
         while True:
             if not self._work:
+                if self._corked:
+                    self._uncork()
                 if self._eof or not self._read_work():
                     return False
                 continue
             work = self._work.popleft()
+            if self._work and not self._corked:
+                with self._wlock:            # more to run: their replies go out together
+                    self._corked = True
             with self._tlock:
                 self._inline = seq = next(self._inline_seq)
                 self._inline_since = time.monotonic()
@@ -2743,6 +2767,7 @@ class BrokerClient(_ClientBase):
                     queued, self._work = self._work, deque()
                 for work in queued:              # they would wait behind the slow one
                     self._submit(*work)
+                self._uncork()                   # the replies of the batch so far
                 self._leader.release()           # on the slow thread's behalf
             if self.closed.is_set():
                 return

@@ -662,6 +662,33 @@ class RequestReplyTests(_ServerCase):
         # tearDown still checks the (closed) broker's bookkeeping is empty.
 
 
+class ClientBatchTests(unittest.TestCase):
+    """BrokerClient against a scripted broker on a packet socket pair, where
+    each of the client's writes arrives as one packet."""
+
+    def test_replies_to_one_read_go_out_in_one_write(self):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        theirs.settimeout(WAIT)
+        client = BrokerClient(ours, "unix:///scripted")
+        self.addCleanup(theirs.close)
+        self.addCleanup(client.close)
+        done = threading.Event()
+        threading.Thread(target=lambda: (client.subscribe("svc.echo", lambda p: p),
+                                         done.set()), daemon=True).start()
+        call = json.loads(theirs.recv(65536))
+        self.assertEqual(call["method"], "subscribe")
+        theirs.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": True}).encode()
+                    + b"\n")
+        self.assertTrue(done.wait(WAIT))
+        sid = call["params"]["sid"]
+        theirs.send(b"".join(json.dumps({"jsonrpc": "2.0", "method": "message", "params": {
+            "sid": sid, "topic": "svc.echo", "payload": i, "inbox": 100 + i}}).encode() + b"\n"
+            for i in range(3)))
+        lines = theirs.recv(65536).splitlines()      # one write of the client
+        self.assertEqual([json.loads(line)["params"] for line in lines],
+                         [{"inbox": 100 + i, "payload": i} for i in range(3)])
+
+
 class BadInputTests(_ServerCase):
     """Malformed traffic on a raw socket gets the right error and harms nobody."""
 
