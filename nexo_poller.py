@@ -1472,6 +1472,12 @@ _ACCEPT_BACKOFF_MAX_SECS = 1.0
 _ACCEPT_LOG_EVERY_SECS = 10.0         # one log line per interval while it lasts
 _NO_FDS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 BROKER_DEFAULT_TIMEOUT_MS = 30_000
+_RECV_BYTES = 262144                  # one read from a broker socket, at most
+# How long a client's reading thread runs a handler itself before the
+# reading role is taken from it: a slow handler delays messages read after
+# it by at most this much; a fast one (a tick's usual case) costs no
+# thread hand-off at all.
+_INLINE_GRACE_SECS = 0.02
 
 # What identifies an over-long line's request, looked for in its first bytes.
 _LINE_HEAD_BYTES = 4096
@@ -1509,13 +1515,17 @@ def _socket_path(url: str) -> str:
 
 class _Waiter:
     """A one-shot result slot; a pre-acquired lock is CPython's cheapest wake-up."""
-    __slots__ = ("_lock", "result", "error")
+    __slots__ = ("_lock", "result", "error", "following")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self.result: Any = None
         self.error: dict | None = None
+        self.following = False        # its requester waits for another thread to read
+
+    def done(self) -> bool:
+        return not self._lock.locked()
 
     def set(self, result: Any = None, error: dict | None = None) -> None:
         self.result, self.error = result, error
@@ -1694,6 +1704,7 @@ class BrokerServer:
         self._thread: threading.Thread | None = None
         self._listener: socket.socket | None = None
         self._wake_r = self._wake_w = -1
+        self._rbuf = bytearray(_RECV_BYTES)   # the loop thread's recv_into target
         self._stopping = False
         self._uid = os.getuid()
         # Out of file descriptors: accepting pauses (the listener leaves the
@@ -1957,24 +1968,26 @@ class BrokerServer:
         self._sel.unregister(self._listener)
 
     def _read(self, peer: _SocketPeer) -> None:
+        rbuf = self._rbuf                    # reused: recv(n) would allocate n bytes each time
         try:
-            data = peer.sock.recv(262144)
+            n = peer.sock.recv_into(rbuf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             self._close_peer(peer, "disconnected")
             return
+        start = 0
         if peer.skipping:                    # the rest of an over-long line: drop it
-            end = data.find(b"\n")
+            end = rbuf.find(b"\n", 0, n)
             if end < 0:
                 return
             peer.skipping = False
-            data = data[end + 1:]
+            start = end + 1
         buf = peer.inbuf
-        buf += data
-        if data.find(b"\n") < 0:
+        buf += memoryview(rbuf)[start:n]
+        if rbuf.find(b"\n", start, n) < 0:
             if len(buf) > BROKER_MAX_LINE_BYTES:
                 self._line_too_long(peer, buf, ended=False)
             return
@@ -2445,10 +2458,20 @@ class BrokerClient(_ClientBase):
     """A client of a BrokerServer over its Unix socket; thread-safe.
 
     Many requests may be in flight at once.  Reading follows the
-    leader/follower pattern: one thread reads; when it meets a message for
-    a handler it passes the reading role to an idle thread and runs the
-    handler itself, so handlers never block reading and a tick's reply
-    costs no thread hand-off.
+    leader/follower pattern, handing the role on only when it must: the
+    one thread that reads runs the handlers of the messages it read itself,
+    one after the other, and then reads on, so a tick costs no thread
+    hand-off.  A handler that runs longer than ``_INLINE_GRACE_SECS`` gets
+    the reading role taken from its thread (by a watchdog thread that wakes
+    only while handlers run): an idle thread reads on and the messages
+    queued behind the slow one go to the pool, so a slow handler delays
+    the others by at most that grace.
+
+    Requesters lead too: until the client subscribes or someone waits for
+    it to close, no thread reads between calls, and a requester that finds
+    nobody reading reads its own reply (no hand-off); it hands the reading
+    role on only when other requesters wait for theirs.  Until then a lost
+    connection shows at the next call.
     """
 
     def __init__(self, sock: socket.socket, url: str, max_workers: int = 32):
@@ -2458,14 +2481,36 @@ class BrokerClient(_ClientBase):
         self._wlock = threading.Lock()
         self._outq: list[bytes] = []          # lines waiting for the writer
         self._writing = False
+        self._corked = False                  # replies wait for the end of a batch
         self._pending: dict[int, _Waiter] = {}
         self._ids = itertools.count(1)
         self._leader = threading.Lock()       # held by the one thread that reads
         self._buf = bytearray()
+        self._rbuf = bytearray(_RECV_BYTES)   # recv_into target, reused
         self._eof = False
-        self._tlock = threading.Lock()
+        self._work: deque = deque()           # handlers' work read, not yet run (leader)
+        self._tlock = threading.Lock()        # guards the counts and the inline state
         self._threads = self._idle = 0
-        self._spawn()
+        self._inline: int | None = None       # sequence number of the handler run inline
+        self._inline_since = 0.0
+        self._inline_seq = itertools.count(1)
+        self._watching = False                # the watchdog is awake, not parked
+        self._watch_wake = threading.Lock()   # released to wake the parked watchdog
+        self._watch_wake.acquire()
+        self._served = False                  # a thread reads at all times (subscribe)
+        self._followers = 0                   # requesters waiting for another's reading
+        self._poll = select.poll()            # a leading requester's wait, with its timeout
+        self._poll.register(sock, select.POLLIN)
+        threading.Thread(target=self._watch, name="nexo-broker-watch", daemon=True).start()
+
+    def _read_always(self) -> None:
+        """From now on a thread reads at all times: handlers and wait_closed need one."""
+        with self._tlock:
+            if self._served:
+                return
+            self._served = True
+            if self._threads == self._idle:     # none reads or is about to
+                self._spawn()
 
     def _spawn(self) -> None:
         """Start one more serving thread (``_tlock`` held or not yet shared)."""
@@ -2489,7 +2534,9 @@ class BrokerClient(_ClientBase):
 
     def _send(self, obj: dict) -> None:
         """Queue one line; the first thread to find nobody writing sends every
-        line queued meanwhile in one system call (write combining)."""
+        line queued meanwhile in one system call (write combining).  While
+        the reader runs a batch of handlers inline (``_corked``) their
+        replies wait and go out together once the batch is done."""
         data = _dumps(obj).encode() + b"\n"
         if len(data) > BROKER_MAX_LINE_BYTES + 1:
             raise _LineTooLong(f"{obj.get('method', 'message')} of {len(data) - 1} bytes is "
@@ -2499,9 +2546,25 @@ class BrokerClient(_ClientBase):
             if self.closed.is_set():
                 raise _broker_error(BROKER_CLOSED, "connection to broker is closed")
             self._outq.append(data)
-            if self._writing:
+            if self._writing or self._corked:
                 return
             self._writing = True
+        self._write_out()
+
+    def _uncork(self) -> None:
+        """End a batch: send the replies held back meanwhile (reader or watchdog)."""
+        with self._wlock:
+            self._corked = False
+            if self._writing or not self._outq:
+                return
+            self._writing = True
+        try:
+            self._write_out()
+        except PluginPollerForwardError:
+            pass                             # the connection is gone; the reader sees it
+
+    def _write_out(self) -> None:
+        """Send until nothing is queued (the writer's role held)."""
         try:
             while True:
                 with self._wlock:
@@ -2523,7 +2586,7 @@ class BrokerClient(_ClientBase):
         self._pending[req_id] = waiter
         try:
             self._send({"jsonrpc": "2.0", "id": req_id, "method": method, "params": params})
-            if not waiter.wait(timeout):
+            if not self._await(waiter, timeout, None):
                 raise _broker_error(BROKER_TIMEOUT, f"{method} timed out after {timeout:g}s")
         finally:
             self._pending.pop(req_id, None)
@@ -2536,6 +2599,7 @@ class BrokerClient(_ClientBase):
         """Run ``handler(payload)`` for each message; its return value answers requests."""
         sid = next(self._sids)
         self._handlers[sid] = handler      # before the broker can deliver to it
+        self._read_always()
         try:
             self._call("subscribe", {"topic": topic, "sid": sid, "queue": queue}, 10.0)
         except BaseException:
@@ -2565,10 +2629,47 @@ class BrokerClient(_ClientBase):
                         "params": {"topic": topic, "payload": payload, "timeout_ms": ms,
                                    "wait": wait}})
             # The broker answers a timeout itself; the grace covers a wedged broker.
-            answered = waiter.wait(secs + 1.0, cancel)
+            answered = self._await(waiter, secs + 1.0, cancel)
         finally:
             self._pending.pop(req_id, None)
         return self._outcome(waiter, answered, topic, secs, cancel)
+
+    def _await(self, waiter: _Waiter, secs: float, cancel: threading.Event | None) -> bool:
+        """Wait for a call's answer: read it when nobody else reads, else
+        follow (the reader sets the waiter)."""
+        with self._tlock:
+            lead = not self._served and self._leader.acquire(blocking=False)
+            if not lead:
+                waiter.following = True
+                self._followers += 1
+        if not lead:
+            answered = waiter.wait(secs, cancel)
+            with self._tlock:
+                if waiter.following:
+                    waiter.following = False
+                    self._followers -= 1
+            return answered
+        try:
+            return self._read_until(waiter, time.monotonic() + secs, cancel)
+        finally:
+            with self._tlock:                # others wait: a thread reads on for them
+                if self._followers and self._idle == 0 and not self._eof:
+                    self._spawn()
+                self._leader.release()
+
+    def _read_until(self, waiter: _Waiter, deadline: float,
+                    cancel: threading.Event | None) -> bool:
+        """Read until ``waiter`` is answered, the deadline passes or the
+        call is cancelled (a leading requester)."""
+        while not waiter.done():
+            left = deadline - time.monotonic()
+            if left <= 0 or (cancel is not None and cancel.is_set()) or self._eof:
+                return waiter.done()
+            if cancel is not None:
+                left = min(left, _CANCEL_POLL_SECS)
+            if self._poll.poll(int(left * 1000) + 1) and not self._read_once():
+                break
+        return waiter.done()
 
     def _post_reply(self, params: dict) -> None:
         try:
@@ -2585,49 +2686,103 @@ class BrokerClient(_ClientBase):
             self._leader.acquire()
             with self._tlock:
                 self._idle -= 1
-            try:
-                work = self._read_until_work()
-                if work is not None:
-                    with self._tlock:        # make sure someone goes on reading
-                        if self._idle == 0 and self._threads < self._max_workers:
-                            self._spawn()
-            finally:
-                self._leader.release()
-            if work is None:
+            if not self._lead():
+                if self._eof:
+                    self._leader.release()   # the next thread sees the end too
                 return
-            self._run_handler(*work)
 
-    def _read_until_work(self):
-        """Read and settle responses until a handler has work (leader only).
+    def _lead(self) -> bool:
+        """Read, and run the handlers' work read, inline (leader only).
 
-        Returns ``(handler, payload, inbox)`` for the caller to run, or None
-        once the connection is gone.  When one read brings several messages
-        for handlers, all but the last go to the pool.
+        Returns True when the watchdog took the reading role (and released
+        the leader's lock) while this thread ran a slow handler; False once
+        the connection is gone, or once no thread need read (the lock is
+        released then).
         """
-        while not self._eof:
-            try:
-                data = self._sock.recv(262144)
-            except OSError:
-                data = b""
-            if not data:
-                self._eof = True
-                self._lost()
-                return None
-            self._buf += data
-            if b"\n" not in data:
+        while True:
+            if not self._work:
+                if self._corked:
+                    self._uncork()
+                if self._eof or not self._read_work():
+                    return False
                 continue
+            work = self._work.popleft()
+            if self._work and not self._corked:
+                with self._wlock:            # more to run: their replies go out together
+                    self._corked = True
+            with self._tlock:
+                self._inline = seq = next(self._inline_seq)
+                self._inline_since = time.monotonic()
+                wake, self._watching = not self._watching, True
+            if wake:
+                self._watch_wake.release()
+            try:
+                self._run_handler(*work)
+            finally:
+                with self._tlock:
+                    deposed = self._inline != seq
+                    self._inline = None
+            if deposed:
+                return True
+
+    def _read_work(self) -> bool:
+        """Read and settle responses until handlers have work (leader only);
+        False once the connection is gone or no thread need read any more:
+        none is subscribed or waits for the end, and no requester waits."""
+        while self._read_once():
+            if self._work:
+                return True
+            with self._tlock:
+                if not self._served and not self._followers:
+                    self._threads -= 1
+                    self._leader.release()
+                    return False
+        return False
+
+    def _read_once(self) -> bool:
+        """One read: settle the responses, queue the handlers' work
+        (leader only); False once the connection is gone."""
+        try:
+            n = self._sock.recv_into(self._rbuf)
+        except OSError:
+            n = 0
+        if not n:
+            self._eof = True
+            self._lost()
+            return False
+        self._buf += memoryview(self._rbuf)[:n]
+        if self._rbuf.find(b"\n", 0, n) >= 0:
             lines = self._buf.split(b"\n")
             self._buf = bytearray(lines.pop())
-            work = None
             for line in lines:
                 item = self._on_line(line) if line else None
                 if item is not None:
-                    if work is not None:
-                        self._submit(*work)
-                    work = item
-            if work is not None:
-                return work
-        return None
+                    self._work.append(item)
+        return True
+
+    def _watch(self) -> None:
+        """The watchdog: while handlers run inline it looks every grace
+        period, and takes the reading role from a handler that has run for
+        longer; it parks (no wake-ups) once none is running."""
+        while True:
+            self._watch_wake.acquire()
+            while not self.closed.wait(_INLINE_GRACE_SECS):
+                with self._tlock:
+                    if self._inline is None:
+                        self._watching = False
+                        break
+                    if time.monotonic() - self._inline_since < _INLINE_GRACE_SECS:
+                        continue
+                    self._inline = None          # its thread finds it was deposed
+                    if self._idle == 0 and self._threads < self._max_workers:
+                        self._spawn()
+                    queued, self._work = self._work, deque()
+                for work in queued:              # they would wait behind the slow one
+                    self._submit(*work)
+                self._uncork()                   # the replies of the batch so far
+                self._leader.release()           # on the slow thread's behalf
+            if self.closed.is_set():
+                return
 
     def _on_line(self, line: bytes):
         """Settle a response, or return a handler's work for a message."""
@@ -2650,6 +2805,11 @@ class BrokerClient(_ClientBase):
         waiter = self._pending.get(msg.get("id")) if _is_int(msg.get("id")) else None
         if waiter is not None:
             error = msg.get("error")
+            if waiter.following:             # it no longer counts as waiting for a reader
+                with self._tlock:
+                    if waiter.following:
+                        waiter.following = False
+                        self._followers -= 1
             waiter.set(msg.get("result"), error if isinstance(error, dict) else None)
         elif "error" in msg:
             log.warning("broker error: %s", msg["error"])
@@ -2658,12 +2818,17 @@ class BrokerClient(_ClientBase):
     def _lost(self) -> None:
         with self._wlock:
             self.closed.set()
+        with self._tlock:
+            if not self._watching:
+                self._watching = True
+                self._watch_wake.release()   # the parked watchdog ends
         for waiter in list(self._pending.values()):
             waiter.set(None, {"code": BROKER_CLOSED, "message": "connection to broker lost"})
         self._shutdown_pool()
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Block until the connection ends (the daemon went away or close())."""
+        self._read_always()
         return self.closed.wait(timeout)
 
     def close(self) -> None:
@@ -2671,6 +2836,12 @@ class BrokerClient(_ClientBase):
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        if self._leader.acquire(blocking=False):   # nobody reads: see the end here
+            try:
+                while not self._eof and self._read_once():
+                    pass
+            finally:
+                self._leader.release()
         self.closed.wait(5)                  # the reading thread saw the end
         self._sock.close()
 

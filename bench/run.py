@@ -48,6 +48,7 @@ PEER_APS = os.path.join(BENCH_DIR, "peer_aps.py")
 # Sizes: the full run, and the smoke run CI uses to check the suite still works.
 FULL = {
     "rt": {"warm": 1000, "rounds_rt": 10, "block": 1000},
+    "sys": 2000,                 # round trips counted under strace per path
     "tp": {"inflight": [1, 8, 64], "warm_secs": 0.5, "secs": 2.0, "rounds": 3,
            "procs": [1, 4]},
     "eph": {"n": {"python": 40, "sh": 300}, "warm": 3},
@@ -63,6 +64,7 @@ FULL = {
 }
 SMOKE = {
     "rt": {"warm": 20, "rounds_rt": 2, "block": 100},
+    "sys": 100,
     "tp": {"inflight": [1, 8], "warm_secs": 0.05, "secs": 0.2, "rounds": 1, "procs": [1, 2]},
     "eph": {"n": {"python": 2, "sh": 5}, "warm": 1},
     "sched": {"sizes": [500], "window": 2.0, "spread": 60.0},
@@ -245,7 +247,8 @@ def fig1_round_trip(ctx: Ctx) -> list[dict]:
     with echo_floor() as echo_path:
         args = dict(s, echo=echo_path)
         ctx.log("fig 1: daemon and external paths, each with the floor side by side ...")
-        nx = workers.call_worker("broker", dict(args, procs=1, external=True),
+        nx = workers.call_worker("broker", dict(args, procs=1, external=True,
+                                                syscalls=ctx.sizes["sys"]),
                                  timeout=ctx.timeout(600))
         url, note = ctx.peers.nats()
         nats = None
@@ -285,6 +288,39 @@ def fig1_round_trip(ctx: Ctx) -> list[dict]:
     else:
         rows.append(row("1", "daemon path vs nats-py request/reply", d["p50"], "us",
                         "nats-py", None, p99=d["p99"], target="<= 0.3x nats-py", notes=note))
+    return rows + syscall_rows(nx)
+
+
+# The fewest system calls a round trip can take: the floor's client and echo
+# server each send and receive one line; the daemon path is the same two
+# processes (the requester writes to the plugin's socket and reads its reply);
+# through a broker process the broker also receives and sends both lines and
+# waits for its socket to be readable once each way.
+_MIN_SYSCALLS = {"floor": 4, "daemon": 4, "external": 10}
+
+
+def syscall_rows(nx: dict) -> list[dict]:
+    """Figure 1's system calls per round trip, counted with strace -c -f over
+    every thread of the processes a path involves."""
+    floor = nx["daemon"].get("floor_syscalls")
+    if floor is None:
+        return [row("1", "syscalls per round trip", None, "calls",
+                    notes="not counted: strace is missing or may not attach")]
+    rows = []
+    for key, label, counts in (
+            ("floor", "floor (client + echo server)", floor),
+            ("daemon", "daemon path (daemon + plugin)", nx["daemon"].get("syscalls")),
+            ("external", "external path (client + daemon + plugin)",
+             nx.get("external", {}).get("syscalls"))):
+        if counts is None:
+            continue
+        least = _MIN_SYSCALLS[key]
+        top = sorted(counts["by_name"].items(), key=lambda kv: -kv[1])[:4]
+        rows.append(row("1", f"syscalls per round trip, {label}", counts["total"], "calls",
+                        "minimum", least, target="<= 1.5x minimum",
+                        met=counts["total"] <= 1.5 * least,
+                        notes=f"strace -c -f over {counts['n']:,} round trips: "
+                              + ", ".join(f"{name} {v:.2f}" for name, v in top)))
     return rows
 
 
@@ -315,8 +351,9 @@ def fig2_throughput(ctx: Ctx) -> list[dict]:
                 b = nats["throughput"][str(k)] if nats else None
                 target, met = "-", None
                 if path == "daemon" and k == 64:
-                    target = ">= 10,000/s and >= 1x nats-py"
-                    met = t["rate"] >= 10_000 and (b is None or t["rate"] >= b["rate"])
+                    least = 20_000 if procs == 1 else 10_000
+                    target = f">= {least:,}/s and >= 1x nats-py"
+                    met = t["rate"] >= least and (b is None or t["rate"] >= b["rate"])
                 rows.append(row(
                     "2", f"{label}, {topo}, {k} in flight", t["rate"], "ticks/s",
                     "nats-py, same shape" if url else "nats-py", b["rate"] if b else None,

@@ -23,8 +23,8 @@ import time
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (BENCH_DIR, REPO, children_of, emit, floor_call,  # noqa: E402
-                     interleaved, proc_status, run_for, summary)
+from _common import (BENCH_DIR, REPO, children_of, count_syscalls, emit,  # noqa: E402
+                     floor_call, interleaved, peer_pid, proc_status, run_for, summary)
 
 sys.path.insert(0, REPO)
 
@@ -91,15 +91,21 @@ def wait_subscriptions(server, want: int, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-def measure_path(call, a: dict) -> dict:
-    """Round trips interleaved with the floor (when ``rounds``), throughput
-    (when ``inflight``)."""
+def measure_path(call, a: dict, pids: list[int] | None = None) -> dict:
+    """Round trips interleaved with the floor (when ``rounds``), then system
+    calls per round trip of both (when ``syscalls``: strace attached to this
+    process and ``pids``, the floor's to this process and its echo server),
+    throughput (when ``inflight``)."""
     out = {}
     if a.get("rounds_rt"):
         floor = floor_call(a["echo"], sample_envelope())
         try:
             lat = interleaved({"floor": floor, "path": call}, a["warm"], a["rounds_rt"],
                               a["block"])
+            if a.get("syscalls"):
+                out["syscalls"] = count_syscalls([os.getpid(), *pids], call, a["syscalls"])
+                out["floor_syscalls"] = count_syscalls([os.getpid(), floor.peer_pid], floor,
+                                                       a["syscalls"])
         finally:
             floor.close()
         out["latency"], out["floor"] = lat["path"], lat["floor"]
@@ -127,11 +133,13 @@ def w_broker(a: dict) -> dict:
         def call():
             return nx.forward_tick(client, handle, request)
         assert call().to_dict() == {}, "the no-op plugin should answer an empty reply"
-        out = {"daemon": measure_path(call, a)}
+        plugin_pids = [s.proc.pid for s in sups if s.proc is not None]
+        out = {"daemon": measure_path(call, a, plugin_pids)}
         if a.get("external"):
-            out["external"] = call_worker("broker-client", dict(a, url=server.url),
+            out["external"] = call_worker("broker-client", dict(a, url=server.url,
+                                                                plugin_pids=plugin_pids),
                                           timeout=a.get("timeout", 600))
-        out["plugin_pids"] = [s.proc.pid for s in sups if s.proc is not None]
+        out["plugin_pids"] = plugin_pids
         return out
     finally:
         if client is not None:
@@ -236,7 +244,7 @@ def w_broker_client(a: dict) -> dict:
     with nx.BrokerClient.connect(a["url"]) as bc:
         def call():
             return nx.forward_tick(bc, handle, request)
-        return measure_path(call, a)
+        return measure_path(call, a, [peer_pid(bc._sock), *a.get("plugin_pids", ())])
 
 
 def w_nats_client(a: dict) -> dict:

@@ -89,6 +89,22 @@ def broker_code(exc):
     return getattr(exc, "code", None)
 
 
+def burst(requester, topic, n):
+    """``n`` requests 0..n-1 sent at once from as many threads; their answers."""
+    results = [None] * n
+    start = threading.Barrier(n)
+
+    def ask(i):
+        start.wait(WAIT)
+        results[i] = requester.request(topic, i, WAIT)
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT * 2)
+    return results
+
+
 class BrokerLifecycleTests(unittest.TestCase):
 
     def test_default_path_start_url_close(self):
@@ -499,6 +515,70 @@ class RequestReplyTests(_ServerCase):
         self.assertEqual(errors, [])
         self.assertEqual(results, [{"n": i, "twice": 2 * i} for i in range(64)])
 
+    def test_slow_handler_does_not_hold_up_the_messages_after_it(self):
+        """Handlers run in the reading thread; one that blocks has the
+        reading role taken from it, and the requests read after it (one at a
+        time, and a burst read together) are answered while it still runs."""
+        responder = self.connect()
+        release = threading.Event()
+
+        def handle(p):
+            if p == "slow":
+                return release.wait(WAIT * 3)   # True once the others were answered
+            return p
+        responder.subscribe("svc.mixed", handle)
+        requester = self.connect()
+        slow = {}
+        t = threading.Thread(target=lambda: slow.update(
+            out=requester.request("svc.mixed", "slow", WAIT * 3)))
+        t.start()
+        try:
+            self.assertEqual(requester.request("svc.mixed", 1, WAIT), 1)
+            self.assertEqual(burst(requester, "svc.mixed", 16), list(range(16)))
+        finally:
+            release.set()
+            t.join(WAIT)
+        self.assertEqual(slow, {"out": True})
+        self.assertEqual(requester.request("svc.mixed", 2, WAIT), 2)   # still served
+
+    def test_a_lone_requester_reads_its_own_reply(self):
+        """A client that has not subscribed keeps no thread reading between
+        calls: a lone requester reads its reply itself; concurrent ones
+        hand the reading role on, and the thread that read for them ends."""
+        responder = self.connect()
+        responder.subscribe("svc.echo", lambda p: p)
+        requester = self.connect()
+        for i in range(3):
+            self.assertEqual(requester.request("svc.echo", i, WAIT), i)
+            self.assertEqual(requester._threads, 0)
+        self.assertEqual(burst(requester, "svc.echo", 16), list(range(16)))
+        self.assertTrue(wait_until(lambda: requester._threads == 0), requester._threads)
+        self.assertEqual(requester.request("svc.echo", "again", WAIT), "again")
+
+    def test_a_lost_connection_fails_the_next_request(self):
+        requester = self.connect()
+        self.server.close()
+        with self.assertRaises(PluginPollerForwardError.Broker) as cm:
+            requester.request("svc.none", 1, WAIT)
+        self.assertIn(broker_code(cm.exception), (npl.BROKER_CLOSED, npl.BROKER_NO_RESPONDERS))
+        self.assertTrue(requester.wait_closed(WAIT))
+
+    def test_handlers_that_wait_for_each_other_all_run(self):
+        """Eight requests whose handlers each wait until all eight are
+        running: none may wait behind another for good."""
+        responder = self.connect()
+        meet = threading.Barrier(8)
+        responder.subscribe("svc.meet", lambda p: meet.wait(WAIT) >= 0)
+        requester = self.connect()
+        results = [None] * 8
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+            i, requester.request("svc.meet", i, WAIT * 2))) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT * 3)
+        self.assertEqual(results, [True] * 8)
+
     def test_handler_exception_becomes_broker_error(self):
         for rname, rmake in self.clients():
             for qname, qmake in self.clients():
@@ -580,6 +660,33 @@ class RequestReplyTests(_ServerCase):
         with self.assertRaises(PluginPollerForwardError.Broker):
             c.request("x", {}, 1)
         # tearDown still checks the (closed) broker's bookkeeping is empty.
+
+
+class ClientBatchTests(unittest.TestCase):
+    """BrokerClient against a scripted broker on a packet socket pair, where
+    each of the client's writes arrives as one packet."""
+
+    def test_replies_to_one_read_go_out_in_one_write(self):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        theirs.settimeout(WAIT)
+        client = BrokerClient(ours, "unix:///scripted")
+        self.addCleanup(theirs.close)
+        self.addCleanup(client.close)
+        done = threading.Event()
+        threading.Thread(target=lambda: (client.subscribe("svc.echo", lambda p: p),
+                                         done.set()), daemon=True).start()
+        call = json.loads(theirs.recv(65536))
+        self.assertEqual(call["method"], "subscribe")
+        theirs.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": True}).encode()
+                    + b"\n")
+        self.assertTrue(done.wait(WAIT))
+        sid = call["params"]["sid"]
+        theirs.send(b"".join(json.dumps({"jsonrpc": "2.0", "method": "message", "params": {
+            "sid": sid, "topic": "svc.echo", "payload": i, "inbox": 100 + i}}).encode() + b"\n"
+            for i in range(3)))
+        lines = theirs.recv(65536).splitlines()      # one write of the client
+        self.assertEqual([json.loads(line)["params"] for line in lines],
+                         [{"inbox": 100 + i, "payload": i} for i in range(3)])
 
 
 class BadInputTests(_ServerCase):
