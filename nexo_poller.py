@@ -1478,6 +1478,14 @@ _RECV_BYTES = 262144                  # one read from a broker socket, at most
 # it by at most this much; a fast one (a tick's usual case) costs no
 # thread hand-off at all.
 _INLINE_GRACE_SECS = 0.02
+# Only a handler whose last _INLINE_AFTER_RUNS runs each returned within
+# _INLINE_MAX_SECS (about what a thread hand-off costs) runs inline.  A
+# slower one, a plugin that fetches a feed, hands the reading role on first
+# and runs beside the next messages: inline, every slow run would stall
+# reading for the grace, which pays only when slow runs are rarer than
+# about one in _INLINE_GRACE_SECS / hand-off cost (~200).
+_INLINE_MAX_SECS = 0.0005
+_INLINE_AFTER_RUNS = 256
 
 # What identifies an over-long line's request, looked for in its first bytes.
 _LINE_HEAD_BYTES = 4096
@@ -2460,12 +2468,15 @@ class BrokerClient(_ClientBase):
     Many requests may be in flight at once.  Reading follows the
     leader/follower pattern, handing the role on only when it must: the
     one thread that reads runs the handlers of the messages it read itself,
-    one after the other, and then reads on, so a tick costs no thread
-    hand-off.  A handler that runs longer than ``_INLINE_GRACE_SECS`` gets
-    the reading role taken from its thread (by a watchdog thread that wakes
-    only while handlers run): an idle thread reads on and the messages
-    queued behind the slow one go to the pool, so a slow handler delays
-    the others by at most that grace.
+    one after the other, and then reads on, so a quick tick costs no thread
+    hand-off.  A handler runs so only once its last ``_INLINE_AFTER_RUNS``
+    runs each took at most ``_INLINE_MAX_SECS``; any other (a plugin that
+    fetches a feed) hands the reading role on before it runs, so the next
+    messages are read and run beside it.  A quick handler that runs longer than
+    ``_INLINE_GRACE_SECS`` this once gets the role taken from its thread
+    (by a watchdog thread that wakes only while handlers run inline): an
+    idle thread reads on and the messages queued behind the slow one go to
+    the pool, so it delays the others by at most that grace.
 
     Requesters lead too: until the client subscribes or someone waits for
     it to close, no thread reads between calls, and a requester that finds
@@ -2482,6 +2493,7 @@ class BrokerClient(_ClientBase):
         self._outq: list[bytes] = []          # lines waiting for the writer
         self._writing = False
         self._corked = False                  # replies wait for the end of a batch
+        self._quick: dict = {}                # handler -> its quick runs in a row
         self._pending: dict[int, _Waiter] = {}
         self._ids = itertools.count(1)
         self._leader = threading.Lock()       # held by the one thread that reads
@@ -2694,8 +2706,9 @@ class BrokerClient(_ClientBase):
     def _lead(self) -> bool:
         """Read, and run the handlers' work read, inline (leader only).
 
-        Returns True when the watchdog took the reading role (and released
-        the leader's lock) while this thread ran a slow handler; False once
+        Returns True when this thread no longer reads: it handed the role on
+        before a handler known to be slow, or the watchdog took the role
+        (and released the leader's lock) while a handler ran long; False once
         the connection is gone, or once no thread need read (the lock is
         released then).
         """
@@ -2707,6 +2720,10 @@ class BrokerClient(_ClientBase):
                     return False
                 continue
             work = self._work.popleft()
+            if self._quick.get(work[0], 0) < _INLINE_AFTER_RUNS:
+                self._hand_off()             # it may take a while: others must not wait
+                self._timed(work)
+                return True
             if self._work and not self._corked:
                 with self._wlock:            # more to run: their replies go out together
                     self._corked = True
@@ -2717,13 +2734,35 @@ class BrokerClient(_ClientBase):
             if wake:
                 self._watch_wake.release()
             try:
-                self._run_handler(*work)
+                self._timed(work)
             finally:
                 with self._tlock:
+                    # Deposed, the mark may already be the next leader's: leave it.
                     deposed = self._inline != seq
-                    self._inline = None
+                    if not deposed:
+                        self._inline = None
             if deposed:
                 return True
+
+    def _timed(self, work) -> None:
+        """Run a handler's work and count its quick runs in a row (the next
+        message's choice: inline or handed off)."""
+        started = time.perf_counter()
+        try:
+            self._run_handler(*work)
+        finally:
+            quick = time.perf_counter() - started <= _INLINE_MAX_SECS
+            self._quick[work[0]] = self._quick.get(work[0], 0) + 1 if quick else 0
+
+    def _hand_off(self) -> None:
+        """Give the reading role to an idle or a new thread (leader only), so
+        the messages after this one are read while its handler runs."""
+        with self._tlock:
+            if self._idle == 0 and self._threads < self._max_workers:
+                self._spawn()
+        if self._corked:
+            self._uncork()
+        self._leader.release()
 
     def _read_work(self) -> bool:
         """Read and settle responses until handlers have work (leader only);

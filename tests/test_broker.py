@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 import unittest
+from unittest import mock
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -527,6 +528,7 @@ class RequestReplyTests(_ServerCase):
                 return release.wait(WAIT * 3)   # True once the others were answered
             return p
         responder.subscribe("svc.mixed", handle)
+        known_quick(self, responder, handle)    # so the slow one runs inline: the watchdog
         requester = self.connect()
         slow = {}
         t = threading.Thread(target=lambda: slow.update(
@@ -662,6 +664,71 @@ class RequestReplyTests(_ServerCase):
         # tearDown still checks the (closed) broker's bookkeeping is empty.
 
 
+def known_quick(test, client, handler) -> None:
+    """Make ``client`` run ``handler`` inline from now on, whatever the
+    machine's load makes its runs measure (a preempted run would count as
+    slow and hand the reading role on)."""
+    patch = mock.patch.object(npl, "_INLINE_MAX_SECS", 60.0)
+    patch.start()
+    test.addCleanup(patch.stop)
+    client._quick[handler] = npl._INLINE_AFTER_RUNS
+
+
+class InlineChoiceTests(_ServerCase):
+    def test_a_handler_runs_inline_only_after_a_streak_of_quick_runs(self):
+        """A slow handler (a plugin fetching a feed) would stall reading for
+        the grace each time it ran inline: it hands the role on first."""
+        responder = self.connect()
+        handler = lambda p: time.sleep(0.01) if p == "slow" else p    # noqa: E731
+        responder.subscribe("svc.x", handler)
+        handoffs = []
+        real = responder._hand_off
+        responder._hand_off = lambda: (handoffs.append(1), real())[1]
+        requester = self.connect()
+        self.assertEqual(requester.request("svc.x", 1, WAIT), 1)
+        self.assertEqual(len(handoffs), 1)          # not known to be quick: handed off
+        responder._quick[handler] = npl._INLINE_AFTER_RUNS      # a streak of quick runs
+        self.assertEqual(requester.request("svc.x", 2, WAIT), 2)
+        self.assertEqual(len(handoffs), 1)          # inline
+        self.assertIsNone(requester.request("svc.x", "slow", WAIT))    # inline, 10 ms
+        self.assertEqual(responder._quick[handler], 0)
+        self.assertEqual(requester.request("svc.x", 3, WAIT), 3)
+        self.assertEqual(len(handoffs), 2)          # after a slow run: handed off again
+
+
+class DepositionTests(_ServerCase):
+    def test_many_slow_runs_inline_never_wedge_reading(self):
+        """Slow runs among quick ones, all inline: the watchdog deposes the
+        reader again and again while the next reader runs handlers; every
+        request is still answered (a deposed thread once cleared the next
+        reader's mark, and reading stopped for good)."""
+        responder = self.connect()
+
+        def handle(p):
+            if p % 4 == 0:
+                time.sleep(npl._INLINE_GRACE_SECS * 1.5)
+            return p
+        responder.subscribe("svc.mix", handle)
+        known_quick(self, responder, handle)
+        requester = self.connect()
+        errors, answers = [], []
+
+        def ask(base):
+            for i in range(base, base + 40):
+                try:
+                    answers.append(requester.request("svc.mix", i, WAIT))
+                except Exception as exc:         # collected and asserted below
+                    errors.append((i, exc))
+                    return
+        threads = [threading.Thread(target=ask, args=(k * 1000,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT * 4)
+        self.assertEqual(errors, [])
+        self.assertEqual(sorted(answers), [k * 1000 + i for k in range(8) for i in range(40)])
+
+
 class ClientBatchTests(unittest.TestCase):
     """BrokerClient against a scripted broker on a packet socket pair, where
     each of the client's writes arrives as one packet."""
@@ -681,6 +748,7 @@ class ClientBatchTests(unittest.TestCase):
                     + b"\n")
         self.assertTrue(done.wait(WAIT))
         sid = call["params"]["sid"]
+        known_quick(self, client, client._handlers[sid])
         theirs.send(b"".join(json.dumps({"jsonrpc": "2.0", "method": "message", "params": {
             "sid": sid, "topic": "svc.echo", "payload": i, "inbox": 100 + i}}).encode() + b"\n"
             for i in range(3)))
