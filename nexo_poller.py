@@ -1473,19 +1473,6 @@ _ACCEPT_LOG_EVERY_SECS = 10.0         # one log line per interval while it lasts
 _NO_FDS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 BROKER_DEFAULT_TIMEOUT_MS = 30_000
 _RECV_BYTES = 262144                  # one read from a broker socket, at most
-# How long a client's reading thread runs a handler itself before the
-# reading role is taken from it: a slow handler delays messages read after
-# it by at most this much; a fast one (a tick's usual case) costs no
-# thread hand-off at all.
-_INLINE_GRACE_SECS = 0.02
-# Only a handler whose last _INLINE_AFTER_RUNS runs each returned within
-# _INLINE_MAX_SECS (about what a thread hand-off costs) runs inline.  A
-# slower one, a plugin that fetches a feed, hands the reading role on first
-# and runs beside the next messages: inline, every slow run would stall
-# reading for the grace, which pays only when slow runs are rarer than
-# about one in _INLINE_GRACE_SECS / hand-off cost (~200).
-_INLINE_MAX_SECS = 0.0005
-_INLINE_AFTER_RUNS = 256
 
 # What identifies an over-long line's request, looked for in its first bytes.
 _LINE_HEAD_BYTES = 4096
@@ -1523,24 +1510,24 @@ def _socket_path(url: str) -> str:
 
 class _Waiter:
     """A one-shot result slot; a pre-acquired lock is CPython's cheapest wake-up."""
-    __slots__ = ("_lock", "result", "error", "following")
+    __slots__ = ("_lock", "_unset", "result", "error")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
+        self._unset = [True]
         self.result: Any = None
         self.error: dict | None = None
-        self.following = False        # its requester waits for another thread to read
-
-    def done(self) -> bool:
-        return not self._lock.locked()
 
     def set(self, result: Any = None, error: dict | None = None) -> None:
-        self.result, self.error = result, error
+        """Answer it; the first answer wins (a reply read just before the
+        connection was lost is not overwritten by "connection lost")."""
         try:
-            self._lock.release()
-        except RuntimeError:        # already set: the first answer wins
-            pass
+            self._unset.pop()           # atomic: exactly one caller gets past
+        except IndexError:
+            return
+        self.result, self.error = result, error
+        self._lock.release()
 
     def wait(self, timeout: float, cancel: threading.Event | None = None) -> bool:
         if cancel is None:
@@ -2466,23 +2453,10 @@ class BrokerClient(_ClientBase):
     """A client of a BrokerServer over its Unix socket; thread-safe.
 
     Many requests may be in flight at once.  Reading follows the
-    leader/follower pattern, handing the role on only when it must: the
-    one thread that reads runs the handlers of the messages it read itself,
-    one after the other, and then reads on, so a quick tick costs no thread
-    hand-off.  A handler runs so only once its last ``_INLINE_AFTER_RUNS``
-    runs each took at most ``_INLINE_MAX_SECS``; any other (a plugin that
-    fetches a feed) hands the reading role on before it runs, so the next
-    messages are read and run beside it.  A quick handler that runs longer than
-    ``_INLINE_GRACE_SECS`` this once gets the role taken from its thread
-    (by a watchdog thread that wakes only while handlers run inline): an
-    idle thread reads on and the messages queued behind the slow one go to
-    the pool, so it delays the others by at most that grace.
-
-    Requesters lead too: until the client subscribes or someone waits for
-    it to close, no thread reads between calls, and a requester that finds
-    nobody reading reads its own reply (no hand-off); it hands the reading
-    role on only when other requesters wait for theirs.  Until then a lost
-    connection shows at the next call.
+    leader/follower pattern: one thread reads; when it meets a message for
+    a handler it passes the reading role to an idle thread and runs the
+    handler itself, so handlers never block reading and a tick's reply
+    costs no thread hand-off.
     """
 
     def __init__(self, sock: socket.socket, url: str, max_workers: int = 32):
@@ -2492,37 +2466,15 @@ class BrokerClient(_ClientBase):
         self._wlock = threading.Lock()
         self._outq: list[bytes] = []          # lines waiting for the writer
         self._writing = False
-        self._corked = False                  # replies wait for the end of a batch
-        self._quick: dict = {}                # handler -> its quick runs in a row
         self._pending: dict[int, _Waiter] = {}
         self._ids = itertools.count(1)
         self._leader = threading.Lock()       # held by the one thread that reads
         self._buf = bytearray()
         self._rbuf = bytearray(_RECV_BYTES)   # recv_into target, reused
         self._eof = False
-        self._work: deque = deque()           # handlers' work read, not yet run (leader)
-        self._tlock = threading.Lock()        # guards the counts and the inline state
+        self._tlock = threading.Lock()
         self._threads = self._idle = 0
-        self._inline: int | None = None       # sequence number of the handler run inline
-        self._inline_since = 0.0
-        self._inline_seq = itertools.count(1)
-        self._watching = False                # the watchdog is awake, not parked
-        self._watch_wake = threading.Lock()   # released to wake the parked watchdog
-        self._watch_wake.acquire()
-        self._served = False                  # a thread reads at all times (subscribe)
-        self._followers = 0                   # requesters waiting for another's reading
-        self._poll = select.poll()            # a leading requester's wait, with its timeout
-        self._poll.register(sock, select.POLLIN)
-        threading.Thread(target=self._watch, name="nexo-broker-watch", daemon=True).start()
-
-    def _read_always(self) -> None:
-        """From now on a thread reads at all times: handlers and wait_closed need one."""
-        with self._tlock:
-            if self._served:
-                return
-            self._served = True
-            if self._threads == self._idle:     # none reads or is about to
-                self._spawn()
+        self._spawn()
 
     def _spawn(self) -> None:
         """Start one more serving thread (``_tlock`` held or not yet shared)."""
@@ -2546,9 +2498,7 @@ class BrokerClient(_ClientBase):
 
     def _send(self, obj: dict) -> None:
         """Queue one line; the first thread to find nobody writing sends every
-        line queued meanwhile in one system call (write combining).  While
-        the reader runs a batch of handlers inline (``_corked``) their
-        replies wait and go out together once the batch is done."""
+        line queued meanwhile in one system call (write combining)."""
         data = _dumps(obj).encode() + b"\n"
         if len(data) > BROKER_MAX_LINE_BYTES + 1:
             raise _LineTooLong(f"{obj.get('method', 'message')} of {len(data) - 1} bytes is "
@@ -2558,25 +2508,9 @@ class BrokerClient(_ClientBase):
             if self.closed.is_set():
                 raise _broker_error(BROKER_CLOSED, "connection to broker is closed")
             self._outq.append(data)
-            if self._writing or self._corked:
+            if self._writing:
                 return
             self._writing = True
-        self._write_out()
-
-    def _uncork(self) -> None:
-        """End a batch: send the replies held back meanwhile (reader or watchdog)."""
-        with self._wlock:
-            self._corked = False
-            if self._writing or not self._outq:
-                return
-            self._writing = True
-        try:
-            self._write_out()
-        except PluginPollerForwardError:
-            pass                             # the connection is gone; the reader sees it
-
-    def _write_out(self) -> None:
-        """Send until nothing is queued (the writer's role held)."""
         try:
             while True:
                 with self._wlock:
@@ -2598,7 +2532,7 @@ class BrokerClient(_ClientBase):
         self._pending[req_id] = waiter
         try:
             self._send({"jsonrpc": "2.0", "id": req_id, "method": method, "params": params})
-            if not self._await(waiter, timeout, None):
+            if not waiter.wait(timeout):
                 raise _broker_error(BROKER_TIMEOUT, f"{method} timed out after {timeout:g}s")
         finally:
             self._pending.pop(req_id, None)
@@ -2611,7 +2545,6 @@ class BrokerClient(_ClientBase):
         """Run ``handler(payload)`` for each message; its return value answers requests."""
         sid = next(self._sids)
         self._handlers[sid] = handler      # before the broker can deliver to it
-        self._read_always()
         try:
             self._call("subscribe", {"topic": topic, "sid": sid, "queue": queue}, 10.0)
         except BaseException:
@@ -2641,47 +2574,10 @@ class BrokerClient(_ClientBase):
                         "params": {"topic": topic, "payload": payload, "timeout_ms": ms,
                                    "wait": wait}})
             # The broker answers a timeout itself; the grace covers a wedged broker.
-            answered = self._await(waiter, secs + 1.0, cancel)
+            answered = waiter.wait(secs + 1.0, cancel)
         finally:
             self._pending.pop(req_id, None)
         return self._outcome(waiter, answered, topic, secs, cancel)
-
-    def _await(self, waiter: _Waiter, secs: float, cancel: threading.Event | None) -> bool:
-        """Wait for a call's answer: read it when nobody else reads, else
-        follow (the reader sets the waiter)."""
-        with self._tlock:
-            lead = not self._served and self._leader.acquire(blocking=False)
-            if not lead:
-                waiter.following = True
-                self._followers += 1
-        if not lead:
-            answered = waiter.wait(secs, cancel)
-            with self._tlock:
-                if waiter.following:
-                    waiter.following = False
-                    self._followers -= 1
-            return answered
-        try:
-            return self._read_until(waiter, time.monotonic() + secs, cancel)
-        finally:
-            with self._tlock:                # others wait: a thread reads on for them
-                if self._followers and self._idle == 0 and not self._eof:
-                    self._spawn()
-                self._leader.release()
-
-    def _read_until(self, waiter: _Waiter, deadline: float,
-                    cancel: threading.Event | None) -> bool:
-        """Read until ``waiter`` is answered, the deadline passes or the
-        call is cancelled (a leading requester)."""
-        while not waiter.done():
-            left = deadline - time.monotonic()
-            if left <= 0 or (cancel is not None and cancel.is_set()) or self._eof:
-                return waiter.done()
-            if cancel is not None:
-                left = min(left, _CANCEL_POLL_SECS)
-            if self._poll.poll(int(left * 1000) + 1) and not self._read_once():
-                break
-        return waiter.done()
 
     def _post_reply(self, params: dict) -> None:
         try:
@@ -2698,130 +2594,49 @@ class BrokerClient(_ClientBase):
             self._leader.acquire()
             with self._tlock:
                 self._idle -= 1
-            if not self._lead():
-                if self._eof:
-                    self._leader.release()   # the next thread sees the end too
-                return
-
-    def _lead(self) -> bool:
-        """Read, and run the handlers' work read, inline (leader only).
-
-        Returns True when this thread no longer reads: it handed the role on
-        before a handler known to be slow, or the watchdog took the role
-        (and released the leader's lock) while a handler ran long; False once
-        the connection is gone, or once no thread need read (the lock is
-        released then).
-        """
-        while True:
-            if not self._work:
-                if self._corked:
-                    self._uncork()
-                if self._eof or not self._read_work():
-                    return False
-                continue
-            work = self._work.popleft()
-            if self._quick.get(work[0], 0) < _INLINE_AFTER_RUNS:
-                self._hand_off()             # it may take a while: others must not wait
-                self._timed(work)
-                return True
-            if self._work and not self._corked:
-                with self._wlock:            # more to run: their replies go out together
-                    self._corked = True
-            with self._tlock:
-                self._inline = seq = next(self._inline_seq)
-                self._inline_since = time.monotonic()
-                wake, self._watching = not self._watching, True
-            if wake:
-                self._watch_wake.release()
             try:
-                self._timed(work)
+                work = self._read_until_work()
+                if work is not None:
+                    with self._tlock:        # make sure someone goes on reading
+                        if self._idle == 0 and self._threads < self._max_workers:
+                            self._spawn()
             finally:
-                with self._tlock:
-                    # Deposed, the mark may already be the next leader's: leave it.
-                    deposed = self._inline != seq
-                    if not deposed:
-                        self._inline = None
-            if deposed:
-                return True
-
-    def _timed(self, work) -> None:
-        """Run a handler's work and count its quick runs in a row (the next
-        message's choice: inline or handed off)."""
-        started = time.perf_counter()
-        try:
+                self._leader.release()
+            if work is None:
+                return
             self._run_handler(*work)
-        finally:
-            quick = time.perf_counter() - started <= _INLINE_MAX_SECS
-            self._quick[work[0]] = self._quick.get(work[0], 0) + 1 if quick else 0
 
-    def _hand_off(self) -> None:
-        """Give the reading role to an idle or a new thread (leader only), so
-        the messages after this one are read while its handler runs."""
-        with self._tlock:
-            if self._idle == 0 and self._threads < self._max_workers:
-                self._spawn()
-        if self._corked:
-            self._uncork()
-        self._leader.release()
+    def _read_until_work(self):
+        """Read and settle responses until a handler has work (leader only).
 
-    def _read_work(self) -> bool:
-        """Read and settle responses until handlers have work (leader only);
-        False once the connection is gone or no thread need read any more:
-        none is subscribed or waits for the end, and no requester waits."""
-        while self._read_once():
-            if self._work:
-                return True
-            with self._tlock:
-                if not self._served and not self._followers:
-                    self._threads -= 1
-                    self._leader.release()
-                    return False
-        return False
-
-    def _read_once(self) -> bool:
-        """One read: settle the responses, queue the handlers' work
-        (leader only); False once the connection is gone."""
-        try:
-            n = self._sock.recv_into(self._rbuf)
-        except OSError:
-            n = 0
-        if not n:
-            self._eof = True
-            self._lost()
-            return False
-        self._buf += memoryview(self._rbuf)[:n]
-        if self._rbuf.find(b"\n", 0, n) >= 0:
+        Returns ``(handler, payload, inbox)`` for the caller to run, or None
+        once the connection is gone.  When one read brings several messages
+        for handlers, all but the last go to the pool.
+        """
+        while not self._eof:
+            try:
+                n = self._sock.recv_into(self._rbuf)   # recv(n) would allocate n bytes
+            except OSError:
+                n = 0
+            if not n:
+                self._eof = True
+                self._lost()
+                return None
+            self._buf += memoryview(self._rbuf)[:n]
+            if self._rbuf.find(b"\n", 0, n) < 0:
+                continue
             lines = self._buf.split(b"\n")
             self._buf = bytearray(lines.pop())
+            work = None
             for line in lines:
                 item = self._on_line(line) if line else None
                 if item is not None:
-                    self._work.append(item)
-        return True
-
-    def _watch(self) -> None:
-        """The watchdog: while handlers run inline it looks every grace
-        period, and takes the reading role from a handler that has run for
-        longer; it parks (no wake-ups) once none is running."""
-        while True:
-            self._watch_wake.acquire()
-            while not self.closed.wait(_INLINE_GRACE_SECS):
-                with self._tlock:
-                    if self._inline is None:
-                        self._watching = False
-                        break
-                    if time.monotonic() - self._inline_since < _INLINE_GRACE_SECS:
-                        continue
-                    self._inline = None          # its thread finds it was deposed
-                    if self._idle == 0 and self._threads < self._max_workers:
-                        self._spawn()
-                    queued, self._work = self._work, deque()
-                for work in queued:              # they would wait behind the slow one
-                    self._submit(*work)
-                self._uncork()                   # the replies of the batch so far
-                self._leader.release()           # on the slow thread's behalf
-            if self.closed.is_set():
-                return
+                    if work is not None:
+                        self._submit(*work)
+                    work = item
+            if work is not None:
+                return work
+        return None
 
     def _on_line(self, line: bytes):
         """Settle a response, or return a handler's work for a message."""
@@ -2844,11 +2659,6 @@ class BrokerClient(_ClientBase):
         waiter = self._pending.get(msg.get("id")) if _is_int(msg.get("id")) else None
         if waiter is not None:
             error = msg.get("error")
-            if waiter.following:             # it no longer counts as waiting for a reader
-                with self._tlock:
-                    if waiter.following:
-                        waiter.following = False
-                        self._followers -= 1
             waiter.set(msg.get("result"), error if isinstance(error, dict) else None)
         elif "error" in msg:
             log.warning("broker error: %s", msg["error"])
@@ -2857,17 +2667,12 @@ class BrokerClient(_ClientBase):
     def _lost(self) -> None:
         with self._wlock:
             self.closed.set()
-        with self._tlock:
-            if not self._watching:
-                self._watching = True
-                self._watch_wake.release()   # the parked watchdog ends
         for waiter in list(self._pending.values()):
             waiter.set(None, {"code": BROKER_CLOSED, "message": "connection to broker lost"})
         self._shutdown_pool()
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Block until the connection ends (the daemon went away or close())."""
-        self._read_always()
         return self.closed.wait(timeout)
 
     def close(self) -> None:
@@ -2875,12 +2680,6 @@ class BrokerClient(_ClientBase):
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        if self._leader.acquire(blocking=False):   # nobody reads: see the end here
-            try:
-                while not self._eof and self._read_once():
-                    pass
-            finally:
-                self._leader.release()
         self.closed.wait(5)                  # the reading thread saw the end
         self._sock.close()
 
