@@ -9237,6 +9237,7 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
         address_family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         daemon_threads = True
         request_queue_size = 128            # a burst is accepted (and shed), not dropped
+        _wake_r = _wake_w = None            # the pipe that ends serve_forever, once listening
 
         def server_activate(self) -> None:
             super().server_activate()
@@ -9279,9 +9280,11 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
             self._stopped.wait()
 
         def server_close(self) -> None:
-            super().server_close()
+            super().server_close()              # also when binding failed: no pipe yet
             for fd in (self._wake_r, self._wake_w):
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
+            self._wake_r = self._wake_w = None
 
     try:
         server = Server(addr, Handler)

@@ -377,6 +377,19 @@ class TestMetricsEndpoint(Case):
         self.assertNotIn(proc.returncode, (0, 1), proc.stderr)   # 1 means "a tick failed"
         self.assertIn(addr, proc.stderr)
 
+    def test_busy_metrics_port_fails_an_embedded_runner_with_a_config_error(self):
+        """The library's own answer, without the CLI's check beforehand: a
+        ConfigError naming the address, not an AttributeError from the
+        listener's cleanup of a pipe it never made."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            addr = "127.0.0.1:%d" % taken.getsockname()[1]
+            r = self.runner(self.config([], metrics_addr=addr), start=False)
+            with self.assertRaises(nx.ConfigError) as cm:
+                r.start(background=False)
+        self.assertIn(addr, str(cm.exception))
+
     def test_ticks_waiting_for_a_busy_lane_are_counted(self):
         # Saturation as an operator sees it: due ticks queued behind a plugin
         # (here an in-process kind) that has no free slot.
