@@ -570,10 +570,9 @@ class TestCrashPersistence(DaemonTestCase):
 
 class TestExamples(unittest.TestCase):
     def test_examples_config_runs_from_a_fresh_copy(self):
-        # README's first command: ./nexo-poller --config examples/pollers.json
+        # README's first command: python nexo_poller.py --config examples/pollers.json
         with tempfile.TemporaryDirectory(prefix="nexo-examples-") as tmp:
             shutil.copy2(NEXO, os.path.join(tmp, "nexo_poller.py"))
-            shutil.copy2(LAUNCHER, os.path.join(tmp, "nexo-poller"))
             shutil.copytree(os.path.join(ROOT, "examples"), os.path.join(tmp, "examples"),
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             env = dict(os.environ)
@@ -583,7 +582,7 @@ class TestExamples(unittest.TestCase):
                 env["PATH"] = here + os.pathsep + env.get("PATH", "")
             env.pop("PYTHONPATH", None)
             d = Daemon(os.path.join(tmp, "examples", "pollers.json"),
-                       script=os.path.join(tmp, "nexo-poller"), cwd=tmp, env=env)
+                       script=os.path.join(tmp, "nexo_poller.py"), cwd=tmp, env=env)
             self.addCleanup(d.cleanup)
             start = time.monotonic()
 
