@@ -54,29 +54,42 @@ def pid_gone(pid: int) -> bool:
     return data[data.rindex(")") + 2:].split()[0] in ("Z", "X")
 
 
-def write_counter_plugin(root: str, name: str, kind: str, lifecycle: str, pid_file: str,
-                         max_concurrent_ticks: int) -> str:
-    """Write plugins/<name>/nexo-plugin.toml for the counter fixture; returns
-    the folder relative to ``root``."""
+def write_manifest(root: str, name: str, kind: str, *, command: str, args=(),
+                   lifecycle: str = "ephemeral", env: dict | None = None,
+                   max_concurrent_ticks: int | None = None, tick_timeout_secs: int = 20,
+                   entrypoint_extra: str = "") -> str:
+    """Write plugins/<name>/nexo-plugin.toml (id ``name``, one kind, topic
+    prefix plugin.poller.<name>); returns the folder relative to ``root``.
+    ``entrypoint_extra`` is raw TOML added to ``[plugin.entrypoint]``."""
     folder = os.path.join(root, "plugins", name)
     os.makedirs(folder, exist_ok=True)
+    env_table = "".join(f"{k} = {q(v)}\n" for k, v in (env or {}).items())
+    limit = "" if max_concurrent_ticks is None else \
+        f"max_concurrent_ticks = {max_concurrent_ticks}\n"
     with open(os.path.join(folder, "nexo-plugin.toml"), "w", encoding="utf-8") as f:
         f.write(f"""[plugin]
 id = {q(name)}
 version = "0.0.1"
 
 [plugin.entrypoint]
-command = {q(PY)}
-args = [{q(PLUGIN)}, {q(kind)}]
-
-[plugin.entrypoint.env]
-E2E_PID_FILE = {q(pid_file)}
-
+command = {q(command)}
+args = [{", ".join(q(a) for a in args)}]
+{entrypoint_extra}
+{"[plugin.entrypoint.env]" if env_table else ""}
+{env_table}
 [plugin.poller]
 kinds = [{q(kind)}]
 broker_topic_prefix = {q("plugin.poller." + name)}
 lifecycle = {q(lifecycle)}
-max_concurrent_ticks = {max_concurrent_ticks}
-tick_timeout_secs = 20
+{limit}tick_timeout_secs = {tick_timeout_secs}
 """)
     return os.path.join("plugins", name)
+
+
+def write_counter_plugin(root: str, name: str, kind: str, lifecycle: str, pid_file: str,
+                         max_concurrent_ticks: int) -> str:
+    """Write plugins/<name>/nexo-plugin.toml for the counter fixture; returns
+    the folder relative to ``root``."""
+    return write_manifest(root, name, kind, command=PY, args=(PLUGIN, kind),
+                          lifecycle=lifecycle, env={"E2E_PID_FILE": pid_file},
+                          max_concurrent_ticks=max_concurrent_ticks)

@@ -13,7 +13,7 @@ import textwrap
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
-from support import NEXO, PY, b64, q  # noqa: E402
+from support import NEXO, PY, b64, write_manifest  # noqa: E402
 
 TIMEOUT = 60
 
@@ -44,23 +44,8 @@ class OperatorCase(unittest.TestCase):
 
     def manifest(self, name: str, kind: str, *, command: str, args=(), lifecycle="ephemeral",
                  extra: str = "") -> str:
-        folder = os.path.join(self.root, "plugins", name)
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "nexo-plugin.toml"), "w", encoding="utf-8") as f:
-            f.write(f"""[plugin]
-id = {q(name)}
-
-[plugin.entrypoint]
-command = {q(command)}
-args = [{", ".join(q(a) for a in args)}]
-{extra}
-[plugin.poller]
-kinds = [{q(kind)}]
-broker_topic_prefix = {q("plugin.poller." + name)}
-lifecycle = {q(lifecycle)}
-tick_timeout_secs = 20
-""")
-        return os.path.join("plugins", name)
+        return write_manifest(self.root, name, kind, command=command, args=args,
+                              lifecycle=lifecycle, entrypoint_extra=extra)
 
     def write(self, plugins, jobs, **top):
         doc = {"state_db": "state/poller.db", "default_jitter_ms": 0, "plugins": plugins,

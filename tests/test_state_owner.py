@@ -35,7 +35,7 @@ import unittest
 from datetime import datetime, timedelta, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
-from support import NEXO, PY, pid_gone, q, wait_until  # noqa: E402
+from support import NEXO, PY, pid_gone, wait_until, write_manifest  # noqa: E402
 
 FULL = os.environ.get("NEXO_TEST_FULL") == "1"
 WAIT = 20.0          # "this should happen soon"
@@ -110,28 +110,10 @@ class Project:
     def plugin(self, name: str, kind: str | None = None, *, max_concurrent: int = 4,
                timeout_secs: int = 30) -> str:
         """plugins/<name>/nexo-plugin.toml serving ``kind`` (default: name)."""
-        kind = kind or name
-        folder = os.path.join(self.root, "plugins", name)
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "nexo-plugin.toml"), "w", encoding="utf-8") as f:
-            f.write(f"""[plugin]
-id = {q(name)}
-
-[plugin.entrypoint]
-command = {q(PY)}
-args = ["-S", {q(self.plugin_script)}]
-
-[plugin.entrypoint.env]
-NEXO_TEST_RECORDS = {q(self.records_path)}
-
-[plugin.poller]
-kinds = [{q(kind)}]
-broker_topic_prefix = {q("plugin.poller." + name)}
-lifecycle = "ephemeral"
-max_concurrent_ticks = {max_concurrent}
-tick_timeout_secs = {timeout_secs}
-""")
-        return os.path.join("plugins", name)
+        return write_manifest(self.root, name, kind or name, command=PY,
+                              args=("-S", self.plugin_script),
+                              env={"NEXO_TEST_RECORDS": self.records_path},
+                              max_concurrent_ticks=max_concurrent, tick_timeout_secs=timeout_secs)
 
     def write(self, jobs, plugins=("plugins/rec",), **top) -> str:
         doc = {"state_db": "state/poller.db", "default_jitter_ms": 0,
