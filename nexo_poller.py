@@ -320,6 +320,26 @@ def decode_cursor(text: str) -> bytes:
 _B64_CHARS = re.compile(r"[A-Za-z0-9_\-]*")
 
 
+def _cursor_view(cursor: bytes | None) -> dict:
+    """A cursor for people: base64 as on the wire, and text when it is printable."""
+    if cursor is None:
+        return {"cursor": None, "text": None, "bytes": 0}
+    try:
+        text = cursor.decode("utf-8")
+        text = text if text.isprintable() else None
+    except UnicodeDecodeError:
+        text = None
+    return {"cursor": encode_cursor(cursor), "text": text, "bytes": len(cursor)}
+
+
+def _cursor_line(cursor: bytes | None) -> str:
+    v = _cursor_view(cursor)
+    if v["cursor"] is None:
+        return "(none)"
+    shown = json.dumps(v["text"], ensure_ascii=False) if v["text"] is not None else "(binary)"
+    return f"{shown}  base64 {v['cursor'] or '(empty)'}  {v['bytes']} bytes"
+
+
 def _format_now(now: datetime) -> str:
     """RFC 3339 in UTC with a ``+00:00`` offset, as chrono's to_rfc3339 does."""
     if now.tzinfo is None:
@@ -3636,10 +3656,15 @@ def connect_broker(url: str, **opts) -> "BrokerClient | NatsClient":
     """
     if isinstance(url, str) and url.startswith("unix://"):
         return BrokerClient.connect(url, **opts)
-    if isinstance(url, str) and url.split("://", 1)[0] in ("nats", "tls"):
+    if isinstance(url, str) and _is_nats(url):
         return NatsClient.connect(url, **opts)
     raise _broker_error(BROKER_INVALID_PARAMS, f"broker URL must start with unix://, "
                         f"nats:// or tls://, got {url!r:.80}")
+
+
+def _is_nats(broker: str | None) -> bool:
+    """True for a ``nats://`` or ``tls://`` broker URL (plugins may run anywhere)."""
+    return bool(broker) and broker.split("://", 1)[0] in ("nats", "tls")
 
 
 # ============================================================================
@@ -4615,13 +4640,17 @@ def _wake_owner(owner: str | None) -> bool:
     return True
 
 
+class _NoStateYet(StateError):
+    """A read-only open found no state at the location: nothing has run there."""
+
+
 class StateStore:
     """The one owner of every job's durable state; the interface of a backend.
 
-    Callers (the Runner, the CLI) use only these methods.  A backend keeps
-    one record per job and must be able to do each write below as one
-    compare-and-set of that record: the sqlite backend does it in a
-    transaction, a key-value backend would on the key's revision.
+    Callers (the Runner, the CLI, the admin API) use only these methods.  A
+    backend keeps one record per job and must be able to do each write below
+    as one compare-and-set of that record: the sqlite backend does it in a
+    transaction, the JetStream one on the key's revision.
 
     Leases: ``claim`` grants a job to this store's ``owner`` and returns the
     state *as committed*, read in the same step that grants it, so a daemon
@@ -4629,11 +4658,76 @@ class StateStore:
     writes a tick's new state only while the lease is still this owner's.
     Commands: the CLI calls ``command``; when a live daemon holds the job it
     is queued for that daemon (``pending_commands``), otherwise applied at
-    once.  Every failure is a ``StateError``.
+    once.  Every failure is a ``StateError``; a read-only open of a location
+    where nothing ran yet raises it too, saying "no state yet".
+
+    A backend author implements (each raises NotImplementedError here):
+    ``from_location`` and ``resolve_location`` (how ``open_state`` and the
+    config reach it: add the class to ``_state_backend``), ``load``,
+    ``claim``, ``commit``, ``release``, ``command``, ``pending_commands``,
+    ``finish_command``, ``command_result``, ``outbox_pending``,
+    ``outbox_settle``, ``outbox``, ``outbox_retry``, ``outbox_drop``,
+    ``import_states``, ``register_daemon``, ``set_running``, ``daemons``,
+    ``unregister_daemon``, ``changed``, ``set_deadline``, ``close``.
+
+    The base provides ``commit_now``, ``outbox_counts`` (override to count
+    without reading bodies), ``handed_over`` (never), ``lease_is_stale``,
+    ``broker_problem`` (none: override when the backend lives on the broker),
+    ``supports``, and a default for each optional capability below.
+
+    Optional capabilities, declared in ``capabilities`` (callers ask
+    ``supports(name)``, never for a class; one a backend lacks is reported
+    only when it is asked for):
+
+    ``cursor_history``  ``cursor_history`` returns the last committed
+                        cursors (``cursor --history``, ``--rollback``);
+                        without it the method raises a StateError saying so.
+    ``command_watch``   ``watch_commands`` calls ``wake`` when a command is
+                        queued from anywhere; without it the call does
+                        nothing and the CLI's SIGUSR1 wakes a daemon on
+                        this host.
+    ``file_identity``   ``check_file`` raises when the storage was deleted
+                        or replaced under the store; without it, a no-op.
+
+    ``heartbeat_secs`` (None: no upkeep) says how often ``changed()`` must
+    be called to keep this owner's leases live.
     """
+
+    #: Every optional capability a backend may declare (see the docstring).
+    CAPABILITIES = frozenset({"cursor_history", "command_watch", "file_identity"})
+    #: The ones this backend has.
+    capabilities: frozenset[str] = frozenset()
 
     owner: str
     location: str
+
+    @classmethod
+    def supports(cls, capability: str) -> bool:
+        """True when this backend declares ``capability`` (one of
+        ``CAPABILITIES``); ask the class to know before opening a store."""
+        if capability not in cls.CAPABILITIES:
+            raise ValueError(f"unknown state capability {capability!r} "
+                             f"(known: {', '.join(sorted(cls.CAPABILITIES))})")
+        return capability in cls.capabilities
+
+    @classmethod
+    def resolve_location(cls, text: str, base_dir: str) -> str:
+        """``state_db`` as a config gives it, relative to the config's folder,
+        as the location to open; ValueError says what is wrong with it."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_location(cls, location: str, *, readonly: bool = False, owner: str | None = None,
+                      broker_url: str | None = None,
+                      broker_opts: Mapping[str, Any] | None = None) -> "StateStore":
+        """Open the store at ``location`` (``open_state`` calls it)."""
+        raise NotImplementedError
+
+    @classmethod
+    def broker_problem(cls, broker_url: str | None) -> str | None:
+        """What is wrong with ``broker_url`` for this backend (None: nothing;
+        the config reports it with the config's other problems)."""
+        return None
 
     def load(self, ids: Iterable[str] | None = None) -> dict[str, JobState]:
         """The committed states of ``ids`` (or of every job); none is created."""
@@ -4726,6 +4820,13 @@ class StateStore:
         """Delete items (all, or ``ids``) from the outbox or the dead letters."""
         raise NotImplementedError
 
+    def import_states(self, states: Iterable[JobState],
+                      outbox: Iterable[OutboxItem] = ()) -> tuple[list[str], list[str]]:
+        """Copy jobs' states (another store's, say) in with no lease, each with
+        its undelivered ``outbox`` items; a job this store has already is left
+        alone.  Returns (copied ids, skipped ids)."""
+        raise NotImplementedError
+
     def register_daemon(self, now: float) -> list[str]:
         """Say this owner runs a daemon; returns the other live daemons."""
         raise NotImplementedError
@@ -4785,8 +4886,14 @@ class StateStore:
                        ) -> list[CursorChange]:
         """The last committed cursors of a job, newest first (at most
         ``CURSOR_HISTORY_KEEP`` are kept); every commit that changes a cursor
-        adds one in the same transaction."""
-        raise NotImplementedError
+        adds one in the same write.  Capability ``cursor_history``."""
+        raise StateError(_no_history(self.location))
+
+
+def _no_history(location: str) -> str:
+    """What is said when a cursor history is asked of a state that keeps none."""
+    return (f"{location} keeps no cursor history (each job's current record only); "
+            "a sqlite state_db keeps one")
 
 
 def _writer_has_work(store: StateStore) -> bool:
@@ -4911,6 +5018,18 @@ class SqliteStateStore(StateStore):
     only and never creates one (``status``).
     """
 
+    capabilities = frozenset({"cursor_history", "file_identity"})
+
+    @classmethod
+    def resolve_location(cls, text: str, base_dir: str) -> str:
+        return os.path.normpath(os.path.join(base_dir, text))
+
+    @classmethod
+    def from_location(cls, location: str, *, readonly: bool = False, owner: str | None = None,
+                      broker_url: str | None = None,
+                      broker_opts: Mapping[str, Any] | None = None) -> "SqliteStateStore":
+        return cls(location, readonly=readonly, owner=owner)
+
     def __init__(self, path: str | os.PathLike, *, owner: str | None = None,
                  readonly: bool = False):
         self.path = self.location = os.path.abspath(os.fspath(path))
@@ -4933,7 +5052,7 @@ class SqliteStateStore(StateStore):
         try:
             if self.readonly:
                 if not os.path.exists(self.path):
-                    raise StateError(f"{self.path}: no state yet (no daemon has run "
+                    raise _NoStateYet(f"{self.path}: no state yet (no daemon has run "
                                      "with this state_db)")
                 from urllib.parse import quote
                 uri = "file:" + quote(self.path) + "?mode=ro"
@@ -5347,6 +5466,29 @@ class SqliteStateStore(StateStore):
         table = "dead_letters" if dead else "outbox"
         return self.run(lambda db: db.execute(f"DELETE FROM {table} {where}", args).rowcount)
 
+    def import_states(self, states: Iterable[JobState],
+                      outbox: Iterable[OutboxItem] = ()) -> tuple[list[str], list[str]]:
+        states, items = list(states), list(outbox)
+
+        def fn(db):
+            copied, skipped = [], []
+            for s in states:
+                if not db.execute("INSERT OR IGNORE INTO jobs (id) VALUES (?)",
+                                  (s.id,)).rowcount:
+                    skipped.append(s.id)
+                    continue
+                copied.append(s.id)
+                self._write_state(db, s.replace(lease_owner=None, lease_until=None),
+                                  "import")
+                db.execute("UPDATE jobs SET delivered_total=? WHERE id=?",
+                           (s.delivered_total, s.id))
+            fresh = set(copied)
+            db.executemany(f"INSERT OR IGNORE INTO outbox ({', '.join(_OUTBOX_FIELDS)}) "
+                           f"VALUES ({', '.join('?' * len(_OUTBOX_FIELDS))})",
+                           [self._outbox_row(i) for i in items if i.job in fresh])
+            return copied, skipped
+        return self.run(fn)
+
     @staticmethod
     def _id_filter(ids: Iterable[str] | None) -> tuple[str, tuple]:
         if ids is None:
@@ -5493,6 +5635,10 @@ _KV_COMMANDS_KEPT = 32                  # command results kept in a job's record
 _KV_COMMAND_KEEP_SECS = 600.0           # a done command's key is removed after this
 
 
+_JETSTREAM = "jetstream://"     # the scheme of a JetStream state location
+_BUCKET_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _kv_token(text: str) -> str:
     """A job id or owner as one NATS subject token, reversibly: letters,
     digits and ``-`` stay, anything else becomes ``_XX`` (its hex code), so
@@ -5564,14 +5710,38 @@ class JetStreamStateStore(StateStore):
     stampede.
     """
 
+    capabilities = frozenset({"command_watch"})
+
+    @classmethod
+    def resolve_location(cls, text: str, base_dir: str) -> str:
+        if not _BUCKET_NAME.fullmatch(text[len(_JETSTREAM):]):
+            raise ValueError(f"a JetStream state is {_JETSTREAM}<bucket>, the bucket name of "
+                             "letters, digits, '-' and '_'")
+        return text                              # a bucket, not a path
+
+    @classmethod
+    def from_location(cls, location: str, *, readonly: bool = False, owner: str | None = None,
+                      broker_url: str | None = None,
+                      broker_opts: Mapping[str, Any] | None = None) -> "JetStreamStateStore":
+        problem = cls.broker_problem(broker_url)
+        if problem:
+            raise StateError(f"{location}: {problem}, got {broker_url or 'none'}")
+        return cls(location[len(_JETSTREAM):], broker_url, readonly=readonly, owner=owner,
+                   broker_opts=broker_opts)
+
+    @classmethod
+    def broker_problem(cls, broker_url: str | None) -> str | None:
+        return None if _is_nats(broker_url) else \
+            'a jetstream:// state needs a NATS broker ("broker": "nats://host:4222")'
+
     def __init__(self, bucket: str, broker_url: str | None = None, *, client=None,
                  owner: str | None = None, readonly: bool = False, history: int = 5,
                  replicas: int = 1, max_age: float = 0.0, timeout: float = 5.0,
                  daemon_ttl: float = 20.0, broker_opts: Mapping[str, Any] | None = None):
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", bucket or ""):
-            raise StateError(f"jetstream://{bucket}: a bucket name is letters, digits, "
+        if not _BUCKET_NAME.fullmatch(bucket or ""):
+            raise StateError(f"{_JETSTREAM}{bucket}: a bucket name is letters, digits, "
                              "'-' and '_'")
-        self.bucket, self.location = bucket, f"jetstream://{bucket}"
+        self.bucket, self.location = bucket, f"{_JETSTREAM}{bucket}"
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self.readonly, self.timeout, self.daemon_ttl = readonly, timeout, daemon_ttl
         self._stream, self._prefix = f"KV_{bucket}", f"$KV.{bucket}."
@@ -5650,7 +5820,7 @@ class JetStreamStateStore(StateStore):
         if err.get("err_code") != _JS_STREAM_NOT_FOUND:
             raise StateError(f"{self.location}: {err.get('description', err)}")
         if self.readonly:
-            raise StateError(f"{self.location}: no state yet (no bucket {self.bucket!r} "
+            raise _NoStateYet(f"{self.location}: no state yet (no bucket {self.bucket!r} "
                              "on the NATS server)")
         config = {"name": self._stream, "subjects": [self._prefix + ">"],
                   "max_msgs_per_subject": int(history), "max_msgs": -1, "max_bytes": -1,
@@ -6083,11 +6253,6 @@ class JetStreamStateStore(StateStore):
         subject = (answer.get("message") or {}).get("subject") or ""
         return subject[len(self._prefix) + 4:] if subject.startswith(self._prefix + "cmd.") else ""
 
-    def cursor_history(self, job_id: str, limit: int = CURSOR_HISTORY_KEEP
-                       ) -> list[CursorChange]:
-        raise StateError(f"{self.location}: the cursor history is kept by the sqlite "
-                         "backend only (the bucket keeps each job's current record)")
-
     def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False,
                 arg: str | None = None) -> tuple[str | None, int | None]:
         apply_command(JobState(job_id), verb, arg)      # an unknown verb fails here
@@ -6301,21 +6466,24 @@ class JetStreamStateStore(StateStore):
             self.client.close()
 
 
+def _state_backend(location: str) -> type[StateStore]:
+    """The one place that maps a state location to its backend:
+    ``jetstream://<bucket>`` is a JetStream key-value bucket, anything else
+    a sqlite file path."""
+    if isinstance(location, str) and location.startswith(_JETSTREAM):
+        return JetStreamStateStore
+    return SqliteStateStore
+
+
 def open_state(location: str, *, readonly: bool = False, owner: str | None = None,
                broker_url: str | None = None,
                broker_opts: Mapping[str, Any] | None = None) -> StateStore:
     """The state store for a ``state_db`` location: ``jetstream://<bucket>``
     (a JetStream key-value bucket on the NATS broker ``broker_url``), else a
     file path (sqlite)."""
-    if isinstance(location, str) and location.startswith("jetstream://"):
-        bucket = location[len("jetstream://"):]
-        if not broker_url or broker_url.split("://", 1)[0] not in ("nats", "tls"):
-            raise StateError(f"{location}: a JetStream state needs a NATS broker "
-                             f"(\"broker\": \"nats://host:4222\"), got "
-                             f"{broker_url or 'none'}")
-        return JetStreamStateStore(bucket, broker_url, readonly=readonly, owner=owner,
-                                   broker_opts=broker_opts)
-    return SqliteStateStore(location, readonly=readonly, owner=owner)
+    return _state_backend(location).from_location(location, readonly=readonly, owner=owner,
+                                                  broker_url=broker_url,
+                                                  broker_opts=broker_opts)
 
 
 # ============================================================================
@@ -6637,27 +6805,19 @@ def _no_duplicate_keys(pairs):
     return seen
 
 
-def _config_state(config: "DaemonConfig", *, readonly: bool = False) -> StateStore:
-    """The state store a configuration names (a file, or a bucket on its NATS broker)."""
+def _config_state(config: "DaemonConfig", *, readonly: bool = False,
+                  location: str | None = None) -> StateStore:
+    """The state store a configuration names (a file, or a bucket on its NATS
+    broker), or the one at ``location`` reached the same way."""
     tls = {f"tls_{k}": v for k, v in config.broker_tls.items()}
-    return open_state(config.state_db, readonly=readonly,
+    return open_state(location or config.state_db, readonly=readonly,
                       broker_url=config.broker if _is_nats(config.broker) else None,
                       broker_opts=tls or None)
-
-
-def _state_exists(config: "DaemonConfig") -> bool:
-    """False only for a state file that was never created (a bucket: ask it)."""
-    return config.state_db.startswith("jetstream://") or os.path.exists(config.state_db)
 
 
 def _redact_url(url: str | None) -> str | None:
     """A broker URL fit for a log line: credentials replaced by ``***``."""
     return None if url is None else re.sub(r"://[^@/,]*@", "://***@", url)
-
-
-def _is_nats(broker: str | None) -> bool:
-    """True for a ``nats://`` or ``tls://`` broker URL (plugins may run anywhere)."""
-    return bool(broker) and broker.split("://", 1)[0] in ("nats", "tls")
 
 
 def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None,
@@ -6690,14 +6850,12 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
     if _check_type(probs, prefix + "state_db", get("state_db"), str, "a file path") and \
             (not get("state_db").strip() or "\0" in get("state_db")):
         probs.add(prefix + "state_db", "must be a non-empty path without NUL characters")
-    elif isinstance(get("state_db"), str) and get("state_db").startswith("jetstream://"):
-        if not re.fullmatch(r"jetstream://[A-Za-z0-9_-]+", get("state_db")):
-            probs.add(prefix + "state_db", "a JetStream state is jetstream://<bucket>, the "
-                      "bucket name of letters, digits, '-' and '_'")
-        else:
-            cfg.state_db = get("state_db")      # a bucket, not a path
     elif isinstance(get("state_db"), str):
-        cfg.state_db = os.path.normpath(os.path.join(base_dir, get("state_db")))
+        try:
+            cfg.state_db = _state_backend(get("state_db")).resolve_location(get("state_db"),
+                                                                           base_dir)
+        except ValueError as exc:
+            probs.add(prefix + "state_db", str(exc))
     number("default_jitter_ms", 0, 86_400_000, integer=True)
     number("lease_ttl_factor", 1.0, 100.0)
     number("failure_alert_cooldown_secs", 0, 10 ** 9)
@@ -6764,9 +6922,9 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
                 cfg.broker_tls[key] = full
         if tls and not (cfg.broker or "").split("://", 1)[0] in ("nats", "tls"):
             probs.add(prefix + "broker_tls", "only a nats:// or tls:// broker uses TLS options")
-    if cfg.state_db.startswith("jetstream://") and not _is_nats(cfg.broker):
-        probs.add(prefix + "state_db", "a jetstream:// state needs a NATS broker "
-                                       "(\"broker\": \"nats://host:4222\")")
+    broker_problem = _state_backend(cfg.state_db).broker_problem(cfg.broker)
+    if broker_problem:
+        probs.add(prefix + "state_db", broker_problem)
     for key, example in (("metrics_addr", "127.0.0.1:9464"), ("admin_addr", "127.0.0.1:9091")):
         addr = get(key)
         if addr is not None and _check_type(probs, prefix + key, addr, str,
@@ -8510,7 +8668,9 @@ class _Metrics:
                 ("nexo_poller_paused", "paused", "1 when the job is paused."),
                 ("nexo_poller_items_seen_total", "items_seen_total", "Items seen."),
                 ("nexo_poller_items_dispatched_total", "items_dispatched_total",
-                 "Items dispatched.")):
+                 "Items dispatched: deliveries once delivered, plus what plugins that "
+                 "dispatch by themselves report (the tick log line's figure is the "
+                 "plugin's, before delivery).")):
             family(name, "counter" if name.endswith("_total") else "gauge", help_text)
             for j in jobs:
                 out.append(f"{name}{lbl(job=j['id'], kind=j['kind'])} {int(j[key])}")
@@ -8671,7 +8831,8 @@ def _admin_jobs(runner: "Runner") -> list[dict]:
                "consecutive_errors": s["consecutive_errors"],
                "items_seen_total": s["items_seen_total"],
                "items_dispatched_total": s["items_dispatched_total"]}
-        doc.update(cursor=s["cursor"], breaker_open=s["breaker_open"], running=s["running"],
+        doc.update(cursor=s["cursor"], cursor_text=_cursor_text(s["cursor"]),
+                   breaker_open=s["breaker_open"], running=s["running"],
                    last_run_at=s["last_run_at"], next_run_at=s["next_run_at"],
                    schedule=schedules.get(s["id"]), undelivered=undelivered.get(s["id"], 0),
                    plugin=plugin,
@@ -8679,6 +8840,11 @@ def _admin_jobs(runner: "Runner") -> list[dict]:
                    plugin_output=plugins[plugin]["last_output"] if plugin in plugins else [])
         out.append(doc)
     return out
+
+
+def _cursor_text(b64: str | None) -> str | None:
+    """A status cursor (base64) as text where it is printable, else None."""
+    return None if b64 is None else _cursor_view(decode_cursor(b64))["text"]
 
 
 def _health(runner: "Runner") -> tuple[bool, dict]:
@@ -8778,19 +8944,17 @@ class _Admin:
             except StateError as exc:
                 return 503, {"ok": False, "error": f"state: {exc}"}
             log.info("operator (admin API): cursor %s", job_id)
-        state = None
+        state, kept = None, r.state.supports("cursor_history")
         try:
             state = r.state.load([job_id]).get(job_id)
-            history = r.state.cursor_history(job_id)
+            history = r.state.cursor_history(job_id) if kept else []
         except StateError as exc:
             history = []
             if body is None and state is None:
                 return 503, {"ok": False, "error": f"state: {exc}"}
-        cursor = None if state is None else state.cursor
-        return 200, {"ok": True, "job": job_id,
-                     "cursor": None if cursor is None else encode_cursor(cursor),
-                     "history": [{"cursor": None if h.cursor is None else encode_cursor(h.cursor),
-                                  "at": _iso(h.at), "source": h.source}
+        view = _cursor_view(None if state is None else state.cursor)
+        return 200, {"ok": True, "job": job_id, **view, "history_kept": kept,
+                     "history": [dict(_cursor_view(h.cursor), at=_iso(h.at), source=h.source)
                                  for h in history]}
 
     def do_reload(self) -> tuple[int, dict]:
@@ -8860,6 +9024,9 @@ def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> 
             err = (f"<details><summary>{e(j['last_error'][:80])}</summary>"
                    f"<pre>{e(detail)}</pre></details>")
         toggle = "resume" if j["paused"] else "pause"
+        cursor = (f'<code title="base64 {e(j["cursor"])}">{e(j["cursor_text"])}</code>'
+                  if j["cursor_text"] is not None else f'<code>{e(j["cursor"])}</code>'
+                  + ("" if j["cursor"] is None else "<small> base64</small>"))
         rows.append(
             f'<tr data-job="{e(j["id"])}" data-status="{e(status)}">'
             f'<th scope="row">{e(j["id"])}</th><td>{e(j["kind"])}</td><td>{e(j["plugin"])}</td>'
@@ -8870,7 +9037,7 @@ def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> 
             f'{e(j["consecutive_errors"])}</small></td><td class="err">{err}</td>'
             f'<td><time datetime="{e(j["next_run_at"])}">'
             f'{e("paused" if j["paused"] else _ago(j["next_run_at_ms"], now))}</time></td>'
-            f'<td><code>{e(j["cursor"])}</code></td><td>{e(j["undelivered"])}</td>'
+            f'<td>{cursor}</td><td>{e(j["undelivered"])}</td>'
             f'<td><button type="button" data-action="{toggle}" data-job="{e(j["id"])}">'
             f'{toggle.capitalize()}<span class="vh"> {e(j["id"])}</span></button> '
             f'<button type="button" data-action="run" data-job="{e(j["id"])}">Run now'
@@ -9388,6 +9555,9 @@ _VERB_HELP = {
     "reset": "clear a job's cursor: its next tick starts from scratch",
     "cursor": "show a job's cursor, its history, or set it (--set, --set-text, --rollback)",
     "outbox": "list, retry or drop undelivered deliveries and alerts",
+    "migrate-state": "copy a stopped daemon's state (cursors, pause states, counters, "
+                     "outbox) into another state, of either backend; jobs already there "
+                     "are left alone",
 }
 
 
@@ -9462,10 +9632,12 @@ def _parser():
     ob.add_argument("--dead", action="store_true", help="the dead letters instead")
     ob.add_argument("--json", action="store_true", help="list as a JSON array")
     ob.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    mi = sub.add_parser("migrate-state", help="copy the sqlite state (cursors, pause states, "
-                        "counters, outbox) into a JetStream bucket")
-    mi.add_argument("--to", required=True, metavar="jetstream://BUCKET")
-    mi.add_argument("--broker", required=True, metavar="nats://HOST:4222")
+    mi = verb("migrate-state")
+    mi.add_argument("--to", required=True, metavar="PATH|jetstream://BUCKET",
+                    help="the state to copy into: a sqlite file or a JetStream bucket")
+    mi.add_argument("--broker", metavar="nats://HOST:4222",
+                    help="the NATS server of a jetstream:// target (default: the config's "
+                         "broker)")
     return p
 
 
@@ -9593,14 +9765,23 @@ def _run_verb(args) -> int:
 
 
 def _migrate_state(config: DaemonConfig, args) -> int:
-    """``migrate-state --to jetstream://B --broker nats://...``: copy a stopped
-    daemon's sqlite state into a bucket; jobs the bucket has are left alone."""
-    if config.state_db.startswith("jetstream://"):
-        raise _UsageError(f"the config's state_db is already {config.state_db}; "
-                          "migrate-state copies from a sqlite state_db", EXIT_USAGE)
-    if not _state_exists(config):
+    """``migrate-state --to LOCATION [--broker URL]``: copy a stopped daemon's
+    state into another one, of either backend; jobs it has are left alone."""
+    try:
+        target = _state_backend(args.to).resolve_location(args.to, ".")
+    except ValueError as exc:
+        raise _UsageError(f"--to {args.to}: {exc}", EXIT_USAGE) from None
+    broker = args.broker or (config.broker if _is_nats(config.broker) else None)
+    if os.path.abspath(target) == os.path.abspath(config.state_db) and \
+            broker in (None, config.broker):
+        raise _UsageError(f"the config's state_db is already {config.state_db}; --to names "
+                          "the state to copy into", EXIT_USAGE)
+    problem = _state_backend(target).broker_problem(broker)
+    if problem:
+        raise _UsageError(f"--to {target}: {problem}; or give --broker", EXIT_USAGE)
+    src = _read_state(config)
+    if src is None:
         raise _UsageError(f"no state at {config.state_db} to copy", EXIT_USAGE)
-    src = _config_state(config, readonly=True)
     try:
         if src.daemons():
             raise _UsageError(f"a daemon runs on {config.state_db}: stop it first, so no "
@@ -9608,13 +9789,14 @@ def _migrate_state(config: DaemonConfig, args) -> int:
         states, outbox = src.load(), src.outbox()
     finally:
         src.close()
-    dst = open_state(args.to, broker_url=args.broker)
+    dst = (open_state(target, broker_url=args.broker) if args.broker else
+           _config_state(config, location=target))
     try:
         copied, skipped = dst.import_states(states.values(), outbox)
     finally:
         dst.close()
-    print(f"copied {len(copied)} jobs to {args.to}" + (
-        f"; left alone (already in the bucket): {', '.join(sorted(skipped))}" if skipped else ""))
+    print(f"copied {len(copied)} jobs to {target}" + (
+        f"; left alone (already there): {', '.join(sorted(skipped))}" if skipped else ""))
     return EXIT_OK
 
 
@@ -9717,8 +9899,8 @@ def _outbox_verb(config: DaemonConfig, args) -> int:
     """``outbox [list|retry|drop] [ID ...] [--dead]``: look at and unstick the outbox."""
     if args.action == "list":
         items = []
-        if _state_exists(config):
-            store = _config_state(config, readonly=True)
+        store = _read_state(config)
+        if store is not None:
             try:
                 items = store.outbox(dead=args.dead)
             finally:
@@ -9827,37 +10009,32 @@ def _cursor_from_args(b64: str | None, text: str | None, what: str) -> bytes | N
         return None
     try:
         return decode_cursor(b64)
-    except ValueError as exc:
-        raise _UsageError(f"{what}: not URL-safe base64: {exc}", EXIT_USAGE) from None
+    except PluginPollerForwardError:        # a bad argument, not a broker's reply
+        shown = b64 if len(b64) <= 40 else b64[:37] + "..."
+        raise _UsageError(f"{what} {shown!r}: not URL-safe base64 (give text with "
+                          f"{what}-text)", EXIT_USAGE) from None
 
 
-def _cursor_view(cursor: bytes | None) -> dict:
-    """A cursor for people: base64 as on the wire, and text when it is printable."""
-    if cursor is None:
-        return {"cursor": None, "text": None, "bytes": 0}
+def _read_state(config: DaemonConfig) -> StateStore | None:
+    """The config's state opened read only; None where nothing has run yet
+    (no file is created, no bucket either)."""
     try:
-        text = cursor.decode("utf-8")
-        text = text if text.isprintable() else None
-    except UnicodeDecodeError:
-        text = None
-    return {"cursor": encode_cursor(cursor), "text": text, "bytes": len(cursor)}
+        return _config_state(config, readonly=True)
+    except _NoStateYet:
+        return None
 
 
-def _cursor_line(cursor: bytes | None) -> str:
-    v = _cursor_view(cursor)
-    if v["cursor"] is None:
-        return "(none)"
-    shown = json.dumps(v["text"], ensure_ascii=False) if v["text"] is not None else "(binary)"
-    return f"{shown}  base64 {v['cursor'] or '(empty)'}  {v['bytes']} bytes"
-
-
-def _stored_state(config: DaemonConfig, job: str) -> tuple[JobState | None, list[CursorChange]]:
-    """A job's committed state and cursor history, read only (None: no state yet)."""
-    if not _state_exists(config):
+def _stored_state(config: DaemonConfig, job: str, history: bool = False
+                  ) -> tuple[JobState | None, list[CursorChange]]:
+    """A job's committed state (None: no state yet), and its cursor history
+    when asked for: a backend without one says so then, and only then."""
+    if history and not _state_backend(config.state_db).supports("cursor_history"):
+        raise _UsageError(_no_history(config.state_db), EXIT_USAGE)
+    store = _read_state(config)
+    if store is None:
         return None, []
-    store = _config_state(config, readonly=True)
     try:
-        return store.load([job]).get(job), store.cursor_history(job)
+        return store.load([job]).get(job), store.cursor_history(job) if history else []
     finally:
         store.close()
 
@@ -9903,8 +10080,8 @@ class _PluginOutput(logging.Handler):
 def _dry_run_verb(config: DaemonConfig, args) -> int:
     """``tick JOB --dry-run``: one tick through the job's route; nothing stored."""
     job = args.job
-    state, _ = _stored_state(config, job)
     cursor = _cursor_from_args(args.cursor, args.cursor_text, "--cursor")
+    state, _ = _stored_state(config, job)
     given = args.cursor is not None or args.cursor_text is not None
     if not given:
         cursor = state.cursor if state else None
@@ -9945,7 +10122,8 @@ def _dry_run_verb(config: DaemonConfig, args) -> int:
 def _cursor_verb(config: DaemonConfig, args) -> int:
     """``cursor JOB [--history] [--set B64 | --set-text TEXT | --rollback N] [--yes]``."""
     job = args.job
-    state, history = _stored_state(config, job)
+    given = _cursor_from_args(args.set, args.set_text, "--set")
+    state, history = _stored_state(config, job, args.history or args.rollback is not None)
     cursor = state.cursor if state else None
     changing = args.set is not None or args.set_text is not None or args.rollback is not None
     if not changing:
@@ -9975,7 +10153,7 @@ def _cursor_verb(config: DaemonConfig, args) -> int:
                               "(see `cursor JOB --history`)", EXIT_USAGE)
         new, source = history[n].cursor, f"rollback {n}"
     else:
-        new, source = _cursor_from_args(args.set, args.set_text, "--set"), "set"
+        new, source = given, "set"
     if not args.yes:
         if not sys.stdin.isatty():
             raise _UsageError(f"cursor {job}: confirm with --yes (no terminal to ask on)",
@@ -10003,10 +10181,10 @@ def _cursor_verb(config: DaemonConfig, args) -> int:
 def _print_status(config: DaemonConfig, as_json: bool) -> int:
     """Every job's state, read only: ``status`` never creates a state file."""
     note, states, daemons, undelivered = None, {}, {}, {}
-    if not _state_exists(config):
+    store = _read_state(config)
+    if store is None:
         note = f"no state yet at {config.state_db} (no daemon has run with this config)"
     else:
-        store = _config_state(config, readonly=True)
         try:
             states, daemons = store.load(), store.daemons()
             undelivered = {job: n for job, (n, _) in store.outbox_counts().items()}
@@ -10076,6 +10254,7 @@ def _admin_cursor(args, job: str, token: str | None) -> int:
         raise _UsageError("cursor --rollback works on a local state only; with --admin, "
                           "read --history and --set the cursor you want", EXIT_USAGE)
     body = None
+    _cursor_from_args(args.set, None, "--set")      # a bad argument is said here, exit 2
     if args.set is not None or args.set_text is not None:
         if not args.yes:
             raise _UsageError(f"cursor {job}: confirm with --yes", EXIT_USAGE)
@@ -10087,14 +10266,27 @@ def _admin_cursor(args, job: str, token: str | None) -> int:
     if code != 200 or not isinstance(doc, dict):
         raise _UsageError(f"admin API at {args.admin}: HTTP {code}: {error or doc!r}",
                           EXIT_UNKNOWN_JOB if code == 404 else EXIT_ADMIN)
+    if args.history and not doc.get("history_kept", True):
+        raise _UsageError(f"admin API at {args.admin}: "
+                          + _no_history("the daemon's state"), EXIT_USAGE)
     if args.json:
-        print(json.dumps(doc["history"] if args.history else doc, indent=2))
+        print(json.dumps(doc["history"] if args.history else doc, indent=2, ensure_ascii=False))
     elif args.history:
         for i, h in enumerate(doc["history"]):
-            print(f"{i:>3}  {h['at']}  {h['source']:<16} {h['cursor'] or '(none)'}")
+            print(f"{i:>3}  {h['at']}  {h['source']:<16} "
+                  f"{_cursor_line(_admin_cursor_bytes(h['cursor']))}")
     else:
-        print(f"{job}: {doc['cursor'] or '(none)'}" + (" (set)" if body else ""))
+        print(f"{job}: {_cursor_line(_admin_cursor_bytes(doc['cursor']))}"
+              + (" (set)" if body else ""))
     return EXIT_OK
+
+
+def _admin_cursor_bytes(b64: str | None) -> bytes | None:
+    """A cursor as the admin API sends it (base64, null: none) back to bytes."""
+    try:
+        return None if b64 is None else decode_cursor(b64)
+    except PluginPollerForwardError as exc:
+        raise _UsageError(f"admin API: {exc}", EXIT_ADMIN) from None
 
 
 def _admin_verb(args) -> int:

@@ -250,7 +250,7 @@ class MigrateTests(LiveCase):
                          "jetstream://jobs", "--broker", self.server.url])
         self.assertEqual(code, 0)
         self.assertIn("copied 1 jobs", out.getvalue())
-        self.assertIn("left alone (already in the bucket): b", out.getvalue())
+        self.assertIn("left alone (already there): b", out.getvalue())
         loaded = self.store().load()
         self.assertEqual((loaded["a.1"].cursor, loaded["a.1"].items_seen_total), (b"\x01cur", 7))
         self.assertIsNone(loaded["a.1"].lease_owner)

@@ -1,0 +1,539 @@
+"""The state-store contract (issue 21 items 1-3, 6): one suite, written once,
+run against every backend.
+
+``StateContract`` is the suite: every member of ``StateStore`` a backend
+must implement, each optional capability it declares (and the one-line
+error when a capability it lacks is asked for), and every CLI verb and
+admin route that reaches the store.  A backend joins by a subclass that
+says how to make its store and its config (``SqliteConformance``,
+``JetStreamConformance`` on a real nats-server from tests/nats_support.py).
+CLI verbs run in-process through ``main`` (no interpreter start per verb).
+"""
+
+import contextlib
+import http.client
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
+from nats_support import NatsServer, require_nats  # noqa: E402
+from support import b64, wait_until, write_counter_plugin  # noqa: E402
+
+import nexo_poller as nx  # noqa: E402
+from nexo_poller import (JetStreamStateStore, JobState, OutboxItem, Runner,  # noqa: E402
+                         SqliteStateStore, StateError, StateStore, TickAck, config_from_dict)
+
+WAIT = 20.0
+TOKEN = "t0ken-for-tests-only"
+
+
+class _Poller:
+    """An in-process poller for the admin routes: the cursor counts ticks."""
+    kind = "e2e_feed"
+
+    def tick(self, ctx):
+        n = 0 if ctx.cursor is None else int(ctx.cursor)
+        return TickAck(next_cursor=str(n + 1).encode())
+
+
+class _ContractCase:
+    """What the suite stands on: a backend's subclass sets ``backend`` and
+    implements ``store``, ``location`` and ``broker``; ``replace_storage``
+    when it declares ``file_identity``."""
+
+    backend = ""
+
+    # -- what a backend's subclass provides --------------------------------------------
+
+    def store(self, **kw) -> StateStore:
+        raise NotImplementedError
+
+    def location(self) -> str:
+        raise NotImplementedError
+
+    def broker(self) -> str | None:
+        return None
+
+    def replace_storage(self) -> None:
+        raise NotImplementedError
+
+    # -- shared set-up ----------------------------------------------------------------
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory(prefix=f"nexo-contract-{self.backend}-")
+        self.addCleanup(tmp.cleanup)
+        self.dir = tmp.name
+        logger = logging.getLogger("nexo_poller")
+        self.addCleanup(logger.setLevel, logger.level)
+        logger.setLevel(logging.CRITICAL)
+        self.config = os.path.join(self.dir, "pollers.json")
+        plugin = write_counter_plugin(self.dir, "feed", "e2e_feed", "ephemeral",
+                                      os.path.join(self.dir, "pids"), 2)
+        self.write_config(self.location(), plugins=[plugin])
+
+    def write_config(self, state_db, path=None, **top) -> str:
+        doc = {"state_db": state_db, "default_jitter_ms": 0, "shutdown_grace_secs": 3,
+               "jobs": [{"id": "j", "kind": "e2e_feed", "schedule": {"every_secs": 3600}},
+                        {"id": "k", "kind": "e2e_feed", "schedule": {"every_secs": 3600},
+                         "paused_on_boot": True}]}
+        if self.broker():
+            doc["broker"] = self.broker()
+        doc.update(top)
+        path = path or self.config
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(doc, f)
+        return path
+
+    def open(self, **kw) -> StateStore:
+        s = self.store(**kw)
+        self.addCleanup(s.close)
+        return s
+
+    def cli(self, *argv, config=None):
+        """``main`` in this process: (exit code, stdout, stderr)."""
+        out, err = io.StringIO(), io.StringIO()
+        root = logging.getLogger()
+        handlers = list(root.handlers)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = nx.main(["--config", config or self.config, "--log-level", "error",
+                            *argv])
+        root.handlers[:] = handlers
+        logging.getLogger("nexo_poller").setLevel(logging.CRITICAL)
+        self.assertNotIn("Traceback", err.getvalue() + out.getvalue())
+        return code, out.getvalue(), err.getvalue()
+
+    def cli_error(self, code, *argv, needle=""):
+        """A user error: the code and one ``nexo-poller:`` line naming ``needle``."""
+        got, out, err = self.cli(*argv)
+        self.assertEqual(got, code, f"{argv}: stdout={out!r} stderr={err!r}")
+        lines = [x for x in err.splitlines() if x.startswith("nexo-poller: ")]
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn(needle, lines[0])
+        return lines[0]
+
+    def supports(self, capability) -> bool:
+        """What the backend of ``location()`` declares, asked without opening it."""
+        return capability in nx._state_backend(self.location()).capabilities
+
+    def seeded(self) -> StateStore:
+        """A store whose job ``j`` has committed cursor b"one" then b"two"."""
+        s = self.open()
+        now = time.time()
+        got = s.claim({"j": now + 60}, now)
+        self.assertTrue(s.commit_now(got["j"].replace(cursor=b"one")))
+        self.assertTrue(s.commit_now(got["j"].replace(cursor=b"two")))
+        s.release()
+        return s
+
+
+    def migrate_to(self, target: str, broker: str | None):
+        s = self.open()
+        now = time.time()
+        got = s.claim({"j": now + 60}, now)
+        s.commit_now(got["j"].replace(cursor=b"moved", items_seen_total=4),
+                     outbox=[OutboxItem("e1", "j", "delivery", "t", "{}", now)])
+        s.command("k", "pause")
+        s.release()
+        argv = ["migrate-state", "--to", target] + (["--broker", broker] if broker else [])
+        code, out, err = self.cli(*argv)
+        self.assertEqual(code, 0, err)
+        self.assertIn("copied 2 jobs", out)
+        dst = nx.open_state(target, broker_url=broker)
+        self.addCleanup(dst.close)
+        loaded = dst.load()
+        self.assertEqual((loaded["j"].cursor, loaded["j"].items_seen_total), (b"moved", 4))
+        self.assertIsNone(loaded["j"].lease_owner)
+        self.assertTrue(loaded["k"].paused)
+        self.assertEqual([i.id for i in dst.outbox()], ["e1"])
+        code, out, err = self.cli(*argv)         # again: every job is there already
+        self.assertEqual(code, 0, err)
+        self.assertIn("copied 0 jobs", out)
+        self.assertIn("left alone", out)
+
+
+class StateContract(_ContractCase):
+    """The suite: every member, capability, CLI verb and admin route."""
+
+    # -- the members ------------------------------------------------------------------
+
+    def test_declares_only_known_capabilities(self):
+        s = self.open()
+        self.assertLessEqual(set(s.capabilities), set(StateStore.CAPABILITIES))
+        for cap in StateStore.CAPABILITIES:
+            self.assertEqual(s.supports(cap), cap in s.capabilities)
+        with self.assertRaises(ValueError):
+            s.supports("teleport")
+
+    def test_load_claim_commit_and_release(self):
+        a, b = self.open(), self.open()
+        now = time.time()
+        self.assertEqual(a.load(), {})
+        got = a.claim({"j": now + 60, "k": now + 60}, now, paused_on_boot=["k"])
+        self.assertEqual(set(got), {"j", "k"})
+        self.assertTrue(got["k"].paused)
+        self.assertEqual(b.claim({"j": now + 60}, now), {}, "a live lease is not granted twice")
+        self.assertTrue(a.commit_now(got["j"].replace(cursor=b"\x00\xff", items_seen_total=3)))
+        self.assertFalse(b.commit_now(got["j"].replace(cursor=b"stolen")),
+                         "a commit without the lease is refused")
+        loaded = b.load(["j"])["j"]
+        self.assertEqual((loaded.cursor, loaded.items_seen_total), (b"\x00\xff", 3))
+        self.assertEqual(loaded.lease_owner, a.owner)
+        a.release(["j"])
+        self.assertIsNone(b.load(["j"])["j"].lease_owner)
+        self.assertEqual(set(b.claim({"j": now + 60}, now)), {"j"}, "released: b takes it")
+        self.assertFalse(a.commit_now(got["j"].replace(cursor=b"late")),
+                         "a commit after losing the lease is refused")
+        self.assertEqual(b.load(["j"])["j"].cursor, b"\x00\xff")
+
+    def test_commands_apply_at_once_or_queue_for_the_holder(self):
+        a, cli = self.open(), self.open()
+        now = time.time()
+        self.assertEqual(cli.command("j", "pause"), (None, None), "no daemon: applied now")
+        self.assertTrue(cli.load(["j"])["j"].paused)
+        a.register_daemon(now)
+        a.claim({"j": now + 60}, now)
+        owner, seq = cli.command("j", "resume")
+        self.assertEqual(owner, a.owner)
+        pending = a.pending_commands()
+        self.assertEqual([(c.seq, c.job, c.verb) for c in pending], [(seq, "j", "resume")])
+        self.assertEqual(cli.command_result(seq), (False, None))
+        a.finish_command(seq, "resumed")
+        self.assertTrue(wait_until(lambda: cli.command_result(seq)[0], WAIT))
+        self.assertEqual(cli.command_result(seq), (True, "resumed"))
+        self.assertEqual(a.pending_commands(), [])
+        with self.assertRaisesRegex(ValueError, "unknown command"):
+            cli.command("j", "explode")
+
+    def test_outbox_and_dead_letters(self):
+        a = self.open()
+        now = time.time()
+        got = a.claim({"j": now + 60}, now)
+        items = [OutboxItem(f"e{i}", "j", "delivery", "t", "{}", now + i) for i in range(3)]
+        self.assertTrue(a.commit_now(got["j"].replace(cursor=b"c"), outbox=items))
+        self.assertEqual([i.id for i in a.outbox_pending()], ["e0", "e1", "e2"])
+        self.assertEqual(a.outbox_counts(), {"j": (3, now)})
+        a.outbox_settle(delivered=[items[0]], retry=[("e1", now + 999, "later")],
+                        dead=[(items[2], "gone")], now=now)
+        self.assertEqual([i.id for i in a.outbox()], ["e1"])
+        self.assertEqual([(i.id, i.last_error) for i in a.outbox(dead=True)], [("e2", "gone")])
+        self.assertEqual(a.load(["j"])["j"].delivered_total, 1)
+        self.assertEqual(a.outbox_retry(["e2"]), 1)
+        self.assertEqual(sorted(i.id for i in a.outbox()), ["e1", "e2"])
+        self.assertEqual(a.outbox(dead=True), [])
+        self.assertEqual(a.outbox_drop(), 2)
+        self.assertEqual(a.outbox(), [])
+
+    def test_daemons_register_run_and_unregister(self):
+        a, b = self.open(), self.open()
+        now = time.time()
+        self.assertEqual(a.register_daemon(now), [])
+        self.assertEqual(b.register_daemon(now), [a.owner])
+        a.set_running(["j"])
+        self.assertTrue(wait_until(lambda: b.daemons().get(a.owner) == ["j"], WAIT))
+        a.unregister_daemon()
+        self.assertTrue(wait_until(lambda: a.owner not in b.daemons(), WAIT))
+
+    def test_import_states_copies_and_leaves_existing_jobs_alone(self):
+        a = self.open()
+        a.command("k", "pause")                  # k exists already
+        now = time.time()
+        item = OutboxItem("e1", "j", "delivery", "t", '{"x": 1}', now)
+        copied, skipped = a.import_states(
+            [JobState("j", cursor=b"imported", items_seen_total=9, lease_owner="x:1:y",
+                      lease_until=now + 60),
+             JobState("k", cursor=b"not me")], [item])
+        self.assertEqual((copied, skipped), (["j"], ["k"]))
+        loaded = a.load()
+        self.assertEqual((loaded["j"].cursor, loaded["j"].items_seen_total), (b"imported", 9))
+        self.assertIsNone(loaded["j"].lease_owner, "an import holds no lease")
+        self.assertIsNone(loaded["k"].cursor)
+        self.assertEqual([(i.id, i.body) for i in a.outbox()], [("e1", '{"x": 1}')])
+
+    def test_cursor_history_where_declared_else_a_one_line_refusal(self):
+        s = self.seeded()
+        if s.supports("cursor_history"):
+            self.assertEqual([(c.cursor, c.source) for c in s.cursor_history("j")][:2],
+                             [(b"two", "tick"), (b"one", "tick")])
+        else:
+            with self.assertRaisesRegex(StateError, "keeps no cursor history"):
+                s.cursor_history("j")
+
+    def test_file_identity_where_declared(self):
+        s = self.open()
+        s.check_file()                           # untouched storage: nothing to say
+        if s.supports("file_identity"):
+            self.replace_storage()
+            with self.assertRaises(StateError):
+                s.check_file()
+
+    def test_command_watch_where_declared(self):
+        a, cli = self.open(), self.open()
+        woken = threading.Event()
+        a.watch_commands(woken.set)              # a backend without it accepts and ignores
+        if a.supports("command_watch"):
+            now = time.time()
+            a.register_daemon(now)
+            a.claim({"j": now + 60}, now)
+            cli.command("j", "pause")
+            self.assertTrue(woken.wait(WAIT), "a queued command wakes the holder")
+
+    # -- the CLI verbs ---------------------------------------------------------------
+
+    def test_status_of_a_fresh_config(self):
+        code, out, err = self.cli("status")
+        self.assertEqual(code, 0, err)
+        self.assertIn("no state yet", out)
+        code, out, err = self.cli("status", "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual({r["id"]: r["paused"] for r in json.loads(out)}, {"j": False, "k": True})
+
+    def test_pause_resume_reset_and_status(self):
+        for verb in ("pause", "resume", "pause", "reset"):
+            code, out, err = self.cli(verb, "j")
+            self.assertEqual((code, out.strip()), (0, f"{verb} j: done"), err)
+        code, out, err = self.cli("status", "--json")
+        rows = {r["id"]: r for r in json.loads(out)}
+        self.assertTrue(rows["j"]["paused"], "reset keeps the pause")
+
+    def test_cursor_show_and_set(self):
+        self.seeded().close()
+        code, out, err = self.cli("cursor", "j")
+        self.assertEqual((code, out.strip()), (0, f'j: "two"  base64 {b64(b"two")}  3 bytes'), err)
+        self.assertEqual(self.cli("cursor", "j", "--set-text", "3", "--yes")[0], 0)
+        code, out, err = self.cli("cursor", "j", "--json")
+        self.assertEqual((json.loads(out)["text"], json.loads(out)["cursor"]), ("3", b64(b"3")))
+        self.assertEqual(self.cli("cursor", "j", "--set", b64(b"\xff"), "--yes")[0], 0)
+        self.assertIsNone(json.loads(self.cli("cursor", "j", "--json")[1])["text"])
+
+    def test_cursor_history_and_rollback_where_supported(self):
+        self.seeded().close()
+        if self.supports("cursor_history"):
+            code, out, err = self.cli("cursor", "j", "--history", "--json")
+            self.assertEqual([h["text"] for h in json.loads(out)], ["two", "one"], err)
+            self.assertEqual(self.cli("cursor", "j", "--rollback", "1", "--yes")[0], 0)
+            self.assertEqual(json.loads(self.cli("cursor", "j", "--json")[1])["text"], "one")
+        else:
+            for argv in (("--history",), ("--rollback", "1", "--yes")):
+                self.cli_error(nx.EXIT_USAGE, "cursor", "j", *argv,
+                               needle="keeps no cursor history")
+            self.assertEqual(json.loads(self.cli("cursor", "j", "--json")[1])["text"], "two")
+
+    def test_invalid_base64_cursor_is_a_usage_error(self):
+        # issue 26 item 19: it exited 6, "broker: invalid cursor"
+        self.cli_error(nx.EXIT_USAGE, "cursor", "j", "--set", "!!!", "--yes", needle="--set")
+        self.cli_error(nx.EXIT_USAGE, "tick", "j", "--dry-run", "--cursor", "%%%",
+                       needle="--cursor")
+
+    def test_tick_dry_run_from_the_stored_cursor(self):
+        s = self.open()
+        now = time.time()
+        got = s.claim({"j": now + 60}, now)
+        self.assertTrue(s.commit_now(got["j"].replace(cursor=b"41")))
+        s.release()
+        code, out, err = self.cli("tick", "j", "--dry-run")
+        self.assertEqual(code, 0, err)
+        doc = json.loads(out)
+        self.assertEqual((doc["from_cursor"]["text"], doc["next_cursor"]["text"]), ("41", "42"))
+        self.assertEqual(s.load(["j"])["j"].cursor, b"41", "a dry run stores nothing")
+
+    def test_tick_dry_run_of_a_fresh_config(self):
+        code, out, err = self.cli("tick", "j", "--dry-run")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["next_cursor"]["text"], "1")
+
+    def test_outbox_list_retry_drop(self):
+        s = self.open()
+        now = time.time()
+        got = s.claim({"j": now + 60}, now)
+        s.commit_now(got["j"], outbox=[OutboxItem("e1", "j", "delivery", "t", "{}", now)])
+        s.release()
+        code, out, err = self.cli("outbox", "--json")
+        self.assertEqual([i["id"] for i in json.loads(out)], ["e1"], err)
+        self.assertEqual(self.cli("outbox", "retry", "--yes")[1].strip(), "outbox retry: 1 item")
+        self.assertEqual(self.cli("outbox", "drop", "--yes")[1].strip(), "outbox drop: 1 item")
+        self.assertEqual(json.loads(self.cli("outbox", "--json")[1]), [])
+
+    def test_migrate_state_to_a_sqlite_file(self):
+        self.migrate_to(os.path.join(self.dir, "copy", "x.db"), None)
+
+    def test_migrate_state_to_its_own_state_is_refused(self):
+        self.open().close()
+        self.cli_error(nx.EXIT_USAGE, "migrate-state", "--to", self.location(),
+                       *(["--broker", self.broker()] if self.broker() else []),
+                       needle="already")
+
+    def test_migrate_state_without_state_is_one_line(self):
+        self.cli_error(nx.EXIT_USAGE, "migrate-state", "--to",
+                       os.path.join(self.dir, "y.db"), needle="no state")
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "y.db")))
+
+    # -- the admin routes and the page ------------------------------------------------
+
+    def runner(self) -> Runner:
+        token = os.path.join(self.dir, "token")
+        with open(token, "w", encoding="utf-8") as f:
+            f.write(TOKEN)
+        doc = {"state_db": self.location(), "default_jitter_ms": 0, "shutdown_grace_secs": 3,
+               "admin_addr": "127.0.0.1:0", "admin_token_file": token,
+               "jobs": [{"id": "j", "kind": "e2e_feed", "schedule": {"every_secs": 3600}}]}
+        if self.broker():
+            doc["broker"] = self.broker()
+        cfg = config_from_dict(doc, base_dir=self.dir, extra_kinds=["e2e_feed"])
+        r = Runner(cfg, state=self.store())
+        r.register(_Poller())
+        r.start(True)
+        self.addCleanup(r.stop)
+        self.assertTrue(r.wait_idle(WAIT), "the first tick did not finish")
+        return r
+
+    def get(self, r, path, body=None):
+        """GET ``path``, or POST ``body`` with the token: (status, raw body)."""
+        conn = http.client.HTTPConnection("127.0.0.1", r._admin_server.server_address[1],
+                                          timeout=WAIT)
+        try:
+            conn.request("GET" if body is None else "POST", path, body=body,
+                         headers={} if body is None else {"Authorization": f"Bearer {TOKEN}"})
+            resp = conn.getresponse()
+            raw = resp.read()
+            return resp.status, raw
+        finally:
+            conn.close()
+
+    def test_admin_cursor_route_and_page_show_text(self):
+        r = self.runner()
+        code, raw = self.get(r, "/admin/pollers/j/cursor")
+        doc = json.loads(raw)
+        self.assertEqual(code, 200, doc)
+        self.assertEqual((doc["cursor"], doc["text"]), (b64(b"1"), "1"))
+        self.assertEqual(doc["history_kept"], r.state.supports("cursor_history"))
+        if doc["history_kept"]:
+            self.assertEqual([h["text"] for h in doc["history"]], ["1"])
+        code, raw = self.get(r, "/admin/pollers")
+        self.assertEqual(json.loads(raw)[0]["cursor_text"], "1")
+        code, raw = self.get(r, "/")
+        self.assertIn('<code title="base64 MQ">1</code>', raw.decode())
+        url = f"http://127.0.0.1:{r._admin_server.server_address[1]}"
+        code, out, err = self.cli("--admin", url, "cursor", "j")
+        self.assertEqual((code, out.strip()), (0, f'j: "1"  base64 {b64(b"1")}  1 bytes'), err)
+        code, out, err = self.cli("--admin", url, "cursor", "j", "--history")
+        if doc["history_kept"]:
+            self.assertEqual(code, 0, err)
+            self.assertIn('"1"  base64', out)
+        else:
+            self.assertEqual(code, nx.EXIT_USAGE, out + err)
+            self.assertIn("keeps no cursor history", err)
+        code, out, err = self.cli("--admin", url, "cursor", "j", "--set", "!!!", "--yes")
+        self.assertEqual(code, nx.EXIT_USAGE, out + err)
+
+    def test_admin_routes_that_write_the_store(self):
+        r = self.runner()
+        for verb, paused in (("pause", True), ("resume", False)):
+            code, raw = self.get(r, f"/admin/pollers/j/{verb}", b"")
+            self.assertEqual(code, 200, raw)
+            self.assertEqual(r.state.load(["j"])["j"].paused, paused)
+        code, raw = self.get(r, "/admin/pollers/j/run", b"")
+        self.assertEqual((code, json.loads(raw)["ok"]), (200, True), raw)
+        self.assertEqual(r.state.load(["j"])["j"].cursor, b"2")
+        code, raw = self.get(r, "/admin/pollers/j/cursor", b'{"set_text": "from-api"}')
+        self.assertEqual((code, json.loads(raw)["text"]), (200, "from-api"), raw)
+        self.assertEqual(r.state.load(["j"])["j"].cursor, b"from-api")
+        code, raw = self.get(r, "/admin/pollers/j/reset", b"")
+        self.assertEqual(code, 200, raw)
+        self.assertIsNone(r.state.load(["j"])["j"].cursor)
+
+
+class OnePlacePerChoice(unittest.TestCase):
+    """Issue 21 item 6: one function maps a state URL to a backend."""
+
+    def test_only_state_backend_tests_the_scheme(self):
+        import ast
+        import inspect
+        tree = ast.parse(inspect.getsource(nx))
+        places = []
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                        node.func.attr == "startswith" and node.args and any(
+                            (isinstance(a, ast.Constant) and "jetstream" in str(a.value))
+                            or (isinstance(a, ast.Name) and a.id == "_JETSTREAM")
+                            for a in ast.walk(node.args[0])):
+                    places.append(fn.name)
+        self.assertEqual(places, ["_state_backend"])
+        self.assertIs(nx._state_backend("jetstream://b"), JetStreamStateStore)
+        self.assertIs(nx._state_backend("state/x.db"), SqliteStateStore)
+
+
+class _Sqlite:
+    backend = "sqlite"
+
+    def location(self) -> str:
+        return os.path.join(self.dir, "state", "s.db")
+
+    def store(self, **kw) -> StateStore:
+        return SqliteStateStore(self.location(), **kw)
+
+    def replace_storage(self) -> None:
+        os.replace(self.location(), self.location() + ".old")
+        shutil.copy(self.location() + ".old", self.location())
+
+
+class SqliteConformance(_Sqlite, StateContract, unittest.TestCase):
+    pass
+
+
+class JetStreamConformance(StateContract, unittest.TestCase):
+    """The suite on a real nats-server (one per class, a bucket per test)."""
+    backend = "jetstream"
+
+    @classmethod
+    def setUpClass(cls):
+        require_nats()
+        cls.server = NatsServer().start()
+        cls.buckets = iter(range(10 ** 6))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.cleanup()
+
+    def setUp(self):
+        self.bucket = f"b{next(self.buckets)}"   # a bucket per test: one server per class
+        super().setUp()
+
+    def location(self) -> str:
+        return f"jetstream://{self.bucket}"
+
+    def broker(self) -> str:
+        return self.server.url
+
+    def store(self, **kw) -> StateStore:
+        return JetStreamStateStore(self.bucket, self.server.url, **kw)
+
+
+class SqliteToJetStream(_Sqlite, _ContractCase, unittest.TestCase):
+    """The sqlite suite's migrate test, to a bucket."""
+
+    @classmethod
+    def setUpClass(cls):
+        require_nats()
+        cls.server = NatsServer().start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.cleanup()
+
+    def test_migrate_state_to_a_bucket(self):
+        self.migrate_to("jetstream://copied", self.server.url)
+
+
+if __name__ == "__main__":
+    unittest.main()
