@@ -211,6 +211,14 @@ class TestDryRun(OperatorCase):
             self.assertEqual(r.returncode, code, r.stdout + r.stderr)
         self.assertFalse(os.path.exists(os.path.join(self.root, "state")))
 
+    def test_readme_gives_the_dry_run_exit_codes_the_cli_uses(self):
+        import nexo_poller
+        from support import ROOT
+        with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        self.assertIn(f"1 transient (or another failure), {nexo_poller.EXIT_TICK_PERMANENT} "
+                      f"permanent, {nexo_poller.EXIT_TICK_CONFIG} config", readme)
+
     def test_dry_run_of_a_long_lived_plugin_without_a_daemon(self):
         import socket
         plugin = self.script("good.py", GOOD_PLUGIN)
@@ -312,7 +320,7 @@ class TestTrustingTheCli(OperatorCase):
         r = nexo("--version")
         self.assertIn("nexo-poller", r.stdout)
         for verb in ("run", "validate", "status", "tick", "pause", "resume", "reset",
-                     "cursor", "outbox"):
+                     "cursor", "outbox", "migrate-state"):     # migrate-state had none
             r = nexo(verb, "--help")
             self.assertEqual(r.returncode, 0, verb)
             self.assertRegex(r.stdout, r"\n\S.*\w+ .*\w+", verb)  # a description line
