@@ -4844,7 +4844,8 @@ class StateStore:
         raise NotImplementedError
 
     def changed(self) -> bool:
-        """True when another process wrote since the last call."""
+        """True when another process wrote since the last call: at least
+        whenever a command was queued (the Runner then looks at them)."""
         raise NotImplementedError
 
     #: Seconds between the calls of ``changed()`` this store needs for its
@@ -10194,6 +10195,8 @@ def _print_status(config: DaemonConfig, as_json: bool) -> int:
     out = [_status_dict(jc, states.get(jc.id) or JobState(jc.id, paused=jc.paused_on_boot),
                         config.breaker_threshold, jc.id in running,
                         undelivered=undelivered.get(jc.id, 0)) for jc in config.jobs]
+    for row in out:                     # as the admin API's job objects have it
+        row["cursor_text"] = _cursor_text(row["cursor"])
     if as_json:
         print(json.dumps(out, indent=2))
         return EXIT_OK

@@ -241,6 +241,26 @@ class StateContract(_ContractCase):
         a.unregister_daemon()
         self.assertTrue(wait_until(lambda: a.owner not in b.daemons(), WAIT))
 
+    def test_changed_sees_a_queued_command_and_close_stores_what_is_queued(self):
+        a, cli = self.open(), self.open()
+        now = time.time()
+        a.register_daemon(now)
+        a.claim({"j": now + 60}, now)
+        a.changed()                              # from here on
+        self.assertEqual(cli.command("j", "pause")[0], a.owner)
+        self.assertTrue(wait_until(a.changed, WAIT), "a queued command is a change")
+        self.assertFalse(a.handed_over("j"))
+        b = self.store()
+        b.claim({"k": now + 60}, now)
+        results, done = [], threading.Event()
+        b.commit(b.load(["k"])["k"].replace(cursor=b"last"),
+                 lambda r: (results.append(r), done.set()))
+        b.set_deadline(time.monotonic() + WAIT)
+        b.close(time.monotonic() + WAIT)         # stores what is queued, then closes
+        self.assertTrue(done.wait(WAIT))
+        self.assertEqual(results, [True])
+        self.assertEqual(a.load(["k"])["k"].cursor, b"last")
+
     def test_import_states_copies_and_leaves_existing_jobs_alone(self):
         a = self.open()
         a.command("k", "pause")                  # k exists already
@@ -305,6 +325,8 @@ class StateContract(_ContractCase):
 
     def test_cursor_show_and_set(self):
         self.seeded().close()
+        rows = {r["id"]: r for r in json.loads(self.cli("status", "--json")[1])}
+        self.assertEqual((rows["j"]["cursor"], rows["j"]["cursor_text"]), (b64(b"two"), "two"))
         code, out, err = self.cli("cursor", "j")
         self.assertEqual((code, out.strip()), (0, f'j: "two"  base64 {b64(b"two")}  3 bytes'), err)
         self.assertEqual(self.cli("cursor", "j", "--set-text", "3", "--yes")[0], 0)
