@@ -351,6 +351,8 @@ class StateContract(_ContractCase):
     def test_invalid_base64_cursor_is_a_usage_error(self):
         # issue 26 item 19: it exited 6, "broker: invalid cursor"
         self.cli_error(nx.EXIT_USAGE, "cursor", "j", "--set", "!!!", "--yes", needle="--set")
+
+    def test_invalid_base64_dry_run_cursor_is_a_usage_error(self):
         self.cli_error(nx.EXIT_USAGE, "tick", "j", "--dry-run", "--cursor", "%%%",
                        needle="--cursor")
 
