@@ -368,6 +368,14 @@ class StateContract(_ContractCase):
         self.assertEqual((doc["from_cursor"]["text"], doc["next_cursor"]["text"]), ("41", "42"))
         self.assertEqual(s.load(["j"])["j"].cursor, b"41", "a dry run stores nothing")
 
+    def test_tick_stores_the_outcome(self):
+        for expected in ("1", "2"):
+            code, out, err = self.cli("tick", "j")
+            self.assertEqual((code, json.loads(out)["outcome"]), (0, "ok"), err)
+            rows = {r["id"]: r for r in json.loads(self.cli("status", "--json")[1])}
+            self.assertEqual((rows["j"]["cursor_text"], rows["j"]["last_status"]),
+                             (expected, "ok"))
+
     def test_tick_dry_run_of_a_fresh_config(self):
         code, out, err = self.cli("tick", "j", "--dry-run")
         self.assertEqual(code, 0, err)
@@ -445,6 +453,8 @@ class StateContract(_ContractCase):
         code, raw = self.get(r, "/")
         self.assertIn('<code title="base64 MQ">1</code>', raw.decode())
         url = f"http://127.0.0.1:{r._admin_server.server_address[1]}"
+        code, out, err = self.cli("--admin", url, "status", "--json")
+        self.assertEqual((code, json.loads(out)[0]["cursor_text"]), (0, "1"), err)
         code, out, err = self.cli("--admin", url, "cursor", "j")
         self.assertEqual((code, out.strip()), (0, f'j: "1"  base64 {b64(b"1")}  1 bytes'), err)
         code, out, err = self.cli("--admin", url, "cursor", "j", "--history")
