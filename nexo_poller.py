@@ -6110,8 +6110,12 @@ class JetStreamStateStore(StateStore):
                 rec = {**_state_record(JobState(job_id, paused=paused_on_boot)),
                        "outbox": [], "commands": {}}
             state = apply_command(_record_state(job_id, rec, 0), verb, arg)
+            # Applied here, the command takes the lease from a holder that is
+            # not live (a daemon stalled past daemon_ttl, a CLI tick): should
+            # it wake up, its next commit finds the lease gone and is dropped,
+            # instead of writing its paused flag and cursor back over this.
             return {**rec, **_state_record(state), "delivered_total": rec.get("delivered_total", 0),
-                    "lease_owner": rec.get("lease_owner"), "lease_until": rec.get("lease_until")}
+                    "lease_owner": None, "lease_until": None}
         self._update(key, change, seen)
         return None, None
 

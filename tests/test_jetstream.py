@@ -353,6 +353,41 @@ class RunnerTests(LiveCase):
             last[job] = (n, tag)
 
 
+class RecordTests(LiveCase):
+    """Issue 26: the job record, its outbox and dead letters under faults."""
+
+    def stalled_owner(self):
+        """A daemon holding ``j`` whose heartbeat went stale (as if SIGSTOPped
+        past daemon_ttl), and a CLI store that sees it as gone."""
+        a, cli = self.store(daemon_ttl=0.5), self.store(daemon_ttl=0.5)
+        now = time.time()
+        a.register_daemon(now)
+        state = a.claim({"j": now + 600}, now)["j"]
+        self.assertTrue(a.commit_now(state.replace(cursor=b"1")))
+        self.assertTrue(wait_until(lambda: a.owner not in cli.daemons(), 10))
+        return a, cli, state
+
+    def test_a_command_applied_past_a_stalled_owner_is_not_written_back(self):
+        # item 1: pause finds no live holder and writes paused=true itself; the
+        # stalled daemon's next commit must not rewrite it from memory.
+        a, cli, state = self.stalled_owner()
+        self.assertEqual(cli.command("j", "pause"), (None, None))
+        self.assertFalse(a.commit_now(state.replace(cursor=b"2")))      # lease lost
+        rec = cli.load(["j"])["j"]
+        self.assertEqual((rec.paused, rec.cursor), (True, b"1"))
+        # its runner claims again: the record as the operator left it
+        got = a.claim({"j": time.time() + 600}, time.time())["j"]
+        self.assertEqual((got.paused, got.cursor), (True, b"1"))
+
+    def test_a_cursor_set_past_a_stalled_owner_is_not_written_back(self):
+        from nexo_poller import cursor_command_arg
+        a, cli, state = self.stalled_owner()
+        self.assertEqual(cli.command("j", "cursor", arg=cursor_command_arg(b"set", "set")),
+                         (None, None))
+        self.assertFalse(a.commit_now(state.replace(cursor=b"2")))
+        self.assertEqual(cli.load(["j"])["j"].cursor, b"set")
+
+
 # A daemon in its own process: a Runner on the bucket whose in-process poller
 # appends {"job", "tag", "cursor"} to a JSON-lines file for every tick.
 DAEMON_SRC = r'''
