@@ -5710,13 +5710,23 @@ class JetStreamStateStore(StateStore):
         return value, seq
 
     def _keys(self, prefix: str) -> list[str]:
-        """The keys under ``prefix`` (deleted ones included: they read as absent)."""
-        info = self._api(f"$JS.API.STREAM.INFO.{self._stream}",
-                         {"subjects_filter": f"{self._prefix}{prefix}>"})
-        if info.get("error"):
-            raise StateError(f"{self.location}: {info['error'].get('description')}")
-        subjects = (info.get("state") or {}).get("subjects") or {}
-        return sorted(s[len(self._prefix):] for s in subjects)
+        """The keys under ``prefix`` (deleted ones included: they read as absent).
+        STREAM.INFO lists at most a page of subjects (100,000 on nats-server),
+        sorted, and says how many match (``total``): read page after page."""
+        keys: set[str] = set()
+        while True:
+            info = self._api(f"$JS.API.STREAM.INFO.{self._stream}",
+                             {"subjects_filter": f"{self._prefix}{prefix}>",
+                              "offset": len(keys)})
+            if info.get("error"):
+                raise StateError(f"{self.location}: {info['error'].get('description')}")
+            page = (info.get("state") or {}).get("subjects") or {}
+            before = len(keys)
+            keys.update(s[len(self._prefix):] for s in page)
+            # A key removed between two pages shifts the rest one place back:
+            # a page that adds nothing new ends the listing.
+            if len(keys) == before or len(keys) >= int(info.get("total") or 0):
+                return sorted(keys)
 
     def _purge(self, keys: Iterable[str]) -> None:
         """Remove keys with their history (daemons gone, old commands): a
@@ -6267,7 +6277,8 @@ class JetStreamStateStore(StateStore):
         want = None if ids is None else set(ids)
         count = 0
         if dead:
-            gone = [key for key, (rec, _) in self._get_many(self._keys("dead.")).items()
+            keys = self._keys("dead.") if want is None else ["dead." + _kv_token(i) for i in want]
+            gone = [key for key, (rec, _) in self._get_many(keys).items()
                     if rec and (want is None or rec["id"] in want)]
             self._purge(gone)
             return len(gone)

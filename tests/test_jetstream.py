@@ -388,6 +388,23 @@ class RecordTests(LiveCase):
         self.assertEqual(cli.load(["j"])["j"].cursor, b"set")
 
 
+    def test_key_listings_read_past_the_first_page(self):
+        # item 12: STREAM.INFO lists 100,000 subjects a page; the dead letters
+        # past it were invisible to outbox, retry and drop.
+        a = self.store()
+        n = 100_010
+        for start in range(0, n, 10_000):
+            for i in range(start, min(n, start + 10_000)):
+                a.client.publish(f"$KV.jobs.dead.d{i:06d}", b"{}", raw=True)
+            a.client.flush()
+        last = OutboxItem("zz", "j", "delivery", "t", "{}", 1.0)
+        a._put_many([("dead.zz", json.loads(json.dumps(last.__dict__)), None)])
+        self.assertTrue(wait_until(lambda: len(a._keys("dead.")) == n + 1, 30),
+                        f"{len(a._keys('dead.'))} of {n + 1} dead letters listed")
+        self.assertEqual(a.outbox_drop(["zz"], dead=True), 1)
+        self.assertNotIn("dead.zz", a._keys("dead."))
+
+
 # A daemon in its own process: a Runner on the bucket whose in-process poller
 # appends {"job", "tag", "cursor"} to a JSON-lines file for every tick.
 DAEMON_SRC = r'''
