@@ -5617,7 +5617,8 @@ class JetStreamStateStore(StateStore):
         deadline = time.monotonic() + _KV_PATIENCE_SECS
         while True:
             try:
-                payload, _, status = self.client.request(subject, body, self.timeout, raw=True)
+                payload, _, status = self.client.request(subject, body, self._wait_secs(),
+                                                         raw=True)
                 break
             except PluginPollerForwardError as exc:
                 if (getattr(exc, "code", None) == BROKER_NO_RESPONDERS
@@ -5631,6 +5632,13 @@ class JetStreamStateStore(StateStore):
         except ValueError:
             raise StateError(f"{self.location}: JetStream answered {payload[:80]!r}") from None
         return answer if isinstance(answer, dict) else {}
+
+    def _wait_secs(self) -> float:
+        """How long one request may wait for its answer: ``timeout``, and
+        never past the shutdown deadline (``set_deadline``)."""
+        if self._deadline is None:
+            return self.timeout
+        return max(0.05, min(self.timeout, self._deadline - time.monotonic()))
 
     def _give_up(self, exc: Exception, deadline: float) -> bool:
         """A failed request: wait for the connection and say retry, or give up."""
@@ -5676,7 +5684,8 @@ class JetStreamStateStore(StateStore):
         deadline = time.monotonic() + _KV_PATIENCE_SECS
         while todo:
             replies = self.client.request_many(
-                [(subject, {"last_by_subj": self._prefix + k}, None) for k in todo], self.timeout)
+                [(subject, {"last_by_subj": self._prefix + k}, None) for k in todo],
+                self._wait_secs())
             retry = []
             for key, reply in zip(todo, replies):
                 if isinstance(reply, Exception):
@@ -5759,7 +5768,7 @@ class JetStreamStateStore(StateStore):
         todo = list(range(len(requests)))
         deadline = time.monotonic() + _KV_PATIENCE_SECS
         while todo:
-            replies = self.client.request_many([requests[i] for i in todo], self.timeout)
+            replies = self.client.request_many([requests[i] for i in todo], self._wait_secs())
             retry = []
             for i, reply in zip(todo, replies):
                 if isinstance(reply, Exception):
@@ -6076,14 +6085,33 @@ class JetStreamStateStore(StateStore):
     def release(self, ids: Iterable[str] | None = None) -> None:
         with self._lock:
             mine = set(self._held) if ids is None else set(ids) & self._held
-        def free(rec):
-            if rec is None or rec.get("lease_owner") != self.owner:
-                return False
-            return {**rec, "lease_owner": None, "lease_until": None}
-        for job_id in sorted(mine):
-            self._update("job." + _kv_token(job_id), free)
+        # Every lease in one pipelined round (read all, then compare-and-set
+        # all), not a read-modify-write per job: at shutdown a thousand jobs
+        # on a NATS 10 ms away would take 20 s.  A record changed in between
+        # (a commit, the outbox) is read again, in the next round, until the
+        # deadline; what is left then expires on its own.
+        keys = {"job." + _kv_token(i): i for i in mine}
+        for _ in range(_KV_CAS_ROUNDS):
+            if not keys:
+                break
+            got = self._get_many(sorted(keys))
+            writes = [(key, {**rec, "lease_owner": None, "lease_until": None}, rev)
+                      for key, (rec, rev) in got.items()
+                      if rec is not None and rec.get("lease_owner") == self.owner]
+            results = self._put_many(writes)
             with self._lock:
-                self._held.discard(job_id)
+                for (key, _, _), rev in zip(writes, results):
+                    if rev is not False:
+                        self._held.discard(keys[key])
+                for key, (rec, _) in got.items():
+                    if rec is None or rec.get("lease_owner") != self.owner:
+                        self._held.discard(keys[key])       # not ours any more
+            keys = {w[0]: keys[w[0]] for w, rev in zip(writes, results) if rev is False}
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                break
+        if keys:
+            raise StateError(f"{self.location}: {len(keys)} leases not released "
+                             "(their records kept changing)")
 
     # -- commands -----------------------------------------------------------------------
 

@@ -405,6 +405,25 @@ class RecordTests(LiveCase):
         self.assertNotIn("dead.zz", a._keys("dead."))
 
 
+    def test_release_is_one_pipelined_round_however_many_leases(self):
+        # item 15: each lease was released with its own read-modify-write, one
+        # after another (1,000 jobs, NATS 10 ms away: ~23 s past the grace).
+        a, other = self.store(), self.store()
+        now = time.time()
+        ids = [f"j{i}" for i in range(200)]
+        self.assertEqual(len(a.claim({i: now + 600 for i in ids}, now)), 200)
+        rounds = []
+        for name in ("request", "request_many"):
+            real = getattr(a.client, name)
+            setattr(a.client, name, lambda *args, _real=real, **kw: (rounds.append(1),
+                                                                   _real(*args, **kw))[1])
+        a.set_deadline(time.monotonic() + 30)
+        a.release()
+        self.assertLessEqual(len(rounds), 3, "round trips to release 200 leases")
+        self.assertTrue(all(s.lease_owner is None for s in other.load().values()))
+        self.assertEqual(len(other.claim({i: now + 600 for i in ids}, now)), 200)
+
+
 # A daemon in its own process: a Runner on the bucket whose in-process poller
 # appends {"job", "tag", "cursor"} to a JSON-lines file for every tick.
 DAEMON_SRC = r'''
