@@ -424,6 +424,115 @@ class RecordTests(LiveCase):
         self.assertEqual(len(other.claim({i: now + 600 for i in ids}, now)), 200)
 
 
+    @staticmethod
+    def items(job, n, tag="", size=150):
+        return [OutboxItem(f"{tag}e{i}", job, "delivery", "t",
+                           json.dumps({"n": i, "pad": "x" * size}), 1000.0 + i)
+                for i in range(n)]
+
+    def test_a_tick_of_ten_thousand_deliveries_is_stored_and_kept_in_order(self):
+        # item 8: the job's one record (cursor + outbox) passed max_payload
+        # (1 MiB): every commit failed and the tick re-ran forever.
+        a = self.store()
+        now = time.time()
+        state = a.claim({"j": now + 600}, now)["j"]
+        items = self.items("j", 10_000)
+        self.assertTrue(a.commit_now(state.replace(cursor=b"1"), outbox=items))
+        self.assertEqual(a.load(["j"])["j"].cursor, b"1")
+        got = a.outbox_pending(limit=600)
+        self.assertEqual([i.id for i in got], [i.id for i in items[:600]])
+        self.assertEqual(a.outbox_counts(), {"j": (10_000, 1000.0)})
+
+    def test_a_sink_outage_never_stops_the_job_advancing(self):
+        # item 9: undelivered items piled up in the job's record until it
+        # passed max_payload; from then on the job stopped advancing.
+        a = self.store()
+        now = time.time()
+        state = a.claim({"j": now + 600}, now)["j"]
+        for n in range(12):                 # 12 ticks x 500 x ~200 bytes: past 1 MiB
+            state = state.replace(cursor=str(n).encode())
+            self.assertTrue(a.commit_now(state, outbox=self.items("j", 500, f"t{n}-")),
+                            f"tick {n} not stored")
+        self.assertEqual(a.load(["j"])["j"].cursor, b"11")
+        self.assertEqual(a.outbox_counts()["j"][0], 6000)
+        first = a.outbox_pending(limit=3)
+        self.assertEqual([i.id for i in first], ["t0-e0", "t0-e1", "t0-e2"])
+        a.outbox_settle(delivered=first)
+        self.assertEqual([i.id for i in a.outbox_pending(limit=1)], ["t0-e3"])
+        self.assertEqual(a.load(["j"])["j"].delivered_total, 3)
+
+    def test_a_single_delivery_over_max_payload_fails_its_commit_by_name(self):
+        a = self.store()
+        now = time.time()
+        state = a.claim({"j": now + 600}, now)["j"]
+        big = self.items("j", 1, size=a.client.max_payload)
+        with self.assertRaisesRegex(StateError, r"job j: delivery e0 .*max_payload"):
+            a.commit_now(state.replace(cursor=b"1"), outbox=big)
+        self.assertIsNone(a.load(["j"])["j"].cursor)
+
+    def failing(self, store, name, when):
+        """Make ``store.<name>`` raise a NATS-outage StateError on the calls
+        for which ``when(args)`` is true."""
+        real = getattr(store, name)
+
+        def call(*args, **kw):
+            if when(args):
+                raise StateError("injected: NATS went away")
+            return real(*args, **kw)
+        setattr(store, name, call)
+        self.addCleanup(setattr, store, name, real)
+
+    def holding(self, n):
+        """A store holding job ``j`` with ``n`` committed outbox items."""
+        a = self.store()
+        now = time.time()
+        state = a.claim({"j": now + 600}, now)["j"]
+        items = self.items("j", n)
+        self.assertTrue(a.commit_now(state, outbox=items))
+        return a, items
+
+    def outbox_and_dead(self, store):
+        return ([i.id for i in store.outbox()], [i.id for i in store.outbox(dead=True)])
+
+    def test_a_dead_letter_is_never_lost_between_its_two_writes(self):
+        # item 10: the job record was rewritten (the item gone) before the
+        # dead.<id> key was written; an outage in between lost the item.
+        a, items = self.holding(2)
+        now = time.time()
+        # the dead letter's write fails (an outage): the item stays somewhere
+        self.failing(a, "_put_many", lambda args: any(
+            k.startswith("dead.") for k, _, _ in args[0]))
+        with self.assertRaises(StateError):
+            a.outbox_settle(dead=[(items[0], "HTTP 500")], now=now)
+        box, dead = self.outbox_and_dead(a)
+        self.assertIn("e0", box + dead)
+        del a._put_many                      # back to the real one
+        a.outbox_settle(dead=[(items[0], "HTTP 500")], now=now)
+        self.assertEqual(self.outbox_and_dead(a), (["e1"], ["e0"]))
+        self.assertEqual(a.outbox(dead=True)[0].last_error, "HTTP 500")
+
+    def test_an_interrupted_retry_loses_no_dead_letter(self):
+        # item 11: outbox retry deleted every dead letter first and re-queued
+        # after; an error in between lost the deleted ones.
+        a, items = self.holding(3)
+        a.outbox_settle(dead=[(i, "gone") for i in items[:2]], now=time.time())
+        self.assertEqual(self.outbox_and_dead(a), (["e2"], ["e0", "e1"]))
+        cli = self.store()
+        self.failing(cli, "_put_many", lambda args: any(
+            k.startswith(("job.", "out.")) for k, _, _ in args[0]))
+        with self.assertRaises(StateError):
+            cli.outbox_retry()
+        box, dead = self.outbox_and_dead(cli)
+        self.assertEqual(sorted(set(box + dead)), ["e0", "e1", "e2"])
+        del cli._put_many
+        self.assertEqual(cli.outbox_retry(), 3)
+        self.assertEqual(self.outbox_and_dead(cli), (["e2", "e0", "e1"], []))
+        # the holder delivers them in that order, each once
+        got = a.outbox_pending()
+        self.assertEqual([i.id for i in got], ["e2", "e0", "e1"])
+        self.assertEqual([i.attempts for i in got], [0, 0, 0])
+
+
 # A daemon in its own process: a Runner on the bucket whose in-process poller
 # appends {"job", "tag", "cursor"} to a JSON-lines file for every tick.
 DAEMON_SRC = r'''
