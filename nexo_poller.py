@@ -4696,6 +4696,12 @@ class StateStore:
         """Undelivered items of the jobs this owner holds, oldest first."""
         raise NotImplementedError
 
+    def unstorable(self, items: Iterable[OutboxItem]) -> str | None:
+        """Why one of ``items`` could never be stored (too large for this
+        backend), or None.  The runner fails such a tick for good instead of
+        retrying a commit that cannot succeed."""
+        return None
+
     def outbox_settle(self, delivered: Iterable[OutboxItem] = (),
                       retry: Iterable[tuple[str, float, str]] = (),
                       dead: Iterable[tuple[OutboxItem, str]] = (), now: float = 0.0) -> None:
@@ -6050,20 +6056,31 @@ class JetStreamStateStore(StateStore):
         spans = [list(span) for span in out.get("spans") or ()]
         if items and (not spans or spans[-1][1] != self._span):
             spans.append([nxt, self._span])
-        most = getattr(self.client, "max_payload", 1 << 20)
-        limit = most - _KV_OUT_HEADROOM
         writes = []
         for n, item in enumerate(items):
             value = {**item, "seq": nxt + n}
-            size = len(_dumps(value))
-            if size > limit:
-                raise StateError(
-                    f"{self.location}: job {job_id}: {item.get('what')} {item.get('id')} is "
-                    f"{size} bytes, over what one NATS message holds (the server's "
-                    f"max_payload of {most} bytes, less "
-                    f"{_KV_OUT_HEADROOM} for its key): it cannot be stored")
+            problem = self._too_large(value)
+            if problem:
+                raise StateError(f"{self.location}: {problem}")
             writes.append((_out_key(job_id, nxt + n, self._span), value, None))
         return {"next": nxt + len(items), "spans": spans}, writes
+
+    def _too_large(self, value: Mapping[str, Any]) -> str | None:
+        """Why the outbox item ``value`` cannot be one NATS message, or None."""
+        most = getattr(self.client, "max_payload", 1 << 20)
+        size = len(_dumps(value))
+        if size <= most - _KV_OUT_HEADROOM:
+            return None
+        return (f"job {value.get('job')}: {value.get('what')} {value.get('id')} is {size} "
+                f"bytes, over what one NATS message holds (the server's max_payload of "
+                f"{most} bytes, less {_KV_OUT_HEADROOM} for its key): it cannot be stored")
+
+    def unstorable(self, items: Iterable[OutboxItem]) -> str | None:
+        for item in items:
+            problem = self._too_large({**dataclasses.asdict(item), "seq": 0})
+            if problem:
+                return problem
+        return None
 
     def _commit_record(self, rec: dict | None, state: JobState, command, items: list,
                        hand_back: bool = False) -> tuple[dict, list] | bool:
@@ -7999,12 +8016,21 @@ class Runner:
         base = job.state
         if slot is None:                    # off schedule: the slot on the heap stays
             base = base.replace(next_run_at=job.next_run_at if job.generation >= 0 else None)
-        plan = plan_tick(base, outcome, schedule=cfg.schedule, slot=slot, started=now,
-                         finished=self.clock(), config=self.config, rng=self._rng,
-                         schedule_key=job.key)
+        planned = functools.partial(plan_tick, base, outcome, schedule=cfg.schedule, slot=slot,
+                                    started=now, config=self.config, rng=self._rng,
+                                    schedule_key=job.key)
+        plan = planned(finished=self.clock())
+        outbox = self._outbox_for(job, plan, outcome, now)
+        problem = self.state.unstorable(outbox)
+        if problem:
+            # A commit that can never succeed would make the tick run again
+            # forever: it fails for good instead, its cursor not advanced,
+            # and the job pauses with the reason in its status.
+            outcome.status, outcome.error, outcome.ack = TickStatus.PERMANENT, problem, None
+            plan = planned(finished=self.clock())
+            outbox = self._outbox_for(job, plan, outcome, now)
         outcome.next_run_at = plan.run_at
         new = plan.state.replace(lease_until=now + ttl)
-        outbox = self._outbox_for(job, plan, outcome, now)
         result_text = None if command is None else json.dumps(outcome.to_dict())
         done = functools.partial(self._committed, job, plan, new, outcome, slot, bool(outbox))
         cmd = None if command is None else (command, result_text)

@@ -326,6 +326,27 @@ class RunnerTests(LiveCase):
                         "the idle daemon did not apply the queued command")
         self.assertTrue(cli.load(["job.0"])["job.0"].paused)
 
+    def test_a_delivery_no_nats_message_can_hold_pauses_its_job_by_name(self):
+        # item 8: such a commit failed every time, the tick re-ran forever and
+        # status showed nothing wrong.
+        from nexo_poller import Delivery
+
+        class Huge:
+            kind = "mem"
+
+            def tick(self, ctx):
+                return TickAck(next_cursor=b"1", deliver=[
+                    Delivery("c", "r", {"text": "x" * (1 << 20)})])
+        r = Runner(self.config(1, every=3600), state=JetStreamStateStore("jobs", self.server.url))
+        r.register(Huge())
+        self.addCleanup(r.stop)
+        outcome = r.run_once("job.0")
+        self.assertEqual(outcome.status, "permanent")
+        state = self.store(readonly=True).load(["job.0"])["job.0"]
+        self.assertEqual((state.paused, state.cursor, state.last_status), (True, None, "permanent"))
+        self.assertRegex(state.last_error, r"job job\.0: delivery \S+ is \d+ bytes.*max_payload")
+        self.assertEqual(self.store(readonly=True).outbox(), [])
+
     def test_two_runners_share_ten_jobs_one_tick_at_a_time(self):
         log = self.new_log()
         cfg = self.config(10)
