@@ -6323,25 +6323,51 @@ class JetStreamStateStore(StateStore):
 
     # -- the outbox ---------------------------------------------------------------------
 
+    def _committed(self, ids: Iterable[str] | None) -> tuple[dict[str, dict], dict[str, list]]:
+        """The records of the jobs ``ids`` (or of every job) by key token, and
+        the keys of their committed outbox items, ``[(seq, key)]`` in seq
+        order, by job token."""
+        job_keys = self._keys("job.") if ids is None else ["job." + _kv_token(i) for i in ids]
+        records = {key[4:]: rec for key, (rec, _) in self._get_many(job_keys).items()
+                   if rec is not None}
+        found: dict[str, list] = {}
+        for key in self._keys("out.") if records else ():
+            place = _out_place(key)
+            if place and place[0] in records and _out_committed(records[place[0]], *place[1:]):
+                found.setdefault(place[0], []).append((place[1], key))
+        for items in found.values():
+            items.sort()
+        return records, found
+
+    def outbox_counts(self) -> dict[str, tuple[int, float]]:
+        # Counted from the key listing: only each job's first item is read,
+        # for its created_at, so a long sink outage does not make status and
+        # metrics read every body.
+        records, found = self._committed(None)
+        firsts = self._get_many([items[0][1] for items in found.values()])
+        counts = {}
+        for token, rec in records.items():
+            old = rec.get("outbox") or ()  # an older version's record, not claimed since
+            items = found.get(token, ())
+            if not old and not items:
+                continue
+            first = firsts[items[0][1]][0] if items else None
+            # None: delivered since the listing; the next look has it right
+            times = [float(raw["created_at"]) for raw in old[:1]] + (
+                [float(first["created_at"]) if first else time.time()] if items else [])
+            counts[_kv_untoken(token)] = (len(old) + len(items), min(times))
+        return counts
+
     def _outbox_entries(self, ids: Iterable[str] | None = None,
                         per_job: int | None = None) -> list[OutboxItem]:
         """The committed outbox items of the jobs ``ids`` (or of every job), in
         order per job (their seq), at most ``per_job`` of each, interleaved
         oldest first.  Each is remembered as listed (key, revision, value)
         for the writes that settle it."""
-        job_keys = self._keys("job.") if ids is None else ["job." + _kv_token(i) for i in ids]
-        records = {key[4:]: rec for key, (rec, _) in self._get_many(job_keys).items()
-                   if rec is not None}
-        if not records:
-            return []
-        found: dict[str, list] = {}
-        for key in self._keys("out."):
-            place = _out_place(key)
-            if place and place[0] in records and _out_committed(records[place[0]], *place[1:]):
-                found.setdefault(place[0], []).append((place[1], key))
+        records, found = self._committed(ids)
         chosen = []
         for token in found:
-            chosen.extend(sorted(found[token])[:per_job])
+            chosen.extend(found[token][:per_job])
         values = self._get_many([key for _, key in chosen])
         rows = []                            # (job token, seq, key, revision, value)
         for token, rec in records.items():

@@ -409,6 +409,22 @@ class RecordTests(LiveCase):
         self.assertEqual(cli.load(["j"])["j"].cursor, b"set")
 
 
+    def test_an_older_record_with_its_outbox_inside_moves_it_to_keys_when_claimed(self):
+        a = self.store()
+        old = [json.loads(json.dumps(i.__dict__)) for i in self.items("j", 3)]
+        rec = {"id": "j", "cursor": None, "paused": False, "outbox": old, "commands": {}}
+        a._put_many([("job.j", rec, 0)])
+        self.assertEqual([i.id for i in a.outbox()], ["e0", "e1", "e2"])
+        self.assertEqual(a.outbox_counts(), {"j": (3, 1000.0)})
+        now = time.time()
+        a.claim({"j": now + 600}, now)
+        self.assertNotIn("outbox", a._get_many(["job.j"])["job.j"][0])
+        got = a.outbox_pending()
+        self.assertEqual([i.id for i in got], ["e0", "e1", "e2"])
+        a.outbox_settle(delivered=got[:2])
+        self.assertEqual([i.id for i in a.outbox()], ["e2"])
+        self.assertEqual(a.load(["j"])["j"].delivered_total, 2)
+
     def test_key_listings_read_past_the_first_page(self):
         # item 12: STREAM.INFO lists 100,000 subjects a page; the dead letters
         # past it were invisible to outbox, retry and drop.
