@@ -4790,6 +4790,12 @@ class StateStore:
         """Undelivered items of the jobs this owner holds, oldest first."""
         raise NotImplementedError
 
+    def unstorable(self, items: Iterable[OutboxItem]) -> str | None:
+        """Why one of ``items`` could never be stored (too large for this
+        backend), or None.  The runner fails such a tick for good instead of
+        retrying a commit that cannot succeed."""
+        return None
+
     def outbox_settle(self, delivered: Iterable[OutboxItem] = (),
                       retry: Iterable[tuple[str, float, str]] = (),
                       dead: Iterable[tuple[OutboxItem, str]] = (), now: float = 0.0) -> None:
@@ -5634,6 +5640,7 @@ _KV_PATIENCE_SECS = 30.0                # how long a write waits out a NATS outa
 _KV_CAS_ROUNDS = 8                      # re-reads of a record changed under a write
 _KV_COMMANDS_KEPT = 32                  # command results kept in a job's record
 _KV_COMMAND_KEEP_SECS = 600.0           # a done command's key is removed after this
+_KV_OUT_HEADROOM = 1024                 # bytes of an outbox item's publish besides its JSON
 
 
 _JETSTREAM = "jetstream://"     # the scheme of a JetStream state location
@@ -5670,6 +5677,36 @@ def _record_state(job_id: str, rec: Mapping[str, Any], revision: int) -> JobStat
     return JobState(id=job_id, revision=revision, **values)
 
 
+def _out_key(job_id: str, seq: int, span: str) -> str:
+    return f"out.{_kv_token(job_id)}.{seq}.{span}"
+
+
+def _out_place(key: str) -> tuple[str, int, str] | None:
+    """(job token, seq, span) of an ``out.`` key, None for another key."""
+    parts = key.split(".")
+    if len(parts) != 4 or parts[0] != "out" or not parts[2].isdigit():
+        return None
+    return parts[1], int(parts[2]), parts[3]
+
+
+def _out_committed(rec: Mapping[str, Any], seq: int, span: str) -> bool:
+    """True when the job record ``rec`` says the outbox item ``seq`` written
+    by ``span`` is committed: below the record's next seq, and in the range
+    the record gives that writer.  Anything else is an orphan of a commit
+    that did not land (a lost lease, a crash before the record's write)."""
+    out = rec.get("out") or {}
+    if seq >= int(out.get("next") or 0):
+        return False
+    spans = out.get("spans") or ()
+    at = bisect.bisect_right([start for start, _ in spans], seq) - 1
+    return at >= 0 and spans[at][1] == span
+
+
+def _requeued(raw: Mapping[str, Any]) -> dict:
+    """A dead letter as an outbox item again: due now, its attempts from 0."""
+    return {**{f: raw.get(f) for f in _OUTBOX_FIELDS}, "attempts": 0, "next_attempt_at": 0}
+
+
 class JetStreamStateStore(StateStore):
     """Job state in a JetStream key-value bucket, for daemons on several machines.
 
@@ -5678,13 +5715,23 @@ class JetStreamStateStore(StateStore):
     ``max_age``; discard new, rollups allowed, direct get) or bound to as it
     is.  Keys (a job id or owner is one subject token, see ``_kv_token``):
 
-    ``job.<id>``      one record per job: the JobState (cursor base64), its
-                      undelivered ``outbox`` items and the results of the
-                      last commands applied to it (``commands``).  One
-                      compare-and-set on this key's revision covers a tick's
-                      cursor, its outbox items and its command: KV has no
-                      multi-key transaction, so nothing that must commit
-                      with the cursor lives under another key.
+    ``job.<id>``      one record per job: the JobState (cursor base64), the
+                      results of the last commands applied to it
+                      (``commands``) and which outbox items are committed
+                      (``out``: the next seq, and the spans of seqs each
+                      writer was given).  One compare-and-set on this key's
+                      revision commits a tick's cursor, its command and its
+                      outbox items.
+    ``out.<id>.<seq>.<span>`` one undelivered outbox item of a job: seqs run
+                      on per job, in tick order and in order within a tick;
+                      ``span`` is the writing store's random token.  A
+                      commit writes its items' keys first and the record
+                      second (KV has no multi-key transaction): an item
+                      whose seq and span the record does not cover is an
+                      orphan of a commit that did not land, ignored, and
+                      overwritten by the writer's next commit.  Outside the
+                      record, the outbox is bounded by the bucket, not by a
+                      record's ``max_payload``.
     ``cmd.<token>``   an operator command queued for the owner; its seq is
                       the revision that created it.  Marked done after the
                       job record that carries its result (a crash between
@@ -5693,7 +5740,8 @@ class JetStreamStateStore(StateStore):
                       another host cannot be checked: a daemon is live
                       while its heartbeat (``daemon_ttl``) is fresh, and a
                       lease whose owner's heartbeat went stale is free.
-    ``dead.<item id>`` a dead letter.
+    ``dead.<item id>`` a dead letter; written before its item leaves the
+                      outbox, and removed only after a retry queued it again.
 
     Deletes are ``KV-Operation: DEL`` markers, read as absent.  Writes are
     publishes to ``$KV.<bucket>.<key>`` with ``Nats-Expected-Last-Subject-
@@ -5758,6 +5806,8 @@ class JetStreamStateStore(StateStore):
                 raise StateError(f"{self.location}: {exc}") from None
         self.client = client
         self._lock = threading.Lock()            # the caches below
+        self._span = os.urandom(4).hex()         # this store's outbox seqs are out.*.<seq>.<span>
+        self._out_seen: dict[str, tuple] = {}    # item id -> (key, revision, value) as listed
         self._rev: dict[str, int] = {}           # job id -> revision last seen by this owner
         self._held: set[str] = set()             # jobs whose lease this owner holds
         self._handed: set[str] = set()           # committed with the lease handed back
@@ -5788,7 +5838,8 @@ class JetStreamStateStore(StateStore):
         deadline = time.monotonic() + _KV_PATIENCE_SECS
         while True:
             try:
-                payload, _, status = self.client.request(subject, body, self.timeout, raw=True)
+                payload, _, status = self.client.request(subject, body, self._wait_secs(),
+                                                         raw=True)
                 break
             except PluginPollerForwardError as exc:
                 if (getattr(exc, "code", None) == BROKER_NO_RESPONDERS
@@ -5802,6 +5853,13 @@ class JetStreamStateStore(StateStore):
         except ValueError:
             raise StateError(f"{self.location}: JetStream answered {payload[:80]!r}") from None
         return answer if isinstance(answer, dict) else {}
+
+    def _wait_secs(self) -> float:
+        """How long one request may wait for its answer: ``timeout``, and
+        never past the shutdown deadline (``set_deadline``)."""
+        if self._deadline is None:
+            return self.timeout
+        return max(0.05, min(self.timeout, self._deadline - time.monotonic()))
 
     def _give_up(self, exc: Exception, deadline: float) -> bool:
         """A failed request: wait for the connection and say retry, or give up."""
@@ -5838,26 +5896,35 @@ class JetStreamStateStore(StateStore):
 
     # -- reading and writing keys ----------------------------------------------------
 
+    def _pipelined(self, requests: list, names: list[str], doing: str) -> list[bytes]:
+        """Raw requests ``(subject, body, headers)`` sent all before any answer
+        is awaited; the answers, in order.  One lost to an outage is sent
+        again (a write with the same ``Nats-Msg-Id``: the server drops the
+        repeat) until the connection is back or patience runs out."""
+        answers: list = [None] * len(requests)
+        todo = list(range(len(requests)))
+        deadline = time.monotonic() + _KV_PATIENCE_SECS
+        while todo:
+            replies = self.client.request_many([requests[i] for i in todo], self._wait_secs())
+            retry = []
+            for i, reply in zip(todo, replies):
+                if isinstance(reply, Exception):
+                    if self._give_up(reply, deadline):
+                        raise StateError(f"{self.location}: {doing} {names[i]}: {reply}")
+                    retry.append(i)
+                    continue
+                answers[i] = reply[0]
+            todo = retry
+        return answers
+
     def _get_many(self, keys: list[str]) -> dict[str, tuple[dict | None, int]]:
         """The last value of each key (read after write): key -> (JSON or None
         when absent or deleted, revision; 0 when never written)."""
         subject = f"$JS.API.STREAM.MSG.GET.{self._stream}"
-        out: dict[str, tuple[dict | None, int]] = {}
-        todo = list(keys)
-        deadline = time.monotonic() + _KV_PATIENCE_SECS
-        while todo:
-            replies = self.client.request_many(
-                [(subject, {"last_by_subj": self._prefix + k}, None) for k in todo], self.timeout)
-            retry = []
-            for key, reply in zip(todo, replies):
-                if isinstance(reply, Exception):
-                    if self._give_up(reply, deadline):
-                        raise StateError(f"{self.location}: reading {key}: {reply}")
-                    retry.append(key)
-                    continue
-                out[key] = self._decode_get(key, reply[0])
-            todo = retry
-        return out
+        keys = list(keys)
+        answers = self._pipelined([(subject, {"last_by_subj": self._prefix + k}, None)
+                                   for k in keys], keys, "reading")
+        return {key: self._decode_get(key, payload) for key, payload in zip(keys, answers)}
 
     def _decode_get(self, key: str, payload: bytes) -> tuple[dict | None, int]:
         try:
@@ -5881,23 +5948,42 @@ class JetStreamStateStore(StateStore):
         return value, seq
 
     def _keys(self, prefix: str) -> list[str]:
-        """The keys under ``prefix`` (deleted ones included: they read as absent)."""
-        info = self._api(f"$JS.API.STREAM.INFO.{self._stream}",
-                         {"subjects_filter": f"{self._prefix}{prefix}>"})
-        if info.get("error"):
-            raise StateError(f"{self.location}: {info['error'].get('description')}")
-        subjects = (info.get("state") or {}).get("subjects") or {}
-        return sorted(s[len(self._prefix):] for s in subjects)
+        """The keys under ``prefix`` (deleted ones included: they read as absent).
+        STREAM.INFO lists at most a page of subjects (100,000 on nats-server),
+        sorted, and says how many match (``total``): read page after page."""
+        keys: set[str] = set()
+        while True:
+            info = self._api(f"$JS.API.STREAM.INFO.{self._stream}",
+                             {"subjects_filter": f"{self._prefix}{prefix}>",
+                              "offset": len(keys)})
+            if info.get("error"):
+                raise StateError(f"{self.location}: {info['error'].get('description')}")
+            page = (info.get("state") or {}).get("subjects") or {}
+            before = len(keys)
+            keys.update(s[len(self._prefix):] for s in page)
+            # A key removed between two pages shifts the rest one place back:
+            # a page that adds nothing new ends the listing.
+            if len(keys) == before or len(keys) >= int(info.get("total") or 0):
+                return sorted(keys)
 
     def _purge(self, keys: Iterable[str]) -> None:
-        """Remove keys with their history (daemons gone, old commands): a
-        delete marker would stay a subject that every listing reads."""
-        for key in keys:
-            answer = self._api(f"$JS.API.STREAM.PURGE.{self._stream}",
-                               {"filter": self._prefix + key})
-            if answer.get("error"):
+        """Remove keys with their history (daemons gone, old commands, outbox
+        items done with), pipelined: a delete marker would stay a subject
+        that every listing reads."""
+        keys = list(keys)
+        subject = f"$JS.API.STREAM.PURGE.{self._stream}"
+        if self.readonly and keys:
+            raise StateError(f"{self.location}: opened read-only")
+        answers = self._pipelined([(subject, {"filter": self._prefix + k}, None) for k in keys],
+                                  keys, "removing")
+        for key, payload in zip(keys, answers):
+            try:
+                err = (_loads(payload) or {}).get("error")
+            except (ValueError, AttributeError):
+                err = {"description": repr(payload[:80])}
+            if err:
                 raise StateError(f"{self.location}: removing {key}: "
-                                 f"{answer['error'].get('description')}")
+                                 f"{err.get('description', err)}")
 
     def _put_many(self, writes: list[tuple[str, dict | None, int | None]]) -> list:
         """Compare-and-set writes ``(key, value or None to delete, expected
@@ -5916,44 +6002,38 @@ class JetStreamStateStore(StateStore):
                 headers["KV-Operation"] = "DEL"
             requests.append((self._prefix + key, b"" if value is None else
                              _dumps(value).encode(), headers))
-        results: list = [None] * len(requests)
-        todo = list(range(len(requests)))
-        deadline = time.monotonic() + _KV_PATIENCE_SECS
-        while todo:
-            replies = self.client.request_many([requests[i] for i in todo], self.timeout)
-            retry = []
-            for i, reply in zip(todo, replies):
-                if isinstance(reply, Exception):
-                    if self._give_up(reply, deadline):
-                        raise StateError(f"{self.location}: writing {writes[i][0]}: {reply}")
-                    retry.append(i)          # same Nats-Msg-Id: a repeat is deduplicated
+        results: list = []
+        answers = self._pipelined(requests, [w[0] for w in writes], "writing")
+        for (key, _, _), payload in zip(writes, answers):
+            try:
+                ack = _loads(payload)
+            except ValueError:
+                raise StateError(f"{self.location}: JetStream answered "
+                                 f"{payload[:80]!r}") from None
+            err = ack.get("error") if isinstance(ack, dict) else {"description": ack}
+            if err:
+                if err.get("err_code") == _JS_WRONG_LAST_SEQUENCE:
+                    results.append(False)
                     continue
-                try:
-                    ack = _loads(reply[0])
-                except ValueError:
-                    raise StateError(f"{self.location}: JetStream answered "
-                                     f"{reply[0][:80]!r}") from None
-                err = ack.get("error") if isinstance(ack, dict) else {"description": ack}
-                if err:
-                    if err.get("err_code") == _JS_WRONG_LAST_SEQUENCE:
-                        results[i] = False
-                        continue
-                    raise StateError(f"{self.location}: writing {writes[i][0]}: "
-                                     f"{err.get('description', err)}")
-                results[i] = int(ack["seq"])
-            todo = retry
+                raise StateError(f"{self.location}: writing {key}: "
+                                 f"{err.get('description', err)}")
+            results.append(int(ack["seq"]))
         return results
 
     def _update(self, key: str, change: Callable[[dict | None], dict | None | bool],
                 seen: tuple[dict | None, int] | None = None) -> tuple[Any, int]:
         """Read-modify-write one key until its compare-and-set holds.  ``change``
         gets the current value and returns the new one (None deletes it), or
-        False to write nothing.  Returns (what change returned, revision)."""
+        False to write nothing, or (the new one, writes to make before it).
+        Returns (the new value or False, revision)."""
         for _ in range(_KV_CAS_ROUNDS):
             value, rev = seen if seen is not None else self._get_many([key])[key]
             new = change(None if value is None else json.loads(json.dumps(value)))
             if new is False:
                 return False, rev
+            if isinstance(new, tuple):
+                new, first = new
+                self._put_many(first)
             got = self._put_many([(key, new, rev)])[0]
             if got is not False:
                 return new, got
@@ -6063,7 +6143,7 @@ class JetStreamStateStore(StateStore):
         order = list(wanted)
         random.shuffle(order)                # a random order: daemons do not collide
         order.sort(key=lambda i: (got[keys[i]][0] or {}).get("lease_owner") != self.owner)
-        writes, records = [], {}
+        writes, records, moved = [], {}, []
         held = len(self._held - set(wanted))
         for job_id in order:
             rec, rev = got[keys[job_id]]
@@ -6075,11 +6155,15 @@ class JetStreamStateStore(StateStore):
                     continue
             if rec is None:
                 rec = {**_state_record(JobState(job_id, paused=job_id in paused)),
-                       "outbox": [], "commands": {}}
+                       "commands": {}}
             rec = {**rec, "lease_owner": self.owner, "lease_until": wanted[job_id]}
+            if "outbox" in rec:              # an older version kept the items in the record
+                rec["out"], first = self._with_out(rec, job_id, rec.pop("outbox") or [])
+                moved.extend(first)
             writes.append((keys[job_id], rec, rev))
             records[job_id] = rec
             held += 1
+        self._put_many(moved)
         results = self._put_many(writes)
         granted = {}
         with self._lock:
@@ -6132,17 +6216,54 @@ class JetStreamStateStore(StateStore):
                     except Exception:
                         log.exception("state callback failed")
 
+    def _with_out(self, rec: Mapping[str, Any], job_id: str, items: list[dict]
+                  ) -> tuple[dict, list]:
+        """``items`` appended to a job's outbox: the record's new ``out`` and
+        the writes of the items' own keys, to be made before the record's
+        compare-and-set.  An item too large for one NATS message is a
+        StateError naming the job: retrying could never store it."""
+        out = rec.get("out") or {}
+        nxt = int(out.get("next") or 0)
+        spans = [list(span) for span in out.get("spans") or ()]
+        if items and (not spans or spans[-1][1] != self._span):
+            spans.append([nxt, self._span])
+        writes = []
+        for n, item in enumerate(items):
+            value = {**item, "seq": nxt + n}
+            problem = self._too_large(value)
+            if problem:
+                raise StateError(f"{self.location}: {problem}")
+            writes.append((_out_key(job_id, nxt + n, self._span), value, None))
+        return {"next": nxt + len(items), "spans": spans}, writes
+
+    def _too_large(self, value: Mapping[str, Any]) -> str | None:
+        """Why the outbox item ``value`` cannot be one NATS message, or None."""
+        most = getattr(self.client, "max_payload", 1 << 20)
+        size = len(_dumps(value))
+        if size <= most - _KV_OUT_HEADROOM:
+            return None
+        return (f"job {value.get('job')}: {value.get('what')} {value.get('id')} is {size} "
+                f"bytes, over what one NATS message holds (the server's max_payload of "
+                f"{most} bytes, less {_KV_OUT_HEADROOM} for its key): it cannot be stored")
+
+    def unstorable(self, items: Iterable[OutboxItem]) -> str | None:
+        for item in items:
+            problem = self._too_large({**dataclasses.asdict(item), "seq": 0})
+            if problem:
+                return problem
+        return None
+
     def _commit_record(self, rec: dict | None, state: JobState, command, items: list,
-                       hand_back: bool = False) -> dict | bool:
+                       hand_back: bool = False) -> tuple[dict, list] | bool:
         """The job record a commit writes on top of ``rec`` (with the lease
-        left free when ``hand_back``); False when the lease is no longer
-        this owner's."""
+        left free when ``hand_back``) and the writes of its outbox items,
+        which go first; False when the lease is no longer this owner's."""
         if rec is None or rec.get("lease_owner") != self.owner:
             return False
         new = {**rec, **_state_record(state), "lease_owner": self.owner,
                "delivered_total": int(rec.get("delivered_total") or 0)}
-        have = {i["id"] for i in rec.get("outbox") or ()}
-        new["outbox"] = list(rec.get("outbox") or ()) + [i for i in items if i["id"] not in have]
+        new["out"], first = self._with_out(rec, state.id, list(new.pop("outbox", None) or ())
+                                           + items)
         commands = dict(rec.get("commands") or {})
         if command is not None:
             commands[str(command[0])] = _storable(command[1], 1 << 16)
@@ -6150,7 +6271,7 @@ class JetStreamStateStore(StateStore):
         new["commands"] = commands
         if hand_back:
             new["lease_owner"] = new["lease_until"] = None
-        return new
+        return new, first
 
     def _commit_batch(self, batch: list) -> list:
         keys = ["job." + _kv_token(s.id) for s, _, _, _ in batch]
@@ -6160,7 +6281,7 @@ class JetStreamStateStore(StateStore):
         # makes the write fail instead of being overwritten.
         got = self._get_many(keys)
         results: list = [None] * len(batch)
-        writes, index = [], []
+        writes, index, first = [], [], []
         cap = self._cap(len(self._known))
         surplus = 0 if cap is None else len(self._held) - cap    # hand back, one a commit
         hand_back = set()
@@ -6169,12 +6290,20 @@ class JetStreamStateStore(StateStore):
             if surplus > 0 and state.id in self._held:
                 hand_back.add(n)
                 surplus -= 1
-            new = self._commit_record(rec, state, command, items, n in hand_back)
-            if new is False:
+            try:
+                made = self._commit_record(rec, state, command, items, n in hand_back)
+            except StateError as exc:        # an item too large: this job's commit fails
+                results[n] = exc
+                continue
+            if made is False:
                 results[n] = False
                 continue
-            writes.append((key, new, rev))
+            writes.append((key, made[0], rev))
+            first.extend(made[1])
             index.append(n)
+        # The outbox items' keys first, the records after: a record never
+        # names an item that is not written.
+        self._put_many(first)
         for n, rev in zip(index, self._put_many(writes)):
             state, command, items, _ = batch[n]
             if rev is False:                 # changed between the read and the write
@@ -6220,9 +6349,13 @@ class JetStreamStateStore(StateStore):
         boxes: dict[str, list] = {}
         for item in outbox:
             boxes.setdefault(item.job, []).append(dataclasses.asdict(item))
-        writes = [("job." + _kv_token(s.id),
-                   {**_state_record(s.replace(lease_owner=None, lease_until=None)),
-                    "outbox": boxes.get(s.id, []), "commands": {}}, 0) for s in states]
+        writes, first = [], []
+        for s in states:
+            rec = {**_state_record(s.replace(lease_owner=None, lease_until=None)), "commands": {}}
+            rec["out"], items = self._with_out(rec, s.id, boxes.get(s.id, []))
+            first.extend(items)
+            writes.append(("job." + _kv_token(s.id), rec, 0))
+        self._put_many(first)
         results = self._put_many(writes)
         copied = [s.id for s, r in zip(states, results) if r is not False]
         return copied, [s.id for s, r in zip(states, results) if r is False]
@@ -6237,14 +6370,33 @@ class JetStreamStateStore(StateStore):
     def release(self, ids: Iterable[str] | None = None) -> None:
         with self._lock:
             mine = set(self._held) if ids is None else set(ids) & self._held
-        def free(rec):
-            if rec is None or rec.get("lease_owner") != self.owner:
-                return False
-            return {**rec, "lease_owner": None, "lease_until": None}
-        for job_id in sorted(mine):
-            self._update("job." + _kv_token(job_id), free)
+        # Every lease in one pipelined round (read all, then compare-and-set
+        # all), not a read-modify-write per job: at shutdown a thousand jobs
+        # on a NATS 10 ms away would take 20 s.  A record changed in between
+        # (a commit, the outbox) is read again, in the next round, until the
+        # deadline; what is left then expires on its own.
+        keys = {"job." + _kv_token(i): i for i in mine}
+        for _ in range(_KV_CAS_ROUNDS):
+            if not keys:
+                break
+            got = self._get_many(sorted(keys))
+            writes = [(key, {**rec, "lease_owner": None, "lease_until": None}, rev)
+                      for key, (rec, rev) in got.items()
+                      if rec is not None and rec.get("lease_owner") == self.owner]
+            results = self._put_many(writes)
             with self._lock:
-                self._held.discard(job_id)
+                for (key, _, _), rev in zip(writes, results):
+                    if rev is not False:
+                        self._held.discard(keys[key])
+                for key, (rec, _) in got.items():
+                    if rec is None or rec.get("lease_owner") != self.owner:
+                        self._held.discard(keys[key])       # not ours any more
+            keys = {w[0]: keys[w[0]] for w, rev in zip(writes, results) if rev is False}
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                break
+        if keys:
+            raise StateError(f"{self.location}: {len(keys)} leases not released "
+                             "(their records kept changing)")
 
     # -- commands -----------------------------------------------------------------------
 
@@ -6274,10 +6426,14 @@ class JetStreamStateStore(StateStore):
         def change(rec):
             if rec is None:
                 rec = {**_state_record(JobState(job_id, paused=paused_on_boot)),
-                       "outbox": [], "commands": {}}
+                       "commands": {}}
             state = apply_command(_record_state(job_id, rec, 0), verb, arg)
+            # Applied here, the command takes the lease from a holder that is
+            # not live (a daemon stalled past daemon_ttl, a CLI tick): should
+            # it wake up, its next commit finds the lease gone and is dropped,
+            # instead of writing its paused flag and cursor back over this.
             return {**rec, **_state_record(state), "delivered_total": rec.get("delivered_total", 0),
-                    "lease_owner": rec.get("lease_owner"), "lease_until": rec.get("lease_until")}
+                    "lease_owner": None, "lease_until": None}
         self._update(key, change, seen)
         return None, None
 
@@ -6333,117 +6489,207 @@ class JetStreamStateStore(StateStore):
 
     # -- the outbox ---------------------------------------------------------------------
 
-    def _outbox_items(self, ids: Iterable[str] | None) -> list[OutboxItem]:
-        keys = self._keys("job.") if ids is None else ["job." + _kv_token(i) for i in ids]
-        items = []
-        for rec, _ in self._get_many(keys).values():
-            for raw in (rec or {}).get("outbox") or ():
-                items.append(OutboxItem(**{f: raw.get(f) for f in _OUTBOX_FIELDS}))
-        return sorted(items, key=lambda i: (i.created_at, i.id))
+    def _committed(self, ids: Iterable[str] | None) -> tuple[dict[str, dict], dict[str, list]]:
+        """The records of the jobs ``ids`` (or of every job) by key token, and
+        the keys of their committed outbox items, ``[(seq, key)]`` in seq
+        order, by job token."""
+        job_keys = self._keys("job.") if ids is None else ["job." + _kv_token(i) for i in ids]
+        records = {key[4:]: rec for key, (rec, _) in self._get_many(job_keys).items()
+                   if rec is not None}
+        found: dict[str, list] = {}
+        for key in self._keys("out.") if records else ():
+            place = _out_place(key)
+            if place and place[0] in records and _out_committed(records[place[0]], *place[1:]):
+                found.setdefault(place[0], []).append((place[1], key))
+        for items in found.values():
+            items.sort()
+        return records, found
+
+    def outbox_counts(self) -> dict[str, tuple[int, float]]:
+        # Counted from the key listing: only each job's first item is read,
+        # for its created_at, so a long sink outage does not make status and
+        # metrics read every body.
+        records, found = self._committed(None)
+        firsts = self._get_many([items[0][1] for items in found.values()])
+        counts = {}
+        for token, rec in records.items():
+            old = rec.get("outbox") or ()  # an older version's record, not claimed since
+            items = found.get(token, ())
+            if not old and not items:
+                continue
+            first = firsts[items[0][1]][0] if items else None
+            # None: delivered since the listing; the next look has it right
+            times = [float(raw["created_at"]) for raw in old[:1]] + (
+                [float(first["created_at"]) if first else time.time()] if items else [])
+            counts[_kv_untoken(token)] = (len(old) + len(items), min(times))
+        return counts
+
+    def _outbox_entries(self, ids: Iterable[str] | None = None,
+                        per_job: int | None = None) -> list[OutboxItem]:
+        """The committed outbox items of the jobs ``ids`` (or of every job), in
+        order per job (their seq), at most ``per_job`` of each, interleaved
+        oldest first.  Each is remembered as listed (key, revision, value)
+        for the writes that settle it."""
+        records, found = self._committed(ids)
+        chosen = []
+        for token in found:
+            chosen.extend(found[token][:per_job])
+        values = self._get_many([key for _, key in chosen])
+        rows = []                            # (job token, seq, key, revision, value)
+        for token, rec in records.items():
+            old = rec.get("outbox") or ()    # an older version's record, not claimed since
+            rows.extend((token, n - len(old), None, 0, raw) for n, raw in enumerate(old))
+        for seq, key in chosen:
+            value, rev = values[key]
+            if value is not None:            # None: delivered or dropped since the listing
+                rows.append((key.split(".")[1], seq, key, rev, value))
+        rows.sort(key=lambda r: (r[0], r[1]))
+        # Oldest first across jobs, never out of seq order within one: an
+        # item sorts by the latest created_at of its job's items up to it.
+        ordered, latest = [], {}
+        for token, seq, key, rev, value in rows:
+            latest[token] = max(latest.get(token, float("-inf")), float(value["created_at"]))
+            ordered.append((latest[token], token, seq, key, rev, value))
+        ordered.sort(key=lambda r: r[:3])
+        with self._lock:
+            if len(self._out_seen) > 100_000:
+                self._out_seen.clear()       # forget items settled by other processes
+            for *_, key, rev, value in ordered:
+                self._out_seen[value["id"]] = (key, rev, value)
+        return [OutboxItem(**{f: r[5].get(f) for f in _OUTBOX_FIELDS}) for r in ordered]
 
     def outbox_pending(self, limit: int = 500) -> list[OutboxItem]:
         with self._lock:
             held = sorted(self._held)
-        return self._outbox_items(held)[:limit] if held else []
+        return self._outbox_entries(held, limit)[:limit] if held else []
+
+    def _listed(self, items: Iterable[OutboxItem]) -> list[tuple]:
+        """(key, revision, value) of outbox items as last listed (an older
+        version's record: no key); the jobs of items not listed yet are."""
+        items = list(items)
+        with self._lock:
+            unseen = {i.job for i in items if i.id not in self._out_seen}
+        if unseen:
+            self._outbox_entries(unseen)
+        with self._lock:
+            return [self._out_seen[i.id] for i in items if i.id in self._out_seen]
 
     def outbox_settle(self, delivered: Iterable[OutboxItem] = (),
                       retry: Iterable[tuple[str, float, str]] = (),
                       dead: Iterable[tuple[OutboxItem, str]] = (), now: float = 0.0) -> None:
         delivered, retry, dead = list(delivered), list(retry), list(dead)
-        gone = {i.id for i in delivered} | {i.id for i, _ in dead}
-        later = {i: (at, err) for i, at, err in retry}
-        jobs = {i.job for i in delivered} | {i.job for i, _ in dead}
-        by_id = {}
-        for item in self._outbox_items(None) if later else ():
-            by_id[item.id] = item
-            if item.id in later:
-                jobs.add(item.job)
-        died = {i.id: err for i, err in dead}
-        dead_records = []
+        # A dead letter is written before its item leaves the outbox: a
+        # failure in between leaves it in both (the next pass moves it again,
+        # onto the same key), never in neither.
+        self._put_many([("dead." + _kv_token(item.id),
+                         {**dataclasses.asdict(item), "attempts": item.attempts + 1,
+                          "last_error": _storable(error), "died_at": now}, None)
+                        for item, error in dead])
+        # A retry rewrites its item on the revision listed: an item delivered
+        # or dropped since is not brought back.
+        with self._lock:
+            later = [(*self._out_seen[i], at, err) for i, at, err in retry if i in self._out_seen]
+        rewrites = [(key, {**value, "attempts": int(value.get("attempts") or 0) + 1,
+                           "next_attempt_at": at, "last_error": _storable(err)}, rev)
+                    for key, rev, value, at, err in later if key]
+        for (key, value, _), rev in zip(rewrites, self._put_many(rewrites)):
+            if rev is not False:
+                with self._lock:
+                    self._out_seen[value["id"]] = (key, rev, value)
+        gone = delivered + [item for item, _ in dead]
+        self._purge(key for key, _, _ in self._listed(gone) if key)
+        with self._lock:
+            for item in gone:
+                self._out_seen.pop(item.id, None)
+        counted: dict[str, int] = {}
+        for item in delivered:
+            counted[item.job] = counted.get(item.job, 0) + (item.what == "delivery")
+        for job_id in sorted({item.job for item in gone}):
+            token, orphans = _kv_token(job_id), []
 
-        def change(rec):
-            if rec is None:
-                return False
-            kept, counted = [], 0
-            for raw in rec.get("outbox") or ():
-                if raw["id"] in died:
-                    dead_records.append({**raw, "attempts": raw.get("attempts", 0) + 1,
-                                         "last_error": _storable(died[raw["id"]]), "died_at": now})
-                elif raw["id"] in gone:
-                    counted += raw.get("what") == "delivery"
-                elif raw["id"] in later:
-                    at, err = later[raw["id"]]
-                    kept.append({**raw, "attempts": raw.get("attempts", 0) + 1,
-                                 "next_attempt_at": at, "last_error": _storable(err)})
-                else:
-                    kept.append(raw)
-            return {**rec, "outbox": kept,
-                    "delivered_total": int(rec.get("delivered_total") or 0) + counted}
-        for job_id in sorted(jobs):
-            dead_records.clear()
-            _, rev = self._update("job." + _kv_token(job_id), change)
+            def change(rec):
+                if rec is None:
+                    return False
+                out = rec.get("out") or {}
+                spans, nxt = out.get("spans") or [], int(out.get("next") or 0)
+                keep = spans
+                if len(spans) > 1:
+                    # The writer changed (a take-over, a retry): forget the
+                    # spans below the oldest item left, and remove the orphans
+                    # below the next seq (commits that did not land; a commit
+                    # in flight writes at or past it).
+                    places = [(key, p) for key in self._keys(f"out.{token}.")
+                              for p in [_out_place(key)] if p]
+                    left = [p[1] for _, p in places if _out_committed(rec, *p[1:])]
+                    orphans[:] = [key for key, p in places
+                                  if p[1] < nxt and not _out_committed(rec, *p[1:])]
+                    head = min(left, default=nxt)
+                    keep = [span for n, span in enumerate(spans)
+                            if n + 1 == len(spans) or spans[n + 1][0] > head]
+                if not counted.get(job_id) and keep == spans:
+                    return False
+                return {**rec, "out": {**out, "spans": keep},
+                        "delivered_total": int(rec.get("delivered_total") or 0)
+                        + counted.get(job_id, 0)}
+            new, rev = self._update("job." + token, change)
+            self._purge(orphans)
             with self._lock:
-                if job_id in self._held:
+                if new is not False and job_id in self._held:
                     self._rev[job_id] = rev
-            self._put_many([("dead." + _kv_token(r["id"]), r, None) for r in dead_records])
 
     def outbox(self, *, dead: bool = False) -> list[OutboxItem]:
         if not dead:
-            return self._outbox_items(None)
+            return self._outbox_entries()
         recs = [r for r, _ in self._get_many(self._keys("dead.")).values() if r]
         return sorted((OutboxItem(**{f: r.get(f) for f in _OUTBOX_FIELDS}) for r in recs),
                       key=lambda i: (i.created_at, i.id))
 
+    def _dead_letters(self, want: set[str] | None) -> dict[str, dict]:
+        """The dead letters (all, or those with an id in ``want``) by key."""
+        keys = self._keys("dead.") if want is None else ["dead." + _kv_token(i) for i in want]
+        return {key: rec for key, (rec, _) in self._get_many(keys).items()
+                if rec and (want is None or rec.get("id") in want)}
+
     def outbox_retry(self, ids: Iterable[str] | None = None) -> int:
         want = None if ids is None else set(ids)
-        count = 0
-        revived: dict[str, list] = {}
-        for key in self._keys("dead."):
-            rec, rev = self._get_many([key])[key]
-            if rec and (want is None or rec["id"] in want):
-                rec = {f: rec.get(f) for f in _OUTBOX_FIELDS}
-                revived.setdefault(rec["job"], []).append({**rec, "attempts": 0,
-                                                           "next_attempt_at": 0})
-                self._put_many([(key, None, rev)])
-        for key in self._keys("job."):
-            job_id = _kv_untoken(key[4:])
+        pending = self._outbox_entries()
+        due = [(key, {**value, "next_attempt_at": 0}, rev)
+               for key, rev, value in self._listed(pending)
+               if key and (want is None or value["id"] in want)]
+        count = sum(rev is not False for rev in self._put_many(due))
+        # A dead letter is queued again (at the end of its job's outbox)
+        # before its key is removed: an interruption leaves it in both places
+        # at worst, and a retry after that does not queue it twice.
+        have = {item.id for item in pending}
+        letters: dict[str, list] = {}
+        for key, rec in self._dead_letters(want).items():
+            letters.setdefault(rec.get("job") or "", []).append((key, rec))
+        done = []
+        for job_id, found in sorted(letters.items()):
+            found.sort(key=lambda kr: (kr[1].get("created_at") or 0, kr[1]["id"]))
+            fresh = [_requeued(rec) for _, rec in found if rec["id"] not in have]
 
-            def change(rec):
-                nonlocal count
+            def change(rec, fresh=fresh, job_id=job_id):
                 if rec is None:
-                    return False
-                box = list(rec.get("outbox") or ())
-                hit = [i for i, raw in enumerate(box) if want is None or raw["id"] in want]
-                for i in hit:
-                    box[i] = {**box[i], "next_attempt_at": 0}
-                have = {raw["id"] for raw in box}
-                extra = [r for r in revived.get(job_id, ()) if r["id"] not in have]
-                if not hit and not extra:
-                    return False
-                count += len(hit) + len(extra)
-                return {**rec, "outbox": box + extra}
-            self._update(key, change)
+                    return False             # no such job any more: the letters stay
+                out, first = self._with_out(rec, job_id, fresh)
+                return {**rec, "out": out}, first
+            if fresh and self._update("job." + _kv_token(job_id), change)[0] is False:
+                continue
+            done.extend(key for key, _ in found)
+            count += len(found)
+        self._purge(done)
         return count
 
     def outbox_drop(self, ids: Iterable[str] | None = None, *, dead: bool = False) -> int:
         want = None if ids is None else set(ids)
-        count = 0
         if dead:
-            gone = [key for key, (rec, _) in self._get_many(self._keys("dead.")).items()
-                    if rec and (want is None or rec["id"] in want)]
-            self._purge(gone)
-            return len(gone)
-        for key in self._keys("job."):
-            def change(rec):
-                nonlocal count
-                box = (rec or {}).get("outbox") or []
-                kept = [r for r in box if not (want is None or r["id"] in want)]
-                if len(kept) == len(box):
-                    return False
-                count += len(box) - len(kept)
-                return {**rec, "outbox": kept}
-            self._update(key, change)
-        return count
+            gone = list(self._dead_letters(want))
+        else:
+            gone = [key for key, _, value in self._listed(self._outbox_entries())
+                    if key and (want is None or value["id"] in want)]
+        self._purge(gone)
+        return len(gone)
 
     # -- polling, shutdown ---------------------------------------------------------------
 
@@ -7955,12 +8201,21 @@ class Runner:
         base = job.state
         if slot is None:                    # off schedule: the slot on the heap stays
             base = base.replace(next_run_at=job.next_run_at if job.generation >= 0 else None)
-        plan = plan_tick(base, outcome, schedule=cfg.schedule, slot=slot, started=now,
-                         finished=self.clock(), config=self.config, rng=self._rng,
-                         schedule_key=job.key)
+        planned = functools.partial(plan_tick, base, outcome, schedule=cfg.schedule, slot=slot,
+                                    started=now, config=self.config, rng=self._rng,
+                                    schedule_key=job.key)
+        plan = planned(finished=self.clock())
+        outbox = self._outbox_for(job, plan, outcome, now)
+        problem = self.state.unstorable(outbox)
+        if problem:
+            # A commit that can never succeed would make the tick run again
+            # forever: it fails for good instead, its cursor not advanced,
+            # and the job pauses with the reason in its status.
+            outcome.status, outcome.error, outcome.ack = TickStatus.PERMANENT, problem, None
+            plan = planned(finished=self.clock())
+            outbox = self._outbox_for(job, plan, outcome, now)
         outcome.next_run_at = plan.run_at
         new = plan.state.replace(lease_until=now + ttl)
-        outbox = self._outbox_for(job, plan, outcome, now)
         result_text = None if command is None else json.dumps(outcome.to_dict())
         done = functools.partial(self._committed, job, plan, new, outcome, slot, bool(outbox))
         cmd = None if command is None else (command, result_text)

@@ -271,6 +271,32 @@ class OutboxTests(DeliveryCase):
             "\u26a0 poller `a` (kind=feed) failing: token revoked"), event["payload"])
 
 
+class TickOrderTests(DeliveryCase):
+    """Issue 26 item 7: the deliveries of one tick reach the sink in the
+    order the tick gave them, on either backend."""
+
+    def check_order(self, **top):
+        batch = [Delivery("c", "r", {"n": n}) for n in range(40)]
+        sink = Sink()
+        cfg = self.config([self.job()], **top)
+        r = self.runner(cfg, Feed([batch, batch[:3]]), deliver=sink)
+        self.assertTrue(wait_until(r.fire_due, WAIT, 0.005))
+        self.assertTrue(r.wait_idle(WAIT))
+        r.run_once("a")
+        self.assertTrue(sink.wait_for(43))
+        self.assertEqual([e["payload"]["n"] for _, e in sink.got], list(range(40)) + [0, 1, 2])
+
+    def test_sqlite_keeps_the_order_of_a_tick(self):
+        self.check_order()
+
+    def test_jetstream_keeps_the_order_of_a_tick(self):
+        from nats_support import NatsServer, require_nats
+        require_nats()
+        server = NatsServer().start()
+        self.addCleanup(server.cleanup)
+        self.check_order(state_db="jetstream://jobs", broker=server.url)
+
+
 class WebhookTests(DeliveryCase):
 
     def test_webhook_sink_posts_events_and_retries_non_2xx(self):
