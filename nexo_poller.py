@@ -59,6 +59,7 @@ import enum
 import errno
 import functools
 import heapq
+import io
 import itertools
 import json
 import logging
@@ -8260,7 +8261,8 @@ class Runner:
 
 # -- the outbox: deliveries and channel alerts, committed with the cursor ----------
 
-_WEBHOOK_TIMEOUT_SECS = 10.0
+_WEBHOOK_TIMEOUT_SECS = 10.0     # a whole attempt: connect, TLS, request, the answer's head
+_WEBHOOK_PARALLEL = 8            # jobs whose webhook deliveries may be under way at once
 
 
 def outbound_topic(channel: str, agent: str, agents: Mapping[str, Mapping[str, str]]) -> str:
@@ -8336,40 +8338,110 @@ def _broker_sink(broker) -> Callable[[str, dict], None]:
     return send
 
 
+class _DeadlineSocket(io.RawIOBase):
+    """A connected socket whose sends and reads share one deadline: each may
+    wait only what is left of it, so a peer trickling a byte at a time is cut
+    off when the deadline passes, not when it pauses for a whole timeout.
+    Has what ``http.client`` uses of its socket."""
+
+    def __init__(self, sock, deadline: float) -> None:
+        super().__init__()
+        self.sock, self.deadline = sock, deadline
+
+    def _left(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        self.sock.settimeout(left)
+
+    def sendall(self, data) -> None:
+        self._left()
+        self.sock.sendall(data)
+
+    def readinto(self, buf) -> int:
+        self._left()
+        return self.sock.recv_into(buf)
+
+    def readable(self) -> bool:
+        return True
+
+    def makefile(self, mode: str = "rb", *args, **kwargs):
+        return io.BufferedReader(self)
+
+    def close(self) -> None:         # the socket only: its reader may still be flushed
+        self.sock.close()
+
+
 def _webhook_sink(url: str) -> Callable[[str, dict], None]:
-    """POST the Event JSON to ``url``; a 2xx answer means delivered."""
-    import urllib.error
-    import urllib.request
+    """POST the Event JSON to ``url``; a 2xx answer means delivered.  The
+    whole attempt (connect, TLS, request, the answer's head) must finish
+    within ``_WEBHOOK_TIMEOUT_SECS``.  A redirect is not followed: it is a
+    failed attempt naming its Location (a GET of it would drop the Event)."""
+    import http.client
+    from urllib.parse import unquote, urlsplit
+    parts = urlsplit(url)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    auth = None
+    if parts.username is not None:
+        auth = "Basic " + base64.b64encode(
+            f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
+    base = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+
+    class Connection(base):
+        deadline = 0.0
+
+        def connect(self) -> None:
+            self.timeout = max(0.001, self.deadline - time.monotonic())  # connect and TLS
+            super().connect()
+            self.sock = _DeadlineSocket(self.sock, self.deadline)
 
     def send(topic: str, event: dict) -> None:
-        req = urllib.request.Request(url, data=json.dumps(event).encode(), method="POST",
-                                     headers={"Content-Type": "application/json",
-                                              "X-Nexo-Topic": topic,
-                                              "X-Nexo-Event-Id": event["id"]})
+        headers = {"Content-Type": "application/json", "X-Nexo-Topic": topic,
+                   "X-Nexo-Event-Id": event["id"], "Connection": "close"}
+        if auth is not None:
+            headers["Authorization"] = auth
         try:
-            with urllib.request.urlopen(req, timeout=_WEBHOOK_TIMEOUT_SECS) as resp:
-                resp.read(1 << 16)
-                status = resp.status
-        except urllib.error.HTTPError as exc:
-            raise _Undelivered(f"{url}: HTTP {exc.code}") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise _Undelivered(f"{url}: {getattr(exc, 'reason', exc)}") from None
+            conn = Connection(parts.hostname or "", parts.port)
+        except ValueError as exc:                   # a port out of range
+            raise _Undelivered(f"{url}: {exc}") from None
+        conn.deadline = time.monotonic() + _WEBHOOK_TIMEOUT_SECS
+        try:
+            conn.request("POST", path, json.dumps(event).encode(), headers)
+            resp = conn.getresponse()
+            status, location = resp.status, resp.getheader("Location")
+        except (http.client.HTTPException, OSError, ValueError) as exc:
+            what = f"no answer within {_WEBHOOK_TIMEOUT_SECS:g}s" \
+                if isinstance(exc, TimeoutError) else (str(exc) or type(exc).__name__)
+            raise _Undelivered(f"{url}: {what}") from None
+        finally:
+            conn.close()
+        if 300 <= status < 400:
+            raise _Undelivered(f"{url}: HTTP {status} redirect to {_log_safe(location, 200)} "
+                               "(redirects are not followed: fix delivery_sink)")
         if not 200 <= status < 300:
             raise _Undelivered(f"{url}: HTTP {status}")
+    send.parallel = _WEBHOOK_PARALLEL
     return send
 
 
 class _Publisher:
     """Drains the outbox through one sink: in order per job, retried with
     backoff, dead-lettered past ``delivery_max_attempts`` or
-    ``delivery_max_age_secs``, removed only once delivered."""
+    ``delivery_max_age_secs``, removed only once delivered.
+
+    A sink with ``parallel = N`` (the webhook's) is given up to N jobs at
+    once, each job's items in order on a thread of their own, while this
+    loop goes on finding other jobs' due items: one slow receiver holds only
+    its own job.  Other sinks are called from this loop alone, one at a time."""
 
     def __init__(self, runner: "Runner", sink: Callable[[str, dict], Any]):
         self.runner, self.sink = runner, sink
+        self.parallel = max(1, int(getattr(sink, "parallel", 1)))
         self._cond = threading.Condition(threading.Lock())
         self._due = True
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._busy: dict[str, threading.Thread] = {}    # job -> the thread delivering it
         self.delivered = self.retried = self.dead = 0
 
     def start(self) -> "_Publisher":
@@ -8388,6 +8460,10 @@ class _Publisher:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
+        with self._cond:
+            busy = list(self._busy.values())
+        for t in busy:                  # each attempt is bounded: see _WEBHOOK_TIMEOUT_SECS
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def _loop(self) -> None:
         wait = None
@@ -8399,7 +8475,7 @@ class _Publisher:
                     return
                 self._due = False
             try:
-                nxt = self.run_pass()
+                nxt = self._pass(background=self.parallel > 1)
                 wait = None if nxt is None else max(0.05, nxt - self.runner.clock())
             except StateError as exc:
                 log.error("outbox: %s", exc)
@@ -8410,11 +8486,16 @@ class _Publisher:
 
     def run_pass(self) -> float | None:
         """Try every due item once, in order per job; returns when to look again."""
-        r, cfg = self.runner, self.runner.config
+        return self._pass(background=False)
+
+    def _pass(self, background: bool) -> float | None:
+        r = self.runner
         items = r.state.outbox_pending()
         now = r.clock()
-        blocked: set[str] = set()
-        delivered, retry, dead, soonest = [], [], [], None
+        with self._cond:
+            blocked = set(self._busy)       # their thread has them (and the items after)
+        chains: dict[str, list[OutboxItem]] = {}
+        soonest = None
         for item in items:
             if item.job in blocked:
                 continue
@@ -8422,6 +8503,53 @@ class _Publisher:
                 blocked.add(item.job)           # a later item never overtakes it
                 soonest = item.next_attempt_at if soonest is None else min(soonest, item.next_attempt_at)
                 continue
+            chains.setdefault(item.job, []).append(item)
+        if background:
+            for job, chain in chains.items():
+                with self._cond:
+                    if len(self._busy) >= self.parallel or self._stopping:
+                        break                   # a thread that ends wakes this loop
+                    t = threading.Thread(target=self._deliver_job, args=(chain, now),
+                                         daemon=True, name="nexo-outbox-job")
+                    self._busy[job] = t
+                t.start()
+            return soonest
+        delivered, retry, dead = [], [], []
+        for chain in chains.values():
+            d, again, gone = self._attempt(chain, now)
+            delivered += d
+            retry += again
+            dead += gone
+            for _, at, _ in again:
+                soonest = at if soonest is None else min(soonest, at)
+        self._settle(delivered, retry, dead, now)
+        if len(items) >= 500 and (delivered or dead):
+            return now                          # more behind these: look again at once
+        return soonest
+
+    def _deliver_job(self, chain: list[OutboxItem], now: float) -> None:
+        """One job's due items, on their own thread (a ``parallel`` sink)."""
+        try:
+            self._settle(*self._attempt(chain, now), self.runner.clock())
+        except StateError as exc:
+            log.error("outbox: %s", exc)
+        except Exception:
+            log.exception("outbox: unexpected error; carrying on")
+        finally:
+            with self._cond:
+                self._busy.pop(chain[0].job, None)
+                self._due = True
+                self._cond.notify()
+
+    def _attempt(self, chain: list[OutboxItem], now: float) -> tuple[list, list, list]:
+        """Send one job's due items in order until one fails: (delivered,
+        retry as (id, at, error), dead as (item, error))."""
+        r, cfg = self.runner, self.runner.config
+        delivered, retry, dead = [], [], []
+        for item in chain:
+            if self._stopping and self._thread is not None and \
+                    threading.current_thread() is not self._thread:
+                break                           # stopping: the rest waits for the next daemon
             try:
                 self.sink(item.topic, json.loads(item.body))
                 delivered.append(item)
@@ -8433,24 +8561,26 @@ class _Publisher:
                     now - item.created_at >= cfg.delivery_max_age_secs:
                 dead.append((item, error))      # out of the way: the next item may go
                 continue
-            blocked.add(item.job)
             delay = min(cfg.delivery_retry_max_secs,
                         cfg.delivery_retry_initial_secs * 2 ** min(attempts - 1, 30))
-            at = now + delay * r._rng.uniform(1.0, 1.1)
+            # from when the attempt ended: a slow one must not make its retry due at once
+            at = max(now, r.clock()) + delay * r._rng.uniform(1.0, 1.1)
             retry.append((item.id, at, error))
-            soonest = at if soonest is None else min(soonest, at)
             log.warning("outbox: %s %s for job %s not delivered (attempt %d): %s",
                         item.what, item.id, item.job, attempts, error)
+            break
+        return delivered, retry, dead
+
+    def _settle(self, delivered: list, retry: list, dead: list, now: float) -> None:
+        r = self.runner
         r.state.outbox_settle(delivered, retry, dead, now)
-        self.delivered += len(delivered)
-        self.retried += len(retry)
-        self.dead += len(dead)
+        with self._cond:
+            self.delivered += len(delivered)
+            self.retried += len(retry)
+            self.dead += len(dead)
         r._delivered([i for i in delivered if i.what == "delivery"])
         for item, error in dead:
             r._dead_letter(item, error)
-        if len(items) >= 500 and (delivered or dead):
-            return now                          # more behind these: look again at once
-        return soonest
 
 
 class _Metrics:
