@@ -6521,13 +6521,19 @@ class Schedule:
 # ============================================================================
 
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
+_HOST_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
+
+
+def _host_name(name: str) -> str:
+    """A host as compared with a request's ``Host``: lower case, no brackets."""
+    return name.strip("[]").lower()
 _TOP_DEFAULTS = {"enabled": True, "state_db": "./data/poller.db", "default_jitter_ms": 5000,
                  "lease_ttl_factor": 2.0, "failure_alert_cooldown_secs": 3600,
                  "breaker_threshold": 5, "backoff_initial_secs": 30.0,
                  "backoff_max_secs": 300.0, "max_workers": 64, "shutdown_grace_secs": 10.0,
                  "alert_topic": "nexo.poller.alert", "broker": None, "broker_tls": None,
                  "metrics_addr": None, "admin_addr": None, "admin_token_file": None,
-                 "agents": {}, "delivery_sink": "broker", "delivery_max_attempts": 20,
+                 "admin_allowed_hosts": [], "agents": {}, "delivery_sink": "broker", "delivery_max_attempts": 20,
                  "delivery_max_age_secs": 86400.0, "delivery_retry_initial_secs": 1.0,
                  "delivery_retry_max_secs": 60.0, "plugins": [], "jobs": []}
 _JOB_KEYS = {"id", "kind", "agent", "schedule", "config", "failure_to", "paused_on_boot"}
@@ -6575,6 +6581,7 @@ class DaemonConfig:
     metrics_addr: tuple[str, int] | None = None
     admin_addr: tuple[str, int] | None = None
     admin_token_file: str | None = None
+    admin_allowed_hosts: tuple[str, ...] = ()      # Host names served besides the listener's own
     agents: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     delivery_sink: str = "broker"
     delivery_max_attempts: int = 20
@@ -6785,6 +6792,15 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
                                                    "characters (the token itself never goes here)")
         else:
             cfg.admin_token_file = os.path.normpath(os.path.join(base_dir, token_file))
+    hosts = get("admin_allowed_hosts")
+    if _check_type(probs, prefix + "admin_allowed_hosts", hosts, list,
+                   'an array of host names (["nexo.example.com"])'):
+        for i, name in enumerate(hosts):
+            if not isinstance(name, str) or not _HOST_NAME_RE.fullmatch(name):
+                probs.add(f"{prefix}admin_allowed_hosts[{i}]",
+                          f"{name!r} must be a host name or address as a proxy sends it in "
+                          "Host, without a port (nexo.example.com, 10.0.0.5, [fd00::5])")
+        cfg.admin_allowed_hosts = tuple(_host_name(n) for n in hosts if isinstance(n, str))
 
     owners: dict[str, str] = {k: "(in-process)" for k in extra_kinds}
     plugins = get("plugins")
@@ -8720,6 +8736,24 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _foreign_host(host: str | None, own: Iterable[str], allowed: Iterable[str],
+                  port: int) -> str | None:
+    """Why a request's ``Host`` names another site, or None.  A loopback
+    listener serves reads without a token, so a page whose name was made to
+    resolve to 127.0.0.1 (DNS rebinding) must not be answered: only this
+    listener's own names (with its port or none) and ``admin_allowed_hosts``
+    (any port) are.  A request without Host is served: no browser sends one."""
+    if host is None:
+        return None
+    m = re.fullmatch(r"(\[[0-9a-f:.]+\]|[^:\[\]]+)(?::([0-9]{1,5}))?", host.strip().lower())
+    if m is not None:
+        name = _host_name(m[1])
+        if name in allowed or (name in own and (m[2] is None or int(m[2]) == port)):
+            return None
+    return (f"Host {host[:100]!r} is not a name of this listener (a proxy's name goes in "
+            "admin_allowed_hosts)")
+
+
 def _read_admin_token(config: DaemonConfig) -> str | None:
     """The admin token: the file named by ``admin_token_file``, else the
     environment; never the config file itself.  Blank means none."""
@@ -9104,7 +9138,8 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
                 read_timeout: float = _METRICS_READ_TIMEOUT_SECS,
                 max_connections: int = _METRICS_MAX_CONNECTIONS,
                 max_request_bytes: int = _METRICS_MAX_REQUEST_BYTES,
-                request_deadline: float = _HTTP_REQUEST_DEADLINE_SECS):
+                request_deadline: float = _HTTP_REQUEST_DEADLINE_SECS,
+                allowed_hosts: Iterable[str] = ()):
     """Serve ``/metrics`` and/or the admin routes on a background thread;
     returns the server.
 
@@ -9112,10 +9147,13 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
     ``request_deadline``, at most ``max_connections`` are served at once (the
     rest are closed at accept, costing no thread), and a request's line and
     headers may be ``max_request_bytes`` long (a POST body
-    ``_ADMIN_MAX_BODY_BYTES`` more)."""
+    ``_ADMIN_MAX_BODY_BYTES`` more).  On loopback, a request whose ``Host``
+    is not the listener's own name or one of ``allowed_hosts`` gets 421."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from urllib.parse import unquote
-    import io
+    own_hosts = {"localhost", "127.0.0.1", "::1", _host_name(addr[0])} \
+        if _is_loopback(addr[0]) else None
+    allowed_hosts = frozenset(_host_name(h) for h in allowed_hosts)
 
     class Handler(BaseHTTPRequestHandler):
         timeout = read_timeout              # StreamRequestHandler sets it on the socket
@@ -9202,6 +9240,11 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
 
         def _route(self, method: str) -> None:
             path, _, query = self.path.partition("?")
+            if own_hosts is not None:
+                why = _foreign_host(self.headers.get("Host"), own_hosts, allowed_hosts,
+                                    self.server.server_address[1])
+                if why is not None:
+                    return self._refuse(421, why)
             if metrics and path == "/metrics" and admin is None:
                 if method != "GET":
                     return self._refuse(405, "GET required")
@@ -9457,9 +9500,10 @@ def _start_http(runner: "Runner") -> tuple[Any, Any]:
     try:
         if admin is not None:
             admin_server = _serve_http(runner, cfg.admin_addr, metrics=shared, admin=admin,
-                                       key="admin_addr")
+                                       key="admin_addr", allowed_hosts=cfg.admin_allowed_hosts)
         if cfg.metrics_addr and not shared:
-            metrics_server = _serve_http(runner, cfg.metrics_addr)
+            metrics_server = _serve_http(runner, cfg.metrics_addr,
+                                         allowed_hosts=cfg.admin_allowed_hosts)
     except BaseException:
         if admin_server is not None:
             admin_server.shutdown()
