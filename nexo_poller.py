@@ -8716,10 +8716,15 @@ def _prom_escape(value: Any) -> str:
 # once, time per read and per request, bytes per request.
 # ============================================================================
 
-_METRICS_READ_TIMEOUT_SECS = 10.0     # an idle or trickling client is cut off
-_METRICS_MAX_CONNECTIONS = 16         # served at once; more are closed at accept
+_METRICS_READ_TIMEOUT_SECS = 10.0     # a request (line, headers, body) arrives within it, in all
+_METRICS_MAX_CONNECTIONS = 16         # whole requests handled at once (a thread each)
 _METRICS_MAX_REQUEST_BYTES = 8192     # request line and headers together
-_HTTP_REQUEST_DEADLINE_SECS = 30.0    # a whole request (line, headers, body) at most
+_HTTP_REQUEST_DEADLINE_SECS = 30.0    # the client takes each write of its answer within it
+_HTTP_MAX_ARRIVING = 256              # requests still arriving (no thread); past it the oldest goes
+_HTTP_WORKER_IDLE_SECS = 5.0          # a handler thread with nothing to do ends
+_HTTP_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_HTTP_CONTENT_LENGTH = re.compile(rb"(?im)^content-length[ \t]*:[ \t]*([0-9]{1,9})[ \t]*\r?$")
+_HTTP_TRANSFER_ENCODING = re.compile(rb"(?im)^transfer-encoding[ \t]*:")
 _ADMIN_MAX_BODY_BYTES = 4096          # a POST body: the actions take none
 _ADMIN_TOKEN_ENV = "NEXO_POLLER_ADMIN_TOKEN"
 _ADMIN_URL_ENV = "NEXO_POLLER_ADMIN_URL"
@@ -8752,6 +8757,37 @@ def _foreign_host(host: str | None, own: Iterable[str], allowed: Iterable[str],
             return None
     return (f"Host {host[:100]!r} is not a name of this listener (a proxy's name goes in "
             "admin_allowed_hosts)")
+
+
+def _request_arrived(buf: bytes | bytearray, limit: int) -> bool:
+    """Whether a request read so far is whole: its head and the body its
+    Content-Length announces, or so much that the handler refuses it anyway
+    (over ``limit`` bytes with no end of head, a body over
+    ``_ADMIN_MAX_BODY_BYTES`` or a chunked one)."""
+    end = _HTTP_HEAD_END.search(buf)
+    if end is None:
+        return len(buf) > limit
+    head = buf[:end.start()]
+    length = _HTTP_CONTENT_LENGTH.search(head)
+    if length is None or _HTTP_TRANSFER_ENCODING.search(head) is not None:
+        return True
+    n = int(length[1])
+    return n > _ADMIN_MAX_BODY_BYTES or len(buf) - end.end() >= n
+
+
+class _SocketWriter(io.BufferedIOBase):
+    """A handler's ``wfile``: each write is sent whole, within the socket's timeout."""
+
+    def __init__(self, sock) -> None:
+        super().__init__()
+        self.sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.sock.sendall(data)
+        return len(data)
 
 
 def _read_admin_token(config: DaemonConfig) -> str | None:
@@ -9143,27 +9179,32 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
     """Serve ``/metrics`` and/or the admin routes on a background thread;
     returns the server.
 
-    Bounded: each read gets ``read_timeout`` and a whole request
-    ``request_deadline``, at most ``max_connections`` are served at once (the
-    rest are closed at accept, costing no thread), and a request's line and
-    headers may be ``max_request_bytes`` long (a POST body
+    One thread reads every request as it arrives, without a thread per
+    connection, and hands only whole requests to at most ``max_connections``
+    handler threads: clients that trickle or idle cannot take the handlers
+    from a probe.  Bounded: a request (line, headers, body) must arrive
+    within ``read_timeout`` of its connection, in all; at most
+    ``_HTTP_MAX_ARRIVING`` may be arriving at once (past that the oldest is
+    closed); each write of an answer gets ``request_deadline``; a request's
+    line and headers may be ``max_request_bytes`` long (a POST body
     ``_ADMIN_MAX_BODY_BYTES`` more).  On loopback, a request whose ``Host``
     is not the listener's own name or one of ``allowed_hosts`` gets 421."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler, HTTPServer
     from urllib.parse import unquote
     own_hosts = {"localhost", "127.0.0.1", "::1", _host_name(addr[0])} \
         if _is_loopback(addr[0]) else None
     allowed_hosts = frozenset(_host_name(h) for h in allowed_hosts)
 
     class Handler(BaseHTTPRequestHandler):
-        timeout = read_timeout              # StreamRequestHandler sets it on the socket
         server_version = "nexo-poller"
         sys_version = ""
 
-        def setup(self) -> None:
-            super().setup()
-            self.rfile = _CappedReader(self.rfile, max_request_bytes, self.connection,
-                                       time.monotonic() + request_deadline)
+        def setup(self) -> None:            # the request arrived whole: see Server
+            self.connection, data = self.request
+            self.connection.setblocking(True)
+            self.connection.settimeout(request_deadline)
+            self.rfile = _CappedReader(data, max_request_bytes)
+            self.wfile = _SocketWriter(self.connection)
 
         def parse_request(self) -> bool:
             if not self.raw_requestline.endswith(b"\n"):
@@ -9373,84 +9414,170 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
         def log_message(self, *args) -> None:
             pass
 
-    class _CappedReader(io.RawIOBase):
-        """A request's reader that yields at most ``budget`` bytes in all, and
-        nothing once the request's deadline has passed."""
+    class _CappedReader(io.BytesIO):
+        """A request's bytes, yielding at most ``budget`` in all."""
 
-        def __init__(self, raw, budget: int, sock, deadline: float) -> None:
-            super().__init__()
-            self.raw, self.budget, self.sock, self.deadline = raw, budget, sock, deadline
-
-        def _clock(self) -> None:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("request deadline passed")
-            self.sock.settimeout(min(read_timeout, left))
+        def __init__(self, data: bytes, budget: int) -> None:
+            super().__init__(data)
+            self.budget = budget
 
         def readline(self, size: int = -1) -> bytes:
             size = self.budget if size is None or size < 0 else min(size, self.budget)
-            self._clock()
-            line = self.raw.readline(size) if size > 0 else b""
+            line = super().readline(size) if size > 0 else b""
             self.budget -= len(line)
             return line
 
         def read(self, size: int = -1) -> bytes:
             size = self.budget if size is None or size < 0 else min(size, self.budget)
-            self._clock()
-            data = self.raw.read(size) if size > 0 else b""
+            data = super().read(size) if size > 0 else b""
             self.budget -= len(data)
             return data
 
-        def readable(self) -> bool:
-            return True
-
-    slots = threading.BoundedSemaphore(max_connections)
-
-    class Server(ThreadingHTTPServer):
+    class Server(HTTPServer):
         address_family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-        daemon_threads = True
-        request_queue_size = 128            # a burst is accepted (and shed), not dropped
+        request_queue_size = 128            # a burst is accepted, not dropped
         _wake_r = _wake_w = None            # the pipe that ends serve_forever, once listening
 
         def server_activate(self) -> None:
             super().server_activate()
+            self.socket.setblocking(False)
             self._closing = False
             self._stopped = threading.Event()
             self._wake_r, self._wake_w = os.pipe()
+            # socket -> [bytes so far, deadline, address], oldest first
+            self._arriving: dict[socket.socket, list] = {}
+            self._whole: deque = deque()        # (socket, request, address) for a handler
+            self._cond = threading.Condition(threading.Lock())
+            self._workers = self._idle = 0
+            self._starved = False               # out of descriptors: accepting paused
 
-        def process_request(self, request, client_address) -> None:
-            if not slots.acquire(blocking=False):
-                self.shutdown_request(request)       # at the cap: no thread, no fd kept
-                return
-            try:
-                super().process_request(request, client_address)
-            except BaseException:
-                slots.release()
-                raise
-
-        def process_request_thread(self, request, client_address) -> None:
-            try:
-                super().process_request_thread(request, client_address)
-            finally:
-                slots.release()
-
-        # socketserver's loop wakes every poll_interval to look for a
-        # shutdown request; this one sleeps until a connection comes or
-        # shutdown() writes to its pipe, so an idle daemon stays asleep.
+        # The loop sleeps until a connection, a request's bytes, the oldest
+        # request's deadline or shutdown() comes, so an idle daemon stays asleep.
         def serve_forever(self, poll_interval=None) -> None:
+            arriving, resume = self._arriving, None
             with selectors.DefaultSelector() as sel:
-                sel.register(self, selectors.EVENT_READ)
-                sel.register(self._wake_r, selectors.EVENT_READ)
+                sel.register(self.socket, selectors.EVENT_READ, "accept")
+                sel.register(self._wake_r, selectors.EVENT_READ, "wake")
                 while not self._closing:
-                    for key, _ in sel.select():
-                        if key.fileobj is self and not self._closing:
-                            self._handle_request_noblock()
+                    now = time.monotonic()
+                    if resume is not None and now >= resume:
+                        sel.register(self.socket, selectors.EVENT_READ, "accept")
+                        resume = None
+                    wake = [t for t in (resume, next(iter(arriving.values()))[1]
+                                        if arriving else None) if t is not None]
+                    for key, _ in sel.select(max(0.0, min(wake) - now) if wake else None):
+                        if key.data == "accept" and not self._closing:
+                            if not self._accept(sel):
+                                sel.unregister(self.socket)
+                                resume = time.monotonic() + 0.5
+                        elif key.data is None and key.fileobj in arriving:
+                            self._receive(sel, key.fileobj)
+                    now = time.monotonic()
+                    while arriving:             # past its deadline: cut off
+                        sock, (_, deadline, _) = next(iter(arriving.items()))
+                        if deadline > now:
+                            break
+                        self._drop(sel, sock)
+                for sock in list(arriving):
+                    self._drop(sel, sock)
             self._stopped.set()
+
+        def _accept(self, sel) -> bool:
+            """Take what waits to be accepted; False when out of descriptors."""
+            arriving = self._arriving
+            for _ in range(64):
+                try:
+                    sock, client = self.socket.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                                         errno.ENOMEM):
+                        continue                # that client gave up: the next one
+                    if arriving:                # make room: the oldest goes
+                        self._drop(sel, next(iter(arriving)))
+                        continue
+                    if not self._starved:
+                        log.warning("HTTP: cannot accept (%s); pausing", exc.strerror or exc)
+                    self._starved = True
+                    return False
+                self._starved = False
+                if len(arriving) >= _HTTP_MAX_ARRIVING:
+                    self._drop(sel, next(iter(arriving)))
+                sock.setblocking(False)
+                arriving[sock] = [bytearray(), time.monotonic() + read_timeout, client]
+                sel.register(sock, selectors.EVENT_READ, None)
+            return True
+
+        def _receive(self, sel, sock) -> None:
+            try:
+                chunk = sock.recv(16384)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return self._drop(sel, sock)
+            entry = self._arriving[sock]
+            entry[0] += chunk
+            if _request_arrived(entry[0], max_request_bytes):
+                sel.unregister(sock)
+                del self._arriving[sock]
+                self._hand_over(sock, bytes(entry[0]), entry[2])
+
+        def _drop(self, sel, sock) -> None:
+            sel.unregister(sock)
+            del self._arriving[sock]
+            sock.close()
+
+        def _hand_over(self, sock, data: bytes, client) -> None:
+            with self._cond:
+                if len(self._whole) >= _HTTP_MAX_ARRIVING:
+                    sock.close()                # every handler far behind: shed
+                    return
+                self._whole.append((sock, data, client))
+                if len(self._whole) > self._idle and self._workers < max_connections:
+                    self._workers += 1
+                    threading.Thread(target=self._work, daemon=True,
+                                     name="nexo-http-handler").start()
+                else:
+                    self._cond.notify()
+
+        def _work(self) -> None:
+            while True:
+                with self._cond:
+                    self._idle += 1
+                    self._cond.wait_for(lambda: self._whole or self._closing,
+                                        _HTTP_WORKER_IDLE_SECS)
+                    self._idle -= 1
+                    if not self._whole or self._closing:
+                        self._workers -= 1
+                        return
+                    sock, data, client = self._whole.popleft()
+                try:
+                    self.finish_request((sock, data), client)
+                except Exception:
+                    self.handle_error(sock, client)
+                finally:
+                    self.shutdown_request(sock)
+
+        def handle_error(self, request, client_address) -> None:
+            if isinstance(sys.exc_info()[1], OSError):  # the client went away mid-answer
+                log.debug("HTTP: answer to %s not sent: %s", client_address[0],
+                          sys.exc_info()[1])
+                return
+            log.exception("HTTP: a request from %s failed", client_address[0])
 
         def shutdown(self) -> None:
             self._closing = True
             os.write(self._wake_w, b"x")
             self._stopped.wait()
+            with self._cond:
+                left = list(self._whole)
+                self._whole.clear()
+                self._cond.notify_all()
+            for sock, _, _ in left:
+                sock.close()
 
         def server_close(self) -> None:
             super().server_close()              # also when binding failed: no pipe yet

@@ -422,6 +422,30 @@ class TestSecurity(Case):
             self.assertLess(time.monotonic() - t0, 6)
 
 
+    def test_a_request_head_has_one_deadline_in_all(self):
+        # One byte of the request line at a time, each well within the read
+        # timeout: cut off once the head's deadline passes.
+        class Fake:
+            config = nx.DaemonConfig(state_db=":memory:")
+        server = nx._serve_http(Fake(), ("127.0.0.1", 0), metrics=False,
+                                admin=nx._Admin(Fake(), TOKEN, True), read_timeout=0.5)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        with socket.create_connection(("127.0.0.1", server.server_address[1]),
+                                      timeout=WAIT) as s:
+            s.sendall(b"GET /healthz?")
+            cut, until = False, time.monotonic() + WAIT
+            while not cut and time.monotonic() < until:
+                try:
+                    s.sendall(b"a")
+                    s.settimeout(0.05)
+                    cut = s.recv(1) == b""
+                except socket.timeout:
+                    pass
+                except OSError:
+                    cut = True
+            self.assertTrue(cut, "a request line trickled for %gs was not cut off" % WAIT)
+
 class TestConfig(unittest.TestCase):
 
     def problems(self, doc):
