@@ -8506,10 +8506,10 @@ class _Publisher:
 
     def _pass(self, background: bool) -> float | None:
         r = self.runner
+        with self._cond:                # before the read: a thread settles, then leaves busy
+            blocked = set(self._busy)       # their thread has them (and the items after)
         items = r.state.outbox_pending()
         now = r.clock()
-        with self._cond:
-            blocked = set(self._busy)       # their thread has them (and the items after)
         chains: dict[str, list[OutboxItem]] = {}
         soonest = None
         for item in items:
@@ -8546,7 +8546,7 @@ class _Publisher:
     def _deliver_job(self, chain: list[OutboxItem], now: float) -> None:
         """One job's due items, on their own thread (a ``parallel`` sink)."""
         try:
-            self._settle(*self._attempt(chain, now), self.runner.clock())
+            self._settle(*self._attempt(chain, now, background=True), self.runner.clock())
         except StateError as exc:
             log.error("outbox: %s", exc)
         except Exception:
@@ -8557,14 +8557,14 @@ class _Publisher:
                 self._due = True
                 self._cond.notify()
 
-    def _attempt(self, chain: list[OutboxItem], now: float) -> tuple[list, list, list]:
+    def _attempt(self, chain: list[OutboxItem], now: float,
+                 background: bool = False) -> tuple[list, list, list]:
         """Send one job's due items in order until one fails: (delivered,
         retry as (id, at, error), dead as (item, error))."""
         r, cfg = self.runner, self.runner.config
         delivered, retry, dead = [], [], []
         for item in chain:
-            if self._stopping and self._thread is not None and \
-                    threading.current_thread() is not self._thread:
+            if background and self._stopping:
                 break                           # stopping: the rest waits for the next daemon
             try:
                 self.sink(item.topic, json.loads(item.body))
