@@ -114,7 +114,10 @@ class Receiver:
             headers = {k.strip().lower(): v.strip()
                        for k, _, v in (line.partition(":") for line in lines[1:])}
             while len(body) < int(headers.get("content-length", 0)):
-                body += conn.recv(4096)
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                body += chunk
             event = json.loads(body) if body else None
             with self.changed:
                 self.requests.append((method, path, headers.get("x-nexo-topic"), event))
