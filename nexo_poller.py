@@ -59,6 +59,7 @@ import enum
 import errno
 import functools
 import heapq
+import io
 import itertools
 import json
 import logging
@@ -6935,13 +6936,19 @@ class Schedule:
 # ============================================================================
 
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
+_HOST_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
+
+
+def _host_name(name: str) -> str:
+    """A host as compared with a request's ``Host``: lower case, no brackets."""
+    return name.strip("[]").lower()
 _TOP_DEFAULTS = {"enabled": True, "state_db": "./data/poller.db", "default_jitter_ms": 5000,
                  "lease_ttl_factor": 2.0, "failure_alert_cooldown_secs": 3600,
                  "breaker_threshold": 5, "backoff_initial_secs": 30.0,
                  "backoff_max_secs": 300.0, "max_workers": 64, "shutdown_grace_secs": 10.0,
                  "alert_topic": "nexo.poller.alert", "broker": None, "broker_tls": None,
                  "metrics_addr": None, "admin_addr": None, "admin_token_file": None,
-                 "agents": {}, "delivery_sink": "broker", "delivery_max_attempts": 20,
+                 "admin_allowed_hosts": [], "agents": {}, "delivery_sink": "broker", "delivery_max_attempts": 20,
                  "delivery_max_age_secs": 86400.0, "delivery_retry_initial_secs": 1.0,
                  "delivery_retry_max_secs": 60.0, "plugins": [], "jobs": []}
 _JOB_KEYS = {"id", "kind", "agent", "schedule", "config", "failure_to", "paused_on_boot"}
@@ -6989,6 +6996,7 @@ class DaemonConfig:
     metrics_addr: tuple[str, int] | None = None
     admin_addr: tuple[str, int] | None = None
     admin_token_file: str | None = None
+    admin_allowed_hosts: tuple[str, ...] = ()      # Host names served besides the listener's own
     agents: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     delivery_sink: str = "broker"
     delivery_max_attempts: int = 20
@@ -7189,6 +7197,15 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
                                                    "characters (the token itself never goes here)")
         else:
             cfg.admin_token_file = os.path.normpath(os.path.join(base_dir, token_file))
+    hosts = get("admin_allowed_hosts")
+    if _check_type(probs, prefix + "admin_allowed_hosts", hosts, list,
+                   'an array of host names (["nexo.example.com"])'):
+        for i, name in enumerate(hosts):
+            if not isinstance(name, str) or not _HOST_NAME_RE.fullmatch(name):
+                probs.add(f"{prefix}admin_allowed_hosts[{i}]",
+                          f"{name!r} must be a host name or address as a proxy sends it in "
+                          "Host, without a port (nexo.example.com, 10.0.0.5, [fd00::5])")
+        cfg.admin_allowed_hosts = tuple(_host_name(n) for n in hosts if isinstance(n, str))
 
     owners: dict[str, str] = {k: "(in-process)" for k in extra_kinds}
     plugins = get("plugins")
@@ -8674,7 +8691,8 @@ class Runner:
 
 # -- the outbox: deliveries and channel alerts, committed with the cursor ----------
 
-_WEBHOOK_TIMEOUT_SECS = 10.0
+_WEBHOOK_TIMEOUT_SECS = 10.0     # a whole attempt: connect, TLS, request, the answer's head
+_WEBHOOK_PARALLEL = 8            # jobs whose webhook deliveries may be under way at once
 
 
 def outbound_topic(channel: str, agent: str, agents: Mapping[str, Mapping[str, str]]) -> str:
@@ -8750,40 +8768,110 @@ def _broker_sink(broker) -> Callable[[str, dict], None]:
     return send
 
 
+class _DeadlineSocket(io.RawIOBase):
+    """A connected socket whose sends and reads share one deadline: each may
+    wait only what is left of it, so a peer trickling a byte at a time is cut
+    off when the deadline passes, not when it pauses for a whole timeout.
+    Has what ``http.client`` uses of its socket."""
+
+    def __init__(self, sock, deadline: float) -> None:
+        super().__init__()
+        self.sock, self.deadline = sock, deadline
+
+    def _left(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        self.sock.settimeout(left)
+
+    def sendall(self, data) -> None:
+        self._left()
+        self.sock.sendall(data)
+
+    def readinto(self, buf) -> int:
+        self._left()
+        return self.sock.recv_into(buf)
+
+    def readable(self) -> bool:
+        return True
+
+    def makefile(self, mode: str = "rb", *args, **kwargs):
+        return io.BufferedReader(self)
+
+    def close(self) -> None:         # the socket only: its reader may still be flushed
+        self.sock.close()
+
+
 def _webhook_sink(url: str) -> Callable[[str, dict], None]:
-    """POST the Event JSON to ``url``; a 2xx answer means delivered."""
-    import urllib.error
-    import urllib.request
+    """POST the Event JSON to ``url``; a 2xx answer means delivered.  The
+    whole attempt (connect, TLS, request, the answer's head) must finish
+    within ``_WEBHOOK_TIMEOUT_SECS``.  A redirect is not followed: it is a
+    failed attempt naming its Location (a GET of it would drop the Event)."""
+    import http.client
+    from urllib.parse import unquote, urlsplit
+    parts = urlsplit(url)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    auth = None
+    if parts.username is not None:
+        auth = "Basic " + base64.b64encode(
+            f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
+    base = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+
+    class Connection(base):
+        deadline = 0.0
+
+        def connect(self) -> None:
+            self.timeout = max(0.001, self.deadline - time.monotonic())  # connect and TLS
+            super().connect()
+            self.sock = _DeadlineSocket(self.sock, self.deadline)
 
     def send(topic: str, event: dict) -> None:
-        req = urllib.request.Request(url, data=json.dumps(event).encode(), method="POST",
-                                     headers={"Content-Type": "application/json",
-                                              "X-Nexo-Topic": topic,
-                                              "X-Nexo-Event-Id": event["id"]})
+        headers = {"Content-Type": "application/json", "X-Nexo-Topic": topic,
+                   "X-Nexo-Event-Id": event["id"], "Connection": "close"}
+        if auth is not None:
+            headers["Authorization"] = auth
         try:
-            with urllib.request.urlopen(req, timeout=_WEBHOOK_TIMEOUT_SECS) as resp:
-                resp.read(1 << 16)
-                status = resp.status
-        except urllib.error.HTTPError as exc:
-            raise _Undelivered(f"{url}: HTTP {exc.code}") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise _Undelivered(f"{url}: {getattr(exc, 'reason', exc)}") from None
+            conn = Connection(parts.hostname or "", parts.port)
+        except ValueError as exc:                   # a port out of range
+            raise _Undelivered(f"{url}: {exc}") from None
+        conn.deadline = time.monotonic() + _WEBHOOK_TIMEOUT_SECS
+        try:
+            conn.request("POST", path, json.dumps(event).encode(), headers)
+            resp = conn.getresponse()
+            status, location = resp.status, resp.getheader("Location")
+        except (http.client.HTTPException, OSError, ValueError) as exc:
+            what = f"no answer within {_WEBHOOK_TIMEOUT_SECS:g}s" \
+                if isinstance(exc, TimeoutError) else (str(exc) or type(exc).__name__)
+            raise _Undelivered(f"{url}: {what}") from None
+        finally:
+            conn.close()
+        if 300 <= status < 400:
+            raise _Undelivered(f"{url}: HTTP {status} redirect to {_log_safe(location, 200)} "
+                               "(redirects are not followed: fix delivery_sink)")
         if not 200 <= status < 300:
             raise _Undelivered(f"{url}: HTTP {status}")
+    send.parallel = _WEBHOOK_PARALLEL
     return send
 
 
 class _Publisher:
     """Drains the outbox through one sink: in order per job, retried with
     backoff, dead-lettered past ``delivery_max_attempts`` or
-    ``delivery_max_age_secs``, removed only once delivered."""
+    ``delivery_max_age_secs``, removed only once delivered.
+
+    A sink with ``parallel = N`` (the webhook's) is given up to N jobs at
+    once, each job's items in order on a thread of their own, while this
+    loop goes on finding other jobs' due items: one slow receiver holds only
+    its own job.  Other sinks are called from this loop alone, one at a time."""
 
     def __init__(self, runner: "Runner", sink: Callable[[str, dict], Any]):
         self.runner, self.sink = runner, sink
+        self.parallel = max(1, int(getattr(sink, "parallel", 1)))
         self._cond = threading.Condition(threading.Lock())
         self._due = True
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._busy: dict[str, threading.Thread] = {}    # job -> the thread delivering it
         self.delivered = self.retried = self.dead = 0
 
     def start(self) -> "_Publisher":
@@ -8802,6 +8890,10 @@ class _Publisher:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
+        with self._cond:
+            busy = list(self._busy.values())
+        for t in busy:                  # each attempt is bounded: see _WEBHOOK_TIMEOUT_SECS
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def _loop(self) -> None:
         wait = None
@@ -8813,7 +8905,7 @@ class _Publisher:
                     return
                 self._due = False
             try:
-                nxt = self.run_pass()
+                nxt = self._pass(background=self.parallel > 1)
                 wait = None if nxt is None else max(0.05, nxt - self.runner.clock())
             except StateError as exc:
                 log.error("outbox: %s", exc)
@@ -8824,11 +8916,16 @@ class _Publisher:
 
     def run_pass(self) -> float | None:
         """Try every due item once, in order per job; returns when to look again."""
-        r, cfg = self.runner, self.runner.config
+        return self._pass(background=False)
+
+    def _pass(self, background: bool) -> float | None:
+        r = self.runner
+        with self._cond:                # before the read: a thread settles, then leaves busy
+            blocked = set(self._busy)       # their thread has them (and the items after)
         items = r.state.outbox_pending()
         now = r.clock()
-        blocked: set[str] = set()
-        delivered, retry, dead, soonest = [], [], [], None
+        chains: dict[str, list[OutboxItem]] = {}
+        soonest = None
         for item in items:
             if item.job in blocked:
                 continue
@@ -8836,6 +8933,53 @@ class _Publisher:
                 blocked.add(item.job)           # a later item never overtakes it
                 soonest = item.next_attempt_at if soonest is None else min(soonest, item.next_attempt_at)
                 continue
+            chains.setdefault(item.job, []).append(item)
+        if background:
+            for job, chain in chains.items():
+                with self._cond:
+                    if len(self._busy) >= self.parallel or self._stopping:
+                        break                   # a thread that ends wakes this loop
+                    t = threading.Thread(target=self._deliver_job, args=(chain, now),
+                                         daemon=True, name="nexo-outbox-job")
+                    self._busy[job] = t
+                t.start()
+            return soonest
+        delivered, retry, dead = [], [], []
+        for chain in chains.values():
+            d, again, gone = self._attempt(chain, now)
+            delivered += d
+            retry += again
+            dead += gone
+            for _, at, _ in again:
+                soonest = at if soonest is None else min(soonest, at)
+        self._settle(delivered, retry, dead, now)
+        if len(items) >= 500 and (delivered or dead):
+            return now                          # more behind these: look again at once
+        return soonest
+
+    def _deliver_job(self, chain: list[OutboxItem], now: float) -> None:
+        """One job's due items, on their own thread (a ``parallel`` sink)."""
+        try:
+            self._settle(*self._attempt(chain, now, background=True), self.runner.clock())
+        except StateError as exc:
+            log.error("outbox: %s", exc)
+        except Exception:
+            log.exception("outbox: unexpected error; carrying on")
+        finally:
+            with self._cond:
+                self._busy.pop(chain[0].job, None)
+                self._due = True
+                self._cond.notify()
+
+    def _attempt(self, chain: list[OutboxItem], now: float,
+                 background: bool = False) -> tuple[list, list, list]:
+        """Send one job's due items in order until one fails: (delivered,
+        retry as (id, at, error), dead as (item, error))."""
+        r, cfg = self.runner, self.runner.config
+        delivered, retry, dead = [], [], []
+        for item in chain:
+            if background and self._stopping:
+                break                           # stopping: the rest waits for the next daemon
             try:
                 self.sink(item.topic, json.loads(item.body))
                 delivered.append(item)
@@ -8847,24 +8991,26 @@ class _Publisher:
                     now - item.created_at >= cfg.delivery_max_age_secs:
                 dead.append((item, error))      # out of the way: the next item may go
                 continue
-            blocked.add(item.job)
             delay = min(cfg.delivery_retry_max_secs,
                         cfg.delivery_retry_initial_secs * 2 ** min(attempts - 1, 30))
-            at = now + delay * r._rng.uniform(1.0, 1.1)
+            # from when the attempt ended: a slow one must not make its retry due at once
+            at = max(now, r.clock()) + delay * r._rng.uniform(1.0, 1.1)
             retry.append((item.id, at, error))
-            soonest = at if soonest is None else min(soonest, at)
             log.warning("outbox: %s %s for job %s not delivered (attempt %d): %s",
                         item.what, item.id, item.job, attempts, error)
+            break
+        return delivered, retry, dead
+
+    def _settle(self, delivered: list, retry: list, dead: list, now: float) -> None:
+        r = self.runner
         r.state.outbox_settle(delivered, retry, dead, now)
-        self.delivered += len(delivered)
-        self.retried += len(retry)
-        self.dead += len(dead)
+        with self._cond:
+            self.delivered += len(delivered)
+            self.retried += len(retry)
+            self.dead += len(dead)
         r._delivered([i for i in delivered if i.what == "delivery"])
         for item, error in dead:
             r._dead_letter(item, error)
-        if len(items) >= 500 and (delivered or dead):
-            return now                          # more behind these: look again at once
-        return soonest
 
 
 class _Metrics:
@@ -8986,10 +9132,15 @@ def _prom_escape(value: Any) -> str:
 # once, time per read and per request, bytes per request.
 # ============================================================================
 
-_METRICS_READ_TIMEOUT_SECS = 10.0     # an idle or trickling client is cut off
-_METRICS_MAX_CONNECTIONS = 16         # served at once; more are closed at accept
+_METRICS_READ_TIMEOUT_SECS = 10.0     # a request (line, headers, body) arrives within it, in all
+_METRICS_MAX_CONNECTIONS = 16         # whole requests handled at once (a thread each)
 _METRICS_MAX_REQUEST_BYTES = 8192     # request line and headers together
-_HTTP_REQUEST_DEADLINE_SECS = 30.0    # a whole request (line, headers, body) at most
+_HTTP_REQUEST_DEADLINE_SECS = 30.0    # the client takes each write of its answer within it
+_HTTP_MAX_ARRIVING = 256              # requests still arriving (no thread); past it the oldest goes
+_HTTP_WORKER_IDLE_SECS = 5.0          # a handler thread with nothing to do ends
+_HTTP_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_HTTP_CONTENT_LENGTH = re.compile(rb"(?im)^content-length[ \t]*:[ \t]*([0-9]{1,9})[ \t]*\r?$")
+_HTTP_TRANSFER_ENCODING = re.compile(rb"(?im)^transfer-encoding[ \t]*:")
 _ADMIN_MAX_BODY_BYTES = 4096          # a POST body: the actions take none
 _ADMIN_TOKEN_ENV = "NEXO_POLLER_ADMIN_TOKEN"
 _ADMIN_URL_ENV = "NEXO_POLLER_ADMIN_URL"
@@ -9004,6 +9155,55 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _foreign_host(host: str | None, own: Iterable[str], allowed: Iterable[str],
+                  port: int) -> str | None:
+    """Why a request's ``Host`` names another site, or None.  A loopback
+    listener serves reads without a token, so a page whose name was made to
+    resolve to 127.0.0.1 (DNS rebinding) must not be answered: only this
+    listener's own names (with its port or none) and ``admin_allowed_hosts``
+    (any port) are.  A request without Host is served: no browser sends one."""
+    if host is None:
+        return None
+    m = re.fullmatch(r"(\[[0-9a-f:.]+\]|[^:\[\]]+)(?::([0-9]{1,5}))?", host.strip().lower())
+    if m is not None:
+        name = _host_name(m[1])
+        if name in allowed or (name in own and (m[2] is None or int(m[2]) == port)):
+            return None
+    return (f"Host {host[:100]!r} is not a name of this listener (a proxy's name goes in "
+            "admin_allowed_hosts)")
+
+
+def _request_arrived(buf: bytes | bytearray, limit: int) -> bool:
+    """Whether a request read so far is whole: its head and the body its
+    Content-Length announces, or so much that the handler refuses it anyway
+    (over ``limit`` bytes with no end of head, a body over
+    ``_ADMIN_MAX_BODY_BYTES`` or a chunked one)."""
+    end = _HTTP_HEAD_END.search(buf)
+    if end is None:
+        return len(buf) > limit
+    head = buf[:end.start()]
+    length = _HTTP_CONTENT_LENGTH.search(head)
+    if length is None or _HTTP_TRANSFER_ENCODING.search(head) is not None:
+        return True
+    n = int(length[1])
+    return n > _ADMIN_MAX_BODY_BYTES or len(buf) - end.end() >= n
+
+
+class _SocketWriter(io.BufferedIOBase):
+    """A handler's ``wfile``: each write is sent whole, within the socket's timeout."""
+
+    def __init__(self, sock) -> None:
+        super().__init__()
+        self.sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.sock.sendall(data)
+        return len(data)
 
 
 def _read_admin_token(config: DaemonConfig) -> str | None:
@@ -9397,28 +9597,37 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
                 read_timeout: float = _METRICS_READ_TIMEOUT_SECS,
                 max_connections: int = _METRICS_MAX_CONNECTIONS,
                 max_request_bytes: int = _METRICS_MAX_REQUEST_BYTES,
-                request_deadline: float = _HTTP_REQUEST_DEADLINE_SECS):
+                request_deadline: float = _HTTP_REQUEST_DEADLINE_SECS,
+                allowed_hosts: Iterable[str] = ()):
     """Serve ``/metrics`` and/or the admin routes on a background thread;
     returns the server.
 
-    Bounded: each read gets ``read_timeout`` and a whole request
-    ``request_deadline``, at most ``max_connections`` are served at once (the
-    rest are closed at accept, costing no thread), and a request's line and
-    headers may be ``max_request_bytes`` long (a POST body
-    ``_ADMIN_MAX_BODY_BYTES`` more)."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    One thread reads every request as it arrives, without a thread per
+    connection, and hands only whole requests to at most ``max_connections``
+    handler threads: clients that trickle or idle cannot take the handlers
+    from a probe.  Bounded: a request (line, headers, body) must arrive
+    within ``read_timeout`` of its connection, in all; at most
+    ``_HTTP_MAX_ARRIVING`` may be arriving at once (past that the oldest is
+    closed); each write of an answer gets ``request_deadline``; a request's
+    line and headers may be ``max_request_bytes`` long (a POST body
+    ``_ADMIN_MAX_BODY_BYTES`` more).  On loopback, a request whose ``Host``
+    is not the listener's own name or one of ``allowed_hosts`` gets 421."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
     from urllib.parse import unquote
-    import io
+    own_hosts = {"localhost", "127.0.0.1", "::1", _host_name(addr[0])} \
+        if _is_loopback(addr[0]) else None
+    allowed_hosts = frozenset(_host_name(h) for h in allowed_hosts)
 
     class Handler(BaseHTTPRequestHandler):
-        timeout = read_timeout              # StreamRequestHandler sets it on the socket
         server_version = "nexo-poller"
         sys_version = ""
 
-        def setup(self) -> None:
-            super().setup()
-            self.rfile = _CappedReader(self.rfile, max_request_bytes, self.connection,
-                                       time.monotonic() + request_deadline)
+        def setup(self) -> None:            # the request arrived whole: see Server
+            self.connection, data = self.request
+            self.connection.setblocking(True)
+            self.connection.settimeout(request_deadline)
+            self.rfile = _CappedReader(data, max_request_bytes)
+            self.wfile = _SocketWriter(self.connection)
 
         def parse_request(self) -> bool:
             if not self.raw_requestline.endswith(b"\n"):
@@ -9495,6 +9704,11 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
 
         def _route(self, method: str) -> None:
             path, _, query = self.path.partition("?")
+            if own_hosts is not None:
+                why = _foreign_host(self.headers.get("Host"), own_hosts, allowed_hosts,
+                                    self.server.server_address[1])
+                if why is not None:
+                    return self._refuse(421, why)
             if metrics and path == "/metrics" and admin is None:
                 if method != "GET":
                     return self._refuse(405, "GET required")
@@ -9623,84 +9837,170 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
         def log_message(self, *args) -> None:
             pass
 
-    class _CappedReader(io.RawIOBase):
-        """A request's reader that yields at most ``budget`` bytes in all, and
-        nothing once the request's deadline has passed."""
+    class _CappedReader(io.BytesIO):
+        """A request's bytes, yielding at most ``budget`` in all."""
 
-        def __init__(self, raw, budget: int, sock, deadline: float) -> None:
-            super().__init__()
-            self.raw, self.budget, self.sock, self.deadline = raw, budget, sock, deadline
-
-        def _clock(self) -> None:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("request deadline passed")
-            self.sock.settimeout(min(read_timeout, left))
+        def __init__(self, data: bytes, budget: int) -> None:
+            super().__init__(data)
+            self.budget = budget
 
         def readline(self, size: int = -1) -> bytes:
             size = self.budget if size is None or size < 0 else min(size, self.budget)
-            self._clock()
-            line = self.raw.readline(size) if size > 0 else b""
+            line = super().readline(size) if size > 0 else b""
             self.budget -= len(line)
             return line
 
         def read(self, size: int = -1) -> bytes:
             size = self.budget if size is None or size < 0 else min(size, self.budget)
-            self._clock()
-            data = self.raw.read(size) if size > 0 else b""
+            data = super().read(size) if size > 0 else b""
             self.budget -= len(data)
             return data
 
-        def readable(self) -> bool:
-            return True
-
-    slots = threading.BoundedSemaphore(max_connections)
-
-    class Server(ThreadingHTTPServer):
+    class Server(HTTPServer):
         address_family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-        daemon_threads = True
-        request_queue_size = 128            # a burst is accepted (and shed), not dropped
+        request_queue_size = 128            # a burst is accepted, not dropped
         _wake_r = _wake_w = None            # the pipe that ends serve_forever, once listening
 
         def server_activate(self) -> None:
             super().server_activate()
+            self.socket.setblocking(False)
             self._closing = False
             self._stopped = threading.Event()
             self._wake_r, self._wake_w = os.pipe()
+            # socket -> [bytes so far, deadline, address], oldest first
+            self._arriving: dict[socket.socket, list] = {}
+            self._whole: deque = deque()        # (socket, request, address) for a handler
+            self._cond = threading.Condition(threading.Lock())
+            self._workers = self._idle = 0
+            self._starved = False               # out of descriptors: accepting paused
 
-        def process_request(self, request, client_address) -> None:
-            if not slots.acquire(blocking=False):
-                self.shutdown_request(request)       # at the cap: no thread, no fd kept
-                return
-            try:
-                super().process_request(request, client_address)
-            except BaseException:
-                slots.release()
-                raise
-
-        def process_request_thread(self, request, client_address) -> None:
-            try:
-                super().process_request_thread(request, client_address)
-            finally:
-                slots.release()
-
-        # socketserver's loop wakes every poll_interval to look for a
-        # shutdown request; this one sleeps until a connection comes or
-        # shutdown() writes to its pipe, so an idle daemon stays asleep.
+        # The loop sleeps until a connection, a request's bytes, the oldest
+        # request's deadline or shutdown() comes, so an idle daemon stays asleep.
         def serve_forever(self, poll_interval=None) -> None:
+            arriving, resume = self._arriving, None
             with selectors.DefaultSelector() as sel:
-                sel.register(self, selectors.EVENT_READ)
-                sel.register(self._wake_r, selectors.EVENT_READ)
+                sel.register(self.socket, selectors.EVENT_READ, "accept")
+                sel.register(self._wake_r, selectors.EVENT_READ, "wake")
                 while not self._closing:
-                    for key, _ in sel.select():
-                        if key.fileobj is self and not self._closing:
-                            self._handle_request_noblock()
+                    now = time.monotonic()
+                    if resume is not None and now >= resume:
+                        sel.register(self.socket, selectors.EVENT_READ, "accept")
+                        resume = None
+                    wake = [t for t in (resume, next(iter(arriving.values()))[1]
+                                        if arriving else None) if t is not None]
+                    for key, _ in sel.select(max(0.0, min(wake) - now) if wake else None):
+                        if key.data == "accept" and not self._closing:
+                            if not self._accept(sel):
+                                sel.unregister(self.socket)
+                                resume = time.monotonic() + 0.5
+                        elif key.data is None and key.fileobj in arriving:
+                            self._receive(sel, key.fileobj)
+                    now = time.monotonic()
+                    while arriving:             # past its deadline: cut off
+                        sock, (_, deadline, _) = next(iter(arriving.items()))
+                        if deadline > now:
+                            break
+                        self._drop(sel, sock)
+                for sock in list(arriving):
+                    self._drop(sel, sock)
             self._stopped.set()
+
+        def _accept(self, sel) -> bool:
+            """Take what waits to be accepted; False when out of descriptors."""
+            arriving = self._arriving
+            for _ in range(64):
+                try:
+                    sock, client = self.socket.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                                         errno.ENOMEM):
+                        continue                # that client gave up: the next one
+                    if arriving:                # make room: the oldest goes
+                        self._drop(sel, next(iter(arriving)))
+                        continue
+                    if not self._starved:
+                        log.warning("HTTP: cannot accept (%s); pausing", exc.strerror or exc)
+                    self._starved = True
+                    return False
+                self._starved = False
+                if len(arriving) >= _HTTP_MAX_ARRIVING:
+                    self._drop(sel, next(iter(arriving)))
+                sock.setblocking(False)
+                arriving[sock] = [bytearray(), time.monotonic() + read_timeout, client]
+                sel.register(sock, selectors.EVENT_READ, None)
+            return True
+
+        def _receive(self, sel, sock) -> None:
+            try:
+                chunk = sock.recv(16384)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return self._drop(sel, sock)
+            entry = self._arriving[sock]
+            entry[0] += chunk
+            if _request_arrived(entry[0], max_request_bytes):
+                sel.unregister(sock)
+                del self._arriving[sock]
+                self._hand_over(sock, bytes(entry[0]), entry[2])
+
+        def _drop(self, sel, sock) -> None:
+            sel.unregister(sock)
+            del self._arriving[sock]
+            sock.close()
+
+        def _hand_over(self, sock, data: bytes, client) -> None:
+            with self._cond:
+                if len(self._whole) >= _HTTP_MAX_ARRIVING:
+                    sock.close()                # every handler far behind: shed
+                    return
+                self._whole.append((sock, data, client))
+                if len(self._whole) > self._idle and self._workers < max_connections:
+                    self._workers += 1
+                    threading.Thread(target=self._work, daemon=True,
+                                     name="nexo-http-handler").start()
+                else:
+                    self._cond.notify()
+
+        def _work(self) -> None:
+            while True:
+                with self._cond:
+                    self._idle += 1
+                    self._cond.wait_for(lambda: self._whole or self._closing,
+                                        _HTTP_WORKER_IDLE_SECS)
+                    self._idle -= 1
+                    if not self._whole or self._closing:
+                        self._workers -= 1
+                        return
+                    sock, data, client = self._whole.popleft()
+                try:
+                    self.finish_request((sock, data), client)
+                except Exception:
+                    self.handle_error(sock, client)
+                finally:
+                    self.shutdown_request(sock)
+
+        def handle_error(self, request, client_address) -> None:
+            if isinstance(sys.exc_info()[1], OSError):  # the client went away mid-answer
+                log.debug("HTTP: answer to %s not sent: %s", client_address[0],
+                          sys.exc_info()[1])
+                return
+            log.exception("HTTP: a request from %s failed", client_address[0])
 
         def shutdown(self) -> None:
             self._closing = True
             os.write(self._wake_w, b"x")
             self._stopped.wait()
+            with self._cond:
+                left = list(self._whole)
+                self._whole.clear()
+                self._cond.notify_all()
+            for sock, _, _ in left:
+                sock.close()
 
         def server_close(self) -> None:
             super().server_close()              # also when binding failed: no pipe yet
@@ -9750,9 +10050,10 @@ def _start_http(runner: "Runner") -> tuple[Any, Any]:
     try:
         if admin is not None:
             admin_server = _serve_http(runner, cfg.admin_addr, metrics=shared, admin=admin,
-                                       key="admin_addr")
+                                       key="admin_addr", allowed_hosts=cfg.admin_allowed_hosts)
         if cfg.metrics_addr and not shared:
-            metrics_server = _serve_http(runner, cfg.metrics_addr)
+            metrics_server = _serve_http(runner, cfg.metrics_addr,
+                                         allowed_hosts=cfg.admin_allowed_hosts)
     except BaseException:
         if admin_server is not None:
             admin_server.shutdown()

@@ -289,6 +289,41 @@ class TestSecurity(Case):
         self.assertEqual(self.call(r, "POST", "/admin/pollers/healthy/pause", TOKEN, same)[0],
                          200)
 
+    def test_a_foreign_host_is_refused_on_loopback(self):
+        # DNS rebinding: a page of evil.example, its name now resolving to
+        # 127.0.0.1, reads through the operator's browser with its own Host.
+        r = self.runner(metrics_addr="127.0.0.1:0")
+        port = self.port(r)
+        for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.nip.io:{port}",
+                     f"localhost:{port + 1}", ""):
+            for path in ("/admin/pollers", "/admin/pollers/healthy/cursor", "/admin/plugins",
+                         "/", "/healthz"):
+                code, doc, _ = self.call(r, "GET", path, headers={"Host": host})
+                self.assertEqual(code, 421, (host, path))
+                self.assertIn("Host", doc["error"])
+        mport = r._metrics_server.server_address[1]
+        conn = http.client.HTTPConnection("127.0.0.1", mport, timeout=WAIT)
+        conn.request("GET", "/metrics", headers={"Host": f"evil.example:{mport}"})
+        self.assertEqual(conn.getresponse().status, 421, "the metrics listener too")
+        conn.close()
+        # The listener's own names are served, with or without its port.
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}",
+                     f"[::1]:{port}", "localhost"):
+            self.assertEqual(self.call(r, "GET", "/admin/pollers",
+                                       headers={"Host": host})[0], 200, host)
+
+    def test_admin_allowed_hosts_names_a_reverse_proxy(self):
+        r = self.runner(admin_allowed_hosts=["nexo.example.com"])
+        for host in ("nexo.example.com", "Nexo.Example.com:443"):
+            self.assertEqual(self.call(r, "GET", "/admin/pollers",
+                                       headers={"Host": host})[0], 200, host)
+        self.assertEqual(self.call(r, "GET", "/admin/pollers",
+                                   headers={"Host": "evil.example"})[0], 421)
+        for bad in ("", "a b", ["x/y"], [""], [3], "nexo.example.com"):
+            with self.assertRaises(nx.ConfigError) as cm:
+                config_from_dict(self.doc(admin_allowed_hosts=bad))
+            self.assertIn("admin_allowed_hosts", str(cm.exception))
+
     def test_beyond_loopback_every_route_needs_the_token(self):
         r = self.runner(admin_addr="0.0.0.0:0")
         for path in ("/admin/pollers", "/admin/pollers/healthy", "/admin/plugins",
@@ -340,7 +375,7 @@ class TestSecurity(Case):
         self.assertEqual(code, 413)
         self.assertFalse(self.call(r, "GET", "/admin/pollers/healthy")[1]["paused"])
         with socket.create_connection(("127.0.0.1", self.port(r)), timeout=WAIT) as s:
-            s.sendall(b"POST /admin/pollers/healthy/pause HTTP/1.1\r\nHost: x\r\n"
+            s.sendall(b"POST /admin/pollers/healthy/pause HTTP/1.1\r\nHost: localhost\r\n"
                       b"Transfer-Encoding: chunked\r\n\r\n")
             self.assertIn(b" 411 ", s.recv(4096))
         # headers past the limit (8 KiB in all) are refused too
@@ -386,6 +421,30 @@ class TestSecurity(Case):
             self.assertTrue(cut, "a trickling request was not cut off")
             self.assertLess(time.monotonic() - t0, 6)
 
+
+    def test_a_request_head_has_one_deadline_in_all(self):
+        # One byte of the request line at a time, each well within the read
+        # timeout: cut off once the head's deadline passes.
+        class Fake:
+            config = nx.DaemonConfig(state_db=":memory:")
+        server = nx._serve_http(Fake(), ("127.0.0.1", 0), metrics=False,
+                                admin=nx._Admin(Fake(), TOKEN, True), read_timeout=0.5)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        with socket.create_connection(("127.0.0.1", server.server_address[1]),
+                                      timeout=WAIT) as s:
+            s.sendall(b"GET /healthz?")
+            cut, until = False, time.monotonic() + WAIT
+            while not cut and time.monotonic() < until:
+                try:
+                    s.sendall(b"a")
+                    s.settimeout(0.05)
+                    cut = s.recv(1) == b""
+                except socket.timeout:
+                    pass
+                except OSError:
+                    cut = True
+            self.assertTrue(cut, "a request line trickled for %gs was not cut off" % WAIT)
 
 class TestConfig(unittest.TestCase):
 

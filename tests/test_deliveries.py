@@ -6,12 +6,14 @@ import json
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import unittest
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from support import NEXO, PY, b64, wait_until  # noqa: E402
@@ -57,6 +59,75 @@ class Sink:
     def wait_for(self, n, timeout=WAIT):
         with self.changed:
             return self.changed.wait_for(lambda: len(self.got) >= n, timeout)
+
+
+class Receiver:
+    """A webhook receiver on a raw loopback socket, so a test decides every
+    byte of the answer: ``answer(conn, topic, event)`` writes it.  Records
+    each request (method, path, topic, event) and each connection the client
+    closed before the answer was complete."""
+
+    def __init__(self, test, answer):
+        self.answer = answer
+        self.requests, self.cut = [], []
+        self.changed = threading.Condition()
+        self.stopping = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d/hook" % self.sock.getsockname()[1]
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+        test.addCleanup(self.close)
+
+    def close(self):
+        self.stopping.set()
+        self.sock.shutdown(socket.SHUT_RDWR)        # wakes the accept
+        self.sock.close()
+        for t in list(self.threads):
+            t.join(WAIT)
+
+    def wait_for(self, pred):
+        with self.changed:
+            return self.changed.wait_for(lambda: pred(self), WAIT)
+
+    def _accept(self):
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _serve(self, conn):
+        with conn:
+            conn.settimeout(WAIT)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, path = lines[0].split(" ")[:2]
+            headers = {k.strip().lower(): v.strip()
+                       for k, _, v in (line.partition(":") for line in lines[1:])}
+            while len(body) < int(headers.get("content-length", 0)):
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                body += chunk
+            event = json.loads(body) if body else None
+            with self.changed:
+                self.requests.append((method, path, headers.get("x-nexo-topic"), event))
+                self.changed.notify_all()
+            try:
+                self.answer(self, conn, headers.get("x-nexo-topic"), event)
+            except OSError:
+                with self.changed:
+                    self.cut.append(headers.get("x-nexo-topic"))
+                    self.changed.notify_all()
 
 
 class DeliveryCase(unittest.TestCase):
@@ -332,6 +403,65 @@ class WebhookTests(DeliveryCase):
         self.assertEqual(first["id"], again["id"], "a retry carries the same event id")
         self.assertEqual(again["payload"], {"text": "hi", "to": "42"})
         self.assertTrue(wait_until(lambda: self.outbox_rows() == [], WAIT))
+
+    def test_a_redirect_is_not_a_delivery(self):
+        moved = [True]
+
+        def answer(rcv, conn, topic, event):
+            if moved[0] or event is None:
+                conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\n"
+                             b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+            else:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        rcv = Receiver(self, answer)
+        r = self.runner(self.config([self.job()], delivery_sink=rcv.url),
+                        Feed([[Delivery("telegram", "42", {"text": "hi"})]]))
+        r.run_once("a")
+        # Retried, never followed: no GET of the Location, the item stays.
+        self.assertTrue(rcv.wait_for(lambda v: len(v.requests) >= 2), rcv.requests)
+        self.assertEqual({(m, p) for m, p, _, _ in rcv.requests}, {("POST", "/hook")})
+        self.assertEqual(len(self.outbox_rows()), 1, "a 302 counted as delivered")
+        self.assertEqual(r._publisher.delivered, 0)
+        moved[0] = False
+        self.assertTrue(wait_until(lambda: self.outbox_rows() == [], WAIT))
+        self.assertEqual(rcv.requests[-1][3]["payload"], {"text": "hi", "to": "42"})
+
+    @staticmethod
+    def trickle(rcv, conn, topic, event):
+        """Answer 200, then one header byte at a time, never ending the headers."""
+        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        while not rcv.stopping.wait(0.2):
+            conn.sendall(b"z")
+
+    def test_a_trickling_receiver_is_cut_at_the_deadline(self):
+        rcv = Receiver(self, self.trickle)
+        with mock.patch.object(nx, "_WEBHOOK_TIMEOUT_SECS", 1.0):
+            r = self.runner(self.config([self.job()], delivery_sink=rcv.url),
+                            Feed([[Delivery("telegram", "42", {"text": "hi"})]]))
+            r.run_once("a")
+            self.assertTrue(rcv.wait_for(lambda v: v.cut and len(v.requests) >= 2),
+                            "the trickled answer was not cut off and retried")
+        rcv.stopping.set()
+        self.assertEqual(len(self.outbox_rows()), 1)
+
+    def test_one_slow_receiver_does_not_hold_other_jobs(self):
+        def answer(rcv, conn, topic, event):
+            if topic.endswith(".slow"):
+                return self.trickle(rcv, conn, topic, event)
+            conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+        rcv = Receiver(self, answer)
+        with mock.patch.object(nx, "_WEBHOOK_TIMEOUT_SECS", 4 * WAIT):
+            r = self.runner(self.config([self.job("a"), self.job("b")], delivery_sink=rcv.url),
+                            Feed([[Delivery("slow", "1", "x")], [Delivery("fast", "2", "y")]]))
+            r.run_once("a")
+            self.assertTrue(rcv.wait_for(lambda v: v.requests))
+            r.run_once("b")
+            self.assertTrue(wait_until(lambda: [j for _, j, _, _ in self.outbox_rows()] == ["a"],
+                                       WAIT), "job b's delivery waited behind job a's")
+            self.assertEqual([t for _, _, t, _ in rcv.requests],
+                             ["plugin.outbound.slow", "plugin.outbound.fast"])
+            self.assertEqual(rcv.cut, [], "job a's attempt is still under way")
+        rcv.stopping.set()                  # the trickle ends: the runner stops at once
 
     def test_a_bad_sink_url_is_a_config_error(self):
         with self.assertRaises(nx.ConfigError) as cm:

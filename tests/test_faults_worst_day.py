@@ -508,9 +508,9 @@ class TestMetricsBounds(Case):
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(wd.scale(60, 600))]
         for s in idle:
             self.addCleanup(s.close)
-        # Every idle connection is closed by the server: at once past the
-        # cap, after the read timeout within it.  Meanwhile no more than the
-        # cap of threads ever ran.
+        # Every idle connection is closed by the server once its request's
+        # deadline (the read timeout) passes, no thread each: no more than
+        # the cap of handler threads ever ran.
         peak = threads_before
         closed = set()
         deadline = time.monotonic() + 30
@@ -546,6 +546,46 @@ class TestMetricsBounds(Case):
         self.assertIn(b"nexo_poller_ticks_total", response.read())
         conn.close()
 
+
+    def test_trickling_and_idle_clients_do_not_starve_probes(self):
+        # The default bounds (16 handlers, 10 s for a request): more clients
+        # than handlers each send a header byte well within the read timeout
+        # (reconnecting when cut off), and hundreds of partial requests idle;
+        # every probe is still answered.
+        server = nx._serve_metrics(_FakeRunner(), ("127.0.0.1", 0))
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        addr = ("127.0.0.1", server.server_address[1])
+
+        def connect(first):
+            s = socket.create_connection(addr, timeout=30)
+            self.addCleanup(s.close)
+            s.sendall(first)
+            return s
+        idle = [connect(b"GET /metr") for _ in range(wd.scale(60, 600))]
+        slow = [connect(b"GET /metrics HTTP/1.1\r\nX-Slow: ") for _ in range(wd.scale(20, 40))]
+        probes, answered, reconnected = wd.scale(10, 40), 0, 0
+        for _ in range(probes):
+            for i, s in enumerate(slow):
+                try:
+                    s.sendall(b"z")
+                except OSError:
+                    slow[i] = connect(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+                    reconnected += 1
+            conn = http.client.HTTPConnection(*addr, timeout=30)
+            try:
+                conn.request("GET", "/metrics")
+                response = conn.getresponse()
+                answered += response.status == 200 and \
+                    b"nexo_poller_ticks_total" in response.read()
+            except (OSError, http.client.HTTPException):
+                pass
+            finally:
+                conn.close()
+        print("\n[worst-day] %d trickling and %d idle clients: %d of %d probes answered "
+              "(%d trickling reconnects)" % (len(slow), len(idle), answered, probes,
+                                             reconnected), file=sys.stderr)
+        self.assertEqual(answered, probes)
 
 # ============================================================================
 # 4. Out of file descriptors, the broker backs off instead of spinning

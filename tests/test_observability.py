@@ -9,6 +9,7 @@ manifests written at test time.  Nothing sleeps: waits poll a condition
 with a generous deadline.
 """
 
+import http.client
 import json
 import logging
 import os
@@ -389,6 +390,42 @@ class TestMetricsEndpoint(Case):
             with self.assertRaises(nx.ConfigError) as cm:
                 r.start(background=False)
         self.assertIn(addr, str(cm.exception))
+
+    def probe(self, addr, path="/metrics"):
+        """A scrape's status, or what went wrong (a probe's view)."""
+        try:
+            return fetch(addr, path)[0]
+        except (OSError, http.client.HTTPException) as exc:
+            return repr(exc)
+
+    def test_trickling_clients_do_not_starve_a_scrape(self):
+        # More clients than the 16 connection slots, each sending a header
+        # byte well within the 10 s read timeout: probes are still answered.
+        r = self.runner(self.config([self.job("a")], metrics_addr="127.0.0.1:0"), Scripted())
+        addr = r._metrics_server.server_address[:2]
+        slow = []
+        for _ in range(20):
+            s = socket.create_connection(addr, timeout=WAIT)
+            self.addCleanup(s.close)
+            s.sendall(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+            slow.append(s)
+        for _ in range(5):
+            for s in slow:
+                try:
+                    s.sendall(b"z")
+                except OSError:             # cut off: fine, it is the server's choice
+                    pass
+            self.assertEqual(self.probe(addr), 200)
+
+    def test_idle_partial_requests_do_not_starve_a_scrape(self):
+        r = self.runner(self.config([self.job("a")], metrics_addr="127.0.0.1:0"), Scripted())
+        addr = r._metrics_server.server_address[:2]
+        for _ in range(100):
+            s = socket.create_connection(addr, timeout=WAIT)
+            self.addCleanup(s.close)
+            s.sendall(b"GET /metr")
+        for _ in range(3):
+            self.assertEqual(self.probe(addr), 200)
 
     def test_ticks_waiting_for_a_busy_lane_are_counted(self):
         # Saturation as an operator sees it: due ticks queued behind a plugin
