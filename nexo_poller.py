@@ -7665,7 +7665,8 @@ class Runner:
         if self.state.changed() or due:
             self.apply_commands()
             self._refresh_unheld()
-        running = frozenset(j.cfg.id for j in self._jobs.values() if j.running)
+        running = frozenset(j.cfg.id for j in self._jobs.values()
+                            if j.running and not j.commanding)
         if running != self._published_running:
             self.state.set_running(running)
             self._published_running = running
@@ -8248,7 +8249,7 @@ class Runner:
     def status(self) -> list[dict]:
         threshold = self.config.breaker_threshold
         with self._cond:
-            return [_status_dict(j.cfg, j.state, threshold, j.running,
+            return [_status_dict(j.cfg, j.state, threshold, j.running and not j.commanding,
                                  j.next_run_at if j.generation >= 0 else None, j.delivered)
                     for j in self._jobs.values()]
 
