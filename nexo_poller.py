@@ -4482,6 +4482,31 @@ def _storable(text: str | None, limit: int = _ERROR_TEXT_LIMIT) -> str | None:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def _storable_result(text: str | None, limit: int) -> str | None:
+    """A command's result (JSON, a tick's outcome) that a backend keeps in at
+    most ``limit`` characters, still JSON: what does not fit (a big cursor, a
+    long error) is null, its length in ``omitted``, never cut mid-string."""
+    text = _storable(text, 1 << 62)
+    if text is None or len(text) <= limit:
+        return text
+    try:
+        result = json.loads(text)
+    except ValueError:
+        result = None
+    if not isinstance(result, dict):
+        return json.dumps({"error": f"result of {len(text)} characters not kept "
+                                    f"(over {limit})"})
+    omitted: dict[str, int] = {}            # field -> characters left out
+    for key in sorted((k for k, v in result.items() if isinstance(v, str) and len(v) > 256),
+                      key=lambda k: -len(result[k])):
+        omitted[key], result[key] = len(result[key]), None
+        out = json.dumps({**result, "omitted": omitted})
+        if len(out) <= limit:
+            return out
+    return json.dumps({k: result.get(k) for k in ("job", "kind", "outcome")}
+                      | {"omitted": {"result": len(text)}})
+
+
 @dataclasses.dataclass
 class JobState:
     """Everything durable about one job: one record per job in any backend.
@@ -4632,7 +4657,9 @@ def _wake_owner(owner: str | None) -> bool:
     its queued commands and its outbox now (an idle daemon does not poll).
     False when it could not be signalled."""
     pid = _owner_pid(owner)
-    if pid is None or not hasattr(signal, "SIGUSR1"):
+    # Never this process: a Runner here is poked directly, and SIGUSR1 would
+    # end a process that has no handler for it.
+    if pid is None or pid == os.getpid() or not hasattr(signal, "SIGUSR1"):
         return False
     try:
         os.kill(pid, signal.SIGUSR1)
@@ -4772,7 +4799,9 @@ class StateStore:
                 arg: str | None = None) -> tuple[str | None, int | None]:
         """An operator command: ``(owner, seq)`` when queued for the live daemon
         holding the job, ``(None, None)`` when applied here and now.  ``arg``
-        is the verb's argument (``cursor``: ``cursor_command_arg``)."""
+        is the verb's argument (``cursor``: ``cursor_command_arg``).  A
+        command applied here wakes the live daemons on this state, so one
+        that has the job in its configuration re-reads it (``resume``)."""
         raise NotImplementedError
 
     def pending_commands(self) -> list[Command]:
@@ -5014,6 +5043,7 @@ _READ_PATIENCE_SECS = 2.0       # how long a read waits before it is reported
 # far the queue has grown, so a reader or another process never waits long for
 # the lock, and the ticks that queued first are stored first.
 _COMMIT_BATCH_MAX = 256
+_SQLITE_RESULT_MAX = 1 << 20    # characters of a command's result kept
 
 
 class SqliteStateStore(StateStore):
@@ -5388,7 +5418,7 @@ class SqliteStateStore(StateStore):
                               row[2])
             if command is not None:
                 db.execute("UPDATE commands SET done=1, result=? WHERE seq=?",
-                           (_storable(command[1], 1 << 20), command[0]))
+                           (_storable_result(command[1], _SQLITE_RESULT_MAX), command[0]))
             if items:
                 db.executemany(f"INSERT INTO outbox ({', '.join(_OUTBOX_FIELDS)}) "
                                f"VALUES ({', '.join('?' * len(_OUTBOX_FIELDS))})", items)
@@ -5533,7 +5563,12 @@ class SqliteStateStore(StateStore):
             self._write_state(db, apply_command(state, verb, arg).replace(
                 revision=state.revision + 1), _command_source(verb, arg))
             return None, None
-        return self.run(fn)
+        owner, seq = self.run(fn)
+        if seq is None and verb != "tick":
+            for other in self.daemons():    # sqlite has no notification: a signal each
+                if other != self.owner:
+                    _wake_owner(other)
+        return owner, seq
 
     def _daemon_alive(self, db, owner: str) -> bool:
         """A lease holder counts as a live daemon while its daemons row exists
@@ -5548,7 +5583,7 @@ class SqliteStateStore(StateStore):
 
     def finish_command(self, seq: int, result: str | None = None) -> None:
         self.submit(lambda db: db.execute("UPDATE commands SET done=1, result=? WHERE seq=?",
-                                          (_storable(result, 1 << 20), seq)))
+                                          (_storable_result(result, _SQLITE_RESULT_MAX), seq)))
 
     def command_result(self, seq: int) -> tuple[bool, str | None]:
         rows = self._read("SELECT done, result FROM commands WHERE seq=?", (seq,))
@@ -5640,6 +5675,7 @@ _KV_DELETED = ("DEL", "PURGE")
 _KV_PATIENCE_SECS = 30.0                # how long a write waits out a NATS outage
 _KV_CAS_ROUNDS = 8                      # re-reads of a record changed under a write
 _KV_COMMANDS_KEPT = 32                  # command results kept in a job's record
+_KV_RESULT_MAX = 1 << 16                # characters of each result kept
 _KV_COMMAND_KEEP_SECS = 600.0           # a done command's key is removed after this
 _KV_OUT_HEADROOM = 1024                 # bytes of an outbox item's publish besides its JSON
 
@@ -6267,7 +6303,7 @@ class JetStreamStateStore(StateStore):
                                            + items)
         commands = dict(rec.get("commands") or {})
         if command is not None:
-            commands[str(command[0])] = _storable(command[1], 1 << 16)
+            commands[str(command[0])] = _storable_result(command[1], _KV_RESULT_MAX)
             commands = dict(list(commands.items())[-_KV_COMMANDS_KEPT:])
         new["commands"] = commands
         if hand_back:
@@ -6436,6 +6472,11 @@ class JetStreamStateStore(StateStore):
             return {**rec, **_state_record(state), "delivered_total": rec.get("delivered_total", 0),
                     "lease_owner": None, "lease_until": None}
         self._update(key, change, seen)
+        # Stored done, it wakes every daemon watching the command keys (a
+        # daemon that has the job re-reads it) and is removed as any done one.
+        self._put_many([("cmd." + os.urandom(8).hex(), {
+            "job": job_id, "verb": verb, "arg": arg, "done": True, "result": "applied",
+            "done_at": time.time()}, 0)])
         return None, None
 
     def pending_commands(self) -> list[Command]:
@@ -6472,7 +6513,7 @@ class JetStreamStateStore(StateStore):
         if not key:
             return
         self._update("cmd." + key, lambda rec: False if rec is None else
-                     {**rec, "done": True, "result": _storable(result, 1 << 16),
+                     {**rec, "done": True, "result": _storable_result(result, _KV_RESULT_MAX),
                       "done_at": time.time()})
 
     def command_result(self, seq: int) -> tuple[bool, str | None]:
@@ -7525,7 +7566,8 @@ class _Job:
     """A job inside the runner: its configuration, its committed state, and
     what only this process knows (running, lease held, heap entry)."""
     __slots__ = ("cfg", "key", "state", "leased", "running", "generation", "next_run_at",
-                 "cancel", "removed", "unstored", "delivered")
+                 "cancel", "removed", "unstored", "delivered", "commanding", "missed",
+                 "command", "commands_wait")
 
     def __init__(self, cfg: JobConfig, state: JobState | None = None):
         self.cfg = cfg
@@ -7539,6 +7581,10 @@ class _Job:
         self.removed = False
         self.unstored = 0            # outcomes in a row that could not be stored
         self.delivered = 0           # deliveries made since ``state`` was read
+        self.commanding = False      # ``running`` is an operator command being applied
+        self.missed: float | None = None     # the slot that came meanwhile (runs after it)
+        self.command: int | None = None      # the last ``tick`` command dispatched
+        self.commands_wait = False   # commands for it wait for the running tick's end
 
 
 def _iso(ts: float | None) -> str | None:
@@ -8040,7 +8086,9 @@ class Runner:
         due, self._commands_due = self._commands_due, False
         if self.state.changed() or due:
             self.apply_commands()
-        running = frozenset(j.cfg.id for j in self._jobs.values() if j.running)
+            self._refresh_unheld()
+        running = frozenset(j.cfg.id for j in self._jobs.values()
+                            if j.running and not j.commanding)
         if running != self._published_running:
             self.state.set_running(running)
             self._published_running = running
@@ -8065,6 +8113,8 @@ class Runner:
             when, seq, job_id, nominal = heapq.heappop(heap)
             job = self._jobs.get(job_id)
             if job is None or job.generation != seq or job.state.paused or job.running:
+                if job is not None and job.commanding and job.generation == seq:
+                    job.missed = nominal
                 continue
             job.running = True
             self._running += 1
@@ -8195,10 +8245,20 @@ class Runner:
             with self._cond:
                 job.state, job.leased, job.delivered = granted[cfg.id], True, 0
             if taking_over:
-                # The state is what the last owner committed: resume from it.
+                # The state is what the last owner committed, with the commands
+                # queued for it applied: resume from it.
+                try:
+                    kept = self._take_over_commands(job)
+                except StateError as exc:
+                    kept, outcome.error = False, f"queued commands not read: {exc}"
+                if not kept:
+                    with self._cond:
+                        job.leased = False      # the next tick claims and tries again
+                    outcome.status = TickStatus.LEASED
+                    outcome.error = outcome.error or "another daemon holds this job's lease"
+                    return self._finish_unplanned(job, slot, outcome, command)
                 with self._cond:
-                    self._commands_due = True
-                    self._cond.notify_all()
+                    job.commands_wait = True    # its tick commands: after this tick
                 resume_at, _ = next_run(job.state, cfg.schedule, job.key, now)
                 if slot is not None and (resume_at is None or resume_at > now):
                     log.info("job %s taken over; its next slot is %s", cfg.id, _iso(resume_at))
@@ -8362,15 +8422,21 @@ class Runner:
 
     def _release(self, job: _Job, next_run_at: float | None, slot: float | None = None) -> None:
         with self._cond:
-            job.running = False
+            self._not_running(job)
             job.cancel = None
-            self._running -= 1
             if next_run_at is not None and not job.state.paused and not job.removed \
                     and not self._stopping:
                 self._push(job, next_run_at, slot)
             else:
                 job.generation = -1
             self._cond.notify_all()
+
+    def _not_running(self, job: _Job) -> None:
+        """The end of a tick or a command of ``job`` (lock held)."""
+        job.running = job.commanding = False
+        self._running -= 1
+        if job.commands_wait:               # queued while it ran: the scheduler looks now
+            job.commands_wait, self._commands_due = False, True
 
     def _delivered(self, items: list[OutboxItem]) -> None:
         """The publisher delivered these: count them into their jobs (live view)."""
@@ -8481,15 +8547,12 @@ class Runner:
         queue it for the owner (this runner, after the running tick, or the
         daemon holding the lease)."""
         job = self._job(job_id)
-        with self._cond:
-            direct = job.leased and not job.running
-        if direct and self._apply_command(job, verb, arg=arg):
+        if self._apply_held(job, verb, arg=arg):
             return
         owner, seq = self.state.command(job_id, verb, paused_on_boot=job.cfg.paused_on_boot,
                                         arg=arg)
         if seq is None:                     # nobody holds it: applied in the state
-            with self._cond:
-                job.state = self.state.load([job_id])[job_id]
+            self._refresh_unheld([job_id])
         elif owner == self.state.owner:
             with self._cond:
                 self._commands_due = True
@@ -8497,10 +8560,37 @@ class Runner:
         else:
             _wake_owner(owner)              # another daemon on this state; it does not poll
 
+    def _apply_held(self, job: _Job, verb: str, seq: int | None = None,
+                    arg: str | None = None) -> bool:
+        """``_apply_command`` to a job this runner holds and is not ticking,
+        the job held as running meanwhile: a command and a tick of one job
+        are serialised, so no tick that read the state before the command
+        commits over it.  A slot that comes meanwhile runs right after.
+        False when a tick runs, or the lease is not (or no longer) held."""
+        with self._cond:
+            if not job.leased or job.running or job.removed:
+                return False
+            job.running = job.commanding = True
+            self._running += 1
+        try:
+            return self._apply_command(job, verb, seq, arg)
+        finally:
+            with self._cond:
+                self._not_running(job)
+                missed, job.missed = job.missed, None
+                if self._started and not self._stopping and not job.removed \
+                        and not job.state.paused:
+                    if missed is not None:
+                        self._push(job, self.clock(), missed)
+                    elif verb == "resume" and job.generation < 0:
+                        self._schedule_first(job, self.clock())
+                self._cond.notify_all()
+
     def _apply_command(self, job: _Job, verb: str, seq: int | None = None,
                        arg: str | None = None) -> bool:
         """Apply a pause/resume/reset/cursor to a job this runner owns, in one
-        commit with the command's completion.  False when the lease was lost."""
+        commit with the command's completion (``running`` held by the caller).
+        False when the lease was lost."""
         now = self.clock()
         new = apply_command(job.state, verb, arg)
         if verb == "resume" and job.state.paused:
@@ -8513,11 +8603,9 @@ class Runner:
                 job.leased = False
             return False
         with self._cond:
-            was_paused, job.state = job.state.paused, new.replace(revision=new.revision + 1)
+            job.state = new.replace(revision=new.revision + 1)
             if verb == "pause":
                 job.generation = -1
-            elif verb == "resume" and was_paused and self._started and not job.running:
-                self._schedule_first(job, now)
         return True
 
     def apply_commands(self) -> int:
@@ -8529,20 +8617,53 @@ class Runner:
                 self.state.finish_command(cmd.seq, json.dumps(
                     {"job": cmd.job, "error": "this daemon has no such job"}))
             elif cmd.verb == "tick":
+                with self._cond:
+                    if job.command == cmd.seq:      # dispatched at an earlier look
+                        continue
                 if not self._tick_soon(job, cmd.seq):
                     self.state.finish_command(cmd.seq, json.dumps(TickOutcome(
                         job.cfg.id, job.cfg.kind, TickStatus.BUSY,
                         "a tick of this job is running").to_dict()))
-            else:
+            elif not self._apply_held(job, cmd.verb, cmd.seq, cmd.arg):
                 with self._cond:
-                    busy = job.running
-                    if busy:
-                        self._commands_due = True   # after the tick's commit
-                if busy or not self._apply_command(job, cmd.verb, cmd.seq, cmd.arg):
-                    continue
+                    if job.running:             # after the tick's commit
+                        job.commands_wait = True
+                continue
             log.info("operator: %s %s", cmd.verb, cmd.job)
             n += 1
         return n
+
+    def _take_over_commands(self, job: _Job) -> bool:
+        """Before the first tick of a job taken over (``running`` held): apply
+        the pause/resume/reset/cursor commands queued for its last owner, so
+        none comes after a tick it should have preceded.  False when the
+        lease was lost meanwhile."""
+        for cmd in self.state.pending_commands():
+            if cmd.job == job.cfg.id and cmd.verb != "tick":
+                if not self._apply_command(job, cmd.verb, cmd.seq, cmd.arg):
+                    return False
+                log.info("operator: %s %s (queued for the last owner)", cmd.verb, cmd.job)
+        return True
+
+    def _refresh_unheld(self, ids: Iterable[str] | None = None) -> None:
+        """Re-read jobs this runner has but does not hold: ``ids``, or every
+        paused one, so a ``resume`` applied to the state while no daemon held
+        the job reaches the daemon that has it in its configuration.  (An
+        unpaused one needs no look: its next slot claims it, reading the state.)"""
+        with self._cond:
+            ids = [j.cfg.id for j in self._jobs.values()
+                   if (j.state.paused if ids is None else j.cfg.id in ids)
+                   and not j.leased and not j.running and not j.removed]
+        stored = self.state.load(ids) if ids else {}
+        now = self.clock()
+        with self._cond:
+            for job_id, state in stored.items():
+                job = self._jobs.get(job_id)
+                if job is None or job.leased or job.running or job.removed:
+                    continue
+                was_paused, job.state, job.delivered = job.state.paused, state, 0
+                if was_paused and not state.paused and self._started:
+                    self._schedule_first(job, now)
 
     def _tick_soon(self, job: _Job, command: int | None = None) -> bool:
         """Dispatch a job now, off schedule, unless a tick of it is running."""
@@ -8551,13 +8672,15 @@ class Runner:
                 return False
             job.running = True
             self._running += 1
+            if command is not None:
+                job.command = command
         self._dispatch(job, None, command)
         return True
 
     def status(self) -> list[dict]:
         threshold = self.config.breaker_threshold
         with self._cond:
-            return [_status_dict(j.cfg, j.state, threshold, j.running,
+            return [_status_dict(j.cfg, j.state, threshold, j.running and not j.commanding,
                                  j.next_run_at if j.generation >= 0 else None, j.delivered)
                     for j in self._jobs.values()]
 
@@ -10524,7 +10647,12 @@ def _tick_through_daemon(config: DaemonConfig, job: str) -> int | None:
         if not done:
             raise _UsageError(f"the running daemon ({owner}) did not tick {job!r} within "
                               f"{budget:g}s", EXIT_BUSY)
-        outcome = json.loads(result) if result else {"job": job, "outcome": None}
+        try:
+            outcome = json.loads(result) if result else {"job": job, "outcome": None}
+        except ValueError:                  # an older daemon's result, cut short
+            outcome = None
+        if not isinstance(outcome, dict):
+            outcome = {"job": job, "outcome": None, "error": f"unreadable result: {result[:200]}"}
         outcome["via"] = f"daemon {owner}"
         print(json.dumps(outcome, indent=2))
         return EXIT_OK if outcome.get("outcome") == "ok" else (

@@ -181,7 +181,8 @@ class BackendTests(LiveCase):
                         nexo_poller._KV_COMMAND_KEEP_SECS)
         nexo_poller._KV_COMMAND_KEEP_SECS = 0.0
         owner.register_daemon(time.time())
-        self.assertEqual(len(cli._keys("cmd.")), 1)
+        # the pause, and the resume applied at once (stored done: it woke the daemons)
+        self.assertEqual(len(cli._keys("cmd.")), 2)
         self.assertEqual(owner.pending_commands(), [])
         self.assertEqual(cli._keys("cmd."), [])
         self.assertEqual(cli.command_result(seq), (True, "command lost"))
@@ -610,28 +611,34 @@ r = Runner(cfg, state=JetStreamStateStore("jobs", url, daemon_ttl=2.0))
 
 
 class ProcessTests(LiveCase):
-    def test_sigkilled_daemon_jobs_are_taken_over_from_the_last_commit(self):
+    def setUp(self):
+        super().setUp()
         tmp = tempfile.mkdtemp(prefix="nexo-js-")
         self.addCleanup(__import__("shutil").rmtree, tmp, True)
-        script, out = os.path.join(tmp, "daemon.py"), os.path.join(tmp, "ticks.jsonl")
-        with open(script, "w") as f:
+        self.script, self.out = os.path.join(tmp, "daemon.py"), os.path.join(tmp, "ticks.jsonl")
+        with open(self.script, "w") as f:
             f.write(DAEMON_SRC)
-        procs = {}
-        for tag in ("a", "b"):
-            p = subprocess.Popen([PY, script, os.path.dirname(HERE), self.server.url, tag, out],
-                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)
-            self.addCleanup(lambda p=p: (p.poll() is None and os.killpg(p.pid, signal.SIGKILL),
-                                         p.wait(10), p.stdout.close()))
-            self.assertEqual(p.stdout.readline().strip(), b"started")
-            procs[tag] = p
 
-        def ticks():
-            try:
-                with open(out) as f:
-                    return [json.loads(line) for line in f if line.endswith("\n")]
-            except FileNotFoundError:
-                return []
+    def spawn(self, tag: str) -> subprocess.Popen:
+        """A daemon process (DAEMON_SRC) named ``tag``, once it has started."""
+        p = subprocess.Popen([PY, self.script, os.path.dirname(HERE), self.server.url, tag,
+                              self.out], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        self.addCleanup(lambda p=p: (p.poll() is None and os.killpg(p.pid, signal.SIGKILL),
+                                     p.wait(10), p.stdout.close()))
+        self.assertEqual(p.stdout.readline().strip(), b"started")
+        return p
+
+    def ticks(self) -> list[dict]:
+        try:
+            with open(self.out) as f:
+                return [json.loads(line) for line in f if line.endswith("\n")]
+        except FileNotFoundError:
+            return []
+
+    def test_sigkilled_daemon_jobs_are_taken_over_from_the_last_commit(self):
+        procs = {tag: self.spawn(tag) for tag in ("a", "b")}
+        ticks = self.ticks
         self.assertTrue(wait_until(lambda: {"a", "b"} <= {t["tag"] for t in ticks()[-40:]}, 30),
                         "both daemons should tick a share")
         latest = {t["job"]: t["tag"] for t in ticks()}       # who ticked each job last
@@ -661,6 +668,35 @@ class ProcessTests(LiveCase):
             self.assertIn(t["cursor"], (prev, prev + 1) if t["tag"] == "b" and prev >= 0
                           else (prev + 1,), f"{t} after cursor {prev}")
             last[t["job"]] = max(prev, t["cursor"])
+
+    def test_commands_queued_for_a_dead_daemon_go_before_the_take_over_tick(self):
+        # Issue 26 item 3: a pause (or reset) queued for a daemon that has just
+        # died was applied by the daemon taking the job over after one more
+        # tick of the job.
+        a = self.spawn("a")
+        self.assertTrue(wait_until(lambda: {"job.0", "job.1"} <= {
+            t["job"] for t in self.ticks() if t["cursor"] >= 2}, 30))
+        os.killpg(a.pid, signal.SIGKILL)
+        a.wait(10)
+        cli = self.store()
+        holder, paused = cli.command("job.0", "pause")     # a's heartbeat is still fresh:
+        _, reset = cli.command("job.1", "reset")            # both are queued for a
+        self.assertIsNotNone(holder)
+        self.assertIsNotNone(paused)
+        self.assertIsNotNone(reset)
+        killed_at = len(self.ticks())
+        self.spawn("b")
+        self.assertTrue(wait_until(lambda: cli.command_result(paused)[0]
+                                   and cli.command_result(reset)[0], 40),
+                        "b did not apply the commands queued for a")
+        self.assertTrue(wait_until(lambda: [t for t in self.ticks()[killed_at:]
+                                            if t["job"] == "job.1"], 20))
+        after = self.ticks()[killed_at:]
+        self.assertEqual([t for t in after if t["job"] == "job.0"], [],
+                         "the take-over ticked the job a pause was queued for")
+        self.assertEqual([t["cursor"] for t in after if t["job"] == "job.1"][0], 0,
+                         "the take-over's first tick did not start from the queued reset")
+        self.assertTrue(cli.load(["job.0"])["job.0"].paused)
 
 
 # A daemon whose every tick hands on one delivery {"job", "n"} (n: the cursor

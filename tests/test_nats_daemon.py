@@ -13,7 +13,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nats_support import NatsServer, free_port, require_nats  # noqa: E402
-from support import NEXO, PY, wait_until  # noqa: E402
+from support import NEXO, PY, wait_until, write_manifest  # noqa: E402
 
 import nexo_poller as nx  # noqa: E402
 
@@ -168,6 +168,35 @@ class TestDaemonStateInJetStream(NatsDaemonCase):
         self.assertTrue(wait_until(lambda: self.status(config)["c"]["paused"], 15, 0.2))
         self.assertFalse(os.path.exists(os.path.join(self.root, "jetstream:")),
                          "a bucket is not a path")
+
+    def test_tick_through_the_daemon_with_a_result_over_64_kib(self):
+        # Issue 26 item 6: the stored result was cut with "…" appended, and the
+        # CLI died of a JSONDecodeError printing it.
+        script = os.path.join(self.root, "big.py")
+        with open(script, "w") as fh:
+            fh.write("import json, sys\n"
+                     "req = json.loads(sys.stdin.readline())\n"
+                     "print(json.dumps({'jsonrpc': '2.0', 'id': req.get('id'),\n"
+                     "                  'result': {'next_cursor': 'A' * 100000}}))\n")
+        srv = self.server()
+        config = self.config(srv.url, [write_manifest(self.root, "big", "big", command=PY,
+                                                      args=[script])],
+                             [{"id": "b", "kind": "big", "schedule": {"every_secs": 3600}}],
+                             state_db="jetstream://nexo_test")
+        proc = self.daemon(config)
+        self.assertTrue(wait_until(lambda: (self.status(config).get("b") or {}).get("cursor"),
+                                   30, 0.2), "the daemon's first tick was not stored")
+        # Each `tick` also wakes the daemon twice (SIGUSR1 and its watch): it
+        # used to answer `busy` (exit 5) to the second wake-up (item 5).
+        for _ in range(10 if os.environ.get("NEXO_TEST_FULL") == "1" else 2):
+            out = self.cli(config, "tick", "b")
+            self.assertNotIn("Traceback", out.stderr)
+            self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+            result = json.loads(out.stdout)
+            self.assertEqual(result["outcome"], "ok")
+            self.assertIn("daemon", result["via"])
+            self.assertEqual(result["omitted"], {"next_cursor": 100000})
+        self.assertIsNone(proc.poll())
 
     def test_a_bucket_needs_a_nats_broker(self):
         config = self.config(None, [], [], state_db="jetstream://b")

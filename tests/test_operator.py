@@ -4,16 +4,22 @@ Python plugins anywhere.  Every verb runs as a subprocess, as an operator
 would run it; plugins are small scripts written into a temporary folder."""
 
 import json
+import logging
 import os
 import stat
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
+import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
-from support import NEXO, PY, b64, write_manifest  # noqa: E402
+from nats_support import NatsServer, require_nats  # noqa: E402
+from support import NEXO, PY, b64, wait_until, write_manifest  # noqa: E402
+
+import nexo_poller as nx  # noqa: E402
 
 TIMEOUT = 60
 
@@ -388,6 +394,228 @@ class TestDeployment(OperatorCase):
         with open(os.path.join(root, "examples", "nexo-poller.service")) as f:
             self.assertIn("Type=notify", f.read())
         self.assertTrue(os.path.exists(os.path.join(root, "examples", "Containerfile")))
+
+
+# ============================================================================
+# Issue 26: operator commands lost or misapplied (both backends)
+# ============================================================================
+
+class _OnBothBackends:
+    """A test class's tests against a sqlite file (``backend = "sqlite"``) or a
+    JetStream bucket on a real nats-server (``backend = "jetstream"``)."""
+    backend = "sqlite"
+
+    def setUp(self):
+        super().setUp()
+        tmp = tempfile.TemporaryDirectory(prefix="nexo-cmd-")
+        self.addCleanup(tmp.cleanup)
+        self.root = tmp.name
+        logger = logging.getLogger("nexo_poller")
+        self.addCleanup(logger.setLevel, logger.level)
+        logger.setLevel(logging.CRITICAL)
+        self.url = None
+        if self.backend == "jetstream":
+            require_nats()
+            server = NatsServer().start()
+            self.addCleanup(server.cleanup)
+            self.url = server.url
+
+    def top(self) -> dict:
+        """The config keys that choose the backend."""
+        if self.backend == "sqlite":
+            return {"state_db": os.path.join(self.root, "state.db")}
+        return {"state_db": "jetstream://jobs", "broker": self.url}
+
+    def store(self) -> "nx.StateStore":
+        """Another process's view of the state (as the CLI opens it)."""
+        if self.backend == "sqlite":
+            s = nx.SqliteStateStore(os.path.join(self.root, "state.db"))
+        else:
+            s = nx.JetStreamStateStore("jobs", self.url)
+        self.addCleanup(s.close)
+        return s
+
+    @staticmethod
+    def written(store) -> None:
+        """Wait until what ``store`` queued for its writer is stored (sqlite
+        marks a command done in the background; JetStream at once)."""
+        if isinstance(store, nx.SqliteStateStore):
+            store.run(lambda db: None)
+
+
+class Gate:
+    """An in-process poller (kind ``gate``): the cursor counts ticks; every
+    tick records the cursor it was given.  ``block()`` makes the next ticks
+    wait for ``release()``; ``entered`` is set when a tick starts waiting."""
+    kind = "gate"
+
+    def __init__(self):
+        self.seen: dict[str, list] = {}
+        self.lock = threading.Lock()
+        self.entered, self.go = threading.Event(), threading.Event()
+        self.go.set()
+
+    def block(self):
+        self.entered.clear()
+        self.go.clear()
+
+    def release(self):
+        self.go.set()
+
+    def tick(self, ctx):
+        with self.lock:
+            self.seen.setdefault(ctx.job_id, []).append(ctx.cursor)
+        if not self.go.is_set():
+            self.entered.set()
+            self.go.wait(30)
+        return nx.TickAck(next_cursor=str(int(ctx.cursor or b"0") + 1).encode())
+
+
+class CommandRaces(_OnBothBackends, unittest.TestCase):
+    """Items 4 and 5: a command and a tick of one job are serialised, and a
+    command is carried out once however often the daemon is woken for it."""
+
+    def runner(self, jobs, clock=None) -> "nx.Runner":
+        cfg = nx.config_from_dict({**self.top(), "default_jitter_ms": 0,
+                                   "shutdown_grace_secs": 3, "jobs": jobs},
+                                  base_dir=self.root, extra_kinds=["gate"])
+        r = nx.Runner(cfg, **({} if clock is None else {"clock": clock}))
+        self.gate = Gate()
+        r.register(self.gate)
+        self.addCleanup(r.stop)
+        return r
+
+    @staticmethod
+    def hold_command_commit(runner):
+        """Make an operator command's commit (one with a ``source``) stop
+        right after it is stored, before the runner takes it in: (stored,
+        go) events.  The test does what it races with, then sets ``go``."""
+        real = runner.state.commit_now
+        stored, go = threading.Event(), threading.Event()
+
+        def commit_now(state, **kw):
+            ok = real(state, **kw)
+            if kw.get("source") is not None and not go.is_set():
+                stored.set()
+                go.wait(30)
+            return ok
+        runner.state.commit_now = commit_now
+        return stored, go
+
+    def race(self, runner, command, during):
+        """Run ``command()`` in a thread; while its commit is held, ``during()``."""
+        stored, go = self.hold_command_commit(runner)
+        t = threading.Thread(target=command)
+        t.start()
+        try:
+            self.assertTrue(stored.wait(10), "the command was not committed")
+            during()
+        finally:
+            go.set()
+            t.join(30)
+        self.assertFalse(t.is_alive())
+
+    def test_a_tick_that_starts_during_a_command_does_not_undo_it(self):
+        # Admin API / Runner.pause|resume|reset|set_cursor answered, then a tick
+        # that started while the command was being committed stored its own
+        # state over it.  Each verb races an operator tick (run_once).
+        r = self.runner([{"id": j, "kind": "gate", "schedule": {"every_secs": 3600},
+                          "paused_on_boot": j == "u"} for j in ("p", "c", "u")])
+        r.start(background=False)
+        for j in ("p", "c"):
+            self.assertEqual(r.run_once(j).status, "ok")        # cursor b"1"
+        during = {}
+        self.race(r, lambda: r.pause("p"), lambda: during.update(p=r.run_once("p")))
+        self.race(r, lambda: r.set_cursor("c", b"100"),
+                  lambda: during.update(c=r.run_once("c")))
+        self.race(r, lambda: r.resume("u"), lambda: during.update(u=r.run_once("u")))
+        stored = self.store().load()
+        problems = []
+        if not stored["p"].paused:
+            problems.append(f"pause undone by a tick ({during['p'].status})")
+        if stored["c"].cursor != b"100":
+            problems.append(f"set_cursor undone by a tick ({during['c'].status}): "
+                            f"cursor {stored['c'].cursor!r}")
+        if stored["u"].paused:
+            problems.append(f"resume undone by a tick ({during['u'].status})")
+        self.assertEqual(problems, [])
+        self.assertEqual({j: r.status()[i]["paused"] for i, j in enumerate("pcu")},
+                         {"p": True, "c": False, "u": False})
+
+    def test_a_slot_that_comes_during_a_command_runs_after_it(self):
+        # The scheduler's own tick: its slot comes while reset is being
+        # committed; it runs after the reset (from no cursor), and the job
+        # stays on its schedule.
+        shift = [0.0]
+        r = self.runner([{"id": "r", "kind": "gate", "schedule": {"every_secs": 60}}],
+                        clock=lambda: time.time() + shift[0])
+        r.start(background=False)
+        self.assertEqual(r.fire_due(), 1)                       # the first slot: now
+        self.assertTrue(r.wait_idle(10))
+        self.assertEqual(self.store().load()["r"].cursor, b"1")
+
+        def slot_comes():
+            shift[0] += 61
+            if r.fire_due():                            # a tick started: let it commit
+                self.assertTrue(r.wait_idle(10))
+        self.race(r, lambda: r.reset("r"), slot_comes)
+        r.fire_due()
+        self.assertTrue(r.wait_idle(10))
+        self.assertEqual(self.gate.seen["r"], [None, None],
+                         "the slot that came during the reset ran once, after it")
+        self.assertEqual(self.store().load()["r"].cursor, b"1")
+        self.assertIsNotNone(r.status()[0]["next_run_at"], "the job left its schedule")
+
+    def test_a_tick_command_seen_twice_runs_once_and_answers_its_outcome(self):
+        # Two wake-ups for one queued `tick` (SIGUSR1 and the KV watch): the
+        # second look must not mark the command, whose tick is running, busy.
+        r = self.runner([{"id": "t", "kind": "gate", "schedule": {"every_secs": 3600}}])
+        r.start()
+        self.assertTrue(wait_until(lambda: self.gate.seen.get("t"), 10))
+        self.assertTrue(r.wait_idle(10))
+        self.gate.block()
+        cli = self.store()
+        owner, seq = cli.command("t", "tick")
+        self.assertEqual(owner, r.state.owner)
+        r.poke()                                    # the first wake-up
+        self.assertTrue(self.gate.entered.wait(10), "the queued tick did not start")
+        r.apply_commands()                          # the second look, the tick running
+        self.written(r.state)
+        try:
+            self.assertEqual(cli.command_result(seq), (False, None),
+                             "a second look answered the command before its tick ended")
+        finally:
+            self.gate.release()
+        self.assertTrue(wait_until(lambda: cli.command_result(seq)[0], 10))
+        self.assertEqual(json.loads(cli.command_result(seq)[1])["outcome"], "ok")
+        self.assertEqual(len(self.gate.seen["t"]), 2, "the command ran one tick")
+
+    def test_a_result_too_big_to_keep_is_still_json(self):
+        # Item 6: a command result over the backend's limit (64 KiB on
+        # JetStream, 1 MiB on sqlite) was cut mid-JSON with "…" appended.
+        owner, cli = self.store(), self.store()
+        now = time.time()
+        owner.register_daemon(now)
+        owner.claim({"j": now + 60, "k": now + 60}, now)
+        big = json.dumps({"job": "j", "kind": "gate", "outcome": "ok", "error": None,
+                          "next_cursor": "x" * (1 << 21)})
+        _, seq = cli.command("j", "tick")
+        _, seq2 = cli.command("k", "tick")
+        self.assertTrue(owner.commit_now(owner.load(["j"])["j"], command=(seq, big)))
+        owner.finish_command(seq2, big.replace('"j"', '"k"', 1))
+        self.written(owner)
+        for n in (seq, seq2):
+            done, result = cli.command_result(n)
+            self.assertTrue(done)
+            out = json.loads(result)
+            self.assertEqual(out["outcome"], "ok")
+            self.assertIsNone(out["next_cursor"])
+            self.assertIn("next_cursor", out["omitted"])
+        owner.unregister_daemon()
+
+
+class CommandRacesJetStream(CommandRaces):
+    backend = "jetstream"
 
 
 if __name__ == "__main__":

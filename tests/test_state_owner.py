@@ -35,6 +35,7 @@ import unittest
 from datetime import datetime, timedelta, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
+from nats_support import NatsServer, require_nats  # noqa: E402
 from support import NEXO, PY, pid_gone, wait_until, write_manifest  # noqa: E402
 
 FULL = os.environ.get("NEXO_TEST_FULL") == "1"
@@ -875,6 +876,50 @@ class Test12StatusReportsRunningAndDisabled(StateOwnerCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         line = next((ln for ln in r.stdout.splitlines() if ln.split()[:1] == ["j"]), "")
         self.assertIn("disabled", line, f'"enabled": false, but status says:\n{r.stdout}')
+
+
+# ===========================================================================
+# Issue 26, item 2: resume of a paused job no daemon holds
+# ===========================================================================
+
+class Test26ResumeOfAJobNoDaemonHolds(StateOwnerCase):
+    """On both backends (``backend``): the CLI applies the command to the
+    state itself, and the running daemon that has the job must tick it again."""
+    backend = "sqlite"
+
+    def state_top(self) -> dict:
+        if self.backend == "sqlite":
+            return {}
+        require_nats()
+        server = NatsServer().start()
+        self.addCleanup(server.cleanup)
+        return {"state_db": "jetstream://jobs", "broker": server.url}
+
+    def test_the_daemon_that_has_the_job_ticks_it_again(self):
+        self.p.plugin("rec")
+        self.p.write([every_job("j", every=0.3)], **self.state_top())
+        a = self.start("A")
+        self.wait_records(2, "j", "A")
+        r = self.p.cli("pause", "j")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("applied by daemon", r.stdout)
+        b = self.start("B")                 # reads j paused; A holds its lease
+        rc, _ = a.stop()                    # a clean stop releases it: nobody holds j
+        self.assertEqual(rc, 0, a.tail())
+        resumed = time.time()
+        r = self.p.cli("resume", "j")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout.strip(), "resume j: done", "applied by the CLI itself")
+        ticked = wait_until(lambda: self.p.records("j", "B", since_t=resumed), WAIT, 0.05)
+        row = self.p.status()["j"]
+        self.assertTrue(ticked, f"daemon B has j in its config but never ticked it after "
+                                f"`resume`; status: paused={row['paused']}, next_run_at="
+                                f"{row['next_run_at']}; B's log:\n{b.tail(10)}")
+        self.assertFalse(row["paused"])
+
+
+class Test26ResumeOfAJobNoDaemonHoldsJetStream(Test26ResumeOfAJobNoDaemonHolds):
+    backend = "jetstream"
 
 
 if __name__ == "__main__":
