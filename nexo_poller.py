@@ -4816,8 +4816,14 @@ class StateStore:
         """``(done, result)`` of a queued command."""
         raise NotImplementedError
 
-    def outbox_pending(self, limit: int = 500) -> list[OutboxItem]:
-        """Undelivered items of the jobs this owner holds, oldest first."""
+    def outbox_pending(self, limit: int = 500, now: float | None = None) -> list[OutboxItem]:
+        """Undelivered items of the jobs this owner holds, for the publisher:
+        the head of each job's queue, in order, up to its first item not due
+        at ``now`` (default: the time; nothing behind that one may go first),
+        jobs with a due head first.  At most ``limit`` in all, shared evenly
+        among the jobs, so a job whose queue is long and stuck never hides
+        another's due items.  A backend reads ``_outbox_share`` items of each
+        job's queue and returns ``_outbox_heads`` of them."""
         raise NotImplementedError
 
     def unstorable(self, items: Iterable[OutboxItem]) -> str | None:
@@ -4925,6 +4931,33 @@ class StateStore:
         ``CURSOR_HISTORY_KEEP`` are kept); every commit that changes a cursor
         adds one in the same write.  Capability ``cursor_history``."""
         raise StateError(_no_history(self.location))
+
+
+def _outbox_share(limit: int, jobs: int) -> int:
+    """How many items of each of ``jobs`` queues ``outbox_pending`` reads:
+    ``limit`` split evenly, at least the head of each."""
+    return max(1, limit // max(1, jobs))
+
+
+def _outbox_heads(items: Iterable[OutboxItem], now: float, limit: int) -> list[OutboxItem]:
+    """What ``outbox_pending`` returns, from ``items`` (each job's in queue
+    order): each job's first ``_outbox_share`` items up to and including its
+    first one not due at ``now``; the jobs whose head is due first (the
+    oldest head first), then the others (the soonest due first); cut at
+    ``limit``, which only drops whole jobs' heads when there are more jobs
+    than ``limit``."""
+    queues: dict[str, list[OutboxItem]] = {}
+    for item in items:
+        queues.setdefault(item.job, []).append(item)
+    share = _outbox_share(limit, len(queues))
+    heads = []
+    for queue in queues.values():
+        queue = queue[:share]
+        waiting = next((n for n, i in enumerate(queue) if i.next_attempt_at > now), None)
+        heads.append(queue if waiting is None else queue[:waiting + 1])
+    heads.sort(key=lambda q: (q[0].next_attempt_at > now, max(q[0].next_attempt_at, now),
+                              q[0].created_at))
+    return [item for queue in heads for item in queue][:limit]
 
 
 def _no_history(location: str) -> str:
@@ -5430,11 +5463,19 @@ class SqliteStateStore(StateStore):
         return tuple(_storable(v, 1 << 24) if isinstance(v, str) else v
                      for v in dataclasses.astuple(item))
 
-    def outbox_pending(self, limit: int = 500) -> list[OutboxItem]:
-        rows = self._read(f"SELECT {', '.join('o.' + f for f in _OUTBOX_FIELDS)} FROM outbox o "
-                          "JOIN jobs j ON j.id=o.job WHERE j.lease_owner=? ORDER BY o.n LIMIT ?",
-                          (self.owner, limit))
-        return [OutboxItem(*r) for r in rows]
+    def outbox_pending(self, limit: int = 500, now: float | None = None) -> list[OutboxItem]:
+        def fn():
+            with self._lock:
+                jobs = [r[0] for r in self._db.execute(
+                    "SELECT id FROM jobs j WHERE lease_owner=? AND "
+                    "EXISTS (SELECT 1 FROM outbox o WHERE o.job=j.id)", (self.owner,))]
+                share = _outbox_share(limit, len(jobs))
+                return [row for job in jobs for row in self._db.execute(
+                    f"SELECT {', '.join(_OUTBOX_FIELDS)} FROM outbox WHERE job=? "
+                    "ORDER BY n LIMIT ?", (job, share))]
+        rows = self._retry(fn, _READ_PATIENCE_SECS)
+        return _outbox_heads([OutboxItem(*r) for r in rows],
+                             time.time() if now is None else now, limit)
 
     def outbox_settle(self, delivered: Iterable[OutboxItem] = (),
                       retry: Iterable[tuple[str, float, str]] = (),
@@ -6567,12 +6608,13 @@ class JetStreamStateStore(StateStore):
         return counts
 
     def _outbox_entries(self, ids: Iterable[str] | None = None,
-                        per_job: int | None = None) -> list[OutboxItem]:
+                        limit: int | None = None) -> list[OutboxItem]:
         """The committed outbox items of the jobs ``ids`` (or of every job), in
-        order per job (their seq), at most ``per_job`` of each, interleaved
-        oldest first.  Each is remembered as listed (key, revision, value)
-        for the writes that settle it."""
+        order per job (their seq), interleaved oldest first; with ``limit``,
+        only the first ``_outbox_share`` of each job's.  Each is remembered
+        as listed (key, revision, value) for the writes that settle it."""
         records, found = self._committed(ids)
+        per_job = None if limit is None else _outbox_share(limit, len(found))
         chosen = []
         for token in found:
             chosen.extend(found[token][:per_job])
@@ -6600,10 +6642,13 @@ class JetStreamStateStore(StateStore):
                 self._out_seen[value["id"]] = (key, rev, value)
         return [OutboxItem(**{f: r[5].get(f) for f in _OUTBOX_FIELDS}) for r in ordered]
 
-    def outbox_pending(self, limit: int = 500) -> list[OutboxItem]:
+    def outbox_pending(self, limit: int = 500, now: float | None = None) -> list[OutboxItem]:
         with self._lock:
             held = sorted(self._held)
-        return self._outbox_entries(held, limit)[:limit] if held else []
+        if not held:
+            return []
+        return _outbox_heads(self._outbox_entries(held, limit),
+                             time.time() if now is None else now, limit)
 
     def _listed(self, items: Iterable[OutboxItem]) -> list[tuple]:
         """(key, revision, value) of outbox items as last listed (an older
@@ -8977,6 +9022,9 @@ def _webhook_sink(url: str) -> Callable[[str, dict], None]:
     return send
 
 
+_OUTBOX_PASS_MAX = 500          # outbox items the publisher looks at in one pass
+
+
 class _Publisher:
     """Drains the outbox through one sink: in order per job, retried with
     backoff, dead-lettered past ``delivery_max_attempts`` or
@@ -9045,8 +9093,8 @@ class _Publisher:
         r = self.runner
         with self._cond:                # before the read: a thread settles, then leaves busy
             blocked = set(self._busy)       # their thread has them (and the items after)
-        items = r.state.outbox_pending()
         now = r.clock()
+        items = r.state.outbox_pending(_OUTBOX_PASS_MAX, now)
         chains: dict[str, list[OutboxItem]] = {}
         soonest = None
         for item in items:
@@ -9076,8 +9124,11 @@ class _Publisher:
             for _, at, _ in again:
                 soonest = at if soonest is None else min(soonest, at)
         self._settle(delivered, retry, dead, now)
-        if len(items) >= 500 and (delivered or dead):
-            return now                          # more behind these: look again at once
+        # A job given its whole share may have more behind it: look again at once.
+        share = _outbox_share(_OUTBOX_PASS_MAX, len({i.job for i in items}))
+        if (delivered or dead) and (len(items) >= _OUTBOX_PASS_MAX
+                                    or any(len(c) >= share for c in chains.values())):
+            return now
         return soonest
 
     def _deliver_job(self, chain: list[OutboxItem], now: float) -> None:

@@ -231,6 +231,36 @@ class StateContract(_ContractCase):
         self.assertEqual(a.outbox_drop(), 2)
         self.assertEqual(a.outbox(), [])
 
+    def test_a_job_with_a_long_stuck_queue_leaves_room_for_the_others(self):
+        # Follow-up item 1: outbox_pending gave the 500 oldest items whatever
+        # their retry time; job "stuck" (600 items behind a failing head)
+        # filled it, and job j's deliveries were never seen.
+        a = self.open()
+        now = time.time()
+        got = a.claim({"stuck": now + 60, "j": now + 60}, now)
+        stuck = [OutboxItem(f"s{i}", "stuck", "delivery", "t", "{}", now - 1000 + i)
+                 for i in range(600)]
+        self.assertTrue(a.commit_now(got["stuck"], outbox=stuck))
+        mine = [OutboxItem(f"e{i}", "j", "delivery", "t", "{}", now + i) for i in range(3)]
+        self.assertTrue(a.commit_now(got["j"], outbox=mine))
+        a.outbox_pending()                       # listed, as the publisher does
+        a.outbox_settle(retry=[("s0", now + 999, "HTTP 500")], now=now)
+        pending = a.outbox_pending()
+        self.assertLessEqual(len(pending), 500)
+        by_job = {}
+        for item in pending:
+            by_job.setdefault(item.job, []).append(item.id)
+        self.assertEqual(by_job.get("j"), ["e0", "e1", "e2"], "the other job's due items")
+        self.assertEqual(by_job["stuck"], ["s0"], "the stuck head, nothing behind it")
+        # due again: each job's head in order, the window shared between them
+        a.outbox_retry()
+        pending = a.outbox_pending(limit=10)
+        self.assertLessEqual(len(pending), 10)
+        self.assertEqual([i.id for i in pending if i.job == "j"], ["e0", "e1", "e2"])
+        head = [i.id for i in pending if i.job == "stuck"]
+        self.assertEqual(head, [f"s{i}" for i in range(len(head))])
+        self.assertTrue(head)
+
     def test_daemons_register_run_and_unregister(self):
         a, b = self.open(), self.open()
         now = time.time()

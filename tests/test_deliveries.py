@@ -321,6 +321,27 @@ class OutboxTests(DeliveryCase):
         self.assertEqual(r.state.outbox_retry(), 1)
         self.assertEqual(self.outbox_rows("dead_letters"), [])
 
+    def test_a_failing_receiver_with_a_long_queue_does_not_hold_other_jobs(self):
+        # Follow-up item 1: the publisher saw only the 500 oldest items; job
+        # a's 600, stuck behind a refused head, hid job b's delivery.
+        sink = Sink()
+
+        def refusing(topic, event):
+            if topic.endswith(".down"):
+                raise ConnectionError("receiver down")
+            sink(topic, event)
+        cfg = self.config([self.job("a"), self.job("b")], delivery_retry_initial_secs=600,
+                          delivery_retry_max_secs=600)
+        r = self.runner(cfg, Feed([[Delivery("down", "x", {"n": n}) for n in range(600)],
+                                   [Delivery("up", "y", {"n": 0})]]), deliver=refusing)
+        r.run_once("a")
+        self.assertTrue(wait_until(lambda: any(i.attempts for i in r.state.outbox()), WAIT))
+        r.run_once("b")
+        self.assertTrue(sink.wait_for(1), "job b's delivery waited behind job a's queue")
+        self.assertEqual(sink.got[0][0], "plugin.outbound.up")
+        self.assertTrue(wait_until(lambda: len(self.outbox_rows()) == 600, WAIT),
+                        "job a's items stay, job b's is settled")
+
     def test_failure_to_alert_goes_through_the_outbox_as_nexo_text(self):
         sink = Sink()
 
