@@ -8405,9 +8405,13 @@ class Runner:
             except StateError as exc:
                 log.error("%s", exc)
         nxt = None
-        if not self._stopping and not job.removed and slot is not None:
-            nxt = job.cfg.schedule.next_after(slot, self.clock())
-        self._release(job, nxt, nxt)
+        if not self._stopping and not job.removed:
+            if slot is not None:
+                nxt = job.cfg.schedule.next_after(slot, self.clock())
+            elif job.generation >= 0:       # off schedule: in case its slot passed meanwhile
+                now = self.clock()
+                nxt = job.cfg.schedule.next_after(now, now)
+        self._release(job, nxt, nxt, keep=slot is None)
         return outcome
 
     def _committed(self, job: _Job, plan: TickPlan, new: JobState, outcome: TickOutcome,
@@ -8465,12 +8469,21 @@ class Runner:
                             cfg.backoff_initial_secs * 2 ** min(job.unstored - 1, 60))
         self._release(job, None if self._stopping else nxt, nxt)
 
-    def _release(self, job: _Job, next_run_at: float | None, slot: float | None = None) -> None:
+    def _release(self, job: _Job, next_run_at: float | None, slot: float | None = None, *,
+                 keep: bool = False) -> None:
+        """The end of a tick: the job's next run at ``next_run_at`` (None:
+        off the schedule).  ``keep`` (an off-schedule tick, which stands for
+        no slot): the job's entry on the heap stays when it is still there,
+        and ``next_run_at`` only replaces one the scheduler passed by
+        (skipped: the job was running)."""
         with self._cond:
             self._not_running(job)
             job.cancel = None
-            if next_run_at is not None and not job.state.paused and not job.removed \
-                    and not self._stopping:
+            live = not job.state.paused and not job.removed and not self._stopping
+            if live and keep and job.generation >= 0 \
+                    and any(e[1] == job.generation for e in self._heap):
+                pass                        # an operator's tick is rare: the scan is cheap
+            elif live and next_run_at is not None:
                 self._push(job, next_run_at, slot)
             else:
                 job.generation = -1
@@ -8548,7 +8561,7 @@ class Runner:
             return self._tick(job, None, commit_async=False)
         finally:
             if job.running:                 # interrupted (Ctrl-C) before it was released
-                self._release(job, None)
+                self._release(job, None, keep=True)
 
     def dry_run(self, job_id: str, cursor: bytes | None | object = _MISSING, *,
                 on_request: Callable[[TickRequest], None] | None = None) -> TickOutcome:

@@ -674,6 +674,41 @@ class ConcurrencyTests(RunnerCase):
         self.assertEqual(len(p2.calls), 1)
         self.assertEqual(self.row()["lease_owner"], r2.state.owner)
 
+    def test_an_operator_tick_that_finds_the_job_leased_keeps_its_schedule(self):
+        # Follow-up item 2: an off-schedule tick (``tick JOB``) that ended
+        # leased took the job off the heap: it never ran on schedule again.
+        cfg = self.config([self.job(every=10)])
+        p1, p2 = Scripted(), Scripted()
+        r1 = self.runner(cfg, p1)
+        r2 = self.runner(cfg, p2)
+        self.t[0] = T0 + 5
+        planned = r2._jobs["a"].next_run_at
+        self.assertEqual(r2.run_once("a").status, "leased")
+        self.assertEqual(r2._jobs["a"].next_run_at, planned, "the planned slot is kept")
+        r1.stop()                                # its lease is free from here on
+        self.t[0] = T0 + 31
+        self.assertEqual(self.fire(r2), 1, "the job is still on r2's schedule")
+        self.assertEqual((len(p1.calls), len(p2.calls)), (0, 1))
+        self.go_to_next(r2)
+        self.assertEqual(self.fire(r2), 1)
+
+    def test_a_slot_passing_during_a_leased_operator_tick_leaves_the_next_one(self):
+        cfg = self.config([self.job(every=10)])
+        r1 = self.runner(cfg, Scripted())
+        r2 = self.runner(cfg, Scripted())
+        real = r2.state.claim
+
+        def claim(*args, **kw):             # the slot comes while the tick asks for the lease
+            self.t[0] = T0 + 12
+            self.assertEqual(r2.fire_due(), 0, "skipped: the job is running")
+            return real(*args, **kw)
+        r2.state.claim = claim
+        self.assertEqual(r2.run_once("a").status, "leased")
+        r2.state.claim = real
+        r1.stop()
+        self.t[0] = T0 + 40
+        self.assertEqual(self.fire(r2), 1, "the job is still on r2's schedule")
+
     def test_steady_ticks_renew_the_lease_without_a_separate_claim(self):
         r = self.runner(self.config([self.job(every=60)]), Scripted())
         claims = []
