@@ -5717,6 +5717,7 @@ _KV_PATIENCE_SECS = 30.0                # how long a write waits out a NATS outa
 _KV_CAS_ROUNDS = 8                      # re-reads of a record changed under a write
 _KV_COMMANDS_KEPT = 32                  # command results kept in a job's record
 _KV_RESULT_MAX = 1 << 16                # characters of each result kept
+_KV_RESULTS_BUDGET = 1 << 18            # bytes of results a job's record keeps in all
 _KV_COMMAND_KEEP_SECS = 600.0           # a done command's key is removed after this
 _KV_OUT_HEADROOM = 1024                 # bytes of an outbox item's publish besides its JSON
 
@@ -5753,6 +5754,24 @@ def _record_state(job_id: str, rec: Mapping[str, Any], revision: int) -> JobStat
         values[f] = int(values.get(f) or 0)
     values["paused"] = bool(values.get("paused"))
     return JobState(id=job_id, revision=revision, **values)
+
+
+def _kept_results(commands: Mapping[str, str | None]) -> dict[str, str | None]:
+    """The newest of a job record's command results (seq -> result, oldest
+    first) that it keeps: at most ``_KV_COMMANDS_KEPT``, and no more than
+    ``_KV_RESULTS_BUDGET`` bytes in all, so that with the rest of the record
+    it stays well under a NATS message's max_payload (1 MiB by default)
+    and the job's commits go on.  The newest is always kept (at most
+    ``_KV_RESULT_MAX`` characters).  The record's copy covers the moment
+    between a commit and its command's own key being marked done (with the
+    result), which follows the commit."""
+    kept, size = [], 0
+    for seq, result in reversed(list(commands.items())[-_KV_COMMANDS_KEPT:]):
+        size += len(_dumps(seq)) + len(_dumps(result)) + 2
+        if kept and size > _KV_RESULTS_BUDGET:
+            break
+        kept.append((seq, result))
+    return dict(reversed(kept))
 
 
 def _out_key(job_id: str, seq: int, span: str) -> str:
@@ -6345,7 +6364,7 @@ class JetStreamStateStore(StateStore):
         commands = dict(rec.get("commands") or {})
         if command is not None:
             commands[str(command[0])] = _storable_result(command[1], _KV_RESULT_MAX)
-            commands = dict(list(commands.items())[-_KV_COMMANDS_KEPT:])
+            commands = _kept_results(commands)
         new["commands"] = commands
         if hand_back:
             new["lease_owner"] = new["lease_until"] = None

@@ -499,6 +499,25 @@ class RecordTests(LiveCase):
         self.assertEqual([i.id for i in a.outbox_pending(limit=1)], ["t0-e3"])
         self.assertEqual(a.load(["j"])["j"].delivered_total, 3)
 
+    def test_thirty_two_big_command_results_leave_the_job_committing(self):
+        # Follow-up item 3: the record kept the last 32 results of up to
+        # 64 KiB each, past max_payload (1 MiB): every commit of the job failed.
+        a, cli = self.store(), self.store()
+        now = time.time()
+        a.register_daemon(now)
+        state = a.claim({"j": now + 600}, now)["j"]
+        for n in range(32):
+            owner, seq = cli.command("j", "tick")
+            self.assertEqual(owner, a.owner)
+            result = json.dumps({"job": "j", "outcome": "ok", "error": f"{n}" + "x" * 65400})
+            state = state.replace(cursor=str(n).encode())
+            self.assertTrue(a.commit_now(state, command=(seq, result)), f"commit {n}")
+        self.assertEqual(a.load(["j"])["j"].cursor, b"31")
+        self.assertEqual(cli.command_result(seq)[0], True)
+        rec = a._get_many(["job.j"])["job.j"][0]
+        self.assertIn(str(seq), rec["commands"], "the newest result is kept")
+        self.assertLess(len(json.dumps(rec)), a.client.max_payload // 2)
+
     def test_a_single_delivery_over_max_payload_fails_its_commit_by_name(self):
         a = self.store()
         now = time.time()
