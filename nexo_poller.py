@@ -4094,7 +4094,8 @@ class PluginSupervisor:
     """Keeps one long-lived plugin process running.
 
     The process gets its own process group and ``NEXO_BROKER_URL``,
-    ``NEXO_POLLER_PLUGIN_ID`` and ``NEXO_POLLER_TICK_TOPIC``; its output is
+    ``NEXO_POLLER_PLUGIN_ID`` and ``NEXO_POLLER_TICK_TOPIC``, and a stdin
+    pipe held open as its lifeline (``NEXO_POLLER_LIFELINE=stdin``); its output is
     relayed to the log line by line.  When it exits it is restarted after
     ``backoff_initial`` seconds, doubling up to ``backoff_max``; a run that
     lasted ``stable_after`` seconds resets the backoff.
@@ -4136,10 +4137,13 @@ class PluginSupervisor:
                 nexo["NEXO_BROKER_KIND"] = "stdio_bridge"
         else:
             nexo["NEXO_BROKER_URL"] = self.broker_url
+            # Its stdin is a pipe only this process writes to (never, in fact):
+            # end-of-file on it tells the plugin the daemon is gone, however it
+            # died.  A NATS connection outlives a SIGKILLed daemon; this does not.
+            nexo["NEXO_POLLER_LIFELINE"] = "stdin"
         try:
             return _popen(
-                [h.entrypoint_command, *h.entrypoint_args],
-                stdin=subprocess.PIPE if self._stdio else subprocess.DEVNULL,
+                [h.entrypoint_command, *h.entrypoint_args], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE if self._stdio else subprocess.STDOUT,
                 cwd=h.working_dir, start_new_session=True,
                 env=_child_env(h.plugin_id, h.entrypoint_env, **nexo))
@@ -4360,8 +4364,9 @@ def run_plugin(handlers: Mapping[str, Callable[[PollContext], TickAck | None]],
     ``broker.event`` ticks included; otherwise it subscribes to ``NEXO_POLLER_TICK_TOPIC`` on
     ``NEXO_BROKER_URL`` (``unix://``, or ``nats://``/``tls://`` through
     ``connect_broker``) and returns when that connection ends; a NATS
-    connection reconnects through outages.  Returns an exit status for
-    ``sys.exit``.
+    connection reconnects through outages.  With ``NEXO_POLLER_LIFELINE=stdin``
+    (set by the daemon) it leaves once stdin reaches end-of-file: the daemon
+    is gone.  Returns an exit status for ``sys.exit``.
     """
     env = os.environ if env is None else env
     handlers = dict(handlers)
@@ -4375,14 +4380,107 @@ def run_plugin(handlers: Mapping[str, Callable[[PollContext], TickAck | None]],
         return 2
     try:
         client = connect_broker(url)
+        serving = _Serving(client)
         # Plugin instances of one id share the work, NATS queue-group style.
-        client.subscribe(topic, lambda payload: _plugin_dispatch(handlers, payload),
-                         queue=env.get("NEXO_POLLER_PLUGIN_ID") or topic)
+        serving.sid = client.subscribe(topic, lambda payload: serving.tick(handlers, payload),
+                                       queue=env.get("NEXO_POLLER_PLUGIN_ID") or topic)
     except PluginPollerForwardError as exc:
         print(f"nexo-poller plugin: {exc}", file=sys.stderr)
         return 1
+    if env.get("NEXO_POLLER_LIFELINE") == "stdin":
+        _watch_lifeline(serving.leave)
     client.wait_closed()
     return 0
+
+
+_LEAVING_GRACE_SECS = 3.0   # ticks in flight a plugin that lost its daemon may finish
+
+
+class _Serving:
+    """A long-lived plugin's ticks in flight, and its leaving once its daemon
+    is gone: a plugin whose daemon died must not go on answering ticks
+    (another daemon's, over NATS) with a dead stderr pipe."""
+
+    def __init__(self, client) -> None:
+        self.client, self.sid = client, None
+        self._cond = threading.Condition(threading.Lock())
+        self._busy = 0
+        self._leaving = False
+
+    def tick(self, handlers: Mapping[str, Callable], payload: Any) -> dict:
+        with self._cond:
+            self._busy += 1
+        try:
+            reply = _plugin_dispatch(handlers, payload)
+        finally:
+            with self._cond:
+                self._busy -= 1
+                self._cond.notify_all()
+        if "error" in reply and _output_broken():
+            self.leave()                 # nobody reads its output: its daemon is gone
+        return reply
+
+    def leave(self) -> None:
+        """Stop taking ticks, let those in flight finish (their output going
+        to /dev/null), close the connection; exit the process if a tick is
+        still running after the grace.  Safe from any thread, once."""
+        with self._cond:
+            if self._leaving:
+                return
+            self._leaving = True
+        threading.Thread(target=self._leave, name="nexo-plugin-leaving", daemon=True).start()
+
+    def _leave(self) -> None:
+        _silence_output()
+        if self.sid is not None:
+            try:
+                self.client.unsubscribe(self.sid)
+            except PluginPollerForwardError:
+                pass                         # the connection is gone already
+        deadline = time.monotonic() + _LEAVING_GRACE_SECS
+        with self._cond:
+            while self._busy and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            idle = not self._busy
+        self.client.close()
+        if not idle:                         # a stuck handler would hold the exit
+            os._exit(0)
+
+
+def _watch_lifeline(on_gone: Callable[[], None]) -> None:
+    """Call ``on_gone`` when stdin reaches end-of-file: the daemon that
+    started this plugin held its other end, so it is gone."""
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):
+                pass                         # the daemon writes nothing; ignore it
+        except OSError:
+            pass
+        on_gone()
+    threading.Thread(target=watch, name="nexo-plugin-lifeline", daemon=True).start()
+
+
+def _output_broken() -> bool:
+    """True when nobody reads this process's stderr any more: a pipe whose
+    reader closed polls as an error."""
+    poller = select.poll()
+    poller.register(2, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _silence_output() -> None:
+    """Point stdout and stderr at /dev/null: with the reader gone, a print
+    would raise BrokenPipeError in whatever handler made it."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    for fd in (1, 2):
+        try:
+            os.dup2(null, fd)
+        except OSError:
+            pass
+    os.close(null)
 
 
 def _serve_stdio(handlers: Mapping[str, Callable]) -> int:

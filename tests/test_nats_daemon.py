@@ -5,6 +5,7 @@ line and exit 6."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -13,7 +14,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nats_support import NatsServer, free_port, require_nats  # noqa: E402
-from support import NEXO, PY, wait_until  # noqa: E402
+from support import NEXO, PY, pid_gone, wait_until  # noqa: E402
 
 import nexo_poller as nx  # noqa: E402
 
@@ -33,8 +34,8 @@ class NatsDaemonCase(unittest.TestCase):
         self.addCleanup(server.cleanup)
         return server
 
-    def plugin(self, name, kind, with_entrypoint=True):
-        folder = os.path.join(self.root, name)
+    def plugin(self, name, kind, with_entrypoint=True, root=None):
+        folder = os.path.join(root or self.root, name)
         os.mkdir(folder)
         entry = (f'[plugin.entrypoint]\ncommand = {json.dumps(PY)}\n'
                  f'args = [{json.dumps(SDK_PLUGIN)}]\n') if with_entrypoint else ""
@@ -44,10 +45,10 @@ class NatsDaemonCase(unittest.TestCase):
                      'tick_timeout_secs = 10\n')
         return name
 
-    def config(self, broker, plugins, jobs, **top):
+    def config(self, broker, plugins, jobs, root=None, **top):
         doc = {"state_db": "state.db", "default_jitter_ms": 0, "broker": broker,
                "plugins": plugins, "jobs": jobs, **top}
-        path = os.path.join(self.root, "pollers.json")
+        path = os.path.join(root or self.root, "pollers.json")
         with open(path, "w") as fh:
             json.dump(doc, fh)
         return path
@@ -58,7 +59,8 @@ class NatsDaemonCase(unittest.TestCase):
                               stdin=subprocess.DEVNULL)
 
     def daemon(self, config):
-        proc = subprocess.Popen([PY, NEXO, "--config", config, "run"], cwd=self.root,
+        proc = subprocess.Popen([PY, NEXO, "--config", config, "run"],
+                                cwd=os.path.dirname(config),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
 
@@ -149,6 +151,58 @@ class TestDaemonOnNats(NatsDaemonCase):
         self.assertEqual(event["source"], "plugin.poller")
         stored = wait_until(lambda: r.state.outbox() == [], 15)
         self.assertTrue(stored, "delivered items leave the outbox")
+
+
+def _children(pid):
+    """The processes whose parent is ``pid`` (from /proc)."""
+    kids = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                data = f.read()
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit() and int(data[data.rindex(b")") + 2:].split()[1]) == pid:
+            kids.add(int(entry))
+    return kids
+
+
+class TestKilledDaemonOnNats(NatsDaemonCase):
+    """Issue 21 item 4: a SIGKILLed daemon leaves no plugin behind on NATS,
+    where nothing closes the plugin's broker connection for it."""
+
+    def test_sigkilled_daemon_leaves_no_plugin_and_the_survivor_keeps_ticking(self):
+        srv = self.server()
+        configs = []
+        for name in ("a", "b"):
+            root = os.path.join(self.root, name)
+            os.mkdir(root)
+            # One plugin id on both daemons: their instances share its queue group.
+            configs.append(self.config(srv.url, [self.plugin("sdk", "counter", root=root)], [
+                {"id": "c", "kind": "counter", "schedule": {"every_secs": 0.2},
+                 "config": {"say": True}}], root=root))
+        doomed, survivor = (self.daemon(c) for c in configs)
+        for config in configs:
+            self.assertTrue(wait_until(
+                lambda: (self.status(config).get("c") or {}).get("items_seen_total", 0) >= 3,
+                30, 0.1), "no ticks over NATS")
+        plugins = wait_until(lambda: _children(doomed.pid), 10)
+        self.assertTrue(plugins, "the daemon runs its plugin")
+        doomed.kill()
+        doomed.wait(10)
+        wait_until(lambda: all(pid_gone(p) for p in plugins), 5.0, 0.05)
+        stray = [p for p in plugins if not pid_gone(p)]
+        for pid in stray:
+            os.kill(pid, signal.SIGKILL)
+        self.assertEqual(stray, [], "a plugin outlived its SIGKILLed daemon by 5 s")
+        seen = self.status(configs[1])["c"]["items_seen_total"]
+        self.assertTrue(wait_until(
+            lambda: self.status(configs[1])["c"]["items_seen_total"] >= seen + 5, 20, 0.1),
+            "the surviving daemon's job stopped succeeding")
+        job = self.status(configs[1])["c"]
+        self.assertEqual((job["consecutive_errors"], job["last_status"]), (0, "ok"),
+                         job["last_error"])
+        self.assertIsNone(survivor.poll())
 
 
 class TestDaemonStateInJetStream(NatsDaemonCase):
