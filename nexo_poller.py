@@ -2311,6 +2311,8 @@ class _ClientBase:
         self._pool_lock = threading.Lock()
         self._max_workers = max_workers
         self.closed = threading.Event()
+        self._running = 0                    # handlers running, their replies not yet sent
+        self._ran = threading.Condition(threading.Lock())
 
     def _dispatch(self, sid, payload, inbox) -> None:
         handler = self._handlers.get(sid)
@@ -2334,6 +2336,24 @@ class _ClientBase:
             pass
 
     def _run_handler(self, handler, payload, inbox) -> None:
+        with self._ran:
+            self._running += 1
+        try:
+            self._answer_handler(handler, payload, inbox)
+        finally:
+            with self._ran:
+                self._running -= 1
+                self._ran.notify_all()
+
+    def _handlers_done(self, timeout: float) -> bool:
+        """Wait until no handler runs (each one's reply sent); False at the timeout."""
+        deadline = time.monotonic() + timeout
+        with self._ran:
+            while self._running and time.monotonic() < deadline:
+                self._ran.wait(deadline - time.monotonic())
+            return not self._running
+
+    def _answer_handler(self, handler, payload, inbox) -> None:
         try:
             result = handler(payload)
         except Exception as exc:             # report it to the requester, keep serving
@@ -4326,15 +4346,38 @@ def _plugin_dispatch(handlers: Mapping[str, Callable], envelope: Any) -> dict:
         return answer(ERROR_CONFIG, f"bad tick request: {exc}")
     try:
         ack = handler(ctx)
-        if ack is not None and not isinstance(ack, TickAck):
-            raise TypeError(f"tick handler returned {type(ack).__name__}, not TickAck")
     except PollerError as exc:
         code = {ErrorClass.PERMANENT: ERROR_PERMANENT,
                 ErrorClass.CONFIG: ERROR_CONFIG}.get(exc.classify(), ERROR_TRANSIENT)
         return answer(code, getattr(exc, "reason", exc))   # Config's text without "job 'x':"
     except Exception as exc:                 # a bug in the handler: retry later, keep serving
-        return answer(ERROR_TRANSIENT, f"{type(exc).__name__}: {exc}")
+        return answer(ERROR_TRANSIENT, _report_bug(exc))
+    if ack is not None and not isinstance(ack, TickAck):
+        return answer(ERROR_TRANSIENT,
+                      f"TypeError: tick handler returned {type(ack).__name__}, not TickAck")
     return answer(None, TickReply.from_ack(ack).to_dict())
+
+
+_TRACEBACK_FRAMES = 8                        # innermost frames a handler's traceback keeps
+
+
+def _report_bug(exc: BaseException) -> str:
+    """A handler's unexpected exception: its traceback goes to stderr (the
+    innermost frames, bounded), which the daemon relays to its log and
+    appends to an ephemeral tick's error; the returned text says what and where."""
+    import traceback
+    try:
+        sys.stderr.write("".join(traceback.format_exception(
+            type(exc), exc, exc.__traceback__, limit=-_TRACEBACK_FRAMES))[-_STDERR_KEEP_BYTES:])
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass                                 # no stderr, or nobody reads it
+    text = f"{type(exc).__name__}: {exc}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        where = frames[-1]
+        text += f" (at {os.path.basename(where.filename)}:{where.lineno} in {where.name})"
+    return text
 
 
 def _context_from_params(params: dict) -> PollContext:
@@ -4397,38 +4440,27 @@ _LEAVING_GRACE_SECS = 3.0   # ticks in flight a plugin that lost its daemon may 
 
 
 class _Serving:
-    """A long-lived plugin's ticks in flight, and its leaving once its daemon
+    """A long-lived plugin's subscription, and its leaving once its daemon
     is gone: a plugin whose daemon died must not go on answering ticks
     (another daemon's, over NATS) with a dead stderr pipe."""
 
     def __init__(self, client) -> None:
         self.client, self.sid = client, None
-        self._cond = threading.Condition(threading.Lock())
-        self._busy = 0
-        self._leaving = False
+        self._leaving = threading.Lock()
 
     def tick(self, handlers: Mapping[str, Callable], payload: Any) -> dict:
-        with self._cond:
-            self._busy += 1
-        try:
-            reply = _plugin_dispatch(handlers, payload)
-        finally:
-            with self._cond:
-                self._busy -= 1
-                self._cond.notify_all()
+        reply = _plugin_dispatch(handlers, payload)
         if "error" in reply and _output_broken():
             self.leave()                 # nobody reads its output: its daemon is gone
         return reply
 
     def leave(self) -> None:
-        """Stop taking ticks, let those in flight finish (their output going
-        to /dev/null), close the connection; exit the process if a tick is
-        still running after the grace.  Safe from any thread, once."""
-        with self._cond:
-            if self._leaving:
-                return
-            self._leaving = True
-        threading.Thread(target=self._leave, name="nexo-plugin-leaving", daemon=True).start()
+        """Stop taking ticks, let those in flight finish and answer (their
+        output going to /dev/null), close the connection; exit the process
+        if a tick still runs after the grace.  Safe from any thread, once."""
+        if self._leaving.acquire(blocking=False):
+            threading.Thread(target=self._leave, name="nexo-plugin-leaving",
+                             daemon=True).start()
 
     def _leave(self) -> None:
         _silence_output()
@@ -4437,11 +4469,7 @@ class _Serving:
                 self.client.unsubscribe(self.sid)
             except PluginPollerForwardError:
                 pass                         # the connection is gone already
-        deadline = time.monotonic() + _LEAVING_GRACE_SECS
-        with self._cond:
-            while self._busy and time.monotonic() < deadline:
-                self._cond.wait(deadline - time.monotonic())
-            idle = not self._busy
+        idle = self.client._handlers_done(_LEAVING_GRACE_SECS)
         self.client.close()
         if not idle:                         # a stuck handler would hold the exit
             os._exit(0)

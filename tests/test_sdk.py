@@ -109,6 +109,17 @@ class EphemeralSdkTests(_SdkBehaviour, unittest.TestCase):
                                     args=[FIXTURE])
 
 
+    def test_handler_bug_leaves_its_traceback_in_the_stderr_tail(self):
+        # Issue 26 item 20: the error used to carry "RuntimeError: fixture bug" alone.
+        with self.assertRaises(PollerError.Transient) as cm:
+            self.tick({"raise": "other"})
+        error = str(cm.exception)
+        self.assertIn("; stderr: Traceback (most recent call last):", error)
+        self.assertIn("in counter", error)
+        self.assertIn('raise RuntimeError("fixture bug")', error)
+        self.assertTrue(error.endswith("| RuntimeError: fixture bug"), error)
+
+
 class _LongLivedBase:
     """One broker and one supervised fixture plugin for the whole class."""
 
@@ -145,6 +156,17 @@ class SupervisedProxySdkTests(_LongLivedBase, _SdkBehaviour, unittest.TestCase):
 
     def tick(self, config, cursor=None, kind="counter"):
         return self.proxy.tick(self.ctx(config, cursor, kind))
+
+    def test_handler_bug_names_where_and_logs_its_traceback(self):
+        # Issue 26 item 20: the traceback went nowhere.
+        with self.assertRaises(PollerError.Transient) as cm:
+            self.tick({"raise": "other"})
+        self.assertRegex(str(cm.exception),
+                         r"RuntimeError: fixture bug \(at sdk_plugin\.py:\d+ in counter\)")
+        self.assertTrue(wait_until(
+            lambda: "RuntimeError: fixture bug" in list(self.handle.health.tail)),
+            "the traceback reaches the plugin's relayed output")
+        self.assertIn("Traceback (most recent call last):", list(self.handle.health.tail))
 
     def test_plugin_subscribed_once_as_queue_group(self):
         self.tick({})
