@@ -1489,6 +1489,7 @@ BROKER_TIMEOUT = -32011
 BROKER_RESPONDER_GONE = -32012
 BROKER_RESPONDER_ERROR = -32013
 BROKER_CLOSED = -32014
+_NEXO_SOURCE = "plugin.poller"          # the ``source`` of the nexo Events clients publish
 
 def _broker_error(code: int, message: str) -> PluginPollerForwardError:
     exc = PluginPollerForwardError.Broker(message)
@@ -1499,6 +1500,12 @@ def _broker_error(code: int, message: str) -> PluginPollerForwardError:
 class _LineTooLong(_ForwardBroker):
     """A message too long for one broker line; nothing was sent."""
     code = BROKER_INVALID_REQUEST
+
+
+class _NotJson(_ForwardBroker, ValueError):
+    """A message that is not JSON; nothing was sent.  (A ValueError too, as
+    every client's reply path treats one.)"""
+    code = BROKER_INVALID_PARAMS
 
 
 def _socket_path(url: str) -> str:
@@ -2302,7 +2309,14 @@ def _param_sid(params: dict):
 
 
 class _ClientBase:
-    """What BrokerClient and the in-process client share: handler dispatch."""
+    """The broker-client contract, one for every broker (README "Broker
+    clients"): ``subscribe -> int``, ``unsubscribe``, ``publish``,
+    ``publish_event``, ``deliver``, ``request -> reply payload``,
+    ``wait_closed -> bool``, ``close``; and what its clients share: handler
+    dispatch, requests on a pool, published messages in order per subscription."""
+
+    source = _NEXO_SOURCE                    # the Event ``source`` of what it publishes
+    networked = False                        # True: a server others reach over the network
 
     def __init__(self, max_workers: int) -> None:
         self._handlers: dict[Any, Callable[[Any], Any]] = {}
@@ -2313,6 +2327,30 @@ class _ClientBase:
         self.closed = threading.Event()
         self._running = 0                    # handlers running, their replies not yet sent
         self._ran = threading.Condition(threading.Lock())
+        self._queued: dict[Any, deque] = {}  # sid -> published messages not handled yet
+        self._queued_lock = threading.Lock()
+
+    # -- what a subclass provides: subscribe, unsubscribe, request, close,
+    #    _publish_event(topic, event, confirm) and _send_reply(inbox, result, error)
+
+    def publish(self, topic: str, payload: Any) -> None:
+        """Fire and forget ``payload`` in a fresh nexo Event."""
+        self._publish_event(topic, nexo_event(topic, payload, source=self.source), False)
+
+    def publish_event(self, topic: str, event: dict) -> None:
+        """Fire and forget a nexo Event made by the caller, as it is (its id kept)."""
+        self._publish_event(topic, event, False)
+
+    def deliver(self, topic: str, event: dict) -> None:
+        """Hand on a made Event and return once it was taken; raises
+        ``PluginPollerForwardError.Broker`` when it was not (-32010: nobody took it)."""
+        self._publish_event(topic, event, True)
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Block until the client is closed (close(), or its connection ended)."""
+        return self.closed.wait(timeout)
+
+    # -- dispatch --------------------------------------------------------------------
 
     def _dispatch(self, sid, payload, inbox) -> None:
         handler = self._handlers.get(sid)
@@ -2320,10 +2358,34 @@ class _ClientBase:
             if inbox is not None:
                 self._send_reply(inbox, None, {"message": "no handler for this subscription"})
             return
-        self._submit(handler, payload, inbox)
+        if inbox is None:
+            self._in_order(sid, handler, payload)
+        else:
+            self._submit(self._run_handler, handler, payload, inbox)
 
-    def _submit(self, handler, payload, inbox) -> None:
-        """Run a handler on the pool."""
+    def _in_order(self, sid, handler, payload) -> None:
+        """A published message: handled after those before it on its
+        subscription, one at a time (requests run side by side instead)."""
+        with self._queued_lock:
+            waiting = self._queued.get(sid)
+            if waiting is not None:
+                waiting.append((handler, payload))
+                return
+            self._queued[sid] = deque([(handler, payload)])
+        self._submit(self._drain, sid)
+
+    def _drain(self, sid) -> None:
+        while True:
+            with self._queued_lock:
+                waiting = self._queued[sid]
+                if not waiting:
+                    del self._queued[sid]
+                    return
+                handler, payload = waiting.popleft()
+            self._run_handler(handler, payload, None)
+
+    def _submit(self, fn, *args) -> None:
+        """Run ``fn(*args)`` on the pool."""
         if self._pool is None:
             with self._pool_lock:
                 if self._pool is None:
@@ -2331,7 +2393,7 @@ class _ClientBase:
                     self._pool = ThreadPoolExecutor(self._max_workers,
                                                     thread_name_prefix="nexo-handler")
         try:
-            self._pool.submit(self._run_handler, handler, payload, inbox)
+            self._pool.submit(fn, *args)
         except RuntimeError:                 # pool shut down: the client is closing
             pass
 
@@ -2398,6 +2460,15 @@ class _ClientBase:
                             f"{topic}: {error.get('message', 'broker error')}")
 
 
+def _json_payload(payload: Any) -> None:
+    """Raise as a client whose payload must travel as JSON does, though an
+    in-process one hands the object itself to in-process handlers."""
+    try:
+        _dumps(payload)
+    except (ValueError, TypeError) as exc:
+        raise _NotJson(f"payload is not JSON: {exc}") from None
+
+
 class _LocalClient(_ClientBase):
     """The daemon's in-process client (``BrokerServer.client()``)."""
 
@@ -2418,13 +2489,15 @@ class _LocalClient(_ClientBase):
         self._handlers.pop(sid, None)
         self._call("unsubscribe", {"sid": sid})
 
-    def publish(self, topic: str, payload: Any) -> int:
-        """Publish; returns how many subscribers the message was handed to."""
-        return self._call("publish", {"topic": topic, "payload": payload})
+    def _publish_event(self, topic: str, event: dict, confirm: bool) -> None:
+        _json_payload(event)
+        if not self._call("publish", {"topic": topic, "payload": event}) and confirm:
+            raise _broker_error(BROKER_NO_RESPONDERS, f"no subscriber on {topic!r}")
 
     def request(self, topic: str, payload: Any, timeout: timedelta | float, *,
                 wait: bool = False, cancel: threading.Event | None = None) -> Any:
         secs = _seconds(timeout, "timeout")
+        _json_payload(payload)           # as a socket client would find, whoever answers
         waiter = _Waiter()
         p = self._server._open_request(self._peer, waiter, topic, payload,
                                        time.monotonic() + secs, wait)
@@ -2519,7 +2592,10 @@ class BrokerClient(_ClientBase):
     def _send(self, obj: dict) -> None:
         """Queue one line; the first thread to find nobody writing sends every
         line queued meanwhile in one system call (write combining)."""
-        data = _dumps(obj).encode() + b"\n"
+        try:
+            data = _dumps(obj).encode() + b"\n"
+        except (ValueError, TypeError) as exc:
+            raise _NotJson(f"payload is not JSON: {exc}") from None
         if len(data) > BROKER_MAX_LINE_BYTES + 1:
             raise _LineTooLong(f"{obj.get('method', 'message')} of {len(data) - 1} bytes is "
                                f"longer than the broker's line limit "
@@ -2576,10 +2652,12 @@ class BrokerClient(_ClientBase):
         self._call("unsubscribe", {"sid": sid}, 10.0)
         self._handlers.pop(sid, None)
 
-    def publish(self, topic: str, payload: Any) -> None:
-        """Fire and forget."""
-        self._send({"jsonrpc": "2.0", "method": "publish",
-                    "params": {"topic": topic, "payload": payload}})
+    def _publish_event(self, topic: str, event: dict, confirm: bool) -> None:
+        params = {"topic": topic, "payload": event}
+        if not confirm:
+            self._send({"jsonrpc": "2.0", "method": "publish", "params": params})
+        elif not self._call("publish", params, 10.0):     # how many took it
+            raise _broker_error(BROKER_NO_RESPONDERS, f"no subscriber on {topic!r}")
 
     def request(self, topic: str, payload: Any, timeout: timedelta | float, *,
                 wait: bool = False, cancel: threading.Event | None = None) -> Any:
@@ -2602,7 +2680,7 @@ class BrokerClient(_ClientBase):
     def _post_reply(self, params: dict) -> None:
         try:
             self._send({"jsonrpc": "2.0", "method": "reply", "params": params})
-        except _LineTooLong:
+        except (_LineTooLong, _NotJson):
             raise
         except PluginPollerForwardError:
             pass                             # the connection is gone; so is the requester's wait
@@ -2652,7 +2730,7 @@ class BrokerClient(_ClientBase):
                 item = self._on_line(line) if line else None
                 if item is not None:
                     if work is not None:
-                        self._submit(*work)
+                        self._submit(self._run_handler, *work)
                     work = item
             if work is not None:
                 return work
@@ -2671,6 +2749,9 @@ class BrokerClient(_ClientBase):
             params = msg.get("params") or {}
             handler = self._handlers.get(params.get("sid"))
             inbox = params.get("inbox")
+            if handler is not None and inbox is None:
+                self._in_order(params.get("sid"), handler, params.get("payload"))
+                return None
             if handler is not None:
                 return handler, params.get("payload"), inbox
             if inbox is not None:
@@ -2690,10 +2771,6 @@ class BrokerClient(_ClientBase):
         for waiter in list(self._pending.values()):
             waiter.set(None, {"code": BROKER_CLOSED, "message": "connection to broker lost"})
         self._shutdown_pool()
-
-    def wait_closed(self, timeout: float | None = None) -> bool:
-        """Block until the connection ends (the daemon went away or close())."""
-        return self.closed.wait(timeout)
 
     def close(self) -> None:
         try:
@@ -2721,8 +2798,8 @@ NATS_MAX_CONTROL_LINE = 64 * 1024       # a longer line from the server is a pro
 NATS_MAX_OUTAGE_BUFFER = 8 << 20        # bytes of publishes kept during an outage
 BROKER_AUTH_FAILED = -32015             # the NATS server refused the credentials
 BROKER_PAYLOAD_TOO_LARGE = -32016       # over the server's max_payload; nothing was sent
-_NEXO_SOURCE = "plugin.poller"
 _NATS_ERROR_HEADER = "Nexo-Error"       # a responder's handler failed: {"message": ...}
+_JS_STREAM_CACHE_SECS = 30.0            # how long "does a stream capture this topic" holds
 
 
 class _NatsProtocolError(Exception):
@@ -2954,9 +3031,11 @@ class NatsClient(_ClientBase):
     with backoff and jitter across the server list, resubscribes, and
     sends the publishes buffered meanwhile (at most ``outage_buffer``
     bytes).  With ``nexo_envelopes`` (the default) requests and
-    publishes travel as nexo ``Event``s and envelopes are opened on
-    receipt, so handlers and requesters see plain payloads.
+    publishes travel as nexo ``Event``s; a request's envelope is opened
+    on receipt, so its handler and its requester see plain payloads, and
+    a published message reaches its handler as the Event it is.
     """
+    networked = True
 
     def __init__(self, servers: list[_NatsServer], *, name: str = "nexo-poller",
                  connect_timeout: float = 5.0, max_workers: int = 32,
@@ -3004,6 +3083,7 @@ class NatsClient(_ClientBase):
         self._wake = threading.Event()    # set by close(): stop waiting to reconnect
         self._io_lock: threading.Lock | None = None   # TLS only: one SSL call at a time
         self._poll = None
+        self._streams: dict[str, tuple[float, bool]] = {}   # topic -> (asked at, captured)
 
     # ---------------------------------------------------------- connecting
     @classmethod
@@ -3230,8 +3310,10 @@ class NatsClient(_ClientBase):
             body = payload                # not JSON: the handler gets the bytes
         shape = None
         if self.nexo_envelopes:
-            body, reply_to, shape = nexo_unwrap(body)
+            inner, reply_to, shape = nexo_unwrap(body)
             reply = reply or reply_to
+            if reply is not None:
+                body = inner              # a request: its handlers get the payload
         if sid in self._listeners:
             reply = None
         self._dispatch(sid, body, None if reply is None else (reply, shape))
@@ -3404,18 +3486,22 @@ class NatsClient(_ClientBase):
         return sid
 
     def unsubscribe(self, sid: int) -> None:
+        """Returns once the server has it (or at once during an outage)."""
         self._subs.pop(sid, None)
         self._handlers.pop(sid, None)
         self._listeners.discard(sid)
         self._write(f"UNSUB {sid}\r\n".encode(), quiet=True)
+        try:
+            self.flush()
+        except PluginPollerForwardError:
+            pass                              # disconnected: nothing is subscribed there
 
     def publish(self, topic: str, payload: Any, *, raw: bool = False,
                 headers: Mapping[str, str] | None = None) -> None:
         """Fire and forget; buffered (within ``outage_buffer``) during an outage.
 
         ``raw`` sends ``payload`` as it is (bytes, or JSON of anything else)
-        with no nexo envelope, and ``headers`` as NATS headers: an outbox
-        Event is published once, not wrapped again."""
+        with no nexo envelope, and ``headers`` as NATS headers."""
         if raw:
             self._pub(topic, self._raw_body(payload), headers=_nats_headers(headers)
                       if headers else None)
@@ -3423,6 +3509,46 @@ class NatsClient(_ClientBase):
         if self.nexo_envelopes:
             payload = nexo_event(topic, payload, source=self.source)
         self._pub(topic, self._encode(payload))
+
+    def _publish_event(self, topic: str, event: dict, confirm: bool) -> None:
+        """Sent as it is; confirmed, it counts as taken once the JetStream
+        stream that captures ``topic`` acked it (``Nats-Msg-Id`` = the Event
+        id, so a retry is not stored twice), or, with no such stream, once
+        published: plain NATS has no receipt."""
+        if confirm and self._captured(topic):
+            try:
+                body, _, status = self.request(topic, event, 10.0, raw=True,
+                                               headers={"Nats-Msg-Id": str(event["id"])})
+                ack = _loads(body) if body else {}
+            except ValueError as exc:
+                raise _broker_error(BROKER_RESPONDER_ERROR,
+                                    f"{topic}: JetStream ack is not JSON: {exc}") from None
+            if status is not None or not isinstance(ack, dict) or "error" in ack \
+                    or "seq" not in ack:
+                raise _broker_error(BROKER_RESPONDER_ERROR,
+                                    f"{topic}: JetStream did not ack: {ack!r:.200}")
+            return
+        self._pub(topic, self._raw_body(event))
+
+    def _captured(self, topic: str) -> bool:
+        """Whether a JetStream stream captures ``topic`` (asked at most every
+        ``_JS_STREAM_CACHE_SECS`` per topic); no JetStream means none does."""
+        seen = self._streams.get(topic)
+        if seen is not None and time.monotonic() - seen[0] < _JS_STREAM_CACHE_SECS:
+            return seen[1]
+        try:
+            body, _, status = self.request("$JS.API.STREAM.NAMES", {"subject": topic}, 5.0,
+                                           raw=True)
+            found = status is None and bool((_loads(body) or {}).get("streams"))
+        except PluginPollerForwardError as exc:
+            if getattr(exc, "code", None) != BROKER_NO_RESPONDERS:
+                raise _broker_error(getattr(exc, "code", BROKER_CLOSED),
+                                    f"{topic}: JetStream lookup: {exc}") from None
+            found = False                               # no JetStream on this server
+        except ValueError:
+            found = False
+        self._streams[topic] = (time.monotonic(), found)
+        return found
 
     def _raw_body(self, payload: Any) -> bytes:
         return bytes(payload) if isinstance(payload, (bytes, bytearray)) else self._encode(payload)
@@ -3579,10 +3705,6 @@ class NatsClient(_ClientBase):
                 log.debug("NATS reply not sent: %s", exc)
 
     # ------------------------------------------------------------- closing
-    def wait_closed(self, timeout: float | None = None) -> bool:
-        """Block until the client is closed (close(), or reconnecting gave up)."""
-        return self.closed.wait(timeout)
-
     def close(self) -> None:
         """Send what is queued, close the connection, stop the reader thread."""
         with self._wlock:
@@ -3646,20 +3768,36 @@ def _nats_subject(subject: Any, what: str = "subject") -> str:
     return subject
 
 
+def _broker_client_class(url: Any) -> type:
+    """The one place a broker URL's scheme is read: the client class that
+    serves it.  Callers ask the class what it can do (``networked``), never
+    the scheme.  Raises ``PluginPollerForwardError.Broker``."""
+    scheme = url.split("://", 1)[0] if isinstance(url, str) and "://" in url else None
+    cls = {"unix": BrokerClient, "nats": NatsClient, "tls": NatsClient}.get(scheme)
+    if cls is None:
+        raise _broker_error(BROKER_INVALID_PARAMS, f"broker URL must start with unix://, "
+                            f"nats:// or tls://, got {url!r:.80}")
+    return cls
+
+
+def _is_nats(broker: str | None) -> bool:
+    """True for a networked broker URL (``nats://``, ``tls://``): plugins may
+    run on other hosts, TLS options apply, JetStream may hold the state."""
+    try:
+        return bool(broker) and _broker_client_class(broker).networked
+    except PluginPollerForwardError:
+        return False
+
+
 def connect_broker(url: str, **opts) -> "BrokerClient | NatsClient":
     """A broker client for ``url``: ``unix:///path`` (the daemon's embedded
     broker) or ``nats://``/``tls://`` (comma-separated for several servers).
 
-    Both have ``subscribe``/``unsubscribe``/``publish``/``request``/
-    ``wait_closed``/``close``; options go to ``BrokerClient.connect`` or
-    ``NatsClient``.  Raises ``PluginPollerForwardError.Broker``.
+    Every client keeps one contract (see ``_ClientBase``); options go to
+    ``BrokerClient.connect`` or ``NatsClient.connect``.  Raises
+    ``PluginPollerForwardError.Broker``.
     """
-    if isinstance(url, str) and url.startswith("unix://"):
-        return BrokerClient.connect(url, **opts)
-    if isinstance(url, str) and url.split("://", 1)[0] in ("nats", "tls"):
-        return NatsClient.connect(url, **opts)
-    raise _broker_error(BROKER_INVALID_PARAMS, f"broker URL must start with unix://, "
-                        f"nats:// or tls://, got {url!r:.80}")
+    return _broker_client_class(url).connect(url, **opts)
 
 
 # ============================================================================
@@ -4070,7 +4208,7 @@ class _StdioChannel:
                         _log_safe(topic, 200))
             return
         try:
-            broker.publish(topic, params["event"])
+            broker.publish_event(topic, params["event"])   # already an Event: as it is
         except PluginPollerForwardError as exc:
             log.warning("plugin %s: publish to %s failed: %s", self._name,
                         _log_safe(topic, 200), exc)
@@ -6435,7 +6573,7 @@ def open_state(location: str, *, readonly: bool = False, owner: str | None = Non
     file path (sqlite)."""
     if isinstance(location, str) and location.startswith("jetstream://"):
         bucket = location[len("jetstream://"):]
-        if not broker_url or broker_url.split("://", 1)[0] not in ("nats", "tls"):
+        if not _is_nats(broker_url):
             raise StateError(f"{location}: a JetStream state needs a NATS broker "
                              f"(\"broker\": \"nats://host:4222\"), got "
                              f"{broker_url or 'none'}")
@@ -6781,11 +6919,6 @@ def _redact_url(url: str | None) -> str | None:
     return None if url is None else re.sub(r"://[^@/,]*@", "://***@", url)
 
 
-def _is_nats(broker: str | None) -> bool:
-    """True for a ``nats://`` or ``tls://`` broker URL (plugins may run anywhere)."""
-    return bool(broker) and broker.split("://", 1)[0] in ("nats", "tls")
-
-
 def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None,
                      extra_kinds: Iterable[str] = (), check_entrypoints: bool = False
                      ) -> DaemonConfig:
@@ -6863,7 +6996,7 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
     broker = get("broker")
     if broker is not None and _check_type(probs, prefix + "broker", broker, str,
                                           "a unix://, nats:// or tls:// URL, or null"):
-        if broker.split("://", 1)[0] in ("nats", "tls"):
+        if _is_nats(broker):
             try:
                 _nats_servers(broker)
                 cfg.broker = broker
@@ -6888,7 +7021,7 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
                 if not os.path.isfile(full):
                     probs.add(f"{prefix}broker_tls.{key}", f"{full}: no such file")
                 cfg.broker_tls[key] = full
-        if tls and not (cfg.broker or "").split("://", 1)[0] in ("nats", "tls"):
+        if tls and not _is_nats(cfg.broker):
             probs.add(prefix + "broker_tls", "only a nats:// or tls:// broker uses TLS options")
     if cfg.state_db.startswith("jetstream://") and not _is_nats(cfg.broker):
         probs.add(prefix + "state_db", "a jetstream:// state needs a NATS broker "
@@ -8413,52 +8546,16 @@ class _Undelivered(Exception):
     """A sink could not hand a message on; the publisher retries it."""
 
 
-_JS_STREAM_CACHE_SECS = 30.0
-
-
 def _broker_sink(broker) -> Callable[[str, dict], None]:
-    """Publish on the broker.  On the embedded broker a message counts as
-    delivered only when a subscriber took it; on NATS, when the JetStream
-    stream that captures its subject acked it (``Nats-Msg-Id`` = the Event
-    id, so a retry is not stored twice), or, with no such stream, once
-    published."""
-    captured: dict[str, tuple[float, bool]] = {}      # topic -> (checked at, has a stream)
-
-    def has_stream(topic: str) -> bool:
-        seen = captured.get(topic)
-        if seen is not None and time.monotonic() - seen[0] < _JS_STREAM_CACHE_SECS:
-            return seen[1]
-        try:
-            body, _, status = broker.request("$JS.API.STREAM.NAMES", {"subject": topic}, 5.0,
-                                             raw=True)
-            found = status is None and bool((_loads(body) or {}).get("streams"))
-        except PluginPollerForwardError as exc:
-            if getattr(exc, "code", None) != BROKER_NO_RESPONDERS:
-                raise _Undelivered(f"{topic}: JetStream lookup: {exc}") from None
-            found = False                               # no JetStream on this server
-        except ValueError:
-            found = False
-        captured[topic] = (time.monotonic(), found)
-        return found
+    """Hand each Event to the broker client's ``deliver``: it returns once the
+    Event was taken (what that means is the client's: a subscriber took it
+    on the embedded broker, JetStream acked it on NATS) and raises otherwise."""
 
     def send(topic: str, event: dict) -> None:
-        if isinstance(broker, NatsClient):
-            if has_stream(topic):
-                try:
-                    body, _, status = broker.request(topic, event, 10.0, raw=True,
-                                                     headers={"Nats-Msg-Id": event["id"]})
-                    ack = _loads(body) if body else {}
-                except (PluginPollerForwardError, ValueError) as exc:
-                    raise _Undelivered(f"{topic}: JetStream: {exc}") from None
-                if status is not None or not isinstance(ack, dict) or "error" in ack \
-                        or "seq" not in ack:
-                    raise _Undelivered(f"{topic}: JetStream did not ack: {ack!r:.200}")
-                return
-            broker.publish(topic, event, raw=True)  # already an Event: not wrapped again
-            return
-        taken = broker.publish(topic, event)
-        if taken == 0:
-            raise _Undelivered(f"no subscriber on {topic}")
+        try:
+            broker.deliver(topic, event)
+        except PluginPollerForwardError as exc:
+            raise _Undelivered(str(exc)) from None
     return send
 
 

@@ -242,13 +242,14 @@ class RequestReplyTest(LiveTest):
         self.assertEqual(seen, [{"n": 1}])       # the handler saw the payload, not the Event
         self.assertEqual(a.request("svc.echo", None, timedelta(seconds=WAIT)), {"echo": None})
 
-    def test_publish_reaches_plain_subscriber_as_payload(self):
+    def test_publish_reaches_plain_subscriber_as_the_event_it_travels_in(self):
         a, b = self.client(), self.client()
         got, done = [], threading.Event()
         b.subscribe("alerts.x", lambda p: (got.append(p), done.set()))
         a.publish("alerts.x", {"text": "hi"})
         self.assertTrue(done.wait(WAIT))
-        self.assertEqual(got, [{"text": "hi"}])
+        self.assertEqual(got[0]["payload"], {"text": "hi"})
+        self.assertEqual(got[0]["topic"], "alerts.x")
 
     def test_many_in_flight(self):
         a, b = self.client(), self.client()

@@ -152,6 +152,20 @@ class TestDaemonOnNats(NatsDaemonCase):
         stored = wait_until(lambda: r.state.outbox() == [], 15)
         self.assertTrue(stored, "delivered items leave the outbox")
 
+    def test_the_readme_consumer_gets_each_delivery_event_with_its_id_in_order(self):
+        # Issue 21 item 1: through connect_broker a NATS subscriber got only the
+        # inner payload, without the id a receiver drops repeats by.
+        srv = self.server()
+        got, done = [], threading.Event()
+        consumer = nx.connect_broker(srv.url)
+        self.addCleanup(consumer.close)
+        consumer.subscribe("plugin.outbound.telegram",
+                           lambda event: (got.append(event), len(got) == 12 and done.set()))
+        self.feed_runner(srv.url, *(nx.Delivery("telegram", "42", {"n": n}) for n in range(12)))
+        self.assertTrue(done.wait(30), got)
+        self.assertEqual([e["payload"] for e in got], [{"n": n, "to": "42"} for n in range(12)])
+        self.assertEqual(len({e["id"] for e in got}), 12)
+
 
 def _children(pid):
     """The processes whose parent is ``pid`` (from /proc)."""
