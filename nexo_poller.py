@@ -2946,6 +2946,19 @@ def _nats_servers(url: str) -> list[_NatsServer]:
     return servers
 
 
+def _nats_url_as(url: str, auth: Mapping[str, str]) -> str:
+    """``url`` (every server of it) with the credentials of ``auth``
+    (``{"user", "password"}`` or ``{"token"}``) instead of its own: what a
+    plugin with a NATS user of its own connects with."""
+    from urllib.parse import quote
+    if "token" in auth:
+        cred = quote(auth["token"], safe="")
+    else:
+        cred = f"{quote(auth['user'], safe='')}:{quote(auth['password'], safe='')}"
+    return ",".join(f"{'tls' if s.tls else 'nats'}://{cred}@{s.host}:{s.port}"
+                    for s in _nats_servers(url))
+
+
 def _uuid4() -> str:
     b = bytearray(os.urandom(16))
     b[6] = (b[6] & 0x0F) | 0x40
@@ -3072,6 +3085,10 @@ class NatsClient(_ClientBase):
         self._listeners: set[int] = set()     # sids that never answer (subscribe)
         self._inbox_sid = next(self._sids)
         self._inbox = f"_INBOX.{_uuid4().replace('-', '')}."
+        # Subscribed at the first request: a plugin that only answers needs
+        # no permission to subscribe to an inbox (README "Trust on NATS").
+        self._inbox_wanted = False
+        self._refused: dict[str, str] = {}       # subject -> the server's refusal
         self._pending: dict[str, _Waiter] = {}
         self._tokens = itertools.count(1)
         self._pongs: deque = deque()      # waiters of our PINGs, in order
@@ -3214,7 +3231,8 @@ class NatsClient(_ClientBase):
             if self._closing:                 # close() came during the handshake
                 sock.close()
                 raise _broker_error(BROKER_CLOSED, "NATS client is closed")
-            lines = [f"SUB {self._inbox}* {self._inbox_sid}\r\n".encode()]
+            lines = [f"SUB {self._inbox}* {self._inbox_sid}\r\n".encode()] \
+                if self._inbox_wanted else []
             lines += [_sub_line(sid, *spec) for sid, spec in list(self._subs.items())]
             data = b"".join(lines) + self._outage
             self._outage.clear()
@@ -3332,6 +3350,9 @@ class NatsClient(_ClientBase):
                 waiter.set(True)
 
     def on_err(self, text: str) -> None:
+        refused = _NATS_SUB_REFUSED.match(text)
+        if refused:                           # read by subscribe(), which waits for it
+            self._refused[refused[1]] = text
         log.warning("NATS server %s: %s", self.server.name if self.server else "?", text)
 
     def _lose(self, sock, why: str) -> None:
@@ -3478,11 +3499,19 @@ class NatsClient(_ClientBase):
         self._subs[sid] = (topic, queue)      # sent again after every reconnect
         # Disconnected, the SUB is dropped here and sent on reconnect; a SUB
         # sent twice for one sid is ignored by the server.
+        self._refused.pop(topic, None)
         self._write(_sub_line(sid, topic, queue), quiet=True)
         try:
-            self.flush()
+            self.flush()                      # a refusal comes before the PONG
         except PluginPollerForwardError:
             pass                              # an outage: the reconnect subscribes
+        refused = self._refused.pop(topic, None)
+        if refused is not None:
+            self._subs.pop(sid, None)
+            self._handlers.pop(sid, None)
+            self._listeners.discard(sid)
+            raise _broker_error(BROKER_AUTH_FAILED, f"NATS server refused the subscription "
+                                f"to {topic!r}: {refused}")
         return sid
 
     def unsubscribe(self, sid: int) -> None:
@@ -3614,6 +3643,7 @@ class NatsClient(_ClientBase):
         secs = _seconds(timeout, "timeout")
         deadline = time.monotonic() + secs
         sent = []
+        self._want_inbox()
         try:
             for topic, payload, headers in requests:
                 token = str(next(self._tokens))
@@ -3639,7 +3669,15 @@ class NatsClient(_ClientBase):
             for _, token, _ in sent:
                 self._pending.pop(token, None)
 
+    def _want_inbox(self) -> None:
+        """Subscribe to this client's reply inbox before its first request
+        (the server takes the SUB before the request that follows it)."""
+        if not self._inbox_wanted:
+            self._inbox_wanted = True         # _adopt resubscribes it from now on
+            self._write(f"SUB {self._inbox}* {self._inbox_sid}\r\n".encode(), quiet=True)
+
     def _request_once(self, topic, payload, deadline, cancel, raw=False, headers=None):
+        self._want_inbox()
         token = str(next(self._tokens))
         reply = self._inbox + token
         if raw:
@@ -3757,6 +3795,7 @@ def _close_socket(sock) -> None:
 
 
 _NATS_SPACE = re.compile(r"\s")
+_NATS_SUB_REFUSED = re.compile(r'Permissions Violation for Subscription to "([^"]+)"')
 
 
 def _nats_subject(subject: Any, what: str = "subject") -> str:
@@ -6792,7 +6831,8 @@ _TOP_DEFAULTS = {"enabled": True, "state_db": "./data/poller.db", "default_jitte
                  "metrics_addr": None, "admin_addr": None, "admin_token_file": None,
                  "agents": {}, "delivery_sink": "broker", "delivery_max_attempts": 20,
                  "delivery_max_age_secs": 86400.0, "delivery_retry_initial_secs": 1.0,
-                 "delivery_retry_max_secs": 60.0, "plugins": [], "jobs": []}
+                 "delivery_retry_max_secs": 60.0, "plugins": [], "jobs": [],
+                 "plugin_broker_auth": {}}
 _JOB_KEYS = {"id", "kind", "agent", "schedule", "config", "failure_to", "paused_on_boot"}
 _SCHEDULE_KEYS = {"every_secs", "cron", "tz", "at", "stagger_jitter_ms"}
 
@@ -6847,6 +6887,8 @@ class DaemonConfig:
     plugins: list[PluginPollerHandle] = dataclasses.field(default_factory=list)
     jobs: list[JobConfig] = dataclasses.field(default_factory=list)
     source: str | None = None
+    # plugin id -> {"user", "password"} or {"token"}: its own NATS credentials
+    plugin_broker_auth: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
 
 class _Problems:
@@ -6855,6 +6897,29 @@ class _Problems:
 
     def add(self, path: str, message: str) -> None:
         self.items.append((path, message))
+
+
+def _plugin_broker_auth(doc: Any, cfg: DaemonConfig, where: str, probs: _Problems) -> None:
+    """``plugin_broker_auth``: each supervised plugin's own NATS credentials."""
+    if not _check_type(probs, where, doc, dict, "an object: plugin id -> credentials"):
+        return
+    if doc and not _is_nats(cfg.broker):
+        probs.add(where, "only a nats:// or tls:// broker takes per-plugin credentials")
+        return
+    ids = {h.plugin_id for h in cfg.plugins}
+    for pid, auth in doc.items():
+        at = f"{where}.{pid}"
+        if pid not in ids:
+            probs.add(at, f"no plugin {pid!r} in \"plugins\"")
+        elif not _check_type(probs, at, auth, dict,
+                             'an object: {"user", "password"} or {"token"}'):
+            pass
+        elif set(auth) not in ({"user", "password"}, {"token"}) or not all(
+                isinstance(v, str) and v for v in auth.values()):
+            probs.add(at, 'must be {"user": "...", "password": "..."} or {"token": "..."} '
+                          "with non-empty strings")
+        else:
+            cfg.plugin_broker_auth[pid] = dict(auth)
 
 
 def _check_type(probs: _Problems, path: str, value: Any, kinds, what: str) -> bool:
@@ -7082,6 +7147,7 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
                 else:
                     owners[kind] = f"plugin {handle.plugin_id!r}"
             cfg.plugins.append(handle)
+    _plugin_broker_auth(get("plugin_broker_auth"), cfg, prefix + "plugin_broker_auth", probs)
 
     jobs = get("jobs")
     ids: set[str] = set()
@@ -7536,7 +7602,10 @@ class Runner:
             lane.limit = limit
             return lane
 
-    def _install_plugins(self, handles: Iterable[PluginPollerHandle]) -> None:
+    def _install_plugins(self, handles: Iterable[PluginPollerHandle],
+                         auth_by_plugin: Mapping[str, Mapping[str, str]] | None = None) -> None:
+        """Route the plugins' kinds and start the supervised ones, each with
+        its own NATS credentials when ``plugin_broker_auth`` names it."""
         for handle in handles:
             for kind in handle.kinds:
                 route = self._routes.get(kind)
@@ -7553,8 +7622,11 @@ class Runner:
             if handle.lifecycle is not Lifecycle.EPHEMERAL and handle.entrypoint_command:
                 # long-lived and stdio; without a command (NATS only) the plugin
                 # runs elsewhere: not ours to start.
+                auth = (auth_by_plugin if auth_by_plugin is not None else
+                        self.config.plugin_broker_auth).get(handle.plugin_id)
                 self._supervisors[handle.plugin_id] = PluginSupervisor(
-                    handle, self.broker_url).start()
+                    handle, _nats_url_as(self.broker_url, auth) if auth else self.broker_url
+                ).start()
 
     def _remove_plugin(self, plugin_id: str) -> None:
         sup = self._supervisors.pop(plugin_id, None)
@@ -8429,12 +8501,15 @@ class Runner:
                 log.error("leases of removed jobs not released (they expire): %s", exc)
         old_plugins = {h.plugin_id: h for h in self.router.handles()}
         new_plugins = {h.plugin_id: h for h in new.plugins}
+        old_auth, new_auth = self.config.plugin_broker_auth, new.plugin_broker_auth
         for pid, handle in old_plugins.items():
-            if pid not in new_plugins or not handle.same_spec(new_plugins[pid]):
+            if pid not in new_plugins or not handle.same_spec(new_plugins[pid]) \
+                    or old_auth.get(pid) != new_auth.get(pid):
                 self._remove_plugin(pid)
         changed = [h for pid, h in new_plugins.items()
-                   if pid not in old_plugins or not old_plugins[pid].same_spec(h)]
-        self._install_plugins(changed)
+                   if pid not in old_plugins or not old_plugins[pid].same_spec(h)
+                   or old_auth.get(pid) != new_auth.get(pid)]
+        self._install_plugins(changed, new_auth)
         diff: dict[str, list[str]] = {
             "added": [j.cfg.id for j in added], "replaced": [], "removed": removed, "kept": [],
             "restarted": [h.plugin_id for h in changed if h.plugin_id in old_plugins]}

@@ -219,6 +219,86 @@ class TestKilledDaemonOnNats(NatsDaemonCase):
         self.assertIsNone(survivor.poll())
 
 
+class TestPluginCredentials(NatsDaemonCase):
+    """Issue 26 item 18: over NATS, each supervised plugin connects as its own
+    user, whose permissions keep it off other plugins' tick topics."""
+
+    USERS = """authorization {
+  users = [
+    {user: daemon, password: dpw}
+    {user: victim, password: "v@w:1", permissions: {
+      subscribe: {allow: ["plugin.poller.victim.tick"]},
+      publish: {allow: ["plugin.outbound.>"]}, allow_responses: true}}
+    {user: rogue, password: rpw, permissions: {
+      subscribe: {allow: ["plugin.poller.rogue.tick"]},
+      publish: {allow: ["plugin.outbound.>"]}, allow_responses: true}}
+  ]
+}
+"""
+
+    def test_a_plugin_gets_its_own_user_and_cannot_take_another_plugins_ticks(self):
+        users = os.path.join(self.root, "nats.conf")
+        with open(users, "w") as fh:
+            fh.write(self.USERS)
+        srv = self.server("-c", users)
+        report = os.path.join(self.root, "victim.json")
+        self.plugin("victim", "counter")
+        with open(os.path.join(self.root, "victim", "nexo-plugin.toml"), "a") as fh:
+            fh.write(f"\n[plugin.entrypoint.env]\nSDK_PLUGIN_REPORT = {json.dumps(report)}\n")
+        config = self.config(
+            f"nats://daemon:dpw@127.0.0.1:{srv.port}", ["victim"],
+            [{"id": "c", "kind": "counter", "schedule": {"every_secs": 0.2}}],
+            plugin_broker_auth={"victim": {"user": "victim", "password": "v@w:1"}})
+        self.daemon(config)
+        self.assertTrue(wait_until(lambda: os.path.exists(report), 30))
+        with open(report) as fh:
+            url = json.load(fh)["env"]["NEXO_BROKER_URL"]
+        self.assertEqual(url, f"nats://victim:v%40w%3A1@127.0.0.1:{srv.port}")
+        # A plugin connected as another user cannot join the victim's queue group.
+        rogue = nx.connect_broker(f"nats://rogue:rpw@127.0.0.1:{srv.port}")
+        self.addCleanup(rogue.close)
+        stolen = []
+        with self.assertRaises(nx.PluginPollerForwardError.Broker) as cm:
+            rogue.subscribe("plugin.poller.victim.tick", stolen.append, queue="victim")
+        self.assertEqual(cm.exception.code, -32015)
+        self.assertIn("Permissions Violation", str(cm.exception))
+        seen = (self.status(config).get("c") or {}).get("items_seen_total", 0)
+        self.assertTrue(wait_until(
+            lambda: (self.status(config).get("c") or {}).get("items_seen_total", 0) >= seen + 5,
+            30, 0.1), "the victim's plugin stopped serving its ticks")
+        job = self.status(config)["c"]
+        self.assertEqual((job["consecutive_errors"], job["last_status"]), (0, "ok"))
+        self.assertEqual(stolen, [])
+
+    def test_a_reload_that_changes_a_plugins_credentials_restarts_it_with_them(self):
+        srv = self.server()
+        self.plugin("victim", "counter")
+
+        def load(token):
+            return nx.load_config(self.config(
+                srv.url, ["victim"], [], state_db=os.path.join(self.root, "s.db"),
+                plugin_broker_auth={"victim": {"token": token}}))
+        r = nx.Runner(load("one"))
+        self.addCleanup(r.stop)
+        r.start()
+        self.assertIn("nats://one@", r._supervisors["victim"].broker_url)
+        self.assertEqual(r.reload(load("one"))["restarted"], [])
+        self.assertEqual(r.reload(load("two"))["restarted"], ["victim"])
+        self.assertIn("nats://two@", r._supervisors["victim"].broker_url)
+
+    def test_credentials_name_a_known_plugin_and_need_a_nats_broker(self):
+        self.plugin("victim", "counter")
+        for broker, auth, want in (
+                (None, {"victim": {"token": "t"}}, "only a nats:// or tls:// broker"),
+                ("nats://127.0.0.1:4222", {"nobody": {"token": "t"}}, "no plugin 'nobody'"),
+                ("nats://127.0.0.1:4222", {"victim": {"user": "u"}}, "must be {")):
+            config = self.config(broker, ["victim"], [], plugin_broker_auth=auth)
+            out = self.cli(config, "validate")
+            self.assertEqual(out.returncode, 2, out.stderr)
+            self.assertIn(f"plugin_broker_auth", out.stderr)
+            self.assertIn(want, out.stderr)
+
+
 class TestDaemonStateInJetStream(NatsDaemonCase):
 
     def test_the_cli_and_the_daemon_share_a_bucket(self):
