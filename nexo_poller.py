@@ -1510,6 +1510,7 @@ BROKER_TIMEOUT = -32011
 BROKER_RESPONDER_GONE = -32012
 BROKER_RESPONDER_ERROR = -32013
 BROKER_CLOSED = -32014
+_NEXO_SOURCE = "plugin.poller"          # the ``source`` of the nexo Events clients publish
 
 def _broker_error(code: int, message: str) -> PluginPollerForwardError:
     exc = PluginPollerForwardError.Broker(message)
@@ -1520,6 +1521,12 @@ def _broker_error(code: int, message: str) -> PluginPollerForwardError:
 class _LineTooLong(_ForwardBroker):
     """A message too long for one broker line; nothing was sent."""
     code = BROKER_INVALID_REQUEST
+
+
+class _NotJson(_ForwardBroker, ValueError):
+    """A message that is not JSON; nothing was sent.  (A ValueError too, as
+    every client's reply path treats one.)"""
+    code = BROKER_INVALID_PARAMS
 
 
 def _socket_path(url: str) -> str:
@@ -2323,7 +2330,14 @@ def _param_sid(params: dict):
 
 
 class _ClientBase:
-    """What BrokerClient and the in-process client share: handler dispatch."""
+    """The broker-client contract, one for every broker (README "Broker
+    clients"): ``subscribe -> int``, ``unsubscribe``, ``publish``,
+    ``publish_event``, ``deliver``, ``request -> reply payload``,
+    ``wait_closed -> bool``, ``close``; and what its clients share: handler
+    dispatch, requests on a pool, published messages in order per subscription."""
+
+    source = _NEXO_SOURCE                    # the Event ``source`` of what it publishes
+    networked = False                        # True: a server others reach over the network
 
     def __init__(self, max_workers: int) -> None:
         self._handlers: dict[Any, Callable[[Any], Any]] = {}
@@ -2332,6 +2346,32 @@ class _ClientBase:
         self._pool_lock = threading.Lock()
         self._max_workers = max_workers
         self.closed = threading.Event()
+        self._running = 0                    # handlers running, their replies not yet sent
+        self._ran = threading.Condition(threading.Lock())
+        self._queued: dict[Any, deque] = {}  # sid -> published messages not handled yet
+        self._queued_lock = threading.Lock()
+
+    # -- what a subclass provides: subscribe, unsubscribe, request, close,
+    #    _publish_event(topic, event, confirm) and _send_reply(inbox, result, error)
+
+    def publish(self, topic: str, payload: Any) -> None:
+        """Fire and forget ``payload`` in a fresh nexo Event."""
+        self._publish_event(topic, nexo_event(topic, payload, source=self.source), False)
+
+    def publish_event(self, topic: str, event: dict) -> None:
+        """Fire and forget a nexo Event made by the caller, as it is (its id kept)."""
+        self._publish_event(topic, event, False)
+
+    def deliver(self, topic: str, event: dict) -> None:
+        """Hand on a made Event and return once it was taken; raises
+        ``PluginPollerForwardError.Broker`` when it was not (-32010: nobody took it)."""
+        self._publish_event(topic, event, True)
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Block until the client is closed (close(), or its connection ended)."""
+        return self.closed.wait(timeout)
+
+    # -- dispatch --------------------------------------------------------------------
 
     def _dispatch(self, sid, payload, inbox) -> None:
         handler = self._handlers.get(sid)
@@ -2339,10 +2379,34 @@ class _ClientBase:
             if inbox is not None:
                 self._send_reply(inbox, None, {"message": "no handler for this subscription"})
             return
-        self._submit(handler, payload, inbox)
+        if inbox is None:
+            self._in_order(sid, handler, payload)
+        else:
+            self._submit(self._run_handler, handler, payload, inbox)
 
-    def _submit(self, handler, payload, inbox) -> None:
-        """Run a handler on the pool."""
+    def _in_order(self, sid, handler, payload) -> None:
+        """A published message: handled after those before it on its
+        subscription, one at a time (requests run side by side instead)."""
+        with self._queued_lock:
+            waiting = self._queued.get(sid)
+            if waiting is not None:
+                waiting.append((handler, payload))
+                return
+            self._queued[sid] = deque([(handler, payload)])
+        self._submit(self._drain, sid)
+
+    def _drain(self, sid) -> None:
+        while True:
+            with self._queued_lock:
+                waiting = self._queued[sid]
+                if not waiting:
+                    del self._queued[sid]
+                    return
+                handler, payload = waiting.popleft()
+            self._run_handler(handler, payload, None)
+
+    def _submit(self, fn, *args) -> None:
+        """Run ``fn(*args)`` on the pool."""
         if self._pool is None:
             with self._pool_lock:
                 if self._pool is None:
@@ -2350,11 +2414,29 @@ class _ClientBase:
                     self._pool = ThreadPoolExecutor(self._max_workers,
                                                     thread_name_prefix="nexo-handler")
         try:
-            self._pool.submit(self._run_handler, handler, payload, inbox)
+            self._pool.submit(fn, *args)
         except RuntimeError:                 # pool shut down: the client is closing
             pass
 
     def _run_handler(self, handler, payload, inbox) -> None:
+        with self._ran:
+            self._running += 1
+        try:
+            self._answer_handler(handler, payload, inbox)
+        finally:
+            with self._ran:
+                self._running -= 1
+                self._ran.notify_all()
+
+    def _handlers_done(self, timeout: float) -> bool:
+        """Wait until no handler runs (each one's reply sent); False at the timeout."""
+        deadline = time.monotonic() + timeout
+        with self._ran:
+            while self._running and time.monotonic() < deadline:
+                self._ran.wait(deadline - time.monotonic())
+            return not self._running
+
+    def _answer_handler(self, handler, payload, inbox) -> None:
         try:
             result = handler(payload)
         except Exception as exc:             # report it to the requester, keep serving
@@ -2399,6 +2481,15 @@ class _ClientBase:
                             f"{topic}: {error.get('message', 'broker error')}")
 
 
+def _json_payload(payload: Any) -> None:
+    """Raise as a client whose payload must travel as JSON does, though an
+    in-process one hands the object itself to in-process handlers."""
+    try:
+        _dumps(payload)
+    except (ValueError, TypeError) as exc:
+        raise _NotJson(f"payload is not JSON: {exc}") from None
+
+
 class _LocalClient(_ClientBase):
     """The daemon's in-process client (``BrokerServer.client()``)."""
 
@@ -2419,13 +2510,15 @@ class _LocalClient(_ClientBase):
         self._handlers.pop(sid, None)
         self._call("unsubscribe", {"sid": sid})
 
-    def publish(self, topic: str, payload: Any) -> int:
-        """Publish; returns how many subscribers the message was handed to."""
-        return self._call("publish", {"topic": topic, "payload": payload})
+    def _publish_event(self, topic: str, event: dict, confirm: bool) -> None:
+        _json_payload(event)
+        if not self._call("publish", {"topic": topic, "payload": event}) and confirm:
+            raise _broker_error(BROKER_NO_RESPONDERS, f"no subscriber on {topic!r}")
 
     def request(self, topic: str, payload: Any, timeout: timedelta | float, *,
                 wait: bool = False, cancel: threading.Event | None = None) -> Any:
         secs = _seconds(timeout, "timeout")
+        _json_payload(payload)           # as a socket client would find, whoever answers
         waiter = _Waiter()
         p = self._server._open_request(self._peer, waiter, topic, payload,
                                        time.monotonic() + secs, wait)
@@ -2520,7 +2613,10 @@ class BrokerClient(_ClientBase):
     def _send(self, obj: dict) -> None:
         """Queue one line; the first thread to find nobody writing sends every
         line queued meanwhile in one system call (write combining)."""
-        data = _dumps(obj).encode() + b"\n"
+        try:
+            data = _dumps(obj).encode() + b"\n"
+        except (ValueError, TypeError) as exc:
+            raise _NotJson(f"payload is not JSON: {exc}") from None
         if len(data) > BROKER_MAX_LINE_BYTES + 1:
             raise _LineTooLong(f"{obj.get('method', 'message')} of {len(data) - 1} bytes is "
                                f"longer than the broker's line limit "
@@ -2577,10 +2673,12 @@ class BrokerClient(_ClientBase):
         self._call("unsubscribe", {"sid": sid}, 10.0)
         self._handlers.pop(sid, None)
 
-    def publish(self, topic: str, payload: Any) -> None:
-        """Fire and forget."""
-        self._send({"jsonrpc": "2.0", "method": "publish",
-                    "params": {"topic": topic, "payload": payload}})
+    def _publish_event(self, topic: str, event: dict, confirm: bool) -> None:
+        params = {"topic": topic, "payload": event}
+        if not confirm:
+            self._send({"jsonrpc": "2.0", "method": "publish", "params": params})
+        elif not self._call("publish", params, 10.0):     # how many took it
+            raise _broker_error(BROKER_NO_RESPONDERS, f"no subscriber on {topic!r}")
 
     def request(self, topic: str, payload: Any, timeout: timedelta | float, *,
                 wait: bool = False, cancel: threading.Event | None = None) -> Any:
@@ -2603,7 +2701,7 @@ class BrokerClient(_ClientBase):
     def _post_reply(self, params: dict) -> None:
         try:
             self._send({"jsonrpc": "2.0", "method": "reply", "params": params})
-        except _LineTooLong:
+        except (_LineTooLong, _NotJson):
             raise
         except PluginPollerForwardError:
             pass                             # the connection is gone; so is the requester's wait
@@ -2653,7 +2751,7 @@ class BrokerClient(_ClientBase):
                 item = self._on_line(line) if line else None
                 if item is not None:
                     if work is not None:
-                        self._submit(*work)
+                        self._submit(self._run_handler, *work)
                     work = item
             if work is not None:
                 return work
@@ -2672,6 +2770,9 @@ class BrokerClient(_ClientBase):
             params = msg.get("params") or {}
             handler = self._handlers.get(params.get("sid"))
             inbox = params.get("inbox")
+            if handler is not None and inbox is None:
+                self._in_order(params.get("sid"), handler, params.get("payload"))
+                return None
             if handler is not None:
                 return handler, params.get("payload"), inbox
             if inbox is not None:
@@ -2691,10 +2792,6 @@ class BrokerClient(_ClientBase):
         for waiter in list(self._pending.values()):
             waiter.set(None, {"code": BROKER_CLOSED, "message": "connection to broker lost"})
         self._shutdown_pool()
-
-    def wait_closed(self, timeout: float | None = None) -> bool:
-        """Block until the connection ends (the daemon went away or close())."""
-        return self.closed.wait(timeout)
 
     def close(self) -> None:
         try:
@@ -2722,8 +2819,8 @@ NATS_MAX_CONTROL_LINE = 64 * 1024       # a longer line from the server is a pro
 NATS_MAX_OUTAGE_BUFFER = 8 << 20        # bytes of publishes kept during an outage
 BROKER_AUTH_FAILED = -32015             # the NATS server refused the credentials
 BROKER_PAYLOAD_TOO_LARGE = -32016       # over the server's max_payload; nothing was sent
-_NEXO_SOURCE = "plugin.poller"
 _NATS_ERROR_HEADER = "Nexo-Error"       # a responder's handler failed: {"message": ...}
+_JS_STREAM_CACHE_SECS = 30.0            # how long "does a stream capture this topic" holds
 
 
 class _NatsProtocolError(Exception):
@@ -2870,6 +2967,19 @@ def _nats_servers(url: str) -> list[_NatsServer]:
     return servers
 
 
+def _nats_url_as(url: str, auth: Mapping[str, str]) -> str:
+    """``url`` (every server of it) with the credentials of ``auth``
+    (``{"user", "password"}`` or ``{"token"}``) instead of its own: what a
+    plugin with a NATS user of its own connects with."""
+    from urllib.parse import quote
+    if "token" in auth:
+        cred = quote(auth["token"], safe="")
+    else:
+        cred = f"{quote(auth['user'], safe='')}:{quote(auth['password'], safe='')}"
+    return ",".join(f"{'tls' if s.tls else 'nats'}://{cred}@{s.host}:{s.port}"
+                    for s in _nats_servers(url))
+
+
 def _uuid4() -> str:
     b = bytearray(os.urandom(16))
     b[6] = (b[6] & 0x0F) | 0x40
@@ -2955,9 +3065,11 @@ class NatsClient(_ClientBase):
     with backoff and jitter across the server list, resubscribes, and
     sends the publishes buffered meanwhile (at most ``outage_buffer``
     bytes).  With ``nexo_envelopes`` (the default) requests and
-    publishes travel as nexo ``Event``s and envelopes are opened on
-    receipt, so handlers and requesters see plain payloads.
+    publishes travel as nexo ``Event``s; a request's envelope is opened
+    on receipt, so its handler and its requester see plain payloads, and
+    a published message reaches its handler as the Event it is.
     """
+    networked = True
 
     def __init__(self, servers: list[_NatsServer], *, name: str = "nexo-poller",
                  connect_timeout: float = 5.0, max_workers: int = 32,
@@ -2994,6 +3106,10 @@ class NatsClient(_ClientBase):
         self._listeners: set[int] = set()     # sids that never answer (subscribe)
         self._inbox_sid = next(self._sids)
         self._inbox = f"_INBOX.{_uuid4().replace('-', '')}."
+        # Subscribed at the first request: a plugin that only answers needs
+        # no permission to subscribe to an inbox (README "Trust on NATS").
+        self._inbox_wanted = False
+        self._refused: dict[str, str] = {}       # subject -> the server's refusal
         self._pending: dict[str, _Waiter] = {}
         self._tokens = itertools.count(1)
         self._pongs: deque = deque()      # waiters of our PINGs, in order
@@ -3005,6 +3121,7 @@ class NatsClient(_ClientBase):
         self._wake = threading.Event()    # set by close(): stop waiting to reconnect
         self._io_lock: threading.Lock | None = None   # TLS only: one SSL call at a time
         self._poll = None
+        self._streams: dict[str, tuple[float, bool]] = {}   # topic -> (asked at, captured)
 
     # ---------------------------------------------------------- connecting
     @classmethod
@@ -3135,7 +3252,8 @@ class NatsClient(_ClientBase):
             if self._closing:                 # close() came during the handshake
                 sock.close()
                 raise _broker_error(BROKER_CLOSED, "NATS client is closed")
-            lines = [f"SUB {self._inbox}* {self._inbox_sid}\r\n".encode()]
+            lines = [f"SUB {self._inbox}* {self._inbox_sid}\r\n".encode()] \
+                if self._inbox_wanted else []
             lines += [_sub_line(sid, *spec) for sid, spec in list(self._subs.items())]
             data = b"".join(lines) + self._outage
             self._outage.clear()
@@ -3231,8 +3349,10 @@ class NatsClient(_ClientBase):
             body = payload                # not JSON: the handler gets the bytes
         shape = None
         if self.nexo_envelopes:
-            body, reply_to, shape = nexo_unwrap(body)
+            inner, reply_to, shape = nexo_unwrap(body)
             reply = reply or reply_to
+            if reply is not None:
+                body = inner              # a request: its handlers get the payload
         if sid in self._listeners:
             reply = None
         self._dispatch(sid, body, None if reply is None else (reply, shape))
@@ -3251,6 +3371,9 @@ class NatsClient(_ClientBase):
                 waiter.set(True)
 
     def on_err(self, text: str) -> None:
+        refused = _NATS_SUB_REFUSED.match(text)
+        if refused:                           # read by subscribe(), which waits for it
+            self._refused[refused[1]] = text
         log.warning("NATS server %s: %s", self.server.name if self.server else "?", text)
 
     def _lose(self, sock, why: str) -> None:
@@ -3397,26 +3520,38 @@ class NatsClient(_ClientBase):
         self._subs[sid] = (topic, queue)      # sent again after every reconnect
         # Disconnected, the SUB is dropped here and sent on reconnect; a SUB
         # sent twice for one sid is ignored by the server.
+        self._refused.pop(topic, None)
         self._write(_sub_line(sid, topic, queue), quiet=True)
         try:
-            self.flush()
+            self.flush()                      # a refusal comes before the PONG
         except PluginPollerForwardError:
             pass                              # an outage: the reconnect subscribes
+        refused = self._refused.pop(topic, None)
+        if refused is not None:
+            self._subs.pop(sid, None)
+            self._handlers.pop(sid, None)
+            self._listeners.discard(sid)
+            raise _broker_error(BROKER_AUTH_FAILED, f"NATS server refused the subscription "
+                                f"to {topic!r}: {refused}")
         return sid
 
     def unsubscribe(self, sid: int) -> None:
+        """Returns once the server has it (or at once during an outage)."""
         self._subs.pop(sid, None)
         self._handlers.pop(sid, None)
         self._listeners.discard(sid)
         self._write(f"UNSUB {sid}\r\n".encode(), quiet=True)
+        try:
+            self.flush()
+        except PluginPollerForwardError:
+            pass                              # disconnected: nothing is subscribed there
 
     def publish(self, topic: str, payload: Any, *, raw: bool = False,
                 headers: Mapping[str, str] | None = None) -> None:
         """Fire and forget; buffered (within ``outage_buffer``) during an outage.
 
         ``raw`` sends ``payload`` as it is (bytes, or JSON of anything else)
-        with no nexo envelope, and ``headers`` as NATS headers: an outbox
-        Event is published once, not wrapped again."""
+        with no nexo envelope, and ``headers`` as NATS headers."""
         if raw:
             self._pub(topic, self._raw_body(payload), headers=_nats_headers(headers)
                       if headers else None)
@@ -3424,6 +3559,46 @@ class NatsClient(_ClientBase):
         if self.nexo_envelopes:
             payload = nexo_event(topic, payload, source=self.source)
         self._pub(topic, self._encode(payload))
+
+    def _publish_event(self, topic: str, event: dict, confirm: bool) -> None:
+        """Sent as it is; confirmed, it counts as taken once the JetStream
+        stream that captures ``topic`` acked it (``Nats-Msg-Id`` = the Event
+        id, so a retry is not stored twice), or, with no such stream, once
+        published: plain NATS has no receipt."""
+        if confirm and self._captured(topic):
+            try:
+                body, _, status = self.request(topic, event, 10.0, raw=True,
+                                               headers={"Nats-Msg-Id": str(event["id"])})
+                ack = _loads(body) if body else {}
+            except ValueError as exc:
+                raise _broker_error(BROKER_RESPONDER_ERROR,
+                                    f"{topic}: JetStream ack is not JSON: {exc}") from None
+            if status is not None or not isinstance(ack, dict) or "error" in ack \
+                    or "seq" not in ack:
+                raise _broker_error(BROKER_RESPONDER_ERROR,
+                                    f"{topic}: JetStream did not ack: {ack!r:.200}")
+            return
+        self._pub(topic, self._raw_body(event))
+
+    def _captured(self, topic: str) -> bool:
+        """Whether a JetStream stream captures ``topic`` (asked at most every
+        ``_JS_STREAM_CACHE_SECS`` per topic); no JetStream means none does."""
+        seen = self._streams.get(topic)
+        if seen is not None and time.monotonic() - seen[0] < _JS_STREAM_CACHE_SECS:
+            return seen[1]
+        try:
+            body, _, status = self.request("$JS.API.STREAM.NAMES", {"subject": topic}, 5.0,
+                                           raw=True)
+            found = status is None and bool((_loads(body) or {}).get("streams"))
+        except PluginPollerForwardError as exc:
+            if getattr(exc, "code", None) != BROKER_NO_RESPONDERS:
+                raise _broker_error(getattr(exc, "code", BROKER_CLOSED),
+                                    f"{topic}: JetStream lookup: {exc}") from None
+            found = False                               # no JetStream on this server
+        except ValueError:
+            found = False
+        self._streams[topic] = (time.monotonic(), found)
+        return found
 
     def _raw_body(self, payload: Any) -> bytes:
         return bytes(payload) if isinstance(payload, (bytes, bytearray)) else self._encode(payload)
@@ -3489,6 +3664,7 @@ class NatsClient(_ClientBase):
         secs = _seconds(timeout, "timeout")
         deadline = time.monotonic() + secs
         sent = []
+        self._want_inbox()
         try:
             for topic, payload, headers in requests:
                 token = str(next(self._tokens))
@@ -3514,7 +3690,15 @@ class NatsClient(_ClientBase):
             for _, token, _ in sent:
                 self._pending.pop(token, None)
 
+    def _want_inbox(self) -> None:
+        """Subscribe to this client's reply inbox before its first request
+        (the server takes the SUB before the request that follows it)."""
+        if not self._inbox_wanted:
+            self._inbox_wanted = True         # _adopt resubscribes it from now on
+            self._write(f"SUB {self._inbox}* {self._inbox_sid}\r\n".encode(), quiet=True)
+
     def _request_once(self, topic, payload, deadline, cancel, raw=False, headers=None):
+        self._want_inbox()
         token = str(next(self._tokens))
         reply = self._inbox + token
         if raw:
@@ -3580,10 +3764,6 @@ class NatsClient(_ClientBase):
                 log.debug("NATS reply not sent: %s", exc)
 
     # ------------------------------------------------------------- closing
-    def wait_closed(self, timeout: float | None = None) -> bool:
-        """Block until the client is closed (close(), or reconnecting gave up)."""
-        return self.closed.wait(timeout)
-
     def close(self) -> None:
         """Send what is queued, close the connection, stop the reader thread."""
         with self._wlock:
@@ -3636,6 +3816,7 @@ def _close_socket(sock) -> None:
 
 
 _NATS_SPACE = re.compile(r"\s")
+_NATS_SUB_REFUSED = re.compile(r'Permissions Violation for Subscription to "([^"]+)"')
 
 
 def _nats_subject(subject: Any, what: str = "subject") -> str:
@@ -3647,25 +3828,36 @@ def _nats_subject(subject: Any, what: str = "subject") -> str:
     return subject
 
 
+def _broker_client_class(url: Any) -> type:
+    """The one place a broker URL's scheme is read: the client class that
+    serves it.  Callers ask the class what it can do (``networked``), never
+    the scheme.  Raises ``PluginPollerForwardError.Broker``."""
+    scheme = url.split("://", 1)[0] if isinstance(url, str) and "://" in url else None
+    cls = {"unix": BrokerClient, "nats": NatsClient, "tls": NatsClient}.get(scheme)
+    if cls is None:
+        raise _broker_error(BROKER_INVALID_PARAMS, f"broker URL must start with unix://, "
+                            f"nats:// or tls://, got {url!r:.80}")
+    return cls
+
+
+def _is_nats(broker: str | None) -> bool:
+    """True for a networked broker URL (``nats://``, ``tls://``): plugins may
+    run on other hosts, TLS options apply, JetStream may hold the state."""
+    try:
+        return bool(broker) and _broker_client_class(broker).networked
+    except PluginPollerForwardError:
+        return False
+
+
 def connect_broker(url: str, **opts) -> "BrokerClient | NatsClient":
     """A broker client for ``url``: ``unix:///path`` (the daemon's embedded
     broker) or ``nats://``/``tls://`` (comma-separated for several servers).
 
-    Both have ``subscribe``/``unsubscribe``/``publish``/``request``/
-    ``wait_closed``/``close``; options go to ``BrokerClient.connect`` or
-    ``NatsClient``.  Raises ``PluginPollerForwardError.Broker``.
+    Every client keeps one contract (see ``_ClientBase``); options go to
+    ``BrokerClient.connect`` or ``NatsClient.connect``.  Raises
+    ``PluginPollerForwardError.Broker``.
     """
-    if isinstance(url, str) and url.startswith("unix://"):
-        return BrokerClient.connect(url, **opts)
-    if isinstance(url, str) and _is_nats(url):
-        return NatsClient.connect(url, **opts)
-    raise _broker_error(BROKER_INVALID_PARAMS, f"broker URL must start with unix://, "
-                        f"nats:// or tls://, got {url!r:.80}")
-
-
-def _is_nats(broker: str | None) -> bool:
-    """True for a ``nats://`` or ``tls://`` broker URL (plugins may run anywhere)."""
-    return bool(broker) and broker.split("://", 1)[0] in ("nats", "tls")
+    return _broker_client_class(url).connect(url, **opts)
 
 
 # ============================================================================
@@ -4076,7 +4268,7 @@ class _StdioChannel:
                         _log_safe(topic, 200))
             return
         try:
-            broker.publish(topic, params["event"])
+            broker.publish_event(topic, params["event"])   # already an Event: as it is
         except PluginPollerForwardError as exc:
             log.warning("plugin %s: publish to %s failed: %s", self._name,
                         _log_safe(topic, 200), exc)
@@ -4120,7 +4312,8 @@ class PluginSupervisor:
     """Keeps one long-lived plugin process running.
 
     The process gets its own process group and ``NEXO_BROKER_URL``,
-    ``NEXO_POLLER_PLUGIN_ID`` and ``NEXO_POLLER_TICK_TOPIC``; its output is
+    ``NEXO_POLLER_PLUGIN_ID`` and ``NEXO_POLLER_TICK_TOPIC``, and a stdin
+    pipe held open as its lifeline (``NEXO_POLLER_LIFELINE=stdin``); its output is
     relayed to the log line by line.  When it exits it is restarted after
     ``backoff_initial`` seconds, doubling up to ``backoff_max``; a run that
     lasted ``stable_after`` seconds resets the backoff.
@@ -4162,10 +4355,13 @@ class PluginSupervisor:
                 nexo["NEXO_BROKER_KIND"] = "stdio_bridge"
         else:
             nexo["NEXO_BROKER_URL"] = self.broker_url
+            # Its stdin is a pipe only this process writes to (never, in fact):
+            # end-of-file on it tells the plugin the daemon is gone, however it
+            # died.  A NATS connection outlives a SIGKILLed daemon; this does not.
+            nexo["NEXO_POLLER_LIFELINE"] = "stdin"
         try:
             return _popen(
-                [h.entrypoint_command, *h.entrypoint_args],
-                stdin=subprocess.PIPE if self._stdio else subprocess.DEVNULL,
+                [h.entrypoint_command, *h.entrypoint_args], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE if self._stdio else subprocess.STDOUT,
                 cwd=h.working_dir, start_new_session=True,
                 env=_child_env(h.plugin_id, h.entrypoint_env, **nexo))
@@ -4348,15 +4544,38 @@ def _plugin_dispatch(handlers: Mapping[str, Callable], envelope: Any) -> dict:
         return answer(ERROR_CONFIG, f"bad tick request: {exc}")
     try:
         ack = handler(ctx)
-        if ack is not None and not isinstance(ack, TickAck):
-            raise TypeError(f"tick handler returned {type(ack).__name__}, not TickAck")
     except PollerError as exc:
         code = {ErrorClass.PERMANENT: ERROR_PERMANENT,
                 ErrorClass.CONFIG: ERROR_CONFIG}.get(exc.classify(), ERROR_TRANSIENT)
         return answer(code, getattr(exc, "reason", exc))   # Config's text without "job 'x':"
     except Exception as exc:                 # a bug in the handler: retry later, keep serving
-        return answer(ERROR_TRANSIENT, f"{type(exc).__name__}: {exc}")
+        return answer(ERROR_TRANSIENT, _report_bug(exc))
+    if ack is not None and not isinstance(ack, TickAck):
+        return answer(ERROR_TRANSIENT,
+                      f"TypeError: tick handler returned {type(ack).__name__}, not TickAck")
     return answer(None, TickReply.from_ack(ack).to_dict())
+
+
+_TRACEBACK_FRAMES = 8                        # innermost frames a handler's traceback keeps
+
+
+def _report_bug(exc: BaseException) -> str:
+    """A handler's unexpected exception: its traceback goes to stderr (the
+    innermost frames, bounded), which the daemon relays to its log and
+    appends to an ephemeral tick's error; the returned text says what and where."""
+    import traceback
+    try:
+        sys.stderr.write("".join(traceback.format_exception(
+            type(exc), exc, exc.__traceback__, limit=-_TRACEBACK_FRAMES))[-_STDERR_KEEP_BYTES:])
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass                                 # no stderr, or nobody reads it
+    text = f"{type(exc).__name__}: {exc}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        where = frames[-1]
+        text += f" (at {os.path.basename(where.filename)}:{where.lineno} in {where.name})"
+    return text
 
 
 def _context_from_params(params: dict) -> PollContext:
@@ -4386,8 +4605,9 @@ def run_plugin(handlers: Mapping[str, Callable[[PollContext], TickAck | None]],
     ``broker.event`` ticks included; otherwise it subscribes to ``NEXO_POLLER_TICK_TOPIC`` on
     ``NEXO_BROKER_URL`` (``unix://``, or ``nats://``/``tls://`` through
     ``connect_broker``) and returns when that connection ends; a NATS
-    connection reconnects through outages.  Returns an exit status for
-    ``sys.exit``.
+    connection reconnects through outages.  With ``NEXO_POLLER_LIFELINE=stdin``
+    (set by the daemon) it leaves once stdin reaches end-of-file: the daemon
+    is gone.  Returns an exit status for ``sys.exit``.
     """
     env = os.environ if env is None else env
     handlers = dict(handlers)
@@ -4401,14 +4621,92 @@ def run_plugin(handlers: Mapping[str, Callable[[PollContext], TickAck | None]],
         return 2
     try:
         client = connect_broker(url)
+        serving = _Serving(client)
         # Plugin instances of one id share the work, NATS queue-group style.
-        client.subscribe(topic, lambda payload: _plugin_dispatch(handlers, payload),
-                         queue=env.get("NEXO_POLLER_PLUGIN_ID") or topic)
+        serving.sid = client.subscribe(topic, lambda payload: serving.tick(handlers, payload),
+                                       queue=env.get("NEXO_POLLER_PLUGIN_ID") or topic)
     except PluginPollerForwardError as exc:
         print(f"nexo-poller plugin: {exc}", file=sys.stderr)
         return 1
+    if env.get("NEXO_POLLER_LIFELINE") == "stdin":
+        _watch_lifeline(serving.leave)
     client.wait_closed()
     return 0
+
+
+_LEAVING_GRACE_SECS = 3.0   # ticks in flight a plugin that lost its daemon may finish
+
+
+class _Serving:
+    """A long-lived plugin's subscription, and its leaving once its daemon
+    is gone: a plugin whose daemon died must not go on answering ticks
+    (another daemon's, over NATS) with a dead stderr pipe."""
+
+    def __init__(self, client) -> None:
+        self.client, self.sid = client, None
+        self._leaving = threading.Lock()
+
+    def tick(self, handlers: Mapping[str, Callable], payload: Any) -> dict:
+        reply = _plugin_dispatch(handlers, payload)
+        if "error" in reply and _output_broken():
+            self.leave()                 # nobody reads its output: its daemon is gone
+        return reply
+
+    def leave(self) -> None:
+        """Stop taking ticks, let those in flight finish and answer (their
+        output going to /dev/null), close the connection; exit the process
+        if a tick still runs after the grace.  Safe from any thread, once."""
+        if self._leaving.acquire(blocking=False):
+            threading.Thread(target=self._leave, name="nexo-plugin-leaving",
+                             daemon=True).start()
+
+    def _leave(self) -> None:
+        _silence_output()
+        if self.sid is not None:
+            try:
+                self.client.unsubscribe(self.sid)
+            except PluginPollerForwardError:
+                pass                         # the connection is gone already
+        idle = self.client._handlers_done(_LEAVING_GRACE_SECS)
+        self.client.close()
+        if not idle:                         # a stuck handler would hold the exit
+            os._exit(0)
+
+
+def _watch_lifeline(on_gone: Callable[[], None]) -> None:
+    """Call ``on_gone`` when stdin reaches end-of-file: the daemon that
+    started this plugin held its other end, so it is gone."""
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):
+                pass                         # the daemon writes nothing; ignore it
+        except OSError:
+            pass
+        on_gone()
+    threading.Thread(target=watch, name="nexo-plugin-lifeline", daemon=True).start()
+
+
+def _output_broken() -> bool:
+    """True when nobody reads this process's stderr any more: a pipe whose
+    reader closed polls as an error."""
+    poller = select.poll()
+    poller.register(2, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _silence_output() -> None:
+    """Point stdout and stderr at /dev/null: with the reader gone, a print
+    would raise BrokenPipeError in whatever handler made it."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    for fd in (1, 2):
+        try:
+            os.dup2(null, fd)
+        except OSError:
+            pass
+    os.close(null)
 
 
 def _serve_stdio(handlers: Mapping[str, Callable]) -> int:
@@ -7055,7 +7353,8 @@ _TOP_DEFAULTS = {"enabled": True, "state_db": "./data/poller.db", "default_jitte
                  "metrics_addr": None, "admin_addr": None, "admin_token_file": None,
                  "admin_allowed_hosts": [], "agents": {}, "delivery_sink": "broker", "delivery_max_attempts": 20,
                  "delivery_max_age_secs": 86400.0, "delivery_retry_initial_secs": 1.0,
-                 "delivery_retry_max_secs": 60.0, "plugins": [], "jobs": []}
+                 "delivery_retry_max_secs": 60.0, "plugins": [], "jobs": [],
+                 "plugin_broker_auth": {}}
 _JOB_KEYS = {"id", "kind", "agent", "schedule", "config", "failure_to", "paused_on_boot"}
 _SCHEDULE_KEYS = {"every_secs", "cron", "tz", "at", "stagger_jitter_ms"}
 
@@ -7111,6 +7410,8 @@ class DaemonConfig:
     plugins: list[PluginPollerHandle] = dataclasses.field(default_factory=list)
     jobs: list[JobConfig] = dataclasses.field(default_factory=list)
     source: str | None = None
+    # plugin id -> {"user", "password"} or {"token"}: its own NATS credentials
+    plugin_broker_auth: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
 
 class _Problems:
@@ -7119,6 +7420,29 @@ class _Problems:
 
     def add(self, path: str, message: str) -> None:
         self.items.append((path, message))
+
+
+def _plugin_broker_auth(doc: Any, cfg: DaemonConfig, where: str, probs: _Problems) -> None:
+    """``plugin_broker_auth``: each supervised plugin's own NATS credentials."""
+    if not _check_type(probs, where, doc, dict, "an object: plugin id -> credentials"):
+        return
+    if doc and not _is_nats(cfg.broker):
+        probs.add(where, "only a nats:// or tls:// broker takes per-plugin credentials")
+        return
+    ids = {h.plugin_id for h in cfg.plugins}
+    for pid, auth in doc.items():
+        at = f"{where}.{pid}"
+        if pid not in ids:
+            probs.add(at, f"no plugin {pid!r} in \"plugins\"")
+        elif not _check_type(probs, at, auth, dict,
+                             'an object: {"user", "password"} or {"token"}'):
+            pass
+        elif set(auth) not in ({"user", "password"}, {"token"}) or not all(
+                isinstance(v, str) and v for v in auth.values()):
+            probs.add(at, 'must be {"user": "...", "password": "..."} or {"token": "..."} '
+                          "with non-empty strings")
+        else:
+            cfg.plugin_broker_auth[pid] = dict(auth)
 
 
 def _check_type(probs: _Problems, path: str, value: Any, kinds, what: str) -> bool:
@@ -7255,7 +7579,7 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
     broker = get("broker")
     if broker is not None and _check_type(probs, prefix + "broker", broker, str,
                                           "a unix://, nats:// or tls:// URL, or null"):
-        if broker.split("://", 1)[0] in ("nats", "tls"):
+        if _is_nats(broker):
             try:
                 _nats_servers(broker)
                 cfg.broker = broker
@@ -7280,7 +7604,7 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
                 if not os.path.isfile(full):
                     probs.add(f"{prefix}broker_tls.{key}", f"{full}: no such file")
                 cfg.broker_tls[key] = full
-        if tls and not (cfg.broker or "").split("://", 1)[0] in ("nats", "tls"):
+        if tls and not _is_nats(cfg.broker):
             probs.add(prefix + "broker_tls", "only a nats:// or tls:// broker uses TLS options")
     broker_problem = _state_backend(cfg.state_db).broker_problem(cfg.broker)
     if broker_problem:
@@ -7350,6 +7674,7 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
                 else:
                     owners[kind] = f"plugin {handle.plugin_id!r}"
             cfg.plugins.append(handle)
+    _plugin_broker_auth(get("plugin_broker_auth"), cfg, prefix + "plugin_broker_auth", probs)
 
     jobs = get("jobs")
     ids: set[str] = set()
@@ -7809,7 +8134,10 @@ class Runner:
             lane.limit = limit
             return lane
 
-    def _install_plugins(self, handles: Iterable[PluginPollerHandle]) -> None:
+    def _install_plugins(self, handles: Iterable[PluginPollerHandle],
+                         auth_by_plugin: Mapping[str, Mapping[str, str]] | None = None) -> None:
+        """Route the plugins' kinds and start the supervised ones, each with
+        its own NATS credentials when ``plugin_broker_auth`` names it."""
         for handle in handles:
             for kind in handle.kinds:
                 route = self._routes.get(kind)
@@ -7826,8 +8154,11 @@ class Runner:
             if handle.lifecycle is not Lifecycle.EPHEMERAL and handle.entrypoint_command:
                 # long-lived and stdio; without a command (NATS only) the plugin
                 # runs elsewhere: not ours to start.
+                auth = (auth_by_plugin if auth_by_plugin is not None else
+                        self.config.plugin_broker_auth).get(handle.plugin_id)
                 self._supervisors[handle.plugin_id] = PluginSupervisor(
-                    handle, self.broker_url).start()
+                    handle, _nats_url_as(self.broker_url, auth) if auth else self.broker_url
+                ).start()
 
     def _remove_plugin(self, plugin_id: str) -> None:
         sup = self._supervisors.pop(plugin_id, None)
@@ -8801,12 +9132,15 @@ class Runner:
                 log.error("leases of removed jobs not released (they expire): %s", exc)
         old_plugins = {h.plugin_id: h for h in self.router.handles()}
         new_plugins = {h.plugin_id: h for h in new.plugins}
+        old_auth, new_auth = self.config.plugin_broker_auth, new.plugin_broker_auth
         for pid, handle in old_plugins.items():
-            if pid not in new_plugins or not handle.same_spec(new_plugins[pid]):
+            if pid not in new_plugins or not handle.same_spec(new_plugins[pid]) \
+                    or old_auth.get(pid) != new_auth.get(pid):
                 self._remove_plugin(pid)
         changed = [h for pid, h in new_plugins.items()
-                   if pid not in old_plugins or not old_plugins[pid].same_spec(h)]
-        self._install_plugins(changed)
+                   if pid not in old_plugins or not old_plugins[pid].same_spec(h)
+                   or old_auth.get(pid) != new_auth.get(pid)]
+        self._install_plugins(changed, new_auth)
         diff: dict[str, list[str]] = {
             "added": [j.cfg.id for j in added], "replaced": [], "removed": removed, "kept": [],
             "restarted": [h.plugin_id for h in changed if h.plugin_id in old_plugins]}
@@ -8919,52 +9253,16 @@ class _Undelivered(Exception):
     """A sink could not hand a message on; the publisher retries it."""
 
 
-_JS_STREAM_CACHE_SECS = 30.0
-
-
 def _broker_sink(broker) -> Callable[[str, dict], None]:
-    """Publish on the broker.  On the embedded broker a message counts as
-    delivered only when a subscriber took it; on NATS, when the JetStream
-    stream that captures its subject acked it (``Nats-Msg-Id`` = the Event
-    id, so a retry is not stored twice), or, with no such stream, once
-    published."""
-    captured: dict[str, tuple[float, bool]] = {}      # topic -> (checked at, has a stream)
-
-    def has_stream(topic: str) -> bool:
-        seen = captured.get(topic)
-        if seen is not None and time.monotonic() - seen[0] < _JS_STREAM_CACHE_SECS:
-            return seen[1]
-        try:
-            body, _, status = broker.request("$JS.API.STREAM.NAMES", {"subject": topic}, 5.0,
-                                             raw=True)
-            found = status is None and bool((_loads(body) or {}).get("streams"))
-        except PluginPollerForwardError as exc:
-            if getattr(exc, "code", None) != BROKER_NO_RESPONDERS:
-                raise _Undelivered(f"{topic}: JetStream lookup: {exc}") from None
-            found = False                               # no JetStream on this server
-        except ValueError:
-            found = False
-        captured[topic] = (time.monotonic(), found)
-        return found
+    """Hand each Event to the broker client's ``deliver``: it returns once the
+    Event was taken (what that means is the client's: a subscriber took it
+    on the embedded broker, JetStream acked it on NATS) and raises otherwise."""
 
     def send(topic: str, event: dict) -> None:
-        if isinstance(broker, NatsClient):
-            if has_stream(topic):
-                try:
-                    body, _, status = broker.request(topic, event, 10.0, raw=True,
-                                                     headers={"Nats-Msg-Id": event["id"]})
-                    ack = _loads(body) if body else {}
-                except (PluginPollerForwardError, ValueError) as exc:
-                    raise _Undelivered(f"{topic}: JetStream: {exc}") from None
-                if status is not None or not isinstance(ack, dict) or "error" in ack \
-                        or "seq" not in ack:
-                    raise _Undelivered(f"{topic}: JetStream did not ack: {ack!r:.200}")
-                return
-            broker.publish(topic, event, raw=True)  # already an Event: not wrapped again
-            return
-        taken = broker.publish(topic, event)
-        if taken == 0:
-            raise _Undelivered(f"no subscriber on {topic}")
+        try:
+            broker.deliver(topic, event)
+        except PluginPollerForwardError as exc:
+            raise _Undelivered(str(exc)) from None
     return send
 
 

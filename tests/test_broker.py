@@ -287,9 +287,9 @@ class RequestReplyTests(_ServerCase):
         cond = threading.Condition()
 
         def handler(name):
-            def h(payload):
+            def h(event):
                 with cond:
-                    got.setdefault(name, []).append(payload)
+                    got.setdefault(name, []).append(event["payload"])
                     cond.notify_all()
             return h
 
@@ -412,9 +412,9 @@ class RequestReplyTests(_ServerCase):
         cond = threading.Condition()
 
         def rec(name):
-            def h(p):
+            def h(event):
                 with cond:
-                    got[name].append(p)
+                    got[name].append(event["payload"])
                     cond.notify_all()
             return h
 

@@ -317,7 +317,7 @@ class OutboxTests(DeliveryCase):
         self.assertEqual([(d.attempts, d.last_error) for d in dead],
                          [(3, "ConnectionError: recipient refuses")])
         self.assertTrue(wait_until(lambda: alerts, WAIT))
-        self.assertIn("dead letters", alerts[0]["reason"])
+        self.assertIn("dead letters", alerts[0]["payload"]["reason"])
         self.assertEqual(r.state.outbox_retry(), 1)
         self.assertEqual(self.outbox_rows("dead_letters"), [])
 

@@ -5,6 +5,7 @@ line and exit 6."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -13,7 +14,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nats_support import NatsServer, free_port, require_nats  # noqa: E402
-from support import NEXO, PY, wait_until, write_manifest  # noqa: E402
+from support import NEXO, PY, pid_gone, wait_until, write_manifest  # noqa: E402
 
 import nexo_poller as nx  # noqa: E402
 
@@ -33,8 +34,8 @@ class NatsDaemonCase(unittest.TestCase):
         self.addCleanup(server.cleanup)
         return server
 
-    def plugin(self, name, kind, with_entrypoint=True):
-        folder = os.path.join(self.root, name)
+    def plugin(self, name, kind, with_entrypoint=True, root=None):
+        folder = os.path.join(root or self.root, name)
         os.mkdir(folder)
         entry = (f'[plugin.entrypoint]\ncommand = {json.dumps(PY)}\n'
                  f'args = [{json.dumps(SDK_PLUGIN)}]\n') if with_entrypoint else ""
@@ -44,10 +45,10 @@ class NatsDaemonCase(unittest.TestCase):
                      'tick_timeout_secs = 10\n')
         return name
 
-    def config(self, broker, plugins, jobs, **top):
+    def config(self, broker, plugins, jobs, root=None, **top):
         doc = {"state_db": "state.db", "default_jitter_ms": 0, "broker": broker,
                "plugins": plugins, "jobs": jobs, **top}
-        path = os.path.join(self.root, "pollers.json")
+        path = os.path.join(root or self.root, "pollers.json")
         with open(path, "w") as fh:
             json.dump(doc, fh)
         return path
@@ -58,7 +59,8 @@ class NatsDaemonCase(unittest.TestCase):
                               stdin=subprocess.DEVNULL)
 
     def daemon(self, config):
-        proc = subprocess.Popen([PY, NEXO, "--config", config, "run"], cwd=self.root,
+        proc = subprocess.Popen([PY, NEXO, "--config", config, "run"],
+                                cwd=os.path.dirname(config),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
 
@@ -149,6 +151,152 @@ class TestDaemonOnNats(NatsDaemonCase):
         self.assertEqual(event["source"], "plugin.poller")
         stored = wait_until(lambda: r.state.outbox() == [], 15)
         self.assertTrue(stored, "delivered items leave the outbox")
+
+    def test_the_readme_consumer_gets_each_delivery_event_with_its_id_in_order(self):
+        # Issue 21 item 1: through connect_broker a NATS subscriber got only the
+        # inner payload, without the id a receiver drops repeats by.
+        srv = self.server()
+        got, done = [], threading.Event()
+        consumer = nx.connect_broker(srv.url)
+        self.addCleanup(consumer.close)
+        consumer.subscribe("plugin.outbound.telegram",
+                           lambda event: (got.append(event), len(got) == 12 and done.set()))
+        self.feed_runner(srv.url, *(nx.Delivery("telegram", "42", {"n": n}) for n in range(12)))
+        self.assertTrue(done.wait(30), got)
+        self.assertEqual([e["payload"] for e in got], [{"n": n, "to": "42"} for n in range(12)])
+        self.assertEqual(len({e["id"] for e in got}), 12)
+
+
+def _children(pid):
+    """The processes whose parent is ``pid`` (from /proc)."""
+    kids = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                data = f.read()
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit() and int(data[data.rindex(b")") + 2:].split()[1]) == pid:
+            kids.add(int(entry))
+    return kids
+
+
+class TestKilledDaemonOnNats(NatsDaemonCase):
+    """Issue 21 item 4: a SIGKILLed daemon leaves no plugin behind on NATS,
+    where nothing closes the plugin's broker connection for it."""
+
+    def test_sigkilled_daemon_leaves_no_plugin_and_the_survivor_keeps_ticking(self):
+        srv = self.server()
+        configs = []
+        for name in ("a", "b"):
+            root = os.path.join(self.root, name)
+            os.mkdir(root)
+            # One plugin id on both daemons: their instances share its queue group.
+            configs.append(self.config(srv.url, [self.plugin("sdk", "counter", root=root)], [
+                {"id": "c", "kind": "counter", "schedule": {"every_secs": 0.2},
+                 "config": {"say": True}}], root=root))
+        doomed, survivor = (self.daemon(c) for c in configs)
+        for config in configs:
+            self.assertTrue(wait_until(
+                lambda: (self.status(config).get("c") or {}).get("items_seen_total", 0) >= 3,
+                30, 0.1), "no ticks over NATS")
+        plugins = wait_until(lambda: _children(doomed.pid), 10)
+        self.assertTrue(plugins, "the daemon runs its plugin")
+        doomed.kill()
+        doomed.wait(10)
+        wait_until(lambda: all(pid_gone(p) for p in plugins), 5.0, 0.05)
+        stray = [p for p in plugins if not pid_gone(p)]
+        for pid in stray:
+            os.kill(pid, signal.SIGKILL)
+        self.assertEqual(stray, [], "a plugin outlived its SIGKILLed daemon by 5 s")
+        seen = self.status(configs[1])["c"]["items_seen_total"]
+        self.assertTrue(wait_until(
+            lambda: self.status(configs[1])["c"]["items_seen_total"] >= seen + 5, 20, 0.1),
+            "the surviving daemon's job stopped succeeding")
+        job = self.status(configs[1])["c"]
+        self.assertEqual((job["consecutive_errors"], job["last_status"]), (0, "ok"),
+                         job["last_error"])
+        self.assertIsNone(survivor.poll())
+
+
+class TestPluginCredentials(NatsDaemonCase):
+    """Issue 26 item 18: over NATS, each supervised plugin connects as its own
+    user, whose permissions keep it off other plugins' tick topics."""
+
+    USERS = """authorization {
+  users = [
+    {user: daemon, password: dpw}
+    {user: victim, password: "v@w:1", permissions: {
+      subscribe: {allow: ["plugin.poller.victim.tick"]},
+      publish: {allow: ["plugin.outbound.>"]}, allow_responses: true}}
+    {user: rogue, password: rpw, permissions: {
+      subscribe: {allow: ["plugin.poller.rogue.tick"]},
+      publish: {allow: ["plugin.outbound.>"]}, allow_responses: true}}
+  ]
+}
+"""
+
+    def test_a_plugin_gets_its_own_user_and_cannot_take_another_plugins_ticks(self):
+        users = os.path.join(self.root, "nats.conf")
+        with open(users, "w") as fh:
+            fh.write(self.USERS)
+        srv = self.server("-c", users)
+        report = os.path.join(self.root, "victim.json")
+        self.plugin("victim", "counter")
+        with open(os.path.join(self.root, "victim", "nexo-plugin.toml"), "a") as fh:
+            fh.write(f"\n[plugin.entrypoint.env]\nSDK_PLUGIN_REPORT = {json.dumps(report)}\n")
+        config = self.config(
+            f"nats://daemon:dpw@127.0.0.1:{srv.port}", ["victim"],
+            [{"id": "c", "kind": "counter", "schedule": {"every_secs": 0.2}}],
+            plugin_broker_auth={"victim": {"user": "victim", "password": "v@w:1"}})
+        self.daemon(config)
+        self.assertTrue(wait_until(lambda: os.path.exists(report), 30))
+        with open(report) as fh:
+            url = json.load(fh)["env"]["NEXO_BROKER_URL"]
+        self.assertEqual(url, f"nats://victim:v%40w%3A1@127.0.0.1:{srv.port}")
+        # A plugin connected as another user cannot join the victim's queue group.
+        rogue = nx.connect_broker(f"nats://rogue:rpw@127.0.0.1:{srv.port}")
+        self.addCleanup(rogue.close)
+        stolen = []
+        with self.assertRaises(nx.PluginPollerForwardError.Broker) as cm:
+            rogue.subscribe("plugin.poller.victim.tick", stolen.append, queue="victim")
+        self.assertEqual(cm.exception.code, -32015)
+        self.assertIn("Permissions Violation", str(cm.exception))
+        seen = (self.status(config).get("c") or {}).get("items_seen_total", 0)
+        self.assertTrue(wait_until(
+            lambda: (self.status(config).get("c") or {}).get("items_seen_total", 0) >= seen + 5,
+            30, 0.1), "the victim's plugin stopped serving its ticks")
+        job = self.status(config)["c"]
+        self.assertEqual((job["consecutive_errors"], job["last_status"]), (0, "ok"))
+        self.assertEqual(stolen, [])
+
+    def test_a_reload_that_changes_a_plugins_credentials_restarts_it_with_them(self):
+        srv = self.server()
+        self.plugin("victim", "counter")
+
+        def load(token):
+            return nx.load_config(self.config(
+                srv.url, ["victim"], [], state_db=os.path.join(self.root, "s.db"),
+                plugin_broker_auth={"victim": {"token": token}}))
+        r = nx.Runner(load("one"))
+        self.addCleanup(r.stop)
+        r.start()
+        self.assertIn("nats://one@", r._supervisors["victim"].broker_url)
+        self.assertEqual(r.reload(load("one"))["restarted"], [])
+        self.assertEqual(r.reload(load("two"))["restarted"], ["victim"])
+        self.assertIn("nats://two@", r._supervisors["victim"].broker_url)
+
+    def test_credentials_name_a_known_plugin_and_need_a_nats_broker(self):
+        self.plugin("victim", "counter")
+        for broker, auth, want in (
+                (None, {"victim": {"token": "t"}}, "only a nats:// or tls:// broker"),
+                ("nats://127.0.0.1:4222", {"nobody": {"token": "t"}}, "no plugin 'nobody'"),
+                ("nats://127.0.0.1:4222", {"victim": {"user": "u"}}, "must be {")):
+            config = self.config(broker, ["victim"], [], plugin_broker_auth=auth)
+            out = self.cli(config, "validate")
+            self.assertEqual(out.returncode, 2, out.stderr)
+            self.assertIn(f"plugin_broker_auth", out.stderr)
+            self.assertIn(want, out.stderr)
 
 
 class TestDaemonStateInJetStream(NatsDaemonCase):

@@ -149,8 +149,8 @@ class RunnerCase(unittest.TestCase):
     def subscribe_alerts(self, r):
         got, event = [], threading.Event()
 
-        def handler(payload):
-            got.append(payload)
+        def handler(published):               # the nexo Event the alert travels in
+            got.append(published["payload"])
             event.set()
         r.broker.subscribe(r.config.alert_topic, handler)
         return got, event

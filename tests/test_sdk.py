@@ -4,11 +4,15 @@ The fixture ``tests/fixtures/sdk_plugin.py`` is a real plugin written with
 ``nexo_poller.run_plugin``; it runs as a real process in each test.
 """
 import os
+import subprocess
 import sys
+import tempfile
+import threading
 import unittest
 from datetime import datetime, timedelta, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import nexo_poller as npl  # noqa: E402
 from nexo_poller import (BrokerClient, BrokerServer, PluginPollerHandle,  # noqa: E402
@@ -16,6 +20,7 @@ from nexo_poller import (BrokerClient, BrokerServer, PluginPollerHandle,  # noqa
                          TickAck, TickMetrics, build_tick_request, encode_cursor,
                          forward_tick, spawn_ephemeral_tick)
 from nexo_poller import _plugin_dispatch  # noqa: E402
+from support import wait_until  # noqa: E402
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sdk_plugin.py")
 NOW = datetime(2026, 5, 17, 10, 0, 0, tzinfo=timezone.utc)
@@ -104,6 +109,17 @@ class EphemeralSdkTests(_SdkBehaviour, unittest.TestCase):
                                     args=[FIXTURE])
 
 
+    def test_handler_bug_leaves_its_traceback_in_the_stderr_tail(self):
+        # Issue 26 item 20: the error used to carry "RuntimeError: fixture bug" alone.
+        with self.assertRaises(PollerError.Transient) as cm:
+            self.tick({"raise": "other"})
+        error = str(cm.exception)
+        self.assertIn("; stderr: Traceback (most recent call last):", error)
+        self.assertIn("in counter", error)
+        self.assertIn('raise RuntimeError("fixture bug")', error)
+        self.assertTrue(error.endswith("| RuntimeError: fixture bug"), error)
+
+
 class _LongLivedBase:
     """One broker and one supervised fixture plugin for the whole class."""
 
@@ -140,6 +156,17 @@ class SupervisedProxySdkTests(_LongLivedBase, _SdkBehaviour, unittest.TestCase):
 
     def tick(self, config, cursor=None, kind="counter"):
         return self.proxy.tick(self.ctx(config, cursor, kind))
+
+    def test_handler_bug_names_where_and_logs_its_traceback(self):
+        # Issue 26 item 20: the traceback went nowhere.
+        with self.assertRaises(PollerError.Transient) as cm:
+            self.tick({"raise": "other"})
+        self.assertRegex(str(cm.exception),
+                         r"RuntimeError: fixture bug \(at sdk_plugin\.py:\d+ in counter\)")
+        self.assertTrue(wait_until(
+            lambda: "RuntimeError: fixture bug" in list(self.handle.health.tail)),
+            "the traceback reaches the plugin's relayed output")
+        self.assertIn("Traceback (most recent call last):", list(self.handle.health.tail))
 
     def test_plugin_subscribed_once_as_queue_group(self):
         self.tick({})
@@ -207,6 +234,62 @@ class EarlyTickTests(unittest.TestCase):
                     self.assertEqual(reply.into_tick_ack().next_cursor, b"1")
             finally:
                 sup.stop()
+
+
+class LeavingTests(unittest.TestCase):
+    """A long-lived SDK plugin stops serving once its daemon is gone (issue
+    21 item 4): its stdin lifeline closes, or its output pipe breaks."""
+
+    def start(self, server, plugin_id, **env):
+        proc = subprocess.Popen(
+            [sys.executable, FIXTURE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(os.environ, NEXO_BROKER_URL=server.url, NEXO_POLLER_PLUGIN_ID=plugin_id,
+                     NEXO_POLLER_TICK_TOPIC=make_handle(plugin_id).tick_topic(), **env))
+
+        def cleanup():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                pipe.close()
+        self.addCleanup(cleanup)
+        self.assertTrue(wait_until(
+            lambda: server.has_subscriber(make_handle(plugin_id).tick_topic()), 15))
+        return proc
+
+    def test_a_plugin_leaves_when_its_lifeline_closes_finishing_its_tick(self):
+        with BrokerServer() as server, tempfile.TemporaryDirectory() as tmp:
+            handle = make_handle("sdk_lifeline")
+            proc = self.start(server, handle.plugin_id, NEXO_POLLER_LIFELINE="stdin")
+            mark = os.path.join(tmp, "mark")
+            replies = []
+            with BrokerClient.connect(server.url) as client:
+                request = build_tick_request("counter", "j", "a", b"1",
+                                             {"sleep": 0.5, "mark": mark, "say": True}, NOW, 60)
+                asking = threading.Thread(
+                    target=lambda: replies.append(forward_tick(client, handle, request)))
+                asking.start()
+                self.assertTrue(wait_until(lambda: os.path.exists(mark), 15))
+                proc.stdin.close()           # the daemon is gone
+                asking.join(30)
+            self.assertEqual(replies[0].into_tick_ack().next_cursor, b"2",
+                             "the tick in flight is answered")
+            self.assertEqual(proc.wait(10), 0)
+            self.assertFalse(server.has_subscriber(handle.tick_topic()))
+
+    def test_a_plugin_whose_output_pipe_broke_stops_serving(self):
+        with BrokerServer() as server:
+            handle = make_handle("sdk_broken_pipe")
+            proc = self.start(server, handle.plugin_id)
+            proc.stdout.close()
+            proc.stderr.close()              # nobody reads its output any more
+            with BrokerClient.connect(server.url) as client:
+                request = build_tick_request("counter", "j", "a", None, {"say": True}, NOW, 60)
+                with self.assertRaises(PollerError.Transient) as cm:
+                    forward_tick(client, handle, request).into_tick_ack()
+            self.assertIn("BrokenPipeError", str(cm.exception))
+            self.assertEqual(proc.wait(10), 0, "it went on serving with a broken stderr")
 
 
 class PluginDispatchTests(unittest.TestCase):

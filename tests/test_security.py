@@ -314,7 +314,8 @@ class TestEntrypoints(SecurityCase):
         want_lived = dict(daemon_env, **manifest_env, **python)
         want_lived.update(NEXO_POLLER_PLUGIN_ID="env_lived",
                           NEXO_POLLER_TICK_TOPIC="plugin.poller.env_lived.tick",
-                          NEXO_BROKER_URL="unix://" + self.tmp.join("run", "broker.sock"))
+                          NEXO_BROKER_URL="unix://" + self.tmp.join("run", "broker.sock"),
+                          NEXO_POLLER_LIFELINE="stdin")
         self.assertEqual(got["long_lived"], want_lived)
 
     def test_a_manifest_cannot_run_a_program_it_does_not_name(self):
