@@ -4615,6 +4615,11 @@ def _wake_owner(owner: str | None) -> bool:
     return True
 
 
+# A daemon on a shared state is live while its heartbeat is younger than
+# this (``daemon_ttl_secs`` in pollers.json): the take-over time after a crash.
+_DAEMON_TTL_SECS = 20.0
+
+
 class StateStore:
     """The one owner of every job's durable state; the interface of a backend.
 
@@ -4741,6 +4746,22 @@ class StateStore:
     def unregister_daemon(self) -> None:
         """Say this owner's daemon has stopped (a clean stop)."""
         raise NotImplementedError
+
+    def holders(self, states: Mapping[str, JobState], now: float) -> dict[str, str]:
+        """Which owner holds each of ``states``' jobs now (job id -> owner):
+        a lease not yet expired whose owner is not stale.  A job nobody
+        holds is left out."""
+        stale: dict[str, bool] = {}             # one look per owner, not per job
+        out = {}
+        for job_id, s in states.items():
+            owner = s.lease_owner
+            if not owner or (s.lease_until or 0) < now:
+                continue
+            if owner not in stale:
+                stale[owner] = self.lease_is_stale(owner)
+            if not stale[owner]:
+                out[job_id] = owner
+        return out
 
     def changed(self) -> bool:
         """True when another process wrote since the last call."""
@@ -5567,7 +5588,8 @@ class JetStreamStateStore(StateStore):
     def __init__(self, bucket: str, broker_url: str | None = None, *, client=None,
                  owner: str | None = None, readonly: bool = False, history: int = 5,
                  replicas: int = 1, max_age: float = 0.0, timeout: float = 5.0,
-                 daemon_ttl: float = 20.0, broker_opts: Mapping[str, Any] | None = None):
+                 daemon_ttl: float = _DAEMON_TTL_SECS,
+                 broker_opts: Mapping[str, Any] | None = None):
         if not re.fullmatch(r"[A-Za-z0-9_-]+", bucket or ""):
             raise StateError(f"jetstream://{bucket}: a bucket name is letters, digits, "
                              "'-' and '_'")
@@ -6303,10 +6325,12 @@ class JetStreamStateStore(StateStore):
 
 def open_state(location: str, *, readonly: bool = False, owner: str | None = None,
                broker_url: str | None = None,
-               broker_opts: Mapping[str, Any] | None = None) -> StateStore:
+               broker_opts: Mapping[str, Any] | None = None,
+               daemon_ttl: float = _DAEMON_TTL_SECS) -> StateStore:
     """The state store for a ``state_db`` location: ``jetstream://<bucket>``
     (a JetStream key-value bucket on the NATS broker ``broker_url``), else a
-    file path (sqlite)."""
+    file path (sqlite).  ``daemon_ttl``: see ``JetStreamStateStore`` (a
+    sqlite state's daemons share one host, where a dead pid is seen at once)."""
     if isinstance(location, str) and location.startswith("jetstream://"):
         bucket = location[len("jetstream://"):]
         if not broker_url or broker_url.split("://", 1)[0] not in ("nats", "tls"):
@@ -6314,7 +6338,7 @@ def open_state(location: str, *, readonly: bool = False, owner: str | None = Non
                              f"(\"broker\": \"nats://host:4222\"), got "
                              f"{broker_url or 'none'}")
         return JetStreamStateStore(bucket, broker_url, readonly=readonly, owner=owner,
-                                   broker_opts=broker_opts)
+                                   broker_opts=broker_opts, daemon_ttl=daemon_ttl)
     return SqliteStateStore(location, readonly=readonly, owner=owner)
 
 
@@ -6521,7 +6545,8 @@ class Schedule:
 
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
 _TOP_DEFAULTS = {"enabled": True, "state_db": "./data/poller.db", "default_jitter_ms": 5000,
-                 "lease_ttl_factor": 2.0, "failure_alert_cooldown_secs": 3600,
+                 "lease_ttl_factor": 2.0, "lease_min_secs": 30.0,
+                 "daemon_ttl_secs": _DAEMON_TTL_SECS, "failure_alert_cooldown_secs": 3600,
                  "breaker_threshold": 5, "backoff_initial_secs": 30.0,
                  "backoff_max_secs": 300.0, "max_workers": 64, "shutdown_grace_secs": 10.0,
                  "alert_topic": "nexo.poller.alert", "broker": None, "broker_tls": None,
@@ -6562,6 +6587,8 @@ class DaemonConfig:
     state_db: str = "./data/poller.db"
     default_jitter_ms: int = 5000
     lease_ttl_factor: float = 2.0
+    lease_min_secs: float = _TOP_DEFAULTS["lease_min_secs"]
+    daemon_ttl_secs: float = _TOP_DEFAULTS["daemon_ttl_secs"]
     failure_alert_cooldown_secs: float = 3600
     breaker_threshold: int = 5
     backoff_initial_secs: float = 30.0
@@ -6642,7 +6669,7 @@ def _config_state(config: "DaemonConfig", *, readonly: bool = False) -> StateSto
     tls = {f"tls_{k}": v for k, v in config.broker_tls.items()}
     return open_state(config.state_db, readonly=readonly,
                       broker_url=config.broker if _is_nats(config.broker) else None,
-                      broker_opts=tls or None)
+                      broker_opts=tls or None, daemon_ttl=config.daemon_ttl_secs)
 
 
 def _state_exists(config: "DaemonConfig") -> bool:
@@ -6700,6 +6727,8 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
         cfg.state_db = os.path.normpath(os.path.join(base_dir, get("state_db")))
     number("default_jitter_ms", 0, 86_400_000, integer=True)
     number("lease_ttl_factor", 1.0, 100.0)
+    number("lease_min_secs", 5, 86400)
+    number("daemon_ttl_secs", 1, 3600)
     number("failure_alert_cooldown_secs", 0, 10 ** 9)
     number("breaker_threshold", 1, 10 ** 6, integer=True)
     number("backoff_initial_secs", 0.001, 86400)
@@ -6934,7 +6963,6 @@ def _schedule_from_dict(raw: Any, where: str, probs: _Problems) -> Schedule | No
 # budget), and the error policy: the only place a PollerError gets a meaning.
 # ============================================================================
 
-_LEASE_MIN_SECS = 30.0
 _COMMAND_POLL_SECS = 0.5             # the running set is published at most this often
 _WALL_CLOCK_LOOK_SECS = 60.0         # how soon a wall-clock step moves cron/at slots
 _IN_PROCESS_BUDGET_SECS = 5.0
@@ -7079,10 +7107,11 @@ def next_run(state: JobState, schedule: Schedule, schedule_key: str | None,
 
 def _status_dict(cfg: JobConfig, state: JobState, threshold: int, running: bool,
                  next_run_at: float | None = None, delivered: int = 0,
-                 undelivered: int = 0) -> dict:
+                 undelivered: int = 0, holder: str | None = None) -> dict:
     """A job as ``status`` shows it (one shape for the Runner and the CLI);
     ``next_run_at`` is the live slot where one is known, else the stored one;
-    ``delivered`` counts deliveries made since ``state`` was read."""
+    ``delivered`` counts deliveries made since ``state`` was read; ``holder``
+    is the daemon (or CLI) holding the job's lease (``StateStore.holders``)."""
     if next_run_at is None:
         next_run_at = state.next_run_at
     return {"id": cfg.id, "kind": cfg.kind, "agent": cfg.agent, "paused": state.paused,
@@ -7096,7 +7125,7 @@ def _status_dict(cfg: JobConfig, state: JobState, threshold: int, running: bool,
             "items_dispatched_total": state.items_dispatched_total + state.delivered_total
             + delivered,
             "undelivered": undelivered,
-            "running": running}
+            "running": running, "holder": holder}
 
 
 class _Job:
@@ -7317,12 +7346,14 @@ class Runner:
 
     def _lease_ttl(self, cfg: JobConfig, plugins: Iterable[PluginPollerHandle] | None = None
                    ) -> float:
-        """factor x interval, at least 30 s, and at least a plugin's tick timeout + 30 s."""
-        ttl = max(_LEASE_MIN_SECS, self.config.lease_ttl_factor * cfg.schedule.nominal_interval)
+        """factor x interval, at least ``lease_min_secs``, and at least a
+        plugin's tick timeout + ``lease_min_secs``."""
+        least = self.config.lease_min_secs
+        ttl = max(least, self.config.lease_ttl_factor * cfg.schedule.nominal_interval)
         handle = next((h for h in (plugins or ()) if cfg.kind in h.kinds), None)
         route = self._routes.get(cfg.kind) if plugins is None else None
         if handle is not None or (route is not None and route.plugin_id is not None):
-            ttl = max(ttl, self._budget(cfg.kind, plugins) + _LEASE_MIN_SECS)
+            ttl = max(ttl, self._budget(cfg.kind, plugins) + least)
         return ttl
 
     # -- life cycle -------------------------------------------------------------------
@@ -7767,9 +7798,9 @@ class Runner:
             except StateError as exc:
                 granted, outcome.error = {}, str(exc)
             if cfg.id not in granted:
-                outcome.status = TickStatus.LEASED
+                outcome.status, elsewhere = TickStatus.LEASED, outcome.error is None
                 outcome.error = outcome.error or "another daemon holds this job's lease"
-                return self._finish_unplanned(job, slot, outcome, command)
+                return self._finish_unplanned(job, slot, outcome, command, elsewhere)
             with self._cond:
                 job.state, job.leased, job.delivered = granted[cfg.id], True, 0
             if taking_over:
@@ -7859,10 +7890,18 @@ class Runner:
         return items
 
     def _finish_unplanned(self, job: _Job, slot: float | None, outcome: TickOutcome,
-                          command: int | None) -> TickOutcome:
-        """A tick that stored nothing (cancelled, leased): log it, free the job."""
-        self._log_tick(outcome)
-        self._metrics.observe(outcome)
+                          command: int | None, elsewhere: bool = False) -> TickOutcome:
+        """A tick that stored nothing (cancelled, leased): log it, free the job.
+
+        A slot of a job ``elsewhere`` (another daemon holds its lease) is no
+        tick of this daemon: no outcome line (debug only), no outcome in the
+        metrics, only a counter.  An operator's tick still gets its line."""
+        if elsewhere and slot is not None:
+            log.debug("job %s: slot skipped, another daemon holds its lease", job.cfg.id)
+            self._metrics.held_elsewhere(job.cfg.id, job.cfg.kind)
+        else:
+            self._log_tick(outcome)
+            self._metrics.observe(outcome)
         if command is not None:
             try:
                 self.state.finish_command(command, json.dumps(outcome.to_dict()))
@@ -8125,10 +8164,27 @@ class Runner:
 
     def status(self) -> list[dict]:
         threshold = self.config.breaker_threshold
+        holders = self.holders()
         with self._cond:
             return [_status_dict(j.cfg, j.state, threshold, j.running,
-                                 j.next_run_at if j.generation >= 0 else None, j.delivered)
+                                 j.next_run_at if j.generation >= 0 else None, j.delivered,
+                                 holder=holders.get(j.cfg.id))
                     for j in self._jobs.values()]
+
+    def holders(self) -> dict[str, str]:
+        """Which daemon holds each job's lease (job id -> owner), read from
+        the state: another daemon's leases are not in this one's memory.
+        While the state cannot be read, only this daemon's own leases."""
+        store = self.state
+        if store is None:
+            return {}
+        with self._cond:
+            ids = list(self._jobs)
+            mine = {i: store.owner for i, j in self._jobs.items() if j.leased}
+        try:
+            return store.holders(store.load(ids), self.clock())
+        except StateError:
+            return mine
 
     # -- reload ----------------------------------------------------------------------------
 
@@ -8463,6 +8519,7 @@ class _Metrics:
         self.duration: dict[str, list] = {}     # kind -> [bucket counts..., sum, count]
         self.state_errors = 0
         self.last_success: dict[str, float] = {}  # job -> wall time of its last ok tick
+        self.elsewhere: dict[tuple[str, str], int] = {}  # (job, kind) -> slots held elsewhere
 
     def observe(self, o: TickOutcome, at: float | None = None) -> None:
         with self._lock:
@@ -8480,6 +8537,10 @@ class _Metrics:
     def state_error(self) -> None:
         with self._lock:
             self.state_errors += 1
+
+    def held_elsewhere(self, job: str, kind: str) -> None:
+        with self._lock:
+            self.elsewhere[(job, kind)] = self.elsewhere.get((job, kind), 0) + 1
 
     def render(self, runner: "Runner") -> str:
         out = []
@@ -8503,6 +8564,10 @@ class _Metrics:
                            f"{lbl(kind=kind, le='+Inf')} {h[-1]}")
                 out.append(f"nexo_poller_tick_duration_seconds_sum{lbl(kind=kind)} {h[-2]:.6f}")
                 out.append(f"nexo_poller_tick_duration_seconds_count{lbl(kind=kind)} {h[-1]}")
+            family("nexo_poller_slots_held_elsewhere_total", "counter",
+                   "Slots not ticked here because another daemon holds the job's lease.")
+            for (job, kind), n in sorted(self.elsewhere.items()):
+                out.append(f"nexo_poller_slots_held_elsewhere_total{lbl(job=job, kind=kind)} {n}")
         jobs = runner.status()
         for name, key, help_text in (
                 ("nexo_poller_consecutive_errors", "consecutive_errors", "Consecutive errors."),
@@ -8672,13 +8737,37 @@ def _admin_jobs(runner: "Runner") -> list[dict]:
                "items_seen_total": s["items_seen_total"],
                "items_dispatched_total": s["items_dispatched_total"]}
         doc.update(cursor=s["cursor"], breaker_open=s["breaker_open"], running=s["running"],
-                   last_run_at=s["last_run_at"], next_run_at=s["next_run_at"],
+                   holder=s["holder"], last_run_at=s["last_run_at"], next_run_at=s["next_run_at"],
                    schedule=schedules.get(s["id"]), undelivered=undelivered.get(s["id"], 0),
                    plugin=plugin,
                    plugin_state=plugins[plugin]["state"] if plugin in plugins else None,
                    plugin_output=plugins[plugin]["last_output"] if plugin in plugins else [])
         out.append(doc)
     return out
+
+
+def _admin_daemons(runner: "Runner", jobs: list[dict]) -> dict:
+    """GET /admin/daemons: the live daemons on this state, each with the jobs
+    it holds (of ``jobs``, ``_admin_jobs``) and the ones it is ticking; this
+    daemon is ``self``.  Empty while the state cannot be read."""
+    try:
+        live = runner.state.daemons() if runner.state is not None else {}
+    except StateError:
+        live = {}
+    me = runner.state.owner if runner.state is not None else None
+    if runner._started and me is not None:
+        live.setdefault(me, [])
+    return {"self": me, "daemons": [
+        {"owner": o, "self": o == me, "holds": [j["id"] for j in jobs if j["holder"] == o],
+         "running": sorted(live[o])} for o in sorted(live)]}
+
+
+def _daemons_line(doc: dict) -> str:
+    """``status``'s first line: the live daemons (``_admin_daemons``' shape)
+    and how many jobs each holds."""
+    return "daemon: " + (", ".join(f"{d['owner']} (holds {len(d['holds'])})"
+                                   + (" (this one)" if d.get("self") else "")
+                                   for d in doc["daemons"]) or "none running")
 
 
 def _health(runner: "Runner") -> tuple[bool, dict]:
@@ -8846,6 +8935,7 @@ def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> 
     healthy, checks = _health(runner)
     jobs = _admin_jobs(runner) if authorized else []
     plugins = _plugin_states(runner) if authorized else []
+    daemons = _admin_daemons(runner, jobs)["daemons"] if authorized else []
     rows = []
     for j in jobs:
         status = _job_status(j)
@@ -8871,6 +8961,7 @@ def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> 
             f'<td><time datetime="{e(j["next_run_at"])}">'
             f'{e("paused" if j["paused"] else _ago(j["next_run_at_ms"], now))}</time></td>'
             f'<td><code>{e(j["cursor"])}</code></td><td>{e(j["undelivered"])}</td>'
+            f'<td class="holder">{e(j["holder"])}</td>'
             f'<td><button type="button" data-action="{toggle}" data-job="{e(j["id"])}">'
             f'{toggle.capitalize()}<span class="vh"> {e(j["id"])}</span></button> '
             f'<button type="button" data-action="run" data-job="{e(j["id"])}">Run now'
@@ -8882,6 +8973,9 @@ def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> 
         prow.append(f'<tr><th scope="row">{e(p["id"])}</th><td>{e(", ".join(p["kinds"]))}</td>'
                     f'<td>{e(p["lifecycle"])}</td><td>{e(p["state"])}</td><td>{e(p["pid"])}</td>'
                     f'<td>{e(p["restarts"])}</td><td>{e(p["last_exit"])}</td><td>{out}</td></tr>')
+    drow = [f'<tr><th scope="row">{e(d["owner"])}{" (this one)" if d["self"] else ""}</th>'
+            f'<td>{e(len(d["holds"]))}</td><td>{e(", ".join(d["running"]) or "-")}</td></tr>'
+            for d in daemons]
     options = "".join(f'<option value="{e(s)}"{" selected" if s == wanted else ""}>{e(s)}'
                       f'</option>' for s in _PAGE_STATUSES)
     health = ("healthy" if healthy else "unhealthy: " + "; ".join(
@@ -8889,7 +8983,7 @@ def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> 
     locked = "" if authorized else (
         '<p id="locked" role="alert">This daemon listens beyond loopback: enter the admin '
         'token above to see its jobs.</p>')
-    empty = ('<tr><td colspan="11">no job matches</td></tr>' if not rows else "")
+    empty = ('<tr><td colspan="12">no job matches</td></tr>' if not rows else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -8918,8 +9012,14 @@ page rendered <time id="rendered" datetime="{e(_iso(now))}">{e(_iso(now))}</time
 <thead><tr><th scope="col">Job</th><th scope="col">Kind</th><th scope="col">Plugin</th>
 <th scope="col">Schedule</th><th scope="col">Last run</th><th scope="col">Outcome</th>
 <th scope="col">Last error</th><th scope="col">Next run</th><th scope="col">Cursor</th>
-<th scope="col">Undelivered</th><th scope="col">Actions</th></tr></thead>
+<th scope="col">Undelivered</th><th scope="col">Held by</th><th scope="col">Actions</th>
+</tr></thead>
 <tbody>{"".join(rows)}{empty}</tbody></table>
+<h2>Daemons</h2>
+<table id="daemons"><caption>{e(len(daemons))} live daemons on this state</caption>
+<thead><tr><th scope="col">Daemon</th><th scope="col">Jobs held</th>
+<th scope="col">Ticking now</th></tr></thead>
+<tbody>{"".join(drow) or '<tr><td colspan="3">none</td></tr>'}</tbody></table>
 <h2>Plugins</h2>
 <table id="plugins"><caption>{e(len(plugins))} plugins</caption>
 <thead><tr><th scope="col">Plugin</th><th scope="col">Kinds</th><th scope="col">Lifecycle</th>
@@ -9101,6 +9201,12 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
                 if method != "GET":
                     return self._refuse(405, "GET required")
                 return self._json(200, _plugin_states(admin.runner))
+            if path == "/admin/daemons":
+                if not public and not self._authorized():
+                    return self._refuse(401, "a bearer token is required")
+                if method != "GET":
+                    return self._refuse(405, "GET required")
+                return self._json(200, _admin_daemons(admin.runner, _admin_jobs(admin.runner)))
             if path == "/admin/pollers" or path.startswith("/admin/pollers/"):
                 return self._admin(method, [unquote(p) for p in path[15:].split("/")]
                                    if len(path) > 15 else [])
@@ -10002,41 +10108,46 @@ def _cursor_verb(config: DaemonConfig, args) -> int:
 
 def _print_status(config: DaemonConfig, as_json: bool) -> int:
     """Every job's state, read only: ``status`` never creates a state file."""
-    note, states, daemons, undelivered = None, {}, {}, {}
+    note, states, daemons, undelivered, holders = None, {}, {}, {}, {}
     if not _state_exists(config):
         note = f"no state yet at {config.state_db} (no daemon has run with this config)"
     else:
         store = _config_state(config, readonly=True)
         try:
             states, daemons = store.load(), store.daemons()
+            holders = store.holders(states, time.time())
             undelivered = {job: n for job, (n, _) in store.outbox_counts().items()}
         finally:
             store.close()
     running = set().union(*daemons.values()) if daemons else set()
     out = [_status_dict(jc, states.get(jc.id) or JobState(jc.id, paused=jc.paused_on_boot),
                         config.breaker_threshold, jc.id in running,
-                        undelivered=undelivered.get(jc.id, 0)) for jc in config.jobs]
+                        undelivered=undelivered.get(jc.id, 0), holder=holders.get(jc.id))
+           for jc in config.jobs]
     if as_json:
         print(json.dumps(out, indent=2))
         return EXIT_OK
     if note:
         print(note)
-    print("daemon: " + (", ".join(sorted(daemons)) if daemons else "none running"))
+    print(_daemons_line({"daemons": [{"owner": o, "holds": [j for j, h in holders.items()
+                                                            if h == o]}
+                                     for o in sorted(daemons)]}))
     _print_status_table(out, config.enabled)
     return EXIT_OK
 
 
 def _print_status_table(out: list[dict], enabled: bool = True) -> None:
     now = time.time()
+    held = max([len("HELD BY")] + [len(s.get("holder") or "-") for s in out])
     print(f"{'JOB':<24} {'KIND':<16} {'STATE':<8} {'LAST':<10} {'LAST RUN':<9} {'ERRS':>4} "
-          f"{'UNDELIV':>7}  {'NEXT RUN':<9} ERROR")
+          f"{'UNDELIV':>7}  {'NEXT RUN':<9} {'HELD BY':<{held}} ERROR")
     for s in out:
         state = ("disabled" if not enabled else "running" if s["running"] else
                  "paused" if s["paused"] else "breaker" if s["breaker_open"] else "active")
         print(f"{s['id']:<24} {s['kind']:<16} {state:<8} {s['last_status'] or '-':<10} "
               f"{_relative(s['last_run_at'], now):<9} {s['consecutive_errors']:>4} "
               f"{s['undelivered']:>7}  {_relative(s['next_run_at'], now):<9} "
-              f"{_error_cell(s['last_error'])}")
+              f"{s.get('holder') or '-':<{held}} {_error_cell(s['last_error'])}")
 
 
 _ADMIN_VERBS = ("status", "tick", "pause", "resume", "reset", "cursor")
@@ -10126,7 +10237,11 @@ def _admin_verb(args) -> int:
         if args.json:
             print(json.dumps(doc, indent=2))
         else:
-            print(f"daemon: admin API at {args.admin}")
+            code, daemons = _admin_call(args.admin, "GET", "/admin/daemons", token, 30)
+            if code == 200 and isinstance(daemons, dict):
+                print(_daemons_line(daemons) + f"; asked through the admin API at {args.admin}")
+            else:                           # a daemon from before the route
+                print(f"daemon: admin API at {args.admin}")
             _print_status_table(doc)
         return EXIT_OK
     if verb == "tick" and isinstance(doc, dict) and isinstance(doc.get("outcome"), dict):
