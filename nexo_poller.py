@@ -561,7 +561,12 @@ def _reply_to_ack(envelope: Any, job: str) -> TickAck:
     try:
         return _parse_reply_envelope(envelope, job).into_tick_ack()
     except PluginPollerForwardError as exc:
-        raise PollerError.Transient(f"unparsable reply: {exc}") from None
+        raise _unparsable(exc) from None
+
+
+def _unparsable(exc: PluginPollerForwardError) -> PollerError:
+    """What a reply that cannot be parsed is, whichever lifecycle carried it."""
+    return PollerError.Transient(f"unparsable reply: {exc}")
 
 
 # ============================================================================
@@ -626,15 +631,16 @@ class _PluginHealth:
     TAIL_CHARS = 240                 # characters kept per line
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Condition(threading.Lock())
         self.down: str | None = None            # why no process runs, or None
         self.restart_at: float | None = None    # monotonic time of the next start
         self.tail: deque[str] = deque(maxlen=self.TAIL_LINES)
         self._watchers: set[threading.Event] = set()
+        self._ended = False                     # the supervisor knows how the run ended
 
     def starting(self) -> None:
         with self._lock:
-            self.down, self.restart_at = None, None
+            self.down, self.restart_at, self._ended = None, None, False
             self.tail.clear()
 
     def output(self, line: str) -> None:
@@ -642,12 +648,22 @@ class _PluginHealth:
         with self._lock:
             self.tail.append(line[:self.TAIL_CHARS])
 
-    def went_down(self, why: str, restart_at: float | None = None) -> None:
+    def went_down(self, why: str, restart_at: float | None = None, ended: bool = True) -> None:
+        """The process is gone (``ended``: reaped, ``why`` says how it ended)
+        or going (its stdout closed: not ``ended`` yet)."""
         with self._lock:
             self.down, self.restart_at = why, restart_at
+            self._ended = self._ended or ended
+            self._lock.notify_all()
             watchers = list(self._watchers)
         for event in watchers:
             event.set()
+
+    def wait_ended(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until the supervisor has reaped a process
+        that is going, so ``describe()`` says how it ended."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._ended, timeout)
 
     def watch(self) -> threading.Event:
         """An Event set when the process goes down (already set if it is)."""
@@ -3691,8 +3707,10 @@ class _SlotGuard:
 class EphemeralPollerProxy:
     """A poller that runs each tick in a fresh plugin process."""
 
-    def __init__(self, kind: str, handle: PluginPollerHandle, *,
+    def __init__(self, kind: str, handle: PluginPollerHandle, broker=None, *,
                  max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES, limit: bool = True):
+        # ``broker`` is not used (a process per tick needs none): every
+        # proxy is made the same way (``_LifecycleRules.proxy``).
         self.kind, self.handle, self.max_reply_bytes = kind, handle, max_reply_bytes
         self.limit = limit              # enforce max_concurrent_ticks here
 
@@ -3729,10 +3747,16 @@ class PluginPollerProxy:
         self.kind, self.handle, self.broker, self.limit = kind, handle, broker, limit
 
     def tick(self, ctx: PollContext) -> TickAck:
-        return _watched_tick(self.handle, ctx, PluginPollerForwardError,
-                             lambda cancel: forward_tick(self.broker, self.handle, ctx.to_request(),
-                                                         cancel=cancel).into_tick_ack(),
-                             self.limit)
+        def send(cancel) -> TickAck:
+            try:
+                return forward_tick(self.broker, self.handle, ctx.to_request(),
+                                    cancel=cancel).into_tick_ack()
+            except PluginPollerForwardError.ParseReply as exc:
+                raise _unparsable(exc) from None
+        return _watched_tick(self.handle, ctx, PluginPollerForwardError, send, self.limit)
+
+
+_EXIT_GRACE_SECS = 2.0      # how long a failed tick waits to learn how its plugin ended
 
 
 def _watched_tick(handle: PluginPollerHandle, ctx: PollContext, failures,
@@ -3747,6 +3771,12 @@ def _watched_tick(handle: PluginPollerHandle, ctx: PollContext, failures,
             if not down.is_set():
                 return send(_AnyEvent(ctx.cancel, down))
         except failures as exc:
+            if not ctx.cancel.is_set() and (down.is_set() or getattr(
+                    exc, "code", None) == BROKER_RESPONDER_GONE):
+                # The process is gone or going (its stdout closed, its broker
+                # connection dropped): a crash reads the same whatever noticed
+                # it first, with how it ended, once its supervisor reaped it.
+                health.wait_ended(_EXIT_GRACE_SECS)
             if not down.is_set() or ctx.cancel.is_set():
                 raise PollerError.Transient(f"plugin {handle.plugin_id!r}: {exc}") from None
         finally:
@@ -3835,7 +3865,7 @@ class _StdioChannel:
         with self._lock:
             self._proc, self._gen = None, self._gen + 1
             pending, self._pending = self._pending, {}
-        self.handle.health.went_down(why)
+        self.handle.health.went_down(why, ended=False)   # its supervisor reaps it, then says
         for waiter in pending.values():
             waiter.set(error={"why": why})
         with self._wlock:                # a writer notices the new generation and lets go
@@ -3970,7 +4000,7 @@ class _StdioChannel:
             self._write(message(key), gen, deadline, cancel)
             if not waiter.wait(deadline - time.monotonic(), cancel):
                 raise _Failure("tick cancelled" if cancel is not None and cancel.is_set()
-                               else f"no reply within {timeout:g}s")
+                               else f"timed out after {timeout:g}s (no reply)")
         finally:
             with self._lock:
                 if self._pending.get(key) is waiter:
@@ -4080,14 +4110,36 @@ class StdioPollerProxy:
         return _watched_tick(h, ctx, _Failure, send, self.limit)
 
 
+@dataclasses.dataclass(frozen=True)
+class _LifecycleRules:
+    """What a plugin lifecycle means to the daemon.  ``_lifecycle_rules`` is
+    the one place a manifest's lifecycle is read to decide anything; every
+    lifecycle keeps the same poller contract (tests/test_conformance_lifecycle.py)."""
+    proxy: Callable[..., Any]       # (kind, handle, broker, *, limit) -> its poller
+    supervised: bool                # the daemon keeps one process running (PluginSupervisor)
+    stdio: bool                     # ... and speaks to it on its stdin/stdout, not the broker
+    remote_on_nats: bool            # may run elsewhere (no entrypoint) on a NATS broker
+
+
+_LIFECYCLE_RULES = {
+    Lifecycle.EPHEMERAL: _LifecycleRules(EphemeralPollerProxy, supervised=False, stdio=False,
+                                         remote_on_nats=False),
+    Lifecycle.LONG_LIVED: _LifecycleRules(PluginPollerProxy, supervised=True, stdio=False,
+                                          remote_on_nats=True),
+    Lifecycle.STDIO: _LifecycleRules(StdioPollerProxy, supervised=True, stdio=True,
+                                     remote_on_nats=False),
+}
+
+
+def _lifecycle_rules(handle: PluginPollerHandle) -> _LifecycleRules:
+    """The rules of ``handle``'s lifecycle (its manifest's)."""
+    return _LIFECYCLE_RULES[handle.lifecycle]
+
+
 def _proxy_for(kind: str, handle: PluginPollerHandle, broker, *, limit: bool = True):
     """The proxy of ``handle``'s lifecycle; ``limit=False`` when the caller
     bounds the plugin's ticks itself (the Runner's lane)."""
-    if handle.lifecycle is Lifecycle.EPHEMERAL:
-        return EphemeralPollerProxy(kind, handle, limit=limit)
-    if handle.lifecycle is Lifecycle.STDIO:
-        return StdioPollerProxy(kind, handle, broker, limit=limit)
-    return PluginPollerProxy(kind, handle, broker, limit=limit)
+    return _lifecycle_rules(handle).proxy(kind, handle, broker, limit=limit)
 
 
 class PluginSupervisor:
@@ -4114,7 +4166,7 @@ class PluginSupervisor:
         self._thread: threading.Thread | None = None
         self._plock = threading.Lock()
         self._name = _log_safe(handle.plugin_id)
-        self._stdio = handle.lifecycle is Lifecycle.STDIO
+        self._stdio = _lifecycle_rules(handle).stdio
         self._bye = False                       # stdio: `shutdown` sent, stdin closed
 
     def start(self) -> "PluginSupervisor":
@@ -4169,7 +4221,7 @@ class PluginSupervisor:
                     self._relay(proc)
                     if self._stop.is_set():
                         return
-                    why = f"exited with status {proc.returncode}"
+                    why = f"exited ({_exit_status(proc)})"
                     log.warning("plugin %s: %s; restarting in %.1fs", self._name, why, delay)
                 health.went_down(why, time.monotonic() + delay)
                 self.last_exit, self.last_output = why, list(health.tail)
@@ -6835,9 +6887,10 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
                 probs.add(where, f"{full}: [plugin.entrypoint] {problem}")
             # A stdio plugin is always ours to start; a long-lived one may run
             # elsewhere when the broker is NATS.
-            if handle.lifecycle is not Lifecycle.EPHEMERAL and not handle.entrypoint_command \
-                    and not (handle.lifecycle is Lifecycle.LONG_LIVED and _is_nats(cfg.broker)):
-                what = "long-lived" if handle.lifecycle is Lifecycle.LONG_LIVED else "stdio"
+            rules = _lifecycle_rules(handle)
+            if rules.supervised and not handle.entrypoint_command \
+                    and not (rules.remote_on_nats and _is_nats(cfg.broker)):
+                what = handle.lifecycle.value.replace("_", "-")
                 probs.add(where, f"{full}: [plugin.entrypoint] command is required for a "
                                  f"{what} plugin (the daemon starts it at boot; only a "
                                  "long-lived plugin on a NATS broker may run elsewhere)")
@@ -7320,7 +7373,7 @@ class Runner:
                                                              limit=False), lane,
                                             handle.tick_timeout.total_seconds(),
                                             handle.plugin_id)
-            if handle.lifecycle is not Lifecycle.EPHEMERAL and handle.entrypoint_command:
+            if _lifecycle_rules(handle).supervised and handle.entrypoint_command:
                 # long-lived and stdio; without a command (NATS only) the plugin
                 # runs elsewhere: not ours to start.
                 self._supervisors[handle.plugin_id] = PluginSupervisor(
