@@ -4799,15 +4799,18 @@ class StateStore:
         """Say this owner's daemon has stopped (a clean stop)."""
         raise NotImplementedError
 
-    def holders(self, states: Mapping[str, JobState], now: float) -> dict[str, str]:
-        """Which owner holds each of ``states``' jobs now (job id -> owner):
-        a lease not yet expired whose owner is not stale.  A job nobody
-        holds is left out."""
+    def leases(self) -> dict[str, tuple[str | None, float | None]]:
+        """Every job's lease, ``(owner, until)``.  A backend that can read
+        them without the rest of each record overrides it."""
+        return {i: (s.lease_owner, s.lease_until) for i, s in self.load().items()}
+
+    def holders(self, now: float) -> dict[str, str]:
+        """Which owner holds each job now (job id -> owner): a lease not yet
+        expired whose owner is not stale.  A job nobody holds is left out."""
         stale: dict[str, bool] = {}             # one look per owner, not per job
         out = {}
-        for job_id, s in states.items():
-            owner = s.lease_owner
-            if not owner or (s.lease_until or 0) < now:
+        for job_id, (owner, until) in self.leases().items():
+            if not owner or (until or 0) < now:
                 continue
             if owner not in stale:
                 stale[owner] = self.lease_is_stale(owner)
@@ -5498,6 +5501,10 @@ class SqliteStateStore(StateStore):
         text, owner = json.dumps(sorted(ids)), self.owner
         self.submit(lambda db: db.execute("UPDATE daemons SET running=? WHERE owner=?",
                                           (text, owner)))
+
+    def leases(self) -> dict[str, tuple[str | None, float | None]]:
+        return {i: (o, u) for i, o, u in self._read("SELECT id, lease_owner, lease_until "
+                                                      "FROM jobs")}
 
     def daemons(self) -> dict[str, list[str]]:
         try:
@@ -8215,10 +8222,14 @@ class Runner:
         self._dispatch(job, None, command)
         return True
 
-    def status(self) -> list[dict]:
+    def status(self, holders: Mapping[str, str] | None = None) -> list[dict]:
+        """Every job as ``status`` shows it, from this daemon's memory.  Its
+        ``holder`` is this daemon for the jobs it holds, else None; pass
+        ``holders()`` (a read of the state) for every daemon's."""
         threshold = self.config.breaker_threshold
-        holders = self.holders()
         with self._cond:
+            if holders is None:
+                holders = self._own_holds()
             return [_status_dict(j.cfg, j.state, threshold, j.running,
                                  j.next_run_at if j.generation >= 0 else None, j.delivered,
                                  holder=holders.get(j.cfg.id))
@@ -8231,13 +8242,15 @@ class Runner:
         store = self.state
         if store is None:
             return {}
-        with self._cond:
-            ids = list(self._jobs)
-            mine = {i: store.owner for i, j in self._jobs.items() if j.leased}
         try:
-            return store.holders(store.load(ids), self.clock())
+            return store.holders(self.clock())
         except StateError:
-            return mine
+            with self._cond:
+                return self._own_holds()
+
+    def _own_holds(self) -> dict[str, str]:
+        """The jobs this daemon holds the leases of (lock held)."""
+        return {i: self.state.owner for i, j in self._jobs.items() if j.leased}
 
     # -- reload ----------------------------------------------------------------------------
 
@@ -8780,7 +8793,7 @@ def _admin_jobs(runner: "Runner") -> list[dict]:
     with runner._cond:
         schedules = {j.cfg.id: _schedule_text(j.cfg.schedule) for j in runner._jobs.values()}
     out = []
-    for s in runner.status():
+    for s in runner.status(runner.holders()):
         route = runner._routes.get(s["kind"])
         plugin = route.plugin_id if route is not None else None
         doc = {"id": s["id"], "kind": s["kind"], "agent": s["agent"], "paused": s["paused"],
@@ -10168,7 +10181,7 @@ def _print_status(config: DaemonConfig, as_json: bool) -> int:
         store = _config_state(config, readonly=True)
         try:
             states, daemons = store.load(), store.daemons()
-            holders = store.holders(states, time.time())
+            holders = store.holders(time.time())
             undelivered = {job: n for job, (n, _) in store.outbox_counts().items()}
         finally:
             store.close()
