@@ -8102,10 +8102,49 @@ class Runner:
             job.running = True
             self._running += 1
         try:
-            return self._tick(job, None, commit_async=False)
+            lane, busy = self._enter_lane(job)
+            if lane is None:
+                self._release(job, None)
+                return TickOutcome(job_id, job.cfg.kind, TickStatus.BUSY, busy)
+            try:
+                return self._tick(job, None, commit_async=False)
+            finally:
+                self._leave_lane(lane)
         finally:
             if job.running:                 # interrupted (Ctrl-C) before it was released
                 self._release(job, None)
+
+    def _enter_lane(self, job: _Job) -> tuple[_Lane | None, str | None]:
+        """An operator's tick takes a slot of the job's lane, as a scheduled
+        one does (``max_concurrent_ticks`` holds for both), waiting at most
+        the route's budget: ``(lane, None)``, or ``(None, why)`` when no
+        slot came free by then."""
+        route = self._routes.get(job.cfg.kind)
+        lane = route.lane if route is not None else self._lane("(unrouted)", 1)
+        budget = route.budget if route is not None else _IN_PROCESS_BUDGET_SECS
+        deadline = time.monotonic() + budget
+        with self._cond:
+            while lane.running >= lane.limit and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None, (f"all {lane.limit} tick slots of {lane.key} stayed busy "
+                                  f"for {budget:g}s")
+                # A lane's worker frees its slot without a notify: look again soon.
+                self._cond.wait(min(left, _CANCEL_POLL_SECS))
+            if lane.running == 0:
+                self._idle_lanes -= 1
+            lane.running += 1
+        return lane, None
+
+    def _leave_lane(self, lane: _Lane) -> None:
+        """Free an operator's slot; start the scheduled ticks it held back."""
+        with self._cond:
+            lane.running -= 1
+            if lane.running == 0:
+                self._idle_lanes += 1
+            starts = self._start_ready([lane])
+        for args in starts:
+            self._pool.submit(self._work, *args)
 
     def dry_run(self, job_id: str, cursor: bytes | None | object = _MISSING, *,
                 on_request: Callable[[TickRequest], None] | None = None) -> TickOutcome:

@@ -203,19 +203,44 @@ class LifecycleContract:
         self.assertIn("unparsable reply: next_cursor must be a string or null, got number",
                       o.error)
 
-    def test_at_most_max_concurrent_ticks_at_once(self):
-        inflight = os.path.join(self.dir, f"inflight-{self.id().rsplit('.', 1)[-1]}")
+    def limit_runner(self, name):
+        """A runner of 2 x max_concurrent_ticks jobs, each tick 0.3 s long,
+        and the file the plugin appends the ticks it saw in flight to."""
+        inflight = os.path.join(self.dir, f"inflight-{name}")
         os.mkdir(inflight)
         jobs = {f"c{i}": {"sleep": 0.3, "inflight_dir": inflight} for i in range(2 * LIMIT)}
-        r = self.make_runner(self.write_config("limit.json", "limit.db", jobs), jobs)
+        r = self.make_runner(self.write_config(f"{name}.json", f"{name}.db", jobs), jobs)
         self.addCleanup(r.stop)
+        return r, inflight + ".peaks"
+
+    def assert_within_the_limit(self, peaks_file):
+        with open(peaks_file) as f:
+            peaks = [int(line) for line in f]
+        self.assertEqual(len(peaks), 2 * LIMIT)
+        self.assertLessEqual(max(peaks), LIMIT, f"ticks seen in flight: {peaks}")
+
+    def test_at_most_max_concurrent_ticks_at_once(self):
+        r, peaks = self.limit_runner("scheduled")
         r.start()                           # every job due at once
         self.assertTrue(wait_until(lambda: all(s["last_status"] == "ok" for s in r.status()),
                                    WAIT, 0.1), r.status())
-        with open(inflight + ".peaks") as f:
-            peaks = [int(line) for line in f]
-        self.assertEqual(len(peaks), 2 * LIMIT)
-        self.assertLessEqual(max(peaks), LIMIT)
+        self.assert_within_the_limit(peaks)
+
+    def test_operator_runs_keep_the_limit_too(self):
+        # The admin API's run (Runner.run_once) ran beside the lanes: on main
+        # four at once reached a plugin whose max_concurrent_ticks is 2.
+        r, peaks = self.limit_runner("operator")
+        r.start(background=False)
+        outcomes = []
+        threads = [threading.Thread(target=lambda j=job: outcomes.append(r.run_once(j)))
+                   for job in ("c0", "c1", "c2", "c3")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        self.assertEqual([o.status.value for o in outcomes], ["ok"] * 4,
+                         [o.error for o in outcomes])
+        self.assert_within_the_limit(peaks)
 
     def test_stop_mid_tick_leaves_no_process(self):
         r = self.make_runner(self.write_config("stop.json", "stop.db", JOBS), ["slow", "ok"])
