@@ -3,8 +3,9 @@
 ``LifecycleContract`` is written once and run against every implementation
 in ``IMPLEMENTATIONS``: ephemeral (a process per tick), long-lived over the
 Unix-socket broker, long-lived over NATS (a real nats-server,
-tests/nats_support.py) and stdio; the long-lived and stdio plugins run under
-the daemon's PluginSupervisor.  Each is the same plugin
+tests/nats_support.py), stdio, and stdio with nexo's bridge (ticks as
+``broker.event``); the long-lived and stdio plugins run under the daemon's
+PluginSupervisor.  Each is the same plugin
 (tests/fixtures/sdk_plugin.py, through ``run_plugin``) behind a manifest of
 that lifecycle, driven through the daemon's own wiring (a Runner built from
 ``pollers.json``), the CLI's ``tick --dry-run`` and the admin API's ``run``.
@@ -71,9 +72,11 @@ def plugin_pids(plugin_id: str) -> list[int]:
 
 class LifecycleContract:
     """The contract of a poller, whatever its lifecycle.  Subclasses set
-    ``lifecycle`` (the manifest's) and ``nats`` (the broker is a nats-server)."""
+    ``lifecycle`` (the manifest's), ``nats`` (the broker is a nats-server)
+    and ``poller_extra``."""
     lifecycle = "ephemeral"
     nats = False
+    poller_extra = ""           # more of the manifest's [plugin.poller]
 
     @classmethod
     def setUpClass(cls):
@@ -87,7 +90,7 @@ class LifecycleContract:
         cls.plugin_id = f"conf-{cls.__name__.lower()}-{os.getpid()}"
         write_manifest(cls.dir, cls.plugin_id, "counter", command=PY, args=(SDK_PLUGIN,),
                        lifecycle=cls.lifecycle, max_concurrent_ticks=LIMIT,
-                       tick_timeout_secs=TICK_TIMEOUT)
+                       tick_timeout_secs=TICK_TIMEOUT, poller_extra=cls.poller_extra)
         with open(os.path.join(cls.dir, "token"), "w") as f:
             f.write(TOKEN)
         cls.config_path = cls.write_config("pollers.json", "state.db", JOBS)
@@ -326,6 +329,7 @@ IMPLEMENTATIONS = [
     ("LongLivedUnixBroker", {"lifecycle": "long_lived"}),
     ("LongLivedNats", {"lifecycle": "long_lived", "nats": True}),
     ("Stdio", {"lifecycle": "stdio"}),
+    ("StdioBridge", {"lifecycle": "stdio", "poller_extra": "stdio_bridge = true\n"}),
 ]
 for _name, _opts in IMPLEMENTATIONS:
     globals()[f"Test{_name}"] = type(f"Test{_name}", (LifecycleContract, unittest.TestCase),
