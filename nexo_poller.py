@@ -8095,24 +8095,26 @@ class Runner:
         """Tick a job now, exactly as the scheduler would, and store the outcome."""
         self.open()
         job = self._job(job_id)
-        with self._cond:
-            if job.running:
-                return TickOutcome(job_id, job.cfg.kind, TickStatus.BUSY,
-                                   "a tick of this job is running")
-            job.running = True
-            self._running += 1
+        running = TickOutcome(job_id, job.cfg.kind, TickStatus.BUSY,
+                              "a tick of this job is running")
+        if job.running:
+            return running
+        lane, busy = self._enter_lane(job)
+        if lane is None:
+            return TickOutcome(job_id, job.cfg.kind, TickStatus.BUSY, busy)
         try:
-            lane, busy = self._enter_lane(job)
-            if lane is None:
-                self._release(job, None)
-                return TickOutcome(job_id, job.cfg.kind, TickStatus.BUSY, busy)
+            with self._cond:
+                if job.running:             # it started while this one waited for a slot
+                    return running
+                job.running = True
+                self._running += 1
             try:
                 return self._tick(job, None, commit_async=False)
             finally:
-                self._leave_lane(lane)
+                if job.running:             # interrupted (Ctrl-C) before it was released
+                    self._release(job, None)
         finally:
-            if job.running:                 # interrupted (Ctrl-C) before it was released
-                self._release(job, None)
+            self._leave_lane(lane)
 
     def _enter_lane(self, job: _Job) -> tuple[_Lane | None, str | None]:
         """An operator's tick takes a slot of the job's lane, as a scheduled

@@ -503,6 +503,41 @@ class TestTwoDaemons(Case):
         self.assertIn(f"{owner_a} (holds 2)", out.getvalue().splitlines()[0])
 
 
+class TestOperatorRunsTakeASlot(Case):
+    """Issue 21: an operator's run keeps the kind's max_concurrent_ticks."""
+
+    def test_a_run_with_every_slot_busy_is_409_and_the_job_stays_scheduled(self):
+        entered, release = threading.Event(), threading.Event()
+
+        class OneAtATime:
+            kind, max_concurrent_ticks = "mem", 1
+
+            def tick(self, ctx):
+                entered.set()
+                release.wait(WAIT)
+                return TickAck(b"1")
+        cfg = config_from_dict(self.doc(), base_dir=self.dir, extra_kinds=["mem"])
+        with mock.patch.object(nx, "_IN_PROCESS_BUDGET_SECS", 0.3):   # the wait for a slot
+            r = Runner(cfg)
+            r.register(OneAtATime())
+        self.addCleanup(r.stop)
+        r.start(background=False)
+        first = threading.Thread(target=r.run_once, args=("healthy",))
+        first.start()
+        self.addCleanup(first.join, WAIT)
+        self.addCleanup(release.set)
+        self.assertTrue(entered.wait(WAIT))
+        code, doc, _ = self.call(r, "POST", "/admin/pollers/broken/run", TOKEN)
+        self.assertEqual(code, 409, doc)
+        self.assertEqual(doc["outcome"]["outcome"], "busy")
+        self.assertIn("all 1 tick slots of kind:mem stayed busy", doc["error"])
+        self.assertIsNotNone({s["id"]: s for s in r.status()}["broken"]["next_run_at"],
+                             "a refused run leaves the job on its schedule")
+        release.set()
+        first.join(WAIT)
+        self.assertEqual(r.run_once("broken").status, "ok")   # a slot again
+
+
 # ---------------------------------------------------------------------------- the page
 
 def _chromium():
