@@ -7,13 +7,14 @@ import json
 import os
 import sys
 import tempfile
+import time
 import unittest
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
 from nexo_poller import (ConfigError, CronExpr, DaemonConfig, JobConfig, Lifecycle,
-                         ManifestError, PluginPollerHandle, Schedule, config_from_dict,
-                         load_config, load_manifest)
+                         ManifestError, PluginPollerHandle, Runner, Schedule, TickAck,
+                         config_from_dict, load_config, load_manifest)
 
 UTC = timezone.utc
 
@@ -285,19 +286,17 @@ class SeveralDaemonsKeysTest(ConfigTestCase):
         self.assertOnlyProblem({"lease_min_secs": 1}, "lease_min_secs", "outside 5..86400")
 
     def test_lease_min_secs_sets_the_shortest_lease(self):
-        import nexo_poller as nx
-
         class Mem:
             kind = "mem"
 
             def tick(self, ctx):
-                return nx.TickAck(b"1")
+                return TickAck(b"1")
         cfg = self.load({"state_db": "s.db", "lease_min_secs": 6, "jobs": [
             {"id": "m", "kind": "mem", "schedule": {"every_secs": 1}}]}, extra_kinds=["mem"])
-        r = nx.Runner(cfg)
+        r = Runner(cfg)
         r.register(Mem())
         self.addCleanup(r.stop)
-        before = __import__("time").time()
+        before = time.time()
         self.assertEqual(r.run_once("m").status, "ok")
         lease = r.state.load(["m"])["m"].lease_until
         self.assertLessEqual(before + 6, lease)
