@@ -582,7 +582,12 @@ def _reply_to_ack(envelope: Any, job: str) -> TickAck:
     try:
         return _parse_reply_envelope(envelope, job).into_tick_ack()
     except PluginPollerForwardError as exc:
-        raise PollerError.Transient(f"unparsable reply: {exc}") from None
+        raise _unparsable(exc) from None
+
+
+def _unparsable(exc: PluginPollerForwardError) -> PollerError:
+    """What a reply that cannot be parsed is, whichever lifecycle carried it."""
+    return PollerError.Transient(f"unparsable reply: {exc}")
 
 
 # ============================================================================
@@ -647,15 +652,16 @@ class _PluginHealth:
     TAIL_CHARS = 240                 # characters kept per line
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Condition(threading.Lock())
         self.down: str | None = None            # why no process runs, or None
         self.restart_at: float | None = None    # monotonic time of the next start
         self.tail: deque[str] = deque(maxlen=self.TAIL_LINES)
         self._watchers: set[threading.Event] = set()
+        self._ended = False                     # the supervisor knows how the run ended
 
     def starting(self) -> None:
         with self._lock:
-            self.down, self.restart_at = None, None
+            self.down, self.restart_at, self._ended = None, None, False
             self.tail.clear()
 
     def output(self, line: str) -> None:
@@ -663,12 +669,22 @@ class _PluginHealth:
         with self._lock:
             self.tail.append(line[:self.TAIL_CHARS])
 
-    def went_down(self, why: str, restart_at: float | None = None) -> None:
+    def went_down(self, why: str, restart_at: float | None = None, ended: bool = True) -> None:
+        """The process is gone (``ended``: reaped, ``why`` says how it ended)
+        or going (its stdout closed: not ``ended`` yet)."""
         with self._lock:
             self.down, self.restart_at = why, restart_at
+            self._ended = self._ended or ended
+            self._lock.notify_all()
             watchers = list(self._watchers)
         for event in watchers:
             event.set()
+
+    def wait_ended(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until the supervisor has reaped a process
+        that is going, so ``describe()`` says how it ended."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._ended, timeout)
 
     def watch(self) -> threading.Event:
         """An Event set when the process goes down (already set if it is)."""
@@ -3909,8 +3925,10 @@ class _SlotGuard:
 class EphemeralPollerProxy:
     """A poller that runs each tick in a fresh plugin process."""
 
-    def __init__(self, kind: str, handle: PluginPollerHandle, *,
+    def __init__(self, kind: str, handle: PluginPollerHandle, broker=None, *,
                  max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES, limit: bool = True):
+        # ``broker`` is not used (a process per tick needs none): every
+        # proxy is made the same way (``_LifecycleRules.proxy``).
         self.kind, self.handle, self.max_reply_bytes = kind, handle, max_reply_bytes
         self.limit = limit              # enforce max_concurrent_ticks here
 
@@ -3947,10 +3965,16 @@ class PluginPollerProxy:
         self.kind, self.handle, self.broker, self.limit = kind, handle, broker, limit
 
     def tick(self, ctx: PollContext) -> TickAck:
-        return _watched_tick(self.handle, ctx, PluginPollerForwardError,
-                             lambda cancel: forward_tick(self.broker, self.handle, ctx.to_request(),
-                                                         cancel=cancel).into_tick_ack(),
-                             self.limit)
+        def send(cancel) -> TickAck:
+            try:
+                return forward_tick(self.broker, self.handle, ctx.to_request(),
+                                    cancel=cancel).into_tick_ack()
+            except PluginPollerForwardError.ParseReply as exc:
+                raise _unparsable(exc) from None
+        return _watched_tick(self.handle, ctx, PluginPollerForwardError, send, self.limit)
+
+
+_EXIT_GRACE_SECS = 2.0      # how long a failed tick waits to learn how its plugin ended
 
 
 def _watched_tick(handle: PluginPollerHandle, ctx: PollContext, failures,
@@ -3965,6 +3989,12 @@ def _watched_tick(handle: PluginPollerHandle, ctx: PollContext, failures,
             if not down.is_set():
                 return send(_AnyEvent(ctx.cancel, down))
         except failures as exc:
+            if not ctx.cancel.is_set() and (down.is_set() or getattr(
+                    exc, "code", None) == BROKER_RESPONDER_GONE):
+                # The process is gone or going (its stdout closed, its broker
+                # connection dropped): a crash reads the same whatever noticed
+                # it first, with how it ended, once its supervisor reaped it.
+                health.wait_ended(_EXIT_GRACE_SECS)
             if not down.is_set() or ctx.cancel.is_set():
                 raise PollerError.Transient(f"plugin {handle.plugin_id!r}: {exc}") from None
         finally:
@@ -4053,7 +4083,7 @@ class _StdioChannel:
         with self._lock:
             self._proc, self._gen = None, self._gen + 1
             pending, self._pending = self._pending, {}
-        self.handle.health.went_down(why)
+        self.handle.health.went_down(why, ended=False)   # its supervisor reaps it, then says
         for waiter in pending.values():
             waiter.set(error={"why": why})
         with self._wlock:                # a writer notices the new generation and lets go
@@ -4188,7 +4218,7 @@ class _StdioChannel:
             self._write(message(key), gen, deadline, cancel)
             if not waiter.wait(deadline - time.monotonic(), cancel):
                 raise _Failure("tick cancelled" if cancel is not None and cancel.is_set()
-                               else f"no reply within {timeout:g}s")
+                               else f"timed out after {timeout:g}s (no reply)")
         finally:
             with self._lock:
                 if self._pending.get(key) is waiter:
@@ -4298,14 +4328,36 @@ class StdioPollerProxy:
         return _watched_tick(h, ctx, _Failure, send, self.limit)
 
 
+@dataclasses.dataclass(frozen=True)
+class _LifecycleRules:
+    """What a plugin lifecycle means to the daemon.  ``_lifecycle_rules`` is
+    the one place a manifest's lifecycle is read to decide anything; every
+    lifecycle keeps the same poller contract (tests/test_conformance_lifecycle.py)."""
+    proxy: Callable[..., Any]       # (kind, handle, broker, *, limit) -> its poller
+    supervised: bool                # the daemon keeps one process running (PluginSupervisor)
+    stdio: bool                     # ... and speaks to it on its stdin/stdout, not the broker
+    remote_on_nats: bool            # may run elsewhere (no entrypoint) on a NATS broker
+
+
+_LIFECYCLE_RULES = {
+    Lifecycle.EPHEMERAL: _LifecycleRules(EphemeralPollerProxy, supervised=False, stdio=False,
+                                         remote_on_nats=False),
+    Lifecycle.LONG_LIVED: _LifecycleRules(PluginPollerProxy, supervised=True, stdio=False,
+                                          remote_on_nats=True),
+    Lifecycle.STDIO: _LifecycleRules(StdioPollerProxy, supervised=True, stdio=True,
+                                     remote_on_nats=False),
+}
+
+
+def _lifecycle_rules(handle: PluginPollerHandle) -> _LifecycleRules:
+    """The rules of ``handle``'s lifecycle (its manifest's)."""
+    return _LIFECYCLE_RULES[handle.lifecycle]
+
+
 def _proxy_for(kind: str, handle: PluginPollerHandle, broker, *, limit: bool = True):
     """The proxy of ``handle``'s lifecycle; ``limit=False`` when the caller
     bounds the plugin's ticks itself (the Runner's lane)."""
-    if handle.lifecycle is Lifecycle.EPHEMERAL:
-        return EphemeralPollerProxy(kind, handle, limit=limit)
-    if handle.lifecycle is Lifecycle.STDIO:
-        return StdioPollerProxy(kind, handle, broker, limit=limit)
-    return PluginPollerProxy(kind, handle, broker, limit=limit)
+    return _lifecycle_rules(handle).proxy(kind, handle, broker, limit=limit)
 
 
 class PluginSupervisor:
@@ -4333,7 +4385,7 @@ class PluginSupervisor:
         self._thread: threading.Thread | None = None
         self._plock = threading.Lock()
         self._name = _log_safe(handle.plugin_id)
-        self._stdio = handle.lifecycle is Lifecycle.STDIO
+        self._stdio = _lifecycle_rules(handle).stdio
         self._bye = False                       # stdio: `shutdown` sent, stdin closed
 
     def start(self) -> "PluginSupervisor":
@@ -4391,7 +4443,7 @@ class PluginSupervisor:
                     self._relay(proc)
                     if self._stop.is_set():
                         return
-                    why = f"exited with status {proc.returncode}"
+                    why = f"exited ({_exit_status(proc)})"
                     log.warning("plugin %s: %s; restarting in %.1fs", self._name, why, delay)
                 health.went_down(why, time.monotonic() + delay)
                 self.last_exit, self.last_output = why, list(health.tail)
@@ -4970,6 +5022,11 @@ class _NoStateYet(StateError):
     """A read-only open found no state at the location: nothing has run there."""
 
 
+# A daemon on a shared state is live while its heartbeat is younger than
+# this (``daemon_ttl_secs`` in pollers.json): the take-over time after a crash.
+_DAEMON_TTL_SECS = 20.0
+
+
 class StateStore:
     """The one owner of every job's durable state; the interface of a backend.
 
@@ -5045,8 +5102,10 @@ class StateStore:
     @classmethod
     def from_location(cls, location: str, *, readonly: bool = False, owner: str | None = None,
                       broker_url: str | None = None,
-                      broker_opts: Mapping[str, Any] | None = None) -> "StateStore":
-        """Open the store at ``location`` (``open_state`` calls it)."""
+                      broker_opts: Mapping[str, Any] | None = None,
+                      daemon_ttl: float = _DAEMON_TTL_SECS) -> "StateStore":
+        """Open the store at ``location`` (``open_state`` calls it);
+        ``daemon_ttl`` is the take-over time where the backend needs one."""
         raise NotImplementedError
 
     @classmethod
@@ -5182,6 +5241,25 @@ class StateStore:
     def unregister_daemon(self) -> None:
         """Say this owner's daemon has stopped (a clean stop)."""
         raise NotImplementedError
+
+    def leases(self) -> dict[str, tuple[str | None, float | None]]:
+        """Every job's lease, ``(owner, until)``.  A backend that can read
+        them without the rest of each record overrides it."""
+        return {i: (s.lease_owner, s.lease_until) for i, s in self.load().items()}
+
+    def holders(self, now: float) -> dict[str, str]:
+        """Which owner holds each job now (job id -> owner): a lease not yet
+        expired whose owner is not stale.  A job nobody holds is left out."""
+        stale: dict[str, bool] = {}             # one look per owner, not per job
+        out = {}
+        for job_id, (owner, until) in self.leases().items():
+            if not owner or (until or 0) < now:
+                continue
+            if owner not in stale:
+                stale[owner] = self.lease_is_stale(owner)
+            if not stale[owner]:
+                out[job_id] = owner
+        return out
 
     def changed(self) -> bool:
         """True when another process wrote since the last call: at least
@@ -5396,7 +5474,8 @@ class SqliteStateStore(StateStore):
     @classmethod
     def from_location(cls, location: str, *, readonly: bool = False, owner: str | None = None,
                       broker_url: str | None = None,
-                      broker_opts: Mapping[str, Any] | None = None) -> "SqliteStateStore":
+                      broker_opts: Mapping[str, Any] | None = None,
+                      daemon_ttl: float = _DAEMON_TTL_SECS) -> "SqliteStateStore":
         return cls(location, readonly=readonly, owner=owner)
 
     def __init__(self, path: str | os.PathLike, *, owner: str | None = None,
@@ -5950,6 +6029,10 @@ class SqliteStateStore(StateStore):
         self.submit(lambda db: db.execute("UPDATE daemons SET running=? WHERE owner=?",
                                           (text, owner)))
 
+    def leases(self) -> dict[str, tuple[str | None, float | None]]:
+        return {i: (o, u) for i, o, u in self._read("SELECT id, lease_owner, lease_until "
+                                                      "FROM jobs")}
+
     def daemons(self) -> dict[str, list[str]]:
         try:
             rows = self._read("SELECT owner, running FROM daemons")
@@ -6166,12 +6249,13 @@ class JetStreamStateStore(StateStore):
     @classmethod
     def from_location(cls, location: str, *, readonly: bool = False, owner: str | None = None,
                       broker_url: str | None = None,
-                      broker_opts: Mapping[str, Any] | None = None) -> "JetStreamStateStore":
+                      broker_opts: Mapping[str, Any] | None = None,
+                      daemon_ttl: float = _DAEMON_TTL_SECS) -> "JetStreamStateStore":
         problem = cls.broker_problem(broker_url)
         if problem:
             raise StateError(f"{location}: {problem}, got {broker_url or 'none'}")
         return cls(location[len(_JETSTREAM):], broker_url, readonly=readonly, owner=owner,
-                   broker_opts=broker_opts)
+                   broker_opts=broker_opts, daemon_ttl=daemon_ttl)
 
     @classmethod
     def broker_problem(cls, broker_url: str | None) -> str | None:
@@ -6181,7 +6265,8 @@ class JetStreamStateStore(StateStore):
     def __init__(self, bucket: str, broker_url: str | None = None, *, client=None,
                  owner: str | None = None, readonly: bool = False, history: int = 5,
                  replicas: int = 1, max_age: float = 0.0, timeout: float = 5.0,
-                 daemon_ttl: float = 20.0, broker_opts: Mapping[str, Any] | None = None):
+                 daemon_ttl: float = _DAEMON_TTL_SECS,
+                 broker_opts: Mapping[str, Any] | None = None):
         if not _BUCKET_NAME.fullmatch(bucket or ""):
             raise StateError(f"{_JETSTREAM}{bucket}: a bucket name is letters, digits, "
                              "'-' and '_'")
@@ -7128,13 +7213,16 @@ def _state_backend(location: str) -> type[StateStore]:
 
 def open_state(location: str, *, readonly: bool = False, owner: str | None = None,
                broker_url: str | None = None,
-               broker_opts: Mapping[str, Any] | None = None) -> StateStore:
+               broker_opts: Mapping[str, Any] | None = None,
+               daemon_ttl: float = _DAEMON_TTL_SECS) -> StateStore:
     """The state store for a ``state_db`` location: ``jetstream://<bucket>``
     (a JetStream key-value bucket on the NATS broker ``broker_url``), else a
-    file path (sqlite)."""
+    file path (sqlite).  ``daemon_ttl``: see ``JetStreamStateStore`` (a
+    sqlite state's daemons share one host, where a dead pid is seen at once)."""
     return _state_backend(location).from_location(location, readonly=readonly, owner=owner,
                                                   broker_url=broker_url,
-                                                  broker_opts=broker_opts)
+                                                  broker_opts=broker_opts,
+                                                  daemon_ttl=daemon_ttl)
 
 
 # ============================================================================
@@ -7346,7 +7434,8 @@ def _host_name(name: str) -> str:
     """A host as compared with a request's ``Host``: lower case, no brackets."""
     return name.strip("[]").lower()
 _TOP_DEFAULTS = {"enabled": True, "state_db": "./data/poller.db", "default_jitter_ms": 5000,
-                 "lease_ttl_factor": 2.0, "failure_alert_cooldown_secs": 3600,
+                 "lease_ttl_factor": 2.0, "lease_min_secs": 30.0,
+                 "daemon_ttl_secs": _DAEMON_TTL_SECS, "failure_alert_cooldown_secs": 3600,
                  "breaker_threshold": 5, "backoff_initial_secs": 30.0,
                  "backoff_max_secs": 300.0, "max_workers": 64, "shutdown_grace_secs": 10.0,
                  "alert_topic": "nexo.poller.alert", "broker": None, "broker_tls": None,
@@ -7388,6 +7477,8 @@ class DaemonConfig:
     state_db: str = "./data/poller.db"
     default_jitter_ms: int = 5000
     lease_ttl_factor: float = 2.0
+    lease_min_secs: float = _TOP_DEFAULTS["lease_min_secs"]
+    daemon_ttl_secs: float = _TOP_DEFAULTS["daemon_ttl_secs"]
     failure_alert_cooldown_secs: float = 3600
     breaker_threshold: int = 5
     backoff_initial_secs: float = 30.0
@@ -7496,7 +7587,7 @@ def _config_state(config: "DaemonConfig", *, readonly: bool = False,
     tls = {f"tls_{k}": v for k, v in config.broker_tls.items()}
     return open_state(location or config.state_db, readonly=readonly,
                       broker_url=config.broker if _is_nats(config.broker) else None,
-                      broker_opts=tls or None)
+                      broker_opts=tls or None, daemon_ttl=config.daemon_ttl_secs)
 
 
 def _redact_url(url: str | None) -> str | None:
@@ -7542,6 +7633,8 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
             probs.add(prefix + "state_db", str(exc))
     number("default_jitter_ms", 0, 86_400_000, integer=True)
     number("lease_ttl_factor", 1.0, 100.0)
+    number("lease_min_secs", 5, 86400)
+    number("daemon_ttl_secs", 1, 3600)
     number("failure_alert_cooldown_secs", 0, 10 ** 9)
     number("breaker_threshold", 1, 10 ** 6, integer=True)
     number("backoff_initial_secs", 0.001, 86400)
@@ -7657,9 +7750,10 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
                 probs.add(where, f"{full}: [plugin.entrypoint] {problem}")
             # A stdio plugin is always ours to start; a long-lived one may run
             # elsewhere when the broker is NATS.
-            if handle.lifecycle is not Lifecycle.EPHEMERAL and not handle.entrypoint_command \
-                    and not (handle.lifecycle is Lifecycle.LONG_LIVED and _is_nats(cfg.broker)):
-                what = "long-lived" if handle.lifecycle is Lifecycle.LONG_LIVED else "stdio"
+            rules = _lifecycle_rules(handle)
+            if rules.supervised and not handle.entrypoint_command \
+                    and not (rules.remote_on_nats and _is_nats(cfg.broker)):
+                what = handle.lifecycle.value.replace("_", "-")
                 probs.add(where, f"{full}: [plugin.entrypoint] command is required for a "
                                  f"{what} plugin (the daemon starts it at boot; only a "
                                  "long-lived plugin on a NATS broker may run elsewhere)")
@@ -7786,7 +7880,6 @@ def _schedule_from_dict(raw: Any, where: str, probs: _Problems) -> Schedule | No
 # budget), and the error policy: the only place a PollerError gets a meaning.
 # ============================================================================
 
-_LEASE_MIN_SECS = 30.0
 _COMMAND_POLL_SECS = 0.5             # the running set is published at most this often
 _WALL_CLOCK_LOOK_SECS = 60.0         # how soon a wall-clock step moves cron/at slots
 _IN_PROCESS_BUDGET_SECS = 5.0
@@ -7931,10 +8024,11 @@ def next_run(state: JobState, schedule: Schedule, schedule_key: str | None,
 
 def _status_dict(cfg: JobConfig, state: JobState, threshold: int, running: bool,
                  next_run_at: float | None = None, delivered: int = 0,
-                 undelivered: int = 0) -> dict:
+                 undelivered: int = 0, holder: str | None = None) -> dict:
     """A job as ``status`` shows it (one shape for the Runner and the CLI);
     ``next_run_at`` is the live slot where one is known, else the stored one;
-    ``delivered`` counts deliveries made since ``state`` was read."""
+    ``delivered`` counts deliveries made since ``state`` was read; ``holder``
+    is the daemon (or CLI) holding the job's lease (``StateStore.holders``)."""
     if next_run_at is None:
         next_run_at = state.next_run_at
     return {"id": cfg.id, "kind": cfg.kind, "agent": cfg.agent, "paused": state.paused,
@@ -7948,7 +8042,7 @@ def _status_dict(cfg: JobConfig, state: JobState, threshold: int, running: bool,
             "items_dispatched_total": state.items_dispatched_total + state.delivered_total
             + delivered,
             "undelivered": undelivered,
-            "running": running}
+            "running": running, "holder": holder}
 
 
 class _Job:
@@ -8151,7 +8245,7 @@ class Runner:
                                                              limit=False), lane,
                                             handle.tick_timeout.total_seconds(),
                                             handle.plugin_id)
-            if handle.lifecycle is not Lifecycle.EPHEMERAL and handle.entrypoint_command:
+            if _lifecycle_rules(handle).supervised and handle.entrypoint_command:
                 # long-lived and stdio; without a command (NATS only) the plugin
                 # runs elsewhere: not ours to start.
                 auth = (auth_by_plugin if auth_by_plugin is not None else
@@ -8180,12 +8274,14 @@ class Runner:
 
     def _lease_ttl(self, cfg: JobConfig, plugins: Iterable[PluginPollerHandle] | None = None
                    ) -> float:
-        """factor x interval, at least 30 s, and at least a plugin's tick timeout + 30 s."""
-        ttl = max(_LEASE_MIN_SECS, self.config.lease_ttl_factor * cfg.schedule.nominal_interval)
+        """factor x interval, at least ``lease_min_secs``, and at least a
+        plugin's tick timeout + ``lease_min_secs``."""
+        least = self.config.lease_min_secs
+        ttl = max(least, self.config.lease_ttl_factor * cfg.schedule.nominal_interval)
         handle = next((h for h in (plugins or ()) if cfg.kind in h.kinds), None)
         route = self._routes.get(cfg.kind) if plugins is None else None
         if handle is not None or (route is not None and route.plugin_id is not None):
-            ttl = max(ttl, self._budget(cfg.kind, plugins) + _LEASE_MIN_SECS)
+            ttl = max(ttl, self._budget(cfg.kind, plugins) + least)
         return ttl
 
     # -- life cycle -------------------------------------------------------------------
@@ -8634,9 +8730,9 @@ class Runner:
             except StateError as exc:
                 granted, outcome.error = {}, str(exc)
             if cfg.id not in granted:
-                outcome.status = TickStatus.LEASED
+                outcome.status, elsewhere = TickStatus.LEASED, outcome.error is None
                 outcome.error = outcome.error or "another daemon holds this job's lease"
-                return self._finish_unplanned(job, slot, outcome, command)
+                return self._finish_unplanned(job, slot, outcome, command, elsewhere)
             with self._cond:
                 job.state, job.leased, job.delivered = granted[cfg.id], True, 0
             if taking_over:
@@ -8745,10 +8841,18 @@ class Runner:
         return items
 
     def _finish_unplanned(self, job: _Job, slot: float | None, outcome: TickOutcome,
-                          command: int | None) -> TickOutcome:
-        """A tick that stored nothing (cancelled, leased): log it, free the job."""
-        self._log_tick(outcome)
-        self._metrics.observe(outcome)
+                          command: int | None, elsewhere: bool = False) -> TickOutcome:
+        """A tick that stored nothing (cancelled, leased): log it, free the job.
+
+        A slot of a job ``elsewhere`` (another daemon holds its lease) is no
+        tick of this daemon: no outcome line (debug only), no outcome in the
+        metrics, only a counter.  An operator's tick still gets its line."""
+        if elsewhere and slot is not None:
+            log.debug("job %s: slot skipped, another daemon holds its lease", job.cfg.id)
+            self._metrics.held_elsewhere(job.cfg.id, job.cfg.kind)
+        else:
+            self._log_tick(outcome)
+            self._metrics.observe(outcome)
         if command is not None:
             try:
                 self.state.finish_command(command, json.dumps(outcome.to_dict()))
@@ -8901,17 +9005,58 @@ class Runner:
         """Tick a job now, exactly as the scheduler would, and store the outcome."""
         self.open()
         job = self._job(job_id)
-        with self._cond:
-            if job.running:
-                return TickOutcome(job_id, job.cfg.kind, TickStatus.BUSY,
-                                   "a tick of this job is running")
-            job.running = True
-            self._running += 1
+        running = TickOutcome(job_id, job.cfg.kind, TickStatus.BUSY,
+                              "a tick of this job is running")
+        if job.running:
+            return running
+        lane, busy = self._enter_lane(job)
+        if lane is None:
+            return TickOutcome(job_id, job.cfg.kind, TickStatus.BUSY, busy)
         try:
-            return self._tick(job, None, commit_async=False)
+            with self._cond:
+                if job.running:             # it started while this one waited for a slot
+                    return running
+                job.running = True
+                self._running += 1
+            try:
+                return self._tick(job, None, commit_async=False)
+            finally:
+                if job.running:             # interrupted (Ctrl-C) before it was released
+                    self._release(job, None, keep=True)
         finally:
-            if job.running:                 # interrupted (Ctrl-C) before it was released
-                self._release(job, None, keep=True)
+            self._leave_lane(lane)
+
+    def _enter_lane(self, job: _Job) -> tuple[_Lane | None, str | None]:
+        """An operator's tick takes a slot of the job's lane, as a scheduled
+        one does (``max_concurrent_ticks`` holds for both), waiting at most
+        the route's budget: ``(lane, None)``, or ``(None, why)`` when no
+        slot came free by then."""
+        route = self._routes.get(job.cfg.kind)
+        lane = route.lane if route is not None else self._lane("(unrouted)", 1)
+        budget = route.budget if route is not None else _IN_PROCESS_BUDGET_SECS
+        deadline = time.monotonic() + budget
+        with self._cond:
+            while lane.running >= lane.limit and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None, (f"all {lane.limit} tick slots of {lane.key} stayed busy "
+                                  f"for {budget:g}s")
+                # A lane's worker frees its slot without a notify: look again soon.
+                self._cond.wait(min(left, _CANCEL_POLL_SECS))
+            if lane.running == 0:
+                self._idle_lanes -= 1
+            lane.running += 1
+        return lane, None
+
+    def _leave_lane(self, lane: _Lane) -> None:
+        """Free an operator's slot; start the scheduled ticks it held back."""
+        with self._cond:
+            lane.running -= 1
+            if lane.running == 0:
+                self._idle_lanes += 1
+            starts = self._start_ready([lane])
+        for args in starts:
+            self._pool.submit(self._work, *args)
 
     def dry_run(self, job_id: str, cursor: bytes | None | object = _MISSING, *,
                 on_request: Callable[[TickRequest], None] | None = None) -> TickOutcome:
@@ -9085,12 +9230,35 @@ class Runner:
         self._dispatch(job, None, command)
         return True
 
-    def status(self) -> list[dict]:
+    def status(self, holders: Mapping[str, str] | None = None) -> list[dict]:
+        """Every job as ``status`` shows it, from this daemon's memory.  Its
+        ``holder`` is this daemon for the jobs it holds, else None; pass
+        ``holders()`` (a read of the state) for every daemon's."""
         threshold = self.config.breaker_threshold
         with self._cond:
+            if holders is None:
+                holders = self._own_holds()
             return [_status_dict(j.cfg, j.state, threshold, j.running and not j.commanding,
-                                 j.next_run_at if j.generation >= 0 else None, j.delivered)
+                                 j.next_run_at if j.generation >= 0 else None, j.delivered,
+                                 holder=holders.get(j.cfg.id))
                     for j in self._jobs.values()]
+
+    def holders(self) -> dict[str, str]:
+        """Which daemon holds each job's lease (job id -> owner), read from
+        the state: another daemon's leases are not in this one's memory.
+        While the state cannot be read, only this daemon's own leases."""
+        store = self.state
+        if store is None:
+            return {}
+        try:
+            return store.holders(self.clock())
+        except StateError:
+            with self._cond:
+                return self._own_holds()
+
+    def _own_holds(self) -> dict[str, str]:
+        """The jobs this daemon holds the leases of (lock held)."""
+        return {i: self.state.owner for i, j in self._jobs.items() if j.leased}
 
     # -- reload ----------------------------------------------------------------------------
 
@@ -9527,6 +9695,7 @@ class _Metrics:
         self.duration: dict[str, list] = {}     # kind -> [bucket counts..., sum, count]
         self.state_errors = 0
         self.last_success: dict[str, float] = {}  # job -> wall time of its last ok tick
+        self.elsewhere: dict[tuple[str, str], int] = {}  # (job, kind) -> slots held elsewhere
 
     def observe(self, o: TickOutcome, at: float | None = None) -> None:
         with self._lock:
@@ -9544,6 +9713,10 @@ class _Metrics:
     def state_error(self) -> None:
         with self._lock:
             self.state_errors += 1
+
+    def held_elsewhere(self, job: str, kind: str) -> None:
+        with self._lock:
+            self.elsewhere[(job, kind)] = self.elsewhere.get((job, kind), 0) + 1
 
     def render(self, runner: "Runner") -> str:
         out = []
@@ -9567,6 +9740,10 @@ class _Metrics:
                            f"{lbl(kind=kind, le='+Inf')} {h[-1]}")
                 out.append(f"nexo_poller_tick_duration_seconds_sum{lbl(kind=kind)} {h[-2]:.6f}")
                 out.append(f"nexo_poller_tick_duration_seconds_count{lbl(kind=kind)} {h[-1]}")
+            family("nexo_poller_slots_held_elsewhere_total", "counter",
+                   "Slots not ticked here because another daemon holds the job's lease.")
+            for (job, kind), n in sorted(self.elsewhere.items()):
+                out.append(f"nexo_poller_slots_held_elsewhere_total{lbl(job=job, kind=kind)} {n}")
         jobs = runner.status()
         for name, key, help_text in (
                 ("nexo_poller_consecutive_errors", "consecutive_errors", "Consecutive errors."),
@@ -9782,7 +9959,7 @@ def _admin_jobs(runner: "Runner") -> list[dict]:
     with runner._cond:
         schedules = {j.cfg.id: _schedule_text(j.cfg.schedule) for j in runner._jobs.values()}
     out = []
-    for s in runner.status():
+    for s in runner.status(runner.holders()):
         route = runner._routes.get(s["kind"])
         plugin = route.plugin_id if route is not None else None
         doc = {"id": s["id"], "kind": s["kind"], "agent": s["agent"], "paused": s["paused"],
@@ -9793,7 +9970,7 @@ def _admin_jobs(runner: "Runner") -> list[dict]:
                "items_dispatched_total": s["items_dispatched_total"]}
         doc.update(cursor=s["cursor"], cursor_text=_cursor_text(s["cursor"]),
                    breaker_open=s["breaker_open"], running=s["running"],
-                   last_run_at=s["last_run_at"], next_run_at=s["next_run_at"],
+                   holder=s["holder"], last_run_at=s["last_run_at"], next_run_at=s["next_run_at"],
                    schedule=schedules.get(s["id"]), undelivered=undelivered.get(s["id"], 0),
                    plugin=plugin,
                    plugin_state=plugins[plugin]["state"] if plugin in plugins else None,
@@ -9805,6 +9982,30 @@ def _admin_jobs(runner: "Runner") -> list[dict]:
 def _cursor_text(b64: str | None) -> str | None:
     """A status cursor (base64) as text where it is printable, else None."""
     return None if b64 is None else _cursor_view(decode_cursor(b64))["text"]
+
+
+def _admin_daemons(runner: "Runner", jobs: list[dict]) -> dict:
+    """GET /admin/daemons: the live daemons on this state, each with the jobs
+    it holds (of ``jobs``, ``_admin_jobs``) and the ones it is ticking; this
+    daemon is ``self``.  Empty while the state cannot be read."""
+    try:
+        live = runner.state.daemons() if runner.state is not None else {}
+    except StateError:
+        live = {}
+    me = runner.state.owner if runner.state is not None else None
+    if runner._started and me is not None:
+        live.setdefault(me, [])
+    return {"self": me, "daemons": [
+        {"owner": o, "self": o == me, "holds": [j["id"] for j in jobs if j["holder"] == o],
+         "running": sorted(live[o])} for o in sorted(live)]}
+
+
+def _daemons_line(doc: dict) -> str:
+    """``status``'s first line: the live daemons (``_admin_daemons``' shape)
+    and how many jobs each holds."""
+    return "daemon: " + (", ".join(f"{d['owner']} (holds {len(d['holds'])})"
+                                   + (" (this one)" if d.get("self") else "")
+                                   for d in doc["daemons"]) or "none running")
 
 
 def _health(runner: "Runner") -> tuple[bool, dict]:
@@ -9970,6 +10171,7 @@ def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> 
     healthy, checks = _health(runner)
     jobs = _admin_jobs(runner) if authorized else []
     plugins = _plugin_states(runner) if authorized else []
+    daemons = _admin_daemons(runner, jobs)["daemons"] if authorized else []
     rows = []
     for j in jobs:
         status = _job_status(j)
@@ -9998,6 +10200,7 @@ def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> 
             f'<td><time datetime="{e(j["next_run_at"])}">'
             f'{e("paused" if j["paused"] else _ago(j["next_run_at_ms"], now))}</time></td>'
             f'<td>{cursor}</td><td>{e(j["undelivered"])}</td>'
+            f'<td class="holder">{e(j["holder"])}</td>'
             f'<td><button type="button" data-action="{toggle}" data-job="{e(j["id"])}">'
             f'{toggle.capitalize()}<span class="vh"> {e(j["id"])}</span></button> '
             f'<button type="button" data-action="run" data-job="{e(j["id"])}">Run now'
@@ -10009,6 +10212,9 @@ def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> 
         prow.append(f'<tr><th scope="row">{e(p["id"])}</th><td>{e(", ".join(p["kinds"]))}</td>'
                     f'<td>{e(p["lifecycle"])}</td><td>{e(p["state"])}</td><td>{e(p["pid"])}</td>'
                     f'<td>{e(p["restarts"])}</td><td>{e(p["last_exit"])}</td><td>{out}</td></tr>')
+    drow = [f'<tr><th scope="row">{e(d["owner"])}{" (this one)" if d["self"] else ""}</th>'
+            f'<td>{e(len(d["holds"]))}</td><td>{e(", ".join(d["running"]) or "-")}</td></tr>'
+            for d in daemons]
     options = "".join(f'<option value="{e(s)}"{" selected" if s == wanted else ""}>{e(s)}'
                       f'</option>' for s in _PAGE_STATUSES)
     health = ("healthy" if healthy else "unhealthy: " + "; ".join(
@@ -10016,7 +10222,7 @@ def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> 
     locked = "" if authorized else (
         '<p id="locked" role="alert">This daemon listens beyond loopback: enter the admin '
         'token above to see its jobs.</p>')
-    empty = ('<tr><td colspan="11">no job matches</td></tr>' if not rows else "")
+    empty = ('<tr><td colspan="12">no job matches</td></tr>' if not rows else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -10045,8 +10251,14 @@ page rendered <time id="rendered" datetime="{e(_iso(now))}">{e(_iso(now))}</time
 <thead><tr><th scope="col">Job</th><th scope="col">Kind</th><th scope="col">Plugin</th>
 <th scope="col">Schedule</th><th scope="col">Last run</th><th scope="col">Outcome</th>
 <th scope="col">Last error</th><th scope="col">Next run</th><th scope="col">Cursor</th>
-<th scope="col">Undelivered</th><th scope="col">Actions</th></tr></thead>
+<th scope="col">Undelivered</th><th scope="col">Held by</th><th scope="col">Actions</th>
+</tr></thead>
 <tbody>{"".join(rows)}{empty}</tbody></table>
+<h2>Daemons</h2>
+<table id="daemons"><caption>{e(len(daemons))} live daemons on this state</caption>
+<thead><tr><th scope="col">Daemon</th><th scope="col">Jobs held</th>
+<th scope="col">Ticking now</th></tr></thead>
+<tbody>{"".join(drow) or '<tr><td colspan="3">none</td></tr>'}</tbody></table>
 <h2>Plugins</h2>
 <table id="plugins"><caption>{e(len(plugins))} plugins</caption>
 <thead><tr><th scope="col">Plugin</th><th scope="col">Kinds</th><th scope="col">Lifecycle</th>
@@ -10242,6 +10454,12 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
                 if method != "GET":
                     return self._refuse(405, "GET required")
                 return self._json(200, _plugin_states(admin.runner))
+            if path == "/admin/daemons":
+                if not public and not self._authorized():
+                    return self._refuse(401, "a bearer token is required")
+                if method != "GET":
+                    return self._refuse(405, "GET required")
+                return self._json(200, _admin_daemons(admin.runner, _admin_jobs(admin.runner)))
             if path == "/admin/pollers" or path.startswith("/admin/pollers/"):
                 return self._admin(method, [unquote(p) for p in path[15:].split("/")]
                                    if len(path) > 15 else [])
@@ -11246,20 +11464,22 @@ def _cursor_verb(config: DaemonConfig, args) -> int:
 
 def _print_status(config: DaemonConfig, as_json: bool) -> int:
     """Every job's state, read only: ``status`` never creates a state file."""
-    note, states, daemons, undelivered = None, {}, {}, {}
+    note, states, daemons, undelivered, holders = None, {}, {}, {}, {}
     store = _read_state(config)
     if store is None:
         note = f"no state yet at {config.state_db} (no daemon has run with this config)"
     else:
         try:
             states, daemons = store.load(), store.daemons()
+            holders = store.holders(time.time())
             undelivered = {job: n for job, (n, _) in store.outbox_counts().items()}
         finally:
             store.close()
     running = set().union(*daemons.values()) if daemons else set()
     out = [_status_dict(jc, states.get(jc.id) or JobState(jc.id, paused=jc.paused_on_boot),
                         config.breaker_threshold, jc.id in running,
-                        undelivered=undelivered.get(jc.id, 0)) for jc in config.jobs]
+                        undelivered=undelivered.get(jc.id, 0), holder=holders.get(jc.id))
+           for jc in config.jobs]
     for row in out:                     # as the admin API's job objects have it
         row["cursor_text"] = _cursor_text(row["cursor"])
     if as_json:
@@ -11267,22 +11487,25 @@ def _print_status(config: DaemonConfig, as_json: bool) -> int:
         return EXIT_OK
     if note:
         print(note)
-    print("daemon: " + (", ".join(sorted(daemons)) if daemons else "none running"))
+    print(_daemons_line({"daemons": [{"owner": o, "holds": [j for j, h in holders.items()
+                                                            if h == o]}
+                                     for o in sorted(daemons)]}))
     _print_status_table(out, config.enabled)
     return EXIT_OK
 
 
 def _print_status_table(out: list[dict], enabled: bool = True) -> None:
     now = time.time()
+    held = max([len("HELD BY")] + [len(s.get("holder") or "-") for s in out])
     print(f"{'JOB':<24} {'KIND':<16} {'STATE':<8} {'LAST':<10} {'LAST RUN':<9} {'ERRS':>4} "
-          f"{'UNDELIV':>7}  {'NEXT RUN':<9} ERROR")
+          f"{'UNDELIV':>7}  {'NEXT RUN':<9} {'HELD BY':<{held}} ERROR")
     for s in out:
         state = ("disabled" if not enabled else "running" if s["running"] else
                  "paused" if s["paused"] else "breaker" if s["breaker_open"] else "active")
         print(f"{s['id']:<24} {s['kind']:<16} {state:<8} {s['last_status'] or '-':<10} "
               f"{_relative(s['last_run_at'], now):<9} {s['consecutive_errors']:>4} "
               f"{s['undelivered']:>7}  {_relative(s['next_run_at'], now):<9} "
-              f"{_error_cell(s['last_error'])}")
+              f"{s.get('holder') or '-':<{held}} {_error_cell(s['last_error'])}")
 
 
 _ADMIN_VERBS = ("status", "tick", "pause", "resume", "reset", "cursor")
@@ -11386,7 +11609,11 @@ def _admin_verb(args) -> int:
         if args.json:
             print(json.dumps(doc, indent=2))
         else:
-            print(f"daemon: admin API at {args.admin}")
+            code, daemons = _admin_call(args.admin, "GET", "/admin/daemons", token, 30)
+            if code == 200 and isinstance(daemons, dict):
+                print(_daemons_line(daemons) + f"; asked through the admin API at {args.admin}")
+            else:                           # a daemon from before the route
+                print(f"daemon: admin API at {args.admin}")
             _print_status_table(doc)
         return EXIT_OK
     if verb == "tick" and isinstance(doc, dict) and isinstance(doc.get("outcome"), dict):

@@ -57,10 +57,11 @@ def pid_gone(pid: int) -> bool:
 def write_manifest(root: str, name: str, kind: str, *, command: str, args=(),
                    lifecycle: str = "ephemeral", env: dict | None = None,
                    max_concurrent_ticks: int | None = None, tick_timeout_secs: int = 20,
-                   entrypoint_extra: str = "") -> str:
+                   entrypoint_extra: str = "", poller_extra: str = "") -> str:
     """Write plugins/<name>/nexo-plugin.toml (id ``name``, one kind, topic
     prefix plugin.poller.<name>); returns the folder relative to ``root``.
-    ``entrypoint_extra`` is raw TOML added to ``[plugin.entrypoint]``."""
+    ``entrypoint_extra`` and ``poller_extra`` are raw TOML added to
+    ``[plugin.entrypoint]`` and ``[plugin.poller]``."""
     folder = os.path.join(root, "plugins", name)
     os.makedirs(folder, exist_ok=True)
     env_table = "".join(f"{k} = {q(v)}\n" for k, v in (env or {}).items())
@@ -82,7 +83,7 @@ kinds = [{q(kind)}]
 broker_topic_prefix = {q("plugin.poller." + name)}
 lifecycle = {q(lifecycle)}
 {limit}tick_timeout_secs = {tick_timeout_secs}
-""")
+{poller_extra}""")
     return os.path.join("plugins", name)
 
 

@@ -519,6 +519,85 @@ class TestCli(Case):
         self.assertEqual(self.cli("--admin", "ftp://x", "status")[0], nx.EXIT_USAGE)
 
 
+class TestTwoDaemons(Case):
+    """Issue 21 item 5: which daemon holds which job, and the live daemons,
+    on the page, in the API, in ``status`` and in ``--admin status``."""
+
+    def test_holders_and_live_daemons_everywhere(self):
+        a = self.runner()
+        b = self.runner()
+        owner_a, owner_b = a.state.owner, b.state.owner
+        code, jobs, _ = self.call(b, "GET", "/admin/pollers")
+        self.assertEqual({j["id"]: j["holder"] for j in jobs},
+                         {"healthy": owner_a, "broken": owner_a})
+        code, doc, _ = self.call(b, "GET", "/admin/daemons")
+        self.assertEqual(code, 200)
+        self.assertEqual(doc["self"], owner_b)
+        self.assertEqual({d["owner"]: (sorted(d["holds"]), d["self"]) for d in doc["daemons"]},
+                         {owner_a: (["broken", "healthy"], False), owner_b: ([], True)})
+        code, page, _ = self.call(b, "GET", "/")
+        self.assertIn('<td class="holder">%s</td>' % owner_a, page)
+        daemons = page[page.index('<table id="daemons">'):]
+        self.assertIn(f'<th scope="row">{owner_a}</th><td>2</td>', daemons)
+        self.assertIn(f'<th scope="row">{owner_b} (this one)</th><td>0</td>', daemons)
+        # `--admin status` names both daemons; local `status` the holders too
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertEqual(nx.main(["--admin", f"http://127.0.0.1:{self.port(b)}",
+                                      "status"]), 0)
+        logging.getLogger().handlers[:] = []
+        first = out.getvalue().splitlines()[0]
+        self.assertIn(f"{owner_a} (holds 2)", first)
+        self.assertIn(f"{owner_b} (holds 0) (this one)", first)
+        self.assertIn(owner_a, next(line for line in out.getvalue().splitlines()
+                                    if line.startswith("broken")))
+        cfg = config_from_dict(self.doc(), base_dir=self.dir, extra_kinds=["mem"])
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            nx._print_status(cfg, True)
+        self.assertEqual({j["id"]: j["holder"] for j in json.loads(out.getvalue())},
+                         {"healthy": owner_a, "broken": owner_a})
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            nx._print_status(cfg, False)
+        self.assertIn(f"{owner_a} (holds 2)", out.getvalue().splitlines()[0])
+
+
+class TestOperatorRunsTakeASlot(Case):
+    """Issue 21: an operator's run keeps the kind's max_concurrent_ticks."""
+
+    def test_a_run_with_every_slot_busy_is_409_and_the_job_stays_scheduled(self):
+        entered, release = threading.Event(), threading.Event()
+
+        class OneAtATime:
+            kind, max_concurrent_ticks = "mem", 1
+
+            def tick(self, ctx):
+                entered.set()
+                release.wait(WAIT)
+                return TickAck(b"1")
+        cfg = config_from_dict(self.doc(), base_dir=self.dir, extra_kinds=["mem"])
+        with mock.patch.object(nx, "_IN_PROCESS_BUDGET_SECS", 0.3):   # the wait for a slot
+            r = Runner(cfg)
+            r.register(OneAtATime())
+        self.addCleanup(r.stop)
+        r.start(background=False)
+        first = threading.Thread(target=r.run_once, args=("healthy",))
+        first.start()
+        self.addCleanup(first.join, WAIT)
+        self.addCleanup(release.set)
+        self.assertTrue(entered.wait(WAIT))
+        code, doc, _ = self.call(r, "POST", "/admin/pollers/broken/run", TOKEN)
+        self.assertEqual(code, 409, doc)
+        self.assertEqual(doc["outcome"]["outcome"], "busy")
+        self.assertIn("all 1 tick slots of kind:mem stayed busy", doc["error"])
+        self.assertIsNotNone({s["id"]: s for s in r.status()}["broken"]["next_run_at"],
+                             "a refused run leaves the job on its schedule")
+        release.set()
+        first.join(WAIT)
+        self.assertEqual(r.run_once("broken").status, "ok")   # a slot again
+
+
 # ---------------------------------------------------------------------------- the page
 
 def _chromium():

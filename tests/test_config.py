@@ -7,13 +7,14 @@ import json
 import os
 import sys
 import tempfile
+import time
 import unittest
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
 from nexo_poller import (ConfigError, CronExpr, DaemonConfig, JobConfig, Lifecycle,
-                         ManifestError, PluginPollerHandle, Schedule, config_from_dict,
-                         load_config, load_manifest)
+                         ManifestError, PluginPollerHandle, Runner, Schedule, TickAck,
+                         config_from_dict, load_config, load_manifest)
 
 UTC = timezone.utc
 
@@ -267,6 +268,39 @@ class TopLevelErrorsTest(ConfigTestCase):
         self.assertOnlyProblem({"backoff_initial_secs": 0}, "backoff_initial_secs")
         self.assertOnlyProblem({"failure_alert_cooldown_secs": -5},
                                "failure_alert_cooldown_secs")
+
+
+class SeveralDaemonsKeysTest(ConfigTestCase):
+    """Issue 21 item 5: the take-over time and the lease settings are keys."""
+
+    def test_defaults_and_explicit_values(self):
+        cfg = self.load({})
+        self.assertEqual((cfg.daemon_ttl_secs, cfg.lease_min_secs), (20.0, 30.0))
+        cfg = self.load({"daemon_ttl_secs": 4, "lease_min_secs": 7.5})
+        self.assertEqual((cfg.daemon_ttl_secs, cfg.lease_min_secs), (4, 7.5))
+
+    def test_validated_with_their_paths(self):
+        self.assertOnlyProblem({"daemon_ttl_secs": "20"}, "daemon_ttl_secs", "number")
+        self.assertOnlyProblem({"daemon_ttl_secs": 0}, "daemon_ttl_secs", "outside 1..3600")
+        self.assertOnlyProblem({"lease_min_secs": True}, "lease_min_secs", "boolean")
+        self.assertOnlyProblem({"lease_min_secs": 1}, "lease_min_secs", "outside 5..86400")
+
+    def test_lease_min_secs_sets_the_shortest_lease(self):
+        class Mem:
+            kind = "mem"
+
+            def tick(self, ctx):
+                return TickAck(b"1")
+        cfg = self.load({"state_db": "s.db", "lease_min_secs": 6, "jobs": [
+            {"id": "m", "kind": "mem", "schedule": {"every_secs": 1}}]}, extra_kinds=["mem"])
+        r = Runner(cfg)
+        r.register(Mem())
+        self.addCleanup(r.stop)
+        before = time.time()
+        self.assertEqual(r.run_once("m").status, "ok")
+        lease = r.state.load(["m"])["m"].lease_until
+        self.assertLessEqual(before + 6, lease)
+        self.assertLess(lease, before + 30, "the old fixed 30 s minimum still applies")
 
 
 class JobsTest(ConfigTestCase):

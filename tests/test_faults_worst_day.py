@@ -181,7 +181,7 @@ class TestCrashLoopFailsFast(Case):
             self.assertLess(took, 30, self.m("tick %d waited %.1fs of its 60 s timeout "
                                              "for a plugin that keeps crashing" % (i, took)))
             self.assertIn("is down", text)
-            self.assertIn("exited with status 3", text)
+            self.assertIn("exited (exit status 3)", text)
             self.assertIn("boom: the token file is missing", text)
         print("\n[worst-day] crash-looping plugin: a tick with a 60 s timeout failed after "
               "at most %.2fs" % slowest, file=sys.stderr)

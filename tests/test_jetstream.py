@@ -375,6 +375,49 @@ class RunnerTests(LiveCase):
             last[job] = (n, tag)
 
 
+    def test_slots_another_daemon_holds_are_no_outcome_lines(self):
+        # Issue 21 item 5: on main every slot of every job the other daemon
+        # held logged "tick job=... outcome=leased" at INFO.
+        records = []
+        handler = logging.Handler(logging.DEBUG)
+        handler.emit = records.append
+        logger = logging.getLogger("nexo_poller")
+        logger.addHandler(handler)
+        self.addCleanup(logger.removeHandler, handler)
+        logger.setLevel(logging.DEBUG)
+        log = self.new_log()
+        cfg = self.config(4)
+        a = self.runner(cfg, log, "a", daemon_ttl=2.0).start()
+        self.assertTrue(wait_until(lambda: len({t[0] for t in log["ticks"]}) == 4))
+        b = self.runner(cfg, log, "b", daemon_ttl=2.0).start()
+        mark = len(log["ticks"])
+        self.assertTrue(wait_until(lambda: len(log["ticks"]) >= mark + 40, 30))
+        lines = [r.getMessage() for r in list(records) if r.levelno >= logging.INFO]
+        self.assertEqual([m for m in lines if "outcome=leased" in m], [])
+        skipped = lambda r: sum(r._metrics.elsewhere.values())  # noqa: E731
+        self.assertGreater(skipped(a) + skipped(b), 0,
+                           "no slot was skipped for a job held by the other daemon")
+        metrics = a._metrics.render(a) + b._metrics.render(b)
+        self.assertIn("nexo_poller_slots_held_elsewhere_total{job=", metrics)
+        self.assertNotIn('outcome="leased"', metrics)
+        # Each daemon reads who holds which job, and sees both daemons.
+        holders = wait_until(lambda: (lambda h: h if set(h) == {f"job.{i}" for i in range(4)}
+                                      else None)(b.holders()), 15)
+        self.assertTrue(holders, "every job has a live holder")
+        self.assertLessEqual(set(holders.values()), {a.state.owner, b.state.owner})
+        self.assertEqual({s["id"]: s["holder"] for s in a.status()}.keys(), holders.keys())
+        self.assertEqual(set(b.state.daemons()), {a.state.owner, b.state.owner})
+
+    def test_daemon_ttl_secs_reaches_the_bucket_store(self):
+        cfg = config_from_dict({"state_db": "jetstream://jobs", "broker": self.server.url,
+                                "daemon_ttl_secs": 3, "jobs": []})
+        r = Runner(cfg)
+        self.addCleanup(r.stop)
+        r.open()
+        self.assertEqual(r.state.daemon_ttl, 3)
+        self.assertEqual(r.state.heartbeat_secs, None)      # not registered: no beat yet
+
+
 class RecordTests(LiveCase):
     """Issue 26: the job record, its outbox and dead letters under faults."""
 

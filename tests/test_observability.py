@@ -240,6 +240,7 @@ class TestMetricsEndpoint(Case):
         self.assertEqual(types, {
             "nexo_poller_ticks_total": "counter",
             "nexo_poller_tick_duration_seconds": "histogram",
+            "nexo_poller_slots_held_elsewhere_total": "counter",
             "nexo_poller_consecutive_errors": "gauge",
             "nexo_poller_breaker_open": "gauge",
             "nexo_poller_paused": "gauge",

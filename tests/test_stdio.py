@@ -277,7 +277,7 @@ class StdioLifecycleTests(_StdioCase):
         sup, proxy = self.supervise(self.template(tick_timeout=timedelta(seconds=1)))
         with self.assertRaises(PollerError) as cm:
             proxy.tick(ctx({"delay": 2}))
-        self.assertIn("no reply within 1s", str(cm.exception))
+        self.assertIn("timed out after 1s (no reply)", str(cm.exception))
         self.assertTrue(self.logs.wait_for("dropped (timed out or never sent)"))
         self.assertEqual(proxy.tick(ctx()).deliver[0].payload["n"], 1)
 
