@@ -17,7 +17,7 @@ time), ``python -m nexo_poller ...`` or the checkout's ``./nexo-poller ...``.
 The sections of this file, in dependency order:
 
     Errors      NexoPollerError (the root), PollerError, PluginPollerForwardError,
-                ManifestError, ConfigError, StateError, ...
+                ManifestError, ConfigError, StateError, InputError, ...
     Wire        encode_cursor, decode_cursor, TickRequest, TickReply, TickAck,
                 build_tick_request
     Manifest    Lifecycle, PluginPollerHandle, load_manifest
@@ -93,6 +93,7 @@ __all__ = [
     # errors
     "NexoPollerError", "ErrorClass", "PollerError", "PluginPollerForwardError",
     "PollerRouteRegistrationError", "ManifestError", "ConfigError", "StateError",
+    "InputError",
     # wire
     "encode_cursor", "decode_cursor", "TickMetrics", "TickRequest", "TickReply",
     "TickAck", "Delivery", "build_tick_request", "tick_topic_for",
@@ -130,6 +131,14 @@ log.addHandler(logging.NullHandler())
 # Errors
 # All exceptions the module raises on purpose, under one root.  Each enum of
 # the original is a base class whose variants hang off it.
+#
+# The policy (tests/test_errors.py keeps it): every error the module raises,
+# private ones included, is a NexoPollerError subclass.  The exceptions are
+# Python's own TypeError for an argument of the wrong type at an API boundary,
+# NotImplementedError from StateStore's abstract methods, and TimeoutError
+# from the socket wrapper a webhook sink reads through (http.client expects
+# it).  A refused value is an InputError, which is also a ValueError (an
+# unknown job also a KeyError), so callers written for those keep working.
 # ============================================================================
 
 class NexoPollerError(Exception):
@@ -240,6 +249,25 @@ class StateError(NexoPollerError):
     """The state database cannot be used (corrupt, foreign schema, locked)."""
 
 
+class InputError(NexoPollerError, ValueError):
+    """A value given to the module is refused: a cron expression, an
+    instant, a command verb or its argument (a cursor an operator typed), a
+    state capability or location.  The message names the value and what is
+    allowed.  Also a ``ValueError``, which the module raised for these before.
+    Variant: ``UnknownJob``."""
+
+
+class _UnknownJob(InputError, KeyError):
+    """No job of that id (the message lists the known ones).  Also a
+    ``KeyError``, which ``Runner`` raised for it before."""
+
+    __str__ = BaseException.__str__         # the message, not KeyError's repr of it
+
+
+InputError.UnknownJob = _UnknownJob
+_UnknownJob.__qualname__ = "InputError.UnknownJob"
+
+
 _UNSAFE_IN_LOG = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -277,13 +305,13 @@ _dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
 def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
+    raise InputError(f"{name} is not valid JSON")
 
 
 def _finite_float(text: str) -> float:
     value = float(text)
     if math.isinf(value):
-        raise ValueError(f"number {text[:40]} is out of range")
+        raise InputError(f"number {text[:40]} is out of range")
     return value
 
 
@@ -308,14 +336,14 @@ def decode_cursor(text: str) -> bytes:
         raise PluginPollerForwardError.ParseReply(
             f"cursor must be a base64 string, got {type(text).__name__}")
     body = text.rstrip("=")
-    try:
-        if len(body) % 4 == 1 or not _B64_CHARS.fullmatch(body):
-            raise ValueError("not URL-safe base64")
-        return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-    except (ValueError, binascii.Error) as exc:
-        shown = text if len(text) <= 40 else text[:37] + "..."
-        raise PluginPollerForwardError.ParseReply(
-            f"invalid cursor {shown!r}: {exc}") from None
+    problem = "not URL-safe base64"
+    if len(body) % 4 != 1 and _B64_CHARS.fullmatch(body):
+        try:
+            return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        except (ValueError, binascii.Error) as exc:
+            problem = str(exc)
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    raise PluginPollerForwardError.ParseReply(f"invalid cursor {shown!r}: {problem}")
 
 
 _B64_CHARS = re.compile(r"[A-Za-z0-9_\-]*")
@@ -1374,7 +1402,7 @@ def spawn_ephemeral_tick(command: str, plugin_id: str, request: TickRequest,
         raise _with_stderr(exc, stderr) from None
 
 
-class _Failure(Exception):
+class _Failure(NexoPollerError):
     """Internal: why an exchange with a child process ended without a reply."""
 
 
@@ -2323,7 +2351,7 @@ class BrokerServer:
                                    "message": f"responder on {p.topic!r} disconnected ({why})"})
 
 
-class _ParamError(Exception):
+class _ParamError(NexoPollerError):
     pass
 
 
@@ -2839,7 +2867,7 @@ _NATS_ERROR_HEADER = "Nexo-Error"       # a responder's handler failed: {"messag
 _JS_STREAM_CACHE_SECS = 30.0            # how long "does a stream capture this topic" holds
 
 
-class _NatsProtocolError(Exception):
+class _NatsProtocolError(NexoPollerError):
     """The server sent bytes that are not the NATS protocol."""
 
 
@@ -3187,7 +3215,8 @@ class NatsClient(_ClientBase):
                                     f"(first line {line[:40]!r})")
             info = _loads(line[5:])
             if not isinstance(info, dict):
-                raise ValueError("INFO is not a JSON object")
+                raise _broker_error(BROKER_CLOSED,
+                                    f"{where}: handshake failed: INFO is not a JSON object")
             if server.tls or info.get("tls_required"):
                 import ssl
                 try:
@@ -4634,12 +4663,13 @@ def _context_from_params(params: dict) -> PollContext:
     def text(key: str) -> str:
         value = params.get(key)
         if not isinstance(value, str):
-            raise TypeError(f"{key} must be a string")
+            raise PluginPollerForwardError.ParseReply(f"{key} must be a string")
         return value
     cursor = params.get("cursor")
     hint = params.get("interval_hint_secs", 0)
     if not (_is_int(hint) or isinstance(hint, float)) or hint < 0:
-        raise TypeError("interval_hint_secs must be a non-negative number")
+        raise PluginPollerForwardError.ParseReply(
+            "interval_hint_secs must be a non-negative number")
     return PollContext(
         job_id=text("job_id"), agent_id=text("agent_id"), kind=text("kind"),
         cursor=None if cursor is None else decode_cursor(cursor),
@@ -4927,8 +4957,8 @@ def apply_command(state: JobState, verb: str, arg: str | None = None) -> JobStat
         try:
             text = json.loads(arg or "")["cursor"]
             return state.replace(cursor=None if text is None else decode_cursor(text))
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ValueError(f"bad cursor command argument: {exc}") from None
+        except (ValueError, TypeError, KeyError, PluginPollerForwardError) as exc:
+            raise InputError(f"bad cursor command argument: {exc}") from None
     if verb == "pause":
         return state.replace(paused=True)
     if verb == "resume":
@@ -4937,7 +4967,7 @@ def apply_command(state: JobState, verb: str, arg: str | None = None) -> JobStat
         return state.replace(cursor=None)
     if verb == "tick":
         return state
-    raise ValueError(f"unknown command {verb!r} (known: {', '.join(COMMAND_VERBS)})")
+    raise InputError(f"unknown command {verb!r} (known: {', '.join(COMMAND_VERBS)})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -5089,7 +5119,7 @@ class StateStore:
         """True when this backend declares ``capability`` (one of
         ``CAPABILITIES``); ask the class to know before opening a store."""
         if capability not in cls.CAPABILITIES:
-            raise ValueError(f"unknown state capability {capability!r} "
+            raise InputError(f"unknown state capability {capability!r} "
                              f"(known: {', '.join(sorted(cls.CAPABILITIES))})")
         return capability in cls.capabilities
 
@@ -5367,7 +5397,7 @@ def _stop_writer(store: StateStore, deadline: float | None) -> bool:
     return True
 
 
-class _WriteFailed(Exception):
+class _WriteFailed(NexoPollerError):
     """A write of a batch failed: run the batch again, each write on its own."""
 
 
@@ -6242,7 +6272,7 @@ class JetStreamStateStore(StateStore):
     @classmethod
     def resolve_location(cls, text: str, base_dir: str) -> str:
         if not _BUCKET_NAME.fullmatch(text[len(_JETSTREAM):]):
-            raise ValueError(f"a JetStream state is {_JETSTREAM}<bucket>, the bucket name of "
+            raise InputError(f"a JetStream state is {_JETSTREAM}<bucket>, the bucket name of "
                              "letters, digits, '-' and '_'")
         return text                              # a bucket, not a path
 
@@ -7257,15 +7287,15 @@ class CronExpr:
 
     def __init__(self, text: str):
         if not isinstance(text, str):
-            raise ValueError("a cron expression must be a string")
+            raise InputError("a cron expression must be a string")
         alias = _CRON_ALIASES.get(text.strip().lower()) if text.strip().startswith("@") else None
         if text.strip().startswith("@") and alias is None:
-            raise ValueError(f"cron {text!r} is not one of {', '.join(_CRON_ALIASES)}")
+            raise InputError(f"cron {text!r} is not one of {', '.join(_CRON_ALIASES)}")
         parts = (alias or text).split()
         if len(parts) == 5:
             parts = ["0"] + parts
         if len(parts) != 6:
-            raise ValueError(f"cron {text!r} has {len(parts)} fields; expected 5 "
+            raise InputError(f"cron {text!r} has {len(parts)} fields; expected 5 "
                              "(minute first) or 6 (seconds first)")
         self.text = text
         sets = []
@@ -7278,7 +7308,7 @@ class CronExpr:
         self.dow_any = parts[5] in ("*", "?")
         if not any(d <= _MAX_MONTH_DAYS[m] for m in self.months for d in self.days) \
                 and self.dow_any:
-            raise ValueError(f"cron {text!r} never fires (no such day in those months)")
+            raise InputError(f"cron {text!r} never fires (no such day in those months)")
 
     @staticmethod
     def _field(part: str, name: str, low: int, high: int, names) -> set[int]:
@@ -7289,11 +7319,11 @@ class CronExpr:
             if names and tok_l in names:
                 return names[tok_l]
             if not (tok.isascii() and tok.isdigit()):
-                raise ValueError(f"cron {name} field: {tok!r} is not a number"
+                raise InputError(f"cron {name} field: {tok!r} is not a number"
                                  + (" or a name" if names else ""))
             n = int(tok)
             if not low <= n <= high:
-                raise ValueError(f"cron {name} field: {n} is outside {low}-{high}")
+                raise InputError(f"cron {name} field: {n} is outside {low}-{high}")
             return n
 
         for item in part.split(","):
@@ -7301,7 +7331,7 @@ class CronExpr:
             step = 1
             if "/" in item:
                 if not (step_s.isascii() and step_s.isdigit()) or int(step_s) == 0:
-                    raise ValueError(f"cron {name} field: bad step {step_s!r}")
+                    raise InputError(f"cron {name} field: bad step {step_s!r}")
                 step = int(step_s)
             if rng in ("*", "?"):
                 a, b = low, high
@@ -7309,7 +7339,7 @@ class CronExpr:
                 a_s, _, b_s = rng.partition("-")
                 a, b = number(a_s), number(b_s)
                 if a > b:
-                    raise ValueError(f"cron {name} field: range {rng!r} runs backwards")
+                    raise InputError(f"cron {name} field: range {rng!r} runs backwards")
             else:
                 a = number(rng)
                 b = high if "/" in item else a
@@ -7372,10 +7402,10 @@ def _wall_to_utc(local: datetime, tz) -> datetime | None:
 def _parse_instant(text: str) -> datetime:
     """RFC 3339 (``Z`` or an offset) to an aware UTC datetime."""
     if not isinstance(text, str):
-        raise ValueError("must be an RFC 3339 string")
+        raise InputError("must be an RFC 3339 string")
     value = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     if value.tzinfo is None:
-        raise ValueError(f"{text!r} needs a time zone offset (e.g. Z or +02:00)")
+        raise InputError(f"{text!r} needs a time zone offset (e.g. Z or +02:00)")
     return value.astimezone(timezone.utc)
 
 
@@ -7575,7 +7605,7 @@ def _no_duplicate_keys(pairs):
     seen = {}
     for key, value in pairs:
         if key in seen:
-            raise ValueError(f"duplicate key {key!r}")
+            raise InputError(f"duplicate key {key!r}")
         seen[key] = value
     return seen
 
@@ -7992,7 +8022,7 @@ def plan_tick(state: JobState, outcome: TickOutcome, *, schedule: Schedule,
         new = new.replace(paused=True, consecutive_errors=state.consecutive_errors + 1)
         alert, nxt = f"job paused after a {status.value} error", None
     else:
-        raise ValueError(f"a {status.value!r} outcome is not planned: nothing ran")
+        raise InputError(f"a {status.value!r} outcome is not planned: nothing ran")
     if alert and state.last_alert_at is not None and \
             started - state.last_alert_at < config.failure_alert_cooldown_secs:
         alert = None
@@ -8998,7 +9028,8 @@ class Runner:
     def _job(self, job_id: str) -> _Job:
         job = self._jobs.get(job_id)
         if job is None:
-            raise KeyError(f"no job {job_id!r} (known: {', '.join(sorted(self._jobs))})")
+            raise InputError.UnknownJob(
+                f"no job {job_id!r} (known: {', '.join(sorted(self._jobs))})")
         return job
 
     def run_once(self, job_id: str) -> TickOutcome:
@@ -9417,7 +9448,7 @@ def _outbox_item(job_id: str, what: str, topic: str, payload: Any, now: float) -
                       now, 0, now)
 
 
-class _Undelivered(Exception):
+class _Undelivered(NexoPollerError):
     """A sink could not hand a message on; the publisher retries it."""
 
 
@@ -10087,16 +10118,16 @@ class _Admin:
                 doc = _loads(body or b"{}")
                 if not isinstance(doc, dict) or len(doc) != 1 or \
                         next(iter(doc)) not in ("set", "set_text"):
-                    raise ValueError('send one of {"set": "<base64>"|null} or '
+                    raise InputError('send one of {"set": "<base64>"|null} or '
                                      '{"set_text": "<text>"}')
                 value = doc.get("set", doc.get("set_text"))
                 if "set_text" in doc:
                     if not isinstance(value, str):
-                        raise ValueError("set_text must be a string")
+                        raise InputError("set_text must be a string")
                     cursor = value.encode("utf-8")
                 else:
                     if value is not None and not isinstance(value, str):
-                        raise ValueError("set must be a base64 string or null")
+                        raise InputError("set must be a base64 string or null")
                     cursor = None if value is None else decode_cursor(value)
             except (ValueError, RecursionError, PluginPollerForwardError) as exc:
                 return 400, {"ok": False, "error": str(exc)}
@@ -10920,7 +10951,7 @@ def _parser():
     return p
 
 
-class _UsageError(Exception):
+class _UsageError(NexoPollerError):
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code

@@ -1,5 +1,9 @@
 """Exception hierarchies of nexo_poller (section "Errors")."""
 
+import ast
+import builtins
+import os
+import tempfile
 import unittest
 
 import nexo_poller as np
@@ -172,6 +176,94 @@ class ConfigErrorTests(unittest.TestCase):
         exc = ConfigError("s", problems)
         problems.append(("c", "d"))
         self.assertEqual(exc.problems, [("a", "b")])
+
+
+class PolicyTests(unittest.TestCase):
+    """The policy of the Errors section: every error the module raises is a
+    NexoPollerError subclass, except Python's own TypeError for a wrong
+    argument type, NotImplementedError from StateStore's abstract methods and
+    TimeoutError from the socket a webhook sink reads through."""
+
+    ALLOWED = {"TypeError": None, "NotImplementedError": "StateStore.",
+               "TimeoutError": "_DeadlineSocket."}
+
+    def test_no_bare_builtin_raise(self):
+        with open(np.__file__, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        found = []
+
+        def walk(node, where):
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    walk(child, where + [child.name])
+                    continue
+                if isinstance(child, ast.Raise) and child.exc is not None:
+                    target = child.exc.func if isinstance(child.exc, ast.Call) else child.exc
+                    name = getattr(target, "id", None)
+                    if isinstance(getattr(builtins, name or "", None), type) and \
+                            issubclass(getattr(builtins, name), BaseException):
+                        scope = ".".join(where)
+                        allowed = self.ALLOWED.get(name, False)
+                        if allowed is False or (allowed and not scope.startswith(allowed)):
+                            found.append(f"line {child.lineno}: raise {name} in {scope}")
+                walk(child, where)
+
+        walk(tree, [])
+        self.assertEqual(found, [], "raise the module's own errors (see the Errors section)")
+
+    def test_every_exception_class_is_a_nexo_poller_error(self):
+        def classes(ns, seen):
+            for value in list(vars(ns).values()):
+                if isinstance(value, type) and value not in seen and \
+                        value.__module__ == np.__name__:
+                    seen.add(value)
+                    yield value
+                    yield from classes(value, seen)
+
+        stray = [c.__qualname__ for c in classes(np, set())
+                 if issubclass(c, BaseException) and not issubclass(c, np.NexoPollerError)]
+        self.assertEqual(stray, [])
+
+
+class InputErrorTests(unittest.TestCase):
+    """A value refused at the API is an InputError, which stays a ValueError
+    (and an unknown job a KeyError) for callers written before it."""
+
+    def test_unknown_job_is_the_modules_error(self):
+        with tempfile.TemporaryDirectory(prefix="nexo-errors-") as d:
+            cfg = np.config_from_dict(
+                {"state_db": os.path.join(d, "s.db"),
+                 "jobs": [{"id": "a", "kind": "mem", "schedule": {"every_secs": 10}}]},
+                extra_kinds=["mem"])
+            r = np.Runner(cfg)
+            try:
+                r.open()
+                for action in (r.pause, r.resume, r.reset, r.run_once):
+                    with self.subTest(action=action.__name__):
+                        with self.assertRaises(np.InputError.UnknownJob) as ctx:
+                            action("nope")
+                        self.assertIsInstance(ctx.exception, np.NexoPollerError)
+                        self.assertIsInstance(ctx.exception, KeyError)
+                        self.assertEqual(str(ctx.exception), "no job 'nope' (known: a)")
+            finally:
+                r.stop()
+
+    def test_bad_operator_cursor_is_an_input_error(self):
+        arg = '{"cursor": "!!not base64!!", "source": "set"}'
+        with self.assertRaises(np.InputError) as ctx:
+            np.apply_command(np.JobState("a"), "cursor", arg)
+        self.assertIsInstance(ctx.exception, ValueError)
+        self.assertNotIsInstance(ctx.exception, PluginPollerForwardError)
+        self.assertIn("bad cursor command argument", str(ctx.exception))
+
+    def test_refused_values_are_input_errors(self):
+        cases = [lambda: np.apply_command(np.JobState("a"), "explode"),
+                 lambda: np.CronExpr("not cron"),
+                 lambda: np.SqliteStateStore.supports("teleport")]
+        for call in cases:
+            with self.subTest(call=call), self.assertRaises(np.InputError) as ctx:
+                call()
+            self.assertIsInstance(ctx.exception, ValueError)
 
 
 if __name__ == "__main__":
