@@ -7916,6 +7916,15 @@ _IN_PROCESS_BUDGET_SECS = 5.0
 _STATE_RETRY_MAX_SECS = 5.0
 
 
+def _tick_budget(kind: str, plugins: Iterable[PluginPollerHandle] = ()) -> float:
+    """How long a tick of ``kind`` may take: the tick timeout of the plugin
+    in ``plugins`` serving it, else ``_IN_PROCESS_BUDGET_SECS`` (in-process).
+    The one rule: the runner's routes, its lease TTLs and the CLI's wait for
+    a daemon's tick all ask it."""
+    handle = next((h for h in plugins if kind in h.kinds), None)
+    return handle.tick_timeout.total_seconds() if handle is not None else _IN_PROCESS_BUDGET_SECS
+
+
 def _has_wall_clock_jobs(config: "DaemonConfig") -> bool:
     """Whether some job's slots follow the wall clock (cron, at)."""
     return any(j.schedule.every_secs is None for j in config.jobs)
@@ -8247,7 +8256,7 @@ class Runner:
                 kind, route.plugin_id or "(in-process)", "(in-process)")
         limit = getattr(poller, "max_concurrent_ticks", None) or self.config.max_workers
         self._routes[kind] = _Route(kind, poller, self._lane(f"kind:{kind}", limit),
-                                    _IN_PROCESS_BUDGET_SECS)
+                                    _tick_budget(kind))
 
     def _lane(self, key: str, limit: int) -> _Lane:
         with self._cond:
@@ -8273,8 +8282,7 @@ class Runner:
             for kind in handle.kinds:
                 self._routes[kind] = _Route(kind, _proxy_for(kind, handle, self.broker,
                                                              limit=False), lane,
-                                            handle.tick_timeout.total_seconds(),
-                                            handle.plugin_id)
+                                            _tick_budget(kind, (handle,)), handle.plugin_id)
             if _lifecycle_rules(handle).supervised and handle.entrypoint_command:
                 # long-lived and stdio; without a command (NATS only) the plugin
                 # runs elsewhere: not ours to start.
@@ -8293,14 +8301,12 @@ class Runner:
                 del self._routes[kind]
 
     def _budget(self, kind: str, plugins: Iterable[PluginPollerHandle] | None = None) -> float:
-        """How long a tick of ``kind`` may take: its plugin's timeout, or a
-        few seconds in-process."""
+        """How long a tick of ``kind`` may take (``_tick_budget``): as routed
+        now, or as ``plugins`` (a reload's) would route it."""
         if plugins is not None:
-            for h in plugins:
-                if kind in h.kinds:
-                    return h.tick_timeout.total_seconds()
+            return _tick_budget(kind, plugins)
         route = self._routes.get(kind)
-        return route.budget if route is not None else _IN_PROCESS_BUDGET_SECS
+        return route.budget if route is not None else _tick_budget(kind)
 
     def _lease_ttl(self, cfg: JobConfig, plugins: Iterable[PluginPollerHandle] | None = None
                    ) -> float:
@@ -8748,7 +8754,7 @@ class Runner:
         if cancel.is_set():                 # stop() or a reload came while it sat in the queue
             outcome.status, outcome.error = TickStatus.CANCELLED, "tick cancelled before it started"
             return self._finish_unplanned(job, slot, outcome, command)
-        budget = route.budget if route is not None else _IN_PROCESS_BUDGET_SECS
+        budget = self._budget(cfg.kind)
         ttl = self._lease_ttl(cfg)
         # Claim only when the lease would not outlast this tick: in steady
         # state each commit renews it, so ticks make no extra round trip.
@@ -9064,7 +9070,7 @@ class Runner:
         slot came free by then."""
         route = self._routes.get(job.cfg.kind)
         lane = route.lane if route is not None else self._lane("(unrouted)", 1)
-        budget = route.budget if route is not None else _IN_PROCESS_BUDGET_SECS
+        budget = self._budget(job.cfg.kind)
         deadline = time.monotonic() + budget
         with self._cond:
             while lane.running >= lane.limit and not self._stopping:
@@ -11272,7 +11278,7 @@ def _tick_through_daemon(config: DaemonConfig, job: str) -> int | None:
         owner, seq = store.command(job, "tick", paused_on_boot=jc.paused_on_boot)
         if seq is None:
             return None
-        budget = _budget_of(config, jc.kind) + 15
+        budget = _tick_budget(jc.kind, config.plugins) + 15
         done, result = _await_command(store, owner, seq, budget)
         if not done:
             raise _UsageError(f"the running daemon ({owner}) did not tick {job!r} within "
@@ -11289,11 +11295,6 @@ def _tick_through_daemon(config: DaemonConfig, job: str) -> int | None:
             EXIT_BUSY if outcome.get("outcome") in ("busy", "leased") else EXIT_TICK_FAILED)
     finally:
         store.close()
-
-
-def _budget_of(config: DaemonConfig, kind: str) -> float:
-    handle = next((h for h in config.plugins if kind in h.kinds), None)
-    return handle.tick_timeout.total_seconds() if handle else 60.0
 
 
 EXIT_TICK_PERMANENT = 8   # tick --dry-run: the tick failed permanently

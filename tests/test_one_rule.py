@@ -1,0 +1,51 @@
+"""One place per rule (issue 22 item 2): where two parts of the module used
+to answer one question each their own way, they now give the same answer."""
+
+import os
+import tempfile
+import unittest
+from unittest import mock
+
+import nexo_poller as nx
+
+
+def in_process_config(root: str) -> nx.DaemonConfig:
+    """A config whose one job's kind ("mem") is served in-process."""
+    return nx.config_from_dict(
+        {"state_db": os.path.join(root, "s.db"),
+         "jobs": [{"id": "a", "kind": "mem", "schedule": {"every_secs": 10}}]},
+        extra_kinds=["mem"])
+
+
+class TickBudgetTests(unittest.TestCase):
+    """How long a tick of a kind may take: one rule for the runner and the CLI."""
+
+    def test_cli_waits_for_a_daemons_tick_by_the_runners_budget(self):
+        class HeldByAnotherDaemon:
+            def command(self, job, verb, **kw):
+                return "other-daemon", 7         # queued for the daemon holding the job
+
+            def close(self):
+                pass
+
+        waited = []
+
+        def never_done(store, owner, seq, budget):
+            waited.append(budget)
+            return False, None
+
+        with tempfile.TemporaryDirectory(prefix="nexo-rule-") as root:
+            cfg = in_process_config(root)
+            runner = nx.Runner(cfg)
+            with mock.patch.object(nx, "_config_state", lambda c: HeldByAnotherDaemon()), \
+                    mock.patch.object(nx, "_await_command", never_done), \
+                    self.assertRaises(nx.NexoPollerError) as ctx:
+                nx._tick_through_daemon(cfg, "a")
+        # the CLI allows the daemon the tick's budget and 15 s more, and no
+        # other budget than the runner's own (5 s in-process; it said 60)
+        self.assertEqual(waited, [runner._budget("mem") + 15])
+        self.assertIn(f"within {runner._budget('mem') + 15:g}s", str(ctx.exception))
+
+
+if __name__ == "__main__":
+    unittest.main()
