@@ -5023,8 +5023,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _new_owner(token: str | None = None) -> str:
+    """A new owner id, ``host:pid:token`` (a random token unless given):
+    what a daemon's leases and commands carry, and ``_owner_pid`` reads."""
+    return f"{socket.gethostname()}:{os.getpid()}:{token or os.urandom(4).hex()}"
+
+
 def _owner_pid(owner: str | None) -> int | None:
-    """The pid of an owner string ``host:pid:token`` on this host, else None."""
+    """The pid of an owner string (``_new_owner``) on this host, else None."""
     if not owner:
         return None
     host, _, rest = owner.partition(":")
@@ -5511,7 +5517,7 @@ class SqliteStateStore(StateStore):
     def __init__(self, path: str | os.PathLike, *, owner: str | None = None,
                  readonly: bool = False):
         self.path = self.location = os.path.abspath(os.fspath(path))
-        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.owner = owner or _new_owner()
         self.readonly = readonly
         self._lock = threading.Lock()        # the connection is shared by threads
         self._queue: deque = deque()
@@ -6301,7 +6307,7 @@ class JetStreamStateStore(StateStore):
             raise StateError(f"{_JETSTREAM}{bucket}: a bucket name is letters, digits, "
                              "'-' and '_'")
         self.bucket, self.location = bucket, f"{_JETSTREAM}{bucket}"
-        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.owner = owner or _new_owner()
         self.readonly, self.timeout, self.daemon_ttl = readonly, timeout, daemon_ttl
         self._stream, self._prefix = f"KV_{bucket}", f"$KV.{bucket}."
         self._own_client = client is None
@@ -11360,7 +11366,7 @@ class _DryState(StateStore):
     once, and no way to store anything (no file is created either)."""
 
     def __init__(self, states: Mapping[str, JobState]):
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:dry-run"
+        self.owner = _new_owner("dry-run")
         self.location = "(dry run)"
         self._states = dict(states)
 
