@@ -7469,17 +7469,6 @@ _HOST_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 def _host_name(name: str) -> str:
     """A host as compared with a request's ``Host``: lower case, no brackets."""
     return name.strip("[]").lower()
-_TOP_DEFAULTS = {"enabled": True, "state_db": "./data/poller.db", "default_jitter_ms": 5000,
-                 "lease_ttl_factor": 2.0, "lease_min_secs": 30.0,
-                 "daemon_ttl_secs": _DAEMON_TTL_SECS, "failure_alert_cooldown_secs": 3600,
-                 "breaker_threshold": 5, "backoff_initial_secs": 30.0,
-                 "backoff_max_secs": 300.0, "max_workers": 64, "shutdown_grace_secs": 10.0,
-                 "alert_topic": "nexo.poller.alert", "broker": None, "broker_tls": None,
-                 "metrics_addr": None, "admin_addr": None, "admin_token_file": None,
-                 "admin_allowed_hosts": [], "agents": {}, "delivery_sink": "broker", "delivery_max_attempts": 20,
-                 "delivery_max_age_secs": 86400.0, "delivery_retry_initial_secs": 1.0,
-                 "delivery_retry_max_secs": 60.0, "plugins": [], "jobs": [],
-                 "plugin_broker_auth": {}}
 _JOB_KEYS = {"id", "kind", "agent", "schedule", "config", "failure_to", "paused_on_boot"}
 _SCHEDULE_KEYS = {"every_secs", "cron", "tz", "at", "stagger_jitter_ms"}
 
@@ -7508,13 +7497,14 @@ class JobConfig:
 
 @dataclasses.dataclass
 class DaemonConfig:
-    """The whole of ``pollers.json``, validated, paths made absolute."""
+    """The whole of ``pollers.json``, validated, paths made absolute.  Its
+    fields' defaults are the file's: declared here only (``_TOP_DEFAULTS``)."""
     enabled: bool = True
     state_db: str = "./data/poller.db"
     default_jitter_ms: int = 5000
     lease_ttl_factor: float = 2.0
-    lease_min_secs: float = _TOP_DEFAULTS["lease_min_secs"]
-    daemon_ttl_secs: float = _TOP_DEFAULTS["daemon_ttl_secs"]
+    lease_min_secs: float = 30.0
+    daemon_ttl_secs: float = _DAEMON_TTL_SECS
     failure_alert_cooldown_secs: float = 3600
     breaker_threshold: int = 5
     backoff_initial_secs: float = 30.0
@@ -7539,6 +7529,17 @@ class DaemonConfig:
     source: str | None = None
     # plugin id -> {"user", "password"} or {"token"}: its own NATS credentials
     plugin_broker_auth: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+
+
+def _file_default(field: dataclasses.Field) -> Any:
+    """A ``DaemonConfig`` field's default as ``pollers.json`` would spell it."""
+    value = field.default_factory() if field.default is dataclasses.MISSING else field.default
+    return list(value) if isinstance(value, tuple) else value
+
+
+# The top-level keys of pollers.json and their defaults: DaemonConfig's fields.
+_TOP_DEFAULTS = {f.name: _file_default(f) for f in dataclasses.fields(DaemonConfig)
+                 if f.name != "source"}
 
 
 class _Problems:

@@ -47,5 +47,27 @@ class TickBudgetTests(unittest.TestCase):
         self.assertIn(f"within {runner._budget('mem') + 15:g}s", str(ctx.exception))
 
 
+class ConfigDefaultTests(unittest.TestCase):
+    """A key left out of pollers.json takes DaemonConfig's default, and every
+    field of DaemonConfig (but ``source``) is a key the file may set."""
+
+    def test_an_empty_file_gives_the_dataclass_defaults(self):
+        given = nx.config_from_dict({}, base_dir="/srv")
+        default = nx.DaemonConfig()
+        for field in nx.dataclasses.fields(nx.DaemonConfig):
+            if field.name in ("source", "state_db"):
+                continue
+            with self.subTest(key=field.name):
+                self.assertEqual(getattr(given, field.name), getattr(default, field.name))
+        self.assertEqual(given.state_db, os.path.normpath(os.path.join("/srv", default.state_db)))
+
+    def test_every_field_is_a_key_of_the_file(self):
+        names = {f.name for f in nx.dataclasses.fields(nx.DaemonConfig)} - {"source"}
+        for name in sorted(names):
+            with self.subTest(key=name), self.assertRaises(nx.ConfigError) as ctx:
+                nx.config_from_dict({name: object()})
+            self.assertNotIn("unknown key", str(ctx.exception))
+
+
 if __name__ == "__main__":
     unittest.main()
