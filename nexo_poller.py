@@ -385,6 +385,13 @@ def _seconds(value: timedelta | int | float, what: str = "duration") -> float:
     return float(value)
 
 
+def _backoff(initial: float, maximum: float, attempt: int) -> float:
+    """The wait before retry ``attempt`` (1: the first): ``initial``, doubled
+    for each retry after the first, never more than ``maximum``.  The one
+    backoff rule: ``_backoff(wait, maximum, 2)`` is the wait after ``wait``."""
+    return min(maximum, initial * 2 ** min(max(attempt, 1) - 1, 60))
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -2031,7 +2038,7 @@ class BrokerServer:
             self._accept_logged_at = now
             self._accept_failures = 0
         self._accept_paused_until = now + self._accept_backoff
-        self._accept_backoff = min(_ACCEPT_BACKOFF_MAX_SECS, self._accept_backoff * 2)
+        self._accept_backoff = _backoff(self._accept_backoff, _ACCEPT_BACKOFF_MAX_SECS, 2)
         self._sel.unregister(self._listener)
 
     def _read(self, peer: _SocketPeer) -> None:
@@ -3451,7 +3458,7 @@ class NatsClient(_ClientBase):
         """Try the servers in turn until one answers; False when giving up."""
         attempt = 0
         while not self._closing:
-            delay = min(self.reconnect_wait_max, self.reconnect_wait * 2 ** min(attempt, 16))
+            delay = _backoff(self.reconnect_wait, self.reconnect_wait_max, attempt + 1)
             if self._wake.wait(delay * (0.5 + random.random())) or self._closing:
                 break
             order = [s for s in self.servers if s != self.server] or self.servers
@@ -3689,7 +3696,7 @@ class NatsClient(_ClientBase):
                     and time.monotonic() + pause < deadline
                     and not (cancel is not None and cancel.is_set())):
                 self._wait_for(threading.Event(), time.monotonic() + pause, cancel)
-                pause = min(0.25, pause * 2)
+                pause = _backoff(pause, 0.25, 2)
                 continue
             reply = self._outcome(waiter, answered, topic, secs, cancel)
             return self._raw_reply(*reply) if raw else self._decode_reply(topic, *reply)
@@ -4481,7 +4488,7 @@ class PluginSupervisor:
                 if self._stop.wait(delay):
                     return
                 self.restarts += 1
-                delay = min(self.backoff_max, delay * 2)
+                delay = _backoff(delay, self.backoff_max, 2)
         finally:
             health.went_down("stopped")
 
@@ -8028,8 +8035,7 @@ def plan_tick(state: JobState, outcome: TickOutcome, *, schedule: Schedule,
             new, nxt = new.replace(paused=True), None   # a one-shot stays paused after it fired
     elif status is TickStatus.TRANSIENT:
         errors = state.consecutive_errors + 1
-        delay = min(config.backoff_max_secs,
-                    config.backoff_initial_secs * 2 ** min(errors - 1, 60))
+        delay = _backoff(config.backoff_initial_secs, config.backoff_max_secs, errors)
         nxt = finished + delay * rng.uniform(1.0, 1.1)
         new = new.replace(consecutive_errors=errors)
         if errors >= config.breaker_threshold:      # again after each cooldown
@@ -8638,7 +8644,7 @@ class Runner:
             log.error("state: %s (retrying with backoff; ticks wait)", exc)
         else:
             log.debug("state still failing: %s", exc)
-        self._state_backoff = min(_STATE_RETRY_MAX_SECS, self._state_backoff * 2)
+        self._state_backoff = _backoff(self._state_backoff, _STATE_RETRY_MAX_SECS, 2)
 
     def _pop_due(self, now: float) -> list[tuple[_Job, float]]:
         due = []
@@ -8962,8 +8968,7 @@ class Runner:
             nxt = job.cfg.schedule.next_after(slot, now)
         else:                               # never a tight loop: back off as for errors
             cfg = self.config
-            nxt = now + min(cfg.backoff_max_secs,
-                            cfg.backoff_initial_secs * 2 ** min(job.unstored - 1, 60))
+            nxt = now + _backoff(cfg.backoff_initial_secs, cfg.backoff_max_secs, job.unstored)
         self._release(job, None if self._stopping else nxt, nxt)
 
     def _release(self, job: _Job, next_run_at: float | None, slot: float | None = None, *,
@@ -9707,8 +9712,8 @@ class _Publisher:
                     now - item.created_at >= cfg.delivery_max_age_secs:
                 dead.append((item, error))      # out of the way: the next item may go
                 continue
-            delay = min(cfg.delivery_retry_max_secs,
-                        cfg.delivery_retry_initial_secs * 2 ** min(attempts - 1, 30))
+            delay = _backoff(cfg.delivery_retry_initial_secs, cfg.delivery_retry_max_secs,
+                             attempts)
             # from when the attempt ended: a slow one must not make its retry due at once
             at = max(now, r.clock()) + delay * r._rng.uniform(1.0, 1.1)
             retry.append((item.id, at, error))
