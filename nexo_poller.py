@@ -10182,16 +10182,25 @@ class _Admin:
                      "restarted": diff.get("restarted", [])}
 
 
-def _ago(ts_ms: int | None, now: float) -> str:
-    if ts_ms is None:
-        return "never"
-    delta = now - ts_ms / 1000
-    future, delta = delta < 0, abs(delta)
-    for size, unit in ((86400, "d"), (3600, "h"), (60, "min"), (1, "s")):
-        if delta >= size or size == 1:
-            text = f"{int(delta // size)} {unit}"
-            return f"in {text}" if future else f"{text} ago"
-    return "now"
+def _relative(when: str | float | None, now: float, *, spaced: bool = False,
+              never: str = "-") -> str:
+    """A time (ISO text or epoch seconds) as an operator reads it: "in 4s",
+    "3m ago", "now" within a second, ``never`` for none.  ``spaced`` spells
+    the units as the status page does ("in 4 s", "3 min ago")."""
+    if when is None or when == "":
+        return never
+    if isinstance(when, str):
+        when = datetime.fromisoformat(when).timestamp()
+    delta = when - now
+    secs = abs(delta)
+    if secs < 1:
+        return "now"
+    units = ("d", "h", "min", "s") if spaced else ("d", "h", "m", "s")
+    for unit, size in zip(units, (86400, 3600, 60, 1)):
+        if secs >= size or size == 1:
+            text = f"{int(secs // size)}{' ' if spaced else ''}{unit}"
+            return f"in {text}" if delta > 0 else f"{text} ago"
+    return never
 
 
 _PAGE_STATUSES = ("all", "failing", "ok", "paused", "breaker", "running", "never run")
@@ -10242,12 +10251,12 @@ def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> 
             f'<tr data-job="{e(j["id"])}" data-status="{e(status)}">'
             f'<th scope="row">{e(j["id"])}</th><td>{e(j["kind"])}</td><td>{e(j["plugin"])}</td>'
             f'<td>{e(j["schedule"])}</td>'
-            f'<td><time datetime="{e(j["last_run_at"])}">{e(_ago(j["last_run_at_ms"], now))}'
+            f'<td><time datetime="{e(j["last_run_at"])}">{e(_relative(j["last_run_at"], now, spaced=True, never="never"))}'
             f'</time></td><td class="st-{e(status.replace(" ", "-"))}">{e(mark)}'
             f'<br><small>last: {e(j["last_status"])}, errors in a row: '
             f'{e(j["consecutive_errors"])}</small></td><td class="err">{err}</td>'
             f'<td><time datetime="{e(j["next_run_at"])}">'
-            f'{e("paused" if j["paused"] else _ago(j["next_run_at_ms"], now))}</time></td>'
+            f'{e("paused" if j["paused"] else _relative(j["next_run_at"], now, spaced=True, never="never"))}</time></td>'
             f'<td>{cursor}</td><td>{e(j["undelivered"])}</td>'
             f'<td class="holder">{e(j["holder"])}</td>'
             f'<td><button type="button" data-action="{toggle}" data-job="{e(j["id"])}">'
@@ -11680,21 +11689,6 @@ def _error_cell(error: str | None) -> str:
         return "-"
     text = " ".join(error.split())
     return text if len(text) <= _ERROR_CELL_CHARS else "…" + text[-(_ERROR_CELL_CHARS - 1):]
-
-
-def _relative(iso: str | None, now: float) -> str:
-    """An ISO time as an operator reads it: "in 4s", "3m ago", "now"."""
-    if not iso:
-        return "-"
-    delta = datetime.fromisoformat(iso).timestamp() - now
-    secs = abs(delta)
-    if secs < 1:
-        return "now"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if secs >= size or unit == "s":
-            text = f"{int(secs // size)}{unit}"
-            return f"in {text}" if delta > 0 else f"{text} ago"
-    return "-"
 
 
 def _print_next(config: DaemonConfig, job: str, n: int, as_json: bool) -> int:

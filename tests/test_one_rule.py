@@ -69,5 +69,21 @@ class ConfigDefaultTests(unittest.TestCase):
             self.assertNotIn("unknown key", str(ctx.exception))
 
 
+class RelativeTimeTests(unittest.TestCase):
+    """The CLI's tables and the status page say relative times by one rule."""
+
+    def test_both_spellings_break_a_span_the_same_way(self):
+        now = 1_900_000_000.0
+        for delta, short, spaced in ((4, "in 4s", "in 4 s"), (-190, "3m ago", "3 min ago"),
+                                     (7200, "in 2h", "in 2 h"), (-0.4, "now", "now"),
+                                     (-3 * 86400, "3d ago", "3 d ago")):
+            with self.subTest(delta=delta):
+                self.assertEqual(nx._relative(now + delta, now), short)
+                self.assertEqual(nx._relative(now + delta, now, spaced=True), spaced)
+                self.assertEqual(nx._relative(nx._iso(now + delta), now), short)
+        self.assertEqual(nx._relative(None, now), "-")
+        self.assertEqual(nx._relative(None, now, never="never"), "never")
+
+
 if __name__ == "__main__":
     unittest.main()
