@@ -9936,22 +9936,30 @@ class _SocketWriter(io.BufferedIOBase):
         return len(data)
 
 
+def _admin_token(path: str | None) -> str | None:
+    """The admin token, read by the daemon and the CLI alike: the file
+    ``path`` (one token of 1..4096 characters), else the environment
+    (blank means none); never the config file itself.  A file that cannot
+    serve raises ``InputError`` naming it."""
+    if not path:
+        return os.environ.get(_ADMIN_TOKEN_ENV, "").strip() or None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            token = fh.read(4097).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") \
+            from None
+    if not token or len(token) > 4096:
+        raise InputError(f"{path} must hold one token of 1..4096 characters")
+    return token
+
+
 def _read_admin_token(config: DaemonConfig) -> str | None:
-    """The admin token: the file named by ``admin_token_file``, else the
-    environment; never the config file itself.  Blank means none."""
-    if config.admin_token_file:
-        try:
-            with open(config.admin_token_file, encoding="utf-8") as fh:
-                token = fh.read(4097).strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(config.source, [("admin_token_file", (
-                f"cannot read {config.admin_token_file}: "
-                f"{getattr(exc, 'strerror', None) or exc}"))]) from None
-        if not token or len(token) > 4096:
-            raise ConfigError(config.source, [("admin_token_file", (
-                f"{config.admin_token_file} must hold one token of 1..4096 characters"))])
-        return token
-    return os.environ.get(_ADMIN_TOKEN_ENV, "").strip() or None
+    """The daemon's admin token (``_admin_token``); a bad file is a ``ConfigError``."""
+    try:
+        return _admin_token(config.admin_token_file)
+    except InputError as exc:
+        raise ConfigError(config.source, [("admin_token_file", str(exc))]) from None
 
 
 def _ms(iso: str | None) -> int | None:
@@ -11635,14 +11643,10 @@ def _admin_cursor_bytes(b64: str | None) -> bytes | None:
 
 def _admin_verb(args) -> int:
     """``status``/``tick``/``pause``/``resume``/``reset`` through a daemon's admin API."""
-    token = os.environ.get(_ADMIN_TOKEN_ENV, "").strip() or None
-    if args.admin_token_file:
-        try:
-            with open(args.admin_token_file, encoding="utf-8") as fh:
-                token = fh.read(4097).strip() or None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise _UsageError(f"--admin-token-file: {getattr(exc, 'strerror', None) or exc}",
-                              EXIT_USAGE) from None
+    try:
+        token = _admin_token(args.admin_token_file)
+    except InputError as exc:
+        raise _UsageError(f"--admin-token-file: {exc}", EXIT_USAGE) from None
     verb, job = args.verb, getattr(args, "job", None)
     if verb == "cursor":
         return _admin_cursor(args, job, token)

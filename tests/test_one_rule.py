@@ -1,6 +1,7 @@
 """One place per rule (issue 22 item 2): where two parts of the module used
 to answer one question each their own way, they now give the same answer."""
 
+import io
 import os
 import tempfile
 import unittest
@@ -83,6 +84,27 @@ class RelativeTimeTests(unittest.TestCase):
                 self.assertEqual(nx._relative(nx._iso(now + delta), now), short)
         self.assertEqual(nx._relative(None, now), "-")
         self.assertEqual(nx._relative(None, now, never="never"), "never")
+
+
+class AdminTokenTests(unittest.TestCase):
+    """The daemon and the CLI read an admin token file by one rule."""
+
+    def test_a_blank_token_file_is_refused_by_both(self):
+        with tempfile.TemporaryDirectory(prefix="nexo-rule-") as root:
+            blank = os.path.join(root, "token")
+            with open(blank, "w") as f:
+                f.write("  \n")
+            cfg = nx.config_from_dict({"admin_token_file": blank})
+            with self.assertRaises(nx.ConfigError) as ctx:
+                nx._read_admin_token(cfg)
+            self.assertIn("must hold one token", str(ctx.exception))
+            calls = []
+            with mock.patch.object(nx, "_admin_call", lambda *a, **k: calls.append(a)), \
+                    mock.patch("sys.stderr", new_callable=io.StringIO) as err:
+                code = nx.main(["--admin", "http://127.0.0.1:1", "--admin-token-file", blank,
+                                "status"])
+            self.assertEqual((code, calls), (nx.EXIT_USAGE, []))   # it sent no request
+            self.assertIn("must hold one token", err.getvalue())
 
 
 if __name__ == "__main__":
