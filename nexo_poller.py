@@ -10215,6 +10215,9 @@ _PAGE_STATUSES = ("all", "failing", "ok", "paused", "breaker", "running", "never
 
 
 def _job_status(j: dict) -> str:
+    """A job's status label (a status dict's): running, paused, breaker, then
+    never run, ok or failing.  The status page filters by it; the CLI's
+    table shows the first three and says "active" for the others."""
     if j["running"]:
         return "running"
     if j["paused"]:
@@ -11561,8 +11564,8 @@ def _print_status_table(out: list[dict], enabled: bool = True) -> None:
     print(f"{'JOB':<24} {'KIND':<16} {'STATE':<8} {'LAST':<10} {'LAST RUN':<9} {'ERRS':>4} "
           f"{'UNDELIV':>7}  {'NEXT RUN':<9} {'HELD BY':<{held}} ERROR")
     for s in out:
-        state = ("disabled" if not enabled else "running" if s["running"] else
-                 "paused" if s["paused"] else "breaker" if s["breaker_open"] else "active")
+        state = "disabled" if not enabled else _job_status(s)
+        state = state if state in ("disabled", "running", "paused", "breaker") else "active"
         print(f"{s['id']:<24} {s['kind']:<16} {state:<8} {s['last_status'] or '-':<10} "
               f"{_relative(s['last_run_at'], now):<9} {s['consecutive_errors']:>4} "
               f"{s['undelivered']:>7}  {_relative(s['next_run_at'], now):<9} "
