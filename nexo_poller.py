@@ -1137,6 +1137,13 @@ class PluginPollerRouter:
     __len__ = len
 
 
+def _plugin_for(kind: str, plugins: Iterable[PluginPollerHandle]) -> PluginPollerHandle | None:
+    """The plugin among ``plugins`` (a configuration's, a reload's) that
+    serves ``kind``, else None: the lookup a ``PluginPollerRouter`` makes,
+    for a list no router holds yet."""
+    return next((h for h in plugins if kind in h.kinds), None)
+
+
 # ============================================================================
 # Processes
 # One tick in a fresh process: its own process group, every pipe watched by
@@ -7935,7 +7942,7 @@ def _tick_budget(kind: str, plugins: Iterable[PluginPollerHandle] = ()) -> float
     in ``plugins`` serving it, else ``_IN_PROCESS_BUDGET_SECS`` (in-process).
     The one rule: the runner's routes, its lease TTLs and the CLI's wait for
     a daemon's tick all ask it."""
-    handle = next((h for h in plugins if kind in h.kinds), None)
+    handle = _plugin_for(kind, plugins)
     return handle.tick_timeout.total_seconds() if handle is not None else _IN_PROCESS_BUDGET_SECS
 
 
@@ -8263,13 +8270,20 @@ class Runner:
         kind = getattr(poller, "kind", None)
         if not isinstance(kind, str) or not callable(getattr(poller, "tick", None)):
             raise TypeError("a poller needs a `kind` string and a `tick(ctx)` method")
-        route = self._routes.get(kind)
-        if route is not None:
-            raise PollerRouteRegistrationError.DuplicateKind(
-                kind, route.plugin_id or "(in-process)", "(in-process)")
+        self._own_kinds((kind,), None)
         limit = getattr(poller, "max_concurrent_ticks", None) or self.config.max_workers
         self._routes[kind] = _Route(kind, poller, self._lane(f"kind:{kind}", limit),
                                     _tick_budget(kind))
+
+    def _own_kinds(self, kinds: Iterable[str], plugin_id: str | None) -> None:
+        """A kind has one owner: raise ``DuplicateKind`` when one of ``kinds``
+        is routed to another than ``plugin_id`` (None: in-process).  The same
+        plugin again (a restart, a reload) is its owner still."""
+        for kind in kinds:
+            route = self._routes.get(kind)
+            if route is not None and (plugin_id is None or route.plugin_id != plugin_id):
+                raise PollerRouteRegistrationError.DuplicateKind(
+                    kind, route.plugin_id or "(in-process)", plugin_id or "(in-process)")
 
     def _lane(self, key: str, limit: int) -> _Lane:
         with self._cond:
@@ -8285,11 +8299,7 @@ class Runner:
         """Route the plugins' kinds and start the supervised ones, each with
         its own NATS credentials when ``plugin_broker_auth`` names it."""
         for handle in handles:
-            for kind in handle.kinds:
-                route = self._routes.get(kind)
-                if route is not None and route.plugin_id is None:
-                    raise PollerRouteRegistrationError.DuplicateKind(
-                        kind, "(in-process)", handle.plugin_id)
+            self._own_kinds(handle.kinds, handle.plugin_id)
             self.router.register(handle)
             lane = self._lane(handle.plugin_id, handle.max_concurrent_ticks)
             for kind in handle.kinds:
@@ -8327,7 +8337,7 @@ class Runner:
         plugin's tick timeout + ``lease_min_secs``."""
         least = self.config.lease_min_secs
         ttl = max(least, self.config.lease_ttl_factor * cfg.schedule.nominal_interval)
-        handle = next((h for h in (plugins or ()) if cfg.kind in h.kinds), None)
+        handle = _plugin_for(cfg.kind, plugins or ())
         route = self._routes.get(cfg.kind) if plugins is None else None
         if handle is not None or (route is not None and route.plugin_id is not None):
             ttl = max(ttl, self._budget(cfg.kind, plugins) + least)
@@ -11079,10 +11089,10 @@ def _run_verb(args) -> int:
         daemon_result = _tick_through_daemon(config, job)
         if daemon_result is not None:
             return daemon_result
-        kind = next(j.kind for j in config.jobs if j.id == job)
+        handle = _plugin_for(next(j.kind for j in config.jobs if j.id == job), config.plugins)
         runner = Runner(dataclasses.replace(     # start only what this one tick needs
             config, jobs=[j for j in config.jobs if j.id == job],
-            plugins=[h for h in config.plugins if kind in h.kinds]))
+            plugins=[handle] if handle else []))
         try:
             outcome = runner.run_once(job)
         finally:
@@ -11434,7 +11444,7 @@ def _dry_run_verb(config: DaemonConfig, args) -> int:
     if not given:
         cursor = state.cursor if state else None
     kind = next(j.kind for j in config.jobs if j.id == job)
-    handle = next((h for h in config.plugins if kind in h.kinds), None)
+    handle = _plugin_for(kind, config.plugins)
     runner = Runner(dataclasses.replace(     # start only what this one tick needs, on a
         config, jobs=[j for j in config.jobs if j.id == job],   # broker of its own beside
         plugins=[handle] if handle else [],                      # a running daemon's
