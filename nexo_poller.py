@@ -37,7 +37,8 @@ The sections of this file, in dependency order:
                 Runner (timer heap, routes and lanes, effects, reload), the
                 outbox publisher and its sinks, metrics
     HTTP        /metrics, the admin API (nexo's routes), /healthz, /readyz and
-                the status page, on one bounded http.server
+                the status page: one route table (_HTTP_ROUTES) of small
+                handlers, on one bounded http.server
     CLI         main
 
 A tick travels: scheduler (one timer heap) -> the job's kind gives its route
@@ -9869,7 +9870,9 @@ def _prom_escape(value: Any) -> str:
 # The daemon's one small HTTP server: ``/metrics`` for Prometheus, the admin
 # API (nexo's routes and JSON shapes), ``/healthz`` and ``/readyz``, and a
 # status page at ``/``.  Bounded like every listener here: connections at
-# once, time per read and per request, bytes per request.
+# once, time per read and per request, bytes per request.  What it serves is
+# one table, ``_HTTP_ROUTES``: paths, methods, whether the token is needed,
+# and a small handler each; ``_serve_http`` only reads, guards and dispatches.
 # ============================================================================
 
 _METRICS_READ_TIMEOUT_SECS = 10.0     # a request (line, headers, body) arrives within it, in all
@@ -10387,6 +10390,121 @@ page rendered <time id="rendered" datetime="{e(_iso(now))}">{e(_iso(now))}</time
 """
 
 
+@dataclasses.dataclass(frozen=True)
+class _HttpRoute:
+    """One route of the HTTP face: the paths it answers (a regular expression
+    matched whole), the methods it takes (None: any), whether it needs the
+    bearer token when the listener is not on loopback, and its handler
+    ``handler(request, method, path, query)``."""
+    pattern: re.Pattern
+    methods: tuple[str, ...] | None
+    auth: bool
+    handler: Callable[[Any, str, str, str], None]
+
+
+def _http_health(req, method: str, path: str, query: str) -> None:
+    ok, checks = (_health if path == "/healthz" else _readiness)(req.server_admin.runner)
+    doc = {"ok": ok, "checks": checks}
+    if not ok:
+        doc["reason"] = "; ".join(f"{k}: {v}" for k, v in checks.items() if v != "ok")
+    req._json(200 if ok else 503, doc)
+
+
+def _http_metrics(req, method: str, path: str, query: str) -> None:
+    runner = req.server_runner
+    req._send(200, runner._metrics.render(runner).encode(),
+              "text/plain; version=0.0.4; charset=utf-8")
+
+
+def _http_page(req, method: str, path: str, query: str) -> None:
+    import secrets
+    admin = req.server_admin
+    nonce = secrets.token_urlsafe(12)
+    authorized = admin.loopback or req._authorized()
+    body = _render_page(admin.runner, authorized, query, nonce).encode()
+    csp = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+           "connect-src 'self'; img-src 'self' data:; form-action 'self'; "
+           "base-uri 'none'; frame-ancestors 'none'")
+    req._send(200, body, "text/html; charset=utf-8", {
+        "Content-Security-Policy": csp, "X-Frame-Options": "DENY",
+        "Referrer-Policy": "no-referrer"})
+
+
+def _http_plugins(req, method: str, path: str, query: str) -> None:
+    req._json(200, _plugin_states(req.server_admin.runner))
+
+
+def _http_daemons(req, method: str, path: str, query: str) -> None:
+    runner = req.server_admin.runner
+    req._json(200, _admin_daemons(runner, _admin_jobs(runner)))
+
+
+def _http_pollers(req, method: str, path: str, query: str) -> None:
+    """``/admin/pollers[/JOB[/ACTION]]``: nexo's admin routes.  A POST must
+    come with its body within limits, from this site, with the token; a GET
+    needs the token unless the listener is on loopback."""
+    from urllib.parse import unquote
+    admin = req.server_admin
+    runner = admin.runner
+    parts = [unquote(p) for p in path[15:].split("/")] if len(path) > 15 else []
+    mutation = method == "POST"
+    if mutation and not req._body_ok():
+        return
+    if mutation:
+        why = req._cross_site()
+        if why is not None:
+            return req._refuse(403, f"cross-site request refused ({why})")
+    if mutation or not admin.loopback:
+        if admin.token is None:
+            return req._refuse(403, "no admin token is configured (admin_token_file "
+                                    f"or {_ADMIN_TOKEN_ENV}): mutations are refused")
+        if not req._authorized():
+            return req._refuse(401, "a valid bearer token is required")
+    if not parts:
+        if mutation:
+            return req._refuse(405, "GET required")
+        return req._json(200, _admin_jobs(runner))
+    job_id = parts[0]
+    known = job_id in runner._jobs
+    if len(parts) == 1:
+        if job_id == "reload" and not known:
+            if not mutation:
+                return req._json(405, {"error": "POST required"}, {"Allow": "POST"})
+            return req._json(*admin.do_reload())
+        if mutation:
+            return req._refuse(405, "GET required")
+        job = next((j for j in _admin_jobs(runner) if j["id"] == job_id), None)
+        if job is None:
+            return req._json(404, {"error": f"job '{job_id}' not found"})
+        return req._json(200, job)
+    if len(parts) == 2 and parts[1] == "cursor" and known:
+        return req._json(*admin.cursor(job_id, req.body if mutation else None))
+    if len(parts) != 2 or parts[1] not in _ADMIN_ACTIONS:
+        return req._json(404, {"error": f"unknown action '{'/'.join(parts[1:])}'"})
+    if not mutation:
+        return req._json(405, {"error": "POST required"}, {"Allow": "POST"})
+    if not known:
+        return req._json(404, {"error": f"job '{job_id}' not found"})
+    try:
+        code, doc = admin.action(job_id, parts[1])
+    except KeyError:                        # removed meanwhile by a reload
+        code, doc = 404, {"error": f"job '{job_id}' not found"}
+    req._json(code, doc)
+
+
+# The HTTP face, first match wins (a listener without the admin API serves
+# only /metrics, and to anyone: it is meant for a scraper).
+_HTTP_ROUTES = (
+    _HttpRoute(re.compile(r"/healthz|/readyz"), None, True, _http_health),
+    _HttpRoute(re.compile(r"/metrics"), ("GET",), True, _http_metrics),
+    _HttpRoute(re.compile(r"/|/index\.html"), ("GET",), False, _http_page),
+    _HttpRoute(re.compile(r"/admin/plugins"), ("GET",), True, _http_plugins),
+    _HttpRoute(re.compile(r"/admin/daemons"), ("GET",), True, _http_daemons),
+    _HttpRoute(re.compile(r"/admin/pollers(/.*)?", re.S), None, False, _http_pollers),
+)
+_METRICS_ONLY_ROUTES = (_HttpRoute(re.compile(r"/metrics"), ("GET",), False, _http_metrics),)
+
+
 def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True,
                 admin: _Admin | None = None, key: str = "metrics_addr",
                 read_timeout: float = _METRICS_READ_TIMEOUT_SECS,
@@ -10408,14 +10526,16 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
     ``_ADMIN_MAX_BODY_BYTES`` more).  On loopback, a request whose ``Host``
     is not the listener's own name or one of ``allowed_hosts`` gets 421."""
     from http.server import BaseHTTPRequestHandler, HTTPServer
-    from urllib.parse import unquote
     own_hosts = {"localhost", "127.0.0.1", "::1", _host_name(addr[0])} \
         if _is_loopback(addr[0]) else None
     allowed_hosts = frozenset(_host_name(h) for h in allowed_hosts)
+    routes = [r for r in (_HTTP_ROUTES if admin is not None else _METRICS_ONLY_ROUTES)
+              if metrics or r.handler is not _http_metrics]
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "nexo-poller"
         sys_version = ""
+        server_runner, server_admin = runner, admin     # what the route handlers serve
 
         def setup(self) -> None:            # the request arrived whole: see Server
             self.connection, data = self.request
@@ -10504,108 +10624,16 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
                                     self.server.server_address[1])
                 if why is not None:
                     return self._refuse(421, why)
-            if metrics and path == "/metrics" and admin is None:
-                if method != "GET":
-                    return self._refuse(405, "GET required")
-                return self._metrics()
+            for route in routes:
+                if route.pattern.fullmatch(path):
+                    if route.auth and not admin.loopback and not self._authorized():
+                        return self._refuse(401, "a bearer token is required")
+                    if route.methods and method not in route.methods:
+                        return self._refuse(405, f"{' or '.join(route.methods)} required")
+                    return route.handler(self, method, path, query)
             if admin is None:
                 return self.send_error(404, "only /metrics is served")
-            public = admin.loopback
-            if path in ("/healthz", "/readyz"):
-                if not public and not self._authorized():
-                    return self._refuse(401, "a bearer token is required")
-                ok, checks = (_health if path == "/healthz" else _readiness)(admin.runner)
-                doc = {"ok": ok, "checks": checks}
-                if not ok:
-                    doc["reason"] = "; ".join(f"{k}: {v}" for k, v in checks.items() if v != "ok")
-                return self._json(200 if ok else 503, doc)
-            if path == "/metrics" and metrics:
-                if not public and not self._authorized():
-                    return self._refuse(401, "a bearer token is required")
-                return self._metrics() if method == "GET" else self._refuse(405, "GET required")
-            if path in ("/", "/index.html"):
-                if method != "GET":
-                    return self._refuse(405, "GET required")
-                return self._page(query)
-            if path == "/admin/plugins":
-                if not public and not self._authorized():
-                    return self._refuse(401, "a bearer token is required")
-                if method != "GET":
-                    return self._refuse(405, "GET required")
-                return self._json(200, _plugin_states(admin.runner))
-            if path == "/admin/daemons":
-                if not public and not self._authorized():
-                    return self._refuse(401, "a bearer token is required")
-                if method != "GET":
-                    return self._refuse(405, "GET required")
-                return self._json(200, _admin_daemons(admin.runner, _admin_jobs(admin.runner)))
-            if path == "/admin/pollers" or path.startswith("/admin/pollers/"):
-                return self._admin(method, [unquote(p) for p in path[15:].split("/")]
-                                   if len(path) > 15 else [])
             return self._json(404, {"error": f"no route {path[:200]}"})
-
-        def _admin(self, method: str, parts: list[str]) -> None:
-            runner = admin.runner
-            mutation = method == "POST"
-            if mutation and not self._body_ok():
-                return
-            if mutation:
-                why = self._cross_site()
-                if why is not None:
-                    return self._refuse(403, f"cross-site request refused ({why})")
-            if mutation or not admin.loopback:
-                if admin.token is None:
-                    return self._refuse(403, "no admin token is configured (admin_token_file "
-                                             f"or {_ADMIN_TOKEN_ENV}): mutations are refused")
-                if not self._authorized():
-                    return self._refuse(401, "a valid bearer token is required")
-            if not parts:
-                if mutation:
-                    return self._refuse(405, "GET required")
-                return self._json(200, _admin_jobs(runner))
-            job_id = parts[0]
-            known = job_id in runner._jobs
-            if len(parts) == 1:
-                if job_id == "reload" and not known:
-                    if not mutation:
-                        return self._json(405, {"error": "POST required"}, {"Allow": "POST"})
-                    code, doc = admin.do_reload()
-                    return self._json(code, doc)
-                if mutation:
-                    return self._refuse(405, "GET required")
-                job = next((j for j in _admin_jobs(runner) if j["id"] == job_id), None)
-                if job is None:
-                    return self._json(404, {"error": f"job '{job_id}' not found"})
-                return self._json(200, job)
-            if len(parts) == 2 and parts[1] == "cursor" and known:
-                return self._json(*admin.cursor(job_id, self.body if mutation else None))
-            if len(parts) != 2 or parts[1] not in _ADMIN_ACTIONS:
-                return self._json(404, {"error": f"unknown action '{'/'.join(parts[1:])}'"})
-            if not mutation:
-                return self._json(405, {"error": "POST required"}, {"Allow": "POST"})
-            if not known:
-                return self._json(404, {"error": f"job '{job_id}' not found"})
-            try:
-                code, doc = admin.action(job_id, parts[1])
-            except KeyError:                # removed meanwhile by a reload
-                code, doc = 404, {"error": f"job '{job_id}' not found"}
-            self._json(code, doc)
-
-        def _metrics(self) -> None:
-            body = runner._metrics.render(runner).encode()
-            self._send(200, body, "text/plain; version=0.0.4; charset=utf-8")
-
-        def _page(self, query: str) -> None:
-            import secrets
-            nonce = secrets.token_urlsafe(12)
-            authorized = admin.loopback or self._authorized()
-            body = _render_page(admin.runner, authorized, query, nonce).encode()
-            csp = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
-                   "connect-src 'self'; img-src 'self' data:; form-action 'self'; "
-                   "base-uri 'none'; frame-ancestors 'none'")
-            self._send(200, body, "text/html; charset=utf-8", {
-                "Content-Security-Policy": csp, "X-Frame-Options": "DENY",
-                "Referrer-Policy": "no-referrer"})
 
         def _safely(self, method: str) -> None:
             try:
