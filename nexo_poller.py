@@ -6178,6 +6178,11 @@ def _state_record(state: JobState) -> dict:
     return rec
 
 
+def _new_record(state: JobState) -> dict:
+    """The KV record of a job the bucket does not hold yet: its state, no commands."""
+    return {**_state_record(state), "commands": {}}
+
+
 def _record_state(job_id: str, rec: Mapping[str, Any], revision: int) -> JobState:
     values = {f: rec.get(f) for f in _JOB_FIELDS if f in rec and f not in ("id", "revision")}
     values["cursor"] = None if rec.get("cursor") is None else decode_cursor(rec["cursor"])
@@ -6685,8 +6690,7 @@ class JetStreamStateStore(StateStore):
                 if cap is not None and held >= cap:
                     continue
             if rec is None:
-                rec = {**_state_record(JobState(job_id, paused=job_id in paused)),
-                       "commands": {}}
+                rec = _new_record(JobState(job_id, paused=job_id in paused))
             rec = {**rec, "lease_owner": self.owner, "lease_until": wanted[job_id]}
             if "outbox" in rec:              # an older version kept the items in the record
                 rec["out"], first = self._with_out(rec, job_id, rec.pop("outbox") or [])
@@ -6882,7 +6886,7 @@ class JetStreamStateStore(StateStore):
             boxes.setdefault(item.job, []).append(dataclasses.asdict(item))
         writes, first = [], []
         for s in states:
-            rec = {**_state_record(s.replace(lease_owner=None, lease_until=None)), "commands": {}}
+            rec = _new_record(s.replace(lease_owner=None, lease_until=None))
             rec["out"], items = self._with_out(rec, s.id, boxes.get(s.id, []))
             first.extend(items)
             writes.append(("job." + _kv_token(s.id), rec, 0))
@@ -6956,8 +6960,7 @@ class JetStreamStateStore(StateStore):
 
         def change(rec):
             if rec is None:
-                rec = {**_state_record(JobState(job_id, paused=paused_on_boot)),
-                       "commands": {}}
+                rec = _new_record(JobState(job_id, paused=paused_on_boot))
             state = apply_command(_record_state(job_id, rec, 0), verb, arg)
             # Applied here, the command takes the lease from a holder that is
             # not live (a daemon stalled past daemon_ttl, a CLI tick): should
