@@ -10396,30 +10396,63 @@ page rendered <time id="rendered" datetime="{e(_iso(now))}">{e(_iso(now))}</time
 @dataclasses.dataclass(frozen=True)
 class _HttpRoute:
     """One route of the HTTP face: the paths it answers (a regular expression
-    matched whole), the methods it takes (None: any), whether it needs the
-    bearer token when the listener is not on loopback, and its handler
-    ``handler(request, method, path, query)``."""
+    matched whole), the methods it takes (None: any), who may ask (``guard``:
+    None anyone; "token" the bearer token unless the listener is on loopback;
+    "admin" nexo's admin rules, ``_admin_guard``), and its handler
+    ``handler(request, method, match, query)``."""
     pattern: re.Pattern
     methods: tuple[str, ...] | None
-    auth: bool
-    handler: Callable[[Any, str, str, str], None]
+    guard: str | None
+    handler: Callable[[Any, str, re.Match, str], None]
 
 
-def _http_health(req, method: str, path: str, query: str) -> None:
-    ok, checks = (_health if path == "/healthz" else _readiness)(req.server_admin.runner)
+def _admin_guard(req, method: str) -> bool:
+    """nexo's admin rules, True when the request may go on (else answered):
+    a POST comes with its body within limits, from this site, and with the
+    token; a GET needs the token unless the listener is on loopback."""
+    admin = req.server_admin
+    mutation = method == "POST"
+    if mutation and not req._body_ok():
+        return False
+    if mutation:
+        why = req._cross_site()
+        if why is not None:
+            req._refuse(403, f"cross-site request refused ({why})")
+            return False
+    if mutation or not admin.loopback:
+        if admin.token is None:
+            req._refuse(403, "no admin token is configured (admin_token_file "
+                             f"or {_ADMIN_TOKEN_ENV}): mutations are refused")
+            return False
+        if not req._authorized():
+            req._refuse(401, "a valid bearer token is required")
+            return False
+    return True
+
+
+def _wrong_method(req, methods: tuple[str, ...]) -> None:
+    """405, as nexo answers it: a POST-only route with ``Allow``."""
+    if methods == ("POST",):
+        return req._json(405, {"error": "POST required"}, {"Allow": "POST"})
+    return req._refuse(405, f"{' or '.join(methods)} required")
+
+
+def _http_health(req, method: str, match: re.Match, query: str) -> None:
+    check = _health if match[0] == "/healthz" else _readiness
+    ok, checks = check(req.server_admin.runner)
     doc = {"ok": ok, "checks": checks}
     if not ok:
         doc["reason"] = "; ".join(f"{k}: {v}" for k, v in checks.items() if v != "ok")
     req._json(200 if ok else 503, doc)
 
 
-def _http_metrics(req, method: str, path: str, query: str) -> None:
+def _http_metrics(req, method: str, match: re.Match, query: str) -> None:
     runner = req.server_runner
     req._send(200, runner._metrics.render(runner).encode(),
               "text/plain; version=0.0.4; charset=utf-8")
 
 
-def _http_page(req, method: str, path: str, query: str) -> None:
+def _http_page(req, method: str, match: re.Match, query: str) -> None:
     import secrets
     admin = req.server_admin
     nonce = secrets.token_urlsafe(12)
@@ -10433,79 +10466,85 @@ def _http_page(req, method: str, path: str, query: str) -> None:
         "Referrer-Policy": "no-referrer"})
 
 
-def _http_plugins(req, method: str, path: str, query: str) -> None:
+def _http_plugins(req, method: str, match: re.Match, query: str) -> None:
     req._json(200, _plugin_states(req.server_admin.runner))
 
 
-def _http_daemons(req, method: str, path: str, query: str) -> None:
+def _http_daemons(req, method: str, match: re.Match, query: str) -> None:
     runner = req.server_admin.runner
     req._json(200, _admin_daemons(runner, _admin_jobs(runner)))
 
 
-def _http_pollers(req, method: str, path: str, query: str) -> None:
-    """``/admin/pollers[/JOB[/ACTION]]``: nexo's admin routes.  A POST must
-    come with its body within limits, from this site, with the token; a GET
-    needs the token unless the listener is on loopback."""
+def _http_jobs(req, method: str, match: re.Match, query: str) -> None:
+    req._json(200, _admin_jobs(req.server_admin.runner))
+
+
+def _job_of(req, match: re.Match) -> tuple[str, bool]:
+    """The job a path names (percent-decoded) and whether this daemon has it."""
     from urllib.parse import unquote
+    job_id = unquote(match["job"])
+    return job_id, job_id in req.server_admin.runner._jobs
+
+
+def _http_job(req, method: str, match: re.Match, query: str) -> None:
+    """``/admin/pollers/JOB``: a job's status; ``/admin/pollers/reload``
+    (unless a job has that name): reload the configuration."""
     admin = req.server_admin
-    runner = admin.runner
-    parts = [unquote(p) for p in path[15:].split("/")] if len(path) > 15 else []
-    mutation = method == "POST"
-    if mutation and not req._body_ok():
-        return
-    if mutation:
-        why = req._cross_site()
-        if why is not None:
-            return req._refuse(403, f"cross-site request refused ({why})")
-    if mutation or not admin.loopback:
-        if admin.token is None:
-            return req._refuse(403, "no admin token is configured (admin_token_file "
-                                    f"or {_ADMIN_TOKEN_ENV}): mutations are refused")
-        if not req._authorized():
-            return req._refuse(401, "a valid bearer token is required")
-    if not parts:
-        if mutation:
-            return req._refuse(405, "GET required")
-        return req._json(200, _admin_jobs(runner))
-    job_id = parts[0]
-    known = job_id in runner._jobs
-    if len(parts) == 1:
-        if job_id == "reload" and not known:
-            if not mutation:
-                return req._json(405, {"error": "POST required"}, {"Allow": "POST"})
-            return req._json(*admin.do_reload())
-        if mutation:
-            return req._refuse(405, "GET required")
-        job = next((j for j in _admin_jobs(runner) if j["id"] == job_id), None)
-        if job is None:
-            return req._json(404, {"error": f"job '{job_id}' not found"})
-        return req._json(200, job)
-    if len(parts) == 2 and parts[1] == "cursor" and known:
-        return req._json(*admin.cursor(job_id, req.body if mutation else None))
-    if len(parts) != 2 or parts[1] not in _ADMIN_ACTIONS:
-        return req._json(404, {"error": f"unknown action '{'/'.join(parts[1:])}'"})
-    if not mutation:
-        return req._json(405, {"error": "POST required"}, {"Allow": "POST"})
+    job_id, known = _job_of(req, match)
+    if job_id == "reload" and not known:
+        if method != "POST":
+            return _wrong_method(req, ("POST",))
+        return req._json(*admin.do_reload())
+    if method != "GET":
+        return _wrong_method(req, ("GET",))
+    job = next((j for j in _admin_jobs(admin.runner) if j["id"] == job_id), None)
+    if job is None:
+        return req._json(404, {"error": f"job '{job_id}' not found"})
+    req._json(200, job)
+
+
+def _http_cursor(req, method: str, match: re.Match, query: str) -> None:
+    job_id, known = _job_of(req, match)
+    if not known:
+        return _http_unknown_action(req, method, match, query)
+    req._json(*req.server_admin.cursor(job_id, req.body if method == "POST" else None))
+
+
+def _http_action(req, method: str, match: re.Match, query: str) -> None:
+    job_id, known = _job_of(req, match)
     if not known:
         return req._json(404, {"error": f"job '{job_id}' not found"})
     try:
-        code, doc = admin.action(job_id, parts[1])
+        code, doc = req.server_admin.action(job_id, match["action"])
     except KeyError:                        # removed meanwhile by a reload
         code, doc = 404, {"error": f"job '{job_id}' not found"}
     req._json(code, doc)
 
 
-# The HTTP face, first match wins (a listener without the admin API serves
-# only /metrics, and to anyone: it is meant for a scraper).
-_HTTP_ROUTES = (
-    _HttpRoute(re.compile(r"/healthz|/readyz"), None, True, _http_health),
-    _HttpRoute(re.compile(r"/metrics"), ("GET",), True, _http_metrics),
-    _HttpRoute(re.compile(r"/|/index\.html"), ("GET",), False, _http_page),
-    _HttpRoute(re.compile(r"/admin/plugins"), ("GET",), True, _http_plugins),
-    _HttpRoute(re.compile(r"/admin/daemons"), ("GET",), True, _http_daemons),
-    _HttpRoute(re.compile(r"/admin/pollers(/.*)?", re.S), None, False, _http_pollers),
-)
-_METRICS_ONLY_ROUTES = (_HttpRoute(re.compile(r"/metrics"), ("GET",), False, _http_metrics),)
+def _http_unknown_action(req, method: str, match: re.Match, query: str) -> None:
+    from urllib.parse import unquote
+    rest = "/".join(unquote(p) for p in match["rest"].split("/"))
+    req._json(404, {"error": f"unknown action '{rest}'"})
+
+
+# The HTTP face, first match wins.  A listener without the admin API serves
+# only /metrics, and to anyone: it is meant for a scraper.
+_POLLERS = r"/admin/pollers/(?P<job>[^/]*)"
+_HTTP_ROUTES = tuple(_HttpRoute(re.compile(pattern, re.S), methods, guard, handler)
+                     for pattern, methods, guard, handler in (
+    (r"/healthz|/readyz", None, "token", _http_health),
+    (r"/metrics", ("GET",), "token", _http_metrics),
+    (r"/|/index\.html", ("GET",), None, _http_page),
+    (r"/admin/plugins", ("GET",), "token", _http_plugins),
+    (r"/admin/daemons", ("GET",), "token", _http_daemons),
+    (r"/admin/pollers/?", ("GET",), "admin", _http_jobs),
+    (_POLLERS, None, "admin", _http_job),
+    (_POLLERS + r"/(?P<rest>cursor)", None, "admin", _http_cursor),
+    (_POLLERS + r"/(?P<action>" + "|".join(_ADMIN_ACTIONS) + ")", ("POST",), "admin",
+     _http_action),
+    (_POLLERS + r"/(?P<rest>.*)", None, "admin", _http_unknown_action),
+))
+_METRICS_ONLY_ROUTES = (_HttpRoute(re.compile(r"/metrics"), ("GET",), None, _http_metrics),)
 
 
 def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True,
@@ -10628,12 +10667,16 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
                 if why is not None:
                     return self._refuse(421, why)
             for route in routes:
-                if route.pattern.fullmatch(path):
-                    if route.auth and not admin.loopback and not self._authorized():
-                        return self._refuse(401, "a bearer token is required")
-                    if route.methods and method not in route.methods:
-                        return self._refuse(405, f"{' or '.join(route.methods)} required")
-                    return route.handler(self, method, path, query)
+                match = route.pattern.fullmatch(path)
+                if match is None:
+                    continue
+                if route.guard == "token" and not admin.loopback and not self._authorized():
+                    return self._refuse(401, "a bearer token is required")
+                if route.guard == "admin" and not _admin_guard(self, method):
+                    return None
+                if route.methods and method not in route.methods:
+                    return _wrong_method(self, route.methods)
+                return route.handler(self, method, match, query)
             if admin is None:
                 return self.send_error(404, "only /metrics is served")
             return self._json(404, {"error": f"no route {path[:200]}"})
