@@ -25,23 +25,14 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
 from nats_support import NatsServer, require_nats  # noqa: E402
-from support import b64, wait_until, write_counter_plugin  # noqa: E402
+from support import FakePoller, b64, count_ticks, wait_until, write_counter_plugin  # noqa: E402
 
 import nexo_poller as nx  # noqa: E402
 from nexo_poller import (JetStreamStateStore, JobState, OutboxItem, Runner,  # noqa: E402
-                         SqliteStateStore, StateError, StateStore, TickAck, config_from_dict)
+                         SqliteStateStore, StateError, StateStore, config_from_dict)
 
 WAIT = 20.0
 TOKEN = "t0ken-for-tests-only"
-
-
-class _Poller:
-    """An in-process poller for the admin routes: the cursor counts ticks."""
-    kind = "e2e_feed"
-
-    def tick(self, ctx):
-        n = 0 if ctx.cursor is None else int(ctx.cursor)
-        return TickAck(next_cursor=str(n + 1).encode())
 
 
 class _ContractCase:
@@ -450,7 +441,7 @@ class StateContract(_ContractCase):
             doc["broker"] = self.broker()
         cfg = config_from_dict(doc, base_dir=self.dir, extra_kinds=["e2e_feed"])
         r = Runner(cfg, state=self.store())
-        r.register(_Poller())
+        r.register(FakePoller("e2e_feed", default=count_ticks))   # for the admin routes
         r.start(True)
         self.addCleanup(r.stop)
         self.assertTrue(r.wait_idle(WAIT), "the first tick did not finish")

@@ -14,7 +14,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nats_support import NatsServer, free_port, require_nats  # noqa: E402
-from support import NEXO, PY, pid_gone, wait_until, write_manifest  # noqa: E402
+from support import NEXO, PY, FakePoller, pid_gone, wait_until, write_manifest  # noqa: E402
 
 import nexo_poller as nx  # noqa: E402
 
@@ -78,18 +78,13 @@ class NatsDaemonCase(unittest.TestCase):
 
     def feed_runner(self, url, *deliveries, **top):
         """A started Runner on NATS whose one job hands on ``deliveries`` each tick."""
-        class Feed:
-            kind = "feed"
-
-            def tick(self, ctx):
-                return nx.TickAck(deliver=list(deliveries))
         cfg = nx.config_from_dict({"state_db": os.path.join(self.root, "s.db"), "broker": url,
                                    "default_jitter_ms": 0, **top,
                                    "jobs": [{"id": "f", "kind": "feed", "agent": "ana",
                                              "schedule": {"every_secs": 3600}}]},
                                   extra_kinds=["feed"])
         r = nx.Runner(cfg)
-        r.register(Feed())
+        r.register(FakePoller("feed", default=lambda ctx: nx.TickAck(deliver=list(deliveries))))
         self.addCleanup(r.stop)
         r.start()
         return r

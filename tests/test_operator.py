@@ -17,7 +17,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
 from nats_support import NatsServer, require_nats  # noqa: E402
-from support import NEXO, PY, b64, wait_until, write_manifest  # noqa: E402
+from support import NEXO, PY, TempDirCase, b64, wait_until, write_manifest  # noqa: E402
 
 import nexo_poller as nx  # noqa: E402
 
@@ -31,11 +31,12 @@ def nexo(*args, config=None, timeout=TIMEOUT, env=None, input=None):
                           timeout=timeout, env=env)
 
 
-class OperatorCase(unittest.TestCase):
+class OperatorCase(TempDirCase):
+    tmp_prefix, quiet = "nexo-op-", False
+
     def setUp(self):
-        tmp = tempfile.TemporaryDirectory(prefix="nexo-op-")
-        self.addCleanup(tmp.cleanup)
-        self.root = tmp.name
+        super().setUp()
+        self.root = self.dir
         self.config = os.path.join(self.root, "pollers.json")
 
     def script(self, name: str, body: str, *, shebang: bool = True, mode: int = 0o755) -> str:
