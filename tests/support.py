@@ -135,6 +135,29 @@ class TempDirCase(unittest.TestCase):
         if self.quiet:
             quiet_log(self)
 
+    def runner_config(self, jobs, *, extra_kinds=("mem",), base_dir=None, **top):
+        """A DaemonConfig on ``self.db`` with ``jobs``: no jitter, a 3 s
+        shutdown grace; ``top`` adds or overrides top-level keys."""
+        from nexo_poller import config_from_dict
+        doc = {"state_db": self.db, "default_jitter_ms": 0, "shutdown_grace_secs": 3,
+               "jobs": jobs}
+        doc.update(top)
+        return config_from_dict(doc, base_dir=self.dir if base_dir is None else base_dir,
+                                extra_kinds=list(extra_kinds))
+
+    def start_runner(self, cfg, *pollers, start=True, **options):
+        """A Runner on ``cfg`` (``options`` to its constructor) with ``pollers``
+        registered, stopped when the test ends; started in the foreground
+        (the test fires its ticks) unless ``start`` is False."""
+        from nexo_poller import Runner
+        r = Runner(cfg, **options)
+        for p in pollers:
+            r.register(p)
+        self.addCleanup(r.stop)
+        if start:
+            r.start(background=False)
+        return r
+
 
 def count_ticks(ctx):
     """A FakePoller step: the cursor counts the job's ticks (b"1", b"2", ...)."""

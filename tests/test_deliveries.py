@@ -129,22 +129,15 @@ class DeliveryCase(TempDirCase):
     tmp_prefix = "nexo-deliver-"
 
     def config(self, jobs, **top):
-        doc = {"state_db": self.db, "default_jitter_ms": 0, "shutdown_grace_secs": 3,
-               "delivery_retry_initial_secs": 0.02, "delivery_retry_max_secs": 0.1,
-               "jobs": jobs}
-        doc.update(top)
-        return nx.config_from_dict(doc, extra_kinds=["feed"])
+        top = {"delivery_retry_initial_secs": 0.02, "delivery_retry_max_secs": 0.1, **top}
+        return self.runner_config(jobs, extra_kinds=["feed"], base_dir=".", **top)
 
     @staticmethod
     def job(id="a", every=3600, **kw):
         return {"id": id, "kind": "feed", "agent": "ana", "schedule": {"every_secs": every}, **kw}
 
     def runner(self, cfg, poller, **kw):
-        r = Runner(cfg, **kw)
-        r.register(poller)
-        self.addCleanup(r.stop)
-        r.start(background=False)
-        return r
+        return self.start_runner(cfg, poller, **kw)
 
     def outbox_rows(self, table="outbox"):
         db = sqlite3.connect(self.db, timeout=10)

@@ -25,7 +25,7 @@ import urllib.request
 from datetime import timedelta
 
 import nexo_poller as nx
-from nexo_poller import PollerError, Runner, TickAck, TickMetrics, config_from_dict
+from nexo_poller import PollerError, TickAck, TickMetrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,10 +123,7 @@ class Case(TempDirCase):
         self.t = [T0]
 
     def config(self, jobs, plugins=(), extra_kinds=("mem",), **top):
-        doc = {"state_db": self.db, "default_jitter_ms": 0, "shutdown_grace_secs": 3,
-               "plugins": list(plugins), "jobs": jobs}
-        doc.update(top)
-        return config_from_dict(doc, base_dir=self.dir, extra_kinds=list(extra_kinds))
+        return self.runner_config(jobs, plugins=list(plugins), extra_kinds=extra_kinds, **top)
 
     @staticmethod
     def job(id, kind="mem", every=60, **kw):
@@ -135,13 +132,7 @@ class Case(TempDirCase):
         return raw
 
     def runner(self, cfg, *pollers, start=True):
-        r = Runner(cfg, clock=lambda: self.t[0])
-        for p in pollers:
-            r.register(p)
-        self.addCleanup(r.stop)
-        if start:
-            r.start(background=False)
-        return r
+        return self.start_runner(cfg, *pollers, start=start, clock=lambda: self.t[0])
 
     def manifest(self, name, plugin_id, kind, script, *, args=(), env=None, timeout=30,
                  lifecycle="long_lived"):

@@ -42,10 +42,7 @@ class RunnerCase(TempDirCase):
     # -- helpers ---------------------------------------------------------------
 
     def config(self, jobs, **top):
-        doc = {"state_db": self.db, "default_jitter_ms": 0, "shutdown_grace_secs": 3,
-               "jobs": jobs}
-        doc.update(top)
-        return config_from_dict(doc, extra_kinds=["mem"])
+        return self.runner_config(jobs, base_dir=".", **top)
 
     @staticmethod
     def job(id="a", every=10, **kw):
@@ -54,13 +51,7 @@ class RunnerCase(TempDirCase):
         return raw
 
     def runner(self, cfg, *pollers, start=True):
-        r = Runner(cfg, clock=lambda: self.t[0])
-        for p in pollers:
-            r.register(p)
-        self.addCleanup(r.stop)
-        if start:
-            r.start(background=False)
-        return r
+        return self.start_runner(cfg, *pollers, start=start, clock=lambda: self.t[0])
 
     def fire(self, r):
         n = r.fire_due()
