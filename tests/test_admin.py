@@ -561,17 +561,14 @@ class TestOperatorRunsTakeASlot(Case):
     def test_a_run_with_every_slot_busy_is_409_and_the_job_stays_scheduled(self):
         entered, release = threading.Event(), threading.Event()
 
-        class OneAtATime:
-            kind, max_concurrent_ticks = "mem", 1
-
-            def tick(self, ctx):
-                entered.set()
-                release.wait(WAIT)
-                return TickAck(b"1")
+        def held(ctx):
+            entered.set()
+            release.wait(WAIT)
+            return TickAck(b"1")
         cfg = config_from_dict(self.doc(), base_dir=self.dir, extra_kinds=["mem"])
         with mock.patch.object(nx, "_IN_PROCESS_BUDGET_SECS", 0.3):   # the wait for a slot
             r = Runner(cfg)
-            r.register(OneAtATime())
+            r.register(FakePoller("mem", default=held, max_concurrent_ticks=1))
         self.addCleanup(r.stop)
         r.start(background=False)
         first = threading.Thread(target=r.run_once, args=("healthy",))

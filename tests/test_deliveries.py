@@ -324,14 +324,11 @@ class OutboxTests(DeliveryCase):
     def test_failure_to_alert_goes_through_the_outbox_as_nexo_text(self):
         sink = Sink()
 
-        class Broken:
-            kind = "feed"
-
-            def tick(self, ctx):
-                raise PollerError.Permanent("token revoked")
+        def revoked(ctx):
+            raise PollerError.Permanent("token revoked")
         job = self.job(failure_to={"channel": "telegram", "to": "ops-chat"})
-        r = self.runner(self.config([job], agents={"ana": {"telegram": "ana_bot"}}), Broken(),
-                        deliver=sink)
+        r = self.runner(self.config([job], agents={"ana": {"telegram": "ana_bot"}}),
+                        FakePoller("feed", default=revoked), deliver=sink)
         r.fire_due()
         self.assertTrue(r.wait_idle(WAIT))
         self.assertTrue(sink.wait_for(1))

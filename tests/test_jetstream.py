@@ -328,14 +328,11 @@ class RunnerTests(LiveCase):
         # status showed nothing wrong.
         from nexo_poller import Delivery
 
-        class Huge:
-            kind = "mem"
-
-            def tick(self, ctx):
-                return TickAck(next_cursor=b"1", deliver=[
-                    Delivery("c", "r", {"text": "x" * (1 << 20)})])
+        def huge(ctx):
+            return TickAck(next_cursor=b"1", deliver=[
+                Delivery("c", "r", {"text": "x" * (1 << 20)})])
         r = Runner(self.config(1, every=3600), state=JetStreamStateStore("jobs", self.server.url))
-        r.register(Huge())
+        r.register(FakePoller("mem", default=huge))
         self.addCleanup(r.stop)
         outcome = r.run_once("job.0")
         self.assertEqual(outcome.status, "permanent")
