@@ -125,10 +125,12 @@ class TempDirCase(unittest.TestCase):
 
     tmp_prefix = "nexo-test-"
     quiet = True
+    tmp_cleanup_errors_ok = False   # a process of the test may still write into it
 
     def setUp(self):
         super().setUp()
-        tmp = tempfile.TemporaryDirectory(prefix=self.tmp_prefix)
+        tmp = tempfile.TemporaryDirectory(prefix=self.tmp_prefix,
+                                          ignore_cleanup_errors=self.tmp_cleanup_errors_ok)
         self.addCleanup(tmp.cleanup)
         self.dir = os.path.realpath(tmp.name)
         self.db = os.path.join(self.dir, "s.db")

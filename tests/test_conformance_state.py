@@ -18,14 +18,14 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
 from nats_support import NatsServer, require_nats  # noqa: E402
-from support import FakePoller, b64, count_ticks, wait_until, write_counter_plugin  # noqa: E402
+from support import (FakePoller, TempDirCase, b64, count_ticks, wait_until,  # noqa: E402
+                     write_counter_plugin)
 
 import nexo_poller as nx  # noqa: E402
 from nexo_poller import (JetStreamStateStore, JobState, OutboxItem, Runner,  # noqa: E402
@@ -59,12 +59,8 @@ class _ContractCase:
     # -- shared set-up ----------------------------------------------------------------
 
     def setUp(self):
-        tmp = tempfile.TemporaryDirectory(prefix=f"nexo-contract-{self.backend}-")
-        self.addCleanup(tmp.cleanup)
-        self.dir = tmp.name
-        logger = logging.getLogger("nexo_poller")
-        self.addCleanup(logger.setLevel, logger.level)
-        logger.setLevel(logging.CRITICAL)
+        self.tmp_prefix = f"nexo-contract-{self.backend}-"
+        super().setUp()
         self.config = os.path.join(self.dir, "pollers.json")
         plugin = write_counter_plugin(self.dir, "feed", "e2e_feed", "ephemeral",
                                       os.path.join(self.dir, "pids"), 2)
@@ -542,11 +538,11 @@ class _Sqlite:
         shutil.copy(self.location() + ".old", self.location())
 
 
-class SqliteConformance(_Sqlite, StateContract, unittest.TestCase):
+class SqliteConformance(_Sqlite, StateContract, TempDirCase):
     pass
 
 
-class JetStreamConformance(StateContract, unittest.TestCase):
+class JetStreamConformance(StateContract, TempDirCase):
     """The suite on a real nats-server (one per class, a bucket per test)."""
     backend = "jetstream"
 
@@ -574,7 +570,7 @@ class JetStreamConformance(StateContract, unittest.TestCase):
         return JetStreamStateStore(self.bucket, self.server.url, **kw)
 
 
-class SqliteToJetStream(_Sqlite, _ContractCase, unittest.TestCase):
+class SqliteToJetStream(_Sqlite, _ContractCase, TempDirCase):
     """The sqlite suite's migrate test, to a bucket."""
 
     @classmethod

@@ -9,7 +9,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import unittest
 from unittest import mock
@@ -547,13 +546,13 @@ class OutboxCliTests(DeliveryCase):
         self.assertEqual(sink.got[0][1]["payload"]["n"], 2)
 
 
-class DaemonTests(unittest.TestCase):
+class DaemonTests(TempDirCase):
     """The real daemon, with nexo's Python template as an ephemeral plugin."""
+    tmp_prefix, quiet = "nexo-deliver-e2e-", False
 
     def setUp(self):
-        tmp = tempfile.TemporaryDirectory(prefix="nexo-deliver-e2e-")
-        self.addCleanup(tmp.cleanup)
-        self.root = tmp.name
+        super().setUp()
+        self.root = self.dir
         plugin = os.path.join(self.root, "tpl")
         os.mkdir(plugin)
         with open(os.path.join(plugin, "nexo-plugin.toml"), "w") as fh:
