@@ -61,6 +61,17 @@ def pid_gone(pid: int) -> bool:
     return data[data.rindex(")") + 2:].split()[0] in ("Z", "X")
 
 
+def write_config(path: str, doc) -> str:
+    """Replace ``path`` at once with ``doc`` (a dict as JSON, or text), so a
+    daemon reloading it never reads half a file; returns ``path``."""
+    text = doc if isinstance(doc, str) else json.dumps(doc, indent=2)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
 def write_plugin_manifest(folder: str, plugin_id: str, kinds, *, command: str, args=(),
                           lifecycle: str = "ephemeral", env: dict | None = None,
                           max_concurrent_ticks: int | None = None,

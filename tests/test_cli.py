@@ -17,8 +17,8 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
-from support import (LAUNCHER, TempDirCase, NEXO, PY, ROOT, b64, pid_gone, unb64,  # noqa: E402
-                     write_counter_plugin)
+from support import (LAUNCHER, NEXO, PY, ROOT, TempDirCase, b64, pid_gone,  # noqa: E402
+                     unb64, write_config, write_counter_plugin)
 
 TIMEOUT = 60          # for any one CLI run: a hang fails, a slow machine does not
 
@@ -40,12 +40,7 @@ class Project:
         return write_counter_plugin(self.root, name, kind, lifecycle, self.pid_file, 2)
 
     def write(self, doc) -> str:
-        text = doc if isinstance(doc, str) else json.dumps(doc, indent=2)
-        tmp = self.config + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, self.config)
-        return self.config
+        return write_config(self.config, doc)
 
     def standard(self, **top) -> dict:
         """Two plugins (one per lifecycle) and a few jobs that never run on their own."""

@@ -22,7 +22,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
 from support import (LAUNCHER, NEXO, PY, ROOT, TempDirCase, pid_gone,  # noqa: E402
-                     write_counter_plugin)
+                     write_config, write_counter_plugin)
 
 CLI_TIMEOUT = 60
 STOP_BOUND = 15.0       # a signalled daemon must have exited within this
@@ -69,12 +69,7 @@ class Project:
         return doc
 
     def write(self, doc) -> str:
-        text = doc if isinstance(doc, str) else json.dumps(doc, indent=2)
-        tmp = self.config + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, self.config)
-        return self.config
+        return write_config(self.config, doc)
 
     def plugin_procs(self) -> list[tuple[int, int, str]]:
         """(pid, ppid, mode) of every plugin process started so far."""
