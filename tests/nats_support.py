@@ -8,8 +8,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 import unittest
+
+from support import wait_until
 
 NATS_SERVER = shutil.which("nats-server") or (
     "/usr/sbin/nats-server" if os.path.exists("/usr/sbin/nats-server") else None)
@@ -47,18 +48,21 @@ class NatsServer:
             [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.store,
              *self.args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while True:
+
+        def accepting() -> bool:
+            """Greets a client, or has exited (then waiting is over too)."""
             try:
                 with socket.create_connection(("127.0.0.1", self.port), 1) as s:
                     if s.recv(4096).startswith(b"INFO "):
-                        return self
+                        return True
             except OSError:
                 pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"nats-server did not start on port {self.port}")
-            time.sleep(0.02)
+            return self.proc.poll() is not None
+
+        if not wait_until(accepting, 20, 0.02) or self.proc.poll() is not None:
+            self.stop()
+            raise AssertionError(f"nats-server did not start on port {self.port}")
+        return self
 
     def stop(self) -> None:
         """Kill and reap the server (the store stays for a restart)."""

@@ -27,37 +27,29 @@ from unittest import mock
 import nexo_poller as nx
 from nexo_poller import PollerError, Runner, TickAck, TickMetrics, config_from_dict
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
+from support import FakePoller, TempDirCase  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "t0ken-for-tests-only"
 WAIT = 15.0
 
 
-class Scripted:
-    """An in-process poller; the job "broken" always fails with an HTML-ish error."""
-
-    def __init__(self, kind="mem"):
-        self.kind = kind
-
-    def tick(self, ctx):
-        if ctx.job_id == "broken":
-            raise PollerError.Transient("upstream said <b>503</b> & \"gave up\"")
-        return TickAck(b"cursor-1", metrics=TickMetrics(items_seen=2, items_dispatched=1))
+def scripted_tick(ctx):
+    """The in-process poller's step: the job "broken" always fails with an HTML-ish error."""
+    if ctx.job_id == "broken":
+        raise PollerError.Transient("upstream said <b>503</b> & \"gave up\"")
+    return TickAck(b"cursor-1", metrics=TickMetrics(items_seen=2, items_dispatched=1))
 
 
-class Case(unittest.TestCase):
+class Case(TempDirCase):
+    tmp_prefix = "nexo-admin-"
 
     def setUp(self):
-        tmp = tempfile.TemporaryDirectory(prefix="nexo-admin-")
-        self.addCleanup(tmp.cleanup)
-        self.dir = tmp.name
-        self.db = os.path.join(self.dir, "s.db")
+        super().setUp()
         self.token_file = os.path.join(self.dir, "token")
         with open(self.token_file, "w") as f:
             f.write(TOKEN + "\n")
-        logger = logging.getLogger("nexo_poller")
-        level = logger.level
-        logger.setLevel(logging.CRITICAL)
-        self.addCleanup(logger.setLevel, level)
         env = mock.patch.dict(os.environ)
         env.start()
         self.addCleanup(env.stop)
@@ -75,7 +67,7 @@ class Case(unittest.TestCase):
     def runner(self, config_path=None, background=True, **top):
         cfg = config_from_dict(self.doc(**top), base_dir=self.dir, extra_kinds=["mem"])
         r = Runner(cfg)
-        r.register(Scripted())
+        r.register(FakePoller(default=scripted_tick))
         r.config_path = config_path
         r.start(background)
         self.addCleanup(r.stop)
@@ -340,7 +332,7 @@ class TestSecurity(Case):
         cfg = config_from_dict(self.doc(admin_addr="0.0.0.0:0", admin_token_file=None),
                                base_dir=self.dir, extra_kinds=["mem"])
         r = Runner(cfg)
-        r.register(Scripted())
+        r.register(FakePoller(default=scripted_tick))
         with self.assertRaises(nx.ConfigError) as cm:
             r.start()
         self.assertIn("admin_addr", str(cm.exception))
@@ -350,7 +342,7 @@ class TestSecurity(Case):
         cfg = config_from_dict(self.doc(admin_token_file="missing"), base_dir=self.dir,
                                extra_kinds=["mem"])
         r = Runner(cfg)
-        r.register(Scripted())
+        r.register(FakePoller(default=scripted_tick))
         with self.assertRaises(nx.ConfigError) as cm:
             r.start()
         self.assertIn("admin_token_file", str(cm.exception))
@@ -569,17 +561,14 @@ class TestOperatorRunsTakeASlot(Case):
     def test_a_run_with_every_slot_busy_is_409_and_the_job_stays_scheduled(self):
         entered, release = threading.Event(), threading.Event()
 
-        class OneAtATime:
-            kind, max_concurrent_ticks = "mem", 1
-
-            def tick(self, ctx):
-                entered.set()
-                release.wait(WAIT)
-                return TickAck(b"1")
+        def held(ctx):
+            entered.set()
+            release.wait(WAIT)
+            return TickAck(b"1")
         cfg = config_from_dict(self.doc(), base_dir=self.dir, extra_kinds=["mem"])
         with mock.patch.object(nx, "_IN_PROCESS_BUDGET_SECS", 0.3):   # the wait for a slot
             r = Runner(cfg)
-            r.register(OneAtATime())
+            r.register(FakePoller("mem", default=held, max_concurrent_ticks=1))
         self.addCleanup(r.stop)
         r.start(background=False)
         first = threading.Thread(target=r.run_once, args=("healthy",))

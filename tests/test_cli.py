@@ -13,13 +13,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
-from support import (LAUNCHER, NEXO, PY, ROOT, b64, pid_gone, unb64,  # noqa: E402
-                     write_counter_plugin)
+from support import (LAUNCHER, NEXO, PY, ROOT, TempDirCase, b64, pid_gone,  # noqa: E402
+                     unb64, write_config, write_counter_plugin)
 
 TIMEOUT = 60          # for any one CLI run: a hang fails, a slow machine does not
 
@@ -41,12 +40,7 @@ class Project:
         return write_counter_plugin(self.root, name, kind, lifecycle, self.pid_file, 2)
 
     def write(self, doc) -> str:
-        text = doc if isinstance(doc, str) else json.dumps(doc, indent=2)
-        tmp = self.config + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, self.config)
-        return self.config
+        return write_config(self.config, doc)
 
     def standard(self, **top) -> dict:
         """Two plugins (one per lifecycle) and a few jobs that never run on their own."""
@@ -98,12 +92,13 @@ def nexo(*args, config=None, cwd=None, module=False, timeout=TIMEOUT, tmpdir=Non
                           timeout=timeout, cwd=cwd, env=env)
 
 
-class CliTestCase(unittest.TestCase):
+class CliTestCase(TempDirCase):
+    tmp_prefix, quiet = "nexo-cli-", False
+
     def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory(prefix="nexo-cli-")
-        self.addCleanup(self._tmp.cleanup)
-        self.p = Project(self._tmp.name)
-        self.tmpdir = os.path.join(self._tmp.name, "tmp")
+        super().setUp()
+        self.p = Project(self.dir)
+        self.tmpdir = os.path.join(self.dir, "tmp")
         os.mkdir(self.tmpdir)
 
     def run_ok(self, *args, **kw):
@@ -201,10 +196,10 @@ class TestGeneral(CliTestCase):
         # working directory, a decoy nexo_poller.py there): the module beside
         # the launcher's real file is the one that runs.
         self.p.standard()
-        bin_dir = os.path.join(self._tmp.name, "bin")
+        bin_dir = os.path.join(self.dir, "bin")
         os.mkdir(bin_dir)
         os.symlink(LAUNCHER, os.path.join(bin_dir, "nexo-poller"))
-        with open(os.path.join(self._tmp.name, "nexo_poller.py"), "w") as f:
+        with open(os.path.join(self.dir, "nexo_poller.py"), "w") as f:
             f.write("raise SystemExit('the decoy ran')\n")
         env = dict(os.environ, PATH=os.pathsep.join([bin_dir, os.path.dirname(PY),
                                                      os.environ.get("PATH", "")]))
@@ -213,7 +208,7 @@ class TestGeneral(CliTestCase):
             self.skipTest("no python3 beside this interpreter for the launcher's #! line")
         r = subprocess.run(["nexo-poller", "--config", self.p.config, "tick", "news"],
                            capture_output=True, text=True, timeout=TIMEOUT, env=env,
-                           cwd=self._tmp.name, stdin=subprocess.DEVNULL)
+                           cwd=self.dir, stdin=subprocess.DEVNULL)
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(json.loads(r.stdout)["next_cursor"], b64(b"1"))
 

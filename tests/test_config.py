@@ -6,13 +6,14 @@ Every file lives in a TemporaryDirectory; nothing is spawned.
 import json
 import os
 import sys
-import tempfile
 import time
 import unittest
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
-from nexo_poller import (ConfigError, CronExpr, DaemonConfig, JobConfig, Lifecycle,
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
+from support import FakePoller, TempDirCase  # noqa: E402
+from nexo_poller import (ConfigError, CronExpr, DaemonConfig, JobConfig, Lifecycle,  # noqa: E402
                          ManifestError, PluginPollerHandle, Runner, Schedule, TickAck,
                          config_from_dict, load_config, load_manifest)
 
@@ -34,12 +35,11 @@ def job(id="j1", kind="rss", schedule=None, **more):
     return d
 
 
-class ConfigTestCase(unittest.TestCase):
+class ConfigTestCase(TempDirCase):
+    quiet = False
 
     def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(self._tmp.cleanup)
-        self.dir = os.path.realpath(self._tmp.name)
+        super().setUp()
         self.path = os.path.join(self.dir, "pollers.json")
 
     def write_json(self, doc, name="pollers.json"):
@@ -286,15 +286,10 @@ class SeveralDaemonsKeysTest(ConfigTestCase):
         self.assertOnlyProblem({"lease_min_secs": 1}, "lease_min_secs", "outside 5..86400")
 
     def test_lease_min_secs_sets_the_shortest_lease(self):
-        class Mem:
-            kind = "mem"
-
-            def tick(self, ctx):
-                return TickAck(b"1")
         cfg = self.load({"state_db": "s.db", "lease_min_secs": 6, "jobs": [
             {"id": "m", "kind": "mem", "schedule": {"every_secs": 1}}]}, extra_kinds=["mem"])
         r = Runner(cfg)
-        r.register(Mem())
+        r.register(FakePoller("mem", default=TickAck(b"1")))
         self.addCleanup(r.stop)
         before = time.time()
         self.assertEqual(r.run_once("m").status, "ok")

@@ -18,30 +18,21 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
 from nats_support import NatsServer, require_nats  # noqa: E402
-from support import b64, wait_until, write_counter_plugin  # noqa: E402
+from support import (FakePoller, TempDirCase, b64, count_ticks, wait_until,  # noqa: E402
+                     write_counter_plugin)
 
 import nexo_poller as nx  # noqa: E402
 from nexo_poller import (JetStreamStateStore, JobState, OutboxItem, Runner,  # noqa: E402
-                         SqliteStateStore, StateError, StateStore, TickAck, config_from_dict)
+                         SqliteStateStore, StateError, StateStore, config_from_dict)
 
 WAIT = 20.0
 TOKEN = "t0ken-for-tests-only"
-
-
-class _Poller:
-    """An in-process poller for the admin routes: the cursor counts ticks."""
-    kind = "e2e_feed"
-
-    def tick(self, ctx):
-        n = 0 if ctx.cursor is None else int(ctx.cursor)
-        return TickAck(next_cursor=str(n + 1).encode())
 
 
 class _ContractCase:
@@ -68,12 +59,8 @@ class _ContractCase:
     # -- shared set-up ----------------------------------------------------------------
 
     def setUp(self):
-        tmp = tempfile.TemporaryDirectory(prefix=f"nexo-contract-{self.backend}-")
-        self.addCleanup(tmp.cleanup)
-        self.dir = tmp.name
-        logger = logging.getLogger("nexo_poller")
-        self.addCleanup(logger.setLevel, logger.level)
-        logger.setLevel(logging.CRITICAL)
+        self.tmp_prefix = f"nexo-contract-{self.backend}-"
+        super().setUp()
         self.config = os.path.join(self.dir, "pollers.json")
         plugin = write_counter_plugin(self.dir, "feed", "e2e_feed", "ephemeral",
                                       os.path.join(self.dir, "pids"), 2)
@@ -450,7 +437,7 @@ class StateContract(_ContractCase):
             doc["broker"] = self.broker()
         cfg = config_from_dict(doc, base_dir=self.dir, extra_kinds=["e2e_feed"])
         r = Runner(cfg, state=self.store())
-        r.register(_Poller())
+        r.register(FakePoller("e2e_feed", default=count_ticks))   # for the admin routes
         r.start(True)
         self.addCleanup(r.stop)
         self.assertTrue(r.wait_idle(WAIT), "the first tick did not finish")
@@ -551,11 +538,11 @@ class _Sqlite:
         shutil.copy(self.location() + ".old", self.location())
 
 
-class SqliteConformance(_Sqlite, StateContract, unittest.TestCase):
+class SqliteConformance(_Sqlite, StateContract, TempDirCase):
     pass
 
 
-class JetStreamConformance(StateContract, unittest.TestCase):
+class JetStreamConformance(StateContract, TempDirCase):
     """The suite on a real nats-server (one per class, a bucket per test)."""
     backend = "jetstream"
 
@@ -583,7 +570,7 @@ class JetStreamConformance(StateContract, unittest.TestCase):
         return JetStreamStateStore(self.bucket, self.server.url, **kw)
 
 
-class SqliteToJetStream(_Sqlite, _ContractCase, unittest.TestCase):
+class SqliteToJetStream(_Sqlite, _ContractCase, TempDirCase):
     """The sqlite suite's migrate test, to a bucket."""
 
     @classmethod

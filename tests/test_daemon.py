@@ -21,7 +21,8 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
-from support import LAUNCHER, NEXO, PY, ROOT, pid_gone, write_counter_plugin  # noqa: E402
+from support import (LAUNCHER, NEXO, PY, ROOT, TempDirCase, pid_gone,  # noqa: E402
+                     write_config, write_counter_plugin)
 
 CLI_TIMEOUT = 60
 STOP_BOUND = 15.0       # a signalled daemon must have exited within this
@@ -68,12 +69,7 @@ class Project:
         return doc
 
     def write(self, doc) -> str:
-        text = doc if isinstance(doc, str) else json.dumps(doc, indent=2)
-        tmp = self.config + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, self.config)
-        return self.config
+        return write_config(self.config, doc)
 
     def plugin_procs(self) -> list[tuple[int, int, str]]:
         """(pid, ppid, mode) of every plugin process started so far."""
@@ -202,11 +198,12 @@ class Daemon:
         self.proc.stderr.close()
 
 
-class DaemonTestCase(unittest.TestCase):
+class DaemonTestCase(TempDirCase):
+    tmp_prefix, quiet = "nexo-daemon-", False
+
     def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory(prefix="nexo-daemon-")
-        self.p = Project(self._tmp.name)
-        self.addCleanup(self._tmp.cleanup)
+        super().setUp()
+        self.p = Project(self.dir)
         self.addCleanup(self._kill_plugins)
 
     def _kill_plugins(self):

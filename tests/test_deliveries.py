@@ -3,20 +3,18 @@
 
 import http.server
 import json
-import logging
 import os
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import unittest
 from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from support import NEXO, PY, b64, wait_until  # noqa: E402
+from support import NEXO, PY, b64, FakePoller, TempDirCase, count_ticks, wait_until  # noqa: E402
 
 import nexo_poller as nx  # noqa: E402
 from nexo_poller import Delivery, PollerError, Runner, TickAck, TickMetrics  # noqa: E402
@@ -25,20 +23,16 @@ WAIT = 15.0
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
-class Feed:
-    """An in-process poller whose every tick hands on the items of ``script``."""
-    kind = "feed"
+def feed_poller(batches=None) -> FakePoller:
+    """An in-process poller whose ticks hand on ``batches``, one per tick (then
+    nothing); the cursor counts ticks."""
+    batches = list(batches or [])
 
-    def __init__(self, batches=None):
-        self.batches = list(batches or [])
-        self.calls = 0
-
-    def tick(self, ctx):
-        self.calls += 1
-        items = self.batches.pop(0) if self.batches else []
-        n = int(ctx.cursor or b"0") + 1
-        return TickAck(next_cursor=str(n).encode(), metrics=TickMetrics(len(items), len(items)),
-                       deliver=items)
+    def step(ctx):
+        items = batches.pop(0) if batches else []
+        return TickAck(next_cursor=count_ticks(ctx).next_cursor,
+                       metrics=TickMetrics(len(items), len(items)), deliver=items)
+    return FakePoller("feed", default=step)
 
 
 class Sink:
@@ -130,35 +124,19 @@ class Receiver:
                     self.changed.notify_all()
 
 
-class DeliveryCase(unittest.TestCase):
-
-    def setUp(self):
-        tmp = tempfile.TemporaryDirectory(prefix="nexo-deliver-")
-        self.addCleanup(tmp.cleanup)
-        self.dir = tmp.name
-        self.db = os.path.join(self.dir, "s.db")
-        logger = logging.getLogger("nexo_poller")
-        level = logger.level
-        logger.setLevel(logging.CRITICAL)
-        self.addCleanup(logger.setLevel, level)
+class DeliveryCase(TempDirCase):
+    tmp_prefix = "nexo-deliver-"
 
     def config(self, jobs, **top):
-        doc = {"state_db": self.db, "default_jitter_ms": 0, "shutdown_grace_secs": 3,
-               "delivery_retry_initial_secs": 0.02, "delivery_retry_max_secs": 0.1,
-               "jobs": jobs}
-        doc.update(top)
-        return nx.config_from_dict(doc, extra_kinds=["feed"])
+        top = {"delivery_retry_initial_secs": 0.02, "delivery_retry_max_secs": 0.1, **top}
+        return self.runner_config(jobs, extra_kinds=["feed"], base_dir=".", **top)
 
     @staticmethod
     def job(id="a", every=3600, **kw):
         return {"id": id, "kind": "feed", "agent": "ana", "schedule": {"every_secs": every}, **kw}
 
     def runner(self, cfg, poller, **kw):
-        r = Runner(cfg, **kw)
-        r.register(poller)
-        self.addCleanup(r.stop)
-        r.start(background=False)
-        return r
+        return self.start_runner(cfg, poller, **kw)
 
     def outbox_rows(self, table="outbox"):
         db = sqlite3.connect(self.db, timeout=10)
@@ -198,7 +176,7 @@ class ReplyParsingTests(unittest.TestCase):
 class OutboxTests(DeliveryCase):
 
     def test_deliveries_reach_the_broker_as_nexo_events(self):
-        feed = Feed([[Delivery("telegram", "42", {"text": "one"}),
+        feed = feed_poller([[Delivery("telegram", "42", {"text": "one"}),
                       Delivery("telegram", "42", "two")]])
         r = self.runner(self.config([self.job()], agents={"ana": {"telegram": "ana_bot"}}), feed)
         got, cond = [], threading.Condition()
@@ -228,7 +206,7 @@ class OutboxTests(DeliveryCase):
 
     def test_without_an_agent_map_the_topic_has_no_instance(self):
         sink = Sink()
-        r = self.runner(self.config([self.job()]), Feed([[Delivery("slack", "#ops", 1)]]),
+        r = self.runner(self.config([self.job()]), feed_poller([[Delivery("slack", "#ops", 1)]]),
                         deliver=sink)
         r.fire_due()
         self.assertTrue(r.wait_idle(WAIT))
@@ -237,7 +215,7 @@ class OutboxTests(DeliveryCase):
         self.assertEqual(sink.got[0][1]["payload"], {"text": 1, "to": "#ops"})
 
     def test_no_subscriber_means_not_delivered_yet(self):
-        feed = Feed([[Delivery("telegram", "42", {"n": 1})]])
+        feed = feed_poller([[Delivery("telegram", "42", {"n": 1})]])
         r = self.runner(self.config([self.job()]), feed)
         r.fire_due()
         self.assertTrue(r.wait_idle(WAIT))
@@ -252,9 +230,9 @@ class OutboxTests(DeliveryCase):
         batches = [[Delivery("c", "r", {"n": n})] for n in range(5)]
         sink = Sink()
         sink.down.set()
-        feed = Feed(batches)
+        feed = feed_poller(batches)
         r = self.runner(self.config([self.job(every=0.01)]), feed, deliver=sink)
-        while feed.calls < 5:
+        while len(feed.calls) < 5:
             self.assertTrue(wait_until(r.fire_due, WAIT, 0.005))
             self.assertTrue(r.wait_idle(WAIT))
         self.assertTrue(wait_until(lambda: len(r.state.outbox()) >= 5, WAIT))
@@ -266,7 +244,7 @@ class OutboxTests(DeliveryCase):
 
     def test_a_lost_commit_delivers_nothing(self):
         sink = Sink()
-        r = self.runner(self.config([self.job()]), Feed([[Delivery("c", "r", {"n": 1})]]),
+        r = self.runner(self.config([self.job()]), feed_poller([[Delivery("c", "r", {"n": 1})]]),
                         deliver=sink)
         thief = nx.SqliteStateStore(self.db, owner="thief")
         self.addCleanup(thief.close)
@@ -281,8 +259,8 @@ class OutboxTests(DeliveryCase):
         sink = Sink()
         sink.down.set()
         cfg = self.config([self.job()])
-        r1 = self.runner(cfg, Feed([[Delivery("c", "r", {"n": 1}), Delivery("c", "r", {"n": 2})]]),
-                         deliver=sink)
+        r1 = self.runner(cfg, feed_poller([[Delivery("c", "r", {"n": 1}),
+                                            Delivery("c", "r", {"n": 2})]]), deliver=sink)
         r1.fire_due()
         self.assertTrue(r1.wait_idle(WAIT))
         self.assertTrue(wait_until(lambda: any(i.attempts for i in r1.state.outbox()), WAIT))
@@ -290,7 +268,7 @@ class OutboxTests(DeliveryCase):
         self.assertEqual(len(ids), 2)
         r1.stop()
         sink2 = Sink()
-        self.runner(cfg, Feed(), deliver=sink2)
+        self.runner(cfg, feed_poller(), deliver=sink2)
         self.assertTrue(sink2.wait_for(2))
         self.assertEqual([e["id"] for _, e in sink2.got], ids, "the same stable event ids")
 
@@ -303,7 +281,7 @@ class OutboxTests(DeliveryCase):
             if event["payload"]["n"] == 1:
                 raise ConnectionError("recipient refuses")
             sink(topic, event)
-        feed = Feed([[Delivery("c", "r", {"n": 1}), Delivery("c", "r", {"n": 2})]])
+        feed = feed_poller([[Delivery("c", "r", {"n": 1}), Delivery("c", "r", {"n": 2})]])
         r = self.runner(self.config([self.job()], delivery_max_attempts=3,
                                     alert_topic="test.alerts"), feed, deliver=flaky)
         alerts = []
@@ -332,7 +310,7 @@ class OutboxTests(DeliveryCase):
             sink(topic, event)
         cfg = self.config([self.job("a"), self.job("b")], delivery_retry_initial_secs=600,
                           delivery_retry_max_secs=600)
-        r = self.runner(cfg, Feed([[Delivery("down", "x", {"n": n}) for n in range(600)],
+        r = self.runner(cfg, feed_poller([[Delivery("down", "x", {"n": n}) for n in range(600)],
                                    [Delivery("up", "y", {"n": 0})]]), deliver=refusing)
         r.run_once("a")
         self.assertTrue(wait_until(lambda: any(i.attempts for i in r.state.outbox()), WAIT))
@@ -345,14 +323,11 @@ class OutboxTests(DeliveryCase):
     def test_failure_to_alert_goes_through_the_outbox_as_nexo_text(self):
         sink = Sink()
 
-        class Broken:
-            kind = "feed"
-
-            def tick(self, ctx):
-                raise PollerError.Permanent("token revoked")
+        def revoked(ctx):
+            raise PollerError.Permanent("token revoked")
         job = self.job(failure_to={"channel": "telegram", "to": "ops-chat"})
-        r = self.runner(self.config([job], agents={"ana": {"telegram": "ana_bot"}}), Broken(),
-                        deliver=sink)
+        r = self.runner(self.config([job], agents={"ana": {"telegram": "ana_bot"}}),
+                        FakePoller("feed", default=revoked), deliver=sink)
         r.fire_due()
         self.assertTrue(r.wait_idle(WAIT))
         self.assertTrue(sink.wait_for(1))
@@ -371,7 +346,7 @@ class TickOrderTests(DeliveryCase):
         batch = [Delivery("c", "r", {"n": n}) for n in range(40)]
         sink = Sink()
         cfg = self.config([self.job()], **top)
-        r = self.runner(cfg, Feed([batch, batch[:3]]), deliver=sink)
+        r = self.runner(cfg, feed_poller([batch, batch[:3]]), deliver=sink)
         self.assertTrue(wait_until(r.fire_due, WAIT, 0.005))
         self.assertTrue(r.wait_idle(WAIT))
         r.run_once("a")
@@ -414,7 +389,7 @@ class WebhookTests(DeliveryCase):
         self.addCleanup(server.shutdown)
         url = f"http://127.0.0.1:{server.server_address[1]}/hook"
         r = self.runner(self.config([self.job()], delivery_sink=url),
-                        Feed([[Delivery("telegram", "42", {"text": "hi"})]]))
+                        feed_poller([[Delivery("telegram", "42", {"text": "hi"})]]))
         r.fire_due()
         self.assertTrue(r.wait_idle(WAIT))
         self.assertTrue(wait_until(lambda: len(seen) >= 2, WAIT), seen)
@@ -436,7 +411,7 @@ class WebhookTests(DeliveryCase):
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         rcv = Receiver(self, answer)
         r = self.runner(self.config([self.job()], delivery_sink=rcv.url),
-                        Feed([[Delivery("telegram", "42", {"text": "hi"})]]))
+                        feed_poller([[Delivery("telegram", "42", {"text": "hi"})]]))
         r.run_once("a")
         # Retried, never followed: no GET of the Location, the item stays.
         self.assertTrue(rcv.wait_for(lambda v: len(v.requests) >= 2), rcv.requests)
@@ -458,7 +433,7 @@ class WebhookTests(DeliveryCase):
         rcv = Receiver(self, self.trickle)
         with mock.patch.object(nx, "_WEBHOOK_TIMEOUT_SECS", 1.0):
             r = self.runner(self.config([self.job()], delivery_sink=rcv.url),
-                            Feed([[Delivery("telegram", "42", {"text": "hi"})]]))
+                            feed_poller([[Delivery("telegram", "42", {"text": "hi"})]]))
             r.run_once("a")
             self.assertTrue(rcv.wait_for(lambda v: v.cut and len(v.requests) >= 2),
                             "the trickled answer was not cut off and retried")
@@ -473,7 +448,8 @@ class WebhookTests(DeliveryCase):
         rcv = Receiver(self, answer)
         with mock.patch.object(nx, "_WEBHOOK_TIMEOUT_SECS", 4 * WAIT):
             r = self.runner(self.config([self.job("a"), self.job("b")], delivery_sink=rcv.url),
-                            Feed([[Delivery("slow", "1", "x")], [Delivery("fast", "2", "y")]]))
+                            feed_poller([[Delivery("slow", "1", "x")],
+                                         [Delivery("fast", "2", "y")]]))
             r.run_once("a")
             self.assertTrue(rcv.wait_for(lambda v: v.requests))
             r.run_once("b")
@@ -545,7 +521,7 @@ class OutboxCliTests(DeliveryCase):
         with open(path, "w") as fh:
             json.dump({"state_db": self.db, "jobs": []}, fh)
         r = self.runner(self.config([self.job()], delivery_max_attempts=1),
-                        Feed([[Delivery("c", "r", {"n": 1}), Delivery("c", "r", {"n": 2})]]),
+                        feed_poller([[Delivery("c", "r", {"n": 1}), Delivery("c", "r", {"n": 2})]]),
                         deliver=sink)
         r.fire_due()
         self.assertTrue(r.wait_idle(WAIT))
@@ -565,18 +541,18 @@ class OutboxCliTests(DeliveryCase):
         self.assertEqual(retried.stdout.strip(), "outbox retry: 1 item")
         self.assertEqual(self.cli(path, "outbox").stdout.splitlines()[0], "1 undelivered")
         sink.down.clear()
-        self.runner(self.config([self.job()]), Feed(), deliver=sink)
+        self.runner(self.config([self.job()]), feed_poller(), deliver=sink)
         self.assertTrue(sink.wait_for(1))
         self.assertEqual(sink.got[0][1]["payload"]["n"], 2)
 
 
-class DaemonTests(unittest.TestCase):
+class DaemonTests(TempDirCase):
     """The real daemon, with nexo's Python template as an ephemeral plugin."""
+    tmp_prefix, quiet = "nexo-deliver-e2e-", False
 
     def setUp(self):
-        tmp = tempfile.TemporaryDirectory(prefix="nexo-deliver-e2e-")
-        self.addCleanup(tmp.cleanup)
-        self.root = tmp.name
+        super().setUp()
+        self.root = self.dir
         plugin = os.path.join(self.root, "tpl")
         os.mkdir(plugin)
         with open(os.path.join(plugin, "nexo-plugin.toml"), "w") as fh:

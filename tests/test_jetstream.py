@@ -18,7 +18,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nats_support import NatsServer, require_nats  # noqa: E402
-from support import PY, wait_until, write_counter_plugin  # noqa: E402
+from support import PY, FakePoller, wait_until, write_counter_plugin  # noqa: E402
 
 from nexo_poller import (JetStreamStateStore, JobState, OutboxItem,  # noqa: E402
                          Runner, StateError, TickAck, config_from_dict, encode_cursor,
@@ -259,26 +259,22 @@ class MigrateTests(LiveCase):
         self.assertEqual([i.id for i in self.store().outbox()], ["e1"])
 
 
-class Recorder:
-    """An in-process poller: its cursor counts ticks; every tick records who
-    ran it, on which cursor, and checks no other tick of the job is running."""
-    kind = "mem"
-
-    def __init__(self, log, name):
-        self.log, self.name = log, name
-
-    def tick(self, ctx):
+def recording_tick(log, name):
+    """A FakePoller step: the cursor counts ticks; every tick records who ran
+    it, on which cursor, and checks no other tick of the job is running."""
+    def tick(ctx):
         job = ctx.job_id
-        with self.log["lock"]:
-            if job in self.log["running"]:
-                self.log["overlaps"].append((job, self.name, self.log["running"][job]))
-            self.log["running"][job] = self.name
-        time.sleep(0.01)
+        with log["lock"]:
+            if job in log["running"]:
+                log["overlaps"].append((job, name, log["running"][job]))
+            log["running"][job] = name
+        time.sleep(0.01)                # a window another runner's tick would overlap
         n = int(ctx.cursor or b"0")
-        with self.log["lock"]:
-            del self.log["running"][job]
-            self.log["ticks"].append((job, self.name, n))
+        with log["lock"]:
+            del log["running"][job]
+            log["ticks"].append((job, name, n))
         return TickAck(next_cursor=str(n + 1).encode())
+    return tick
 
 
 class RunnerTests(LiveCase):
@@ -294,7 +290,7 @@ class RunnerTests(LiveCase):
 
     def runner(self, cfg, log, name, **kw):
         r = Runner(cfg, state=JetStreamStateStore("jobs", self.server.url, **kw))
-        r.register(Recorder(log, name))
+        r.register(FakePoller("mem", default=recording_tick(log, name)))
         self.addCleanup(r.stop)
         return r
 
@@ -332,14 +328,11 @@ class RunnerTests(LiveCase):
         # status showed nothing wrong.
         from nexo_poller import Delivery
 
-        class Huge:
-            kind = "mem"
-
-            def tick(self, ctx):
-                return TickAck(next_cursor=b"1", deliver=[
-                    Delivery("c", "r", {"text": "x" * (1 << 20)})])
+        def huge(ctx):
+            return TickAck(next_cursor=b"1", deliver=[
+                Delivery("c", "r", {"text": "x" * (1 << 20)})])
         r = Runner(self.config(1, every=3600), state=JetStreamStateStore("jobs", self.server.url))
-        r.register(Huge())
+        r.register(FakePoller("mem", default=huge))
         self.addCleanup(r.stop)
         outcome = r.run_once("job.0")
         self.assertEqual(outcome.status, "permanent")

@@ -2,12 +2,14 @@
 
 import os
 import pathlib
-import tempfile
+import sys
 import textwrap
 import unittest
 from datetime import timedelta
 
-from nexo_poller import Lifecycle, ManifestError, PluginPollerHandle, load_manifest
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
+from support import TempDirCase  # noqa: E402
+from nexo_poller import Lifecycle, ManifestError, PluginPollerHandle, load_manifest  # noqa: E402
 
 FULL_EXAMPLE = """\
 [plugin]
@@ -46,12 +48,11 @@ broker_topic_prefix = "plugin.poller.rss"
 """
 
 
-class ManifestTestCase(unittest.TestCase):
+class ManifestTestCase(TempDirCase):
+    quiet = False
 
     def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(self._tmp.cleanup)
-        self.dir = os.path.realpath(self._tmp.name)
+        super().setUp()
         self.path = os.path.join(self.dir, "nexo-plugin.toml")
 
     def write(self, text, name="nexo-plugin.toml"):

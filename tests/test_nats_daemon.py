@@ -8,26 +8,26 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nats_support import NatsServer, free_port, require_nats  # noqa: E402
-from support import NEXO, PY, pid_gone, wait_until, write_manifest  # noqa: E402
+from support import (NEXO, PY, FakePoller, TempDirCase, pid_gone, wait_until,  # noqa: E402
+                     write_manifest)
 
 import nexo_poller as nx  # noqa: E402
 
 SDK_PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sdk_plugin.py")
 
 
-class NatsDaemonCase(unittest.TestCase):
+class NatsDaemonCase(TempDirCase):
+    tmp_prefix, quiet = "nexo-nats-daemon-", False
 
     def setUp(self):
         require_nats()
-        tmp = tempfile.TemporaryDirectory(prefix="nexo-nats-daemon-")
-        self.addCleanup(tmp.cleanup)
-        self.root = tmp.name
+        super().setUp()
+        self.root = self.dir
 
     def server(self, *args):
         server = NatsServer(*args).start()
@@ -78,18 +78,13 @@ class NatsDaemonCase(unittest.TestCase):
 
     def feed_runner(self, url, *deliveries, **top):
         """A started Runner on NATS whose one job hands on ``deliveries`` each tick."""
-        class Feed:
-            kind = "feed"
-
-            def tick(self, ctx):
-                return nx.TickAck(deliver=list(deliveries))
         cfg = nx.config_from_dict({"state_db": os.path.join(self.root, "s.db"), "broker": url,
                                    "default_jitter_ms": 0, **top,
                                    "jobs": [{"id": "f", "kind": "feed", "agent": "ana",
                                              "schedule": {"every_secs": 3600}}]},
                                   extra_kinds=["feed"])
         r = nx.Runner(cfg)
-        r.register(Feed())
+        r.register(FakePoller("feed", default=lambda ctx: nx.TickAck(deliver=list(deliveries))))
         self.addCleanup(r.stop)
         r.start()
         return r

@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import unittest
 import urllib.error
@@ -26,12 +25,13 @@ import urllib.request
 from datetime import timedelta
 
 import nexo_poller as nx
-from nexo_poller import PollerError, Runner, TickAck, TickMetrics, config_from_dict
+from nexo_poller import PollerError, TickAck, TickMetrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
-from support import q, wait_until  # noqa: E402
+from support import FakePoller as Scripted  # noqa: E402  (its name in these tests)
+from support import TempDirCase, wait_until, write_plugin_manifest  # noqa: E402
 NEXO = os.path.join(ROOT, "nexo_poller.py")
 SDK_PLUGIN = os.path.join(ROOT, "tests", "fixtures", "sdk_plugin.py")
 E2E_PLUGIN = os.path.join(ROOT, "tests", "fixtures", "e2e_counter_plugin.py")
@@ -113,42 +113,17 @@ def fetch(addr, path="/metrics"):
         return resp.status, resp.headers, resp.read().decode("utf-8")
 
 
-# -- pollers and plugins ---------------------------------------------------------------
+# -- the case --------------------------------------------------------------------------
 
-class Scripted:
-    """An in-process poller: ``script`` maps a job id to steps, each a TickAck
-    or an exception to raise; when a job's steps run out it returns TickAck()."""
-
-    def __init__(self, kind="mem", script=None):
-        self.kind = kind
-        self.script = {k: list(v) for k, v in (script or {}).items()}
-
-    def tick(self, ctx):
-        steps = self.script.get(ctx.job_id)
-        step = steps.pop(0) if steps else TickAck()
-        if isinstance(step, BaseException):
-            raise step
-        return step
-
-
-class Case(unittest.TestCase):
+class Case(TempDirCase):
+    tmp_prefix = "nexo-obs-"
 
     def setUp(self):
-        tmp = tempfile.TemporaryDirectory(prefix="nexo-obs-")
-        self.addCleanup(tmp.cleanup)
-        self.dir = tmp.name
-        self.db = os.path.join(self.dir, "s.db")
+        super().setUp()
         self.t = [T0]
-        logger = logging.getLogger("nexo_poller")
-        level = logger.level
-        logger.setLevel(logging.CRITICAL)           # assertLogs lowers it where needed
-        self.addCleanup(logger.setLevel, level)
 
     def config(self, jobs, plugins=(), extra_kinds=("mem",), **top):
-        doc = {"state_db": self.db, "default_jitter_ms": 0, "shutdown_grace_secs": 3,
-               "plugins": list(plugins), "jobs": jobs}
-        doc.update(top)
-        return config_from_dict(doc, base_dir=self.dir, extra_kinds=list(extra_kinds))
+        return self.runner_config(jobs, plugins=list(plugins), extra_kinds=extra_kinds, **top)
 
     @staticmethod
     def job(id, kind="mem", every=60, **kw):
@@ -157,32 +132,15 @@ class Case(unittest.TestCase):
         return raw
 
     def runner(self, cfg, *pollers, start=True):
-        r = Runner(cfg, clock=lambda: self.t[0])
-        for p in pollers:
-            r.register(p)
-        self.addCleanup(r.stop)
-        if start:
-            r.start(background=False)
-        return r
+        return self.start_runner(cfg, *pollers, start=start, clock=lambda: self.t[0])
 
     def manifest(self, name, plugin_id, kind, script, *, args=(), env=None, timeout=30,
                  lifecycle="long_lived"):
         """Write ``<dir>/<name>/nexo-plugin.toml``; returns its path."""
-        folder = os.path.join(self.dir, name)
-        os.makedirs(folder, exist_ok=True)
-        lines = ["[plugin]", f"id = {q(plugin_id)}", "", "[plugin.entrypoint]",
-                 f"command = {q(sys.executable)}",
-                 f"args = [{', '.join(q(a) for a in (script, *args))}]"]
-        if env:
-            lines.append("[plugin.entrypoint.env]")
-            lines += [f"{k} = {q(v)}" for k, v in env.items()]
-        lines += ["", "[plugin.poller]", f"kinds = [{q(kind)}]",
-                  f"broker_topic_prefix = {q('plugin.poller.' + plugin_id)}",
-                  f"lifecycle = {q(lifecycle)}", f"tick_timeout_secs = {timeout}", ""]
-        path = os.path.join(folder, "nexo-plugin.toml")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines))
-        return path
+        return write_plugin_manifest(os.path.join(self.dir, name), plugin_id, [kind],
+                                     command=sys.executable, args=(script, *args), env=env,
+                                     tick_timeout_secs=timeout, lifecycle=lifecycle,
+                                     version=None)
 
     def plugin_pid(self, runner, plugin_id, not_pid=None):
         """The pid of a long-lived plugin's current process (waits for it)."""

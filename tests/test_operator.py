@@ -17,7 +17,8 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
 from nats_support import NatsServer, require_nats  # noqa: E402
-from support import NEXO, PY, b64, wait_until, write_manifest  # noqa: E402
+from support import (NEXO, PY, FakePoller, TempDirCase, b64, count_ticks,  # noqa: E402
+                     wait_until, write_manifest)
 
 import nexo_poller as nx  # noqa: E402
 
@@ -31,11 +32,12 @@ def nexo(*args, config=None, timeout=TIMEOUT, env=None, input=None):
                           timeout=timeout, env=env)
 
 
-class OperatorCase(unittest.TestCase):
+class OperatorCase(TempDirCase):
+    tmp_prefix, quiet = "nexo-op-", False
+
     def setUp(self):
-        tmp = tempfile.TemporaryDirectory(prefix="nexo-op-")
-        self.addCleanup(tmp.cleanup)
-        self.root = tmp.name
+        super().setUp()
+        self.root = self.dir
         self.config = os.path.join(self.root, "pollers.json")
 
     def script(self, name: str, body: str, *, shebang: bool = True, mode: int = 0o755) -> str:
@@ -443,17 +445,24 @@ class _OnBothBackends:
             store.run(lambda db: None)
 
 
-class Gate:
-    """An in-process poller (kind ``gate``): the cursor counts ticks; every
-    tick records the cursor it was given.  ``block()`` makes the next ticks
-    wait for ``release()``; ``entered`` is set when a tick starts waiting."""
-    kind = "gate"
+class Gate(FakePoller):
+    """An in-process poller (kind ``gate``): the cursor counts ticks; ``seen``
+    holds the cursors each job's ticks were given.  ``block()`` makes the next
+    ticks wait for ``release()``; ``entered`` is set when a tick starts waiting."""
 
     def __init__(self):
-        self.seen: dict[str, list] = {}
-        self.lock = threading.Lock()
+        super().__init__("gate", default=self._through)
         self.entered, self.go = threading.Event(), threading.Event()
         self.go.set()
+
+    @property
+    def seen(self) -> dict[str, list]:
+        with self.lock:
+            calls = list(self.calls)
+        seen: dict[str, list] = {}
+        for ctx in calls:
+            seen.setdefault(ctx.job_id, []).append(ctx.cursor)
+        return seen
 
     def block(self):
         self.entered.clear()
@@ -462,13 +471,11 @@ class Gate:
     def release(self):
         self.go.set()
 
-    def tick(self, ctx):
-        with self.lock:
-            self.seen.setdefault(ctx.job_id, []).append(ctx.cursor)
+    def _through(self, ctx):
         if not self.go.is_set():
             self.entered.set()
             self.go.wait(30)
-        return nx.TickAck(next_cursor=str(int(ctx.cursor or b"0") + 1).encode())
+        return count_ticks(ctx)
 
 
 class CommandRaces(_OnBothBackends, unittest.TestCase):

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import unittest
@@ -21,6 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
+from support import TempDirCase  # noqa: E402
 import nexo_poller  # noqa: E402
 from nexo_poller import (  # noqa: E402
     EphemeralPollerProxy, ErrorClass, Lifecycle, PluginPollerHandle, PollContext,
@@ -79,12 +80,12 @@ def read_pidfile(path):
         return int(f.read().strip())
 
 
-class Base(unittest.TestCase):
+class Base(TempDirCase):
+    tmp_prefix, quiet = "nexo-proc-test-", False
 
     def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory(prefix="nexo-proc-test-")
-        self.tmp = os.path.realpath(self._tmp.name)
-        self.addCleanup(self._tmp.cleanup)
+        super().setUp()
+        self.tmp = self.dir
 
     def path(self, name):
         return os.path.join(self.tmp, name)

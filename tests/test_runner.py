@@ -3,15 +3,16 @@
 Time is driven through the injected clock and ``fire_due()``; nothing sleeps.
 """
 
-import logging
 import os
 import sqlite3
-import tempfile
+import sys
 import threading
-import time
 import unittest
 from datetime import datetime, timedelta, timezone
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
+from support import FakePoller as Scripted  # noqa: E402  (its name in these tests)
+from support import TempDirCase, wait_until  # noqa: E402
 from nexo_poller import PollerRouteRegistrationError as nx_errors
 from nexo_poller import (PollerError, Runner, SqliteStateStore, TickAck, TickMetrics, TickOutcome,
                          config_from_dict, encode_cursor)
@@ -23,15 +24,6 @@ STATUS_KEYS = {"id", "kind", "agent", "paused", "cursor", "last_status", "last_e
                "items_dispatched_total"}
 
 
-def wait_until(pred, timeout):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def ts(iso):
     return None if iso is None else datetime.fromisoformat(iso).timestamp()
 
@@ -40,56 +32,17 @@ def iso_z(t):
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class Scripted:
-    """An in-process poller.  ``script`` maps a job id to a list of steps, each
-    a TickAck, an exception (raised), or a callable(ctx) returning either;
-    when a job's list runs out, ``default`` is used."""
-
-    def __init__(self, kind="mem", default=None, script=None, max_concurrent_ticks=None):
-        self.kind = kind
-        self.default = default if default is not None else TickAck()
-        self.script = {k: list(v) for k, v in (script or {}).items()}
-        self.calls = []
-        self.lock = threading.Lock()
-        if max_concurrent_ticks is not None:
-            self.max_concurrent_ticks = max_concurrent_ticks
-
-    def tick(self, ctx):
-        with self.lock:
-            self.calls.append(ctx)
-            steps = self.script.get(ctx.job_id)
-            step = steps.pop(0) if steps else self.default
-        if callable(step) and not isinstance(step, (TickAck, BaseException)):
-            step = step(ctx)
-        if isinstance(step, BaseException):
-            raise step
-        return step
-
-    def calls_for(self, job_id):
-        with self.lock:
-            return [c for c in self.calls if c.job_id == job_id]
-
-
-class RunnerCase(unittest.TestCase):
+class RunnerCase(TempDirCase):
+    tmp_prefix = "nexo-runner-"
 
     def setUp(self):
-        tmp = tempfile.TemporaryDirectory(prefix="nexo-runner-")
-        self.addCleanup(tmp.cleanup)
-        self.dir = tmp.name
-        self.db = os.path.join(self.dir, "s.db")
+        super().setUp()
         self.t = [T0]
-        logger = logging.getLogger("nexo_poller")
-        level = logger.level
-        logger.setLevel(logging.CRITICAL)
-        self.addCleanup(logger.setLevel, level)
 
     # -- helpers ---------------------------------------------------------------
 
     def config(self, jobs, **top):
-        doc = {"state_db": self.db, "default_jitter_ms": 0, "shutdown_grace_secs": 3,
-               "jobs": jobs}
-        doc.update(top)
-        return config_from_dict(doc, extra_kinds=["mem"])
+        return self.runner_config(jobs, base_dir=".", **top)
 
     @staticmethod
     def job(id="a", every=10, **kw):
@@ -98,13 +51,7 @@ class RunnerCase(unittest.TestCase):
         return raw
 
     def runner(self, cfg, *pollers, start=True):
-        r = Runner(cfg, clock=lambda: self.t[0])
-        for p in pollers:
-            r.register(p)
-        self.addCleanup(r.stop)
-        if start:
-            r.start(background=False)
-        return r
+        return self.start_runner(cfg, *pollers, start=start, clock=lambda: self.t[0])
 
     def fire(self, r):
         n = r.fire_due()

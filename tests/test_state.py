@@ -6,23 +6,24 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import unittest
 
 import nexo_poller as np
 from nexo_poller import JobState, SqliteStateStore, StateError
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
+from support import TempDirCase  # noqa: E402
+
 WAIT = 10.0
 
 
-class _Tmp(unittest.TestCase):
+class _Tmp(TempDirCase):
+    tmp_prefix, quiet = "nexo-state-", False
 
     def setUp(self):
-        tmp = tempfile.TemporaryDirectory(prefix="nexo-state-")
-        self.addCleanup(tmp.cleanup)
-        self.dir = tmp.name
-        self.path = os.path.join(self.dir, "s.db")
+        super().setUp()
+        self.path = self.db
 
     def open_store(self, path=None, **kw):
         store = SqliteStateStore(path or self.path, **kw)

@@ -28,7 +28,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import unittest
@@ -36,7 +35,7 @@ from datetime import datetime, timedelta, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
 from nats_support import NatsServer, require_nats  # noqa: E402
-from support import NEXO, PY, pid_gone, wait_until, write_manifest  # noqa: E402
+from support import NEXO, PY, TempDirCase, pid_gone, wait_until, write_manifest  # noqa: E402
 
 FULL = os.environ.get("NEXO_TEST_FULL") == "1"
 WAIT = 20.0          # "this should happen soon"
@@ -327,13 +326,14 @@ def state_unwritable(pid: int, on: bool) -> None:
     resource.prlimit(pid, resource.RLIMIT_FSIZE, (0 if on else hard, hard))
 
 
-class StateOwnerCase(unittest.TestCase):
+class StateOwnerCase(TempDirCase):
+    # A SIGKILLed daemon cannot kill its ephemeral children; one may still be
+    # finishing its reply while the folder goes (they are killed just below).
+    tmp_prefix, quiet, tmp_cleanup_errors_ok = "nexo-state9-", False, True
+
     def setUp(self):
-        # A SIGKILLed daemon cannot kill its ephemeral children; one may still be
-        # finishing its reply while the folder goes (they are killed just below).
-        self._tmp = tempfile.TemporaryDirectory(prefix="nexo-state9-", ignore_cleanup_errors=True)
-        self.addCleanup(self._tmp.cleanup)
-        self.p = Project(self._tmp.name)
+        super().setUp()
+        self.p = Project(self.dir)
         self.addCleanup(self._kill_plugins)
 
     def _kill_plugins(self):
