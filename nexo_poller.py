@@ -6446,16 +6446,21 @@ class JetStreamStateStore(StateStore):
             if len(keys) == before or len(keys) >= int(info.get("total") or 0):
                 return sorted(keys)
 
-    def _purge(self, keys: Iterable[str]) -> None:
+    def _purge(self, keys: Iterable[str], upto: Mapping[str, int] | None = None) -> None:
         """Remove keys with their history (daemons gone, old commands, outbox
         items done with), pipelined: a delete marker would stay a subject
-        that every listing reads."""
+        that every listing reads.  A key in ``upto`` loses only its revisions
+        up to the one given (the one read): a value another process wrote
+        since stays."""
         keys = list(keys)
+        upto = upto or {}
         subject = f"$JS.API.STREAM.PURGE.{self._stream}"
         if self.readonly and keys:
             raise StateError(f"{self.location}: opened read-only")
-        answers = self._pipelined([(subject, {"filter": self._prefix + k}, None) for k in keys],
-                                  keys, "removing")
+        # "seq" purges the filtered messages below it.
+        answers = self._pipelined([(subject, {"filter": self._prefix + k, "seq": upto[k] + 1}
+                                    if k in upto else {"filter": self._prefix + k}, None)
+                                   for k in keys], keys, "removing")
         for key, payload in zip(keys, answers):
             try:
                 err = (_loads(payload) or {}).get("error")
@@ -6623,38 +6628,48 @@ class JetStreamStateStore(StateStore):
         order = list(wanted)
         random.shuffle(order)                # a random order: daemons do not collide
         order.sort(key=lambda i: (got[keys[i]][0] or {}).get("lease_owner") != self.owner)
-        writes, records, moved = [], {}, []
         held = len(self._held - set(wanted))
-        for job_id in order:
-            rec, rev = got[keys[job_id]]
-            holder = None if rec is None else rec.get("lease_owner")
-            if holder != self.owner:
-                if holder and (rec.get("lease_until") or 0) >= now and not stale(holder):
-                    continue
-                if cap is not None and held >= cap:
-                    continue
-            if rec is None:
-                rec = {**_state_record(JobState(job_id, paused=job_id in paused)),
-                       "commands": {}}
-            rec = {**rec, "lease_owner": self.owner, "lease_until": wanted[job_id]}
-            if "outbox" in rec:              # an older version kept the items in the record
-                rec["out"], first = self._with_out(rec, job_id, rec.pop("outbox") or [])
-                moved.extend(first)
-            writes.append((keys[job_id], rec, rev))
-            records[job_id] = rec
-            held += 1
-        self._put_many(moved)
-        results = self._put_many(writes)
-        granted = {}
-        with self._lock:
-            for (key, rec, _), rev in zip(writes, results):
-                job_id = rec["id"]
-                if rev is False:             # another daemon got there first
-                    continue
-                self._rev[job_id] = rev
-                self._held.add(job_id)
-                self._handed.discard(job_id)
-                granted[job_id] = _record_state(job_id, rec, rev)
+        granted: dict[str, JobState] = {}
+        # A record changed between the read and the write (this daemon's own
+        # publisher settling a delivery, another daemon's claim) is read
+        # again and tried once more, a few rounds: a lease still free or ours
+        # is not given up for a slot; one another daemon took is skipped.
+        for _ in range(_KV_CAS_ROUNDS):
+            writes, moved = [], []
+            for job_id in order:
+                rec, rev = got[keys[job_id]]
+                holder = None if rec is None else rec.get("lease_owner")
+                if holder != self.owner:
+                    if holder and (rec.get("lease_until") or 0) >= now and not stale(holder):
+                        continue
+                    if cap is not None and held >= cap:
+                        continue
+                if rec is None:
+                    rec = {**_state_record(JobState(job_id, paused=job_id in paused)),
+                           "commands": {}}
+                rec = {**rec, "lease_owner": self.owner, "lease_until": wanted[job_id]}
+                if "outbox" in rec:          # an older version kept the items in the record
+                    rec["out"], first = self._with_out(rec, job_id, rec.pop("outbox") or [])
+                    moved.extend(first)
+                writes.append((keys[job_id], rec, rev))
+                held += 1
+            self._put_many(moved)
+            results = self._put_many(writes)
+            order = []
+            with self._lock:
+                for (key, rec, _), rev in zip(writes, results):
+                    job_id = rec["id"]
+                    if rev is False:         # changed since read: read again
+                        order.append(job_id)
+                        held -= 1
+                        continue
+                    self._rev[job_id] = rev
+                    self._held.add(job_id)
+                    self._handed.discard(job_id)
+                    granted[job_id] = _record_state(job_id, rec, rev)
+            if not order:
+                break
+            got.update(self._get_many([keys[i] for i in order]))
         return granted
 
     def commit(self, state: JobState, done: Callable[[Any], None] | None = None, *,
@@ -6829,16 +6844,24 @@ class JetStreamStateStore(StateStore):
         boxes: dict[str, list] = {}
         for item in outbox:
             boxes.setdefault(item.job, []).append(dataclasses.asdict(item))
-        writes, first = [], []
-        for s in states:
+        # The items' keys are written before their job's record: only for
+        # jobs the bucket does not have (a skipped job's items would be
+        # orphans no listing reaches), and removed again for a job created
+        # between the look and the write.
+        have = self._get_many(["job." + _kv_token(s.id) for s in states])
+        new = [s for s in states if have["job." + _kv_token(s.id)][0] is None]
+        writes, first, keys_of = [], [], {}
+        for s in new:
             rec = {**_state_record(s.replace(lease_owner=None, lease_until=None)), "commands": {}}
             rec["out"], items = self._with_out(rec, s.id, boxes.get(s.id, []))
             first.extend(items)
+            keys_of[s.id] = [key for key, _, _ in items]
             writes.append(("job." + _kv_token(s.id), rec, 0))
         self._put_many(first)
         results = self._put_many(writes)
-        copied = [s.id for s, r in zip(states, results) if r is not False]
-        return copied, [s.id for s, r in zip(states, results) if r is False]
+        copied = [s.id for s, r in zip(new, results) if r is not False]
+        self._purge(key for s, r in zip(new, results) if r is False for key in keys_of[s.id])
+        return copied, [s.id for s in states if s.id not in copied]
 
     def handed_over(self, job_id: str) -> bool:
         with self._lock:
@@ -7133,10 +7156,11 @@ class JetStreamStateStore(StateStore):
         return sorted((OutboxItem(**{f: r.get(f) for f in _OUTBOX_FIELDS}) for r in recs),
                       key=lambda i: (i.created_at, i.id))
 
-    def _dead_letters(self, want: set[str] | None) -> dict[str, dict]:
-        """The dead letters (all, or those with an id in ``want``) by key."""
+    def _dead_letters(self, want: set[str] | None) -> dict[str, tuple[dict, int]]:
+        """The dead letters (all, or those with an id in ``want``) by key,
+        with their revisions."""
         keys = self._keys("dead.") if want is None else ["dead." + _kv_token(i) for i in want]
-        return {key: rec for key, (rec, _) in self._get_many(keys).items()
+        return {key: (rec, rev) for key, (rec, rev) in self._get_many(keys).items()
                 if rec and (want is None or rec.get("id") in want)}
 
     def outbox_retry(self, ids: Iterable[str] | None = None) -> int:
@@ -7151,7 +7175,8 @@ class JetStreamStateStore(StateStore):
         # at worst, and a retry after that does not queue it twice.
         have = {item.id for item in pending}
         letters: dict[str, list] = {}
-        for key, rec in self._dead_letters(want).items():
+        read = self._dead_letters(want)
+        for key, (rec, _) in read.items():
             letters.setdefault(rec.get("job") or "", []).append((key, rec))
         done = []
         for job_id, found in sorted(letters.items()):
@@ -7167,7 +7192,9 @@ class JetStreamStateStore(StateStore):
                 continue
             done.extend(key for key, _ in found)
             count += len(found)
-        self._purge(done)
+        # Only the letters read: the daemon may deliver a re-queued item at
+        # once, and should it die again, its new letter must stay.
+        self._purge(done, upto={key: read[key][1] for key in done})
         return count
 
     def outbox_drop(self, ids: Iterable[str] | None = None, *, dead: bool = False) -> int:
