@@ -10626,33 +10626,40 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
         # The loop sleeps until a connection, a request's bytes, the oldest
         # request's deadline or shutdown() comes, so an idle daemon stays asleep.
         def serve_forever(self, poll_interval=None) -> None:
-            arriving, resume = self._arriving, None
-            with selectors.DefaultSelector() as sel:
-                sel.register(self.socket, selectors.EVENT_READ, "accept")
-                sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-                while not self._closing:
-                    now = time.monotonic()
-                    if resume is not None and now >= resume:
-                        sel.register(self.socket, selectors.EVENT_READ, "accept")
-                        resume = None
-                    wake = [t for t in (resume, next(iter(arriving.values()))[1]
-                                        if arriving else None) if t is not None]
-                    for key, _ in sel.select(max(0.0, min(wake) - now) if wake else None):
-                        if key.data == "accept" and not self._closing:
-                            if not self._accept(sel):
-                                sel.unregister(self.socket)
-                                resume = time.monotonic() + 0.5
-                        elif key.data is None and key.fileobj in arriving:
-                            self._receive(sel, key.fileobj)
-                    now = time.monotonic()
-                    while arriving:             # past its deadline: cut off
-                        sock, (_, deadline, _) = next(iter(arriving.items()))
-                        if deadline > now:
-                            break
+            try:
+                arriving, resume = self._arriving, None
+                with selectors.DefaultSelector() as sel:
+                    sel.register(self.socket, selectors.EVENT_READ, "accept")
+                    sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+                    while not self._closing:
+                        now = time.monotonic()
+                        if resume is not None and now >= resume:
+                            sel.register(self.socket, selectors.EVENT_READ, "accept")
+                            resume = None
+                        wake = [t for t in (resume, next(iter(arriving.values()))[1]
+                                            if arriving else None) if t is not None]
+                        for key, _ in sel.select(max(0.0, min(wake) - now) if wake else None):
+                            if key.data == "accept" and not self._closing:
+                                if not self._accept(sel):
+                                    sel.unregister(self.socket)
+                                    resume = time.monotonic() + 0.5
+                            elif key.data is None and key.fileobj in arriving:
+                                try:
+                                    self._receive(sel, key.fileobj)
+                                except Exception:   # one connection's failure, not the loop's
+                                    log.exception("HTTP: a connection failed")
+                                    if key.fileobj in arriving:
+                                        self._drop(sel, key.fileobj)
+                        now = time.monotonic()
+                        while arriving:             # past its deadline: cut off
+                            sock, (_, deadline, _) = next(iter(arriving.items()))
+                            if deadline > now:
+                                break
+                            self._drop(sel, sock)
+                    for sock in list(arriving):
                         self._drop(sel, sock)
-                for sock in list(arriving):
-                    self._drop(sel, sock)
-            self._stopped.set()
+            finally:                        # shutdown() waits on it
+                self._stopped.set()
 
         def _accept(self, sel) -> bool:
             """Take what waits to be accepted; False when out of descriptors."""
@@ -10710,8 +10717,16 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
                 self._whole.append((sock, data, client))
                 if len(self._whole) > self._idle and self._workers < max_connections:
                     self._workers += 1
-                    threading.Thread(target=self._work, daemon=True,
-                                     name="nexo-http-handler").start()
+                    try:
+                        threading.Thread(target=self._work, daemon=True,
+                                         name="nexo-http-handler").start()
+                    except RuntimeError as exc:     # out of threads
+                        self._workers -= 1
+                        if not self._workers:       # nobody to take it: this one is lost
+                            self._whole.pop()
+                            sock.close()
+                        log.warning("HTTP: no new handler for a request from %s (%s)",
+                                    client[0], exc)
                 else:
                     self._cond.notify()
 
