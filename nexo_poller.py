@@ -9587,7 +9587,8 @@ class _Publisher:
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
         with self._cond:
-            busy = list(self._busy.values())
+            # not one marked busy but not started yet (the loop between the two)
+            busy = [t for t in self._busy.values() if t.ident is not None]
         for t in busy:                  # each attempt is bounded: see _WEBHOOK_TIMEOUT_SECS
             t.join(max(0.0, deadline - time.monotonic()))
 
@@ -9638,7 +9639,13 @@ class _Publisher:
                     t = threading.Thread(target=self._deliver_job, args=(chain, now),
                                          daemon=True, name="nexo-outbox-job")
                     self._busy[job] = t
-                t.start()
+                try:
+                    t.start()
+                except RuntimeError as exc:     # out of threads: not busy, try again soon
+                    with self._cond:
+                        self._busy.pop(job, None)
+                    log.warning("outbox: no thread for job %s (%s); trying again", job, exc)
+                    return now + 1.0
             return soonest
         delivered, retry, dead = [], [], []
         for chain in chains.values():

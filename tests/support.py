@@ -94,3 +94,18 @@ def write_counter_plugin(root: str, name: str, kind: str, lifecycle: str, pid_fi
     return write_manifest(root, name, kind, command=PY, args=(PLUGIN, kind),
                           lifecycle=lifecycle, env={"E2E_PID_FILE": pid_file},
                           max_concurrent_ticks=max_concurrent_ticks)
+
+
+def no_threads_named(name: str):
+    """A patch under which ``Thread.start()`` of threads called ``name``
+    fails as it does when the process is out of threads (EAGAIN,
+    RLIMIT_NPROC): use it as a context manager."""
+    import threading
+    from unittest import mock
+    real_start = threading.Thread.start
+
+    def start(thread):
+        if thread.name == name:
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+    return mock.patch.object(threading.Thread, "start", start)

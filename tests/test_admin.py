@@ -27,6 +27,9 @@ from unittest import mock
 import nexo_poller as nx
 from nexo_poller import PollerError, Runner, TickAck, TickMetrics, config_from_dict
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from support import no_threads_named  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "t0ken-for-tests-only"
 WAIT = 15.0
@@ -713,16 +716,10 @@ class ListenerSurvivesTests(unittest.TestCase):
 
     def test_a_handler_thread_that_cannot_start_costs_one_request(self):
         server = self.serve()
-        real_start = threading.Thread.start
-
-        def start(thread):
-            if thread.name == "nexo-http-handler":
-                raise RuntimeError("can't start new thread")
-            return real_start(thread)
         logger = logging.getLogger("nexo_poller")
         self.addCleanup(logger.setLevel, logger.level)
         logger.setLevel(logging.CRITICAL)
-        with mock.patch.object(threading.Thread, "start", start):
+        with no_threads_named("nexo-http-handler"):
             self.assertEqual(self.ask(server), b"")          # closed, not left hanging
         self.assertTrue(self.ask(server).startswith(b"HTTP/1.0 "))    # answered
         self.stop(server)

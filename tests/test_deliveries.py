@@ -12,11 +12,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+import types
 import unittest
 from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from support import NEXO, PY, b64, wait_until  # noqa: E402
+from support import NEXO, PY, b64, no_threads_named, wait_until  # noqa: E402
 
 import nexo_poller as nx  # noqa: E402
 from nexo_poller import Delivery, PollerError, Runner, TickAck, TickMetrics  # noqa: E402
@@ -665,6 +667,45 @@ class DaemonTests(unittest.TestCase):
         self.assertEqual(ids[:len(stored)], stored, "in commit order")
         proc2.send_signal(signal.SIGTERM)
         self.assertEqual(proc2.wait(30), 0)
+
+
+class PublisherThreadTests(unittest.TestCase):
+    """A job thread that cannot start leaves the job deliverable, and
+    stop() joins only threads that started (issue 27 item 3)."""
+
+    def publisher(self, sent):
+        item = nx.OutboxItem("e1", "j", "delivery", "t", '{"id": "e1"}', time.time())
+        settled = []
+        state = types.SimpleNamespace(
+            outbox_pending=lambda limit, now: [] if settled else [item],
+            outbox_settle=lambda delivered, retry, dead, now: settled.append(delivered))
+        runner = types.SimpleNamespace(clock=time.time, state=state, config=nx.DaemonConfig(),
+                                       _delivered=lambda items: None,
+                                       _dead_letter=lambda item, error: None)
+
+        def sink(topic, event):
+            sent.append(event["id"])
+        sink.parallel = 4
+        return nx._Publisher(runner, sink), settled
+
+    def test_a_job_thread_that_cannot_start_is_tried_again(self):
+        sent = []
+        pub, settled = self.publisher(sent)
+        logger = logging.getLogger("nexo_poller")
+        self.addCleanup(logger.setLevel, logger.level)
+        logger.setLevel(logging.CRITICAL)
+        with no_threads_named("nexo-outbox-job"):
+            try:
+                pub._pass(background=True)
+            except RuntimeError:
+                pass                        # the old code let it out
+        pub._pass(background=True)
+        self.assertTrue(wait_until(lambda: settled, 10), "job j was left busy for ever")
+        self.assertEqual(sent, ["e1"])
+        # A thread marked busy but not started yet (the loop between the
+        # two) is not joined: stop() returns instead of raising.
+        pub._busy["k"] = threading.Thread(target=lambda: None)
+        pub.stop(time.monotonic() + 10)
 
 
 if __name__ == "__main__":
