@@ -1119,8 +1119,10 @@ _CANCEL_POLL_SECS = 0.05             # how often a wait looks at a cancel Event
 def _child_env(plugin_id: str, extra: Mapping[str, str] | None, **nexo: str) -> dict:
     """The daemon's environment, plus the manifest's env, plus NEXO_* variables;
     the folder of this module leads ``PYTHONPATH``, so a Python plugin
-    anywhere can ``import nexo_poller``."""
-    env = dict(os.environ)
+    anywhere can ``import nexo_poller``.  The daemon's NEXO_POLLER_ADMIN_*
+    (the admin API's token) stay out: with it a plugin could pause or reset
+    any job."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXO_POLLER_ADMIN_")}
     env.update(extra or {})
     here = os.path.dirname(os.path.abspath(__file__))
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
