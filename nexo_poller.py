@@ -7100,7 +7100,14 @@ class JetStreamStateStore(StateStore):
                           "last_error": _storable(error), "died_at": now}, None)
                         for item, error in dead])
         # A retry rewrites its item on the revision listed: an item delivered
-        # or dropped since is not brought back.
+        # or dropped since is not brought back.  One the store forgot (past
+        # 100,000 remembered items) is looked up again in the jobs held, as
+        # _listed does: else its backoff would be lost.
+        with self._lock:
+            forgotten = any(i not in self._out_seen for i, _, _ in retry)
+            held = sorted(self._held)
+        if forgotten and held:
+            self._outbox_entries(held)
         with self._lock:
             later = [(*self._out_seen[i], at, err) for i, at, err in retry if i in self._out_seen]
         rewrites = [(key, {**value, "attempts": int(value.get("attempts") or 0) + 1,

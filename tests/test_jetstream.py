@@ -884,15 +884,21 @@ class ChaosTests(LiveCase):
         self.assertGreater(len(dead), 0, "the flaky sink should have made dead letters")
 
 
+def queued_item(store, item_id="X"):
+    """Job j claimed by ``store``, with one outbox item, listed: the item."""
+    now = time.time()
+    st = store.claim({"j": now + 600}, now)["j"]
+    store.commit_now(st, outbox=[OutboxItem(item_id, "j", "delivery", "t", "{}", now)])
+    [item] = store.outbox_pending(10, now)
+    return item
+
+
 class ReviewRaceTests(LiveCase):
     """Races the review found (issue 27 items 1, 4, 7)."""
 
     def dead_letter(self, store, item_id="X"):
-        now = time.time()
-        st = store.claim({"j": now + 600}, now)["j"]
-        store.commit_now(st, outbox=[OutboxItem(item_id, "j", "delivery", "t", "{}", now)])
-        [item] = store.outbox_pending(10, now)
-        store.outbox_settle(dead=[(item, "HTTP 410")], now=now)
+        item = queued_item(store, item_id)
+        store.outbox_settle(dead=[(item, "HTTP 410")], now=item.created_at)
         return item
 
     def test_a_letter_dead_again_during_a_retry_is_kept(self):
@@ -926,10 +932,7 @@ class ReviewRaceTests(LiveCase):
 
     def test_a_daemon_renews_its_lease_when_its_own_settle_changed_the_record(self):
         a = self.store()
-        now = time.time()
-        st = a.claim({"j": now + 60}, now)["j"]
-        a.commit_now(st, outbox=[OutboxItem("X", "j", "delivery", "t", "{}", now)])
-        [x] = a.outbox_pending(10, now)
+        x = queued_item(a)
         real_get, armed = a._get_many, [True]
 
         def get_many(keys):
@@ -974,6 +977,21 @@ class ReviewRaceTests(LiveCase):
         self.assertEqual((copied, skipped), (["k"], ["j"]))
         self.assertEqual([i.id for i in a.outbox()], ["Z"])
         self.assertEqual(len(a._keys("out.")), 1)
+
+
+class ForgottenListingTests(LiveCase):
+    """A retry settled after the store forgot its listing (past 100,000
+    remembered items) keeps its backoff (issue 27 item 8)."""
+
+    def test_a_retry_is_recorded_after_the_listing_was_forgotten(self):
+        a = self.store()
+        now = queued_item(a).created_at
+        with a._lock:
+            a._out_seen.clear()         # what a listing past 100,000 remembered items does
+        a.outbox_settle(retry=[("X", now + 300, "HTTP 503")], now=now)
+        [again] = a.outbox()
+        self.assertEqual((again.attempts, again.next_attempt_at, again.last_error),
+                         (1, now + 300, "HTTP 503"))
 
 
 if __name__ == "__main__":
