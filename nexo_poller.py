@@ -9430,6 +9430,7 @@ class Runner:
 # -- the outbox: deliveries and channel alerts, committed with the cursor ----------
 
 _WEBHOOK_TIMEOUT_SECS = 10.0     # a whole attempt: connect, TLS, request, the answer's head
+_WEBHOOK_CUT_GRACE_SECS = 2.0    # attempts cut at shutdown: for their retries to be stored
 _WEBHOOK_PARALLEL = 8            # jobs whose webhook deliveries may be under way at once
 
 
@@ -9519,6 +9520,9 @@ def _webhook_sink(url: str) -> Callable[[str, dict], None]:
             f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
     base = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
 
+    live: set = set()                               # connections of attempts in flight
+    live_lock = threading.Lock()
+
     class Connection(base):
         deadline = 0.0
 
@@ -9537,6 +9541,8 @@ def _webhook_sink(url: str) -> Callable[[str, dict], None]:
         except ValueError as exc:                   # a port out of range
             raise _Undelivered(f"{url}: {exc}") from None
         conn.deadline = time.monotonic() + _WEBHOOK_TIMEOUT_SECS
+        with live_lock:
+            live.add(conn)
         try:
             conn.request("POST", path, json.dumps(event).encode(), headers)
             resp = conn.getresponse()
@@ -9546,13 +9552,30 @@ def _webhook_sink(url: str) -> Callable[[str, dict], None]:
                 if isinstance(exc, TimeoutError) else (str(exc) or type(exc).__name__)
             raise _Undelivered(f"{url}: {what}") from None
         finally:
+            with live_lock:
+                live.discard(conn)
             conn.close()
         if 300 <= status < 400:
             raise _Undelivered(f"{url}: HTTP {status} redirect to {_log_safe(location, 200)} "
                                "(redirects are not followed: fix delivery_sink)")
         if not 200 <= status < 300:
             raise _Undelivered(f"{url}: HTTP {status}")
+
+    def cut() -> None:
+        """End the attempts in flight now (the daemon stops): each fails at
+        once, to be retried, instead of outliving the state store."""
+        with live_lock:
+            conns = list(live)
+        for conn in conns:
+            sock = getattr(conn.sock, "sock", None)     # a _DeadlineSocket's, once connected
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
     send.parallel = _WEBHOOK_PARALLEL
+    send.cut = cut
     return send
 
 
@@ -9600,6 +9623,12 @@ class _Publisher:
             busy = [t for t in self._busy.values() if t.ident is not None]
         for t in busy:                  # each attempt is bounded: see _WEBHOOK_TIMEOUT_SECS
             t.join(max(0.0, deadline - time.monotonic()))
+        cut = getattr(self.sink, "cut", None)
+        if cut is not None and any(t.is_alive() for t in busy):
+            cut()                       # past the deadline: settled now, not against a closed store
+            grace = time.monotonic() + _WEBHOOK_CUT_GRACE_SECS
+            for t in busy:
+                t.join(max(0.0, grace - time.monotonic()))
 
     def _loop(self) -> None:
         wait = None
