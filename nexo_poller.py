@@ -1162,8 +1162,10 @@ _CANCEL_POLL_SECS = 0.05             # how often a wait looks at a cancel Event
 def _child_env(plugin_id: str, extra: Mapping[str, str] | None, **nexo: str) -> dict:
     """The daemon's environment, plus the manifest's env, plus NEXO_* variables;
     the folder of this module leads ``PYTHONPATH``, so a Python plugin
-    anywhere can ``import nexo_poller``."""
-    env = dict(os.environ)
+    anywhere can ``import nexo_poller``.  The daemon's NEXO_POLLER_ADMIN_*
+    (the admin API's token) stay out: with it a plugin could pause or reset
+    any job."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXO_POLLER_ADMIN_")}
     env.update(extra or {})
     here = os.path.dirname(os.path.abspath(__file__))
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
@@ -6502,16 +6504,21 @@ class JetStreamStateStore(StateStore):
             if len(keys) == before or len(keys) >= int(info.get("total") or 0):
                 return sorted(keys)
 
-    def _purge(self, keys: Iterable[str]) -> None:
+    def _purge(self, keys: Iterable[str], upto: Mapping[str, int] | None = None) -> None:
         """Remove keys with their history (daemons gone, old commands, outbox
         items done with), pipelined: a delete marker would stay a subject
-        that every listing reads."""
+        that every listing reads.  A key in ``upto`` loses only its revisions
+        up to the one given (the one read): a value another process wrote
+        since stays."""
         keys = list(keys)
+        upto = upto or {}
         subject = f"$JS.API.STREAM.PURGE.{self._stream}"
         if self.readonly and keys:
             raise StateError(f"{self.location}: opened read-only")
-        answers = self._pipelined([(subject, {"filter": self._prefix + k}, None) for k in keys],
-                                  keys, "removing")
+        # "seq" purges the filtered messages below it.
+        answers = self._pipelined([(subject, {"filter": self._prefix + k, "seq": upto[k] + 1}
+                                    if k in upto else {"filter": self._prefix + k}, None)
+                                   for k in keys], keys, "removing")
         for key, payload in zip(keys, answers):
             try:
                 err = (_loads(payload) or {}).get("error")
@@ -6679,37 +6686,47 @@ class JetStreamStateStore(StateStore):
         order = list(wanted)
         random.shuffle(order)                # a random order: daemons do not collide
         order.sort(key=lambda i: (got[keys[i]][0] or {}).get("lease_owner") != self.owner)
-        writes, records, moved = [], {}, []
         held = len(self._held - set(wanted))
-        for job_id in order:
-            rec, rev = got[keys[job_id]]
-            holder = None if rec is None else rec.get("lease_owner")
-            if holder != self.owner:
-                if holder and (rec.get("lease_until") or 0) >= now and not stale(holder):
-                    continue
-                if cap is not None and held >= cap:
-                    continue
-            if rec is None:
-                rec = _new_record(JobState(job_id, paused=job_id in paused))
-            rec = {**rec, "lease_owner": self.owner, "lease_until": wanted[job_id]}
-            if "outbox" in rec:              # an older version kept the items in the record
-                rec["out"], first = self._with_out(rec, job_id, rec.pop("outbox") or [])
-                moved.extend(first)
-            writes.append((keys[job_id], rec, rev))
-            records[job_id] = rec
-            held += 1
-        self._put_many(moved)
-        results = self._put_many(writes)
-        granted = {}
-        with self._lock:
-            for (key, rec, _), rev in zip(writes, results):
-                job_id = rec["id"]
-                if rev is False:             # another daemon got there first
-                    continue
-                self._rev[job_id] = rev
-                self._held.add(job_id)
-                self._handed.discard(job_id)
-                granted[job_id] = _record_state(job_id, rec, rev)
+        granted: dict[str, JobState] = {}
+        # A record changed between the read and the write (this daemon's own
+        # publisher settling a delivery, another daemon's claim) is read
+        # again and tried once more, a few rounds: a lease still free or ours
+        # is not given up for a slot; one another daemon took is skipped.
+        for _ in range(_KV_CAS_ROUNDS):
+            writes, moved = [], []
+            for job_id in order:
+                rec, rev = got[keys[job_id]]
+                holder = None if rec is None else rec.get("lease_owner")
+                if holder != self.owner:
+                    if holder and (rec.get("lease_until") or 0) >= now and not stale(holder):
+                        continue
+                    if cap is not None and held >= cap:
+                        continue
+                if rec is None:
+                    rec = _new_record(JobState(job_id, paused=job_id in paused))
+                rec = {**rec, "lease_owner": self.owner, "lease_until": wanted[job_id]}
+                if "outbox" in rec:          # an older version kept the items in the record
+                    rec["out"], first = self._with_out(rec, job_id, rec.pop("outbox") or [])
+                    moved.extend(first)
+                writes.append((keys[job_id], rec, rev))
+                held += 1
+            self._put_many(moved)
+            results = self._put_many(writes)
+            order = []
+            with self._lock:
+                for (key, rec, _), rev in zip(writes, results):
+                    job_id = rec["id"]
+                    if rev is False:         # changed since read: read again
+                        order.append(job_id)
+                        held -= 1
+                        continue
+                    self._rev[job_id] = rev
+                    self._held.add(job_id)
+                    self._handed.discard(job_id)
+                    granted[job_id] = _record_state(job_id, rec, rev)
+            if not order:
+                break
+            got.update(self._get_many([keys[i] for i in order]))
         return granted
 
     def commit(self, state: JobState, done: Callable[[Any], None] | None = None, *,
@@ -6884,16 +6901,24 @@ class JetStreamStateStore(StateStore):
         boxes: dict[str, list] = {}
         for item in outbox:
             boxes.setdefault(item.job, []).append(dataclasses.asdict(item))
-        writes, first = [], []
-        for s in states:
+        # The items' keys are written before their job's record: only for
+        # jobs the bucket does not have (a skipped job's items would be
+        # orphans no listing reaches), and removed again for a job created
+        # between the look and the write.
+        have = self._get_many(["job." + _kv_token(s.id) for s in states])
+        new = [s for s in states if have["job." + _kv_token(s.id)][0] is None]
+        writes, first, keys_of = [], [], {}
+        for s in new:
             rec = _new_record(s.replace(lease_owner=None, lease_until=None))
             rec["out"], items = self._with_out(rec, s.id, boxes.get(s.id, []))
             first.extend(items)
+            keys_of[s.id] = [key for key, _, _ in items]
             writes.append(("job." + _kv_token(s.id), rec, 0))
         self._put_many(first)
         results = self._put_many(writes)
-        copied = [s.id for s, r in zip(states, results) if r is not False]
-        return copied, [s.id for s, r in zip(states, results) if r is False]
+        copied = [s.id for s, r in zip(new, results) if r is not False]
+        self._purge(key for s, r in zip(new, results) if r is False for key in keys_of[s.id])
+        return copied, [s.id for s in states if s.id not in copied]
 
     def handed_over(self, job_id: str) -> bool:
         with self._lock:
@@ -7129,7 +7154,14 @@ class JetStreamStateStore(StateStore):
                           "last_error": _storable(error), "died_at": now}, None)
                         for item, error in dead])
         # A retry rewrites its item on the revision listed: an item delivered
-        # or dropped since is not brought back.
+        # or dropped since is not brought back.  One the store forgot (past
+        # 100,000 remembered items) is looked up again in the jobs held, as
+        # _listed does: else its backoff would be lost.
+        with self._lock:
+            forgotten = any(i not in self._out_seen for i, _, _ in retry)
+            held = sorted(self._held)
+        if forgotten and held:
+            self._outbox_entries(held)
         with self._lock:
             later = [(*self._out_seen[i], at, err) for i, at, err in retry if i in self._out_seen]
         rewrites = [(key, {**value, "attempts": int(value.get("attempts") or 0) + 1,
@@ -7187,10 +7219,11 @@ class JetStreamStateStore(StateStore):
         return sorted((OutboxItem(**{f: r.get(f) for f in _OUTBOX_FIELDS}) for r in recs),
                       key=lambda i: (i.created_at, i.id))
 
-    def _dead_letters(self, want: set[str] | None) -> dict[str, dict]:
-        """The dead letters (all, or those with an id in ``want``) by key."""
+    def _dead_letters(self, want: set[str] | None) -> dict[str, tuple[dict, int]]:
+        """The dead letters (all, or those with an id in ``want``) by key,
+        with their revisions."""
         keys = self._keys("dead.") if want is None else ["dead." + _kv_token(i) for i in want]
-        return {key: rec for key, (rec, _) in self._get_many(keys).items()
+        return {key: (rec, rev) for key, (rec, rev) in self._get_many(keys).items()
                 if rec and (want is None or rec.get("id") in want)}
 
     def outbox_retry(self, ids: Iterable[str] | None = None) -> int:
@@ -7205,7 +7238,8 @@ class JetStreamStateStore(StateStore):
         # at worst, and a retry after that does not queue it twice.
         have = {item.id for item in pending}
         letters: dict[str, list] = {}
-        for key, rec in self._dead_letters(want).items():
+        read = self._dead_letters(want)
+        for key, (rec, _) in read.items():
             letters.setdefault(rec.get("job") or "", []).append((key, rec))
         done = []
         for job_id, found in sorted(letters.items()):
@@ -7221,7 +7255,9 @@ class JetStreamStateStore(StateStore):
                 continue
             done.extend(key for key, _ in found)
             count += len(found)
-        self._purge(done)
+        # Only the letters read: the daemon may deliver a re-queued item at
+        # once, and should it die again, its new letter must stay.
+        self._purge(done, upto={key: read[key][1] for key in done})
         return count
 
     def outbox_drop(self, ids: Iterable[str] | None = None, *, dead: bool = False) -> int:
@@ -9457,6 +9493,7 @@ class Runner:
 # -- the outbox: deliveries and channel alerts, committed with the cursor ----------
 
 _WEBHOOK_TIMEOUT_SECS = 10.0     # a whole attempt: connect, TLS, request, the answer's head
+_WEBHOOK_CUT_GRACE_SECS = 2.0    # attempts cut at shutdown: for their retries to be stored
 _WEBHOOK_PARALLEL = 8            # jobs whose webhook deliveries may be under way at once
 
 
@@ -9546,6 +9583,9 @@ def _webhook_sink(url: str) -> Callable[[str, dict], None]:
             f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
     base = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
 
+    live: set = set()                               # connections of attempts in flight
+    live_lock = threading.Lock()
+
     class Connection(base):
         deadline = 0.0
 
@@ -9564,6 +9604,8 @@ def _webhook_sink(url: str) -> Callable[[str, dict], None]:
         except ValueError as exc:                   # a port out of range
             raise _Undelivered(f"{url}: {exc}") from None
         conn.deadline = time.monotonic() + _WEBHOOK_TIMEOUT_SECS
+        with live_lock:
+            live.add(conn)
         try:
             conn.request("POST", path, json.dumps(event).encode(), headers)
             resp = conn.getresponse()
@@ -9573,13 +9615,30 @@ def _webhook_sink(url: str) -> Callable[[str, dict], None]:
                 if isinstance(exc, TimeoutError) else (str(exc) or type(exc).__name__)
             raise _Undelivered(f"{url}: {what}") from None
         finally:
+            with live_lock:
+                live.discard(conn)
             conn.close()
         if 300 <= status < 400:
             raise _Undelivered(f"{url}: HTTP {status} redirect to {_log_safe(location, 200)} "
                                "(redirects are not followed: fix delivery_sink)")
         if not 200 <= status < 300:
             raise _Undelivered(f"{url}: HTTP {status}")
+
+    def cut() -> None:
+        """End the attempts in flight now (the daemon stops): each fails at
+        once, to be retried, instead of outliving the state store."""
+        with live_lock:
+            conns = list(live)
+        for conn in conns:
+            sock = getattr(conn.sock, "sock", None)     # a _DeadlineSocket's, once connected
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
     send.parallel = _WEBHOOK_PARALLEL
+    send.cut = cut
     return send
 
 
@@ -9623,9 +9682,16 @@ class _Publisher:
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
         with self._cond:
-            busy = list(self._busy.values())
+            # not one marked busy but not started yet (the loop between the two)
+            busy = [t for t in self._busy.values() if t.ident is not None]
         for t in busy:                  # each attempt is bounded: see _WEBHOOK_TIMEOUT_SECS
             t.join(max(0.0, deadline - time.monotonic()))
+        cut = getattr(self.sink, "cut", None)
+        if cut is not None and any(t.is_alive() for t in busy):
+            cut()                       # past the deadline: settled now, not against a closed store
+            grace = time.monotonic() + _WEBHOOK_CUT_GRACE_SECS
+            for t in busy:
+                t.join(max(0.0, grace - time.monotonic()))
 
     def _loop(self) -> None:
         wait = None
@@ -9674,7 +9740,13 @@ class _Publisher:
                     t = threading.Thread(target=self._deliver_job, args=(chain, now),
                                          daemon=True, name="nexo-outbox-job")
                     self._busy[job] = t
-                t.start()
+                try:
+                    t.start()
+                except RuntimeError as exc:     # out of threads: not busy, try again soon
+                    with self._cond:
+                        self._busy.pop(job, None)
+                    log.warning("outbox: no thread for job %s (%s); trying again", job, exc)
+                    return now + 1.0
             return soonest
         delivered, retry, dead = [], [], []
         for chain in chains.values():
@@ -10752,33 +10824,40 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
         # The loop sleeps until a connection, a request's bytes, the oldest
         # request's deadline or shutdown() comes, so an idle daemon stays asleep.
         def serve_forever(self, poll_interval=None) -> None:
-            arriving, resume = self._arriving, None
-            with selectors.DefaultSelector() as sel:
-                sel.register(self.socket, selectors.EVENT_READ, "accept")
-                sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-                while not self._closing:
-                    now = time.monotonic()
-                    if resume is not None and now >= resume:
-                        sel.register(self.socket, selectors.EVENT_READ, "accept")
-                        resume = None
-                    wake = [t for t in (resume, next(iter(arriving.values()))[1]
-                                        if arriving else None) if t is not None]
-                    for key, _ in sel.select(max(0.0, min(wake) - now) if wake else None):
-                        if key.data == "accept" and not self._closing:
-                            if not self._accept(sel):
-                                sel.unregister(self.socket)
-                                resume = time.monotonic() + 0.5
-                        elif key.data is None and key.fileobj in arriving:
-                            self._receive(sel, key.fileobj)
-                    now = time.monotonic()
-                    while arriving:             # past its deadline: cut off
-                        sock, (_, deadline, _) = next(iter(arriving.items()))
-                        if deadline > now:
-                            break
+            try:
+                arriving, resume = self._arriving, None
+                with selectors.DefaultSelector() as sel:
+                    sel.register(self.socket, selectors.EVENT_READ, "accept")
+                    sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+                    while not self._closing:
+                        now = time.monotonic()
+                        if resume is not None and now >= resume:
+                            sel.register(self.socket, selectors.EVENT_READ, "accept")
+                            resume = None
+                        wake = [t for t in (resume, next(iter(arriving.values()))[1]
+                                            if arriving else None) if t is not None]
+                        for key, _ in sel.select(max(0.0, min(wake) - now) if wake else None):
+                            if key.data == "accept" and not self._closing:
+                                if not self._accept(sel):
+                                    sel.unregister(self.socket)
+                                    resume = time.monotonic() + 0.5
+                            elif key.data is None and key.fileobj in arriving:
+                                try:
+                                    self._receive(sel, key.fileobj)
+                                except Exception:   # one connection's failure, not the loop's
+                                    log.exception("HTTP: a connection failed")
+                                    if key.fileobj in arriving:
+                                        self._drop(sel, key.fileobj)
+                        now = time.monotonic()
+                        while arriving:             # past its deadline: cut off
+                            sock, (_, deadline, _) = next(iter(arriving.items()))
+                            if deadline > now:
+                                break
+                            self._drop(sel, sock)
+                    for sock in list(arriving):
                         self._drop(sel, sock)
-                for sock in list(arriving):
-                    self._drop(sel, sock)
-            self._stopped.set()
+            finally:                        # shutdown() waits on it
+                self._stopped.set()
 
         def _accept(self, sel) -> bool:
             """Take what waits to be accepted; False when out of descriptors."""
@@ -10836,8 +10915,16 @@ def _serve_http(runner: "Runner", addr: tuple[str, int], *, metrics: bool = True
                 self._whole.append((sock, data, client))
                 if len(self._whole) > self._idle and self._workers < max_connections:
                     self._workers += 1
-                    threading.Thread(target=self._work, daemon=True,
-                                     name="nexo-http-handler").start()
+                    try:
+                        threading.Thread(target=self._work, daemon=True,
+                                         name="nexo-http-handler").start()
+                    except RuntimeError as exc:     # out of threads
+                        self._workers -= 1
+                        if not self._workers:       # nobody to take it: this one is lost
+                            self._whole.pop()
+                            sock.close()
+                        log.warning("HTTP: no new handler for a request from %s (%s)",
+                                    client[0], exc)
                 else:
                     self._cond.notify()
 

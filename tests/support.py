@@ -209,3 +209,18 @@ class FakePoller:
     def calls_for(self, job_id):
         with self.lock:
             return [c for c in self.calls if c.job_id == job_id]
+
+
+def no_threads_named(name: str):
+    """A patch under which ``Thread.start()`` of threads called ``name``
+    fails as it does when the process is out of threads (EAGAIN,
+    RLIMIT_NPROC): use it as a context manager."""
+    import threading
+    from unittest import mock
+    real_start = threading.Thread.start
+
+    def start(thread):
+        if thread.name == name:
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+    return mock.patch.object(threading.Thread, "start", start)

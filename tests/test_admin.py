@@ -28,7 +28,7 @@ import nexo_poller as nx
 from nexo_poller import PollerError, Runner, TickAck, TickMetrics, config_from_dict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
-from support import FakePoller, TempDirCase  # noqa: E402
+from support import FakePoller, TempDirCase, no_threads_named  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "t0ken-for-tests-only"
@@ -671,6 +671,62 @@ class TestStatusPage(Case):
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
         if os.environ.get("NEXO_SAVE_SCREENSHOT"):
             shutil.copy(shot, os.path.join(ROOT, "docs", "status-page.png"))
+
+
+class ListenerSurvivesTests(unittest.TestCase):
+    """The HTTP listener thread outlives a failed handler start or a bad
+    connection, and shutdown() always returns (issue 27 item 2)."""
+
+    def serve(self):
+        class Fake:
+            config = nx.DaemonConfig(state_db=":memory:")
+        server = nx._serve_http(Fake(), ("127.0.0.1", 0), metrics=False,
+                                admin=nx._Admin(Fake(), TOKEN, True))
+        self.addCleanup(server.server_close)
+        return server
+
+    def ask(self, server) -> bytes:
+        with socket.create_connection(("127.0.0.1", server.server_address[1]),
+                                      timeout=WAIT) as s:
+            s.sendall(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            try:
+                return s.recv(4096)
+            except ConnectionResetError:     # closed with the request unread
+                return b""
+
+    def stop(self, server) -> None:
+        t = threading.Thread(target=server.shutdown, daemon=True)
+        t.start()
+        t.join(WAIT)
+        self.assertFalse(t.is_alive(), "shutdown() hung: the listener thread died")
+
+    def test_a_handler_thread_that_cannot_start_costs_one_request(self):
+        server = self.serve()
+        logger = logging.getLogger("nexo_poller")
+        self.addCleanup(logger.setLevel, logger.level)
+        logger.setLevel(logging.CRITICAL)
+        with no_threads_named("nexo-http-handler"):
+            self.assertEqual(self.ask(server), b"")          # closed, not left hanging
+        self.assertTrue(self.ask(server).startswith(b"HTTP/1.0 "))    # answered
+        self.stop(server)
+
+    def test_a_failing_connection_does_not_end_the_listener(self):
+        server = self.serve()
+        real_receive, failed = server._receive, threading.Event()
+
+        def receive(sel, sock):
+            if not failed.is_set():
+                failed.set()
+                raise ValueError("a bug handling one connection")
+            return real_receive(sel, sock)
+        server._receive = receive
+        logger = logging.getLogger("nexo_poller")
+        self.addCleanup(logger.setLevel, logger.level)
+        logger.setLevel(logging.CRITICAL)
+        self.assertEqual(self.ask(server), b"")
+        self.assertTrue(failed.is_set())
+        self.assertTrue(self.ask(server).startswith(b"HTTP/1.0 "))    # answered
+        self.stop(server)
 
 
 if __name__ == "__main__":

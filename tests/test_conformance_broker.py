@@ -190,19 +190,26 @@ class BrokerContract:
     def test_published_messages_reach_a_handler_in_order_one_at_a_time(self):
         a, b = self.client(), self.client()
         topic, order, second = next(self.topics), [], threading.Event()
+        lock, inside, most = threading.Lock(), [0], [0]
 
         def handler(event):
             n = event["payload"]
-            order.append(n)
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
             if n == 0:                  # a slow first message must not be overtaken
                 second.wait(0.5)
             elif n == 1:
                 second.set()
+            with lock:                  # the order handlers finish in, not start in
+                order.append(n)
+                inside[0] -= 1
         self.subscribed(b, topic, handler)
         for n in range(20):
             a.publish(topic, n)
         self.assertTrue(wait_until(lambda: len(order) == 20, WAIT), order)
         self.assertEqual(order, list(range(20)))
+        self.assertEqual(most[0], 1, "handlers ran side by side")
 
     def test_unsubscribe_stops_delivery(self):
         a, b = self.client(), self.client()

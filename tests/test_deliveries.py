@@ -4,17 +4,21 @@
 import http.server
 import json
 import os
+import random
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
+import types
 import unittest
 from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from support import NEXO, PY, b64, FakePoller, TempDirCase, count_ticks, wait_until  # noqa: E402
+from support import (NEXO, PY, b64, FakePoller, TempDirCase, count_ticks,  # noqa: E402
+                     no_threads_named, quiet_log, wait_until)
 
 import nexo_poller as nx  # noqa: E402
 from nexo_poller import Delivery, PollerError, Runner, TickAck, TickMetrics  # noqa: E402
@@ -641,6 +645,66 @@ class DaemonTests(TempDirCase):
         self.assertEqual(ids[:len(stored)], stored, "in commit order")
         proc2.send_signal(signal.SIGTERM)
         self.assertEqual(proc2.wait(30), 0)
+
+
+class PublisherThreadTests(unittest.TestCase):
+    """A job thread that cannot start leaves the job deliverable, and
+    stop() joins only threads that started (issue 27 item 3)."""
+
+    def publisher(self, sink):
+        """A publisher of one item (e1 of job j) through ``sink``, and the
+        list its settles go to, each (delivered, retry, dead)."""
+        item = nx.OutboxItem("e1", "j", "delivery", "t", '{"id": "e1"}', time.time())
+        settled = []
+        state = types.SimpleNamespace(
+            outbox_pending=lambda limit, now: [] if settled else [item],
+            outbox_settle=lambda d, r, dead, now: settled.append((d, r, dead)))
+        runner = types.SimpleNamespace(clock=time.time, state=state, config=nx.DaemonConfig(),
+                                       _rng=random.Random(), _delivered=lambda items: None,
+                                       _dead_letter=lambda item, error: None)
+        return nx._Publisher(runner, sink), settled
+
+    def test_a_job_thread_that_cannot_start_is_tried_again(self):
+        sent = []
+
+        def sink(topic, event):
+            sent.append(event["id"])
+        sink.parallel = 4
+        pub, settled = self.publisher(sink)
+        quiet_log(self)
+        with no_threads_named("nexo-outbox-job"):
+            try:
+                pub._pass(background=True)
+            except RuntimeError:
+                pass                        # the old code let it out
+        pub._pass(background=True)
+        self.assertTrue(wait_until(lambda: settled, 10), "job j was left busy for ever")
+        self.assertEqual(sent, ["e1"])
+        # A thread marked busy but not started yet (the loop between the
+        # two) is not joined: stop() returns instead of raising.
+        pub._busy["k"] = threading.Thread(target=lambda: None)
+        pub.stop(time.monotonic() + 10)
+
+    def test_a_webhook_attempt_in_flight_ends_with_the_shutdown(self):
+        # The receiver takes the request and never answers (the attempt's
+        # own deadline is 10 s): stop() cuts it at its deadline, and its
+        # retry is settled before stop() returns (the store closes next).
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        pub, settled = self.publisher(
+            nx._webhook_sink(f"http://127.0.0.1:{listener.getsockname()[1]}/hook"))
+        quiet_log(self)
+        pub._pass(background=True)
+        listener.settimeout(WAIT)
+        conn, _ = listener.accept()
+        self.addCleanup(conn.close)
+        got = b""
+        while b"\r\n\r\n" not in got:         # the request is in: the attempt waits
+            got += conn.recv(4096)
+        pub.stop(time.monotonic() + 0.2)
+        self.assertEqual([t for t in threading.enumerate() if t.name == "nexo-outbox-job"], [])
+        [(delivered, retry, dead)] = settled
+        self.assertEqual((delivered, dead, [r[0] for r in retry]), ([], [], ["e1"]))
 
 
 if __name__ == "__main__":

@@ -877,5 +877,115 @@ class ChaosTests(LiveCase):
         self.assertGreater(len(dead), 0, "the flaky sink should have made dead letters")
 
 
+def queued_item(store, item_id="X"):
+    """Job j claimed by ``store``, with one outbox item, listed: the item."""
+    now = time.time()
+    st = store.claim({"j": now + 600}, now)["j"]
+    store.commit_now(st, outbox=[OutboxItem(item_id, "j", "delivery", "t", "{}", now)])
+    [item] = store.outbox_pending(10, now)
+    return item
+
+
+class ReviewRaceTests(LiveCase):
+    """Races the review found (issue 27 items 1, 4, 7)."""
+
+    def dead_letter(self, store, item_id="X"):
+        item = queued_item(store, item_id)
+        store.outbox_settle(dead=[(item, "HTTP 410")], now=item.created_at)
+        return item
+
+    def test_a_letter_dead_again_during_a_retry_is_kept(self):
+        # The CLI re-queues dead letter X; before it removes dead.X, the
+        # daemon delivers X, which dies again onto dead.X: that new letter
+        # must survive the CLI's removal of the one it read.
+        daemon, cli = self.store(), self.store()
+        self.dead_letter(daemon)
+        real_purge = cli._purge
+
+        def purge(keys, *args, **kw):
+            keys = list(keys)
+            if any(k.startswith("dead.") for k in keys):
+                [again] = daemon.outbox_pending(10, time.time())
+                daemon.outbox_settle(dead=[(again, "HTTP 410 again")], now=time.time())
+            return real_purge(keys, *args, **kw)
+        cli._purge = purge
+        self.assertEqual(cli.outbox_retry(["X"]), 1)
+        self.assertEqual([i.id for i in daemon.outbox()], [])
+        [letter] = daemon.outbox(dead=True)
+        self.assertEqual(letter.id, "X")
+        self.assertEqual(letter.last_error, "HTTP 410 again")
+
+    def test_a_retried_letter_leaves_the_dead_letters(self):
+        cli = self.store()
+        self.dead_letter(self.store())
+        self.assertEqual(cli.outbox_retry(["X"]), 1)
+        self.assertEqual([i.id for i in cli.outbox()], ["X"])
+        self.assertEqual(cli.outbox(dead=True), [])
+        self.assertEqual(cli._keys("dead."), [])
+
+    def test_a_daemon_renews_its_lease_when_its_own_settle_changed_the_record(self):
+        a = self.store()
+        x = queued_item(a)
+        real_get, armed = a._get_many, [True]
+
+        def get_many(keys):
+            got = real_get(keys)
+            if armed and keys == ["job.j"] and armed.pop():
+                a.outbox_settle(delivered=[x], now=time.time())    # its publisher, meanwhile
+            return got
+        a._get_many = get_many
+        granted = a.claim({"j": time.time() + 60}, time.time())
+        a._get_many = real_get
+        self.assertIn("j", granted)
+        rec = a.load(["j"])["j"]
+        self.assertEqual(rec.lease_owner, a.owner)
+        self.assertEqual(rec.revision, granted["j"].revision)
+
+    def test_a_claim_does_not_retry_a_lease_another_daemon_took(self):
+        a, b = self.store(), self.store()
+        now = time.time()
+        a.claim({"j": now + 60}, now)
+        real_get, armed = b._get_many, [True]
+
+        def get_many(keys):
+            got = real_get(keys)
+            if armed and keys == ["job.j"] and armed.pop():
+                a.claim({"j": time.time() + 120}, time.time())     # a renews meanwhile
+            return got
+        self.assertEqual(a.release(), None)
+        b._get_many = get_many
+        self.assertEqual(b.claim({"j": time.time() + 60}, time.time()), {})
+        b._get_many = real_get
+        self.assertEqual(b.load(["j"])["j"].lease_owner, a.owner)
+
+    def test_importing_a_job_the_bucket_has_leaves_no_items_behind(self):
+        a = self.store()
+        now = time.time()
+        a.claim({"j": now + 60}, now)
+        m = self.store()
+        copied, skipped = m.import_states(
+            [JobState("j"), JobState("k")],
+            [OutboxItem("Y", "j", "delivery", "t", "{}", now),
+             OutboxItem("Z", "k", "delivery", "t", "{}", now)])
+        self.assertEqual((copied, skipped), (["k"], ["j"]))
+        self.assertEqual([i.id for i in a.outbox()], ["Z"])
+        self.assertEqual(len(a._keys("out.")), 1)
+
+
+class ForgottenListingTests(LiveCase):
+    """A retry settled after the store forgot its listing (past 100,000
+    remembered items) keeps its backoff (issue 27 item 8)."""
+
+    def test_a_retry_is_recorded_after_the_listing_was_forgotten(self):
+        a = self.store()
+        now = queued_item(a).created_at
+        with a._lock:
+            a._out_seen.clear()         # what a listing past 100,000 remembered items does
+        a.outbox_settle(retry=[("X", now + 300, "HTTP 503")], now=now)
+        [again] = a.outbox()
+        self.assertEqual((again.attempts, again.next_attempt_at, again.last_error),
+                         (1, now + 300, "HTTP 503"))
+
+
 if __name__ == "__main__":
     unittest.main()

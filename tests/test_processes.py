@@ -545,5 +545,28 @@ class Proxy(Base):
             self.assert_transient_within(4.0, proxy.tick, make_ctx())
 
 
+class AdminSecretsStayHome(Base):
+    """The admin API's token (and any NEXO_POLLER_ADMIN_* setting) is the
+    operator's, not the plugins': a plugin holding it could pause or reset
+    any job (issue 27 item 6)."""
+
+    ADMIN = {"NEXO_POLLER_ADMIN_TOKEN": "s3cret", "NEXO_POLLER_ADMIN_URL": "http://127.0.0.1:1"}
+
+    def test_a_plugin_does_not_get_the_admin_token(self):
+        report = self.path("report.json")
+        with mock.patch.dict(os.environ, {**self.ADMIN, "FIXTURE_EXTRA": "from-daemon"}):
+            run_mode("read_all", script=HELPER, env={"FIXTURE_REPORT": report})
+        env = self.read_json("report.json")["env"]
+        self.assertEqual([k for k in env if k.startswith("NEXO_POLLER_ADMIN")], [])
+        self.assertEqual(env["FIXTURE_EXTRA"], "from-daemon")     # the rest is inherited
+
+    def test_no_lifecycle_passes_it_on(self):
+        # Every plugin process (ephemeral or long-lived) gets _child_env's.
+        with mock.patch.dict(os.environ, self.ADMIN):
+            env = nexo_poller._child_env("p", {"X": "1"})
+        self.assertEqual([k for k in env if k.startswith("NEXO_POLLER_ADMIN")], [])
+        self.assertEqual(env["X"], "1")
+
+
 if __name__ == "__main__":
     unittest.main()
