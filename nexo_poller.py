@@ -8225,7 +8225,7 @@ class Runner:
         self.clock = clock
         self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
         self._offset = clock() - self.monotonic()   # wall - monotonic, as last seen
-        self._rng = rng or random.Random()
+        self.rng = rng or random.Random()   # jitter, retry spread: one source
         self.router = PluginPollerRouter()          # plugins by id (the manifests)
         self._routes: dict[str, _Route] = {}        # kinds: the one answer to "who serves it"
         self._lanes: dict[str, _Lane] = {}
@@ -8444,7 +8444,7 @@ class Runner:
             return
         when = max(slot, now)            # missed while down or paused: once, now
         if fresh and slot >= now:
-            when += _jitter(job.cfg.schedule, self.config, self._rng)
+            when += _jitter(job.cfg.schedule, self.config, self.rng)
         self._push(job, when, slot)
 
     def stop(self) -> None:
@@ -8833,7 +8833,7 @@ class Runner:
         if slot is None:                    # off schedule: the slot on the heap stays
             base = base.replace(next_run_at=job.next_run_at if job.generation >= 0 else None)
         planned = functools.partial(plan_tick, base, outcome, schedule=cfg.schedule, slot=slot,
-                                    started=now, config=self.config, rng=self._rng,
+                                    started=now, config=self.config, rng=self.rng,
                                     schedule_key=job.key)
         plan = planned(finished=self.clock())
         outbox = self._outbox_for(job, plan, outcome, now)
@@ -9012,7 +9012,7 @@ class Runner:
         if job.commands_wait:               # queued while it ran: the scheduler looks now
             job.commands_wait, self._commands_due = False, True
 
-    def _delivered(self, items: list[OutboxItem]) -> None:
+    def note_delivered(self, items: list[OutboxItem]) -> None:
         """The publisher delivered these: count them into their jobs (live view)."""
         with self._cond:
             for item in items:
@@ -9020,7 +9020,8 @@ class Runner:
                 if job is not None:
                     job.delivered += 1
 
-    def _dead_letter(self, item: OutboxItem, error: str) -> None:
+    def dead_letter(self, item: OutboxItem, error: str) -> None:
+        """The publisher gave ``item`` up: log it and alert the channel."""
         job = self._jobs.get(item.job)
         payload = {"job": item.job, "kind": job.cfg.kind if job else None,
                    "agent": job.cfg.agent if job else None,
@@ -9323,6 +9324,57 @@ class Runner:
         """The jobs this daemon holds the leases of (lock held)."""
         return {i: self.state.owner for i, j in self._jobs.items() if j.leased}
 
+    # -- the read API: what the HTTP face, metrics, the publisher and the CLI see ---------
+
+    @property
+    def started(self) -> bool:
+        """``start()`` has run (the jobs are scheduled, the listeners up)."""
+        return self._started
+
+    @property
+    def stopping(self) -> bool:
+        """``stop()`` has begun."""
+        return self._stopping
+
+    @property
+    def scheduler_alive(self) -> bool:
+        """The scheduler thread lives, or none was started (``fire_due`` drives)."""
+        return self._scheduler is None or self._scheduler.is_alive()
+
+    @property
+    def metrics(self) -> "_Metrics":
+        return self._metrics
+
+    @property
+    def publisher(self) -> "_Publisher | None":
+        """The outbox publisher (None before ``open``)."""
+        return self._publisher
+
+    def job_configs(self) -> dict[str, JobConfig]:
+        """Every job this daemon runs: job id -> its configuration."""
+        with self._cond:
+            return {i: j.cfg for i, j in self._jobs.items()}
+
+    def has_job(self, job_id: str) -> bool:
+        return job_id in self._jobs
+
+    def route_for(self, kind: str) -> _Route | None:
+        """How ``kind`` is served now (None: no poller serves it)."""
+        return self._routes.get(kind)
+
+    def in_process_kinds(self) -> list[str]:
+        """The kinds ``register`` serves in this process."""
+        return [k for k, r in self._routes.items() if r.plugin_id is None]
+
+    def lanes(self) -> dict[str, tuple[int, int]]:
+        """Every lane: key -> (ticks running, ticks waiting for a slot)."""
+        with self._cond:
+            return {k: (lane.running, len(lane.waiting)) for k, lane in self._lanes.items()}
+
+    def supervisors(self) -> dict[str, PluginSupervisor]:
+        """The supervised (long-lived) plugins: plugin id -> its supervisor."""
+        return dict(self._supervisors)
+
     # -- reload ----------------------------------------------------------------------------
 
     def reload(self, new: DaemonConfig) -> dict[str, list[str]]:
@@ -9436,7 +9488,7 @@ class Runner:
                     try:
                         with self.reload_lock:
                             self.reload(load_config(config_path,
-                                                    extra_kinds=self._in_process_kinds()))
+                                                    extra_kinds=self.in_process_kinds()))
                     except (ConfigError, ManifestError, PollerRouteRegistrationError,
                             StateError) as exc:
                         log.error("reload rejected, keeping the running config: %s", exc)
@@ -9450,8 +9502,6 @@ class Runner:
                 os.close(read_fd)
                 os.close(write_fd)
 
-    def _in_process_kinds(self) -> list[str]:
-        return [k for k, r in self._routes.items() if r.plugin_id is None]
 
 
 # -- the outbox: deliveries and channel alerts, committed with the cursor ----------
@@ -9729,7 +9779,7 @@ class _Publisher:
             delay = _backoff(cfg.delivery_retry_initial_secs, cfg.delivery_retry_max_secs,
                              attempts)
             # from when the attempt ended: a slow one must not make its retry due at once
-            at = max(now, r.clock()) + delay * r._rng.uniform(1.0, 1.1)
+            at = max(now, r.clock()) + delay * r.rng.uniform(1.0, 1.1)
             retry.append((item.id, at, error))
             log.warning("outbox: %s %s for job %s not delivered (attempt %d): %s",
                         item.what, item.id, item.job, attempts, error)
@@ -9743,9 +9793,9 @@ class _Publisher:
             self.delivered += len(delivered)
             self.retried += len(retry)
             self.dead += len(dead)
-        r._delivered([i for i in delivered if i.what == "delivery"])
+        r.note_delivered([i for i in delivered if i.what == "delivery"])
         for item, error in dead:
-            r._dead_letter(item, error)
+            r.dead_letter(item, error)
 
 
 class _Metrics:
@@ -9830,7 +9880,7 @@ class _Metrics:
             if when is not None:
                 out.append(f"nexo_poller_last_success_timestamp_seconds"
                            f"{lbl(job=j['id'], kind=j['kind'])} {when:.3f}")
-        pub = runner._publisher
+        pub = runner.publisher
         family("nexo_poller_deliveries_total", "counter",
                "Outbox messages by outcome: delivered, retried, dead (dead-lettered).")
         for outcome in ("delivered", "retried", "dead"):
@@ -9850,16 +9900,14 @@ class _Metrics:
         family("nexo_poller_state_ok", "gauge", "1 while the state can be used, 0 when not.")
         out.append(f"nexo_poller_state_ok {int(runner.state_error is None)}")
         family("nexo_poller_plugin_restarts_total", "counter", "Long-lived plugin restarts.")
-        for pid, sup in sorted(runner._supervisors.items()):
+        for pid, sup in sorted(runner.supervisors().items()):
             out.append(f"nexo_poller_plugin_restarts_total{lbl(plugin=pid)} {sup.restarts}")
         # Saturation at a glance: due ticks that wait for a slot of their plugin
         # (or in-process kind).  Staying above zero means demand exceeds what it
         # can take: every job still ticks, each later than its slot.
         family("nexo_poller_ticks_waiting", "gauge",
                "Due ticks waiting for a free slot in their plugin's lane.")
-        with runner._cond:
-            waiting = sorted((lane.key, len(lane.waiting)) for lane in runner._lanes.values())
-        for key, n in waiting:
+        for key, (_, n) in sorted(runner.lanes().items()):
             out.append(f"nexo_poller_ticks_waiting{lbl(lane=key)} {n}")
         return "\n".join(out) + "\n"
 
@@ -9994,7 +10042,7 @@ def _schedule_text(s: Schedule) -> str:
 def _plugin_states(runner: "Runner") -> list[dict]:
     """Every plugin with what its supervisor knows: up, restarting, down."""
     out = []
-    sups = dict(runner._supervisors)
+    sups = runner.supervisors()
     for h in sorted(runner.router.handles(), key=lambda h: h.plugin_id):
         sup = sups.get(h.plugin_id)
         doc = {"id": h.plugin_id, "kinds": list(h.kinds), "lifecycle": h.lifecycle.value,
@@ -10029,11 +10077,10 @@ def _admin_jobs(runner: "Runner") -> list[dict]:
     """GET /admin/pollers: nexo's fields, then what this project adds."""
     undelivered = {job: n for job, (n, _) in _outbox_counts(runner).items()}
     plugins = {p["id"]: p for p in _plugin_states(runner)}
-    with runner._cond:
-        schedules = {j.cfg.id: _schedule_text(j.cfg.schedule) for j in runner._jobs.values()}
+    schedules = {i: _schedule_text(c.schedule) for i, c in runner.job_configs().items()}
     out = []
     for s in runner.status(runner.holders()):
-        route = runner._routes.get(s["kind"])
+        route = runner.route_for(s["kind"])
         plugin = route.plugin_id if route is not None else None
         doc = {"id": s["id"], "kind": s["kind"], "agent": s["agent"], "paused": s["paused"],
                "last_run_at_ms": _ms(s["last_run_at"]), "next_run_at_ms": _ms(s["next_run_at"]),
@@ -10066,7 +10113,7 @@ def _admin_daemons(runner: "Runner", jobs: list[dict]) -> dict:
     except StateError:
         live = {}
     me = runner.state.owner if runner.state is not None else None
-    if runner._started and me is not None:
+    if runner.started and me is not None:
         live.setdefault(me, [])
     return {"self": me, "daemons": [
         {"owner": o, "self": o == me, "holds": [j["id"] for j in jobs if j["holder"] == o],
@@ -10084,12 +10131,11 @@ def _daemons_line(doc: dict) -> str:
 def _health(runner: "Runner") -> tuple[bool, dict]:
     """/healthz: the process serves, the scheduler loop lives, the state works."""
     checks = {"process": "ok"}
-    sched = runner._scheduler
-    if runner._stopping:
+    if runner.stopping:
         checks["scheduler"] = "stopping"
-    elif not runner._started:
+    elif not runner.started:
         checks["scheduler"] = "not started"
-    elif sched is not None and not sched.is_alive():
+    elif not runner.scheduler_alive:
         checks["scheduler"] = "the scheduler loop is not running"
     else:
         checks["scheduler"] = "ok"
@@ -10448,7 +10494,7 @@ def _http_health(req, method: str, match: re.Match, query: str) -> None:
 
 def _http_metrics(req, method: str, match: re.Match, query: str) -> None:
     runner = req.server_runner
-    req._send(200, runner._metrics.render(runner).encode(),
+    req._send(200, runner.metrics.render(runner).encode(),
               "text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -10483,7 +10529,7 @@ def _job_of(req, match: re.Match) -> tuple[str, bool]:
     """The job a path names (percent-decoded) and whether this daemon has it."""
     from urllib.parse import unquote
     job_id = unquote(match["job"])
-    return job_id, job_id in req.server_admin.runner._jobs
+    return job_id, req.server_admin.runner.has_job(job_id)
 
 
 def _http_job(req, method: str, match: re.Match, query: str) -> None:
@@ -10918,7 +10964,7 @@ def _start_http(runner: "Runner") -> tuple[Any, Any]:
                 f"a token (admin_token_file or {_ADMIN_TOKEN_ENV})"))])
         path = runner.config_path
         reload = None if path is None else (lambda: runner.reload(
-            load_config(path, extra_kinds=runner._in_process_kinds())))
+            load_config(path, extra_kinds=runner.in_process_kinds())))
         admin = _Admin(runner, token, loopback, reload)
     shared = cfg.admin_addr is not None and cfg.admin_addr == cfg.metrics_addr
     metrics_server = admin_server = None
