@@ -34,8 +34,10 @@ The sections of this file, in dependency order:
     Schedule    Schedule, CronExpr
     Config      load_config, config_from_dict, DaemonConfig, JobConfig
     Runner      plan_tick, next_run (the pure error policy and catch-up rule),
-                Runner (timer heap, routes and lanes, effects, reload), the
-                outbox publisher and its sinks, metrics
+                Runner (routes, effects, reload, a read API for the HTTP
+                face, metrics and the CLI) over its collaborators:
+                _TimerHeap (the jobs' next runs); the outbox publisher and
+                its sinks, metrics
     HTTP        /metrics, the admin API (nexo's routes), /healthz, /readyz and
                 the status page: one route table (_HTTP_ROUTES) of small
                 handlers, on one bounded http.server
@@ -8192,6 +8194,100 @@ class _Route:
     plugin_id: str | None = None
 
 
+class _TimerHeap:
+    """The jobs' next runs ordered by monotonic deadline, one live entry per
+    job (its ``generation``), re-based when the wall clock steps; the
+    Runner's lock guards it."""
+
+    def __init__(self, jobs: Mapping[str, _Job], clock: Callable[[], float],
+                 monotonic: Callable[[], float]):
+        self._jobs, self._clock, self._monotonic = jobs, clock, monotonic
+        self._offset = clock() - monotonic()        # wall - monotonic, as last seen
+        # (monotonic deadline, seq, job id, nominal wall-clock slot)
+        self._heap: list[tuple[float, int, str, float]] = []
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, job: _Job, when: float, nominal: float | None = None) -> bool:
+        """Put a job's next run at wall time ``when``; True when what the
+        scheduler waits for changed (it is the earliest now, or the clock stepped).
+
+        ``nominal`` is the schedule's slot without jitter; the slot after
+        it is computed from it, so jitter never accumulates into drift.
+        """
+        stepped = self.watch_clock()        # ``when`` is wall time: convert at today's offset
+        seq = next(self._seq)
+        job.generation = seq               # older entries of this job are now stale
+        job.next_run_at = when
+        heapq.heappush(self._heap, (when - self._offset, seq, job.cfg.id,
+                                    when if nominal is None else nominal))
+        if len(self._heap) > 2 * len(self._jobs) + 1024:
+            self._compact()
+        return stepped or self._heap[0][1] == seq
+
+    def _compact(self) -> None:
+        """Drop superseded entries (rescheduled, resumed, removed jobs)."""
+        self._heap = [e for e in self._heap if self._live(e) is not None]
+        heapq.heapify(self._heap)
+
+    def _live(self, entry: tuple[float, int, str, float]) -> _Job | None:
+        """The job of ``entry`` while the entry is its current one."""
+        job = self._jobs.get(entry[2])
+        return job if job is not None and job.generation == entry[1] else None
+
+    def watch_clock(self) -> bool:
+        """Notice a wall clock step and re-base the heap on it; True when it did.
+
+        Interval jobs keep their monotonic deadlines (their nominal slots
+        move with the step, so the slot after stays one interval away);
+        cron and ``at`` jobs are about wall time, so their deadlines move.
+        """
+        offset = self._clock() - self._monotonic()
+        step = offset - self._offset
+        if abs(step) < 1.0:
+            return False
+        self._offset = offset
+        log.warning("wall clock stepped by %+.1fs; interval jobs keep their pace, "
+                    "cron and at jobs move to their wall-clock slots", step)
+        heap = []
+        for entry in self._heap:
+            job = self._live(entry)
+            if job is None:
+                continue
+            mono, seq, job_id, nominal = entry
+            if job.cfg.schedule.every_secs is not None:
+                heap.append((mono, seq, job_id, nominal + step))
+                job.next_run_at = mono + offset
+            else:
+                jitter = (job.next_run_at or nominal) - nominal
+                heap.append((nominal + jitter - offset, seq, job_id, nominal))
+        heapq.heapify(heap)
+        self._heap = heap
+        return True
+
+    def pop_due(self, now: float) -> list[tuple[_Job, float]]:
+        """Take every entry due by monotonic ``now``: (job, nominal slot) of
+        the live ones."""
+        due = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            job = self._live(entry)
+            if job is not None:
+                due.append((job, entry[3]))
+        return due
+
+    def next_deadline(self) -> float | None:
+        """The earliest entry's monotonic deadline (None: empty)."""
+        return self._heap[0][0] if self._heap else None
+
+    def holds(self, job: _Job) -> bool:
+        """``job``'s current entry still waits (was not popped)."""
+        return job.generation >= 0 and any(e[1] == job.generation for e in self._heap)
+
+
 class Runner:
     """The poller daemon: schedules jobs, ticks them, stores what they return.
 
@@ -8224,7 +8320,6 @@ class Runner:
         self.config = config
         self.clock = clock
         self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
-        self._offset = clock() - self.monotonic()   # wall - monotonic, as last seen
         self.rng = rng or random.Random()   # jitter, retry spread: one source
         self.router = PluginPollerRouter()          # plugins by id (the manifests)
         self._routes: dict[str, _Route] = {}        # kinds: the one answer to "who serves it"
@@ -8234,9 +8329,7 @@ class Runner:
         self._supervisors: dict[str, PluginSupervisor] = {}
         self._jobs: dict[str, _Job] = {}
         self._wall_jobs = _has_wall_clock_jobs(config)
-        # (monotonic deadline, seq, job id, nominal wall-clock slot)
-        self._heap: list[tuple[float, int, str, float]] = []
-        self._seq = itertools.count()
+        self._heap = _TimerHeap(self._jobs, clock, self.monotonic)
         self._cond = threading.Condition(threading.Lock())
         self._effects: deque = deque()              # committed outcomes waiting for their effects
         self._pool = _WorkerPool(config.max_workers)
@@ -8516,57 +8609,15 @@ class Runner:
     # -- the timer heap -------------------------------------------------------------------
 
     def _push(self, job: _Job, when: float, nominal: float | None = None) -> None:
-        """Put a job's next run on the heap (lock held).
-
-        ``nominal`` is the schedule's slot without jitter; the slot after
-        it is computed from it, so jitter never accumulates into drift.
-        """
-        self._watch_clock()                 # ``when`` is wall time: convert at today's offset
-        seq = next(self._seq)
-        job.generation = seq               # older entries of this job are now stale
-        job.next_run_at = when
-        heapq.heappush(self._heap, (when - self._offset, seq, job.cfg.id,
-                                    when if nominal is None else nominal))
-        if len(self._heap) > 2 * len(self._jobs) + 1024:
-            self._compact_heap()
-        if self._heap[0][1] == seq:         # earlier than what the scheduler waits for
+        """Put a job's next run on the heap (``_TimerHeap.push``; lock held),
+        waking the scheduler when what it waits for changed."""
+        if self._heap.push(job, when, nominal):
             self._cond.notify_all()
 
-    def _compact_heap(self) -> None:
-        """Drop superseded entries (rescheduled, resumed, removed jobs) (lock held)."""
-        jobs = self._jobs
-        self._heap = [e for e in self._heap
-                      if e[2] in jobs and jobs[e[2]].generation == e[1]]
-        heapq.heapify(self._heap)
-
     def _watch_clock(self) -> None:
-        """Notice a wall clock step and re-base the heap on it (lock held).
-
-        Interval jobs keep their monotonic deadlines (their nominal slots
-        move with the step, so the slot after stays one interval away);
-        cron and ``at`` jobs are about wall time, so their deadlines move.
-        """
-        offset = self.clock() - self.monotonic()
-        step = offset - self._offset
-        if abs(step) < 1.0:
-            return
-        self._offset = offset
-        log.warning("wall clock stepped by %+.1fs; interval jobs keep their pace, "
-                    "cron and at jobs move to their wall-clock slots", step)
-        heap = []
-        for mono, seq, job_id, nominal in self._heap:
-            job = self._jobs.get(job_id)
-            if job is None or job.generation != seq:
-                continue
-            if job.cfg.schedule.every_secs is not None:
-                heap.append((mono, seq, job_id, nominal + step))
-                job.next_run_at = mono + offset
-            else:
-                jitter = (job.next_run_at or nominal) - nominal
-                heap.append((nominal + jitter - offset, seq, job_id, nominal))
-        heapq.heapify(heap)
-        self._heap = heap
-        self._cond.notify_all()
+        """Re-base the heap on a wall clock step (lock held)."""
+        if self._heap.watch_clock():
+            self._cond.notify_all()
 
     def _poll_at(self) -> float | None:
         """When the scheduler must look at the state unasked (a
@@ -8598,8 +8649,9 @@ class Runner:
         at = self._poll_at()
         if at is not None:
             waits.append(max(0.0, at - time.monotonic()))
-        if self._heap:
-            waits.append(max(0.0, self._heap[0][0] - now))
+        deadline = self._heap.next_deadline()
+        if deadline is not None:
+            waits.append(max(0.0, deadline - now))
             if self._wall_jobs:
                 waits.append(_WALL_CLOCK_LOOK_SECS)
         return min(waits) if waits else None
@@ -8661,13 +8713,11 @@ class Runner:
         self._state_backoff = _backoff(self._state_backoff, _STATE_RETRY_MAX_SECS, 2)
 
     def _pop_due(self, now: float) -> list[tuple[_Job, float]]:
+        """The due jobs that may run now, marked running (lock held)."""
         due = []
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            when, seq, job_id, nominal = heapq.heappop(heap)
-            job = self._jobs.get(job_id)
-            if job is None or job.generation != seq or job.state.paused or job.running:
-                if job is not None and job.commanding and job.generation == seq:
+        for job, nominal in self._heap.pop_due(now):
+            if job.state.paused or job.running:
+                if job.commanding:
                     job.missed = nominal
                 continue
             job.running = True
@@ -8996,8 +9046,7 @@ class Runner:
             self._not_running(job)
             job.cancel = None
             live = not job.state.paused and not job.removed and not self._stopping
-            if live and keep and job.generation >= 0 \
-                    and any(e[1] == job.generation for e in self._heap):
+            if live and keep and self._heap.holds(job):
                 pass                        # an operator's tick is rare: the scan is cheap
             elif live and next_run_at is not None:
                 self._push(job, next_run_at, slot)
