@@ -36,8 +36,8 @@ The sections of this file, in dependency order:
     Runner      plan_tick, next_run (the pure error policy and catch-up rule),
                 Runner (routes, effects, reload, a read API for the HTTP
                 face, metrics and the CLI) over its collaborators:
-                _TimerHeap (the jobs' next runs); the outbox publisher and
-                its sinks, metrics
+                _TimerHeap (the jobs' next runs), _Lanes (the tick slots);
+                the outbox publisher and its sinks, metrics
     HTTP        /metrics, the admin API (nexo's routes), /healthz, /readyz and
                 the status page: one route table (_HTTP_ROUTES) of small
                 handlers, on one bounded http.server
@@ -8194,6 +8194,79 @@ class _Route:
     plugin_id: str | None = None
 
 
+class _Lanes:
+    """The tick slots: each lane (a plugin, or an in-process kind) runs at
+    most its limit of ticks at once and queues the rest in order, and each
+    idle lane keeps one worker in reserve; the Runner's lock guards it."""
+
+    def __init__(self, workers: Callable[[], int]):
+        self._lanes: dict[str, _Lane] = {}
+        self._workers = workers             # how many worker threads ticks share
+        self._idle = 0                      # lanes with nothing running
+        self._busy = 0                      # ticks holding a worker thread
+
+    def get(self, key: str, limit: int) -> _Lane:
+        """The lane ``key`` (made when new), bounded by ``limit`` from now on."""
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane(key, limit)
+            self._idle += 1
+        lane.limit = limit
+        return lane
+
+    def queue(self, lane: _Lane, job: _Job, slot: float | None, command: int | None) -> list:
+        """Queue a due tick in ``lane``; the ticks that may start now."""
+        lane.waiting.append((job, slot, command))
+        return self._start_ready((lane,))
+
+    def _start_ready(self, lanes: Iterable[_Lane]) -> list:
+        """Take queued ticks that may start now: (job, slot, command, lane) each.
+
+        A lane runs at most its limit; and every lane with nothing running
+        keeps one worker in reserve, so a plugin hung at its limit cannot
+        take the threads other plugins need.
+        """
+        starts, cap = [], self._workers()
+        for lane in lanes:
+            while lane.waiting and lane.running < lane.limit:
+                reserve = min(self._idle - (lane.running == 0), cap - 1)
+                if self._busy >= cap - reserve:
+                    break
+                job, slot, command = lane.waiting.popleft()
+                self.take(lane)
+                self._busy += 1
+                starts.append((job, slot, command, lane))
+        return starts
+
+    def take(self, lane: _Lane) -> None:
+        """A tick takes a slot of ``lane`` (an operator's: no worker thread)."""
+        if lane.running == 0:
+            self._idle -= 1
+        lane.running += 1
+
+    def _free(self, lane: _Lane) -> None:
+        lane.running -= 1
+        if lane.running == 0:
+            self._idle += 1
+
+    def leave(self, lane: _Lane) -> list:
+        """An operator's tick frees its slot: the ticks that may start now."""
+        self._free(lane)
+        return self._start_ready([lane])
+
+    def finished(self, lane: _Lane) -> list:
+        """A worker's tick in ``lane`` ended: the ticks that may start now,
+        its own lane's first (the worker runs that one itself)."""
+        self._busy -= 1
+        self._free(lane)
+        return self._start_ready([lane] + [ln for ln in self._lanes.values()
+                                           if ln.waiting and ln is not lane])
+
+    def snapshot(self) -> dict[str, tuple[int, int]]:
+        """Every lane: key -> (ticks running, ticks waiting for a slot)."""
+        return {k: (lane.running, len(lane.waiting)) for k, lane in self._lanes.items()}
+
+
 class _TimerHeap:
     """The jobs' next runs ordered by monotonic deadline, one live entry per
     job (its ``generation``), re-based when the wall clock steps; the
@@ -8323,9 +8396,7 @@ class Runner:
         self.rng = rng or random.Random()   # jitter, retry spread: one source
         self.router = PluginPollerRouter()          # plugins by id (the manifests)
         self._routes: dict[str, _Route] = {}        # kinds: the one answer to "who serves it"
-        self._lanes: dict[str, _Lane] = {}
-        self._idle_lanes = 0
-        self._busy = 0                              # ticks holding a worker thread
+        self._lanes = _Lanes(lambda: self.config.max_workers)
         self._supervisors: dict[str, PluginSupervisor] = {}
         self._jobs: dict[str, _Job] = {}
         self._wall_jobs = _has_wall_clock_jobs(config)
@@ -8384,12 +8455,7 @@ class Runner:
 
     def _lane(self, key: str, limit: int) -> _Lane:
         with self._cond:
-            lane = self._lanes.get(key)
-            if lane is None:
-                lane = self._lanes[key] = _Lane(key, limit)
-                self._idle_lanes += 1
-            lane.limit = limit
-            return lane
+            return self._lanes.get(key, limit)
 
     def _install_plugins(self, handles: Iterable[PluginPollerHandle],
                          auth_by_plugin: Mapping[str, Mapping[str, str]] | None = None) -> None:
@@ -8760,31 +8826,9 @@ class Runner:
         route = self._routes.get(job.cfg.kind)
         lane = route.lane if route is not None else self._lane("(unrouted)", 1)
         with self._cond:
-            lane.waiting.append((job, slot, command))
-            starts = self._start_ready((lane,))
+            starts = self._lanes.queue(lane, job, slot, command)
         for args in starts:
             self._pool.submit(self._work, *args)
-
-    def _start_ready(self, lanes: Iterable[_Lane]) -> list:
-        """Take queued ticks that may start now (lock held).
-
-        A lane runs at most its limit; and every lane with nothing running
-        keeps one worker in reserve, so a plugin hung at its limit cannot
-        take the threads other plugins need.
-        """
-        starts, cap = [], self.config.max_workers
-        for lane in lanes:
-            while lane.waiting and lane.running < lane.limit:
-                reserve = min(self._idle_lanes - (lane.running == 0), cap - 1)
-                if self._busy >= cap - reserve:
-                    break
-                job, slot, command = lane.waiting.popleft()
-                if lane.running == 0:
-                    self._idle_lanes -= 1
-                lane.running += 1
-                self._busy += 1
-                starts.append((job, slot, command, lane))
-        return starts
 
     def _work(self, job: _Job, slot: float | None, command: int | None, lane: _Lane) -> None:
         """Run a tick; then, on this same thread, the next tick the freed
@@ -8796,13 +8840,7 @@ class Runner:
             except Exception:
                 log.exception("tick worker failed")
             with self._cond:
-                lane.running -= 1
-                self._busy -= 1
-                if lane.running == 0:
-                    self._idle_lanes += 1
-                waiting = [lane] + [ln for ln in self._lanes.values()
-                                    if ln.waiting and ln is not lane]
-                starts = self._start_ready(waiting)
+                starts = self._lanes.finished(lane)
             if not starts:
                 return
             for args in starts[1:]:
@@ -9156,18 +9194,13 @@ class Runner:
                                   f"for {budget:g}s")
                 # A lane's worker frees its slot without a notify: look again soon.
                 self._cond.wait(min(left, _CANCEL_POLL_SECS))
-            if lane.running == 0:
-                self._idle_lanes -= 1
-            lane.running += 1
+            self._lanes.take(lane)
         return lane, None
 
     def _leave_lane(self, lane: _Lane) -> None:
         """Free an operator's slot; start the scheduled ticks it held back."""
         with self._cond:
-            lane.running -= 1
-            if lane.running == 0:
-                self._idle_lanes += 1
-            starts = self._start_ready([lane])
+            starts = self._lanes.leave(lane)
         for args in starts:
             self._pool.submit(self._work, *args)
 
@@ -9418,7 +9451,7 @@ class Runner:
     def lanes(self) -> dict[str, tuple[int, int]]:
         """Every lane: key -> (ticks running, ticks waiting for a slot)."""
         with self._cond:
-            return {k: (lane.running, len(lane.waiting)) for k, lane in self._lanes.items()}
+            return self._lanes.snapshot()
 
     def supervisors(self) -> dict[str, PluginSupervisor]:
         """The supervised (long-lived) plugins: plugin id -> its supervisor."""
