@@ -36,8 +36,9 @@ The sections of this file, in dependency order:
     Runner      plan_tick, next_run (the pure error policy and catch-up rule),
                 Runner (routes, effects, reload, a read API for the HTTP
                 face, metrics and the CLI) over its collaborators:
-                _TimerHeap (the jobs' next runs), _Lanes (the tick slots);
-                the outbox publisher and its sinks, metrics
+                _TimerHeap (the jobs' next runs), _Lanes (the tick slots),
+                _Commands (operator commands); the outbox publisher and its
+                sinks, metrics
     HTTP        /metrics, the admin API (nexo's routes), /healthz, /readyz and
                 the status page: one route table (_HTTP_ROUTES) of small
                 handlers, on one bounded http.server
@@ -8361,6 +8362,157 @@ class _TimerHeap:
         return job.generation >= 0 and any(e[1] == job.generation for e in self._heap)
 
 
+class _Commands:
+    """Operator commands (pause, resume, reset, cursor, tick): applied at once
+    to a job this daemon holds and is not ticking, else queued in the state
+    for its owner, and the queued ones carried out when the scheduler looks."""
+
+    def __init__(self, runner: "Runner"):
+        self._runner = runner
+        self.due = False            # commands queued for this daemon: the scheduler looks now
+
+    def send(self, job_id: str, verb: str, arg: str | None = None) -> None:
+        """Apply a command now when this runner owns the idle job; otherwise
+        queue it for the owner (this runner, after the running tick, or the
+        daemon holding the lease)."""
+        r = self._runner
+        job = r._job(job_id)
+        if self.apply_held(job, verb, arg=arg):
+            return
+        owner, seq = r.state.command(job_id, verb, paused_on_boot=job.cfg.paused_on_boot,
+                                     arg=arg)
+        if seq is None:                     # nobody holds it: applied in the state
+            self.refresh_unheld([job_id])
+        elif owner == r.state.owner:
+            with r._cond:
+                self.due = True
+                r._cond.notify_all()
+        else:
+            _wake_owner(owner)              # another daemon on this state; it does not poll
+
+    def apply_held(self, job: _Job, verb: str, seq: int | None = None,
+                   arg: str | None = None) -> bool:
+        """``apply`` to a job this runner holds and is not ticking,
+        the job held as running meanwhile: a command and a tick of one job
+        are serialised, so no tick that read the state before the command
+        commits over it.  A slot that comes meanwhile runs right after.
+        False when a tick runs, or the lease is not (or no longer) held."""
+        r = self._runner
+        with r._cond:
+            if not job.leased or job.running or job.removed:
+                return False
+            r._mark_running(job)
+            job.commanding = True
+        try:
+            return self.apply(job, verb, seq, arg)
+        finally:
+            with r._cond:
+                r._not_running(job)
+                missed, job.missed = job.missed, None
+                if r._started and not r._stopping and not job.removed \
+                        and not job.state.paused:
+                    if missed is not None:
+                        r._push(job, r.clock(), missed)
+                    elif verb == "resume" and job.generation < 0:
+                        r._schedule_first(job, r.clock())
+                r._cond.notify_all()
+
+    def apply(self, job: _Job, verb: str, seq: int | None = None,
+              arg: str | None = None) -> bool:
+        """Apply a pause/resume/reset/cursor to a job this runner owns, in one
+        commit with the command's completion (``running`` held by the caller).
+        False when the lease was lost."""
+        r = self._runner
+        now = r.clock()
+        new = apply_command(job.state, verb, arg)
+        if verb == "resume" and job.state.paused:
+            slot, _ = next_run(new.replace(next_run_at=job.state.next_run_at), job.cfg.schedule,
+                               job.key, now)
+            new = new.replace(next_run_at=slot, schedule_key=job.key)
+        if not r.state.commit_now(new, command=None if seq is None else (seq, None),
+                                  source=_command_source(verb, arg)):
+            with r._cond:
+                job.leased = False
+            return False
+        with r._cond:
+            job.state = new.replace(revision=new.revision + 1)
+            if verb == "pause":
+                job.generation = -1
+        return True
+
+    def apply_pending(self) -> int:
+        """Carry out the operator commands queued for the jobs this daemon owns."""
+        r = self._runner
+        n = 0
+        for cmd in r.state.pending_commands():
+            job = r._jobs.get(cmd.job)
+            if job is None or job.removed:
+                r.state.finish_command(cmd.seq, json.dumps(
+                    {"job": cmd.job, "error": "this daemon has no such job"}))
+            elif cmd.verb == "tick":
+                with r._cond:
+                    if job.command == cmd.seq:      # dispatched at an earlier look
+                        continue
+                if not self._tick_soon(job, cmd.seq):
+                    r.state.finish_command(cmd.seq, json.dumps(TickOutcome(
+                        job.cfg.id, job.cfg.kind, TickStatus.BUSY,
+                        "a tick of this job is running").to_dict()))
+            elif not self.apply_held(job, cmd.verb, cmd.seq, cmd.arg):
+                with r._cond:
+                    if job.running:             # after the tick's commit
+                        job.commands_wait = True
+                continue
+            log.info("operator: %s %s", cmd.verb, cmd.job)
+            n += 1
+        return n
+
+    def take_over(self, job: _Job) -> bool:
+        """Before the first tick of a job taken over (``running`` held): apply
+        the pause/resume/reset/cursor commands queued for its last owner, so
+        none comes after a tick it should have preceded.  False when the
+        lease was lost meanwhile."""
+        r = self._runner
+        for cmd in r.state.pending_commands():
+            if cmd.job == job.cfg.id and cmd.verb != "tick":
+                if not self.apply(job, cmd.verb, cmd.seq, cmd.arg):
+                    return False
+                log.info("operator: %s %s (queued for the last owner)", cmd.verb, cmd.job)
+        return True
+
+    def refresh_unheld(self, ids: Iterable[str] | None = None) -> None:
+        """Re-read jobs this runner has but does not hold: ``ids``, or every
+        paused one, so a ``resume`` applied to the state while no daemon held
+        the job reaches the daemon that has it in its configuration.  (An
+        unpaused one needs no look: its next slot claims it, reading the state.)"""
+        r = self._runner
+        with r._cond:
+            ids = [j.cfg.id for j in r._jobs.values()
+                   if (j.state.paused if ids is None else j.cfg.id in ids)
+                   and not j.leased and not j.running and not j.removed]
+        stored = r.state.load(ids) if ids else {}
+        now = r.clock()
+        with r._cond:
+            for job_id, state in stored.items():
+                job = r._jobs.get(job_id)
+                if job is None or job.leased or job.running or job.removed:
+                    continue
+                was_paused, job.state, job.delivered = job.state.paused, state, 0
+                if was_paused and not state.paused and r._started:
+                    r._schedule_first(job, now)
+
+    def _tick_soon(self, job: _Job, command: int | None = None) -> bool:
+        """Dispatch a job now, off schedule, unless a tick of it is running."""
+        r = self._runner
+        with r._cond:
+            if job.running or job.removed:
+                return False
+            r._mark_running(job)
+            if command is not None:
+                job.command = command
+        r._dispatch(job, None, command)
+        return True
+
+
 class Runner:
     """The poller daemon: schedules jobs, ticks them, stores what they return.
 
@@ -8409,7 +8561,7 @@ class Runner:
         self._opened = False
         self._started = False
         self._torn_down = False
-        self._commands_due = False
+        self._commands = _Commands(self)
         self._last_poll = 0.0                       # time.monotonic() of the last look at the state
         self._state_backoff = _COMMAND_POLL_SECS
         self._published_running: frozenset = frozenset()
@@ -8704,7 +8856,7 @@ class Runner:
 
     def _poll_due(self) -> bool:
         at = self._poll_at()
-        return self._commands_due or (at is not None and time.monotonic() >= at)
+        return self._commands.due or (at is not None and time.monotonic() >= at)
 
     def _next_wake(self, now: float) -> float | None:
         """Seconds until the scheduler has something to do (lock held); None
@@ -8755,10 +8907,10 @@ class Runner:
     def _poll_state(self) -> None:
         """Commands and the running set, each time the scheduler looks at the state."""
         self.state.check_file()
-        due, self._commands_due = self._commands_due, False
+        due, self._commands.due = self._commands.due, False
         if self.state.changed() or due:
             self.apply_commands()
-            self._refresh_unheld()
+            self._commands.refresh_unheld()
         running = frozenset(j.cfg.id for j in self._jobs.values()
                             if j.running and not j.commanding)
         if running != self._published_running:
@@ -8786,8 +8938,7 @@ class Runner:
                 if job.commanding:
                     job.missed = nominal
                 continue
-            job.running = True
-            self._running += 1
+            self._mark_running(job)
             due.append((job, nominal))
         return due
 
@@ -8890,7 +9041,7 @@ class Runner:
                 # The state is what the last owner committed, with the commands
                 # queued for it applied: resume from it.
                 try:
-                    kept = self._take_over_commands(job)
+                    kept = self._commands.take_over(job)
                 except StateError as exc:
                     kept, outcome.error = False, f"queued commands not read: {exc}"
                 if not kept:
@@ -9097,7 +9248,12 @@ class Runner:
         job.running = job.commanding = False
         self._running -= 1
         if job.commands_wait:               # queued while it ran: the scheduler looks now
-            job.commands_wait, self._commands_due = False, True
+            job.commands_wait, self._commands.due = False, True
+
+    def _mark_running(self, job: _Job) -> None:
+        """The start of a tick or a command of ``job`` (lock held)."""
+        job.running = True
+        self._running += 1
 
     def note_delivered(self, items: list[OutboxItem]) -> None:
         """The publisher delivered these: count them into their jobs (live view)."""
@@ -9167,8 +9323,7 @@ class Runner:
             with self._cond:
                 if job.running:             # it started while this one waited for a slot
                     return running
-                job.running = True
-                self._running += 1
+                self._mark_running(job)
             try:
                 return self._tick(job, None, commit_async=False)
             finally:
@@ -9227,154 +9382,23 @@ class Runner:
         return outcome
 
     def pause(self, job_id: str) -> None:
-        self._command(job_id, "pause")
+        self._commands.send(job_id, "pause")
 
     def resume(self, job_id: str) -> None:
         """Put a paused job back on its schedule (a slot missed while paused runs once)."""
-        self._command(job_id, "resume")
+        self._commands.send(job_id, "resume")
 
     def reset(self, job_id: str) -> None:
         """Forget a job's cursor: its next tick starts from scratch."""
-        self._command(job_id, "reset")
+        self._commands.send(job_id, "reset")
 
     def set_cursor(self, job_id: str, cursor: bytes | None, source: str = "set") -> None:
         """Set a job's cursor (recorded in its history as ``source``)."""
-        self._command(job_id, "cursor", cursor_command_arg(cursor, source))
-
-    def _command(self, job_id: str, verb: str, arg: str | None = None) -> None:
-        """Apply a command now when this runner owns the idle job; otherwise
-        queue it for the owner (this runner, after the running tick, or the
-        daemon holding the lease)."""
-        job = self._job(job_id)
-        if self._apply_held(job, verb, arg=arg):
-            return
-        owner, seq = self.state.command(job_id, verb, paused_on_boot=job.cfg.paused_on_boot,
-                                        arg=arg)
-        if seq is None:                     # nobody holds it: applied in the state
-            self._refresh_unheld([job_id])
-        elif owner == self.state.owner:
-            with self._cond:
-                self._commands_due = True
-                self._cond.notify_all()
-        else:
-            _wake_owner(owner)              # another daemon on this state; it does not poll
-
-    def _apply_held(self, job: _Job, verb: str, seq: int | None = None,
-                    arg: str | None = None) -> bool:
-        """``_apply_command`` to a job this runner holds and is not ticking,
-        the job held as running meanwhile: a command and a tick of one job
-        are serialised, so no tick that read the state before the command
-        commits over it.  A slot that comes meanwhile runs right after.
-        False when a tick runs, or the lease is not (or no longer) held."""
-        with self._cond:
-            if not job.leased or job.running or job.removed:
-                return False
-            job.running = job.commanding = True
-            self._running += 1
-        try:
-            return self._apply_command(job, verb, seq, arg)
-        finally:
-            with self._cond:
-                self._not_running(job)
-                missed, job.missed = job.missed, None
-                if self._started and not self._stopping and not job.removed \
-                        and not job.state.paused:
-                    if missed is not None:
-                        self._push(job, self.clock(), missed)
-                    elif verb == "resume" and job.generation < 0:
-                        self._schedule_first(job, self.clock())
-                self._cond.notify_all()
-
-    def _apply_command(self, job: _Job, verb: str, seq: int | None = None,
-                       arg: str | None = None) -> bool:
-        """Apply a pause/resume/reset/cursor to a job this runner owns, in one
-        commit with the command's completion (``running`` held by the caller).
-        False when the lease was lost."""
-        now = self.clock()
-        new = apply_command(job.state, verb, arg)
-        if verb == "resume" and job.state.paused:
-            slot, _ = next_run(new.replace(next_run_at=job.state.next_run_at), job.cfg.schedule,
-                               job.key, now)
-            new = new.replace(next_run_at=slot, schedule_key=job.key)
-        if not self.state.commit_now(new, command=None if seq is None else (seq, None),
-                                     source=_command_source(verb, arg)):
-            with self._cond:
-                job.leased = False
-            return False
-        with self._cond:
-            job.state = new.replace(revision=new.revision + 1)
-            if verb == "pause":
-                job.generation = -1
-        return True
+        self._commands.send(job_id, "cursor", cursor_command_arg(cursor, source))
 
     def apply_commands(self) -> int:
         """Carry out the operator commands queued for the jobs this daemon owns."""
-        n = 0
-        for cmd in self.state.pending_commands():
-            job = self._jobs.get(cmd.job)
-            if job is None or job.removed:
-                self.state.finish_command(cmd.seq, json.dumps(
-                    {"job": cmd.job, "error": "this daemon has no such job"}))
-            elif cmd.verb == "tick":
-                with self._cond:
-                    if job.command == cmd.seq:      # dispatched at an earlier look
-                        continue
-                if not self._tick_soon(job, cmd.seq):
-                    self.state.finish_command(cmd.seq, json.dumps(TickOutcome(
-                        job.cfg.id, job.cfg.kind, TickStatus.BUSY,
-                        "a tick of this job is running").to_dict()))
-            elif not self._apply_held(job, cmd.verb, cmd.seq, cmd.arg):
-                with self._cond:
-                    if job.running:             # after the tick's commit
-                        job.commands_wait = True
-                continue
-            log.info("operator: %s %s", cmd.verb, cmd.job)
-            n += 1
-        return n
-
-    def _take_over_commands(self, job: _Job) -> bool:
-        """Before the first tick of a job taken over (``running`` held): apply
-        the pause/resume/reset/cursor commands queued for its last owner, so
-        none comes after a tick it should have preceded.  False when the
-        lease was lost meanwhile."""
-        for cmd in self.state.pending_commands():
-            if cmd.job == job.cfg.id and cmd.verb != "tick":
-                if not self._apply_command(job, cmd.verb, cmd.seq, cmd.arg):
-                    return False
-                log.info("operator: %s %s (queued for the last owner)", cmd.verb, cmd.job)
-        return True
-
-    def _refresh_unheld(self, ids: Iterable[str] | None = None) -> None:
-        """Re-read jobs this runner has but does not hold: ``ids``, or every
-        paused one, so a ``resume`` applied to the state while no daemon held
-        the job reaches the daemon that has it in its configuration.  (An
-        unpaused one needs no look: its next slot claims it, reading the state.)"""
-        with self._cond:
-            ids = [j.cfg.id for j in self._jobs.values()
-                   if (j.state.paused if ids is None else j.cfg.id in ids)
-                   and not j.leased and not j.running and not j.removed]
-        stored = self.state.load(ids) if ids else {}
-        now = self.clock()
-        with self._cond:
-            for job_id, state in stored.items():
-                job = self._jobs.get(job_id)
-                if job is None or job.leased or job.running or job.removed:
-                    continue
-                was_paused, job.state, job.delivered = job.state.paused, state, 0
-                if was_paused and not state.paused and self._started:
-                    self._schedule_first(job, now)
-
-    def _tick_soon(self, job: _Job, command: int | None = None) -> bool:
-        """Dispatch a job now, off schedule, unless a tick of it is running."""
-        with self._cond:
-            if job.running or job.removed:
-                return False
-            job.running = True
-            self._running += 1
-            if command is not None:
-                job.command = command
-        self._dispatch(job, None, command)
-        return True
+        return self._commands.apply_pending()
 
     def status(self, holders: Mapping[str, str] | None = None) -> list[dict]:
         """Every job as ``status`` shows it, from this daemon's memory.  Its
@@ -9536,7 +9560,7 @@ class Runner:
     def poke(self) -> None:
         """Look at the state's commands and the outbox now, not at the next poll."""
         with self._cond:
-            self._commands_due = True
+            self._commands.due = True
             self._cond.notify_all()
         if self._publisher is not None:
             self._publisher.wake()
