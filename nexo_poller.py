@@ -37,8 +37,8 @@ The sections of this file, in dependency order:
                 Runner (routes, effects, reload, a read API for the HTTP
                 face, metrics and the CLI) over its collaborators:
                 _TimerHeap (the jobs' next runs), _Lanes (the tick slots),
-                _Commands (operator commands); the outbox publisher and its
-                sinks, metrics
+                _Commands (operator commands), _Signals (the wake-up pipe);
+                the outbox publisher and its sinks, metrics
     HTTP        /metrics, the admin API (nexo's routes), /healthz, /readyz and
                 the status page: one route table (_HTTP_ROUTES) of small
                 handlers, on one bounded http.server
@@ -8513,6 +8513,36 @@ class _Commands:
         return True
 
 
+class _Signals:
+    """The signals ``wanted``, while installed, arrive as bytes on a wake-up
+    pipe (``signal.set_wakeup_fd``) that ``receive`` reads: a handler that
+    took a lock could deadlock against the very thread it interrupted."""
+
+    def __init__(self, wanted: Iterable[int]):
+        self._wanted = set(wanted)
+        self._fds = (-1, -1)                # (read, write)
+        self._previous: dict = {}
+        self._old_wakeup = -1
+
+    def __enter__(self) -> "_Signals":
+        read_fd, write_fd = self._fds = os.pipe()
+        os.set_blocking(write_fd, False)
+        self._previous = {s: signal.signal(s, lambda signum, frame: None) for s in self._wanted}
+        self._old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        return self
+
+    def receive(self) -> set[int]:
+        """Wait for signals: the numbers of those that came."""
+        return set(os.read(self._fds[0], 256))      # one byte per signal number
+
+    def __exit__(self, *exc) -> None:
+        signal.set_wakeup_fd(self._old_wakeup)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        for fd in self._fds:
+            os.close(fd)
+
+
 class Runner:
     """The poller daemon: schedules jobs, ticks them, stores what they return.
 
@@ -9576,37 +9606,26 @@ class Runner:
         stops = {signal.SIGINT, signal.SIGTERM}
         reloads = {getattr(signal, "SIGHUP", None)} - {None}
         pokes = {getattr(signal, "SIGUSR1", None)} - {None}
-        wanted = stops | reloads | pokes
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(write_fd, False)
-        previous = {s: signal.signal(s, lambda signum, frame: None) for s in wanted}
-        old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        self.config_path = config_path
-        try:
-            self.start()
-            while True:
-                received = set(os.read(read_fd, 256))      # one byte per signal number
-                if received & stops:
-                    break
-                if received & pokes:
-                    self.poke()
-                if received & reloads and config_path is not None:
-                    try:
-                        with self.reload_lock:
-                            self.reload(load_config(config_path,
-                                                    extra_kinds=self.in_process_kinds()))
-                    except (ConfigError, ManifestError, PollerRouteRegistrationError,
-                            StateError) as exc:
-                        log.error("reload rejected, keeping the running config: %s", exc)
-        finally:
+        with _Signals(stops | reloads | pokes) as signals:
+            self.config_path = config_path
             try:
-                self.stop()                 # a second Ctrl-C meanwhile does not cut it short
+                self.start()
+                while True:
+                    received = signals.receive()
+                    if received & stops:
+                        break
+                    if received & pokes:
+                        self.poke()
+                    if received & reloads and config_path is not None:
+                        try:
+                            with self.reload_lock:
+                                self.reload(load_config(config_path,
+                                                        extra_kinds=self.in_process_kinds()))
+                        except (ConfigError, ManifestError, PollerRouteRegistrationError,
+                                StateError) as exc:
+                            log.error("reload rejected, keeping the running config: %s", exc)
             finally:
-                signal.set_wakeup_fd(old_wakeup)
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
-                os.close(read_fd)
-                os.close(write_fd)
+                self.stop()                 # a second Ctrl-C meanwhile does not cut it short
 
 
 
