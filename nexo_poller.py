@@ -34,9 +34,10 @@ The sections of this file, in dependency order:
     Schedule    Schedule, CronExpr
     Config      load_config, config_from_dict, DaemonConfig, JobConfig
     Runner      plan_tick, next_run (the pure error policy and catch-up rule),
-                Runner (routes, effects, reload, a read API for the HTTP
-                face, metrics and the CLI) over its collaborators:
-                _TimerHeap (the jobs' next runs), _Lanes (the tick slots),
+                Runner (life cycle, effects, reload, a read API for the HTTP
+                face, metrics and the CLI) over its collaborators: _Routes
+                (kind -> poller, lane, budget), _TimerHeap (the jobs' next
+                runs), _Lanes (the tick slots),
                 _Commands (operator commands), _Signals (the wake-up pipe);
                 the outbox publisher and its sinks, metrics
     HTTP        /metrics, the admin API (nexo's routes), /healthz, /readyz and
@@ -8195,6 +8196,43 @@ class _Route:
     plugin_id: str | None = None
 
 
+class _Routes:
+    """Which poller serves each kind, and how (its ``_Route``): one table,
+    one owner per kind."""
+
+    def __init__(self):
+        self._table: dict[str, _Route] = {}
+
+    def get(self, kind: str) -> _Route | None:
+        return self._table.get(kind)
+
+    def own(self, kinds: Iterable[str], plugin_id: str | None) -> None:
+        """A kind has one owner: raise ``DuplicateKind`` when one of ``kinds``
+        is routed to another than ``plugin_id`` (None: in-process).  The same
+        plugin again (a restart, a reload) is its owner still."""
+        for kind in kinds:
+            route = self._table.get(kind)
+            if route is not None and (plugin_id is None or route.plugin_id != plugin_id):
+                raise PollerRouteRegistrationError.DuplicateKind(
+                    kind, route.plugin_id or "(in-process)", plugin_id or "(in-process)")
+
+    def add(self, route: _Route) -> None:
+        self._table[route.kind] = route
+
+    def drop_plugin(self, plugin_id: str) -> None:
+        """Forget every kind ``plugin_id`` served."""
+        for kind in [k for k, r in self._table.items() if r.plugin_id == plugin_id]:
+            del self._table[kind]
+
+    def in_process_kinds(self) -> list[str]:
+        return [k for k, r in self._table.items() if r.plugin_id is None]
+
+    def budget(self, kind: str) -> float:
+        """How long a tick of ``kind`` may take as routed now (``_tick_budget``)."""
+        route = self._table.get(kind)
+        return route.budget if route is not None else _tick_budget(kind)
+
+
 class _Lanes:
     """The tick slots: each lane (a plugin, or an in-process kind) runs at
     most its limit of ticks at once and queues the rest in order, and each
@@ -8577,7 +8615,7 @@ class Runner:
         self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
         self.rng = rng or random.Random()   # jitter, retry spread: one source
         self.router = PluginPollerRouter()          # plugins by id (the manifests)
-        self._routes: dict[str, _Route] = {}        # kinds: the one answer to "who serves it"
+        self._routes = _Routes()                    # kinds: the one answer to "who serves it"
         self._lanes = _Lanes(lambda: self.config.max_workers)
         self._supervisors: dict[str, PluginSupervisor] = {}
         self._jobs: dict[str, _Job] = {}
@@ -8620,20 +8658,10 @@ class Runner:
         kind = getattr(poller, "kind", None)
         if not isinstance(kind, str) or not callable(getattr(poller, "tick", None)):
             raise TypeError("a poller needs a `kind` string and a `tick(ctx)` method")
-        self._own_kinds((kind,), None)
+        self._routes.own((kind,), None)
         limit = getattr(poller, "max_concurrent_ticks", None) or self.config.max_workers
-        self._routes[kind] = _Route(kind, poller, self._lane(f"kind:{kind}", limit),
-                                    _tick_budget(kind))
-
-    def _own_kinds(self, kinds: Iterable[str], plugin_id: str | None) -> None:
-        """A kind has one owner: raise ``DuplicateKind`` when one of ``kinds``
-        is routed to another than ``plugin_id`` (None: in-process).  The same
-        plugin again (a restart, a reload) is its owner still."""
-        for kind in kinds:
-            route = self._routes.get(kind)
-            if route is not None and (plugin_id is None or route.plugin_id != plugin_id):
-                raise PollerRouteRegistrationError.DuplicateKind(
-                    kind, route.plugin_id or "(in-process)", plugin_id or "(in-process)")
+        self._routes.add(_Route(kind, poller, self._lane(f"kind:{kind}", limit),
+                                _tick_budget(kind)))
 
     def _lane(self, key: str, limit: int) -> _Lane:
         with self._cond:
@@ -8644,13 +8672,12 @@ class Runner:
         """Route the plugins' kinds and start the supervised ones, each with
         its own NATS credentials when ``plugin_broker_auth`` names it."""
         for handle in handles:
-            self._own_kinds(handle.kinds, handle.plugin_id)
+            self._routes.own(handle.kinds, handle.plugin_id)
             self.router.register(handle)
             lane = self._lane(handle.plugin_id, handle.max_concurrent_ticks)
             for kind in handle.kinds:
-                self._routes[kind] = _Route(kind, _proxy_for(kind, handle, self.broker,
-                                                             limit=False), lane,
-                                            _tick_budget(kind, (handle,)), handle.plugin_id)
+                self._routes.add(_Route(kind, _proxy_for(kind, handle, self.broker, limit=False),
+                                        lane, _tick_budget(kind, (handle,)), handle.plugin_id))
             if _lifecycle_rules(handle).supervised and handle.entrypoint_command:
                 # long-lived and stdio; without a command (NATS only) the plugin
                 # runs elsewhere: not ours to start.
@@ -8665,16 +8692,14 @@ class Runner:
         if sup is not None:
             sup.stop()
         if self.router.unregister(plugin_id):
-            for kind in [k for k, r in self._routes.items() if r.plugin_id == plugin_id]:
-                del self._routes[kind]
+            self._routes.drop_plugin(plugin_id)
 
     def _budget(self, kind: str, plugins: Iterable[PluginPollerHandle] | None = None) -> float:
         """How long a tick of ``kind`` may take (``_tick_budget``): as routed
         now, or as ``plugins`` (a reload's) would route it."""
         if plugins is not None:
             return _tick_budget(kind, plugins)
-        route = self._routes.get(kind)
-        return route.budget if route is not None else _tick_budget(kind)
+        return self._routes.budget(kind)
 
     def _lease_ttl(self, cfg: JobConfig, plugins: Iterable[PluginPollerHandle] | None = None
                    ) -> float:
@@ -9500,7 +9525,7 @@ class Runner:
 
     def in_process_kinds(self) -> list[str]:
         """The kinds ``register`` serves in this process."""
-        return [k for k, r in self._routes.items() if r.plugin_id is None]
+        return self._routes.in_process_kinds()
 
     def lanes(self) -> dict[str, tuple[int, int]]:
         """Every lane: key -> (ticks running, ticks waiting for a slot)."""
