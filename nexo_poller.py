@@ -34,8 +34,12 @@ The sections of this file, in dependency order:
     Schedule    Schedule, CronExpr
     Config      load_config, config_from_dict, DaemonConfig, JobConfig
     Runner      plan_tick, next_run (the pure error policy and catch-up rule),
-                Runner (timer heap, routes and lanes, effects, reload), the
-                outbox publisher and its sinks, metrics
+                Runner (life cycle, effects, reload, a read API for the HTTP
+                face, metrics and the CLI) over its collaborators: _Routes
+                (kind -> poller, lane, budget), _TimerHeap (the jobs' next
+                runs), _Lanes (the tick slots),
+                _Commands (operator commands), _Signals (the wake-up pipe);
+                the outbox publisher and its sinks, metrics
     HTTP        /metrics, the admin API (nexo's routes), /healthz, /readyz and
                 the status page: one route table (_HTTP_ROUTES) of small
                 handlers, on one bounded http.server
@@ -8228,6 +8232,391 @@ class _Route:
     plugin_id: str | None = None
 
 
+class _Routes:
+    """Which poller serves each kind, and how (its ``_Route``): one table,
+    one owner per kind."""
+
+    def __init__(self):
+        self._table: dict[str, _Route] = {}
+
+    def get(self, kind: str) -> _Route | None:
+        return self._table.get(kind)
+
+    def own(self, kinds: Iterable[str], plugin_id: str | None) -> None:
+        """A kind has one owner: raise ``DuplicateKind`` when one of ``kinds``
+        is routed to another than ``plugin_id`` (None: in-process).  The same
+        plugin again (a restart, a reload) is its owner still."""
+        for kind in kinds:
+            route = self._table.get(kind)
+            if route is not None and (plugin_id is None or route.plugin_id != plugin_id):
+                raise PollerRouteRegistrationError.DuplicateKind(
+                    kind, route.plugin_id or "(in-process)", plugin_id or "(in-process)")
+
+    def add(self, route: _Route) -> None:
+        self._table[route.kind] = route
+
+    def drop_plugin(self, plugin_id: str) -> None:
+        """Forget every kind ``plugin_id`` served."""
+        for kind in [k for k, r in self._table.items() if r.plugin_id == plugin_id]:
+            del self._table[kind]
+
+    def in_process_kinds(self) -> list[str]:
+        return [k for k, r in self._table.items() if r.plugin_id is None]
+
+    def budget(self, kind: str) -> float:
+        """How long a tick of ``kind`` may take as routed now (``_tick_budget``)."""
+        route = self._table.get(kind)
+        return route.budget if route is not None else _tick_budget(kind)
+
+
+class _Lanes:
+    """The tick slots: each lane (a plugin, or an in-process kind) runs at
+    most its limit of ticks at once and queues the rest in order, and each
+    idle lane keeps one worker in reserve; the Runner's lock guards it."""
+
+    def __init__(self, workers: Callable[[], int]):
+        self._lanes: dict[str, _Lane] = {}
+        self._workers = workers             # how many worker threads ticks share
+        self._idle = 0                      # lanes with nothing running
+        self._busy = 0                      # ticks holding a worker thread
+
+    def get(self, key: str, limit: int) -> _Lane:
+        """The lane ``key`` (made when new), bounded by ``limit`` from now on."""
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane(key, limit)
+            self._idle += 1
+        lane.limit = limit
+        return lane
+
+    def queue(self, lane: _Lane, job: _Job, slot: float | None, command: int | None) -> list:
+        """Queue a due tick in ``lane``; the ticks that may start now."""
+        lane.waiting.append((job, slot, command))
+        return self._start_ready((lane,))
+
+    def _start_ready(self, lanes: Iterable[_Lane]) -> list:
+        """Take queued ticks that may start now: (job, slot, command, lane) each.
+
+        A lane runs at most its limit; and every lane with nothing running
+        keeps one worker in reserve, so a plugin hung at its limit cannot
+        take the threads other plugins need.
+        """
+        starts, cap = [], self._workers()
+        for lane in lanes:
+            while lane.waiting and lane.running < lane.limit:
+                reserve = min(self._idle - (lane.running == 0), cap - 1)
+                if self._busy >= cap - reserve:
+                    break
+                job, slot, command = lane.waiting.popleft()
+                self.take(lane)
+                self._busy += 1
+                starts.append((job, slot, command, lane))
+        return starts
+
+    def take(self, lane: _Lane) -> None:
+        """A tick takes a slot of ``lane`` (an operator's: no worker thread)."""
+        if lane.running == 0:
+            self._idle -= 1
+        lane.running += 1
+
+    def _free(self, lane: _Lane) -> None:
+        lane.running -= 1
+        if lane.running == 0:
+            self._idle += 1
+
+    def leave(self, lane: _Lane) -> list:
+        """An operator's tick frees its slot: the ticks that may start now."""
+        self._free(lane)
+        return self._start_ready([lane])
+
+    def finished(self, lane: _Lane) -> list:
+        """A worker's tick in ``lane`` ended: the ticks that may start now,
+        its own lane's first (the worker runs that one itself)."""
+        self._busy -= 1
+        self._free(lane)
+        return self._start_ready([lane] + [ln for ln in self._lanes.values()
+                                           if ln.waiting and ln is not lane])
+
+    def snapshot(self) -> dict[str, tuple[int, int]]:
+        """Every lane: key -> (ticks running, ticks waiting for a slot)."""
+        return {k: (lane.running, len(lane.waiting)) for k, lane in self._lanes.items()}
+
+
+class _TimerHeap:
+    """The jobs' next runs ordered by monotonic deadline, one live entry per
+    job (its ``generation``), re-based when the wall clock steps; the
+    Runner's lock guards it."""
+
+    def __init__(self, jobs: Mapping[str, _Job], clock: Callable[[], float],
+                 monotonic: Callable[[], float]):
+        self._jobs, self._clock, self._monotonic = jobs, clock, monotonic
+        self._offset = clock() - monotonic()        # wall - monotonic, as last seen
+        # (monotonic deadline, seq, job id, nominal wall-clock slot)
+        self._heap: list[tuple[float, int, str, float]] = []
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, job: _Job, when: float, nominal: float | None = None) -> bool:
+        """Put a job's next run at wall time ``when``; True when what the
+        scheduler waits for changed (it is the earliest now, or the clock stepped).
+
+        ``nominal`` is the schedule's slot without jitter; the slot after
+        it is computed from it, so jitter never accumulates into drift.
+        """
+        stepped = self.watch_clock()        # ``when`` is wall time: convert at today's offset
+        seq = next(self._seq)
+        job.generation = seq               # older entries of this job are now stale
+        job.next_run_at = when
+        heapq.heappush(self._heap, (when - self._offset, seq, job.cfg.id,
+                                    when if nominal is None else nominal))
+        if len(self._heap) > 2 * len(self._jobs) + 1024:
+            self._compact()
+        return stepped or self._heap[0][1] == seq
+
+    def _compact(self) -> None:
+        """Drop superseded entries (rescheduled, resumed, removed jobs)."""
+        self._heap = [e for e in self._heap if self._live(e) is not None]
+        heapq.heapify(self._heap)
+
+    def _live(self, entry: tuple[float, int, str, float]) -> _Job | None:
+        """The job of ``entry`` while the entry is its current one."""
+        job = self._jobs.get(entry[2])
+        return job if job is not None and job.generation == entry[1] else None
+
+    def watch_clock(self) -> bool:
+        """Notice a wall clock step and re-base the heap on it; True when it did.
+
+        Interval jobs keep their monotonic deadlines (their nominal slots
+        move with the step, so the slot after stays one interval away);
+        cron and ``at`` jobs are about wall time, so their deadlines move.
+        """
+        offset = self._clock() - self._monotonic()
+        step = offset - self._offset
+        if abs(step) < 1.0:
+            return False
+        self._offset = offset
+        log.warning("wall clock stepped by %+.1fs; interval jobs keep their pace, "
+                    "cron and at jobs move to their wall-clock slots", step)
+        heap = []
+        for entry in self._heap:
+            job = self._live(entry)
+            if job is None:
+                continue
+            mono, seq, job_id, nominal = entry
+            if job.cfg.schedule.every_secs is not None:
+                heap.append((mono, seq, job_id, nominal + step))
+                job.next_run_at = mono + offset
+            else:
+                jitter = (job.next_run_at or nominal) - nominal
+                heap.append((nominal + jitter - offset, seq, job_id, nominal))
+        heapq.heapify(heap)
+        self._heap = heap
+        return True
+
+    def pop_due(self, now: float) -> list[tuple[_Job, float]]:
+        """Take every entry due by monotonic ``now``: (job, nominal slot) of
+        the live ones."""
+        due = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            job = self._live(entry)
+            if job is not None:
+                due.append((job, entry[3]))
+        return due
+
+    def next_deadline(self) -> float | None:
+        """The earliest entry's monotonic deadline (None: empty)."""
+        return self._heap[0][0] if self._heap else None
+
+    def holds(self, job: _Job) -> bool:
+        """``job``'s current entry still waits (was not popped)."""
+        return job.generation >= 0 and any(e[1] == job.generation for e in self._heap)
+
+
+class _Commands:
+    """Operator commands (pause, resume, reset, cursor, tick): applied at once
+    to a job this daemon holds and is not ticking, else queued in the state
+    for its owner, and the queued ones carried out when the scheduler looks."""
+
+    def __init__(self, runner: "Runner"):
+        self._runner = runner
+        self.due = False            # commands queued for this daemon: the scheduler looks now
+
+    def send(self, job_id: str, verb: str, arg: str | None = None) -> None:
+        """Apply a command now when this runner owns the idle job; otherwise
+        queue it for the owner (this runner, after the running tick, or the
+        daemon holding the lease)."""
+        r = self._runner
+        job = r._job(job_id)
+        if self.apply_held(job, verb, arg=arg):
+            return
+        owner, seq = r.state.command(job_id, verb, paused_on_boot=job.cfg.paused_on_boot,
+                                     arg=arg)
+        if seq is None:                     # nobody holds it: applied in the state
+            self.refresh_unheld([job_id])
+        elif owner == r.state.owner:
+            with r._cond:
+                self.due = True
+                r._cond.notify_all()
+        else:
+            _wake_owner(owner)              # another daemon on this state; it does not poll
+
+    def apply_held(self, job: _Job, verb: str, seq: int | None = None,
+                   arg: str | None = None) -> bool:
+        """``apply`` to a job this runner holds and is not ticking,
+        the job held as running meanwhile: a command and a tick of one job
+        are serialised, so no tick that read the state before the command
+        commits over it.  A slot that comes meanwhile runs right after.
+        False when a tick runs, or the lease is not (or no longer) held."""
+        r = self._runner
+        with r._cond:
+            if not job.leased or job.running or job.removed:
+                return False
+            r._mark_running(job)
+            job.commanding = True
+        try:
+            return self.apply(job, verb, seq, arg)
+        finally:
+            with r._cond:
+                r._not_running(job)
+                missed, job.missed = job.missed, None
+                if r._started and not r._stopping and not job.removed \
+                        and not job.state.paused:
+                    if missed is not None:
+                        r._push(job, r.clock(), missed)
+                    elif verb == "resume" and job.generation < 0:
+                        r._schedule_first(job, r.clock())
+                r._cond.notify_all()
+
+    def apply(self, job: _Job, verb: str, seq: int | None = None,
+              arg: str | None = None) -> bool:
+        """Apply a pause/resume/reset/cursor to a job this runner owns, in one
+        commit with the command's completion (``running`` held by the caller).
+        False when the lease was lost."""
+        r = self._runner
+        now = r.clock()
+        new = apply_command(job.state, verb, arg)
+        if verb == "resume" and job.state.paused:
+            slot, _ = next_run(new.replace(next_run_at=job.state.next_run_at), job.cfg.schedule,
+                               job.key, now)
+            new = new.replace(next_run_at=slot, schedule_key=job.key)
+        if not r.state.commit_now(new, command=None if seq is None else (seq, None),
+                                  source=_command_source(verb, arg)):
+            with r._cond:
+                job.leased = False
+            return False
+        with r._cond:
+            job.state = new.replace(revision=new.revision + 1)
+            if verb == "pause":
+                job.generation = -1
+        return True
+
+    def apply_pending(self) -> int:
+        """Carry out the operator commands queued for the jobs this daemon owns."""
+        r = self._runner
+        n = 0
+        for cmd in r.state.pending_commands():
+            job = r._jobs.get(cmd.job)
+            if job is None or job.removed:
+                r.state.finish_command(cmd.seq, json.dumps(
+                    {"job": cmd.job, "error": "this daemon has no such job"}))
+            elif cmd.verb == "tick":
+                with r._cond:
+                    if job.command == cmd.seq:      # dispatched at an earlier look
+                        continue
+                if not self._tick_soon(job, cmd.seq):
+                    r.state.finish_command(cmd.seq, json.dumps(TickOutcome(
+                        job.cfg.id, job.cfg.kind, TickStatus.BUSY,
+                        "a tick of this job is running").to_dict()))
+            elif not self.apply_held(job, cmd.verb, cmd.seq, cmd.arg):
+                with r._cond:
+                    if job.running:             # after the tick's commit
+                        job.commands_wait = True
+                continue
+            log.info("operator: %s %s", cmd.verb, cmd.job)
+            n += 1
+        return n
+
+    def take_over(self, job: _Job) -> bool:
+        """Before the first tick of a job taken over (``running`` held): apply
+        the pause/resume/reset/cursor commands queued for its last owner, so
+        none comes after a tick it should have preceded.  False when the
+        lease was lost meanwhile."""
+        r = self._runner
+        for cmd in r.state.pending_commands():
+            if cmd.job == job.cfg.id and cmd.verb != "tick":
+                if not self.apply(job, cmd.verb, cmd.seq, cmd.arg):
+                    return False
+                log.info("operator: %s %s (queued for the last owner)", cmd.verb, cmd.job)
+        return True
+
+    def refresh_unheld(self, ids: Iterable[str] | None = None) -> None:
+        """Re-read jobs this runner has but does not hold: ``ids``, or every
+        paused one, so a ``resume`` applied to the state while no daemon held
+        the job reaches the daemon that has it in its configuration.  (An
+        unpaused one needs no look: its next slot claims it, reading the state.)"""
+        r = self._runner
+        with r._cond:
+            ids = [j.cfg.id for j in r._jobs.values()
+                   if (j.state.paused if ids is None else j.cfg.id in ids)
+                   and not j.leased and not j.running and not j.removed]
+        stored = r.state.load(ids) if ids else {}
+        now = r.clock()
+        with r._cond:
+            for job_id, state in stored.items():
+                job = r._jobs.get(job_id)
+                if job is None or job.leased or job.running or job.removed:
+                    continue
+                was_paused, job.state, job.delivered = job.state.paused, state, 0
+                if was_paused and not state.paused and r._started:
+                    r._schedule_first(job, now)
+
+    def _tick_soon(self, job: _Job, command: int | None = None) -> bool:
+        """Dispatch a job now, off schedule, unless a tick of it is running."""
+        r = self._runner
+        with r._cond:
+            if job.running or job.removed:
+                return False
+            r._mark_running(job)
+            if command is not None:
+                job.command = command
+        r._dispatch(job, None, command)
+        return True
+
+
+class _Signals:
+    """The signals ``wanted``, while installed, arrive as bytes on a wake-up
+    pipe (``signal.set_wakeup_fd``) that ``receive`` reads: a handler that
+    took a lock could deadlock against the very thread it interrupted."""
+
+    def __init__(self, wanted: Iterable[int]):
+        self._wanted = set(wanted)
+        self._fds = (-1, -1)                # (read, write)
+        self._previous: dict = {}
+        self._old_wakeup = -1
+
+    def __enter__(self) -> "_Signals":
+        read_fd, write_fd = self._fds = os.pipe()
+        os.set_blocking(write_fd, False)
+        self._previous = {s: signal.signal(s, lambda signum, frame: None) for s in self._wanted}
+        self._old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        return self
+
+    def receive(self) -> set[int]:
+        """Wait for signals: the numbers of those that came."""
+        return set(os.read(self._fds[0], 256))      # one byte per signal number
+
+    def __exit__(self, *exc) -> None:
+        signal.set_wakeup_fd(self._old_wakeup)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        for fd in self._fds:
+            os.close(fd)
+
+
 class Runner:
     """The poller daemon: schedules jobs, ticks them, stores what they return.
 
@@ -8260,19 +8649,14 @@ class Runner:
         self.config = config
         self.clock = clock
         self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
-        self._offset = clock() - self.monotonic()   # wall - monotonic, as last seen
-        self._rng = rng or random.Random()
+        self.rng = rng or random.Random()   # jitter, retry spread: one source
         self.router = PluginPollerRouter()          # plugins by id (the manifests)
-        self._routes: dict[str, _Route] = {}        # kinds: the one answer to "who serves it"
-        self._lanes: dict[str, _Lane] = {}
-        self._idle_lanes = 0
-        self._busy = 0                              # ticks holding a worker thread
+        self._routes = _Routes()                    # kinds: the one answer to "who serves it"
+        self._lanes = _Lanes(lambda: self.config.max_workers)
         self._supervisors: dict[str, PluginSupervisor] = {}
         self._jobs: dict[str, _Job] = {}
         self._wall_jobs = _has_wall_clock_jobs(config)
-        # (monotonic deadline, seq, job id, nominal wall-clock slot)
-        self._heap: list[tuple[float, int, str, float]] = []
-        self._seq = itertools.count()
+        self._heap = _TimerHeap(self._jobs, clock, self.monotonic)
         self._cond = threading.Condition(threading.Lock())
         self._effects: deque = deque()              # committed outcomes waiting for their effects
         self._pool = _WorkerPool(config.max_workers)
@@ -8281,7 +8665,7 @@ class Runner:
         self._opened = False
         self._started = False
         self._torn_down = False
-        self._commands_due = False
+        self._commands = _Commands(self)
         self._last_poll = 0.0                       # time.monotonic() of the last look at the state
         self._state_backoff = _COMMAND_POLL_SECS
         self._published_running: frozenset = frozenset()
@@ -8310,42 +8694,26 @@ class Runner:
         kind = getattr(poller, "kind", None)
         if not isinstance(kind, str) or not callable(getattr(poller, "tick", None)):
             raise TypeError("a poller needs a `kind` string and a `tick(ctx)` method")
-        self._own_kinds((kind,), None)
+        self._routes.own((kind,), None)
         limit = getattr(poller, "max_concurrent_ticks", None) or self.config.max_workers
-        self._routes[kind] = _Route(kind, poller, self._lane(f"kind:{kind}", limit),
-                                    _tick_budget(kind))
-
-    def _own_kinds(self, kinds: Iterable[str], plugin_id: str | None) -> None:
-        """A kind has one owner: raise ``DuplicateKind`` when one of ``kinds``
-        is routed to another than ``plugin_id`` (None: in-process).  The same
-        plugin again (a restart, a reload) is its owner still."""
-        for kind in kinds:
-            route = self._routes.get(kind)
-            if route is not None and (plugin_id is None or route.plugin_id != plugin_id):
-                raise PollerRouteRegistrationError.DuplicateKind(
-                    kind, route.plugin_id or "(in-process)", plugin_id or "(in-process)")
+        self._routes.add(_Route(kind, poller, self._lane(f"kind:{kind}", limit),
+                                _tick_budget(kind)))
 
     def _lane(self, key: str, limit: int) -> _Lane:
         with self._cond:
-            lane = self._lanes.get(key)
-            if lane is None:
-                lane = self._lanes[key] = _Lane(key, limit)
-                self._idle_lanes += 1
-            lane.limit = limit
-            return lane
+            return self._lanes.get(key, limit)
 
     def _install_plugins(self, handles: Iterable[PluginPollerHandle],
                          auth_by_plugin: Mapping[str, Mapping[str, str]] | None = None) -> None:
         """Route the plugins' kinds and start the supervised ones, each with
         its own NATS credentials when ``plugin_broker_auth`` names it."""
         for handle in handles:
-            self._own_kinds(handle.kinds, handle.plugin_id)
+            self._routes.own(handle.kinds, handle.plugin_id)
             self.router.register(handle)
             lane = self._lane(handle.plugin_id, handle.max_concurrent_ticks)
             for kind in handle.kinds:
-                self._routes[kind] = _Route(kind, _proxy_for(kind, handle, self.broker,
-                                                             limit=False), lane,
-                                            _tick_budget(kind, (handle,)), handle.plugin_id)
+                self._routes.add(_Route(kind, _proxy_for(kind, handle, self.broker, limit=False),
+                                        lane, _tick_budget(kind, (handle,)), handle.plugin_id))
             if _lifecycle_rules(handle).supervised and handle.entrypoint_command:
                 # long-lived and stdio; without a command (NATS only) the plugin
                 # runs elsewhere: not ours to start.
@@ -8360,16 +8728,14 @@ class Runner:
         if sup is not None:
             sup.stop()
         if self.router.unregister(plugin_id):
-            for kind in [k for k, r in self._routes.items() if r.plugin_id == plugin_id]:
-                del self._routes[kind]
+            self._routes.drop_plugin(plugin_id)
 
     def _budget(self, kind: str, plugins: Iterable[PluginPollerHandle] | None = None) -> float:
         """How long a tick of ``kind`` may take (``_tick_budget``): as routed
         now, or as ``plugins`` (a reload's) would route it."""
         if plugins is not None:
             return _tick_budget(kind, plugins)
-        route = self._routes.get(kind)
-        return route.budget if route is not None else _tick_budget(kind)
+        return self._routes.budget(kind)
 
     def _lease_ttl(self, cfg: JobConfig, plugins: Iterable[PluginPollerHandle] | None = None
                    ) -> float:
@@ -8480,7 +8846,7 @@ class Runner:
             return
         when = max(slot, now)            # missed while down or paused: once, now
         if fresh and slot >= now:
-            when += _jitter(job.cfg.schedule, self.config, self._rng)
+            when += _jitter(job.cfg.schedule, self.config, self.rng)
         self._push(job, when, slot)
 
     def stop(self) -> None:
@@ -8552,57 +8918,15 @@ class Runner:
     # -- the timer heap -------------------------------------------------------------------
 
     def _push(self, job: _Job, when: float, nominal: float | None = None) -> None:
-        """Put a job's next run on the heap (lock held).
-
-        ``nominal`` is the schedule's slot without jitter; the slot after
-        it is computed from it, so jitter never accumulates into drift.
-        """
-        self._watch_clock()                 # ``when`` is wall time: convert at today's offset
-        seq = next(self._seq)
-        job.generation = seq               # older entries of this job are now stale
-        job.next_run_at = when
-        heapq.heappush(self._heap, (when - self._offset, seq, job.cfg.id,
-                                    when if nominal is None else nominal))
-        if len(self._heap) > 2 * len(self._jobs) + 1024:
-            self._compact_heap()
-        if self._heap[0][1] == seq:         # earlier than what the scheduler waits for
+        """Put a job's next run on the heap (``_TimerHeap.push``; lock held),
+        waking the scheduler when what it waits for changed."""
+        if self._heap.push(job, when, nominal):
             self._cond.notify_all()
 
-    def _compact_heap(self) -> None:
-        """Drop superseded entries (rescheduled, resumed, removed jobs) (lock held)."""
-        jobs = self._jobs
-        self._heap = [e for e in self._heap
-                      if e[2] in jobs and jobs[e[2]].generation == e[1]]
-        heapq.heapify(self._heap)
-
     def _watch_clock(self) -> None:
-        """Notice a wall clock step and re-base the heap on it (lock held).
-
-        Interval jobs keep their monotonic deadlines (their nominal slots
-        move with the step, so the slot after stays one interval away);
-        cron and ``at`` jobs are about wall time, so their deadlines move.
-        """
-        offset = self.clock() - self.monotonic()
-        step = offset - self._offset
-        if abs(step) < 1.0:
-            return
-        self._offset = offset
-        log.warning("wall clock stepped by %+.1fs; interval jobs keep their pace, "
-                    "cron and at jobs move to their wall-clock slots", step)
-        heap = []
-        for mono, seq, job_id, nominal in self._heap:
-            job = self._jobs.get(job_id)
-            if job is None or job.generation != seq:
-                continue
-            if job.cfg.schedule.every_secs is not None:
-                heap.append((mono, seq, job_id, nominal + step))
-                job.next_run_at = mono + offset
-            else:
-                jitter = (job.next_run_at or nominal) - nominal
-                heap.append((nominal + jitter - offset, seq, job_id, nominal))
-        heapq.heapify(heap)
-        self._heap = heap
-        self._cond.notify_all()
+        """Re-base the heap on a wall clock step (lock held)."""
+        if self._heap.watch_clock():
+            self._cond.notify_all()
 
     def _poll_at(self) -> float | None:
         """When the scheduler must look at the state unasked (a
@@ -8623,7 +8947,7 @@ class Runner:
 
     def _poll_due(self) -> bool:
         at = self._poll_at()
-        return self._commands_due or (at is not None and time.monotonic() >= at)
+        return self._commands.due or (at is not None and time.monotonic() >= at)
 
     def _next_wake(self, now: float) -> float | None:
         """Seconds until the scheduler has something to do (lock held); None
@@ -8634,8 +8958,9 @@ class Runner:
         at = self._poll_at()
         if at is not None:
             waits.append(max(0.0, at - time.monotonic()))
-        if self._heap:
-            waits.append(max(0.0, self._heap[0][0] - now))
+        deadline = self._heap.next_deadline()
+        if deadline is not None:
+            waits.append(max(0.0, deadline - now))
             if self._wall_jobs:
                 waits.append(_WALL_CLOCK_LOOK_SECS)
         return min(waits) if waits else None
@@ -8673,10 +8998,10 @@ class Runner:
     def _poll_state(self) -> None:
         """Commands and the running set, each time the scheduler looks at the state."""
         self.state.check_file()
-        due, self._commands_due = self._commands_due, False
+        due, self._commands.due = self._commands.due, False
         if self.state.changed() or due:
             self.apply_commands()
-            self._refresh_unheld()
+            self._commands.refresh_unheld()
         running = frozenset(j.cfg.id for j in self._jobs.values()
                             if j.running and not j.commanding)
         if running != self._published_running:
@@ -8697,17 +9022,14 @@ class Runner:
         self._state_backoff = _backoff(self._state_backoff, _STATE_RETRY_MAX_SECS, 2)
 
     def _pop_due(self, now: float) -> list[tuple[_Job, float]]:
+        """The due jobs that may run now, marked running (lock held)."""
         due = []
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            when, seq, job_id, nominal = heapq.heappop(heap)
-            job = self._jobs.get(job_id)
-            if job is None or job.generation != seq or job.state.paused or job.running:
-                if job is not None and job.commanding and job.generation == seq:
+        for job, nominal in self._heap.pop_due(now):
+            if job.state.paused or job.running:
+                if job.commanding:
                     job.missed = nominal
                 continue
-            job.running = True
-            self._running += 1
+            self._mark_running(job)
             due.append((job, nominal))
         return due
 
@@ -8746,31 +9068,9 @@ class Runner:
         route = self._routes.get(job.cfg.kind)
         lane = route.lane if route is not None else self._lane("(unrouted)", 1)
         with self._cond:
-            lane.waiting.append((job, slot, command))
-            starts = self._start_ready((lane,))
+            starts = self._lanes.queue(lane, job, slot, command)
         for args in starts:
             self._pool.submit(self._work, *args)
-
-    def _start_ready(self, lanes: Iterable[_Lane]) -> list:
-        """Take queued ticks that may start now (lock held).
-
-        A lane runs at most its limit; and every lane with nothing running
-        keeps one worker in reserve, so a plugin hung at its limit cannot
-        take the threads other plugins need.
-        """
-        starts, cap = [], self.config.max_workers
-        for lane in lanes:
-            while lane.waiting and lane.running < lane.limit:
-                reserve = min(self._idle_lanes - (lane.running == 0), cap - 1)
-                if self._busy >= cap - reserve:
-                    break
-                job, slot, command = lane.waiting.popleft()
-                if lane.running == 0:
-                    self._idle_lanes -= 1
-                lane.running += 1
-                self._busy += 1
-                starts.append((job, slot, command, lane))
-        return starts
 
     def _work(self, job: _Job, slot: float | None, command: int | None, lane: _Lane) -> None:
         """Run a tick; then, on this same thread, the next tick the freed
@@ -8782,13 +9082,7 @@ class Runner:
             except Exception:
                 log.exception("tick worker failed")
             with self._cond:
-                lane.running -= 1
-                self._busy -= 1
-                if lane.running == 0:
-                    self._idle_lanes += 1
-                waiting = [lane] + [ln for ln in self._lanes.values()
-                                    if ln.waiting and ln is not lane]
-                starts = self._start_ready(waiting)
+                starts = self._lanes.finished(lane)
             if not starts:
                 return
             for args in starts[1:]:
@@ -8838,7 +9132,7 @@ class Runner:
                 # The state is what the last owner committed, with the commands
                 # queued for it applied: resume from it.
                 try:
-                    kept = self._take_over_commands(job)
+                    kept = self._commands.take_over(job)
                 except StateError as exc:
                     kept, outcome.error = False, f"queued commands not read: {exc}"
                 if not kept:
@@ -8869,7 +9163,7 @@ class Runner:
         if slot is None:                    # off schedule: the slot on the heap stays
             base = base.replace(next_run_at=job.next_run_at if job.generation >= 0 else None)
         planned = functools.partial(plan_tick, base, outcome, schedule=cfg.schedule, slot=slot,
-                                    started=now, config=self.config, rng=self._rng,
+                                    started=now, config=self.config, rng=self.rng,
                                     schedule_key=job.key)
         plan = planned(finished=self.clock())
         outbox = self._outbox_for(job, plan, outcome, now)
@@ -9032,8 +9326,7 @@ class Runner:
             self._not_running(job)
             job.cancel = None
             live = not job.state.paused and not job.removed and not self._stopping
-            if live and keep and job.generation >= 0 \
-                    and any(e[1] == job.generation for e in self._heap):
+            if live and keep and self._heap.holds(job):
                 pass                        # an operator's tick is rare: the scan is cheap
             elif live and next_run_at is not None:
                 self._push(job, next_run_at, slot)
@@ -9046,9 +9339,14 @@ class Runner:
         job.running = job.commanding = False
         self._running -= 1
         if job.commands_wait:               # queued while it ran: the scheduler looks now
-            job.commands_wait, self._commands_due = False, True
+            job.commands_wait, self._commands.due = False, True
 
-    def _delivered(self, items: list[OutboxItem]) -> None:
+    def _mark_running(self, job: _Job) -> None:
+        """The start of a tick or a command of ``job`` (lock held)."""
+        job.running = True
+        self._running += 1
+
+    def note_delivered(self, items: list[OutboxItem]) -> None:
         """The publisher delivered these: count them into their jobs (live view)."""
         with self._cond:
             for item in items:
@@ -9056,7 +9354,8 @@ class Runner:
                 if job is not None:
                     job.delivered += 1
 
-    def _dead_letter(self, item: OutboxItem, error: str) -> None:
+    def dead_letter(self, item: OutboxItem, error: str) -> None:
+        """The publisher gave ``item`` up: log it and alert the channel."""
         job = self._jobs.get(item.job)
         payload = {"job": item.job, "kind": job.cfg.kind if job else None,
                    "agent": job.cfg.agent if job else None,
@@ -9115,8 +9414,7 @@ class Runner:
             with self._cond:
                 if job.running:             # it started while this one waited for a slot
                     return running
-                job.running = True
-                self._running += 1
+                self._mark_running(job)
             try:
                 return self._tick(job, None, commit_async=False)
             finally:
@@ -9142,18 +9440,13 @@ class Runner:
                                   f"for {budget:g}s")
                 # A lane's worker frees its slot without a notify: look again soon.
                 self._cond.wait(min(left, _CANCEL_POLL_SECS))
-            if lane.running == 0:
-                self._idle_lanes -= 1
-            lane.running += 1
+            self._lanes.take(lane)
         return lane, None
 
     def _leave_lane(self, lane: _Lane) -> None:
         """Free an operator's slot; start the scheduled ticks it held back."""
         with self._cond:
-            lane.running -= 1
-            if lane.running == 0:
-                self._idle_lanes += 1
-            starts = self._start_ready([lane])
+            starts = self._lanes.leave(lane)
         for args in starts:
             self._pool.submit(self._work, *args)
 
@@ -9180,154 +9473,23 @@ class Runner:
         return outcome
 
     def pause(self, job_id: str) -> None:
-        self._command(job_id, "pause")
+        self._commands.send(job_id, "pause")
 
     def resume(self, job_id: str) -> None:
         """Put a paused job back on its schedule (a slot missed while paused runs once)."""
-        self._command(job_id, "resume")
+        self._commands.send(job_id, "resume")
 
     def reset(self, job_id: str) -> None:
         """Forget a job's cursor: its next tick starts from scratch."""
-        self._command(job_id, "reset")
+        self._commands.send(job_id, "reset")
 
     def set_cursor(self, job_id: str, cursor: bytes | None, source: str = "set") -> None:
         """Set a job's cursor (recorded in its history as ``source``)."""
-        self._command(job_id, "cursor", cursor_command_arg(cursor, source))
-
-    def _command(self, job_id: str, verb: str, arg: str | None = None) -> None:
-        """Apply a command now when this runner owns the idle job; otherwise
-        queue it for the owner (this runner, after the running tick, or the
-        daemon holding the lease)."""
-        job = self._job(job_id)
-        if self._apply_held(job, verb, arg=arg):
-            return
-        owner, seq = self.state.command(job_id, verb, paused_on_boot=job.cfg.paused_on_boot,
-                                        arg=arg)
-        if seq is None:                     # nobody holds it: applied in the state
-            self._refresh_unheld([job_id])
-        elif owner == self.state.owner:
-            with self._cond:
-                self._commands_due = True
-                self._cond.notify_all()
-        else:
-            _wake_owner(owner)              # another daemon on this state; it does not poll
-
-    def _apply_held(self, job: _Job, verb: str, seq: int | None = None,
-                    arg: str | None = None) -> bool:
-        """``_apply_command`` to a job this runner holds and is not ticking,
-        the job held as running meanwhile: a command and a tick of one job
-        are serialised, so no tick that read the state before the command
-        commits over it.  A slot that comes meanwhile runs right after.
-        False when a tick runs, or the lease is not (or no longer) held."""
-        with self._cond:
-            if not job.leased or job.running or job.removed:
-                return False
-            job.running = job.commanding = True
-            self._running += 1
-        try:
-            return self._apply_command(job, verb, seq, arg)
-        finally:
-            with self._cond:
-                self._not_running(job)
-                missed, job.missed = job.missed, None
-                if self._started and not self._stopping and not job.removed \
-                        and not job.state.paused:
-                    if missed is not None:
-                        self._push(job, self.clock(), missed)
-                    elif verb == "resume" and job.generation < 0:
-                        self._schedule_first(job, self.clock())
-                self._cond.notify_all()
-
-    def _apply_command(self, job: _Job, verb: str, seq: int | None = None,
-                       arg: str | None = None) -> bool:
-        """Apply a pause/resume/reset/cursor to a job this runner owns, in one
-        commit with the command's completion (``running`` held by the caller).
-        False when the lease was lost."""
-        now = self.clock()
-        new = apply_command(job.state, verb, arg)
-        if verb == "resume" and job.state.paused:
-            slot, _ = next_run(new.replace(next_run_at=job.state.next_run_at), job.cfg.schedule,
-                               job.key, now)
-            new = new.replace(next_run_at=slot, schedule_key=job.key)
-        if not self.state.commit_now(new, command=None if seq is None else (seq, None),
-                                     source=_command_source(verb, arg)):
-            with self._cond:
-                job.leased = False
-            return False
-        with self._cond:
-            job.state = new.replace(revision=new.revision + 1)
-            if verb == "pause":
-                job.generation = -1
-        return True
+        self._commands.send(job_id, "cursor", cursor_command_arg(cursor, source))
 
     def apply_commands(self) -> int:
         """Carry out the operator commands queued for the jobs this daemon owns."""
-        n = 0
-        for cmd in self.state.pending_commands():
-            job = self._jobs.get(cmd.job)
-            if job is None or job.removed:
-                self.state.finish_command(cmd.seq, json.dumps(
-                    {"job": cmd.job, "error": "this daemon has no such job"}))
-            elif cmd.verb == "tick":
-                with self._cond:
-                    if job.command == cmd.seq:      # dispatched at an earlier look
-                        continue
-                if not self._tick_soon(job, cmd.seq):
-                    self.state.finish_command(cmd.seq, json.dumps(TickOutcome(
-                        job.cfg.id, job.cfg.kind, TickStatus.BUSY,
-                        "a tick of this job is running").to_dict()))
-            elif not self._apply_held(job, cmd.verb, cmd.seq, cmd.arg):
-                with self._cond:
-                    if job.running:             # after the tick's commit
-                        job.commands_wait = True
-                continue
-            log.info("operator: %s %s", cmd.verb, cmd.job)
-            n += 1
-        return n
-
-    def _take_over_commands(self, job: _Job) -> bool:
-        """Before the first tick of a job taken over (``running`` held): apply
-        the pause/resume/reset/cursor commands queued for its last owner, so
-        none comes after a tick it should have preceded.  False when the
-        lease was lost meanwhile."""
-        for cmd in self.state.pending_commands():
-            if cmd.job == job.cfg.id and cmd.verb != "tick":
-                if not self._apply_command(job, cmd.verb, cmd.seq, cmd.arg):
-                    return False
-                log.info("operator: %s %s (queued for the last owner)", cmd.verb, cmd.job)
-        return True
-
-    def _refresh_unheld(self, ids: Iterable[str] | None = None) -> None:
-        """Re-read jobs this runner has but does not hold: ``ids``, or every
-        paused one, so a ``resume`` applied to the state while no daemon held
-        the job reaches the daemon that has it in its configuration.  (An
-        unpaused one needs no look: its next slot claims it, reading the state.)"""
-        with self._cond:
-            ids = [j.cfg.id for j in self._jobs.values()
-                   if (j.state.paused if ids is None else j.cfg.id in ids)
-                   and not j.leased and not j.running and not j.removed]
-        stored = self.state.load(ids) if ids else {}
-        now = self.clock()
-        with self._cond:
-            for job_id, state in stored.items():
-                job = self._jobs.get(job_id)
-                if job is None or job.leased or job.running or job.removed:
-                    continue
-                was_paused, job.state, job.delivered = job.state.paused, state, 0
-                if was_paused and not state.paused and self._started:
-                    self._schedule_first(job, now)
-
-    def _tick_soon(self, job: _Job, command: int | None = None) -> bool:
-        """Dispatch a job now, off schedule, unless a tick of it is running."""
-        with self._cond:
-            if job.running or job.removed:
-                return False
-            job.running = True
-            self._running += 1
-            if command is not None:
-                job.command = command
-        self._dispatch(job, None, command)
-        return True
+        return self._commands.apply_pending()
 
     def status(self, holders: Mapping[str, str] | None = None) -> list[dict]:
         """Every job as ``status`` shows it, from this daemon's memory.  Its
@@ -9358,6 +9520,57 @@ class Runner:
     def _own_holds(self) -> dict[str, str]:
         """The jobs this daemon holds the leases of (lock held)."""
         return {i: self.state.owner for i, j in self._jobs.items() if j.leased}
+
+    # -- the read API: what the HTTP face, metrics, the publisher and the CLI see ---------
+
+    @property
+    def started(self) -> bool:
+        """``start()`` has run (the jobs are scheduled, the listeners up)."""
+        return self._started
+
+    @property
+    def stopping(self) -> bool:
+        """``stop()`` has begun."""
+        return self._stopping
+
+    @property
+    def scheduler_alive(self) -> bool:
+        """The scheduler thread lives, or none was started (``fire_due`` drives)."""
+        return self._scheduler is None or self._scheduler.is_alive()
+
+    @property
+    def metrics(self) -> "_Metrics":
+        return self._metrics
+
+    @property
+    def publisher(self) -> "_Publisher | None":
+        """The outbox publisher (None before ``open``)."""
+        return self._publisher
+
+    def job_configs(self) -> dict[str, JobConfig]:
+        """Every job this daemon runs: job id -> its configuration."""
+        with self._cond:
+            return {i: j.cfg for i, j in self._jobs.items()}
+
+    def has_job(self, job_id: str) -> bool:
+        return job_id in self._jobs
+
+    def route_for(self, kind: str) -> _Route | None:
+        """How ``kind`` is served now (None: no poller serves it)."""
+        return self._routes.get(kind)
+
+    def in_process_kinds(self) -> list[str]:
+        """The kinds ``register`` serves in this process."""
+        return self._routes.in_process_kinds()
+
+    def lanes(self) -> dict[str, tuple[int, int]]:
+        """Every lane: key -> (ticks running, ticks waiting for a slot)."""
+        with self._cond:
+            return self._lanes.snapshot()
+
+    def supervisors(self) -> dict[str, PluginSupervisor]:
+        """The supervised (long-lived) plugins: plugin id -> its supervisor."""
+        return dict(self._supervisors)
 
     # -- reload ----------------------------------------------------------------------------
 
@@ -9438,7 +9651,7 @@ class Runner:
     def poke(self) -> None:
         """Look at the state's commands and the outbox now, not at the next poll."""
         with self._cond:
-            self._commands_due = True
+            self._commands.due = True
             self._cond.notify_all()
         if self._publisher is not None:
             self._publisher.wake()
@@ -9454,40 +9667,27 @@ class Runner:
         stops = {signal.SIGINT, signal.SIGTERM}
         reloads = {getattr(signal, "SIGHUP", None)} - {None}
         pokes = {getattr(signal, "SIGUSR1", None)} - {None}
-        wanted = stops | reloads | pokes
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(write_fd, False)
-        previous = {s: signal.signal(s, lambda signum, frame: None) for s in wanted}
-        old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        self.config_path = config_path
-        try:
-            self.start()
-            while True:
-                received = set(os.read(read_fd, 256))      # one byte per signal number
-                if received & stops:
-                    break
-                if received & pokes:
-                    self.poke()
-                if received & reloads and config_path is not None:
-                    try:
-                        with self.reload_lock:
-                            self.reload(load_config(config_path,
-                                                    extra_kinds=self._in_process_kinds()))
-                    except (ConfigError, ManifestError, PollerRouteRegistrationError,
-                            StateError) as exc:
-                        log.error("reload rejected, keeping the running config: %s", exc)
-        finally:
+        with _Signals(stops | reloads | pokes) as signals:
+            self.config_path = config_path
             try:
-                self.stop()                 # a second Ctrl-C meanwhile does not cut it short
+                self.start()
+                while True:
+                    received = signals.receive()
+                    if received & stops:
+                        break
+                    if received & pokes:
+                        self.poke()
+                    if received & reloads and config_path is not None:
+                        try:
+                            with self.reload_lock:
+                                self.reload(load_config(config_path,
+                                                        extra_kinds=self.in_process_kinds()))
+                        except (ConfigError, ManifestError, PollerRouteRegistrationError,
+                                StateError) as exc:
+                            log.error("reload rejected, keeping the running config: %s", exc)
             finally:
-                signal.set_wakeup_fd(old_wakeup)
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
-                os.close(read_fd)
-                os.close(write_fd)
+                self.stop()                 # a second Ctrl-C meanwhile does not cut it short
 
-    def _in_process_kinds(self) -> list[str]:
-        return [k for k, r in self._routes.items() if r.plugin_id is None]
 
 
 # -- the outbox: deliveries and channel alerts, committed with the cursor ----------
@@ -9801,7 +10001,7 @@ class _Publisher:
             delay = _backoff(cfg.delivery_retry_initial_secs, cfg.delivery_retry_max_secs,
                              attempts)
             # from when the attempt ended: a slow one must not make its retry due at once
-            at = max(now, r.clock()) + delay * r._rng.uniform(1.0, 1.1)
+            at = max(now, r.clock()) + delay * r.rng.uniform(1.0, 1.1)
             retry.append((item.id, at, error))
             log.warning("outbox: %s %s for job %s not delivered (attempt %d): %s",
                         item.what, item.id, item.job, attempts, error)
@@ -9815,9 +10015,9 @@ class _Publisher:
             self.delivered += len(delivered)
             self.retried += len(retry)
             self.dead += len(dead)
-        r._delivered([i for i in delivered if i.what == "delivery"])
+        r.note_delivered([i for i in delivered if i.what == "delivery"])
         for item, error in dead:
-            r._dead_letter(item, error)
+            r.dead_letter(item, error)
 
 
 class _Metrics:
@@ -9902,7 +10102,7 @@ class _Metrics:
             if when is not None:
                 out.append(f"nexo_poller_last_success_timestamp_seconds"
                            f"{lbl(job=j['id'], kind=j['kind'])} {when:.3f}")
-        pub = runner._publisher
+        pub = runner.publisher
         family("nexo_poller_deliveries_total", "counter",
                "Outbox messages by outcome: delivered, retried, dead (dead-lettered).")
         for outcome in ("delivered", "retried", "dead"):
@@ -9922,16 +10122,14 @@ class _Metrics:
         family("nexo_poller_state_ok", "gauge", "1 while the state can be used, 0 when not.")
         out.append(f"nexo_poller_state_ok {int(runner.state_error is None)}")
         family("nexo_poller_plugin_restarts_total", "counter", "Long-lived plugin restarts.")
-        for pid, sup in sorted(runner._supervisors.items()):
+        for pid, sup in sorted(runner.supervisors().items()):
             out.append(f"nexo_poller_plugin_restarts_total{lbl(plugin=pid)} {sup.restarts}")
         # Saturation at a glance: due ticks that wait for a slot of their plugin
         # (or in-process kind).  Staying above zero means demand exceeds what it
         # can take: every job still ticks, each later than its slot.
         family("nexo_poller_ticks_waiting", "gauge",
                "Due ticks waiting for a free slot in their plugin's lane.")
-        with runner._cond:
-            waiting = sorted((lane.key, len(lane.waiting)) for lane in runner._lanes.values())
-        for key, n in waiting:
+        for key, (_, n) in sorted(runner.lanes().items()):
             out.append(f"nexo_poller_ticks_waiting{lbl(lane=key)} {n}")
         return "\n".join(out) + "\n"
 
@@ -10066,7 +10264,7 @@ def _schedule_text(s: Schedule) -> str:
 def _plugin_states(runner: "Runner") -> list[dict]:
     """Every plugin with what its supervisor knows: up, restarting, down."""
     out = []
-    sups = dict(runner._supervisors)
+    sups = runner.supervisors()
     for h in sorted(runner.router.handles(), key=lambda h: h.plugin_id):
         sup = sups.get(h.plugin_id)
         doc = {"id": h.plugin_id, "kinds": list(h.kinds), "lifecycle": h.lifecycle.value,
@@ -10101,11 +10299,10 @@ def _admin_jobs(runner: "Runner") -> list[dict]:
     """GET /admin/pollers: nexo's fields, then what this project adds."""
     undelivered = {job: n for job, (n, _) in _outbox_counts(runner).items()}
     plugins = {p["id"]: p for p in _plugin_states(runner)}
-    with runner._cond:
-        schedules = {j.cfg.id: _schedule_text(j.cfg.schedule) for j in runner._jobs.values()}
+    schedules = {i: _schedule_text(c.schedule) for i, c in runner.job_configs().items()}
     out = []
     for s in runner.status(runner.holders()):
-        route = runner._routes.get(s["kind"])
+        route = runner.route_for(s["kind"])
         plugin = route.plugin_id if route is not None else None
         doc = {"id": s["id"], "kind": s["kind"], "agent": s["agent"], "paused": s["paused"],
                "last_run_at_ms": _ms(s["last_run_at"]), "next_run_at_ms": _ms(s["next_run_at"]),
@@ -10138,7 +10335,7 @@ def _admin_daemons(runner: "Runner", jobs: list[dict]) -> dict:
     except StateError:
         live = {}
     me = runner.state.owner if runner.state is not None else None
-    if runner._started and me is not None:
+    if runner.started and me is not None:
         live.setdefault(me, [])
     return {"self": me, "daemons": [
         {"owner": o, "self": o == me, "holds": [j["id"] for j in jobs if j["holder"] == o],
@@ -10156,12 +10353,11 @@ def _daemons_line(doc: dict) -> str:
 def _health(runner: "Runner") -> tuple[bool, dict]:
     """/healthz: the process serves, the scheduler loop lives, the state works."""
     checks = {"process": "ok"}
-    sched = runner._scheduler
-    if runner._stopping:
+    if runner.stopping:
         checks["scheduler"] = "stopping"
-    elif not runner._started:
+    elif not runner.started:
         checks["scheduler"] = "not started"
-    elif sched is not None and not sched.is_alive():
+    elif not runner.scheduler_alive:
         checks["scheduler"] = "the scheduler loop is not running"
     else:
         checks["scheduler"] = "ok"
@@ -10520,7 +10716,7 @@ def _http_health(req, method: str, match: re.Match, query: str) -> None:
 
 def _http_metrics(req, method: str, match: re.Match, query: str) -> None:
     runner = req.server_runner
-    req._send(200, runner._metrics.render(runner).encode(),
+    req._send(200, runner.metrics.render(runner).encode(),
               "text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -10555,7 +10751,7 @@ def _job_of(req, match: re.Match) -> tuple[str, bool]:
     """The job a path names (percent-decoded) and whether this daemon has it."""
     from urllib.parse import unquote
     job_id = unquote(match["job"])
-    return job_id, job_id in req.server_admin.runner._jobs
+    return job_id, req.server_admin.runner.has_job(job_id)
 
 
 def _http_job(req, method: str, match: re.Match, query: str) -> None:
@@ -11005,7 +11201,7 @@ def _start_http(runner: "Runner") -> tuple[Any, Any]:
                 f"a token (admin_token_file or {_ADMIN_TOKEN_ENV})"))])
         path = runner.config_path
         reload = None if path is None else (lambda: runner.reload(
-            load_config(path, extra_kinds=runner._in_process_kinds())))
+            load_config(path, extra_kinds=runner.in_process_kinds())))
         admin = _Admin(runner, token, loopback, reload)
     shared = cfg.admin_addr is not None and cfg.admin_addr == cfg.metrics_addr
     metrics_server = admin_server = None

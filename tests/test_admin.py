@@ -193,7 +193,7 @@ class TestRoutes(Case):
                                           "schedule": {"every_secs": 60}}]
         with open(path, "w") as f:
             json.dump(doc, f)
-        with mock.patch.object(r, "_in_process_kinds", return_value=["mem"]):
+        with mock.patch.object(r, "in_process_kinds", return_value=["mem"]):
             code, diff, _ = self.call(r, "POST", "/admin/pollers/reload", TOKEN)
         self.assertEqual(code, 200, diff)
         self.assertEqual((diff["ok"], diff["add"], diff["remove"], diff["keep"],

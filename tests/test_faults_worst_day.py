@@ -481,11 +481,8 @@ class _FakeRunner:
     """What the metrics page reads of a Runner: no jobs, no state, no outbox."""
 
     def __init__(self):
-        self._metrics = nx._Metrics()
-        self._supervisors = {}
-        self._lanes = {}
-        self._cond = threading.Condition()
-        self._publisher = None
+        self.metrics = nx._Metrics()
+        self.publisher = None
         self.state = None
         self.state_error = None
         self.clock = time.time
@@ -493,6 +490,12 @@ class _FakeRunner:
 
     def status(self):
         return []
+
+    def supervisors(self):
+        return {}
+
+    def lanes(self):
+        return {}
 
 
 class TestMetricsBounds(Case):

@@ -13,7 +13,9 @@ TOKEN = "t0ken-for-route-tests"
 class FakeRunner:
     """Just enough of a Runner for routes that refuse before doing anything."""
     config = nx.DaemonConfig(state_db=":memory:")
-    _jobs = {"a": None}
+
+    def has_job(self, job_id):
+        return job_id == "a"
 
 
 class RouteTableTests(unittest.TestCase):

@@ -769,7 +769,7 @@ class RouteTests(RunnerCase):
     def test_one_route_per_kind_and_the_lane_is_the_only_limit(self):
         p = Scripted(max_concurrent_ticks=3)
         r = self.runner(self.config([self.job()]), p, start=False)
-        route = r._routes["mem"]
+        route = r.route_for("mem")
         self.assertIs(route.poller, p)
         self.assertEqual((route.lane.limit, route.plugin_id), (3, None))
         with self.assertRaises(nx_errors.DuplicateKind):
