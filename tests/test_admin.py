@@ -675,7 +675,7 @@ class TestStatusPage(Case):
 
 class ListenerSurvivesTests(unittest.TestCase):
     """The HTTP listener thread outlives a failed handler start or a bad
-    connection, and shutdown() always returns (issue 27 item 2)."""
+    connection, and shutdown() always returns (review finding 2)."""
 
     def serve(self):
         class Fake:

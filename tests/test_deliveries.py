@@ -649,7 +649,7 @@ class DaemonTests(TempDirCase):
 
 class PublisherThreadTests(unittest.TestCase):
     """A job thread that cannot start leaves the job deliverable, and
-    stop() joins only threads that started (issue 27 item 3)."""
+    stop() joins only threads that started (review finding 3)."""
 
     def publisher(self, sink):
         """A publisher of one item (e1 of job j) through ``sink``, and the
@@ -660,8 +660,8 @@ class PublisherThreadTests(unittest.TestCase):
             outbox_pending=lambda limit, now: [] if settled else [item],
             outbox_settle=lambda d, r, dead, now: settled.append((d, r, dead)))
         runner = types.SimpleNamespace(clock=time.time, state=state, config=nx.DaemonConfig(),
-                                       _rng=random.Random(), _delivered=lambda items: None,
-                                       _dead_letter=lambda item, error: None)
+                                       rng=random.Random(), note_delivered=lambda items: None,
+                                       dead_letter=lambda item, error: None)
         return nx._Publisher(runner, sink), settled
 
     def test_a_job_thread_that_cannot_start_is_tried_again(self):

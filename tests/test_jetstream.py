@@ -887,7 +887,7 @@ def queued_item(store, item_id="X"):
 
 
 class ReviewRaceTests(LiveCase):
-    """Races the review found (issue 27 items 1, 4, 7)."""
+    """Races the review found (review findings 1, 4, 7)."""
 
     def dead_letter(self, store, item_id="X"):
         item = queued_item(store, item_id)
@@ -974,7 +974,7 @@ class ReviewRaceTests(LiveCase):
 
 class ForgottenListingTests(LiveCase):
     """A retry settled after the store forgot its listing (past 100,000
-    remembered items) keeps its backoff (issue 27 item 8)."""
+    remembered items) keeps its backoff (review finding 8)."""
 
     def test_a_retry_is_recorded_after_the_listing_was_forgotten(self):
         a = self.store()

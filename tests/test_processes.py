@@ -548,7 +548,7 @@ class Proxy(Base):
 class AdminSecretsStayHome(Base):
     """The admin API's token (and any NEXO_POLLER_ADMIN_* setting) is the
     operator's, not the plugins': a plugin holding it could pause or reset
-    any job (issue 27 item 6)."""
+    any job (review finding 6)."""
 
     ADMIN = {"NEXO_POLLER_ADMIN_TOKEN": "s3cret", "NEXO_POLLER_ADMIN_URL": "http://127.0.0.1:1"}
 
