@@ -18,6 +18,8 @@ The sections of this file, in dependency order:
 
     Errors      NexoPollerError (the root), PollerError, PluginPollerForwardError,
                 ManifestError, ConfigError, StateError, InputError, ...
+    Helpers     small private functions and constants every later section
+                uses (_log_safe, _dumps, _loads, _seconds, _backoff, ...)
     Wire        encode_cursor, decode_cursor, TickRequest, TickReply, TickAck,
                 build_tick_request
     Manifest    Lifecycle, PluginPollerHandle, load_manifest
@@ -273,6 +275,12 @@ InputError.UnknownJob = _UnknownJob
 _UnknownJob.__qualname__ = "InputError.UnknownJob"
 
 
+# ============================================================================
+# Helpers
+# Small private functions and constants every later section may use: safe
+# log text, strict JSON, durations and backoff, the cancel-poll wait.
+# ============================================================================
+
 _UNSAFE_IN_LOG = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -286,22 +294,6 @@ def _log_safe(text: Any, limit: int | None = None) -> str:
         text = text[:limit] + "..."
     return _UNSAFE_IN_LOG.sub(
         lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
-
-
-# ============================================================================
-# Wire
-# The shapes that cross a process boundary, exactly as the original sends
-# them: cursors as unpadded URL-safe base64, ``now`` as RFC 3339 +00:00.
-# ============================================================================
-
-ERROR_TRANSIENT = -32001
-ERROR_PERMANENT = -32002
-ERROR_CONFIG = -32602
-ERROR_INTERNAL = -32603
-_MAX_INTERVAL_SECS = 100 * 366 * 86400     # a longer next_interval_secs means "a century"
-
-_CODE_TO_CLASS = {ERROR_TRANSIENT: PollerError.Transient,
-                  ERROR_PERMANENT: PollerError.Permanent}
 
 
 # ASCII output: a lone surrogate in a string becomes a \udXXX escape rather
@@ -328,6 +320,84 @@ def _loads(data: bytes | str) -> Any:
     if isinstance(data, (bytes, bytearray)):
         data = data.decode("utf-8")
     return _decode(data)
+
+
+def _seconds(value: timedelta | int | float, what: str = "duration") -> float:
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a timedelta or a number of seconds, "
+                        f"got {type(value).__name__}")
+    return float(value)
+
+
+def _backoff(initial: float, maximum: float, attempt: int) -> float:
+    """The wait before retry ``attempt`` (1: the first): ``initial``, doubled
+    for each retry after the first, never more than ``maximum``.  The one
+    backoff rule: ``_backoff(wait, maximum, 2)`` is the wait after ``wait``."""
+    return min(maximum, initial * 2 ** min(max(attempt, 1) - 1, 60))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_MISSING = object()
+_CANCEL_POLL_SECS = 0.05             # how often a wait looks at a cancel Event
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
+
+
+class _Waiter:
+    """A one-shot result slot; a pre-acquired lock is CPython's cheapest wake-up."""
+    __slots__ = ("_lock", "_unset", "result", "error")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._unset = [True]
+        self.result: Any = None
+        self.error: dict | None = None
+
+    def set(self, result: Any = None, error: dict | None = None) -> None:
+        """Answer it; the first answer wins (a reply read just before the
+        connection was lost is not overwritten by "connection lost")."""
+        try:
+            self._unset.pop()           # atomic: exactly one caller gets past
+        except IndexError:
+            return
+        self.result, self.error = result, error
+        self._lock.release()
+
+    def wait(self, timeout: float, cancel: threading.Event | None = None) -> bool:
+        if cancel is None:
+            return self._lock.acquire(timeout=max(0.0, timeout))
+        deadline = time.monotonic() + timeout
+        while not cancel.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._lock.acquire(timeout=min(left, _CANCEL_POLL_SECS)):
+                return True
+        return False
+
+
+# ============================================================================
+# Wire
+# The shapes that cross a process boundary, exactly as the original sends
+# them: cursors as unpadded URL-safe base64, ``now`` as RFC 3339 +00:00.
+# ============================================================================
+
+ERROR_TRANSIENT = -32001
+ERROR_PERMANENT = -32002
+ERROR_CONFIG = -32602
+ERROR_INTERNAL = -32603
+_MAX_INTERVAL_SECS = 100 * 366 * 86400     # a longer next_interval_secs means "a century"
+
+_CODE_TO_CLASS = {ERROR_TRANSIENT: PollerError.Transient,
+                  ERROR_PERMANENT: PollerError.Permanent}
 
 
 def encode_cursor(raw: bytes) -> str:
@@ -379,26 +449,6 @@ def _format_now(now: datetime) -> str:
     if now.tzinfo is None:
         now = now.replace(tzinfo=timezone.utc)
     return now.astimezone(timezone.utc).isoformat()
-
-
-def _seconds(value: timedelta | int | float, what: str = "duration") -> float:
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a timedelta or a number of seconds, "
-                        f"got {type(value).__name__}")
-    return float(value)
-
-
-def _backoff(initial: float, maximum: float, attempt: int) -> float:
-    """The wait before retry ``attempt`` (1: the first): ``initial``, doubled
-    for each retry after the first, never more than ``maximum``.  The one
-    backoff rule: ``_backoff(wait, maximum, 2)`` is the wait after ``wait``."""
-    return min(maximum, initial * 2 ** min(max(attempt, 1) - 1, 60))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -653,7 +703,6 @@ _POLLER_KEYS = {"kinds", "broker_topic_prefix", "lifecycle",
 _ENTRYPOINT_KEYS = {"command", "args", "env"}
 NEXO_PYTHON = "$NEXO_PYTHON"      # an entrypoint command meaning the daemon's own interpreter
 MAX_CONCURRENT_TICKS = 64
-_MISSING = object()
 MAX_TICK_TIMEOUT_SECS = 3600
 
 
@@ -1160,7 +1209,6 @@ _STDERR_KEEP_BYTES = 8192            # stderr kept per tick (the newest) for the
 _STDERR_TAIL_LINES = 10              # of which the last lines go into a failed tick's error
 _STDERR_TAIL_BYTES = 2048
 _UNHEALING_ERRNOS = {errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.EISDIR}
-_CANCEL_POLL_SECS = 0.05             # how often a wait looks at a cancel Event
 
 
 def _child_env(plugin_id: str, extra: Mapping[str, str] | None, **nexo: str) -> dict:
@@ -1599,40 +1647,6 @@ def _socket_path(url: str) -> str:
         raise _broker_error(BROKER_INVALID_PARAMS,
                             f"broker URL must look like unix:///path/to.sock, got {url!r}")
     return url[7:]
-
-
-class _Waiter:
-    """A one-shot result slot; a pre-acquired lock is CPython's cheapest wake-up."""
-    __slots__ = ("_lock", "_unset", "result", "error")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._lock.acquire()
-        self._unset = [True]
-        self.result: Any = None
-        self.error: dict | None = None
-
-    def set(self, result: Any = None, error: dict | None = None) -> None:
-        """Answer it; the first answer wins (a reply read just before the
-        connection was lost is not overwritten by "connection lost")."""
-        try:
-            self._unset.pop()           # atomic: exactly one caller gets past
-        except IndexError:
-            return
-        self.result, self.error = result, error
-        self._lock.release()
-
-    def wait(self, timeout: float, cancel: threading.Event | None = None) -> bool:
-        if cancel is None:
-            return self._lock.acquire(timeout=max(0.0, timeout))
-        deadline = time.monotonic() + timeout
-        while not cancel.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            if self._lock.acquire(timeout=min(left, _CANCEL_POLL_SECS)):
-                return True
-        return False
 
 
 class _Pending:
@@ -8171,10 +8185,6 @@ class _Job:
         self.missed: float | None = None     # the slot that came meanwhile (runs after it)
         self.command: int | None = None      # the last ``tick`` command dispatched
         self.commands_wait = False   # commands for it wait for the running tick's end
-
-
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
 
 
 class _WorkerPool:
