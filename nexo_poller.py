@@ -8446,21 +8446,253 @@ class _TimerHeap:
         return job.generation >= 0 and any(e[1] == job.generation for e in self._heap)
 
 
+def _open_broker(cfg: DaemonConfig, owner: str) -> tuple[BrokerServer | None, Any, str]:
+    """The daemon's broker: (the embedded server or None, a client, the URL
+    plugins are given) -- NATS when ``broker`` is a nats URL, else a Unix
+    socket served here."""
+    if _is_nats(cfg.broker):
+        tls = {f"tls_{k}": v for k, v in cfg.broker_tls.items()}
+        return None, connect_broker(cfg.broker, name=f"nexo-poller {owner}", **tls), cfg.broker
+    server = BrokerServer(cfg.broker[7:] if cfg.broker else None).start()
+    try:
+        return server, server.client(), server.url
+    except BaseException:
+        server.close()
+        raise
+
+
+class _JobBook:
+    """The daemon's jobs and the one lock over their live state: which run,
+    their next runs on the timer heap, the committed outcomes waiting for
+    their effects, and whether the daemon has started or is stopping."""
+
+    def __init__(self, clock: Callable[[], float], monotonic: Callable[[], float],
+                 jitter: Callable[[Schedule], float]):
+        self.cond = threading.Condition(threading.Lock())   # guards all below and the jobs
+        self.jobs: dict[str, _Job] = {}
+        self.heap = _TimerHeap(self.jobs, clock, monotonic)
+        self.running = 0                    # ticks and commands under way
+        self.effects: deque = deque()       # committed outcomes waiting for their effects
+        self.started = False
+        self.stopping = False
+        self.commands_due = False           # commands queued for this daemon: look now
+        self._jitter = jitter
+
+    def get(self, job_id: str) -> _Job:
+        """The job ``job_id``; ``InputError.UnknownJob`` when there is none."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise InputError.UnknownJob(
+                f"no job {job_id!r} (known: {', '.join(sorted(self.jobs))})")
+        return job
+
+    def mark_running(self, job: _Job) -> None:
+        """The start of a tick or a command of ``job`` (lock held)."""
+        job.running = True
+        self.running += 1
+
+    def not_running(self, job: _Job) -> None:
+        """The end of a tick or a command of ``job`` (lock held)."""
+        job.running = job.commanding = False
+        self.running -= 1
+        if job.commands_wait:               # queued while it ran: the scheduler looks now
+            job.commands_wait, self.commands_due = False, True
+
+    def push(self, job: _Job, when: float, nominal: float | None = None) -> None:
+        """Put a job's next run on the heap (``_TimerHeap.push``; lock held),
+        waking the scheduler when what it waits for changed."""
+        if self.heap.push(job, when, nominal):
+            self.cond.notify_all()
+
+    def watch_clock(self) -> None:
+        """Re-base the heap on a wall clock step (lock held)."""
+        if self.heap.watch_clock():
+            self.cond.notify_all()
+
+    def schedule_first(self, job: _Job, now: float) -> None:
+        """Put a job on the heap where it stands on its schedule (lock held)."""
+        if job.removed or job.state.paused or job.running:
+            return
+        slot, fresh = next_run(job.state, job.cfg.schedule, job.key, now)
+        if slot is None:
+            job.generation = -1
+            return
+        when = max(slot, now)            # missed while down or paused: once, now
+        if fresh and slot >= now:
+            when += self._jitter(job.cfg.schedule)
+        self.push(job, when, slot)
+
+    def release(self, job: _Job, next_run_at: float | None, slot: float | None = None, *,
+                keep: bool = False) -> None:
+        """The end of a tick: the job's next run at ``next_run_at`` (None:
+        off the schedule).  ``keep`` (an off-schedule tick, which stands for
+        no slot): the job's entry on the heap stays when it is still there,
+        and ``next_run_at`` only replaces one the scheduler passed by
+        (skipped: the job was running)."""
+        with self.cond:
+            self.not_running(job)
+            job.cancel = None
+            live = not job.state.paused and not job.removed and not self.stopping
+            if live and keep and self.heap.holds(job):
+                pass                        # an operator's tick is rare: the scan is cheap
+            elif live and next_run_at is not None:
+                self.push(job, next_run_at, slot)
+            else:
+                job.generation = -1
+            self.cond.notify_all()
+
+    def own_holds(self, owner: str) -> dict[str, str]:
+        """The jobs this daemon holds the leases of: job id -> ``owner`` (lock held)."""
+        return {i: owner for i, j in self.jobs.items() if j.leased}
+
+    def note_delivered(self, items: list[OutboxItem]) -> None:
+        """The publisher delivered these: count them into their jobs (live view)."""
+        with self.cond:
+            for item in items:
+                job = self.jobs.get(item.job)
+                if job is not None:
+                    job.delivered += 1
+
+    def lease(self, store: StateStore, jobs: list[_Job], now: float,
+              ttl: Callable[[JobConfig], float]) -> dict[str, JobState]:
+        """Lease ``jobs`` in ``store`` for ``ttl(cfg)`` seconds each; each
+        granted job takes the state the claim read."""
+        wanted = {j.cfg.id: now + ttl(j.cfg) for j in jobs}
+        granted = store.claim(wanted, now, paused_on_boot=[
+            j.cfg.id for j in jobs if j.cfg.paused_on_boot])
+        with self.cond:
+            for job in jobs:
+                if job.cfg.id in granted:
+                    job.state, job.leased, job.delivered = granted[job.cfg.id], True, 0
+        return granted
+
+
+class _Plugins:
+    """The kinds this daemon serves and how: in-process pollers and plugins
+    routed (one owner per kind), the supervised plugins started and stopped,
+    and each kind's tick budget and lease length."""
+
+    def __init__(self, runner: "Runner", lanes: _Lanes, cond: threading.Condition):
+        self._runner = runner               # its config, broker and broker URL
+        self._lanes, self._cond = lanes, cond
+        self.router = PluginPollerRouter()          # plugins by id (the manifests)
+        self.routes = _Routes()                     # kinds: the one answer to "who serves it"
+        self.supervisors: dict[str, PluginSupervisor] = {}
+
+    def lane(self, key: str, limit: int) -> _Lane:
+        """The lane ``key``, bounded by ``limit``."""
+        with self._cond:
+            return self._lanes.get(key, limit)
+
+    def register(self, poller: Any) -> None:
+        """Serve ``poller.kind`` in-process (``Runner.register``)."""
+        kind = getattr(poller, "kind", None)
+        if not isinstance(kind, str) or not callable(getattr(poller, "tick", None)):
+            raise TypeError("a poller needs a `kind` string and a `tick(ctx)` method")
+        self.routes.own((kind,), None)
+        limit = getattr(poller, "max_concurrent_ticks", None) or self._runner.config.max_workers
+        self.routes.add(_Route(kind, poller, self.lane(f"kind:{kind}", limit),
+                               _tick_budget(kind)))
+
+    def install(self, handles: Iterable[PluginPollerHandle],
+                auth_by_plugin: Mapping[str, Mapping[str, str]] | None = None) -> None:
+        """Route the plugins' kinds and start the supervised ones, each with
+        its own NATS credentials when ``plugin_broker_auth`` names it."""
+        r = self._runner
+        for handle in handles:
+            self.routes.own(handle.kinds, handle.plugin_id)
+            self.router.register(handle)
+            lane = self.lane(handle.plugin_id, handle.max_concurrent_ticks)
+            for kind in handle.kinds:
+                self.routes.add(_Route(kind, _proxy_for(kind, handle, r.broker, limit=False),
+                                       lane, _tick_budget(kind, (handle,)), handle.plugin_id))
+            if _lifecycle_rules(handle).supervised and handle.entrypoint_command:
+                # long-lived and stdio; without a command (NATS only) the plugin
+                # runs elsewhere: not ours to start.
+                auth = (auth_by_plugin if auth_by_plugin is not None else
+                        r.config.plugin_broker_auth).get(handle.plugin_id)
+                self.supervisors[handle.plugin_id] = PluginSupervisor(
+                    handle, _nats_url_as(r.broker_url, auth) if auth else r.broker_url
+                ).start()
+
+    def remove(self, plugin_id: str) -> None:
+        sup = self.supervisors.pop(plugin_id, None)
+        if sup is not None:
+            sup.stop()
+        if self.router.unregister(plugin_id):
+            self.routes.drop_plugin(plugin_id)
+
+    def reconcile(self, new: "DaemonConfig") -> list[str]:
+        """Stop the plugins ``new`` drops or changes, start the ones it adds
+        or changes; the ids of those restarted."""
+        old_plugins = {h.plugin_id: h for h in self.router.handles()}
+        new_plugins = {h.plugin_id: h for h in new.plugins}
+        old_auth, new_auth = self._runner.config.plugin_broker_auth, new.plugin_broker_auth
+
+        def same(pid: str) -> bool:
+            return (pid in old_plugins and pid in new_plugins
+                    and old_plugins[pid].same_spec(new_plugins[pid])
+                    and old_auth.get(pid) == new_auth.get(pid))
+        for pid in old_plugins:
+            if not same(pid):
+                self.remove(pid)
+        changed = [h for pid, h in new_plugins.items() if not same(pid)]
+        self.install(changed, new_auth)
+        return [h.plugin_id for h in changed if h.plugin_id in old_plugins]
+
+    def stop_supervised(self) -> None:
+        """SIGTERM every supervised plugin at once; they share one grace period."""
+        sups, self.supervisors = list(self.supervisors.values()), {}
+        for sup in sups:
+            sup.request_stop()
+        plugin_deadline = time.monotonic() + max((s.stop_grace for s in sups), default=0)
+        for sup in sups:
+            sup.join(plugin_deadline)
+
+    def budget(self, kind: str, plugins: Iterable[PluginPollerHandle] | None = None) -> float:
+        """How long a tick of ``kind`` may take (``_tick_budget``): as routed
+        now, or as ``plugins`` (a reload's) would route it."""
+        if plugins is not None:
+            return _tick_budget(kind, plugins)
+        return self.routes.budget(kind)
+
+    def lease_ttl(self, cfg: JobConfig, plugins: Iterable[PluginPollerHandle] | None = None
+                  ) -> float:
+        """factor x interval, at least ``lease_min_secs``, and at least a
+        plugin's tick timeout + ``lease_min_secs``."""
+        config = self._runner.config
+        least = config.lease_min_secs
+        ttl = max(least, config.lease_ttl_factor * cfg.schedule.nominal_interval)
+        handle = _plugin_for(cfg.kind, plugins or ())
+        route = self.routes.get(cfg.kind) if plugins is None else None
+        if handle is not None or (route is not None and route.plugin_id is not None):
+            ttl = max(ttl, self.budget(cfg.kind, plugins) + least)
+        return ttl
+
+    def lane_of(self, kind: str) -> _Lane:
+        """The lane ticks of ``kind`` queue in."""
+        route = self.routes.get(kind)
+        return route.lane if route is not None else self.lane("(unrouted)", 1)
+
+
 class _Commands:
     """Operator commands (pause, resume, reset, cursor, tick): applied at once
     to a job this daemon holds and is not ticking, else queued in the state
     for its owner, and the queued ones carried out when the scheduler looks."""
 
-    def __init__(self, runner: "Runner"):
-        self._runner = runner
-        self.due = False            # commands queued for this daemon: the scheduler looks now
+    def __init__(self, runner: "Runner", book: _JobBook,
+                 dispatch: Callable[[_Job, float | None, int | None], None]):
+        self._runner = runner               # its state and clock
+        self._book = book
+        self._dispatch = dispatch           # _Workers.dispatch
 
     def send(self, job_id: str, verb: str, arg: str | None = None) -> None:
         """Apply a command now when this runner owns the idle job; otherwise
         queue it for the owner (this runner, after the running tick, or the
         daemon holding the lease)."""
         r = self._runner
-        job = r._job(job_id)
+        book = self._book
+        job = book.get(job_id)
         if self.apply_held(job, verb, arg=arg):
             return
         owner, seq = r.state.command(job_id, verb, paused_on_boot=job.cfg.paused_on_boot,
@@ -8468,9 +8700,9 @@ class _Commands:
         if seq is None:                     # nobody holds it: applied in the state
             self.refresh_unheld([job_id])
         elif owner == r.state.owner:
-            with r._cond:
-                self.due = True
-                r._cond.notify_all()
+            with book.cond:
+                book.commands_due = True
+                book.cond.notify_all()
         else:
             _wake_owner(owner)              # another daemon on this state; it does not poll
 
@@ -8482,24 +8714,25 @@ class _Commands:
         commits over it.  A slot that comes meanwhile runs right after.
         False when a tick runs, or the lease is not (or no longer) held."""
         r = self._runner
-        with r._cond:
+        book = self._book
+        with book.cond:
             if not job.leased or job.running or job.removed:
                 return False
-            r._mark_running(job)
+            book.mark_running(job)
             job.commanding = True
         try:
             return self.apply(job, verb, seq, arg)
         finally:
-            with r._cond:
-                r._not_running(job)
+            with book.cond:
+                book.not_running(job)
                 missed, job.missed = job.missed, None
-                if r._started and not r._stopping and not job.removed \
+                if book.started and not book.stopping and not job.removed \
                         and not job.state.paused:
                     if missed is not None:
-                        r._push(job, r.clock(), missed)
+                        book.push(job, r.clock(), missed)
                     elif verb == "resume" and job.generation < 0:
-                        r._schedule_first(job, r.clock())
-                r._cond.notify_all()
+                        book.schedule_first(job, r.clock())
+                book.cond.notify_all()
 
     def apply(self, job: _Job, verb: str, seq: int | None = None,
               arg: str | None = None) -> bool:
@@ -8507,6 +8740,7 @@ class _Commands:
         commit with the command's completion (``running`` held by the caller).
         False when the lease was lost."""
         r = self._runner
+        book = self._book
         now = r.clock()
         new = apply_command(job.state, verb, arg)
         if verb == "resume" and job.state.paused:
@@ -8515,10 +8749,10 @@ class _Commands:
             new = new.replace(next_run_at=slot, schedule_key=job.key)
         if not r.state.commit_now(new, command=None if seq is None else (seq, None),
                                   source=_command_source(verb, arg)):
-            with r._cond:
+            with book.cond:
                 job.leased = False
             return False
-        with r._cond:
+        with book.cond:
             job.state = new.replace(revision=new.revision + 1)
             if verb == "pause":
                 job.generation = -1
@@ -8527,14 +8761,15 @@ class _Commands:
     def apply_pending(self) -> int:
         """Carry out the operator commands queued for the jobs this daemon owns."""
         r = self._runner
+        book = self._book
         n = 0
         for cmd in r.state.pending_commands():
-            job = r._jobs.get(cmd.job)
+            job = book.jobs.get(cmd.job)
             if job is None or job.removed:
                 r.state.finish_command(cmd.seq, json.dumps(
                     {"job": cmd.job, "error": "this daemon has no such job"}))
             elif cmd.verb == "tick":
-                with r._cond:
+                with book.cond:
                     if job.command == cmd.seq:      # dispatched at an earlier look
                         continue
                 if not self._tick_soon(job, cmd.seq):
@@ -8542,7 +8777,7 @@ class _Commands:
                         job.cfg.id, job.cfg.kind, TickStatus.BUSY,
                         "a tick of this job is running").to_dict()))
             elif not self.apply_held(job, cmd.verb, cmd.seq, cmd.arg):
-                with r._cond:
+                with book.cond:
                     if job.running:             # after the tick's commit
                         job.commands_wait = True
                 continue
@@ -8569,32 +8804,671 @@ class _Commands:
         the job reaches the daemon that has it in its configuration.  (An
         unpaused one needs no look: its next slot claims it, reading the state.)"""
         r = self._runner
-        with r._cond:
-            ids = [j.cfg.id for j in r._jobs.values()
+        book = self._book
+        with book.cond:
+            ids = [j.cfg.id for j in book.jobs.values()
                    if (j.state.paused if ids is None else j.cfg.id in ids)
                    and not j.leased and not j.running and not j.removed]
         stored = r.state.load(ids) if ids else {}
         now = r.clock()
-        with r._cond:
+        with book.cond:
             for job_id, state in stored.items():
-                job = r._jobs.get(job_id)
+                job = book.jobs.get(job_id)
                 if job is None or job.leased or job.running or job.removed:
                     continue
                 was_paused, job.state, job.delivered = job.state.paused, state, 0
-                if was_paused and not state.paused and r._started:
-                    r._schedule_first(job, now)
+                if was_paused and not state.paused and book.started:
+                    book.schedule_first(job, now)
 
     def _tick_soon(self, job: _Job, command: int | None = None) -> bool:
         """Dispatch a job now, off schedule, unless a tick of it is running."""
         r = self._runner
-        with r._cond:
+        book = self._book
+        with book.cond:
             if job.running or job.removed:
                 return False
-            r._mark_running(job)
+            book.mark_running(job)
             if command is not None:
                 job.command = command
-        r._dispatch(job, None, command)
+        self._dispatch(job, None, command)
         return True
+
+
+class _Ticks:
+    """One tick of a job, from its lease to its committed outcome's effects:
+    claim when needed, poll the route, plan, commit with the outbox, then
+    log, metrics, alert and the next slot (the error policy lives here)."""
+
+    def __init__(self, runner: "Runner", book: _JobBook, plugins: _Plugins,
+                 commands: "_Commands"):
+        self._runner = runner               # config, clock, rng, state, metrics, publisher
+        self._book, self._plugins, self._commands = book, plugins, commands
+
+    def tick(self, job: _Job, slot: float | None, *, command: int | None = None,
+             commit_async: bool) -> TickOutcome:
+        """Run one tick of a job (``running`` already set) and store its outcome.
+
+        ``slot`` None is an off-schedule tick (an operator's): it runs even
+        when the job is not due.
+        """
+        r, book, cfg = self._runner, self._book, job.cfg
+        now = r.clock()
+        started = time.monotonic()
+        cancel = threading.Event()
+        route = self._plugins.routes.get(cfg.kind)
+        with book.cond:
+            job.cancel = cancel
+            if book.stopping or job.removed:
+                cancel.set()
+        outcome = TickOutcome(cfg.id, cfg.kind, TickStatus.OK)
+        if cancel.is_set():                 # stop() or a reload came while it sat in the queue
+            outcome.status, outcome.error = TickStatus.CANCELLED, "tick cancelled before it started"
+            return self._finish_unplanned(job, slot, outcome, command)
+        budget = self._plugins.budget(cfg.kind)
+        ttl = self._plugins.lease_ttl(cfg)
+        # Claim only when the lease would not outlast this tick: in steady
+        # state each commit renews it, so ticks make no extra round trip.
+        if not job.leased or (job.state.lease_until or 0) < now + budget + 5.0:
+            early = self._claim(job, slot, now, ttl, outcome, command)
+            if early is not None:
+                return early
+        ctx = PollContext(cfg.id, cfg.agent, cfg.kind, job.state.cursor, cfg.config,
+                          datetime.fromtimestamp(now, timezone.utc),
+                          timedelta(seconds=cfg.schedule.nominal_interval), cancel)
+        self.poll(route, ctx, outcome)
+        outcome.duration = time.monotonic() - started
+        if cancel.is_set():
+            why = "job removed by a reload" if job.removed else "tick cancelled"
+            outcome.status, outcome.error, outcome.ack = TickStatus.CANCELLED, why, None
+            return self._finish_unplanned(job, slot, outcome, command)
+        base = job.state
+        if slot is None:                    # off schedule: the slot on the heap stays
+            base = base.replace(next_run_at=job.next_run_at if job.generation >= 0 else None)
+        planned = functools.partial(plan_tick, base, outcome, schedule=cfg.schedule, slot=slot,
+                                    started=now, config=r.config, rng=r.rng,
+                                    schedule_key=job.key)
+        plan = planned(finished=r.clock())
+        outbox = self._outbox_for(job, plan, outcome, now)
+        problem = r.state.unstorable(outbox)
+        if problem:
+            # A commit that can never succeed would make the tick run again
+            # forever: it fails for good instead, its cursor not advanced,
+            # and the job pauses with the reason in its status.
+            outcome.status, outcome.error, outcome.ack = TickStatus.PERMANENT, problem, None
+            plan = planned(finished=r.clock())
+            outbox = self._outbox_for(job, plan, outcome, now)
+        outcome.next_run_at = plan.run_at
+        new = plan.state.replace(lease_until=now + ttl)
+        result_text = None if command is None else json.dumps(outcome.to_dict())
+        done = functools.partial(self._committed, job, plan, new, outcome, slot, bool(outbox))
+        cmd = None if command is None else (command, result_text)
+        if commit_async:
+            try:
+                r.state.commit(new, done, command=cmd, outbox=outbox)
+            except StateError as exc:
+                done(exc)
+        else:
+            try:
+                result = r.state.commit_now(new, command=cmd, outbox=outbox)
+            except StateError as exc:
+                result = exc
+            self._settle_one(job, plan, new, outcome, slot, bool(outbox), result)
+            if outbox and result is True and not book.started:
+                try:                        # no daemon behind this runner: try once now
+                    r.publisher.run_pass()
+                except StateError as exc:
+                    log.error("outbox: %s", exc)
+        return outcome
+
+    def _claim(self, job: _Job, slot: float | None, now: float, ttl: float,
+               outcome: TickOutcome, command: int | None) -> TickOutcome | None:
+        """Take (or renew) the job's lease before its tick; an outcome when
+        the tick must not run (held elsewhere, taken over and not due), else None."""
+        r, cfg = self._runner, job.cfg
+        taking_over = not job.leased
+        try:
+            granted = r.state.claim({cfg.id: now + ttl}, now, paused_on_boot=(
+                [cfg.id] if cfg.paused_on_boot else []))
+        except StateError as exc:
+            granted, outcome.error = {}, str(exc)
+        if cfg.id not in granted:
+            outcome.status, elsewhere = TickStatus.LEASED, outcome.error is None
+            outcome.error = outcome.error or "another daemon holds this job's lease"
+            return self._finish_unplanned(job, slot, outcome, command, elsewhere)
+        with self._book.cond:
+            job.state, job.leased, job.delivered = granted[cfg.id], True, 0
+        if not taking_over:
+            return None
+        # The state is what the last owner committed, with the commands
+        # queued for it applied: resume from it.
+        try:
+            kept = self._commands.take_over(job)
+        except StateError as exc:
+            kept, outcome.error = False, f"queued commands not read: {exc}"
+        if not kept:
+            with self._book.cond:
+                job.leased = False      # the next tick claims and tries again
+            outcome.status = TickStatus.LEASED
+            outcome.error = outcome.error or "another daemon holds this job's lease"
+            return self._finish_unplanned(job, slot, outcome, command)
+        with self._book.cond:
+            job.commands_wait = True    # its tick commands: after this tick
+        resume_at, _ = next_run(job.state, cfg.schedule, job.key, now)
+        if slot is not None and (resume_at is None or resume_at > now):
+            log.info("job %s taken over; its next slot is %s", cfg.id, _iso(resume_at))
+            self._book.release(job, resume_at)
+            outcome.status = TickStatus.CANCELLED
+            outcome.error = "taken over; not due yet"
+            return outcome
+        return None
+
+    def dry(self, job: _Job, cursor: bytes | None,
+            on_request: Callable[[TickRequest], None] | None) -> TickOutcome:
+        """A tick from ``cursor`` that stores nothing (``Runner.dry_run``)."""
+        cfg = job.cfg
+        ctx = PollContext(cfg.id, cfg.agent, cfg.kind, cursor, cfg.config,
+                          datetime.fromtimestamp(self._runner.clock(), timezone.utc),
+                          timedelta(seconds=cfg.schedule.nominal_interval), threading.Event())
+        if on_request is not None:
+            on_request(ctx.to_request())
+        outcome = TickOutcome(cfg.id, cfg.kind, TickStatus.OK)
+        started = time.monotonic()
+        self.poll(self._plugins.routes.get(cfg.kind), ctx, outcome)
+        outcome.duration = time.monotonic() - started
+        return outcome
+
+    @staticmethod
+    def poll(route: _Route | None, ctx: PollContext, outcome: TickOutcome) -> None:
+        """Ask the route's poller for one tick; its ack or error goes into ``outcome``."""
+        try:
+            if route is None:
+                raise PollerError.Config(ctx.job_id,
+                                         f"no plugin or poller serves kind {ctx.kind!r}")
+            ack = route.poller.tick(ctx)
+            if ack is not None and not isinstance(ack, TickAck):
+                raise PollerError.Transient(f"poller returned {type(ack).__name__}, not TickAck")
+            outcome.ack = ack or TickAck()
+        except PollerError as exc:
+            outcome.status = TickStatus(exc.classify().value)
+            outcome.error = str(exc)
+        except Exception as exc:            # a bug in an in-process poller: retry later
+            log.debug("poller for %s raised", ctx.kind, exc_info=True)
+            outcome.status = TickStatus.TRANSIENT
+            outcome.error = f"{type(exc).__name__}: {exc}"
+
+    def _outbox_for(self, job: _Job, plan: TickPlan, outcome: TickOutcome,
+                    now: float) -> list[OutboxItem]:
+        """What this tick hands on, stored with its state: the reply's
+        deliveries, and the alert for the job's ``failure_to`` channel."""
+        agents, cfg = self._runner.config.agents, job.cfg
+        items = [_outbox_item(cfg.id, "delivery", outbound_topic(d.channel, cfg.agent, agents),
+                              _addressed(d.payload, d.recipient), now)
+                 for d in (outcome.ack.deliver if outcome.ack else ())]
+        to = cfg.failure_to
+        if plan.alert and to and to.get("channel") and to.get("to"):
+            text = f"\u26a0 poller `{cfg.id}` (kind={cfg.kind}) failing: {outcome.error}"
+            items.append(_outbox_item(cfg.id, "alert", outbound_topic(to["channel"], cfg.agent,
+                                                                      agents),
+                                      {"text": text, "to": to["to"]}, now))
+        return items
+
+    def _finish_unplanned(self, job: _Job, slot: float | None, outcome: TickOutcome,
+                          command: int | None, elsewhere: bool = False) -> TickOutcome:
+        """A tick that stored nothing (cancelled, leased): log it, free the job.
+
+        A slot of a job ``elsewhere`` (another daemon holds its lease) is no
+        tick of this daemon: no outcome line (debug only), no outcome in the
+        metrics, only a counter.  An operator's tick still gets its line."""
+        r = self._runner
+        if elsewhere and slot is not None:
+            log.debug("job %s: slot skipped, another daemon holds its lease", job.cfg.id)
+            r.metrics.held_elsewhere(job.cfg.id, job.cfg.kind)
+        else:
+            self._log_tick(outcome)
+            r.metrics.observe(outcome)
+        if command is not None:
+            try:
+                r.state.finish_command(command, json.dumps(outcome.to_dict()))
+            except StateError as exc:
+                log.error("%s", exc)
+        nxt = None
+        if not self._book.stopping and not job.removed:
+            if slot is not None:
+                nxt = job.cfg.schedule.next_after(slot, r.clock())
+            elif job.generation >= 0:       # off schedule: in case its slot passed meanwhile
+                now = r.clock()
+                nxt = job.cfg.schedule.next_after(now, now)
+        self._book.release(job, nxt, nxt, keep=slot is None)
+        return outcome
+
+    def _committed(self, job: _Job, plan: TickPlan, new: JobState, outcome: TickOutcome,
+                   slot: float | None, queued: bool, result: Any) -> None:
+        """The store's ``done`` callback (writer thread): hand over, do nothing else.
+
+        A commit of many writes calls this once per write; whoever drains
+        the effects takes them all, so only the first one needs a wake-up."""
+        book = self._book
+        with book.cond:
+            book.effects.append((job, plan, new, outcome, slot, queued, result))
+            if len(book.effects) == 1:
+                book.cond.notify_all()
+
+    def drain_effects(self) -> None:
+        """Carry out the committed outcomes' effects handed over so far."""
+        book = self._book
+        while True:
+            with book.cond:
+                if not book.effects:
+                    return
+                item = book.effects.popleft()
+            self._settle_one(*item)
+
+    def settle(self, done: Callable[[], bool], deadline: float | None) -> bool:
+        """Carry out committed outcomes until ``done()`` (lock held) or the deadline."""
+        book = self._book
+        while True:
+            self.drain_effects()
+            with book.cond:
+                if done():
+                    return True
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                if not book.effects:
+                    book.cond.wait(left)
+
+    def _settle_one(self, job: _Job, plan: TickPlan, new: JobState, outcome: TickOutcome,
+                    slot: float | None, queued: bool, result: Any) -> None:
+        """A commit's effects: live state, log, metrics, alert, the publisher
+        woken for what was queued, next slot."""
+        r, book = self._runner, self._book
+        if result is True:
+            with book.cond:
+                job.state, job.unstored = new.replace(revision=new.revision + 1), 0
+                if r.state.handed_over(job.cfg.id):
+                    job.leased = False      # stored, and left for another daemon to take
+            if queued and r.publisher is not None:
+                r.publisher.wake()
+            self._log_tick(outcome)         # before the release: wait_idle() sees it
+            r.metrics.observe(outcome, new.last_run_at)
+            if plan.alert:
+                self._send_alert(job, plan.alert, outcome)
+            book.release(job, plan.run_at, plan.slot)
+            return
+        lost = result is False
+        why = "lease lost: another daemon took this job over" if lost else str(result)
+        log.error("job %s: tick result not stored (%s)", job.cfg.id, why)
+        outcome.status, outcome.error, outcome.next_run_at = TickStatus.UNSTORED, why, None
+        self._log_tick(outcome)
+        r.metrics.observe(outcome)
+        now = r.clock()
+        with book.cond:
+            job.unstored += 1
+            if lost:
+                job.leased = False
+        if lost and slot is not None:
+            nxt = job.cfg.schedule.next_after(slot, now)
+        else:                               # never a tight loop: back off as for errors
+            cfg = r.config
+            nxt = now + _backoff(cfg.backoff_initial_secs, cfg.backoff_max_secs, job.unstored)
+        book.release(job, None if book.stopping else nxt, nxt)
+
+    def _send_alert(self, job: _Job, reason: str, outcome: TickOutcome) -> None:
+        payload = {"job": job.cfg.id, "kind": job.cfg.kind, "agent": job.cfg.agent,
+                   "reason": reason, "error": outcome.error,
+                   "consecutive_errors": job.state.consecutive_errors,
+                   "failure_to": job.cfg.failure_to, "at": _iso(self._runner.clock())}
+        log.warning("alert: job %s: %s: %s", job.cfg.id, reason, outcome.error)
+        self._alert(payload, f"alert for job {job.cfg.id} not published")
+
+    def dead_letter(self, item: OutboxItem, error: str) -> None:
+        """The publisher gave ``item`` up: log it and alert the channel."""
+        job = self._book.jobs.get(item.job)
+        payload = {"job": item.job, "kind": job.cfg.kind if job else None,
+                   "agent": job.cfg.agent if job else None,
+                   "reason": f"{item.what} {item.id} moved to the dead letters",
+                   "error": error, "topic": item.topic, "at": _iso(self._runner.clock())}
+        log.error("outbox: %s %s for job %s dead-lettered: %s", item.what, item.id, item.job,
+                  error)
+        self._alert(payload, "alert not published")
+
+    def _alert(self, payload: dict, failed: str) -> None:
+        """Publish ``payload`` on the alert topic; log ``failed`` when the broker refuses."""
+        r = self._runner
+        try:
+            r.broker.publish(r.config.alert_topic, payload)
+        except PluginPollerForwardError as exc:
+            log.error("%s: %s", failed, exc)
+
+    @staticmethod
+    def _log_tick(o: TickOutcome) -> None:
+        level = logging.INFO if o.status in (TickStatus.OK, TickStatus.LEASED,
+                                             TickStatus.CANCELLED) else logging.WARNING
+        if not log.isEnabledFor(level):
+            return
+        m = o.ack.metrics if o.ack and o.ack.metrics else TickMetrics()
+        log.log(level, "tick job=%s kind=%s outcome=%s duration_ms=%.1f items_seen=%d "
+                "items_dispatched=%d%s", o.job_id, o.kind, o.status.value, o.duration * 1000,
+                m.items_seen, m.items_dispatched, f" error={o.error}" if o.error else "",
+                extra={"tick": o.to_dict()})
+
+
+class _Workers:
+    """The tick workers: a due job queues in its kind's lane and runs on a
+    pool thread when the lane's capacity allows; an operator's tick takes a
+    slot of the same lane."""
+
+    def __init__(self, book: _JobBook, plugins: _Plugins, lanes: _Lanes, max_workers: int,
+                 tick: Callable[..., Any]):
+        self._book, self._plugins, self._lanes = book, plugins, lanes
+        self._pool = _WorkerPool(max_workers)
+        self._tick = tick                   # _Ticks.tick
+
+    def dispatch(self, job: _Job, slot: float | None, command: int | None = None) -> None:
+        """Queue a due job (marked running) in its lane; start what capacity allows."""
+        lane = self._plugins.lane_of(job.cfg.kind)
+        with self._book.cond:
+            starts = self._lanes.queue(lane, job, slot, command)
+        for args in starts:
+            self._pool.submit(self._work, *args)
+
+    def _work(self, job: _Job, slot: float | None, command: int | None, lane: _Lane) -> None:
+        """Run a tick; then, on this same thread, the next tick the freed
+        capacity lets start.  Under load a lane always has one waiting:
+        handing it to the pool would wake another thread as this one goes idle."""
+        while True:
+            try:
+                self._tick(job, slot, command=command, commit_async=True)
+            except Exception:
+                log.exception("tick worker failed")
+            with self._book.cond:
+                starts = self._lanes.finished(lane)
+            if not starts:
+                return
+            for args in starts[1:]:
+                self._pool.submit(self._work, *args)
+            job, slot, command, lane = starts[0]
+
+    def run_now(self, job: _Job) -> TickOutcome:
+        """An operator's tick of ``job`` on the caller's thread, committed
+        before it returns (``Runner.run_once``)."""
+        book = self._book
+        running = TickOutcome(job.cfg.id, job.cfg.kind, TickStatus.BUSY,
+                              "a tick of this job is running")
+        if job.running:
+            return running
+        lane, busy = self._enter(job)
+        if lane is None:
+            return TickOutcome(job.cfg.id, job.cfg.kind, TickStatus.BUSY, busy)
+        try:
+            with book.cond:
+                if job.running:             # it started while this one waited for a slot
+                    return running
+                book.mark_running(job)
+            try:
+                return self._tick(job, None, commit_async=False)
+            finally:
+                if job.running:             # interrupted (Ctrl-C) before it was released
+                    book.release(job, None, keep=True)
+        finally:
+            self._leave(lane)
+
+    def _enter(self, job: _Job) -> tuple[_Lane | None, str | None]:
+        """An operator's tick takes a slot of the job's lane, as a scheduled
+        one does (``max_concurrent_ticks`` holds for both), waiting at most
+        the route's budget: ``(lane, None)``, or ``(None, why)`` when no
+        slot came free by then."""
+        lane = self._plugins.lane_of(job.cfg.kind)
+        budget = self._plugins.budget(job.cfg.kind)
+        deadline = time.monotonic() + budget
+        book = self._book
+        with book.cond:
+            while lane.running >= lane.limit and not book.stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None, (f"all {lane.limit} tick slots of {lane.key} stayed busy "
+                                  f"for {budget:g}s")
+                # A lane's worker frees its slot without a notify: look again soon.
+                book.cond.wait(min(left, _CANCEL_POLL_SECS))
+            self._lanes.take(lane)
+        return lane, None
+
+    def _leave(self, lane: _Lane) -> None:
+        """Free an operator's slot; start the scheduled ticks it held back."""
+        with self._book.cond:
+            starts = self._lanes.leave(lane)
+        for args in starts:
+            self._pool.submit(self._work, *args)
+
+    def snapshot(self) -> dict[str, tuple[int, int]]:
+        """Every lane: key -> (ticks running, ticks waiting for a slot)."""
+        with self._book.cond:
+            return self._lanes.snapshot()
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class _Scheduler:
+    """The scheduler thread: pops due jobs off the timer heap to the
+    workers, carries out committed outcomes' effects, and looks at the
+    state when a command, the running set or the store's heartbeat asks."""
+
+    def __init__(self, runner: "Runner", book: _JobBook, ticks: _Ticks, workers: _Workers,
+                 commands: "_Commands"):
+        self._runner = runner               # its state, metrics, monotonic clock, config
+        self._book, self._ticks, self._workers, self._commands = book, ticks, workers, commands
+        self.wall_jobs = _has_wall_clock_jobs(runner.config)    # reload sets it anew
+        self.state_error: str | None = None         # why the state cannot be used now
+        self.thread: threading.Thread | None = None
+        self._last_poll = 0.0                       # time.monotonic() of the last look at the state
+        self._state_backoff = _COMMAND_POLL_SECS
+        self._published_running: frozenset = frozenset()
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="nexo-scheduler")
+        self.thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """The thread lives, or none was started (``fire_due`` drives)."""
+        return self.thread is None or self.thread.is_alive()
+
+    def _poll_at(self) -> float | None:
+        """When the scheduler must look at the state unasked (a
+        ``time.monotonic()``; lock held), or None when only a poke needs it to.
+
+        An idle daemon does not poll: commands arrive as SIGUSR1 (the CLI),
+        through the admin API or by the store's own notification
+        (``StateStore.watch_commands``), each of which calls ``poke()``.
+        Timers remain for a failing state (retried with backoff), for the
+        running set while it settles (``status`` shows it) and for the
+        store's heartbeat."""
+        if self.state_error is not None:
+            return self._last_poll + self._state_backoff
+        if self._book.running or self._published_running:
+            return self._last_poll + _COMMAND_POLL_SECS
+        beat = self._runner.state.heartbeat_secs
+        return None if beat is None else self._last_poll + beat
+
+    def _poll_due(self) -> bool:
+        at = self._poll_at()
+        return self._book.commands_due or (at is not None and time.monotonic() >= at)
+
+    def _next_wake(self, now: float) -> float | None:
+        """Seconds until the scheduler has something to do (lock held); None
+        when nothing will happen until somebody wakes it.  While cron or at
+        jobs wait it looks at the wall clock now and then: a step of it moves
+        their slots."""
+        waits = []
+        at = self._poll_at()
+        if at is not None:
+            waits.append(max(0.0, at - time.monotonic()))
+        deadline = self._book.heap.next_deadline()
+        if deadline is not None:
+            waits.append(max(0.0, deadline - now))
+            if self.wall_jobs:
+                waits.append(_WALL_CLOCK_LOOK_SECS)
+        return min(waits) if waits else None
+
+    def _loop(self) -> None:
+        """Pop due jobs, carry out committed outcomes, pick up commands.
+
+        Nothing raised here may end the thread: a state that cannot be read
+        is retried with backoff and reported until it can.
+        """
+        book = self._book
+        while True:
+            try:
+                with book.cond:
+                    if book.stopping:
+                        return
+                    book.watch_clock()
+                    now = self._runner.monotonic()
+                    due = self._pop_due(now)
+                    if not due and not book.effects and not self._poll_due():
+                        book.cond.wait(self._next_wake(now))
+                        continue
+                self._ticks.drain_effects()
+                for job, slot in due:
+                    self._workers.dispatch(job, slot)
+                if self._poll_due():
+                    self._last_poll = time.monotonic()
+                    self._poll_state()
+            except StateError as exc:
+                self._state_failed(exc)
+            except Exception:
+                log.exception("scheduler: unexpected error; carrying on")
+                with book.cond:
+                    book.cond.wait(1.0)
+
+    def _poll_state(self) -> None:
+        """Commands and the running set, each time the scheduler looks at the state."""
+        store = self._runner.state
+        store.check_file()
+        due, self._book.commands_due = self._book.commands_due, False
+        if store.changed() or due:
+            self._commands.apply_pending()
+            self._commands.refresh_unheld()
+        running = frozenset(j.cfg.id for j in self._book.jobs.values()
+                            if j.running and not j.commanding)
+        if running != self._published_running:
+            store.set_running(running)
+            self._published_running = running
+        if self.state_error is not None:
+            log.warning("state readable again after: %s", self.state_error)
+            self.state_error, self._state_backoff = None, _COMMAND_POLL_SECS
+
+    def _state_failed(self, exc: StateError) -> None:
+        first = self.state_error is None
+        self.state_error = str(exc)
+        self._runner.metrics.state_error()
+        if first:
+            log.error("state: %s (retrying with backoff; ticks wait)", exc)
+        else:
+            log.debug("state still failing: %s", exc)
+        self._state_backoff = _backoff(self._state_backoff, _STATE_RETRY_MAX_SECS, 2)
+
+    def _pop_due(self, now: float) -> list[tuple[_Job, float]]:
+        """The due jobs that may run now, marked running (lock held)."""
+        due = []
+        for job, nominal in self._book.heap.pop_due(now):
+            if job.state.paused or job.running:
+                if job.commanding:
+                    job.missed = nominal
+                continue
+            self._book.mark_running(job)
+            due.append((job, nominal))
+        return due
+
+    def fire_due(self) -> int:
+        """Dispatch every job whose slot has come (for tests driving the clock)."""
+        self._ticks.drain_effects()
+        with self._book.cond:
+            self._book.watch_clock()
+            due = self._pop_due(self._runner.monotonic())
+        for job, slot in due:
+            self._workers.dispatch(job, slot)
+        return len(due)
+
+
+class _Reload:
+    """A new configuration applied to a running daemon: jobs added, replaced
+    and removed, plugins restarted where their spec changed, all or nothing
+    where it matters."""
+
+    def __init__(self, runner: "Runner", book: _JobBook, plugins: _Plugins,
+                 scheduler: _Scheduler):
+        self._runner = runner               # its config (replaced), state and clock
+        self._book, self._plugins, self._scheduler = book, plugins, scheduler
+
+    def apply(self, new: DaemonConfig) -> dict[str, list[str]]:
+        """Bring the running set in line with ``new`` (already validated).
+
+        All or nothing where it matters: a change of ``state_db`` is refused,
+        and the state is asked for the new jobs before anything changes, so a
+        state that cannot be written leaves the old configuration running.
+        Returns the diff: ``added``, ``replaced``, ``removed``, ``kept`` job
+        ids and ``restarted`` plugin ids.
+        """
+        r, book = self._runner, self._book
+        if os.path.abspath(new.state_db) != os.path.abspath(r.config.state_db):
+            raise ConfigError(new.source, [("state_db", (
+                f"changed from {r.config.state_db} to {new.state_db}: the state cannot "
+                "move while the daemon runs; restart the daemon to use the new location"))])
+        new_jobs = {j.id: j for j in new.jobs}
+        added = [_Job(jc) for jc in new.jobs if jc.id not in book.jobs]
+        now = r.clock()
+        if added:                           # the state first: a failure here changes nothing
+            stored = r.state.load([j.cfg.id for j in added])
+            for job in added:
+                job.state = stored.get(job.cfg.id, job.state)
+            if book.started:
+                book.lease(r.state, added, now,
+                           lambda cfg: self._plugins.lease_ttl(cfg, new.plugins))
+        # Jobs leave first, so no queued tick of theirs runs against a plugin that is gone.
+        removed = []
+        with book.cond:
+            for job_id in [i for i in book.jobs if i not in new_jobs]:
+                job = book.jobs.pop(job_id)
+                job.removed, job.generation = True, -1
+                if job.cancel is not None:
+                    job.cancel.set()
+                removed.append(job_id)
+        if removed:
+            try:
+                r.state.release(removed)
+            except StateError as exc:
+                log.error("leases of removed jobs not released (they expire): %s", exc)
+        restarted = self._plugins.reconcile(new)
+        diff: dict[str, list[str]] = {
+            "added": [j.cfg.id for j in added], "replaced": [], "removed": removed, "kept": [],
+            "restarted": restarted}
+        r.config = dataclasses.replace(new, jobs=list(new.jobs), plugins=list(new.plugins))
+        with book.cond:
+            self._scheduler.wall_jobs = _has_wall_clock_jobs(r.config)
+            for job in added:
+                book.jobs[job.cfg.id] = job
+            for job in added:
+                if book.started:
+                    book.schedule_first(job, now)
+            for job_id, jc in new_jobs.items():
+                job = book.jobs[job_id]
+                if job_id in diff["added"]:
+                    continue
+                if jc.raw == job.cfg.raw:
+                    diff["kept"].append(job_id)
+                    continue
+                job.cfg, job.key = jc, _schedule_key(jc)
+                diff["replaced"].append(job_id)
+                if book.started and not job.running:
+                    book.schedule_first(job, now)       # a new schedule voids the stored slot
+        log.info("reloaded: %s", ", ".join(f"{k} {len(v)}" for k, v in diff.items()))
+        return diff
 
 
 class _Signals:
@@ -8650,6 +9524,12 @@ class Runner:
     Deliveries go, by precedence, to ``deliver(topic, event)`` (a callable:
     returning means delivered, raising means retry), to the configured
     ``delivery_sink`` webhook, or to the broker.
+
+    A facade: life cycle, operator verbs and the read API are here; the
+    work is its collaborators', each owning one thing: ``_JobBook`` (jobs,
+    lock, timer heap), ``_Plugins`` (routes, supervised plugins),
+    ``_Workers`` (lanes, tick threads), ``_Ticks`` (one tick and its
+    effects), ``_Commands``, ``_Scheduler``, ``_Reload``, ``_Signals``.
     """
 
     def __init__(self, config: DaemonConfig, *, clock: Callable[[], float] = time.time,
@@ -8660,104 +9540,39 @@ class Runner:
         self.clock = clock
         self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
         self.rng = rng or random.Random()   # jitter, retry spread: one source
-        self.router = PluginPollerRouter()          # plugins by id (the manifests)
-        self._routes = _Routes()                    # kinds: the one answer to "who serves it"
-        self._lanes = _Lanes(lambda: self.config.max_workers)
-        self._supervisors: dict[str, PluginSupervisor] = {}
-        self._jobs: dict[str, _Job] = {}
-        self._wall_jobs = _has_wall_clock_jobs(config)
-        self._heap = _TimerHeap(self._jobs, clock, self.monotonic)
-        self._cond = threading.Condition(threading.Lock())
-        self._effects: deque = deque()              # committed outcomes waiting for their effects
-        self._pool = _WorkerPool(config.max_workers)
-        self._running = 0
-        self._stopping = False
-        self._opened = False
-        self._started = False
-        self._torn_down = False
-        self._commands = _Commands(self)
-        self._last_poll = 0.0                       # time.monotonic() of the last look at the state
-        self._state_backoff = _COMMAND_POLL_SECS
-        self._published_running: frozenset = frozenset()
         self.state: StateStore | None = state
-        self.state_error: str | None = None         # why the state cannot be used now
         self.broker_server: BrokerServer | None = None     # the embedded one, when used
         self.broker = None
         self.broker_url: str | None = None      # what long-lived plugins are given
-        self._scheduler: threading.Thread | None = None
-        self._metrics = _Metrics()
-        self._metrics_server = None
-        self._admin_server = None                   # may be _metrics_server itself (shared)
         self.config_path: str | None = None         # what the admin API's reload re-reads
         self.reload_lock = threading.Lock()         # one reload at a time (SIGHUP, admin API)
         self.stopped = threading.Event()
+        self._metrics = _Metrics()
+        self._http_servers: tuple = (None, None)    # (metrics, admin): may be one server
         self._deliver_hook = deliver
         self._publisher: _Publisher | None = None
+        self._opened = self._torn_down = False
+        book = self._book = _JobBook(clock, self.monotonic, lambda schedule: _jitter(
+            schedule, self.config, self.rng))
+        lanes = _Lanes(lambda: self.config.max_workers)
+        self._plugins = _Plugins(self, lanes, book.cond)
+        # Commands dispatch ticks; workers run them; a tick may apply commands first.
+        self._commands = _Commands(self, book, lambda *args: self._workers.dispatch(*args))
+        self._ticks = _Ticks(self, book, self._plugins, self._commands)
+        self._workers = _Workers(book, self._plugins, lanes, config.max_workers,
+                                 self._ticks.tick)
+        self._scheduler = _Scheduler(self, book, self._ticks, self._workers, self._commands)
+        self._reload = _Reload(self, book, self._plugins, self._scheduler)
 
-    # -- routes ---------------------------------------------------------------------
+    @property
+    def router(self) -> PluginPollerRouter:
+        """The plugins by id (their manifests)."""
+        return self._plugins.router
 
     def register(self, poller: Any) -> None:
-        """Serve ``poller.kind`` in-process with ``poller.tick(ctx) -> TickAck``.
-
-        An optional ``max_concurrent_ticks`` attribute bounds its ticks.
-        """
-        kind = getattr(poller, "kind", None)
-        if not isinstance(kind, str) or not callable(getattr(poller, "tick", None)):
-            raise TypeError("a poller needs a `kind` string and a `tick(ctx)` method")
-        self._routes.own((kind,), None)
-        limit = getattr(poller, "max_concurrent_ticks", None) or self.config.max_workers
-        self._routes.add(_Route(kind, poller, self._lane(f"kind:{kind}", limit),
-                                _tick_budget(kind)))
-
-    def _lane(self, key: str, limit: int) -> _Lane:
-        with self._cond:
-            return self._lanes.get(key, limit)
-
-    def _install_plugins(self, handles: Iterable[PluginPollerHandle],
-                         auth_by_plugin: Mapping[str, Mapping[str, str]] | None = None) -> None:
-        """Route the plugins' kinds and start the supervised ones, each with
-        its own NATS credentials when ``plugin_broker_auth`` names it."""
-        for handle in handles:
-            self._routes.own(handle.kinds, handle.plugin_id)
-            self.router.register(handle)
-            lane = self._lane(handle.plugin_id, handle.max_concurrent_ticks)
-            for kind in handle.kinds:
-                self._routes.add(_Route(kind, _proxy_for(kind, handle, self.broker, limit=False),
-                                        lane, _tick_budget(kind, (handle,)), handle.plugin_id))
-            if _lifecycle_rules(handle).supervised and handle.entrypoint_command:
-                # long-lived and stdio; without a command (NATS only) the plugin
-                # runs elsewhere: not ours to start.
-                auth = (auth_by_plugin if auth_by_plugin is not None else
-                        self.config.plugin_broker_auth).get(handle.plugin_id)
-                self._supervisors[handle.plugin_id] = PluginSupervisor(
-                    handle, _nats_url_as(self.broker_url, auth) if auth else self.broker_url
-                ).start()
-
-    def _remove_plugin(self, plugin_id: str) -> None:
-        sup = self._supervisors.pop(plugin_id, None)
-        if sup is not None:
-            sup.stop()
-        if self.router.unregister(plugin_id):
-            self._routes.drop_plugin(plugin_id)
-
-    def _budget(self, kind: str, plugins: Iterable[PluginPollerHandle] | None = None) -> float:
-        """How long a tick of ``kind`` may take (``_tick_budget``): as routed
-        now, or as ``plugins`` (a reload's) would route it."""
-        if plugins is not None:
-            return _tick_budget(kind, plugins)
-        return self._routes.budget(kind)
-
-    def _lease_ttl(self, cfg: JobConfig, plugins: Iterable[PluginPollerHandle] | None = None
-                   ) -> float:
-        """factor x interval, at least ``lease_min_secs``, and at least a
-        plugin's tick timeout + ``lease_min_secs``."""
-        least = self.config.lease_min_secs
-        ttl = max(least, self.config.lease_ttl_factor * cfg.schedule.nominal_interval)
-        handle = _plugin_for(cfg.kind, plugins or ())
-        route = self._routes.get(cfg.kind) if plugins is None else None
-        if handle is not None or (route is not None and route.plugin_id is not None):
-            ttl = max(ttl, self._budget(cfg.kind, plugins) + least)
-        return ttl
+        """Serve ``poller.kind`` in-process with ``poller.tick(ctx) -> TickAck``;
+        an optional ``max_concurrent_ticks`` attribute bounds its ticks."""
+        self._plugins.register(poller)
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -8769,20 +9584,11 @@ class Runner:
         if self.state is None:
             self.state = _config_state(cfg)
         try:
-            if _is_nats(cfg.broker):
-                tls = {f"tls_{k}": v for k, v in cfg.broker_tls.items()}
-                self.broker = connect_broker(cfg.broker, name=f"nexo-poller {self.state.owner}",
-                                             **tls)
-                self.broker_url = cfg.broker
-            else:
-                path = cfg.broker[7:] if cfg.broker else None
-                self.broker_server = BrokerServer(path).start()
-                self.broker = self.broker_server.client()
-                self.broker_url = self.broker_server.url
-            self._install_plugins(cfg.plugins)
+            self.broker_server, self.broker, self.broker_url = _open_broker(cfg, self.state.owner)
+            self._plugins.install(cfg.plugins)
             stored = self.state.load([j.id for j in cfg.jobs])
             for jc in cfg.jobs:
-                self._jobs[jc.id] = _Job(jc, stored.get(jc.id))
+                self._book.jobs[jc.id] = _Job(jc, stored.get(jc.id))
             if self._deliver_hook is not None:
                 sink = self._deliver_hook
             elif cfg.delivery_sink != "broker":
@@ -8803,61 +9609,35 @@ class Runner:
         time through ``clock`` and calls ``fire_due()`` (tests do).
         """
         self.open()
+        book = self._book
         now = self.clock()
         others = self.state.register_daemon(now)
         # One step leases every job up front, so a tick needs no round trip to
         # the state before it runs, only its commit after.
-        granted = self._claim(list(self._jobs.values()), now)
+        granted = book.lease(self.state, list(book.jobs.values()), now, self._plugins.lease_ttl)
         if others:
-            held = sorted(set(self._jobs) - set(granted))
+            held = sorted(set(book.jobs) - set(granted))
             log.warning("another daemon runs on this state (%s); this one holds %d of %d jobs%s",
-                        ", ".join(others), len(granted), len(self._jobs),
+                        ", ".join(others), len(granted), len(book.jobs),
                         f"; held elsewhere: {', '.join(held)}" if held else "")
         self.apply_commands()
-        with self._cond:
-            for job in self._jobs.values():
-                self._schedule_first(job, now)
+        with book.cond:
+            for job in book.jobs.values():
+                book.schedule_first(job, now)
         if self.config.metrics_addr or self.config.admin_addr:
             try:
-                self._metrics_server, self._admin_server = _start_http(self)
+                self._http_servers = _start_http(self)
             except ConfigError:
                 self.stop()
                 raise
-        self._started = True
+        book.started = True
         self.state.watch_commands(self.poke)
         if background:
-            self._scheduler = threading.Thread(target=self._schedule_loop, daemon=True,
-                                               name="nexo-scheduler")
             self._scheduler.start()
         self._publisher.start()
-        log.info("nexo-poller started: %d jobs, %d plugins, broker %s", len(self._jobs),
+        log.info("nexo-poller started: %d jobs, %d plugins, broker %s", len(book.jobs),
                  self.router.len(), _redact_url(self.broker_url))
         return self
-
-    def _claim(self, jobs: list[_Job], now: float,
-               plugins: Iterable[PluginPollerHandle] | None = None) -> dict[str, JobState]:
-        """Lease ``jobs``; each granted job takes the state the claim read."""
-        wanted = {j.cfg.id: now + self._lease_ttl(j.cfg, plugins) for j in jobs}
-        granted = self.state.claim(wanted, now, paused_on_boot=[
-            j.cfg.id for j in jobs if j.cfg.paused_on_boot])
-        with self._cond:
-            for job in jobs:
-                if job.cfg.id in granted:
-                    job.state, job.leased, job.delivered = granted[job.cfg.id], True, 0
-        return granted
-
-    def _schedule_first(self, job: _Job, now: float) -> None:
-        """Put a job on the heap where it stands on its schedule (lock held)."""
-        if job.removed or job.state.paused or job.running:
-            return
-        slot, fresh = next_run(job.state, job.cfg.schedule, job.key, now)
-        if slot is None:
-            job.generation = -1
-            return
-        when = max(slot, now)            # missed while down or paused: once, now
-        if fresh and slot >= now:
-            when += _jitter(job.cfg.schedule, self.config, self.rng)
-        self._push(job, when, slot)
 
     def stop(self) -> None:
         """Stop scheduling, cancel ticks in flight, stop plugins, flush state.
@@ -8866,26 +9646,26 @@ class Runner:
         gets what it can store within a few seconds more, whatever another
         process does to it; what it cannot store is logged.
         """
-        with self._cond:
-            if self._stopping:
+        book = self._book
+        with book.cond:
+            if book.stopping:
                 return
-            self._stopping = True
-            for job in self._jobs.values():
+            book.stopping = True
+            for job in book.jobs.values():
                 if job.cancel is not None:
                     job.cancel.set()
-            self._cond.notify_all()
+            book.cond.notify_all()
         grace = self.config.shutdown_grace_secs
         deadline = time.monotonic() + grace
         if self.state is not None:
             self.state.set_deadline(deadline + 2.0)
-        if self._scheduler is not None:
-            self._scheduler.join(5)
-        if not self._settle(lambda: self._running == 0, deadline):
+        self._scheduler.join(5)
+        if not self._ticks.settle(lambda: book.running == 0, deadline):
             log.warning("%d ticks did not finish within %.1fs; their results are dropped",
-                        self._running, grace)
+                        book.running, grace)
         self._teardown(deadline + 2.0)
         self.stopped.set()
-        if self._started:
+        if book.started:
             log.info("nexo-poller stopped")
 
     def _teardown(self, deadline: float) -> None:
@@ -8901,14 +9681,8 @@ class Runner:
                 self.state.unregister_daemon()
             except StateError as exc:
                 log.error("leases not released (they expire on their own): %s", exc)
-        sups, self._supervisors = list(self._supervisors.values()), {}
-        for sup in sups:                    # all plugins get SIGTERM at once and
-            sup.request_stop()              # share one grace period
-        plugin_deadline = time.monotonic() + max((s.stop_grace for s in sups), default=0)
-        for sup in sups:
-            sup.join(plugin_deadline)
-        for server in {id(s): s for s in (self._metrics_server, self._admin_server)
-                       if s is not None}.values():
+        self._plugins.stop_supervised()
+        for server in {id(s): s for s in self._http_servers if s is not None}.values():
             server.shutdown()
             server.server_close()
         if self.state is not None:
@@ -8917,7 +9691,7 @@ class Runner:
             self.broker.close()
         if self.broker_server is not None:
             self.broker_server.close()
-        self._pool.close()
+        self._workers.close()
 
     def __enter__(self) -> "Runner":
         return self.start()
@@ -8925,540 +9699,21 @@ class Runner:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    # -- the timer heap -------------------------------------------------------------------
-
-    def _push(self, job: _Job, when: float, nominal: float | None = None) -> None:
-        """Put a job's next run on the heap (``_TimerHeap.push``; lock held),
-        waking the scheduler when what it waits for changed."""
-        if self._heap.push(job, when, nominal):
-            self._cond.notify_all()
-
-    def _watch_clock(self) -> None:
-        """Re-base the heap on a wall clock step (lock held)."""
-        if self._heap.watch_clock():
-            self._cond.notify_all()
-
-    def _poll_at(self) -> float | None:
-        """When the scheduler must look at the state unasked (a
-        ``time.monotonic()``; lock held), or None when only a poke needs it to.
-
-        An idle daemon does not poll: commands arrive as SIGUSR1 (the CLI),
-        through the admin API or by the store's own notification
-        (``StateStore.watch_commands``), each of which calls ``poke()``.
-        Timers remain for a failing state (retried with backoff), for the
-        running set while it settles (``status`` shows it) and for the
-        store's heartbeat."""
-        if self.state_error is not None:
-            return self._last_poll + self._state_backoff
-        if self._running or self._published_running:
-            return self._last_poll + _COMMAND_POLL_SECS
-        beat = self.state.heartbeat_secs
-        return None if beat is None else self._last_poll + beat
-
-    def _poll_due(self) -> bool:
-        at = self._poll_at()
-        return self._commands.due or (at is not None and time.monotonic() >= at)
-
-    def _next_wake(self, now: float) -> float | None:
-        """Seconds until the scheduler has something to do (lock held); None
-        when nothing will happen until somebody wakes it.  While cron or at
-        jobs wait it looks at the wall clock now and then: a step of it moves
-        their slots."""
-        waits = []
-        at = self._poll_at()
-        if at is not None:
-            waits.append(max(0.0, at - time.monotonic()))
-        deadline = self._heap.next_deadline()
-        if deadline is not None:
-            waits.append(max(0.0, deadline - now))
-            if self._wall_jobs:
-                waits.append(_WALL_CLOCK_LOOK_SECS)
-        return min(waits) if waits else None
-
-    def _schedule_loop(self) -> None:
-        """Pop due jobs, carry out committed outcomes, pick up commands.
-
-        Nothing raised here may end the thread: a state that cannot be read
-        is retried with backoff and reported until it can.
-        """
-        while True:
-            try:
-                with self._cond:
-                    if self._stopping:
-                        return
-                    self._watch_clock()
-                    now = self.monotonic()
-                    due = self._pop_due(now)
-                    if not due and not self._effects and not self._poll_due():
-                        self._cond.wait(self._next_wake(now))
-                        continue
-                self._drain_effects()
-                for job, slot in due:
-                    self._dispatch(job, slot)
-                if self._poll_due():
-                    self._last_poll = time.monotonic()
-                    self._poll_state()
-            except StateError as exc:
-                self._state_failed(exc)
-            except Exception:
-                log.exception("scheduler: unexpected error; carrying on")
-                with self._cond:
-                    self._cond.wait(1.0)
-
-    def _poll_state(self) -> None:
-        """Commands and the running set, each time the scheduler looks at the state."""
-        self.state.check_file()
-        due, self._commands.due = self._commands.due, False
-        if self.state.changed() or due:
-            self.apply_commands()
-            self._commands.refresh_unheld()
-        running = frozenset(j.cfg.id for j in self._jobs.values()
-                            if j.running and not j.commanding)
-        if running != self._published_running:
-            self.state.set_running(running)
-            self._published_running = running
-        if self.state_error is not None:
-            log.warning("state readable again after: %s", self.state_error)
-            self.state_error, self._state_backoff = None, _COMMAND_POLL_SECS
-
-    def _state_failed(self, exc: StateError) -> None:
-        first = self.state_error is None
-        self.state_error = str(exc)
-        self._metrics.state_error()
-        if first:
-            log.error("state: %s (retrying with backoff; ticks wait)", exc)
-        else:
-            log.debug("state still failing: %s", exc)
-        self._state_backoff = _backoff(self._state_backoff, _STATE_RETRY_MAX_SECS, 2)
-
-    def _pop_due(self, now: float) -> list[tuple[_Job, float]]:
-        """The due jobs that may run now, marked running (lock held)."""
-        due = []
-        for job, nominal in self._heap.pop_due(now):
-            if job.state.paused or job.running:
-                if job.commanding:
-                    job.missed = nominal
-                continue
-            self._mark_running(job)
-            due.append((job, nominal))
-        return due
-
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no tick is running or committing; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        return self._settle(lambda: self._running == 0, deadline)
-
-    def _settle(self, done: Callable[[], bool], deadline: float | None) -> bool:
-        """Carry out committed outcomes until ``done()`` (lock held) or the deadline."""
-        while True:
-            self._drain_effects()
-            with self._cond:
-                if done():
-                    return True
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                if not self._effects:
-                    self._cond.wait(left)
+        return self._ticks.settle(lambda: self._book.running == 0, deadline)
 
     def fire_due(self) -> int:
         """Dispatch every job whose slot has come (for tests driving the clock)."""
-        self._drain_effects()
-        with self._cond:
-            self._watch_clock()
-            due = self._pop_due(self.monotonic())
-        for job, slot in due:
-            self._dispatch(job, slot)
-        return len(due)
-
-    # -- lanes --------------------------------------------------------------------------
-
-    def _dispatch(self, job: _Job, slot: float | None, command: int | None = None) -> None:
-        """Queue a due job in its route's lane; start what capacity allows."""
-        route = self._routes.get(job.cfg.kind)
-        lane = route.lane if route is not None else self._lane("(unrouted)", 1)
-        with self._cond:
-            starts = self._lanes.queue(lane, job, slot, command)
-        for args in starts:
-            self._pool.submit(self._work, *args)
-
-    def _work(self, job: _Job, slot: float | None, command: int | None, lane: _Lane) -> None:
-        """Run a tick; then, on this same thread, the next tick the freed
-        capacity lets start.  Under load a lane always has one waiting:
-        handing it to the pool would wake another thread as this one goes idle."""
-        while True:
-            try:
-                self._tick(job, slot, command=command, commit_async=True)
-            except Exception:
-                log.exception("tick worker failed")
-            with self._cond:
-                starts = self._lanes.finished(lane)
-            if not starts:
-                return
-            for args in starts[1:]:
-                self._pool.submit(self._work, *args)
-            job, slot, command, lane = starts[0]
-
-    # -- one tick -----------------------------------------------------------------------
-
-    def _tick(self, job: _Job, slot: float | None, *, command: int | None = None,
-              commit_async: bool) -> TickOutcome:
-        """Run one tick of a job (``running`` already set) and store its outcome.
-
-        ``slot`` None is an off-schedule tick (an operator's): it runs even
-        when the job is not due.
-        """
-        cfg = job.cfg
-        now = self.clock()
-        started = time.monotonic()
-        cancel = threading.Event()
-        route = self._routes.get(cfg.kind)
-        with self._cond:
-            job.cancel = cancel
-            if self._stopping or job.removed:
-                cancel.set()
-        outcome = TickOutcome(cfg.id, cfg.kind, TickStatus.OK)
-        if cancel.is_set():                 # stop() or a reload came while it sat in the queue
-            outcome.status, outcome.error = TickStatus.CANCELLED, "tick cancelled before it started"
-            return self._finish_unplanned(job, slot, outcome, command)
-        budget = self._budget(cfg.kind)
-        ttl = self._lease_ttl(cfg)
-        # Claim only when the lease would not outlast this tick: in steady
-        # state each commit renews it, so ticks make no extra round trip.
-        if not job.leased or (job.state.lease_until or 0) < now + budget + 5.0:
-            taking_over = not job.leased
-            try:
-                granted = self.state.claim({cfg.id: now + ttl}, now, paused_on_boot=(
-                    [cfg.id] if cfg.paused_on_boot else []))
-            except StateError as exc:
-                granted, outcome.error = {}, str(exc)
-            if cfg.id not in granted:
-                outcome.status, elsewhere = TickStatus.LEASED, outcome.error is None
-                outcome.error = outcome.error or "another daemon holds this job's lease"
-                return self._finish_unplanned(job, slot, outcome, command, elsewhere)
-            with self._cond:
-                job.state, job.leased, job.delivered = granted[cfg.id], True, 0
-            if taking_over:
-                # The state is what the last owner committed, with the commands
-                # queued for it applied: resume from it.
-                try:
-                    kept = self._commands.take_over(job)
-                except StateError as exc:
-                    kept, outcome.error = False, f"queued commands not read: {exc}"
-                if not kept:
-                    with self._cond:
-                        job.leased = False      # the next tick claims and tries again
-                    outcome.status = TickStatus.LEASED
-                    outcome.error = outcome.error or "another daemon holds this job's lease"
-                    return self._finish_unplanned(job, slot, outcome, command)
-                with self._cond:
-                    job.commands_wait = True    # its tick commands: after this tick
-                resume_at, _ = next_run(job.state, cfg.schedule, job.key, now)
-                if slot is not None and (resume_at is None or resume_at > now):
-                    log.info("job %s taken over; its next slot is %s", cfg.id, _iso(resume_at))
-                    self._release(job, resume_at)
-                    outcome.status = TickStatus.CANCELLED
-                    outcome.error = "taken over; not due yet"
-                    return outcome
-        ctx = PollContext(cfg.id, cfg.agent, cfg.kind, job.state.cursor, cfg.config,
-                          datetime.fromtimestamp(now, timezone.utc),
-                          timedelta(seconds=cfg.schedule.nominal_interval), cancel)
-        self._poll(route, ctx, outcome)
-        outcome.duration = time.monotonic() - started
-        if cancel.is_set():
-            why = "job removed by a reload" if job.removed else "tick cancelled"
-            outcome.status, outcome.error, outcome.ack = TickStatus.CANCELLED, why, None
-            return self._finish_unplanned(job, slot, outcome, command)
-        base = job.state
-        if slot is None:                    # off schedule: the slot on the heap stays
-            base = base.replace(next_run_at=job.next_run_at if job.generation >= 0 else None)
-        planned = functools.partial(plan_tick, base, outcome, schedule=cfg.schedule, slot=slot,
-                                    started=now, config=self.config, rng=self.rng,
-                                    schedule_key=job.key)
-        plan = planned(finished=self.clock())
-        outbox = self._outbox_for(job, plan, outcome, now)
-        problem = self.state.unstorable(outbox)
-        if problem:
-            # A commit that can never succeed would make the tick run again
-            # forever: it fails for good instead, its cursor not advanced,
-            # and the job pauses with the reason in its status.
-            outcome.status, outcome.error, outcome.ack = TickStatus.PERMANENT, problem, None
-            plan = planned(finished=self.clock())
-            outbox = self._outbox_for(job, plan, outcome, now)
-        outcome.next_run_at = plan.run_at
-        new = plan.state.replace(lease_until=now + ttl)
-        result_text = None if command is None else json.dumps(outcome.to_dict())
-        done = functools.partial(self._committed, job, plan, new, outcome, slot, bool(outbox))
-        cmd = None if command is None else (command, result_text)
-        if commit_async:
-            try:
-                self.state.commit(new, done, command=cmd, outbox=outbox)
-            except StateError as exc:
-                done(exc)
-        else:
-            try:
-                result = self.state.commit_now(new, command=cmd, outbox=outbox)
-            except StateError as exc:
-                result = exc
-            self._settle_one(job, plan, new, outcome, slot, bool(outbox), result)
-            if outbox and result is True and not self._started:
-                try:                        # no daemon behind this runner: try once now
-                    self._publisher.run_pass()
-                except StateError as exc:
-                    log.error("outbox: %s", exc)
-        return outcome
-
-    @staticmethod
-    def _poll(route: _Route | None, ctx: PollContext, outcome: TickOutcome) -> None:
-        """Ask the route's poller for one tick; its ack or error goes into ``outcome``."""
-        try:
-            if route is None:
-                raise PollerError.Config(ctx.job_id,
-                                         f"no plugin or poller serves kind {ctx.kind!r}")
-            ack = route.poller.tick(ctx)
-            if ack is not None and not isinstance(ack, TickAck):
-                raise PollerError.Transient(f"poller returned {type(ack).__name__}, not TickAck")
-            outcome.ack = ack or TickAck()
-        except PollerError as exc:
-            outcome.status = TickStatus(exc.classify().value)
-            outcome.error = str(exc)
-        except Exception as exc:            # a bug in an in-process poller: retry later
-            log.debug("poller for %s raised", ctx.kind, exc_info=True)
-            outcome.status = TickStatus.TRANSIENT
-            outcome.error = f"{type(exc).__name__}: {exc}"
-
-    def _outbox_for(self, job: _Job, plan: TickPlan, outcome: TickOutcome,
-                    now: float) -> list[OutboxItem]:
-        """What this tick hands on, stored with its state: the reply's
-        deliveries, and the alert for the job's ``failure_to`` channel."""
-        agents, cfg = self.config.agents, job.cfg
-        items = [_outbox_item(cfg.id, "delivery", outbound_topic(d.channel, cfg.agent, agents),
-                              _addressed(d.payload, d.recipient), now)
-                 for d in (outcome.ack.deliver if outcome.ack else ())]
-        to = cfg.failure_to
-        if plan.alert and to and to.get("channel") and to.get("to"):
-            text = f"\u26a0 poller `{cfg.id}` (kind={cfg.kind}) failing: {outcome.error}"
-            items.append(_outbox_item(cfg.id, "alert", outbound_topic(to["channel"], cfg.agent,
-                                                                      agents),
-                                      {"text": text, "to": to["to"]}, now))
-        return items
-
-    def _finish_unplanned(self, job: _Job, slot: float | None, outcome: TickOutcome,
-                          command: int | None, elsewhere: bool = False) -> TickOutcome:
-        """A tick that stored nothing (cancelled, leased): log it, free the job.
-
-        A slot of a job ``elsewhere`` (another daemon holds its lease) is no
-        tick of this daemon: no outcome line (debug only), no outcome in the
-        metrics, only a counter.  An operator's tick still gets its line."""
-        if elsewhere and slot is not None:
-            log.debug("job %s: slot skipped, another daemon holds its lease", job.cfg.id)
-            self._metrics.held_elsewhere(job.cfg.id, job.cfg.kind)
-        else:
-            self._log_tick(outcome)
-            self._metrics.observe(outcome)
-        if command is not None:
-            try:
-                self.state.finish_command(command, json.dumps(outcome.to_dict()))
-            except StateError as exc:
-                log.error("%s", exc)
-        nxt = None
-        if not self._stopping and not job.removed:
-            if slot is not None:
-                nxt = job.cfg.schedule.next_after(slot, self.clock())
-            elif job.generation >= 0:       # off schedule: in case its slot passed meanwhile
-                now = self.clock()
-                nxt = job.cfg.schedule.next_after(now, now)
-        self._release(job, nxt, nxt, keep=slot is None)
-        return outcome
-
-    def _committed(self, job: _Job, plan: TickPlan, new: JobState, outcome: TickOutcome,
-                   slot: float | None, queued: bool, result: Any) -> None:
-        """The store's ``done`` callback (writer thread): hand over, do nothing else.
-
-        A commit of many writes calls this once per write; whoever drains
-        the effects takes them all, so only the first one needs a wake-up."""
-        with self._cond:
-            self._effects.append((job, plan, new, outcome, slot, queued, result))
-            if len(self._effects) == 1:
-                self._cond.notify_all()
-
-    def _drain_effects(self) -> None:
-        while True:
-            with self._cond:
-                if not self._effects:
-                    return
-                item = self._effects.popleft()
-            self._settle_one(*item)
-
-    def _settle_one(self, job: _Job, plan: TickPlan, new: JobState, outcome: TickOutcome,
-                    slot: float | None, queued: bool, result: Any) -> None:
-        """A commit's effects, in the Runner: live state, log, metrics, alert,
-        the publisher woken for what was queued, next slot."""
-        if result is True:
-            with self._cond:
-                job.state, job.unstored = new.replace(revision=new.revision + 1), 0
-                if self.state.handed_over(job.cfg.id):
-                    job.leased = False      # stored, and left for another daemon to take
-            if queued and self._publisher is not None:
-                self._publisher.wake()
-            self._log_tick(outcome)         # before the release: wait_idle() sees it
-            self._metrics.observe(outcome, new.last_run_at)
-            if plan.alert:
-                self._send_alert(job, plan.alert, outcome)
-            self._release(job, plan.run_at, plan.slot)
-            return
-        lost = result is False
-        why = "lease lost: another daemon took this job over" if lost else str(result)
-        log.error("job %s: tick result not stored (%s)", job.cfg.id, why)
-        outcome.status, outcome.error, outcome.next_run_at = TickStatus.UNSTORED, why, None
-        self._log_tick(outcome)
-        self._metrics.observe(outcome)
-        now = self.clock()
-        with self._cond:
-            job.unstored += 1
-            if lost:
-                job.leased = False
-        if lost and slot is not None:
-            nxt = job.cfg.schedule.next_after(slot, now)
-        else:                               # never a tight loop: back off as for errors
-            cfg = self.config
-            nxt = now + _backoff(cfg.backoff_initial_secs, cfg.backoff_max_secs, job.unstored)
-        self._release(job, None if self._stopping else nxt, nxt)
-
-    def _release(self, job: _Job, next_run_at: float | None, slot: float | None = None, *,
-                 keep: bool = False) -> None:
-        """The end of a tick: the job's next run at ``next_run_at`` (None:
-        off the schedule).  ``keep`` (an off-schedule tick, which stands for
-        no slot): the job's entry on the heap stays when it is still there,
-        and ``next_run_at`` only replaces one the scheduler passed by
-        (skipped: the job was running)."""
-        with self._cond:
-            self._not_running(job)
-            job.cancel = None
-            live = not job.state.paused and not job.removed and not self._stopping
-            if live and keep and self._heap.holds(job):
-                pass                        # an operator's tick is rare: the scan is cheap
-            elif live and next_run_at is not None:
-                self._push(job, next_run_at, slot)
-            else:
-                job.generation = -1
-            self._cond.notify_all()
-
-    def _not_running(self, job: _Job) -> None:
-        """The end of a tick or a command of ``job`` (lock held)."""
-        job.running = job.commanding = False
-        self._running -= 1
-        if job.commands_wait:               # queued while it ran: the scheduler looks now
-            job.commands_wait, self._commands.due = False, True
-
-    def _mark_running(self, job: _Job) -> None:
-        """The start of a tick or a command of ``job`` (lock held)."""
-        job.running = True
-        self._running += 1
-
-    def note_delivered(self, items: list[OutboxItem]) -> None:
-        """The publisher delivered these: count them into their jobs (live view)."""
-        with self._cond:
-            for item in items:
-                job = self._jobs.get(item.job)
-                if job is not None:
-                    job.delivered += 1
-
-    def dead_letter(self, item: OutboxItem, error: str) -> None:
-        """The publisher gave ``item`` up: log it and alert the channel."""
-        job = self._jobs.get(item.job)
-        payload = {"job": item.job, "kind": job.cfg.kind if job else None,
-                   "agent": job.cfg.agent if job else None,
-                   "reason": f"{item.what} {item.id} moved to the dead letters",
-                   "error": error, "topic": item.topic, "at": _iso(self.clock())}
-        log.error("outbox: %s %s for job %s dead-lettered: %s", item.what, item.id, item.job,
-                  error)
-        try:
-            self.broker.publish(self.config.alert_topic, payload)
-        except PluginPollerForwardError as exc:
-            log.error("alert not published: %s", exc)
-
-    def _send_alert(self, job: _Job, reason: str, outcome: TickOutcome) -> None:
-        payload = {"job": job.cfg.id, "kind": job.cfg.kind, "agent": job.cfg.agent,
-                   "reason": reason, "error": outcome.error,
-                   "consecutive_errors": job.state.consecutive_errors,
-                   "failure_to": job.cfg.failure_to, "at": _iso(self.clock())}
-        log.warning("alert: job %s: %s: %s", job.cfg.id, reason, outcome.error)
-        try:
-            self.broker.publish(self.config.alert_topic, payload)
-        except PluginPollerForwardError as exc:
-            log.error("alert for job %s not published: %s", job.cfg.id, exc)
-
-    def _log_tick(self, o: TickOutcome) -> None:
-        level = logging.INFO if o.status in (TickStatus.OK, TickStatus.LEASED,
-                                             TickStatus.CANCELLED) else logging.WARNING
-        if not log.isEnabledFor(level):
-            return
-        m = o.ack.metrics if o.ack and o.ack.metrics else TickMetrics()
-        log.log(level, "tick job=%s kind=%s outcome=%s duration_ms=%.1f items_seen=%d "
-                "items_dispatched=%d%s", o.job_id, o.kind, o.status.value, o.duration * 1000,
-                m.items_seen, m.items_dispatched, f" error={o.error}" if o.error else "",
-                extra={"tick": o.to_dict()})
+        return self._scheduler.fire_due()
 
     # -- operator actions --------------------------------------------------------------
-
-    def _job(self, job_id: str) -> _Job:
-        job = self._jobs.get(job_id)
-        if job is None:
-            raise InputError.UnknownJob(
-                f"no job {job_id!r} (known: {', '.join(sorted(self._jobs))})")
-        return job
 
     def run_once(self, job_id: str) -> TickOutcome:
         """Tick a job now, exactly as the scheduler would, and store the outcome."""
         self.open()
-        job = self._job(job_id)
-        running = TickOutcome(job_id, job.cfg.kind, TickStatus.BUSY,
-                              "a tick of this job is running")
-        if job.running:
-            return running
-        lane, busy = self._enter_lane(job)
-        if lane is None:
-            return TickOutcome(job_id, job.cfg.kind, TickStatus.BUSY, busy)
-        try:
-            with self._cond:
-                if job.running:             # it started while this one waited for a slot
-                    return running
-                self._mark_running(job)
-            try:
-                return self._tick(job, None, commit_async=False)
-            finally:
-                if job.running:             # interrupted (Ctrl-C) before it was released
-                    self._release(job, None, keep=True)
-        finally:
-            self._leave_lane(lane)
-
-    def _enter_lane(self, job: _Job) -> tuple[_Lane | None, str | None]:
-        """An operator's tick takes a slot of the job's lane, as a scheduled
-        one does (``max_concurrent_ticks`` holds for both), waiting at most
-        the route's budget: ``(lane, None)``, or ``(None, why)`` when no
-        slot came free by then."""
-        route = self._routes.get(job.cfg.kind)
-        lane = route.lane if route is not None else self._lane("(unrouted)", 1)
-        budget = self._budget(job.cfg.kind)
-        deadline = time.monotonic() + budget
-        with self._cond:
-            while lane.running >= lane.limit and not self._stopping:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None, (f"all {lane.limit} tick slots of {lane.key} stayed busy "
-                                  f"for {budget:g}s")
-                # A lane's worker frees its slot without a notify: look again soon.
-                self._cond.wait(min(left, _CANCEL_POLL_SECS))
-            self._lanes.take(lane)
-        return lane, None
-
-    def _leave_lane(self, lane: _Lane) -> None:
-        """Free an operator's slot; start the scheduled ticks it held back."""
-        with self._cond:
-            starts = self._lanes.leave(lane)
-        for args in starts:
-            self._pool.submit(self._work, *args)
+        return self._workers.run_now(self._book.get(job_id))
 
     def dry_run(self, job_id: str, cursor: bytes | None | object = _MISSING, *,
                 on_request: Callable[[TickRequest], None] | None = None) -> TickOutcome:
@@ -9467,20 +9722,9 @@ class Runner:
         stored one) is what the tick starts from; ``on_request`` sees the
         request before it is sent."""
         self.open()
-        cfg = self._job(job_id).cfg
-        if cursor is _MISSING:
-            cursor = self._job(job_id).state.cursor
-        now = self.clock()
-        ctx = PollContext(cfg.id, cfg.agent, cfg.kind, cursor, cfg.config,
-                          datetime.fromtimestamp(now, timezone.utc),
-                          timedelta(seconds=cfg.schedule.nominal_interval), threading.Event())
-        if on_request is not None:
-            on_request(ctx.to_request())
-        outcome = TickOutcome(cfg.id, cfg.kind, TickStatus.OK)
-        started = time.monotonic()
-        self._poll(self._routes.get(cfg.kind), ctx, outcome)
-        outcome.duration = time.monotonic() - started
-        return outcome
+        job = self._book.get(job_id)
+        return self._ticks.dry(job, job.state.cursor if cursor is _MISSING else cursor,
+                               on_request)
 
     def pause(self, job_id: str) -> None:
         self._commands.send(job_id, "pause")
@@ -9501,18 +9745,36 @@ class Runner:
         """Carry out the operator commands queued for the jobs this daemon owns."""
         return self._commands.apply_pending()
 
+    def poke(self) -> None:
+        """Look at the state's commands and the outbox now, not at the next poll."""
+        with self._book.cond:
+            self._book.commands_due = True
+            self._book.cond.notify_all()
+        if self._publisher is not None:
+            self._publisher.wake()
+
+    def note_delivered(self, items: list[OutboxItem]) -> None:
+        """The publisher delivered these: count them into their jobs (live view)."""
+        self._book.note_delivered(items)
+
+    def dead_letter(self, item: OutboxItem, error: str) -> None:
+        """The publisher gave ``item`` up: log it and alert the channel."""
+        self._ticks.dead_letter(item, error)
+
+    # -- the read API: what the HTTP face, metrics, the publisher and the CLI see ---------
+
     def status(self, holders: Mapping[str, str] | None = None) -> list[dict]:
         """Every job as ``status`` shows it, from this daemon's memory.  Its
         ``holder`` is this daemon for the jobs it holds, else None; pass
         ``holders()`` (a read of the state) for every daemon's."""
         threshold = self.config.breaker_threshold
-        with self._cond:
+        with self._book.cond:
             if holders is None:
-                holders = self._own_holds()
+                holders = self._book.own_holds(self.state.owner)
             return [_status_dict(j.cfg, j.state, threshold, j.running and not j.commanding,
                                  j.next_run_at if j.generation >= 0 else None, j.delivered,
                                  holder=holders.get(j.cfg.id))
-                    for j in self._jobs.values()]
+                    for j in self._book.jobs.values()]
 
     def holders(self) -> dict[str, str]:
         """Which daemon holds each job's lease (job id -> owner), read from
@@ -9524,29 +9786,28 @@ class Runner:
         try:
             return store.holders(self.clock())
         except StateError:
-            with self._cond:
-                return self._own_holds()
-
-    def _own_holds(self) -> dict[str, str]:
-        """The jobs this daemon holds the leases of (lock held)."""
-        return {i: self.state.owner for i, j in self._jobs.items() if j.leased}
-
-    # -- the read API: what the HTTP face, metrics, the publisher and the CLI see ---------
+            with self._book.cond:
+                return self._book.own_holds(store.owner)
 
     @property
     def started(self) -> bool:
         """``start()`` has run (the jobs are scheduled, the listeners up)."""
-        return self._started
+        return self._book.started
 
     @property
     def stopping(self) -> bool:
         """``stop()`` has begun."""
-        return self._stopping
+        return self._book.stopping
+
+    @property
+    def state_error(self) -> str | None:
+        """Why the state cannot be used now (None: it can)."""
+        return self._scheduler.state_error
 
     @property
     def scheduler_alive(self) -> bool:
         """The scheduler thread lives, or none was started (``fire_due`` drives)."""
-        return self._scheduler is None or self._scheduler.is_alive()
+        return self._scheduler.alive
 
     @property
     def metrics(self) -> "_Metrics":
@@ -9557,114 +9818,56 @@ class Runner:
         """The outbox publisher (None before ``open``)."""
         return self._publisher
 
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where ``/metrics`` is served, (host, port) (None: nowhere)."""
+        server = self._http_servers[0]
+        return None if server is None else server.server_address[:2]
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        """Where the admin API is served, (host, port) (None: nowhere)."""
+        server = self._http_servers[1]
+        return None if server is None else server.server_address[:2]
+
+    def timer_entries(self) -> int:
+        """Entries on the timer heap, superseded ones included (bounded: it compacts)."""
+        with self._book.cond:
+            return len(self._book.heap)
+
     def job_configs(self) -> dict[str, JobConfig]:
         """Every job this daemon runs: job id -> its configuration."""
-        with self._cond:
-            return {i: j.cfg for i, j in self._jobs.items()}
+        with self._book.cond:
+            return {i: j.cfg for i, j in self._book.jobs.items()}
 
     def has_job(self, job_id: str) -> bool:
-        return job_id in self._jobs
+        return job_id in self._book.jobs
 
     def route_for(self, kind: str) -> _Route | None:
         """How ``kind`` is served now (None: no poller serves it)."""
-        return self._routes.get(kind)
+        return self._plugins.routes.get(kind)
+
+    def budget(self, kind: str) -> float:
+        """How long a tick of ``kind`` may take, as routed now (``_tick_budget``)."""
+        return self._plugins.budget(kind)
 
     def in_process_kinds(self) -> list[str]:
         """The kinds ``register`` serves in this process."""
-        return self._routes.in_process_kinds()
+        return self._plugins.routes.in_process_kinds()
 
     def lanes(self) -> dict[str, tuple[int, int]]:
         """Every lane: key -> (ticks running, ticks waiting for a slot)."""
-        with self._cond:
-            return self._lanes.snapshot()
+        return self._workers.snapshot()
 
     def supervisors(self) -> dict[str, PluginSupervisor]:
         """The supervised (long-lived) plugins: plugin id -> its supervisor."""
-        return dict(self._supervisors)
-
-    # -- reload ----------------------------------------------------------------------------
+        return dict(self._plugins.supervisors)
 
     def reload(self, new: DaemonConfig) -> dict[str, list[str]]:
-        """Bring the running set in line with ``new`` (already validated).
-
-        All or nothing where it matters: a change of ``state_db`` is refused,
-        and the state is asked for the new jobs before anything changes, so a
-        state that cannot be written leaves the old configuration running.
-        Returns the diff: ``added``, ``replaced``, ``removed``, ``kept`` job
-        ids and ``restarted`` plugin ids.
-        """
-        if os.path.abspath(new.state_db) != os.path.abspath(self.config.state_db):
-            raise ConfigError(new.source, [("state_db", (
-                f"changed from {self.config.state_db} to {new.state_db}: the state cannot "
-                "move while the daemon runs; restart the daemon to use the new location"))])
-        new_jobs = {j.id: j for j in new.jobs}
-        added = [_Job(jc) for jc in new.jobs if jc.id not in self._jobs]
-        now = self.clock()
-        if added:                           # the state first: a failure here changes nothing
-            stored = self.state.load([j.cfg.id for j in added])
-            for job in added:
-                job.state = stored.get(job.cfg.id, job.state)
-            if self._started:
-                self._claim(added, now, new.plugins)
-        # Jobs leave first, so no queued tick of theirs runs against a plugin that is gone.
-        removed = []
-        with self._cond:
-            for job_id in [i for i in self._jobs if i not in new_jobs]:
-                job = self._jobs.pop(job_id)
-                job.removed, job.generation = True, -1
-                if job.cancel is not None:
-                    job.cancel.set()
-                removed.append(job_id)
-        if removed:
-            try:
-                self.state.release(removed)
-            except StateError as exc:
-                log.error("leases of removed jobs not released (they expire): %s", exc)
-        old_plugins = {h.plugin_id: h for h in self.router.handles()}
-        new_plugins = {h.plugin_id: h for h in new.plugins}
-        old_auth, new_auth = self.config.plugin_broker_auth, new.plugin_broker_auth
-        for pid, handle in old_plugins.items():
-            if pid not in new_plugins or not handle.same_spec(new_plugins[pid]) \
-                    or old_auth.get(pid) != new_auth.get(pid):
-                self._remove_plugin(pid)
-        changed = [h for pid, h in new_plugins.items()
-                   if pid not in old_plugins or not old_plugins[pid].same_spec(h)
-                   or old_auth.get(pid) != new_auth.get(pid)]
-        self._install_plugins(changed, new_auth)
-        diff: dict[str, list[str]] = {
-            "added": [j.cfg.id for j in added], "replaced": [], "removed": removed, "kept": [],
-            "restarted": [h.plugin_id for h in changed if h.plugin_id in old_plugins]}
-        self.config = dataclasses.replace(new, jobs=list(new.jobs), plugins=list(new.plugins))
-        with self._cond:
-            self._wall_jobs = _has_wall_clock_jobs(self.config)
-            for job in added:
-                self._jobs[job.cfg.id] = job
-            for job in added:
-                if self._started:
-                    self._schedule_first(job, now)
-            for job_id, jc in new_jobs.items():
-                job = self._jobs[job_id]
-                if job_id in diff["added"]:
-                    continue
-                if jc.raw == job.cfg.raw:
-                    diff["kept"].append(job_id)
-                    continue
-                job.cfg, job.key = jc, _schedule_key(jc)
-                diff["replaced"].append(job_id)
-                if self._started and not job.running:
-                    self._schedule_first(job, now)      # a new schedule voids the stored slot
-        log.info("reloaded: %s", ", ".join(f"{k} {len(v)}" for k, v in diff.items()))
-        return diff
+        """Bring the running set in line with ``new``: ``_Reload.apply``."""
+        return self._reload.apply(new)
 
     # -- the daemon's main thread ------------------------------------------------------------
-
-    def poke(self) -> None:
-        """Look at the state's commands and the outbox now, not at the next poll."""
-        with self._cond:
-            self._commands.due = True
-            self._cond.notify_all()
-        if self._publisher is not None:
-            self._publisher.wake()
 
     def run_forever(self, config_path: str | None = None) -> None:
         """Start, then serve until SIGINT/SIGTERM; SIGHUP re-reads ``config_path``;
@@ -9697,7 +9900,6 @@ class Runner:
                             log.error("reload rejected, keeping the running config: %s", exc)
             finally:
                 self.stop()                 # a second Ctrl-C meanwhile does not cut it short
-
 
 
 # -- the outbox: deliveries and channel alerts, committed with the cursor ----------

@@ -387,7 +387,7 @@ class RunnerTests(LiveCase):
         self.assertTrue(wait_until(lambda: len(log["ticks"]) >= mark + 40, 30))
         lines = [r.getMessage() for r in list(records) if r.levelno >= logging.INFO]
         self.assertEqual([m for m in lines if "outcome=leased" in m], [])
-        skipped = lambda r: sum(r._metrics.elsewhere.values())  # noqa: E731
+        skipped = lambda r: sum(r.metrics.elsewhere.values())  # noqa: E731
         self.assertGreater(skipped(a) + skipped(b), 0,
                            "no slot was skipped for a job held by the other daemon")
         metrics = a._metrics.render(a) + b._metrics.render(b)
