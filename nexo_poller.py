@@ -5413,31 +5413,6 @@ def _no_history(location: str) -> str:
             "a sqlite state_db keeps one")
 
 
-def _writer_has_work(store: StateStore) -> bool:
-    """In a backend's writer thread, ``_cond`` held: wait for queued writes;
-    False when there are none and the store is closing."""
-    while not store._queue and not store._closing:
-        store._cond.wait()
-    return bool(store._queue)
-
-
-def _stop_writer(store: StateStore, deadline: float | None) -> bool:
-    """Tell a backend's writer thread to store what is queued and stop; wait
-    for it until ``deadline``.  False (logged) when it is still writing."""
-    with store._cond:
-        store._closing = True
-        store._deadline = deadline
-        store._cond.notify()
-        writer = store._writer
-    if writer is not None:
-        writer.join(None if deadline is None else max(0.0, deadline - time.monotonic()) + 1.0)
-        if writer.is_alive():
-            log.error("%s: writes still pending at the shutdown deadline are not stored",
-                      store.location)
-            return False
-    return True
-
-
 class _WriteFailed(NexoPollerError):
     """A write of a batch failed: run the batch again, each write on its own."""
 
@@ -5526,45 +5501,97 @@ _COMMIT_BATCH_MAX = 256
 _SQLITE_RESULT_MAX = 1 << 20    # characters of a command's result kept
 
 
-class SqliteStateStore(StateStore):
-    """The default backend: one sqlite3 file, WAL, ``synchronous=FULL``.
+class _GroupCommit:
+    """Writes queued by many threads and stored by one writer thread in
+    batches (group commit): ``write(payloads) -> results`` stores a batch,
+    then each write's ``done(result)`` runs; ``stop`` drains it by a deadline.
 
-    Writes from many ticks are grouped into one durable transaction by a
-    writer thread; each ``done`` runs after the commit.  A locked database is
-    retried in short slices, so ``close(deadline)`` bounds shutdown whatever
-    another process does.  ``readonly`` opens an existing file for reading
-    only and never creates one (``status``).
-    """
+    A batch is at most ``limit`` writes, or, with ``key``, one write per key
+    (the rest wait for the next round, in order)."""
 
-    capabilities = frozenset({"cursor_history", "file_identity"})
-
-    @classmethod
-    def resolve_location(cls, text: str, base_dir: str) -> str:
-        return os.path.normpath(os.path.join(base_dir, text))
-
-    @classmethod
-    def from_location(cls, location: str, *, readonly: bool = False, owner: str | None = None,
-                      broker_url: str | None = None,
-                      broker_opts: Mapping[str, Any] | None = None,
-                      daemon_ttl: float = _DAEMON_TTL_SECS) -> "SqliteStateStore":
-        return cls(location, readonly=readonly, owner=owner)
-
-    def __init__(self, path: str | os.PathLike, *, owner: str | None = None,
-                 readonly: bool = False):
-        self.path = self.location = os.path.abspath(os.fspath(path))
-        self.owner = owner or _new_owner()
-        self.readonly = readonly
-        self._lock = threading.Lock()        # the connection is shared by threads
+    def __init__(self, location: str, name: str, write: Callable[[list], list], *,
+                 limit: int = _COMMIT_BATCH_MAX, key: Callable[[Any], Any] | None = None):
+        self._location, self._name, self._write = location, name, write
+        self._limit, self._key = limit, key
         self._queue: deque = deque()
         self._cond = threading.Condition(threading.Lock())
-        self._writer: threading.Thread | None = None
+        self._thread: threading.Thread | None = None
         self._closing = False
-        self._deadline: float | None = None
-        self._db = self._open()
-        self._identity = self._file_identity()
-        self._data_version = self._pragma("data_version")
 
-    # -- opening -----------------------------------------------------------------
+    def put(self, payload: Any, done: Callable[[Any], None] | None) -> None:
+        """Queue one write; ``done(True/False/StateError)`` runs once it is stored."""
+        with self._cond:
+            if self._closing:
+                raise StateError(f"{self._location}: state store is closed")
+            self._queue.append((payload, done))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True,
+                                                name=self._name)
+                self._thread.start()
+            self._cond.notify()
+
+    def _take(self) -> list:
+        """The next batch off the queue (``_cond`` held)."""
+        if self._key is None:
+            return [self._queue.popleft() for _ in range(min(len(self._queue), self._limit))]
+        batch, seen, rest = [], set(), deque()
+        while self._queue:
+            item = self._queue.popleft()
+            key = self._key(item[0])
+            (rest if key in seen else batch).append(item)
+            seen.add(key)
+        self._queue.extendleft(reversed(rest))
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = self._take()
+            try:
+                results = self._write([payload for payload, _ in batch])
+            except Exception as exc:                   # never let the writer die
+                err = exc if isinstance(exc, StateError) else StateError(
+                    f"{self._location}: commit failed: {type(exc).__name__}: {exc}")
+                log.error("%s", err)
+                results = [err] * len(batch)
+            for (_, done), result in zip(batch, results):
+                if done is not None:
+                    try:
+                        done(result)
+                    except Exception:
+                        log.exception("state callback failed")
+
+    def stop(self, deadline: float | None) -> bool:
+        """Store what is queued and stop; wait for the writer until
+        ``deadline``.  False (logged) when it is still writing."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+            writer = self._thread
+        if writer is not None:
+            writer.join(None if deadline is None else max(0.0, deadline - time.monotonic()) + 1.0)
+            if writer.is_alive():
+                log.error("%s: writes still pending at the shutdown deadline are not stored",
+                          self._location)
+                return False
+        return True
+
+
+class _SqliteFile:
+    """One sqlite3 connection to a state file: opened as ours (made, or
+    migrated, as needed), watched for being deleted or replaced, a busy or
+    locked database retried, and every sqlite error made a StateError."""
+
+    def __init__(self, path: str, readonly: bool):
+        self.path, self.readonly = path, readonly
+        self.deadline: float | None = None  # retries give up here (shutdown)
+        self._lock = threading.Lock()        # the connection is shared by threads
+        self._db = self._open()
+        self._identity = self.identity()
 
     def _open(self):
         import sqlite3
@@ -5585,7 +5612,7 @@ class SqliteStateStore(StateStore):
         except (OSError, ValueError, sqlite3.Error) as exc:
             raise StateError(f"{self.path}: cannot open state database: {exc}") from None
         try:
-            self._retry(lambda: self._prepare(db), _WRITE_PATIENCE_SECS)
+            self.retry(lambda: self._prepare(db), _WRITE_PATIENCE_SECS)
         except BaseException:
             db.close()
             raise
@@ -5646,25 +5673,14 @@ class SqliteStateStore(StateStore):
         row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         return row[0] if row else None
 
-    def _file_identity(self) -> tuple[int, int] | None:
+    def identity(self) -> tuple[int, int] | None:
         try:
             st = os.stat(self.path)
         except OSError:
             return None
         return st.st_dev, st.st_ino
 
-    def check_file(self) -> None:
-        """Raise StateError when the file was deleted or replaced under us:
-        writes to an unlinked file would look durable and be lost."""
-        now = self._file_identity()
-        if now != self._identity:
-            what = "deleted" if now is None else "replaced by another file"
-            raise StateError(f"{self.path}: the state file was {what} while in use; "
-                             "nothing written from now on is durable (restart the daemon)")
-
-    # -- the one place sqlite errors become StateErrors ----------------------------
-
-    def _retry(self, fn: Callable, patience: float) -> Any:
+    def retry(self, fn: Callable, patience: float) -> Any:
         """Run ``fn`` (holding nothing), retrying while the database is busy
         or locked, until ``patience`` seconds or the close deadline pass."""
         import sqlite3
@@ -5679,7 +5695,7 @@ class SqliteStateStore(StateStore):
             except sqlite3.OperationalError as exc:
                 text = str(exc)
                 transient = ("locked" in text or "busy" in text or "locking protocol" in text)
-                limit = give_up if self._deadline is None else min(give_up, self._deadline)
+                limit = give_up if self.deadline is None else min(give_up, self.deadline)
                 if not transient or time.monotonic() >= limit:
                     raise StateError(f"{self.path}: {text}") from None
                 if not said and time.monotonic() - started >= 1.0:
@@ -5691,71 +5707,20 @@ class SqliteStateStore(StateStore):
             except (sqlite3.Error, ValueError, OverflowError) as exc:
                 raise StateError(f"{self.path}: {exc}") from None
 
-    def _read(self, sql: str, args: tuple = ()) -> list:
-        def fn():
+    def read_with(self, fn: Callable[[Any], Any]) -> Any:
+        """``fn(conn)`` under the connection's lock, retried as a read is."""
+        def locked():
             with self._lock:
-                return self._db.execute(sql, args).fetchall()
-        return self._retry(fn, _READ_PATIENCE_SECS)
+                return fn(self._db)
+        return self.retry(locked, _READ_PATIENCE_SECS)
 
-    def _pragma(self, name: str):
-        return self._read(f"PRAGMA {name}")[0][0]
+    def read(self, sql: str, args: tuple = ()) -> list:
+        return self.read_with(lambda db: db.execute(sql, args).fetchall())
 
-    # -- group commit ----------------------------------------------------------------
+    def pragma(self, name: str):
+        return self.read(f"PRAGMA {name}")[0][0]
 
-    def submit(self, fn: Callable, done: Callable | None = None) -> None:
-        """Queue ``fn(conn)``; ``done(result_or_StateError)`` runs after the commit.
-
-        The backend's own primitive: callers outside this section use the
-        StateStore methods, which are built on it.
-        """
-        if self.readonly:
-            raise StateError(f"{self.path}: opened read-only")
-        with self._cond:
-            if self._closing:
-                raise StateError(f"{self.path}: state store is closed")
-            self._queue.append((fn, done))
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_loop, daemon=True,
-                                                name="nexo-state-writer")
-                self._writer.start()
-            self._cond.notify()
-
-    def run(self, fn: Callable) -> Any:
-        """Run ``fn(conn)`` in the next transaction and return its result."""
-        box: list = []
-        ready = threading.Event()
-        self.submit(fn, lambda result: (box.append(result), ready.set()))
-        ready.wait()
-        if isinstance(box[0], BaseException):
-            raise box[0]
-        return box[0]
-
-    def _write_loop(self) -> None:
-        while True:
-            with self._cond:
-                if not _writer_has_work(self):
-                    return
-                batch = [self._queue.popleft()
-                         for _ in range(min(len(self._queue), _COMMIT_BATCH_MAX))]
-            try:
-                self.check_file()
-                results = self._retry(lambda: self._write_batch(batch), _WRITE_PATIENCE_SECS)
-            except StateError as exc:
-                err = StateError(f"commit failed: {exc}")
-                log.error("%s", err)
-                results = [err] * len(batch)
-            except Exception as exc:                   # never let the writer die
-                err = StateError(f"{self.path}: commit failed: {type(exc).__name__}: {exc}")
-                log.error("%s", err)
-                results = [err] * len(batch)
-            for (_, done), result in zip(batch, results):
-                if done is not None:
-                    try:
-                        done(result)
-                    except Exception:
-                        log.exception("state callback failed")
-
-    def _write_batch(self, batch: list) -> list:
+    def write_batch(self, batch: list) -> list:
         """One transaction for ``batch``.  A write that fails must not take
         the others with it, but a savepoint around every write costs two
         statements each: so the batch runs plainly, and only when a write
@@ -5772,7 +5737,7 @@ class SqliteStateStore(StateStore):
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                for fn, _ in batch:
+                for fn in batch:
                     if not isolated:
                         try:
                             results.append(fn(db))
@@ -5807,13 +5772,111 @@ class SqliteStateStore(StateStore):
                 raise
         return results
 
-    def close(self, deadline: float | None = None) -> None:
-        if not _stop_writer(self, deadline):
-            return              # the writer thread owns the connection; it is a daemon thread
+    def schema_version_now(self) -> str | None:
+        with self._lock:
+            return self._schema_version(self._db)
+
+    def table_names(self) -> set[str]:
+        return {r[0] for r in self.read("SELECT name FROM sqlite_master WHERE type='table'")}
+
+    @staticmethod
+    def _add_cursor_history(db) -> None:
+        """Give a version 2 file made before the cursor history its table and
+        the commands their ``arg`` column (idempotent)."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _CURSOR_HISTORY_SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            if "arg" not in {r[1] for r in db.execute("PRAGMA table_info(commands)")}:
+                db.execute("ALTER TABLE commands ADD COLUMN arg TEXT")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def check_file(self) -> None:
+        """Raise StateError when the file was deleted or replaced under us:
+        writes to an unlinked file would look durable and be lost."""
+        now = self.identity()
+        if now != self._identity:
+            what = "deleted" if now is None else "replaced by another file"
+            raise StateError(f"{self.path}: the state file was {what} while in use; "
+                             "nothing written from now on is durable (restart the daemon)")
+
+    def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    # -- records ----------------------------------------------------------------------
+
+class SqliteStateStore(StateStore):
+    """The default backend: one sqlite3 file, WAL, ``synchronous=FULL``.
+
+    Writes from many ticks are grouped into one durable transaction by a
+    writer thread; each ``done`` runs after the commit.  A locked database is
+    retried in short slices, so ``close(deadline)`` bounds shutdown whatever
+    another process does.  ``readonly`` opens an existing file for reading
+    only and never creates one (``status``).
+    """
+
+    capabilities = frozenset({"cursor_history", "file_identity"})
+
+    @classmethod
+    def resolve_location(cls, text: str, base_dir: str) -> str:
+        return os.path.normpath(os.path.join(base_dir, text))
+
+    @classmethod
+    def from_location(cls, location: str, *, readonly: bool = False, owner: str | None = None,
+                      broker_url: str | None = None,
+                      broker_opts: Mapping[str, Any] | None = None,
+                      daemon_ttl: float = _DAEMON_TTL_SECS) -> "SqliteStateStore":
+        return cls(location, readonly=readonly, owner=owner)
+
+    def __init__(self, path: str | os.PathLike, *, owner: str | None = None,
+                 readonly: bool = False):
+        self.path = self.location = os.path.abspath(os.fspath(path))
+        self.owner = owner or _new_owner()
+        self.readonly = readonly
+        self.file = _SqliteFile(self.path, readonly)
+        self._writes = _GroupCommit(self.path, "nexo-state-writer", self._commit_batch)
+        self._data_version = self.file.pragma("data_version")
+
+    def check_file(self) -> None:
+        self.file.check_file()
+
+    def submit(self, fn: Callable, done: Callable | None = None) -> None:
+        """Queue ``fn(conn)``; ``done(result_or_StateError)`` runs after the commit.
+
+        The backend's own primitive: callers outside this section use the
+        StateStore methods, which are built on it.
+        """
+        if self.readonly:
+            raise StateError(f"{self.path}: opened read-only")
+        self._writes.put(fn, done)
+
+    def run(self, fn: Callable) -> Any:
+        """Run ``fn(conn)`` in the next transaction and return its result."""
+        box: list = []
+        ready = threading.Event()
+        self.submit(fn, lambda result: (box.append(result), ready.set()))
+        ready.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def _commit_batch(self, fns: list) -> list:
+        """The writer's batch: one transaction (``_SqliteFile.write_batch``)."""
+        try:
+            self.file.check_file()
+            return self.file.retry(lambda: self.file.write_batch(fns), _WRITE_PATIENCE_SECS)
+        except StateError as exc:
+            raise StateError(f"commit failed: {exc}") from None
+
+    def close(self, deadline: float | None = None) -> None:
+        self.file.deadline = deadline
+        if not self._writes.stop(deadline):
+            return              # the writer thread owns the connection; it is a daemon thread
+        self.file.close()
 
     @staticmethod
     def _state(row: Mapping[str, Any]) -> JobState:
@@ -5853,10 +5916,7 @@ class SqliteStateStore(StateStore):
              s.schedule_key, s.revision, s.id))
 
     def load(self, ids: Iterable[str] | None = None) -> dict[str, JobState]:
-        def fn():
-            with self._lock:
-                return self._rows(self._db)
-        rows = self._retry(fn, _READ_PATIENCE_SECS)
+        rows = self.file.read_with(self._rows)
         return rows if ids is None else {i: rows[i] for i in ids if i in rows}
 
     def claim(self, wanted: Mapping[str, float], now: float, *,
@@ -5912,16 +5972,15 @@ class SqliteStateStore(StateStore):
                      for v in dataclasses.astuple(item))
 
     def outbox_pending(self, limit: int = 500, now: float | None = None) -> list[OutboxItem]:
-        def fn():
-            with self._lock:
-                jobs = [r[0] for r in self._db.execute(
-                    "SELECT id FROM jobs j WHERE lease_owner=? AND "
-                    "EXISTS (SELECT 1 FROM outbox o WHERE o.job=j.id)", (self.owner,))]
-                share = _outbox_share(limit, len(jobs))
-                return [row for job in jobs for row in self._db.execute(
-                    f"SELECT {', '.join(_OUTBOX_FIELDS)} FROM outbox WHERE job=? "
-                    "ORDER BY n LIMIT ?", (job, share))]
-        rows = self._retry(fn, _READ_PATIENCE_SECS)
+        def fn(db):
+            jobs = [r[0] for r in db.execute(
+                "SELECT id FROM jobs j WHERE lease_owner=? AND "
+                "EXISTS (SELECT 1 FROM outbox o WHERE o.job=j.id)", (self.owner,))]
+            share = _outbox_share(limit, len(jobs))
+            return [row for job in jobs for row in db.execute(
+                f"SELECT {', '.join(_OUTBOX_FIELDS)} FROM outbox WHERE job=? "
+                "ORDER BY n LIMIT ?", (job, share))]
+        rows = self.file.read_with(fn)
         return _outbox_heads([OutboxItem(*r) for r in rows],
                              time.time() if now is None else now, limit)
 
@@ -5955,25 +6014,21 @@ class SqliteStateStore(StateStore):
     def outbox(self, *, dead: bool = False) -> list[OutboxItem]:
         table = "dead_letters" if dead else "outbox"
         try:
-            rows = self._read(f"SELECT {', '.join(_OUTBOX_FIELDS)} FROM {table} ORDER BY n")
+            rows = self.file.read(f"SELECT {', '.join(_OUTBOX_FIELDS)} FROM {table} ORDER BY n")
         except StateError:
-            if self._schema_version_now() == "1":
+            if self.file.schema_version_now() == "1":
                 return []                       # a version 1 file has no outbox
             raise
         return [OutboxItem(*r) for r in rows]
 
     def outbox_counts(self) -> dict[str, tuple[int, float]]:
         try:
-            rows = self._read("SELECT job, COUNT(*), MIN(created_at) FROM outbox GROUP BY job")
+            rows = self.file.read("SELECT job, COUNT(*), MIN(created_at) FROM outbox GROUP BY job")
         except StateError:
-            if self._schema_version_now() == "1":
+            if self.file.schema_version_now() == "1":
                 return {}                       # a version 1 file has no outbox
             raise
         return {job: (n, oldest) for job, n, oldest in rows}
-
-    def _schema_version_now(self) -> str | None:
-        with self._lock:
-            return self._schema_version(self._db)
 
     def outbox_retry(self, ids: Iterable[str] | None = None) -> int:
         fields = ", ".join(_OUTBOX_FIELDS)
@@ -6065,7 +6120,7 @@ class SqliteStateStore(StateStore):
         return db.execute("SELECT 1 FROM daemons WHERE owner=?", (owner,)).fetchone() is not None
 
     def pending_commands(self) -> list[Command]:
-        rows = self._read("SELECT c.seq, c.job, c.verb, c.arg FROM commands c "
+        rows = self.file.read("SELECT c.seq, c.job, c.verb, c.arg FROM commands c "
                           "JOIN jobs j ON j.id=c.job "
                           "WHERE c.done=0 AND j.lease_owner=? ORDER BY c.seq", (self.owner,))
         return [Command(*r) for r in rows]
@@ -6075,7 +6130,7 @@ class SqliteStateStore(StateStore):
                                           (_storable_result(result, _SQLITE_RESULT_MAX), seq)))
 
     def command_result(self, seq: int) -> tuple[bool, str | None]:
-        rows = self._read("SELECT done, result FROM commands WHERE seq=?", (seq,))
+        rows = self.file.read("SELECT done, result FROM commands WHERE seq=?", (seq,))
         return (True, "command lost") if not rows else (bool(rows[0][0]), rows[0][1])
 
     def register_daemon(self, now: float) -> list[str]:
@@ -6101,41 +6156,23 @@ class SqliteStateStore(StateStore):
                                           (text, owner)))
 
     def leases(self) -> dict[str, tuple[str | None, float | None]]:
-        return {i: (o, u) for i, o, u in self._read("SELECT id, lease_owner, lease_until "
+        return {i: (o, u) for i, o, u in self.file.read("SELECT id, lease_owner, lease_until "
                                                       "FROM jobs")}
 
     def daemons(self) -> dict[str, list[str]]:
         try:
-            rows = self._read("SELECT owner, running FROM daemons")
+            rows = self.file.read("SELECT owner, running FROM daemons")
         except StateError:
             return {}                           # a version 1 file has no daemons table
         return {o: json.loads(r) for o, r in rows if not self.lease_is_stale(o)}
 
     def changed(self) -> bool:
-        version = self._pragma("data_version")
+        version = self.file.pragma("data_version")
         changed, self._data_version = version != self._data_version, version
         return changed
 
     def set_deadline(self, deadline: float | None) -> None:
-        self._deadline = deadline
-
-    # -- cursor history ------------------------------------------------------------
-
-    @staticmethod
-    def _add_cursor_history(db) -> None:
-        """Give a version 2 file made before the cursor history its table and
-        the commands their ``arg`` column (idempotent)."""
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _CURSOR_HISTORY_SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            if "arg" not in {r[1] for r in db.execute("PRAGMA table_info(commands)")}:
-                db.execute("ALTER TABLE commands ADD COLUMN arg TEXT")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        self.file.deadline = deadline
 
     @staticmethod
     def _remember_cursor(db, job_id: str, cursor: bytes | None, source: str) -> None:
@@ -6148,16 +6185,13 @@ class SqliteStateStore(StateStore):
     def cursor_history(self, job_id: str, limit: int = CURSOR_HISTORY_KEEP
                        ) -> list[CursorChange]:
         try:
-            rows = self._read("SELECT job, cursor, at, source FROM cursor_history WHERE job=? "
+            rows = self.file.read("SELECT job, cursor, at, source FROM cursor_history WHERE job=? "
                               "ORDER BY n DESC LIMIT ?", (job_id, limit))
         except StateError:
-            if "cursor_history" in self._table_names():
+            if "cursor_history" in self.file.table_names():
                 raise
             return []                       # a file from before the history: none yet
         return [CursorChange(*r) for r in rows]
-
-    def _table_names(self) -> set[str]:
-        return {r[0] for r in self._read("SELECT name FROM sqlite_master WHERE type='table'")}
 
 
 _KV_KEY_SAFE = re.compile(r"[A-Za-z0-9-]")
@@ -6261,6 +6295,851 @@ def _requeued(raw: Mapping[str, Any]) -> dict:
     return {**{f: raw.get(f) for f in _OUTBOX_FIELDS}, "attempts": 0, "next_attempt_at": 0}
 
 
+class _KvBucket:
+    """A JetStream key-value bucket over a NatsClient: bound or created,
+    keys read, listed, written by compare-and-set and purged, each batch
+    pipelined and waiting out an outage up to its patience."""
+
+    def __init__(self, bucket: str, client: Any, *, readonly: bool, timeout: float):
+        self.bucket, self.location = bucket, f"{_JETSTREAM}{bucket}"
+        self.client, self.readonly, self.timeout = client, readonly, timeout
+        self.stream, self.prefix = f"KV_{bucket}", f"$KV.{bucket}."
+        self.deadline: float | None = None      # no request waits past it (shutdown)
+
+    def api(self, subject: str, body: Any = b"") -> dict:
+        """One JetStream API request; its JSON answer (errors included)."""
+        deadline = time.monotonic() + _KV_PATIENCE_SECS
+        while True:
+            try:
+                payload, _, status = self.client.request(subject, body, self._wait_secs(),
+                                                         raw=True)
+                break
+            except PluginPollerForwardError as exc:
+                if (getattr(exc, "code", None) == BROKER_NO_RESPONDERS
+                        and subject.startswith("$JS.API.")):
+                    raise StateError(f"{self.location}: JetStream is not enabled on the NATS "
+                                     "server (start nats-server with -js)") from None
+                if self._give_up(exc, deadline):
+                    raise StateError(f"{self.location}: {exc}") from None
+        try:
+            answer = _loads(payload) if payload else {}
+        except ValueError:
+            raise StateError(f"{self.location}: JetStream answered {payload[:80]!r}") from None
+        return answer if isinstance(answer, dict) else {}
+
+    def _wait_secs(self) -> float:
+        """How long one request may wait for its answer: ``timeout``, and
+        never past the shutdown deadline (``set_deadline``)."""
+        if self.deadline is None:
+            return self.timeout
+        return max(0.05, min(self.timeout, self.deadline - time.monotonic()))
+
+    def _give_up(self, exc: Exception, deadline: float) -> bool:
+        """A failed request: wait for the connection and say retry, or give up."""
+        if getattr(exc, "code", None) not in (BROKER_CLOSED, BROKER_TIMEOUT) or self.client.closed.is_set():
+            return True
+        limit = deadline if self.deadline is None else min(deadline, self.deadline)
+        if time.monotonic() >= limit:
+            return True
+        self.client.connected.wait(max(0.0, min(1.0, limit - time.monotonic())))
+        return False
+
+    def bind(self, history: int, replicas: int, max_age: float) -> None:
+        """Bind to the bucket, creating it when missing (not when read-only)."""
+        info = self.api(f"$JS.API.STREAM.INFO.{self.stream}")
+        err = info.get("error")
+        if not err:
+            return
+        if err.get("err_code") != _JS_STREAM_NOT_FOUND:
+            raise StateError(f"{self.location}: {err.get('description', err)}")
+        if self.readonly:
+            raise _NoStateYet(f"{self.location}: no state yet (no bucket {self.bucket!r} "
+                             "on the NATS server)")
+        config = {"name": self.stream, "subjects": [self.prefix + ">"],
+                  "max_msgs_per_subject": int(history), "max_msgs": -1, "max_bytes": -1,
+                  "max_age": int(max_age * 1e9), "max_msg_size": -1, "storage": "file",
+                  "retention": "limits", "discard": "new", "num_replicas": int(replicas),
+                  "duplicate_window": int(min(max_age or 120.0, 120.0) * 1e9),
+                  "allow_rollup_hdrs": True, "deny_delete": True, "deny_purge": False,
+                  "allow_direct": True}
+        answer = self.api(f"$JS.API.STREAM.CREATE.{self.stream}", config)
+        err = answer.get("error")
+        if err and "already in use" not in str(err.get("description")):   # lost a race: fine
+            raise StateError(f"{self.location}: cannot create the bucket: "
+                             f"{err.get('description', err)}")
+
+    def _pipelined(self, requests: list, names: list[str], doing: str) -> list[bytes]:
+        """Raw requests ``(subject, body, headers)`` sent all before any answer
+        is awaited; the answers, in order.  One lost to an outage is sent
+        again (a write with the same ``Nats-Msg-Id``: the server drops the
+        repeat) until the connection is back or patience runs out."""
+        answers: list = [None] * len(requests)
+        todo = list(range(len(requests)))
+        deadline = time.monotonic() + _KV_PATIENCE_SECS
+        while todo:
+            replies = self.client.request_many([requests[i] for i in todo], self._wait_secs())
+            retry = []
+            for i, reply in zip(todo, replies):
+                if isinstance(reply, Exception):
+                    if self._give_up(reply, deadline):
+                        raise StateError(f"{self.location}: {doing} {names[i]}: {reply}")
+                    retry.append(i)
+                    continue
+                answers[i] = reply[0]
+            todo = retry
+        return answers
+
+    def get_many(self, keys: list[str]) -> dict[str, tuple[dict | None, int]]:
+        """The last value of each key (read after write): key -> (JSON or None
+        when absent or deleted, revision; 0 when never written)."""
+        subject = f"$JS.API.STREAM.MSG.GET.{self.stream}"
+        keys = list(keys)
+        answers = self._pipelined([(subject, {"last_by_subj": self.prefix + k}, None)
+                                   for k in keys], keys, "reading")
+        return {key: self._decode_get(key, payload) for key, payload in zip(keys, answers)}
+
+    def _decode_get(self, key: str, payload: bytes) -> tuple[dict | None, int]:
+        try:
+            answer = _loads(payload)
+            err = answer.get("error")
+            if err:
+                if err.get("err_code") == _JS_NO_MESSAGE or err.get("code") == 404:
+                    return None, 0
+                raise StateError(f"{self.location}: reading {key}: {err.get('description')}")
+            msg = answer["message"]
+            seq = int(msg["seq"])
+            if msg.get("hdrs"):
+                _, _, fields = _nats_parse_headers(base64.b64decode(msg["hdrs"]))
+                if fields.get("KV-Operation", [""])[0] in _KV_DELETED:
+                    return None, seq
+            value = _loads(base64.b64decode(msg.get("data") or b""))
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+            raise StateError(f"{self.location}: {key} holds a bad record: {exc}") from None
+        if not isinstance(value, dict):
+            raise StateError(f"{self.location}: {key} holds a bad record")
+        return value, seq
+
+    def keys(self, prefix: str) -> list[str]:
+        """The keys under ``prefix`` (deleted ones included: they read as absent).
+        STREAM.INFO lists at most a page of subjects (100,000 on nats-server),
+        sorted, and says how many match (``total``): read page after page."""
+        keys: set[str] = set()
+        while True:
+            info = self.api(f"$JS.API.STREAM.INFO.{self.stream}",
+                             {"subjects_filter": f"{self.prefix}{prefix}>",
+                              "offset": len(keys)})
+            if info.get("error"):
+                raise StateError(f"{self.location}: {info['error'].get('description')}")
+            page = (info.get("state") or {}).get("subjects") or {}
+            before = len(keys)
+            keys.update(s[len(self.prefix):] for s in page)
+            # A key removed between two pages shifts the rest one place back:
+            # a page that adds nothing new ends the listing.
+            if len(keys) == before or len(keys) >= int(info.get("total") or 0):
+                return sorted(keys)
+
+    def purge(self, keys: Iterable[str], upto: Mapping[str, int] | None = None) -> None:
+        """Remove keys with their history (daemons gone, old commands, outbox
+        items done with), pipelined: a delete marker would stay a subject
+        that every listing reads.  A key in ``upto`` loses only its revisions
+        up to the one given (the one read): a value another process wrote
+        since stays."""
+        keys = list(keys)
+        upto = upto or {}
+        subject = f"$JS.API.STREAM.PURGE.{self.stream}"
+        if self.readonly and keys:
+            raise StateError(f"{self.location}: opened read-only")
+        # "seq" purges the filtered messages below it.
+        answers = self._pipelined([(subject, {"filter": self.prefix + k, "seq": upto[k] + 1}
+                                    if k in upto else {"filter": self.prefix + k}, None)
+                                   for k in keys], keys, "removing")
+        for key, payload in zip(keys, answers):
+            try:
+                err = (_loads(payload) or {}).get("error")
+            except (ValueError, AttributeError):
+                err = {"description": repr(payload[:80])}
+            if err:
+                raise StateError(f"{self.location}: removing {key}: "
+                                 f"{err.get('description', err)}")
+
+    def put_many(self, writes: list[tuple[str, dict | None, int | None]]) -> list:
+        """Compare-and-set writes ``(key, value or None to delete, expected
+        revision or None for any)``, pipelined: each is its new revision, or
+        False when the key's revision was not the expected one."""
+        if not writes:
+            return []
+        if self.readonly:
+            raise StateError(f"{self.location}: opened read-only")
+        requests = []
+        for key, value, expected in writes:
+            headers = {"Nats-Msg-Id": _uuid4()}
+            if expected is not None:
+                headers["Nats-Expected-Last-Subject-Sequence"] = str(expected)
+            if value is None:
+                headers["KV-Operation"] = "DEL"
+            requests.append((self.prefix + key, b"" if value is None else
+                             _dumps(value).encode(), headers))
+        results: list = []
+        answers = self._pipelined(requests, [w[0] for w in writes], "writing")
+        for (key, _, _), payload in zip(writes, answers):
+            try:
+                ack = _loads(payload)
+            except ValueError:
+                raise StateError(f"{self.location}: JetStream answered "
+                                 f"{payload[:80]!r}") from None
+            err = ack.get("error") if isinstance(ack, dict) else {"description": ack}
+            if err:
+                if err.get("err_code") == _JS_WRONG_LAST_SEQUENCE:
+                    results.append(False)
+                    continue
+                raise StateError(f"{self.location}: writing {key}: "
+                                 f"{err.get('description', err)}")
+            results.append(int(ack["seq"]))
+        return results
+
+    def update(self, key: str, change: Callable[[dict | None], dict | None | bool],
+                seen: tuple[dict | None, int] | None = None) -> tuple[Any, int]:
+        """Read-modify-write one key until its compare-and-set holds.  ``change``
+        gets the current value and returns the new one (None deletes it), or
+        False to write nothing, or (the new one, writes to make before it).
+        Returns (the new value or False, revision)."""
+        for _ in range(_KV_CAS_ROUNDS):
+            value, rev = seen if seen is not None else self.get_many([key])[key]
+            new = change(None if value is None else json.loads(json.dumps(value)))
+            if new is False:
+                return False, rev
+            if isinstance(new, tuple):
+                new, first = new
+                self.put_many(first)
+            got = self.put_many([(key, new, rev)])[0]
+            if got is not False:
+                return new, got
+            seen = None
+        raise StateError(f"{self.location}: {key} keeps changing; gave up after "
+                         f"{_KV_CAS_ROUNDS} attempts")
+
+    def last_revision(self, prefix: str) -> int:
+        """The newest revision of any key under ``prefix`` (0: none)."""
+        answer = self.api(f"$JS.API.STREAM.MSG.GET.{self.stream}",
+                          {"last_by_subj": self.prefix + prefix + ">"})
+        return (answer.get("message") or {}).get("seq", 0)
+
+    def key_at(self, seq: int) -> str:
+        """The key written at revision ``seq`` ("" when gone)."""
+        answer = self.api(f"$JS.API.STREAM.MSG.GET.{self.stream}", {"seq": int(seq)})
+        subject = (answer.get("message") or {}).get("subject") or ""
+        return subject[len(self.prefix):] if subject.startswith(self.prefix) else ""
+
+    def watch(self, prefix: str, wake: Callable[[], None]) -> None:
+        """Call ``wake()`` at each write under ``prefix``: a KV put is a
+        publish on the key's subject, so a plain subscription sees it."""
+        self.client.subscribe(self.prefix + prefix + ">", lambda _body: wake(), answer=False)
+
+
+class _KvOutbox:
+    """A JetStream state's outbox: each undelivered item one key beside its
+    job's record, which says which of them are committed; listed, settled,
+    retried and dropped, and dead letters under their own keys."""
+
+    def __init__(self, kv: _KvBucket, *, held: Callable[[], list[str]],
+                 note_revision: Callable[[str, int], None]):
+        self._kv = kv
+        self._held, self._note_revision = held, note_revision    # the leases'
+        self._span = os.urandom(4).hex()         # this store's outbox seqs are out.*.<seq>.<span>
+        self._lock = threading.Lock()            # the listing below
+        self._out_seen: dict[str, tuple] = {}    # item id -> (key, revision, value) as listed
+
+    def forget_listed(self) -> None:
+        """Forget what was listed (items settled by other processes): the next
+        settle of an item lists its job again."""
+        with self._lock:
+            self._out_seen.clear()
+
+    def _committed(self, ids: Iterable[str] | None) -> tuple[dict[str, dict], dict[str, list]]:
+        """The records of the jobs ``ids`` (or of every job) by key token, and
+        the keys of their committed outbox items, ``[(seq, key)]`` in seq
+        order, by job token."""
+        job_keys = self._kv.keys("job.") if ids is None else ["job." + _kv_token(i) for i in ids]
+        records = {key[4:]: rec for key, (rec, _) in self._kv.get_many(job_keys).items()
+                   if rec is not None}
+        found: dict[str, list] = {}
+        for key in self._kv.keys("out.") if records else ():
+            place = _out_place(key)
+            if place and place[0] in records and _out_committed(records[place[0]], *place[1:]):
+                found.setdefault(place[0], []).append((place[1], key))
+        for items in found.values():
+            items.sort()
+        return records, found
+
+    def outbox_counts(self) -> dict[str, tuple[int, float]]:
+        # Counted from the key listing: only each job's first item is read,
+        # for its created_at, so a long sink outage does not make status and
+        # metrics read every body.
+        records, found = self._committed(None)
+        firsts = self._kv.get_many([items[0][1] for items in found.values()])
+        counts = {}
+        for token, rec in records.items():
+            old = rec.get("outbox") or ()  # an older version's record, not claimed since
+            items = found.get(token, ())
+            if not old and not items:
+                continue
+            first = firsts[items[0][1]][0] if items else None
+            # None: delivered since the listing; the next look has it right
+            times = [float(raw["created_at"]) for raw in old[:1]] + (
+                [float(first["created_at"]) if first else time.time()] if items else [])
+            counts[_kv_untoken(token)] = (len(old) + len(items), min(times))
+        return counts
+
+    def _outbox_entries(self, ids: Iterable[str] | None = None,
+                        limit: int | None = None) -> list[OutboxItem]:
+        """The committed outbox items of the jobs ``ids`` (or of every job), in
+        order per job (their seq), interleaved oldest first; with ``limit``,
+        only the first ``_outbox_share`` of each job's.  Each is remembered
+        as listed (key, revision, value) for the writes that settle it."""
+        records, found = self._committed(ids)
+        per_job = None if limit is None else _outbox_share(limit, len(found))
+        chosen = []
+        for token in found:
+            chosen.extend(found[token][:per_job])
+        values = self._kv.get_many([key for _, key in chosen])
+        rows = []                            # (job token, seq, key, revision, value)
+        for token, rec in records.items():
+            old = rec.get("outbox") or ()    # an older version's record, not claimed since
+            rows.extend((token, n - len(old), None, 0, raw) for n, raw in enumerate(old))
+        for seq, key in chosen:
+            value, rev = values[key]
+            if value is not None:            # None: delivered or dropped since the listing
+                rows.append((key.split(".")[1], seq, key, rev, value))
+        rows.sort(key=lambda r: (r[0], r[1]))
+        # Oldest first across jobs, never out of seq order within one: an
+        # item sorts by the latest created_at of its job's items up to it.
+        ordered, latest = [], {}
+        for token, seq, key, rev, value in rows:
+            latest[token] = max(latest.get(token, float("-inf")), float(value["created_at"]))
+            ordered.append((latest[token], token, seq, key, rev, value))
+        ordered.sort(key=lambda r: r[:3])
+        with self._lock:
+            if len(self._out_seen) > 100_000:
+                self._out_seen.clear()       # forget items settled by other processes
+
+            for *_, key, rev, value in ordered:
+                self._out_seen[value["id"]] = (key, rev, value)
+        return [OutboxItem(**{f: r[5].get(f) for f in _OUTBOX_FIELDS}) for r in ordered]
+
+    def outbox_pending(self, limit: int = 500, now: float | None = None) -> list[OutboxItem]:
+        held = self._held()
+        if not held:
+            return []
+        return _outbox_heads(self._outbox_entries(held, limit),
+                             time.time() if now is None else now, limit)
+
+    def _listed(self, items: Iterable[OutboxItem]) -> list[tuple]:
+        """(key, revision, value) of outbox items as last listed (an older
+        version's record: no key); the jobs of items not listed yet are."""
+        items = list(items)
+        with self._lock:
+            unseen = {i.job for i in items if i.id not in self._out_seen}
+        if unseen:
+            self._outbox_entries(unseen)
+        with self._lock:
+            return [self._out_seen[i.id] for i in items if i.id in self._out_seen]
+
+    def outbox_settle(self, delivered: Iterable[OutboxItem] = (),
+                      retry: Iterable[tuple[str, float, str]] = (),
+                      dead: Iterable[tuple[OutboxItem, str]] = (), now: float = 0.0) -> None:
+        delivered, retry, dead = list(delivered), list(retry), list(dead)
+        # A dead letter is written before its item leaves the outbox: a
+        # failure in between leaves it in both (the next pass moves it again,
+        # onto the same key), never in neither.
+        self._kv.put_many([("dead." + _kv_token(item.id),
+                         {**dataclasses.asdict(item), "attempts": item.attempts + 1,
+                          "last_error": _storable(error), "died_at": now}, None)
+                        for item, error in dead])
+        # A retry rewrites its item on the revision listed: an item delivered
+        # or dropped since is not brought back.  One the store forgot (past
+        # 100,000 remembered items) is looked up again in the jobs held, as
+        # _listed does: else its backoff would be lost.
+        with self._lock:
+            forgotten = any(i not in self._out_seen for i, _, _ in retry)
+        held = self._held()
+        if forgotten and held:
+            self._outbox_entries(held)
+        with self._lock:
+            later = [(*self._out_seen[i], at, err) for i, at, err in retry if i in self._out_seen]
+        rewrites = [(key, {**value, "attempts": int(value.get("attempts") or 0) + 1,
+                           "next_attempt_at": at, "last_error": _storable(err)}, rev)
+                    for key, rev, value, at, err in later if key]
+        for (key, value, _), rev in zip(rewrites, self._kv.put_many(rewrites)):
+            if rev is not False:
+                with self._lock:
+                    self._out_seen[value["id"]] = (key, rev, value)
+        gone = delivered + [item for item, _ in dead]
+        self._kv.purge(key for key, _, _ in self._listed(gone) if key)
+        with self._lock:
+            for item in gone:
+                self._out_seen.pop(item.id, None)
+        counted: dict[str, int] = {}
+        for item in delivered:
+            counted[item.job] = counted.get(item.job, 0) + (item.what == "delivery")
+        for job_id in sorted({item.job for item in gone}):
+            token, orphans = _kv_token(job_id), []
+
+            def change(rec):
+                if rec is None:
+                    return False
+                out = rec.get("out") or {}
+                spans, nxt = out.get("spans") or [], int(out.get("next") or 0)
+                keep = spans
+                if len(spans) > 1:
+                    # The writer changed (a take-over, a retry): forget the
+                    # spans below the oldest item left, and remove the orphans
+                    # below the next seq (commits that did not land; a commit
+                    # in flight writes at or past it).
+                    places = [(key, p) for key in self._kv.keys(f"out.{token}.")
+                              for p in [_out_place(key)] if p]
+                    left = [p[1] for _, p in places if _out_committed(rec, *p[1:])]
+                    orphans[:] = [key for key, p in places
+                                  if p[1] < nxt and not _out_committed(rec, *p[1:])]
+                    head = min(left, default=nxt)
+                    keep = [span for n, span in enumerate(spans)
+                            if n + 1 == len(spans) or spans[n + 1][0] > head]
+                if not counted.get(job_id) and keep == spans:
+                    return False
+                return {**rec, "out": {**out, "spans": keep},
+                        "delivered_total": int(rec.get("delivered_total") or 0)
+                        + counted.get(job_id, 0)}
+            new, rev = self._kv.update("job." + token, change)
+            self._kv.purge(orphans)
+            if new is not False:
+                self._note_revision(job_id, rev)
+
+    def outbox(self, *, dead: bool = False) -> list[OutboxItem]:
+        if not dead:
+            return self._outbox_entries()
+        recs = [r for r, _ in self._kv.get_many(self._kv.keys("dead.")).values() if r]
+        return sorted((OutboxItem(**{f: r.get(f) for f in _OUTBOX_FIELDS}) for r in recs),
+                      key=lambda i: (i.created_at, i.id))
+
+    def _dead_letters(self, want: set[str] | None) -> dict[str, tuple[dict, int]]:
+        """The dead letters (all, or those with an id in ``want``) by key,
+        with their revisions."""
+        keys = self._kv.keys("dead.") if want is None else ["dead." + _kv_token(i) for i in want]
+        return {key: (rec, rev) for key, (rec, rev) in self._kv.get_many(keys).items()
+                if rec and (want is None or rec.get("id") in want)}
+
+    def outbox_retry(self, ids: Iterable[str] | None = None) -> int:
+        want = None if ids is None else set(ids)
+        pending = self._outbox_entries()
+        due = [(key, {**value, "next_attempt_at": 0}, rev)
+               for key, rev, value in self._listed(pending)
+               if key and (want is None or value["id"] in want)]
+        count = sum(rev is not False for rev in self._kv.put_many(due))
+        # A dead letter is queued again (at the end of its job's outbox)
+        # before its key is removed: an interruption leaves it in both places
+        # at worst, and a retry after that does not queue it twice.
+        have = {item.id for item in pending}
+        letters: dict[str, list] = {}
+        read = self._dead_letters(want)
+        for key, (rec, _) in read.items():
+            letters.setdefault(rec.get("job") or "", []).append((key, rec))
+        done = []
+        for job_id, found in sorted(letters.items()):
+            found.sort(key=lambda kr: (kr[1].get("created_at") or 0, kr[1]["id"]))
+            fresh = [_requeued(rec) for _, rec in found if rec["id"] not in have]
+
+            def change(rec, fresh=fresh, job_id=job_id):
+                if rec is None:
+                    return False             # no such job any more: the letters stay
+                out, first = self.with_out(rec, job_id, fresh)
+                return {**rec, "out": out}, first
+            if fresh and self._kv.update("job." + _kv_token(job_id), change)[0] is False:
+                continue
+            done.extend(key for key, _ in found)
+            count += len(found)
+        # Only the letters read: the daemon may deliver a re-queued item at
+        # once, and should it die again, its new letter must stay.
+        self._kv.purge(done, upto={key: read[key][1] for key in done})
+        return count
+
+    def outbox_drop(self, ids: Iterable[str] | None = None, *, dead: bool = False) -> int:
+        want = None if ids is None else set(ids)
+        if dead:
+            gone = list(self._dead_letters(want))
+        else:
+            gone = [key for key, _, value in self._listed(self._outbox_entries())
+                    if key and (want is None or value["id"] in want)]
+        self._kv.purge(gone)
+        return len(gone)
+
+    def with_out(self, rec: Mapping[str, Any], job_id: str, items: list[dict]
+                  ) -> tuple[dict, list]:
+        """``items`` appended to a job's outbox: the record's new ``out`` and
+        the writes of the items' own keys, to be made before the record's
+        compare-and-set.  An item too large for one NATS message is a
+        StateError naming the job: retrying could never store it."""
+        out = rec.get("out") or {}
+        nxt = int(out.get("next") or 0)
+        spans = [list(span) for span in out.get("spans") or ()]
+        if items and (not spans or spans[-1][1] != self._span):
+            spans.append([nxt, self._span])
+        writes = []
+        for n, item in enumerate(items):
+            value = {**item, "seq": nxt + n}
+            problem = self._too_large(value)
+            if problem:
+                raise StateError(f"{self._kv.location}: {problem}")
+            writes.append((_out_key(job_id, nxt + n, self._span), value, None))
+        return {"next": nxt + len(items), "spans": spans}, writes
+
+    def _too_large(self, value: Mapping[str, Any]) -> str | None:
+        """Why the outbox item ``value`` cannot be one NATS message, or None."""
+        most = getattr(self._kv.client, "max_payload", 1 << 20)
+        size = len(_dumps(value))
+        if size <= most - _KV_OUT_HEADROOM:
+            return None
+        return (f"job {value.get('job')}: {value.get('what')} {value.get('id')} is {size} "
+                f"bytes, over what one NATS message holds (the server's max_payload of "
+                f"{most} bytes, less {_KV_OUT_HEADROOM} for its key): it cannot be stored")
+
+    def unstorable(self, items: Iterable[OutboxItem]) -> str | None:
+        for item in items:
+            problem = self._too_large({**dataclasses.asdict(item), "seq": 0})
+            if problem:
+                return problem
+        return None
+
+
+class _KvDaemons:
+    """The daemons sharing a JetStream state: this one's heartbeat record
+    (with the jobs it runs), which are live, and whose leases went stale
+    with their daemon's heartbeat."""
+
+    def __init__(self, kv: _KvBucket, owner: str, ttl: float):
+        self._kv, self._owner, self.ttl = kv, owner, ttl
+        self.registered = False
+        self.live = 0                            # live daemons at the last look (0: not one)
+        self._last_beat = 0.0
+        self._running: list[str] = []
+        self._started_at = 0.0
+        self._seen: tuple[float, dict] | None = None    # (monotonic, records)
+
+    def records(self, max_age: float = 0.0) -> dict[str, dict]:
+        """Every daemon's record; one read at most ``max_age`` seconds old will do."""
+        cached = self._seen
+        if cached is not None and time.monotonic() - cached[0] <= max_age:
+            return cached[1]
+        got = self._kv.get_many(self._kv.keys("daemon."))
+        records = {_kv_untoken(k[len("daemon."):]): v for k, (v, _) in got.items()
+                   if v is not None}
+        self._seen = (time.monotonic(), records)
+        return records
+
+    def fresh(self, rec: Mapping[str, Any] | None) -> bool:
+        return rec is not None and time.time() - float(rec.get("heartbeat") or 0) <= self.ttl
+
+    def stale_owners(self, daemons: Mapping[str, dict]) -> Callable[[str | None], bool]:
+        """``lease_is_stale`` for this backend: no owner, or an owner whose
+        daemon heartbeat went stale.  An owner with no daemon record (a CLI
+        ``tick``, or a daemon that stopped cleanly and released) is left to
+        its lease's expiry."""
+        return lambda owner: not owner or (owner in daemons and not self.fresh(daemons[owner]))
+
+    def lease_is_stale(self, owner: str | None) -> bool:
+        if not owner:
+            return True
+        return self.stale_owners(self.records())(owner)
+
+    def beat(self) -> None:
+        rec = {"owner": self._owner, "started_at": self._started_at, "heartbeat": time.time(),
+               "running": self._running}
+        self._kv.put_many([("daemon." + _kv_token(self._owner), rec, None)])
+        self._last_beat = time.monotonic()
+        daemons = self.records()
+        self.live = max(1, sum(1 for r in daemons.values() if self.fresh(r)))
+
+    def register(self, now: float) -> list[str]:
+        daemons = self.records()
+        stale = [o for o, r in daemons.items() if o != self._owner and not self.fresh(r)]
+        self._kv.purge("daemon." + _kv_token(o) for o in stale)
+        self._started_at, self.registered = now, True
+        self.beat()
+        return sorted(o for o, r in daemons.items() if o != self._owner and self.fresh(r))
+
+    def unregister(self) -> None:
+        self.registered = False
+        self._kv.purge(["daemon." + _kv_token(self._owner)])
+
+    def set_running(self, ids: Iterable[str]) -> None:
+        self._running = sorted(ids)
+        if self.registered:
+            self.beat()
+
+    def running(self) -> dict[str, list[str]]:
+        return {o: list(r.get("running") or []) for o, r in self.records().items()
+                if self.fresh(r)}
+
+    def beat_due(self) -> bool:
+        """A registered daemon's heartbeat is a quarter of ``ttl`` old."""
+        return self.registered and time.monotonic() - self._last_beat >= self.ttl / 4
+
+    def count_live(self, daemons: Mapping[str, dict]) -> None:
+        """Note how many of ``daemons`` (a fresh read) are live."""
+        if self.registered:
+            self.live = max(1, sum(1 for r in daemons.values() if self.fresh(r)))
+
+
+class _KvCommands:
+    """Operator commands on a JetStream state: queued under ``cmd.`` keys
+    for a live holder, else applied to the job's record at once; a result
+    is read back from the job record that carries it."""
+
+    def __init__(self, kv: _KvBucket, peers: _KvDaemons, owner: str,
+                 held: Callable[[], list[str]]):
+        self._kv, self._peers, self._owner, self._held = kv, peers, owner, held
+
+    def key_of(self, seq: int) -> str:
+        """The key of command ``seq`` (its creating revision): the stream says."""
+        key = self._kv.key_at(seq)
+        return key[4:] if key.startswith("cmd.") else ""
+
+    def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False,
+                arg: str | None = None) -> tuple[str | None, int | None]:
+        apply_command(JobState(job_id), verb, arg)      # an unknown verb fails here
+        key = "job." + _kv_token(job_id)
+        seen = self._kv.get_many([key])[key]
+        rec = seen[0]
+        holder = None if rec is None else rec.get("lease_owner")
+        if holder:
+            daemons = self._peers.records()
+            if holder in daemons and self._peers.fresh(daemons[holder]):
+                token = os.urandom(8).hex()
+                seq = self._kv.put_many([("cmd." + token, {"job": job_id, "verb": verb, "arg": arg,
+                                                        "done": False, "result": None}, 0)])[0]
+                return holder, seq
+        if verb == "tick":
+            return None, None                           # nobody to tick it: the caller does
+
+        def change(rec):
+            if rec is None:
+                rec = _new_record(JobState(job_id, paused=paused_on_boot))
+            state = apply_command(_record_state(job_id, rec, 0), verb, arg)
+            # Applied here, the command takes the lease from a holder that is
+            # not live (a daemon stalled past daemon_ttl, a CLI tick): should
+            # it wake up, its next commit finds the lease gone and is dropped,
+            # instead of writing its paused flag and cursor back over this.
+            return {**rec, **_state_record(state), "delivered_total": rec.get("delivered_total", 0),
+                    "lease_owner": None, "lease_until": None}
+        self._kv.update(key, change, seen)
+        # Stored done, it wakes every daemon watching the command keys (a
+        # daemon that has the job re-reads it) and is removed as any done one.
+        self._kv.put_many([("cmd." + os.urandom(8).hex(), {
+            "job": job_id, "verb": verb, "arg": arg, "done": True, "result": "applied",
+            "done_at": time.time()}, 0)])
+        return None, None
+
+    def pending(self) -> list[Command]:
+        keys = self._kv.keys("cmd.")
+        if not keys:
+            return []
+        held = set(self._held())
+        cmds, old = [], []
+        for key, (rec, rev) in self._kv.get_many(keys).items():
+            if rec and not rec.get("done") and rec.get("job") in held:
+                cmds.append((rec["job"], rev, rec))
+            elif rec is None or (rec.get("done") and time.time() - float(
+                    rec.get("done_at") or 0) > _KV_COMMAND_KEEP_SECS):
+                old.append(key)              # done long ago: nobody waits for its result
+        if old and self._peers.registered:
+            self._kv.purge(old)
+        if not cmds:
+            return []
+        records = self._kv.get_many(sorted({"job." + _kv_token(c[0]) for c in cmds}))
+        out = []
+        for job_id, seq, rec in cmds:
+            # Not done yet, so written once: its revision is the seq it was created with.
+            done = (records.get("job." + _kv_token(job_id), (None, 0))[0] or {}).get("commands") or {}
+            if str(seq) not in done:
+                out.append(Command(seq, job_id, rec["verb"], rec.get("arg")))
+        return sorted(out, key=lambda c: c.seq)
+
+    def finish(self, seq: int, result: str | None) -> None:
+        key = self.key_of(seq)
+        if not key:
+            return
+        self._kv.update("cmd." + key, lambda rec: False if rec is None else
+                     {**rec, "done": True, "result": _storable_result(result, _KV_RESULT_MAX),
+                      "done_at": time.time()})
+
+    def result(self, seq: int) -> tuple[bool, str | None]:
+        key = self.key_of(seq)
+        if not key:
+            return True, "command lost"
+        rec, _ = self._kv.get_many(["cmd." + key])["cmd." + key]
+        if rec is None:
+            return True, "command lost"
+        if rec.get("done"):
+            return True, rec.get("result")
+        job = "job." + _kv_token(rec.get("job") or "")
+        done = (self._kv.get_many([job])[job][0] or {}).get("commands") or {}
+        return (True, done[str(seq)]) if str(seq) in done else (False, None)
+
+
+class _KvLeases:
+    """Which jobs' leases this daemon holds in a JetStream state, spread
+    across the live daemons: claimed while under its share, released, and
+    the surplus handed back one commit at a time."""
+
+    def __init__(self, kv: _KvBucket, peers: _KvDaemons, outbox: _KvOutbox, owner: str):
+        self._kv, self._peers, self._outbox, self._owner = kv, peers, outbox, owner
+        self._lock = threading.Lock()            # the sets below
+        self._rev: dict[str, int] = {}           # job id -> revision last seen by this owner
+        self._held: set[str] = set()             # jobs whose lease this owner holds
+        self._handed: set[str] = set()           # committed with the lease handed back
+        self._known: set[str] = set()            # every job id claimed here (for the cap)
+
+    def _cap(self) -> int | None:
+        """How many jobs this daemon may hold (None: no cap, one daemon)."""
+        live = self._peers.live
+        if not self._peers.registered or live <= 1:
+            return None
+        return math.ceil(len(self._known) / live) + 1
+
+    def claim(self, wanted: Mapping[str, float], now: float, *,
+              paused_on_boot: Iterable[str] = ()) -> dict[str, JobState]:
+        paused = set(paused_on_boot)
+        with self._lock:
+            self._known.update(wanted)
+        # Heartbeats go stale after daemon_ttl: a look an eighth of that old will do,
+        # which saves two round trips on the claim a runner makes for each slot
+        # of a job another daemon holds.
+        daemons = self._peers.records(self._peers.ttl / 8)
+        stale = self._peers.stale_owners(daemons)
+        self._peers.count_live(daemons)
+        keys = {i: "job." + _kv_token(i) for i in wanted}
+        got = self._kv.get_many(list(keys.values()))
+        cap = self._cap()
+        order = list(wanted)
+        random.shuffle(order)                # a random order: daemons do not collide
+        order.sort(key=lambda i: (got[keys[i]][0] or {}).get("lease_owner") != self._owner)
+        held = len(self._held - set(wanted))
+        granted: dict[str, JobState] = {}
+        # A record changed between the read and the write (this daemon's own
+        # publisher settling a delivery, another daemon's claim) is read
+        # again and tried once more, a few rounds: a lease still free or ours
+        # is not given up for a slot; one another daemon took is skipped.
+        for _ in range(_KV_CAS_ROUNDS):
+            writes, moved = [], []
+            for job_id in order:
+                rec, rev = got[keys[job_id]]
+                holder = None if rec is None else rec.get("lease_owner")
+                if holder != self._owner:
+                    if holder and (rec.get("lease_until") or 0) >= now and not stale(holder):
+                        continue
+                    if cap is not None and held >= cap:
+                        continue
+                if rec is None:
+                    rec = _new_record(JobState(job_id, paused=job_id in paused))
+                rec = {**rec, "lease_owner": self._owner, "lease_until": wanted[job_id]}
+                if "outbox" in rec:          # an older version kept the items in the record
+                    rec["out"], first = self._outbox.with_out(rec, job_id, rec.pop("outbox") or [])
+                    moved.extend(first)
+                writes.append((keys[job_id], rec, rev))
+                held += 1
+            self._kv.put_many(moved)
+            results = self._kv.put_many(writes)
+            order = []
+            with self._lock:
+                for (key, rec, _), rev in zip(writes, results):
+                    job_id = rec["id"]
+                    if rev is False:         # changed since read: read again
+                        order.append(job_id)
+                        held -= 1
+                        continue
+                    self._rev[job_id] = rev
+                    self._held.add(job_id)
+                    self._handed.discard(job_id)
+                    granted[job_id] = _record_state(job_id, rec, rev)
+            if not order:
+                break
+            got.update(self._kv.get_many([keys[i] for i in order]))
+        return granted
+
+    def handed_over(self, job_id: str) -> bool:
+        with self._lock:
+            if job_id in self._handed:
+                self._handed.discard(job_id)
+                return True
+        return False
+
+    def release(self, ids: Iterable[str] | None = None) -> None:
+        with self._lock:
+            mine = set(self._held) if ids is None else set(ids) & self._held
+        # Every lease in one pipelined round (read all, then compare-and-set
+        # all), not a read-modify-write per job: at shutdown a thousand jobs
+        # on a NATS 10 ms away would take 20 s.  A record changed in between
+        # (a commit, the outbox) is read again, in the next round, until the
+        # deadline; what is left then expires on its own.
+        keys = {"job." + _kv_token(i): i for i in mine}
+        for _ in range(_KV_CAS_ROUNDS):
+            if not keys:
+                break
+            got = self._kv.get_many(sorted(keys))
+            writes = [(key, {**rec, "lease_owner": None, "lease_until": None}, rev)
+                      for key, (rec, rev) in got.items()
+                      if rec is not None and rec.get("lease_owner") == self._owner]
+            results = self._kv.put_many(writes)
+            with self._lock:
+                for (key, _, _), rev in zip(writes, results):
+                    if rev is not False:
+                        self._held.discard(keys[key])
+                for key, (rec, _) in got.items():
+                    if rec is None or rec.get("lease_owner") != self._owner:
+                        self._held.discard(keys[key])       # not ours any more
+            keys = {w[0]: keys[w[0]] for w, rev in zip(writes, results) if rev is False}
+            if self._kv.deadline is not None and time.monotonic() >= self._kv.deadline:
+                break
+        if keys:
+            raise StateError(f"{self._kv.location}: {len(keys)} leases not released "
+                             "(their records kept changing)")
+
+    def held(self) -> list[str]:
+        """The jobs whose lease this store holds, sorted."""
+        with self._lock:
+            return sorted(self._held)
+
+    def note_revision(self, job_id: str, rev: int) -> None:
+        """A held job's record was rewritten (the outbox settled) at ``rev``."""
+        with self._lock:
+            if job_id in self._held:
+                self._rev[job_id] = rev
+
+    def holds(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._held
+
+    def surplus(self) -> int:
+        """How many more leases than its share this daemon holds (0: none)."""
+        cap = self._cap()
+        with self._lock:
+            return 0 if cap is None else max(0, len(self._held) - cap)
+
+    def committed(self, job_id: str, rev: int, kept: bool) -> None:
+        """A commit of ``job_id`` landed at ``rev``, the lease ``kept`` or handed back."""
+        with self._lock:
+            self._rev[job_id] = rev
+            if not kept:
+                self._held.discard(job_id)
+                self._handed.add(job_id)
+        if not kept:
+            log.info("job %s handed back for another daemon to take "
+                     "(this one holds more than its share)", job_id)
+
+    def lost(self, job_id: str) -> None:
+        """Another daemon holds ``job_id``'s lease now."""
+        with self._lock:
+            self._held.discard(job_id)
+
+
 class JetStreamStateStore(StateStore):
     """Job state in a JetStream key-value bucket, for daemons on several machines.
 
@@ -6348,8 +7227,7 @@ class JetStreamStateStore(StateStore):
                              "'-' and '_'")
         self.bucket, self.location = bucket, f"{_JETSTREAM}{bucket}"
         self.owner = owner or _new_owner()
-        self.readonly, self.timeout, self.daemon_ttl = readonly, timeout, daemon_ttl
-        self._stream, self._prefix = f"KV_{bucket}", f"$KV.{bucket}."
+        self.readonly, self.daemon_ttl = readonly, daemon_ttl
         self._own_client = client is None
         if client is None:
             if not broker_url:
@@ -6361,318 +7239,37 @@ class JetStreamStateStore(StateStore):
             except PluginPollerForwardError as exc:
                 raise StateError(f"{self.location}: {exc}") from None
         self.client = client
-        self._lock = threading.Lock()            # the caches below
-        self._span = os.urandom(4).hex()         # this store's outbox seqs are out.*.<seq>.<span>
-        self._out_seen: dict[str, tuple] = {}    # item id -> (key, revision, value) as listed
-        self._rev: dict[str, int] = {}           # job id -> revision last seen by this owner
-        self._held: set[str] = set()             # jobs whose lease this owner holds
-        self._handed: set[str] = set()           # committed with the lease handed back
-        self._known: set[str] = set()            # every job id claimed here (for the cap)
-        self._live = 0                           # live daemons at the last look (0: not one)
-        self._registered = False
-        self._last_beat = 0.0
-        self._running: list[str] = []
-        self._started_at = 0.0
+        self.kv = _KvBucket(bucket, client, readonly=readonly, timeout=timeout)
+        # The outbox lists the jobs this daemon holds; leases migrate old outboxes.
+        self.kv_outbox = _KvOutbox(self.kv, held=lambda: self.claims.held(),
+                                   note_revision=lambda *a: self.claims.note_revision(*a))
+        self.peers = _KvDaemons(self.kv, self.owner, daemon_ttl)
+        self.claims = _KvLeases(self.kv, self.peers, self.kv_outbox, self.owner)
+        self.commands = _KvCommands(self.kv, self.peers, self.owner, self.claims.held)
         self._seen_cmd_seq: int | None = None
-        self._daemons_seen: tuple[float, dict] | None = None    # (monotonic, records)
-        self._queue: deque = deque()
-        self._cond = threading.Condition(threading.Lock())
-        self._writer: threading.Thread | None = None
-        self._closing = False
-        self._deadline: float | None = None
+        # One commit per job per round: two commits of one job never race.
+        self._writes = _GroupCommit(self.location, "nexo-state-kv-writer", self._commit_batch,
+                                    key=lambda payload: payload[0].id)
         try:
-            self._bind(history, replicas, max_age)
+            self.kv.bind(history, replicas, max_age)
         except BaseException:
             if self._own_client:
                 self.client.close()
             raise
 
-    # -- the bucket ----------------------------------------------------------------------
 
-    def _api(self, subject: str, body: Any = b"") -> dict:
-        """One JetStream API request; its JSON answer (errors included)."""
-        deadline = time.monotonic() + _KV_PATIENCE_SECS
-        while True:
-            try:
-                payload, _, status = self.client.request(subject, body, self._wait_secs(),
-                                                         raw=True)
-                break
-            except PluginPollerForwardError as exc:
-                if (getattr(exc, "code", None) == BROKER_NO_RESPONDERS
-                        and subject.startswith("$JS.API.")):
-                    raise StateError(f"{self.location}: JetStream is not enabled on the NATS "
-                                     "server (start nats-server with -js)") from None
-                if self._give_up(exc, deadline):
-                    raise StateError(f"{self.location}: {exc}") from None
-        try:
-            answer = _loads(payload) if payload else {}
-        except ValueError:
-            raise StateError(f"{self.location}: JetStream answered {payload[:80]!r}") from None
-        return answer if isinstance(answer, dict) else {}
-
-    def _wait_secs(self) -> float:
-        """How long one request may wait for its answer: ``timeout``, and
-        never past the shutdown deadline (``set_deadline``)."""
-        if self._deadline is None:
-            return self.timeout
-        return max(0.05, min(self.timeout, self._deadline - time.monotonic()))
-
-    def _give_up(self, exc: Exception, deadline: float) -> bool:
-        """A failed request: wait for the connection and say retry, or give up."""
-        if getattr(exc, "code", None) not in (BROKER_CLOSED, BROKER_TIMEOUT) or self.client.closed.is_set():
-            return True
-        limit = deadline if self._deadline is None else min(deadline, self._deadline)
-        if time.monotonic() >= limit:
-            return True
-        self.client.connected.wait(max(0.0, min(1.0, limit - time.monotonic())))
-        return False
-
-    def _bind(self, history: int, replicas: int, max_age: float) -> None:
-        info = self._api(f"$JS.API.STREAM.INFO.{self._stream}")
-        err = info.get("error")
-        if not err:
-            return
-        if err.get("err_code") != _JS_STREAM_NOT_FOUND:
-            raise StateError(f"{self.location}: {err.get('description', err)}")
-        if self.readonly:
-            raise _NoStateYet(f"{self.location}: no state yet (no bucket {self.bucket!r} "
-                             "on the NATS server)")
-        config = {"name": self._stream, "subjects": [self._prefix + ">"],
-                  "max_msgs_per_subject": int(history), "max_msgs": -1, "max_bytes": -1,
-                  "max_age": int(max_age * 1e9), "max_msg_size": -1, "storage": "file",
-                  "retention": "limits", "discard": "new", "num_replicas": int(replicas),
-                  "duplicate_window": int(min(max_age or 120.0, 120.0) * 1e9),
-                  "allow_rollup_hdrs": True, "deny_delete": True, "deny_purge": False,
-                  "allow_direct": True}
-        answer = self._api(f"$JS.API.STREAM.CREATE.{self._stream}", config)
-        err = answer.get("error")
-        if err and "already in use" not in str(err.get("description")):   # lost a race: fine
-            raise StateError(f"{self.location}: cannot create the bucket: "
-                             f"{err.get('description', err)}")
-
-    # -- reading and writing keys ----------------------------------------------------
-
-    def _pipelined(self, requests: list, names: list[str], doing: str) -> list[bytes]:
-        """Raw requests ``(subject, body, headers)`` sent all before any answer
-        is awaited; the answers, in order.  One lost to an outage is sent
-        again (a write with the same ``Nats-Msg-Id``: the server drops the
-        repeat) until the connection is back or patience runs out."""
-        answers: list = [None] * len(requests)
-        todo = list(range(len(requests)))
-        deadline = time.monotonic() + _KV_PATIENCE_SECS
-        while todo:
-            replies = self.client.request_many([requests[i] for i in todo], self._wait_secs())
-            retry = []
-            for i, reply in zip(todo, replies):
-                if isinstance(reply, Exception):
-                    if self._give_up(reply, deadline):
-                        raise StateError(f"{self.location}: {doing} {names[i]}: {reply}")
-                    retry.append(i)
-                    continue
-                answers[i] = reply[0]
-            todo = retry
-        return answers
-
-    def _get_many(self, keys: list[str]) -> dict[str, tuple[dict | None, int]]:
-        """The last value of each key (read after write): key -> (JSON or None
-        when absent or deleted, revision; 0 when never written)."""
-        subject = f"$JS.API.STREAM.MSG.GET.{self._stream}"
-        keys = list(keys)
-        answers = self._pipelined([(subject, {"last_by_subj": self._prefix + k}, None)
-                                   for k in keys], keys, "reading")
-        return {key: self._decode_get(key, payload) for key, payload in zip(keys, answers)}
-
-    def _decode_get(self, key: str, payload: bytes) -> tuple[dict | None, int]:
-        try:
-            answer = _loads(payload)
-            err = answer.get("error")
-            if err:
-                if err.get("err_code") == _JS_NO_MESSAGE or err.get("code") == 404:
-                    return None, 0
-                raise StateError(f"{self.location}: reading {key}: {err.get('description')}")
-            msg = answer["message"]
-            seq = int(msg["seq"])
-            if msg.get("hdrs"):
-                _, _, fields = _nats_parse_headers(base64.b64decode(msg["hdrs"]))
-                if fields.get("KV-Operation", [""])[0] in _KV_DELETED:
-                    return None, seq
-            value = _loads(base64.b64decode(msg.get("data") or b""))
-        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
-            raise StateError(f"{self.location}: {key} holds a bad record: {exc}") from None
-        if not isinstance(value, dict):
-            raise StateError(f"{self.location}: {key} holds a bad record")
-        return value, seq
-
-    def _keys(self, prefix: str) -> list[str]:
-        """The keys under ``prefix`` (deleted ones included: they read as absent).
-        STREAM.INFO lists at most a page of subjects (100,000 on nats-server),
-        sorted, and says how many match (``total``): read page after page."""
-        keys: set[str] = set()
-        while True:
-            info = self._api(f"$JS.API.STREAM.INFO.{self._stream}",
-                             {"subjects_filter": f"{self._prefix}{prefix}>",
-                              "offset": len(keys)})
-            if info.get("error"):
-                raise StateError(f"{self.location}: {info['error'].get('description')}")
-            page = (info.get("state") or {}).get("subjects") or {}
-            before = len(keys)
-            keys.update(s[len(self._prefix):] for s in page)
-            # A key removed between two pages shifts the rest one place back:
-            # a page that adds nothing new ends the listing.
-            if len(keys) == before or len(keys) >= int(info.get("total") or 0):
-                return sorted(keys)
-
-    def _purge(self, keys: Iterable[str], upto: Mapping[str, int] | None = None) -> None:
-        """Remove keys with their history (daemons gone, old commands, outbox
-        items done with), pipelined: a delete marker would stay a subject
-        that every listing reads.  A key in ``upto`` loses only its revisions
-        up to the one given (the one read): a value another process wrote
-        since stays."""
-        keys = list(keys)
-        upto = upto or {}
-        subject = f"$JS.API.STREAM.PURGE.{self._stream}"
-        if self.readonly and keys:
-            raise StateError(f"{self.location}: opened read-only")
-        # "seq" purges the filtered messages below it.
-        answers = self._pipelined([(subject, {"filter": self._prefix + k, "seq": upto[k] + 1}
-                                    if k in upto else {"filter": self._prefix + k}, None)
-                                   for k in keys], keys, "removing")
-        for key, payload in zip(keys, answers):
-            try:
-                err = (_loads(payload) or {}).get("error")
-            except (ValueError, AttributeError):
-                err = {"description": repr(payload[:80])}
-            if err:
-                raise StateError(f"{self.location}: removing {key}: "
-                                 f"{err.get('description', err)}")
-
-    def _put_many(self, writes: list[tuple[str, dict | None, int | None]]) -> list:
-        """Compare-and-set writes ``(key, value or None to delete, expected
-        revision or None for any)``, pipelined: each is its new revision, or
-        False when the key's revision was not the expected one."""
-        if not writes:
-            return []
-        if self.readonly:
-            raise StateError(f"{self.location}: opened read-only")
-        requests = []
-        for key, value, expected in writes:
-            headers = {"Nats-Msg-Id": _uuid4()}
-            if expected is not None:
-                headers["Nats-Expected-Last-Subject-Sequence"] = str(expected)
-            if value is None:
-                headers["KV-Operation"] = "DEL"
-            requests.append((self._prefix + key, b"" if value is None else
-                             _dumps(value).encode(), headers))
-        results: list = []
-        answers = self._pipelined(requests, [w[0] for w in writes], "writing")
-        for (key, _, _), payload in zip(writes, answers):
-            try:
-                ack = _loads(payload)
-            except ValueError:
-                raise StateError(f"{self.location}: JetStream answered "
-                                 f"{payload[:80]!r}") from None
-            err = ack.get("error") if isinstance(ack, dict) else {"description": ack}
-            if err:
-                if err.get("err_code") == _JS_WRONG_LAST_SEQUENCE:
-                    results.append(False)
-                    continue
-                raise StateError(f"{self.location}: writing {key}: "
-                                 f"{err.get('description', err)}")
-            results.append(int(ack["seq"]))
-        return results
-
-    def _update(self, key: str, change: Callable[[dict | None], dict | None | bool],
-                seen: tuple[dict | None, int] | None = None) -> tuple[Any, int]:
-        """Read-modify-write one key until its compare-and-set holds.  ``change``
-        gets the current value and returns the new one (None deletes it), or
-        False to write nothing, or (the new one, writes to make before it).
-        Returns (the new value or False, revision)."""
-        for _ in range(_KV_CAS_ROUNDS):
-            value, rev = seen if seen is not None else self._get_many([key])[key]
-            new = change(None if value is None else json.loads(json.dumps(value)))
-            if new is False:
-                return False, rev
-            if isinstance(new, tuple):
-                new, first = new
-                self._put_many(first)
-            got = self._put_many([(key, new, rev)])[0]
-            if got is not False:
-                return new, got
-            seen = None
-        raise StateError(f"{self.location}: {key} keeps changing; gave up after "
-                         f"{_KV_CAS_ROUNDS} attempts")
-
-    # -- daemons ------------------------------------------------------------------------
-
-    def _daemon_records(self, max_age: float = 0.0) -> dict[str, dict]:
-        """Every daemon's record; one read at most ``max_age`` seconds old will do."""
-        cached = self._daemons_seen
-        if cached is not None and time.monotonic() - cached[0] <= max_age:
-            return cached[1]
-        got = self._get_many(self._keys("daemon."))
-        records = {_kv_untoken(k[len("daemon."):]): v for k, (v, _) in got.items()
-                   if v is not None}
-        self._daemons_seen = (time.monotonic(), records)
-        return records
-
-    def _fresh(self, rec: Mapping[str, Any] | None) -> bool:
-        return rec is not None and time.time() - float(rec.get("heartbeat") or 0) <= self.daemon_ttl
-
-    def _stale_owners(self, daemons: Mapping[str, dict]) -> Callable[[str | None], bool]:
-        """``lease_is_stale`` for this backend: no owner, or an owner whose
-        daemon heartbeat went stale.  An owner with no daemon record (a CLI
-        ``tick``, or a daemon that stopped cleanly and released) is left to
-        its lease's expiry."""
-        return lambda owner: not owner or (owner in daemons and not self._fresh(daemons[owner]))
-
-    def lease_is_stale(self, owner: str | None) -> bool:
-        if not owner:
-            return True
-        return self._stale_owners(self._daemon_records())(owner)
-
-    def _beat(self, now: float | None = None) -> None:
-        rec = {"owner": self.owner, "started_at": self._started_at, "heartbeat": time.time(),
-               "running": self._running}
-        self._put_many([("daemon." + _kv_token(self.owner), rec, None)])
-        self._last_beat = time.monotonic()
-        daemons = self._daemon_records()
-        self._live = max(1, sum(1 for r in daemons.values() if self._fresh(r)))
-
-    def register_daemon(self, now: float) -> list[str]:
-        daemons = self._daemon_records()
-        stale = [o for o, r in daemons.items() if o != self.owner and not self._fresh(r)]
-        self._purge("daemon." + _kv_token(o) for o in stale)
-        self._started_at, self._registered = now, True
-        self._beat()
-        return sorted(o for o, r in daemons.items() if o != self.owner and self._fresh(r))
-
-    def unregister_daemon(self) -> None:
-        self._registered = False
-        self._purge(["daemon." + _kv_token(self.owner)])
-
-    def set_running(self, ids: Iterable[str]) -> None:
-        self._running = sorted(ids)
-        if self._registered:
-            self._beat()
 
     @property
     def heartbeat_secs(self) -> float | None:
-        return self.daemon_ttl / 4 if self._registered else None
+        return self.daemon_ttl / 4 if self.peers.registered else None
 
     def watch_commands(self, wake: Callable[[], None]) -> None:
-        # A KV put is a publish on the key's subject: a plain subscription
-        # sees every command queued, from any host, as it is queued.
-        self.client.subscribe(self._prefix + "cmd.>", lambda _body: wake(), answer=False)
-
-    def daemons(self) -> dict[str, list[str]]:
-        return {o: list(r.get("running") or []) for o, r in self._daemon_records().items()
-                if self._fresh(r)}
-
-    # -- jobs ---------------------------------------------------------------------------
+        # Every command queued, from any host, as it is queued.
+        self.kv.watch("cmd.", wake)
 
     def load(self, ids: Iterable[str] | None = None) -> dict[str, JobState]:
-        keys = (self._keys("job.") if ids is None else ["job." + _kv_token(i) for i in ids])
-        got = self._get_many(keys)
+        keys = (self.kv.keys("job.") if ids is None else ["job." + _kv_token(i) for i in ids])
+        got = self.kv.get_many(keys)
         out = {}
         for key, (rec, rev) in got.items():
             if rec is not None:
@@ -6680,148 +7277,10 @@ class JetStreamStateStore(StateStore):
                 out[job_id] = _record_state(job_id, rec, rev)
         return out
 
-    def _cap(self, total: int) -> int | None:
-        """How many jobs this daemon may hold (None: no cap, one daemon)."""
-        if not self._registered or self._live <= 1:
-            return None
-        return math.ceil(total / self._live) + 1
-
-    def claim(self, wanted: Mapping[str, float], now: float, *,
-              paused_on_boot: Iterable[str] = ()) -> dict[str, JobState]:
-        paused = set(paused_on_boot)
-        with self._lock:
-            self._known.update(wanted)
-        # Heartbeats go stale after daemon_ttl: a look an eighth of that old will do,
-        # which saves two round trips on the claim a runner makes for each slot
-        # of a job another daemon holds.
-        daemons = self._daemon_records(self.daemon_ttl / 8)
-        stale = self._stale_owners(daemons)
-        if self._registered:
-            self._live = max(1, sum(1 for r in daemons.values() if self._fresh(r)))
-        keys = {i: "job." + _kv_token(i) for i in wanted}
-        got = self._get_many(list(keys.values()))
-        cap = self._cap(len(self._known))
-        order = list(wanted)
-        random.shuffle(order)                # a random order: daemons do not collide
-        order.sort(key=lambda i: (got[keys[i]][0] or {}).get("lease_owner") != self.owner)
-        held = len(self._held - set(wanted))
-        granted: dict[str, JobState] = {}
-        # A record changed between the read and the write (this daemon's own
-        # publisher settling a delivery, another daemon's claim) is read
-        # again and tried once more, a few rounds: a lease still free or ours
-        # is not given up for a slot; one another daemon took is skipped.
-        for _ in range(_KV_CAS_ROUNDS):
-            writes, moved = [], []
-            for job_id in order:
-                rec, rev = got[keys[job_id]]
-                holder = None if rec is None else rec.get("lease_owner")
-                if holder != self.owner:
-                    if holder and (rec.get("lease_until") or 0) >= now and not stale(holder):
-                        continue
-                    if cap is not None and held >= cap:
-                        continue
-                if rec is None:
-                    rec = _new_record(JobState(job_id, paused=job_id in paused))
-                rec = {**rec, "lease_owner": self.owner, "lease_until": wanted[job_id]}
-                if "outbox" in rec:          # an older version kept the items in the record
-                    rec["out"], first = self._with_out(rec, job_id, rec.pop("outbox") or [])
-                    moved.extend(first)
-                writes.append((keys[job_id], rec, rev))
-                held += 1
-            self._put_many(moved)
-            results = self._put_many(writes)
-            order = []
-            with self._lock:
-                for (key, rec, _), rev in zip(writes, results):
-                    job_id = rec["id"]
-                    if rev is False:         # changed since read: read again
-                        order.append(job_id)
-                        held -= 1
-                        continue
-                    self._rev[job_id] = rev
-                    self._held.add(job_id)
-                    self._handed.discard(job_id)
-                    granted[job_id] = _record_state(job_id, rec, rev)
-            if not order:
-                break
-            got.update(self._get_many([keys[i] for i in order]))
-        return granted
-
     def commit(self, state: JobState, done: Callable[[Any], None] | None = None, *,
                command: tuple[int, str | None] | None = None,
                outbox: Iterable[OutboxItem] = (), source: str | None = None) -> None:
-        item = (state, command, [dataclasses.asdict(i) for i in outbox], done)
-        with self._cond:
-            if self._closing:
-                raise StateError(f"{self.location}: closed")
-            self._queue.append(item)
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_loop, daemon=True,
-                                                name="nexo-state-kv-writer")
-                self._writer.start()
-            self._cond.notify()
-
-    def _write_loop(self) -> None:
-        while True:
-            with self._cond:
-                if not _writer_has_work(self):
-                    return
-                batch, seen, rest = [], set(), deque()
-                while self._queue:           # one commit per job per round
-                    item = self._queue.popleft()
-                    (rest if item[0].id in seen else batch).append(item)
-                    seen.add(item[0].id)
-                self._queue.extendleft(reversed(rest))
-            try:
-                results = self._commit_batch(batch)
-            except Exception as exc:         # never let the writer die
-                err = exc if isinstance(exc, StateError) else StateError(
-                    f"{self.location}: commit failed: {type(exc).__name__}: {exc}")
-                log.error("%s", err)
-                results = [err] * len(batch)
-            for (_, _, _, done), result in zip(batch, results):
-                if done is not None:
-                    try:
-                        done(result)
-                    except Exception:
-                        log.exception("state callback failed")
-
-    def _with_out(self, rec: Mapping[str, Any], job_id: str, items: list[dict]
-                  ) -> tuple[dict, list]:
-        """``items`` appended to a job's outbox: the record's new ``out`` and
-        the writes of the items' own keys, to be made before the record's
-        compare-and-set.  An item too large for one NATS message is a
-        StateError naming the job: retrying could never store it."""
-        out = rec.get("out") or {}
-        nxt = int(out.get("next") or 0)
-        spans = [list(span) for span in out.get("spans") or ()]
-        if items and (not spans or spans[-1][1] != self._span):
-            spans.append([nxt, self._span])
-        writes = []
-        for n, item in enumerate(items):
-            value = {**item, "seq": nxt + n}
-            problem = self._too_large(value)
-            if problem:
-                raise StateError(f"{self.location}: {problem}")
-            writes.append((_out_key(job_id, nxt + n, self._span), value, None))
-        return {"next": nxt + len(items), "spans": spans}, writes
-
-    def _too_large(self, value: Mapping[str, Any]) -> str | None:
-        """Why the outbox item ``value`` cannot be one NATS message, or None."""
-        most = getattr(self.client, "max_payload", 1 << 20)
-        size = len(_dumps(value))
-        if size <= most - _KV_OUT_HEADROOM:
-            return None
-        return (f"job {value.get('job')}: {value.get('what')} {value.get('id')} is {size} "
-                f"bytes, over what one NATS message holds (the server's max_payload of "
-                f"{most} bytes, less {_KV_OUT_HEADROOM} for its key): it cannot be stored")
-
-    def unstorable(self, items: Iterable[OutboxItem]) -> str | None:
-        for item in items:
-            problem = self._too_large({**dataclasses.asdict(item), "seq": 0})
-            if problem:
-                return problem
-        return None
+        self._writes.put((state, command, [dataclasses.asdict(i) for i in outbox]), done)
 
     def _commit_record(self, rec: dict | None, state: JobState, command, items: list,
                        hand_back: bool = False) -> tuple[dict, list] | bool:
@@ -6832,7 +7291,7 @@ class JetStreamStateStore(StateStore):
             return False
         new = {**rec, **_state_record(state), "lease_owner": self.owner,
                "delivered_total": int(rec.get("delivered_total") or 0)}
-        new["out"], first = self._with_out(rec, state.id, list(new.pop("outbox", None) or ())
+        new["out"], first = self.kv_outbox.with_out(rec, state.id, list(new.pop("outbox", None) or ())
                                            + items)
         commands = dict(rec.get("commands") or {})
         if command is not None:
@@ -6844,20 +7303,19 @@ class JetStreamStateStore(StateStore):
         return new, first
 
     def _commit_batch(self, batch: list) -> list:
-        keys = ["job." + _kv_token(s.id) for s, _, _, _ in batch]
+        keys = ["job." + _kv_token(s.id) for s, _, _ in batch]
         # Two pipelined rounds for the whole batch: read every record (its
         # outbox and command results are kept), then compare-and-set each on
         # the revision just read, so a daemon that took a job over in between
         # makes the write fail instead of being overwritten.
-        got = self._get_many(keys)
+        got = self.kv.get_many(keys)
         results: list = [None] * len(batch)
         writes, index, first = [], [], []
-        cap = self._cap(len(self._known))
-        surplus = 0 if cap is None else len(self._held) - cap    # hand back, one a commit
+        surplus = self.claims.surplus()                 # hand back, one a commit
         hand_back = set()
-        for n, ((state, command, items, _), key) in enumerate(zip(batch, keys)):
+        for n, ((state, command, items), key) in enumerate(zip(batch, keys)):
             rec, rev = got[key]
-            if surplus > 0 and state.id in self._held:
+            if surplus > 0 and self.claims.holds(state.id):
                 hand_back.add(n)
                 surplus -= 1
             try:
@@ -6873,12 +7331,12 @@ class JetStreamStateStore(StateStore):
             index.append(n)
         # The outbox items' keys first, the records after: a record never
         # names an item that is not written.
-        self._put_many(first)
-        for n, rev in zip(index, self._put_many(writes)):
-            state, command, items, _ = batch[n]
+        self.kv.put_many(first)
+        for n, rev in zip(index, self.kv.put_many(writes)):
+            state, command, items = batch[n]
             if rev is False:                 # changed between the read and the write
                 try:
-                    new, rev = self._update(keys[n], lambda r: self._commit_record(
+                    new, rev = self.kv.update(keys[n], lambda r: self._commit_record(
                         r, state, command, items, n in hand_back))
                 except StateError as exc:
                     results[n] = exc
@@ -6889,23 +7347,16 @@ class JetStreamStateStore(StateStore):
             else:
                 new = writes[index.index(n)][1]
             results[n] = True
-            with self._lock:
-                self._rev[state.id] = rev
-                if new.get("lease_owner") != self.owner:
-                    self._held.discard(state.id)
-                    self._handed.add(state.id)
-                    log.info("job %s handed back for another daemon to take "
-                             "(this one holds more than its share)", state.id)
+            self.claims.committed(state.id, rev, kept=new.get("lease_owner") == self.owner)
         for n, result in enumerate(results):
             if result is False:
-                with self._lock:
-                    self._held.discard(batch[n][0].id)
+                self.claims.lost(batch[n][0].id)
                 log.warning("job %s: commit dropped, another daemon holds its lease now",
                             batch[n][0].id)
-        for (_, command, _, _), result in zip(batch, results):
+        for (_, command, _), result in zip(batch, results):
             if result is True and command is not None:
                 try:                         # its result is in the job record already
-                    self._finish(*command)
+                    self.commands.finish(*command)
                 except StateError as exc:
                     log.warning("command %s: not marked done (%s)", command[0], exc)
         return results
@@ -6923,391 +7374,101 @@ class JetStreamStateStore(StateStore):
         # jobs the bucket does not have (a skipped job's items would be
         # orphans no listing reaches), and removed again for a job created
         # between the look and the write.
-        have = self._get_many(["job." + _kv_token(s.id) for s in states])
+        have = self.kv.get_many(["job." + _kv_token(s.id) for s in states])
         new = [s for s in states if have["job." + _kv_token(s.id)][0] is None]
         writes, first, keys_of = [], [], {}
         for s in new:
             rec = _new_record(s.replace(lease_owner=None, lease_until=None))
-            rec["out"], items = self._with_out(rec, s.id, boxes.get(s.id, []))
+            rec["out"], items = self.kv_outbox.with_out(rec, s.id, boxes.get(s.id, []))
             first.extend(items)
             keys_of[s.id] = [key for key, _, _ in items]
             writes.append(("job." + _kv_token(s.id), rec, 0))
-        self._put_many(first)
-        results = self._put_many(writes)
+        self.kv.put_many(first)
+        results = self.kv.put_many(writes)
         copied = [s.id for s, r in zip(new, results) if r is not False]
-        self._purge(key for s, r in zip(new, results) if r is False for key in keys_of[s.id])
+        self.kv.purge(key for s, r in zip(new, results) if r is False for key in keys_of[s.id])
         return copied, [s.id for s in states if s.id not in copied]
 
-    def handed_over(self, job_id: str) -> bool:
-        with self._lock:
-            if job_id in self._handed:
-                self._handed.discard(job_id)
-                return True
-        return False
-
-    def release(self, ids: Iterable[str] | None = None) -> None:
-        with self._lock:
-            mine = set(self._held) if ids is None else set(ids) & self._held
-        # Every lease in one pipelined round (read all, then compare-and-set
-        # all), not a read-modify-write per job: at shutdown a thousand jobs
-        # on a NATS 10 ms away would take 20 s.  A record changed in between
-        # (a commit, the outbox) is read again, in the next round, until the
-        # deadline; what is left then expires on its own.
-        keys = {"job." + _kv_token(i): i for i in mine}
-        for _ in range(_KV_CAS_ROUNDS):
-            if not keys:
-                break
-            got = self._get_many(sorted(keys))
-            writes = [(key, {**rec, "lease_owner": None, "lease_until": None}, rev)
-                      for key, (rec, rev) in got.items()
-                      if rec is not None and rec.get("lease_owner") == self.owner]
-            results = self._put_many(writes)
-            with self._lock:
-                for (key, _, _), rev in zip(writes, results):
-                    if rev is not False:
-                        self._held.discard(keys[key])
-                for key, (rec, _) in got.items():
-                    if rec is None or rec.get("lease_owner") != self.owner:
-                        self._held.discard(keys[key])       # not ours any more
-            keys = {w[0]: keys[w[0]] for w, rev in zip(writes, results) if rev is False}
-            if self._deadline is not None and time.monotonic() >= self._deadline:
-                break
-        if keys:
-            raise StateError(f"{self.location}: {len(keys)} leases not released "
-                             "(their records kept changing)")
-
-    # -- commands -----------------------------------------------------------------------
-
-    def _cmd_key(self, seq: int) -> str:
-        """The key of command ``seq`` (its creating revision): the stream says."""
-        answer = self._api(f"$JS.API.STREAM.MSG.GET.{self._stream}", {"seq": int(seq)})
-        subject = (answer.get("message") or {}).get("subject") or ""
-        return subject[len(self._prefix) + 4:] if subject.startswith(self._prefix + "cmd.") else ""
-
-    def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False,
-                arg: str | None = None) -> tuple[str | None, int | None]:
-        apply_command(JobState(job_id), verb, arg)      # an unknown verb fails here
-        key = "job." + _kv_token(job_id)
-        seen = self._get_many([key])[key]
-        rec = seen[0]
-        holder = None if rec is None else rec.get("lease_owner")
-        if holder:
-            daemons = self._daemon_records()
-            if holder in daemons and self._fresh(daemons[holder]):
-                token = os.urandom(8).hex()
-                seq = self._put_many([("cmd." + token, {"job": job_id, "verb": verb, "arg": arg,
-                                                        "done": False, "result": None}, 0)])[0]
-                return holder, seq
-        if verb == "tick":
-            return None, None                           # nobody to tick it: the caller does
-
-        def change(rec):
-            if rec is None:
-                rec = _new_record(JobState(job_id, paused=paused_on_boot))
-            state = apply_command(_record_state(job_id, rec, 0), verb, arg)
-            # Applied here, the command takes the lease from a holder that is
-            # not live (a daemon stalled past daemon_ttl, a CLI tick): should
-            # it wake up, its next commit finds the lease gone and is dropped,
-            # instead of writing its paused flag and cursor back over this.
-            return {**rec, **_state_record(state), "delivered_total": rec.get("delivered_total", 0),
-                    "lease_owner": None, "lease_until": None}
-        self._update(key, change, seen)
-        # Stored done, it wakes every daemon watching the command keys (a
-        # daemon that has the job re-reads it) and is removed as any done one.
-        self._put_many([("cmd." + os.urandom(8).hex(), {
-            "job": job_id, "verb": verb, "arg": arg, "done": True, "result": "applied",
-            "done_at": time.time()}, 0)])
-        return None, None
-
-    def pending_commands(self) -> list[Command]:
-        keys = self._keys("cmd.")
-        if not keys:
-            return []
-        with self._lock:
-            held = set(self._held)
-        cmds, old = [], []
-        for key, (rec, rev) in self._get_many(keys).items():
-            if rec and not rec.get("done") and rec.get("job") in held:
-                cmds.append((rec["job"], rev, rec))
-            elif rec is None or (rec.get("done") and time.time() - float(
-                    rec.get("done_at") or 0) > _KV_COMMAND_KEEP_SECS):
-                old.append(key)              # done long ago: nobody waits for its result
-        if old and self._registered:
-            self._purge(old)
-        if not cmds:
-            return []
-        records = self._get_many(sorted({"job." + _kv_token(c[0]) for c in cmds}))
-        out = []
-        for job_id, seq, rec in cmds:
-            # Not done yet, so written once: its revision is the seq it was created with.
-            done = (records.get("job." + _kv_token(job_id), (None, 0))[0] or {}).get("commands") or {}
-            if str(seq) not in done:
-                out.append(Command(seq, job_id, rec["verb"], rec.get("arg")))
-        return sorted(out, key=lambda c: c.seq)
-
     def finish_command(self, seq: int, result: str | None = None) -> None:
-        self._finish(seq, result)
+        self.commands.finish(seq, result)
 
-    def _finish(self, seq: int, result: str | None) -> None:
-        key = self._cmd_key(seq)
-        if not key:
-            return
-        self._update("cmd." + key, lambda rec: False if rec is None else
-                     {**rec, "done": True, "result": _storable_result(result, _KV_RESULT_MAX),
-                      "done_at": time.time()})
-
-    def command_result(self, seq: int) -> tuple[bool, str | None]:
-        key = self._cmd_key(seq)
-        if not key:
-            return True, "command lost"
-        rec, _ = self._get_many(["cmd." + key])["cmd." + key]
-        if rec is None:
-            return True, "command lost"
-        if rec.get("done"):
-            return True, rec.get("result")
-        job = "job." + _kv_token(rec.get("job") or "")
-        done = (self._get_many([job])[job][0] or {}).get("commands") or {}
-        return (True, done[str(seq)]) if str(seq) in done else (False, None)
-
-    # -- the outbox ---------------------------------------------------------------------
-
-    def _committed(self, ids: Iterable[str] | None) -> tuple[dict[str, dict], dict[str, list]]:
-        """The records of the jobs ``ids`` (or of every job) by key token, and
-        the keys of their committed outbox items, ``[(seq, key)]`` in seq
-        order, by job token."""
-        job_keys = self._keys("job.") if ids is None else ["job." + _kv_token(i) for i in ids]
-        records = {key[4:]: rec for key, (rec, _) in self._get_many(job_keys).items()
-                   if rec is not None}
-        found: dict[str, list] = {}
-        for key in self._keys("out.") if records else ():
-            place = _out_place(key)
-            if place and place[0] in records and _out_committed(records[place[0]], *place[1:]):
-                found.setdefault(place[0], []).append((place[1], key))
-        for items in found.values():
-            items.sort()
-        return records, found
-
-    def outbox_counts(self) -> dict[str, tuple[int, float]]:
-        # Counted from the key listing: only each job's first item is read,
-        # for its created_at, so a long sink outage does not make status and
-        # metrics read every body.
-        records, found = self._committed(None)
-        firsts = self._get_many([items[0][1] for items in found.values()])
-        counts = {}
-        for token, rec in records.items():
-            old = rec.get("outbox") or ()  # an older version's record, not claimed since
-            items = found.get(token, ())
-            if not old and not items:
-                continue
-            first = firsts[items[0][1]][0] if items else None
-            # None: delivered since the listing; the next look has it right
-            times = [float(raw["created_at"]) for raw in old[:1]] + (
-                [float(first["created_at"]) if first else time.time()] if items else [])
-            counts[_kv_untoken(token)] = (len(old) + len(items), min(times))
-        return counts
-
-    def _outbox_entries(self, ids: Iterable[str] | None = None,
-                        limit: int | None = None) -> list[OutboxItem]:
-        """The committed outbox items of the jobs ``ids`` (or of every job), in
-        order per job (their seq), interleaved oldest first; with ``limit``,
-        only the first ``_outbox_share`` of each job's.  Each is remembered
-        as listed (key, revision, value) for the writes that settle it."""
-        records, found = self._committed(ids)
-        per_job = None if limit is None else _outbox_share(limit, len(found))
-        chosen = []
-        for token in found:
-            chosen.extend(found[token][:per_job])
-        values = self._get_many([key for _, key in chosen])
-        rows = []                            # (job token, seq, key, revision, value)
-        for token, rec in records.items():
-            old = rec.get("outbox") or ()    # an older version's record, not claimed since
-            rows.extend((token, n - len(old), None, 0, raw) for n, raw in enumerate(old))
-        for seq, key in chosen:
-            value, rev = values[key]
-            if value is not None:            # None: delivered or dropped since the listing
-                rows.append((key.split(".")[1], seq, key, rev, value))
-        rows.sort(key=lambda r: (r[0], r[1]))
-        # Oldest first across jobs, never out of seq order within one: an
-        # item sorts by the latest created_at of its job's items up to it.
-        ordered, latest = [], {}
-        for token, seq, key, rev, value in rows:
-            latest[token] = max(latest.get(token, float("-inf")), float(value["created_at"]))
-            ordered.append((latest[token], token, seq, key, rev, value))
-        ordered.sort(key=lambda r: r[:3])
-        with self._lock:
-            if len(self._out_seen) > 100_000:
-                self._out_seen.clear()       # forget items settled by other processes
-            for *_, key, rev, value in ordered:
-                self._out_seen[value["id"]] = (key, rev, value)
-        return [OutboxItem(**{f: r[5].get(f) for f in _OUTBOX_FIELDS}) for r in ordered]
-
-    def outbox_pending(self, limit: int = 500, now: float | None = None) -> list[OutboxItem]:
-        with self._lock:
-            held = sorted(self._held)
-        if not held:
-            return []
-        return _outbox_heads(self._outbox_entries(held, limit),
-                             time.time() if now is None else now, limit)
-
-    def _listed(self, items: Iterable[OutboxItem]) -> list[tuple]:
-        """(key, revision, value) of outbox items as last listed (an older
-        version's record: no key); the jobs of items not listed yet are."""
-        items = list(items)
-        with self._lock:
-            unseen = {i.job for i in items if i.id not in self._out_seen}
-        if unseen:
-            self._outbox_entries(unseen)
-        with self._lock:
-            return [self._out_seen[i.id] for i in items if i.id in self._out_seen]
-
-    def outbox_settle(self, delivered: Iterable[OutboxItem] = (),
-                      retry: Iterable[tuple[str, float, str]] = (),
-                      dead: Iterable[tuple[OutboxItem, str]] = (), now: float = 0.0) -> None:
-        delivered, retry, dead = list(delivered), list(retry), list(dead)
-        # A dead letter is written before its item leaves the outbox: a
-        # failure in between leaves it in both (the next pass moves it again,
-        # onto the same key), never in neither.
-        self._put_many([("dead." + _kv_token(item.id),
-                         {**dataclasses.asdict(item), "attempts": item.attempts + 1,
-                          "last_error": _storable(error), "died_at": now}, None)
-                        for item, error in dead])
-        # A retry rewrites its item on the revision listed: an item delivered
-        # or dropped since is not brought back.  One the store forgot (past
-        # 100,000 remembered items) is looked up again in the jobs held, as
-        # _listed does: else its backoff would be lost.
-        with self._lock:
-            forgotten = any(i not in self._out_seen for i, _, _ in retry)
-            held = sorted(self._held)
-        if forgotten and held:
-            self._outbox_entries(held)
-        with self._lock:
-            later = [(*self._out_seen[i], at, err) for i, at, err in retry if i in self._out_seen]
-        rewrites = [(key, {**value, "attempts": int(value.get("attempts") or 0) + 1,
-                           "next_attempt_at": at, "last_error": _storable(err)}, rev)
-                    for key, rev, value, at, err in later if key]
-        for (key, value, _), rev in zip(rewrites, self._put_many(rewrites)):
-            if rev is not False:
-                with self._lock:
-                    self._out_seen[value["id"]] = (key, rev, value)
-        gone = delivered + [item for item, _ in dead]
-        self._purge(key for key, _, _ in self._listed(gone) if key)
-        with self._lock:
-            for item in gone:
-                self._out_seen.pop(item.id, None)
-        counted: dict[str, int] = {}
-        for item in delivered:
-            counted[item.job] = counted.get(item.job, 0) + (item.what == "delivery")
-        for job_id in sorted({item.job for item in gone}):
-            token, orphans = _kv_token(job_id), []
-
-            def change(rec):
-                if rec is None:
-                    return False
-                out = rec.get("out") or {}
-                spans, nxt = out.get("spans") or [], int(out.get("next") or 0)
-                keep = spans
-                if len(spans) > 1:
-                    # The writer changed (a take-over, a retry): forget the
-                    # spans below the oldest item left, and remove the orphans
-                    # below the next seq (commits that did not land; a commit
-                    # in flight writes at or past it).
-                    places = [(key, p) for key in self._keys(f"out.{token}.")
-                              for p in [_out_place(key)] if p]
-                    left = [p[1] for _, p in places if _out_committed(rec, *p[1:])]
-                    orphans[:] = [key for key, p in places
-                                  if p[1] < nxt and not _out_committed(rec, *p[1:])]
-                    head = min(left, default=nxt)
-                    keep = [span for n, span in enumerate(spans)
-                            if n + 1 == len(spans) or spans[n + 1][0] > head]
-                if not counted.get(job_id) and keep == spans:
-                    return False
-                return {**rec, "out": {**out, "spans": keep},
-                        "delivered_total": int(rec.get("delivered_total") or 0)
-                        + counted.get(job_id, 0)}
-            new, rev = self._update("job." + token, change)
-            self._purge(orphans)
-            with self._lock:
-                if new is not False and job_id in self._held:
-                    self._rev[job_id] = rev
-
-    def outbox(self, *, dead: bool = False) -> list[OutboxItem]:
-        if not dead:
-            return self._outbox_entries()
-        recs = [r for r, _ in self._get_many(self._keys("dead.")).values() if r]
-        return sorted((OutboxItem(**{f: r.get(f) for f in _OUTBOX_FIELDS}) for r in recs),
-                      key=lambda i: (i.created_at, i.id))
-
-    def _dead_letters(self, want: set[str] | None) -> dict[str, tuple[dict, int]]:
-        """The dead letters (all, or those with an id in ``want``) by key,
-        with their revisions."""
-        keys = self._keys("dead.") if want is None else ["dead." + _kv_token(i) for i in want]
-        return {key: (rec, rev) for key, (rec, rev) in self._get_many(keys).items()
-                if rec and (want is None or rec.get("id") in want)}
-
-    def outbox_retry(self, ids: Iterable[str] | None = None) -> int:
-        want = None if ids is None else set(ids)
-        pending = self._outbox_entries()
-        due = [(key, {**value, "next_attempt_at": 0}, rev)
-               for key, rev, value in self._listed(pending)
-               if key and (want is None or value["id"] in want)]
-        count = sum(rev is not False for rev in self._put_many(due))
-        # A dead letter is queued again (at the end of its job's outbox)
-        # before its key is removed: an interruption leaves it in both places
-        # at worst, and a retry after that does not queue it twice.
-        have = {item.id for item in pending}
-        letters: dict[str, list] = {}
-        read = self._dead_letters(want)
-        for key, (rec, _) in read.items():
-            letters.setdefault(rec.get("job") or "", []).append((key, rec))
-        done = []
-        for job_id, found in sorted(letters.items()):
-            found.sort(key=lambda kr: (kr[1].get("created_at") or 0, kr[1]["id"]))
-            fresh = [_requeued(rec) for _, rec in found if rec["id"] not in have]
-
-            def change(rec, fresh=fresh, job_id=job_id):
-                if rec is None:
-                    return False             # no such job any more: the letters stay
-                out, first = self._with_out(rec, job_id, fresh)
-                return {**rec, "out": out}, first
-            if fresh and self._update("job." + _kv_token(job_id), change)[0] is False:
-                continue
-            done.extend(key for key, _ in found)
-            count += len(found)
-        # Only the letters read: the daemon may deliver a re-queued item at
-        # once, and should it die again, its new letter must stay.
-        self._purge(done, upto={key: read[key][1] for key in done})
-        return count
-
-    def outbox_drop(self, ids: Iterable[str] | None = None, *, dead: bool = False) -> int:
-        want = None if ids is None else set(ids)
-        if dead:
-            gone = list(self._dead_letters(want))
-        else:
-            gone = [key for key, _, value in self._listed(self._outbox_entries())
-                    if key and (want is None or value["id"] in want)]
-        self._purge(gone)
-        return len(gone)
-
-    # -- polling, shutdown ---------------------------------------------------------------
 
     def changed(self) -> bool:
         """True when a command was queued or marked since the last call (the
         newest ``cmd.`` revision moved); also the daemon's heartbeat."""
-        if self._registered and time.monotonic() - self._last_beat >= self.daemon_ttl / 4:
-            self._beat()
-        answer = self._api(f"$JS.API.STREAM.MSG.GET.{self._stream}",
-                           {"last_by_subj": self._prefix + "cmd.>"})
-        seq = (answer.get("message") or {}).get("seq", 0)
+        if self.peers.beat_due():
+            self.peers.beat()
+        seq = self.kv.last_revision("cmd.")
         changed, self._seen_cmd_seq = seq != self._seen_cmd_seq, seq
         return changed
 
     def set_deadline(self, deadline: float | None) -> None:
-        self._deadline = deadline
+        self.kv.deadline = deadline
 
     def close(self, deadline: float | None = None) -> None:
-        _stop_writer(self, deadline)
+        self.kv.deadline = deadline
+        self._writes.stop(deadline)
         if self._own_client:
             self.client.close()
+
+
+    def lease_is_stale(self, owner: str | None) -> bool:
+        return self.peers.lease_is_stale(owner)
+
+    def register_daemon(self, now: float) -> list[str]:
+        return self.peers.register(now)
+
+    def unregister_daemon(self) -> None:
+        self.peers.unregister()
+
+    def set_running(self, ids: Iterable[str]) -> None:
+        self.peers.set_running(ids)
+
+    def daemons(self) -> dict[str, list[str]]:
+        return self.peers.running()
+
+    def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False,
+                arg: str | None = None) -> tuple[str | None, int | None]:
+        return self.commands.command(job_id, verb, paused_on_boot=paused_on_boot, arg=arg)
+
+    def pending_commands(self) -> list[Command]:
+        return self.commands.pending()
+
+    def claim(self, wanted: Mapping[str, float], now: float, *,
+              paused_on_boot: Iterable[str] = ()) -> dict[str, JobState]:
+        return self.claims.claim(wanted, now, paused_on_boot=paused_on_boot)
+
+    def release(self, ids: Iterable[str] | None = None) -> None:
+        self.claims.release(ids)
+
+    def handed_over(self, job_id: str) -> bool:
+        return self.claims.handed_over(job_id)
+
+    def command_result(self, seq: int) -> tuple[bool, str | None]:
+        return self.commands.result(seq)
+
+    def unstorable(self, items: Iterable[OutboxItem]) -> str | None:
+        return self.kv_outbox.unstorable(items)
+
+    def outbox_counts(self) -> dict[str, tuple[int, float]]:
+        return self.kv_outbox.outbox_counts()
+
+    def outbox_pending(self, limit: int = 500, now: float | None = None) -> list[OutboxItem]:
+        return self.kv_outbox.outbox_pending(limit, now)
+
+    def outbox_settle(self, delivered: Iterable[OutboxItem] = (),
+                      retry: Iterable[tuple[str, float, str]] = (),
+                      dead: Iterable[tuple[OutboxItem, str]] = (), now: float = 0.0) -> None:
+        self.kv_outbox.outbox_settle(delivered, retry, dead, now)
+
+    def outbox(self, *, dead: bool = False) -> list[OutboxItem]:
+        return self.kv_outbox.outbox(dead=dead)
+
+    def outbox_retry(self, ids: Iterable[str] | None = None) -> int:
+        return self.kv_outbox.outbox_retry(ids)
+
+    def outbox_drop(self, ids: Iterable[str] | None = None, *, dead: bool = False) -> int:
+        return self.kv_outbox.outbox_drop(ids, dead=dead)
 
 
 def _state_backend(location: str) -> type[StateStore]:
