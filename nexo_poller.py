@@ -384,6 +384,57 @@ class _Waiter:
         return False
 
 
+class _Combiner:
+    """Write combining for one connection, the one place of its rule: bytes
+    are queued by many threads, and whichever finds nobody writing becomes
+    the writer and sends all that piled up meanwhile in one system call.
+    ``lock`` may also guard its owner's connection state, so that a check of
+    it and a queueing are one step."""
+
+    def __init__(self, lock: threading.Lock):
+        self.lock = lock
+        self._buf = bytearray()
+        self._writing = False
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def queue(self, data: bytes) -> bool:
+        """Queue ``data`` (``lock`` held); True when the caller is now the
+        writer and must send until ``next_chunk`` says done."""
+        self._buf += data
+        if self._writing:
+            return False
+        self._writing = True
+        return True
+
+    def next_chunk(self, give_up: Callable[[], bool] | None = None) -> bytes | None:
+        """The writer's next chunk, all that is queued; None when nothing is
+        (or ``give_up()``), the writer's role then given up."""
+        with self.lock:
+            if not self._buf or (give_up is not None and give_up()):
+                self._writing = False
+                return None
+            chunk = bytes(self._buf)
+            self._buf.clear()
+            return chunk
+
+    def unsent(self, rest: bytes) -> None:
+        """Put back what a partial send left; the writer keeps its role."""
+        with self.lock:
+            self._buf[:0] = rest
+
+    def abandon(self) -> None:
+        """A send failed: drop what is queued and give up the writer's role."""
+        with self.lock:
+            self._buf.clear()
+            self._writing = False
+
+    def discard(self) -> None:
+        """Drop what is queued (``lock`` held); a writer at work stops at its next chunk."""
+        self._buf.clear()
+
+
 # ============================================================================
 # Wire
 # The shapes that cross a process boundary, exactly as the original sends
@@ -1698,26 +1749,19 @@ class _SocketPeer(_Peer):
         self.server, self.sock, self.fd = server, sock, sock.fileno()
         self.inbuf = bytearray()
         self.skipping = False               # dropping the rest of an over-long line
-        self.out = bytearray()
-        self.out_lock = threading.Lock()
-        self.writing = False                # a thread holds the writer's role
-
-    # Write combining: the first sender to find nobody writing becomes the
-    # writer and sends whatever has piled up meanwhile in one system call;
-    # when the socket is full the loop thread takes the writer's role.
+        self.out = _Combiner(threading.Lock())
+    # When the socket is full the loop thread takes the writer's role.
 
     def send(self, obj: Any) -> None:
         data = _dumps(obj).encode() + b"\n"
-        with self.out_lock:
+        with self.out.lock:
             if self.closed:
                 return
-            self.out += data
-            if len(self.out) > BROKER_MAX_OUTBUF_BYTES:
+            if len(self.out) + len(data) > BROKER_MAX_OUTBUF_BYTES:
                 self.server._schedule_close(self, "slow consumer: output buffer full")
                 return
-            if self.writing:
+            if not self.out.queue(data):
                 return
-            self.writing = True
         if self._write_out():
             return
         self.server._want_write(self)       # socket full: the loop finishes the job
@@ -1730,24 +1774,19 @@ class _SocketPeer(_Peer):
         """Send what is queued (writer only); True when done, False when the
         socket is full and the rest must wait for it to become writable."""
         while True:
-            with self.out_lock:
-                if not self.out or self.closed:
-                    self.writing = False
-                    return True
-                chunk = bytes(self.out)
-                self.out.clear()
+            chunk = self.out.next_chunk(lambda: self.closed)
+            if chunk is None:
+                return True
             try:
                 n = self.sock.send(chunk)
             except (BlockingIOError, InterruptedError):
                 n = 0
             except OSError:                 # the peer went away with replies unread
-                with self.out_lock:
-                    self.writing = False
+                self.out.abandon()
                 self.server._schedule_close(self, "write failed")
                 return True
             if n < len(chunk):
-                with self.out_lock:
-                    self.out[:0] = chunk[n:]
+                self.out.unsent(chunk[n:])
                 return False
 
     def deliver(self, sid, topic, payload, inbox) -> None:
@@ -1778,6 +1817,278 @@ class _LocalPeer(_Peer):
         req_id.set(result, error)         # for a local peer the id is its _Waiter
 
 
+class _BrokerRoutes:
+    """The broker's routing and its JSON-RPC methods, free of any transport:
+    subscriptions by topic (queue groups take turns), requests in flight
+    and those parked until a subscriber comes, and who answers whom."""
+
+    def __init__(self, track: Callable[[float, int], None]):
+        self.lock = threading.Lock()        # guards everything below
+        self.stopping = False
+        self._track = track                 # a socket request's deadline, to the loop's timer
+        self._topics: dict[str, _Topic] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._parked: dict[str, list[_Pending]] = {}     # requests waiting for a subscriber
+        self._inboxes = itertools.count(1)
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"pending": len(self._pending),
+                    "parked": sum(map(len, self._parked.values())),
+                    "topics": len(self._topics),
+                    "subscriptions": sum(len(t.plain) + sum(map(len, t.groups.values()))
+                                         for t in self._topics.values())}
+
+    def has_subscriber(self, topic: str) -> bool:
+        with self.lock:
+            return topic in self._topics
+
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def still_pending(self, entries: list[tuple[float, int]]) -> list[tuple[float, int]]:
+        """The (deadline, inbox) entries whose request is still in flight."""
+        with self.lock:
+            return [entry for entry in entries if entry[1] in self._pending]
+
+    def take(self, inbox: int) -> _Pending | None:
+        """Forget a request everywhere; it, or None when it was not in flight."""
+        with self.lock:
+            return self._take_pending(inbox)
+
+    def take_reply(self, peer: _Peer, inbox: int) -> _Pending | None:
+        """Forget the request ``peer`` answers; None when ``peer`` was not
+        asked (late, unknown, or someone else's)."""
+        with self.lock:
+            p = self._pending.get(inbox)
+            if p is None or peer not in p.responders:
+                return None
+            return self._take_pending(inbox)
+
+    def forget(self, peer: _Peer, why: str) -> list:
+        """``forget_peer`` under the lock: the requests that failed with it."""
+        with self.lock:
+            return self.forget_peer(peer, why)
+
+    def close(self) -> None:
+        """Fail every request in flight; forget every subscription."""
+        with self.lock:
+            self.stopping = True
+            pending = list(self._pending.values())
+            self._pending.clear()
+            self._parked.clear()
+            self._topics.clear()
+        for p in pending:
+            self.answer(p, error={"code": BROKER_CLOSED, "message": "broker closed"})
+
+    def handle(self, peer: _Peer, msg: dict) -> None:
+        """Act on one client message; reply only to those that carry an id."""
+        req_id = msg.get("id")
+        method = msg.get("method")
+        params = msg.get("params", {})
+        has_id = "id" in msg and not isinstance(req_id, (dict, list))
+        if not isinstance(method, str):
+            if has_id and "result" not in msg and "error" not in msg:
+                self.fail(peer, req_id, BROKER_INVALID_REQUEST, "`method` must be a string")
+            return                          # notifications and stray responses get no answer
+        if not isinstance(params, dict):
+            if has_id:
+                self.fail(peer, req_id, BROKER_INVALID_PARAMS, "`params` must be an object")
+            return
+        handler = self._methods.get(method)
+        if handler is None:
+            if has_id:
+                self.fail(peer, req_id, BROKER_METHOD_NOT_FOUND, f"unknown method {method!r}")
+            return
+        try:
+            result = handler(self, peer, params, req_id if has_id else None)
+        except _ParamError as exc:
+            return self.fail(peer, req_id, BROKER_INVALID_PARAMS, str(exc)) if has_id else None
+        if has_id and result is not _NO_ANSWER:
+            peer.answer(req_id, result=result)
+
+    def fail(self, peer: _Peer, req_id, code: int, message: str) -> None:
+        peer.answer(req_id, error={"code": code, "message": message})
+
+    def _m_ping(self, peer, params, req_id):
+        return "pong"
+
+    def _m_subscribe(self, peer, params, req_id):
+        topic, sid = _param_topic(params), _param_sid(params)
+        queue = params.get("queue")
+        if queue is not None and (not isinstance(queue, str) or not queue):
+            raise _ParamError("`queue` must be a non-empty string or null")
+        with self.lock:
+            if peer.closed:
+                return _NO_ANSWER
+            if sid in peer.subs:
+                raise _ParamError(f"sid {sid!r} is already in use on this connection")
+            peer.subs[sid] = (topic, queue)
+            entry = self._topics.setdefault(topic, _Topic())
+            if queue is None:
+                entry.plain.append((peer, sid))
+            else:
+                entry.groups.setdefault(queue, []).append((peer, sid))
+            parked = self._parked.pop(topic, [])
+            sends = [self._route(p) for p in parked]
+        self._send_all(sends)
+        return True
+
+    def _m_unsubscribe(self, peer, params, req_id):
+        sid = _param_sid(params)
+        with self.lock:
+            return self._drop_sub(peer, sid)
+
+    def _m_publish(self, peer, params, req_id):
+        topic = _param_topic(params)
+        payload = params.get("payload")
+        with self.lock:
+            entry = self._topics.get(topic)
+            targets = entry.pick() if entry else []
+        for target, sid in targets:
+            target.deliver(sid, topic, payload, None)
+        return len(targets)
+
+    def _m_request(self, peer, params, req_id):
+        if req_id is None:
+            raise _ParamError("`request` needs an id")
+        topic = _param_topic(params)
+        timeout_ms = params.get("timeout_ms", BROKER_DEFAULT_TIMEOUT_MS)
+        if not _is_int(timeout_ms) or not 0 < timeout_ms <= BROKER_MAX_TIMEOUT_MS:
+            raise _ParamError(f"`timeout_ms` must be an integer in 1..{BROKER_MAX_TIMEOUT_MS}")
+        wait = params.get("wait", False)
+        if not isinstance(wait, bool):
+            raise _ParamError("`wait` must be a boolean")
+        deadline = time.monotonic() + timeout_ms / 1000
+        p = self.open_request(peer, req_id, topic, params.get("payload"), deadline, wait)
+        if p is not None and not peer.local:
+            self._track(deadline, p.inbox)      # the loop thread's timer
+        return _NO_ANSWER
+
+    def _m_reply(self, peer, params, req_id):
+        inbox = params.get("inbox")
+        if not _is_int(inbox):
+            raise _ParamError("`inbox` must be an integer")
+        error = params.get("error")
+        if error is not None:
+            if not isinstance(error, dict):
+                raise _ParamError("`error` must be an object")
+            message = error.get("message")
+            error = {"code": BROKER_RESPONDER_ERROR, "message": _log_safe(
+                message, 2048) if isinstance(message, str) else "responder failed"}
+        p = self.take_reply(peer, inbox)
+        if p is None:
+            return False                     # late, unknown, or not asked: dropped
+        self.answer(p, result=params.get("payload"), error=error)
+        return True
+
+    def open_request(self, peer, req_id, topic, payload, deadline, wait) -> _Pending | None:
+        """Register a request and deliver it; None when it failed at once."""
+        with self.lock:
+            if peer.closed or self.stopping:
+                p, send = None, None
+            else:
+                p = _Pending(next(self._inboxes), peer, req_id, topic, payload, deadline)
+                send = self._route(p)
+                if send is None and wait:
+                    self._parked.setdefault(topic, []).append(p)
+                    self._pending[p.inbox] = p
+                    peer.asking.add(p.inbox)
+                    return p
+        if p is None:
+            peer.answer(req_id, error={"code": BROKER_CLOSED, "message": "broker closed"})
+            return None
+        if send is None:
+            peer.answer(req_id, error={"code": BROKER_NO_RESPONDERS,
+                                       "message": f"no responders on {topic!r}"})
+            return None
+        try:
+            self._send_all([send])
+        except (ValueError, TypeError) as exc:     # only an in-process caller can get here
+            with self.lock:
+                self._take_pending(p.inbox)
+            raise _broker_error(BROKER_INVALID_PARAMS, f"payload is not JSON: {exc}") from None
+        return p
+
+    def _route(self, p: _Pending):
+        """Pick responders for ``p`` and record it (lock held); returns the sends."""
+        entry = self._topics.get(p.topic)
+        if entry is None:
+            return None
+        targets = entry.pick()
+        self._pending[p.inbox] = p
+        p.requester.asking.add(p.inbox)
+        for target, _ in targets:
+            p.responders.add(target)
+            target.serving.add(p.inbox)
+        return p, targets
+
+    def _send_all(self, sends) -> None:
+        for p, targets in sends:
+            for target, sid in targets:
+                target.deliver(sid, p.topic, p.payload, p.inbox)
+
+    def _take_pending(self, inbox: int) -> _Pending | None:
+        """Forget a request everywhere (lock held)."""
+        p = self._pending.pop(inbox, None)
+        if p is None:
+            return None
+        p.requester.asking.discard(inbox)
+        for r in p.responders:
+            r.serving.discard(inbox)
+        if not p.responders:
+            parked = self._parked.get(p.topic)
+            if parked and p in parked:
+                parked.remove(p)
+                if not parked:
+                    del self._parked[p.topic]
+        return p
+
+    def answer(self, p: _Pending, result=None, error=None) -> None:
+        if not p.requester.closed:
+            p.requester.answer(p.req_id, result=result, error=error)
+
+    def _drop_sub(self, peer: _Peer, sid) -> bool:
+        """Remove one subscription (lock held)."""
+        entry = peer.subs.pop(sid, None)
+        if entry is None:
+            return False
+        topic, queue = entry
+        t = self._topics.get(topic)
+        if t is not None:
+            if queue is None:
+                t.plain.remove((peer, sid))
+            else:
+                members = t.groups[queue]
+                members.remove((peer, sid))
+                if not members:
+                    del t.groups[queue]
+            if t.empty():
+                del self._topics[topic]
+        return True
+
+    def forget_peer(self, peer: _Peer, why: str) -> list:
+        """Drop a peer's subscriptions and requests (lock held); returns failures."""
+        peer.closed = True
+        for sid in list(peer.subs):
+            self._drop_sub(peer, sid)
+        for inbox in list(peer.asking):
+            self._take_pending(inbox)
+        failed = []
+        for inbox in list(peer.serving):
+            p = self._pending.get(inbox)
+            if p is None:
+                continue
+            p.responders.discard(peer)
+            if not p.responders:
+                failed.append(self._take_pending(inbox))
+        peer.serving.clear()
+        return failed
+
+    _methods = {"ping": _m_ping, "subscribe": _m_subscribe, "unsubscribe": _m_unsubscribe,
+                "publish": _m_publish, "request": _m_request, "reply": _m_reply}
+
+
 class BrokerServer:
     """The daemon's broker: line-delimited JSON-RPC 2.0 on a Unix socket.
 
@@ -1793,11 +2104,8 @@ class BrokerServer:
             path = os.path.join(self._own_dir, "broker.sock")
         self.path = os.path.abspath(os.fspath(path))
         self.url = "unix://" + self.path
-        self._lock = threading.Lock()
-        self._topics: dict[str, _Topic] = {}
-        self._pending: dict[int, _Pending] = {}
-        self._parked: dict[str, list[_Pending]] = {}     # requests waiting for a subscriber
-        self._inboxes = itertools.count(1)
+        self._lock = threading.Lock()             # the peers and the lists of work for the loop
+        self.routes = _BrokerRoutes(self._track)
         self._deadlines: list[tuple[float, int]] = []   # socket requesters only
         self._peers: dict[int, _SocketPeer] = {}
         self._to_close: list[tuple[_SocketPeer, str]] = []
@@ -1816,8 +2124,6 @@ class BrokerServer:
         self._accept_failures = 0             # since the last log line
         self._accept_failing_since: float | None = None
         self._accept_logged_at = -math.inf
-
-    # -- life cycle ---------------------------------------------------------
 
     def start(self) -> "BrokerServer":
         """Bind the socket (replacing a stale one) and serve in the background."""
@@ -1865,17 +2171,11 @@ class BrokerServer:
         """Stop serving, fail requests in flight, remove the socket file."""
         if self._stopping:
             return
-        self._stopping = True
+        self._stopping = self.routes.stopping = True
         if self._thread is not None:
             self._wake()
             self._thread.join(10)
-        with self._lock:
-            pending = list(self._pending.values())
-            self._pending.clear()
-            self._parked.clear()
-            self._topics.clear()
-        for p in pending:
-            self._answer(p, error={"code": BROKER_CLOSED, "message": "broker closed"})
+        self.routes.close()
         if self._listener is not None:
             try:
                 if os.path.exists(self.path):
@@ -1898,21 +2198,14 @@ class BrokerServer:
         """An in-process client, same interface as BrokerClient, no socket hop."""
         return _LocalClient(self)
 
-    # -- introspection (tests and metrics) ----------------------------------
-
     def stats(self) -> dict:
         with self._lock:
-            return {"connections": len(self._peers), "pending": len(self._pending),
-                    "parked": sum(map(len, self._parked.values())),
-                    "topics": len(self._topics),
-                    "subscriptions": sum(len(t.plain) + sum(map(len, t.groups.values()))
-                                         for t in self._topics.values())}
+            connections = len(self._peers)
+        return {"connections": connections, "deadlines": len(self._deadlines),
+                **self.routes.stats()}
 
     def has_subscriber(self, topic: str) -> bool:
-        with self._lock:
-            return topic in self._topics
-
-    # -- the loop -----------------------------------------------------------
+        return self.routes.has_subscriber(topic)
 
     def _wake(self) -> None:
         try:
@@ -1999,22 +2292,25 @@ class BrokerServer:
         heap (loop thread): memory follows what is in flight, not request
         rate x timeout, at amortised O(1) per request."""
         heap = self._deadlines
-        if len(heap) <= 64 or len(heap) <= 2 * len(self._pending):
+        if len(heap) <= 64 or len(heap) <= 2 * self.routes.in_flight():
             return
-        with self._lock:
-            live = [entry for entry in heap if entry[1] in self._pending]
+        live = self.routes.still_pending(heap)
         heapq.heapify(live)
         self._deadlines = live
+
+    def _track(self, deadline: float, inbox: int) -> None:
+        """Time a socket requester's request out at ``deadline`` (loop thread only)."""
+        heapq.heappush(self._deadlines, (deadline, inbox))
+        self._compact_deadlines()
 
     def _expire(self) -> None:
         """Answer requests whose timeout passed (socket requesters; loop thread)."""
         now = time.monotonic()
         while self._deadlines and self._deadlines[0][0] <= now:
             _, inbox = heapq.heappop(self._deadlines)
-            with self._lock:
-                p = self._take_pending(inbox)
+            p = self.routes.take(inbox)
             if p is not None:
-                self._answer(p, error={"code": BROKER_TIMEOUT,
+                self.routes.answer(p, error={"code": BROKER_TIMEOUT,
                                        "message": f"request to {p.topic!r} timed out"})
 
     def _accept(self) -> None:
@@ -2121,17 +2417,12 @@ class BrokerServer:
         answered = None
         is_reply = bool(method and method[1] == b"reply" and inbox)
         if is_reply:
-            with self._lock:
-                answered = self._pending.get(int(inbox[1]))
-                if answered is None or peer not in answered.responders:
-                    answered = None
-                else:
-                    self._take_pending(answered.inbox)
+            answered = self.routes.take_reply(peer, int(inbox[1]))
             if answered is not None:
-                self._answer(answered, error={"code": BROKER_RESPONDER_ERROR,
+                self.routes.answer(answered, error={"code": BROKER_RESPONDER_ERROR,
                                               "message": f"the reply was {limit}"})
         if is_reply or req_id:
-            self._fail(peer, _loads(req_id[1]) if req_id else None, BROKER_INVALID_REQUEST,
+            self.routes.fail(peer, _loads(req_id[1]) if req_id else None, BROKER_INVALID_REQUEST,
                        f"line {limit}; dropped")
             return
         peer.send({"jsonrpc": "2.0", "id": None, "error": {
@@ -2151,230 +2442,17 @@ class BrokerServer:
             peer.answer(None, error={"code": BROKER_INVALID_REQUEST,
                                      "message": "a message must be a JSON object"})
             return
-        self._handle(peer, msg)
+        self.routes.handle(peer, msg)
 
-    # -- protocol ------------------------------------------------------------
-
-    def _handle(self, peer: _Peer, msg: dict) -> None:
-        """Act on one client message; reply only to those that carry an id."""
-        req_id = msg.get("id")
-        method = msg.get("method")
-        params = msg.get("params", {})
-        has_id = "id" in msg and not isinstance(req_id, (dict, list))
-        if not isinstance(method, str):
-            if has_id and "result" not in msg and "error" not in msg:
-                self._fail(peer, req_id, BROKER_INVALID_REQUEST, "`method` must be a string")
-            return                          # notifications and stray responses get no answer
-        if not isinstance(params, dict):
-            if has_id:
-                self._fail(peer, req_id, BROKER_INVALID_PARAMS, "`params` must be an object")
-            return
-        handler = self._methods.get(method)
-        if handler is None:
-            if has_id:
-                self._fail(peer, req_id, BROKER_METHOD_NOT_FOUND, f"unknown method {method!r}")
-            return
-        try:
-            result = handler(self, peer, params, req_id if has_id else None)
-        except _ParamError as exc:
-            return self._fail(peer, req_id, BROKER_INVALID_PARAMS, str(exc)) if has_id else None
-        if has_id and result is not _NO_ANSWER:
-            peer.answer(req_id, result=result)
-
-    def _fail(self, peer: _Peer, req_id, code: int, message: str) -> None:
-        peer.answer(req_id, error={"code": code, "message": message})
-
-    def _m_ping(self, peer, params, req_id):
-        return "pong"
-
-    def _m_subscribe(self, peer, params, req_id):
-        topic, sid = _param_topic(params), _param_sid(params)
-        queue = params.get("queue")
-        if queue is not None and (not isinstance(queue, str) or not queue):
-            raise _ParamError("`queue` must be a non-empty string or null")
-        with self._lock:
-            if peer.closed:
-                return _NO_ANSWER
-            if sid in peer.subs:
-                raise _ParamError(f"sid {sid!r} is already in use on this connection")
-            peer.subs[sid] = (topic, queue)
-            entry = self._topics.setdefault(topic, _Topic())
-            if queue is None:
-                entry.plain.append((peer, sid))
-            else:
-                entry.groups.setdefault(queue, []).append((peer, sid))
-            parked = self._parked.pop(topic, [])
-            sends = [self._route(p) for p in parked]
-        self._send_all(sends)
-        return True
-
-    def _m_unsubscribe(self, peer, params, req_id):
-        sid = _param_sid(params)
-        with self._lock:
-            return self._drop_sub(peer, sid)
-
-    def _m_publish(self, peer, params, req_id):
-        topic = _param_topic(params)
-        payload = params.get("payload")
-        with self._lock:
-            entry = self._topics.get(topic)
-            targets = entry.pick() if entry else []
-        for target, sid in targets:
-            target.deliver(sid, topic, payload, None)
-        return len(targets)
-
-    def _m_request(self, peer, params, req_id):
-        if req_id is None:
-            raise _ParamError("`request` needs an id")
-        topic = _param_topic(params)
-        timeout_ms = params.get("timeout_ms", BROKER_DEFAULT_TIMEOUT_MS)
-        if not _is_int(timeout_ms) or not 0 < timeout_ms <= BROKER_MAX_TIMEOUT_MS:
-            raise _ParamError(f"`timeout_ms` must be an integer in 1..{BROKER_MAX_TIMEOUT_MS}")
-        wait = params.get("wait", False)
-        if not isinstance(wait, bool):
-            raise _ParamError("`wait` must be a boolean")
-        deadline = time.monotonic() + timeout_ms / 1000
-        p = self._open_request(peer, req_id, topic, params.get("payload"), deadline, wait)
-        if p is not None and not peer.local:
-            heapq.heappush(self._deadlines, (deadline, p.inbox))   # loop thread only
-            self._compact_deadlines()
-        return _NO_ANSWER
-
-    def _m_reply(self, peer, params, req_id):
-        inbox = params.get("inbox")
-        if not _is_int(inbox):
-            raise _ParamError("`inbox` must be an integer")
-        error = params.get("error")
-        if error is not None:
-            if not isinstance(error, dict):
-                raise _ParamError("`error` must be an object")
-            message = error.get("message")
-            error = {"code": BROKER_RESPONDER_ERROR, "message": _log_safe(
-                message, 2048) if isinstance(message, str) else "responder failed"}
-        with self._lock:
-            p = self._pending.get(inbox)
-            if p is None or peer not in p.responders:
-                return False                 # late, unknown, or not asked: dropped
-            self._take_pending(inbox)
-        self._answer(p, result=params.get("payload"), error=error)
-        return True
-
-    _methods = {"ping": _m_ping, "subscribe": _m_subscribe, "unsubscribe": _m_unsubscribe,
-                "publish": _m_publish, "request": _m_request, "reply": _m_reply}
-
-    # -- routing (callers hold no lock unless said) ---------------------------
-
-    def _open_request(self, peer, req_id, topic, payload, deadline, wait) -> _Pending | None:
-        """Register a request and deliver it; None when it failed at once."""
-        with self._lock:
-            if peer.closed or self._stopping:
-                p, send = None, None
-            else:
-                p = _Pending(next(self._inboxes), peer, req_id, topic, payload, deadline)
-                send = self._route(p)
-                if send is None and wait:
-                    self._parked.setdefault(topic, []).append(p)
-                    self._pending[p.inbox] = p
-                    peer.asking.add(p.inbox)
-                    return p
-        if p is None:
-            peer.answer(req_id, error={"code": BROKER_CLOSED, "message": "broker closed"})
-            return None
-        if send is None:
-            peer.answer(req_id, error={"code": BROKER_NO_RESPONDERS,
-                                       "message": f"no responders on {topic!r}"})
-            return None
-        try:
-            self._send_all([send])
-        except (ValueError, TypeError) as exc:     # only an in-process caller can get here
-            with self._lock:
-                self._take_pending(p.inbox)
-            raise _broker_error(BROKER_INVALID_PARAMS, f"payload is not JSON: {exc}") from None
-        return p
-
-    def _route(self, p: _Pending):
-        """Pick responders for ``p`` and record it (lock held); returns the sends."""
-        entry = self._topics.get(p.topic)
-        if entry is None:
-            return None
-        targets = entry.pick()
-        self._pending[p.inbox] = p
-        p.requester.asking.add(p.inbox)
-        for target, _ in targets:
-            p.responders.add(target)
-            target.serving.add(p.inbox)
-        return p, targets
-
-    def _send_all(self, sends) -> None:
-        for p, targets in sends:
-            for target, sid in targets:
-                target.deliver(sid, p.topic, p.payload, p.inbox)
-
-    def _take_pending(self, inbox: int) -> _Pending | None:
-        """Forget a request everywhere (lock held)."""
-        p = self._pending.pop(inbox, None)
-        if p is None:
-            return None
-        p.requester.asking.discard(inbox)
-        for r in p.responders:
-            r.serving.discard(inbox)
-        if not p.responders:
-            parked = self._parked.get(p.topic)
-            if parked and p in parked:
-                parked.remove(p)
-                if not parked:
-                    del self._parked[p.topic]
-        return p
-
-    def _answer(self, p: _Pending, result=None, error=None) -> None:
-        if not p.requester.closed:
-            p.requester.answer(p.req_id, result=result, error=error)
-
-    def _drop_sub(self, peer: _Peer, sid) -> bool:
-        """Remove one subscription (lock held)."""
-        entry = peer.subs.pop(sid, None)
-        if entry is None:
-            return False
-        topic, queue = entry
-        t = self._topics.get(topic)
-        if t is not None:
-            if queue is None:
-                t.plain.remove((peer, sid))
-            else:
-                members = t.groups[queue]
-                members.remove((peer, sid))
-                if not members:
-                    del t.groups[queue]
-            if t.empty():
-                del self._topics[topic]
-        return True
-
-    def _forget_peer(self, peer: _Peer, why: str) -> list:
-        """Drop a peer's subscriptions and requests (lock held); returns failures."""
-        peer.closed = True
-        for sid in list(peer.subs):
-            self._drop_sub(peer, sid)
-        for inbox in list(peer.asking):
-            self._take_pending(inbox)
-        failed = []
-        for inbox in list(peer.serving):
-            p = self._pending.get(inbox)
-            if p is None:
-                continue
-            p.responders.discard(peer)
-            if not p.responders:
-                failed.append(self._take_pending(inbox))
-        peer.serving.clear()
-        return failed
 
     def _close_peer(self, peer: _SocketPeer, why: str) -> None:
         if peer.closed:
             return
+        failed = self.routes.forget(peer, why)
         with self._lock:
-            failed = self._forget_peer(peer, why)
             self._peers.pop(peer.fd, None)
-        with peer.out_lock:
-            peer.out.clear()
+        with peer.out.lock:
+            peer.out.discard()
         try:
             self._sel.unregister(peer.sock)
         except (KeyError, ValueError):
@@ -2382,8 +2460,8 @@ class BrokerServer:
         peer.sock.close()
         log.debug("broker: connection closed (%s)", why)
         for p in failed:
-            self._answer(p, error={"code": BROKER_RESPONDER_GONE,
-                                   "message": f"responder on {p.topic!r} disconnected ({why})"})
+            self.routes.answer(p, error={"code": BROKER_RESPONDER_GONE, "message":
+                                         f"responder on {p.topic!r} disconnected ({why})"})
 
 
 class _ParamError(NexoPollerError):
@@ -2599,25 +2677,25 @@ class _LocalClient(_ClientBase):
         secs = _seconds(timeout, "timeout")
         _json_payload(payload)           # as a socket client would find, whoever answers
         waiter = _Waiter()
-        p = self._server._open_request(self._peer, waiter, topic, payload,
-                                       time.monotonic() + secs, wait)
+        p = self._server.routes.open_request(self._peer, waiter, topic, payload,
+                                             time.monotonic() + secs, wait)
         answered = waiter.wait(secs, cancel)
         if not answered:
             if p is not None:
-                with self._server._lock:
-                    self._server._take_pending(p.inbox)
+                self._server.routes.take(p.inbox)
             answered = waiter.wait(0)       # it may have come in meanwhile
         return self._outcome(waiter, answered, topic, secs, cancel)
 
     def _post_reply(self, params: dict) -> None:
-        self._server._handle(self._peer, {"method": "reply", "params": params})
+        self._server.routes.handle(self._peer, {"method": "reply", "params": params})
 
     def _call(self, method: str, params: dict) -> Any:
         if self.closed.is_set():
             raise _broker_error(BROKER_CLOSED, "client is closed")
         waiter = _Waiter()
         try:
-            self._server._handle(self._peer, {"id": waiter, "method": method, "params": params})
+            self._server.routes.handle(self._peer, {"id": waiter, "method": method,
+                                                    "params": params})
         except (ValueError, TypeError) as exc:
             raise _broker_error(BROKER_INVALID_PARAMS, f"payload is not JSON: {exc}") from None
         waiter.wait(0)
@@ -2628,11 +2706,10 @@ class _LocalClient(_ClientBase):
     def close(self) -> None:
         if not self.closed.is_set():
             self.closed.set()
-            with self._server._lock:
-                failed = self._server._forget_peer(self._peer, "client closed")
+            failed = self._server.routes.forget(self._peer, "client closed")
             for p in failed:
-                self._server._answer(p, error={"code": BROKER_RESPONDER_GONE,
-                                               "message": "responder closed"})
+                self._server.routes.answer(p, error={"code": BROKER_RESPONDER_GONE,
+                                                     "message": "responder closed"})
             self._shutdown_pool()
 
     def __enter__(self):
@@ -2656,9 +2733,8 @@ class BrokerClient(_ClientBase):
         super().__init__(max_workers)
         self.url = url
         self._sock = sock
-        self._wlock = threading.Lock()
-        self._outq: list[bytes] = []          # lines waiting for the writer
-        self._writing = False
+        self._wlock = threading.Lock()        # the lines waiting, and ``closed``
+        self._out = _Combiner(self._wlock)
         self._pending: dict[int, _Waiter] = {}
         self._ids = itertools.count(1)
         self._leader = threading.Lock()       # held by the one thread that reads
@@ -2703,23 +2779,13 @@ class BrokerClient(_ClientBase):
         with self._wlock:
             if self.closed.is_set():
                 raise _broker_error(BROKER_CLOSED, "connection to broker is closed")
-            self._outq.append(data)
-            if self._writing:
+            if not self._out.queue(data):
                 return
-            self._writing = True
         try:
-            while True:
-                with self._wlock:
-                    if not self._outq:
-                        self._writing = False
-                        return
-                    chunk = b"".join(self._outq)
-                    self._outq.clear()
+            while (chunk := self._out.next_chunk()) is not None:
                 self._sock.sendall(chunk)
         except OSError as exc:
-            with self._wlock:
-                self._writing = False
-                self._outq.clear()
+            self._out.abandon()
             raise _broker_error(BROKER_CLOSED, f"broker connection lost: {exc}") from None
 
     def _call(self, method: str, params: dict, timeout: float) -> Any:
@@ -3134,97 +3200,15 @@ def tick_reply_envelope(reply: Any) -> Any:
     return inner
 
 
-class NatsClient(_ClientBase):
-    """A NATS client with ``BrokerClient``'s interface; thread-safe.
+class _NatsDial:
+    """One authenticated connection to one NATS server: TCP, TLS when asked
+    for, the server's INFO, our CONNECT, and its first PONG."""
 
-    One reader thread per client parses the server's stream; writers
-    append to one buffer and the first of them to find nobody sending
-    sends everything queued (write combining).  Requests share one
-    wildcard inbox subscription.  After a lost connection it reconnects
-    with backoff and jitter across the server list, resubscribes, and
-    sends the publishes buffered meanwhile (at most ``outage_buffer``
-    bytes).  With ``nexo_envelopes`` (the default) requests and
-    publishes travel as nexo ``Event``s; a request's envelope is opened
-    on receipt, so its handler and its requester see plain payloads, and
-    a published message reaches its handler as the Event it is.
-    """
-    networked = True
-
-    def __init__(self, servers: list[_NatsServer], *, name: str = "nexo-poller",
-                 connect_timeout: float = 5.0, max_workers: int = 32,
-                 nexo_envelopes: bool = True, tls_ca_file: str | None = None,
-                 tls_cert_file: str | None = None, tls_key_file: str | None = None,
-                 reconnect_wait: float = 0.1, reconnect_wait_max: float = 5.0,
-                 max_reconnect_attempts: int = -1, ping_interval: float = 60.0,
-                 outage_buffer: int = NATS_MAX_OUTAGE_BUFFER,
-                 source: str = _NEXO_SOURCE) -> None:
-        super().__init__(max_workers)
-        if not servers:
-            raise _broker_error(BROKER_INVALID_PARAMS, "no NATS server given")
-        self.servers = list(servers)
-        self.url = ",".join(f"{'tls' if s.tls else 'nats'}://{s.name}" for s in servers)
-        self.name, self.connect_timeout, self.nexo_envelopes = name, connect_timeout, nexo_envelopes
+    def __init__(self, name: str, connect_timeout: float, tls_ca_file: str | None,
+                 tls_cert_file: str | None, tls_key_file: str | None):
+        self.name, self.connect_timeout = name, connect_timeout
         self.tls_ca_file, self.tls_cert_file, self.tls_key_file = \
             tls_ca_file, tls_cert_file, tls_key_file
-        self.reconnect_wait, self.reconnect_wait_max = reconnect_wait, reconnect_wait_max
-        self.max_reconnect_attempts, self.ping_interval = max_reconnect_attempts, ping_interval
-        self.outage_buffer, self.source = outage_buffer, source
-        self.server: _NatsServer | None = None   # the one connected to
-        self.info: dict = {}
-        self.max_payload = 1 << 20
-        self.reconnects = 0
-        self.lame_duck = False
-        self.connected = threading.Event()
-        self._sock = None                 # None while disconnected
-        self._wlock = threading.Lock()
-        self._out = bytearray()           # waiting for the current sender
-        self._outage = bytearray()        # publishes kept while disconnected
-        self._flushing = False
-        self._closing = False
-        self._subs: dict[int, tuple[str, str | None]] = {}    # sid -> (subject, queue)
-        self._listeners: set[int] = set()     # sids that never answer (subscribe)
-        self._inbox_sid = next(self._sids)
-        self._inbox = f"_INBOX.{_uuid4().replace('-', '')}."
-        # Subscribed at the first request: a plugin that only answers needs
-        # no permission to subscribe to an inbox (README "Trust on NATS").
-        self._inbox_wanted = False
-        self._refused: dict[str, str] = {}       # subject -> the server's refusal
-        self._pending: dict[str, _Waiter] = {}
-        self._tokens = itertools.count(1)
-        self._pongs: deque = deque()      # waiters of our PINGs, in order
-        self._unanswered_pings = 0
-        self._rbuf = bytearray(1 << 16)
-        self._rview = memoryview(self._rbuf)
-        self._parser = _NatsParser(self)
-        self._reader: threading.Thread | None = None
-        self._wake = threading.Event()    # set by close(): stop waiting to reconnect
-        self._io_lock: threading.Lock | None = None   # TLS only: one SSL call at a time
-        self._poll = None
-        self._streams: dict[str, tuple[float, bool]] = {}   # topic -> (asked at, captured)
-
-    # ---------------------------------------------------------- connecting
-    @classmethod
-    def connect(cls, url: str, **opts) -> "NatsClient":
-        """Connect to the first server of ``url`` that answers; raises
-        ``PluginPollerForwardError.Broker`` naming each server and its cause."""
-        client = cls(_nats_servers(url), **opts)
-        problems = []
-        for server in client.servers:
-            try:
-                client._adopt(*client._handshake(server))
-                break
-            except PluginPollerForwardError as exc:
-                problems.append(exc)
-                if getattr(exc, "code", None) == BROKER_AUTH_FAILED:
-                    break
-        if client._sock is None:
-            first = problems[0]
-            text = "; ".join(str(p) for p in problems)
-            raise _broker_error(getattr(first, "code", BROKER_CLOSED), text)
-        client._reader = threading.Thread(target=client._read_loop, daemon=True,
-                                          name="nexo-nats-reader")
-        client._reader.start()
-        return client
 
     def _tls_context(self):
         import ssl
@@ -3233,7 +3217,7 @@ class NatsClient(_ClientBase):
             ctx.load_cert_chain(self.tls_cert_file, self.tls_key_file)
         return ctx
 
-    def _handshake(self, server: _NatsServer):
+    def handshake(self, server: _NatsServer):
         """Connect and authenticate to one server: (socket, INFO, leftover bytes)."""
         where = f"NATS server {server.name}"
         try:
@@ -3312,6 +3296,286 @@ class NatsClient(_ClientBase):
             opts["user"], opts["pass"] = server.user, server.password or ""
         return b"CONNECT " + _dumps(opts).encode() + b"\r\n"
 
+
+class _NatsRequests:
+    """Requests multiplexed on a client's one wildcard inbox: each gets a
+    token and a waiter, many may be pipelined, and a reply is decoded (its
+    nexo envelope opened, the error header raised) for its requester."""
+
+    def __init__(self, client: "NatsClient", sid: int):
+        self._client, self.sid = client, sid
+        self.inbox = f"_INBOX.{_uuid4().replace('-', '')}."
+        # Subscribed at the first request: a plugin that only answers needs
+        # no permission to subscribe to an inbox (README "Trust on NATS").
+        self.wanted = False
+        self.pending: dict[str, _Waiter] = {}
+        self._tokens = itertools.count(1)
+
+    def sub_line(self) -> bytes:
+        """The inbox's SUB, to send again on a new connection (b"": not wanted yet)."""
+        return f"SUB {self.inbox}* {self.sid}\r\n".encode() if self.wanted else b""
+
+    def settle(self, subject: str, headers: bytes | None, payload: bytes) -> None:
+        """A message on the inbox: the reply its waiter waits for."""
+        waiter = self.pending.pop(subject[len(self.inbox):], None)
+        if waiter is None:
+            return
+        if headers is not None and not payload and _nats_parse_headers(headers)[0] == 503:
+            waiter.set(None, {"code": BROKER_NO_RESPONDERS, "message": "no responders"})
+            return
+        waiter.set((headers, payload))
+
+    def fail_all(self, error: dict) -> None:
+        for token in list(self.pending):
+            waiter = self.pending.pop(token, None)
+            if waiter is not None:
+                waiter.set(None, error)
+
+    def request(self, topic: str, payload: Any, timeout: timedelta | float, *,
+                wait: bool = False, cancel: threading.Event | None = None,
+                raw: bool = False, headers: Mapping[str, str] | None = None) -> Any:
+        """``NatsClient.request``."""
+        secs = _seconds(timeout, "timeout")
+        deadline = time.monotonic() + secs
+        pause = 0.02
+        while True:
+            if wait and not self._client.connected.is_set():
+                self._wait_for(self._client.connected, deadline, cancel)
+            waiter, answered = self._request_once(topic, payload, deadline, cancel,
+                                                  raw, headers)
+            if (wait and answered and waiter.error is not None
+                    and waiter.error.get("code") == BROKER_NO_RESPONDERS
+                    and time.monotonic() + pause < deadline
+                    and not (cancel is not None and cancel.is_set())):
+                self._wait_for(threading.Event(), time.monotonic() + pause, cancel)
+                pause = _backoff(pause, 0.25, 2)
+                continue
+            reply = self._client._outcome(waiter, answered, topic, secs, cancel)
+            return self._raw_reply(*reply) if raw else self._decode_reply(topic, *reply)
+
+    @staticmethod
+    def _raw_reply(headers: bytes | None, payload: bytes) -> tuple:
+        if headers is None:
+            return payload, {}, None
+        status, _, fields = _nats_parse_headers(headers)
+        return payload, fields, status
+
+    def request_many(self, requests: Iterable[tuple[str, Any, Mapping[str, str] | None]],
+                     timeout: timedelta | float) -> list:
+        """``NatsClient.request_many``."""
+        secs = _seconds(timeout, "timeout")
+        deadline = time.monotonic() + secs
+        sent = []
+        self._want_inbox()
+        try:
+            for topic, payload, headers in requests:
+                token = str(next(self._tokens))
+                waiter = _Waiter()
+                self.pending[token] = waiter
+                sent.append((topic, token, waiter))
+                try:
+                    self._client._pub(topic, self._client._raw_body(payload), self.inbox + token,
+                              _nats_headers(headers) if headers else None, buffer=False)
+                except PluginPollerForwardError as exc:
+                    waiter.set(None, {"code": getattr(exc, "code", BROKER_CLOSED),
+                                      "message": str(exc)})
+            results = []
+            for topic, token, waiter in sent:
+                answered = waiter.wait(deadline - time.monotonic())
+                try:
+                    results.append(self._raw_reply(*self._client._outcome(
+                        waiter, answered or waiter.wait(0), topic, secs, None)))
+                except PluginPollerForwardError as exc:
+                    results.append(exc)
+            return results
+        finally:
+            for _, token, _ in sent:
+                self.pending.pop(token, None)
+
+    def _want_inbox(self) -> None:
+        """Subscribe to this client's reply inbox before its first request
+        (the server takes the SUB before the request that follows it)."""
+        if not self.wanted:
+            self.wanted = True         # _adopt resubscribes it from now on
+            self._client._write(f"SUB {self.inbox}* {self.sid}\r\n".encode(), quiet=True)
+
+    def _request_once(self, topic, payload, deadline, cancel, raw=False, headers=None):
+        self._want_inbox()
+        token = str(next(self._tokens))
+        reply = self.inbox + token
+        if raw:
+            data = self._client._raw_body(payload)
+        else:
+            body = payload
+            if self._client.nexo_envelopes:
+                body = nexo_request_event(topic, payload, reply, source=self._client.source)
+            data = self._client._encode(body)
+        waiter = _Waiter()
+        self.pending[token] = waiter
+        try:
+            self._client._pub(topic, data, reply, _nats_headers(headers) if headers else None,
+                      buffer=False)
+            answered = waiter.wait(deadline - time.monotonic(), cancel)
+        finally:
+            self.pending.pop(token, None)    # a timeout forgets the request
+        return waiter, answered or waiter.wait(0)
+
+    @staticmethod
+    def _wait_for(event: threading.Event, deadline: float, cancel) -> None:
+        while not event.is_set() and not (cancel is not None and cancel.is_set()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            event.wait(min(left, _CANCEL_POLL_SECS))
+
+    def _decode_reply(self, topic: str, headers: bytes | None, payload: bytes) -> Any:
+        if headers is not None:
+            _, _, fields = _nats_parse_headers(headers)
+            if _NATS_ERROR_HEADER in fields:
+                try:
+                    error = _loads(fields[_NATS_ERROR_HEADER][0])
+                except ValueError:
+                    error = {"message": fields[_NATS_ERROR_HEADER][0]}
+                self._client._raise_error(error if isinstance(error, dict) else {}, topic)
+        if not payload:
+            return None
+        try:
+            body = _loads(payload)
+        except (ValueError, RecursionError) as exc:
+            raise PluginPollerForwardError.ParseReply(
+                f"reply from {topic!r} is not JSON: {exc}") from None
+        return nexo_unwrap(body)[0] if self._client.nexo_envelopes else body
+
+
+class _JetStreamCapture:
+    """Whether a JetStream stream captures a subject (asked at most every
+    ``_JS_STREAM_CACHE_SECS`` per subject), and a publish confirmed by the
+    stream's ack."""
+
+    def __init__(self, client: "NatsClient"):
+        self._client = client
+        self._streams: dict[str, tuple[float, bool]] = {}   # topic -> (asked at, captured)
+
+    def captured(self, topic: str) -> bool:
+        """Whether a JetStream stream captures ``topic`` (asked at most every
+        ``_JS_STREAM_CACHE_SECS`` per topic); no JetStream means none does."""
+        seen = self._streams.get(topic)
+        if seen is not None and time.monotonic() - seen[0] < _JS_STREAM_CACHE_SECS:
+            return seen[1]
+        try:
+            body, _, status = self._client.request("$JS.API.STREAM.NAMES", {"subject": topic}, 5.0,
+                                           raw=True)
+            found = status is None and bool((_loads(body) or {}).get("streams"))
+        except PluginPollerForwardError as exc:
+            if getattr(exc, "code", None) != BROKER_NO_RESPONDERS:
+                raise _broker_error(getattr(exc, "code", BROKER_CLOSED),
+                                    f"{topic}: JetStream lookup: {exc}") from None
+            found = False                               # no JetStream on this server
+        except ValueError:
+            found = False
+        self._streams[topic] = (time.monotonic(), found)
+        return found
+
+    def publish(self, topic: str, event: dict) -> None:
+        """Publish ``event`` and wait for the stream's ack (``Nats-Msg-Id`` =
+        the Event id, so a retry is not stored twice)."""
+        try:
+            body, _, status = self._client.request(topic, event, 10.0, raw=True,
+                                                   headers={"Nats-Msg-Id": str(event["id"])})
+            ack = _loads(body) if body else {}
+        except ValueError as exc:
+            raise _broker_error(BROKER_RESPONDER_ERROR,
+                                f"{topic}: JetStream ack is not JSON: {exc}") from None
+        if status is not None or not isinstance(ack, dict) or "error" in ack \
+                or "seq" not in ack:
+            raise _broker_error(BROKER_RESPONDER_ERROR,
+                                f"{topic}: JetStream did not ack: {ack!r:.200}")
+
+
+class NatsClient(_ClientBase):
+    """A NATS client with ``BrokerClient``'s interface; thread-safe.
+
+    One reader thread per client parses the server's stream; writers
+    append to one buffer and the first of them to find nobody sending
+    sends everything queued (write combining).  Requests share one
+    wildcard inbox subscription.  After a lost connection it reconnects
+    with backoff and jitter across the server list, resubscribes, and
+    sends the publishes buffered meanwhile (at most ``outage_buffer``
+    bytes).  With ``nexo_envelopes`` (the default) requests and
+    publishes travel as nexo ``Event``s; a request's envelope is opened
+    on receipt, so its handler and its requester see plain payloads, and
+    a published message reaches its handler as the Event it is.
+    """
+    networked = True
+
+    def __init__(self, servers: list[_NatsServer], *, name: str = "nexo-poller",
+                 connect_timeout: float = 5.0, max_workers: int = 32,
+                 nexo_envelopes: bool = True, tls_ca_file: str | None = None,
+                 tls_cert_file: str | None = None, tls_key_file: str | None = None,
+                 reconnect_wait: float = 0.1, reconnect_wait_max: float = 5.0,
+                 max_reconnect_attempts: int = -1, ping_interval: float = 60.0,
+                 outage_buffer: int = NATS_MAX_OUTAGE_BUFFER,
+                 source: str = _NEXO_SOURCE) -> None:
+        super().__init__(max_workers)
+        if not servers:
+            raise _broker_error(BROKER_INVALID_PARAMS, "no NATS server given")
+        self.servers = list(servers)
+        self.url = ",".join(f"{'tls' if s.tls else 'nats'}://{s.name}" for s in servers)
+        self.name, self.nexo_envelopes = name, nexo_envelopes
+        self._dial = _NatsDial(name, connect_timeout, tls_ca_file, tls_cert_file, tls_key_file)
+        self.reconnect_wait, self.reconnect_wait_max = reconnect_wait, reconnect_wait_max
+        self.max_reconnect_attempts, self.ping_interval = max_reconnect_attempts, ping_interval
+        self.outage_buffer, self.source = outage_buffer, source
+        self.server: _NatsServer | None = None   # the one connected to
+        self.info: dict = {}
+        self.max_payload = 1 << 20
+        self.reconnects = 0
+        self.lame_duck = False
+        self.connected = threading.Event()
+        self._sock = None                 # None while disconnected
+        self._wlock = threading.Lock()
+        self._out = _Combiner(self._wlock)    # the current connection's; a new one each
+        self._outage = bytearray()        # publishes kept while disconnected
+        self._closing = False
+        self._subs: dict[int, tuple[str, str | None]] = {}    # sid -> (subject, queue)
+        self._listeners: set[int] = set()     # sids that never answer (subscribe)
+        self._requests = _NatsRequests(self, next(self._sids))
+        self._refused: dict[str, str] = {}       # subject -> the server's refusal
+        self._pongs: deque = deque()      # waiters of our PINGs, in order
+        self._unanswered_pings = 0
+        self._rbuf = bytearray(1 << 16)
+        self._rview = memoryview(self._rbuf)
+        self._parser = _NatsParser(self)
+        self._reader: threading.Thread | None = None
+        self._wake = threading.Event()    # set by close(): stop waiting to reconnect
+        self._io_lock: threading.Lock | None = None   # TLS only: one SSL call at a time
+        self._poll = None
+        self._capture = _JetStreamCapture(self)
+
+    # ---------------------------------------------------------- connecting
+    @classmethod
+    def connect(cls, url: str, **opts) -> "NatsClient":
+        """Connect to the first server of ``url`` that answers; raises
+        ``PluginPollerForwardError.Broker`` naming each server and its cause."""
+        client = cls(_nats_servers(url), **opts)
+        problems = []
+        for server in client.servers:
+            try:
+                client._adopt(*client._dial.handshake(server))
+                break
+            except PluginPollerForwardError as exc:
+                problems.append(exc)
+                if getattr(exc, "code", None) == BROKER_AUTH_FAILED:
+                    break
+        if client._sock is None:
+            first = problems[0]
+            text = "; ".join(str(p) for p in problems)
+            raise _broker_error(getattr(first, "code", BROKER_CLOSED), text)
+        client._reader = threading.Thread(target=client._read_loop, daemon=True,
+                                          name="nexo-nats-reader")
+        client._reader.start()
+        return client
+
     def _adopt(self, server: _NatsServer, sock, info: dict, leftover: bytes) -> None:
         """Make a fresh connection current: resubscribe, then send what waited."""
         self._apply_info(info)
@@ -3332,12 +3596,12 @@ class NatsClient(_ClientBase):
             if self._closing:                 # close() came during the handshake
                 sock.close()
                 raise _broker_error(BROKER_CLOSED, "NATS client is closed")
-            lines = [f"SUB {self._inbox}* {self._inbox_sid}\r\n".encode()] \
-                if self._inbox_wanted else []
+            lines = [self._requests.sub_line()]
             lines += [_sub_line(sid, *spec) for sid, spec in list(self._subs.items())]
             data = b"".join(lines) + self._outage
             self._outage.clear()
-            self._out.clear()
+            self._out.discard()
+            self._out = _Combiner(self._wlock)
             try:
                 sock.sendall(data)
             except OSError as exc:
@@ -3345,7 +3609,6 @@ class NatsClient(_ClientBase):
                 raise _broker_error(BROKER_CLOSED, f"NATS server {server.name}: "
                                     f"lost while resubscribing: {exc}") from None
             self._sock, self.server = sock, server
-            self._flushing = False
             self._unanswered_pings = 0
             self.lame_duck = False
         if leftover:
@@ -3410,16 +3673,8 @@ class NatsClient(_ClientBase):
             return sock.recv_into(self._rbuf)
 
     def on_msg(self, subject: str, sid: int, reply, headers, payload: bytes) -> None:
-        if sid == self._inbox_sid:
-            waiter = self._pending.pop(subject[len(self._inbox):], None)
-            if waiter is not None:
-                if headers is not None and not payload:
-                    status = _nats_parse_headers(headers)[0]
-                    if status == 503:
-                        waiter.set(None, {"code": BROKER_NO_RESPONDERS,
-                                          "message": "no responders"})
-                        return
-                waiter.set((headers, payload))
+        if sid == self._requests.sid:
+            self._requests.settle(subject, headers, payload)
             return
         if sid not in self._subs:
             return
@@ -3462,8 +3717,8 @@ class NatsClient(_ClientBase):
             if self._sock is not sock:
                 return
             self._sock = None
-            self._out.clear()
-            self._flushing = False
+            self._out.discard()                 # its writer stops at its next chunk
+            self._out = _Combiner(self._wlock)
             self.connected.clear()
         _close_socket(sock)
         if not self._closing:
@@ -3472,11 +3727,7 @@ class NatsClient(_ClientBase):
                              else "client closed")
 
     def _fail_in_flight(self, why: str) -> None:
-        error = {"code": BROKER_CLOSED, "message": why}
-        for token in list(self._pending):
-            waiter = self._pending.pop(token, None)
-            if waiter is not None:
-                waiter.set(None, error)
+        self._requests.fail_all({"code": BROKER_CLOSED, "message": why})
         while self._pongs:
             waiter = self._pongs.popleft()
             if waiter is not None:
@@ -3495,7 +3746,7 @@ class NatsClient(_ClientBase):
             server = order[attempt % len(order)]
             attempt += 1
             try:
-                self._adopt(*self._handshake(server))
+                self._adopt(*self._dial.handshake(server))
             except PluginPollerForwardError as exc:
                 log.info("NATS reconnect attempt %d: %s", attempt, exc)
                 if 0 <= self.max_reconnect_attempts <= attempt:
@@ -3528,29 +3779,19 @@ class NatsClient(_ClientBase):
                         f"({self.outage_buffer} bytes) is full"))
                 self._outage += data
                 return
-            self._out += data
-            if self._flushing:
+            out = self._out
+            if not out.queue(data):
                 return
-            self._flushing = True
         try:
-            while True:
-                with self._wlock:
-                    if self._sock is not sock:        # lost meanwhile: _adopt resets the flag
-                        return
-                    if not self._out:
-                        self._flushing = False
-                        return
-                    chunk = bytes(self._out)
-                    self._out.clear()
+            # A connection lost meanwhile has a new combiner: this one ends empty.
+            while (chunk := out.next_chunk()) is not None:
                 if self._io_lock is None:
                     sock.sendall(chunk)
                 else:
                     with self._io_lock:
                         sock.sendall(chunk)
         except OSError as exc:
-            with self._wlock:
-                if self._sock is sock:
-                    self._flushing = False
+            out.abandon()
             try:
                 sock.shutdown(socket.SHUT_RDWR)      # the reader notices and reconnects
             except OSError:
@@ -3645,40 +3886,10 @@ class NatsClient(_ClientBase):
         stream that captures ``topic`` acked it (``Nats-Msg-Id`` = the Event
         id, so a retry is not stored twice), or, with no such stream, once
         published: plain NATS has no receipt."""
-        if confirm and self._captured(topic):
-            try:
-                body, _, status = self.request(topic, event, 10.0, raw=True,
-                                               headers={"Nats-Msg-Id": str(event["id"])})
-                ack = _loads(body) if body else {}
-            except ValueError as exc:
-                raise _broker_error(BROKER_RESPONDER_ERROR,
-                                    f"{topic}: JetStream ack is not JSON: {exc}") from None
-            if status is not None or not isinstance(ack, dict) or "error" in ack \
-                    or "seq" not in ack:
-                raise _broker_error(BROKER_RESPONDER_ERROR,
-                                    f"{topic}: JetStream did not ack: {ack!r:.200}")
+        if confirm and self._capture.captured(topic):
+            self._capture.publish(topic, event)
             return
         self._pub(topic, self._raw_body(event))
-
-    def _captured(self, topic: str) -> bool:
-        """Whether a JetStream stream captures ``topic`` (asked at most every
-        ``_JS_STREAM_CACHE_SECS`` per topic); no JetStream means none does."""
-        seen = self._streams.get(topic)
-        if seen is not None and time.monotonic() - seen[0] < _JS_STREAM_CACHE_SECS:
-            return seen[1]
-        try:
-            body, _, status = self.request("$JS.API.STREAM.NAMES", {"subject": topic}, 5.0,
-                                           raw=True)
-            found = status is None and bool((_loads(body) or {}).get("streams"))
-        except PluginPollerForwardError as exc:
-            if getattr(exc, "code", None) != BROKER_NO_RESPONDERS:
-                raise _broker_error(getattr(exc, "code", BROKER_CLOSED),
-                                    f"{topic}: JetStream lookup: {exc}") from None
-            found = False                               # no JetStream on this server
-        except ValueError:
-            found = False
-        self._streams[topic] = (time.monotonic(), found)
-        return found
 
     def _raw_body(self, payload: Any) -> bytes:
         return bytes(payload) if isinstance(payload, (bytes, bytearray)) else self._encode(payload)
@@ -3711,118 +3922,19 @@ class NatsClient(_ClientBase):
         or JSON of anything else) with ``headers``, and returns the reply
         undecoded: ``(payload bytes, headers {name: [values]}, status or None)``.
         """
-        secs = _seconds(timeout, "timeout")
-        deadline = time.monotonic() + secs
-        pause = 0.02
-        while True:
-            if wait and not self.connected.is_set():
-                self._wait_for(self.connected, deadline, cancel)
-            waiter, answered = self._request_once(topic, payload, deadline, cancel,
-                                                  raw, headers)
-            if (wait and answered and waiter.error is not None
-                    and waiter.error.get("code") == BROKER_NO_RESPONDERS
-                    and time.monotonic() + pause < deadline
-                    and not (cancel is not None and cancel.is_set())):
-                self._wait_for(threading.Event(), time.monotonic() + pause, cancel)
-                pause = _backoff(pause, 0.25, 2)
-                continue
-            reply = self._outcome(waiter, answered, topic, secs, cancel)
-            return self._raw_reply(*reply) if raw else self._decode_reply(topic, *reply)
-
-    @staticmethod
-    def _raw_reply(headers: bytes | None, payload: bytes) -> tuple:
-        if headers is None:
-            return payload, {}, None
-        status, _, fields = _nats_parse_headers(headers)
-        return payload, fields, status
+        return self._requests.request(topic, payload, timeout, wait=wait, cancel=cancel,
+                                      raw=raw, headers=headers)
 
     def request_many(self, requests: Iterable[tuple[str, Any, Mapping[str, str] | None]],
                      timeout: timedelta | float) -> list:
         """Raw requests ``(topic, payload, headers)`` all sent before any reply
         is awaited (pipelined: one round trip for the lot).  Returns, in order,
         each reply as ``request(raw=True)`` does, or the Broker error it ended in."""
-        secs = _seconds(timeout, "timeout")
-        deadline = time.monotonic() + secs
-        sent = []
-        self._want_inbox()
-        try:
-            for topic, payload, headers in requests:
-                token = str(next(self._tokens))
-                waiter = _Waiter()
-                self._pending[token] = waiter
-                sent.append((topic, token, waiter))
-                try:
-                    self._pub(topic, self._raw_body(payload), self._inbox + token,
-                              _nats_headers(headers) if headers else None, buffer=False)
-                except PluginPollerForwardError as exc:
-                    waiter.set(None, {"code": getattr(exc, "code", BROKER_CLOSED),
-                                      "message": str(exc)})
-            results = []
-            for topic, token, waiter in sent:
-                answered = waiter.wait(deadline - time.monotonic())
-                try:
-                    results.append(self._raw_reply(*self._outcome(
-                        waiter, answered or waiter.wait(0), topic, secs, None)))
-                except PluginPollerForwardError as exc:
-                    results.append(exc)
-            return results
-        finally:
-            for _, token, _ in sent:
-                self._pending.pop(token, None)
+        return self._requests.request_many(requests, timeout)
 
-    def _want_inbox(self) -> None:
-        """Subscribe to this client's reply inbox before its first request
-        (the server takes the SUB before the request that follows it)."""
-        if not self._inbox_wanted:
-            self._inbox_wanted = True         # _adopt resubscribes it from now on
-            self._write(f"SUB {self._inbox}* {self._inbox_sid}\r\n".encode(), quiet=True)
-
-    def _request_once(self, topic, payload, deadline, cancel, raw=False, headers=None):
-        self._want_inbox()
-        token = str(next(self._tokens))
-        reply = self._inbox + token
-        if raw:
-            data = self._raw_body(payload)
-        else:
-            body = payload
-            if self.nexo_envelopes:
-                body = nexo_request_event(topic, payload, reply, source=self.source)
-            data = self._encode(body)
-        waiter = _Waiter()
-        self._pending[token] = waiter
-        try:
-            self._pub(topic, data, reply, _nats_headers(headers) if headers else None,
-                      buffer=False)
-            answered = waiter.wait(deadline - time.monotonic(), cancel)
-        finally:
-            self._pending.pop(token, None)    # a timeout forgets the request
-        return waiter, answered or waiter.wait(0)
-
-    @staticmethod
-    def _wait_for(event: threading.Event, deadline: float, cancel) -> None:
-        while not event.is_set() and not (cancel is not None and cancel.is_set()):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            event.wait(min(left, _CANCEL_POLL_SECS))
-
-    def _decode_reply(self, topic: str, headers: bytes | None, payload: bytes) -> Any:
-        if headers is not None:
-            _, _, fields = _nats_parse_headers(headers)
-            if _NATS_ERROR_HEADER in fields:
-                try:
-                    error = _loads(fields[_NATS_ERROR_HEADER][0])
-                except ValueError:
-                    error = {"message": fields[_NATS_ERROR_HEADER][0]}
-                self._raise_error(error if isinstance(error, dict) else {}, topic)
-        if not payload:
-            return None
-        try:
-            body = _loads(payload)
-        except (ValueError, RecursionError) as exc:
-            raise PluginPollerForwardError.ParseReply(
-                f"reply from {topic!r} is not JSON: {exc}") from None
-        return nexo_unwrap(body)[0] if self.nexo_envelopes else body
+    def requests_in_flight(self) -> int:
+        """Requests sent and not yet answered, timed out or failed."""
+        return len(self._requests.pending)
 
     def _send_reply(self, inbox, result, error) -> None:
         """Answer a request in the shape it came in; a handler's error
@@ -7258,7 +7370,6 @@ class JetStreamStateStore(StateStore):
             raise
 
 
-
     @property
     def heartbeat_secs(self) -> float | None:
         return self.daemon_ttl / 4 if self.peers.registered else None
@@ -7392,7 +7503,6 @@ class JetStreamStateStore(StateStore):
     def finish_command(self, seq: int, result: str | None = None) -> None:
         self.commands.finish(seq, result)
 
-
     def changed(self) -> bool:
         """True when a command was queued or marked since the last call (the
         newest ``cmd.`` revision moved); also the daemon's heartbeat."""
@@ -7410,7 +7520,6 @@ class JetStreamStateStore(StateStore):
         self._writes.stop(deadline)
         if self._own_client:
             self.client.close()
-
 
     def lease_is_stale(self, owner: str | None) -> bool:
         return self.peers.lease_is_stale(owner)

@@ -92,7 +92,7 @@ class LoadCase(unittest.TestCase):
 
     def assert_drained(self, server, what):
         zero = {"connections": 0, "pending": 0, "parked": 0, "subscriptions": 0, "topics": 0}
-        ok = wd.wait_until(lambda: server.stats() == zero, 15)
+        ok = wd.wait_until(lambda: {k: server.stats()[k] for k in zero} == zero, 15)
         self.assertTrue(ok, self.m("%s: stats did not return to zero: %s"
                                    % (what, server.stats())))
         self.assertTrue(server._thread.is_alive(), self.m("%s: broker thread died" % what))

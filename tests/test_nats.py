@@ -267,7 +267,7 @@ class RequestReplyTest(LiveTest):
         for t in ts:
             t.join(WAIT)
         self.assertEqual(results, [i * 2 for i in range(32)])
-        self.assertEqual(a._pending, {})
+        self.assertEqual(a.requests_in_flight(), 0)
 
     def test_queue_group_shares_messages(self):
         a, b1, b2 = self.client(), self.client(), self.client()
@@ -297,7 +297,7 @@ class RequestReplyTest(LiveTest):
             a.request("nobody.home", {}, 30)
         self.assertEqual(cm.exception.code, npl.BROKER_NO_RESPONDERS)
         self.assertLess(time.monotonic() - t0, 15)      # far from the 30 s timeout
-        self.assertEqual(a._pending, {})
+        self.assertEqual(a.requests_in_flight(), 0)
 
     def test_wait_retries_until_a_responder_subscribes(self):
         a, b = self.client(), self.client()
@@ -312,7 +312,7 @@ class RequestReplyTest(LiveTest):
         with self.assertRaises(PluginPollerForwardError.Broker) as cm:
             a.request("svc.stuck", 1, 0.2)
         self.assertEqual(cm.exception.code, npl.BROKER_TIMEOUT)
-        self.assertEqual(a._pending, {})
+        self.assertEqual(a.requests_in_flight(), 0)
         cancel = threading.Event()
         threading.Timer(0.1, cancel.set).start()
         with self.assertRaisesRegex(PluginPollerForwardError.Broker, "cancelled"):
