@@ -87,7 +87,7 @@ import threading
 import time
 from collections import deque
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 # sqlite3, http.server, argparse, zoneinfo, concurrent.futures, tomllib and
 # tempfile are imported where first needed: a plugin importing this module for
@@ -274,6 +274,20 @@ class _UnknownJob(InputError, KeyError):
 InputError.UnknownJob = _UnknownJob
 _UnknownJob.__qualname__ = "InputError.UnknownJob"
 
+# The broker's error codes (JSON-RPC 2.0's, then ours), the ``code`` of a
+# PluginPollerForwardError.Broker whichever broker raised it.
+BROKER_PARSE_ERROR = -32700
+BROKER_INVALID_REQUEST = -32600
+BROKER_METHOD_NOT_FOUND = -32601
+BROKER_INVALID_PARAMS = -32602
+BROKER_NO_RESPONDERS = -32010
+BROKER_TIMEOUT = -32011
+BROKER_RESPONDER_GONE = -32012
+BROKER_RESPONDER_ERROR = -32013
+BROKER_CLOSED = -32014
+BROKER_AUTH_FAILED = -32015             # the NATS server refused the credentials
+BROKER_PAYLOAD_TOO_LARGE = -32016       # over the server's max_payload; nothing was sent
+
 
 # ============================================================================
 # Helpers
@@ -435,10 +449,49 @@ class _Combiner:
         self._buf.clear()
 
 
+_NEXO_SOURCE = "plugin.poller"          # the ``source`` of the nexo Events clients publish
+
+
+def _uuid4() -> str:
+    """A random (version 4) UUID as text, as nexo's Event ids are."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _broker_error(code: int, message: str) -> PluginPollerForwardError:
+    """A ``PluginPollerForwardError.Broker`` carrying a broker error ``code``."""
+    exc = PluginPollerForwardError.Broker(message)
+    exc.code = code
+    return exc
+
+
+def _raise_broker_error(error: dict, topic: str):
+    """Raise a broker's JSON-RPC ``error`` object as the client's error."""
+    raise _broker_error(error.get("code", BROKER_RESPONDER_ERROR),
+                        f"{topic}: {error.get('message', 'broker error')}")
+
+
+def _request_outcome(waiter: "_Waiter", answered: bool, topic: str, secs: float,
+                     cancel: threading.Event | None) -> Any:
+    """A client request's reply payload, or the Broker error it ended in."""
+    if not answered:
+        what = "cancelled" if cancel is not None and cancel.is_set() else \
+            f"timed out after {secs:g}s"
+        raise _broker_error(BROKER_TIMEOUT, f"request to {topic!r} {what}")
+    if waiter.error is not None:
+        _raise_broker_error(waiter.error, topic)
+    return waiter.result
+
+
 # ============================================================================
 # Wire
 # The shapes that cross a process boundary, exactly as the original sends
 # them: cursors as unpadded URL-safe base64, ``now`` as RFC 3339 +00:00.
+# Shares: _cursor_line, _cursor_view, _json_type, _parse_reply_envelope,
+#   _reply_to_ack, _TOPIC_TOKEN_RE, _unparsable
 # ============================================================================
 
 ERROR_TRANSIENT = -32001
@@ -731,6 +784,76 @@ def _unparsable(exc: PluginPollerForwardError) -> PollerError:
     return PollerError.Transient(f"unparsable reply: {exc}")
 
 
+# -- nexo's Event envelopes, on every broker ---------------------------------------
+
+def _nexo_timestamp(now: float | None = None) -> str:
+    when = datetime.now(timezone.utc) if now is None else datetime.fromtimestamp(now, timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def nexo_event(topic: str, payload: Any, *, source: str = _NEXO_SOURCE,
+               event_id: str | None = None, now: float | None = None) -> dict:
+    """nexo's broker ``Event`` around ``payload`` (pure but for id and clock):
+    id (a uuid4 unless given), timestamp (RFC 3339, Z), topic, source, payload."""
+    return {"id": event_id or _uuid4(), "timestamp": _nexo_timestamp(now), "topic": topic,
+            "source": source, "session_id": None, "payload": payload}
+
+
+def nexo_request_event(topic: str, payload: Any, reply_to: str | None, *,
+                       source: str = _NEXO_SOURCE) -> dict:
+    """A request as nexo's plugins read it: ``Event(Message(reply_to, payload))``."""
+    return nexo_event(topic, {"id": _uuid4(), "topic": topic, "reply_to": reply_to,
+                              "payload": payload}, source=source)
+
+
+_RPC_KEYS = ("jsonrpc", "method", "result", "error")
+
+
+def _is_nexo_envelope(obj: Any) -> bool:
+    return (isinstance(obj, dict) and "payload" in obj and "topic" in obj
+            and not any(k in obj for k in _RPC_KEYS))
+
+
+def nexo_unwrap(obj: Any) -> tuple[Any, str | None, str | None]:
+    """Open a body that may be a nexo ``Event``, ``Message`` or ``Event(Message)``.
+
+    Returns ``(inner payload, Message.reply_to, shape)`` with shape
+    ``"event"``, ``"message"`` or None (not an envelope: returned as is).
+    """
+    if not _is_nexo_envelope(obj):
+        return obj, None, None
+    shape = "event" if ("source" in obj or "timestamp" in obj) else "message"
+    inner, reply_to = obj["payload"], obj.get("reply_to")
+    if shape == "event" and _is_nexo_envelope(inner) and "source" not in inner:
+        inner, reply_to = inner["payload"], inner.get("reply_to")
+    return inner, reply_to if isinstance(reply_to, str) and reply_to else None, shape
+
+
+def nexo_reply_payload(answer: Any) -> Any:
+    """A reply's payload for nexo readers: ``{"result": R}`` also carries R's
+    fields beside ``result``, so nexo's daemon, which decodes the payload
+    directly as a TickReply, reads them, while ``error`` keeps its code."""
+    if isinstance(answer, dict) and isinstance(answer.get("result"), dict):
+        return {**answer["result"], **answer}
+    return answer
+
+
+_TICK_REPLY_KEYS = ("next_cursor", "next_interval_secs", "metrics", "items_seen",
+                    "items_dispatched")
+
+
+def tick_reply_envelope(reply: Any) -> Any:
+    """Any reply shape a plugin sends, as ``{"result": ...}``/``{"error": ...}``:
+    a nexo envelope is opened, and a bare TickReply (an object with a
+    TickReply field and no JSON-RPC member) becomes its ``result``."""
+    inner, _, _ = nexo_unwrap(reply)
+    if (isinstance(inner, dict) and not any(k in inner for k in _RPC_KEYS)
+            and any(k in inner for k in _TICK_REPLY_KEYS)):
+        return {"result": inner}
+    return inner
+
+
+
 # ============================================================================
 # Manifest
 # A plugin's ``nexo-plugin.toml`` turned into a PluginPollerHandle, with the
@@ -799,6 +922,11 @@ class _PluginHealth:
         self._watchers: set[threading.Event] = set()
         self._ended = False                     # the supervisor knows how the run ended
 
+    def snapshot(self) -> tuple[str | None, float | None, list[str]]:
+        """(why it is down or None, when it restarts, its last output lines), at once."""
+        with self._lock:
+            return self.down, self.restart_at, list(self.tail)
+
     def starting(self) -> None:
         with self._lock:
             self.down, self.restart_at, self._ended = None, None, False
@@ -865,7 +993,7 @@ class PluginPollerHandle:
     publish_allow: tuple[str, ...] = ()  # stdio bridge: topics the plugin may publish to
     slots: _Slots = dataclasses.field(init=False, repr=False)
     health: _PluginHealth = dataclasses.field(init=False, repr=False)
-    stdio: "_StdioChannel" = dataclasses.field(init=False, repr=False)
+    stdio: Any = dataclasses.field(init=False, repr=False)   # Proxies: _stdio_of(handle)
 
     def __post_init__(self) -> None:
         self.kinds = tuple(self.kinds)
@@ -877,7 +1005,7 @@ class PluginPollerHandle:
         # One limiter per plugin: every kind it serves shares max_concurrent_ticks.
         self.slots = _Slots(self.max_concurrent_ticks)
         self.health = _PluginHealth()
-        self.stdio = _StdioChannel(self)     # used by the stdio lifecycle only
+        self.stdio = None                    # the stdio lifecycle's channel, made on first use
 
     def tick_topic(self) -> str:
         return tick_topic_for(self.broker_topic_prefix)
@@ -1171,6 +1299,7 @@ def _toml_name(kind: type) -> str:
 # Router
 # Which plugin owns which kind.  Built empty at boot and filled once the
 # manifests are loaded; lookups are one dict access under a lock.
+# Shares: _plugin_for
 # ============================================================================
 
 class PluginPollerRouter:
@@ -1253,6 +1382,9 @@ def _plugin_for(kind: str, plugins: Iterable[PluginPollerHandle]) -> PluginPolle
 # Processes
 # One tick in a fresh process: its own process group, every pipe watched by
 # one selector under one deadline, the whole group killed and reaped after.
+# Shares: _become_subreaper, _child_env, _exit_status, _Failure, _kill_group,
+#   _Lines, _pidfd, _popen, _reap, _STDERR_KEEP_BYTES, _sweep_orphans,
+#   _wait_exit
 # ============================================================================
 
 DEFAULT_MAX_REPLY_BYTES = 1 << 20    # longest reply line an ephemeral plugin may send
@@ -1647,6 +1779,7 @@ def _exit_status(proc: subprocess.Popen) -> str:
 # Broker
 # A minimal line-delimited JSON-RPC 2.0 broker over a Unix socket, served by
 # the daemon: subscribe (with queue groups), publish, request/reply.
+# Shares: _ClientBase
 # ============================================================================
 
 BROKER_MAX_LINE_BYTES = 1 << 20       # longest line a client may send
@@ -1665,29 +1798,13 @@ _HEAD_METHOD = re.compile(rb'"method"\s*:\s*"([a-z_]{1,32})"')
 _HEAD_INBOX = re.compile(rb'"inbox"\s*:\s*([0-9]{1,18})\b')
 _HEAD_ID = re.compile(rb'"id"\s*:\s*(-?[0-9]{1,18}\b|"[A-Za-z0-9_.:\-]{1,64}")')
 
-BROKER_PARSE_ERROR = -32700
-BROKER_INVALID_REQUEST = -32600
-BROKER_METHOD_NOT_FOUND = -32601
-BROKER_INVALID_PARAMS = -32602
-BROKER_NO_RESPONDERS = -32010
-BROKER_TIMEOUT = -32011
-BROKER_RESPONDER_GONE = -32012
-BROKER_RESPONDER_ERROR = -32013
-BROKER_CLOSED = -32014
-_NEXO_SOURCE = "plugin.poller"          # the ``source`` of the nexo Events clients publish
 
-def _broker_error(code: int, message: str) -> PluginPollerForwardError:
-    exc = PluginPollerForwardError.Broker(message)
-    exc.code = code
-    return exc
-
-
-class _LineTooLong(_ForwardBroker):
+class _LineTooLong(PluginPollerForwardError.Broker):
     """A message too long for one broker line; nothing was sent."""
     code = BROKER_INVALID_REQUEST
 
 
-class _NotJson(_ForwardBroker, ValueError):
+class _NotJson(PluginPollerForwardError.Broker, ValueError):
     """A message that is not JSON; nothing was sent.  (A ValueError too, as
     every client's reply path treats one.)"""
     code = BROKER_INVALID_PARAMS
@@ -2585,7 +2702,7 @@ class _ClientBase:
                 self._running -= 1
                 self._ran.notify_all()
 
-    def _handlers_done(self, timeout: float) -> bool:
+    def handlers_done(self, timeout: float) -> bool:
         """Wait until no handler runs (each one's reply sent); False at the timeout."""
         deadline = time.monotonic() + timeout
         with self._ran:
@@ -2620,22 +2737,6 @@ class _ClientBase:
             params["error"] = error
         self._post_reply(params)
 
-    @classmethod
-    def _outcome(cls, waiter: _Waiter, answered: bool, topic: str, secs: float,
-                 cancel: threading.Event | None) -> Any:
-        """A request's reply payload, or the Broker error it ended in."""
-        if not answered:
-            what = "cancelled" if cancel is not None and cancel.is_set() else \
-                f"timed out after {secs:g}s"
-            raise _broker_error(BROKER_TIMEOUT, f"request to {topic!r} {what}")
-        if waiter.error is not None:
-            cls._raise_error(waiter.error, topic)
-        return waiter.result
-
-    @staticmethod
-    def _raise_error(error: dict, topic: str):
-        raise _broker_error(error.get("code", BROKER_RESPONDER_ERROR),
-                            f"{topic}: {error.get('message', 'broker error')}")
 
 
 def _json_payload(payload: Any) -> None:
@@ -2684,7 +2785,7 @@ class _LocalClient(_ClientBase):
             if p is not None:
                 self._server.routes.take(p.inbox)
             answered = waiter.wait(0)       # it may have come in meanwhile
-        return self._outcome(waiter, answered, topic, secs, cancel)
+        return _request_outcome(waiter, answered, topic, secs, cancel)
 
     def _post_reply(self, params: dict) -> None:
         self._server.routes.handle(self._peer, {"method": "reply", "params": params})
@@ -2700,7 +2801,7 @@ class _LocalClient(_ClientBase):
             raise _broker_error(BROKER_INVALID_PARAMS, f"payload is not JSON: {exc}") from None
         waiter.wait(0)
         if waiter.error is not None:
-            self._raise_error(waiter.error, method)
+            _raise_broker_error(waiter.error, method)
         return waiter.result
 
     def close(self) -> None:
@@ -2799,7 +2900,7 @@ class BrokerClient(_ClientBase):
         finally:
             self._pending.pop(req_id, None)
         if waiter.error is not None:
-            self._raise_error(waiter.error, params.get("topic", method))
+            _raise_broker_error(waiter.error, params.get("topic", method))
         return waiter.result
 
     def subscribe(self, topic: str, handler: Callable[[Any], Any],
@@ -2841,7 +2942,7 @@ class BrokerClient(_ClientBase):
             answered = waiter.wait(secs + 1.0, cancel)
         finally:
             self._pending.pop(req_id, None)
-        return self._outcome(waiter, answered, topic, secs, cancel)
+        return _request_outcome(waiter, answered, topic, secs, cancel)
 
     def _post_reply(self, params: dict) -> None:
         try:
@@ -2957,13 +3058,12 @@ class BrokerClient(_ClientBase):
 # NATS
 # A NATS core client (text protocol over TCP or TLS) with BrokerClient's
 # interface, nexo's Event/Message envelopes, and connect_broker choosing one.
+# Shares: _is_nats, _nats_parse_headers, _nats_servers, _nats_url_as
 # ============================================================================
 
 NATS_DEFAULT_PORT = 4222
 NATS_MAX_CONTROL_LINE = 64 * 1024       # a longer line from the server is a protocol error
 NATS_MAX_OUTAGE_BUFFER = 8 << 20        # bytes of publishes kept during an outage
-BROKER_AUTH_FAILED = -32015             # the NATS server refused the credentials
-BROKER_PAYLOAD_TOO_LARGE = -32016       # over the server's max_payload; nothing was sent
 _NATS_ERROR_HEADER = "Nexo-Error"       # a responder's handler failed: {"message": ...}
 _JS_STREAM_CACHE_SECS = 30.0            # how long "does a stream capture this topic" holds
 
@@ -3125,87 +3225,13 @@ def _nats_url_as(url: str, auth: Mapping[str, str]) -> str:
                     for s in _nats_servers(url))
 
 
-def _uuid4() -> str:
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40
-    b[8] = (b[8] & 0x3F) | 0x80
-    h = b.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-def _nexo_timestamp(now: float | None = None) -> str:
-    when = datetime.now(timezone.utc) if now is None else datetime.fromtimestamp(now, timezone.utc)
-    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def nexo_event(topic: str, payload: Any, *, source: str = _NEXO_SOURCE,
-               event_id: str | None = None, now: float | None = None) -> dict:
-    """nexo's broker ``Event`` around ``payload`` (pure but for id and clock):
-    id (a uuid4 unless given), timestamp (RFC 3339, Z), topic, source, payload."""
-    return {"id": event_id or _uuid4(), "timestamp": _nexo_timestamp(now), "topic": topic,
-            "source": source, "session_id": None, "payload": payload}
-
-
-def nexo_request_event(topic: str, payload: Any, reply_to: str | None, *,
-                       source: str = _NEXO_SOURCE) -> dict:
-    """A request as nexo's plugins read it: ``Event(Message(reply_to, payload))``."""
-    return nexo_event(topic, {"id": _uuid4(), "topic": topic, "reply_to": reply_to,
-                              "payload": payload}, source=source)
-
-
-_RPC_KEYS = ("jsonrpc", "method", "result", "error")
-
-
-def _is_nexo_envelope(obj: Any) -> bool:
-    return (isinstance(obj, dict) and "payload" in obj and "topic" in obj
-            and not any(k in obj for k in _RPC_KEYS))
-
-
-def nexo_unwrap(obj: Any) -> tuple[Any, str | None, str | None]:
-    """Open a body that may be a nexo ``Event``, ``Message`` or ``Event(Message)``.
-
-    Returns ``(inner payload, Message.reply_to, shape)`` with shape
-    ``"event"``, ``"message"`` or None (not an envelope: returned as is).
-    """
-    if not _is_nexo_envelope(obj):
-        return obj, None, None
-    shape = "event" if ("source" in obj or "timestamp" in obj) else "message"
-    inner, reply_to = obj["payload"], obj.get("reply_to")
-    if shape == "event" and _is_nexo_envelope(inner) and "source" not in inner:
-        inner, reply_to = inner["payload"], inner.get("reply_to")
-    return inner, reply_to if isinstance(reply_to, str) and reply_to else None, shape
-
-
-def nexo_reply_payload(answer: Any) -> Any:
-    """A reply's payload for nexo readers: ``{"result": R}`` also carries R's
-    fields beside ``result``, so nexo's daemon, which decodes the payload
-    directly as a TickReply, reads them, while ``error`` keeps its code."""
-    if isinstance(answer, dict) and isinstance(answer.get("result"), dict):
-        return {**answer["result"], **answer}
-    return answer
-
-
-_TICK_REPLY_KEYS = ("next_cursor", "next_interval_secs", "metrics", "items_seen",
-                    "items_dispatched")
-
-
-def tick_reply_envelope(reply: Any) -> Any:
-    """Any reply shape a plugin sends, as ``{"result": ...}``/``{"error": ...}``:
-    a nexo envelope is opened, and a bare TickReply (an object with a
-    TickReply field and no JSON-RPC member) becomes its ``result``."""
-    inner, _, _ = nexo_unwrap(reply)
-    if (isinstance(inner, dict) and not any(k in inner for k in _RPC_KEYS)
-            and any(k in inner for k in _TICK_REPLY_KEYS)):
-        return {"result": inner}
-    return inner
-
-
 class _NatsDial:
-    """One authenticated connection to one NATS server: TCP, TLS when asked
-    for, the server's INFO, our CONNECT, and its first PONG."""
+    """Which NATS server to connect to, and one authenticated connection to
+    it: TCP, TLS when asked for, the server's INFO, our CONNECT, its first PONG."""
 
-    def __init__(self, name: str, connect_timeout: float, tls_ca_file: str | None,
-                 tls_cert_file: str | None, tls_key_file: str | None):
+    def __init__(self, servers: list[_NatsServer], name: str, connect_timeout: float,
+                 tls_ca_file: str | None, tls_cert_file: str | None, tls_key_file: str | None):
+        self.servers = list(servers)            # those given, then those INFO names
         self.name, self.connect_timeout = name, connect_timeout
         self.tls_ca_file, self.tls_cert_file, self.tls_key_file = \
             tls_ca_file, tls_cert_file, tls_key_file
@@ -3297,6 +3323,40 @@ class _NatsDial:
         return b"CONNECT " + _dumps(opts).encode() + b"\r\n"
 
 
+    def first(self, adopt: Callable[..., None]) -> None:
+        """``adopt`` the first server that answers; raises the Broker error
+        naming each server and its cause (a refused login stops the round)."""
+        problems = []
+        for server in self.servers:
+            try:
+                return adopt(*self.handshake(server))
+            except PluginPollerForwardError as exc:
+                problems.append(exc)
+                if getattr(exc, "code", None) == BROKER_AUTH_FAILED:
+                    break
+        raise _broker_error(getattr(problems[0], "code", BROKER_CLOSED),
+                            "; ".join(str(p) for p in problems))
+
+    def pick(self, lost: _NatsServer | None, attempt: int) -> _NatsServer:
+        """The server for reconnect ``attempt``: the others in turn, the lost
+        one (maybe lame-duck) last."""
+        order = [s for s in self.servers if s != lost] or self.servers
+        if lost in self.servers and len(self.servers) > 1:
+            order.append(lost)
+        return order[attempt % len(order)]
+
+    def learn(self, urls: Iterable[str]) -> None:
+        """Add the servers an INFO names (``connect_urls``), with our credentials."""
+        for url in urls:
+            try:
+                learned = _nats_servers(url)[0]
+            except PluginPollerForwardError:
+                continue
+            if all(s.name != learned.name for s in self.servers):
+                self.servers.append(dataclasses.replace(
+                    self.servers[0], host=learned.host, port=learned.port))
+
+
 class _NatsRequests:
     """Requests multiplexed on a client's one wildcard inbox: each gets a
     token and a waiter, many may be pipelined, and a reply is decoded (its
@@ -3350,7 +3410,7 @@ class _NatsRequests:
                 self._wait_for(threading.Event(), time.monotonic() + pause, cancel)
                 pause = _backoff(pause, 0.25, 2)
                 continue
-            reply = self._client._outcome(waiter, answered, topic, secs, cancel)
+            reply = _request_outcome(waiter, answered, topic, secs, cancel)
             return self._raw_reply(*reply) if raw else self._decode_reply(topic, *reply)
 
     @staticmethod
@@ -3374,7 +3434,7 @@ class _NatsRequests:
                 self.pending[token] = waiter
                 sent.append((topic, token, waiter))
                 try:
-                    self._client._pub(topic, self._client._raw_body(payload), self.inbox + token,
+                    self._client._pub(topic, _nats_body(payload), self.inbox + token,
                               _nats_headers(headers) if headers else None, buffer=False)
                 except PluginPollerForwardError as exc:
                     waiter.set(None, {"code": getattr(exc, "code", BROKER_CLOSED),
@@ -3383,7 +3443,7 @@ class _NatsRequests:
             for topic, token, waiter in sent:
                 answered = waiter.wait(deadline - time.monotonic())
                 try:
-                    results.append(self._raw_reply(*self._client._outcome(
+                    results.append(self._raw_reply(*_request_outcome(
                         waiter, answered or waiter.wait(0), topic, secs, None)))
                 except PluginPollerForwardError as exc:
                     results.append(exc)
@@ -3404,12 +3464,12 @@ class _NatsRequests:
         token = str(next(self._tokens))
         reply = self.inbox + token
         if raw:
-            data = self._client._raw_body(payload)
+            data = _nats_body(payload)
         else:
             body = payload
             if self._client.nexo_envelopes:
                 body = nexo_request_event(topic, payload, reply, source=self._client.source)
-            data = self._client._encode(body)
+            data = _nats_json(body)
         waiter = _Waiter()
         self.pending[token] = waiter
         try:
@@ -3436,7 +3496,7 @@ class _NatsRequests:
                     error = _loads(fields[_NATS_ERROR_HEADER][0])
                 except ValueError:
                     error = {"message": fields[_NATS_ERROR_HEADER][0]}
-                self._client._raise_error(error if isinstance(error, dict) else {}, topic)
+                _raise_broker_error(error if isinstance(error, dict) else {}, topic)
         if not payload:
             return None
         try:
@@ -3445,6 +3505,25 @@ class _NatsRequests:
             raise PluginPollerForwardError.ParseReply(
                 f"reply from {topic!r} is not JSON: {exc}") from None
         return nexo_unwrap(body)[0] if self._client.nexo_envelopes else body
+
+    def answer(self, inbox, result, error) -> None:
+        """Answer a request in the shape it came in; a handler's error
+        travels in a ``Nexo-Error`` header.  (Not JSON raises ValueError.)"""
+        subject, shape = inbox
+        if error is None and shape is not None:
+            result = nexo_event(subject, nexo_reply_payload(result), source=self._client.source)
+        body = b"" if error is not None else _dumps(result).encode()
+        try:
+            if error is not None:
+                self._client._pub(subject, body, buffer=False, headers=_nats_headers(
+                    {_NATS_ERROR_HEADER: _dumps({"code": BROKER_RESPONDER_ERROR, **error})}))
+            else:
+                self._client._pub(subject, body, buffer=False)
+        except PluginPollerForwardError as exc:
+            if getattr(exc, "code", None) == BROKER_PAYLOAD_TOO_LARGE and error is None:
+                self.answer(inbox, None, {"message": str(exc)})
+            else:
+                log.debug("NATS reply not sent: %s", exc)
 
 
 class _JetStreamCapture:
@@ -3492,19 +3571,102 @@ class _JetStreamCapture:
                                 f"{topic}: JetStream did not ack: {ack!r:.200}")
 
 
+class _NatsSubscriptions:
+    """A NATS client's subscriptions: each one's subject and queue group
+    (sent again after every reconnect), the listeners that never answer,
+    the server's refusals, and a message opened for its handler."""
+
+    def __init__(self, client: "NatsClient", handlers: dict, sids: Iterator[int],
+                 dispatch: Callable[[Any, Any, Any], None]):
+        self._client = client                   # its envelopes, writes and flush
+        self._handlers, self._sids, self._dispatch = handlers, sids, dispatch   # _ClientBase's
+        self.specs: dict[int, tuple[str, str | None]] = {}    # sid -> (subject, queue)
+        self._listeners: set[int] = set()     # sids that never answer (subscribe)
+        self._refused: dict[str, str] = {}       # subject -> the server's refusal
+
+    def lines(self) -> list[bytes]:
+        """Every subscription's SUB, for a new connection."""
+        return [_sub_line(sid, *spec) for sid, spec in list(self.specs.items())]
+
+    def refused(self, text: str) -> None:
+        """A ``-ERR`` line: a refused subscription is noted for ``add``."""
+        found = _NATS_SUB_REFUSED.match(text)
+        if found:
+            self._refused[found[1]] = text
+
+    def message(self, sid: int, reply, payload: bytes) -> None:
+        """A message for subscription ``sid``, to its handler (a request's
+        envelope opened: its handler gets the payload)."""
+        if sid not in self.specs:
+            return
+        try:
+            body = _loads(payload) if payload else None
+        except (ValueError, RecursionError):
+            body = payload                # not JSON: the handler gets the bytes
+        shape = None
+        if self._client.nexo_envelopes:
+            inner, reply_to, shape = nexo_unwrap(body)
+            reply = reply or reply_to
+            if reply is not None:
+                body = inner
+        if sid in self._listeners:
+            reply = None
+        self._dispatch(sid, body, None if reply is None else (reply, shape))
+
+    def add(self, topic: str, handler: Callable[[Any], Any], queue: str | None,
+            answer: bool) -> int:
+        """``NatsClient.subscribe``."""
+        _nats_subject(topic)
+        if queue is not None:
+            _nats_subject(queue, "queue group")
+        if self._client._closing:
+            raise _broker_error(BROKER_CLOSED, "NATS client is closed")
+        sid = next(self._sids)
+        self._handlers[sid] = handler
+        if not answer:
+            self._listeners.add(sid)
+        self.specs[sid] = (topic, queue)      # sent again after every reconnect
+        # Disconnected, the SUB is dropped here and sent on reconnect; a SUB
+        # sent twice for one sid is ignored by the server.
+        self._refused.pop(topic, None)
+        self._client._write(_sub_line(sid, topic, queue), quiet=True)
+        try:
+            self._client.flush()                      # a refusal comes before the PONG
+        except PluginPollerForwardError:
+            pass                              # an outage: the reconnect subscribes
+        refused = self._refused.pop(topic, None)
+        if refused is not None:
+            self.specs.pop(sid, None)
+            self._handlers.pop(sid, None)
+            self._listeners.discard(sid)
+            raise _broker_error(BROKER_AUTH_FAILED, f"NATS server refused the subscription "
+                                f"to {topic!r}: {refused}")
+        return sid
+
+    def remove(self, sid: int) -> None:
+        """``NatsClient.unsubscribe``."""
+        self.specs.pop(sid, None)
+        self._handlers.pop(sid, None)
+        self._listeners.discard(sid)
+        self._client._write(f"UNSUB {sid}\r\n".encode(), quiet=True)
+        try:
+            self._client.flush()
+        except PluginPollerForwardError:
+            pass                              # disconnected: nothing is subscribed there
+
+
 class NatsClient(_ClientBase):
     """A NATS client with ``BrokerClient``'s interface; thread-safe.
 
-    One reader thread per client parses the server's stream; writers
-    append to one buffer and the first of them to find nobody sending
-    sends everything queued (write combining).  Requests share one
-    wildcard inbox subscription.  After a lost connection it reconnects
-    with backoff and jitter across the server list, resubscribes, and
-    sends the publishes buffered meanwhile (at most ``outage_buffer``
-    bytes).  With ``nexo_envelopes`` (the default) requests and
-    publishes travel as nexo ``Event``s; a request's envelope is opened
-    on receipt, so its handler and its requester see plain payloads, and
-    a published message reaches its handler as the Event it is.
+    One reader thread parses the server's stream; writes are combined
+    (``_Combiner``).  After a lost connection it reconnects with backoff
+    and jitter across the servers (``_NatsDial``), resubscribes
+    (``_NatsSubscriptions``), and sends the publishes buffered meanwhile
+    (at most ``outage_buffer`` bytes).  Requests share one inbox
+    (``_NatsRequests``).  With ``nexo_envelopes`` (the default) requests
+    and publishes travel as nexo ``Event``s, opened on receipt for
+    handlers and requesters; a published message reaches its handler as
+    the Event it is.
     """
     networked = True
 
@@ -3519,10 +3681,10 @@ class NatsClient(_ClientBase):
         super().__init__(max_workers)
         if not servers:
             raise _broker_error(BROKER_INVALID_PARAMS, "no NATS server given")
-        self.servers = list(servers)
         self.url = ",".join(f"{'tls' if s.tls else 'nats'}://{s.name}" for s in servers)
         self.name, self.nexo_envelopes = name, nexo_envelopes
-        self._dial = _NatsDial(name, connect_timeout, tls_ca_file, tls_cert_file, tls_key_file)
+        self._dial = _NatsDial(servers, name, connect_timeout, tls_ca_file, tls_cert_file,
+                               tls_key_file)
         self.reconnect_wait, self.reconnect_wait_max = reconnect_wait, reconnect_wait_max
         self.max_reconnect_attempts, self.ping_interval = max_reconnect_attempts, ping_interval
         self.outage_buffer, self.source = outage_buffer, source
@@ -3537,10 +3699,8 @@ class NatsClient(_ClientBase):
         self._out = _Combiner(self._wlock)    # the current connection's; a new one each
         self._outage = bytearray()        # publishes kept while disconnected
         self._closing = False
-        self._subs: dict[int, tuple[str, str | None]] = {}    # sid -> (subject, queue)
-        self._listeners: set[int] = set()     # sids that never answer (subscribe)
+        self._subs = _NatsSubscriptions(self, self._handlers, self._sids, self._dispatch)
         self._requests = _NatsRequests(self, next(self._sids))
-        self._refused: dict[str, str] = {}       # subject -> the server's refusal
         self._pongs: deque = deque()      # waiters of our PINGs, in order
         self._unanswered_pings = 0
         self._rbuf = bytearray(1 << 16)
@@ -3558,19 +3718,7 @@ class NatsClient(_ClientBase):
         """Connect to the first server of ``url`` that answers; raises
         ``PluginPollerForwardError.Broker`` naming each server and its cause."""
         client = cls(_nats_servers(url), **opts)
-        problems = []
-        for server in client.servers:
-            try:
-                client._adopt(*client._dial.handshake(server))
-                break
-            except PluginPollerForwardError as exc:
-                problems.append(exc)
-                if getattr(exc, "code", None) == BROKER_AUTH_FAILED:
-                    break
-        if client._sock is None:
-            first = problems[0]
-            text = "; ".join(str(p) for p in problems)
-            raise _broker_error(getattr(first, "code", BROKER_CLOSED), text)
+        client._dial.first(client._adopt)
         client._reader = threading.Thread(target=client._read_loop, daemon=True,
                                           name="nexo-nats-reader")
         client._reader.start()
@@ -3578,7 +3726,7 @@ class NatsClient(_ClientBase):
 
     def _adopt(self, server: _NatsServer, sock, info: dict, leftover: bytes) -> None:
         """Make a fresh connection current: resubscribe, then send what waited."""
-        self._apply_info(info)
+        self.on_info(info)
         self._parser = _NatsParser(self)
         self._io_lock = threading.Lock() if hasattr(sock, "pending") else None   # TLS
         if self._io_lock is None:
@@ -3597,7 +3745,7 @@ class NatsClient(_ClientBase):
                 sock.close()
                 raise _broker_error(BROKER_CLOSED, "NATS client is closed")
             lines = [self._requests.sub_line()]
-            lines += [_sub_line(sid, *spec) for sid, spec in list(self._subs.items())]
+            lines += self._subs.lines()
             data = b"".join(lines) + self._outage
             self._outage.clear()
             self._out.discard()
@@ -3615,19 +3763,12 @@ class NatsClient(_ClientBase):
             self._parser.feed(leftover)
         self.connected.set()
 
-    def _apply_info(self, info: dict) -> None:
+    def on_info(self, info: dict) -> None:
+        """The server's INFO: its limits, the cluster's servers, lame-duck mode."""
         self.info = info
         if _is_int(info.get("max_payload")) and info["max_payload"] > 0:
             self.max_payload = info["max_payload"]
-        for url in info.get("connect_urls") or ():
-            try:
-                learned = _nats_servers(url)[0]
-            except PluginPollerForwardError:
-                continue
-            if all(s.name != learned.name for s in self.servers):
-                base = self.servers[0]
-                self.servers.append(dataclasses.replace(
-                    base, host=learned.host, port=learned.port))
+        self._dial.learn(info.get("connect_urls") or ())
         if info.get("ldm"):
             self.lame_duck = True
             log.info("NATS server %s is entering lame-duck mode",
@@ -3676,24 +3817,7 @@ class NatsClient(_ClientBase):
         if sid == self._requests.sid:
             self._requests.settle(subject, headers, payload)
             return
-        if sid not in self._subs:
-            return
-        try:
-            body = _loads(payload) if payload else None
-        except (ValueError, RecursionError):
-            body = payload                # not JSON: the handler gets the bytes
-        shape = None
-        if self.nexo_envelopes:
-            inner, reply_to, shape = nexo_unwrap(body)
-            reply = reply or reply_to
-            if reply is not None:
-                body = inner              # a request: its handlers get the payload
-        if sid in self._listeners:
-            reply = None
-        self._dispatch(sid, body, None if reply is None else (reply, shape))
-
-    def on_info(self, info: dict) -> None:
-        self._apply_info(info)
+        self._subs.message(sid, reply, payload)
 
     def on_ping(self) -> None:
         self._write(b"PONG\r\n", quiet=True)
@@ -3701,14 +3825,10 @@ class NatsClient(_ClientBase):
     def on_pong(self) -> None:
         self._unanswered_pings = 0
         if self._pongs:
-            waiter = self._pongs.popleft()
-            if waiter is not None:
-                waiter.set(True)
+            (self._pongs.popleft() or _Waiter()).set(True)   # None: a keep-alive PING
 
     def on_err(self, text: str) -> None:
-        refused = _NATS_SUB_REFUSED.match(text)
-        if refused:                           # read by subscribe(), which waits for it
-            self._refused[refused[1]] = text
+        self._subs.refused(text)              # read by subscribe(), which waits for it
         log.warning("NATS server %s: %s", self.server.name if self.server else "?", text)
 
     def _lose(self, sock, why: str) -> None:
@@ -3729,9 +3849,7 @@ class NatsClient(_ClientBase):
     def _fail_in_flight(self, why: str) -> None:
         self._requests.fail_all({"code": BROKER_CLOSED, "message": why})
         while self._pongs:
-            waiter = self._pongs.popleft()
-            if waiter is not None:
-                waiter.set(False)
+            (self._pongs.popleft() or _Waiter()).set(False)
 
     def _reconnect(self) -> bool:
         """Try the servers in turn until one answers; False when giving up."""
@@ -3740,10 +3858,7 @@ class NatsClient(_ClientBase):
             delay = _backoff(self.reconnect_wait, self.reconnect_wait_max, attempt + 1)
             if self._wake.wait(delay * (0.5 + random.random())) or self._closing:
                 break
-            order = [s for s in self.servers if s != self.server] or self.servers
-            if self.server in self.servers and len(self.servers) > 1:
-                order.append(self.server)     # the lost one (maybe lame-duck) goes last
-            server = order[attempt % len(order)]
+            server = self._dial.pick(self.server, attempt)
             attempt += 1
             try:
                 self._adopt(*self._dial.handshake(server))
@@ -3799,12 +3914,6 @@ class NatsClient(_ClientBase):
             if not quiet:
                 raise _broker_error(BROKER_CLOSED, f"NATS connection lost: {exc}") from None
 
-    def _encode(self, payload: Any) -> bytes:
-        try:
-            return _dumps(payload).encode()
-        except (ValueError, TypeError) as exc:
-            raise _broker_error(BROKER_INVALID_PARAMS, f"payload is not JSON: {exc}") from None
-
     def _pub(self, subject: str, body: bytes, reply: str | None = None,
              headers: bytes | None = None, *, buffer: bool = True) -> None:
         _nats_subject(subject)
@@ -3829,57 +3938,23 @@ class NatsClient(_ClientBase):
         ``answer=False`` makes a listener that never replies: a message it
         sees may carry a reply subject meant for someone else's answer (a
         KV put awaits JetStream's ack)."""
-        _nats_subject(topic)
-        if queue is not None:
-            _nats_subject(queue, "queue group")
-        if self._closing:
-            raise _broker_error(BROKER_CLOSED, "NATS client is closed")
-        sid = next(self._sids)
-        self._handlers[sid] = handler
-        if not answer:
-            self._listeners.add(sid)
-        self._subs[sid] = (topic, queue)      # sent again after every reconnect
-        # Disconnected, the SUB is dropped here and sent on reconnect; a SUB
-        # sent twice for one sid is ignored by the server.
-        self._refused.pop(topic, None)
-        self._write(_sub_line(sid, topic, queue), quiet=True)
-        try:
-            self.flush()                      # a refusal comes before the PONG
-        except PluginPollerForwardError:
-            pass                              # an outage: the reconnect subscribes
-        refused = self._refused.pop(topic, None)
-        if refused is not None:
-            self._subs.pop(sid, None)
-            self._handlers.pop(sid, None)
-            self._listeners.discard(sid)
-            raise _broker_error(BROKER_AUTH_FAILED, f"NATS server refused the subscription "
-                                f"to {topic!r}: {refused}")
-        return sid
+        return self._subs.add(topic, handler, queue, answer)
 
     def unsubscribe(self, sid: int) -> None:
         """Returns once the server has it (or at once during an outage)."""
-        self._subs.pop(sid, None)
-        self._handlers.pop(sid, None)
-        self._listeners.discard(sid)
-        self._write(f"UNSUB {sid}\r\n".encode(), quiet=True)
-        try:
-            self.flush()
-        except PluginPollerForwardError:
-            pass                              # disconnected: nothing is subscribed there
+        self._subs.remove(sid)
 
     def publish(self, topic: str, payload: Any, *, raw: bool = False,
                 headers: Mapping[str, str] | None = None) -> None:
         """Fire and forget; buffered (within ``outage_buffer``) during an outage.
-
         ``raw`` sends ``payload`` as it is (bytes, or JSON of anything else)
         with no nexo envelope, and ``headers`` as NATS headers."""
         if raw:
-            self._pub(topic, self._raw_body(payload), headers=_nats_headers(headers)
-                      if headers else None)
-            return
+            headers_ = _nats_headers(headers) if headers else None
+            return self._pub(topic, _nats_body(payload), headers=headers_)
         if self.nexo_envelopes:
             payload = nexo_event(topic, payload, source=self.source)
-        self._pub(topic, self._encode(payload))
+        self._pub(topic, _nats_json(payload))
 
     def _publish_event(self, topic: str, event: dict, confirm: bool) -> None:
         """Sent as it is; confirmed, it counts as taken once the JetStream
@@ -3889,10 +3964,7 @@ class NatsClient(_ClientBase):
         if confirm and self._capture.captured(topic):
             self._capture.publish(topic, event)
             return
-        self._pub(topic, self._raw_body(event))
-
-    def _raw_body(self, payload: Any) -> bytes:
-        return bytes(payload) if isinstance(payload, (bytes, bytearray)) else self._encode(payload)
+        self._pub(topic, _nats_body(event))
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until the server has processed everything sent so far."""
@@ -3932,28 +4004,17 @@ class NatsClient(_ClientBase):
         each reply as ``request(raw=True)`` does, or the Broker error it ended in."""
         return self._requests.request_many(requests, timeout)
 
+    @property
+    def servers(self) -> list[_NatsServer]:
+        """The servers it may connect to: those given, then those the cluster named."""
+        return self._dial.servers
+
+    def _send_reply(self, inbox, result, error) -> None:
+        self._requests.answer(inbox, result, error)
+
     def requests_in_flight(self) -> int:
         """Requests sent and not yet answered, timed out or failed."""
         return len(self._requests.pending)
-
-    def _send_reply(self, inbox, result, error) -> None:
-        """Answer a request in the shape it came in; a handler's error
-        travels in a ``Nexo-Error`` header.  (Not JSON raises ValueError.)"""
-        subject, shape = inbox
-        if error is None and shape is not None:
-            result = nexo_event(subject, nexo_reply_payload(result), source=self.source)
-        body = b"" if error is not None else _dumps(result).encode()
-        try:
-            if error is not None:
-                self._pub(subject, body, buffer=False, headers=_nats_headers(
-                    {_NATS_ERROR_HEADER: _dumps({"code": BROKER_RESPONDER_ERROR, **error})}))
-            else:
-                self._pub(subject, body, buffer=False)
-        except PluginPollerForwardError as exc:
-            if getattr(exc, "code", None) == BROKER_PAYLOAD_TOO_LARGE and error is None:
-                self._send_reply(inbox, None, {"message": str(exc)})
-            else:
-                log.debug("NATS reply not sent: %s", exc)
 
     # ------------------------------------------------------------- closing
     def close(self) -> None:
@@ -3992,6 +4053,19 @@ class NatsClient(_ClientBase):
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _nats_json(payload: Any) -> bytes:
+    """``payload`` as the JSON a message carries (a Broker error when it is not JSON)."""
+    try:
+        return _dumps(payload).encode()
+    except (ValueError, TypeError) as exc:
+        raise _broker_error(BROKER_INVALID_PARAMS, f"payload is not JSON: {exc}") from None
+
+
+def _nats_body(payload: Any) -> bytes:
+    """A raw message's body: bytes as they are, anything else as JSON."""
+    return bytes(payload) if isinstance(payload, (bytes, bytearray)) else _nats_json(payload)
 
 
 def _sub_line(sid: int, subject: str, queue: str | None) -> bytes:
@@ -4056,6 +4130,7 @@ def connect_broker(url: str, **opts) -> "BrokerClient | NatsClient":
 # Proxies
 # Pollers that live in another process, with the same ``tick(ctx)`` as an
 # in-process one; plus the supervisor that keeps long-lived plugins running.
+# Shares: _lifecycle_rules, _proxy_for
 # ============================================================================
 
 @dataclasses.dataclass
@@ -4480,6 +4555,20 @@ class _StdioChannel:
                         _log_safe(topic, 200), exc)
 
 
+_STDIO_CHANNELS = threading.Lock()      # makes each handle's channel once
+
+
+def _stdio_of(handle: PluginPollerHandle) -> _StdioChannel:
+    """The stdio channel of ``handle``'s plugin (one per plugin, kept on its handle)."""
+    channel = handle.stdio
+    if channel is None:
+        with _STDIO_CHANNELS:
+            if handle.stdio is None:
+                handle.stdio = _StdioChannel(handle)
+            channel = handle.stdio
+    return channel
+
+
 class StdioPollerProxy:
     """A poller whose ticks go to a stdio plugin: ``poll_tick`` requests on
     its stdin (or ``broker.event`` messages on its tick topic, with the
@@ -4489,7 +4578,7 @@ class StdioPollerProxy:
                  limit: bool = True):
         self.kind, self.handle, self.limit = kind, handle, limit
         if broker is not None:
-            handle.stdio.broker = broker
+            _stdio_of(handle).broker = broker
 
     def tick(self, ctx: PollContext) -> TickAck:
         h = self.handle
@@ -4497,9 +4586,9 @@ class StdioPollerProxy:
 
         def send(cancel) -> TickAck:
             if h.stdio_bridge:
-                reply = h.stdio.bridge_call(h.tick_topic(), request.envelope(), secs, cancel)
+                reply = _stdio_of(h).bridge_call(h.tick_topic(), request.envelope(), secs, cancel)
             else:
-                reply = h.stdio.call("poll_tick", request.to_dict(), secs, cancel)
+                reply = _stdio_of(h).call("poll_tick", request.to_dict(), secs, cancel)
             return _reply_to_ack(reply, ctx.job_id)
         return _watched_tick(h, ctx, _Failure, send, self.limit)
 
@@ -4615,7 +4704,7 @@ class PluginSupervisor:
                 else:
                     log.info("plugin %s: started (pid %d)", self._name, proc.pid)
                     if self._stdio:
-                        self.handle.stdio.attach(proc)
+                        _stdio_of(self.handle).attach(proc)
                     self._relay(proc)
                     if self._stop.is_set():
                         return
@@ -4639,7 +4728,7 @@ class PluginSupervisor:
         End-of-file on the output pipe is not an exit: a plugin may redirect
         its own output (``exec >>log 2>&1``) and go on serving.  Only the
         process's exit ends its run."""
-        channel = self.handle.stdio if self._stdio else None
+        channel = _stdio_of(self.handle) if self._stdio else None
         streams = {proc.stdout.fileno(): _Lines(65536, self._output, self._output)}
         if channel is not None:
             streams = {proc.stdout.fileno(): _Lines(DEFAULT_MAX_REPLY_BYTES, channel.line,
@@ -4712,7 +4801,7 @@ class PluginSupervisor:
             proc = self.proc
         if proc is not None and proc.poll() is None:
             if self._stdio:                  # `shutdown` first; SIGTERM comes in join
-                self._bye = self.handle.stdio.shutdown()
+                self._bye = _stdio_of(self.handle).shutdown()
             else:
                 _kill_group(proc, signal.SIGTERM)
 
@@ -4896,7 +4985,7 @@ class _Serving:
                 self.client.unsubscribe(self.sid)
             except PluginPollerForwardError:
                 pass                         # the connection is gone already
-        idle = self.client._handlers_done(_LEAVING_GRACE_SECS)
+        idle = self.client.handlers_done(_LEAVING_GRACE_SECS)
         self.client.close()
         if not idle:                         # a stuck handler would hold the exit
             os._exit(0)
@@ -4981,6 +5070,8 @@ def _stdio_answer(handlers: Mapping[str, Callable], envelope: Any) -> dict | Non
 # State
 # Every job's durable state has one owner: a StateStore.  The Runner and the
 # CLI speak to it in JobState records; only the backend speaks SQL.
+# Shares: _command_source, _DAEMON_TTL_SECS, _new_owner, _no_history,
+#   _NoStateYet, _outbox_share, _pid_alive, _state_backend, _wake_owner
 # ============================================================================
 
 class TickStatus(str, enum.Enum):
@@ -7607,6 +7698,7 @@ def open_state(location: str, *, readonly: bool = False, owner: str | None = Non
 # Schedule
 # When a job runs next: every N seconds, a cron expression (5 or 6 fields,
 # in a time zone), or once at an instant.  Pure functions of a given time.
+# Shares: _parse_instant
 # ============================================================================
 
 _MONTHS = {m: i for i, m in enumerate(
@@ -7802,6 +7894,7 @@ class Schedule:
 # Config
 # ``pollers.json`` read and checked as a whole before anything starts: every
 # problem is reported at once, each with its JSON path.
+# Shares: _config_state, _host_name, _redact_url
 # ============================================================================
 
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
@@ -8257,6 +8350,7 @@ def _schedule_from_dict(raw: Any, where: str, probs: _Problems) -> Schedule | No
 # Runner
 # One timer heap for every job, one table of routes (kind -> poller, lane,
 # budget), and the error policy: the only place a PollerError gets a meaning.
+# Shares: _status_dict, _tick_budget
 # ============================================================================
 
 _COMMAND_POLL_SECS = 0.5             # the running set is published at most this often
@@ -8810,6 +8904,17 @@ class _JobBook:
             else:
                 job.generation = -1
             self.cond.notify_all()
+
+    def status(self, threshold: int, holders: Mapping[str, str] | None,
+               owner: str) -> list[dict]:
+        """Every job as ``status`` shows it; ``holders`` None: ``owner``'s leases."""
+        with self.cond:
+            if holders is None:
+                holders = self.own_holds(owner)
+            return [_status_dict(j.cfg, j.state, threshold, j.running and not j.commanding,
+                                 j.next_run_at if j.generation >= 0 else None, j.delivered,
+                                 holder=holders.get(j.cfg.id))
+                    for j in self.jobs.values()]
 
     def own_holds(self, owner: str) -> dict[str, str]:
         """The jobs this daemon holds the leases of: job id -> ``owner`` (lock held)."""
@@ -10037,14 +10142,7 @@ class Runner:
         """Every job as ``status`` shows it, from this daemon's memory.  Its
         ``holder`` is this daemon for the jobs it holds, else None; pass
         ``holders()`` (a read of the state) for every daemon's."""
-        threshold = self.config.breaker_threshold
-        with self._book.cond:
-            if holders is None:
-                holders = self._book.own_holds(self.state.owner)
-            return [_status_dict(j.cfg, j.state, threshold, j.running and not j.commanding,
-                                 j.next_run_at if j.generation >= 0 else None, j.delivered,
-                                 holder=holders.get(j.cfg.id))
-                    for j in self._book.jobs.values()]
+        return self._book.status(self.config.breaker_threshold, holders, self.state.owner)
 
     def holders(self) -> dict[str, str]:
         """Which daemon holds each job's lease (job id -> owner), read from
@@ -10104,6 +10202,14 @@ class Runner:
         """Entries on the timer heap, superseded ones included (bounded: it compacts)."""
         with self._book.cond:
             return len(self._book.heap)
+
+    def outbox_counts(self) -> dict[str, tuple[int, float]]:
+        """The outbox per job: (items, oldest created_at); nothing while the
+        state cannot be read (the state gauges say so)."""
+        try:
+            return self.state.outbox_counts() if self.state is not None else {}
+        except StateError:
+            return {}
 
     def job_configs(self) -> dict[str, JobConfig]:
         """Every job this daemon runs: job id -> its configuration."""
@@ -10590,7 +10696,7 @@ class _Metrics:
         for outcome in ("delivered", "retried", "dead"):
             out.append(f"nexo_poller_deliveries_total{lbl(outcome=outcome)} "
                        f"{getattr(pub, outcome) if pub else 0}")
-        pending = _outbox_counts(runner)
+        pending = runner.outbox_counts()
         family("nexo_poller_outbox_depth", "gauge", "Messages waiting in the outbox.")
         out.append(f"nexo_poller_outbox_depth {sum(n for n, _ in pending.values())}")
         family("nexo_poller_outbox_oldest_age_seconds", "gauge",
@@ -10628,6 +10734,8 @@ def _prom_escape(value: Any) -> str:
 # once, time per read and per request, bytes per request.  What it serves is
 # one table, ``_HTTP_ROUTES``: paths, methods, whether the token is needed,
 # and a small handler each; ``_serve_http`` only reads, guards and dispatches.
+# Shares: _admin_token, _ADMIN_TOKEN_ENV, _ADMIN_URL_ENV, _cursor_text,
+#   _daemons_line, _job_status, _relative
 # ============================================================================
 
 _METRICS_READ_TIMEOUT_SECS = 10.0     # a request (line, headers, body) arrives within it, in all
@@ -10753,9 +10861,7 @@ def _plugin_states(runner: "Runner") -> list[dict]:
                "state": "ephemeral", "pid": None, "restarts": 0, "last_exit": None,
                "restart_in_secs": None, "last_output": []}
         if sup is not None:
-            health = h.health
-            with health._lock:
-                down, at, tail = health.down, health.restart_at, list(health.tail)
+            down, at, tail = h.health.snapshot()
             proc = sup.proc
             alive = proc is not None and proc.poll() is None and down is None
             doc.update(state="up" if alive else "restarting" if at is not None else "down",
@@ -10768,18 +10874,9 @@ def _plugin_states(runner: "Runner") -> list[dict]:
     return out
 
 
-def _outbox_counts(runner: "Runner") -> dict[str, tuple[int, float]]:
-    """The outbox per job, or nothing while the state cannot be read (the
-    state gauges say so)."""
-    try:
-        return runner.state.outbox_counts() if runner.state is not None else {}
-    except StateError:
-        return {}
-
-
 def _admin_jobs(runner: "Runner") -> list[dict]:
     """GET /admin/pollers: nexo's fields, then what this project adds."""
-    undelivered = {job: n for job, (n, _) in _outbox_counts(runner).items()}
+    undelivered = {job: n for job, (n, _) in runner.outbox_counts().items()}
     plugins = {p["id"]: p for p in _plugin_states(runner)}
     schedules = {i: _schedule_text(c.schedule) for i, c in runner.job_configs().items()}
     out = []

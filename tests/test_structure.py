@@ -10,22 +10,26 @@ order.  The rules:
                        that section or an earlier one (DELIBERATE_LATE_BINDINGS
                        lists the few allowed exceptions, each with its reason)
     private-name       no use of another section's private (``_x``) module name,
-                       except that the private names defined in the ``Helpers``
-                       section may be used by every later section
+                       except the names its section shares: the private names
+                       defined in the ``Helpers`` section, and those a banner
+                       lists under ``# Shares:``, may be used by every later
+                       section (the section's internal interface, declared once
+                       beside it, as a package's ``__init__`` would)
+    share              a shared name is defined in its section and used by a
+                       later one
     private-attribute  no ``obj._x`` where ``_x`` is a private attribute owned
                        only by classes of other sections (``self._x`` inside
                        a class is always its own business)
     class-size         no class longer than CLASS_LINE_LIMIT lines
 
-A failure names the line and the rule.  Main does not meet the contract
-yet: KNOWN_VIOLATIONS is the part of issue 22's refactor still to do,
-73 entries (private-name 66, private-attribute 2, class-size 2,
-forward-reference 3), written as (rule, section, name) without line
-numbers so that it survives edits.  The test fails on a violation outside the
-baseline, and on a baseline entry that no longer occurs: the list only
-shrinks.  After a refactor, print the current violations in baseline
-format with::
+A failure names the line and the rule.  nexo_poller.py meets the
+contract: KNOWN_VIOLATIONS, the debt a refactor may still carry as
+(rule, section, name) entries without line numbers, is empty and stays
+so.  The test fails on a violation outside the baseline, and on a baseline
+entry that no longer occurs.  To see the violations, or print them in
+baseline format::
 
+    python tests/test_structure.py --list            # or --print-baseline
     python tests/test_structure.py --print-baseline
 """
 
@@ -54,85 +58,7 @@ DELIBERATE_LATE_BINDINGS = {
 
 # What remains of issue 22's refactor: (rule, section, name).  Remove an
 # entry when its violation is gone; never add one to let new code in.
-KNOWN_VIOLATIONS = {
-    # class-size: 2
-    ('class-size', 'Broker', 'BrokerServer'),
-    ('class-size', 'NATS', 'NatsClient'),
-    # forward-reference: 3
-    ('forward-reference', 'Broker', 'nexo_event'),
-    ('forward-reference', 'Manifest', '_StdioChannel'),
-    ('forward-reference', 'Runner', '_outbox_counts'),
-    # private-attribute: 2
-    ('private-attribute', 'HTTP', '_lock'),
-    ('private-attribute', 'SDK', '_handlers_done'),
-    # private-name: 66
-    ('private-name', 'Broker', '_ForwardBroker'),
-    ('private-name', 'CLI', '_ADMIN_TOKEN_ENV'),
-    ('private-name', 'CLI', '_ADMIN_URL_ENV'),
-    ('private-name', 'CLI', '_NoStateYet'),
-    ('private-name', 'CLI', '_admin_token'),
-    ('private-name', 'CLI', '_become_subreaper'),
-    ('private-name', 'CLI', '_config_state'),
-    ('private-name', 'CLI', '_cursor_line'),
-    ('private-name', 'CLI', '_cursor_text'),
-    ('private-name', 'CLI', '_cursor_view'),
-    ('private-name', 'CLI', '_daemons_line'),
-    ('private-name', 'CLI', '_is_nats'),
-    ('private-name', 'CLI', '_job_status'),
-    ('private-name', 'CLI', '_new_owner'),
-    ('private-name', 'CLI', '_no_history'),
-    ('private-name', 'CLI', '_pid_alive'),
-    ('private-name', 'CLI', '_plugin_for'),
-    ('private-name', 'CLI', '_relative'),
-    ('private-name', 'CLI', '_state_backend'),
-    ('private-name', 'CLI', '_status_dict'),
-    ('private-name', 'CLI', '_tick_budget'),
-    ('private-name', 'CLI', '_wake_owner'),
-    ('private-name', 'Config', '_DAEMON_TTL_SECS'),
-    ('private-name', 'Config', '_TOPIC_TOKEN_RE'),
-    ('private-name', 'Config', '_is_nats'),
-    ('private-name', 'Config', '_json_type'),
-    ('private-name', 'Config', '_lifecycle_rules'),
-    ('private-name', 'Config', '_nats_servers'),
-    ('private-name', 'Config', '_parse_instant'),
-    ('private-name', 'Config', '_state_backend'),
-    ('private-name', 'HTTP', '_cursor_view'),
-    ('private-name', 'HTTP', '_host_name'),
-    ('private-name', 'Manifest', '_StdioChannel'),
-    ('private-name', 'NATS', '_ClientBase'),
-    ('private-name', 'NATS', '_NEXO_SOURCE'),
-    ('private-name', 'NATS', '_broker_error'),
-    ('private-name', 'Processes', '_reply_to_ack'),
-    ('private-name', 'Proxies', '_Failure'),
-    ('private-name', 'Proxies', '_Lines'),
-    ('private-name', 'Proxies', '_child_env'),
-    ('private-name', 'Proxies', '_exit_status'),
-    ('private-name', 'Proxies', '_kill_group'),
-    ('private-name', 'Proxies', '_parse_reply_envelope'),
-    ('private-name', 'Proxies', '_pidfd'),
-    ('private-name', 'Proxies', '_popen'),
-    ('private-name', 'Proxies', '_reap'),
-    ('private-name', 'Proxies', '_reply_to_ack'),
-    ('private-name', 'Proxies', '_sweep_orphans'),
-    ('private-name', 'Proxies', '_unparsable'),
-    ('private-name', 'Proxies', '_wait_exit'),
-    ('private-name', 'Runner', '_command_source'),
-    ('private-name', 'Runner', '_config_state'),
-    ('private-name', 'Runner', '_is_nats'),
-    ('private-name', 'Runner', '_lifecycle_rules'),
-    ('private-name', 'Runner', '_nats_url_as'),
-    ('private-name', 'Runner', '_outbox_counts'),
-    ('private-name', 'Runner', '_outbox_share'),
-    ('private-name', 'Runner', '_plugin_for'),
-    ('private-name', 'Runner', '_proxy_for'),
-    ('private-name', 'Runner', '_redact_url'),
-    ('private-name', 'Runner', '_start_http'),
-    ('private-name', 'Runner', '_wake_owner'),
-    ('private-name', 'SDK', '_STDERR_KEEP_BYTES'),
-    ('private-name', 'State', '_is_nats'),
-    ('private-name', 'State', '_nats_parse_headers'),
-    ('private-name', 'State', '_uuid4'),
-}
+KNOWN_VIOLATIONS: set[tuple[str, str, str]] = set()
 
 
 _BANNER = re.compile(r"#\s*={10,}\s*$")
@@ -175,6 +101,33 @@ def docstring_sections(tree: ast.Module) -> list[str]:
         if not line.startswith("     "):
             names.append(re.split(r"\s{2,}", line.strip())[0])
     return names
+
+
+_SHARES = re.compile(r"#\s+Shares:(.*)$")
+_SHARED_NAME = re.compile(r"\b_[A-Za-z0-9_]+\b")
+
+
+def banner_shares(source: str) -> dict[str, dict[str, int]]:
+    """The private names each section's banner shares with later sections:
+    title -> {name: line}.  A ``# Shares:`` line and the comment lines after
+    it, up to the banner's closing ``# ====``, list them."""
+    lines = source.splitlines()
+    out: dict[str, dict[str, int]] = {}
+    for title, line in banner_sections(source):
+        names: dict[str, int] = {}
+        listing = False
+        for i in range(line, len(lines)):       # ``line`` is the title's (1-based)
+            text = lines[i]
+            if _BANNER.match(text) or not text.lstrip().startswith("#"):
+                break
+            found = _SHARES.match(text)
+            if found:
+                listing, text = True, found[1]
+            if listing:
+                for name in _SHARED_NAME.findall(text):
+                    names.setdefault(name, i + 1)
+        out[title] = names
+    return out
 
 
 def banner_sections(source: str) -> list[tuple[str, int]]:
@@ -433,6 +386,8 @@ def check(source: str, *, class_limit: int = CLASS_LINE_LIMIT,
     sections = _Sections(banners)
     defs = _module_definitions(tree)
     home = {name: sections.index(line) for name, line in defs.items()}
+    shares = banner_shares(source)
+    used_later: set[tuple[str, str]] = set()
 
     uses = _Uses(set(defs))
     for stmt in tree.body:
@@ -447,13 +402,26 @@ def check(source: str, *, class_limit: int = CLASS_LINE_LIMIT,
                 seen.add(key)
                 out.append(Violation("forward-reference", here, name, line,
                                      f"{name} is defined in the later section {there}"))
-        shared = there == HELPERS_SECTION and home[name] < where
-        if _is_private(name) and home[name] != where and home[name] >= 0 and not shared:
+        shared = home[name] < where and (there == HELPERS_SECTION
+                                         or name in shares.get(there, {}))
+        if shared:
+            used_later.add((there, name))
+        late = (here, name) in late_bindings          # declared with its reason
+        if _is_private(name) and home[name] != where and home[name] >= 0 and not shared \
+                and not late:
             key = ("private-name", here, name, line)
             if key not in seen:
                 seen.add(key)
                 out.append(Violation("private-name", here, name, line,
                                      f"{name} is private to section {there}"))
+    for title, names in shares.items():
+        for name, line in names.items():
+            if sections.name(home.get(name, -2)) != title:
+                out.append(Violation("share", title, name, line,
+                                     f"{name} is shared but not defined in section {title}"))
+            elif (title, name) not in used_later:
+                out.append(Violation("share", title, name, line,
+                                     f"{name} is shared but no later section uses it"))
     owners: dict[str, set[int]] = {}
     for attr, line in uses.attr_owned:
         owners.setdefault(attr, set()).add(sections.index(line))
@@ -660,6 +628,24 @@ class CheckerTest(unittest.TestCase):
                           ("forward-reference", "Alpha", "later"),
                           ("private-name", "Alpha", "_shared"),
                           ("private-name", "Beta", "_SECRET")])
+
+    def test_a_banner_shares_private_names_with_later_sections(self):
+        """``# Shares:`` in a banner lets later sections use those names; a
+        shared name that is not the section's, or that nobody uses, fails."""
+        source = _SYNTHETIC.replace("# The first section.\n",
+                                    "# The first section.\n# Shares: _SECRET, _GONE,\n"
+                                    "#   _IDLE\n")
+        source = source.replace("_SECRET = 1\n", "_SECRET = 1\n_IDLE = 2\n")
+        found = check(source, class_limit=50)
+        self.assertEqual([v for v in found if v.rule == "private-name"], [])
+        self.assertEqual(sorted((v.name, v.detail.split(" is ")[1]) for v in found
+                                if v.rule == "share"),
+                         [("_GONE", "shared but not defined in section Alpha"),
+                          ("_IDLE", "shared but no later section uses it")])
+        self.assertEqual(banner_shares(source)["Alpha"],
+                         {"_SECRET": self.line_of("# The first") + 1,
+                          "_GONE": self.line_of("# The first") + 1,
+                          "_IDLE": self.line_of("# The first") + 2})
 
     def test_baseline_format_round_trips(self):
         text = baseline_text(self.found)
