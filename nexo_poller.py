@@ -11838,23 +11838,6 @@ def _setup_logging(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
 
 
-_VERB_HELP = {
-    "run": "run the daemon in the foreground (the default verb)",
-    "validate": "check the config, every manifest and every plugin entrypoint; report "
-                "every problem at once",
-    "status": "show every job's state (read only), or a job's next fire times (--next N)",
-    "tick": "tick a job now and store the outcome; --dry-run stores nothing",
-    "pause": "pause a job (through the daemon holding it, if one runs)",
-    "resume": "resume a paused job, clearing its error count",
-    "reset": "clear a job's cursor: its next tick starts from scratch",
-    "cursor": "show a job's cursor, its history, or set it (--set, --set-text, --rollback)",
-    "outbox": "list, retry or drop undelivered deliveries and alerts",
-    "migrate-state": "copy a stopped daemon's state (cursors, pause states, counters, "
-                     "outbox) into another state, of either backend; jobs already there "
-                     "are left alone",
-}
-
-
 def _parser():
     import argparse
     # The options every verb takes, before or after the verb: the main parser
@@ -11879,59 +11862,19 @@ def _parser():
                "1 transient, 8 permanent, 9 config")
     options(p, False)
     p.add_argument("--admin", metavar="URL", default=os.environ.get(_ADMIN_URL_ENV),
-                   help="status, tick, pause, resume and reset go to the daemon's admin API "
-                        f"at URL (default: ${_ADMIN_URL_ENV}); the token comes from "
+                   help=", ".join(v.name for v in _VERBS.values() if v.remote)
+                   + f" go to the daemon's admin API at URL (default: ${_ADMIN_URL_ENV}); "
+                     "the token comes from "
                         f"--admin-token-file or ${_ADMIN_TOKEN_ENV}")
     p.add_argument("--admin-token-file", metavar="FILE", help="the admin API's bearer token")
     p.add_argument("--version", action="version", version=f"nexo-poller {__version__}",
                    help="print the version and exit")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
 
-    def verb(name: str):
-        v = sub.add_parser(name, help=_VERB_HELP[name], description=_VERB_HELP[name])
+    for verb in _VERBS.values():
+        v = sub.add_parser(verb.name, help=verb.help, description=verb.help)
         options(v, True)
-        return v
-    verb("run")
-    verb("validate")
-    st = verb("status")
-    st.add_argument("job", nargs="?", help="with --next: the job whose schedule to show")
-    st.add_argument("--json", action="store_true", help="print JSON (times in ISO 8601)")
-    st.add_argument("--next", type=int, metavar="N",
-                    help="list the next N fire times of JOB's schedule")
-    tk = verb("tick")
-    tk.add_argument("job")
-    tk.add_argument("--dry-run", action="store_true",
-                    help="run one tick and store nothing; print the request, the reply, "
-                         "deliveries, metrics, duration and the plugin's stderr")
-    tk.add_argument("--cursor", metavar="B64", help="--dry-run: start from this cursor "
-                    "(URL-safe base64, as `status` shows it)")
-    tk.add_argument("--cursor-text", metavar="TEXT", help="--dry-run: start from this "
-                    "cursor given as UTF-8 text")
-    for name in ("pause", "resume", "reset"):
-        verb(name).add_argument("job")
-    cu = verb("cursor")
-    cu.add_argument("job")
-    cu.add_argument("--json", action="store_true", help="print JSON")
-    cu.add_argument("--history", action="store_true",
-                    help=f"the last committed cursors (up to {CURSOR_HISTORY_KEEP}), newest first")
-    how = cu.add_mutually_exclusive_group()
-    how.add_argument("--set", metavar="B64", help="set the cursor (URL-safe base64)")
-    how.add_argument("--set-text", metavar="TEXT", help="set the cursor to this UTF-8 text")
-    how.add_argument("--rollback", type=int, metavar="N",
-                     help="go back N committed cursors in the history")
-    cu.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    ob = verb("outbox")
-    ob.add_argument("action", nargs="?", default="list", choices=["list", "retry", "drop"])
-    ob.add_argument("ids", nargs="*", metavar="ID", help="event ids (default: all)")
-    ob.add_argument("--dead", action="store_true", help="the dead letters instead")
-    ob.add_argument("--json", action="store_true", help="list as a JSON array")
-    ob.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    mi = verb("migrate-state")
-    mi.add_argument("--to", required=True, metavar="PATH|jetstream://BUCKET",
-                    help="the state to copy into: a sqlite file or a JetStream bucket")
-    mi.add_argument("--broker", metavar="nats://HOST:4222",
-                    help="the NATS server of a jetstream:// target (default: the config's "
-                         "broker)")
+        verb.args(v)
     return p
 
 
@@ -11950,13 +11893,13 @@ def main(argv: list[str] | None = None) -> int:
         args.ids += extra                   # ids after an option: `outbox drop --dead ID`
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if not args.config and not (args.admin and args.verb in _ADMIN_VERBS):
+    verb = _VERBS[args.verb or "run"]
+    remote = bool(args.admin) and verb.remote is not None
+    if not args.config and not remote:
         parser.error("the following arguments are required: --config")
     _setup_logging(args.log_level, args.log_format)
     try:
-        if args.admin and args.verb in _ADMIN_VERBS:
-            return _admin_verb(args)
-        return _run_verb(args)
+        return _through_admin(verb, args) if remote else _run_verb(verb, args)
     except _UsageError as exc:
         print(f"nexo-poller: {exc}", file=sys.stderr)
         return exc.code
@@ -11984,65 +11927,76 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
 
-def _run_verb(args) -> int:
-    verb = args.verb or "run"
-    config = load_config(args.config, check_entrypoints=verb == "validate")
-    if verb == "validate":
-        print(f"{args.config}: ok ({len(config.jobs)} jobs, {len(config.plugins)} plugins)")
-        return EXIT_OK
+def _run_verb(verb: "_Verb", args) -> int:
+    """A verb on the configuration (no ``--admin``): load it, check the job
+    named, run the verb's local implementation."""
+    config = load_config(args.config, check_entrypoints=verb.name == "validate")
     job_ids = {j.id for j in config.jobs}
     job = getattr(args, "job", None)
     if job is not None and job not in job_ids:
         raise _UsageError(f"no job {job!r} in {args.config} (jobs: "
                           f"{', '.join(sorted(job_ids)) or 'none'})", EXIT_UNKNOWN_JOB)
-    if verb == "run":
-        if not config.enabled:
-            print("nexo-poller: disabled by \"enabled\": false in the config; nothing to do",
-                  file=sys.stderr)
-            return EXIT_OK
-        _check_metrics_addr(config)      # before any plugin starts
-        _become_subreaper()             # orphans of plugins come back to be killed
-        mark = _mark_daemon(args.config, config)
-        try:
-            _notifying(Runner(config)).run_forever(args.config)
-        finally:
-            _unmark_daemon(mark)
+    return verb.local(config, args)
+
+
+def _validate_local(config: DaemonConfig, args) -> int:
+    print(f"{args.config}: ok ({len(config.jobs)} jobs, {len(config.plugins)} plugins)")
+    return EXIT_OK
+
+
+def _run_local(config: DaemonConfig, args) -> int:
+    if not config.enabled:
+        print("nexo-poller: disabled by \"enabled\": false in the config; nothing to do",
+              file=sys.stderr)
         return EXIT_OK
-    if verb == "tick" and args.dry_run:
-        return _dry_run_verb(config, args)
-    if (args.verb == "tick" and (args.cursor is not None or args.cursor_text is not None)):
-        raise _UsageError("--cursor and --cursor-text go with --dry-run", EXIT_USAGE)
-    if verb == "status" and args.next is not None:
-        if job is None or args.next < 1:
+    _check_metrics_addr(config)         # before any plugin starts
+    _become_subreaper()                 # orphans of plugins come back to be killed
+    mark = _mark_daemon(args.config, config)
+    try:
+        _notifying(Runner(config)).run_forever(args.config)
+    finally:
+        _unmark_daemon(mark)
+    return EXIT_OK
+
+
+def _status_local(config: DaemonConfig, args) -> int:
+    if args.next is not None:
+        if args.job is None or args.next < 1:
             raise _UsageError("status --next N needs a job and N >= 1: status JOB --next 5",
                               EXIT_USAGE)
-        return _print_next(config, job, args.next, args.json)
-    if verb in ("tick", "pause", "resume", "reset", "cursor"):
-        _refuse_if_daemon_elsewhere(args.config, config)
-    if verb == "cursor":
-        return _cursor_verb(config, args)
-    if verb == "tick":
-        daemon_result = _tick_through_daemon(config, job)
-        if daemon_result is not None:
-            return daemon_result
-        handle = _plugin_for(next(j.kind for j in config.jobs if j.id == job), config.plugins)
-        runner = Runner(dataclasses.replace(     # start only what this one tick needs
-            config, jobs=[j for j in config.jobs if j.id == job],
-            plugins=[handle] if handle else []))
-        try:
-            outcome = runner.run_once(job)
-        finally:
-            runner.stop()
-        print(json.dumps(outcome.to_dict(), indent=2))
-        if outcome.status == "leased":
-            return EXIT_BUSY
-        return EXIT_OK if outcome.status == "ok" else EXIT_TICK_FAILED
-    if verb == "status":
-        return _print_status(config, args.json)
-    if verb == "outbox":
-        return _outbox_verb(config, args)
-    if verb == "migrate-state":
-        return _migrate_state(config, args)
+        return _print_next(config, args.job, args.next, args.json)
+    return _print_status(config, args.json)
+
+
+def _tick_local(config: DaemonConfig, args) -> int:
+    if args.dry_run:
+        return _dry_run_verb(config, args)
+    if args.cursor is not None or args.cursor_text is not None:
+        raise _UsageError("--cursor and --cursor-text go with --dry-run", EXIT_USAGE)
+    _refuse_if_daemon_elsewhere(args.config, config)
+    job = args.job
+    daemon_result = _tick_through_daemon(config, job)
+    if daemon_result is not None:
+        return daemon_result
+    handle = _plugin_for(next(j.kind for j in config.jobs if j.id == job), config.plugins)
+    runner = Runner(dataclasses.replace(     # start only what this one tick needs
+        config, jobs=[j for j in config.jobs if j.id == job],
+        plugins=[handle] if handle else []))
+    try:
+        outcome = runner.run_once(job)
+    finally:
+        runner.stop()
+    print(json.dumps(outcome.to_dict(), indent=2))
+    if outcome.status == "leased":
+        return EXIT_BUSY
+    return EXIT_OK if outcome.status == "ok" else EXIT_TICK_FAILED
+
+
+def _command_local(config: DaemonConfig, args) -> int:
+    """``pause``/``resume``/``reset JOB``: through the state, to the daemon
+    holding the job when one runs."""
+    _refuse_if_daemon_elsewhere(args.config, config)
+    verb, job = args.verb, args.job
     store = _config_state(config)
     try:
         jc = next(j for j in config.jobs if j.id == job)
@@ -12056,6 +12010,11 @@ def _run_verb(args) -> int:
         return EXIT_OK
     finally:
         store.close()
+
+
+def _cursor_local(config: DaemonConfig, args) -> int:
+    _refuse_if_daemon_elsewhere(args.config, config)
+    return _cursor_verb(config, args)
 
 
 def _migrate_state(config: DaemonConfig, args) -> int:
@@ -12518,9 +12477,6 @@ def _print_status_table(out: list[dict], enabled: bool = True) -> None:
               f"{s.get('holder') or '-':<{held}} {_error_cell(s['last_error'])}")
 
 
-_ADMIN_VERBS = ("status", "tick", "pause", "resume", "reset", "cursor")
-
-
 def _admin_call(url: str, method: str, path: str, token: str | None,
                 timeout: float, body: bytes | None = None) -> tuple[int, Any]:
     """One request to a daemon's admin API (no redirects, no proxies: the
@@ -12549,8 +12505,9 @@ def _admin_call(url: str, method: str, path: str, token: str | None,
         raise _UsageError(f"admin API at {url}: {exc}", EXIT_ADMIN) from None
 
 
-def _admin_cursor(args, job: str, token: str | None) -> int:
+def _admin_cursor(args, token: str | None) -> int:
     """``cursor JOB [--history] [--set B64 | --set-text TEXT]`` through the admin API."""
+    job = args.job
     if args.rollback is not None:
         raise _UsageError("cursor --rollback works on a local state only; with --admin, "
                           "read --history and --set the cursor you want", EXIT_USAGE)
@@ -12590,20 +12547,18 @@ def _admin_cursor_bytes(b64: str | None) -> bytes | None:
         raise _UsageError(f"admin API: {exc}", EXIT_ADMIN) from None
 
 
-def _admin_verb(args) -> int:
-    """``status``/``tick``/``pause``/``resume``/``reset`` through a daemon's admin API."""
+def _through_admin(verb: "_Verb", args) -> int:
+    """A verb through a daemon's admin API (``--admin URL``)."""
     try:
         token = _admin_token(args.admin_token_file)
     except InputError as exc:
         raise _UsageError(f"--admin-token-file: {exc}", EXIT_USAGE) from None
-    verb, job = args.verb, getattr(args, "job", None)
-    if verb == "cursor":
-        return _admin_cursor(args, job, token)
-    if verb == "status":
-        code, doc = _admin_call(args.admin, "GET", "/admin/pollers", token, 30)
-    else:
-        code, doc = _admin_call(args.admin, "POST", f"/admin/pollers/{job}/"
-                                + ("run" if verb == "tick" else verb), token, 600)
+    return verb.remote(args, token)
+
+
+def _admin_error(args, code: int, doc: Any) -> str | None:
+    """Raise for the answers every verb reads alike (refused, no such job,
+    state unusable); else the ``error`` the answer carries."""
     error = doc.get("error") if isinstance(doc, dict) else None
     if code in (401, 403):
         raise _UsageError(f"admin API at {args.admin} refused: {error}", EXIT_ADMIN)
@@ -12611,21 +12566,41 @@ def _admin_verb(args) -> int:
         raise _UsageError(f"admin API at {args.admin}: {error}", EXIT_UNKNOWN_JOB)
     if code == 503:
         raise _UsageError(f"admin API at {args.admin}: {error}", EXIT_STATE)
-    if verb == "status" and code == 200 and isinstance(doc, list):
-        if args.json:
-            print(json.dumps(doc, indent=2))
-        else:
-            code, daemons = _admin_call(args.admin, "GET", "/admin/daemons", token, 30)
-            if code == 200 and isinstance(daemons, dict):
-                print(_daemons_line(daemons) + f"; asked through the admin API at {args.admin}")
-            else:                           # a daemon from before the route
-                print(f"daemon: admin API at {args.admin}")
-            _print_status_table(doc)
+    return error
+
+
+def _status_remote(args, token: str | None) -> int:
+    code, doc = _admin_call(args.admin, "GET", "/admin/pollers", token, 30)
+    error = _admin_error(args, code, doc)
+    if code != 200 or not isinstance(doc, list):
+        raise _UsageError(f"admin API at {args.admin}: HTTP {code}: {error or doc!r}",
+                          EXIT_ADMIN)
+    if args.json:
+        print(json.dumps(doc, indent=2))
         return EXIT_OK
-    if verb == "tick" and isinstance(doc, dict) and isinstance(doc.get("outcome"), dict):
+    code, daemons = _admin_call(args.admin, "GET", "/admin/daemons", token, 30)
+    if code == 200 and isinstance(daemons, dict):
+        print(_daemons_line(daemons) + f"; asked through the admin API at {args.admin}")
+    else:                                   # a daemon from before the route
+        print(f"daemon: admin API at {args.admin}")
+    _print_status_table(doc)
+    return EXIT_OK
+
+
+def _tick_remote(args, token: str | None) -> int:
+    code, doc = _admin_call(args.admin, "POST", f"/admin/pollers/{args.job}/run", token, 600)
+    error = _admin_error(args, code, doc)
+    if isinstance(doc, dict) and isinstance(doc.get("outcome"), dict):
         outcome = doc["outcome"] | {"via": f"admin API {args.admin}"}
         print(json.dumps(outcome, indent=2))
         return EXIT_OK if code == 200 else EXIT_BUSY if code == 409 else EXIT_TICK_FAILED
+    raise _UsageError(f"admin API at {args.admin}: HTTP {code}: {error or doc!r}", EXIT_ADMIN)
+
+
+def _command_remote(args, token: str | None) -> int:
+    verb, job = args.verb, args.job
+    code, doc = _admin_call(args.admin, "POST", f"/admin/pollers/{job}/{verb}", token, 600)
+    error = _admin_error(args, code, doc)
     if code == 200 and isinstance(doc, dict) and doc.get("ok"):
         print(f"{verb} {job}: done (admin API at {args.admin})")
         return EXIT_OK
@@ -12662,6 +12637,97 @@ def _print_next(config: DaemonConfig, job: str, n: int, as_json: bool) -> int:
     if len(times) < n:
         print(f"(the schedule of {job} fires no more after that)")
     return EXIT_OK
+
+
+# -- the verbs: one entry each holds its help, arguments, local and remote run --------
+
+def _job_arg(p) -> None:
+    p.add_argument("job")
+
+
+def _status_args(p) -> None:
+    p.add_argument("job", nargs="?", help="with --next: the job whose schedule to show")
+    p.add_argument("--json", action="store_true", help="print JSON (times in ISO 8601)")
+    p.add_argument("--next", type=int, metavar="N",
+                   help="list the next N fire times of JOB's schedule")
+
+
+def _tick_args(p) -> None:
+    p.add_argument("job")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run one tick and store nothing; print the request, the reply, "
+                        "deliveries, metrics, duration and the plugin's stderr")
+    p.add_argument("--cursor", metavar="B64", help="--dry-run: start from this cursor "
+                   "(URL-safe base64, as `status` shows it)")
+    p.add_argument("--cursor-text", metavar="TEXT", help="--dry-run: start from this "
+                   "cursor given as UTF-8 text")
+
+
+def _cursor_args(p) -> None:
+    p.add_argument("job")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--history", action="store_true",
+                   help=f"the last committed cursors (up to {CURSOR_HISTORY_KEEP}), newest first")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--set", metavar="B64", help="set the cursor (URL-safe base64)")
+    how.add_argument("--set-text", metavar="TEXT", help="set the cursor to this UTF-8 text")
+    how.add_argument("--rollback", type=int, metavar="N",
+                     help="go back N committed cursors in the history")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
+def _outbox_args(p) -> None:
+    p.add_argument("action", nargs="?", default="list", choices=["list", "retry", "drop"])
+    p.add_argument("ids", nargs="*", metavar="ID", help="event ids (default: all)")
+    p.add_argument("--dead", action="store_true", help="the dead letters instead")
+    p.add_argument("--json", action="store_true", help="list as a JSON array")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
+def _migrate_args(p) -> None:
+    p.add_argument("--to", required=True, metavar="PATH|jetstream://BUCKET",
+                   help="the state to copy into: a sqlite file or a JetStream bucket")
+    p.add_argument("--broker", metavar="nats://HOST:4222",
+                   help="the NATS server of a jetstream:// target (default: the config's "
+                        "broker)")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Verb:
+    """One CLI verb: its help, its arguments, how it runs on the
+    configuration (``local(config, args)``) and through a daemon's admin API
+    (``remote(args, token)``; None: ``--admin`` does not apply); each
+    returns the exit code."""
+    name: str
+    help: str
+    args: Callable[[Any], None]
+    local: Callable[[DaemonConfig, Any], int]
+    remote: Callable[[Any, str | None], int] | None = None
+
+
+_VERBS = {v.name: v for v in (
+    _Verb("run", "run the daemon in the foreground (the default verb)",
+          lambda p: None, _run_local),
+    _Verb("validate", "check the config, every manifest and every plugin entrypoint; "
+          "report every problem at once", lambda p: None, _validate_local),
+    _Verb("status", "show every job's state (read only), or a job's next fire times "
+          "(--next N)", _status_args, _status_local, _status_remote),
+    _Verb("tick", "tick a job now and store the outcome; --dry-run stores nothing",
+          _tick_args, _tick_local, _tick_remote),
+    _Verb("pause", "pause a job (through the daemon holding it, if one runs)",
+          _job_arg, _command_local, _command_remote),
+    _Verb("resume", "resume a paused job, clearing its error count",
+          _job_arg, _command_local, _command_remote),
+    _Verb("reset", "clear a job's cursor: its next tick starts from scratch",
+          _job_arg, _command_local, _command_remote),
+    _Verb("cursor", "show a job's cursor, its history, or set it (--set, --set-text, "
+          "--rollback)", _cursor_args, _cursor_local, _admin_cursor),
+    _Verb("outbox", "list, retry or drop undelivered deliveries and alerts",
+          _outbox_args, _outbox_verb),
+    _Verb("migrate-state", "copy a stopped daemon's state (cursors, pause states, "
+          "counters, outbox) into another state, of either backend; jobs already there "
+          "are left alone", _migrate_args, _migrate_state),
+)}
 
 
 if __name__ == "__main__":
