@@ -698,7 +698,7 @@ class TestRunnerFaults(WorstCase):
                                max_concurrent=4, lifecycle=Lifecycle.EPHEMERAL)
         good = lived_handle(self, "healthy", [wd.WORST], timeout=10, max_concurrent=2,
                             env={"WORST_MARKS": marks})
-        every, window = 0.2, wd.scale(4.0, 10.0)
+        every, window = 0.2, wd.scale(2.0, 10.0)
         jobs = [job_cfg("bad%d" % i, "looper", 0.05) for i in range(8)]
         jobs += [job_cfg("good%d" % i, "healthy", every) for i in range(2)]
         runner = self.runner([bad, good], jobs, backoff_initial_secs=0.05,
