@@ -51,6 +51,23 @@ def wait_until(pred, timeout: float = 15.0, interval: float = 0.01):
         time.sleep(interval)
 
 
+def main_in_process(argv) -> tuple[int, str, str]:
+    """``nexo_poller.main(argv)`` in this process: (exit code, stdout,
+    stderr).  The root logger's handlers are put back and nexo_poller's
+    logger quietened after (main configures logging for its run)."""
+    import contextlib
+    import io
+    from nexo_poller import main
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    root.handlers[:] = handlers
+    logging.getLogger("nexo_poller").setLevel(logging.CRITICAL)
+    return code, out.getvalue(), err.getvalue()
+
+
 def pid_gone(pid: int) -> bool:
     """True when the process no longer exists or is only a zombie."""
     try:
