@@ -690,7 +690,7 @@ class Test07ReloadRemovingAPlugin(StateOwnerCase):
     def test_removed_plugins_queued_ticks_are_dropped_and_readded_jobs_start_clean(self):
         self.p.plugin("slow", max_concurrent=1)
         self.p.plugin("keep")
-        slow_jobs = [every_job(f"s{i}", "slow", 0.3, sleep=1.5) for i in (1, 2, 3)]
+        slow_jobs = [every_job(f"s{i}", "slow", 0.3, sleep=0.8) for i in (1, 2, 3)]
         keep_job = every_job("k", "keep", 0.3)
         both = ["plugins/slow", "plugins/keep"]
         self.p.write(slow_jobs + [keep_job], plugins=both)
@@ -709,8 +709,9 @@ class Test07ReloadRemovingAPlugin(StateOwnerCase):
         def bad(r):
             return (r.get("job") in removed and r.get("outcome") not in (None, "ok", "cancelled")
                     ) or ("alert" in r.get("msg", "") and any(j in r["msg"] for j in removed))
-        # Long enough for the cancelled tick to end and the queued ones to come up.
-        wait_until(lambda: d.find(bad, since) or len(d.ticks("k", since, ("ok",))) >= 12,
+        # Long enough for the cancelled tick to end and the queued ones to come
+        # up: 8 ticks every 0.3 s, three times a slow tick's 0.8 s.
+        wait_until(lambda: d.find(bad, since) or len(d.ticks("k", since, ("ok",))) >= 8,
                    WAIT, 0.05)
         problems = [f"after the reload removed them: {r.get('msg')}"
                     for r in d.recs(since) if bad(r)]
