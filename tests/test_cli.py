@@ -551,8 +551,9 @@ class TestOperatorVerbsWithoutDaemon(CliTestCase):
         self.p.standard()
         r = self.run_ok("pause", "news")
         self.assertEqual(r.stdout.strip(), "pause news: done")
-        self.assertTrue(self.status()["news"]["paused"])
-        self.assertFalse(self.status()["heartbeat"]["paused"])
+        rows = self.status()
+        self.assertTrue(rows["news"]["paused"])
+        self.assertFalse(rows["heartbeat"]["paused"])
 
         r = self.run_ok("resume", "news")
         self.assertEqual(r.stdout.strip(), "resume news: done")
