@@ -543,10 +543,13 @@ class Test03ReloadWithUnwritableState(StateOwnerCase):
     def _reload_while(self, make_unwritable, undo, hold_max):
         self.p.plugin("rec")
         jobs = [every_job("j", every=0.3)]
-        self.p.write(jobs)
+        # A tick whose commit the unusable state refused is retried after
+        # backoff_initial_secs (30 s by default; then the test waited it out).
+        top = {"backoff_initial_secs": 0.5}
+        self.p.write(jobs, **top)
         d = self.start()
         self.wait_records(2, "j", "A")
-        self.p.write(jobs + [every_job("added", every=0.3)])   # a reload that must write
+        self.p.write(jobs + [every_job("added", every=0.3)], **top)   # a reload that must write
         since = d.mark()
         token = make_unwritable(d)
         try:
