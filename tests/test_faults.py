@@ -662,7 +662,9 @@ class TestRunnerFaults(WorstCase):
             "fault": "sleep", "sleep": 60, "once_file": once})], backoff_initial_secs=0.2,
             backoff_max_secs=1.0)
         runner.start()
-        self.assertTrue(wd.wait_until(lambda: os.path.exists(marks), 20),
+        # The plugin marks the tick's start, then creates ``once`` and sleeps:
+        # killed between the two, its next tick would sleep 60 s again.
+        self.assertTrue(wd.wait_until(lambda: os.path.exists(once), 20),
                         self.m("the tick never reached the plugin"))
         with open(pidlog) as f:
             pid = int(f.read().split()[0])
