@@ -12,7 +12,8 @@
 * The runner: a long-lived plugin killed mid-tick fails that tick at once and
   is restarted with backoff; a crash-looping plugin does not starve others.
 
-NEXO_TEST_FULL=1 runs more kill rounds and loops.  Every failure message
+NEXO_TEST_FULL=1 runs more kill rounds and loops, and watches the healthy
+plugin beside a crash-looping one for 10 s instead of 2 s.  Every failure message
 carries the seed; NEXO_TEST_SEED=N replays one.
 """
 
