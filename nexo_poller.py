@@ -5413,31 +5413,6 @@ def _no_history(location: str) -> str:
             "a sqlite state_db keeps one")
 
 
-def _writer_has_work(store: StateStore) -> bool:
-    """In a backend's writer thread, ``_cond`` held: wait for queued writes;
-    False when there are none and the store is closing."""
-    while not store._queue and not store._closing:
-        store._cond.wait()
-    return bool(store._queue)
-
-
-def _stop_writer(store: StateStore, deadline: float | None) -> bool:
-    """Tell a backend's writer thread to store what is queued and stop; wait
-    for it until ``deadline``.  False (logged) when it is still writing."""
-    with store._cond:
-        store._closing = True
-        store._deadline = deadline
-        store._cond.notify()
-        writer = store._writer
-    if writer is not None:
-        writer.join(None if deadline is None else max(0.0, deadline - time.monotonic()) + 1.0)
-        if writer.is_alive():
-            log.error("%s: writes still pending at the shutdown deadline are not stored",
-                      store.location)
-            return False
-    return True
-
-
 class _WriteFailed(NexoPollerError):
     """A write of a batch failed: run the batch again, each write on its own."""
 
@@ -5526,45 +5501,97 @@ _COMMIT_BATCH_MAX = 256
 _SQLITE_RESULT_MAX = 1 << 20    # characters of a command's result kept
 
 
-class SqliteStateStore(StateStore):
-    """The default backend: one sqlite3 file, WAL, ``synchronous=FULL``.
+class _GroupCommit:
+    """Writes queued by many threads and stored by one writer thread in
+    batches (group commit): ``write(payloads) -> results`` stores a batch,
+    then each write's ``done(result)`` runs; ``stop`` drains it by a deadline.
 
-    Writes from many ticks are grouped into one durable transaction by a
-    writer thread; each ``done`` runs after the commit.  A locked database is
-    retried in short slices, so ``close(deadline)`` bounds shutdown whatever
-    another process does.  ``readonly`` opens an existing file for reading
-    only and never creates one (``status``).
-    """
+    A batch is at most ``limit`` writes, or, with ``key``, one write per key
+    (the rest wait for the next round, in order)."""
 
-    capabilities = frozenset({"cursor_history", "file_identity"})
-
-    @classmethod
-    def resolve_location(cls, text: str, base_dir: str) -> str:
-        return os.path.normpath(os.path.join(base_dir, text))
-
-    @classmethod
-    def from_location(cls, location: str, *, readonly: bool = False, owner: str | None = None,
-                      broker_url: str | None = None,
-                      broker_opts: Mapping[str, Any] | None = None,
-                      daemon_ttl: float = _DAEMON_TTL_SECS) -> "SqliteStateStore":
-        return cls(location, readonly=readonly, owner=owner)
-
-    def __init__(self, path: str | os.PathLike, *, owner: str | None = None,
-                 readonly: bool = False):
-        self.path = self.location = os.path.abspath(os.fspath(path))
-        self.owner = owner or _new_owner()
-        self.readonly = readonly
-        self._lock = threading.Lock()        # the connection is shared by threads
+    def __init__(self, location: str, name: str, write: Callable[[list], list], *,
+                 limit: int = _COMMIT_BATCH_MAX, key: Callable[[Any], Any] | None = None):
+        self._location, self._name, self._write = location, name, write
+        self._limit, self._key = limit, key
         self._queue: deque = deque()
         self._cond = threading.Condition(threading.Lock())
-        self._writer: threading.Thread | None = None
+        self._thread: threading.Thread | None = None
         self._closing = False
-        self._deadline: float | None = None
-        self._db = self._open()
-        self._identity = self._file_identity()
-        self._data_version = self._pragma("data_version")
 
-    # -- opening -----------------------------------------------------------------
+    def put(self, payload: Any, done: Callable[[Any], None] | None) -> None:
+        """Queue one write; ``done(True/False/StateError)`` runs once it is stored."""
+        with self._cond:
+            if self._closing:
+                raise StateError(f"{self._location}: state store is closed")
+            self._queue.append((payload, done))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True,
+                                                name=self._name)
+                self._thread.start()
+            self._cond.notify()
+
+    def _take(self) -> list:
+        """The next batch off the queue (``_cond`` held)."""
+        if self._key is None:
+            return [self._queue.popleft() for _ in range(min(len(self._queue), self._limit))]
+        batch, seen, rest = [], set(), deque()
+        while self._queue:
+            item = self._queue.popleft()
+            key = self._key(item[0])
+            (rest if key in seen else batch).append(item)
+            seen.add(key)
+        self._queue.extendleft(reversed(rest))
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = self._take()
+            try:
+                results = self._write([payload for payload, _ in batch])
+            except Exception as exc:                   # never let the writer die
+                err = exc if isinstance(exc, StateError) else StateError(
+                    f"{self._location}: commit failed: {type(exc).__name__}: {exc}")
+                log.error("%s", err)
+                results = [err] * len(batch)
+            for (_, done), result in zip(batch, results):
+                if done is not None:
+                    try:
+                        done(result)
+                    except Exception:
+                        log.exception("state callback failed")
+
+    def stop(self, deadline: float | None) -> bool:
+        """Store what is queued and stop; wait for the writer until
+        ``deadline``.  False (logged) when it is still writing."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+            writer = self._thread
+        if writer is not None:
+            writer.join(None if deadline is None else max(0.0, deadline - time.monotonic()) + 1.0)
+            if writer.is_alive():
+                log.error("%s: writes still pending at the shutdown deadline are not stored",
+                          self._location)
+                return False
+        return True
+
+
+class _SqliteFile:
+    """One sqlite3 connection to a state file: opened as ours (made, or
+    migrated, as needed), watched for being deleted or replaced, a busy or
+    locked database retried, and every sqlite error made a StateError."""
+
+    def __init__(self, path: str, readonly: bool):
+        self.path, self.readonly = path, readonly
+        self.deadline: float | None = None  # retries give up here (shutdown)
+        self._lock = threading.Lock()        # the connection is shared by threads
+        self._db = self._open()
+        self._identity = self.identity()
 
     def _open(self):
         import sqlite3
@@ -5585,7 +5612,7 @@ class SqliteStateStore(StateStore):
         except (OSError, ValueError, sqlite3.Error) as exc:
             raise StateError(f"{self.path}: cannot open state database: {exc}") from None
         try:
-            self._retry(lambda: self._prepare(db), _WRITE_PATIENCE_SECS)
+            self.retry(lambda: self._prepare(db), _WRITE_PATIENCE_SECS)
         except BaseException:
             db.close()
             raise
@@ -5646,25 +5673,14 @@ class SqliteStateStore(StateStore):
         row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         return row[0] if row else None
 
-    def _file_identity(self) -> tuple[int, int] | None:
+    def identity(self) -> tuple[int, int] | None:
         try:
             st = os.stat(self.path)
         except OSError:
             return None
         return st.st_dev, st.st_ino
 
-    def check_file(self) -> None:
-        """Raise StateError when the file was deleted or replaced under us:
-        writes to an unlinked file would look durable and be lost."""
-        now = self._file_identity()
-        if now != self._identity:
-            what = "deleted" if now is None else "replaced by another file"
-            raise StateError(f"{self.path}: the state file was {what} while in use; "
-                             "nothing written from now on is durable (restart the daemon)")
-
-    # -- the one place sqlite errors become StateErrors ----------------------------
-
-    def _retry(self, fn: Callable, patience: float) -> Any:
+    def retry(self, fn: Callable, patience: float) -> Any:
         """Run ``fn`` (holding nothing), retrying while the database is busy
         or locked, until ``patience`` seconds or the close deadline pass."""
         import sqlite3
@@ -5679,7 +5695,7 @@ class SqliteStateStore(StateStore):
             except sqlite3.OperationalError as exc:
                 text = str(exc)
                 transient = ("locked" in text or "busy" in text or "locking protocol" in text)
-                limit = give_up if self._deadline is None else min(give_up, self._deadline)
+                limit = give_up if self.deadline is None else min(give_up, self.deadline)
                 if not transient or time.monotonic() >= limit:
                     raise StateError(f"{self.path}: {text}") from None
                 if not said and time.monotonic() - started >= 1.0:
@@ -5691,71 +5707,20 @@ class SqliteStateStore(StateStore):
             except (sqlite3.Error, ValueError, OverflowError) as exc:
                 raise StateError(f"{self.path}: {exc}") from None
 
-    def _read(self, sql: str, args: tuple = ()) -> list:
-        def fn():
+    def read_with(self, fn: Callable[[Any], Any]) -> Any:
+        """``fn(conn)`` under the connection's lock, retried as a read is."""
+        def locked():
             with self._lock:
-                return self._db.execute(sql, args).fetchall()
-        return self._retry(fn, _READ_PATIENCE_SECS)
+                return fn(self._db)
+        return self.retry(locked, _READ_PATIENCE_SECS)
 
-    def _pragma(self, name: str):
-        return self._read(f"PRAGMA {name}")[0][0]
+    def read(self, sql: str, args: tuple = ()) -> list:
+        return self.read_with(lambda db: db.execute(sql, args).fetchall())
 
-    # -- group commit ----------------------------------------------------------------
+    def pragma(self, name: str):
+        return self.read(f"PRAGMA {name}")[0][0]
 
-    def submit(self, fn: Callable, done: Callable | None = None) -> None:
-        """Queue ``fn(conn)``; ``done(result_or_StateError)`` runs after the commit.
-
-        The backend's own primitive: callers outside this section use the
-        StateStore methods, which are built on it.
-        """
-        if self.readonly:
-            raise StateError(f"{self.path}: opened read-only")
-        with self._cond:
-            if self._closing:
-                raise StateError(f"{self.path}: state store is closed")
-            self._queue.append((fn, done))
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_loop, daemon=True,
-                                                name="nexo-state-writer")
-                self._writer.start()
-            self._cond.notify()
-
-    def run(self, fn: Callable) -> Any:
-        """Run ``fn(conn)`` in the next transaction and return its result."""
-        box: list = []
-        ready = threading.Event()
-        self.submit(fn, lambda result: (box.append(result), ready.set()))
-        ready.wait()
-        if isinstance(box[0], BaseException):
-            raise box[0]
-        return box[0]
-
-    def _write_loop(self) -> None:
-        while True:
-            with self._cond:
-                if not _writer_has_work(self):
-                    return
-                batch = [self._queue.popleft()
-                         for _ in range(min(len(self._queue), _COMMIT_BATCH_MAX))]
-            try:
-                self.check_file()
-                results = self._retry(lambda: self._write_batch(batch), _WRITE_PATIENCE_SECS)
-            except StateError as exc:
-                err = StateError(f"commit failed: {exc}")
-                log.error("%s", err)
-                results = [err] * len(batch)
-            except Exception as exc:                   # never let the writer die
-                err = StateError(f"{self.path}: commit failed: {type(exc).__name__}: {exc}")
-                log.error("%s", err)
-                results = [err] * len(batch)
-            for (_, done), result in zip(batch, results):
-                if done is not None:
-                    try:
-                        done(result)
-                    except Exception:
-                        log.exception("state callback failed")
-
-    def _write_batch(self, batch: list) -> list:
+    def write_batch(self, batch: list) -> list:
         """One transaction for ``batch``.  A write that fails must not take
         the others with it, but a savepoint around every write costs two
         statements each: so the batch runs plainly, and only when a write
@@ -5772,7 +5737,7 @@ class SqliteStateStore(StateStore):
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                for fn, _ in batch:
+                for fn in batch:
                     if not isolated:
                         try:
                             results.append(fn(db))
@@ -5807,13 +5772,111 @@ class SqliteStateStore(StateStore):
                 raise
         return results
 
-    def close(self, deadline: float | None = None) -> None:
-        if not _stop_writer(self, deadline):
-            return              # the writer thread owns the connection; it is a daemon thread
+    def schema_version_now(self) -> str | None:
+        with self._lock:
+            return self._schema_version(self._db)
+
+    def table_names(self) -> set[str]:
+        return {r[0] for r in self.read("SELECT name FROM sqlite_master WHERE type='table'")}
+
+    @staticmethod
+    def _add_cursor_history(db) -> None:
+        """Give a version 2 file made before the cursor history its table and
+        the commands their ``arg`` column (idempotent)."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _CURSOR_HISTORY_SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            if "arg" not in {r[1] for r in db.execute("PRAGMA table_info(commands)")}:
+                db.execute("ALTER TABLE commands ADD COLUMN arg TEXT")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def check_file(self) -> None:
+        """Raise StateError when the file was deleted or replaced under us:
+        writes to an unlinked file would look durable and be lost."""
+        now = self.identity()
+        if now != self._identity:
+            what = "deleted" if now is None else "replaced by another file"
+            raise StateError(f"{self.path}: the state file was {what} while in use; "
+                             "nothing written from now on is durable (restart the daemon)")
+
+    def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    # -- records ----------------------------------------------------------------------
+
+class SqliteStateStore(StateStore):
+    """The default backend: one sqlite3 file, WAL, ``synchronous=FULL``.
+
+    Writes from many ticks are grouped into one durable transaction by a
+    writer thread; each ``done`` runs after the commit.  A locked database is
+    retried in short slices, so ``close(deadline)`` bounds shutdown whatever
+    another process does.  ``readonly`` opens an existing file for reading
+    only and never creates one (``status``).
+    """
+
+    capabilities = frozenset({"cursor_history", "file_identity"})
+
+    @classmethod
+    def resolve_location(cls, text: str, base_dir: str) -> str:
+        return os.path.normpath(os.path.join(base_dir, text))
+
+    @classmethod
+    def from_location(cls, location: str, *, readonly: bool = False, owner: str | None = None,
+                      broker_url: str | None = None,
+                      broker_opts: Mapping[str, Any] | None = None,
+                      daemon_ttl: float = _DAEMON_TTL_SECS) -> "SqliteStateStore":
+        return cls(location, readonly=readonly, owner=owner)
+
+    def __init__(self, path: str | os.PathLike, *, owner: str | None = None,
+                 readonly: bool = False):
+        self.path = self.location = os.path.abspath(os.fspath(path))
+        self.owner = owner or _new_owner()
+        self.readonly = readonly
+        self.file = _SqliteFile(self.path, readonly)
+        self._writes = _GroupCommit(self.path, "nexo-state-writer", self._commit_batch)
+        self._data_version = self.file.pragma("data_version")
+
+    def check_file(self) -> None:
+        self.file.check_file()
+
+    def submit(self, fn: Callable, done: Callable | None = None) -> None:
+        """Queue ``fn(conn)``; ``done(result_or_StateError)`` runs after the commit.
+
+        The backend's own primitive: callers outside this section use the
+        StateStore methods, which are built on it.
+        """
+        if self.readonly:
+            raise StateError(f"{self.path}: opened read-only")
+        self._writes.put(fn, done)
+
+    def run(self, fn: Callable) -> Any:
+        """Run ``fn(conn)`` in the next transaction and return its result."""
+        box: list = []
+        ready = threading.Event()
+        self.submit(fn, lambda result: (box.append(result), ready.set()))
+        ready.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def _commit_batch(self, fns: list) -> list:
+        """The writer's batch: one transaction (``_SqliteFile.write_batch``)."""
+        try:
+            self.file.check_file()
+            return self.file.retry(lambda: self.file.write_batch(fns), _WRITE_PATIENCE_SECS)
+        except StateError as exc:
+            raise StateError(f"commit failed: {exc}") from None
+
+    def close(self, deadline: float | None = None) -> None:
+        self.file.deadline = deadline
+        if not self._writes.stop(deadline):
+            return              # the writer thread owns the connection; it is a daemon thread
+        self.file.close()
 
     @staticmethod
     def _state(row: Mapping[str, Any]) -> JobState:
@@ -5853,10 +5916,7 @@ class SqliteStateStore(StateStore):
              s.schedule_key, s.revision, s.id))
 
     def load(self, ids: Iterable[str] | None = None) -> dict[str, JobState]:
-        def fn():
-            with self._lock:
-                return self._rows(self._db)
-        rows = self._retry(fn, _READ_PATIENCE_SECS)
+        rows = self.file.read_with(self._rows)
         return rows if ids is None else {i: rows[i] for i in ids if i in rows}
 
     def claim(self, wanted: Mapping[str, float], now: float, *,
@@ -5912,16 +5972,15 @@ class SqliteStateStore(StateStore):
                      for v in dataclasses.astuple(item))
 
     def outbox_pending(self, limit: int = 500, now: float | None = None) -> list[OutboxItem]:
-        def fn():
-            with self._lock:
-                jobs = [r[0] for r in self._db.execute(
-                    "SELECT id FROM jobs j WHERE lease_owner=? AND "
-                    "EXISTS (SELECT 1 FROM outbox o WHERE o.job=j.id)", (self.owner,))]
-                share = _outbox_share(limit, len(jobs))
-                return [row for job in jobs for row in self._db.execute(
-                    f"SELECT {', '.join(_OUTBOX_FIELDS)} FROM outbox WHERE job=? "
-                    "ORDER BY n LIMIT ?", (job, share))]
-        rows = self._retry(fn, _READ_PATIENCE_SECS)
+        def fn(db):
+            jobs = [r[0] for r in db.execute(
+                "SELECT id FROM jobs j WHERE lease_owner=? AND "
+                "EXISTS (SELECT 1 FROM outbox o WHERE o.job=j.id)", (self.owner,))]
+            share = _outbox_share(limit, len(jobs))
+            return [row for job in jobs for row in db.execute(
+                f"SELECT {', '.join(_OUTBOX_FIELDS)} FROM outbox WHERE job=? "
+                "ORDER BY n LIMIT ?", (job, share))]
+        rows = self.file.read_with(fn)
         return _outbox_heads([OutboxItem(*r) for r in rows],
                              time.time() if now is None else now, limit)
 
@@ -5955,25 +6014,21 @@ class SqliteStateStore(StateStore):
     def outbox(self, *, dead: bool = False) -> list[OutboxItem]:
         table = "dead_letters" if dead else "outbox"
         try:
-            rows = self._read(f"SELECT {', '.join(_OUTBOX_FIELDS)} FROM {table} ORDER BY n")
+            rows = self.file.read(f"SELECT {', '.join(_OUTBOX_FIELDS)} FROM {table} ORDER BY n")
         except StateError:
-            if self._schema_version_now() == "1":
+            if self.file.schema_version_now() == "1":
                 return []                       # a version 1 file has no outbox
             raise
         return [OutboxItem(*r) for r in rows]
 
     def outbox_counts(self) -> dict[str, tuple[int, float]]:
         try:
-            rows = self._read("SELECT job, COUNT(*), MIN(created_at) FROM outbox GROUP BY job")
+            rows = self.file.read("SELECT job, COUNT(*), MIN(created_at) FROM outbox GROUP BY job")
         except StateError:
-            if self._schema_version_now() == "1":
+            if self.file.schema_version_now() == "1":
                 return {}                       # a version 1 file has no outbox
             raise
         return {job: (n, oldest) for job, n, oldest in rows}
-
-    def _schema_version_now(self) -> str | None:
-        with self._lock:
-            return self._schema_version(self._db)
 
     def outbox_retry(self, ids: Iterable[str] | None = None) -> int:
         fields = ", ".join(_OUTBOX_FIELDS)
@@ -6065,7 +6120,7 @@ class SqliteStateStore(StateStore):
         return db.execute("SELECT 1 FROM daemons WHERE owner=?", (owner,)).fetchone() is not None
 
     def pending_commands(self) -> list[Command]:
-        rows = self._read("SELECT c.seq, c.job, c.verb, c.arg FROM commands c "
+        rows = self.file.read("SELECT c.seq, c.job, c.verb, c.arg FROM commands c "
                           "JOIN jobs j ON j.id=c.job "
                           "WHERE c.done=0 AND j.lease_owner=? ORDER BY c.seq", (self.owner,))
         return [Command(*r) for r in rows]
@@ -6075,7 +6130,7 @@ class SqliteStateStore(StateStore):
                                           (_storable_result(result, _SQLITE_RESULT_MAX), seq)))
 
     def command_result(self, seq: int) -> tuple[bool, str | None]:
-        rows = self._read("SELECT done, result FROM commands WHERE seq=?", (seq,))
+        rows = self.file.read("SELECT done, result FROM commands WHERE seq=?", (seq,))
         return (True, "command lost") if not rows else (bool(rows[0][0]), rows[0][1])
 
     def register_daemon(self, now: float) -> list[str]:
@@ -6101,41 +6156,23 @@ class SqliteStateStore(StateStore):
                                           (text, owner)))
 
     def leases(self) -> dict[str, tuple[str | None, float | None]]:
-        return {i: (o, u) for i, o, u in self._read("SELECT id, lease_owner, lease_until "
+        return {i: (o, u) for i, o, u in self.file.read("SELECT id, lease_owner, lease_until "
                                                       "FROM jobs")}
 
     def daemons(self) -> dict[str, list[str]]:
         try:
-            rows = self._read("SELECT owner, running FROM daemons")
+            rows = self.file.read("SELECT owner, running FROM daemons")
         except StateError:
             return {}                           # a version 1 file has no daemons table
         return {o: json.loads(r) for o, r in rows if not self.lease_is_stale(o)}
 
     def changed(self) -> bool:
-        version = self._pragma("data_version")
+        version = self.file.pragma("data_version")
         changed, self._data_version = version != self._data_version, version
         return changed
 
     def set_deadline(self, deadline: float | None) -> None:
-        self._deadline = deadline
-
-    # -- cursor history ------------------------------------------------------------
-
-    @staticmethod
-    def _add_cursor_history(db) -> None:
-        """Give a version 2 file made before the cursor history its table and
-        the commands their ``arg`` column (idempotent)."""
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _CURSOR_HISTORY_SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            if "arg" not in {r[1] for r in db.execute("PRAGMA table_info(commands)")}:
-                db.execute("ALTER TABLE commands ADD COLUMN arg TEXT")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        self.file.deadline = deadline
 
     @staticmethod
     def _remember_cursor(db, job_id: str, cursor: bytes | None, source: str) -> None:
@@ -6148,16 +6185,13 @@ class SqliteStateStore(StateStore):
     def cursor_history(self, job_id: str, limit: int = CURSOR_HISTORY_KEEP
                        ) -> list[CursorChange]:
         try:
-            rows = self._read("SELECT job, cursor, at, source FROM cursor_history WHERE job=? "
+            rows = self.file.read("SELECT job, cursor, at, source FROM cursor_history WHERE job=? "
                               "ORDER BY n DESC LIMIT ?", (job_id, limit))
         except StateError:
-            if "cursor_history" in self._table_names():
+            if "cursor_history" in self.file.table_names():
                 raise
             return []                       # a file from before the history: none yet
         return [CursorChange(*r) for r in rows]
-
-    def _table_names(self) -> set[str]:
-        return {r[0] for r in self._read("SELECT name FROM sqlite_master WHERE type='table'")}
 
 
 _KV_KEY_SAFE = re.compile(r"[A-Za-z0-9-]")
@@ -6261,6 +6295,851 @@ def _requeued(raw: Mapping[str, Any]) -> dict:
     return {**{f: raw.get(f) for f in _OUTBOX_FIELDS}, "attempts": 0, "next_attempt_at": 0}
 
 
+class _KvBucket:
+    """A JetStream key-value bucket over a NatsClient: bound or created,
+    keys read, listed, written by compare-and-set and purged, each batch
+    pipelined and waiting out an outage up to its patience."""
+
+    def __init__(self, bucket: str, client: Any, *, readonly: bool, timeout: float):
+        self.bucket, self.location = bucket, f"{_JETSTREAM}{bucket}"
+        self.client, self.readonly, self.timeout = client, readonly, timeout
+        self.stream, self.prefix = f"KV_{bucket}", f"$KV.{bucket}."
+        self.deadline: float | None = None      # no request waits past it (shutdown)
+
+    def api(self, subject: str, body: Any = b"") -> dict:
+        """One JetStream API request; its JSON answer (errors included)."""
+        deadline = time.monotonic() + _KV_PATIENCE_SECS
+        while True:
+            try:
+                payload, _, status = self.client.request(subject, body, self._wait_secs(),
+                                                         raw=True)
+                break
+            except PluginPollerForwardError as exc:
+                if (getattr(exc, "code", None) == BROKER_NO_RESPONDERS
+                        and subject.startswith("$JS.API.")):
+                    raise StateError(f"{self.location}: JetStream is not enabled on the NATS "
+                                     "server (start nats-server with -js)") from None
+                if self._give_up(exc, deadline):
+                    raise StateError(f"{self.location}: {exc}") from None
+        try:
+            answer = _loads(payload) if payload else {}
+        except ValueError:
+            raise StateError(f"{self.location}: JetStream answered {payload[:80]!r}") from None
+        return answer if isinstance(answer, dict) else {}
+
+    def _wait_secs(self) -> float:
+        """How long one request may wait for its answer: ``timeout``, and
+        never past the shutdown deadline (``set_deadline``)."""
+        if self.deadline is None:
+            return self.timeout
+        return max(0.05, min(self.timeout, self.deadline - time.monotonic()))
+
+    def _give_up(self, exc: Exception, deadline: float) -> bool:
+        """A failed request: wait for the connection and say retry, or give up."""
+        if getattr(exc, "code", None) not in (BROKER_CLOSED, BROKER_TIMEOUT) or self.client.closed.is_set():
+            return True
+        limit = deadline if self.deadline is None else min(deadline, self.deadline)
+        if time.monotonic() >= limit:
+            return True
+        self.client.connected.wait(max(0.0, min(1.0, limit - time.monotonic())))
+        return False
+
+    def bind(self, history: int, replicas: int, max_age: float) -> None:
+        """Bind to the bucket, creating it when missing (not when read-only)."""
+        info = self.api(f"$JS.API.STREAM.INFO.{self.stream}")
+        err = info.get("error")
+        if not err:
+            return
+        if err.get("err_code") != _JS_STREAM_NOT_FOUND:
+            raise StateError(f"{self.location}: {err.get('description', err)}")
+        if self.readonly:
+            raise _NoStateYet(f"{self.location}: no state yet (no bucket {self.bucket!r} "
+                             "on the NATS server)")
+        config = {"name": self.stream, "subjects": [self.prefix + ">"],
+                  "max_msgs_per_subject": int(history), "max_msgs": -1, "max_bytes": -1,
+                  "max_age": int(max_age * 1e9), "max_msg_size": -1, "storage": "file",
+                  "retention": "limits", "discard": "new", "num_replicas": int(replicas),
+                  "duplicate_window": int(min(max_age or 120.0, 120.0) * 1e9),
+                  "allow_rollup_hdrs": True, "deny_delete": True, "deny_purge": False,
+                  "allow_direct": True}
+        answer = self.api(f"$JS.API.STREAM.CREATE.{self.stream}", config)
+        err = answer.get("error")
+        if err and "already in use" not in str(err.get("description")):   # lost a race: fine
+            raise StateError(f"{self.location}: cannot create the bucket: "
+                             f"{err.get('description', err)}")
+
+    def _pipelined(self, requests: list, names: list[str], doing: str) -> list[bytes]:
+        """Raw requests ``(subject, body, headers)`` sent all before any answer
+        is awaited; the answers, in order.  One lost to an outage is sent
+        again (a write with the same ``Nats-Msg-Id``: the server drops the
+        repeat) until the connection is back or patience runs out."""
+        answers: list = [None] * len(requests)
+        todo = list(range(len(requests)))
+        deadline = time.monotonic() + _KV_PATIENCE_SECS
+        while todo:
+            replies = self.client.request_many([requests[i] for i in todo], self._wait_secs())
+            retry = []
+            for i, reply in zip(todo, replies):
+                if isinstance(reply, Exception):
+                    if self._give_up(reply, deadline):
+                        raise StateError(f"{self.location}: {doing} {names[i]}: {reply}")
+                    retry.append(i)
+                    continue
+                answers[i] = reply[0]
+            todo = retry
+        return answers
+
+    def get_many(self, keys: list[str]) -> dict[str, tuple[dict | None, int]]:
+        """The last value of each key (read after write): key -> (JSON or None
+        when absent or deleted, revision; 0 when never written)."""
+        subject = f"$JS.API.STREAM.MSG.GET.{self.stream}"
+        keys = list(keys)
+        answers = self._pipelined([(subject, {"last_by_subj": self.prefix + k}, None)
+                                   for k in keys], keys, "reading")
+        return {key: self._decode_get(key, payload) for key, payload in zip(keys, answers)}
+
+    def _decode_get(self, key: str, payload: bytes) -> tuple[dict | None, int]:
+        try:
+            answer = _loads(payload)
+            err = answer.get("error")
+            if err:
+                if err.get("err_code") == _JS_NO_MESSAGE or err.get("code") == 404:
+                    return None, 0
+                raise StateError(f"{self.location}: reading {key}: {err.get('description')}")
+            msg = answer["message"]
+            seq = int(msg["seq"])
+            if msg.get("hdrs"):
+                _, _, fields = _nats_parse_headers(base64.b64decode(msg["hdrs"]))
+                if fields.get("KV-Operation", [""])[0] in _KV_DELETED:
+                    return None, seq
+            value = _loads(base64.b64decode(msg.get("data") or b""))
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+            raise StateError(f"{self.location}: {key} holds a bad record: {exc}") from None
+        if not isinstance(value, dict):
+            raise StateError(f"{self.location}: {key} holds a bad record")
+        return value, seq
+
+    def keys(self, prefix: str) -> list[str]:
+        """The keys under ``prefix`` (deleted ones included: they read as absent).
+        STREAM.INFO lists at most a page of subjects (100,000 on nats-server),
+        sorted, and says how many match (``total``): read page after page."""
+        keys: set[str] = set()
+        while True:
+            info = self.api(f"$JS.API.STREAM.INFO.{self.stream}",
+                             {"subjects_filter": f"{self.prefix}{prefix}>",
+                              "offset": len(keys)})
+            if info.get("error"):
+                raise StateError(f"{self.location}: {info['error'].get('description')}")
+            page = (info.get("state") or {}).get("subjects") or {}
+            before = len(keys)
+            keys.update(s[len(self.prefix):] for s in page)
+            # A key removed between two pages shifts the rest one place back:
+            # a page that adds nothing new ends the listing.
+            if len(keys) == before or len(keys) >= int(info.get("total") or 0):
+                return sorted(keys)
+
+    def purge(self, keys: Iterable[str], upto: Mapping[str, int] | None = None) -> None:
+        """Remove keys with their history (daemons gone, old commands, outbox
+        items done with), pipelined: a delete marker would stay a subject
+        that every listing reads.  A key in ``upto`` loses only its revisions
+        up to the one given (the one read): a value another process wrote
+        since stays."""
+        keys = list(keys)
+        upto = upto or {}
+        subject = f"$JS.API.STREAM.PURGE.{self.stream}"
+        if self.readonly and keys:
+            raise StateError(f"{self.location}: opened read-only")
+        # "seq" purges the filtered messages below it.
+        answers = self._pipelined([(subject, {"filter": self.prefix + k, "seq": upto[k] + 1}
+                                    if k in upto else {"filter": self.prefix + k}, None)
+                                   for k in keys], keys, "removing")
+        for key, payload in zip(keys, answers):
+            try:
+                err = (_loads(payload) or {}).get("error")
+            except (ValueError, AttributeError):
+                err = {"description": repr(payload[:80])}
+            if err:
+                raise StateError(f"{self.location}: removing {key}: "
+                                 f"{err.get('description', err)}")
+
+    def put_many(self, writes: list[tuple[str, dict | None, int | None]]) -> list:
+        """Compare-and-set writes ``(key, value or None to delete, expected
+        revision or None for any)``, pipelined: each is its new revision, or
+        False when the key's revision was not the expected one."""
+        if not writes:
+            return []
+        if self.readonly:
+            raise StateError(f"{self.location}: opened read-only")
+        requests = []
+        for key, value, expected in writes:
+            headers = {"Nats-Msg-Id": _uuid4()}
+            if expected is not None:
+                headers["Nats-Expected-Last-Subject-Sequence"] = str(expected)
+            if value is None:
+                headers["KV-Operation"] = "DEL"
+            requests.append((self.prefix + key, b"" if value is None else
+                             _dumps(value).encode(), headers))
+        results: list = []
+        answers = self._pipelined(requests, [w[0] for w in writes], "writing")
+        for (key, _, _), payload in zip(writes, answers):
+            try:
+                ack = _loads(payload)
+            except ValueError:
+                raise StateError(f"{self.location}: JetStream answered "
+                                 f"{payload[:80]!r}") from None
+            err = ack.get("error") if isinstance(ack, dict) else {"description": ack}
+            if err:
+                if err.get("err_code") == _JS_WRONG_LAST_SEQUENCE:
+                    results.append(False)
+                    continue
+                raise StateError(f"{self.location}: writing {key}: "
+                                 f"{err.get('description', err)}")
+            results.append(int(ack["seq"]))
+        return results
+
+    def update(self, key: str, change: Callable[[dict | None], dict | None | bool],
+                seen: tuple[dict | None, int] | None = None) -> tuple[Any, int]:
+        """Read-modify-write one key until its compare-and-set holds.  ``change``
+        gets the current value and returns the new one (None deletes it), or
+        False to write nothing, or (the new one, writes to make before it).
+        Returns (the new value or False, revision)."""
+        for _ in range(_KV_CAS_ROUNDS):
+            value, rev = seen if seen is not None else self.get_many([key])[key]
+            new = change(None if value is None else json.loads(json.dumps(value)))
+            if new is False:
+                return False, rev
+            if isinstance(new, tuple):
+                new, first = new
+                self.put_many(first)
+            got = self.put_many([(key, new, rev)])[0]
+            if got is not False:
+                return new, got
+            seen = None
+        raise StateError(f"{self.location}: {key} keeps changing; gave up after "
+                         f"{_KV_CAS_ROUNDS} attempts")
+
+    def last_revision(self, prefix: str) -> int:
+        """The newest revision of any key under ``prefix`` (0: none)."""
+        answer = self.api(f"$JS.API.STREAM.MSG.GET.{self.stream}",
+                          {"last_by_subj": self.prefix + prefix + ">"})
+        return (answer.get("message") or {}).get("seq", 0)
+
+    def key_at(self, seq: int) -> str:
+        """The key written at revision ``seq`` ("" when gone)."""
+        answer = self.api(f"$JS.API.STREAM.MSG.GET.{self.stream}", {"seq": int(seq)})
+        subject = (answer.get("message") or {}).get("subject") or ""
+        return subject[len(self.prefix):] if subject.startswith(self.prefix) else ""
+
+    def watch(self, prefix: str, wake: Callable[[], None]) -> None:
+        """Call ``wake()`` at each write under ``prefix``: a KV put is a
+        publish on the key's subject, so a plain subscription sees it."""
+        self.client.subscribe(self.prefix + prefix + ">", lambda _body: wake(), answer=False)
+
+
+class _KvOutbox:
+    """A JetStream state's outbox: each undelivered item one key beside its
+    job's record, which says which of them are committed; listed, settled,
+    retried and dropped, and dead letters under their own keys."""
+
+    def __init__(self, kv: _KvBucket, *, held: Callable[[], list[str]],
+                 note_revision: Callable[[str, int], None]):
+        self._kv = kv
+        self._held, self._note_revision = held, note_revision    # the leases'
+        self._span = os.urandom(4).hex()         # this store's outbox seqs are out.*.<seq>.<span>
+        self._lock = threading.Lock()            # the listing below
+        self._out_seen: dict[str, tuple] = {}    # item id -> (key, revision, value) as listed
+
+    def forget_listed(self) -> None:
+        """Forget what was listed (items settled by other processes): the next
+        settle of an item lists its job again."""
+        with self._lock:
+            self._out_seen.clear()
+
+    def _committed(self, ids: Iterable[str] | None) -> tuple[dict[str, dict], dict[str, list]]:
+        """The records of the jobs ``ids`` (or of every job) by key token, and
+        the keys of their committed outbox items, ``[(seq, key)]`` in seq
+        order, by job token."""
+        job_keys = self._kv.keys("job.") if ids is None else ["job." + _kv_token(i) for i in ids]
+        records = {key[4:]: rec for key, (rec, _) in self._kv.get_many(job_keys).items()
+                   if rec is not None}
+        found: dict[str, list] = {}
+        for key in self._kv.keys("out.") if records else ():
+            place = _out_place(key)
+            if place and place[0] in records and _out_committed(records[place[0]], *place[1:]):
+                found.setdefault(place[0], []).append((place[1], key))
+        for items in found.values():
+            items.sort()
+        return records, found
+
+    def outbox_counts(self) -> dict[str, tuple[int, float]]:
+        # Counted from the key listing: only each job's first item is read,
+        # for its created_at, so a long sink outage does not make status and
+        # metrics read every body.
+        records, found = self._committed(None)
+        firsts = self._kv.get_many([items[0][1] for items in found.values()])
+        counts = {}
+        for token, rec in records.items():
+            old = rec.get("outbox") or ()  # an older version's record, not claimed since
+            items = found.get(token, ())
+            if not old and not items:
+                continue
+            first = firsts[items[0][1]][0] if items else None
+            # None: delivered since the listing; the next look has it right
+            times = [float(raw["created_at"]) for raw in old[:1]] + (
+                [float(first["created_at"]) if first else time.time()] if items else [])
+            counts[_kv_untoken(token)] = (len(old) + len(items), min(times))
+        return counts
+
+    def _outbox_entries(self, ids: Iterable[str] | None = None,
+                        limit: int | None = None) -> list[OutboxItem]:
+        """The committed outbox items of the jobs ``ids`` (or of every job), in
+        order per job (their seq), interleaved oldest first; with ``limit``,
+        only the first ``_outbox_share`` of each job's.  Each is remembered
+        as listed (key, revision, value) for the writes that settle it."""
+        records, found = self._committed(ids)
+        per_job = None if limit is None else _outbox_share(limit, len(found))
+        chosen = []
+        for token in found:
+            chosen.extend(found[token][:per_job])
+        values = self._kv.get_many([key for _, key in chosen])
+        rows = []                            # (job token, seq, key, revision, value)
+        for token, rec in records.items():
+            old = rec.get("outbox") or ()    # an older version's record, not claimed since
+            rows.extend((token, n - len(old), None, 0, raw) for n, raw in enumerate(old))
+        for seq, key in chosen:
+            value, rev = values[key]
+            if value is not None:            # None: delivered or dropped since the listing
+                rows.append((key.split(".")[1], seq, key, rev, value))
+        rows.sort(key=lambda r: (r[0], r[1]))
+        # Oldest first across jobs, never out of seq order within one: an
+        # item sorts by the latest created_at of its job's items up to it.
+        ordered, latest = [], {}
+        for token, seq, key, rev, value in rows:
+            latest[token] = max(latest.get(token, float("-inf")), float(value["created_at"]))
+            ordered.append((latest[token], token, seq, key, rev, value))
+        ordered.sort(key=lambda r: r[:3])
+        with self._lock:
+            if len(self._out_seen) > 100_000:
+                self._out_seen.clear()       # forget items settled by other processes
+
+            for *_, key, rev, value in ordered:
+                self._out_seen[value["id"]] = (key, rev, value)
+        return [OutboxItem(**{f: r[5].get(f) for f in _OUTBOX_FIELDS}) for r in ordered]
+
+    def outbox_pending(self, limit: int = 500, now: float | None = None) -> list[OutboxItem]:
+        held = self._held()
+        if not held:
+            return []
+        return _outbox_heads(self._outbox_entries(held, limit),
+                             time.time() if now is None else now, limit)
+
+    def _listed(self, items: Iterable[OutboxItem]) -> list[tuple]:
+        """(key, revision, value) of outbox items as last listed (an older
+        version's record: no key); the jobs of items not listed yet are."""
+        items = list(items)
+        with self._lock:
+            unseen = {i.job for i in items if i.id not in self._out_seen}
+        if unseen:
+            self._outbox_entries(unseen)
+        with self._lock:
+            return [self._out_seen[i.id] for i in items if i.id in self._out_seen]
+
+    def outbox_settle(self, delivered: Iterable[OutboxItem] = (),
+                      retry: Iterable[tuple[str, float, str]] = (),
+                      dead: Iterable[tuple[OutboxItem, str]] = (), now: float = 0.0) -> None:
+        delivered, retry, dead = list(delivered), list(retry), list(dead)
+        # A dead letter is written before its item leaves the outbox: a
+        # failure in between leaves it in both (the next pass moves it again,
+        # onto the same key), never in neither.
+        self._kv.put_many([("dead." + _kv_token(item.id),
+                         {**dataclasses.asdict(item), "attempts": item.attempts + 1,
+                          "last_error": _storable(error), "died_at": now}, None)
+                        for item, error in dead])
+        # A retry rewrites its item on the revision listed: an item delivered
+        # or dropped since is not brought back.  One the store forgot (past
+        # 100,000 remembered items) is looked up again in the jobs held, as
+        # _listed does: else its backoff would be lost.
+        with self._lock:
+            forgotten = any(i not in self._out_seen for i, _, _ in retry)
+        held = self._held()
+        if forgotten and held:
+            self._outbox_entries(held)
+        with self._lock:
+            later = [(*self._out_seen[i], at, err) for i, at, err in retry if i in self._out_seen]
+        rewrites = [(key, {**value, "attempts": int(value.get("attempts") or 0) + 1,
+                           "next_attempt_at": at, "last_error": _storable(err)}, rev)
+                    for key, rev, value, at, err in later if key]
+        for (key, value, _), rev in zip(rewrites, self._kv.put_many(rewrites)):
+            if rev is not False:
+                with self._lock:
+                    self._out_seen[value["id"]] = (key, rev, value)
+        gone = delivered + [item for item, _ in dead]
+        self._kv.purge(key for key, _, _ in self._listed(gone) if key)
+        with self._lock:
+            for item in gone:
+                self._out_seen.pop(item.id, None)
+        counted: dict[str, int] = {}
+        for item in delivered:
+            counted[item.job] = counted.get(item.job, 0) + (item.what == "delivery")
+        for job_id in sorted({item.job for item in gone}):
+            token, orphans = _kv_token(job_id), []
+
+            def change(rec):
+                if rec is None:
+                    return False
+                out = rec.get("out") or {}
+                spans, nxt = out.get("spans") or [], int(out.get("next") or 0)
+                keep = spans
+                if len(spans) > 1:
+                    # The writer changed (a take-over, a retry): forget the
+                    # spans below the oldest item left, and remove the orphans
+                    # below the next seq (commits that did not land; a commit
+                    # in flight writes at or past it).
+                    places = [(key, p) for key in self._kv.keys(f"out.{token}.")
+                              for p in [_out_place(key)] if p]
+                    left = [p[1] for _, p in places if _out_committed(rec, *p[1:])]
+                    orphans[:] = [key for key, p in places
+                                  if p[1] < nxt and not _out_committed(rec, *p[1:])]
+                    head = min(left, default=nxt)
+                    keep = [span for n, span in enumerate(spans)
+                            if n + 1 == len(spans) or spans[n + 1][0] > head]
+                if not counted.get(job_id) and keep == spans:
+                    return False
+                return {**rec, "out": {**out, "spans": keep},
+                        "delivered_total": int(rec.get("delivered_total") or 0)
+                        + counted.get(job_id, 0)}
+            new, rev = self._kv.update("job." + token, change)
+            self._kv.purge(orphans)
+            if new is not False:
+                self._note_revision(job_id, rev)
+
+    def outbox(self, *, dead: bool = False) -> list[OutboxItem]:
+        if not dead:
+            return self._outbox_entries()
+        recs = [r for r, _ in self._kv.get_many(self._kv.keys("dead.")).values() if r]
+        return sorted((OutboxItem(**{f: r.get(f) for f in _OUTBOX_FIELDS}) for r in recs),
+                      key=lambda i: (i.created_at, i.id))
+
+    def _dead_letters(self, want: set[str] | None) -> dict[str, tuple[dict, int]]:
+        """The dead letters (all, or those with an id in ``want``) by key,
+        with their revisions."""
+        keys = self._kv.keys("dead.") if want is None else ["dead." + _kv_token(i) for i in want]
+        return {key: (rec, rev) for key, (rec, rev) in self._kv.get_many(keys).items()
+                if rec and (want is None or rec.get("id") in want)}
+
+    def outbox_retry(self, ids: Iterable[str] | None = None) -> int:
+        want = None if ids is None else set(ids)
+        pending = self._outbox_entries()
+        due = [(key, {**value, "next_attempt_at": 0}, rev)
+               for key, rev, value in self._listed(pending)
+               if key and (want is None or value["id"] in want)]
+        count = sum(rev is not False for rev in self._kv.put_many(due))
+        # A dead letter is queued again (at the end of its job's outbox)
+        # before its key is removed: an interruption leaves it in both places
+        # at worst, and a retry after that does not queue it twice.
+        have = {item.id for item in pending}
+        letters: dict[str, list] = {}
+        read = self._dead_letters(want)
+        for key, (rec, _) in read.items():
+            letters.setdefault(rec.get("job") or "", []).append((key, rec))
+        done = []
+        for job_id, found in sorted(letters.items()):
+            found.sort(key=lambda kr: (kr[1].get("created_at") or 0, kr[1]["id"]))
+            fresh = [_requeued(rec) for _, rec in found if rec["id"] not in have]
+
+            def change(rec, fresh=fresh, job_id=job_id):
+                if rec is None:
+                    return False             # no such job any more: the letters stay
+                out, first = self.with_out(rec, job_id, fresh)
+                return {**rec, "out": out}, first
+            if fresh and self._kv.update("job." + _kv_token(job_id), change)[0] is False:
+                continue
+            done.extend(key for key, _ in found)
+            count += len(found)
+        # Only the letters read: the daemon may deliver a re-queued item at
+        # once, and should it die again, its new letter must stay.
+        self._kv.purge(done, upto={key: read[key][1] for key in done})
+        return count
+
+    def outbox_drop(self, ids: Iterable[str] | None = None, *, dead: bool = False) -> int:
+        want = None if ids is None else set(ids)
+        if dead:
+            gone = list(self._dead_letters(want))
+        else:
+            gone = [key for key, _, value in self._listed(self._outbox_entries())
+                    if key and (want is None or value["id"] in want)]
+        self._kv.purge(gone)
+        return len(gone)
+
+    def with_out(self, rec: Mapping[str, Any], job_id: str, items: list[dict]
+                  ) -> tuple[dict, list]:
+        """``items`` appended to a job's outbox: the record's new ``out`` and
+        the writes of the items' own keys, to be made before the record's
+        compare-and-set.  An item too large for one NATS message is a
+        StateError naming the job: retrying could never store it."""
+        out = rec.get("out") or {}
+        nxt = int(out.get("next") or 0)
+        spans = [list(span) for span in out.get("spans") or ()]
+        if items and (not spans or spans[-1][1] != self._span):
+            spans.append([nxt, self._span])
+        writes = []
+        for n, item in enumerate(items):
+            value = {**item, "seq": nxt + n}
+            problem = self._too_large(value)
+            if problem:
+                raise StateError(f"{self._kv.location}: {problem}")
+            writes.append((_out_key(job_id, nxt + n, self._span), value, None))
+        return {"next": nxt + len(items), "spans": spans}, writes
+
+    def _too_large(self, value: Mapping[str, Any]) -> str | None:
+        """Why the outbox item ``value`` cannot be one NATS message, or None."""
+        most = getattr(self._kv.client, "max_payload", 1 << 20)
+        size = len(_dumps(value))
+        if size <= most - _KV_OUT_HEADROOM:
+            return None
+        return (f"job {value.get('job')}: {value.get('what')} {value.get('id')} is {size} "
+                f"bytes, over what one NATS message holds (the server's max_payload of "
+                f"{most} bytes, less {_KV_OUT_HEADROOM} for its key): it cannot be stored")
+
+    def unstorable(self, items: Iterable[OutboxItem]) -> str | None:
+        for item in items:
+            problem = self._too_large({**dataclasses.asdict(item), "seq": 0})
+            if problem:
+                return problem
+        return None
+
+
+class _KvDaemons:
+    """The daemons sharing a JetStream state: this one's heartbeat record
+    (with the jobs it runs), which are live, and whose leases went stale
+    with their daemon's heartbeat."""
+
+    def __init__(self, kv: _KvBucket, owner: str, ttl: float):
+        self._kv, self._owner, self.ttl = kv, owner, ttl
+        self.registered = False
+        self.live = 0                            # live daemons at the last look (0: not one)
+        self._last_beat = 0.0
+        self._running: list[str] = []
+        self._started_at = 0.0
+        self._seen: tuple[float, dict] | None = None    # (monotonic, records)
+
+    def records(self, max_age: float = 0.0) -> dict[str, dict]:
+        """Every daemon's record; one read at most ``max_age`` seconds old will do."""
+        cached = self._seen
+        if cached is not None and time.monotonic() - cached[0] <= max_age:
+            return cached[1]
+        got = self._kv.get_many(self._kv.keys("daemon."))
+        records = {_kv_untoken(k[len("daemon."):]): v for k, (v, _) in got.items()
+                   if v is not None}
+        self._seen = (time.monotonic(), records)
+        return records
+
+    def fresh(self, rec: Mapping[str, Any] | None) -> bool:
+        return rec is not None and time.time() - float(rec.get("heartbeat") or 0) <= self.ttl
+
+    def stale_owners(self, daemons: Mapping[str, dict]) -> Callable[[str | None], bool]:
+        """``lease_is_stale`` for this backend: no owner, or an owner whose
+        daemon heartbeat went stale.  An owner with no daemon record (a CLI
+        ``tick``, or a daemon that stopped cleanly and released) is left to
+        its lease's expiry."""
+        return lambda owner: not owner or (owner in daemons and not self.fresh(daemons[owner]))
+
+    def lease_is_stale(self, owner: str | None) -> bool:
+        if not owner:
+            return True
+        return self.stale_owners(self.records())(owner)
+
+    def beat(self) -> None:
+        rec = {"owner": self._owner, "started_at": self._started_at, "heartbeat": time.time(),
+               "running": self._running}
+        self._kv.put_many([("daemon." + _kv_token(self._owner), rec, None)])
+        self._last_beat = time.monotonic()
+        daemons = self.records()
+        self.live = max(1, sum(1 for r in daemons.values() if self.fresh(r)))
+
+    def register(self, now: float) -> list[str]:
+        daemons = self.records()
+        stale = [o for o, r in daemons.items() if o != self._owner and not self.fresh(r)]
+        self._kv.purge("daemon." + _kv_token(o) for o in stale)
+        self._started_at, self.registered = now, True
+        self.beat()
+        return sorted(o for o, r in daemons.items() if o != self._owner and self.fresh(r))
+
+    def unregister(self) -> None:
+        self.registered = False
+        self._kv.purge(["daemon." + _kv_token(self._owner)])
+
+    def set_running(self, ids: Iterable[str]) -> None:
+        self._running = sorted(ids)
+        if self.registered:
+            self.beat()
+
+    def running(self) -> dict[str, list[str]]:
+        return {o: list(r.get("running") or []) for o, r in self.records().items()
+                if self.fresh(r)}
+
+    def beat_due(self) -> bool:
+        """A registered daemon's heartbeat is a quarter of ``ttl`` old."""
+        return self.registered and time.monotonic() - self._last_beat >= self.ttl / 4
+
+    def count_live(self, daemons: Mapping[str, dict]) -> None:
+        """Note how many of ``daemons`` (a fresh read) are live."""
+        if self.registered:
+            self.live = max(1, sum(1 for r in daemons.values() if self.fresh(r)))
+
+
+class _KvCommands:
+    """Operator commands on a JetStream state: queued under ``cmd.`` keys
+    for a live holder, else applied to the job's record at once; a result
+    is read back from the job record that carries it."""
+
+    def __init__(self, kv: _KvBucket, peers: _KvDaemons, owner: str,
+                 held: Callable[[], list[str]]):
+        self._kv, self._peers, self._owner, self._held = kv, peers, owner, held
+
+    def key_of(self, seq: int) -> str:
+        """The key of command ``seq`` (its creating revision): the stream says."""
+        key = self._kv.key_at(seq)
+        return key[4:] if key.startswith("cmd.") else ""
+
+    def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False,
+                arg: str | None = None) -> tuple[str | None, int | None]:
+        apply_command(JobState(job_id), verb, arg)      # an unknown verb fails here
+        key = "job." + _kv_token(job_id)
+        seen = self._kv.get_many([key])[key]
+        rec = seen[0]
+        holder = None if rec is None else rec.get("lease_owner")
+        if holder:
+            daemons = self._peers.records()
+            if holder in daemons and self._peers.fresh(daemons[holder]):
+                token = os.urandom(8).hex()
+                seq = self._kv.put_many([("cmd." + token, {"job": job_id, "verb": verb, "arg": arg,
+                                                        "done": False, "result": None}, 0)])[0]
+                return holder, seq
+        if verb == "tick":
+            return None, None                           # nobody to tick it: the caller does
+
+        def change(rec):
+            if rec is None:
+                rec = _new_record(JobState(job_id, paused=paused_on_boot))
+            state = apply_command(_record_state(job_id, rec, 0), verb, arg)
+            # Applied here, the command takes the lease from a holder that is
+            # not live (a daemon stalled past daemon_ttl, a CLI tick): should
+            # it wake up, its next commit finds the lease gone and is dropped,
+            # instead of writing its paused flag and cursor back over this.
+            return {**rec, **_state_record(state), "delivered_total": rec.get("delivered_total", 0),
+                    "lease_owner": None, "lease_until": None}
+        self._kv.update(key, change, seen)
+        # Stored done, it wakes every daemon watching the command keys (a
+        # daemon that has the job re-reads it) and is removed as any done one.
+        self._kv.put_many([("cmd." + os.urandom(8).hex(), {
+            "job": job_id, "verb": verb, "arg": arg, "done": True, "result": "applied",
+            "done_at": time.time()}, 0)])
+        return None, None
+
+    def pending(self) -> list[Command]:
+        keys = self._kv.keys("cmd.")
+        if not keys:
+            return []
+        held = set(self._held())
+        cmds, old = [], []
+        for key, (rec, rev) in self._kv.get_many(keys).items():
+            if rec and not rec.get("done") and rec.get("job") in held:
+                cmds.append((rec["job"], rev, rec))
+            elif rec is None or (rec.get("done") and time.time() - float(
+                    rec.get("done_at") or 0) > _KV_COMMAND_KEEP_SECS):
+                old.append(key)              # done long ago: nobody waits for its result
+        if old and self._peers.registered:
+            self._kv.purge(old)
+        if not cmds:
+            return []
+        records = self._kv.get_many(sorted({"job." + _kv_token(c[0]) for c in cmds}))
+        out = []
+        for job_id, seq, rec in cmds:
+            # Not done yet, so written once: its revision is the seq it was created with.
+            done = (records.get("job." + _kv_token(job_id), (None, 0))[0] or {}).get("commands") or {}
+            if str(seq) not in done:
+                out.append(Command(seq, job_id, rec["verb"], rec.get("arg")))
+        return sorted(out, key=lambda c: c.seq)
+
+    def finish(self, seq: int, result: str | None) -> None:
+        key = self.key_of(seq)
+        if not key:
+            return
+        self._kv.update("cmd." + key, lambda rec: False if rec is None else
+                     {**rec, "done": True, "result": _storable_result(result, _KV_RESULT_MAX),
+                      "done_at": time.time()})
+
+    def result(self, seq: int) -> tuple[bool, str | None]:
+        key = self.key_of(seq)
+        if not key:
+            return True, "command lost"
+        rec, _ = self._kv.get_many(["cmd." + key])["cmd." + key]
+        if rec is None:
+            return True, "command lost"
+        if rec.get("done"):
+            return True, rec.get("result")
+        job = "job." + _kv_token(rec.get("job") or "")
+        done = (self._kv.get_many([job])[job][0] or {}).get("commands") or {}
+        return (True, done[str(seq)]) if str(seq) in done else (False, None)
+
+
+class _KvLeases:
+    """Which jobs' leases this daemon holds in a JetStream state, spread
+    across the live daemons: claimed while under its share, released, and
+    the surplus handed back one commit at a time."""
+
+    def __init__(self, kv: _KvBucket, peers: _KvDaemons, outbox: _KvOutbox, owner: str):
+        self._kv, self._peers, self._outbox, self._owner = kv, peers, outbox, owner
+        self._lock = threading.Lock()            # the sets below
+        self._rev: dict[str, int] = {}           # job id -> revision last seen by this owner
+        self._held: set[str] = set()             # jobs whose lease this owner holds
+        self._handed: set[str] = set()           # committed with the lease handed back
+        self._known: set[str] = set()            # every job id claimed here (for the cap)
+
+    def _cap(self) -> int | None:
+        """How many jobs this daemon may hold (None: no cap, one daemon)."""
+        live = self._peers.live
+        if not self._peers.registered or live <= 1:
+            return None
+        return math.ceil(len(self._known) / live) + 1
+
+    def claim(self, wanted: Mapping[str, float], now: float, *,
+              paused_on_boot: Iterable[str] = ()) -> dict[str, JobState]:
+        paused = set(paused_on_boot)
+        with self._lock:
+            self._known.update(wanted)
+        # Heartbeats go stale after daemon_ttl: a look an eighth of that old will do,
+        # which saves two round trips on the claim a runner makes for each slot
+        # of a job another daemon holds.
+        daemons = self._peers.records(self._peers.ttl / 8)
+        stale = self._peers.stale_owners(daemons)
+        self._peers.count_live(daemons)
+        keys = {i: "job." + _kv_token(i) for i in wanted}
+        got = self._kv.get_many(list(keys.values()))
+        cap = self._cap()
+        order = list(wanted)
+        random.shuffle(order)                # a random order: daemons do not collide
+        order.sort(key=lambda i: (got[keys[i]][0] or {}).get("lease_owner") != self._owner)
+        held = len(self._held - set(wanted))
+        granted: dict[str, JobState] = {}
+        # A record changed between the read and the write (this daemon's own
+        # publisher settling a delivery, another daemon's claim) is read
+        # again and tried once more, a few rounds: a lease still free or ours
+        # is not given up for a slot; one another daemon took is skipped.
+        for _ in range(_KV_CAS_ROUNDS):
+            writes, moved = [], []
+            for job_id in order:
+                rec, rev = got[keys[job_id]]
+                holder = None if rec is None else rec.get("lease_owner")
+                if holder != self._owner:
+                    if holder and (rec.get("lease_until") or 0) >= now and not stale(holder):
+                        continue
+                    if cap is not None and held >= cap:
+                        continue
+                if rec is None:
+                    rec = _new_record(JobState(job_id, paused=job_id in paused))
+                rec = {**rec, "lease_owner": self._owner, "lease_until": wanted[job_id]}
+                if "outbox" in rec:          # an older version kept the items in the record
+                    rec["out"], first = self._outbox.with_out(rec, job_id, rec.pop("outbox") or [])
+                    moved.extend(first)
+                writes.append((keys[job_id], rec, rev))
+                held += 1
+            self._kv.put_many(moved)
+            results = self._kv.put_many(writes)
+            order = []
+            with self._lock:
+                for (key, rec, _), rev in zip(writes, results):
+                    job_id = rec["id"]
+                    if rev is False:         # changed since read: read again
+                        order.append(job_id)
+                        held -= 1
+                        continue
+                    self._rev[job_id] = rev
+                    self._held.add(job_id)
+                    self._handed.discard(job_id)
+                    granted[job_id] = _record_state(job_id, rec, rev)
+            if not order:
+                break
+            got.update(self._kv.get_many([keys[i] for i in order]))
+        return granted
+
+    def handed_over(self, job_id: str) -> bool:
+        with self._lock:
+            if job_id in self._handed:
+                self._handed.discard(job_id)
+                return True
+        return False
+
+    def release(self, ids: Iterable[str] | None = None) -> None:
+        with self._lock:
+            mine = set(self._held) if ids is None else set(ids) & self._held
+        # Every lease in one pipelined round (read all, then compare-and-set
+        # all), not a read-modify-write per job: at shutdown a thousand jobs
+        # on a NATS 10 ms away would take 20 s.  A record changed in between
+        # (a commit, the outbox) is read again, in the next round, until the
+        # deadline; what is left then expires on its own.
+        keys = {"job." + _kv_token(i): i for i in mine}
+        for _ in range(_KV_CAS_ROUNDS):
+            if not keys:
+                break
+            got = self._kv.get_many(sorted(keys))
+            writes = [(key, {**rec, "lease_owner": None, "lease_until": None}, rev)
+                      for key, (rec, rev) in got.items()
+                      if rec is not None and rec.get("lease_owner") == self._owner]
+            results = self._kv.put_many(writes)
+            with self._lock:
+                for (key, _, _), rev in zip(writes, results):
+                    if rev is not False:
+                        self._held.discard(keys[key])
+                for key, (rec, _) in got.items():
+                    if rec is None or rec.get("lease_owner") != self._owner:
+                        self._held.discard(keys[key])       # not ours any more
+            keys = {w[0]: keys[w[0]] for w, rev in zip(writes, results) if rev is False}
+            if self._kv.deadline is not None and time.monotonic() >= self._kv.deadline:
+                break
+        if keys:
+            raise StateError(f"{self._kv.location}: {len(keys)} leases not released "
+                             "(their records kept changing)")
+
+    def held(self) -> list[str]:
+        """The jobs whose lease this store holds, sorted."""
+        with self._lock:
+            return sorted(self._held)
+
+    def note_revision(self, job_id: str, rev: int) -> None:
+        """A held job's record was rewritten (the outbox settled) at ``rev``."""
+        with self._lock:
+            if job_id in self._held:
+                self._rev[job_id] = rev
+
+    def holds(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._held
+
+    def surplus(self) -> int:
+        """How many more leases than its share this daemon holds (0: none)."""
+        cap = self._cap()
+        with self._lock:
+            return 0 if cap is None else max(0, len(self._held) - cap)
+
+    def committed(self, job_id: str, rev: int, kept: bool) -> None:
+        """A commit of ``job_id`` landed at ``rev``, the lease ``kept`` or handed back."""
+        with self._lock:
+            self._rev[job_id] = rev
+            if not kept:
+                self._held.discard(job_id)
+                self._handed.add(job_id)
+        if not kept:
+            log.info("job %s handed back for another daemon to take "
+                     "(this one holds more than its share)", job_id)
+
+    def lost(self, job_id: str) -> None:
+        """Another daemon holds ``job_id``'s lease now."""
+        with self._lock:
+            self._held.discard(job_id)
+
+
 class JetStreamStateStore(StateStore):
     """Job state in a JetStream key-value bucket, for daemons on several machines.
 
@@ -6348,8 +7227,7 @@ class JetStreamStateStore(StateStore):
                              "'-' and '_'")
         self.bucket, self.location = bucket, f"{_JETSTREAM}{bucket}"
         self.owner = owner or _new_owner()
-        self.readonly, self.timeout, self.daemon_ttl = readonly, timeout, daemon_ttl
-        self._stream, self._prefix = f"KV_{bucket}", f"$KV.{bucket}."
+        self.readonly, self.daemon_ttl = readonly, daemon_ttl
         self._own_client = client is None
         if client is None:
             if not broker_url:
@@ -6361,318 +7239,37 @@ class JetStreamStateStore(StateStore):
             except PluginPollerForwardError as exc:
                 raise StateError(f"{self.location}: {exc}") from None
         self.client = client
-        self._lock = threading.Lock()            # the caches below
-        self._span = os.urandom(4).hex()         # this store's outbox seqs are out.*.<seq>.<span>
-        self._out_seen: dict[str, tuple] = {}    # item id -> (key, revision, value) as listed
-        self._rev: dict[str, int] = {}           # job id -> revision last seen by this owner
-        self._held: set[str] = set()             # jobs whose lease this owner holds
-        self._handed: set[str] = set()           # committed with the lease handed back
-        self._known: set[str] = set()            # every job id claimed here (for the cap)
-        self._live = 0                           # live daemons at the last look (0: not one)
-        self._registered = False
-        self._last_beat = 0.0
-        self._running: list[str] = []
-        self._started_at = 0.0
+        self.kv = _KvBucket(bucket, client, readonly=readonly, timeout=timeout)
+        # The outbox lists the jobs this daemon holds; leases migrate old outboxes.
+        self.kv_outbox = _KvOutbox(self.kv, held=lambda: self.claims.held(),
+                                   note_revision=lambda *a: self.claims.note_revision(*a))
+        self.peers = _KvDaemons(self.kv, self.owner, daemon_ttl)
+        self.claims = _KvLeases(self.kv, self.peers, self.kv_outbox, self.owner)
+        self.commands = _KvCommands(self.kv, self.peers, self.owner, self.claims.held)
         self._seen_cmd_seq: int | None = None
-        self._daemons_seen: tuple[float, dict] | None = None    # (monotonic, records)
-        self._queue: deque = deque()
-        self._cond = threading.Condition(threading.Lock())
-        self._writer: threading.Thread | None = None
-        self._closing = False
-        self._deadline: float | None = None
+        # One commit per job per round: two commits of one job never race.
+        self._writes = _GroupCommit(self.location, "nexo-state-kv-writer", self._commit_batch,
+                                    key=lambda payload: payload[0].id)
         try:
-            self._bind(history, replicas, max_age)
+            self.kv.bind(history, replicas, max_age)
         except BaseException:
             if self._own_client:
                 self.client.close()
             raise
 
-    # -- the bucket ----------------------------------------------------------------------
 
-    def _api(self, subject: str, body: Any = b"") -> dict:
-        """One JetStream API request; its JSON answer (errors included)."""
-        deadline = time.monotonic() + _KV_PATIENCE_SECS
-        while True:
-            try:
-                payload, _, status = self.client.request(subject, body, self._wait_secs(),
-                                                         raw=True)
-                break
-            except PluginPollerForwardError as exc:
-                if (getattr(exc, "code", None) == BROKER_NO_RESPONDERS
-                        and subject.startswith("$JS.API.")):
-                    raise StateError(f"{self.location}: JetStream is not enabled on the NATS "
-                                     "server (start nats-server with -js)") from None
-                if self._give_up(exc, deadline):
-                    raise StateError(f"{self.location}: {exc}") from None
-        try:
-            answer = _loads(payload) if payload else {}
-        except ValueError:
-            raise StateError(f"{self.location}: JetStream answered {payload[:80]!r}") from None
-        return answer if isinstance(answer, dict) else {}
-
-    def _wait_secs(self) -> float:
-        """How long one request may wait for its answer: ``timeout``, and
-        never past the shutdown deadline (``set_deadline``)."""
-        if self._deadline is None:
-            return self.timeout
-        return max(0.05, min(self.timeout, self._deadline - time.monotonic()))
-
-    def _give_up(self, exc: Exception, deadline: float) -> bool:
-        """A failed request: wait for the connection and say retry, or give up."""
-        if getattr(exc, "code", None) not in (BROKER_CLOSED, BROKER_TIMEOUT) or self.client.closed.is_set():
-            return True
-        limit = deadline if self._deadline is None else min(deadline, self._deadline)
-        if time.monotonic() >= limit:
-            return True
-        self.client.connected.wait(max(0.0, min(1.0, limit - time.monotonic())))
-        return False
-
-    def _bind(self, history: int, replicas: int, max_age: float) -> None:
-        info = self._api(f"$JS.API.STREAM.INFO.{self._stream}")
-        err = info.get("error")
-        if not err:
-            return
-        if err.get("err_code") != _JS_STREAM_NOT_FOUND:
-            raise StateError(f"{self.location}: {err.get('description', err)}")
-        if self.readonly:
-            raise _NoStateYet(f"{self.location}: no state yet (no bucket {self.bucket!r} "
-                             "on the NATS server)")
-        config = {"name": self._stream, "subjects": [self._prefix + ">"],
-                  "max_msgs_per_subject": int(history), "max_msgs": -1, "max_bytes": -1,
-                  "max_age": int(max_age * 1e9), "max_msg_size": -1, "storage": "file",
-                  "retention": "limits", "discard": "new", "num_replicas": int(replicas),
-                  "duplicate_window": int(min(max_age or 120.0, 120.0) * 1e9),
-                  "allow_rollup_hdrs": True, "deny_delete": True, "deny_purge": False,
-                  "allow_direct": True}
-        answer = self._api(f"$JS.API.STREAM.CREATE.{self._stream}", config)
-        err = answer.get("error")
-        if err and "already in use" not in str(err.get("description")):   # lost a race: fine
-            raise StateError(f"{self.location}: cannot create the bucket: "
-                             f"{err.get('description', err)}")
-
-    # -- reading and writing keys ----------------------------------------------------
-
-    def _pipelined(self, requests: list, names: list[str], doing: str) -> list[bytes]:
-        """Raw requests ``(subject, body, headers)`` sent all before any answer
-        is awaited; the answers, in order.  One lost to an outage is sent
-        again (a write with the same ``Nats-Msg-Id``: the server drops the
-        repeat) until the connection is back or patience runs out."""
-        answers: list = [None] * len(requests)
-        todo = list(range(len(requests)))
-        deadline = time.monotonic() + _KV_PATIENCE_SECS
-        while todo:
-            replies = self.client.request_many([requests[i] for i in todo], self._wait_secs())
-            retry = []
-            for i, reply in zip(todo, replies):
-                if isinstance(reply, Exception):
-                    if self._give_up(reply, deadline):
-                        raise StateError(f"{self.location}: {doing} {names[i]}: {reply}")
-                    retry.append(i)
-                    continue
-                answers[i] = reply[0]
-            todo = retry
-        return answers
-
-    def _get_many(self, keys: list[str]) -> dict[str, tuple[dict | None, int]]:
-        """The last value of each key (read after write): key -> (JSON or None
-        when absent or deleted, revision; 0 when never written)."""
-        subject = f"$JS.API.STREAM.MSG.GET.{self._stream}"
-        keys = list(keys)
-        answers = self._pipelined([(subject, {"last_by_subj": self._prefix + k}, None)
-                                   for k in keys], keys, "reading")
-        return {key: self._decode_get(key, payload) for key, payload in zip(keys, answers)}
-
-    def _decode_get(self, key: str, payload: bytes) -> tuple[dict | None, int]:
-        try:
-            answer = _loads(payload)
-            err = answer.get("error")
-            if err:
-                if err.get("err_code") == _JS_NO_MESSAGE or err.get("code") == 404:
-                    return None, 0
-                raise StateError(f"{self.location}: reading {key}: {err.get('description')}")
-            msg = answer["message"]
-            seq = int(msg["seq"])
-            if msg.get("hdrs"):
-                _, _, fields = _nats_parse_headers(base64.b64decode(msg["hdrs"]))
-                if fields.get("KV-Operation", [""])[0] in _KV_DELETED:
-                    return None, seq
-            value = _loads(base64.b64decode(msg.get("data") or b""))
-        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
-            raise StateError(f"{self.location}: {key} holds a bad record: {exc}") from None
-        if not isinstance(value, dict):
-            raise StateError(f"{self.location}: {key} holds a bad record")
-        return value, seq
-
-    def _keys(self, prefix: str) -> list[str]:
-        """The keys under ``prefix`` (deleted ones included: they read as absent).
-        STREAM.INFO lists at most a page of subjects (100,000 on nats-server),
-        sorted, and says how many match (``total``): read page after page."""
-        keys: set[str] = set()
-        while True:
-            info = self._api(f"$JS.API.STREAM.INFO.{self._stream}",
-                             {"subjects_filter": f"{self._prefix}{prefix}>",
-                              "offset": len(keys)})
-            if info.get("error"):
-                raise StateError(f"{self.location}: {info['error'].get('description')}")
-            page = (info.get("state") or {}).get("subjects") or {}
-            before = len(keys)
-            keys.update(s[len(self._prefix):] for s in page)
-            # A key removed between two pages shifts the rest one place back:
-            # a page that adds nothing new ends the listing.
-            if len(keys) == before or len(keys) >= int(info.get("total") or 0):
-                return sorted(keys)
-
-    def _purge(self, keys: Iterable[str], upto: Mapping[str, int] | None = None) -> None:
-        """Remove keys with their history (daemons gone, old commands, outbox
-        items done with), pipelined: a delete marker would stay a subject
-        that every listing reads.  A key in ``upto`` loses only its revisions
-        up to the one given (the one read): a value another process wrote
-        since stays."""
-        keys = list(keys)
-        upto = upto or {}
-        subject = f"$JS.API.STREAM.PURGE.{self._stream}"
-        if self.readonly and keys:
-            raise StateError(f"{self.location}: opened read-only")
-        # "seq" purges the filtered messages below it.
-        answers = self._pipelined([(subject, {"filter": self._prefix + k, "seq": upto[k] + 1}
-                                    if k in upto else {"filter": self._prefix + k}, None)
-                                   for k in keys], keys, "removing")
-        for key, payload in zip(keys, answers):
-            try:
-                err = (_loads(payload) or {}).get("error")
-            except (ValueError, AttributeError):
-                err = {"description": repr(payload[:80])}
-            if err:
-                raise StateError(f"{self.location}: removing {key}: "
-                                 f"{err.get('description', err)}")
-
-    def _put_many(self, writes: list[tuple[str, dict | None, int | None]]) -> list:
-        """Compare-and-set writes ``(key, value or None to delete, expected
-        revision or None for any)``, pipelined: each is its new revision, or
-        False when the key's revision was not the expected one."""
-        if not writes:
-            return []
-        if self.readonly:
-            raise StateError(f"{self.location}: opened read-only")
-        requests = []
-        for key, value, expected in writes:
-            headers = {"Nats-Msg-Id": _uuid4()}
-            if expected is not None:
-                headers["Nats-Expected-Last-Subject-Sequence"] = str(expected)
-            if value is None:
-                headers["KV-Operation"] = "DEL"
-            requests.append((self._prefix + key, b"" if value is None else
-                             _dumps(value).encode(), headers))
-        results: list = []
-        answers = self._pipelined(requests, [w[0] for w in writes], "writing")
-        for (key, _, _), payload in zip(writes, answers):
-            try:
-                ack = _loads(payload)
-            except ValueError:
-                raise StateError(f"{self.location}: JetStream answered "
-                                 f"{payload[:80]!r}") from None
-            err = ack.get("error") if isinstance(ack, dict) else {"description": ack}
-            if err:
-                if err.get("err_code") == _JS_WRONG_LAST_SEQUENCE:
-                    results.append(False)
-                    continue
-                raise StateError(f"{self.location}: writing {key}: "
-                                 f"{err.get('description', err)}")
-            results.append(int(ack["seq"]))
-        return results
-
-    def _update(self, key: str, change: Callable[[dict | None], dict | None | bool],
-                seen: tuple[dict | None, int] | None = None) -> tuple[Any, int]:
-        """Read-modify-write one key until its compare-and-set holds.  ``change``
-        gets the current value and returns the new one (None deletes it), or
-        False to write nothing, or (the new one, writes to make before it).
-        Returns (the new value or False, revision)."""
-        for _ in range(_KV_CAS_ROUNDS):
-            value, rev = seen if seen is not None else self._get_many([key])[key]
-            new = change(None if value is None else json.loads(json.dumps(value)))
-            if new is False:
-                return False, rev
-            if isinstance(new, tuple):
-                new, first = new
-                self._put_many(first)
-            got = self._put_many([(key, new, rev)])[0]
-            if got is not False:
-                return new, got
-            seen = None
-        raise StateError(f"{self.location}: {key} keeps changing; gave up after "
-                         f"{_KV_CAS_ROUNDS} attempts")
-
-    # -- daemons ------------------------------------------------------------------------
-
-    def _daemon_records(self, max_age: float = 0.0) -> dict[str, dict]:
-        """Every daemon's record; one read at most ``max_age`` seconds old will do."""
-        cached = self._daemons_seen
-        if cached is not None and time.monotonic() - cached[0] <= max_age:
-            return cached[1]
-        got = self._get_many(self._keys("daemon."))
-        records = {_kv_untoken(k[len("daemon."):]): v for k, (v, _) in got.items()
-                   if v is not None}
-        self._daemons_seen = (time.monotonic(), records)
-        return records
-
-    def _fresh(self, rec: Mapping[str, Any] | None) -> bool:
-        return rec is not None and time.time() - float(rec.get("heartbeat") or 0) <= self.daemon_ttl
-
-    def _stale_owners(self, daemons: Mapping[str, dict]) -> Callable[[str | None], bool]:
-        """``lease_is_stale`` for this backend: no owner, or an owner whose
-        daemon heartbeat went stale.  An owner with no daemon record (a CLI
-        ``tick``, or a daemon that stopped cleanly and released) is left to
-        its lease's expiry."""
-        return lambda owner: not owner or (owner in daemons and not self._fresh(daemons[owner]))
-
-    def lease_is_stale(self, owner: str | None) -> bool:
-        if not owner:
-            return True
-        return self._stale_owners(self._daemon_records())(owner)
-
-    def _beat(self, now: float | None = None) -> None:
-        rec = {"owner": self.owner, "started_at": self._started_at, "heartbeat": time.time(),
-               "running": self._running}
-        self._put_many([("daemon." + _kv_token(self.owner), rec, None)])
-        self._last_beat = time.monotonic()
-        daemons = self._daemon_records()
-        self._live = max(1, sum(1 for r in daemons.values() if self._fresh(r)))
-
-    def register_daemon(self, now: float) -> list[str]:
-        daemons = self._daemon_records()
-        stale = [o for o, r in daemons.items() if o != self.owner and not self._fresh(r)]
-        self._purge("daemon." + _kv_token(o) for o in stale)
-        self._started_at, self._registered = now, True
-        self._beat()
-        return sorted(o for o, r in daemons.items() if o != self.owner and self._fresh(r))
-
-    def unregister_daemon(self) -> None:
-        self._registered = False
-        self._purge(["daemon." + _kv_token(self.owner)])
-
-    def set_running(self, ids: Iterable[str]) -> None:
-        self._running = sorted(ids)
-        if self._registered:
-            self._beat()
 
     @property
     def heartbeat_secs(self) -> float | None:
-        return self.daemon_ttl / 4 if self._registered else None
+        return self.daemon_ttl / 4 if self.peers.registered else None
 
     def watch_commands(self, wake: Callable[[], None]) -> None:
-        # A KV put is a publish on the key's subject: a plain subscription
-        # sees every command queued, from any host, as it is queued.
-        self.client.subscribe(self._prefix + "cmd.>", lambda _body: wake(), answer=False)
-
-    def daemons(self) -> dict[str, list[str]]:
-        return {o: list(r.get("running") or []) for o, r in self._daemon_records().items()
-                if self._fresh(r)}
-
-    # -- jobs ---------------------------------------------------------------------------
+        # Every command queued, from any host, as it is queued.
+        self.kv.watch("cmd.", wake)
 
     def load(self, ids: Iterable[str] | None = None) -> dict[str, JobState]:
-        keys = (self._keys("job.") if ids is None else ["job." + _kv_token(i) for i in ids])
-        got = self._get_many(keys)
+        keys = (self.kv.keys("job.") if ids is None else ["job." + _kv_token(i) for i in ids])
+        got = self.kv.get_many(keys)
         out = {}
         for key, (rec, rev) in got.items():
             if rec is not None:
@@ -6680,148 +7277,10 @@ class JetStreamStateStore(StateStore):
                 out[job_id] = _record_state(job_id, rec, rev)
         return out
 
-    def _cap(self, total: int) -> int | None:
-        """How many jobs this daemon may hold (None: no cap, one daemon)."""
-        if not self._registered or self._live <= 1:
-            return None
-        return math.ceil(total / self._live) + 1
-
-    def claim(self, wanted: Mapping[str, float], now: float, *,
-              paused_on_boot: Iterable[str] = ()) -> dict[str, JobState]:
-        paused = set(paused_on_boot)
-        with self._lock:
-            self._known.update(wanted)
-        # Heartbeats go stale after daemon_ttl: a look an eighth of that old will do,
-        # which saves two round trips on the claim a runner makes for each slot
-        # of a job another daemon holds.
-        daemons = self._daemon_records(self.daemon_ttl / 8)
-        stale = self._stale_owners(daemons)
-        if self._registered:
-            self._live = max(1, sum(1 for r in daemons.values() if self._fresh(r)))
-        keys = {i: "job." + _kv_token(i) for i in wanted}
-        got = self._get_many(list(keys.values()))
-        cap = self._cap(len(self._known))
-        order = list(wanted)
-        random.shuffle(order)                # a random order: daemons do not collide
-        order.sort(key=lambda i: (got[keys[i]][0] or {}).get("lease_owner") != self.owner)
-        held = len(self._held - set(wanted))
-        granted: dict[str, JobState] = {}
-        # A record changed between the read and the write (this daemon's own
-        # publisher settling a delivery, another daemon's claim) is read
-        # again and tried once more, a few rounds: a lease still free or ours
-        # is not given up for a slot; one another daemon took is skipped.
-        for _ in range(_KV_CAS_ROUNDS):
-            writes, moved = [], []
-            for job_id in order:
-                rec, rev = got[keys[job_id]]
-                holder = None if rec is None else rec.get("lease_owner")
-                if holder != self.owner:
-                    if holder and (rec.get("lease_until") or 0) >= now and not stale(holder):
-                        continue
-                    if cap is not None and held >= cap:
-                        continue
-                if rec is None:
-                    rec = _new_record(JobState(job_id, paused=job_id in paused))
-                rec = {**rec, "lease_owner": self.owner, "lease_until": wanted[job_id]}
-                if "outbox" in rec:          # an older version kept the items in the record
-                    rec["out"], first = self._with_out(rec, job_id, rec.pop("outbox") or [])
-                    moved.extend(first)
-                writes.append((keys[job_id], rec, rev))
-                held += 1
-            self._put_many(moved)
-            results = self._put_many(writes)
-            order = []
-            with self._lock:
-                for (key, rec, _), rev in zip(writes, results):
-                    job_id = rec["id"]
-                    if rev is False:         # changed since read: read again
-                        order.append(job_id)
-                        held -= 1
-                        continue
-                    self._rev[job_id] = rev
-                    self._held.add(job_id)
-                    self._handed.discard(job_id)
-                    granted[job_id] = _record_state(job_id, rec, rev)
-            if not order:
-                break
-            got.update(self._get_many([keys[i] for i in order]))
-        return granted
-
     def commit(self, state: JobState, done: Callable[[Any], None] | None = None, *,
                command: tuple[int, str | None] | None = None,
                outbox: Iterable[OutboxItem] = (), source: str | None = None) -> None:
-        item = (state, command, [dataclasses.asdict(i) for i in outbox], done)
-        with self._cond:
-            if self._closing:
-                raise StateError(f"{self.location}: closed")
-            self._queue.append(item)
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_loop, daemon=True,
-                                                name="nexo-state-kv-writer")
-                self._writer.start()
-            self._cond.notify()
-
-    def _write_loop(self) -> None:
-        while True:
-            with self._cond:
-                if not _writer_has_work(self):
-                    return
-                batch, seen, rest = [], set(), deque()
-                while self._queue:           # one commit per job per round
-                    item = self._queue.popleft()
-                    (rest if item[0].id in seen else batch).append(item)
-                    seen.add(item[0].id)
-                self._queue.extendleft(reversed(rest))
-            try:
-                results = self._commit_batch(batch)
-            except Exception as exc:         # never let the writer die
-                err = exc if isinstance(exc, StateError) else StateError(
-                    f"{self.location}: commit failed: {type(exc).__name__}: {exc}")
-                log.error("%s", err)
-                results = [err] * len(batch)
-            for (_, _, _, done), result in zip(batch, results):
-                if done is not None:
-                    try:
-                        done(result)
-                    except Exception:
-                        log.exception("state callback failed")
-
-    def _with_out(self, rec: Mapping[str, Any], job_id: str, items: list[dict]
-                  ) -> tuple[dict, list]:
-        """``items`` appended to a job's outbox: the record's new ``out`` and
-        the writes of the items' own keys, to be made before the record's
-        compare-and-set.  An item too large for one NATS message is a
-        StateError naming the job: retrying could never store it."""
-        out = rec.get("out") or {}
-        nxt = int(out.get("next") or 0)
-        spans = [list(span) for span in out.get("spans") or ()]
-        if items and (not spans or spans[-1][1] != self._span):
-            spans.append([nxt, self._span])
-        writes = []
-        for n, item in enumerate(items):
-            value = {**item, "seq": nxt + n}
-            problem = self._too_large(value)
-            if problem:
-                raise StateError(f"{self.location}: {problem}")
-            writes.append((_out_key(job_id, nxt + n, self._span), value, None))
-        return {"next": nxt + len(items), "spans": spans}, writes
-
-    def _too_large(self, value: Mapping[str, Any]) -> str | None:
-        """Why the outbox item ``value`` cannot be one NATS message, or None."""
-        most = getattr(self.client, "max_payload", 1 << 20)
-        size = len(_dumps(value))
-        if size <= most - _KV_OUT_HEADROOM:
-            return None
-        return (f"job {value.get('job')}: {value.get('what')} {value.get('id')} is {size} "
-                f"bytes, over what one NATS message holds (the server's max_payload of "
-                f"{most} bytes, less {_KV_OUT_HEADROOM} for its key): it cannot be stored")
-
-    def unstorable(self, items: Iterable[OutboxItem]) -> str | None:
-        for item in items:
-            problem = self._too_large({**dataclasses.asdict(item), "seq": 0})
-            if problem:
-                return problem
-        return None
+        self._writes.put((state, command, [dataclasses.asdict(i) for i in outbox]), done)
 
     def _commit_record(self, rec: dict | None, state: JobState, command, items: list,
                        hand_back: bool = False) -> tuple[dict, list] | bool:
@@ -6832,7 +7291,7 @@ class JetStreamStateStore(StateStore):
             return False
         new = {**rec, **_state_record(state), "lease_owner": self.owner,
                "delivered_total": int(rec.get("delivered_total") or 0)}
-        new["out"], first = self._with_out(rec, state.id, list(new.pop("outbox", None) or ())
+        new["out"], first = self.kv_outbox.with_out(rec, state.id, list(new.pop("outbox", None) or ())
                                            + items)
         commands = dict(rec.get("commands") or {})
         if command is not None:
@@ -6844,20 +7303,19 @@ class JetStreamStateStore(StateStore):
         return new, first
 
     def _commit_batch(self, batch: list) -> list:
-        keys = ["job." + _kv_token(s.id) for s, _, _, _ in batch]
+        keys = ["job." + _kv_token(s.id) for s, _, _ in batch]
         # Two pipelined rounds for the whole batch: read every record (its
         # outbox and command results are kept), then compare-and-set each on
         # the revision just read, so a daemon that took a job over in between
         # makes the write fail instead of being overwritten.
-        got = self._get_many(keys)
+        got = self.kv.get_many(keys)
         results: list = [None] * len(batch)
         writes, index, first = [], [], []
-        cap = self._cap(len(self._known))
-        surplus = 0 if cap is None else len(self._held) - cap    # hand back, one a commit
+        surplus = self.claims.surplus()                 # hand back, one a commit
         hand_back = set()
-        for n, ((state, command, items, _), key) in enumerate(zip(batch, keys)):
+        for n, ((state, command, items), key) in enumerate(zip(batch, keys)):
             rec, rev = got[key]
-            if surplus > 0 and state.id in self._held:
+            if surplus > 0 and self.claims.holds(state.id):
                 hand_back.add(n)
                 surplus -= 1
             try:
@@ -6873,12 +7331,12 @@ class JetStreamStateStore(StateStore):
             index.append(n)
         # The outbox items' keys first, the records after: a record never
         # names an item that is not written.
-        self._put_many(first)
-        for n, rev in zip(index, self._put_many(writes)):
-            state, command, items, _ = batch[n]
+        self.kv.put_many(first)
+        for n, rev in zip(index, self.kv.put_many(writes)):
+            state, command, items = batch[n]
             if rev is False:                 # changed between the read and the write
                 try:
-                    new, rev = self._update(keys[n], lambda r: self._commit_record(
+                    new, rev = self.kv.update(keys[n], lambda r: self._commit_record(
                         r, state, command, items, n in hand_back))
                 except StateError as exc:
                     results[n] = exc
@@ -6889,23 +7347,16 @@ class JetStreamStateStore(StateStore):
             else:
                 new = writes[index.index(n)][1]
             results[n] = True
-            with self._lock:
-                self._rev[state.id] = rev
-                if new.get("lease_owner") != self.owner:
-                    self._held.discard(state.id)
-                    self._handed.add(state.id)
-                    log.info("job %s handed back for another daemon to take "
-                             "(this one holds more than its share)", state.id)
+            self.claims.committed(state.id, rev, kept=new.get("lease_owner") == self.owner)
         for n, result in enumerate(results):
             if result is False:
-                with self._lock:
-                    self._held.discard(batch[n][0].id)
+                self.claims.lost(batch[n][0].id)
                 log.warning("job %s: commit dropped, another daemon holds its lease now",
                             batch[n][0].id)
-        for (_, command, _, _), result in zip(batch, results):
+        for (_, command, _), result in zip(batch, results):
             if result is True and command is not None:
                 try:                         # its result is in the job record already
-                    self._finish(*command)
+                    self.commands.finish(*command)
                 except StateError as exc:
                     log.warning("command %s: not marked done (%s)", command[0], exc)
         return results
@@ -6923,391 +7374,101 @@ class JetStreamStateStore(StateStore):
         # jobs the bucket does not have (a skipped job's items would be
         # orphans no listing reaches), and removed again for a job created
         # between the look and the write.
-        have = self._get_many(["job." + _kv_token(s.id) for s in states])
+        have = self.kv.get_many(["job." + _kv_token(s.id) for s in states])
         new = [s for s in states if have["job." + _kv_token(s.id)][0] is None]
         writes, first, keys_of = [], [], {}
         for s in new:
             rec = _new_record(s.replace(lease_owner=None, lease_until=None))
-            rec["out"], items = self._with_out(rec, s.id, boxes.get(s.id, []))
+            rec["out"], items = self.kv_outbox.with_out(rec, s.id, boxes.get(s.id, []))
             first.extend(items)
             keys_of[s.id] = [key for key, _, _ in items]
             writes.append(("job." + _kv_token(s.id), rec, 0))
-        self._put_many(first)
-        results = self._put_many(writes)
+        self.kv.put_many(first)
+        results = self.kv.put_many(writes)
         copied = [s.id for s, r in zip(new, results) if r is not False]
-        self._purge(key for s, r in zip(new, results) if r is False for key in keys_of[s.id])
+        self.kv.purge(key for s, r in zip(new, results) if r is False for key in keys_of[s.id])
         return copied, [s.id for s in states if s.id not in copied]
 
-    def handed_over(self, job_id: str) -> bool:
-        with self._lock:
-            if job_id in self._handed:
-                self._handed.discard(job_id)
-                return True
-        return False
-
-    def release(self, ids: Iterable[str] | None = None) -> None:
-        with self._lock:
-            mine = set(self._held) if ids is None else set(ids) & self._held
-        # Every lease in one pipelined round (read all, then compare-and-set
-        # all), not a read-modify-write per job: at shutdown a thousand jobs
-        # on a NATS 10 ms away would take 20 s.  A record changed in between
-        # (a commit, the outbox) is read again, in the next round, until the
-        # deadline; what is left then expires on its own.
-        keys = {"job." + _kv_token(i): i for i in mine}
-        for _ in range(_KV_CAS_ROUNDS):
-            if not keys:
-                break
-            got = self._get_many(sorted(keys))
-            writes = [(key, {**rec, "lease_owner": None, "lease_until": None}, rev)
-                      for key, (rec, rev) in got.items()
-                      if rec is not None and rec.get("lease_owner") == self.owner]
-            results = self._put_many(writes)
-            with self._lock:
-                for (key, _, _), rev in zip(writes, results):
-                    if rev is not False:
-                        self._held.discard(keys[key])
-                for key, (rec, _) in got.items():
-                    if rec is None or rec.get("lease_owner") != self.owner:
-                        self._held.discard(keys[key])       # not ours any more
-            keys = {w[0]: keys[w[0]] for w, rev in zip(writes, results) if rev is False}
-            if self._deadline is not None and time.monotonic() >= self._deadline:
-                break
-        if keys:
-            raise StateError(f"{self.location}: {len(keys)} leases not released "
-                             "(their records kept changing)")
-
-    # -- commands -----------------------------------------------------------------------
-
-    def _cmd_key(self, seq: int) -> str:
-        """The key of command ``seq`` (its creating revision): the stream says."""
-        answer = self._api(f"$JS.API.STREAM.MSG.GET.{self._stream}", {"seq": int(seq)})
-        subject = (answer.get("message") or {}).get("subject") or ""
-        return subject[len(self._prefix) + 4:] if subject.startswith(self._prefix + "cmd.") else ""
-
-    def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False,
-                arg: str | None = None) -> tuple[str | None, int | None]:
-        apply_command(JobState(job_id), verb, arg)      # an unknown verb fails here
-        key = "job." + _kv_token(job_id)
-        seen = self._get_many([key])[key]
-        rec = seen[0]
-        holder = None if rec is None else rec.get("lease_owner")
-        if holder:
-            daemons = self._daemon_records()
-            if holder in daemons and self._fresh(daemons[holder]):
-                token = os.urandom(8).hex()
-                seq = self._put_many([("cmd." + token, {"job": job_id, "verb": verb, "arg": arg,
-                                                        "done": False, "result": None}, 0)])[0]
-                return holder, seq
-        if verb == "tick":
-            return None, None                           # nobody to tick it: the caller does
-
-        def change(rec):
-            if rec is None:
-                rec = _new_record(JobState(job_id, paused=paused_on_boot))
-            state = apply_command(_record_state(job_id, rec, 0), verb, arg)
-            # Applied here, the command takes the lease from a holder that is
-            # not live (a daemon stalled past daemon_ttl, a CLI tick): should
-            # it wake up, its next commit finds the lease gone and is dropped,
-            # instead of writing its paused flag and cursor back over this.
-            return {**rec, **_state_record(state), "delivered_total": rec.get("delivered_total", 0),
-                    "lease_owner": None, "lease_until": None}
-        self._update(key, change, seen)
-        # Stored done, it wakes every daemon watching the command keys (a
-        # daemon that has the job re-reads it) and is removed as any done one.
-        self._put_many([("cmd." + os.urandom(8).hex(), {
-            "job": job_id, "verb": verb, "arg": arg, "done": True, "result": "applied",
-            "done_at": time.time()}, 0)])
-        return None, None
-
-    def pending_commands(self) -> list[Command]:
-        keys = self._keys("cmd.")
-        if not keys:
-            return []
-        with self._lock:
-            held = set(self._held)
-        cmds, old = [], []
-        for key, (rec, rev) in self._get_many(keys).items():
-            if rec and not rec.get("done") and rec.get("job") in held:
-                cmds.append((rec["job"], rev, rec))
-            elif rec is None or (rec.get("done") and time.time() - float(
-                    rec.get("done_at") or 0) > _KV_COMMAND_KEEP_SECS):
-                old.append(key)              # done long ago: nobody waits for its result
-        if old and self._registered:
-            self._purge(old)
-        if not cmds:
-            return []
-        records = self._get_many(sorted({"job." + _kv_token(c[0]) for c in cmds}))
-        out = []
-        for job_id, seq, rec in cmds:
-            # Not done yet, so written once: its revision is the seq it was created with.
-            done = (records.get("job." + _kv_token(job_id), (None, 0))[0] or {}).get("commands") or {}
-            if str(seq) not in done:
-                out.append(Command(seq, job_id, rec["verb"], rec.get("arg")))
-        return sorted(out, key=lambda c: c.seq)
-
     def finish_command(self, seq: int, result: str | None = None) -> None:
-        self._finish(seq, result)
+        self.commands.finish(seq, result)
 
-    def _finish(self, seq: int, result: str | None) -> None:
-        key = self._cmd_key(seq)
-        if not key:
-            return
-        self._update("cmd." + key, lambda rec: False if rec is None else
-                     {**rec, "done": True, "result": _storable_result(result, _KV_RESULT_MAX),
-                      "done_at": time.time()})
-
-    def command_result(self, seq: int) -> tuple[bool, str | None]:
-        key = self._cmd_key(seq)
-        if not key:
-            return True, "command lost"
-        rec, _ = self._get_many(["cmd." + key])["cmd." + key]
-        if rec is None:
-            return True, "command lost"
-        if rec.get("done"):
-            return True, rec.get("result")
-        job = "job." + _kv_token(rec.get("job") or "")
-        done = (self._get_many([job])[job][0] or {}).get("commands") or {}
-        return (True, done[str(seq)]) if str(seq) in done else (False, None)
-
-    # -- the outbox ---------------------------------------------------------------------
-
-    def _committed(self, ids: Iterable[str] | None) -> tuple[dict[str, dict], dict[str, list]]:
-        """The records of the jobs ``ids`` (or of every job) by key token, and
-        the keys of their committed outbox items, ``[(seq, key)]`` in seq
-        order, by job token."""
-        job_keys = self._keys("job.") if ids is None else ["job." + _kv_token(i) for i in ids]
-        records = {key[4:]: rec for key, (rec, _) in self._get_many(job_keys).items()
-                   if rec is not None}
-        found: dict[str, list] = {}
-        for key in self._keys("out.") if records else ():
-            place = _out_place(key)
-            if place and place[0] in records and _out_committed(records[place[0]], *place[1:]):
-                found.setdefault(place[0], []).append((place[1], key))
-        for items in found.values():
-            items.sort()
-        return records, found
-
-    def outbox_counts(self) -> dict[str, tuple[int, float]]:
-        # Counted from the key listing: only each job's first item is read,
-        # for its created_at, so a long sink outage does not make status and
-        # metrics read every body.
-        records, found = self._committed(None)
-        firsts = self._get_many([items[0][1] for items in found.values()])
-        counts = {}
-        for token, rec in records.items():
-            old = rec.get("outbox") or ()  # an older version's record, not claimed since
-            items = found.get(token, ())
-            if not old and not items:
-                continue
-            first = firsts[items[0][1]][0] if items else None
-            # None: delivered since the listing; the next look has it right
-            times = [float(raw["created_at"]) for raw in old[:1]] + (
-                [float(first["created_at"]) if first else time.time()] if items else [])
-            counts[_kv_untoken(token)] = (len(old) + len(items), min(times))
-        return counts
-
-    def _outbox_entries(self, ids: Iterable[str] | None = None,
-                        limit: int | None = None) -> list[OutboxItem]:
-        """The committed outbox items of the jobs ``ids`` (or of every job), in
-        order per job (their seq), interleaved oldest first; with ``limit``,
-        only the first ``_outbox_share`` of each job's.  Each is remembered
-        as listed (key, revision, value) for the writes that settle it."""
-        records, found = self._committed(ids)
-        per_job = None if limit is None else _outbox_share(limit, len(found))
-        chosen = []
-        for token in found:
-            chosen.extend(found[token][:per_job])
-        values = self._get_many([key for _, key in chosen])
-        rows = []                            # (job token, seq, key, revision, value)
-        for token, rec in records.items():
-            old = rec.get("outbox") or ()    # an older version's record, not claimed since
-            rows.extend((token, n - len(old), None, 0, raw) for n, raw in enumerate(old))
-        for seq, key in chosen:
-            value, rev = values[key]
-            if value is not None:            # None: delivered or dropped since the listing
-                rows.append((key.split(".")[1], seq, key, rev, value))
-        rows.sort(key=lambda r: (r[0], r[1]))
-        # Oldest first across jobs, never out of seq order within one: an
-        # item sorts by the latest created_at of its job's items up to it.
-        ordered, latest = [], {}
-        for token, seq, key, rev, value in rows:
-            latest[token] = max(latest.get(token, float("-inf")), float(value["created_at"]))
-            ordered.append((latest[token], token, seq, key, rev, value))
-        ordered.sort(key=lambda r: r[:3])
-        with self._lock:
-            if len(self._out_seen) > 100_000:
-                self._out_seen.clear()       # forget items settled by other processes
-            for *_, key, rev, value in ordered:
-                self._out_seen[value["id"]] = (key, rev, value)
-        return [OutboxItem(**{f: r[5].get(f) for f in _OUTBOX_FIELDS}) for r in ordered]
-
-    def outbox_pending(self, limit: int = 500, now: float | None = None) -> list[OutboxItem]:
-        with self._lock:
-            held = sorted(self._held)
-        if not held:
-            return []
-        return _outbox_heads(self._outbox_entries(held, limit),
-                             time.time() if now is None else now, limit)
-
-    def _listed(self, items: Iterable[OutboxItem]) -> list[tuple]:
-        """(key, revision, value) of outbox items as last listed (an older
-        version's record: no key); the jobs of items not listed yet are."""
-        items = list(items)
-        with self._lock:
-            unseen = {i.job for i in items if i.id not in self._out_seen}
-        if unseen:
-            self._outbox_entries(unseen)
-        with self._lock:
-            return [self._out_seen[i.id] for i in items if i.id in self._out_seen]
-
-    def outbox_settle(self, delivered: Iterable[OutboxItem] = (),
-                      retry: Iterable[tuple[str, float, str]] = (),
-                      dead: Iterable[tuple[OutboxItem, str]] = (), now: float = 0.0) -> None:
-        delivered, retry, dead = list(delivered), list(retry), list(dead)
-        # A dead letter is written before its item leaves the outbox: a
-        # failure in between leaves it in both (the next pass moves it again,
-        # onto the same key), never in neither.
-        self._put_many([("dead." + _kv_token(item.id),
-                         {**dataclasses.asdict(item), "attempts": item.attempts + 1,
-                          "last_error": _storable(error), "died_at": now}, None)
-                        for item, error in dead])
-        # A retry rewrites its item on the revision listed: an item delivered
-        # or dropped since is not brought back.  One the store forgot (past
-        # 100,000 remembered items) is looked up again in the jobs held, as
-        # _listed does: else its backoff would be lost.
-        with self._lock:
-            forgotten = any(i not in self._out_seen for i, _, _ in retry)
-            held = sorted(self._held)
-        if forgotten and held:
-            self._outbox_entries(held)
-        with self._lock:
-            later = [(*self._out_seen[i], at, err) for i, at, err in retry if i in self._out_seen]
-        rewrites = [(key, {**value, "attempts": int(value.get("attempts") or 0) + 1,
-                           "next_attempt_at": at, "last_error": _storable(err)}, rev)
-                    for key, rev, value, at, err in later if key]
-        for (key, value, _), rev in zip(rewrites, self._put_many(rewrites)):
-            if rev is not False:
-                with self._lock:
-                    self._out_seen[value["id"]] = (key, rev, value)
-        gone = delivered + [item for item, _ in dead]
-        self._purge(key for key, _, _ in self._listed(gone) if key)
-        with self._lock:
-            for item in gone:
-                self._out_seen.pop(item.id, None)
-        counted: dict[str, int] = {}
-        for item in delivered:
-            counted[item.job] = counted.get(item.job, 0) + (item.what == "delivery")
-        for job_id in sorted({item.job for item in gone}):
-            token, orphans = _kv_token(job_id), []
-
-            def change(rec):
-                if rec is None:
-                    return False
-                out = rec.get("out") or {}
-                spans, nxt = out.get("spans") or [], int(out.get("next") or 0)
-                keep = spans
-                if len(spans) > 1:
-                    # The writer changed (a take-over, a retry): forget the
-                    # spans below the oldest item left, and remove the orphans
-                    # below the next seq (commits that did not land; a commit
-                    # in flight writes at or past it).
-                    places = [(key, p) for key in self._keys(f"out.{token}.")
-                              for p in [_out_place(key)] if p]
-                    left = [p[1] for _, p in places if _out_committed(rec, *p[1:])]
-                    orphans[:] = [key for key, p in places
-                                  if p[1] < nxt and not _out_committed(rec, *p[1:])]
-                    head = min(left, default=nxt)
-                    keep = [span for n, span in enumerate(spans)
-                            if n + 1 == len(spans) or spans[n + 1][0] > head]
-                if not counted.get(job_id) and keep == spans:
-                    return False
-                return {**rec, "out": {**out, "spans": keep},
-                        "delivered_total": int(rec.get("delivered_total") or 0)
-                        + counted.get(job_id, 0)}
-            new, rev = self._update("job." + token, change)
-            self._purge(orphans)
-            with self._lock:
-                if new is not False and job_id in self._held:
-                    self._rev[job_id] = rev
-
-    def outbox(self, *, dead: bool = False) -> list[OutboxItem]:
-        if not dead:
-            return self._outbox_entries()
-        recs = [r for r, _ in self._get_many(self._keys("dead.")).values() if r]
-        return sorted((OutboxItem(**{f: r.get(f) for f in _OUTBOX_FIELDS}) for r in recs),
-                      key=lambda i: (i.created_at, i.id))
-
-    def _dead_letters(self, want: set[str] | None) -> dict[str, tuple[dict, int]]:
-        """The dead letters (all, or those with an id in ``want``) by key,
-        with their revisions."""
-        keys = self._keys("dead.") if want is None else ["dead." + _kv_token(i) for i in want]
-        return {key: (rec, rev) for key, (rec, rev) in self._get_many(keys).items()
-                if rec and (want is None or rec.get("id") in want)}
-
-    def outbox_retry(self, ids: Iterable[str] | None = None) -> int:
-        want = None if ids is None else set(ids)
-        pending = self._outbox_entries()
-        due = [(key, {**value, "next_attempt_at": 0}, rev)
-               for key, rev, value in self._listed(pending)
-               if key and (want is None or value["id"] in want)]
-        count = sum(rev is not False for rev in self._put_many(due))
-        # A dead letter is queued again (at the end of its job's outbox)
-        # before its key is removed: an interruption leaves it in both places
-        # at worst, and a retry after that does not queue it twice.
-        have = {item.id for item in pending}
-        letters: dict[str, list] = {}
-        read = self._dead_letters(want)
-        for key, (rec, _) in read.items():
-            letters.setdefault(rec.get("job") or "", []).append((key, rec))
-        done = []
-        for job_id, found in sorted(letters.items()):
-            found.sort(key=lambda kr: (kr[1].get("created_at") or 0, kr[1]["id"]))
-            fresh = [_requeued(rec) for _, rec in found if rec["id"] not in have]
-
-            def change(rec, fresh=fresh, job_id=job_id):
-                if rec is None:
-                    return False             # no such job any more: the letters stay
-                out, first = self._with_out(rec, job_id, fresh)
-                return {**rec, "out": out}, first
-            if fresh and self._update("job." + _kv_token(job_id), change)[0] is False:
-                continue
-            done.extend(key for key, _ in found)
-            count += len(found)
-        # Only the letters read: the daemon may deliver a re-queued item at
-        # once, and should it die again, its new letter must stay.
-        self._purge(done, upto={key: read[key][1] for key in done})
-        return count
-
-    def outbox_drop(self, ids: Iterable[str] | None = None, *, dead: bool = False) -> int:
-        want = None if ids is None else set(ids)
-        if dead:
-            gone = list(self._dead_letters(want))
-        else:
-            gone = [key for key, _, value in self._listed(self._outbox_entries())
-                    if key and (want is None or value["id"] in want)]
-        self._purge(gone)
-        return len(gone)
-
-    # -- polling, shutdown ---------------------------------------------------------------
 
     def changed(self) -> bool:
         """True when a command was queued or marked since the last call (the
         newest ``cmd.`` revision moved); also the daemon's heartbeat."""
-        if self._registered and time.monotonic() - self._last_beat >= self.daemon_ttl / 4:
-            self._beat()
-        answer = self._api(f"$JS.API.STREAM.MSG.GET.{self._stream}",
-                           {"last_by_subj": self._prefix + "cmd.>"})
-        seq = (answer.get("message") or {}).get("seq", 0)
+        if self.peers.beat_due():
+            self.peers.beat()
+        seq = self.kv.last_revision("cmd.")
         changed, self._seen_cmd_seq = seq != self._seen_cmd_seq, seq
         return changed
 
     def set_deadline(self, deadline: float | None) -> None:
-        self._deadline = deadline
+        self.kv.deadline = deadline
 
     def close(self, deadline: float | None = None) -> None:
-        _stop_writer(self, deadline)
+        self.kv.deadline = deadline
+        self._writes.stop(deadline)
         if self._own_client:
             self.client.close()
+
+
+    def lease_is_stale(self, owner: str | None) -> bool:
+        return self.peers.lease_is_stale(owner)
+
+    def register_daemon(self, now: float) -> list[str]:
+        return self.peers.register(now)
+
+    def unregister_daemon(self) -> None:
+        self.peers.unregister()
+
+    def set_running(self, ids: Iterable[str]) -> None:
+        self.peers.set_running(ids)
+
+    def daemons(self) -> dict[str, list[str]]:
+        return self.peers.running()
+
+    def command(self, job_id: str, verb: str, *, paused_on_boot: bool = False,
+                arg: str | None = None) -> tuple[str | None, int | None]:
+        return self.commands.command(job_id, verb, paused_on_boot=paused_on_boot, arg=arg)
+
+    def pending_commands(self) -> list[Command]:
+        return self.commands.pending()
+
+    def claim(self, wanted: Mapping[str, float], now: float, *,
+              paused_on_boot: Iterable[str] = ()) -> dict[str, JobState]:
+        return self.claims.claim(wanted, now, paused_on_boot=paused_on_boot)
+
+    def release(self, ids: Iterable[str] | None = None) -> None:
+        self.claims.release(ids)
+
+    def handed_over(self, job_id: str) -> bool:
+        return self.claims.handed_over(job_id)
+
+    def command_result(self, seq: int) -> tuple[bool, str | None]:
+        return self.commands.result(seq)
+
+    def unstorable(self, items: Iterable[OutboxItem]) -> str | None:
+        return self.kv_outbox.unstorable(items)
+
+    def outbox_counts(self) -> dict[str, tuple[int, float]]:
+        return self.kv_outbox.outbox_counts()
+
+    def outbox_pending(self, limit: int = 500, now: float | None = None) -> list[OutboxItem]:
+        return self.kv_outbox.outbox_pending(limit, now)
+
+    def outbox_settle(self, delivered: Iterable[OutboxItem] = (),
+                      retry: Iterable[tuple[str, float, str]] = (),
+                      dead: Iterable[tuple[OutboxItem, str]] = (), now: float = 0.0) -> None:
+        self.kv_outbox.outbox_settle(delivered, retry, dead, now)
+
+    def outbox(self, *, dead: bool = False) -> list[OutboxItem]:
+        return self.kv_outbox.outbox(dead=dead)
+
+    def outbox_retry(self, ids: Iterable[str] | None = None) -> int:
+        return self.kv_outbox.outbox_retry(ids)
+
+    def outbox_drop(self, ids: Iterable[str] | None = None, *, dead: bool = False) -> int:
+        return self.kv_outbox.outbox_drop(ids, dead=dead)
 
 
 def _state_backend(location: str) -> type[StateStore]:
@@ -8446,21 +8607,253 @@ class _TimerHeap:
         return job.generation >= 0 and any(e[1] == job.generation for e in self._heap)
 
 
+def _open_broker(cfg: DaemonConfig, owner: str) -> tuple[BrokerServer | None, Any, str]:
+    """The daemon's broker: (the embedded server or None, a client, the URL
+    plugins are given) -- NATS when ``broker`` is a nats URL, else a Unix
+    socket served here."""
+    if _is_nats(cfg.broker):
+        tls = {f"tls_{k}": v for k, v in cfg.broker_tls.items()}
+        return None, connect_broker(cfg.broker, name=f"nexo-poller {owner}", **tls), cfg.broker
+    server = BrokerServer(cfg.broker[7:] if cfg.broker else None).start()
+    try:
+        return server, server.client(), server.url
+    except BaseException:
+        server.close()
+        raise
+
+
+class _JobBook:
+    """The daemon's jobs and the one lock over their live state: which run,
+    their next runs on the timer heap, the committed outcomes waiting for
+    their effects, and whether the daemon has started or is stopping."""
+
+    def __init__(self, clock: Callable[[], float], monotonic: Callable[[], float],
+                 jitter: Callable[[Schedule], float]):
+        self.cond = threading.Condition(threading.Lock())   # guards all below and the jobs
+        self.jobs: dict[str, _Job] = {}
+        self.heap = _TimerHeap(self.jobs, clock, monotonic)
+        self.running = 0                    # ticks and commands under way
+        self.effects: deque = deque()       # committed outcomes waiting for their effects
+        self.started = False
+        self.stopping = False
+        self.commands_due = False           # commands queued for this daemon: look now
+        self._jitter = jitter
+
+    def get(self, job_id: str) -> _Job:
+        """The job ``job_id``; ``InputError.UnknownJob`` when there is none."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise InputError.UnknownJob(
+                f"no job {job_id!r} (known: {', '.join(sorted(self.jobs))})")
+        return job
+
+    def mark_running(self, job: _Job) -> None:
+        """The start of a tick or a command of ``job`` (lock held)."""
+        job.running = True
+        self.running += 1
+
+    def not_running(self, job: _Job) -> None:
+        """The end of a tick or a command of ``job`` (lock held)."""
+        job.running = job.commanding = False
+        self.running -= 1
+        if job.commands_wait:               # queued while it ran: the scheduler looks now
+            job.commands_wait, self.commands_due = False, True
+
+    def push(self, job: _Job, when: float, nominal: float | None = None) -> None:
+        """Put a job's next run on the heap (``_TimerHeap.push``; lock held),
+        waking the scheduler when what it waits for changed."""
+        if self.heap.push(job, when, nominal):
+            self.cond.notify_all()
+
+    def watch_clock(self) -> None:
+        """Re-base the heap on a wall clock step (lock held)."""
+        if self.heap.watch_clock():
+            self.cond.notify_all()
+
+    def schedule_first(self, job: _Job, now: float) -> None:
+        """Put a job on the heap where it stands on its schedule (lock held)."""
+        if job.removed or job.state.paused or job.running:
+            return
+        slot, fresh = next_run(job.state, job.cfg.schedule, job.key, now)
+        if slot is None:
+            job.generation = -1
+            return
+        when = max(slot, now)            # missed while down or paused: once, now
+        if fresh and slot >= now:
+            when += self._jitter(job.cfg.schedule)
+        self.push(job, when, slot)
+
+    def release(self, job: _Job, next_run_at: float | None, slot: float | None = None, *,
+                keep: bool = False) -> None:
+        """The end of a tick: the job's next run at ``next_run_at`` (None:
+        off the schedule).  ``keep`` (an off-schedule tick, which stands for
+        no slot): the job's entry on the heap stays when it is still there,
+        and ``next_run_at`` only replaces one the scheduler passed by
+        (skipped: the job was running)."""
+        with self.cond:
+            self.not_running(job)
+            job.cancel = None
+            live = not job.state.paused and not job.removed and not self.stopping
+            if live and keep and self.heap.holds(job):
+                pass                        # an operator's tick is rare: the scan is cheap
+            elif live and next_run_at is not None:
+                self.push(job, next_run_at, slot)
+            else:
+                job.generation = -1
+            self.cond.notify_all()
+
+    def own_holds(self, owner: str) -> dict[str, str]:
+        """The jobs this daemon holds the leases of: job id -> ``owner`` (lock held)."""
+        return {i: owner for i, j in self.jobs.items() if j.leased}
+
+    def note_delivered(self, items: list[OutboxItem]) -> None:
+        """The publisher delivered these: count them into their jobs (live view)."""
+        with self.cond:
+            for item in items:
+                job = self.jobs.get(item.job)
+                if job is not None:
+                    job.delivered += 1
+
+    def lease(self, store: StateStore, jobs: list[_Job], now: float,
+              ttl: Callable[[JobConfig], float]) -> dict[str, JobState]:
+        """Lease ``jobs`` in ``store`` for ``ttl(cfg)`` seconds each; each
+        granted job takes the state the claim read."""
+        wanted = {j.cfg.id: now + ttl(j.cfg) for j in jobs}
+        granted = store.claim(wanted, now, paused_on_boot=[
+            j.cfg.id for j in jobs if j.cfg.paused_on_boot])
+        with self.cond:
+            for job in jobs:
+                if job.cfg.id in granted:
+                    job.state, job.leased, job.delivered = granted[job.cfg.id], True, 0
+        return granted
+
+
+class _Plugins:
+    """The kinds this daemon serves and how: in-process pollers and plugins
+    routed (one owner per kind), the supervised plugins started and stopped,
+    and each kind's tick budget and lease length."""
+
+    def __init__(self, runner: "Runner", lanes: _Lanes, cond: threading.Condition):
+        self._runner = runner               # its config, broker and broker URL
+        self._lanes, self._cond = lanes, cond
+        self.router = PluginPollerRouter()          # plugins by id (the manifests)
+        self.routes = _Routes()                     # kinds: the one answer to "who serves it"
+        self.supervisors: dict[str, PluginSupervisor] = {}
+
+    def lane(self, key: str, limit: int) -> _Lane:
+        """The lane ``key``, bounded by ``limit``."""
+        with self._cond:
+            return self._lanes.get(key, limit)
+
+    def register(self, poller: Any) -> None:
+        """Serve ``poller.kind`` in-process (``Runner.register``)."""
+        kind = getattr(poller, "kind", None)
+        if not isinstance(kind, str) or not callable(getattr(poller, "tick", None)):
+            raise TypeError("a poller needs a `kind` string and a `tick(ctx)` method")
+        self.routes.own((kind,), None)
+        limit = getattr(poller, "max_concurrent_ticks", None) or self._runner.config.max_workers
+        self.routes.add(_Route(kind, poller, self.lane(f"kind:{kind}", limit),
+                               _tick_budget(kind)))
+
+    def install(self, handles: Iterable[PluginPollerHandle],
+                auth_by_plugin: Mapping[str, Mapping[str, str]] | None = None) -> None:
+        """Route the plugins' kinds and start the supervised ones, each with
+        its own NATS credentials when ``plugin_broker_auth`` names it."""
+        r = self._runner
+        for handle in handles:
+            self.routes.own(handle.kinds, handle.plugin_id)
+            self.router.register(handle)
+            lane = self.lane(handle.plugin_id, handle.max_concurrent_ticks)
+            for kind in handle.kinds:
+                self.routes.add(_Route(kind, _proxy_for(kind, handle, r.broker, limit=False),
+                                       lane, _tick_budget(kind, (handle,)), handle.plugin_id))
+            if _lifecycle_rules(handle).supervised and handle.entrypoint_command:
+                # long-lived and stdio; without a command (NATS only) the plugin
+                # runs elsewhere: not ours to start.
+                auth = (auth_by_plugin if auth_by_plugin is not None else
+                        r.config.plugin_broker_auth).get(handle.plugin_id)
+                self.supervisors[handle.plugin_id] = PluginSupervisor(
+                    handle, _nats_url_as(r.broker_url, auth) if auth else r.broker_url
+                ).start()
+
+    def remove(self, plugin_id: str) -> None:
+        sup = self.supervisors.pop(plugin_id, None)
+        if sup is not None:
+            sup.stop()
+        if self.router.unregister(plugin_id):
+            self.routes.drop_plugin(plugin_id)
+
+    def reconcile(self, new: "DaemonConfig") -> list[str]:
+        """Stop the plugins ``new`` drops or changes, start the ones it adds
+        or changes; the ids of those restarted."""
+        old_plugins = {h.plugin_id: h for h in self.router.handles()}
+        new_plugins = {h.plugin_id: h for h in new.plugins}
+        old_auth, new_auth = self._runner.config.plugin_broker_auth, new.plugin_broker_auth
+
+        def same(pid: str) -> bool:
+            return (pid in old_plugins and pid in new_plugins
+                    and old_plugins[pid].same_spec(new_plugins[pid])
+                    and old_auth.get(pid) == new_auth.get(pid))
+        for pid in old_plugins:
+            if not same(pid):
+                self.remove(pid)
+        changed = [h for pid, h in new_plugins.items() if not same(pid)]
+        self.install(changed, new_auth)
+        return [h.plugin_id for h in changed if h.plugin_id in old_plugins]
+
+    def stop_supervised(self) -> None:
+        """SIGTERM every supervised plugin at once; they share one grace period."""
+        sups, self.supervisors = list(self.supervisors.values()), {}
+        for sup in sups:
+            sup.request_stop()
+        plugin_deadline = time.monotonic() + max((s.stop_grace for s in sups), default=0)
+        for sup in sups:
+            sup.join(plugin_deadline)
+
+    def budget(self, kind: str, plugins: Iterable[PluginPollerHandle] | None = None) -> float:
+        """How long a tick of ``kind`` may take (``_tick_budget``): as routed
+        now, or as ``plugins`` (a reload's) would route it."""
+        if plugins is not None:
+            return _tick_budget(kind, plugins)
+        return self.routes.budget(kind)
+
+    def lease_ttl(self, cfg: JobConfig, plugins: Iterable[PluginPollerHandle] | None = None
+                  ) -> float:
+        """factor x interval, at least ``lease_min_secs``, and at least a
+        plugin's tick timeout + ``lease_min_secs``."""
+        config = self._runner.config
+        least = config.lease_min_secs
+        ttl = max(least, config.lease_ttl_factor * cfg.schedule.nominal_interval)
+        handle = _plugin_for(cfg.kind, plugins or ())
+        route = self.routes.get(cfg.kind) if plugins is None else None
+        if handle is not None or (route is not None and route.plugin_id is not None):
+            ttl = max(ttl, self.budget(cfg.kind, plugins) + least)
+        return ttl
+
+    def lane_of(self, kind: str) -> _Lane:
+        """The lane ticks of ``kind`` queue in."""
+        route = self.routes.get(kind)
+        return route.lane if route is not None else self.lane("(unrouted)", 1)
+
+
 class _Commands:
     """Operator commands (pause, resume, reset, cursor, tick): applied at once
     to a job this daemon holds and is not ticking, else queued in the state
     for its owner, and the queued ones carried out when the scheduler looks."""
 
-    def __init__(self, runner: "Runner"):
-        self._runner = runner
-        self.due = False            # commands queued for this daemon: the scheduler looks now
+    def __init__(self, runner: "Runner", book: _JobBook,
+                 dispatch: Callable[[_Job, float | None, int | None], None]):
+        self._runner = runner               # its state and clock
+        self._book = book
+        self._dispatch = dispatch           # _Workers.dispatch
 
     def send(self, job_id: str, verb: str, arg: str | None = None) -> None:
         """Apply a command now when this runner owns the idle job; otherwise
         queue it for the owner (this runner, after the running tick, or the
         daemon holding the lease)."""
         r = self._runner
-        job = r._job(job_id)
+        book = self._book
+        job = book.get(job_id)
         if self.apply_held(job, verb, arg=arg):
             return
         owner, seq = r.state.command(job_id, verb, paused_on_boot=job.cfg.paused_on_boot,
@@ -8468,9 +8861,9 @@ class _Commands:
         if seq is None:                     # nobody holds it: applied in the state
             self.refresh_unheld([job_id])
         elif owner == r.state.owner:
-            with r._cond:
-                self.due = True
-                r._cond.notify_all()
+            with book.cond:
+                book.commands_due = True
+                book.cond.notify_all()
         else:
             _wake_owner(owner)              # another daemon on this state; it does not poll
 
@@ -8482,24 +8875,25 @@ class _Commands:
         commits over it.  A slot that comes meanwhile runs right after.
         False when a tick runs, or the lease is not (or no longer) held."""
         r = self._runner
-        with r._cond:
+        book = self._book
+        with book.cond:
             if not job.leased or job.running or job.removed:
                 return False
-            r._mark_running(job)
+            book.mark_running(job)
             job.commanding = True
         try:
             return self.apply(job, verb, seq, arg)
         finally:
-            with r._cond:
-                r._not_running(job)
+            with book.cond:
+                book.not_running(job)
                 missed, job.missed = job.missed, None
-                if r._started and not r._stopping and not job.removed \
+                if book.started and not book.stopping and not job.removed \
                         and not job.state.paused:
                     if missed is not None:
-                        r._push(job, r.clock(), missed)
+                        book.push(job, r.clock(), missed)
                     elif verb == "resume" and job.generation < 0:
-                        r._schedule_first(job, r.clock())
-                r._cond.notify_all()
+                        book.schedule_first(job, r.clock())
+                book.cond.notify_all()
 
     def apply(self, job: _Job, verb: str, seq: int | None = None,
               arg: str | None = None) -> bool:
@@ -8507,6 +8901,7 @@ class _Commands:
         commit with the command's completion (``running`` held by the caller).
         False when the lease was lost."""
         r = self._runner
+        book = self._book
         now = r.clock()
         new = apply_command(job.state, verb, arg)
         if verb == "resume" and job.state.paused:
@@ -8515,10 +8910,10 @@ class _Commands:
             new = new.replace(next_run_at=slot, schedule_key=job.key)
         if not r.state.commit_now(new, command=None if seq is None else (seq, None),
                                   source=_command_source(verb, arg)):
-            with r._cond:
+            with book.cond:
                 job.leased = False
             return False
-        with r._cond:
+        with book.cond:
             job.state = new.replace(revision=new.revision + 1)
             if verb == "pause":
                 job.generation = -1
@@ -8527,14 +8922,15 @@ class _Commands:
     def apply_pending(self) -> int:
         """Carry out the operator commands queued for the jobs this daemon owns."""
         r = self._runner
+        book = self._book
         n = 0
         for cmd in r.state.pending_commands():
-            job = r._jobs.get(cmd.job)
+            job = book.jobs.get(cmd.job)
             if job is None or job.removed:
                 r.state.finish_command(cmd.seq, json.dumps(
                     {"job": cmd.job, "error": "this daemon has no such job"}))
             elif cmd.verb == "tick":
-                with r._cond:
+                with book.cond:
                     if job.command == cmd.seq:      # dispatched at an earlier look
                         continue
                 if not self._tick_soon(job, cmd.seq):
@@ -8542,7 +8938,7 @@ class _Commands:
                         job.cfg.id, job.cfg.kind, TickStatus.BUSY,
                         "a tick of this job is running").to_dict()))
             elif not self.apply_held(job, cmd.verb, cmd.seq, cmd.arg):
-                with r._cond:
+                with book.cond:
                     if job.running:             # after the tick's commit
                         job.commands_wait = True
                 continue
@@ -8569,32 +8965,671 @@ class _Commands:
         the job reaches the daemon that has it in its configuration.  (An
         unpaused one needs no look: its next slot claims it, reading the state.)"""
         r = self._runner
-        with r._cond:
-            ids = [j.cfg.id for j in r._jobs.values()
+        book = self._book
+        with book.cond:
+            ids = [j.cfg.id for j in book.jobs.values()
                    if (j.state.paused if ids is None else j.cfg.id in ids)
                    and not j.leased and not j.running and not j.removed]
         stored = r.state.load(ids) if ids else {}
         now = r.clock()
-        with r._cond:
+        with book.cond:
             for job_id, state in stored.items():
-                job = r._jobs.get(job_id)
+                job = book.jobs.get(job_id)
                 if job is None or job.leased or job.running or job.removed:
                     continue
                 was_paused, job.state, job.delivered = job.state.paused, state, 0
-                if was_paused and not state.paused and r._started:
-                    r._schedule_first(job, now)
+                if was_paused and not state.paused and book.started:
+                    book.schedule_first(job, now)
 
     def _tick_soon(self, job: _Job, command: int | None = None) -> bool:
         """Dispatch a job now, off schedule, unless a tick of it is running."""
         r = self._runner
-        with r._cond:
+        book = self._book
+        with book.cond:
             if job.running or job.removed:
                 return False
-            r._mark_running(job)
+            book.mark_running(job)
             if command is not None:
                 job.command = command
-        r._dispatch(job, None, command)
+        self._dispatch(job, None, command)
         return True
+
+
+class _Ticks:
+    """One tick of a job, from its lease to its committed outcome's effects:
+    claim when needed, poll the route, plan, commit with the outbox, then
+    log, metrics, alert and the next slot (the error policy lives here)."""
+
+    def __init__(self, runner: "Runner", book: _JobBook, plugins: _Plugins,
+                 commands: "_Commands"):
+        self._runner = runner               # config, clock, rng, state, metrics, publisher
+        self._book, self._plugins, self._commands = book, plugins, commands
+
+    def tick(self, job: _Job, slot: float | None, *, command: int | None = None,
+             commit_async: bool) -> TickOutcome:
+        """Run one tick of a job (``running`` already set) and store its outcome.
+
+        ``slot`` None is an off-schedule tick (an operator's): it runs even
+        when the job is not due.
+        """
+        r, book, cfg = self._runner, self._book, job.cfg
+        now = r.clock()
+        started = time.monotonic()
+        cancel = threading.Event()
+        route = self._plugins.routes.get(cfg.kind)
+        with book.cond:
+            job.cancel = cancel
+            if book.stopping or job.removed:
+                cancel.set()
+        outcome = TickOutcome(cfg.id, cfg.kind, TickStatus.OK)
+        if cancel.is_set():                 # stop() or a reload came while it sat in the queue
+            outcome.status, outcome.error = TickStatus.CANCELLED, "tick cancelled before it started"
+            return self._finish_unplanned(job, slot, outcome, command)
+        budget = self._plugins.budget(cfg.kind)
+        ttl = self._plugins.lease_ttl(cfg)
+        # Claim only when the lease would not outlast this tick: in steady
+        # state each commit renews it, so ticks make no extra round trip.
+        if not job.leased or (job.state.lease_until or 0) < now + budget + 5.0:
+            early = self._claim(job, slot, now, ttl, outcome, command)
+            if early is not None:
+                return early
+        ctx = PollContext(cfg.id, cfg.agent, cfg.kind, job.state.cursor, cfg.config,
+                          datetime.fromtimestamp(now, timezone.utc),
+                          timedelta(seconds=cfg.schedule.nominal_interval), cancel)
+        self.poll(route, ctx, outcome)
+        outcome.duration = time.monotonic() - started
+        if cancel.is_set():
+            why = "job removed by a reload" if job.removed else "tick cancelled"
+            outcome.status, outcome.error, outcome.ack = TickStatus.CANCELLED, why, None
+            return self._finish_unplanned(job, slot, outcome, command)
+        base = job.state
+        if slot is None:                    # off schedule: the slot on the heap stays
+            base = base.replace(next_run_at=job.next_run_at if job.generation >= 0 else None)
+        planned = functools.partial(plan_tick, base, outcome, schedule=cfg.schedule, slot=slot,
+                                    started=now, config=r.config, rng=r.rng,
+                                    schedule_key=job.key)
+        plan = planned(finished=r.clock())
+        outbox = self._outbox_for(job, plan, outcome, now)
+        problem = r.state.unstorable(outbox)
+        if problem:
+            # A commit that can never succeed would make the tick run again
+            # forever: it fails for good instead, its cursor not advanced,
+            # and the job pauses with the reason in its status.
+            outcome.status, outcome.error, outcome.ack = TickStatus.PERMANENT, problem, None
+            plan = planned(finished=r.clock())
+            outbox = self._outbox_for(job, plan, outcome, now)
+        outcome.next_run_at = plan.run_at
+        new = plan.state.replace(lease_until=now + ttl)
+        result_text = None if command is None else json.dumps(outcome.to_dict())
+        done = functools.partial(self._committed, job, plan, new, outcome, slot, bool(outbox))
+        cmd = None if command is None else (command, result_text)
+        if commit_async:
+            try:
+                r.state.commit(new, done, command=cmd, outbox=outbox)
+            except StateError as exc:
+                done(exc)
+        else:
+            try:
+                result = r.state.commit_now(new, command=cmd, outbox=outbox)
+            except StateError as exc:
+                result = exc
+            self._settle_one(job, plan, new, outcome, slot, bool(outbox), result)
+            if outbox and result is True and not book.started:
+                try:                        # no daemon behind this runner: try once now
+                    r.publisher.run_pass()
+                except StateError as exc:
+                    log.error("outbox: %s", exc)
+        return outcome
+
+    def _claim(self, job: _Job, slot: float | None, now: float, ttl: float,
+               outcome: TickOutcome, command: int | None) -> TickOutcome | None:
+        """Take (or renew) the job's lease before its tick; an outcome when
+        the tick must not run (held elsewhere, taken over and not due), else None."""
+        r, cfg = self._runner, job.cfg
+        taking_over = not job.leased
+        try:
+            granted = r.state.claim({cfg.id: now + ttl}, now, paused_on_boot=(
+                [cfg.id] if cfg.paused_on_boot else []))
+        except StateError as exc:
+            granted, outcome.error = {}, str(exc)
+        if cfg.id not in granted:
+            outcome.status, elsewhere = TickStatus.LEASED, outcome.error is None
+            outcome.error = outcome.error or "another daemon holds this job's lease"
+            return self._finish_unplanned(job, slot, outcome, command, elsewhere)
+        with self._book.cond:
+            job.state, job.leased, job.delivered = granted[cfg.id], True, 0
+        if not taking_over:
+            return None
+        # The state is what the last owner committed, with the commands
+        # queued for it applied: resume from it.
+        try:
+            kept = self._commands.take_over(job)
+        except StateError as exc:
+            kept, outcome.error = False, f"queued commands not read: {exc}"
+        if not kept:
+            with self._book.cond:
+                job.leased = False      # the next tick claims and tries again
+            outcome.status = TickStatus.LEASED
+            outcome.error = outcome.error or "another daemon holds this job's lease"
+            return self._finish_unplanned(job, slot, outcome, command)
+        with self._book.cond:
+            job.commands_wait = True    # its tick commands: after this tick
+        resume_at, _ = next_run(job.state, cfg.schedule, job.key, now)
+        if slot is not None and (resume_at is None or resume_at > now):
+            log.info("job %s taken over; its next slot is %s", cfg.id, _iso(resume_at))
+            self._book.release(job, resume_at)
+            outcome.status = TickStatus.CANCELLED
+            outcome.error = "taken over; not due yet"
+            return outcome
+        return None
+
+    def dry(self, job: _Job, cursor: bytes | None,
+            on_request: Callable[[TickRequest], None] | None) -> TickOutcome:
+        """A tick from ``cursor`` that stores nothing (``Runner.dry_run``)."""
+        cfg = job.cfg
+        ctx = PollContext(cfg.id, cfg.agent, cfg.kind, cursor, cfg.config,
+                          datetime.fromtimestamp(self._runner.clock(), timezone.utc),
+                          timedelta(seconds=cfg.schedule.nominal_interval), threading.Event())
+        if on_request is not None:
+            on_request(ctx.to_request())
+        outcome = TickOutcome(cfg.id, cfg.kind, TickStatus.OK)
+        started = time.monotonic()
+        self.poll(self._plugins.routes.get(cfg.kind), ctx, outcome)
+        outcome.duration = time.monotonic() - started
+        return outcome
+
+    @staticmethod
+    def poll(route: _Route | None, ctx: PollContext, outcome: TickOutcome) -> None:
+        """Ask the route's poller for one tick; its ack or error goes into ``outcome``."""
+        try:
+            if route is None:
+                raise PollerError.Config(ctx.job_id,
+                                         f"no plugin or poller serves kind {ctx.kind!r}")
+            ack = route.poller.tick(ctx)
+            if ack is not None and not isinstance(ack, TickAck):
+                raise PollerError.Transient(f"poller returned {type(ack).__name__}, not TickAck")
+            outcome.ack = ack or TickAck()
+        except PollerError as exc:
+            outcome.status = TickStatus(exc.classify().value)
+            outcome.error = str(exc)
+        except Exception as exc:            # a bug in an in-process poller: retry later
+            log.debug("poller for %s raised", ctx.kind, exc_info=True)
+            outcome.status = TickStatus.TRANSIENT
+            outcome.error = f"{type(exc).__name__}: {exc}"
+
+    def _outbox_for(self, job: _Job, plan: TickPlan, outcome: TickOutcome,
+                    now: float) -> list[OutboxItem]:
+        """What this tick hands on, stored with its state: the reply's
+        deliveries, and the alert for the job's ``failure_to`` channel."""
+        agents, cfg = self._runner.config.agents, job.cfg
+        items = [_outbox_item(cfg.id, "delivery", outbound_topic(d.channel, cfg.agent, agents),
+                              _addressed(d.payload, d.recipient), now)
+                 for d in (outcome.ack.deliver if outcome.ack else ())]
+        to = cfg.failure_to
+        if plan.alert and to and to.get("channel") and to.get("to"):
+            text = f"\u26a0 poller `{cfg.id}` (kind={cfg.kind}) failing: {outcome.error}"
+            items.append(_outbox_item(cfg.id, "alert", outbound_topic(to["channel"], cfg.agent,
+                                                                      agents),
+                                      {"text": text, "to": to["to"]}, now))
+        return items
+
+    def _finish_unplanned(self, job: _Job, slot: float | None, outcome: TickOutcome,
+                          command: int | None, elsewhere: bool = False) -> TickOutcome:
+        """A tick that stored nothing (cancelled, leased): log it, free the job.
+
+        A slot of a job ``elsewhere`` (another daemon holds its lease) is no
+        tick of this daemon: no outcome line (debug only), no outcome in the
+        metrics, only a counter.  An operator's tick still gets its line."""
+        r = self._runner
+        if elsewhere and slot is not None:
+            log.debug("job %s: slot skipped, another daemon holds its lease", job.cfg.id)
+            r.metrics.held_elsewhere(job.cfg.id, job.cfg.kind)
+        else:
+            self._log_tick(outcome)
+            r.metrics.observe(outcome)
+        if command is not None:
+            try:
+                r.state.finish_command(command, json.dumps(outcome.to_dict()))
+            except StateError as exc:
+                log.error("%s", exc)
+        nxt = None
+        if not self._book.stopping and not job.removed:
+            if slot is not None:
+                nxt = job.cfg.schedule.next_after(slot, r.clock())
+            elif job.generation >= 0:       # off schedule: in case its slot passed meanwhile
+                now = r.clock()
+                nxt = job.cfg.schedule.next_after(now, now)
+        self._book.release(job, nxt, nxt, keep=slot is None)
+        return outcome
+
+    def _committed(self, job: _Job, plan: TickPlan, new: JobState, outcome: TickOutcome,
+                   slot: float | None, queued: bool, result: Any) -> None:
+        """The store's ``done`` callback (writer thread): hand over, do nothing else.
+
+        A commit of many writes calls this once per write; whoever drains
+        the effects takes them all, so only the first one needs a wake-up."""
+        book = self._book
+        with book.cond:
+            book.effects.append((job, plan, new, outcome, slot, queued, result))
+            if len(book.effects) == 1:
+                book.cond.notify_all()
+
+    def drain_effects(self) -> None:
+        """Carry out the committed outcomes' effects handed over so far."""
+        book = self._book
+        while True:
+            with book.cond:
+                if not book.effects:
+                    return
+                item = book.effects.popleft()
+            self._settle_one(*item)
+
+    def settle(self, done: Callable[[], bool], deadline: float | None) -> bool:
+        """Carry out committed outcomes until ``done()`` (lock held) or the deadline."""
+        book = self._book
+        while True:
+            self.drain_effects()
+            with book.cond:
+                if done():
+                    return True
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                if not book.effects:
+                    book.cond.wait(left)
+
+    def _settle_one(self, job: _Job, plan: TickPlan, new: JobState, outcome: TickOutcome,
+                    slot: float | None, queued: bool, result: Any) -> None:
+        """A commit's effects: live state, log, metrics, alert, the publisher
+        woken for what was queued, next slot."""
+        r, book = self._runner, self._book
+        if result is True:
+            with book.cond:
+                job.state, job.unstored = new.replace(revision=new.revision + 1), 0
+                if r.state.handed_over(job.cfg.id):
+                    job.leased = False      # stored, and left for another daemon to take
+            if queued and r.publisher is not None:
+                r.publisher.wake()
+            self._log_tick(outcome)         # before the release: wait_idle() sees it
+            r.metrics.observe(outcome, new.last_run_at)
+            if plan.alert:
+                self._send_alert(job, plan.alert, outcome)
+            book.release(job, plan.run_at, plan.slot)
+            return
+        lost = result is False
+        why = "lease lost: another daemon took this job over" if lost else str(result)
+        log.error("job %s: tick result not stored (%s)", job.cfg.id, why)
+        outcome.status, outcome.error, outcome.next_run_at = TickStatus.UNSTORED, why, None
+        self._log_tick(outcome)
+        r.metrics.observe(outcome)
+        now = r.clock()
+        with book.cond:
+            job.unstored += 1
+            if lost:
+                job.leased = False
+        if lost and slot is not None:
+            nxt = job.cfg.schedule.next_after(slot, now)
+        else:                               # never a tight loop: back off as for errors
+            cfg = r.config
+            nxt = now + _backoff(cfg.backoff_initial_secs, cfg.backoff_max_secs, job.unstored)
+        book.release(job, None if book.stopping else nxt, nxt)
+
+    def _send_alert(self, job: _Job, reason: str, outcome: TickOutcome) -> None:
+        payload = {"job": job.cfg.id, "kind": job.cfg.kind, "agent": job.cfg.agent,
+                   "reason": reason, "error": outcome.error,
+                   "consecutive_errors": job.state.consecutive_errors,
+                   "failure_to": job.cfg.failure_to, "at": _iso(self._runner.clock())}
+        log.warning("alert: job %s: %s: %s", job.cfg.id, reason, outcome.error)
+        self._alert(payload, f"alert for job {job.cfg.id} not published")
+
+    def dead_letter(self, item: OutboxItem, error: str) -> None:
+        """The publisher gave ``item`` up: log it and alert the channel."""
+        job = self._book.jobs.get(item.job)
+        payload = {"job": item.job, "kind": job.cfg.kind if job else None,
+                   "agent": job.cfg.agent if job else None,
+                   "reason": f"{item.what} {item.id} moved to the dead letters",
+                   "error": error, "topic": item.topic, "at": _iso(self._runner.clock())}
+        log.error("outbox: %s %s for job %s dead-lettered: %s", item.what, item.id, item.job,
+                  error)
+        self._alert(payload, "alert not published")
+
+    def _alert(self, payload: dict, failed: str) -> None:
+        """Publish ``payload`` on the alert topic; log ``failed`` when the broker refuses."""
+        r = self._runner
+        try:
+            r.broker.publish(r.config.alert_topic, payload)
+        except PluginPollerForwardError as exc:
+            log.error("%s: %s", failed, exc)
+
+    @staticmethod
+    def _log_tick(o: TickOutcome) -> None:
+        level = logging.INFO if o.status in (TickStatus.OK, TickStatus.LEASED,
+                                             TickStatus.CANCELLED) else logging.WARNING
+        if not log.isEnabledFor(level):
+            return
+        m = o.ack.metrics if o.ack and o.ack.metrics else TickMetrics()
+        log.log(level, "tick job=%s kind=%s outcome=%s duration_ms=%.1f items_seen=%d "
+                "items_dispatched=%d%s", o.job_id, o.kind, o.status.value, o.duration * 1000,
+                m.items_seen, m.items_dispatched, f" error={o.error}" if o.error else "",
+                extra={"tick": o.to_dict()})
+
+
+class _Workers:
+    """The tick workers: a due job queues in its kind's lane and runs on a
+    pool thread when the lane's capacity allows; an operator's tick takes a
+    slot of the same lane."""
+
+    def __init__(self, book: _JobBook, plugins: _Plugins, lanes: _Lanes, max_workers: int,
+                 tick: Callable[..., Any]):
+        self._book, self._plugins, self._lanes = book, plugins, lanes
+        self._pool = _WorkerPool(max_workers)
+        self._tick = tick                   # _Ticks.tick
+
+    def dispatch(self, job: _Job, slot: float | None, command: int | None = None) -> None:
+        """Queue a due job (marked running) in its lane; start what capacity allows."""
+        lane = self._plugins.lane_of(job.cfg.kind)
+        with self._book.cond:
+            starts = self._lanes.queue(lane, job, slot, command)
+        for args in starts:
+            self._pool.submit(self._work, *args)
+
+    def _work(self, job: _Job, slot: float | None, command: int | None, lane: _Lane) -> None:
+        """Run a tick; then, on this same thread, the next tick the freed
+        capacity lets start.  Under load a lane always has one waiting:
+        handing it to the pool would wake another thread as this one goes idle."""
+        while True:
+            try:
+                self._tick(job, slot, command=command, commit_async=True)
+            except Exception:
+                log.exception("tick worker failed")
+            with self._book.cond:
+                starts = self._lanes.finished(lane)
+            if not starts:
+                return
+            for args in starts[1:]:
+                self._pool.submit(self._work, *args)
+            job, slot, command, lane = starts[0]
+
+    def run_now(self, job: _Job) -> TickOutcome:
+        """An operator's tick of ``job`` on the caller's thread, committed
+        before it returns (``Runner.run_once``)."""
+        book = self._book
+        running = TickOutcome(job.cfg.id, job.cfg.kind, TickStatus.BUSY,
+                              "a tick of this job is running")
+        if job.running:
+            return running
+        lane, busy = self._enter(job)
+        if lane is None:
+            return TickOutcome(job.cfg.id, job.cfg.kind, TickStatus.BUSY, busy)
+        try:
+            with book.cond:
+                if job.running:             # it started while this one waited for a slot
+                    return running
+                book.mark_running(job)
+            try:
+                return self._tick(job, None, commit_async=False)
+            finally:
+                if job.running:             # interrupted (Ctrl-C) before it was released
+                    book.release(job, None, keep=True)
+        finally:
+            self._leave(lane)
+
+    def _enter(self, job: _Job) -> tuple[_Lane | None, str | None]:
+        """An operator's tick takes a slot of the job's lane, as a scheduled
+        one does (``max_concurrent_ticks`` holds for both), waiting at most
+        the route's budget: ``(lane, None)``, or ``(None, why)`` when no
+        slot came free by then."""
+        lane = self._plugins.lane_of(job.cfg.kind)
+        budget = self._plugins.budget(job.cfg.kind)
+        deadline = time.monotonic() + budget
+        book = self._book
+        with book.cond:
+            while lane.running >= lane.limit and not book.stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None, (f"all {lane.limit} tick slots of {lane.key} stayed busy "
+                                  f"for {budget:g}s")
+                # A lane's worker frees its slot without a notify: look again soon.
+                book.cond.wait(min(left, _CANCEL_POLL_SECS))
+            self._lanes.take(lane)
+        return lane, None
+
+    def _leave(self, lane: _Lane) -> None:
+        """Free an operator's slot; start the scheduled ticks it held back."""
+        with self._book.cond:
+            starts = self._lanes.leave(lane)
+        for args in starts:
+            self._pool.submit(self._work, *args)
+
+    def snapshot(self) -> dict[str, tuple[int, int]]:
+        """Every lane: key -> (ticks running, ticks waiting for a slot)."""
+        with self._book.cond:
+            return self._lanes.snapshot()
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class _Scheduler:
+    """The scheduler thread: pops due jobs off the timer heap to the
+    workers, carries out committed outcomes' effects, and looks at the
+    state when a command, the running set or the store's heartbeat asks."""
+
+    def __init__(self, runner: "Runner", book: _JobBook, ticks: _Ticks, workers: _Workers,
+                 commands: "_Commands"):
+        self._runner = runner               # its state, metrics, monotonic clock, config
+        self._book, self._ticks, self._workers, self._commands = book, ticks, workers, commands
+        self.wall_jobs = _has_wall_clock_jobs(runner.config)    # reload sets it anew
+        self.state_error: str | None = None         # why the state cannot be used now
+        self.thread: threading.Thread | None = None
+        self._last_poll = 0.0                       # time.monotonic() of the last look at the state
+        self._state_backoff = _COMMAND_POLL_SECS
+        self._published_running: frozenset = frozenset()
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="nexo-scheduler")
+        self.thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """The thread lives, or none was started (``fire_due`` drives)."""
+        return self.thread is None or self.thread.is_alive()
+
+    def _poll_at(self) -> float | None:
+        """When the scheduler must look at the state unasked (a
+        ``time.monotonic()``; lock held), or None when only a poke needs it to.
+
+        An idle daemon does not poll: commands arrive as SIGUSR1 (the CLI),
+        through the admin API or by the store's own notification
+        (``StateStore.watch_commands``), each of which calls ``poke()``.
+        Timers remain for a failing state (retried with backoff), for the
+        running set while it settles (``status`` shows it) and for the
+        store's heartbeat."""
+        if self.state_error is not None:
+            return self._last_poll + self._state_backoff
+        if self._book.running or self._published_running:
+            return self._last_poll + _COMMAND_POLL_SECS
+        beat = self._runner.state.heartbeat_secs
+        return None if beat is None else self._last_poll + beat
+
+    def _poll_due(self) -> bool:
+        at = self._poll_at()
+        return self._book.commands_due or (at is not None and time.monotonic() >= at)
+
+    def _next_wake(self, now: float) -> float | None:
+        """Seconds until the scheduler has something to do (lock held); None
+        when nothing will happen until somebody wakes it.  While cron or at
+        jobs wait it looks at the wall clock now and then: a step of it moves
+        their slots."""
+        waits = []
+        at = self._poll_at()
+        if at is not None:
+            waits.append(max(0.0, at - time.monotonic()))
+        deadline = self._book.heap.next_deadline()
+        if deadline is not None:
+            waits.append(max(0.0, deadline - now))
+            if self.wall_jobs:
+                waits.append(_WALL_CLOCK_LOOK_SECS)
+        return min(waits) if waits else None
+
+    def _loop(self) -> None:
+        """Pop due jobs, carry out committed outcomes, pick up commands.
+
+        Nothing raised here may end the thread: a state that cannot be read
+        is retried with backoff and reported until it can.
+        """
+        book = self._book
+        while True:
+            try:
+                with book.cond:
+                    if book.stopping:
+                        return
+                    book.watch_clock()
+                    now = self._runner.monotonic()
+                    due = self._pop_due(now)
+                    if not due and not book.effects and not self._poll_due():
+                        book.cond.wait(self._next_wake(now))
+                        continue
+                self._ticks.drain_effects()
+                for job, slot in due:
+                    self._workers.dispatch(job, slot)
+                if self._poll_due():
+                    self._last_poll = time.monotonic()
+                    self._poll_state()
+            except StateError as exc:
+                self._state_failed(exc)
+            except Exception:
+                log.exception("scheduler: unexpected error; carrying on")
+                with book.cond:
+                    book.cond.wait(1.0)
+
+    def _poll_state(self) -> None:
+        """Commands and the running set, each time the scheduler looks at the state."""
+        store = self._runner.state
+        store.check_file()
+        due, self._book.commands_due = self._book.commands_due, False
+        if store.changed() or due:
+            self._commands.apply_pending()
+            self._commands.refresh_unheld()
+        running = frozenset(j.cfg.id for j in self._book.jobs.values()
+                            if j.running and not j.commanding)
+        if running != self._published_running:
+            store.set_running(running)
+            self._published_running = running
+        if self.state_error is not None:
+            log.warning("state readable again after: %s", self.state_error)
+            self.state_error, self._state_backoff = None, _COMMAND_POLL_SECS
+
+    def _state_failed(self, exc: StateError) -> None:
+        first = self.state_error is None
+        self.state_error = str(exc)
+        self._runner.metrics.state_error()
+        if first:
+            log.error("state: %s (retrying with backoff; ticks wait)", exc)
+        else:
+            log.debug("state still failing: %s", exc)
+        self._state_backoff = _backoff(self._state_backoff, _STATE_RETRY_MAX_SECS, 2)
+
+    def _pop_due(self, now: float) -> list[tuple[_Job, float]]:
+        """The due jobs that may run now, marked running (lock held)."""
+        due = []
+        for job, nominal in self._book.heap.pop_due(now):
+            if job.state.paused or job.running:
+                if job.commanding:
+                    job.missed = nominal
+                continue
+            self._book.mark_running(job)
+            due.append((job, nominal))
+        return due
+
+    def fire_due(self) -> int:
+        """Dispatch every job whose slot has come (for tests driving the clock)."""
+        self._ticks.drain_effects()
+        with self._book.cond:
+            self._book.watch_clock()
+            due = self._pop_due(self._runner.monotonic())
+        for job, slot in due:
+            self._workers.dispatch(job, slot)
+        return len(due)
+
+
+class _Reload:
+    """A new configuration applied to a running daemon: jobs added, replaced
+    and removed, plugins restarted where their spec changed, all or nothing
+    where it matters."""
+
+    def __init__(self, runner: "Runner", book: _JobBook, plugins: _Plugins,
+                 scheduler: _Scheduler):
+        self._runner = runner               # its config (replaced), state and clock
+        self._book, self._plugins, self._scheduler = book, plugins, scheduler
+
+    def apply(self, new: DaemonConfig) -> dict[str, list[str]]:
+        """Bring the running set in line with ``new`` (already validated).
+
+        All or nothing where it matters: a change of ``state_db`` is refused,
+        and the state is asked for the new jobs before anything changes, so a
+        state that cannot be written leaves the old configuration running.
+        Returns the diff: ``added``, ``replaced``, ``removed``, ``kept`` job
+        ids and ``restarted`` plugin ids.
+        """
+        r, book = self._runner, self._book
+        if os.path.abspath(new.state_db) != os.path.abspath(r.config.state_db):
+            raise ConfigError(new.source, [("state_db", (
+                f"changed from {r.config.state_db} to {new.state_db}: the state cannot "
+                "move while the daemon runs; restart the daemon to use the new location"))])
+        new_jobs = {j.id: j for j in new.jobs}
+        added = [_Job(jc) for jc in new.jobs if jc.id not in book.jobs]
+        now = r.clock()
+        if added:                           # the state first: a failure here changes nothing
+            stored = r.state.load([j.cfg.id for j in added])
+            for job in added:
+                job.state = stored.get(job.cfg.id, job.state)
+            if book.started:
+                book.lease(r.state, added, now,
+                           lambda cfg: self._plugins.lease_ttl(cfg, new.plugins))
+        # Jobs leave first, so no queued tick of theirs runs against a plugin that is gone.
+        removed = []
+        with book.cond:
+            for job_id in [i for i in book.jobs if i not in new_jobs]:
+                job = book.jobs.pop(job_id)
+                job.removed, job.generation = True, -1
+                if job.cancel is not None:
+                    job.cancel.set()
+                removed.append(job_id)
+        if removed:
+            try:
+                r.state.release(removed)
+            except StateError as exc:
+                log.error("leases of removed jobs not released (they expire): %s", exc)
+        restarted = self._plugins.reconcile(new)
+        diff: dict[str, list[str]] = {
+            "added": [j.cfg.id for j in added], "replaced": [], "removed": removed, "kept": [],
+            "restarted": restarted}
+        r.config = dataclasses.replace(new, jobs=list(new.jobs), plugins=list(new.plugins))
+        with book.cond:
+            self._scheduler.wall_jobs = _has_wall_clock_jobs(r.config)
+            for job in added:
+                book.jobs[job.cfg.id] = job
+            for job in added:
+                if book.started:
+                    book.schedule_first(job, now)
+            for job_id, jc in new_jobs.items():
+                job = book.jobs[job_id]
+                if job_id in diff["added"]:
+                    continue
+                if jc.raw == job.cfg.raw:
+                    diff["kept"].append(job_id)
+                    continue
+                job.cfg, job.key = jc, _schedule_key(jc)
+                diff["replaced"].append(job_id)
+                if book.started and not job.running:
+                    book.schedule_first(job, now)       # a new schedule voids the stored slot
+        log.info("reloaded: %s", ", ".join(f"{k} {len(v)}" for k, v in diff.items()))
+        return diff
 
 
 class _Signals:
@@ -8650,6 +9685,12 @@ class Runner:
     Deliveries go, by precedence, to ``deliver(topic, event)`` (a callable:
     returning means delivered, raising means retry), to the configured
     ``delivery_sink`` webhook, or to the broker.
+
+    A facade: life cycle, operator verbs and the read API are here; the
+    work is its collaborators', each owning one thing: ``_JobBook`` (jobs,
+    lock, timer heap), ``_Plugins`` (routes, supervised plugins),
+    ``_Workers`` (lanes, tick threads), ``_Ticks`` (one tick and its
+    effects), ``_Commands``, ``_Scheduler``, ``_Reload``, ``_Signals``.
     """
 
     def __init__(self, config: DaemonConfig, *, clock: Callable[[], float] = time.time,
@@ -8660,104 +9701,39 @@ class Runner:
         self.clock = clock
         self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
         self.rng = rng or random.Random()   # jitter, retry spread: one source
-        self.router = PluginPollerRouter()          # plugins by id (the manifests)
-        self._routes = _Routes()                    # kinds: the one answer to "who serves it"
-        self._lanes = _Lanes(lambda: self.config.max_workers)
-        self._supervisors: dict[str, PluginSupervisor] = {}
-        self._jobs: dict[str, _Job] = {}
-        self._wall_jobs = _has_wall_clock_jobs(config)
-        self._heap = _TimerHeap(self._jobs, clock, self.monotonic)
-        self._cond = threading.Condition(threading.Lock())
-        self._effects: deque = deque()              # committed outcomes waiting for their effects
-        self._pool = _WorkerPool(config.max_workers)
-        self._running = 0
-        self._stopping = False
-        self._opened = False
-        self._started = False
-        self._torn_down = False
-        self._commands = _Commands(self)
-        self._last_poll = 0.0                       # time.monotonic() of the last look at the state
-        self._state_backoff = _COMMAND_POLL_SECS
-        self._published_running: frozenset = frozenset()
         self.state: StateStore | None = state
-        self.state_error: str | None = None         # why the state cannot be used now
         self.broker_server: BrokerServer | None = None     # the embedded one, when used
         self.broker = None
         self.broker_url: str | None = None      # what long-lived plugins are given
-        self._scheduler: threading.Thread | None = None
-        self._metrics = _Metrics()
-        self._metrics_server = None
-        self._admin_server = None                   # may be _metrics_server itself (shared)
         self.config_path: str | None = None         # what the admin API's reload re-reads
         self.reload_lock = threading.Lock()         # one reload at a time (SIGHUP, admin API)
         self.stopped = threading.Event()
+        self._metrics = _Metrics()
+        self._http_servers: tuple = (None, None)    # (metrics, admin): may be one server
         self._deliver_hook = deliver
         self._publisher: _Publisher | None = None
+        self._opened = self._torn_down = False
+        book = self._book = _JobBook(clock, self.monotonic, lambda schedule: _jitter(
+            schedule, self.config, self.rng))
+        lanes = _Lanes(lambda: self.config.max_workers)
+        self._plugins = _Plugins(self, lanes, book.cond)
+        # Commands dispatch ticks; workers run them; a tick may apply commands first.
+        self._commands = _Commands(self, book, lambda *args: self._workers.dispatch(*args))
+        self._ticks = _Ticks(self, book, self._plugins, self._commands)
+        self._workers = _Workers(book, self._plugins, lanes, config.max_workers,
+                                 self._ticks.tick)
+        self._scheduler = _Scheduler(self, book, self._ticks, self._workers, self._commands)
+        self._reload = _Reload(self, book, self._plugins, self._scheduler)
 
-    # -- routes ---------------------------------------------------------------------
+    @property
+    def router(self) -> PluginPollerRouter:
+        """The plugins by id (their manifests)."""
+        return self._plugins.router
 
     def register(self, poller: Any) -> None:
-        """Serve ``poller.kind`` in-process with ``poller.tick(ctx) -> TickAck``.
-
-        An optional ``max_concurrent_ticks`` attribute bounds its ticks.
-        """
-        kind = getattr(poller, "kind", None)
-        if not isinstance(kind, str) or not callable(getattr(poller, "tick", None)):
-            raise TypeError("a poller needs a `kind` string and a `tick(ctx)` method")
-        self._routes.own((kind,), None)
-        limit = getattr(poller, "max_concurrent_ticks", None) or self.config.max_workers
-        self._routes.add(_Route(kind, poller, self._lane(f"kind:{kind}", limit),
-                                _tick_budget(kind)))
-
-    def _lane(self, key: str, limit: int) -> _Lane:
-        with self._cond:
-            return self._lanes.get(key, limit)
-
-    def _install_plugins(self, handles: Iterable[PluginPollerHandle],
-                         auth_by_plugin: Mapping[str, Mapping[str, str]] | None = None) -> None:
-        """Route the plugins' kinds and start the supervised ones, each with
-        its own NATS credentials when ``plugin_broker_auth`` names it."""
-        for handle in handles:
-            self._routes.own(handle.kinds, handle.plugin_id)
-            self.router.register(handle)
-            lane = self._lane(handle.plugin_id, handle.max_concurrent_ticks)
-            for kind in handle.kinds:
-                self._routes.add(_Route(kind, _proxy_for(kind, handle, self.broker, limit=False),
-                                        lane, _tick_budget(kind, (handle,)), handle.plugin_id))
-            if _lifecycle_rules(handle).supervised and handle.entrypoint_command:
-                # long-lived and stdio; without a command (NATS only) the plugin
-                # runs elsewhere: not ours to start.
-                auth = (auth_by_plugin if auth_by_plugin is not None else
-                        self.config.plugin_broker_auth).get(handle.plugin_id)
-                self._supervisors[handle.plugin_id] = PluginSupervisor(
-                    handle, _nats_url_as(self.broker_url, auth) if auth else self.broker_url
-                ).start()
-
-    def _remove_plugin(self, plugin_id: str) -> None:
-        sup = self._supervisors.pop(plugin_id, None)
-        if sup is not None:
-            sup.stop()
-        if self.router.unregister(plugin_id):
-            self._routes.drop_plugin(plugin_id)
-
-    def _budget(self, kind: str, plugins: Iterable[PluginPollerHandle] | None = None) -> float:
-        """How long a tick of ``kind`` may take (``_tick_budget``): as routed
-        now, or as ``plugins`` (a reload's) would route it."""
-        if plugins is not None:
-            return _tick_budget(kind, plugins)
-        return self._routes.budget(kind)
-
-    def _lease_ttl(self, cfg: JobConfig, plugins: Iterable[PluginPollerHandle] | None = None
-                   ) -> float:
-        """factor x interval, at least ``lease_min_secs``, and at least a
-        plugin's tick timeout + ``lease_min_secs``."""
-        least = self.config.lease_min_secs
-        ttl = max(least, self.config.lease_ttl_factor * cfg.schedule.nominal_interval)
-        handle = _plugin_for(cfg.kind, plugins or ())
-        route = self._routes.get(cfg.kind) if plugins is None else None
-        if handle is not None or (route is not None and route.plugin_id is not None):
-            ttl = max(ttl, self._budget(cfg.kind, plugins) + least)
-        return ttl
+        """Serve ``poller.kind`` in-process with ``poller.tick(ctx) -> TickAck``;
+        an optional ``max_concurrent_ticks`` attribute bounds its ticks."""
+        self._plugins.register(poller)
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -8769,20 +9745,11 @@ class Runner:
         if self.state is None:
             self.state = _config_state(cfg)
         try:
-            if _is_nats(cfg.broker):
-                tls = {f"tls_{k}": v for k, v in cfg.broker_tls.items()}
-                self.broker = connect_broker(cfg.broker, name=f"nexo-poller {self.state.owner}",
-                                             **tls)
-                self.broker_url = cfg.broker
-            else:
-                path = cfg.broker[7:] if cfg.broker else None
-                self.broker_server = BrokerServer(path).start()
-                self.broker = self.broker_server.client()
-                self.broker_url = self.broker_server.url
-            self._install_plugins(cfg.plugins)
+            self.broker_server, self.broker, self.broker_url = _open_broker(cfg, self.state.owner)
+            self._plugins.install(cfg.plugins)
             stored = self.state.load([j.id for j in cfg.jobs])
             for jc in cfg.jobs:
-                self._jobs[jc.id] = _Job(jc, stored.get(jc.id))
+                self._book.jobs[jc.id] = _Job(jc, stored.get(jc.id))
             if self._deliver_hook is not None:
                 sink = self._deliver_hook
             elif cfg.delivery_sink != "broker":
@@ -8803,61 +9770,35 @@ class Runner:
         time through ``clock`` and calls ``fire_due()`` (tests do).
         """
         self.open()
+        book = self._book
         now = self.clock()
         others = self.state.register_daemon(now)
         # One step leases every job up front, so a tick needs no round trip to
         # the state before it runs, only its commit after.
-        granted = self._claim(list(self._jobs.values()), now)
+        granted = book.lease(self.state, list(book.jobs.values()), now, self._plugins.lease_ttl)
         if others:
-            held = sorted(set(self._jobs) - set(granted))
+            held = sorted(set(book.jobs) - set(granted))
             log.warning("another daemon runs on this state (%s); this one holds %d of %d jobs%s",
-                        ", ".join(others), len(granted), len(self._jobs),
+                        ", ".join(others), len(granted), len(book.jobs),
                         f"; held elsewhere: {', '.join(held)}" if held else "")
         self.apply_commands()
-        with self._cond:
-            for job in self._jobs.values():
-                self._schedule_first(job, now)
+        with book.cond:
+            for job in book.jobs.values():
+                book.schedule_first(job, now)
         if self.config.metrics_addr or self.config.admin_addr:
             try:
-                self._metrics_server, self._admin_server = _start_http(self)
+                self._http_servers = _start_http(self)
             except ConfigError:
                 self.stop()
                 raise
-        self._started = True
+        book.started = True
         self.state.watch_commands(self.poke)
         if background:
-            self._scheduler = threading.Thread(target=self._schedule_loop, daemon=True,
-                                               name="nexo-scheduler")
             self._scheduler.start()
         self._publisher.start()
-        log.info("nexo-poller started: %d jobs, %d plugins, broker %s", len(self._jobs),
+        log.info("nexo-poller started: %d jobs, %d plugins, broker %s", len(book.jobs),
                  self.router.len(), _redact_url(self.broker_url))
         return self
-
-    def _claim(self, jobs: list[_Job], now: float,
-               plugins: Iterable[PluginPollerHandle] | None = None) -> dict[str, JobState]:
-        """Lease ``jobs``; each granted job takes the state the claim read."""
-        wanted = {j.cfg.id: now + self._lease_ttl(j.cfg, plugins) for j in jobs}
-        granted = self.state.claim(wanted, now, paused_on_boot=[
-            j.cfg.id for j in jobs if j.cfg.paused_on_boot])
-        with self._cond:
-            for job in jobs:
-                if job.cfg.id in granted:
-                    job.state, job.leased, job.delivered = granted[job.cfg.id], True, 0
-        return granted
-
-    def _schedule_first(self, job: _Job, now: float) -> None:
-        """Put a job on the heap where it stands on its schedule (lock held)."""
-        if job.removed or job.state.paused or job.running:
-            return
-        slot, fresh = next_run(job.state, job.cfg.schedule, job.key, now)
-        if slot is None:
-            job.generation = -1
-            return
-        when = max(slot, now)            # missed while down or paused: once, now
-        if fresh and slot >= now:
-            when += _jitter(job.cfg.schedule, self.config, self.rng)
-        self._push(job, when, slot)
 
     def stop(self) -> None:
         """Stop scheduling, cancel ticks in flight, stop plugins, flush state.
@@ -8866,26 +9807,26 @@ class Runner:
         gets what it can store within a few seconds more, whatever another
         process does to it; what it cannot store is logged.
         """
-        with self._cond:
-            if self._stopping:
+        book = self._book
+        with book.cond:
+            if book.stopping:
                 return
-            self._stopping = True
-            for job in self._jobs.values():
+            book.stopping = True
+            for job in book.jobs.values():
                 if job.cancel is not None:
                     job.cancel.set()
-            self._cond.notify_all()
+            book.cond.notify_all()
         grace = self.config.shutdown_grace_secs
         deadline = time.monotonic() + grace
         if self.state is not None:
             self.state.set_deadline(deadline + 2.0)
-        if self._scheduler is not None:
-            self._scheduler.join(5)
-        if not self._settle(lambda: self._running == 0, deadline):
+        self._scheduler.join(5)
+        if not self._ticks.settle(lambda: book.running == 0, deadline):
             log.warning("%d ticks did not finish within %.1fs; their results are dropped",
-                        self._running, grace)
+                        book.running, grace)
         self._teardown(deadline + 2.0)
         self.stopped.set()
-        if self._started:
+        if book.started:
             log.info("nexo-poller stopped")
 
     def _teardown(self, deadline: float) -> None:
@@ -8901,14 +9842,8 @@ class Runner:
                 self.state.unregister_daemon()
             except StateError as exc:
                 log.error("leases not released (they expire on their own): %s", exc)
-        sups, self._supervisors = list(self._supervisors.values()), {}
-        for sup in sups:                    # all plugins get SIGTERM at once and
-            sup.request_stop()              # share one grace period
-        plugin_deadline = time.monotonic() + max((s.stop_grace for s in sups), default=0)
-        for sup in sups:
-            sup.join(plugin_deadline)
-        for server in {id(s): s for s in (self._metrics_server, self._admin_server)
-                       if s is not None}.values():
+        self._plugins.stop_supervised()
+        for server in {id(s): s for s in self._http_servers if s is not None}.values():
             server.shutdown()
             server.server_close()
         if self.state is not None:
@@ -8917,7 +9852,7 @@ class Runner:
             self.broker.close()
         if self.broker_server is not None:
             self.broker_server.close()
-        self._pool.close()
+        self._workers.close()
 
     def __enter__(self) -> "Runner":
         return self.start()
@@ -8925,540 +9860,21 @@ class Runner:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    # -- the timer heap -------------------------------------------------------------------
-
-    def _push(self, job: _Job, when: float, nominal: float | None = None) -> None:
-        """Put a job's next run on the heap (``_TimerHeap.push``; lock held),
-        waking the scheduler when what it waits for changed."""
-        if self._heap.push(job, when, nominal):
-            self._cond.notify_all()
-
-    def _watch_clock(self) -> None:
-        """Re-base the heap on a wall clock step (lock held)."""
-        if self._heap.watch_clock():
-            self._cond.notify_all()
-
-    def _poll_at(self) -> float | None:
-        """When the scheduler must look at the state unasked (a
-        ``time.monotonic()``; lock held), or None when only a poke needs it to.
-
-        An idle daemon does not poll: commands arrive as SIGUSR1 (the CLI),
-        through the admin API or by the store's own notification
-        (``StateStore.watch_commands``), each of which calls ``poke()``.
-        Timers remain for a failing state (retried with backoff), for the
-        running set while it settles (``status`` shows it) and for the
-        store's heartbeat."""
-        if self.state_error is not None:
-            return self._last_poll + self._state_backoff
-        if self._running or self._published_running:
-            return self._last_poll + _COMMAND_POLL_SECS
-        beat = self.state.heartbeat_secs
-        return None if beat is None else self._last_poll + beat
-
-    def _poll_due(self) -> bool:
-        at = self._poll_at()
-        return self._commands.due or (at is not None and time.monotonic() >= at)
-
-    def _next_wake(self, now: float) -> float | None:
-        """Seconds until the scheduler has something to do (lock held); None
-        when nothing will happen until somebody wakes it.  While cron or at
-        jobs wait it looks at the wall clock now and then: a step of it moves
-        their slots."""
-        waits = []
-        at = self._poll_at()
-        if at is not None:
-            waits.append(max(0.0, at - time.monotonic()))
-        deadline = self._heap.next_deadline()
-        if deadline is not None:
-            waits.append(max(0.0, deadline - now))
-            if self._wall_jobs:
-                waits.append(_WALL_CLOCK_LOOK_SECS)
-        return min(waits) if waits else None
-
-    def _schedule_loop(self) -> None:
-        """Pop due jobs, carry out committed outcomes, pick up commands.
-
-        Nothing raised here may end the thread: a state that cannot be read
-        is retried with backoff and reported until it can.
-        """
-        while True:
-            try:
-                with self._cond:
-                    if self._stopping:
-                        return
-                    self._watch_clock()
-                    now = self.monotonic()
-                    due = self._pop_due(now)
-                    if not due and not self._effects and not self._poll_due():
-                        self._cond.wait(self._next_wake(now))
-                        continue
-                self._drain_effects()
-                for job, slot in due:
-                    self._dispatch(job, slot)
-                if self._poll_due():
-                    self._last_poll = time.monotonic()
-                    self._poll_state()
-            except StateError as exc:
-                self._state_failed(exc)
-            except Exception:
-                log.exception("scheduler: unexpected error; carrying on")
-                with self._cond:
-                    self._cond.wait(1.0)
-
-    def _poll_state(self) -> None:
-        """Commands and the running set, each time the scheduler looks at the state."""
-        self.state.check_file()
-        due, self._commands.due = self._commands.due, False
-        if self.state.changed() or due:
-            self.apply_commands()
-            self._commands.refresh_unheld()
-        running = frozenset(j.cfg.id for j in self._jobs.values()
-                            if j.running and not j.commanding)
-        if running != self._published_running:
-            self.state.set_running(running)
-            self._published_running = running
-        if self.state_error is not None:
-            log.warning("state readable again after: %s", self.state_error)
-            self.state_error, self._state_backoff = None, _COMMAND_POLL_SECS
-
-    def _state_failed(self, exc: StateError) -> None:
-        first = self.state_error is None
-        self.state_error = str(exc)
-        self._metrics.state_error()
-        if first:
-            log.error("state: %s (retrying with backoff; ticks wait)", exc)
-        else:
-            log.debug("state still failing: %s", exc)
-        self._state_backoff = _backoff(self._state_backoff, _STATE_RETRY_MAX_SECS, 2)
-
-    def _pop_due(self, now: float) -> list[tuple[_Job, float]]:
-        """The due jobs that may run now, marked running (lock held)."""
-        due = []
-        for job, nominal in self._heap.pop_due(now):
-            if job.state.paused or job.running:
-                if job.commanding:
-                    job.missed = nominal
-                continue
-            self._mark_running(job)
-            due.append((job, nominal))
-        return due
-
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no tick is running or committing; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        return self._settle(lambda: self._running == 0, deadline)
-
-    def _settle(self, done: Callable[[], bool], deadline: float | None) -> bool:
-        """Carry out committed outcomes until ``done()`` (lock held) or the deadline."""
-        while True:
-            self._drain_effects()
-            with self._cond:
-                if done():
-                    return True
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                if not self._effects:
-                    self._cond.wait(left)
+        return self._ticks.settle(lambda: self._book.running == 0, deadline)
 
     def fire_due(self) -> int:
         """Dispatch every job whose slot has come (for tests driving the clock)."""
-        self._drain_effects()
-        with self._cond:
-            self._watch_clock()
-            due = self._pop_due(self.monotonic())
-        for job, slot in due:
-            self._dispatch(job, slot)
-        return len(due)
-
-    # -- lanes --------------------------------------------------------------------------
-
-    def _dispatch(self, job: _Job, slot: float | None, command: int | None = None) -> None:
-        """Queue a due job in its route's lane; start what capacity allows."""
-        route = self._routes.get(job.cfg.kind)
-        lane = route.lane if route is not None else self._lane("(unrouted)", 1)
-        with self._cond:
-            starts = self._lanes.queue(lane, job, slot, command)
-        for args in starts:
-            self._pool.submit(self._work, *args)
-
-    def _work(self, job: _Job, slot: float | None, command: int | None, lane: _Lane) -> None:
-        """Run a tick; then, on this same thread, the next tick the freed
-        capacity lets start.  Under load a lane always has one waiting:
-        handing it to the pool would wake another thread as this one goes idle."""
-        while True:
-            try:
-                self._tick(job, slot, command=command, commit_async=True)
-            except Exception:
-                log.exception("tick worker failed")
-            with self._cond:
-                starts = self._lanes.finished(lane)
-            if not starts:
-                return
-            for args in starts[1:]:
-                self._pool.submit(self._work, *args)
-            job, slot, command, lane = starts[0]
-
-    # -- one tick -----------------------------------------------------------------------
-
-    def _tick(self, job: _Job, slot: float | None, *, command: int | None = None,
-              commit_async: bool) -> TickOutcome:
-        """Run one tick of a job (``running`` already set) and store its outcome.
-
-        ``slot`` None is an off-schedule tick (an operator's): it runs even
-        when the job is not due.
-        """
-        cfg = job.cfg
-        now = self.clock()
-        started = time.monotonic()
-        cancel = threading.Event()
-        route = self._routes.get(cfg.kind)
-        with self._cond:
-            job.cancel = cancel
-            if self._stopping or job.removed:
-                cancel.set()
-        outcome = TickOutcome(cfg.id, cfg.kind, TickStatus.OK)
-        if cancel.is_set():                 # stop() or a reload came while it sat in the queue
-            outcome.status, outcome.error = TickStatus.CANCELLED, "tick cancelled before it started"
-            return self._finish_unplanned(job, slot, outcome, command)
-        budget = self._budget(cfg.kind)
-        ttl = self._lease_ttl(cfg)
-        # Claim only when the lease would not outlast this tick: in steady
-        # state each commit renews it, so ticks make no extra round trip.
-        if not job.leased or (job.state.lease_until or 0) < now + budget + 5.0:
-            taking_over = not job.leased
-            try:
-                granted = self.state.claim({cfg.id: now + ttl}, now, paused_on_boot=(
-                    [cfg.id] if cfg.paused_on_boot else []))
-            except StateError as exc:
-                granted, outcome.error = {}, str(exc)
-            if cfg.id not in granted:
-                outcome.status, elsewhere = TickStatus.LEASED, outcome.error is None
-                outcome.error = outcome.error or "another daemon holds this job's lease"
-                return self._finish_unplanned(job, slot, outcome, command, elsewhere)
-            with self._cond:
-                job.state, job.leased, job.delivered = granted[cfg.id], True, 0
-            if taking_over:
-                # The state is what the last owner committed, with the commands
-                # queued for it applied: resume from it.
-                try:
-                    kept = self._commands.take_over(job)
-                except StateError as exc:
-                    kept, outcome.error = False, f"queued commands not read: {exc}"
-                if not kept:
-                    with self._cond:
-                        job.leased = False      # the next tick claims and tries again
-                    outcome.status = TickStatus.LEASED
-                    outcome.error = outcome.error or "another daemon holds this job's lease"
-                    return self._finish_unplanned(job, slot, outcome, command)
-                with self._cond:
-                    job.commands_wait = True    # its tick commands: after this tick
-                resume_at, _ = next_run(job.state, cfg.schedule, job.key, now)
-                if slot is not None and (resume_at is None or resume_at > now):
-                    log.info("job %s taken over; its next slot is %s", cfg.id, _iso(resume_at))
-                    self._release(job, resume_at)
-                    outcome.status = TickStatus.CANCELLED
-                    outcome.error = "taken over; not due yet"
-                    return outcome
-        ctx = PollContext(cfg.id, cfg.agent, cfg.kind, job.state.cursor, cfg.config,
-                          datetime.fromtimestamp(now, timezone.utc),
-                          timedelta(seconds=cfg.schedule.nominal_interval), cancel)
-        self._poll(route, ctx, outcome)
-        outcome.duration = time.monotonic() - started
-        if cancel.is_set():
-            why = "job removed by a reload" if job.removed else "tick cancelled"
-            outcome.status, outcome.error, outcome.ack = TickStatus.CANCELLED, why, None
-            return self._finish_unplanned(job, slot, outcome, command)
-        base = job.state
-        if slot is None:                    # off schedule: the slot on the heap stays
-            base = base.replace(next_run_at=job.next_run_at if job.generation >= 0 else None)
-        planned = functools.partial(plan_tick, base, outcome, schedule=cfg.schedule, slot=slot,
-                                    started=now, config=self.config, rng=self.rng,
-                                    schedule_key=job.key)
-        plan = planned(finished=self.clock())
-        outbox = self._outbox_for(job, plan, outcome, now)
-        problem = self.state.unstorable(outbox)
-        if problem:
-            # A commit that can never succeed would make the tick run again
-            # forever: it fails for good instead, its cursor not advanced,
-            # and the job pauses with the reason in its status.
-            outcome.status, outcome.error, outcome.ack = TickStatus.PERMANENT, problem, None
-            plan = planned(finished=self.clock())
-            outbox = self._outbox_for(job, plan, outcome, now)
-        outcome.next_run_at = plan.run_at
-        new = plan.state.replace(lease_until=now + ttl)
-        result_text = None if command is None else json.dumps(outcome.to_dict())
-        done = functools.partial(self._committed, job, plan, new, outcome, slot, bool(outbox))
-        cmd = None if command is None else (command, result_text)
-        if commit_async:
-            try:
-                self.state.commit(new, done, command=cmd, outbox=outbox)
-            except StateError as exc:
-                done(exc)
-        else:
-            try:
-                result = self.state.commit_now(new, command=cmd, outbox=outbox)
-            except StateError as exc:
-                result = exc
-            self._settle_one(job, plan, new, outcome, slot, bool(outbox), result)
-            if outbox and result is True and not self._started:
-                try:                        # no daemon behind this runner: try once now
-                    self._publisher.run_pass()
-                except StateError as exc:
-                    log.error("outbox: %s", exc)
-        return outcome
-
-    @staticmethod
-    def _poll(route: _Route | None, ctx: PollContext, outcome: TickOutcome) -> None:
-        """Ask the route's poller for one tick; its ack or error goes into ``outcome``."""
-        try:
-            if route is None:
-                raise PollerError.Config(ctx.job_id,
-                                         f"no plugin or poller serves kind {ctx.kind!r}")
-            ack = route.poller.tick(ctx)
-            if ack is not None and not isinstance(ack, TickAck):
-                raise PollerError.Transient(f"poller returned {type(ack).__name__}, not TickAck")
-            outcome.ack = ack or TickAck()
-        except PollerError as exc:
-            outcome.status = TickStatus(exc.classify().value)
-            outcome.error = str(exc)
-        except Exception as exc:            # a bug in an in-process poller: retry later
-            log.debug("poller for %s raised", ctx.kind, exc_info=True)
-            outcome.status = TickStatus.TRANSIENT
-            outcome.error = f"{type(exc).__name__}: {exc}"
-
-    def _outbox_for(self, job: _Job, plan: TickPlan, outcome: TickOutcome,
-                    now: float) -> list[OutboxItem]:
-        """What this tick hands on, stored with its state: the reply's
-        deliveries, and the alert for the job's ``failure_to`` channel."""
-        agents, cfg = self.config.agents, job.cfg
-        items = [_outbox_item(cfg.id, "delivery", outbound_topic(d.channel, cfg.agent, agents),
-                              _addressed(d.payload, d.recipient), now)
-                 for d in (outcome.ack.deliver if outcome.ack else ())]
-        to = cfg.failure_to
-        if plan.alert and to and to.get("channel") and to.get("to"):
-            text = f"\u26a0 poller `{cfg.id}` (kind={cfg.kind}) failing: {outcome.error}"
-            items.append(_outbox_item(cfg.id, "alert", outbound_topic(to["channel"], cfg.agent,
-                                                                      agents),
-                                      {"text": text, "to": to["to"]}, now))
-        return items
-
-    def _finish_unplanned(self, job: _Job, slot: float | None, outcome: TickOutcome,
-                          command: int | None, elsewhere: bool = False) -> TickOutcome:
-        """A tick that stored nothing (cancelled, leased): log it, free the job.
-
-        A slot of a job ``elsewhere`` (another daemon holds its lease) is no
-        tick of this daemon: no outcome line (debug only), no outcome in the
-        metrics, only a counter.  An operator's tick still gets its line."""
-        if elsewhere and slot is not None:
-            log.debug("job %s: slot skipped, another daemon holds its lease", job.cfg.id)
-            self._metrics.held_elsewhere(job.cfg.id, job.cfg.kind)
-        else:
-            self._log_tick(outcome)
-            self._metrics.observe(outcome)
-        if command is not None:
-            try:
-                self.state.finish_command(command, json.dumps(outcome.to_dict()))
-            except StateError as exc:
-                log.error("%s", exc)
-        nxt = None
-        if not self._stopping and not job.removed:
-            if slot is not None:
-                nxt = job.cfg.schedule.next_after(slot, self.clock())
-            elif job.generation >= 0:       # off schedule: in case its slot passed meanwhile
-                now = self.clock()
-                nxt = job.cfg.schedule.next_after(now, now)
-        self._release(job, nxt, nxt, keep=slot is None)
-        return outcome
-
-    def _committed(self, job: _Job, plan: TickPlan, new: JobState, outcome: TickOutcome,
-                   slot: float | None, queued: bool, result: Any) -> None:
-        """The store's ``done`` callback (writer thread): hand over, do nothing else.
-
-        A commit of many writes calls this once per write; whoever drains
-        the effects takes them all, so only the first one needs a wake-up."""
-        with self._cond:
-            self._effects.append((job, plan, new, outcome, slot, queued, result))
-            if len(self._effects) == 1:
-                self._cond.notify_all()
-
-    def _drain_effects(self) -> None:
-        while True:
-            with self._cond:
-                if not self._effects:
-                    return
-                item = self._effects.popleft()
-            self._settle_one(*item)
-
-    def _settle_one(self, job: _Job, plan: TickPlan, new: JobState, outcome: TickOutcome,
-                    slot: float | None, queued: bool, result: Any) -> None:
-        """A commit's effects, in the Runner: live state, log, metrics, alert,
-        the publisher woken for what was queued, next slot."""
-        if result is True:
-            with self._cond:
-                job.state, job.unstored = new.replace(revision=new.revision + 1), 0
-                if self.state.handed_over(job.cfg.id):
-                    job.leased = False      # stored, and left for another daemon to take
-            if queued and self._publisher is not None:
-                self._publisher.wake()
-            self._log_tick(outcome)         # before the release: wait_idle() sees it
-            self._metrics.observe(outcome, new.last_run_at)
-            if plan.alert:
-                self._send_alert(job, plan.alert, outcome)
-            self._release(job, plan.run_at, plan.slot)
-            return
-        lost = result is False
-        why = "lease lost: another daemon took this job over" if lost else str(result)
-        log.error("job %s: tick result not stored (%s)", job.cfg.id, why)
-        outcome.status, outcome.error, outcome.next_run_at = TickStatus.UNSTORED, why, None
-        self._log_tick(outcome)
-        self._metrics.observe(outcome)
-        now = self.clock()
-        with self._cond:
-            job.unstored += 1
-            if lost:
-                job.leased = False
-        if lost and slot is not None:
-            nxt = job.cfg.schedule.next_after(slot, now)
-        else:                               # never a tight loop: back off as for errors
-            cfg = self.config
-            nxt = now + _backoff(cfg.backoff_initial_secs, cfg.backoff_max_secs, job.unstored)
-        self._release(job, None if self._stopping else nxt, nxt)
-
-    def _release(self, job: _Job, next_run_at: float | None, slot: float | None = None, *,
-                 keep: bool = False) -> None:
-        """The end of a tick: the job's next run at ``next_run_at`` (None:
-        off the schedule).  ``keep`` (an off-schedule tick, which stands for
-        no slot): the job's entry on the heap stays when it is still there,
-        and ``next_run_at`` only replaces one the scheduler passed by
-        (skipped: the job was running)."""
-        with self._cond:
-            self._not_running(job)
-            job.cancel = None
-            live = not job.state.paused and not job.removed and not self._stopping
-            if live and keep and self._heap.holds(job):
-                pass                        # an operator's tick is rare: the scan is cheap
-            elif live and next_run_at is not None:
-                self._push(job, next_run_at, slot)
-            else:
-                job.generation = -1
-            self._cond.notify_all()
-
-    def _not_running(self, job: _Job) -> None:
-        """The end of a tick or a command of ``job`` (lock held)."""
-        job.running = job.commanding = False
-        self._running -= 1
-        if job.commands_wait:               # queued while it ran: the scheduler looks now
-            job.commands_wait, self._commands.due = False, True
-
-    def _mark_running(self, job: _Job) -> None:
-        """The start of a tick or a command of ``job`` (lock held)."""
-        job.running = True
-        self._running += 1
-
-    def note_delivered(self, items: list[OutboxItem]) -> None:
-        """The publisher delivered these: count them into their jobs (live view)."""
-        with self._cond:
-            for item in items:
-                job = self._jobs.get(item.job)
-                if job is not None:
-                    job.delivered += 1
-
-    def dead_letter(self, item: OutboxItem, error: str) -> None:
-        """The publisher gave ``item`` up: log it and alert the channel."""
-        job = self._jobs.get(item.job)
-        payload = {"job": item.job, "kind": job.cfg.kind if job else None,
-                   "agent": job.cfg.agent if job else None,
-                   "reason": f"{item.what} {item.id} moved to the dead letters",
-                   "error": error, "topic": item.topic, "at": _iso(self.clock())}
-        log.error("outbox: %s %s for job %s dead-lettered: %s", item.what, item.id, item.job,
-                  error)
-        try:
-            self.broker.publish(self.config.alert_topic, payload)
-        except PluginPollerForwardError as exc:
-            log.error("alert not published: %s", exc)
-
-    def _send_alert(self, job: _Job, reason: str, outcome: TickOutcome) -> None:
-        payload = {"job": job.cfg.id, "kind": job.cfg.kind, "agent": job.cfg.agent,
-                   "reason": reason, "error": outcome.error,
-                   "consecutive_errors": job.state.consecutive_errors,
-                   "failure_to": job.cfg.failure_to, "at": _iso(self.clock())}
-        log.warning("alert: job %s: %s: %s", job.cfg.id, reason, outcome.error)
-        try:
-            self.broker.publish(self.config.alert_topic, payload)
-        except PluginPollerForwardError as exc:
-            log.error("alert for job %s not published: %s", job.cfg.id, exc)
-
-    def _log_tick(self, o: TickOutcome) -> None:
-        level = logging.INFO if o.status in (TickStatus.OK, TickStatus.LEASED,
-                                             TickStatus.CANCELLED) else logging.WARNING
-        if not log.isEnabledFor(level):
-            return
-        m = o.ack.metrics if o.ack and o.ack.metrics else TickMetrics()
-        log.log(level, "tick job=%s kind=%s outcome=%s duration_ms=%.1f items_seen=%d "
-                "items_dispatched=%d%s", o.job_id, o.kind, o.status.value, o.duration * 1000,
-                m.items_seen, m.items_dispatched, f" error={o.error}" if o.error else "",
-                extra={"tick": o.to_dict()})
+        return self._scheduler.fire_due()
 
     # -- operator actions --------------------------------------------------------------
-
-    def _job(self, job_id: str) -> _Job:
-        job = self._jobs.get(job_id)
-        if job is None:
-            raise InputError.UnknownJob(
-                f"no job {job_id!r} (known: {', '.join(sorted(self._jobs))})")
-        return job
 
     def run_once(self, job_id: str) -> TickOutcome:
         """Tick a job now, exactly as the scheduler would, and store the outcome."""
         self.open()
-        job = self._job(job_id)
-        running = TickOutcome(job_id, job.cfg.kind, TickStatus.BUSY,
-                              "a tick of this job is running")
-        if job.running:
-            return running
-        lane, busy = self._enter_lane(job)
-        if lane is None:
-            return TickOutcome(job_id, job.cfg.kind, TickStatus.BUSY, busy)
-        try:
-            with self._cond:
-                if job.running:             # it started while this one waited for a slot
-                    return running
-                self._mark_running(job)
-            try:
-                return self._tick(job, None, commit_async=False)
-            finally:
-                if job.running:             # interrupted (Ctrl-C) before it was released
-                    self._release(job, None, keep=True)
-        finally:
-            self._leave_lane(lane)
-
-    def _enter_lane(self, job: _Job) -> tuple[_Lane | None, str | None]:
-        """An operator's tick takes a slot of the job's lane, as a scheduled
-        one does (``max_concurrent_ticks`` holds for both), waiting at most
-        the route's budget: ``(lane, None)``, or ``(None, why)`` when no
-        slot came free by then."""
-        route = self._routes.get(job.cfg.kind)
-        lane = route.lane if route is not None else self._lane("(unrouted)", 1)
-        budget = self._budget(job.cfg.kind)
-        deadline = time.monotonic() + budget
-        with self._cond:
-            while lane.running >= lane.limit and not self._stopping:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None, (f"all {lane.limit} tick slots of {lane.key} stayed busy "
-                                  f"for {budget:g}s")
-                # A lane's worker frees its slot without a notify: look again soon.
-                self._cond.wait(min(left, _CANCEL_POLL_SECS))
-            self._lanes.take(lane)
-        return lane, None
-
-    def _leave_lane(self, lane: _Lane) -> None:
-        """Free an operator's slot; start the scheduled ticks it held back."""
-        with self._cond:
-            starts = self._lanes.leave(lane)
-        for args in starts:
-            self._pool.submit(self._work, *args)
+        return self._workers.run_now(self._book.get(job_id))
 
     def dry_run(self, job_id: str, cursor: bytes | None | object = _MISSING, *,
                 on_request: Callable[[TickRequest], None] | None = None) -> TickOutcome:
@@ -9467,20 +9883,9 @@ class Runner:
         stored one) is what the tick starts from; ``on_request`` sees the
         request before it is sent."""
         self.open()
-        cfg = self._job(job_id).cfg
-        if cursor is _MISSING:
-            cursor = self._job(job_id).state.cursor
-        now = self.clock()
-        ctx = PollContext(cfg.id, cfg.agent, cfg.kind, cursor, cfg.config,
-                          datetime.fromtimestamp(now, timezone.utc),
-                          timedelta(seconds=cfg.schedule.nominal_interval), threading.Event())
-        if on_request is not None:
-            on_request(ctx.to_request())
-        outcome = TickOutcome(cfg.id, cfg.kind, TickStatus.OK)
-        started = time.monotonic()
-        self._poll(self._routes.get(cfg.kind), ctx, outcome)
-        outcome.duration = time.monotonic() - started
-        return outcome
+        job = self._book.get(job_id)
+        return self._ticks.dry(job, job.state.cursor if cursor is _MISSING else cursor,
+                               on_request)
 
     def pause(self, job_id: str) -> None:
         self._commands.send(job_id, "pause")
@@ -9501,18 +9906,36 @@ class Runner:
         """Carry out the operator commands queued for the jobs this daemon owns."""
         return self._commands.apply_pending()
 
+    def poke(self) -> None:
+        """Look at the state's commands and the outbox now, not at the next poll."""
+        with self._book.cond:
+            self._book.commands_due = True
+            self._book.cond.notify_all()
+        if self._publisher is not None:
+            self._publisher.wake()
+
+    def note_delivered(self, items: list[OutboxItem]) -> None:
+        """The publisher delivered these: count them into their jobs (live view)."""
+        self._book.note_delivered(items)
+
+    def dead_letter(self, item: OutboxItem, error: str) -> None:
+        """The publisher gave ``item`` up: log it and alert the channel."""
+        self._ticks.dead_letter(item, error)
+
+    # -- the read API: what the HTTP face, metrics, the publisher and the CLI see ---------
+
     def status(self, holders: Mapping[str, str] | None = None) -> list[dict]:
         """Every job as ``status`` shows it, from this daemon's memory.  Its
         ``holder`` is this daemon for the jobs it holds, else None; pass
         ``holders()`` (a read of the state) for every daemon's."""
         threshold = self.config.breaker_threshold
-        with self._cond:
+        with self._book.cond:
             if holders is None:
-                holders = self._own_holds()
+                holders = self._book.own_holds(self.state.owner)
             return [_status_dict(j.cfg, j.state, threshold, j.running and not j.commanding,
                                  j.next_run_at if j.generation >= 0 else None, j.delivered,
                                  holder=holders.get(j.cfg.id))
-                    for j in self._jobs.values()]
+                    for j in self._book.jobs.values()]
 
     def holders(self) -> dict[str, str]:
         """Which daemon holds each job's lease (job id -> owner), read from
@@ -9524,29 +9947,28 @@ class Runner:
         try:
             return store.holders(self.clock())
         except StateError:
-            with self._cond:
-                return self._own_holds()
-
-    def _own_holds(self) -> dict[str, str]:
-        """The jobs this daemon holds the leases of (lock held)."""
-        return {i: self.state.owner for i, j in self._jobs.items() if j.leased}
-
-    # -- the read API: what the HTTP face, metrics, the publisher and the CLI see ---------
+            with self._book.cond:
+                return self._book.own_holds(store.owner)
 
     @property
     def started(self) -> bool:
         """``start()`` has run (the jobs are scheduled, the listeners up)."""
-        return self._started
+        return self._book.started
 
     @property
     def stopping(self) -> bool:
         """``stop()`` has begun."""
-        return self._stopping
+        return self._book.stopping
+
+    @property
+    def state_error(self) -> str | None:
+        """Why the state cannot be used now (None: it can)."""
+        return self._scheduler.state_error
 
     @property
     def scheduler_alive(self) -> bool:
         """The scheduler thread lives, or none was started (``fire_due`` drives)."""
-        return self._scheduler is None or self._scheduler.is_alive()
+        return self._scheduler.alive
 
     @property
     def metrics(self) -> "_Metrics":
@@ -9557,114 +9979,56 @@ class Runner:
         """The outbox publisher (None before ``open``)."""
         return self._publisher
 
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where ``/metrics`` is served, (host, port) (None: nowhere)."""
+        server = self._http_servers[0]
+        return None if server is None else server.server_address[:2]
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        """Where the admin API is served, (host, port) (None: nowhere)."""
+        server = self._http_servers[1]
+        return None if server is None else server.server_address[:2]
+
+    def timer_entries(self) -> int:
+        """Entries on the timer heap, superseded ones included (bounded: it compacts)."""
+        with self._book.cond:
+            return len(self._book.heap)
+
     def job_configs(self) -> dict[str, JobConfig]:
         """Every job this daemon runs: job id -> its configuration."""
-        with self._cond:
-            return {i: j.cfg for i, j in self._jobs.items()}
+        with self._book.cond:
+            return {i: j.cfg for i, j in self._book.jobs.items()}
 
     def has_job(self, job_id: str) -> bool:
-        return job_id in self._jobs
+        return job_id in self._book.jobs
 
     def route_for(self, kind: str) -> _Route | None:
         """How ``kind`` is served now (None: no poller serves it)."""
-        return self._routes.get(kind)
+        return self._plugins.routes.get(kind)
+
+    def budget(self, kind: str) -> float:
+        """How long a tick of ``kind`` may take, as routed now (``_tick_budget``)."""
+        return self._plugins.budget(kind)
 
     def in_process_kinds(self) -> list[str]:
         """The kinds ``register`` serves in this process."""
-        return self._routes.in_process_kinds()
+        return self._plugins.routes.in_process_kinds()
 
     def lanes(self) -> dict[str, tuple[int, int]]:
         """Every lane: key -> (ticks running, ticks waiting for a slot)."""
-        with self._cond:
-            return self._lanes.snapshot()
+        return self._workers.snapshot()
 
     def supervisors(self) -> dict[str, PluginSupervisor]:
         """The supervised (long-lived) plugins: plugin id -> its supervisor."""
-        return dict(self._supervisors)
-
-    # -- reload ----------------------------------------------------------------------------
+        return dict(self._plugins.supervisors)
 
     def reload(self, new: DaemonConfig) -> dict[str, list[str]]:
-        """Bring the running set in line with ``new`` (already validated).
-
-        All or nothing where it matters: a change of ``state_db`` is refused,
-        and the state is asked for the new jobs before anything changes, so a
-        state that cannot be written leaves the old configuration running.
-        Returns the diff: ``added``, ``replaced``, ``removed``, ``kept`` job
-        ids and ``restarted`` plugin ids.
-        """
-        if os.path.abspath(new.state_db) != os.path.abspath(self.config.state_db):
-            raise ConfigError(new.source, [("state_db", (
-                f"changed from {self.config.state_db} to {new.state_db}: the state cannot "
-                "move while the daemon runs; restart the daemon to use the new location"))])
-        new_jobs = {j.id: j for j in new.jobs}
-        added = [_Job(jc) for jc in new.jobs if jc.id not in self._jobs]
-        now = self.clock()
-        if added:                           # the state first: a failure here changes nothing
-            stored = self.state.load([j.cfg.id for j in added])
-            for job in added:
-                job.state = stored.get(job.cfg.id, job.state)
-            if self._started:
-                self._claim(added, now, new.plugins)
-        # Jobs leave first, so no queued tick of theirs runs against a plugin that is gone.
-        removed = []
-        with self._cond:
-            for job_id in [i for i in self._jobs if i not in new_jobs]:
-                job = self._jobs.pop(job_id)
-                job.removed, job.generation = True, -1
-                if job.cancel is not None:
-                    job.cancel.set()
-                removed.append(job_id)
-        if removed:
-            try:
-                self.state.release(removed)
-            except StateError as exc:
-                log.error("leases of removed jobs not released (they expire): %s", exc)
-        old_plugins = {h.plugin_id: h for h in self.router.handles()}
-        new_plugins = {h.plugin_id: h for h in new.plugins}
-        old_auth, new_auth = self.config.plugin_broker_auth, new.plugin_broker_auth
-        for pid, handle in old_plugins.items():
-            if pid not in new_plugins or not handle.same_spec(new_plugins[pid]) \
-                    or old_auth.get(pid) != new_auth.get(pid):
-                self._remove_plugin(pid)
-        changed = [h for pid, h in new_plugins.items()
-                   if pid not in old_plugins or not old_plugins[pid].same_spec(h)
-                   or old_auth.get(pid) != new_auth.get(pid)]
-        self._install_plugins(changed, new_auth)
-        diff: dict[str, list[str]] = {
-            "added": [j.cfg.id for j in added], "replaced": [], "removed": removed, "kept": [],
-            "restarted": [h.plugin_id for h in changed if h.plugin_id in old_plugins]}
-        self.config = dataclasses.replace(new, jobs=list(new.jobs), plugins=list(new.plugins))
-        with self._cond:
-            self._wall_jobs = _has_wall_clock_jobs(self.config)
-            for job in added:
-                self._jobs[job.cfg.id] = job
-            for job in added:
-                if self._started:
-                    self._schedule_first(job, now)
-            for job_id, jc in new_jobs.items():
-                job = self._jobs[job_id]
-                if job_id in diff["added"]:
-                    continue
-                if jc.raw == job.cfg.raw:
-                    diff["kept"].append(job_id)
-                    continue
-                job.cfg, job.key = jc, _schedule_key(jc)
-                diff["replaced"].append(job_id)
-                if self._started and not job.running:
-                    self._schedule_first(job, now)      # a new schedule voids the stored slot
-        log.info("reloaded: %s", ", ".join(f"{k} {len(v)}" for k, v in diff.items()))
-        return diff
+        """Bring the running set in line with ``new``: ``_Reload.apply``."""
+        return self._reload.apply(new)
 
     # -- the daemon's main thread ------------------------------------------------------------
-
-    def poke(self) -> None:
-        """Look at the state's commands and the outbox now, not at the next poll."""
-        with self._cond:
-            self._commands.due = True
-            self._cond.notify_all()
-        if self._publisher is not None:
-            self._publisher.wake()
 
     def run_forever(self, config_path: str | None = None) -> None:
         """Start, then serve until SIGINT/SIGTERM; SIGHUP re-reads ``config_path``;
@@ -9697,7 +10061,6 @@ class Runner:
                             log.error("reload rejected, keeping the running config: %s", exc)
             finally:
                 self.stop()                 # a second Ctrl-C meanwhile does not cut it short
-
 
 
 # -- the outbox: deliveries and channel alerts, committed with the cursor ----------

@@ -75,7 +75,7 @@ class Case(TempDirCase):
         return r
 
     def port(self, r):
-        return r._admin_server.server_address[1]
+        return r.admin_address[1]
 
     def call(self, r, method, path, token=None, headers=None, body=None, host="127.0.0.1"):
         conn = http.client.HTTPConnection(host, self.port(r), timeout=WAIT)
@@ -169,19 +169,15 @@ class TestRoutes(Case):
 
     def test_health_reports_state_and_scheduler(self):
         r = self.runner(background=False)      # no scheduler to clear state_error
-        r.state_error = "disk full"
-        code, doc, _ = self.call(r, "GET", "/healthz")
-        self.assertEqual(code, 503)
-        self.assertIn("disk full", doc["reason"])
-        self.assertEqual(self.call(r, "GET", "/readyz")[0], 503)
-        r.state_error = None
-        r._scheduler = threading.Thread(target=lambda: None)
-        r._scheduler.start()
-        r._scheduler.join()
-        code, doc, _ = self.call(r, "GET", "/healthz")
+        with mock.patch.object(nx.Runner, "state_error", property(lambda _: "disk full")):
+            code, doc, _ = self.call(r, "GET", "/healthz")
+            self.assertEqual(code, 503)
+            self.assertIn("disk full", doc["reason"])
+            self.assertEqual(self.call(r, "GET", "/readyz")[0], 503)
+        with mock.patch.object(nx.Runner, "scheduler_alive", property(lambda _: False)):
+            code, doc, _ = self.call(r, "GET", "/healthz")
         self.assertEqual(code, 503)
         self.assertIn("scheduler", doc["reason"])
-        r._scheduler = None
 
     def test_reload_through_the_api(self):
         path = os.path.join(self.dir, "pollers.json")
@@ -207,7 +203,7 @@ class TestRoutes(Case):
 
     def test_metrics_share_the_listener(self):
         r = self.runner(metrics_addr="127.0.0.1:0")
-        self.assertIs(r._metrics_server, r._admin_server)
+        self.assertEqual(r.metrics_address, r.admin_address)
         r.run_once("healthy")
         code, body, _ = self.call(r, "GET", "/metrics")
         self.assertEqual(code, 200)
@@ -293,7 +289,7 @@ class TestSecurity(Case):
                 code, doc, _ = self.call(r, "GET", path, headers={"Host": host})
                 self.assertEqual(code, 421, (host, path))
                 self.assertIn("Host", doc["error"])
-        mport = r._metrics_server.server_address[1]
+        mport = r.metrics_address[1]
         conn = http.client.HTTPConnection("127.0.0.1", mport, timeout=WAIT)
         conn.request("GET", "/metrics", headers={"Host": f"evil.example:{mport}"})
         self.assertEqual(conn.getresponse().status, 421, "the metrics listener too")

@@ -174,7 +174,7 @@ class LifecycleContract:
     def supervisor(self):
         """The plugin's supervisor, None for a lifecycle the daemon does not
         supervise (by nature, ``_lifecycle_rules``)."""
-        sup = self.runner._supervisors.get(self.plugin_id)
+        sup = self.runner.supervisors().get(self.plugin_id)
         self.assertEqual(sup is not None,
                          nx._LIFECYCLE_RULES[nx.Lifecycle(self.lifecycle)].supervised)
         return sup
@@ -280,7 +280,7 @@ class LifecycleContract:
         self.assertEqual(out.returncode, nx.EXIT_TICK_PERMANENT, out.stderr)
 
     def test_admin_run_reaches_it(self):
-        port = self.runner._admin_server.server_address[1]
+        port = self.runner.admin_address[1]
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
         self.addCleanup(conn.close)
         conn.request("POST", "/admin/pollers/ok/run",

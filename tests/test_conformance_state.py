@@ -436,7 +436,7 @@ class StateContract(_ContractCase):
 
     def get(self, r, path, body=None):
         """GET ``path``, or POST ``body`` with the token: (status, raw body)."""
-        conn = http.client.HTTPConnection("127.0.0.1", r._admin_server.server_address[1],
+        conn = http.client.HTTPConnection("127.0.0.1", r.admin_address[1],
                                           timeout=WAIT)
         try:
             conn.request("GET" if body is None else "POST", path, body=body,
@@ -460,7 +460,7 @@ class StateContract(_ContractCase):
         self.assertEqual(json.loads(raw)[0]["cursor_text"], "1")
         code, raw = self.get(r, "/")
         self.assertIn('<code title="base64 MQ">1</code>', raw.decode())
-        url = f"http://127.0.0.1:{r._admin_server.server_address[1]}"
+        url = f"http://127.0.0.1:{r.admin_address[1]}"
         code, out, err = self.cli("--admin", url, "status", "--json")
         self.assertEqual((code, json.loads(out)[0]["cursor_text"]), (0, "1"), err)
         code, out, err = self.cli("--admin", url, "cursor", "j")

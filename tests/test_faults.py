@@ -681,7 +681,7 @@ class TestRunnerFaults(WorstCase):
                                    % self.status(runner, "slow")))
         cursor = self.status(runner, "slow")["cursor"]
         self.assertGreaterEqual(counter_of(base64.urlsafe_b64decode(cursor + "==")), 1)
-        self.assertGreaterEqual(runner._supervisors["rk"].restarts, 1)
+        self.assertGreaterEqual(runner.supervisors()["rk"].restarts, 1)
         runner.stop()
         self.assert_nothing_left(fds, "runner kill")
 

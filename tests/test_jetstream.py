@@ -175,16 +175,16 @@ class BackendTests(LiveCase):
         self.assertFalse(cli.load()["j"].paused)
         self.assertEqual(cli.daemons(), {})
         # a stopped daemon's key and a command done long ago are removed, not just marked
-        self.assertEqual(cli._keys("daemon."), [])
+        self.assertEqual(cli.kv.keys("daemon."), [])
         import nexo_poller
         self.addCleanup(setattr, nexo_poller, "_KV_COMMAND_KEEP_SECS",
                         nexo_poller._KV_COMMAND_KEEP_SECS)
         nexo_poller._KV_COMMAND_KEEP_SECS = 0.0
         owner.register_daemon(time.time())
         # the pause, and the resume applied at once (stored done: it woke the daemons)
-        self.assertEqual(len(cli._keys("cmd.")), 2)
+        self.assertEqual(len(cli.kv.keys("cmd.")), 2)
         self.assertEqual(owner.pending_commands(), [])
-        self.assertEqual(cli._keys("cmd."), [])
+        self.assertEqual(cli.kv.keys("cmd."), [])
         self.assertEqual(cli.command_result(seq), (True, "command lost"))
 
     def test_group_commit_pipelines_many_jobs(self):
@@ -387,7 +387,7 @@ class RunnerTests(LiveCase):
         self.assertTrue(wait_until(lambda: len(log["ticks"]) >= mark + 40, 30))
         lines = [r.getMessage() for r in list(records) if r.levelno >= logging.INFO]
         self.assertEqual([m for m in lines if "outcome=leased" in m], [])
-        skipped = lambda r: sum(r._metrics.elsewhere.values())  # noqa: E731
+        skipped = lambda r: sum(r.metrics.elsewhere.values())  # noqa: E731
         self.assertGreater(skipped(a) + skipped(b), 0,
                            "no slot was skipped for a job held by the other daemon")
         metrics = a._metrics.render(a) + b._metrics.render(b)
@@ -450,12 +450,12 @@ class RecordTests(LiveCase):
         a = self.store()
         old = [json.loads(json.dumps(i.__dict__)) for i in self.items("j", 3)]
         rec = {"id": "j", "cursor": None, "paused": False, "outbox": old, "commands": {}}
-        a._put_many([("job.j", rec, 0)])
+        a.kv.put_many([("job.j", rec, 0)])
         self.assertEqual([i.id for i in a.outbox()], ["e0", "e1", "e2"])
         self.assertEqual(a.outbox_counts(), {"j": (3, 1000.0)})
         now = time.time()
         a.claim({"j": now + 600}, now)
-        self.assertNotIn("outbox", a._get_many(["job.j"])["job.j"][0])
+        self.assertNotIn("outbox", a.kv.get_many(["job.j"])["job.j"][0])
         got = a.outbox_pending()
         self.assertEqual([i.id for i in got], ["e0", "e1", "e2"])
         a.outbox_settle(delivered=got[:2])
@@ -472,11 +472,11 @@ class RecordTests(LiveCase):
                 a.client.publish(f"$KV.jobs.dead.d{i:06d}", b"{}", raw=True)
             a.client.flush()
         last = OutboxItem("zz", "j", "delivery", "t", "{}", 1.0)
-        a._put_many([("dead.zz", json.loads(json.dumps(last.__dict__)), None)])
-        self.assertTrue(wait_until(lambda: len(a._keys("dead.")) == n + 1, 30),
-                        f"{len(a._keys('dead.'))} of {n + 1} dead letters listed")
+        a.kv.put_many([("dead.zz", json.loads(json.dumps(last.__dict__)), None)])
+        self.assertTrue(wait_until(lambda: len(a.kv.keys("dead.")) == n + 1, 30),
+                        f"{len(a.kv.keys('dead.'))} of {n + 1} dead letters listed")
         self.assertEqual(a.outbox_drop(["zz"], dead=True), 1)
-        self.assertNotIn("dead.zz", a._keys("dead."))
+        self.assertNotIn("dead.zz", a.kv.keys("dead."))
 
 
     def test_release_is_one_pipelined_round_however_many_leases(self):
@@ -550,7 +550,7 @@ class RecordTests(LiveCase):
             self.assertTrue(a.commit_now(state, command=(seq, result)), f"commit {n}")
         self.assertEqual(a.load(["j"])["j"].cursor, b"31")
         self.assertEqual(cli.command_result(seq)[0], True)
-        rec = a._get_many(["job.j"])["job.j"][0]
+        rec = a.kv.get_many(["job.j"])["job.j"][0]
         self.assertIn(str(seq), rec["commands"], "the newest result is kept")
         self.assertLess(len(json.dumps(rec)), a.client.max_payload // 2)
 
@@ -593,13 +593,13 @@ class RecordTests(LiveCase):
         a, items = self.holding(2)
         now = time.time()
         # the dead letter's write fails (an outage): the item stays somewhere
-        self.failing(a, "_put_many", lambda args: any(
+        self.failing(a.kv, "put_many", lambda args: any(
             k.startswith("dead.") for k, _, _ in args[0]))
         with self.assertRaises(StateError):
             a.outbox_settle(dead=[(items[0], "HTTP 500")], now=now)
         box, dead = self.outbox_and_dead(a)
         self.assertIn("e0", box + dead)
-        del a._put_many                      # back to the real one
+        del a.kv.put_many                      # back to the real one
         a.outbox_settle(dead=[(items[0], "HTTP 500")], now=now)
         self.assertEqual(self.outbox_and_dead(a), (["e1"], ["e0"]))
         self.assertEqual(a.outbox(dead=True)[0].last_error, "HTTP 500")
@@ -611,13 +611,13 @@ class RecordTests(LiveCase):
         a.outbox_settle(dead=[(i, "gone") for i in items[:2]], now=time.time())
         self.assertEqual(self.outbox_and_dead(a), (["e2"], ["e0", "e1"]))
         cli = self.store()
-        self.failing(cli, "_put_many", lambda args: any(
+        self.failing(cli.kv, "put_many", lambda args: any(
             k.startswith(("job.", "out.")) for k, _, _ in args[0]))
         with self.assertRaises(StateError):
             cli.outbox_retry()
         box, dead = self.outbox_and_dead(cli)
         self.assertEqual(sorted(set(box + dead)), ["e0", "e1", "e2"])
-        del cli._put_many
+        del cli.kv.put_many
         self.assertEqual(cli.outbox_retry(), 3)
         self.assertEqual(self.outbox_and_dead(cli), (["e2", "e0", "e1"], []))
         # the holder delivers them in that order, each once
@@ -900,7 +900,7 @@ class ReviewRaceTests(LiveCase):
         # must survive the CLI's removal of the one it read.
         daemon, cli = self.store(), self.store()
         self.dead_letter(daemon)
-        real_purge = cli._purge
+        real_purge = cli.kv.purge
 
         def purge(keys, *args, **kw):
             keys = list(keys)
@@ -908,7 +908,7 @@ class ReviewRaceTests(LiveCase):
                 [again] = daemon.outbox_pending(10, time.time())
                 daemon.outbox_settle(dead=[(again, "HTTP 410 again")], now=time.time())
             return real_purge(keys, *args, **kw)
-        cli._purge = purge
+        cli.kv.purge = purge
         self.assertEqual(cli.outbox_retry(["X"]), 1)
         self.assertEqual([i.id for i in daemon.outbox()], [])
         [letter] = daemon.outbox(dead=True)
@@ -921,21 +921,21 @@ class ReviewRaceTests(LiveCase):
         self.assertEqual(cli.outbox_retry(["X"]), 1)
         self.assertEqual([i.id for i in cli.outbox()], ["X"])
         self.assertEqual(cli.outbox(dead=True), [])
-        self.assertEqual(cli._keys("dead."), [])
+        self.assertEqual(cli.kv.keys("dead."), [])
 
     def test_a_daemon_renews_its_lease_when_its_own_settle_changed_the_record(self):
         a = self.store()
         x = queued_item(a)
-        real_get, armed = a._get_many, [True]
+        real_get, armed = a.kv.get_many, [True]
 
         def get_many(keys):
             got = real_get(keys)
             if armed and keys == ["job.j"] and armed.pop():
                 a.outbox_settle(delivered=[x], now=time.time())    # its publisher, meanwhile
             return got
-        a._get_many = get_many
+        a.kv.get_many = get_many
         granted = a.claim({"j": time.time() + 60}, time.time())
-        a._get_many = real_get
+        a.kv.get_many = real_get
         self.assertIn("j", granted)
         rec = a.load(["j"])["j"]
         self.assertEqual(rec.lease_owner, a.owner)
@@ -945,7 +945,7 @@ class ReviewRaceTests(LiveCase):
         a, b = self.store(), self.store()
         now = time.time()
         a.claim({"j": now + 60}, now)
-        real_get, armed = b._get_many, [True]
+        real_get, armed = b.kv.get_many, [True]
 
         def get_many(keys):
             got = real_get(keys)
@@ -953,9 +953,9 @@ class ReviewRaceTests(LiveCase):
                 a.claim({"j": time.time() + 120}, time.time())     # a renews meanwhile
             return got
         self.assertEqual(a.release(), None)
-        b._get_many = get_many
+        b.kv.get_many = get_many
         self.assertEqual(b.claim({"j": time.time() + 60}, time.time()), {})
-        b._get_many = real_get
+        b.kv.get_many = real_get
         self.assertEqual(b.load(["j"])["j"].lease_owner, a.owner)
 
     def test_importing_a_job_the_bucket_has_leaves_no_items_behind(self):
@@ -969,7 +969,7 @@ class ReviewRaceTests(LiveCase):
              OutboxItem("Z", "k", "delivery", "t", "{}", now)])
         self.assertEqual((copied, skipped), (["k"], ["j"]))
         self.assertEqual([i.id for i in a.outbox()], ["Z"])
-        self.assertEqual(len(a._keys("out.")), 1)
+        self.assertEqual(len(a.kv.keys("out.")), 1)
 
 
 class ForgottenListingTests(LiveCase):
@@ -979,8 +979,7 @@ class ForgottenListingTests(LiveCase):
     def test_a_retry_is_recorded_after_the_listing_was_forgotten(self):
         a = self.store()
         now = queued_item(a).created_at
-        with a._lock:
-            a._out_seen.clear()         # what a listing past 100,000 remembered items does
+        a.kv_outbox.forget_listed()     # what a listing past 100,000 remembered items does
         a.outbox_settle(retry=[("X", now + 300, "HTTP 503")], now=now)
         [again] = a.outbox()
         self.assertEqual((again.attempts, again.next_attempt_at, again.last_error),

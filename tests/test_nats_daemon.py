@@ -276,10 +276,10 @@ class TestPluginCredentials(NatsDaemonCase):
         r = nx.Runner(load("one"))
         self.addCleanup(r.stop)
         r.start()
-        self.assertIn("nats://one@", r._supervisors["victim"].broker_url)
+        self.assertIn("nats://one@", r.supervisors()["victim"].broker_url)
         self.assertEqual(r.reload(load("one"))["restarted"], [])
         self.assertEqual(r.reload(load("two"))["restarted"], ["victim"])
-        self.assertIn("nats://two@", r._supervisors["victim"].broker_url)
+        self.assertIn("nats://two@", r.supervisors()["victim"].broker_url)
 
     def test_credentials_name_a_known_plugin_and_need_a_nats_broker(self):
         self.plugin("victim", "counter")
@@ -371,7 +371,7 @@ class TestDeliveriesToJetStream(NatsDaemonCase):
         self.assertTrue(wait_until(lambda: any(i.attempts >= 1 for i in r.state.outbox()),
                                    30, 0.1))
         self.assertEqual(stored(), 1)
-        self.assertEqual(r._publisher.delivered, 1)
+        self.assertEqual(r.publisher.delivered, 1)
         self.assertEqual([json.loads(i.body)["payload"]["n"] for i in r.state.outbox()], [2])
 
 

@@ -145,7 +145,7 @@ class Case(TempDirCase):
     def plugin_pid(self, runner, plugin_id, not_pid=None):
         """The pid of a long-lived plugin's current process (waits for it)."""
         def current():
-            sup = runner._supervisors.get(plugin_id)
+            sup = runner.supervisors().get(plugin_id)
             proc = sup.proc if sup is not None else None
             if proc is not None and proc.pid != not_pid and proc.poll() is None:
                 return proc.pid
@@ -177,8 +177,8 @@ class TestMetricsEndpoint(Case):
             "flaky": [PollerError.Transient("upstream 503"), PollerError.Transient("again")],
             "doomed": [PollerError.Permanent("feed deleted")]})
         r = self.runner(cfg, poller)
-        self.assertIsNotNone(r._metrics_server, "metrics_addr set but no server")
-        addr = r._metrics_server.server_address[:2]
+        self.assertIsNotNone(r.metrics_address, "metrics_addr set but no server")
+        addr = r.metrics_address
         self.assertEqual(addr[0], "127.0.0.1")
         self.assertNotEqual(addr[1], 0)
 
@@ -290,7 +290,7 @@ class TestMetricsEndpoint(Case):
         cfg = self.config([self.job("s1", every=10)], metrics_addr="127.0.0.1:0")
         r = self.runner(cfg, Scripted(script={"s1": [
             TickAck(b"1", metrics=TickMetrics(items_seen=5, items_dispatched=5))]}))
-        addr = r._metrics_server.server_address[:2]
+        addr = r.metrics_address
         for _ in range(2):
             self.t[0] += 10.001
             self.assertEqual(r.fire_due(), 1)
@@ -312,7 +312,7 @@ class TestMetricsEndpoint(Case):
         self.assertEqual(cfg.metrics_addr, ("::1", 0))
         r = self.runner(cfg, Scripted(), start=False)
         r.start(background=False)
-        port = r._metrics_server.server_address[1]
+        port = r.metrics_address[1]
         self.assert_ok(r.run_once("v6"))
         status, _, body = fetch(("[::1]", port))
         self.assertEqual(status, 200)
@@ -361,7 +361,7 @@ class TestMetricsEndpoint(Case):
         # More clients than the 16 connection slots, each sending a header
         # byte well within the 10 s read timeout: probes are still answered.
         r = self.runner(self.config([self.job("a")], metrics_addr="127.0.0.1:0"), Scripted())
-        addr = r._metrics_server.server_address[:2]
+        addr = r.metrics_address
         slow = []
         for _ in range(20):
             s = socket.create_connection(addr, timeout=WAIT)
@@ -378,7 +378,7 @@ class TestMetricsEndpoint(Case):
 
     def test_idle_partial_requests_do_not_starve_a_scrape(self):
         r = self.runner(self.config([self.job("a")], metrics_addr="127.0.0.1:0"), Scripted())
-        addr = r._metrics_server.server_address[:2]
+        addr = r.metrics_address
         for _ in range(100):
             s = socket.create_connection(addr, timeout=WAIT)
             self.addCleanup(s.close)
@@ -402,7 +402,7 @@ class TestMetricsEndpoint(Case):
         r = self.runner(self.config([self.job(f"j{i}") for i in range(3)]), Held())
 
         def waiting():
-            _, samples = parse_exposition(self, r._metrics.render(r))
+            _, samples = parse_exposition(self, r.metrics.render(r))
             return {lb["lane"]: v for lb, v in series(samples, "nexo_poller_ticks_waiting")}
         self.assertEqual(waiting(), {"kind:mem": 0})
         self.assertEqual(r.fire_due(), 3)
@@ -418,7 +418,7 @@ class TestMetricsEndpoint(Case):
                           metrics_addr="127.0.0.1:0")
         r = self.runner(cfg, Scripted(kind=kind))
         self.assert_ok(r.run_once("e.s:c-1"))
-        body = fetch(r._metrics_server.server_address[:2])[2]
+        body = fetch(r.metrics_address)[2]
         _, samples = parse_exposition(self, body)     # every line still well-formed
         self.assertIn('kind="we\\"ird\\\\kind\\nline"', body)
         self.assertEqual(series(samples, "nexo_poller_ticks_total", job="e.s:c-1"),
@@ -616,11 +616,11 @@ class TestPluginReload(Case):
         self.assertEqual(self.assert_ok(r.run_once("c1")).ack.next_cursor, b"1")
 
         # the same manifest, read again: nothing restarts
-        sup = r._supervisors["obs_counter"]
+        sup = r.supervisors()["obs_counter"]
         diff = r.reload(self.config(jobs, plugins=[path]))
         self.assertEqual(diff["restarted"], [])
         self.assertEqual(diff["kept"], ["c1"])
-        self.assertIs(r._supervisors["obs_counter"], sup)
+        self.assertIs(r.supervisors()["obs_counter"], sup)
         self.assertEqual(self.plugin_pid(r, "obs_counter"), pid1)
         self.assertFalse(pid_gone(pid1))
         self.assertEqual(self.assert_ok(r.run_once("c1")).ack.next_cursor, b"2")
@@ -660,7 +660,7 @@ class TestPluginReload(Case):
                          (["c1"], ["g1"], []))
         # the removed plugin: its process ends, nothing routes to it any more
         self.assertTrue(wait_until(lambda: pid_gone(pid_a)), f"removed plugin {pid_a} runs on")
-        self.assertNotIn("obs_counter", r._supervisors)
+        self.assertNotIn("obs_counter", r.supervisors())
         self.assertIsNone(r.router.handle_for_kind("counter"))
         with self.assertRaises(KeyError):
             r.run_once("c1")
@@ -685,7 +685,7 @@ class TestPluginRestartMetric(Case):
         path = self.manifest("counter", "obs_counter", "counter", SDK_PLUGIN)
         r = self.runner(self.config([self.job("c1", kind="counter")], plugins=[path],
                                     metrics_addr="127.0.0.1:0"))
-        addr = r._metrics_server.server_address[:2]
+        addr = r.metrics_address
 
         def restarts():
             _, samples = parse_exposition(self, fetch(addr)[2])
@@ -696,7 +696,7 @@ class TestPluginRestartMetric(Case):
         pid1 = self.plugin_pid(r, "obs_counter")
         self.assertEqual(restarts(), 0)
         self.assert_ok(r.run_once("c1"))
-        sup = r._supervisors["obs_counter"]
+        sup = r.supervisors()["obs_counter"]
 
         os.kill(pid1, signal.SIGKILL)
         pid2 = self.plugin_pid(r, "obs_counter", not_pid=pid1)

@@ -44,8 +44,8 @@ class TickBudgetTests(unittest.TestCase):
                 nx._tick_through_daemon(cfg, "a")
         # the CLI allows the daemon the tick's budget and 15 s more, and no
         # other budget than the runner's own (5 s in-process; it said 60)
-        self.assertEqual(waited, [runner._budget("mem") + 15])
-        self.assertIn(f"within {runner._budget('mem') + 15:g}s", str(ctx.exception))
+        self.assertEqual(waited, [runner.budget("mem") + 15])
+        self.assertIn(f"within {runner.budget('mem') + 15:g}s", str(ctx.exception))
 
 
 class ConfigDefaultTests(unittest.TestCase):

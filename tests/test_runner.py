@@ -586,12 +586,13 @@ class ConcurrencyTests(RunnerCase):
         r = self.runner(self.config([self.job(i) for i in ids]), p)
         self.assertEqual(r.fire_due(), 4)
         self.assertTrue(entered.wait(WAIT))         # j0 holds the lane; j1..j3 wait
-        first = r._pool._threads
+        first = {t.ident for t in threading.enumerate() if t.name == "nexo-tick"}
         release.set()
         self.assertTrue(r.wait_idle(WAIT))
         self.assertEqual(sorted(c.job_id for c in p.calls), ids)
         self.assertEqual(len(set(threads)), 1, "the waiting ticks ran on other threads")
-        self.assertEqual(r._pool._threads, first, "a thread was started for a waiting tick")
+        started = {t.ident for t in threading.enumerate() if t.name == "nexo-tick"} - first
+        self.assertEqual(started, set(), "a thread was started for a waiting tick")
 
     def test_two_runners_on_one_state_never_tick_the_same_job(self):
         cfg = self.config([self.job(every=10)])
@@ -629,9 +630,11 @@ class ConcurrencyTests(RunnerCase):
         r1 = self.runner(cfg, p1)
         r2 = self.runner(cfg, p2)
         self.t[0] = T0 + 5
-        planned = r2._jobs["a"].next_run_at
+        next_run = lambda: r2.status()[0]["next_run_at"]    # noqa: E731
+        planned = next_run()
+        self.assertIsNotNone(planned)
         self.assertEqual(r2.run_once("a").status, "leased")
-        self.assertEqual(r2._jobs["a"].next_run_at, planned, "the planned slot is kept")
+        self.assertEqual(next_run(), planned, "the planned slot is kept")
         r1.stop()                                # its lease is free from here on
         self.t[0] = T0 + 31
         self.assertEqual(self.fire(r2), 1, "the job is still on r2's schedule")
@@ -756,14 +759,14 @@ class StateHealthTests(RunnerCase):
         with self.assertLogs("nexo_poller", "ERROR") as logs:
             r.start()
             self.assertTrue(wait_until(lambda: r.state_error or seen, WAIT))
-            seen.append(r._metrics.render(r))
+            seen.append(r.metrics.render(r))
             self.assertTrue(wait_until(lambda: not fails[0] and r.state_error is None, 30))
         self.assertIn("nexo_poller_state_ok 0", seen[0])
         self.assertIn("locking protocol", "\n".join(logs.output))
-        self.assertEqual(r._metrics.state_errors, 2)
+        self.assertEqual(r.metrics.state_errors, 2)
         calls = len(p.calls)
         self.assertTrue(wait_until(lambda: len(p.calls) > calls + 2, WAIT), "ticking goes on")
-        self.assertTrue(r._scheduler.is_alive())
+        self.assertTrue(r.scheduler_alive)
 
 
 class RouteTests(RunnerCase):
@@ -888,7 +891,7 @@ class HeapTests(RunnerCase):
         r = self.runner(self.config([self.job("a", every=10)]), Scripted())
         for _ in range(3000):                    # each run_once supersedes the live entry
             self.assertEqual(r.run_once("a").status, "ok")
-        self.assertLessEqual(len(r._heap), 2 * 1 + 1024)
+        self.assertLessEqual(r.timer_entries(), 2 * 1 + 1024)
         self.go_to_next(r)
         self.assertEqual(self.fire(r), 1)        # and the live entry still fires
 

@@ -330,12 +330,12 @@ class GroupCommitTests(_Tmp):
         # _COMMIT_BATCH_MAX writes: its commit (and the lock it holds) stays short.
         store = self.open_store()
         sizes: list[int] = []
-        write_batch = store._write_batch
+        write_batch = store.file.write_batch
 
         def recorded(batch):
             sizes.append(len(batch))
             return write_batch(batch)
-        store._write_batch = recorded
+        store.file.write_batch = recorded
         gate = self._block_writer(store)
         total = 2 * np._COMMIT_BATCH_MAX + 5
         order: list[int] = []
