@@ -34,7 +34,7 @@ import nexo_poller as nx  # noqa: E402
 
 SDK_PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sdk_plugin.py")
 TOKEN = "conformance-token"
-TICK_TIMEOUT = 3            # seconds, the manifest's tick_timeout_secs
+TICK_TIMEOUT = 2            # seconds, the manifest's tick_timeout_secs
 LIMIT = 2                   # the manifest's max_concurrent_ticks
 WAIT = 30.0
 

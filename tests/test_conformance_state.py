@@ -10,11 +10,8 @@ says how to make its store and its config (``SqliteConformance``,
 CLI verbs run in-process through ``main`` (no interpreter start per verb).
 """
 
-import contextlib
 import http.client
-import io
 import json
-import logging
 import os
 import shutil
 import sys
@@ -24,8 +21,8 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
 from nats_support import NatsServer, require_nats  # noqa: E402
-from support import (FakePoller, TempDirCase, b64, count_ticks, wait_until,  # noqa: E402
-                     write_counter_plugin)
+from support import (FakePoller, TempDirCase, b64, count_ticks, main_in_process,  # noqa: E402
+                     wait_until, write_counter_plugin)
 
 import nexo_poller as nx  # noqa: E402
 from nexo_poller import (JetStreamStateStore, JobState, OutboxItem, Runner,  # noqa: E402
@@ -86,16 +83,10 @@ class _ContractCase:
 
     def cli(self, *argv, config=None):
         """``main`` in this process: (exit code, stdout, stderr)."""
-        out, err = io.StringIO(), io.StringIO()
-        root = logging.getLogger()
-        handlers = list(root.handlers)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = nx.main(["--config", config or self.config, "--log-level", "error",
-                            *argv])
-        root.handlers[:] = handlers
-        logging.getLogger("nexo_poller").setLevel(logging.CRITICAL)
-        self.assertNotIn("Traceback", err.getvalue() + out.getvalue())
-        return code, out.getvalue(), err.getvalue()
+        code, out, err = main_in_process(["--config", config or self.config,
+                                          "--log-level", "error", *argv])
+        self.assertNotIn("Traceback", err + out)
+        return code, out, err
 
     def cli_error(self, code, *argv, needle=""):
         """A user error: the code and one ``nexo-poller:`` line naming ``needle``."""

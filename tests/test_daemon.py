@@ -27,7 +27,7 @@ from support import (LAUNCHER, NEXO, PY, ROOT, TempDirCase, pid_gone,  # noqa: E
 CLI_TIMEOUT = 60
 STOP_BOUND = 15.0       # a signalled daemon must have exited within this
 WAIT = 20.0             # default deadline for "this should happen soon"
-EVERY = 0.3             # every_secs of the test jobs
+EVERY = 0.15            # every_secs of the test jobs (the waits count ticks)
 
 
 def counter(cursor_b64):

@@ -453,7 +453,7 @@ class TestAnsweredRequestsAreForgotten(Case):
         responder = nx.BrokerClient.connect(server.url)
         self.addCleanup(responder.close)
         responder.subscribe("echo", lambda payload: payload)
-        n, threads = wd.scale(20_000, 200_000), 4
+        n, threads = wd.scale(5_000, 200_000), 4     # the heap is compacted past 64
         peak = {"heap": 0}
 
         def requester():

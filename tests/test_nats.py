@@ -617,8 +617,10 @@ class FakeServerTest(unittest.TestCase):
 
     def test_silent_server_is_dropped_after_unanswered_pings(self):
         self.serve(self.handshake)            # then it never answers again
+        # The one retry connects to the listener nobody accepts from again and
+        # waits connect_timeout for an INFO (5 s by default).
         c = connect_broker(f"nats://127.0.0.1:{self.port}", ping_interval=0.1,
-                           max_reconnect_attempts=1, reconnect_wait=0.01)
+                           max_reconnect_attempts=1, reconnect_wait=0.01, connect_timeout=1.0)
         self.addCleanup(c.close)
         self.assertTrue(c.wait_closed(WAIT))     # dropped, one failed retry, gave up
         self.assertFalse(c.connected.is_set())

@@ -334,12 +334,13 @@ class StateOwnerCase(TempDirCase):
     def setUp(self):
         super().setUp()
         self.p = Project(self.dir)
-        self.addCleanup(self._kill_plugins)
+        self.addCleanup(self._kill_plugins, self.p)
 
-    def _kill_plugins(self):
+    @staticmethod
+    def _kill_plugins(project):
         """Ephemeral plugins lead their own process group; a SIGKILLed daemon
         may leave one mid-tick.  They are not our children: nothing to reap."""
-        for rec in self.p.records():
+        for rec in project.records():
             if not pid_gone(rec["pid"]):
                 try:
                     os.killpg(rec["pid"], signal.SIGKILL)
@@ -404,7 +405,7 @@ def committed_cursor(d: Daemon, job: str) -> int:
 class Test01TakeOverCursor(StateOwnerCase):
     def _take_over(self, how):
         self.p.plugin("rec")
-        self.p.write([every_job("j", every=0.5)])
+        self.p.write([every_job("j", every=0.25)])
         a = self.start("A")
         self.wait_records(4, "j", "A")
         self.start("B")                           # waits on A's lease
@@ -449,28 +450,54 @@ class Test01TakeOverCursor(StateOwnerCase):
 # ===========================================================================
 
 class Test02SchedulerSurvivesStateReadError(StateOwnerCase):
+    """Both cases hold the state's WAL read locks, which a reader of another
+    process waits out for ~10 s (sqlite's own retries; no setting shortens
+    them).  So whichever test comes first runs both side by side, each with
+    its own folder and daemon, and each test checks its own case."""
+    _cases = None       # end_tick_under_lock -> (problems, reported)
+
+    def _case(self, end_tick_under_lock):
+        cls = type(self)
+        if cls._cases is None:
+            cases = {}
+
+            def run(flag):
+                try:
+                    cases[flag] = self._lock_while_parked(flag)
+                except BaseException as exc:        # a failed step of the case, reported below
+                    cases[flag] = ([f"{type(exc).__name__}: {exc}"], [])
+            threads = [threading.Thread(target=run, args=(flag,)) for flag in (False, True)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            cls._cases = cases
+        return cls._cases[end_tick_under_lock]
+
     def _lock_while_parked(self, end_tick_under_lock):
-        hold = os.path.join(self.p.root, "hold-tick")
-        self.p.plugin("rec", timeout_secs=90)
-        self.p.write([every_job("j", every=0.3, hold_file=hold)])
-        d = self.start()
-        self.wait_records(2, "j", "A")
+        root = os.path.join(self.dir, "under" if end_tick_under_lock else "parked")
+        os.mkdir(root)
+        p = Project(root)
+        self.addCleanup(self._kill_plugins, p)
+        hold = os.path.join(p.root, "hold-tick")
+        p.plugin("rec", timeout_secs=90)
+        p.write([every_job("j", every=0.3, hold_file=hold)])
+        d = Daemon(p, "A")
+        self.addCleanup(d.cleanup)
+        d.wait_started()
+        if not wait_until(lambda: len(p.records("j", "A")) >= 2, WAIT, 0.02):
+            raise AssertionError(f"the job never ticked twice; log tail:\n{d.tail(15)}")
         # Park the job inside a tick (its previous commit is then done): the
         # only state access left is the scheduler's periodic change check.
         with open(hold, "w"):
             pass
-        # Parked: a tick of the job started (before or after the hold file
-        # appeared) and no other follows it, since one tick runs at a time.
-        last = {"n": -1, "since": time.monotonic()}
-
-        def parked():
-            n = len(self.p.records("j", "A"))
-            if n != last["n"]:
-                last.update(n=n, since=time.monotonic())
-            return time.monotonic() - last["since"] >= 1.5
-        self.assertTrue(wait_until(parked, WAIT, 0.05), "the job never parked on the hold file")
+        created = time.time()
+        # Parked: a tick recorded after the hold file appeared found it there
+        # (the plugin records first, then looks), and one tick runs at a time.
+        self.assertTrue(wait_until(lambda: p.records("j", "A", since_t=created), WAIT, 0.02),
+                        "the job never parked on the hold file")
         since = d.mark()
-        locks = ShmReadLocks(self.p.state())
+        locks = ShmReadLocks(p.state())
         try:
             if end_tick_under_lock:             # its commit must wait for the lock
                 os.unlink(hold)
@@ -484,7 +511,7 @@ class Test02SchedulerSurvivesStateReadError(StateOwnerCase):
         if not end_tick_under_lock:
             os.unlink(hold)
         released = time.time()
-        resumed = wait_until(lambda: len(self.p.records("j", "A", since_t=released)) >= 2,
+        resumed = wait_until(lambda: len(p.records("j", "A", since_t=released)) >= 2,
                              WAIT, 0.05)
         problems = []
         if not resumed:
@@ -493,15 +520,16 @@ class Test02SchedulerSurvivesStateReadError(StateOwnerCase):
         if died:
             problems.append("a daemon thread died of a raw exception:\n" + "\n".join(
                 line for line in d.raw if not line.startswith("{"))[:1500])
-        self.assertIsNone(d.proc.poll(), "the daemon exited")
+        if d.proc.poll() is not None:
+            problems.append(f"the daemon exited ({d.proc.poll()})")
         return problems, reported
 
     def test_locking_protocol_in_change_detection_does_not_stop_ticking(self):
-        problems, _ = self._lock_while_parked(end_tick_under_lock=False)
+        problems, _ = self._case(end_tick_under_lock=False)
         self.check_all(problems)
 
     def test_a_commit_under_the_lock_is_reported_and_retried(self):
-        problems, reported = self._lock_while_parked(end_tick_under_lock=True)
+        problems, reported = self._case(end_tick_under_lock=True)
         if not reported:
             problems.append("the unusable state was not reported in the log")
         self.check_all(problems)
@@ -515,10 +543,13 @@ class Test03ReloadWithUnwritableState(StateOwnerCase):
     def _reload_while(self, make_unwritable, undo, hold_max):
         self.p.plugin("rec")
         jobs = [every_job("j", every=0.3)]
-        self.p.write(jobs)
+        # A tick whose commit the unusable state refused is retried after
+        # backoff_initial_secs (30 s by default; then the test waited it out).
+        top = {"backoff_initial_secs": 0.5}
+        self.p.write(jobs, **top)
         d = self.start()
         self.wait_records(2, "j", "A")
-        self.p.write(jobs + [every_job("added", every=0.3)])   # a reload that must write
+        self.p.write(jobs + [every_job("added", every=0.3)], **top)   # a reload that must write
         since = d.mark()
         token = make_unwritable(d)
         try:
@@ -662,7 +693,7 @@ class Test07ReloadRemovingAPlugin(StateOwnerCase):
     def test_removed_plugins_queued_ticks_are_dropped_and_readded_jobs_start_clean(self):
         self.p.plugin("slow", max_concurrent=1)
         self.p.plugin("keep")
-        slow_jobs = [every_job(f"s{i}", "slow", 0.3, sleep=1.5) for i in (1, 2, 3)]
+        slow_jobs = [every_job(f"s{i}", "slow", 0.3, sleep=0.8) for i in (1, 2, 3)]
         keep_job = every_job("k", "keep", 0.3)
         both = ["plugins/slow", "plugins/keep"]
         self.p.write(slow_jobs + [keep_job], plugins=both)
@@ -681,8 +712,9 @@ class Test07ReloadRemovingAPlugin(StateOwnerCase):
         def bad(r):
             return (r.get("job") in removed and r.get("outcome") not in (None, "ok", "cancelled")
                     ) or ("alert" in r.get("msg", "") and any(j in r["msg"] for j in removed))
-        # Long enough for the cancelled tick to end and the queued ones to come up.
-        wait_until(lambda: d.find(bad, since) or len(d.ticks("k", since, ("ok",))) >= 12,
+        # Long enough for the cancelled tick to end and the queued ones to come
+        # up: 8 ticks every 0.3 s, three times a slow tick's 0.8 s.
+        wait_until(lambda: d.find(bad, since) or len(d.ticks("k", since, ("ok",))) >= 8,
                    WAIT, 0.05)
         problems = [f"after the reload removed them: {r.get('msg')}"
                     for r in d.recs(since) if bad(r)]
@@ -705,8 +737,9 @@ class Test07ReloadRemovingAPlugin(StateOwnerCase):
 # 8. Two daemons on one state file: commands reach the owner
 # ===========================================================================
 
-def _stopped_ticking(p: Project, job: str, quiet: float = 1.2, within: float = 6.0) -> bool:
-    """True once ``job`` has had no new request for ``quiet`` seconds (within ``within``)."""
+def _stopped_ticking(p: Project, job: str, quiet: float = 0.6, within: float = 6.0) -> bool:
+    """True once ``job`` has had no new request for ``quiet`` seconds (within
+    ``within``); the tests' jobs tick every 0.1 s, so that is six missed slots."""
     def quiet_now():
         rs = p.records(job)
         return not rs or time.time() - rs[-1]["t"] >= quiet
@@ -721,7 +754,7 @@ def _stopped_ticking(p: Project, job: str, quiet: float = 1.2, within: float = 6
 class Test08CommandsReachTheOwner(StateOwnerCase):
     def _two_daemons(self):
         self.p.plugin("rec")
-        self.p.write([every_job("j", every=0.2)])
+        self.p.write([every_job("j", every=0.1)])
         a = self.start("A")
         self.wait_records(2, "j", "A")
         b = self.start("B")
@@ -763,20 +796,21 @@ class Test08CommandsReachTheOwner(StateOwnerCase):
 
 class Test09ShutdownBoundWithLockedState(StateOwnerCase):
     def test_sigterm_exits_within_grace_while_another_process_holds_the_lock(self):
+        grace = 1       # the bound scales with it; the default would only wait longer
         self.p.plugin("rec")
-        self.p.write([every_job("j", every=0.3)])
+        self.p.write([every_job("j", every=0.3)], shutdown_grace_secs=grace)
         d = self.start()
         self.wait_records(2, "j", "A")
         lock = SqliteWriteLock(self.p.state())
         self.addCleanup(lock.release)
         since = d.mark()
-        bound = GRACE + 15.0
+        bound = grace + 15.0
         rc, secs = d.stop(signal.SIGTERM, bound)
         lock.release()
         print(f"\n[state] SIGTERM with the state locked by another process: exited in "
-              f"{secs:.1f}s (shutdown_grace_secs {GRACE})", file=sys.stderr)
+              f"{secs:.1f}s (shutdown_grace_secs {grace})", file=sys.stderr)
         self.assertIsNotNone(rc, f"SIGTERM with the state locked: still running after "
-                                 f"{bound:.0f} s (shutdown_grace_secs {GRACE}); log:\n{d.tail()}")
+                                 f"{bound:.0f} s (shutdown_grace_secs {grace}); log:\n{d.tail()}")
         self.assertTrue(d.errors(since), "what could not be stored was not logged")
 
 
