@@ -17,43 +17,62 @@ time), ``python -m nexo_poller ...`` or the checkout's ``./nexo-poller ...``.
 The sections of this file, in dependency order:
 
     Errors      NexoPollerError (the root), PollerError, PluginPollerForwardError,
-                ManifestError, ConfigError, StateError, InputError, ...
+                ManifestError, ConfigError, StateError, InputError, ...;
+                the broker's error codes (BROKER_*)
     Helpers     small private functions and constants every later section
-                uses (_log_safe, _dumps, _loads, _seconds, _backoff, ...)
+                uses (_log_safe, _dumps, _loads, _seconds, _backoff,
+                _broker_error, _Combiner: write combining, once)
     Wire        encode_cursor, decode_cursor, TickRequest, TickReply, TickAck,
-                build_tick_request
+                build_tick_request; nexo's Event envelopes (nexo_event,
+                nexo_unwrap)
     Manifest    Lifecycle, PluginPollerHandle, load_manifest
     Router      PluginPollerRouter
     Processes   spawn_ephemeral_tick (process groups, bounded pipes, reaping)
-    Broker      BrokerServer, BrokerClient (line-delimited JSON-RPC, Unix socket)
-    NATS        NatsClient, connect_broker, nexo envelopes (nexo_event, nexo_unwrap)
+    Broker      BrokerServer (the selector loop: sockets, lines, deadlines)
+                over _BrokerRoutes (subscriptions, requests in flight, the
+                JSON-RPC methods), BrokerClient, _ClientBase (the contract)
+    NATS        NatsClient over _NatsDial (which server, the handshake),
+                _NatsSubscriptions, _NatsRequests (one inbox) and
+                _JetStreamCapture; connect_broker
     Proxies     PollContext, EphemeralPollerProxy, PluginPollerProxy,
                 StdioPollerProxy, forward_tick, PluginSupervisor
     SDK         run_plugin
     State       JobState, TickStatus, OutboxItem, StateStore (the one owner of
-                job state: leases, commits, commands, the outbox),
-                SqliteStateStore, JetStreamStateStore, open_state
+                job state: leases, commits, commands, the outbox), open_state;
+                _GroupCommit (one writer thread, batches); SqliteStateStore
+                over _SqliteFile; JetStreamStateStore over _KvBucket (the KV
+                client), _KvLeases (the spreading policy), _KvDaemons
+                (heartbeats), _KvCommands and _KvOutbox
     Schedule    Schedule, CronExpr
     Config      load_config, config_from_dict, DaemonConfig, JobConfig
-    Runner      plan_tick, next_run (the pure error policy and catch-up rule),
-                Runner (life cycle, effects, reload, a read API for the HTTP
-                face, metrics and the CLI) over its collaborators: _Routes
-                (kind -> poller, lane, budget), _TimerHeap (the jobs' next
-                runs), _Lanes (the tick slots),
-                _Commands (operator commands), _Signals (the wake-up pipe);
-                the outbox publisher and its sinks, metrics
+    Runner      plan_tick, next_run (the pure error policy and catch-up rule);
+                Runner, a facade (life cycle, operator verbs, the read API the
+                HTTP face, metrics and the CLI use) over its collaborators:
+                _JobBook (the jobs, the lock, the timer heap), _Plugins (the
+                one table of routes: kind -> poller, lane, budget; supervised
+                plugins), _Workers (lanes and tick threads), _Ticks (one
+                tick and its effects), _Commands (operator commands),
+                _Scheduler (the scheduler thread), _Reload, _Signals (the
+                wake-up pipe); the outbox publisher and its sinks, metrics
     HTTP        /metrics, the admin API (nexo's routes), /healthz, /readyz and
                 the status page: one route table (_HTTP_ROUTES) of small
                 handlers, on one bounded http.server
-    CLI         main
+    CLI         main over one verb table (_VERBS: help, arguments, local and
+                remote implementation of each verb)
 
-A tick travels: scheduler (one timer heap) -> the job's kind gives its route
-(poller, lane, budget) -> ``poller.tick(ctx) -> TickAck`` -> ``plan_tick``
-decides the new state and effects -> the state store commits it (group
-commit, only while the lease is held) -> the scheduler thread carries out the
-effects: log, alert, next slot -> the outbox publisher delivers what the
-commit stored.  Errors travel as ``PollerError`` variants and
-only the runner decides what they mean.
+A section uses its own names, the public ones of earlier sections, and the
+private names an earlier section lists under ``# Shares:`` in its banner;
+tests/test_structure.py keeps it so (no class over 400 lines either).
+
+A tick travels: _Scheduler pops it off the one timer heap (_JobBook) ->
+the kind's route (_Plugins) gives poller, lane and budget -> _Workers runs
+it when its lane has a slot -> _Ticks: ``poller.tick(ctx) -> TickAck``, then
+``plan_tick`` decides the new state and effects -> the state store commits
+cursor, counters and outbox in one transaction (group commit, only while the
+lease is held) -> the scheduler thread carries out the effects: log, alert,
+next slot -> the outbox publisher delivers what the commit stored.  Errors
+travel as ``PollerError`` variants and only _Ticks (the runner's error
+policy) decides what they mean.
 """
 
 from __future__ import annotations
@@ -450,6 +469,9 @@ class _Combiner:
 
 
 _NEXO_SOURCE = "plugin.poller"          # the ``source`` of the nexo Events clients publish
+# A log record's ``extra`` key for a line a plugin wrote: (plugin id, the line),
+# so a dry run collects its plugin's output without reading log formats.
+_PLUGIN_LINE = "nexo_plugin_line"
 
 
 def _uuid4() -> str:
@@ -1303,12 +1325,17 @@ def _toml_name(kind: type) -> str:
 # ============================================================================
 
 class PluginPollerRouter:
-    """Thread-safe map from kind to the plugin handle that serves it."""
+    """Thread-safe map from kind to the plugin handle that serves it: the one
+    answer to "who serves kind K", one owner per kind.  Kinds served in
+    process (``claim_in_process``) have an owner and no handle."""
+
+    IN_PROCESS = "(in-process)"             # the owner of a kind served by Runner.register
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._by_plugin: dict[str, PluginPollerHandle] = {}
         self._by_kind: dict[str, PluginPollerHandle] = {}
+        self._in_process: set[str] = set()
 
     # Writers change entries in an order that never lets a lock-free reader
     # miss a kind that stays registered: new entries first, stale ones last.
@@ -1321,10 +1348,10 @@ class PluginPollerRouter:
         """
         with self._lock:
             for kind in handle.kinds:
-                owner = self._by_kind.get(kind)
-                if owner is not None and owner.plugin_id != handle.plugin_id:
+                owner = self.owner(kind)
+                if owner is not None and owner != handle.plugin_id:
                     raise PollerRouteRegistrationError.DuplicateKind(
-                        kind, owner.plugin_id, handle.plugin_id)
+                        kind, owner, handle.plugin_id)
             old = self._by_plugin.get(handle.plugin_id)
             self._by_plugin[handle.plugin_id] = handle
             for kind in handle.kinds:
@@ -1346,6 +1373,24 @@ class PluginPollerRouter:
             if kind not in keep and self._by_kind.get(kind) is old:
                 del self._by_kind[kind]
 
+    def claim_in_process(self, kinds: Iterable[str]) -> None:
+        """Own ``kinds`` for pollers served in process; raises ``DuplicateKind``
+        when one has an owner already (nothing changes then)."""
+        kinds = list(kinds)
+        with self._lock:
+            for kind in kinds:
+                owner = self.owner(kind)
+                if owner is not None:
+                    raise PollerRouteRegistrationError.DuplicateKind(kind, owner, self.IN_PROCESS)
+            self._in_process.update(kinds)
+
+    def owner(self, kind: str) -> str | None:
+        """Who serves ``kind``: a plugin id, ``"(in-process)"``, or None."""
+        handle = self._by_kind.get(kind)
+        if handle is not None:
+            return handle.plugin_id
+        return self.IN_PROCESS if kind in self._in_process else None
+
     def handle_for_kind(self, kind: str) -> PluginPollerHandle | None:
         # A single dict read is atomic under the GIL; no lock on the hot path.
         return self._by_kind.get(kind)
@@ -1358,8 +1403,9 @@ class PluginPollerRouter:
             return list(self._by_plugin.values())
 
     def kinds(self) -> list[str]:
+        """Every kind with an owner, in-process ones included."""
         with self._lock:
-            return sorted(self._by_kind)
+            return sorted(set(self._by_kind) | self._in_process)
 
     def is_empty(self) -> bool:
         return not self._by_plugin
@@ -1640,7 +1686,9 @@ def spawn_ephemeral_tick(command: str, plugin_id: str, request: TickRequest,
         _sweep_orphans(f"NEXO_POLLER_PLUGIN_ID={plugin_id}".encode())
         if stderr and log.isEnabledFor(logging.DEBUG):
             for text in stderr.decode("utf-8", "replace").splitlines():
-                log.debug("plugin %s stderr: %s", _log_safe(plugin_id), _log_safe(text))
+                line = _log_safe(text)
+                log.debug("plugin %s stderr: %s", _log_safe(plugin_id), line,
+                          extra={_PLUGIN_LINE: (_log_safe(plugin_id), line)})
     try:
         if not line.strip():
             raise PollerError.Transient(f"plugin {plugin_id!r} replied with an empty line")
@@ -4684,7 +4732,8 @@ class PluginSupervisor:
                 env=_child_env(h.plugin_id, h.entrypoint_env, **nexo))
         except (OSError, ValueError) as exc:
             why = f"cannot start {h.entrypoint_command!r}: {exc.strerror or exc}"
-            log.error("plugin %s: %s", self._name, _log_safe(why))
+            log.error("plugin %s: %s", self._name, _log_safe(why),
+                      extra={_PLUGIN_LINE: (self._name, _log_safe(why))})
             return why
 
     def _run(self) -> None:
@@ -4787,7 +4836,7 @@ class PluginSupervisor:
     def _output(self, line: bytes) -> None:
         text = _log_safe(line[:4096].decode("utf-8", "replace").rstrip())
         self.handle.health.output(text)
-        log.info("plugin %s: %s", self._name, text)
+        log.info("plugin %s: %s", self._name, text, extra={_PLUGIN_LINE: (self._name, text)})
 
     def stop(self) -> None:
         """SIGTERM the plugin's group, SIGKILL after the grace; wait for it."""
@@ -8201,7 +8250,8 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
                           "Host, without a port (nexo.example.com, 10.0.0.5, [fd00::5])")
         cfg.admin_allowed_hosts = tuple(_host_name(n) for n in hosts if isinstance(n, str))
 
-    owners: dict[str, str] = {k: "(in-process)" for k in extra_kinds}
+    owners = PluginPollerRouter()               # the one rule: one owner per kind
+    owners.claim_in_process(extra_kinds)
     plugins = get("plugins")
     if _check_type(probs, prefix + "plugins", plugins, list, "an array of paths"):
         for i, entry in enumerate(plugins):
@@ -8233,12 +8283,13 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
             if any(h.plugin_id == handle.plugin_id for h in cfg.plugins):
                 probs.add(where, f"plugin id {handle.plugin_id!r} is listed twice")
                 continue
-            for kind in handle.kinds:
-                if kind in owners:
-                    probs.add(where, f"kind {kind!r} is claimed by {owners[kind]} and by "
-                                     f"plugin {handle.plugin_id!r}")
-                else:
-                    owners[kind] = f"plugin {handle.plugin_id!r}"
+            try:
+                owners.register(handle)
+            except PollerRouteRegistrationError.DuplicateKind as exc:
+                owner = exc.existing_plugin
+                probs.add(where, f"kind {exc.kind!r} is claimed by "
+                                 f"{owner if owner == owners.IN_PROCESS else f'plugin {owner!r}'} "
+                                 f"and by plugin {handle.plugin_id!r}")
             cfg.plugins.append(handle)
     _plugin_broker_auth(get("plugin_broker_auth"), cfg, prefix + "plugin_broker_auth", probs)
 
@@ -8261,7 +8312,7 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
 
 
 def _job_from_dict(raw: Any, where: str, probs: _Problems,
-                   owners: Mapping[str, str]) -> JobConfig | None:
+                   owners: PluginPollerRouter) -> JobConfig | None:
     if not _check_type(probs, where, raw, dict, "an object"):
         return None
     before = len(probs.items)
@@ -8272,8 +8323,9 @@ def _job_from_dict(raw: Any, where: str, probs: _Problems,
         if not _JOB_ID_RE.fullmatch(job_id):
             probs.add(f"{where}.id", f"{job_id!r} must be 1-128 letters, digits or _.:- "
                                      "starting with a letter or digit")
-    if _check_type(probs, f"{where}.kind", kind, str, "a string") and kind not in owners:
-        known = ", ".join(sorted(owners)) or "none"
+    if _check_type(probs, f"{where}.kind", kind, str, "a string") \
+            and owners.owner(kind) is None:
+        known = ", ".join(owners.kinds()) or "none"
         probs.add(f"{where}.kind", f"no plugin or in-process poller serves kind {kind!r} "
                                    f"(known kinds: {known})")
     _check_type(probs, f"{where}.agent", agent, str, "a string")
@@ -8607,24 +8659,15 @@ class _Route:
 
 
 class _Routes:
-    """Which poller serves each kind, and how (its ``_Route``): one table,
-    one owner per kind."""
+    """How each kind is served (its ``_Route``: poller, lane, budget); which
+    kinds may be served, one owner each, is the router's rule
+    (``PluginPollerRouter``), asked first."""
 
     def __init__(self):
         self._table: dict[str, _Route] = {}
 
     def get(self, kind: str) -> _Route | None:
         return self._table.get(kind)
-
-    def own(self, kinds: Iterable[str], plugin_id: str | None) -> None:
-        """A kind has one owner: raise ``DuplicateKind`` when one of ``kinds``
-        is routed to another than ``plugin_id`` (None: in-process).  The same
-        plugin again (a restart, a reload) is its owner still."""
-        for kind in kinds:
-            route = self._table.get(kind)
-            if route is not None and (plugin_id is None or route.plugin_id != plugin_id):
-                raise PollerRouteRegistrationError.DuplicateKind(
-                    kind, route.plugin_id or "(in-process)", plugin_id or "(in-process)")
 
     def add(self, route: _Route) -> None:
         self._table[route.kind] = route
@@ -8964,7 +9007,7 @@ class _Plugins:
         kind = getattr(poller, "kind", None)
         if not isinstance(kind, str) or not callable(getattr(poller, "tick", None)):
             raise TypeError("a poller needs a `kind` string and a `tick(ctx)` method")
-        self.routes.own((kind,), None)
+        self.router.claim_in_process((kind,))
         limit = getattr(poller, "max_concurrent_ticks", None) or self._runner.config.max_workers
         self.routes.add(_Route(kind, poller, self.lane(f"kind:{kind}", limit),
                                _tick_budget(kind)))
@@ -8975,8 +9018,7 @@ class _Plugins:
         its own NATS credentials when ``plugin_broker_auth`` names it."""
         r = self._runner
         for handle in handles:
-            self.routes.own(handle.kinds, handle.plugin_id)
-            self.router.register(handle)
+            self.router.register(handle)        # one owner per kind, or DuplicateKind
             lane = self.lane(handle.plugin_id, handle.max_concurrent_ticks)
             for kind in handle.kinds:
                 self.routes.add(_Route(kind, _proxy_for(kind, handle, r.broker, limit=False),
@@ -12325,9 +12367,9 @@ class _PluginOutput(logging.Handler):
         self.name_, self.lines = _log_safe(plugin_id or ""), []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.msg in ("plugin %s stderr: %s", "plugin %s: %s") and \
-                record.args and record.args[0] == self.name_:
-            self.lines.append(str(record.args[1]))
+        said = getattr(record, _PLUGIN_LINE, None)      # (plugin id, line)
+        if said is not None and said[0] == self.name_:
+            self.lines.append(said[1])
 
 
 def _dry_run_verb(config: DaemonConfig, args) -> int:

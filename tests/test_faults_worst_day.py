@@ -497,6 +497,9 @@ class _FakeRunner:
     def lanes(self):
         return {}
 
+    def outbox_counts(self):
+        return {}
+
 
 class TestMetricsBounds(Case):
 

@@ -1,13 +1,19 @@
 """One place per rule (issue 22 item 2): where two parts of the module used
 to answer one question each their own way, they now give the same answer."""
 
+import ast
 import io
+import logging
 import os
+import sys
 import tempfile
 import unittest
+from pathlib import Path
 from unittest import mock
 
-import nexo_poller as nx
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import nexo_poller as nx  # noqa: E402
+from support import write_manifest  # noqa: E402
 
 
 def in_process_config(root: str) -> nx.DaemonConfig:
@@ -106,6 +112,66 @@ class AdminTokenTests(unittest.TestCase):
             self.assertEqual((code, calls), (nx.EXIT_USAGE, []))   # it sent no request
             self.assertIn("must hold one token", err.getvalue())
 
+
+
+class OneKindRegistryTests(unittest.TestCase):
+    """ "A kind has one owner" is decided in one place, PluginPollerRouter:
+    the Runner's routes and config validation both ask it (issue 22)."""
+
+    def test_duplicate_kinds_are_raised_only_by_the_router(self):
+        tree = ast.parse(Path(nx.__file__).read_text())
+        raisers = []
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+                continue
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Raise) and "DuplicateKind(" in ast.unparse(sub):
+                    raisers.append(node.name)
+        self.assertTrue(raisers)
+        self.assertEqual(set(raisers) - {"PluginPollerRouter", "register",
+                                         "claim_in_process"}, set())
+
+    def test_a_config_refuses_a_kind_claimed_twice(self):
+        with tempfile.TemporaryDirectory() as root:
+            a = write_manifest(root, "a", "rss", command="true")
+            b = write_manifest(root, "b", "rss", command="true")
+            c = write_manifest(root, "c", "mem", command="true")
+            with self.assertRaises(nx.ConfigError) as ctx:
+                nx.config_from_dict({"plugins": [a, b, c], "jobs": []}, base_dir=root,
+                                    extra_kinds=["mem"])
+        text = str(ctx.exception)
+        self.assertIn("kind 'rss' is claimed by plugin 'a' and by plugin 'b'", text)
+        self.assertIn("kind 'mem' is claimed by (in-process) and by plugin 'c'", text)
+
+    def test_a_runner_refuses_a_second_in_process_poller_for_a_kind(self):
+        class Mem:
+            kind = "mem"
+
+            def tick(self, ctx):
+                return nx.TickAck()
+        runner = nx.Runner(nx.config_from_dict({"jobs": []}))
+        runner.register(Mem())
+        with self.assertRaises(nx.PollerRouteRegistrationError.DuplicateKind):
+            runner.register(Mem())
+        self.assertEqual(runner.in_process_kinds(), ["mem"])
+
+
+class PluginOutputTests(unittest.TestCase):
+    """A dry run collects its plugin's output lines by what a log record
+    carries, not by matching the log's format strings (issue 22)."""
+
+    def record(self, msg, args, extra=None):
+        rec = logging.LogRecord("nexo_poller", logging.INFO, __file__, 1, msg, args, None)
+        for key, value in (extra or {}).items():
+            setattr(rec, key, value)
+        return rec
+
+    def test_lines_are_known_by_their_record_whatever_the_format(self):
+        out = nx._PluginOutput("p1")
+        out.emit(self.record("any wording %s", ("x",), {nx._PLUGIN_LINE: ("p1", "hello")}))
+        out.emit(self.record("plugin %s: %s", ("p1", "not output")))     # no mark: not a line
+        out.emit(self.record("w", (), {nx._PLUGIN_LINE: ("p2", "someone else")}))
+        self.assertEqual(out.lines, ["hello"])
 
 if __name__ == "__main__":
     unittest.main()

@@ -330,5 +330,36 @@ class ThreadSafetyTests(unittest.TestCase):
         self.assertEqual(misses, {"kind": 0, "plugin": 0, "len": 0})
 
 
+
+class InProcessOwnerTests(unittest.TestCase):
+    """One registry answers "who serves kind K" for plugins and in-process
+    pollers alike (issue 22: three registries before)."""
+
+    def test_an_in_process_kind_has_an_owner_and_no_handle(self):
+        r = PluginPollerRouter()
+        r.claim_in_process(["mem"])
+        self.assertEqual(r.owner("mem"), PluginPollerRouter.IN_PROCESS)
+        self.assertIsNone(r.handle_for_kind("mem"))
+        self.assertIsNone(r.owner("rss"))
+        r.register(handle("feeds", "rss"))
+        self.assertEqual(r.owner("rss"), "feeds")
+        self.assertEqual(r.kinds(), ["mem", "rss"])
+
+    def test_a_plugin_cannot_take_an_in_process_kind_nor_the_reverse(self):
+        r = PluginPollerRouter()
+        r.claim_in_process(["mem"])
+        with self.assertRaises(DuplicateKind) as cm:
+            r.register(handle("feeds", "rss", "mem"))
+        self.assertEqual((cm.exception.kind, cm.exception.existing_plugin),
+                         ("mem", "(in-process)"))
+        self.assertIsNone(r.owner("rss"), "a refused plugin changes nothing")
+        r.register(handle("feeds", "rss"))
+        with self.assertRaises(DuplicateKind) as cm:
+            r.claim_in_process(["other", "rss"])
+        self.assertEqual(cm.exception.existing_plugin, "feeds")
+        self.assertIsNone(r.owner("other"), "a refused claim changes nothing")
+        with self.assertRaises(DuplicateKind):
+            r.claim_in_process(["mem"])             # one in-process poller per kind too
+
 if __name__ == "__main__":
     unittest.main()
