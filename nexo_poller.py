@@ -1686,9 +1686,9 @@ def spawn_ephemeral_tick(command: str, plugin_id: str, request: TickRequest,
         _sweep_orphans(f"NEXO_POLLER_PLUGIN_ID={plugin_id}".encode())
         if stderr and log.isEnabledFor(logging.DEBUG):
             for text in stderr.decode("utf-8", "replace").splitlines():
-                line = _log_safe(text)
-                log.debug("plugin %s stderr: %s", _log_safe(plugin_id), line,
-                          extra={_PLUGIN_LINE: (_log_safe(plugin_id), line)})
+                said = _log_safe(text)          # not ``line``: that is the reply
+                log.debug("plugin %s stderr: %s", _log_safe(plugin_id), said,
+                          extra={_PLUGIN_LINE: (_log_safe(plugin_id), said)})
     try:
         if not line.strip():
             raise PollerError.Transient(f"plugin {plugin_id!r} replied with an empty line")
