@@ -43,7 +43,7 @@ The sections of this file, in dependency order:
                 over _SqliteFile; JetStreamStateStore over _KvBucket (the KV
                 client), _KvLeases (the spreading policy), _KvDaemons
                 (heartbeats), _KvCommands and _KvOutbox
-    Schedule    Schedule, CronExpr
+    Schedule    Schedule, CronExpr (Vixie cron, or nexo's: the cron crate's)
     Config      load_config, config_from_dict, DaemonConfig, JobConfig
     Runner      plan_tick, next_run (the pure error policy and catch-up rule);
                 Runner, a facade (life cycle, operator verbs, the read API the
@@ -7746,8 +7746,9 @@ def open_state(location: str, *, readonly: bool = False, owner: str | None = Non
 # ============================================================================
 # Schedule
 # When a job runs next: every N seconds, a cron expression (5 or 6 fields,
-# in a time zone), or once at an instant.  Pure functions of a given time.
-# Shares: _parse_instant
+# in a time zone; or nexo's dialect), or once at an instant.  Pure functions
+# of a given time.
+# Shares: _CRON_DIALECTS, _parse_instant
 # ============================================================================
 
 _MONTHS = {m: i for i, m in enumerate(
@@ -7763,6 +7764,23 @@ _CRON_ALIASES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "
                  "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
                  "@hourly": "0 * * * *"}
 
+# nexo's dialect is the one of the Rust ``cron`` crate nexo schedules with:
+# seconds first, an optional year last (1970-2100), a week of 1 = Sunday ..
+# 7 = Saturday, long names too, '?' only in the day fields, and a day fires
+# when day of month AND day of week match.
+_CRON_DIALECTS = ("vixie", "nexo")
+_NEXO_MONTHS = {**_MONTHS, **{m: i for i, m in enumerate(
+    "january february march april may june july august september october november "
+    "december".split(), 1)}}
+_NEXO_DAYS = {name: i for i, names in enumerate(
+    ("sun sunday", "mon monday", "tue tues tuesday", "wed wednesday", "thu thurs thursday",
+     "fri friday", "sat saturday"), 1) for name in names.split()}
+_NEXO_CRON_FIELDS = _CRON_FIELDS[:4] + (("month", 1, 12, _NEXO_MONTHS),
+                                        ("day of week", 1, 7, _NEXO_DAYS),
+                                        ("year", 1970, 2100, None))
+_NEXO_CRON_ALIASES = {"@yearly": "0 0 0 1 1 *", "@monthly": "0 0 0 1 * *",
+                      "@weekly": "0 0 0 * * 1", "@daily": "0 0 0 * * *", "@hourly": "0 0 * * * *"}
+
 
 class CronExpr:
     """A cron expression: ``sec min hour dom month dow`` or the 5-field form,
@@ -7772,63 +7790,91 @@ class CronExpr:
     Ranges (``1-5``), steps (``*/15``, ``10-50/10``), lists (``1,15``),
     month and day names, ``?`` for "any".  When both day of month and day
     of week are restricted a day matching either runs, as in Vixie cron.
+
+    ``dialect="nexo"`` reads it as nexo does (the Rust ``cron`` crate):
+    ``sec min hour dom month dow [year]``, day of week 1 = Sunday .. 7 =
+    Saturday (``sun``/``sunday`` .. ``sat``/``saturday``), years 1970-2100,
+    ``?`` in the day fields only, and a day runs only when day of month AND
+    day of week match; aliases ``@hourly``, ``@daily``, ``@weekly``,
+    ``@monthly``, ``@yearly``.
     """
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, dialect: str = "vixie"):
+        if dialect not in _CRON_DIALECTS:
+            raise InputError(f"cron dialect {dialect!r} is not one of {', '.join(_CRON_DIALECTS)}")
         if not isinstance(text, str):
             raise InputError("a cron expression must be a string")
-        alias = _CRON_ALIASES.get(text.strip().lower()) if text.strip().startswith("@") else None
-        if text.strip().startswith("@") and alias is None:
-            raise InputError(f"cron {text!r} is not one of {', '.join(_CRON_ALIASES)}")
+        nexo = dialect == "nexo"
+        label, aliases = ("nexo cron", _NEXO_CRON_ALIASES) if nexo else ("cron", _CRON_ALIASES)
+        # the crate matches its aliases as written; Vixie in any case
+        key = text.strip() if nexo else text.strip().lower()
+        alias = aliases.get(key) if key.startswith("@") else None
+        if key.startswith("@") and alias is None:
+            raise InputError(f"{label} {text!r} is not one of {', '.join(aliases)}")
         parts = (alias or text).split()
-        if len(parts) == 5:
+        if not nexo and len(parts) == 5:
             parts = ["0"] + parts
-        if len(parts) != 6:
+        if nexo and len(parts) not in (6, 7):
+            raise InputError(f"nexo cron {text!r} has {len(parts)} fields; expected 6 "
+                             "(sec min hour dom month dow) or 7 (and a year)")
+        if not nexo and len(parts) != 6:
             raise InputError(f"cron {text!r} has {len(parts)} fields; expected 5 "
                              "(minute first) or 6 (seconds first)")
-        self.text = text
+        self.text, self.dialect = text, dialect
         sets = []
-        for part, (name, low, high, names) in zip(parts, _CRON_FIELDS):
-            sets.append(self._field(part, name, low, high, names))
+        for part, (name, low, high, names) in zip(parts, _NEXO_CRON_FIELDS if nexo
+                                                  else _CRON_FIELDS):
+            sets.append(self._field(part, name, low, high, names, label, nexo))
         self.seconds, self.minutes, self.hours, self.days, self.months, dows = (
-            sorted(s) for s in sets)
-        self.dows = {d % 7 for d in dows}     # 7 is Sunday too
+            sorted(s) for s in sets[:6])
+        # 0 = Sunday, as (weekday() + 1) % 7: Vixie's 7 is Sunday too, nexo's 1 is
+        self.dows = {(d - nexo) % 7 for d in dows}
+        self.years = sorted(sets[6]) if len(sets) == 7 else list(range(1970, 2101))
         self.dom_any = parts[3] in ("*", "?")
         self.dow_any = parts[5] in ("*", "?")
+        if nexo and next(self._days_from(datetime(1970, 1, 1).date()), None) is None:
+            raise InputError(f"nexo cron {text!r} never fires (no such day in those months, "
+                             "weekdays and years)")
         if not any(d <= _MAX_MONTH_DAYS[m] for m in self.months for d in self.days) \
                 and self.dow_any:
             raise InputError(f"cron {text!r} never fires (no such day in those months)")
 
     @staticmethod
-    def _field(part: str, name: str, low: int, high: int, names) -> set[int]:
+    def _field(part: str, name: str, low: int, high: int, names, label: str = "cron",
+               nexo: bool = False) -> set[int]:
         values: set[int] = set()
+        # the crate takes '?' in the day fields only, and no step beyond the field
+        any_marks = ("*", "?") if not nexo or name.startswith("day") else ("*",)
+        max_step = high if nexo else None
 
         def number(tok: str) -> int:
             tok_l = tok.lower()
             if names and tok_l in names:
                 return names[tok_l]
             if not (tok.isascii() and tok.isdigit()):
-                raise InputError(f"cron {name} field: {tok!r} is not a number"
+                raise InputError(f"{label} {name} field: {tok!r} is not a number"
                                  + (" or a name" if names else ""))
             n = int(tok)
             if not low <= n <= high:
-                raise InputError(f"cron {name} field: {n} is outside {low}-{high}")
+                raise InputError(f"{label} {name} field: {n} is outside {low}-{high}")
             return n
 
         for item in part.split(","):
             rng, _, step_s = item.partition("/")
             step = 1
             if "/" in item:
-                if not (step_s.isascii() and step_s.isdigit()) or int(step_s) == 0:
-                    raise InputError(f"cron {name} field: bad step {step_s!r}")
+                if not (step_s.isascii() and step_s.isdigit()) or int(step_s) == 0 \
+                        or (max_step is not None and int(step_s) > max_step):
+                    raise InputError(f"{label} {name} field: bad step {step_s!r}"
+                                     + (f" (1-{max_step})" if max_step else ""))
                 step = int(step_s)
-            if rng in ("*", "?"):
+            if rng in any_marks:
                 a, b = low, high
             elif "-" in rng:
                 a_s, _, b_s = rng.partition("-")
                 a, b = number(a_s), number(b_s)
                 if a > b:
-                    raise InputError(f"cron {name} field: range {rng!r} runs backwards")
+                    raise InputError(f"{label} {name} field: range {rng!r} runs backwards")
             else:
                 a = number(rng)
                 b = high if "/" in item else a
@@ -7848,6 +7894,28 @@ class CronExpr:
             return dom
         return dom or dow
 
+    def _days_from(self, day):
+        """The days that fire, in order, from ``day`` on."""
+        if self.dialect == "vixie":
+            for _ in range(366 * 8):
+                if self._day_matches(day):
+                    yield day
+                day += timedelta(days=1)
+            return
+        # nexo: candidates come from the fields (every one must match), so a
+        # rare day decades away (29 February on a Monday) is found quickly.
+        for y in self.years[bisect.bisect_left(self.years, day.year):]:
+            for m in self.months:
+                if (y, m) < (day.year, day.month):
+                    continue
+                for d in self.days:
+                    try:
+                        found = datetime(y, m, d).date()
+                    except ValueError:      # past the month's end
+                        break
+                    if found >= day and (found.weekday() + 1) % 7 in self.dows:
+                        yield found
+
     def next_after(self, after: datetime, tz=timezone.utc) -> datetime | None:
         """The first firing strictly after ``after`` (aware), in UTC.
 
@@ -7857,21 +7925,18 @@ class CronExpr:
         after_utc = after.astimezone(timezone.utc)
         wall = (after_utc + timedelta(seconds=1)).astimezone(tz).replace(
             tzinfo=None, microsecond=0)
-        day = wall.date()
-        start = (wall.hour, wall.minute, wall.second)
-        for _ in range(366 * 8):
-            if self._day_matches(day):
-                for h in self.hours[bisect.bisect_left(self.hours, start[0]):]:
-                    m0 = start[1] if h == start[0] else 0
-                    for m in self.minutes[bisect.bisect_left(self.minutes, m0):]:
-                        s0 = start[2] if (h, m) == start[:2] else 0
-                        for s in self.seconds[bisect.bisect_left(self.seconds, s0):]:
-                            local = datetime(day.year, day.month, day.day, h, m, s)
-                            found = _wall_to_utc(local, tz)
-                            if found is not None and found > after_utc:
-                                return found
-            day += timedelta(days=1)
-            start = (0, 0, 0)
+        first = wall.date()
+        for day in self._days_from(first):
+            start = (wall.hour, wall.minute, wall.second) if day == first else (0, 0, 0)
+            for h in self.hours[bisect.bisect_left(self.hours, start[0]):]:
+                m0 = start[1] if h == start[0] else 0
+                for m in self.minutes[bisect.bisect_left(self.minutes, m0):]:
+                    s0 = start[2] if (h, m) == start[:2] else 0
+                    for s in self.seconds[bisect.bisect_left(self.seconds, s0):]:
+                        local = datetime(day.year, day.month, day.day, h, m, s)
+                        found = _wall_to_utc(local, tz)
+                        if found is not None and found > after_utc:
+                            return found
         return None
 
 
@@ -8008,6 +8073,7 @@ class DaemonConfig:
     delivery_max_age_secs: float = 86400.0
     delivery_retry_initial_secs: float = 1.0
     delivery_retry_max_secs: float = 60.0
+    cron_dialect: str = "vixie"                    # or "nexo": how jobs' cron is read
     plugins: list[PluginPollerHandle] = dataclasses.field(default_factory=list)
     jobs: list[JobConfig] = dataclasses.field(default_factory=list)
     source: str | None = None
@@ -8188,6 +8254,12 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
                       f"{sink!r} must be \"broker\" or an http:// or https:// URL")
         else:
             cfg.delivery_sink = sink
+    if get("cron_dialect") in _CRON_DIALECTS:
+        cfg.cron_dialect = get("cron_dialect")
+    else:
+        probs.add(prefix + "cron_dialect", f"{json.dumps(get('cron_dialect'))} must be \"vixie\" "
+                  "or \"nexo\" (Vixie cron, the default; or cron as nexo reads it: seconds "
+                  "first, an optional year, 1 = Sunday, day of month AND day of week)")
     if _check_type(probs, prefix + "alert_topic", get("alert_topic"), str, "a topic string"):
         cfg.alert_topic = get("alert_topic")
     broker = get("broker")
@@ -8303,7 +8375,7 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
                 probs.add(f"{prefix}jobs[{i}].id", f"duplicate job id {raw_id!r}")
             elif isinstance(raw_id, str):
                 ids.add(raw_id)
-            job = _job_from_dict(raw, f"{prefix}jobs[{i}]", probs, owners)
+            job = _job_from_dict(raw, f"{prefix}jobs[{i}]", probs, owners, cfg.cron_dialect)
             if job is not None and not duplicate:
                 cfg.jobs.append(job)
     if probs.items:
@@ -8311,8 +8383,8 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
     return cfg
 
 
-def _job_from_dict(raw: Any, where: str, probs: _Problems,
-                   owners: PluginPollerRouter) -> JobConfig | None:
+def _job_from_dict(raw: Any, where: str, probs: _Problems, owners: PluginPollerRouter,
+                   cron_dialect: str = "vixie") -> JobConfig | None:
     if not _check_type(probs, where, raw, dict, "an object"):
         return None
     before = len(probs.items)
@@ -8343,14 +8415,16 @@ def _job_from_dict(raw: Any, where: str, probs: _Problems,
     _check_type(probs, f"{where}.config", raw.get("config", {}), dict, "an object")
     paused = raw.get("paused_on_boot", False)
     _check_type(probs, f"{where}.paused_on_boot", paused, bool, "true or false")
-    schedule = _schedule_from_dict(raw.get("schedule"), f"{where}.schedule", probs)
+    schedule = _schedule_from_dict(raw.get("schedule"), f"{where}.schedule", probs,
+                                   cron_dialect)
     if len(probs.items) > before:
         return None
     return JobConfig(job_id, kind, agent, schedule, raw.get("config", {}), failure_to,
                      paused, raw=raw)
 
 
-def _schedule_from_dict(raw: Any, where: str, probs: _Problems) -> Schedule | None:
+def _schedule_from_dict(raw: Any, where: str, probs: _Problems,
+                        cron_dialect: str = "vixie") -> Schedule | None:
     if not _check_type(probs, where, raw, dict, "an object like {\"every_secs\": 60}"):
         return None
     for key in sorted(set(raw) - _SCHEDULE_KEYS):
@@ -8380,7 +8454,7 @@ def _schedule_from_dict(raw: Any, where: str, probs: _Problems) -> Schedule | No
     elif kind == "cron":
         if _check_type(probs, f"{where}.cron", value, str, "a cron string"):
             try:
-                sched.cron = CronExpr(value)
+                sched.cron = CronExpr(value, dialect=cron_dialect)
             except ValueError as exc:
                 probs.add(f"{where}.cron", str(exc))
         tz = raw.get("tz")
@@ -8433,8 +8507,11 @@ def _schedule_key(cfg: JobConfig) -> str:
         s = cfg.schedule
         raw = {"every_secs": s.every_secs, "cron": s.cron.text if s.cron else None,
                "tz": str(s.tz), "at": s.at.isoformat() if s.at else None}
-    return json.dumps({k: v for k, v in raw.items() if k != "stagger_jitter_ms"},
-                      sort_keys=True, default=str)
+    key = {k: v for k, v in raw.items() if k != "stagger_jitter_ms"}
+    dialect = getattr(getattr(cfg.schedule, "cron", None), "dialect", "vixie")
+    if dialect != "vixie":              # Vixie keys stay as they were: no slot voided
+        key["cron_dialect"] = dialect
+    return json.dumps(key, sort_keys=True, default=str)
 
 
 def _jitter(schedule: Schedule, config: DaemonConfig, rng) -> float:
