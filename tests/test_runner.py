@@ -265,6 +265,27 @@ class ErrorPolicyTests(RunnerCase):
         self.assertEqual(st["consecutive_errors"], 2)
         self.assertTrue(st["breaker_open"], "breaker closed by a restart without a success")
 
+    def test_retry_after_delays_the_next_attempt_and_survives_restart(self):
+        # Issue 25 item 4: the next attempt came at the backoff (10 s), not
+        # at the poller's "not before 500 s".
+        cfg = self.config([self.job(every=1000)], backoff_initial_secs=10,
+                          backoff_max_secs=40)
+        p = Scripted(default=PollerError.Transient("429 too many requests", retry_after=500))
+        r1 = self.runner(cfg, p)
+        self.assertEqual(self.fire(r1), 1)
+        self.assertEqual(self.next_at(r1), T0 + 500)
+        self.assertEqual(self.status(r1)["last_status"], "transient")
+        self.t[0] = T0 + 100                    # the backoff slot is long past
+        self.assertEqual(self.fire(r1), 0)
+        r1.stop()
+        r2 = self.runner(cfg, p)                # the stored next_run_at holds
+        self.assertEqual(self.next_at(r2), T0 + 500)
+        self.t[0] = T0 + 499
+        self.assertEqual(self.fire(r2), 0)
+        self.t[0] = T0 + 500.001
+        self.assertEqual(self.fire(r2), 1)
+        self.assertEqual(len(p.calls), 2)
+
     def _pausing_error(self, exc, status):
         cfg = self.config([self.job(failure_to={"channel": "mail", "to": "ops@x"})],
                           alert_topic="test.alerts")
