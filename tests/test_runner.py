@@ -12,11 +12,13 @@ from datetime import datetime, timedelta, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
 from support import FakePoller as Scripted  # noqa: E402  (its name in these tests)
-from support import TempDirCase, wait_until  # noqa: E402
+from support import TempDirCase, wait_until, write_manifest  # noqa: E402
 from nexo_poller import PollerRouteRegistrationError as nx_errors
 from nexo_poller import (PollerError, Runner, SqliteStateStore, TickAck, TickMetrics, TickOutcome,
                          config_from_dict, encode_cursor)
 
+SDK_FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
+                           "sdk_plugin.py")
 T0 = 1_900_000_000.0            # 2030-03-17T17:46:40Z, a whole second
 WAIT = 5.0
 STATUS_KEYS = {"id", "kind", "agent", "paused", "cursor", "last_status", "last_error",
@@ -285,6 +287,22 @@ class ErrorPolicyTests(RunnerCase):
         self.t[0] = T0 + 500.001
         self.assertEqual(self.fire(r2), 1)
         self.assertEqual(len(p.calls), 2)
+
+    def test_a_plugin_replies_retry_after_secs_delays_the_next_attempt(self):
+        # Issue 25 item 4: an ephemeral plugin's data.retry_after_secs reached
+        # no one; the job came back after its 10 s backoff.
+        folder = os.path.join(self.dir, write_manifest(
+            self.dir, "limited", "counter", command=sys.executable, args=(SDK_FIXTURE,)))
+        cfg = self.runner_config(
+            [{"id": "a", "kind": "counter", "schedule": {"every_secs": 1000},
+              "config": {"error_code": -32001, "error_data": {"retry_after_secs": 300}}}],
+            extra_kinds=(), plugins=[folder], backoff_initial_secs=10, backoff_max_secs=40)
+        r = self.runner(cfg)
+        self.assertEqual(self.fire(r), 1)
+        st = self.status(r)
+        self.assertEqual(st["last_status"], "transient")
+        self.assertIn("fixture error", st["last_error"])
+        self.assertAlmostEqual(self.next_at(r), T0 + 300, delta=0.001)
 
     def _pausing_error(self, exc, status):
         cfg = self.config([self.job(failure_to={"channel": "mail", "to": "ops@x"})],
