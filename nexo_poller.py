@@ -188,9 +188,29 @@ class PollerError(NexoPollerError):
         return self.error_class
 
 
+# A retry_after beyond this means "a century" (as a next_interval_secs does).
+_RETRY_AFTER_MAX_SECS = 100 * 366 * 86400
+
+
 class _PollerTransient(PollerError):
-    """Worth retrying later: a timeout, a crash, a network blip."""
+    """Worth retrying later: a timeout, a crash, a network blip.
+
+    ``retry_after`` (seconds, >= 0, or None) is a "not before": the job's
+    next attempt is no earlier than that, whatever the backoff says (a
+    rate limit's Retry-After).  Beyond a century it is a century."""
     error_class = ErrorClass.TRANSIENT
+
+    def __init__(self, *args: Any, retry_after: int | float | None = None):
+        super().__init__(*args)
+        if retry_after is not None:
+            if isinstance(retry_after, bool) or not isinstance(retry_after, (int, float)):
+                raise TypeError("PollerError.Transient: retry_after must be a number of "
+                                f"seconds or None, not {type(retry_after).__name__}")
+            if not retry_after >= 0:        # NaN too
+                raise InputError(f"PollerError.Transient: retry_after must be >= 0 seconds, "
+                                 f"got {retry_after!r}")
+            retry_after = min(retry_after, _RETRY_AFTER_MAX_SECS)
+        self.retry_after = retry_after
 
 
 class _PollerPermanent(PollerError):
@@ -775,22 +795,36 @@ def _parse_reply_envelope(envelope: Any, job: str) -> TickReply:
             f"reply is not a JSON object ({_json_type(envelope)})")
     error = envelope.get("error")
     if error is not None:
-        code, message = ERROR_INTERNAL, "plugin returned an error"
+        code, message, retry_after = ERROR_INTERNAL, "plugin returned an error", None
         if isinstance(error, dict):
             if _is_int(error.get("code")):
                 code = error["code"]
             if isinstance(error.get("message"), str):
                 message = error["message"]
+            retry_after = _retry_after_secs(error.get("data"))
         elif isinstance(error, str):
             message = error
         message = _log_safe(message, 2048)      # it reaches the log and the state
         if code == ERROR_CONFIG:
             raise PollerError.Config(job, message)
-        raise _CODE_TO_CLASS.get(code, PollerError.Transient)(f"{message} (code {code})")
+        cls = _CODE_TO_CLASS.get(code, PollerError.Transient)
+        if cls is PollerError.Transient:
+            raise cls(f"{message} (code {code})", retry_after=retry_after)
+        raise cls(f"{message} (code {code})")
     if "result" not in envelope:
         raise PluginPollerForwardError.ParseReply("reply has neither `result` nor `error`")
     result = envelope["result"]
     return TickReply.from_dict({} if result is None else result)
+
+
+def _retry_after_secs(data: Any) -> float | None:
+    """An error's ``data.retry_after_secs``: a number >= 0 (a huge one is
+    clamped by PollerError.Transient), else None: a plugin's bad value is
+    ignored, its error still a plain Transient."""
+    value = data.get("retry_after_secs") if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        return None
+    return value
 
 
 def _reply_to_ack(envelope: Any, job: str) -> TickAck:
@@ -4886,12 +4920,14 @@ def _plugin_dispatch(handlers: Mapping[str, Callable], envelope: Any) -> dict:
     """Answer one ``poll_tick`` envelope: the dispatcher of both lifecycles."""
     req_id = envelope.get("id") if isinstance(envelope, dict) else None
 
-    def answer(code: int | None, payload: Any) -> dict:
+    def answer(code: int | None, payload: Any, retry_after: float | None = None) -> dict:
         out: dict = {"jsonrpc": "2.0", "id": req_id}
         if code is None:
             out["result"] = payload
         else:
             out["error"] = {"code": code, "message": str(payload)}
+            if retry_after is not None:     # JSON-RPC's ``data``: readers not knowing it skip it
+                out["error"]["data"] = {"retry_after_secs": retry_after}
         return out
 
     if not isinstance(envelope, dict) or envelope.get("method") != "poll_tick":
@@ -4913,7 +4949,8 @@ def _plugin_dispatch(handlers: Mapping[str, Callable], envelope: Any) -> dict:
     except PollerError as exc:
         code = {ErrorClass.PERMANENT: ERROR_PERMANENT,
                 ErrorClass.CONFIG: ERROR_CONFIG}.get(exc.classify(), ERROR_TRANSIENT)
-        return answer(code, getattr(exc, "reason", exc))   # Config's text without "job 'x':"
+        return answer(code, getattr(exc, "reason", exc),   # Config's text without "job 'x':"
+                      getattr(exc, "retry_after", None))
     except Exception as exc:                 # a bug in the handler: retry later, keep serving
         return answer(ERROR_TRANSIENT, _report_bug(exc))
     if ack is not None and not isinstance(ack, TickAck):
@@ -8531,6 +8568,7 @@ class TickOutcome:
     duration: float = 0.0
     ack: TickAck | None = None
     next_run_at: float | None = None
+    retry_after: float | None = None    # a Transient's "not before", in seconds
 
     def __post_init__(self) -> None:
         self.status = TickStatus(self.status)
@@ -8564,8 +8602,9 @@ def plan_tick(state: JobState, outcome: TickOutcome, *, schedule: Schedule,
     off-schedule tick (an operator's), which keeps the planned next slot.
     Ok: new cursor and totals, next slot (or the plugin's hint).
     Transient: back off ``initial * 2^(n-1)`` up to the maximum, plus up to
-    10 % jitter; once the streak reaches the breaker threshold it alerts,
-    and again after each cooldown while it keeps failing (as nexo does).
+    10 % jitter, and no earlier than the error's ``retry_after``; once the
+    streak reaches the breaker threshold it alerts, and again after each
+    cooldown while it keeps failing (as nexo does).
     Permanent and config: the job pauses with an alert.  Alerts repeat no
     sooner than ``failure_alert_cooldown_secs``.
     """
@@ -8595,6 +8634,8 @@ def plan_tick(state: JobState, outcome: TickOutcome, *, schedule: Schedule,
         errors = state.consecutive_errors + 1
         delay = _backoff(config.backoff_initial_secs, config.backoff_max_secs, errors)
         nxt = finished + delay * rng.uniform(1.0, 1.1)
+        if outcome.retry_after is not None:         # the poller's "not before" (Retry-After)
+            nxt = max(nxt, finished + outcome.retry_after)
         new = new.replace(consecutive_errors=errors)
         if errors >= config.breaker_threshold:      # again after each cooldown
             alert = f"circuit breaker open after {errors} consecutive errors"
@@ -9485,6 +9526,7 @@ class _Ticks:
         except PollerError as exc:
             outcome.status = TickStatus(exc.classify().value)
             outcome.error = str(exc)
+            outcome.retry_after = getattr(exc, "retry_after", None)
         except Exception as exc:            # a bug in an in-process poller: retry later
             log.debug("poller for %s raised", ctx.kind, exc_info=True)
             outcome.status = TickStatus.TRANSIENT

@@ -57,6 +57,25 @@ class PollerErrorTests(unittest.TestCase):
         self.assertEqual(str(PollerError.Transient("feed timed out")), "feed timed out")
         self.assertEqual(str(PollerError.Permanent("token revoked")), "token revoked")
 
+    def test_transient_retry_after(self):
+        # Issue 25 item 4: Transient took no retry_after.
+        self.assertIsNone(PollerError.Transient("t").retry_after)
+        self.assertEqual(PollerError.Transient("t", retry_after=60).retry_after, 60)
+        self.assertEqual(PollerError.Transient("t", retry_after=0.5).retry_after, 0.5)
+        self.assertEqual(str(PollerError.Transient("t", retry_after=60)), "t")
+        # Beyond a century means "a century" (as next_interval_secs does).
+        for huge in (10 ** 400, float("inf")):
+            self.assertEqual(PollerError.Transient("t", retry_after=huge).retry_after,
+                             np._RETRY_AFTER_MAX_SECS)
+        for bad in (-1, -0.5, float("nan")):
+            with self.subTest(bad=bad), self.assertRaises(np.InputError) as cm:
+                PollerError.Transient("t", retry_after=bad)
+            self.assertIn("retry_after", str(cm.exception))
+        for bad in ("60", True, [60]):
+            with self.subTest(bad=bad), self.assertRaises(TypeError) as cm:
+                PollerError.Transient("t", retry_after=bad)
+            self.assertIn("retry_after", str(cm.exception))
+
     def test_config_attributes_and_message(self):
         exc = PollerError.Config("rss-news", "feed url is missing")
         self.assertEqual(exc.job, "rss-news")

@@ -20,8 +20,9 @@ class _NoJitter(random.Random):
 
 
 def plan(state, status, *, ack=None, error=None, schedule=EVERY, slot=T0, started=T0,
-         finished=None, key="k"):
-    outcome = TickOutcome(state.id, "mem", status, error=error, ack=ack)
+         finished=None, key="k", retry_after=None):
+    outcome = TickOutcome(state.id, "mem", status, error=error, ack=ack,
+                          retry_after=retry_after)
     return plan_tick(state, outcome, schedule=schedule, slot=slot, started=started,
                      finished=started if finished is None else finished, config=CFG,
                      rng=_NoJitter(), schedule_key=key)
@@ -79,6 +80,24 @@ class PlanTickTests(unittest.TestCase):
         self.assertEqual(s.consecutive_errors, 6)
         self.assertEqual(s.last_error, "boom")
         self.assertIs(s.paused, False)
+
+    def test_retry_after_later_than_the_backoff_wins(self):
+        # Issue 25 item 4: the plugin's "not before" was not honoured.
+        p = plan(JobState("a"), TickStatus.TRANSIENT, error="429", finished=T0 + 2,
+                 retry_after=500)
+        self.assertEqual((p.run_at, p.slot, p.state.next_run_at), (T0 + 502,) * 3)
+        self.assertEqual(p.state.consecutive_errors, 1)
+
+    def test_retry_after_earlier_than_the_backoff_keeps_the_backoff(self):
+        s = JobState("a", consecutive_errors=3)            # the fourth error: 240 s
+        p = plan(s, TickStatus.TRANSIENT, error="429", finished=T0 + 2, retry_after=5)
+        self.assertEqual(p.run_at, T0 + 242)
+
+    def test_retry_after_keeps_the_breaker_alert(self):
+        s = JobState("a", consecutive_errors=2)
+        p = plan(s, TickStatus.TRANSIENT, error="429", retry_after=1000)
+        self.assertEqual(p.run_at, T0 + 1000)
+        self.assertIn("circuit breaker open after 3", p.alert)
 
     def test_breaker_alert_fires_when_the_streak_reaches_the_threshold(self):
         s = JobState("a", consecutive_errors=1)

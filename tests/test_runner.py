@@ -12,11 +12,13 @@ from datetime import datetime, timedelta, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
 from support import FakePoller as Scripted  # noqa: E402  (its name in these tests)
-from support import TempDirCase, wait_until  # noqa: E402
+from support import TempDirCase, wait_until, write_manifest  # noqa: E402
 from nexo_poller import PollerRouteRegistrationError as nx_errors
 from nexo_poller import (PollerError, Runner, SqliteStateStore, TickAck, TickMetrics, TickOutcome,
                          config_from_dict, encode_cursor)
 
+SDK_FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
+                           "sdk_plugin.py")
 T0 = 1_900_000_000.0            # 2030-03-17T17:46:40Z, a whole second
 WAIT = 5.0
 STATUS_KEYS = {"id", "kind", "agent", "paused", "cursor", "last_status", "last_error",
@@ -264,6 +266,43 @@ class ErrorPolicyTests(RunnerCase):
         st = self.status(r2)
         self.assertEqual(st["consecutive_errors"], 2)
         self.assertTrue(st["breaker_open"], "breaker closed by a restart without a success")
+
+    def test_retry_after_delays_the_next_attempt_and_survives_restart(self):
+        # Issue 25 item 4: the next attempt came at the backoff (10 s), not
+        # at the poller's "not before 500 s".
+        cfg = self.config([self.job(every=1000)], backoff_initial_secs=10,
+                          backoff_max_secs=40)
+        p = Scripted(default=PollerError.Transient("429 too many requests", retry_after=500))
+        r1 = self.runner(cfg, p)
+        self.assertEqual(self.fire(r1), 1)
+        self.assertEqual(self.next_at(r1), T0 + 500)
+        self.assertEqual(self.status(r1)["last_status"], "transient")
+        self.t[0] = T0 + 100                    # the backoff slot is long past
+        self.assertEqual(self.fire(r1), 0)
+        r1.stop()
+        r2 = self.runner(cfg, p)                # the stored next_run_at holds
+        self.assertEqual(self.next_at(r2), T0 + 500)
+        self.t[0] = T0 + 499
+        self.assertEqual(self.fire(r2), 0)
+        self.t[0] = T0 + 500.001
+        self.assertEqual(self.fire(r2), 1)
+        self.assertEqual(len(p.calls), 2)
+
+    def test_a_plugin_replies_retry_after_secs_delays_the_next_attempt(self):
+        # Issue 25 item 4: an ephemeral plugin's data.retry_after_secs reached
+        # no one; the job came back after its 10 s backoff.
+        folder = os.path.join(self.dir, write_manifest(
+            self.dir, "limited", "counter", command=sys.executable, args=(SDK_FIXTURE,)))
+        cfg = self.runner_config(
+            [{"id": "a", "kind": "counter", "schedule": {"every_secs": 1000},
+              "config": {"error_code": -32001, "error_data": {"retry_after_secs": 300}}}],
+            extra_kinds=(), plugins=[folder], backoff_initial_secs=10, backoff_max_secs=40)
+        r = self.runner(cfg)
+        self.assertEqual(self.fire(r), 1)
+        st = self.status(r)
+        self.assertEqual(st["last_status"], "transient")
+        self.assertIn("fixture error", st["last_error"])
+        self.assertAlmostEqual(self.next_at(r), T0 + 300, delta=0.001)
 
     def _pausing_error(self, exc, status):
         cfg = self.config([self.job(failure_to={"channel": "mail", "to": "ops@x"})],

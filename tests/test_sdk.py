@@ -69,6 +69,30 @@ class _SdkBehaviour:
         self.assertIn("fixture transient failure", str(cm.exception))
         self.assertIs(cm.exception.classify(), npl.ErrorClass.TRANSIENT)
 
+    def test_transient_error_carries_retry_after(self):
+        # Issue 25 item 4: a handler's retry_after never reached the daemon.
+        with self.assertRaises(PollerError.Transient) as cm:
+            self.tick({"raise": "transient", "retry_after": 60})
+        self.assertEqual(cm.exception.retry_after, 60)
+        with self.assertRaises(PollerError.Transient) as cm:
+            self.tick({"raise": "transient"})
+        self.assertIsNone(cm.exception.retry_after)
+
+    def test_reply_retry_after_secs_is_read_and_bad_values_ignored(self):
+        # Issue 25 item 4: data.retry_after_secs of an error reply was dropped.
+        for data, want in (({"retry_after_secs": 7}, 7), ({"retry_after_secs": 2.5}, 2.5),
+                           ({"retry_after_secs": -5}, None), ({"retry_after_secs": "60"}, None),
+                           ({"retry_after_secs": True}, None), ([1], None), ("x", None),
+                           ({"retry_after_secs": 10 ** 30}, npl._RETRY_AFTER_MAX_SECS)):
+            with self.subTest(data=data):
+                with self.assertRaises(PollerError.Transient) as cm:
+                    self.tick({"error_code": npl.ERROR_TRANSIENT, "error_data": data})
+                self.assertEqual(cm.exception.retry_after, want)
+        with self.assertRaises(PollerError.Permanent) as cm:      # only a Transient waits
+            self.tick({"error_code": npl.ERROR_PERMANENT,
+                       "error_data": {"retry_after_secs": 7}})
+        self.assertIsNone(getattr(cm.exception, "retry_after", None))
+
     def test_permanent_error(self):
         with self.assertRaises(PollerError.Permanent) as cm:
             self.tick({"raise": "permanent"})
@@ -361,6 +385,17 @@ class PluginDispatchTests(unittest.TestCase):
         self.assertEqual(out["id"], 3)
         self.assertEqual(out["error"]["code"], npl.ERROR_PERMANENT)
         self.assertIn("gone for good", out["error"]["message"])
+
+    def test_retry_after_is_sent_as_error_data(self):
+        # Issue 25 item 4: the SDK had no way to say "not before N seconds".
+        def limited(ctx):
+            raise PollerError.Transient("rate limited", retry_after=90)
+        self.handlers["limited"] = limited
+        out = _plugin_dispatch(self.handlers, self.envelope(4, kind="limited"))
+        self.assertEqual(out["error"], {"code": npl.ERROR_TRANSIENT, "message": "rate limited",
+                                        "data": {"retry_after_secs": 90}})
+        out = _plugin_dispatch(self.handlers, self.envelope(5, kind="failing"))
+        self.assertNotIn("data", out["error"])
 
     def test_unknown_method(self):
         env = self.envelope(11)

@@ -310,6 +310,10 @@ class StdioLifecycleTests(_StdioCase):
         with self.assertRaises(PollerError) as cm:
             proxy.tick(ctx({"raise": "permanent"}, kind="counter"))
         self.assertEqual(cm.exception.classify(), nx.ErrorClass.PERMANENT)
+        # Issue 25 item 4: the SDK's retry_after crosses the stdio lifecycle.
+        with self.assertRaises(PollerError.Transient) as cm:
+            proxy.tick(ctx({"raise": "transient", "retry_after": 30}, kind="counter"))
+        self.assertEqual(cm.exception.retry_after, 30)
 
     def test_runner_serves_the_template_from_pollers_json(self):
         cfg = config_from_dict({
@@ -364,6 +368,10 @@ class BridgeTests(_StdioCase):
             entrypoint_command=sys.executable, entrypoint_args=(SDK_PLUGIN,))
         sup, proxy = self.supervise(handle, self.broker)
         self.assertEqual(proxy.tick(ctx(cursor=b"41", kind="counter")).next_cursor, b"42")
+        # Issue 25 item 4: and the bridge (its reply is a nexo Event's payload).
+        with self.assertRaises(PollerError.Transient) as cm:
+            proxy.tick(ctx({"raise": "transient", "retry_after": 30}, kind="counter"))
+        self.assertEqual(cm.exception.retry_after, 30)
 
 
 if __name__ == "__main__":

@@ -269,6 +269,28 @@ class EnvelopeTests(unittest.TestCase):
                                      "job-1")
         self.assertIn("rate limited", str(cm.exception))
 
+    def test_error_data_retry_after_secs(self):
+        # Issue 25 item 4: data.retry_after_secs was dropped.  Bad values are
+        # ignored (the error stays a plain Transient); huge ones are clamped.
+        cases = ((60, 60), (1.5, 1.5), (0, 0), (10 ** 400, np._RETRY_AFTER_MAX_SECS),
+                 (float("inf"), np._RETRY_AFTER_MAX_SECS), (-1, None), (float("nan"), None),
+                 ("60", None), (True, None), (None, None), ({"s": 1}, None))
+        for value, want in cases:
+            for code in (-32001, -32000, None):      # every code read as Transient
+                err = {"message": "rate limited", "data": {"retry_after_secs": value}}
+                if code is not None:
+                    err["code"] = code
+                with self.subTest(value=value, code=code), \
+                        self.assertRaises(PollerError.Transient) as cm:
+                    np._parse_reply_envelope({"error": err}, "job-1")
+                self.assertEqual(cm.exception.retry_after, want)
+                self.assertIn("rate limited", str(cm.exception))
+        for data in ("60", [60], 60, None):
+            with self.subTest(data=data), self.assertRaises(PollerError.Transient) as cm:
+                np._parse_reply_envelope({"error": {"code": -32001, "message": "m",
+                                                    "data": data}}, "j")
+            self.assertIsNone(cm.exception.retry_after)
+
     def test_error_permanent(self):
         with self.assertRaises(PollerError.Permanent) as cm:
             np._parse_reply_envelope({"error": {"code": -32002, "message": "token revoked"}},
