@@ -8291,12 +8291,15 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
                       f"{sink!r} must be \"broker\" or an http:// or https:// URL")
         else:
             cfg.delivery_sink = sink
-    if get("cron_dialect") in _CRON_DIALECTS:
-        cfg.cron_dialect = get("cron_dialect")
+    dialect = get("cron_dialect")
+    if not _check_type(probs, prefix + "cron_dialect", dialect, str, '"vixie" or "nexo"'):
+        pass
+    elif dialect in _CRON_DIALECTS:
+        cfg.cron_dialect = dialect
     else:
-        probs.add(prefix + "cron_dialect", f"{json.dumps(get('cron_dialect'))} must be \"vixie\" "
-                  "or \"nexo\" (Vixie cron, the default; or cron as nexo reads it: seconds "
-                  "first, an optional year, 1 = Sunday, day of month AND day of week)")
+        probs.add(prefix + "cron_dialect", f"{dialect!r} must be \"vixie\" or \"nexo\" "
+                  "(Vixie cron, the default; or cron as nexo reads it: seconds first, an "
+                  "optional year, 1 = Sunday, day of month AND day of week)")
     if _check_type(probs, prefix + "alert_topic", get("alert_topic"), str, "a topic string"):
         cfg.alert_topic = get("alert_topic")
     broker = get("broker")
