@@ -8194,6 +8194,8 @@ def _resolve_placeholders(text: str, source: str, *, syntax: str = "json"
     resolved) and escapes a value inserted inside a JSON string, so a secret
     holding ``"`` or ``\\`` stays that secret.  Raises ``ConfigError`` naming
     the placeholder, its line and ``source``."""
+    if "${" not in text:                    # most files: no scan needed
+        return text, []
     out: list[str] = []
     secrets: list[tuple[str, str]] = []
     comment = in_single = in_double = False
