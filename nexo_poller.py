@@ -8045,7 +8045,7 @@ class Schedule:
 # Config
 # ``pollers.json`` read and checked as a whole before anything starts: every
 # problem is reported at once, each with its JSON path.
-# Shares: _config_state, _host_name, _redact_url
+# Shares: _config_state, _hide_secrets, _host_name, _redact_url
 # ============================================================================
 
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
@@ -8055,7 +8055,8 @@ _HOST_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 def _host_name(name: str) -> str:
     """A host as compared with a request's ``Host``: lower case, no brackets."""
     return name.strip("[]").lower()
-_JOB_KEYS = {"id", "kind", "agent", "schedule", "config", "failure_to", "paused_on_boot"}
+_JOB_KEYS = {"id", "kind", "agent", "schedule", "config", "failure_to", "paused_on_boot",
+             "extra"}
 _SCHEDULE_KEYS = {"every_secs", "cron", "tz", "at", "stagger_jitter_ms"}
 
 
@@ -8070,6 +8071,8 @@ class JobConfig:
     failure_to: dict | None = None
     paused_on_boot: bool = False
     raw: dict = dataclasses.field(default_factory=dict, repr=False)
+    # nexo's free map for modules, not the runner: kept, passed to nothing
+    extra: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def every(cls, id: str, kind: str, every_secs: float, config: Any = None, *,
@@ -8116,6 +8119,9 @@ class DaemonConfig:
     source: str | None = None
     # plugin id -> {"user", "password"} or {"token"}: its own NATS credentials
     plugin_broker_auth: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    # (resolved value, its placeholder) of each ${...} the file's text had:
+    # what every echo of the configuration hides (_hide_secrets)
+    secrets: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
 
 
 def _file_default(field: dataclasses.Field) -> Any:
@@ -8126,7 +8132,7 @@ def _file_default(field: dataclasses.Field) -> Any:
 
 # The top-level keys of pollers.json and their defaults: DaemonConfig's fields.
 _TOP_DEFAULTS = {f.name: _file_default(f) for f in dataclasses.fields(DaemonConfig)
-                 if f.name != "source"}
+                 if f.name not in ("source", "secrets")}
 
 
 class _Problems:
@@ -8168,6 +8174,138 @@ def _check_type(probs: _Problems, path: str, value: Any, kinds, what: str) -> bo
     return ok
 
 
+# ${...} placeholders, resolved on the file's text before it is parsed, as
+# nexo's config loader does (crates/config/src/env.rs): ${VAR}, ${VAR:-default}
+# (default when unset or empty), ${VAR-default} (default when unset) and
+# ${file:path} (the file's content, trimmed).
+_SECRETS_DIR_ENV = "CONFIG_SECRETS_DIR"
+_SECRET_ROOTS = ("/run/secrets", "/var/run/secrets")
+_SECRET_MIN_LEN = 4     # shorter values are not hidden: they would garble numbers
+
+
+def _resolve_placeholders(text: str, source: str, *, syntax: str = "json"
+                          ) -> tuple[str, list[tuple[str, str]]]:
+    """``text`` with every placeholder replaced, and the (value, placeholder)
+    pairs of the values that came from the environment or a file.
+
+    ``syntax`` is the file's: "yaml" skips placeholders in ``#`` comments
+    (a ``#`` outside quotes starts one, to the line's end, as nexo scans) and
+    inserts values as they are; "json" has no comments (every placeholder is
+    resolved) and escapes a value inserted inside a JSON string, so a secret
+    holding ``"`` or ``\\`` stays that secret.  Raises ``ConfigError`` naming
+    the placeholder, its line and ``source``."""
+    if "${" not in text:                    # most files: no scan needed
+        return text, []
+    out: list[str] = []
+    secrets: list[tuple[str, str]] = []
+    comment = in_single = in_double = False
+    i = last = 0
+    while i + 1 < len(text):
+        c = text[i]
+        if c == "\n":
+            comment = in_single = in_double = False
+        elif comment:
+            pass
+        elif syntax == "json" and in_double and c == "\\":
+            i += 1                          # an escaped character never ends the string
+        elif c == "#" and syntax == "yaml" and not (in_single or in_double):
+            comment = True
+        elif c == "'" and syntax == "yaml" and not in_double:
+            in_single = not in_single
+        elif c == '"' and not in_single:
+            in_double = not in_double
+        elif c == "$" and text[i + 1] == "{":
+            end, depth = i + 2, 1
+            while end < len(text) and depth:            # braces nest: ${A:-{b}}
+                depth += {"{": 1, "}": -1}.get(text[end], 0)
+                end += 1
+            line = text.count("\n", 0, i) + 1
+            if depth:
+                raise ConfigError(source, [("", f"line {line}: {text[i:i + 40]!r}: a "
+                                                "placeholder ${ without its closing }")])
+            inner = text[i + 2:end - 1]
+            value, secret = _placeholder_value(inner, f"{source}, line {line}")
+            if secret and len(value) >= _SECRET_MIN_LEN:
+                secrets.append((value, "${" + inner + "}"))
+            if syntax == "json" and in_double:
+                value = json.dumps(value, ensure_ascii=False)[1:-1]
+            out += (text[last:i], value)
+            i = last = end
+            continue
+        i += 1
+    out.append(text[last:])
+    return "".join(out), secrets
+
+
+def _placeholder_value(inner: str, where: str) -> tuple[str, bool]:
+    """One placeholder's value, and whether it came from outside the file."""
+    def fail(message: str) -> ConfigError:
+        return ConfigError(where, [("", "${" + inner + "}: " + message)])
+
+    if inner.startswith("file:"):
+        ref = inner[5:]
+        problem = _secret_file_problem(ref)
+        if problem:
+            raise fail(f"refusing to read {ref!r}: {problem}")
+        try:
+            with open(ref, encoding="utf-8") as fh:
+                return fh.read().strip(), True
+        except (OSError, UnicodeDecodeError) as exc:
+            raise fail(f"cannot read file {ref!r}: "
+                       f"{getattr(exc, 'strerror', None) or exc}") from None
+    colon = inner.find(":-")
+    dash = colon if colon >= 0 else inner.find("-")
+    if dash > 0 or colon == 0:              # ${VAR:-default} or ${VAR-default}
+        skip = 2 if colon >= 0 else 1
+        value = os.environ.get(inner[:dash].strip())
+        if value is None or (colon >= 0 and not value):
+            return inner[dash + skip:], False
+        return value, True
+    value = os.environ.get(inner.strip())
+    if value is None:
+        raise fail(f"environment variable {inner.strip()} is not set (give it, or a "
+                   "default: ${" + inner.strip() + ":-default})")
+    return value, True
+
+
+def _secret_file_problem(ref: str) -> str | None:
+    """Why ``${file:ref}`` may not be read, or None: no ``..``; an absolute
+    path only under a secrets root (nexo's rule, so a config cannot read any
+    file); a relative one is read from the working directory, as nexo does."""
+    import pathlib
+    path = pathlib.PurePosixPath(ref)
+    if ".." in path.parts:
+        return "`..` not allowed in file reference"
+    if not path.is_absolute():
+        return None
+    roots = [*_SECRET_ROOTS, os.path.join(os.getcwd(), "secrets")]
+    if os.environ.get(_SECRETS_DIR_ENV):    # empty: unset (nexo's "" would admit all)
+        roots.append(os.environ[_SECRETS_DIR_ENV])
+    if any(path.is_relative_to(root) for root in roots):
+        return None
+    return f"absolute paths must be under {', '.join(roots)} or ${_SECRETS_DIR_ENV}"
+
+
+def _hide_secrets(value: Any, secrets: Iterable[tuple[str, str]]) -> Any:
+    """``value`` (strings, lists, dicts, tuples of them) with every resolved
+    secret shown as the placeholder it came from, as the file has it."""
+    pairs = sorted(secrets, key=lambda p: -len(p[0]))
+    if not pairs:
+        return value
+
+    def hide(v):
+        if isinstance(v, str):
+            for secret, placeholder in pairs:
+                v = v.replace(secret, placeholder)
+            return v
+        if isinstance(v, dict):
+            return {hide(k): hide(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(hide(x) for x in v)
+        return v
+    return hide(value)
+
+
 def load_config(path: str | os.PathLike, *, extra_kinds: Iterable[str] = (),
                 check_entrypoints: bool = False) -> DaemonConfig:
     """Read and validate ``pollers.json``; raises ``ConfigError`` listing every problem.
@@ -8180,6 +8318,8 @@ def load_config(path: str | os.PathLike, *, extra_kinds: Iterable[str] = (),
     try:
         with open(path, "rb") as fh:
             text = fh.read().decode("utf-8")
+        text, secrets = _resolve_placeholders(
+            text, path, syntax="yaml" if path.endswith((".yaml", ".yml")) else "json")
         doc = json.loads(text, object_pairs_hook=_no_duplicate_keys,
                          parse_constant=_reject_constant, parse_float=_finite_float)
     except OSError as exc:
@@ -8191,8 +8331,13 @@ def load_config(path: str | os.PathLike, *, extra_kinds: Iterable[str] = (),
                                       f"{exc.colno}: {exc.msg}")]) from None
     except (ValueError, RecursionError) as exc:
         raise ConfigError(path, [("", f"invalid JSON: {exc}")]) from None
-    return config_from_dict(doc, base_dir=os.path.dirname(path), source=path,
-                            extra_kinds=extra_kinds, check_entrypoints=check_entrypoints)
+    try:
+        cfg = config_from_dict(doc, base_dir=os.path.dirname(path), source=path,
+                               extra_kinds=extra_kinds, check_entrypoints=check_entrypoints)
+    except ConfigError as exc:          # a problem may quote a value: never a secret
+        raise ConfigError(path, _hide_secrets(exc.problems, secrets)) from None
+    cfg.secrets = tuple(secrets)
+    return cfg
 
 
 def _no_duplicate_keys(pairs):
@@ -8225,6 +8370,8 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
     """Validate an already-parsed configuration (see ``load_config``)."""
     probs = _Problems()
     prefix = ""
+    if isinstance(doc, dict) and "schema_version" in doc:
+        doc = _without_schema_version(doc, source)
     if isinstance(doc, dict) and set(doc) == {"pollers"}:
         doc, prefix = doc["pollers"], "pollers."
     if not isinstance(doc, dict):
@@ -8423,6 +8570,28 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
     return cfg
 
 
+# The versions of nexo's config files (its LATEST_SCHEMA_VERSION in
+# crates/config/src/migrations.rs; 0 = before versioning).  Nothing in
+# pollers.yaml changed meaning across them, so each reads the same.
+_NEXO_SCHEMA_VERSIONS = range(0, 12)
+
+
+def _without_schema_version(doc: dict, source: str | None) -> dict:
+    """The document without its top-level ``schema_version`` (what ``nexo
+    setup migrate`` writes), once the version is known to be one we read."""
+    version = doc["schema_version"]
+    known = _NEXO_SCHEMA_VERSIONS
+    if not isinstance(version, int) or isinstance(version, bool) or version < known.start:
+        raise ConfigError(source, [("schema_version", f"must be an integer {known.start}.."
+                                    f"{known.stop - 1} (nexo's config versions), got "
+                                    f"{json.dumps(version, default=str)}")])
+    if version not in known:
+        raise ConfigError(source, [("schema_version", f"{version} is newer than the "
+                                    f"versions this nexo-poller reads ({known.start}.."
+                                    f"{known.stop - 1}): a newer nexo wrote this file")])
+    return {k: v for k, v in doc.items() if k != "schema_version"}
+
+
 def _job_from_dict(raw: Any, where: str, probs: _Problems, owners: PluginPollerRouter,
                    cron_dialect: str = "vixie") -> JobConfig | None:
     if not _check_type(probs, where, raw, dict, "an object"):
@@ -8453,6 +8622,7 @@ def _job_from_dict(raw: Any, where: str, probs: _Problems, owners: PluginPollerR
         for key in ("channel", "to"):
             _check_type(probs, f"{where}.failure_to.{key}", failure_to.get(key), str, "a string")
     _check_type(probs, f"{where}.config", raw.get("config", {}), dict, "an object")
+    _check_type(probs, f"{where}.extra", raw.get("extra", {}), dict, "an object")
     paused = raw.get("paused_on_boot", False)
     _check_type(probs, f"{where}.paused_on_boot", paused, bool, "true or false")
     schedule = _schedule_from_dict(raw.get("schedule"), f"{where}.schedule", probs,
@@ -8460,7 +8630,7 @@ def _job_from_dict(raw: Any, where: str, probs: _Problems, owners: PluginPollerR
     if len(probs.items) > before:
         return None
     return JobConfig(job_id, kind, agent, schedule, raw.get("config", {}), failure_to,
-                     paused, raw=raw)
+                     paused, raw=raw, extra=raw.get("extra", {}))
 
 
 def _schedule_from_dict(raw: Any, where: str, probs: _Problems,
@@ -12532,7 +12702,8 @@ def _dry_run_verb(config: DaemonConfig, args) -> int:
            "deliveries": [d.to_dict() for d in (ack.deliver if ack else ())],
            "metrics": dataclasses.asdict(m), "stderr": output.lines,
            "stored": False}
-    print(json.dumps(doc, indent=2, ensure_ascii=False))
+    # what the plugin got, with each resolved secret shown as its placeholder
+    print(json.dumps(_hide_secrets(doc, config.secrets), indent=2, ensure_ascii=False))
     return _DRY_RUN_EXITS.get(outcome.status.value, EXIT_TICK_FAILED)
 
 
