@@ -199,21 +199,43 @@ class NexoFilesTest(unittest.TestCase):
 
     def test_mutated_files_fail_only_with_config_error(self):
         rnd = random.Random(23)
-        alphabet = " \n\t-:#[]{},\"'|>&*!?%@`\\x1"
         paths = sorted(glob.glob(os.path.join(FIXTURES, "*.y*ml")))
         for _ in range(400):
             with open(rnd.choice(paths), encoding="utf-8") as f:
-                text = f.read()
-            for _ in range(rnd.randint(1, 4)):
-                i, c = rnd.randrange(len(text) + 1), rnd.choice(alphabet)
-                text = rnd.choice([text[:i] + c + text[i:], text[:i] + text[i + 1:],
-                                   text[:i] + c + text[i + 1:]])
+                text = _mutated(rnd, f.read())
             try:
                 nexo_poller._read_yaml(text, "m.yaml")
             except ConfigError as exc:
                 self.assertRegex(str(exc), r"^m\.yaml(:\d+:\d+)?: \S")
             except Exception as exc:                          # noqa: BLE001 - the point
                 self.fail(f"{type(exc).__name__}: {exc} on:\n{text}")
+
+    def test_mutated_pollers_yaml_loads_or_fails_only_with_config_error(self):
+        # Through validation too: whatever the reader lets through (a number
+        # where a mapping was, an empty job...) is a ConfigError, not a crash.
+        rnd = random.Random(11)
+        with open(os.path.join(FIXTURES, "config__pollers.yaml"), encoding="utf-8") as f:
+            base = f.read().replace("schema_version: 11\n", "")  # item 2's key
+        path = os.path.join(FIXTURES, "m.yaml")                  # never written
+        for _ in range(300):
+            text = _mutated(rnd, base)
+            try:
+                nexo_poller._config_from_yaml(text, path, extra_kinds=["gmail"])
+            except ConfigError as exc:
+                self.assertTrue(str(exc).startswith(path + ":"), str(exc))
+            except Exception as exc:                          # noqa: BLE001 - the point
+                self.fail(f"{type(exc).__name__}: {exc} on:\n{text}")
+
+
+def _mutated(rnd: random.Random, text: str) -> str:
+    """``text`` with 1-4 characters inserted, deleted or replaced, mostly by
+    characters that mean something in YAML."""
+    alphabet = " \n\t-:#[]{},\"'|>&*!?%@`\\x1"
+    for _ in range(rnd.randint(1, 4)):
+        i, c = rnd.randrange(len(text) + 1), rnd.choice(alphabet)
+        text = rnd.choice([text[:i] + c + text[i:], text[:i] + text[i + 1:],
+                           text[:i] + c + text[i + 1:]])
+    return text
 
 
 class YamlConfigTest(TempDirCase):
