@@ -8200,11 +8200,14 @@ class _YamlReader:
         start = self.pos
         ch = self.peek()
         if ch in "[{":
+            where, self.where = self.where, {}            # a trial read: positions not kept
             try:
                 self.flow(())
             except _YamlError:
                 self.pos = start
                 return None
+            finally:
+                self.where = where
             self.skip_inline()
             if self.peek() == ":" and self.at_break(1):
                 raise _YamlError(start, "complex keys (a collection as key) are not supported")
@@ -8361,7 +8364,7 @@ class _YamlReader:
     def block_scalar(self, indent: int) -> str:
         """``|`` (literal) or ``>`` (folded), with chomping (``-`` strip, ``+``
         keep, clip otherwise) and an indentation indicator 1-9, either order."""
-        start, folded = self.pos, self.peek() == ">"
+        folded = self.peek() == ">"
         self.pos += 1
         chomp, explicit = "", 0
         for _ in range(2):
@@ -8377,6 +8380,7 @@ class _YamlReader:
             raise _YamlError(self.pos, "a block scalar header is '|' or '>', then "
                                        "'-' or '+' and an indentation digit 1-9")
         self.end_of_line()
+        self.pos += self.peek() == "\r"                     # now at the header's line break
         width = max(indent, 0) + explicit if explicit else 0
         body: list[str] = []
         while self.pos + 1 < len(self.text):              # self.pos: at a line break

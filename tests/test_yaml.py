@@ -190,7 +190,10 @@ class NexoFilesTest(unittest.TestCase):
         for path in files:
             with self.subTest(file=os.path.basename(path)):
                 with open(path, encoding="utf-8") as f:
-                    got = nexo_poller._read_yaml(f.read(), path)[0]
+                    text = f.read()
+                got = nexo_poller._read_yaml(text, path)[0]
+                self.assertEqual(nexo_poller._read_yaml(text.replace("\n", "\r\n"), path)[0],
+                                 got, "with CRLF line ends")
                 with open(os.path.splitext(path)[0] + ".json", encoding="utf-8") as f:
                     expected = json.load(f)
                 # Dumped, so 1 and 1.0 (or True and 1) are told apart.
