@@ -44,6 +44,8 @@ The sections of this file, in dependency order:
                 client), _KvLeases (the spreading policy), _KvDaemons
                 (heartbeats), _KvCommands and _KvOutbox
     Schedule    Schedule, CronExpr (Vixie cron, or nexo's: the cron crate's)
+    YAML        the reader of YAML configuration files (_read_yaml): the
+                subset configuration files use, refusing the rest
     Config      load_config, config_from_dict, DaemonConfig, JobConfig
     Runner      plan_tick, next_run (the pure error policy and catch-up rule);
                 Runner, a facade (life cycle, operator verbs, the read API the
@@ -8042,6 +8044,516 @@ class Schedule:
 
 
 # ============================================================================
+# YAML
+# The YAML that configuration files use, read with the standard library: a
+# small reader that refuses, with file:line:column, what it does not support.
+# Shares: _read_yaml
+# ============================================================================
+
+# The YAML 1.2 core schema: what a plain scalar means (on/yes/off stay strings).
+_YAML_NULL = re.compile(r"~|null|Null|NULL|")
+_YAML_BOOL = {"true": True, "True": True, "TRUE": True,
+              "false": False, "False": False, "FALSE": False}
+_YAML_INT = re.compile(r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+")
+_YAML_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?"
+                         r"|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)")
+_YAML_ESCAPES = {"0": "\0", "a": "\a", "b": "\b", "t": "\t", "\t": "\t", "n": "\n",
+                 "v": "\v", "f": "\f", "r": "\r", "e": "\x1b", " ": " ", '"': '"',
+                 "/": "/", "\\": "\\", "N": "\x85", "_": "\xa0", "L": "\u2028",
+                 "P": "\u2029"}
+_YAML_BLANKS = re.compile(r"[ \t]*")
+_YAML_HEX = {"x": 2, "u": 4, "U": 8}
+# What a plain scalar may not start with, and why it is refused rather than read.
+_YAML_REFUSED = {"&": "anchors are not supported", "*": "aliases are not supported",
+                 "!": "tags are not supported", "@": "'@' is reserved in YAML (quote it)",
+                 "`": "'`' is reserved in YAML (quote it)",
+                 "%": "'%' may not start a plain value (quote it)"}
+
+
+class _YamlError(Exception):
+    def __init__(self, pos: int, reason: str):
+        super().__init__(reason)
+        self.pos, self.reason = pos, reason
+
+
+def _yaml_scalar(text: str, pos: int) -> Any:
+    """A plain scalar's value under the core schema."""
+    if _YAML_NULL.fullmatch(text):
+        return None
+    if text in _YAML_BOOL:
+        return _YAML_BOOL[text]
+    if _YAML_INT.fullmatch(text):
+        base = {"0o": 8, "0x": 16}.get(text[:2])
+        return int(text[2:], base) if base else int(text)
+    if _YAML_FLOAT.fullmatch(text):
+        if "inf" in text.lower() or "nan" in text.lower():
+            raise _YamlError(pos, "infinite and NaN numbers are not supported (JSON has none)")
+        return float(text.lower().replace(".inf", "inf").replace(".nan", "nan"))
+    return text
+
+
+class _YamlReader:
+    """One document: block mappings and sequences, flow collections, plain,
+    quoted and block scalars.  ``pos`` is an index into ``text``; columns are
+    counted from the start of its line.  ``where`` maps each node's path
+    (keys and indexes) to its position, so later errors can point at it."""
+
+    def __init__(self, text: str):
+        self.text, self.pos = text, 0
+        self.where: dict[tuple, int] = {}
+
+    # -- positions and whitespace -------------------------------------------
+    def col(self, pos: int | None = None) -> int:
+        pos = self.pos if pos is None else pos
+        return pos - (self.text.rfind("\n", 0, pos) + 1)
+
+    def peek(self, k: int = 0) -> str:
+        i = self.pos + k
+        return self.text[i] if i < len(self.text) else ""
+
+    def at_break(self, k: int = 0) -> bool:
+        """Whether the char at pos+k ends a token: space, tab, line end or EOF."""
+        return self.peek(k) in ("", " ", "\t", "\n", "\r")
+
+    def skip_inline(self) -> None:
+        """Spaces and tabs, then a comment (only after a space, as YAML says)."""
+        start = self.pos
+        while self.peek() in (" ", "\t"):
+            self.pos += 1
+        if self.peek() == "#" and (self.pos > start or self.col() == 0):
+            while self.peek() not in ("", "\n"):
+                self.pos += 1
+
+    def skip_lines(self) -> None:
+        """Blank lines and comment lines; stops at the next content character.
+        Tabs may not indent (YAML forbids them: their width is unknown)."""
+        while True:
+            self.skip_inline()
+            if self.peek() == "\r":
+                self.pos += 1
+            if self.peek() != "\n":
+                return
+            self.pos += 1
+            lead = _YAML_BLANKS.match(self.text, self.pos).group()
+            after = self.text[self.pos + len(lead):self.pos + len(lead) + 1]
+            if "\t" in lead and after not in ("", "\n", "\r", "#"):
+                raise _YamlError(self.pos + lead.index("\t"),
+                                 "a tab in indentation (YAML allows only spaces)")
+
+    def end_of_line(self) -> None:
+        self.skip_inline()
+        if self.peek() not in ("", "\n", "\r"):
+            raise _YamlError(self.pos, f"unexpected {self.peek()!r} after a value")
+
+    # -- the document ----------------------------------------------------------
+    def document(self) -> Any:
+        self.skip_lines()
+        if self.peek() == "%":
+            raise _YamlError(self.pos, "directives are not supported")
+        if self.col() == 0 and self.text.startswith("---", self.pos) and self.at_break(3):
+            self.pos += 3
+        value = self.node((), -1, inline=self.col() > 0)
+        self.skip_lines()
+        if self.col() == 0 and self.text.startswith("...", self.pos) and self.at_break(3):
+            self.pos += 3
+            self.skip_lines()
+            if self.pos < len(self.text):
+                raise _YamlError(self.pos, "several documents are not supported")
+        if self.pos < len(self.text):
+            several = self.text.startswith("---", self.pos) and self.at_break(3)
+            raise _YamlError(self.pos, "several documents are not supported" if several
+                             else "unexpected content (is it indented as its parent?)")
+        return value
+
+    def node(self, path: tuple, indent: int, *, inline: bool = False,
+             seq_at_indent: bool = False) -> Any:
+        """The node after ``indent`` columns: on this line (``inline``) or on
+        the next lines, more indented than its parent, or a block sequence at
+        the parent key's own indent (``seq_at_indent``)."""
+        if inline:
+            self.skip_inline()
+            if self.peek() not in ("", "\n", "\r"):
+                return self.inline_node(path, indent)
+        self.skip_lines()
+        col = self.col()
+        if self.pos >= len(self.text) or col < indent or (col == indent and not (
+                seq_at_indent and self.peek() == "-" and self.at_break(1))):
+            self.where.setdefault(path, self.pos)
+            return None
+        return self.block(path, col, indent)
+
+    def block(self, path: tuple, col: int, parent: int) -> Any:
+        """A collection or scalar starting here, at column ``col``, inside a
+        parent indented ``parent`` columns."""
+        if self.peek() == "-" and self.at_break(1):
+            return self.sequence(path, col)
+        start = self.pos
+        if self.peek() == "?" and self.at_break(1):
+            raise _YamlError(self.pos, "complex keys ('?') are not supported")
+        if self.key_here() is not None:
+            self.pos = start
+            return self.mapping(path, col)
+        return self.inline_node(path, parent)
+
+    def key_here(self) -> Any:
+        """Reads ``key:`` here and returns the key, or None (position kept)."""
+        start = self.pos
+        ch = self.peek()
+        if ch in "[{":
+            where, self.where = self.where, {}            # a trial read: positions not kept
+            try:
+                self.flow(())
+            except _YamlError:
+                self.pos = start
+                return None
+            finally:
+                self.where = where
+            self.skip_inline()
+            if self.peek() == ":" and self.at_break(1):
+                raise _YamlError(start, "complex keys (a collection as key) are not supported")
+            self.pos = start
+            return None
+        if ch in "\"'":
+            key = self.quoted()
+            while self.peek() in (" ", "\t"):
+                self.pos += 1
+        else:
+            key = self.plain(flow=False, key=True)
+            if key is None:
+                return None
+            key = _yaml_scalar(key, start)
+        if self.peek() == ":" and self.at_break(1):
+            self.pos += 1
+            return (key,)
+        self.pos = start
+        return None
+
+    def mapping(self, path: tuple, col: int) -> dict:
+        result: dict = {}
+        while True:
+            start = self.pos
+            if self.peek() == "?" and self.at_break(1):
+                raise _YamlError(self.pos, "complex keys ('?') are not supported")
+            found = self.key_here()
+            if found is None:
+                raise _YamlError(self.pos, "expected 'key: value' in this mapping")
+            key = found[0]
+            self.check_key(start, key, result)
+            self.where[path + (key,)] = start
+            result[key] = self.node(path + (key,), col, inline=True, seq_at_indent=True)
+            self.skip_lines()
+            if self.pos >= len(self.text) or self.col() < col:
+                return result
+            if self.col() > col:
+                raise _YamlError(self.pos, "this line is indented more than its mapping")
+            if self.peek() == "-" and self.at_break(1):
+                raise _YamlError(self.pos, "a sequence entry where a mapping key was expected")
+            if self.text.startswith(("---", "..."), self.pos) and col == 0 and self.at_break(3):
+                return result
+
+    def sequence(self, path: tuple, col: int) -> list:
+        result: list = []
+        while True:
+            self.where[path + (len(result),)] = self.pos
+            self.pos += 1                                  # the '-'
+            item_path = path + (len(result),)
+            self.skip_inline()
+            if self.peek() in ("", "\n", "\r"):
+                result.append(self.node(item_path, col))
+            else:                                          # "- a: 1" or "- - x": a block here
+                result.append(self.block(item_path, self.col(), col))
+            self.skip_lines()
+            if self.pos >= len(self.text) or self.col() < col:
+                return result
+            if self.col() > col or not (self.peek() == "-" and self.at_break(1)):
+                if self.col() == col:
+                    return result                          # the sequence at its key's indent ended
+                raise _YamlError(self.pos, "expected a '- ' sequence entry at this indentation")
+
+    # -- nodes on one line: scalars, block scalars, flow collections ------------
+    def inline_node(self, path: tuple, indent: int) -> Any:
+        self.where.setdefault(path, self.pos)
+        if self.peek() in "|>":
+            return self.block_scalar(indent)
+        if self.peek() == "-" and self.at_break(1):
+            raise _YamlError(self.pos, "a block sequence may not start on its key's line")
+        value = self.flow_item(path, flow=False, indent=indent)
+        self.skip_inline()
+        if self.peek() == ":" and self.at_break(1):
+            raise _YamlError(self.pos, "a mapping may not start on its key's line")
+        self.end_of_line()
+        return value
+
+    def plain(self, *, flow: bool, key: bool = False, indent: int = -1) -> str | None:
+        """A plain scalar; in block context it may continue on more-indented
+        lines (folded: a line break reads as a space, an empty line as one)."""
+        stops = ",[]{}" if flow else ""
+        first = self.peek()
+        # '-', '?' and ':' start a plain scalar only when glued to what follows.
+        glued = first in "-?:" and not self.at_break(1) and not (flow and self.peek(1) in stops)
+        if not glued and (first in ("", "\n", "\r") or first in "#,[]{}\"'|>&*!%@`-?:"):
+            if key:
+                return None
+            raise _YamlError(self.pos, f"a value may not start with {first!r}" if first
+                             else "a value is missing")
+        parts: list[str] = []
+        breaks = 0
+        while True:
+            start = self.pos
+            while True:
+                ch = self.peek()
+                if ch in ("", "\n", "\r") or ch in stops:
+                    break
+                if ch == ":" and (self.at_break(1) or (flow and self.peek(1) in stops)):
+                    break
+                if ch == "#" and self.text[self.pos - 1] in " \t":
+                    break
+                self.pos += 1
+            line = self.text[start:self.pos].rstrip(" \t")
+            self.pos = start + len(line)
+            if line:
+                parts.append(("\n" * (breaks - 1) if breaks > 1 else " " if breaks else "") + line)
+            if key or self.peek() not in ("\n", "\r"):
+                return "".join(parts)
+            # A continuation line: the next non-empty one, more indented, not a comment.
+            save, breaks = self.pos, 0
+            while self.peek() in (" ", "\t", "\r", "\n"):
+                breaks += self.peek() == "\n"
+                self.pos += 1
+            if (self.pos >= len(self.text) or self.peek() == "#" or
+                    (not flow and self.col() <= indent) or
+                    (self.peek() == "-" and self.at_break(1) and not flow) or
+                    (self.col() == 0 and self.text.startswith(("---", "..."), self.pos))):
+                self.pos = save
+                return "".join(parts)
+            if not flow and self.peek() in ":?" and self.at_break(1):
+                self.pos = save
+                return "".join(parts)
+
+    def quoted(self) -> str:
+        """A single- or double-quoted scalar; line breaks fold as in plain ones."""
+        quote, start = self.peek(), self.pos
+        self.pos += 1
+        out: list[str] = []
+        while True:
+            ch = self.peek()
+            if ch == "":
+                raise _YamlError(start, "a quoted value is not closed")
+            if ch == quote:
+                if quote == "'" and self.peek(1) == "'":
+                    out.append("'")
+                    self.pos += 2
+                    continue
+                self.pos += 1
+                return "".join(out)
+            if ch == "\\" and quote == '"':
+                piece, self.pos = _yaml_escape(self.text, self.pos)
+                out.append(piece)
+            elif ch in ("\n", "\r"):
+                while out and out[-1] in (" ", "\t"):
+                    out.pop()
+                breaks = 0
+                while self.peek() in (" ", "\t", "\n", "\r"):
+                    breaks += self.peek() == "\n"
+                    self.pos += 1
+                out.append("\n" * (breaks - 1) if breaks > 1 else " ")
+            else:
+                out.append(ch)
+                self.pos += 1
+
+    def block_scalar(self, indent: int) -> str:
+        """``|`` (literal) or ``>`` (folded), with chomping (``-`` strip, ``+``
+        keep, clip otherwise) and an indentation indicator 1-9, either order."""
+        folded = self.peek() == ">"
+        self.pos += 1
+        chomp, explicit = "", 0
+        for _ in range(2):
+            ch = self.peek()
+            if ch in "-+" and not chomp:
+                chomp = ch
+            elif ch in "123456789" and not explicit:
+                explicit = int(ch)
+            else:
+                break
+            self.pos += 1
+        if not self.at_break():
+            raise _YamlError(self.pos, "a block scalar header is '|' or '>', then "
+                                       "'-' or '+' and an indentation digit 1-9")
+        self.end_of_line()
+        self.pos += self.peek() == "\r"                     # now at the header's line break
+        width = max(indent, 0) + explicit if explicit else 0
+        body: list[str] = []
+        while self.pos + 1 < len(self.text):              # self.pos: at a line break
+            end = self.text.find("\n", self.pos + 1)
+            end = len(self.text) if end < 0 else end
+            line = self.text[self.pos + 1:end].rstrip("\r")
+            spaces = len(line) - len(line.lstrip(" "))
+            if not width and line.strip(" "):
+                if spaces <= indent:
+                    break
+                width = spaces
+            if line.strip(" ") and spaces < (width or indent + 1):
+                break
+            if not line.strip(" ") and width and len(line) < width:
+                body.append("")
+            else:
+                body.append(line[width:] if width else "")
+            self.pos = end
+        # A last line with no line break (the file's end) keeps none.
+        unbroken = self.pos >= len(self.text) and not self.text.endswith("\n")
+        return _yaml_block_text(body, folded, chomp, unbroken)
+
+    def flow(self, path: tuple) -> Any:
+        """``[...]`` or ``{...}``; may span lines; keys are scalars."""
+        opener = self.peek()
+        start = self.pos
+        self.pos += 1
+        closer = "]" if opener == "[" else "}"
+        result: Any = [] if opener == "[" else {}
+        while True:
+            self.skip_flow()
+            if self.peek() == closer:
+                self.pos += 1
+                return result
+            if self.peek() == "":
+                raise _YamlError(start, f"{opener!r} is not closed")
+            here = self.pos
+            if self.peek() == "?" and self.at_break(1):
+                raise _YamlError(self.pos, "complex keys ('?') are not supported")
+            sub = path + ((len(result),) if opener == "[" else ())
+            item = self.flow_item(sub)
+            self.skip_flow()
+            if self.peek() == ":":
+                if isinstance(item, (list, dict)):
+                    raise _YamlError(here, "complex keys (a collection as key) are not supported")
+                self.pos += 1
+                self.skip_flow()
+                key = item
+                self.check_key(here, key, result if opener == "{" else {})
+                self.where[path + (key,) if opener == "{" else sub] = here
+                value = None if self.peek() in (",", closer) else self.flow_item(
+                    path + (key,) if opener == "{" else sub)
+                item = {key: value} if opener == "[" else (key, value)
+            elif opener == "{":
+                self.check_key(here, item, result)
+                item = (item, None)
+            if opener == "[":
+                self.where.setdefault(sub, here)
+                result.append(item)
+            else:
+                self.where.setdefault(path + (item[0],), here)
+                result[item[0]] = item[1]
+            self.skip_flow()
+            if self.peek() == ",":
+                self.pos += 1
+            elif self.peek() != closer:
+                if not self.peek():
+                    raise _YamlError(start, f"{opener!r} is not closed")
+                raise _YamlError(self.pos, f"expected ',' or {closer!r}")
+
+    def check_key(self, pos: int, key: Any, seen: dict) -> None:
+        # Keys are strings, as in JSON: ``1: x`` would be a number key.
+        if isinstance(key, (list, dict)):
+            raise _YamlError(pos, "complex keys (a collection as key) are not supported")
+        if not isinstance(key, str):
+            raise _YamlError(pos, f"a key must be a string, got {json.dumps(key)} (quote it)")
+        if key in seen:
+            raise _YamlError(pos, f"duplicate key {key!r}")
+
+    def skip_flow(self) -> None:
+        while True:
+            self.skip_inline()
+            if self.peek() not in ("\n", "\r"):
+                return
+            self.pos += 1
+
+    def flow_item(self, path: tuple, *, flow: bool = True, indent: int = -1) -> Any:
+        """A flow collection or a scalar (``flow``: inside a flow collection)."""
+        ch, start = self.peek(), self.pos
+        if ch in _YAML_REFUSED:
+            raise _YamlError(self.pos, _YAML_REFUSED[ch])
+        if ch in "[{":
+            return self.flow(path)
+        if ch in "\"'":
+            return self.quoted()
+        return _yaml_scalar(self.plain(flow=flow, indent=indent), start)
+
+
+def _yaml_escape(text: str, pos: int) -> tuple[str, int]:
+    """The backslash escape at ``pos`` of a double-quoted scalar: its text and
+    the position after it."""
+    code = text[pos + 1:pos + 2]
+    if code in _YAML_ESCAPES:
+        return _YAML_ESCAPES[code], pos + 2
+    if code in _YAML_HEX:
+        digits = text[pos + 2:pos + 2 + _YAML_HEX[code]]
+        if len(digits) != _YAML_HEX[code] or not all(c in "0123456789abcdefABCDEF" for c in digits):
+            raise _YamlError(pos, f"\\{code} needs {_YAML_HEX[code]} hex digits")
+        value = int(digits, 16)
+        if value > 0x10FFFF or 0xD800 <= value <= 0xDFFF:
+            raise _YamlError(pos, f"\\{code}{digits} is not a character")
+        return chr(value), pos + 2 + len(digits)
+    if code in ("\n", "\r"):             # an escaped line break: the lines join, no space
+        pos += 1
+        while text[pos:pos + 1] in (" ", "\t", "\n", "\r"):
+            pos += 1
+        return "", pos
+    raise _YamlError(pos, f"unknown escape \\{code}" if code else "a quoted value is not closed")
+
+
+def _yaml_block_text(body: list[str], folded: bool, chomp: str, unbroken: bool) -> str:
+    """A block scalar's value from its lines, their indentation removed:
+    folded or literal, then chomped (``-`` strip, ``+`` keep, clip otherwise)."""
+    trail = 0
+    while body and body[-1] == "":
+        body.pop()
+        trail += 1
+    if folded:
+        # A break between two lines reads as a space, empty lines as line
+        # breaks; lines indented further ("more-indented") keep theirs.
+        text, prev_more, empties = "", False, 0
+        for line in body:
+            more = line[:1] in (" ", "\t")
+            if line == "":
+                empties += 1
+                continue
+            if text and (more or prev_more):
+                text += "\n" * (empties + 1)
+            else:
+                text += "\n" * empties if empties or not text else " "
+            text += line
+            prev_more, empties = more, 0
+    else:
+        text = "\n".join(body)
+    if chomp == "-" or (unbroken and not trail):
+        return text
+    if chomp == "+":
+        return text + "\n" * (trail + (1 if body else 0))
+    return text + "\n" if body else ""
+
+
+def _read_yaml(text: str, source: str) -> tuple[Any, dict[tuple, tuple[int, int]]]:
+    """One YAML document's data and where each node starts: path -> (line,
+    column), 1-based.  Raises ``ConfigError`` ``source:line:column: reason``."""
+    text = text.removeprefix("\ufeff")              # a byte-order mark is no content
+    starts = [0] + [m.end() for m in re.finditer("\n", text)]
+
+    def line_col(pos: int) -> tuple[int, int]:
+        line = bisect.bisect_right(starts, pos)
+        return line, pos - starts[line - 1] + 1
+
+    reader = _YamlReader(text)
+    try:
+        data = reader.document()
+    except _YamlError as exc:
+        line, col = line_col(exc.pos)
+        raise ConfigError(f"{source}:{line}:{col}", [("", exc.reason)]) from None
+    except RecursionError:
+        raise ConfigError(source, [("", "nested too deeply")]) from None
+    return data, {p: line_col(pos) for p, pos in reader.where.items()}
+
+
+# ============================================================================
 # Config
 # ``pollers.json`` read and checked as a whole before anything starts: every
 # problem is reported at once, each with its JSON path.
@@ -8310,18 +8822,21 @@ def load_config(path: str | os.PathLike, *, extra_kinds: Iterable[str] = (),
                 check_entrypoints: bool = False) -> DaemonConfig:
     """Read and validate ``pollers.json``; raises ``ConfigError`` listing every problem.
 
-    ``extra_kinds`` are kinds served in-process (registered with
-    ``Runner.register``), so jobs may name them.  ``check_entrypoints``
-    also checks that every plugin's command can start (``validate``).
+    A ``.yaml``/``.yml`` file is read as YAML (nexo's ``pollers.yaml``), its
+    problems given at their line and column.  ``extra_kinds`` are kinds
+    served in-process (registered with ``Runner.register``), so jobs may name
+    them.  ``check_entrypoints`` also checks that every plugin's command can
+    start (``validate``).
     """
     path = os.path.abspath(os.fspath(path))
+    yaml = path.lower().endswith((".yaml", ".yml"))
     try:
         with open(path, "rb") as fh:
             text = fh.read().decode("utf-8")
-        text, secrets = _resolve_placeholders(
-            text, path, syntax="yaml" if path.endswith((".yaml", ".yml")) else "json")
-        doc = json.loads(text, object_pairs_hook=_no_duplicate_keys,
-                         parse_constant=_reject_constant, parse_float=_finite_float)
+        text, secrets = _resolve_placeholders(text, path, syntax="yaml" if yaml else "json")
+        doc = None if yaml else json.loads(text, object_pairs_hook=_no_duplicate_keys,
+                                           parse_constant=_reject_constant,
+                                           parse_float=_finite_float)
     except OSError as exc:
         raise ConfigError(path, [("", f"cannot read: {exc.strerror or exc}")]) from None
     except UnicodeDecodeError as exc:
@@ -8332,12 +8847,48 @@ def load_config(path: str | os.PathLike, *, extra_kinds: Iterable[str] = (),
     except (ValueError, RecursionError) as exc:
         raise ConfigError(path, [("", f"invalid JSON: {exc}")]) from None
     try:
-        cfg = config_from_dict(doc, base_dir=os.path.dirname(path), source=path,
-                               extra_kinds=extra_kinds, check_entrypoints=check_entrypoints)
+        if yaml:
+            cfg = _config_from_yaml(text, path, extra_kinds=extra_kinds,
+                                    check_entrypoints=check_entrypoints)
+        else:
+            cfg = config_from_dict(doc, base_dir=os.path.dirname(path), source=path,
+                                   extra_kinds=extra_kinds, check_entrypoints=check_entrypoints)
     except ConfigError as exc:          # a problem may quote a value: never a secret
-        raise ConfigError(path, _hide_secrets(exc.problems, secrets)) from None
+        raise ConfigError(exc.source, _hide_secrets(exc.problems, secrets)) from None
     cfg.secrets = tuple(secrets)
     return cfg
+
+
+def _config_from_yaml(text: str, path: str, **options: Any) -> DaemonConfig:
+    """A YAML configuration: nexo's, so its cron is read as nexo reads it unless
+    the file says ``cron_dialect``; each problem points at its YAML line."""
+    doc, where = _read_yaml(text, path)
+    top = doc.get("pollers") if isinstance(doc, dict) else None
+    top = top if isinstance(top, dict) else doc
+    if isinstance(top, dict) and "cron_dialect" not in top:
+        top["cron_dialect"] = "nexo"
+    lines: dict[str, tuple[int, int]] = {}
+    for key_path, at in where.items():
+        dotted = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in key_path)
+        lines[dotted.lstrip(".")] = at
+    try:
+        return config_from_dict(doc, base_dir=os.path.dirname(path), source=path, **options)
+    except ConfigError as exc:
+        located = []
+        for problem_path, message in exc.problems:
+            # A missing key has no line: point at the nearest enclosing node.
+            near = problem_path
+            while near not in lines and near:
+                near = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", near) if re.search(
+                    r"[.\[]", near) else ""
+            line, col = lines.get(near, (1, 1))
+            located.append((f"{line}:{col}: {problem_path}" if problem_path
+                            else f"{line}:{col}", message))
+        if len(located) == 1:
+            where_at, message = located[0]
+            at, _, rest = where_at.partition(": ")
+            raise ConfigError(f"{path}:{at}", [(rest, message)]) from None
+        raise ConfigError(path, located) from None
 
 
 def _no_duplicate_keys(pairs):
