@@ -9617,14 +9617,16 @@ class _Ticks:
             on_request: Callable[[TickRequest], None] | None) -> TickOutcome:
         """A tick from ``cursor`` that stores nothing (``Runner.dry_run``)."""
         cfg = job.cfg
+        timeout = cfg.overrides.get("timeout_secs")
         ctx = PollContext(cfg.id, cfg.agent, cfg.kind, cursor, cfg.config,
                           datetime.fromtimestamp(self._runner.clock(), timezone.utc),
-                          timedelta(seconds=cfg.schedule.nominal_interval), threading.Event())
+                          timedelta(seconds=cfg.schedule.nominal_interval), threading.Event(),
+                          None if timeout is None else timedelta(seconds=timeout))
         if on_request is not None:
             on_request(ctx.to_request())
         outcome = TickOutcome(cfg.id, cfg.kind, TickStatus.OK)
         started = time.monotonic()
-        self.poll(self._plugins.routes.get(cfg.kind), ctx, outcome)
+        self._poll_within(job, self._plugins.routes.get(cfg.kind), ctx, outcome)
         outcome.duration = time.monotonic() - started
         return outcome
 

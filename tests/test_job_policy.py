@@ -183,6 +183,13 @@ class RunnerTests(TempDirCase):
         self.assertEqual(r.run_once("quick").status, TickStatus.OK)
         self.assertEqual(poller.timeouts, [timedelta(seconds=0.2), None])
 
+    def test_a_dry_run_keeps_the_jobs_timeout(self):
+        cfg = self.runner_config([job("slow", timeout_secs=0.2)])
+        r = self.start_runner(cfg, _Sleeper(), clock=lambda: self.t[0])
+        out = r.dry_run("slow")
+        self.assertEqual(out.status, TickStatus.TRANSIENT)
+        self.assertIn("timed out after 0.2s", out.error)
+
     def test_the_lease_follows_the_jobs_timeout(self):
         cfg = self.runner_config([job("long", timeout_secs=600, schedule={"every_secs": 1}),
                                   job("plain", schedule={"every_secs": 1})])
