@@ -143,7 +143,7 @@ __all__ = [
     "StateStore", "SqliteStateStore", "JetStreamStateStore", "open_state", "JobState",
     "Command", "TickStatus", "apply_command", "COMMAND_VERBS", "CursorChange",
     "cursor_command_arg", "CURSOR_HISTORY_KEEP", "Schedule", "CronExpr", "JobConfig",
-    "DaemonConfig",
+    "JobPolicy", "DaemonConfig",
     "load_config", "config_from_dict", "Runner", "TickOutcome", "TickPlan", "plan_tick",
     "next_run", "OutboxItem", "outbound_topic", "main",
 ]
@@ -4228,10 +4228,17 @@ class PollContext:
     now: datetime
     interval_hint: timedelta
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # The job's own tick timeout (its ``timeout_secs``); None: the plugin's.
+    timeout: timedelta | None = None
 
     def to_request(self) -> TickRequest:
         return build_tick_request(self.kind, self.job_id, self.agent_id, self.cursor,
                                   self.config, self.now, self.interval_hint)
+
+
+def _tick_timeout(handle: PluginPollerHandle, ctx: PollContext) -> timedelta:
+    """How long this tick may take: the job's own timeout, else the plugin's."""
+    return handle.tick_timeout if ctx.timeout is None else ctx.timeout
 
 
 class _SlotGuard:
@@ -4274,21 +4281,24 @@ class EphemeralPollerProxy:
                                      "[plugin.entrypoint] command to run")
         with _SlotGuard(h, ctx, self.limit):
             return spawn_ephemeral_tick(
-                h.entrypoint_command, h.plugin_id, ctx.to_request(), h.tick_timeout,
+                h.entrypoint_command, h.plugin_id, ctx.to_request(), _tick_timeout(h, ctx),
                 ctx.cancel, args=h.entrypoint_args, env=h.entrypoint_env,
                 cwd=h.working_dir, max_reply_bytes=self.max_reply_bytes)
 
 
 def forward_tick(broker, handle: PluginPollerHandle, request: TickRequest, *,
-                 wait: bool = True, cancel: threading.Event | None = None) -> TickReply:
+                 wait: bool = True, cancel: threading.Event | None = None,
+                 timeout: timedelta | None = None) -> TickReply:
     """Send one tick to a long-lived plugin through the broker.
 
     Returns the parsed reply; an error reply raises the matching
     ``PollerError``; transport and parse failures raise
     ``PluginPollerForwardError``.  With ``wait`` the request waits (within
-    the tick timeout) for a plugin that has not subscribed yet.
+    the tick timeout: ``timeout``, else the plugin's) for a plugin that has
+    not subscribed yet.
     """
-    envelope = broker.request(handle.tick_topic(), request.envelope(), handle.tick_timeout,
+    envelope = broker.request(handle.tick_topic(), request.envelope(),
+                              handle.tick_timeout if timeout is None else timeout,
                               wait=wait, cancel=cancel)
     return _parse_reply_envelope(tick_reply_envelope(envelope), request.job_id)
 
@@ -4302,8 +4312,8 @@ class PluginPollerProxy:
     def tick(self, ctx: PollContext) -> TickAck:
         def send(cancel) -> TickAck:
             try:
-                return forward_tick(self.broker, self.handle, ctx.to_request(),
-                                    cancel=cancel).into_tick_ack()
+                return forward_tick(self.broker, self.handle, ctx.to_request(), cancel=cancel,
+                                    timeout=_tick_timeout(self.handle, ctx)).into_tick_ack()
             except PluginPollerForwardError.ParseReply as exc:
                 raise _unparsable(exc) from None
         return _watched_tick(self.handle, ctx, PluginPollerForwardError, send, self.limit)
@@ -4666,7 +4676,7 @@ class StdioPollerProxy:
 
     def tick(self, ctx: PollContext) -> TickAck:
         h = self.handle
-        request, secs = ctx.to_request(), h.tick_timeout.total_seconds()
+        request, secs = ctx.to_request(), _tick_timeout(h, ctx).total_seconds()
 
         def send(cancel) -> TickAck:
             if h.stdio_bridge:
@@ -8557,7 +8567,8 @@ def _read_yaml(text: str, source: str) -> tuple[Any, dict[tuple, tuple[int, int]
 # Config
 # ``pollers.json`` read and checked as a whole before anything starts: every
 # problem is reported at once, each with its JSON path.
-# Shares: _config_state, _hide_secrets, _host_name, _redact_url
+# Shares: _config_state, _hide_secrets, _host_name, _JOB_POLICY_KEYS, _jitter_ms,
+#   _redact_url
 # ============================================================================
 
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
@@ -8567,8 +8578,19 @@ _HOST_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 def _host_name(name: str) -> str:
     """A host as compared with a request's ``Host``: lower case, no brackets."""
     return name.strip("[]").lower()
-_JOB_KEYS = {"id", "kind", "agent", "schedule", "config", "failure_to", "paused_on_boot",
-             "extra"}
+# A job's own policy keys, each over its global fallback (``JobPolicy``):
+# key -> (the top-level key it overrides or None, low, high, integer).  The
+# global keys are checked against the same ranges.
+_JOB_POLICY_KEYS = {
+    "timeout_secs": (None, 0.001, MAX_TICK_TIMEOUT_SECS, False),
+    "backoff_initial_secs": ("backoff_initial_secs", 0.001, 86400, False),
+    "backoff_max_secs": ("backoff_max_secs", 0.001, 86400 * 7, False),
+    "breaker_threshold": ("breaker_threshold", 1, 10 ** 6, True),
+    "failure_alert_cooldown_secs": ("failure_alert_cooldown_secs", 0, 10 ** 9, False),
+    "jitter_ms": ("default_jitter_ms", 0, 86_400_000, True),
+}
+_JOB_KEYS = {"id", "kind", "agent", "schedule", "config", "failure_to",
+             "paused_on_boot", "extra"} | set(_JOB_POLICY_KEYS)
 _SCHEDULE_KEYS = {"every_secs", "cron", "tz", "at", "stagger_jitter_ms"}
 
 
@@ -8585,6 +8607,9 @@ class JobConfig:
     raw: dict = dataclasses.field(default_factory=dict, repr=False)
     # nexo's free map for modules, not the runner: kept, passed to nothing
     extra: dict = dataclasses.field(default_factory=dict)
+    # The job's own policy keys (``_JOB_POLICY_KEYS`` but jitter_ms, which is
+    # its schedule's stagger_jitter_ms): ``JobPolicy.of`` reads them.
+    overrides: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def every(cls, id: str, kind: str, every_secs: float, config: Any = None, *,
@@ -8645,6 +8670,51 @@ def _file_default(field: dataclasses.Field) -> Any:
 # The top-level keys of pollers.json and their defaults: DaemonConfig's fields.
 _TOP_DEFAULTS = {f.name: _file_default(f) for f in dataclasses.fields(DaemonConfig)
                  if f.name not in ("source", "secrets")}
+
+
+def _jitter_ms(schedule: Schedule, config: DaemonConfig) -> tuple[int, str]:
+    """The one jitter rule: a job's own (``jitter_ms``, or its schedule's
+    ``stagger_jitter_ms``: the same setting), else ``default_jitter_ms``;
+    with where it came from ("job", "config" or "default")."""
+    if schedule.stagger_jitter_ms is not None:
+        return schedule.stagger_jitter_ms, "job"
+    return config.default_jitter_ms, _global_source(config, "default_jitter_ms")
+
+
+def _global_source(config: DaemonConfig, key: str) -> str:
+    """"config" when the top-level ``key`` sets a value other than the built-in one."""
+    return "default" if getattr(config, key) == _TOP_DEFAULTS[key] else "config"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobPolicy:
+    """A job's effective policy: its own keys over the global ones.  The one
+    place that decides them; ``sources`` says per key where each value came
+    from: "job" (the job's key), "config" (the top-level key) or "default".
+    ``timeout_secs`` None: the tick budget of the job's kind (the plugin's
+    ``tick_timeout_secs``; 5 s in-process) applies."""
+    timeout_secs: float | None
+    backoff_initial_secs: float
+    backoff_max_secs: float
+    breaker_threshold: int
+    failure_alert_cooldown_secs: float
+    jitter_ms: int
+    sources: Mapping[str, str]
+
+    @classmethod
+    def of(cls, config: DaemonConfig, job: JobConfig) -> "JobPolicy":
+        values, sources = {}, {}
+        for key, (fallback, *_) in _JOB_POLICY_KEYS.items():
+            if key == "jitter_ms":
+                values[key], sources[key] = _jitter_ms(job.schedule, config)
+            elif key in job.overrides:
+                values[key], sources[key] = job.overrides[key], "job"
+            elif fallback is None:
+                values[key], sources[key] = None, "default"
+            else:
+                values[key], sources[key] = getattr(config, fallback), _global_source(
+                    config, fallback)
+        return cls(sources=sources, **values)
 
 
 class _Problems:
@@ -8953,14 +9023,13 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
                                                                            base_dir)
         except ValueError as exc:
             probs.add(prefix + "state_db", str(exc))
-    number("default_jitter_ms", 0, 86_400_000, integer=True)
+    number("default_jitter_ms", *_JOB_POLICY_KEYS["jitter_ms"][1:])
     number("lease_ttl_factor", 1.0, 100.0)
     number("lease_min_secs", 5, 86400)
     number("daemon_ttl_secs", 1, 3600)
-    number("failure_alert_cooldown_secs", 0, 10 ** 9)
-    number("breaker_threshold", 1, 10 ** 6, integer=True)
-    number("backoff_initial_secs", 0.001, 86400)
-    number("backoff_max_secs", 0.001, 86400 * 7)
+    for key in ("failure_alert_cooldown_secs", "breaker_threshold", "backoff_initial_secs",
+                "backoff_max_secs"):
+        number(key, *_JOB_POLICY_KEYS[key][1:])
     number("max_workers", 1, 4096, integer=True)
     number("shutdown_grace_secs", 0.1, 3600)
     number("delivery_max_attempts", 1, 10 ** 6, integer=True)
@@ -9178,10 +9247,25 @@ def _job_from_dict(raw: Any, where: str, probs: _Problems, owners: PluginPollerR
     _check_type(probs, f"{where}.paused_on_boot", paused, bool, "true or false")
     schedule = _schedule_from_dict(raw.get("schedule"), f"{where}.schedule", probs,
                                    cron_dialect)
+    overrides = {}
+    for key, (_, low, high, integer) in _JOB_POLICY_KEYS.items():
+        value = raw.get(key)
+        if key in raw and _check_type(probs, f"{where}.{key}", value,
+                                             int if integer else (int, float),
+                                             "an integer" if integer else "a number"):
+            if not low <= value <= high:
+                probs.add(f"{where}.{key}", f"{value} is outside {low}..{high}")
+            overrides[key] = value
+    if "jitter_ms" in overrides and isinstance(raw.get("schedule"), dict) \
+            and "stagger_jitter_ms" in raw["schedule"]:
+        probs.add(f"{where}.jitter_ms", "give one of jitter_ms and schedule.stagger_jitter_ms "
+                                        "(the same setting)")
     if len(probs.items) > before:
         return None
+    if "jitter_ms" in overrides:            # one setting: the schedule's jitter
+        schedule.stagger_jitter_ms = overrides.pop("jitter_ms")
     return JobConfig(job_id, kind, agent, schedule, raw.get("config", {}), failure_to,
-                     paused, raw=raw, extra=raw.get("extra", {}))
+                     paused, raw=raw, extra=raw.get("extra", {}), overrides=overrides)
 
 
 def _schedule_from_dict(raw: Any, where: str, probs: _Problems,
@@ -9237,7 +9321,7 @@ def _schedule_from_dict(raw: Any, where: str, probs: _Problems,
 # Runner
 # One timer heap for every job, one table of routes (kind -> poller, lane,
 # budget), and the error policy: the only place a PollerError gets a meaning.
-# Shares: _status_dict, _tick_budget
+# Shares: _policy_view, _status_dict, _tick_budget
 # ============================================================================
 
 _COMMAND_POLL_SECS = 0.5             # the running set is published at most this often
@@ -9246,11 +9330,16 @@ _IN_PROCESS_BUDGET_SECS = 5.0
 _STATE_RETRY_MAX_SECS = 5.0
 
 
-def _tick_budget(kind: str, plugins: Iterable[PluginPollerHandle] = ()) -> float:
-    """How long a tick of ``kind`` may take: the tick timeout of the plugin
-    in ``plugins`` serving it, else ``_IN_PROCESS_BUDGET_SECS`` (in-process).
-    The one rule: the runner's routes, its lease TTLs and the CLI's wait for
-    a daemon's tick all ask it."""
+def _tick_budget(kind: str, plugins: Iterable[PluginPollerHandle] = (),
+                 timeout_secs: float | None = None) -> float:
+    """How long a tick of ``kind`` may take: a job's own ``timeout_secs``
+    when it sets one (it wins, longer or shorter than the plugin's: bounded
+    by nothing else), else the tick timeout of the plugin in ``plugins``
+    serving it, else ``_IN_PROCESS_BUDGET_SECS`` (in-process).  The one
+    rule: the runner's routes, its lease TTLs and the CLI's wait for a
+    daemon's tick all ask it."""
+    if timeout_secs is not None:
+        return timeout_secs
     handle = _plugin_for(kind, plugins)
     return handle.tick_timeout.total_seconds() if handle is not None else _IN_PROCESS_BUDGET_SECS
 
@@ -9276,10 +9365,22 @@ def _schedule_key(cfg: JobConfig) -> str:
 
 
 def _jitter(schedule: Schedule, config: DaemonConfig, rng) -> float:
-    ms = schedule.stagger_jitter_ms
-    if ms is None:
-        ms = config.default_jitter_ms
+    ms = _jitter_ms(schedule, config)[0]
     return rng.uniform(0, ms / 1000) if ms else 0.0
+
+
+def _policy_view(config: DaemonConfig, cfg: JobConfig) -> dict:
+    """A job's effective policy as ``validate --policy`` and ``status`` show
+    it: key -> {"value", "source"}; the tick timeout is the budget the job's
+    ticks get (``_tick_budget``): its own, or "plugin" / "default" (in-process)."""
+    policy = JobPolicy.of(config, cfg)
+    view = {key: {"value": getattr(policy, key), "source": policy.sources[key]}
+            for key in _JOB_POLICY_KEYS}
+    if policy.timeout_secs is None:
+        view["timeout_secs"] = {"value": _tick_budget(cfg.kind, config.plugins),
+                                "source": "plugin" if _plugin_for(cfg.kind, config.plugins)
+                                else "default"}
+    return view
 
 
 @dataclasses.dataclass
@@ -9319,7 +9420,8 @@ class TickPlan:
 
 def plan_tick(state: JobState, outcome: TickOutcome, *, schedule: Schedule,
               slot: float | None, started: float, finished: float, config: DaemonConfig,
-              rng: Any, schedule_key: str | None = None) -> TickPlan:
+              rng: Any, schedule_key: str | None = None,
+              policy: JobPolicy | None = None) -> TickPlan:
     """The error policy as a pure function: state + outcome + time -> plan.
 
     ``slot`` is the scheduled slot the tick stood for; None for an
@@ -9330,8 +9432,11 @@ def plan_tick(state: JobState, outcome: TickOutcome, *, schedule: Schedule,
     streak reaches the breaker threshold it alerts, and again after each
     cooldown while it keeps failing (as nexo does).
     Permanent and config: the job pauses with an alert.  Alerts repeat no
-    sooner than ``failure_alert_cooldown_secs``.
+    sooner than ``failure_alert_cooldown_secs``.  ``policy`` gives the job's
+    backoff, breaker threshold and cooldown (``JobPolicy``); None: the
+    global ones of ``config``.
     """
+    pol = config if policy is None else policy      # the same attribute names
     status = outcome.status
     new = state.replace(last_run_at=started, last_status=status.value, last_error=outcome.error,
                         schedule_key=schedule_key)
@@ -9356,12 +9461,12 @@ def plan_tick(state: JobState, outcome: TickOutcome, *, schedule: Schedule,
             new, nxt = new.replace(paused=True), None   # a one-shot stays paused after it fired
     elif status is TickStatus.TRANSIENT:
         errors = state.consecutive_errors + 1
-        delay = _backoff(config.backoff_initial_secs, config.backoff_max_secs, errors)
+        delay = _backoff(pol.backoff_initial_secs, pol.backoff_max_secs, errors)
         nxt = finished + delay * rng.uniform(1.0, 1.1)
         if outcome.retry_after is not None:         # the poller's "not before" (Retry-After)
             nxt = max(nxt, finished + outcome.retry_after)
         new = new.replace(consecutive_errors=errors)
-        if errors >= config.breaker_threshold:      # again after each cooldown
+        if errors >= pol.breaker_threshold:         # again after each cooldown
             alert = f"circuit breaker open after {errors} consecutive errors"
     elif status in (TickStatus.PERMANENT, TickStatus.CONFIG):
         new = new.replace(paused=True, consecutive_errors=state.consecutive_errors + 1)
@@ -9369,7 +9474,7 @@ def plan_tick(state: JobState, outcome: TickOutcome, *, schedule: Schedule,
     else:
         raise InputError(f"a {status.value!r} outcome is not planned: nothing ran")
     if alert and state.last_alert_at is not None and \
-            started - state.last_alert_at < config.failure_alert_cooldown_secs:
+            started - state.last_alert_at < pol.failure_alert_cooldown_secs:
         alert = None
     if alert:
         new = new.replace(last_alert_at=started)
@@ -9397,13 +9502,16 @@ def next_run(state: JobState, schedule: Schedule, schedule_key: str | None,
     return schedule.first_after(now), True
 
 
-def _status_dict(cfg: JobConfig, state: JobState, threshold: int, running: bool,
+def _status_dict(cfg: JobConfig, state: JobState, config: DaemonConfig, running: bool,
                  next_run_at: float | None = None, delivered: int = 0,
                  undelivered: int = 0, holder: str | None = None) -> dict:
     """A job as ``status`` shows it (one shape for the Runner and the CLI);
     ``next_run_at`` is the live slot where one is known, else the stored one;
     ``delivered`` counts deliveries made since ``state`` was read; ``holder``
-    is the daemon (or CLI) holding the job's lease (``StateStore.holders``)."""
+    is the daemon (or CLI) holding the job's lease (``StateStore.holders``);
+    ``policy``: the job's effective policy and its sources (``_policy_view``)."""
+    policy = _policy_view(config, cfg)
+    threshold = policy["breaker_threshold"]["value"]
     if next_run_at is None:
         next_run_at = state.next_run_at
     return {"id": cfg.id, "kind": cfg.kind, "agent": cfg.agent, "paused": state.paused,
@@ -9417,7 +9525,7 @@ def _status_dict(cfg: JobConfig, state: JobState, threshold: int, running: bool,
             "items_dispatched_total": state.items_dispatched_total + state.delivered_total
             + delivered,
             "undelivered": undelivered,
-            "running": running, "holder": holder}
+            "running": running, "holder": holder, "policy": policy}
 
 
 class _Job:
@@ -9790,13 +9898,13 @@ class _JobBook:
                 job.generation = -1
             self.cond.notify_all()
 
-    def status(self, threshold: int, holders: Mapping[str, str] | None,
+    def status(self, config: DaemonConfig, holders: Mapping[str, str] | None,
                owner: str) -> list[dict]:
         """Every job as ``status`` shows it; ``holders`` None: ``owner``'s leases."""
         with self.cond:
             if holders is None:
                 holders = self.own_holds(owner)
-            return [_status_dict(j.cfg, j.state, threshold, j.running and not j.commanding,
+            return [_status_dict(j.cfg, j.state, config, j.running and not j.commanding,
                                  j.next_run_at if j.generation >= 0 else None, j.delivered,
                                  holder=holders.get(j.cfg.id))
                     for j in self.jobs.values()]
@@ -9908,24 +10016,29 @@ class _Plugins:
         for sup in sups:
             sup.join(plugin_deadline)
 
-    def budget(self, kind: str, plugins: Iterable[PluginPollerHandle] | None = None) -> float:
+    def budget(self, kind: str, plugins: Iterable[PluginPollerHandle] | None = None,
+               timeout_secs: float | None = None) -> float:
         """How long a tick of ``kind`` may take (``_tick_budget``): as routed
-        now, or as ``plugins`` (a reload's) would route it."""
-        if plugins is not None:
-            return _tick_budget(kind, plugins)
+        now, or as ``plugins`` (a reload's) would route it; a job's own
+        ``timeout_secs`` wins."""
+        if plugins is not None or timeout_secs is not None:
+            return _tick_budget(kind, plugins or (), timeout_secs)
         return self.routes.budget(kind)
 
     def lease_ttl(self, cfg: JobConfig, plugins: Iterable[PluginPollerHandle] | None = None
                   ) -> float:
         """factor x interval, at least ``lease_min_secs``, and at least a
-        plugin's tick timeout + ``lease_min_secs``."""
+        plugin's tick timeout (or the job's own ``timeout_secs``) +
+        ``lease_min_secs``."""
         config = self._runner.config
         least = config.lease_min_secs
         ttl = max(least, config.lease_ttl_factor * cfg.schedule.nominal_interval)
         handle = _plugin_for(cfg.kind, plugins or ())
         route = self.routes.get(cfg.kind) if plugins is None else None
-        if handle is not None or (route is not None and route.plugin_id is not None):
-            ttl = max(ttl, self.budget(cfg.kind, plugins) + least)
+        timeout = cfg.overrides.get("timeout_secs")
+        if handle is not None or (route is not None and route.plugin_id is not None) \
+                or timeout is not None:
+            ttl = max(ttl, self.budget(cfg.kind, plugins, timeout) + least)
         return ttl
 
     def lane_of(self, kind: str) -> _Lane:
@@ -10123,7 +10236,8 @@ class _Ticks:
         if cancel.is_set():                 # stop() or a reload came while it sat in the queue
             outcome.status, outcome.error = TickStatus.CANCELLED, "tick cancelled before it started"
             return self._finish_unplanned(job, slot, outcome, command)
-        budget = self._plugins.budget(cfg.kind)
+        policy = JobPolicy.of(r.config, cfg)
+        budget = self._plugins.budget(cfg.kind, timeout_secs=policy.timeout_secs)
         ttl = self._plugins.lease_ttl(cfg)
         # Claim only when the lease would not outlast this tick: in steady
         # state each commit renews it, so ticks make no extra round trip.
@@ -10133,8 +10247,10 @@ class _Ticks:
                 return early
         ctx = PollContext(cfg.id, cfg.agent, cfg.kind, job.state.cursor, cfg.config,
                           datetime.fromtimestamp(now, timezone.utc),
-                          timedelta(seconds=cfg.schedule.nominal_interval), cancel)
-        self.poll(route, ctx, outcome)
+                          timedelta(seconds=cfg.schedule.nominal_interval), cancel,
+                          None if policy.timeout_secs is None
+                          else timedelta(seconds=policy.timeout_secs))
+        self._poll_within(job, route, ctx, outcome)
         outcome.duration = time.monotonic() - started
         if cancel.is_set():
             why = "job removed by a reload" if job.removed else "tick cancelled"
@@ -10145,7 +10261,7 @@ class _Ticks:
             base = base.replace(next_run_at=job.next_run_at if job.generation >= 0 else None)
         planned = functools.partial(plan_tick, base, outcome, schedule=cfg.schedule, slot=slot,
                                     started=now, config=r.config, rng=r.rng,
-                                    schedule_key=job.key)
+                                    schedule_key=job.key, policy=policy)
         plan = planned(finished=r.clock())
         outbox = self._outbox_for(job, plan, outcome, now)
         problem = r.state.unstorable(outbox)
@@ -10225,16 +10341,48 @@ class _Ticks:
             on_request: Callable[[TickRequest], None] | None) -> TickOutcome:
         """A tick from ``cursor`` that stores nothing (``Runner.dry_run``)."""
         cfg = job.cfg
+        timeout = cfg.overrides.get("timeout_secs")
         ctx = PollContext(cfg.id, cfg.agent, cfg.kind, cursor, cfg.config,
                           datetime.fromtimestamp(self._runner.clock(), timezone.utc),
-                          timedelta(seconds=cfg.schedule.nominal_interval), threading.Event())
+                          timedelta(seconds=cfg.schedule.nominal_interval), threading.Event(),
+                          None if timeout is None else timedelta(seconds=timeout))
         if on_request is not None:
             on_request(ctx.to_request())
         outcome = TickOutcome(cfg.id, cfg.kind, TickStatus.OK)
         started = time.monotonic()
-        self.poll(self._plugins.routes.get(cfg.kind), ctx, outcome)
+        self._poll_within(job, self._plugins.routes.get(cfg.kind), ctx, outcome)
         outcome.duration = time.monotonic() - started
         return outcome
+
+    def _poll_within(self, job: _Job, route: _Route | None, ctx: PollContext,
+                     outcome: TickOutcome) -> None:
+        """``poll``, bounded by the job's own ``timeout_secs`` (``ctx.timeout``).
+        A plugin's proxy enforces it; an in-process poller cannot be
+        stopped, so at the deadline its tick is cancelled (``ctx.cancel``)
+        and, when it returns, fails as a transient timeout."""
+        if ctx.timeout is None or route is None or route.plugin_id is not None:
+            self.poll(route, ctx, outcome)
+            return
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            ctx.cancel.set()
+        timer = threading.Timer(ctx.timeout.total_seconds(), expire)
+        timer.daemon, timer.name = True, "nexo-tick-timeout"
+        timer.start()
+        try:
+            self.poll(route, ctx, outcome)
+        finally:
+            timer.cancel()
+        if expired.is_set():
+            with self._book.cond:       # stop() and a reload cancel under the lock
+                if self._book.stopping or job.removed:
+                    return              # cancelled after all
+                ctx.cancel.clear()
+                outcome.status, outcome.ack = TickStatus.TRANSIENT, None
+                outcome.error = (f"tick timed out after {ctx.timeout.total_seconds():g}s "
+                                 "(the job's timeout_secs)")
 
     @staticmethod
     def poll(route: _Route | None, ctx: PollContext, outcome: TickOutcome) -> None:
@@ -10369,8 +10517,8 @@ class _Ticks:
         if lost and slot is not None:
             nxt = job.cfg.schedule.next_after(slot, now)
         else:                               # never a tight loop: back off as for errors
-            cfg = r.config
-            nxt = now + _backoff(cfg.backoff_initial_secs, cfg.backoff_max_secs, job.unstored)
+            pol = JobPolicy.of(r.config, job.cfg)
+            nxt = now + _backoff(pol.backoff_initial_secs, pol.backoff_max_secs, job.unstored)
         book.release(job, None if book.stopping else nxt, nxt)
 
     def _send_alert(self, job: _Job, reason: str, outcome: TickOutcome) -> None:
@@ -11027,7 +11175,7 @@ class Runner:
         """Every job as ``status`` shows it, from this daemon's memory.  Its
         ``holder`` is this daemon for the jobs it holds, else None; pass
         ``holders()`` (a read of the state) for every daemon's."""
-        return self._book.status(self.config.breaker_threshold, holders, self.state.owner)
+        return self._book.status(self.config, holders, self.state.owner)
 
     def holders(self) -> dict[str, str]:
         """Which daemon holds each job's lease (job id -> owner), read from
@@ -12826,7 +12974,22 @@ def _run_verb(verb: "_Verb", args) -> int:
 
 def _validate_local(config: DaemonConfig, args) -> int:
     print(f"{args.config}: ok ({len(config.jobs)} jobs, {len(config.plugins)} plugins)")
+    for jc in config.jobs if args.policy else ():
+        print(f"job {jc.id} (kind {jc.kind}):")
+        _print_policy(_policy_view(config, jc))
     return EXIT_OK
+
+
+def _validate_args(p) -> None:
+    p.add_argument("--policy", action="store_true", help="print each job's effective "
+                   "timeout, backoff, breaker, alert cooldown and jitter, and where each "
+                   "came from (job, config, plugin or default)")
+
+
+def _print_policy(view: Mapping[str, Mapping[str, Any]]) -> None:
+    """A job's effective policy (``_policy_view``), one key a line."""
+    for key, entry in view.items():
+        print(f"  {key:<28} {entry['value']!s:<10} {entry['source']}")
 
 
 def _run_local(config: DaemonConfig, args) -> int:
@@ -12850,7 +13013,7 @@ def _status_local(config: DaemonConfig, args) -> int:
             raise _UsageError("status --next N needs a job and N >= 1: status JOB --next 5",
                               EXIT_USAGE)
         return _print_next(config, args.job, args.next, args.json)
-    return _print_status(config, args.json)
+    return _print_status(config, args.json, args.job)
 
 
 def _tick_local(config: DaemonConfig, args) -> int:
@@ -13100,7 +13263,7 @@ def _tick_through_daemon(config: DaemonConfig, job: str) -> int | None:
         owner, seq = store.command(job, "tick", paused_on_boot=jc.paused_on_boot)
         if seq is None:
             return None
-        budget = _tick_budget(jc.kind, config.plugins) + 15
+        budget = _tick_budget(jc.kind, config.plugins, jc.overrides.get("timeout_secs")) + 15
         done, result = _await_command(store, owner, seq, budget)
         if not done:
             raise _UsageError(f"the running daemon ({owner}) did not tick {job!r} within "
@@ -13317,8 +13480,9 @@ def _cursor_verb(config: DaemonConfig, args) -> int:
     return EXIT_OK
 
 
-def _print_status(config: DaemonConfig, as_json: bool) -> int:
-    """Every job's state, read only: ``status`` never creates a state file."""
+def _print_status(config: DaemonConfig, as_json: bool, job: str | None = None) -> int:
+    """Every job's state, or ``job``'s with its policy; read only: ``status``
+    never creates a state file."""
     note, states, daemons, undelivered, holders = None, {}, {}, {}, {}
     store = _read_state(config)
     if store is None:
@@ -13332,13 +13496,13 @@ def _print_status(config: DaemonConfig, as_json: bool) -> int:
             store.close()
     running = set().union(*daemons.values()) if daemons else set()
     out = [_status_dict(jc, states.get(jc.id) or JobState(jc.id, paused=jc.paused_on_boot),
-                        config.breaker_threshold, jc.id in running,
+                        config, jc.id in running,
                         undelivered=undelivered.get(jc.id, 0), holder=holders.get(jc.id))
-           for jc in config.jobs]
+           for jc in config.jobs if job is None or jc.id == job]
     for row in out:                     # as the admin API's job objects have it
         row["cursor_text"] = _cursor_text(row["cursor"])
     if as_json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps(out[0] if job else out, indent=2))
         return EXIT_OK
     if note:
         print(note)
@@ -13346,7 +13510,15 @@ def _print_status(config: DaemonConfig, as_json: bool) -> int:
                                                             if h == o]}
                                      for o in sorted(daemons)]}))
     _print_status_table(out, config.enabled)
+    _print_job_policy(out, job)
     return EXIT_OK
+
+
+def _print_job_policy(rows: list[dict], job: str | None) -> None:
+    """``status JOB``: under its row, the job's effective policy and sources."""
+    if job is not None and rows and isinstance(rows[0].get("policy"), dict):
+        print(f"policy of {job}:")
+        _print_policy(rows[0]["policy"])
 
 
 def _print_status_table(out: list[dict], enabled: bool = True) -> None:
@@ -13461,8 +13633,13 @@ def _status_remote(args, token: str | None) -> int:
     if code != 200 or not isinstance(doc, list):
         raise _UsageError(f"admin API at {args.admin}: HTTP {code}: {error or doc!r}",
                           EXIT_ADMIN)
+    if args.job is not None:
+        doc = [row for row in doc if isinstance(row, dict) and row.get("id") == args.job]
+        if not doc:
+            raise _UsageError(f"no job {args.job!r} in the daemon at {args.admin}",
+                              EXIT_UNKNOWN_JOB)
     if args.json:
-        print(json.dumps(doc, indent=2))
+        print(json.dumps(doc[0] if args.job else doc, indent=2))
         return EXIT_OK
     code, daemons = _admin_call(args.admin, "GET", "/admin/daemons", token, 30)
     if code == 200 and isinstance(daemons, dict):
@@ -13470,6 +13647,7 @@ def _status_remote(args, token: str | None) -> int:
     else:                                   # a daemon from before the route
         print(f"daemon: admin API at {args.admin}")
     _print_status_table(doc)
+    _print_job_policy(doc, args.job)
     return EXIT_OK
 
 
@@ -13532,7 +13710,9 @@ def _job_arg(p) -> None:
 
 
 def _status_args(p) -> None:
-    p.add_argument("job", nargs="?", help="with --next: the job whose schedule to show")
+    p.add_argument("job", nargs="?", help="show only this job, with its effective policy "
+                   "(timeout, backoff, breaker, alert cooldown, jitter) and their sources; "
+                   "with --next: the job whose schedule to show")
     p.add_argument("--json", action="store_true", help="print JSON (times in ISO 8601)")
     p.add_argument("--next", type=int, metavar="N",
                    help="list the next N fire times of JOB's schedule")
@@ -13595,9 +13775,10 @@ _VERBS = {v.name: v for v in (
     _Verb("run", "run the daemon in the foreground (the default verb)",
           lambda p: None, _run_local),
     _Verb("validate", "check the config, every manifest and every plugin entrypoint; "
-          "report every problem at once", lambda p: None, _validate_local),
-    _Verb("status", "show every job's state (read only), or a job's next fire times "
-          "(--next N)", _status_args, _status_local, _status_remote),
+          "report every problem at once; --policy: each job's effective policy",
+          _validate_args, _validate_local),
+    _Verb("status", "show every job's state (read only), one job's with its policy, or a "
+          "job's next fire times (--next N)", _status_args, _status_local, _status_remote),
     _Verb("tick", "tick a job now and store the outcome; --dry-run stores nothing",
           _tick_args, _tick_local, _tick_remote),
     _Verb("pause", "pause a job (through the daemon holding it, if one runs)",
