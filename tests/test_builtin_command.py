@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import unittest
+from unittest import mock
 from datetime import datetime, timedelta, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -138,6 +139,12 @@ class ExitTest(CommandCase):
             for pid in map(int, f.read().split()):
                 self.assertTrue(wait_until(lambda: pid_gone(pid), WAIT), f"pid {pid} left")
 
+    def test_without_pidfd_the_exit_is_polled(self):
+        sh = self.script("p.sh", "echo a\nexit 75\n")
+        with mock.patch.object(nx, "_pidfd", return_value=None):
+            self.assertEqual(self.tick({"argv": ["/bin/echo", "b"]}).metrics.items_seen, 1)
+            self.assertIn("exit status 75", str(self.failing({"argv": [sh]})))
+
     def test_a_leader_gone_ends_the_tick_though_a_child_holds_stdout(self):
         sh = self.script("bg.sh", "sleep 300 &\necho done\n")
         ack = self.tick({"argv": [sh], "deliver": DELIVER, "timeout_secs": 30})
@@ -216,8 +223,21 @@ class DaemonTest(CommandCase):
         r.open()
         self.assertEqual(r.route_for("command").plugin_id, "mycmd")
         self.assertEqual(r.router.owner("command"), "mycmd")
-        r.router.unregister("mycmd")
+        r.reload(load_config(self.pollers_json()))      # the plugin dropped: built in again
         self.assertEqual(r.router.owner("command"), nx.PluginPollerRouter.BUILT_IN)
+        self.assertIsInstance(r.route_for("command").poller, CommandPoller)
+        r.reload(load_config(self.pollers_json([manifest])))
+        self.assertEqual(r.route_for("command").plugin_id, "mycmd")
+
+    def test_a_dry_run_ticks_the_built_in_and_stores_nothing(self):
+        r = Runner(load_config(self.pollers_json()))
+        self.addCleanup(r.stop)
+        outcome = r.dry_run("count", b"5")
+        self.assertEqual(outcome.status, nx.TickStatus.OK)
+        self.assertEqual([d.payload for d in outcome.ack.deliver], [{"text": "#item 5"}])
+        self.assertEqual(outcome.ack.next_cursor, b"6")
+        stored = r.state.load(["count"]).get("count")
+        self.assertTrue(stored is None or stored.cursor is None, stored)
 
     def test_an_unknown_kind_still_lists_the_built_in_ones(self):
         path = write_config(os.path.join(self.dir, "p.json"), {
