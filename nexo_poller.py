@@ -5263,6 +5263,7 @@ def _stdio_answer(handlers: Mapping[str, Callable], envelope: Any) -> dict | Non
 # Built-in kinds
 # Kinds every Runner serves in process with no plugin to install (command);
 # config validation knows them too.  A plugin serving the same kind wins.
+# Shares: _builtin_config_problem
 # ============================================================================
 
 DEFAULT_MAX_OUTPUT_BYTES = 10 << 20  # stdout a built-in kind reads per tick, unless set
@@ -5354,6 +5355,7 @@ class CommandPoller:
     group is killed and reaped (``_run_to_exit``, ``_reap``)."""
 
     kind = "command"
+    check = _CommandJob                 # check(job_id, config): raises PollerError.Config
 
     def tick(self, ctx: PollContext) -> TickAck:
         job = _CommandJob(ctx.job_id, ctx.config)
@@ -5434,6 +5436,16 @@ BUILTIN_KINDS = tuple(sorted(_BUILTIN_POLLERS))
 def builtin_pollers() -> list:
     """A fresh poller for each built-in kind (what every Runner serves)."""
     return [cls() for cls in _BUILTIN_POLLERS.values()]
+
+
+def _builtin_config_problem(kind: str, config: Any) -> str | None:
+    """What is wrong with a job's ``config`` for built-in ``kind`` (naming
+    the key), or None: the check each tick makes, made by ``validate`` too."""
+    try:
+        _BUILTIN_POLLERS[kind].check("", config)
+    except PollerError.Config as exc:
+        return exc.reason
+    return None
 
 
 # ============================================================================
@@ -8734,7 +8746,11 @@ def _job_from_dict(raw: Any, where: str, probs: _Problems, owners: PluginPollerR
                                                      "(letters, digits, '_' and '-')")
         for key in ("channel", "to"):
             _check_type(probs, f"{where}.failure_to.{key}", failure_to.get(key), str, "a string")
-    _check_type(probs, f"{where}.config", raw.get("config", {}), dict, "an object")
+    if _check_type(probs, f"{where}.config", raw.get("config", {}), dict, "an object") \
+            and isinstance(kind, str) and owners.owner(kind) == owners.BUILT_IN:
+        problem = _builtin_config_problem(kind, raw.get("config", {}))
+        if problem:                         # a plugin serving the kind checks its own
+            probs.add(f"{where}.config", problem)
     paused = raw.get("paused_on_boot", False)
     _check_type(probs, f"{where}.paused_on_boot", paused, bool, "true or false")
     schedule = _schedule_from_dict(raw.get("schedule"), f"{where}.schedule", probs,

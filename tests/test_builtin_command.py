@@ -239,6 +239,23 @@ class DaemonTest(CommandCase):
         stored = r.state.load(["count"]).get("count")
         self.assertTrue(stored is None or stored.cursor is None, stored)
 
+    def test_validate_checks_a_built_in_job_config_unless_a_plugin_serves_the_kind(self):
+        from support import write_plugin_manifest
+        doc = {"state_db": self.db,
+               "jobs": [{"id": "a", "kind": "command", "schedule": {"every_secs": 60},
+                         "config": {"argv": "ls -l", "shel": True}}]}
+        path = write_config(os.path.join(self.dir, "p.json"), doc)
+        with self.assertRaises(ConfigError) as caught:
+            load_config(path)
+        self.assertEqual([p for p, _ in caught.exception.problems], ["jobs[0].config"])
+        self.assertIn("config.shel: unknown key", str(caught.exception))
+        doc["jobs"][0]["config"] = {"argv": "ls -l"}
+        with self.assertRaises(ConfigError) as caught:
+            load_config(write_config(path, doc))
+        self.assertIn("config.argv must be a non-empty array", str(caught.exception))
+        doc["plugins"] = [write_plugin_manifest(self.dir, "mycmd", ["command"], command=PY)]
+        self.assertEqual(load_config(write_config(path, doc)).jobs[0].config, {"argv": "ls -l"})
+
     def test_an_unknown_kind_still_lists_the_built_in_ones(self):
         path = write_config(os.path.join(self.dir, "p.json"), {
             "state_db": self.db,
