@@ -12421,6 +12421,11 @@ def _run_verb(verb: "_Verb", args) -> int:
 
 def _validate_local(config: DaemonConfig, args) -> int:
     print(f"{args.config}: ok ({len(config.jobs)} jobs, {len(config.plugins)} plugins)")
+    for kind in BUILTIN_KINDS:
+        handle = _plugin_for(kind, config.plugins)
+        if handle is not None:              # the plugin wins: worth knowing
+            print(f"  kind {kind!r} is served by plugin {handle.plugin_id!r}, "
+                  "not the built-in")
     return EXIT_OK
 
 

@@ -126,6 +126,13 @@ class ExitTest(CommandCase):
                 self.assertTrue(wait_until(lambda: pid_gone(pid), WAIT), f"pid {pid} left")
         self.assertLessEqual(set(os.listdir("/proc/self/fd")), fds, "no descriptor left")
 
+    def test_a_trickle_cannot_hold_a_tick_past_its_timeout(self):
+        py = self.script("drip.py", "import sys, time\nwhile True:\n"
+                                    "    sys.stdout.write('x'); sys.stdout.flush()\n"
+                                    "    time.sleep(0.05)\n", python=True)
+        exc = self.failing({"argv": [py], "timeout_secs": 0.5})
+        self.assertIn("timed out after 0.5s", str(exc))
+
     def test_cancel_kills_the_whole_group(self):
         pids = os.path.join(self.dir, "pids")
         sh = self.script("slow.sh", f'sleep 300 &\necho "$$ $!" > {pids}.tmp\n'
@@ -228,6 +235,17 @@ class DaemonTest(CommandCase):
         self.assertIsInstance(r.route_for("command").poller, CommandPoller)
         r.reload(load_config(self.pollers_json([manifest])))
         self.assertEqual(r.route_for("command").plugin_id, "mycmd")
+
+    def test_validate_says_when_a_plugin_replaces_a_built_in_kind(self):
+        from support import main_in_process, write_plugin_manifest
+        code, out, _ = main_in_process(["--config", self.pollers_json(), "validate"])
+        self.assertEqual(code, 0)
+        self.assertNotIn("built-in", out)
+        manifest = write_plugin_manifest(self.dir, "mycmd", ["command"], command=PY)
+        code, out, err = main_in_process(["--config", self.pollers_json([manifest]),
+                                          "validate"])
+        self.assertEqual(code, 0, err)
+        self.assertIn("kind 'command' is served by plugin 'mycmd', not the built-in", out)
 
     def test_a_dry_run_ticks_the_built_in_and_stores_nothing(self):
         r = Runner(load_config(self.pollers_json()))
