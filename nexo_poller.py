@@ -1462,7 +1462,7 @@ class PluginPollerRouter:
             return list(self._by_plugin.values())
 
     def kinds(self) -> list[str]:
-        """Every kind with an owner, in-process ones included."""
+        """Every kind with an owner, in-process and built-in ones included."""
         with self._lock:
             return sorted(set(self._by_kind) | self._in_process | self._builtin)
 
