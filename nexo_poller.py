@@ -37,6 +37,8 @@ The sections of this file, in dependency order:
     Proxies     PollContext, EphemeralPollerProxy, PluginPollerProxy,
                 StdioPollerProxy, forward_tick, PluginSupervisor
     SDK         run_plugin
+    Built-in kinds  CommandPoller (the command kind), BUILTIN_KINDS,
+                builtin_pollers: kinds served with no plugin
     State       JobState, TickStatus, OutboxItem, StateStore (the one owner of
                 job state: leases, commits, commands, the outbox), open_state;
                 _GroupCommit (one writer thread, batches); SqliteStateStore
@@ -139,6 +141,8 @@ __all__ = [
     "nexo_reply_payload", "tick_reply_envelope",
     # sdk
     "run_plugin", "NEXO_PYTHON", "entrypoint_problems",
+    # built-in kinds
+    "CommandPoller", "BUILTIN_KINDS", "builtin_pollers", "DEFAULT_MAX_OUTPUT_BYTES",
     # daemon
     "StateStore", "SqliteStateStore", "JetStreamStateStore", "open_state", "JobState",
     "Command", "TickStatus", "apply_command", "COMMAND_VERBS", "CursorChange",
@@ -1363,15 +1367,22 @@ def _toml_name(kind: type) -> str:
 class PluginPollerRouter:
     """Thread-safe map from kind to the plugin handle that serves it: the one
     answer to "who serves kind K", one owner per kind.  Kinds served in
-    process (``claim_in_process``) have an owner and no handle."""
+    process (``claim_in_process``) have an owner and no handle.
+
+    Built-in kinds (``offer_builtin``) are the one exception to "one owner":
+    they are owned only while nothing else claims them, so a plugin or an
+    in-process poller serving the same kind replaces the built-in (the rule
+    lives in ``_claimed`` and ``owner``)."""
 
     IN_PROCESS = "(in-process)"             # the owner of a kind served by Runner.register
+    BUILT_IN = "(built-in)"                 # the owner of a built-in kind nothing else claims
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._by_plugin: dict[str, PluginPollerHandle] = {}
         self._by_kind: dict[str, PluginPollerHandle] = {}
         self._in_process: set[str] = set()
+        self._builtin: frozenset[str] = frozenset()
 
     # Writers change entries in an order that never lets a lock-free reader
     # miss a kind that stays registered: new entries first, stale ones last.
@@ -1384,7 +1395,7 @@ class PluginPollerRouter:
         """
         with self._lock:
             for kind in handle.kinds:
-                owner = self.owner(kind)
+                owner = self._claimed(kind)
                 if owner is not None and owner != handle.plugin_id:
                     raise PollerRouteRegistrationError.DuplicateKind(
                         kind, owner, handle.plugin_id)
@@ -1415,17 +1426,31 @@ class PluginPollerRouter:
         kinds = list(kinds)
         with self._lock:
             for kind in kinds:
-                owner = self.owner(kind)
+                owner = self._claimed(kind)
                 if owner is not None:
                     raise PollerRouteRegistrationError.DuplicateKind(kind, owner, self.IN_PROCESS)
             self._in_process.update(kinds)
 
-    def owner(self, kind: str) -> str | None:
-        """Who serves ``kind``: a plugin id, ``"(in-process)"``, or None."""
+    def offer_builtin(self, kinds: Iterable[str]) -> None:
+        """Serve ``kinds`` built in: each is owned by ``"(built-in)"`` while
+        no plugin or in-process poller claims it."""
+        with self._lock:
+            self._builtin = self._builtin | frozenset(kinds)
+
+    def _claimed(self, kind: str) -> str | None:
+        """Who claimed ``kind`` (a plugin id or ``"(in-process)"``), built-ins aside."""
         handle = self._by_kind.get(kind)
         if handle is not None:
             return handle.plugin_id
         return self.IN_PROCESS if kind in self._in_process else None
+
+    def owner(self, kind: str) -> str | None:
+        """Who serves ``kind``: a plugin id, ``"(in-process)"``,
+        ``"(built-in)"`` (only when nothing claimed it), or None."""
+        owner = self._claimed(kind)
+        if owner is None and kind in self._builtin:
+            return self.BUILT_IN
+        return owner
 
     def handle_for_kind(self, kind: str) -> PluginPollerHandle | None:
         # A single dict read is atomic under the GIL; no lock on the hot path.
@@ -1439,9 +1464,9 @@ class PluginPollerRouter:
             return list(self._by_plugin.values())
 
     def kinds(self) -> list[str]:
-        """Every kind with an owner, in-process ones included."""
+        """Every kind with an owner, in-process and built-in ones included."""
         with self._lock:
-            return sorted(set(self._by_kind) | self._in_process)
+            return sorted(set(self._by_kind) | self._in_process | self._builtin)
 
     def is_empty(self) -> bool:
         return not self._by_plugin
@@ -1465,8 +1490,9 @@ def _plugin_for(kind: str, plugins: Iterable[PluginPollerHandle]) -> PluginPolle
 # One tick in a fresh process: its own process group, every pipe watched by
 # one selector under one deadline, the whole group killed and reaped after.
 # Shares: _become_subreaper, _child_env, _exit_status, _Failure, _kill_group,
-#   _Lines, _pidfd, _popen, _reap, _STDERR_KEEP_BYTES, _sweep_orphans,
-#   _wait_exit
+#   _Lines, _pidfd, _popen, _reap, _run_reaped, _run_to_exit,
+#   _STDERR_KEEP_BYTES, _sweep_orphans, _UNHEALING_ERRNOS, _wait_exit,
+#   _with_stderr
 # ============================================================================
 
 DEFAULT_MAX_REPLY_BYTES = 1 << 20    # longest reply line an ephemeral plugin may send
@@ -1710,16 +1736,15 @@ def spawn_ephemeral_tick(command: str, plugin_id: str, request: TickRequest,
         what = exc.filename if exc.filename == cwd and cwd else command
         raise _spawn_error(request.job_id, plugin_id, command, what, exc) from None
     stderr = bytearray()
-    try:
+
+    def exchange() -> bytes:
         line = _exchange(proc, payload, budget, cancel, max_reply_bytes, stderr)
         if line is None:
             raise _Failure(f"closed stdout before replying ({_exit_status(proc)})")
-    except _Failure as exc:
-        raise _with_stderr(PollerError.Transient(f"plugin {plugin_id!r}: {exc}"),
-                           stderr) from None
+        return line
+    try:
+        line = _run_reaped(proc, f"plugin {plugin_id!r}", plugin_id, stderr, exchange)
     finally:
-        _reap(proc)
-        _sweep_orphans(f"NEXO_POLLER_PLUGIN_ID={plugin_id}".encode())
         if stderr and log.isEnabledFor(logging.DEBUG):
             for text in stderr.decode("utf-8", "replace").splitlines():
                 said = _log_safe(text)          # not ``line``: that is the reply
@@ -1740,6 +1765,21 @@ def spawn_ephemeral_tick(command: str, plugin_id: str, request: TickRequest,
 
 class _Failure(NexoPollerError):
     """Internal: why an exchange with a child process ended without a reply."""
+
+
+def _run_reaped(proc: subprocess.Popen, who: str, marker: str, stderr: bytearray,
+                run: Callable[[], Any]) -> Any:
+    """``run()`` against the started child ``proc``; a ``_Failure`` becomes a
+    Transient naming ``who``, with the stderr tail.  Whatever happens, the
+    group is killed and reaped and the escaped descendants whose environment
+    holds ``NEXO_POLLER_PLUGIN_ID=marker`` swept before this returns."""
+    try:
+        return run()
+    except _Failure as exc:
+        raise _with_stderr(PollerError.Transient(f"{who}: {exc}"), stderr) from None
+    finally:
+        _reap(proc)
+        _sweep_orphans(f"NEXO_POLLER_PLUGIN_ID={marker}".encode())
 
 
 def _exchange(proc: subprocess.Popen, payload: bytes, budget: float,
@@ -1800,6 +1840,73 @@ def _exchange(proc: subprocess.Popen, payload: bytes, budget: float,
                     raise _Failure(f"reply line longer than {max_reply} bytes")
                 if end >= 0:
                     return bytes(reply)
+
+
+def _run_to_exit(proc: subprocess.Popen, budget: float, cancel: threading.Event | None,
+                 max_out: int, stderr: bytearray) -> bytes:
+    """Read the child's whole stdout and wait for it to exit, all within
+    ``budget`` seconds (stdin is the caller's: give it none).
+
+    Returns stdout once the child has exited (what it wrote before, drained;
+    a descendant still holding the pipe is not waited for: _reap kills the
+    group).  The child stays unreaped, so _reap may still signal its group.
+    Raises ``_Failure`` on timeout, cancel or stdout over ``max_out`` bytes.
+    """
+    outfd, errfd = proc.stdout.fileno(), proc.stderr.fileno()
+    for fd in (outfd, errfd):
+        os.set_blocking(fd, False)
+    out = bytearray()
+    deadline = time.monotonic() + budget
+    pidfd = _pidfd(proc.pid)
+
+    def exited() -> bool:
+        try:
+            return os.waitid(os.P_PID, proc.pid,
+                             os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None
+        except ChildProcessError:
+            return True
+
+    def drain(fd: int) -> bool:                 # False at end of file
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return True
+            if not chunk:
+                return False
+            if fd == errfd:                     # keep the newest bytes: the error is last
+                stderr.extend(chunk)
+                del stderr[:-_STDERR_KEEP_BYTES]
+            else:
+                out.extend(chunk)
+                if len(out) > max_out:
+                    raise _Failure(f"wrote more than {max_out} bytes to stdout")
+
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(outfd, selectors.EVENT_READ)
+            sel.register(errfd, selectors.EVENT_READ)
+            if pidfd is not None:
+                sel.register(pidfd, selectors.EVENT_READ)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _Failure(f"timed out after {budget:g}s")
+                if cancel is not None and cancel.is_set():
+                    raise _Failure("tick cancelled")
+                if pidfd is None or cancel is not None:
+                    left = min(left, _CANCEL_POLL_SECS)
+                for key, _ in sel.select(left):
+                    if key.fd != pidfd and not drain(key.fd):
+                        sel.unregister(key.fd)
+                if exited():
+                    for key in list(sel.get_map().values()):
+                        if key.fd != pidfd:
+                            drain(key.fd)
+                    return bytes(out)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 class _Lines:
@@ -5162,6 +5269,195 @@ def _stdio_answer(handlers: Mapping[str, Callable], envelope: Any) -> dict | Non
     if method != "poll_tick" and isinstance(envelope, dict) and "id" not in envelope:
         return None                      # a notification gets no answer
     return _plugin_dispatch(handlers, envelope)
+
+
+# ============================================================================
+# Built-in kinds
+# Kinds every Runner serves in process with no plugin to install (command);
+# config validation knows them too.  A plugin serving the same kind wins.
+# Shares: _builtin_config_problem
+# ============================================================================
+
+DEFAULT_MAX_OUTPUT_BYTES = 10 << 20  # stdout a built-in kind reads per tick, unless set
+_COMMAND_KEYS = {"argv", "env", "cwd", "timeout_secs", "message_template", "deliver",
+                 "max_output_bytes"}
+_COMMAND_TIMEOUT_SECS = 30.0
+_EX_TEMPFAIL = 75                    # sysexits.h: "try again later"
+_TEMPLATE_FIELD_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _render(template: str, fields: Mapping[str, Any]) -> str:
+    """``template`` with each ``{name}`` of ``fields`` filled in; any other
+    brace stays as written (a template is data, not a format string)."""
+    def fill(m: re.Match) -> str:
+        if m.group(1) not in fields:
+            return m.group(0)
+        value = fields[m.group(1)]
+        return value if isinstance(value, str) else _dumps(value)
+    return _TEMPLATE_FIELD_RE.sub(fill, template)
+
+
+def _deliver_to(job_id: str, config: Mapping[str, Any]) -> tuple[str, str] | None:
+    """A built-in job's ``deliver {channel, to}``, checked; None without one."""
+    deliver = config.get("deliver")
+    if deliver is None:
+        return None
+    if not isinstance(deliver, dict) or set(deliver) != {"channel", "to"}:
+        raise PollerError.Config(job_id, 'config.deliver must be {"channel": ..., "to": ...}')
+    try:
+        Delivery.from_dict({"channel": deliver["channel"], "recipient": deliver["to"]},
+                           "config.deliver")
+    except PluginPollerForwardError as exc:
+        raise PollerError.Config(job_id, str(exc).replace(".recipient", ".to")) from None
+    return deliver["channel"], deliver["to"]
+
+
+class _CommandJob:
+    """A ``command`` job's config, checked: each problem is a
+    ``PollerError.Config`` naming its key."""
+
+    def __init__(self, job_id: str, config: Any) -> None:
+        def bad(key: str, what: str) -> PollerError:
+            return PollerError.Config(job_id, f"config.{key} must be {what}")
+        if not isinstance(config, dict):
+            raise PollerError.Config(job_id, "config must be an object with argv")
+        unknown = sorted(set(config) - _COMMAND_KEYS)
+        if unknown:
+            raise PollerError.Config(job_id, f"config.{unknown[0]}: unknown key (allowed: "
+                                             f"{', '.join(sorted(_COMMAND_KEYS))})")
+        argv = config.get("argv")
+        if not isinstance(argv, list) or not argv or not all(
+                isinstance(a, str) and "\0" not in a for a in argv) or not argv[0]:
+            raise bad("argv", 'a non-empty array of strings (no shell: ["/bin/sh", "-c", '
+                              '"..."] for one)')
+        env = config.get("env", {})
+        if not isinstance(env, dict) or not all(
+                isinstance(k, str) and k and "=" not in k and "\0" not in k
+                and isinstance(v, str) and "\0" not in v for k, v in env.items()):
+            raise bad("env", "an object of variable name -> string")
+        cwd = config.get("cwd")
+        if cwd is not None and (not isinstance(cwd, str) or not cwd or "\0" in cwd):
+            raise bad("cwd", "a directory path")
+        timeout = config.get("timeout_secs", _COMMAND_TIMEOUT_SECS)
+        if not _is_int(timeout) and not isinstance(timeout, float) \
+                or not 0 < timeout <= 86400:
+            raise bad("timeout_secs", "a number of seconds in (0, 86400]")
+        limit = config.get("max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES)
+        if not _is_int(limit) or limit < 1:
+            raise bad("max_output_bytes", "a positive integer")
+        template = config.get("message_template", "{line}")
+        if not isinstance(template, str):
+            raise bad("message_template", 'a string (default "{line}")')
+        self.job_id, self.argv, self.env, self.cwd = job_id, argv, env, cwd
+        self.timeout, self.max_output, self.template = float(timeout), limit, template
+        self.deliver = _deliver_to(job_id, config)
+
+
+class CommandPoller:
+    """The ``command`` kind: run ``argv`` (no shell) each tick.  The cursor
+    goes in as ``NEXO_CURSOR`` (text, empty at first); stdout's last line
+    ``cursor: ...`` (or ``{"cursor": ..., "items": [...]}`` as the whole of
+    stdout) brings the next one back, and each other non-empty line (or
+    item) is delivered as ``message_template`` (``{line}``).  Exit status 0
+    is ok, 75 (EX_TEMPFAIL) transient, anything else permanent.
+
+    The child runs in its own process group with stdin closed; stdout is
+    read up to ``max_output_bytes``, stderr's newest 8 KiB kept for the
+    error; at ``timeout_secs``, on cancel or when the tick ends, the whole
+    group is killed and reaped (``_run_to_exit``, ``_reap``)."""
+
+    kind = "command"
+    check = _CommandJob                 # check(job_id, config): raises PollerError.Config
+
+    def tick(self, ctx: PollContext) -> TickAck:
+        job = _CommandJob(ctx.job_id, ctx.config)
+        cursor = (ctx.cursor or b"").decode("utf-8", "surrogateescape")
+        if "\0" in cursor:
+            raise PollerError.Permanent(f"job {ctx.job_id!r}: its cursor holds a NUL byte, "
+                                        "which NEXO_CURSOR cannot carry (set another cursor)")
+        marker = f"command:{ctx.job_id}"
+        try:
+            proc = _popen(job.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, cwd=job.cwd, start_new_session=True,
+                          bufsize=0, env=_child_env(marker, job.env, NEXO_CURSOR=cursor,
+                                                    NEXO_JOB_ID=ctx.job_id))
+        except OSError as exc:
+            key, what = (("cwd", job.cwd) if job.cwd and exc.filename == job.cwd
+                         else ("argv[0]", job.argv[0]))
+            text = f"config.{key}: cannot start {what!r}: {exc.strerror or exc}"
+            if exc.errno in _UNHEALING_ERRNOS:
+                raise PollerError.Config(ctx.job_id, text) from None
+            raise PollerError.Transient(text) from None
+        stderr = bytearray()
+        out = _run_reaped(proc, f"command {job.argv[0]!r}", marker, stderr,
+                          lambda: _run_to_exit(proc, job.timeout, ctx.cancel,
+                                               job.max_output, stderr))
+        code = proc.returncode
+        if code != 0:
+            how = f"exit status {code}" if code > 0 else f"killed by signal {-code}"
+            exc = (PollerError.Transient if code == _EX_TEMPFAIL else PollerError.Permanent)(
+                f"command {job.argv[0]!r}: {how}")
+            raise _with_stderr(exc, stderr)
+        try:
+            items, next_cursor = _command_output(out)
+        except PollerError as exc:
+            raise _with_stderr(exc, stderr) from None
+        deliver = ()
+        if job.deliver is not None:
+            channel, to = job.deliver
+            deliver = tuple(Delivery(channel, to, {"text": _render(job.template, fields)})
+                            for fields in items)
+        return TickAck(next_cursor=next_cursor, deliver=deliver,
+                       metrics=TickMetrics(len(items), len(deliver)))
+
+
+def _command_output(out: bytes) -> tuple[list[dict], bytes | None]:
+    """A command's stdout read: (each item's template fields, the next
+    cursor or None for unchanged).  The whole of stdout one JSON object with
+    ``cursor`` or ``items`` is the JSON form; else it is lines."""
+    text = out.decode("utf-8", "replace")
+    doc = None
+    if text.strip().startswith("{"):
+        try:
+            doc = _loads(text)
+        except (ValueError, RecursionError):
+            doc = None
+    if isinstance(doc, dict) and ("cursor" in doc or "items" in doc):
+        items = doc.get("items", [])
+        if not isinstance(items, list):
+            raise PollerError.Permanent(f'the JSON on stdout: "items" must be an array, '
+                                        f"got {_json_type(items)}")
+        cursor = doc.get("cursor")
+        if cursor is not None and not isinstance(cursor, str):
+            cursor = _dumps(cursor)         # an object cursor (nexo's shape) kept as JSON text
+        fields = [{**(item if isinstance(item, dict) else {}),
+                   "line": item if isinstance(item, str) else _dumps(item)} for item in items]
+        return fields, None if cursor is None else cursor.encode("utf-8", "surrogateescape")
+    lines = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+    cursor = None
+    if lines and lines[-1].startswith("cursor:"):
+        cursor = lines.pop()[len("cursor:"):].strip().encode()
+    return [{"line": line} for line in lines], cursor
+
+
+# The one registry of built-in kinds: kind -> the poller class serving it.
+_BUILTIN_POLLERS: dict[str, type] = {CommandPoller.kind: CommandPoller}
+BUILTIN_KINDS = tuple(sorted(_BUILTIN_POLLERS))
+
+
+def builtin_pollers() -> list:
+    """A fresh poller for each built-in kind (what every Runner serves)."""
+    return [cls() for cls in _BUILTIN_POLLERS.values()]
+
+
+def _builtin_config_problem(kind: str, config: Any) -> str | None:
+    """What is wrong with a job's ``config`` for built-in ``kind`` (naming
+    the key), or None: the check each tick makes, made by ``validate`` too."""
+    try:
+        _BUILTIN_POLLERS[kind].check("", config)
+    except PollerError.Config as exc:
+        return exc.reason
+    return None
 
 
 # ============================================================================
@@ -8653,12 +8949,13 @@ class DaemonConfig:
     cron_dialect: str = "vixie"                    # or "nexo": how jobs' cron is read
     plugins: list[PluginPollerHandle] = dataclasses.field(default_factory=list)
     jobs: list[JobConfig] = dataclasses.field(default_factory=list)
-    source: str | None = None
+    source: str | None = dataclasses.field(default=None, metadata={"file": False})
     # plugin id -> {"user", "password"} or {"token"}: its own NATS credentials
     plugin_broker_auth: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     # (resolved value, its placeholder) of each ${...} the file's text had:
     # what every echo of the configuration hides (_hide_secrets)
-    secrets: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
+    secrets: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False,
+                                                          metadata={"file": False})
 
 
 def _file_default(field: dataclasses.Field) -> Any:
@@ -8669,7 +8966,7 @@ def _file_default(field: dataclasses.Field) -> Any:
 
 # The top-level keys of pollers.json and their defaults: DaemonConfig's fields.
 _TOP_DEFAULTS = {f.name: _file_default(f) for f in dataclasses.fields(DaemonConfig)
-                 if f.name not in ("source", "secrets")}
+                 if f.metadata.get("file", True)}      # not the file's: where it came from
 
 
 def _jitter_ms(schedule: Schedule, config: DaemonConfig) -> tuple[int, str]:
@@ -9130,6 +9427,7 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
         cfg.admin_allowed_hosts = tuple(_host_name(n) for n in hosts if isinstance(n, str))
 
     owners = PluginPollerRouter()               # the one rule: one owner per kind
+    owners.offer_builtin(BUILTIN_KINDS)
     owners.claim_in_process(extra_kinds)
     plugins = get("plugins")
     if _check_type(probs, prefix + "plugins", plugins, list, "an array of paths"):
@@ -9241,7 +9539,11 @@ def _job_from_dict(raw: Any, where: str, probs: _Problems, owners: PluginPollerR
                                                      "(letters, digits, '_' and '-')")
         for key in ("channel", "to"):
             _check_type(probs, f"{where}.failure_to.{key}", failure_to.get(key), str, "a string")
-    _check_type(probs, f"{where}.config", raw.get("config", {}), dict, "an object")
+    if _check_type(probs, f"{where}.config", raw.get("config", {}), dict, "an object") \
+            and isinstance(kind, str) and owners.owner(kind) == owners.BUILT_IN:
+        problem = _builtin_config_problem(kind, raw.get("config", {}))
+        if problem:                         # a plugin serving the kind checks its own
+            probs.add(f"{where}.config", problem)
     _check_type(probs, f"{where}.extra", raw.get("extra", {}), dict, "an object")
     paused = raw.get("paused_on_boot", False)
     _check_type(probs, f"{where}.paused_on_boot", paused, bool, "true or false")
@@ -9611,13 +9913,25 @@ class _Route:
 class _Routes:
     """How each kind is served (its ``_Route``: poller, lane, budget); which
     kinds may be served, one owner each, is the router's rule
-    (``PluginPollerRouter``), asked first."""
+    (``PluginPollerRouter``), asked first: a built-in kind's route serves
+    only while the router says the built-in owns the kind."""
 
-    def __init__(self):
+    def __init__(self, router: PluginPollerRouter):
         self._table: dict[str, _Route] = {}
+        self._builtin: dict[str, Callable[[], _Route]] = {}
+        self._router = router
 
     def get(self, kind: str) -> _Route | None:
-        return self._table.get(kind)
+        route = self._table.get(kind)
+        if route is None and self._router.owner(kind) == PluginPollerRouter.BUILT_IN:
+            return self._builtin[kind]()
+        return route
+
+    def add_builtin(self, kind: str, route: Callable[[], _Route]) -> None:
+        """Serve ``kind`` built in, until a plugin or poller claims it;
+        ``route`` makes its route (and lane) when first asked, once."""
+        self._router.offer_builtin((kind,))
+        self._builtin[kind] = functools.cache(route)
 
     def add(self, route: _Route) -> None:
         self._table[route.kind] = route
@@ -9944,8 +10258,10 @@ class _Plugins:
         self._runner = runner               # its config, broker and broker URL
         self._lanes, self._cond = lanes, cond
         self.router = PluginPollerRouter()          # plugins by id (the manifests)
-        self.routes = _Routes()                     # kinds: the one answer to "who serves it"
+        self.routes = _Routes(self.router)          # kinds: the one answer to "who serves it"
         self.supervisors: dict[str, PluginSupervisor] = {}
+        for poller in builtin_pollers():
+            self.routes.add_builtin(poller.kind, functools.partial(self._route, poller))
 
     def lane(self, key: str, limit: int) -> _Lane:
         """The lane ``key``, bounded by ``limit``."""
@@ -9958,9 +10274,13 @@ class _Plugins:
         if not isinstance(kind, str) or not callable(getattr(poller, "tick", None)):
             raise TypeError("a poller needs a `kind` string and a `tick(ctx)` method")
         self.router.claim_in_process((kind,))
+        self.routes.add(self._route(poller))
+
+    def _route(self, poller: Any) -> _Route:
+        """The route of an in-process poller: its own lane, the in-process budget."""
         limit = getattr(poller, "max_concurrent_ticks", None) or self._runner.config.max_workers
-        self.routes.add(_Route(kind, poller, self.lane(f"kind:{kind}", limit),
-                               _tick_budget(kind)))
+        return _Route(poller.kind, poller, self.lane(f"kind:{poller.kind}", limit),
+                      _tick_budget(poller.kind))
 
     def install(self, handles: Iterable[PluginPollerHandle],
                 auth_by_plugin: Mapping[str, Mapping[str, str]] | None = None) -> None:
@@ -12974,6 +13294,11 @@ def _run_verb(verb: "_Verb", args) -> int:
 
 def _validate_local(config: DaemonConfig, args) -> int:
     print(f"{args.config}: ok ({len(config.jobs)} jobs, {len(config.plugins)} plugins)")
+    for kind in BUILTIN_KINDS:
+        handle = _plugin_for(kind, config.plugins)
+        if handle is not None:              # the plugin wins: worth knowing
+            print(f"  kind {kind!r} is served by plugin {handle.plugin_id!r}, "
+                  "not the built-in")
     for jc in config.jobs if args.policy else ():
         print(f"job {jc.id} (kind {jc.kind}):")
         _print_policy(_policy_view(config, jc))

@@ -372,8 +372,9 @@ class JobsTest(ConfigTestCase):
         for known in ("rss", "atom", "crm"):
             self.assertIn(known, msg)
 
-    def test_unknown_kind_with_no_kinds_at_all(self):
-        self.assertOnlyProblem({"jobs": [job(kind="rss")]}, "jobs[0].kind", "rss", "none")
+    def test_unknown_kind_without_plugins_lists_the_built_in_kinds(self):
+        self.assertOnlyProblem({"jobs": [job(kind="rss")]}, "jobs[0].kind", "rss",
+                               "known kinds: command")
 
     def test_extra_kinds_make_in_process_kind_valid(self):
         cfg = self.load({"jobs": [job(kind="crm")]}, extra_kinds=["crm"])
