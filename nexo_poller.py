@@ -8376,7 +8376,10 @@ _YAML_REFUSED = {"&": "anchors are not supported", "*": "aliases are not support
                  "%": "'%' may not start a plain value (quote it)"}
 
 
-class _YamlError(Exception):
+class _YamlError(NexoPollerError):
+    """Where (a character offset) and why the YAML reader stopped; it leaves
+    the section as a ConfigError with file:line:column."""
+
     def __init__(self, pos: int, reason: str):
         super().__init__(reason)
         self.pos, self.reason = pos, reason
