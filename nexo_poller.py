@@ -48,7 +48,10 @@ The sections of this file, in dependency order:
     Schedule    Schedule, CronExpr (Vixie cron, or nexo's: the cron crate's)
     YAML        the reader of YAML configuration files (_read_yaml): the
                 subset configuration files use, refusing the rest
-    Config      load_config, config_from_dict, DaemonConfig, JobConfig
+    Config      load_config, config_from_dict, DaemonConfig, JobConfig,
+                JobPolicy (a job's effective timeout, backoff, breaker, alert
+                cooldown, jitter, and where each came from); nexo's ${...}
+                placeholders resolved, their secrets hidden
     Runner      plan_tick, next_run (the pure error policy and catch-up rule);
                 Runner, a facade (life cycle, operator verbs, the read API the
                 HTTP face, metrics and the CLI use) over its collaborators:
