@@ -10756,10 +10756,10 @@ class _Ticks:
         r = self._runner
         if elsewhere and slot is not None:
             log.debug("job %s: slot skipped, another daemon holds its lease", job.cfg.id)
-            r.metrics.held_elsewhere(job.cfg.id, job.cfg.kind)
+            r.metrics.held_elsewhere(job.cfg.id, job.cfg.kind, job.cfg.agent)
         else:
             self._log_tick(outcome)
-            r.metrics.observe(outcome)
+            r.metrics.observe(outcome, agent=job.cfg.agent)
         if command is not None:
             try:
                 r.state.finish_command(command, json.dumps(outcome.to_dict()))
@@ -10824,7 +10824,7 @@ class _Ticks:
             if queued and r.publisher is not None:
                 r.publisher.wake()
             self._log_tick(outcome)         # before the release: wait_idle() sees it
-            r.metrics.observe(outcome, new.last_run_at)
+            r.metrics.observe(outcome, new.last_run_at, job.cfg.agent)
             if plan.alert:
                 self._send_alert(job, plan.alert, outcome)
             book.release(job, plan.run_at, plan.slot)
@@ -10834,7 +10834,7 @@ class _Ticks:
         log.error("job %s: tick result not stored (%s)", job.cfg.id, why)
         outcome.status, outcome.error, outcome.next_run_at = TickStatus.UNSTORED, why, None
         self._log_tick(outcome)
-        r.metrics.observe(outcome)
+        r.metrics.observe(outcome, agent=job.cfg.agent)
         now = r.clock()
         with book.cond:
             job.unstored += 1
@@ -11968,8 +11968,19 @@ class _Publisher:
 
 
 class _Metrics:
-    """Counters for the Prometheus endpoint; updated after each commit."""
+    """Counters for the Prometheus endpoint; updated after each commit.
+
+    Beside this project's ``nexo_poller_*`` families it always serves nexo's
+    own (``poller_*``, as nexo's crates/poller telemetry names them), so a
+    dashboard built on nexo works unchanged; the names do not collide."""
     BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+    NEXO_BUCKETS_MS = (50, 100, 250, 500, 1000, 2500, 5000, 10000)
+    # nexo's status label has four values; "skipped" is a slot not run (nexo:
+    # lease busy, breaker open).  An unstored tick ran and will be retried.
+    NEXO_STATUS = {TickStatus.OK: "ok", TickStatus.TRANSIENT: "transient",
+                   TickStatus.PERMANENT: "permanent", TickStatus.CONFIG: "permanent",
+                   TickStatus.LEASED: "skipped", TickStatus.CANCELLED: "skipped",
+                   TickStatus.BUSY: "skipped", TickStatus.UNSTORED: "transient"}
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -11978,27 +11989,43 @@ class _Metrics:
         self.state_errors = 0
         self.last_success: dict[str, float] = {}  # job -> wall time of its last ok tick
         self.elsewhere: dict[tuple[str, str], int] = {}  # (job, kind) -> slots held elsewhere
+        self.nexo_ticks: dict[tuple[str, str, str, str], int] = {}  # (kind, agent, job, status)
+        self.nexo_latency: dict[tuple[str, str, str], list] = {}   # (kind, agent, job), in ms
 
-    def observe(self, o: TickOutcome, at: float | None = None) -> None:
+    @staticmethod
+    def _into(hist: dict, key: Any, bounds: tuple, value: float) -> None:
+        h = hist.setdefault(key, [0] * (len(bounds) + 2))
+        for i, bound in enumerate(bounds):
+            if value <= bound:
+                h[i] += 1
+        h[-2] += value
+        h[-1] += 1
+
+    def observe(self, o: TickOutcome, at: float | None = None, agent: str = "") -> None:
         with self._lock:
             if o.status is TickStatus.OK and at is not None:
                 self.last_success[o.job_id] = max(at, self.last_success.get(o.job_id, at))
             key = (o.job_id, o.kind, o.status.value)
             self.ticks[key] = self.ticks.get(key, 0) + 1
-            h = self.duration.setdefault(o.kind, [0] * (len(self.BUCKETS) + 2))
-            for i, bound in enumerate(self.BUCKETS):
-                if o.duration <= bound:
-                    h[i] += 1
-            h[-2] += o.duration
-            h[-1] += 1
+            self._into(self.duration, o.kind, self.BUCKETS, o.duration)
+            status = self.NEXO_STATUS[o.status]
+            self._nexo_tick(o.kind, agent, o.job_id, status)
+            if status != "skipped":         # nexo times only the ticks it ran
+                self._into(self.nexo_latency, (o.kind, agent, o.job_id),
+                           self.NEXO_BUCKETS_MS, o.duration * 1000)
+
+    def _nexo_tick(self, kind: str, agent: str, job: str, status: str) -> None:
+        key = (kind, agent, job, status)
+        self.nexo_ticks[key] = self.nexo_ticks.get(key, 0) + 1
 
     def state_error(self) -> None:
         with self._lock:
             self.state_errors += 1
 
-    def held_elsewhere(self, job: str, kind: str) -> None:
+    def held_elsewhere(self, job: str, kind: str, agent: str = "") -> None:
         with self._lock:
             self.elsewhere[(job, kind)] = self.elsewhere.get((job, kind), 0) + 1
+            self._nexo_tick(kind, agent, job, "skipped")    # nexo: lease busy, skipped
 
     def render(self, runner: "Runner") -> str:
         out = []
@@ -12039,6 +12066,7 @@ class _Metrics:
             family(name, "counter" if name.endswith("_total") else "gauge", help_text)
             for j in jobs:
                 out.append(f"{name}{lbl(job=j['id'], kind=j['kind'])} {int(j[key])}")
+        self._render_nexo(out, family, lbl, jobs)
         family("nexo_poller_last_success_timestamp_seconds", "gauge",
                "Time of the job's last successful tick (absent until one succeeded).")
         for j in jobs:
@@ -12079,6 +12107,39 @@ class _Metrics:
         for key, (_, n) in sorted(runner.lanes().items()):
             out.append(f"nexo_poller_ticks_waiting{lbl(lane=key)} {n}")
         return "\n".join(out) + "\n"
+
+    def _render_nexo(self, out: list, family: Callable, lbl: Callable, jobs: list) -> None:
+        """nexo's families, its labels in its order (poller_lease_takeovers_total,
+        which nexo never increments, is left out)."""
+        with self._lock:
+            family("poller_ticks_total", "counter", "Total poller ticks by kind/agent/job/status.")
+            for (kind, agent, job, status), n in sorted(self.nexo_ticks.items()):
+                labels = lbl(agent=agent, job_id=job, kind=kind, status=status)
+                out.append(f"poller_ticks_total{labels} {n}")
+            family("poller_latency_ms", "histogram", "Tick wall-clock duration histogram.")
+            for (kind, agent, job), h in sorted(self.nexo_latency.items()):
+                for bound, n in zip((*self.NEXO_BUCKETS_MS, "+Inf"), (*h[:-2], h[-1])):
+                    out.append(f"poller_latency_ms_bucket"
+                               f"{lbl(agent=agent, job_id=job, kind=kind, le=bound)} {n}")
+                labels = lbl(agent=agent, job_id=job, kind=kind)
+                out.append(f"poller_latency_ms_sum{labels} {h[-2]:.3f}")
+                out.append(f"poller_latency_ms_count{labels} {h[-1]}")
+        for name, key, help_text in (
+                ("poller_items_seen_total", "items_seen_total",
+                 "Items the source returned (whether dispatched or not)."),
+                ("poller_items_dispatched_total", "items_dispatched_total",
+                 "Items published downstream.")):
+            family(name, "counter", help_text)
+            for j in jobs:
+                out.append(f"{name}{lbl(agent=j['agent'], job_id=j['id'], kind=j['kind'])} "
+                           f"{int(j[key])}")
+        family("poller_consecutive_errors", "gauge", "Consecutive failures since last success.")
+        for j in jobs:
+            out.append(f"poller_consecutive_errors{lbl(job_id=j['id'])} {j['consecutive_errors']}")
+        family("poller_breaker_state", "gauge", "0=closed,1=half-open,2=open per job.")
+        for j in jobs:       # no half-open here: an open breaker's next tick is its trial
+            state = 2 if j["breaker_open"] else 0
+            out.append(f"poller_breaker_state{lbl(job_id=j['id'])} {state}")
 
 
 def _prom_escape(value: Any) -> str:

@@ -393,6 +393,9 @@ class RunnerTests(LiveCase):
         metrics = a._metrics.render(a) + b._metrics.render(b)
         self.assertIn("nexo_poller_slots_held_elsewhere_total{job=", metrics)
         self.assertNotIn('outcome="leased"', metrics)
+        # nexo counts such a slot as a tick skipped (lease busy): its dashboards see it
+        self.assertRegex(metrics, r'poller_ticks_total\{agent="[^"]*",job_id="job\.\d",'
+                                  r'kind="[^"]*",status="skipped"\} [1-9]')
         # Each daemon reads who holds which job, and sees both daemons.
         holders = wait_until(lambda: (lambda h: h if set(h) == {f"job.{i}" for i in range(4)}
                                       else None)(b.holders()), 15)

@@ -211,7 +211,11 @@ class TestMetricsEndpoint(Case):
             "nexo_poller_state_errors_total": "counter",
             "nexo_poller_state_ok": "gauge",
             "nexo_poller_plugin_restarts_total": "counter",
-            "nexo_poller_ticks_waiting": "gauge"})
+            "nexo_poller_ticks_waiting": "gauge",
+            # nexo's own families, always alongside (TestNexoMetricNames)
+            "poller_ticks_total": "counter", "poller_latency_ms": "histogram",
+            "poller_items_seen_total": "counter", "poller_items_dispatched_total": "counter",
+            "poller_consecutive_errors": "gauge", "poller_breaker_state": "gauge"})
         for name in types:
             self.assertIn(f"# HELP {name} ", body)
 
@@ -435,6 +439,89 @@ class TestMetricsEndpoint(Case):
 
 TICK_LINE = re.compile(r"tick job=(\S+) kind=(\S+) outcome=(\S+) duration_ms=(\d+\.\d) "
                        r"items_seen=(\d+) items_dispatched=(\d+)(?: error=(.*))?")
+
+
+class TestNexoMetricNames(Case):
+    """nexo's metric set (crates/poller telemetry) served beside this project's,
+    so a dashboard built on nexo works: its names, types, labels (``agent``,
+    ``job_id``, ``kind``, ``status``), status values and millisecond buckets."""
+
+    NEXO_LE = ["50", "100", "250", "500", "1000", "2500", "5000", "10000", "+Inf"]
+
+    def scrape(self, r):
+        types, samples = parse_exposition(self, fetch(r.metrics_address)[2])
+        return types, samples
+
+    def test_ticks_items_errors_and_breaker_under_nexo_names(self):
+        cfg = self.config([self.job("leads", agent="ana"), self.job("blog", agent="kate"),
+                           self.job("gone", agent="kate"), self.job("idle")],
+                          breaker_threshold=2, metrics_addr="127.0.0.1:0")
+        r = self.runner(cfg, Scripted(script={
+            "leads": [TickAck(b"1", metrics=TickMetrics(items_seen=3, items_dispatched=2)),
+                      TickAck(b"2", metrics=TickMetrics(items_seen=1, items_dispatched=0))],
+            "blog": [PollerError.Transient("503"), PollerError.Transient("503")],
+            "gone": [PollerError.Permanent("feed deleted")]}))
+        statuses = [r.run_once(j).status for j in ("leads", "leads", "blog", "blog", "gone")]
+        self.assertEqual(statuses, ["ok", "ok", "transient", "transient", "permanent"])
+        types, samples = self.scrape(r)
+        for name, kind in (("poller_ticks_total", "counter"), ("poller_latency_ms", "histogram"),
+                           ("poller_items_seen_total", "counter"),
+                           ("poller_items_dispatched_total", "counter"),
+                           ("poller_consecutive_errors", "gauge"),
+                           ("poller_breaker_state", "gauge")):
+            self.assertEqual(types.get(name), kind, name)
+
+        ticks = {tuple(sorted(lb.items())): v for lb, v in series(samples, "poller_ticks_total")}
+        def key(agent, job, status):
+            return (("agent", agent), ("job_id", job), ("kind", "mem"), ("status", status))
+        self.assertEqual(ticks, {key("ana", "leads", "ok"): 2,
+                                 key("kate", "blog", "transient"): 2,
+                                 key("kate", "gone", "permanent"): 1})
+        self.assertIn('poller_ticks_total{agent="ana",job_id="leads",kind="mem",status="ok"} 2',
+                      fetch(r.metrics_address)[2].splitlines())
+
+        def per_job(name, *labels):
+            return {tuple(lb[k] for k in labels): v for lb, v in series(samples, name)}
+        self.assertEqual(per_job("poller_items_seen_total", "agent", "job_id", "kind"),
+                         {("ana", "leads", "mem"): 4, ("kate", "blog", "mem"): 0,
+                          ("kate", "gone", "mem"): 0, ("default", "idle", "mem"): 0})
+        self.assertEqual(per_job("poller_items_dispatched_total", "job_id")[("leads",)], 2)
+        self.assertEqual(per_job("poller_consecutive_errors", "job_id"),
+                         {("leads",): 0, ("blog",): 2, ("gone",): 1, ("idle",): 0})
+        # 0 = closed, 2 = open (nexo's values)
+        self.assertEqual(per_job("poller_breaker_state", "job_id"),
+                         {("leads",): 0, ("blog",): 2, ("gone",): 0, ("idle",): 0})
+        for lb, _ in series(samples, "poller_breaker_state"):
+            self.assertEqual(set(lb), {"job_id"})
+
+    def test_every_outcome_maps_to_a_nexo_status_and_latency_is_in_ms(self):
+        cfg = self.config([self.job("j", agent="ana")], metrics_addr="127.0.0.1:0")
+        r = self.runner(cfg, Scripted())
+        expected = {"ok": "ok", "transient": "transient", "permanent": "permanent",
+                    "config": "permanent", "leased": "skipped", "cancelled": "skipped",
+                    "busy": "skipped", "unstored": "transient"}
+        self.assertEqual(set(expected), {s.value for s in nx.TickStatus})
+        durations = {"ok": 0.07, "transient": 0.3, "permanent": 12.0, "config": 0.05,
+                     "unstored": 2.0}
+        for status in expected:
+            r.metrics.observe(nx.TickOutcome("j", "mem", status,
+                                             duration=durations.get(status, 0.0)),
+                              agent="ana")
+        _, samples = self.scrape(r)
+        got = {lb["status"]: v for lb, v in series(samples, "poller_ticks_total", job_id="j")}
+        self.assertEqual(got, {"ok": 1, "transient": 2, "permanent": 2, "skipped": 3})
+        # only ticks that ran are timed, in milliseconds, in nexo's buckets
+        buckets = series(samples, "poller_latency_ms_bucket", agent="ana", job_id="j",
+                         kind="mem")
+        self.assertEqual([lb["le"] for lb, _ in buckets], self.NEXO_LE)
+        ms = [d * 1000 for d in durations.values()]
+        for lb, v in buckets:
+            le = float("inf") if lb["le"] == "+Inf" else float(lb["le"])
+            self.assertEqual(v, sum(1 for m in ms if m <= le), lb["le"])
+        [(_, count)] = series(samples, "poller_latency_ms_count", job_id="j")
+        [(_, total)] = series(samples, "poller_latency_ms_sum", job_id="j")
+        self.assertEqual(count, 5)
+        self.assertAlmostEqual(total, sum(ms), places=2)
 
 
 class TestTickLogs(Case):
