@@ -8906,6 +8906,9 @@ class JobConfig:
     config: Any = dataclasses.field(default_factory=dict)
     failure_to: dict | None = None
     paused_on_boot: bool = False
+    # nexo's files (cron_dialect "nexo"): paused_on_boot pauses the job again
+    # at every start, as nexo does; pollers.json: only a new job starts paused
+    repause_on_boot: bool = False
     raw: dict = dataclasses.field(default_factory=dict, repr=False)
     # nexo's free map for modules, not the runner: kept, passed to nothing
     extra: dict = dataclasses.field(default_factory=dict)
@@ -9573,7 +9576,8 @@ def _job_from_dict(raw: Any, where: str, probs: _Problems, owners: PluginPollerR
     if "jitter_ms" in overrides:            # one setting: the schedule's jitter
         schedule.stagger_jitter_ms = overrides.pop("jitter_ms")
     return JobConfig(job_id, kind, agent, schedule, raw.get("config", {}), failure_to,
-                     paused, raw=raw, extra=raw.get("extra", {}), overrides=overrides)
+                     paused, repause_on_boot=paused and cron_dialect == "nexo", raw=raw,
+                     extra=raw.get("extra", {}), overrides=overrides)
 
 
 def _schedule_from_dict(raw: Any, where: str, probs: _Problems,
@@ -10244,10 +10248,17 @@ class _JobBook:
     def lease(self, store: StateStore, jobs: list[_Job], now: float,
               ttl: Callable[[JobConfig], float]) -> dict[str, JobState]:
         """Lease ``jobs`` in ``store`` for ``ttl(cfg)`` seconds each; each
-        granted job takes the state the claim read."""
+        granted job takes the state the claim read (paused again first when
+        its config says ``repause_on_boot``: the one place that rule lives)."""
         wanted = {j.cfg.id: now + ttl(j.cfg) for j in jobs}
         granted = store.claim(wanted, now, paused_on_boot=[
             j.cfg.id for j in jobs if j.cfg.paused_on_boot])
+        for job in jobs:                    # a job starting here: nexo pauses it again
+            state = granted.get(job.cfg.id)
+            if job.cfg.repause_on_boot and state is not None and not state.paused:
+                state = state.replace(paused=True)
+                if store.commit_now(state, source="paused_on_boot"):
+                    granted[job.cfg.id] = state.replace(revision=state.revision + 1)
         with self.cond:
             for job in jobs:
                 if job.cfg.id in granted:
@@ -13366,10 +13377,43 @@ def _validate_local(config: DaemonConfig, args) -> int:
         if handle is not None:              # the plugin wins: worth knowing
             print(f"  kind {kind!r} is served by plugin {handle.plugin_id!r}, "
                   "not the built-in")
+    for line in _nexo_tz_warnings(config, time.time()):
+        print(line)
     for jc in config.jobs if args.policy else ():
         print(f"job {jc.id} (kind {jc.kind}):")
         _print_policy(_policy_view(config, jc))
     return EXIT_OK
+
+
+def _nexo_tz_warnings(config: DaemonConfig, now: float) -> list[str]:
+    """A nexo file's jobs whose ``tz`` nexo ignored (its cron-tz feature is
+    off: every schedule ran in UTC) and how far their first fire moves here."""
+    if config.cron_dialect != "nexo":
+        return []
+    out = []
+    for jc in config.jobs:
+        s = jc.schedule
+        if s.cron is None or getattr(s.tz, "key", "UTC") in ("UTC", "Etc/UTC"):
+            continue
+        here = s.next_after(now, now)
+        there = dataclasses.replace(s, tz=timezone.utc).next_after(now, now)
+        moved = "cannot be compared (no next fire)" if here is None or there is None \
+            else f"moves by {_signed_duration(here - there)}"
+        out.append(f"  warning: job {jc.id}: nexo ran its cron in UTC (it ignores tz); here "
+                   f"it runs in {s.tz.key}: the first fire after now {moved} "
+                   f"({_iso(there)} in UTC, {_iso(here)} with tz)")
+    return out
+
+
+def _signed_duration(secs: float) -> str:
+    """``secs`` as "+1d2h30m" or "-45m" (whole seconds; "0s" for none)."""
+    n = round(secs)
+    left, parts = abs(n), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if left >= size:
+            parts.append(f"{left // size}{unit}")
+            left %= size
+    return ("-" if n < 0 else "+") + "".join(parts) if parts else "0s"
 
 
 def _validate_args(p) -> None:

@@ -12,10 +12,12 @@ import os
 import sys
 import tempfile
 import unittest
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
-from support import main_in_process, write_config, write_manifest  # noqa: E402
+from support import (FakePoller, TempDirCase, main_in_process, write_config,  # noqa: E402
+                     write_manifest)
 from nexo_poller import (ConfigError, CronExpr, InputError, JobState, config_from_dict,  # noqa: E402
                          next_run)
 from nexo_poller import _schedule_key  # noqa: E402
@@ -192,6 +194,78 @@ class CronDialectStatusNextTest(unittest.TestCase):
         # nexo's 1-5 is Sunday..Thursday: never a Friday or a Saturday
         self.assertEqual({t.strftime("%a") for t in times}, {"Sun", "Mon", "Tue", "Wed", "Thu"})
         self.assertTrue(all((t.hour, t.minute, t.second) == (9, 0, 0) for t in times), times)
+
+
+def _next_nine(now, zone):
+    """The first 09:00:00 wall time in ``zone`` after ``now`` (a UTC datetime)."""
+    local = now.astimezone(zone)
+    nine = local.replace(hour=9, minute=0, second=0, microsecond=0)
+    if nine <= local:
+        nine = (nine.replace(tzinfo=None) + timedelta(days=1)).replace(tzinfo=zone)
+    return nine.astimezone(UTC)
+
+
+class NexoTzWarningTest(unittest.TestCase):
+    """nexo ignores ``tz`` (its cron-tz feature is off): ``validate`` says so
+    per job of a nexo file, with how far the first fire moves here."""
+
+    def validate(self, dialect):
+        with tempfile.TemporaryDirectory() as root:
+            plugin = write_manifest(root, "rss_plugin", "rss", command=sys.executable)
+            path = write_config(os.path.join(root, "pollers.json"), {
+                "cron_dialect": dialect, "state_db": "state.db", "plugins": [plugin],
+                "jobs": [{"id": "ny", "kind": "rss",
+                          "schedule": {"cron": "0 0 9 * * *", "tz": "America/New_York"}},
+                         {"id": "utc", "kind": "rss",
+                          "schedule": {"cron": "0 0 9 * * *", "tz": "UTC"}}]})
+            before = datetime.now(UTC)
+            code, out, err = main_in_process(["validate", "--config", path])
+            after = datetime.now(UTC)
+        self.assertEqual(code, 0, err)
+        return out, before, after
+
+    def test_validate_warns_per_nexo_job_with_a_tz_and_the_move(self):
+        out, before, after = self.validate("nexo")
+        ny = ZoneInfo("America/New_York")
+        expected = set()
+        for now in (before, after):         # the same unless 09:00 passed during the call
+            moved = (_next_nine(now, ny) - _next_nine(now, UTC)).total_seconds()
+            h, m = divmod(abs(int(moved)) // 60, 60)
+            expected.add(("-" if moved < 0 else "+") + f"{h}h" + (f"{m}m" if m else ""))
+        warnings = [line for line in out.splitlines() if "warning" in line]
+        self.assertEqual(len(warnings), 1, out)     # the UTC job is not named
+        self.assertIn("job ny: nexo ran its cron in UTC (it ignores tz)", warnings[0])
+        self.assertIn("America/New_York", warnings[0])
+        self.assertTrue(any(f"the first fire after now moves by {e} " in warnings[0]
+                            for e in expected), (warnings[0], expected))
+
+    def test_a_vixie_file_gets_no_warning(self):
+        out, _, _ = self.validate("vixie")
+        self.assertNotIn("warning", out)
+
+
+class NexoPausedOnBootTest(TempDirCase):
+    """nexo pauses a ``paused_on_boot`` job again at every start; a
+    pollers.json (Vixie) job starts paused only when new."""
+
+    def restarted_paused(self, dialect):
+        jobs = [{"id": "p", "kind": "mem", "paused_on_boot": True,
+                 "schedule": {"every_secs": 60}}]
+        first = self.start_runner(self.runner_config(jobs, cron_dialect=dialect), FakePoller())
+        self.assertTrue(first.state.load(["p"])["p"].paused)
+        first.resume("p")
+        self.assertFalse(first.state.load(["p"])["p"].paused)
+        first.stop()
+        second = self.start_runner(self.runner_config(jobs, cron_dialect=dialect), FakePoller())
+        paused = second.state.load(["p"])["p"].paused
+        self.assertEqual(paused, [s for s in second.status() if s["id"] == "p"][0]["paused"])
+        return paused
+
+    def test_nexo_job_is_paused_again_after_a_restart(self):
+        self.assertTrue(self.restarted_paused("nexo"))
+
+    def test_vixie_job_stays_resumed_after_a_restart(self):
+        self.assertFalse(self.restarted_paused("vixie"))
 
 
 if __name__ == "__main__":
