@@ -13449,9 +13449,39 @@ def _migrate_state(config: DaemonConfig, args) -> int:
     return EXIT_OK
 
 
-def _nexo_seconds(ms: Any) -> float | None:
-    """nexo stores instants as integer milliseconds since the epoch."""
-    return None if ms is None else int(ms) / 1000.0
+def _nexo_job_state(job, cursor, last_run, next_run, status, error, errors, seen,
+                    dispatched, paused, alert) -> JobState:
+    """One nexo ``poll_state`` row as a JobState; a value of a type nexo never
+    writes there is a ValueError naming the column."""
+    def whole(column: str, value: Any, default: int | None = 0) -> int | None:
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{column} is {value!r}, not a number")
+        return int(value)
+
+    def text(column: str, value: Any) -> str | None:
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{column} is {value!r}, not text")
+        return value
+    if cursor is not None and not isinstance(cursor, (bytes, str)):
+        raise ValueError(f"cursor is {cursor!r}, not bytes")
+    seconds = (lambda column, ms: None if ms is None else whole(column, ms) / 1000.0)
+    return JobState(
+        str(job),
+        # The cursor is the plugin's bytes, as they are; a TEXT value (sqlite
+        # types values, not columns) is its UTF-8 bytes.
+        cursor=cursor.encode("utf-8") if isinstance(cursor, str) else cursor,
+        paused=bool(whole("paused", paused)), last_status=text("last_status", status),
+        last_error=text("last_error", error),
+        consecutive_errors=whole("consecutive_errors", errors),
+        # nexo's instants are milliseconds since the epoch.  No schedule_key:
+        # the next slot is planned afresh from this config's schedule.
+        last_run_at=seconds("last_run_at", last_run),
+        next_run_at=seconds("next_run_at", next_run),
+        items_seen_total=whole("items_seen_total", seen),
+        items_dispatched_total=whole("items_dispatched_total", dispatched),
+        last_alert_at=seconds("last_failure_alert_at", alert))
 
 
 def _read_nexo_db(path: str) -> tuple[list[JobState], list[tuple[str, str, int]]]:
@@ -13482,20 +13512,12 @@ def _read_nexo_db(path: str) -> tuple[list[JobState], list[tuple[str, str, int]]
     finally:
         db.close()
     states = []
-    for (job, cursor, last_run, next_run, status, error, errors, seen, dispatched,
-         paused, alert) in rows:
-        states.append(JobState(
-            str(job),
-            # The cursor is the plugin's bytes, as they are; a TEXT value
-            # (sqlite types values, not columns) is its UTF-8 bytes.
-            cursor=cursor.encode("utf-8") if isinstance(cursor, str) else
-            None if cursor is None else bytes(cursor),
-            paused=bool(paused), last_status=status, last_error=error,
-            consecutive_errors=int(errors or 0), last_run_at=_nexo_seconds(last_run),
-            # No schedule_key: the next slot is planned afresh from this
-            # config's schedule, which need not be nexo's.
-            next_run_at=_nexo_seconds(next_run), items_seen_total=int(seen or 0),
-            items_dispatched_total=int(dispatched or 0), last_alert_at=_nexo_seconds(alert)))
+    for row in rows:
+        try:
+            states.append(_nexo_job_state(*row))
+        except (TypeError, ValueError) as exc:
+            raise _UsageError(f"--from-nexo {path}: poll_state row of job {row[0]!r}: "
+                              f"{exc}", EXIT_USAGE) from None
     return states, leases
 
 
@@ -13505,8 +13527,10 @@ def _migrate_from_nexo(config: DaemonConfig, args) -> int:
     target, _ = _migration_target(config, args.to or config.state_db, args.broker)
     states, leases = _read_nexo_db(args.from_nexo)
     now_ms = int(time.time() * 1000)
+    # A row whose running_until is not a number is taken as live: refusing
+    # is the safe side.
     live = [f"{job} (held by {holder})" for job, holder, until in leases
-            if int(until) > now_ms]
+            if not isinstance(until, (int, float)) or until > now_ms]
     if live:
         raise _UsageError(f"--from-nexo {args.from_nexo}: a nexo daemon holds a live lease "
                           f"on {', '.join(live)}: stop it first, so no cursor moves after "

@@ -108,6 +108,17 @@ class TestImportFromNexo(NexoImportCase):
         self.assertEqual(os.stat(self.nexo).st_mtime_ns, before.st_mtime_ns)
         self.assertEqual(sorted(os.listdir(os.path.dirname(self.nexo))), listing)
 
+    def test_reads_rows_still_in_nexos_wal(self):
+        db = sqlite3.connect(self.nexo)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA wal_autocheckpoint=0")           # the row stays in the WAL
+        db.execute("UPDATE poll_state SET cursor=? WHERE job_id='a'", (b"in-wal",))
+        db.commit()
+        self.addCleanup(db.close)
+        code, out, err = self.cli("--from-nexo", self.nexo)
+        self.assertEqual(code, nx.EXIT_OK, err)
+        self.assertEqual(self.imported()["a"].cursor, b"in-wal")
+
     def test_a_runner_ticks_on_from_the_imported_cursor(self):
         code, out, err = self.cli("--from-nexo", self.nexo)
         self.assertEqual(code, nx.EXIT_OK, err)
@@ -147,6 +158,18 @@ class TestImportRefusals(NexoImportCase):
                 self.assertIn(words, err)
                 self.assertEqual(len(err.strip().splitlines()), 1, err)
                 self.assertNotIn("Traceback", err)
+
+    def test_a_value_nexo_never_writes_is_one_line_naming_job_and_column(self):
+        db = sqlite3.connect(self.nexo)
+        db.execute("UPDATE poll_state SET items_seen_total='many' WHERE job_id='b'")
+        db.commit()
+        db.close()
+        code, out, err = self.cli("--from-nexo", self.nexo)
+        self.assertEqual(code, nx.EXIT_USAGE, err)
+        self.assertIn("job 'b'", err)
+        self.assertIn("items_seen_total", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertFalse(os.path.exists(self.db))              # nothing imported
 
     def test_without_to_or_from_nexo_is_a_usage_error(self):
         code, out, err = self.cli()
