@@ -13501,21 +13501,46 @@ def _cursor_local(config: DaemonConfig, args) -> int:
     return _cursor_verb(config, args)
 
 
+def _migration_target(config: DaemonConfig, location: str, broker_arg: str | None
+                      ) -> tuple[str, str | None]:
+    """``migrate-state``'s target state, resolved, and the NATS broker it is
+    reached through (None: a file)."""
+    try:
+        target = _state_backend(location).resolve_location(location, ".")
+    except ValueError as exc:
+        raise _UsageError(f"--to {location}: {exc}", EXIT_USAGE) from None
+    broker = broker_arg or (config.broker if _is_nats(config.broker) else None)
+    problem = _state_backend(target).broker_problem(broker)
+    if problem:
+        raise _UsageError(f"--to {target}: {problem}; or give --broker", EXIT_USAGE)
+    return target, broker
+
+
+def _import_into(config: DaemonConfig, target: str, broker_arg: str | None,
+                 states: Iterable[JobState], outbox: Iterable[OutboxItem] = ()
+                 ) -> tuple[list[str], list[str]]:
+    dst = (open_state(target, broker_url=broker_arg) if broker_arg else
+           _config_state(config, location=target))
+    try:
+        return dst.import_states(states, outbox)
+    finally:
+        dst.close()
+
+
 def _migrate_state(config: DaemonConfig, args) -> int:
     """``migrate-state --to LOCATION [--broker URL]``: copy a stopped daemon's
-    state into another one, of either backend; jobs it has are left alone."""
-    try:
-        target = _state_backend(args.to).resolve_location(args.to, ".")
-    except ValueError as exc:
-        raise _UsageError(f"--to {args.to}: {exc}", EXIT_USAGE) from None
-    broker = args.broker or (config.broker if _is_nats(config.broker) else None)
+    state into another one, of either backend; jobs it has are left alone.
+    ``--from-nexo PATH``: import a stopped nexo daemon's poller.db instead."""
+    if args.from_nexo is not None:
+        return _migrate_from_nexo(config, args)
+    if args.to is None:
+        raise _UsageError("migrate-state needs --to LOCATION (the state to copy into) "
+                          "or --from-nexo PATH (nexo's poller.db to import)", EXIT_USAGE)
+    target, broker = _migration_target(config, args.to, args.broker)
     if os.path.abspath(target) == os.path.abspath(config.state_db) and \
             broker in (None, config.broker):
         raise _UsageError(f"the config's state_db is already {config.state_db}; --to names "
                           "the state to copy into", EXIT_USAGE)
-    problem = _state_backend(target).broker_problem(broker)
-    if problem:
-        raise _UsageError(f"--to {target}: {problem}; or give --broker", EXIT_USAGE)
     src = _read_state(config)
     if src is None:
         raise _UsageError(f"no state at {config.state_db} to copy", EXIT_USAGE)
@@ -13526,14 +13551,105 @@ def _migrate_state(config: DaemonConfig, args) -> int:
         states, outbox = src.load(), src.outbox()
     finally:
         src.close()
-    dst = (open_state(target, broker_url=args.broker) if args.broker else
-           _config_state(config, location=target))
-    try:
-        copied, skipped = dst.import_states(states.values(), outbox)
-    finally:
-        dst.close()
+    copied, skipped = _import_into(config, target, args.broker, states.values(), outbox)
     print(f"copied {len(copied)} jobs to {target}" + (
         f"; left alone (already there): {', '.join(sorted(skipped))}" if skipped else ""))
+    return EXIT_OK
+
+
+def _nexo_job_state(job, cursor, last_run, next_run, status, error, errors, seen,
+                    dispatched, paused, alert) -> JobState:
+    """One nexo ``poll_state`` row as a JobState; a value of a type nexo never
+    writes there is a ValueError naming the column."""
+    def whole(column: str, value: Any, default: int | None = 0) -> int | None:
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{column} is {value!r}, not a number")
+        return int(value)
+
+    def text(column: str, value: Any) -> str | None:
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{column} is {value!r}, not text")
+        return value
+    if cursor is not None and not isinstance(cursor, (bytes, str)):
+        raise ValueError(f"cursor is {cursor!r}, not bytes")
+    seconds = (lambda column, ms: None if ms is None else whole(column, ms) / 1000.0)
+    return JobState(
+        str(job),
+        # The cursor is the plugin's bytes, as they are; a TEXT value (sqlite
+        # types values, not columns) is its UTF-8 bytes.
+        cursor=cursor.encode("utf-8") if isinstance(cursor, str) else cursor,
+        paused=bool(whole("paused", paused)), last_status=text("last_status", status),
+        last_error=text("last_error", error),
+        consecutive_errors=whole("consecutive_errors", errors),
+        # nexo's instants are milliseconds since the epoch.  No schedule_key:
+        # the next slot is planned afresh from this config's schedule.
+        last_run_at=seconds("last_run_at", last_run),
+        next_run_at=seconds("next_run_at", next_run),
+        items_seen_total=whole("items_seen_total", seen),
+        items_dispatched_total=whole("items_dispatched_total", dispatched),
+        last_alert_at=seconds("last_failure_alert_at", alert))
+
+
+def _read_nexo_db(path: str) -> tuple[list[JobState], list[tuple[str, str, int]]]:
+    """A nexo poller.db (crates/poller/migrations/001_init.sql) read without
+    writing it: its ``poll_state`` rows as JobStates, and its ``poll_lease``
+    rows (job, holder, running_until in ms).  Opened ``mode=ro``: sqlite
+    refuses any write, and a read-only connection never checkpoints nexo's
+    WAL into the file."""
+    import sqlite3
+    from urllib.parse import quote
+    if not os.path.isfile(path):
+        raise _UsageError(f"--from-nexo {path}: no such file", EXIT_USAGE)
+    try:
+        db = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True,
+                             timeout=5)
+    except sqlite3.Error as exc:
+        raise _UsageError(f"--from-nexo {path}: cannot open: {exc}", EXIT_USAGE) from None
+    try:
+        rows = db.execute(
+            "SELECT job_id, cursor, last_run_at, next_run_at, last_status, last_error, "
+            "consecutive_errors, items_seen_total, items_dispatched_total, paused, "
+            "last_failure_alert_at FROM poll_state ORDER BY job_id").fetchall()
+        leases = db.execute("SELECT job_id, leaseholder, running_until FROM poll_lease "
+                            "ORDER BY job_id").fetchall()
+    except sqlite3.Error as exc:
+        raise _UsageError(f"--from-nexo {path}: not a nexo poller state database "
+                          f"(poll_state, poll_lease): {exc}", EXIT_USAGE) from None
+    finally:
+        db.close()
+    states = []
+    for row in rows:
+        try:
+            states.append(_nexo_job_state(*row))
+        except (TypeError, ValueError) as exc:
+            raise _UsageError(f"--from-nexo {path}: poll_state row of job {row[0]!r}: "
+                              f"{exc}", EXIT_USAGE) from None
+    return states, leases
+
+
+def _migrate_from_nexo(config: DaemonConfig, args) -> int:
+    """``migrate-state --from-nexo PATH [--to LOCATION]``: nexo's job states
+    into this poller's state (the config's state_db unless ``--to``)."""
+    target, _ = _migration_target(config, args.to or config.state_db, args.broker)
+    states, leases = _read_nexo_db(args.from_nexo)
+    now_ms = int(time.time() * 1000)
+    # A row whose running_until is not a number is taken as live: refusing
+    # is the safe side.
+    live = [f"{job} (held by {holder})" for job, holder, until in leases
+            if not isinstance(until, (int, float)) or until > now_ms]
+    if live:
+        raise _UsageError(f"--from-nexo {args.from_nexo}: a nexo daemon holds a live lease "
+                          f"on {', '.join(live)}: stop it first, so no cursor moves after "
+                          "the import", EXIT_BUSY)
+    job_ids = {j.id for j in config.jobs}
+    unknown = sorted(s.id for s in states if s.id not in job_ids)
+    copied, skipped = _import_into(config, target, args.broker,
+                                   [s for s in states if s.id in job_ids])
+    print(f"imported {len(copied)} jobs from {args.from_nexo} to {target}" + (
+        f"; left alone (already there): {', '.join(sorted(skipped))}" if skipped else "")
+        + (f"; skipped (not in the config): {', '.join(unknown)}" if unknown else ""))
     return EXIT_OK
 
 
@@ -14187,8 +14303,11 @@ def _outbox_args(p) -> None:
 
 
 def _migrate_args(p) -> None:
-    p.add_argument("--to", required=True, metavar="PATH|jetstream://BUCKET",
-                   help="the state to copy into: a sqlite file or a JetStream bucket")
+    p.add_argument("--to", metavar="PATH|jetstream://BUCKET",
+                   help="the state to copy into: a sqlite file or a JetStream bucket "
+                        "(with --from-nexo: default the config's state_db)")
+    p.add_argument("--from-nexo", metavar="PATH", help="import a stopped nexo daemon's "
+                   "poller.db (read only) instead of copying the config's state")
     p.add_argument("--broker", metavar="nats://HOST:4222",
                    help="the NATS server of a jetstream:// target (default: the config's "
                         "broker)")
@@ -14228,8 +14347,9 @@ _VERBS = {v.name: v for v in (
     _Verb("outbox", "list, retry or drop undelivered deliveries and alerts",
           _outbox_args, _outbox_verb),
     _Verb("migrate-state", "copy a stopped daemon's state (cursors, pause states, "
-          "counters, outbox) into another state, of either backend; jobs already there "
-          "are left alone", _migrate_args, _migrate_state),
+          "counters, outbox) into another state, of either backend, or import a stopped "
+          "nexo daemon's poller.db (--from-nexo); jobs already there are left alone",
+          _migrate_args, _migrate_state),
 )}
 
 
