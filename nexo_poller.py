@@ -13560,20 +13560,20 @@ def _migrate_state(config: DaemonConfig, args) -> int:
 def _nexo_job_state(job, cursor, last_run, next_run, status, error, errors, seen,
                     dispatched, paused, alert) -> JobState:
     """One nexo ``poll_state`` row as a JobState; a value of a type nexo never
-    writes there is a ValueError naming the column."""
+    writes there is an InputError naming the column."""
     def whole(column: str, value: Any, default: int | None = 0) -> int | None:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{column} is {value!r}, not a number")
+            raise InputError(f"{column} is {value!r}, not a number")
         return int(value)
 
     def text(column: str, value: Any) -> str | None:
         if value is not None and not isinstance(value, str):
-            raise ValueError(f"{column} is {value!r}, not text")
+            raise InputError(f"{column} is {value!r}, not text")
         return value
     if cursor is not None and not isinstance(cursor, (bytes, str)):
-        raise ValueError(f"cursor is {cursor!r}, not bytes")
+        raise InputError(f"cursor is {cursor!r}, not bytes")
     seconds = (lambda column, ms: None if ms is None else whole(column, ms) / 1000.0)
     return JobState(
         str(job),
