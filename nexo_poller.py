@@ -9366,7 +9366,7 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
             cfg.delivery_sink = sink
     dialect = get("cron_dialect")
     if not _check_type(probs, prefix + "cron_dialect", dialect, str, '"vixie" or "nexo"'):
-        pass
+        pass                                # said: not a string
     elif dialect in _CRON_DIALECTS:
         cfg.cron_dialect = dialect
     else:
@@ -10543,6 +10543,15 @@ class _Commands:
         return True
 
 
+def _context(cfg: JobConfig, cursor: bytes | None, now: float, cancel: threading.Event,
+             timeout_secs: float | None) -> PollContext:
+    """What a poller is given for one tick of ``cfg`` (a real one or a dry run)."""
+    return PollContext(cfg.id, cfg.agent, cfg.kind, cursor, cfg.config,
+                       datetime.fromtimestamp(now, timezone.utc),
+                       timedelta(seconds=cfg.schedule.nominal_interval), cancel,
+                       None if timeout_secs is None else timedelta(seconds=timeout_secs))
+
+
 class _Ticks:
     """One tick of a job, from its lease to its committed outcome's effects:
     claim when needed, poll the route, plan, commit with the outbox, then
@@ -10582,11 +10591,7 @@ class _Ticks:
             early = self._claim(job, slot, now, ttl, outcome, command)
             if early is not None:
                 return early
-        ctx = PollContext(cfg.id, cfg.agent, cfg.kind, job.state.cursor, cfg.config,
-                          datetime.fromtimestamp(now, timezone.utc),
-                          timedelta(seconds=cfg.schedule.nominal_interval), cancel,
-                          None if policy.timeout_secs is None
-                          else timedelta(seconds=policy.timeout_secs))
+        ctx = _context(cfg, job.state.cursor, now, cancel, policy.timeout_secs)
         self._poll_within(job, route, ctx, outcome)
         outcome.duration = time.monotonic() - started
         if cancel.is_set():
@@ -10678,11 +10683,8 @@ class _Ticks:
             on_request: Callable[[TickRequest], None] | None) -> TickOutcome:
         """A tick from ``cursor`` that stores nothing (``Runner.dry_run``)."""
         cfg = job.cfg
-        timeout = cfg.overrides.get("timeout_secs")
-        ctx = PollContext(cfg.id, cfg.agent, cfg.kind, cursor, cfg.config,
-                          datetime.fromtimestamp(self._runner.clock(), timezone.utc),
-                          timedelta(seconds=cfg.schedule.nominal_interval), threading.Event(),
-                          None if timeout is None else timedelta(seconds=timeout))
+        ctx = _context(cfg, cursor, self._runner.clock(), threading.Event(),
+                       cfg.overrides.get("timeout_secs"))
         if on_request is not None:
             on_request(ctx.to_request())
         outcome = TickOutcome(cfg.id, cfg.kind, TickStatus.OK)
