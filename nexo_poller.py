@@ -37,7 +37,8 @@ The sections of this file, in dependency order:
     Proxies     PollContext, EphemeralPollerProxy, PluginPollerProxy,
                 StdioPollerProxy, forward_tick, PluginSupervisor
     SDK         run_plugin
-    Built-in kinds  CommandPoller (the command kind), BUILTIN_KINDS,
+    Built-in kinds  CommandPoller (the command kind), RssPoller, WebhookPoller
+                (one bounded HTTP fetch: _http_fetch), BUILTIN_KINDS,
                 builtin_pollers: kinds served with no plugin
     State       JobState, TickStatus, OutboxItem, StateStore (the one owner of
                 job state: leases, commits, commands, the outbox), open_state;
@@ -145,7 +146,7 @@ __all__ = [
     # sdk
     "run_plugin", "NEXO_PYTHON", "entrypoint_problems",
     # built-in kinds
-    "CommandPoller", "BUILTIN_KINDS", "builtin_pollers", "DEFAULT_MAX_OUTPUT_BYTES",
+    "CommandPoller", "RssPoller", "BUILTIN_KINDS", "builtin_pollers", "DEFAULT_MAX_OUTPUT_BYTES",
     # daemon
     "StateStore", "SqliteStateStore", "JetStreamStateStore", "open_state", "JobState",
     "Command", "TickStatus", "apply_command", "COMMAND_VERBS", "CursorChange",
@@ -5276,12 +5277,13 @@ def _stdio_answer(handlers: Mapping[str, Callable], envelope: Any) -> dict | Non
 
 # ============================================================================
 # Built-in kinds
-# Kinds every Runner serves in process with no plugin to install (command);
-# config validation knows them too.  A plugin serving the same kind wins.
-# Shares: _builtin_config_problem
+# Kinds every Runner serves in process with no plugin to install (command,
+# rss, webhook_poll); config validation knows them too.  A plugin serving
+# the same kind wins.
+# Shares: _builtin_config_problem, _DeadlineSocket, _IN_PROCESS_BUDGET_SECS
 # ============================================================================
 
-DEFAULT_MAX_OUTPUT_BYTES = 10 << 20  # stdout a built-in kind reads per tick, unless set
+DEFAULT_MAX_OUTPUT_BYTES = 10 << 20  # stdout (an answer) a built-in kind reads, unless set
 _COMMAND_KEYS = {"argv", "env", "cwd", "timeout_secs", "message_template", "deliver",
                  "max_output_bytes"}
 _COMMAND_TIMEOUT_SECS = 30.0
@@ -5443,8 +5445,517 @@ def _command_output(out: bytes) -> tuple[list[dict], bytes | None]:
     return [{"line": line} for line in lines], cursor
 
 
+# -- the HTTP kinds (rss, webhook_poll): one bounded fetch -------------------------
+
+_IN_PROCESS_BUDGET_SECS = 5.0        # a tick of an in-process kind, unless its job sets timeout_secs
+_HTTP_MAX_REDIRECTS = 5
+_HTTP_REDIRECTS = {301, 302, 303, 307, 308}
+_HTTP_MAX_PAGES = 5                  # webhook_poll pages per tick, unless max_pages says
+_HTTP_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_LINK_RE = re.compile(r'<([^>]*)>((?:\s*;\s*[^;,]*)*)')
+_LINK_REL_RE = re.compile(r';\s*rel\s*=\s*"?([^";,]*)"?', re.I)
+
+
+class _DeadlineSocket(io.RawIOBase):
+    """A connected socket whose sends and reads share one deadline: each may
+    wait only what is left of it, so a peer trickling a byte at a time is cut
+    off when the deadline passes, not when it pauses for a whole timeout.
+    With a ``cancel`` Event, reads (and ``call``) look at it between short
+    waits and end as a cancelled tick.  Has what ``http.client`` uses of its
+    socket."""
+
+    def __init__(self, sock, deadline: float, cancel: threading.Event | None = None) -> None:
+        super().__init__()
+        self.sock, self.deadline, self.cancel = sock, deadline, cancel
+
+    def _left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        self.sock.settimeout(left)
+        return left
+
+    def call(self, op: Callable, *args) -> Any:
+        """``op(*args)``, a socket operation safe to retry after a timeout
+        (a read, a TLS handshake), within the deadline and the cancel."""
+        while True:
+            left = self._left()
+            if self.cancel is None:
+                return op(*args)
+            if self.cancel.is_set():
+                raise PollerError.Transient("tick cancelled")
+            self.sock.settimeout(min(left, _CANCEL_POLL_SECS))
+            try:
+                return op(*args)
+            except TimeoutError:
+                continue
+
+    def sendall(self, data) -> None:        # not retried: a timeout may have sent a part
+        self._left()
+        self.sock.sendall(data)
+
+    def readinto(self, buf) -> int:
+        return self.call(self.sock.recv_into, buf)
+
+    def readable(self) -> bool:
+        return True
+
+    def makefile(self, mode: str = "rb", *args, **kwargs):
+        return io.BufferedReader(self)
+
+    def close(self) -> None:         # the socket only: its reader may still be flushed
+        self.sock.close()
+
+
+def _refused_address(text: str) -> bool:
+    """Whether a job without ``allow_private_networks`` may not connect to
+    the address ``text``: loopback, private, link-local (the metadata
+    service), shared, reserved, multicast or unspecified; an IPv4 address
+    mapped into IPv6 counts as itself."""
+    import ipaddress
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return True
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast or ip.is_unspecified
+
+
+def _url_problem(url: Any, allow_private: bool) -> str | None:
+    """What makes ``url`` unusable for an HTTP kind, or None: an http(s) URL
+    with a host (a literal private address refused unless allowed)."""
+    from urllib.parse import urlsplit
+    if not isinstance(url, str) or not url or any(c.isspace() or ord(c) < 32 for c in url):
+        return "an http:// or https:// URL (no spaces)"
+    try:
+        parts = urlsplit(url)
+        parts.port                  # noqa: B018 -- raises for a port out of range
+    except ValueError as exc:
+        return f"an http:// or https:// URL ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "an http:// or https:// URL with a host"
+    host = parts.hostname
+    if not allow_private and (host == "localhost" or host.endswith(".localhost")
+                              or (re.fullmatch(r"[0-9.]+|[0-9a-fA-F:.%]*:[0-9a-fA-F:.%]*", host)
+                                  and _refused_address(host))):
+        return (f"an address this job may reach: {host} is loopback/private/link-local "
+                "(set allow_private_networks: true to allow it)")
+    return None
+
+
+@dataclasses.dataclass
+class _HttpAnswer:
+    url: str                        # where it came from, after redirects
+    status: int
+    headers: Any                    # http.client.HTTPMessage
+    body: bytes = b""
+
+
+class _HttpJob:
+    """The keys every HTTP kind has, checked (each problem a
+    ``PollerError.Config`` naming its key): its URL, ``max_per_tick``,
+    ``message_template``, ``deliver``, ``allow_private_networks``,
+    ``max_response_bytes``."""
+
+    url_key = "url"
+    keys = {"max_per_tick", "message_template", "deliver", "allow_private_networks",
+            "max_response_bytes"}
+    max_per_tick = 20
+    template = "{json}"
+
+    def __init__(self, job_id: str, config: Any) -> None:
+        if not isinstance(config, dict):
+            raise PollerError.Config(job_id, f"config must be an object with {self.url_key}")
+        allowed = self.keys | {self.url_key}
+        unknown = sorted(set(config) - allowed)
+        if unknown:
+            raise PollerError.Config(job_id, f"config.{unknown[0]}: unknown key (allowed: "
+                                             f"{', '.join(sorted(allowed))})")
+        self.job_id, self.config = job_id, config
+        self.allow_private = self.get("allow_private_networks", False, "true or false",
+                                      lambda v: isinstance(v, bool))
+        problem = _url_problem(config.get(self.url_key), self.allow_private)
+        if problem:
+            raise self.bad(self.url_key, problem)
+        self.url = config[self.url_key]
+        self.most = self.get("max_per_tick", self.max_per_tick, "a positive integer",
+                             lambda v: _is_int(v) and v >= 1)
+        self.limit = self.get("max_response_bytes", DEFAULT_MAX_OUTPUT_BYTES,
+                              "a positive integer", lambda v: _is_int(v) and v >= 1)
+        self.template = self.get("message_template", self.template,
+                                 f"a string (default {_dumps(self.template)})",
+                                 lambda v: isinstance(v, str))
+        self.deliver = _deliver_to(job_id, config)
+
+    def bad(self, key: str, what: str) -> PollerError:
+        return PollerError.Config(self.job_id, f"config.{key} must be {what}")
+
+    def get(self, key: str, default: Any, what: str, ok: Callable[[Any], bool]) -> Any:
+        value = self.config.get(key, default)
+        if not ok(value):
+            raise self.bad(key, what)
+        return value
+
+    def start(self, ctx: PollContext) -> None:
+        """Start a tick: its one deadline is the job's ``timeout_secs`` when
+        it sets one, else the in-process budget (what the runner's lease
+        assumes); ``ctx.cancel`` ends it sooner."""
+        self.budget = (_IN_PROCESS_BUDGET_SECS if ctx.timeout is None
+                       else ctx.timeout.total_seconds())
+        self.deadline, self.cancel = time.monotonic() + self.budget, ctx.cancel
+
+    def deliveries(self, items: list[dict]) -> tuple[Delivery, ...]:
+        if self.deliver is None:
+            return ()
+        channel, to = self.deliver
+        return tuple(Delivery(channel, to, {"text": _render(self.template, fields)})
+                     for fields in items)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` header in seconds from now (delta or HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    from email.utils import parsedate_to_datetime
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def _http_status_error(answer: _HttpAnswer) -> PollerError | None:
+    """nexo's rule: a 2xx is fine; 408, 429 and 5xx are Transient (with the
+    answer's ``Retry-After`` as the "not before"); anything else Permanent."""
+    status = answer.status
+    if 200 <= status < 300:
+        return None
+    text = f"{answer.url}: HTTP {status}"
+    if status in (408, 429) or status >= 500:
+        after = _retry_after(answer.headers.get("Retry-After"))
+        if after is not None:
+            text += f" (Retry-After {after:g}s)"
+        return PollerError.Transient(text, retry_after=after)
+    if status in (401, 403):
+        text += " (credentials may need rotation)"
+    return PollerError.Permanent(text)
+
+
+def _http_fetch(job: _HttpJob, url: str, *, method: str = "GET", headers: Mapping[str, str] | None = None,
+                body: bytes | None = None, extra: Mapping[str, str] | None = None
+                ) -> _HttpAnswer:
+    """One request of a job, redirects followed (at most 5, http(s) only,
+    each hop's address checked): its final answer with the body read.
+    ``headers`` (the job's own) go only to the first URL's origin; ``extra``
+    (conditional ones) to every hop.  Everything, from the first connect to
+    the last byte, must fit before the tick's deadline (``job.start``)."""
+    from urllib.parse import urljoin, urlsplit
+
+    def origin(u: str) -> tuple:
+        p = urlsplit(u)
+        return p.scheme, p.hostname, p.port
+    first, hops = origin(url), 0
+    while True:
+        sent = {**(extra or {}), **((headers or {}) if origin(url) == first else {})}
+        answer = _http_once(job, url, method, sent, body)
+        location = answer.headers.get("Location")
+        if answer.status not in _HTTP_REDIRECTS or not location:
+            return answer
+        hops += 1
+        if hops > _HTTP_MAX_REDIRECTS:
+            raise PollerError.Permanent(f"{job.url}: more than {_HTTP_MAX_REDIRECTS} redirects")
+        target = urljoin(url, location.strip())
+        problem = _url_problem(target, job.allow_private)
+        if problem:
+            raise PollerError.Permanent(f"{url}: redirect to {_log_safe(target, 200)} refused: "
+                                        f"the target must be {problem}")
+        if answer.status == 303 or (answer.status in (301, 302) and method == "POST"):
+            method, body = "GET", None
+        url = target
+
+
+def _resolve(job: _HttpJob, url: str, host: str, port: int) -> list[tuple]:
+    """The addresses ``host`` resolves to that the job may connect to
+    (connect to these, not the name: no second lookup to race)."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise PollerError.Transient(f"{url}: cannot resolve {host}: {exc}") from None
+    usable = [(family, addr) for family, _, _, _, addr in found
+              if family in (socket.AF_INET, socket.AF_INET6)
+              and (job.allow_private or not _refused_address(addr[0]))]
+    if not usable:
+        what = ", ".join(sorted({a[0] for *_, a in found})) or "nothing"
+        raise PollerError.Permanent(
+            f"{url}: {host} resolves to {what}: loopback/private/link-local, refused "
+            "(set allow_private_networks: true to allow it)")
+    return usable
+
+
+def _http_once(job: _HttpJob, url: str, method: str, headers: Mapping[str, str],
+               body: bytes | None) -> _HttpAnswer:
+    """One request, no redirect followed: the answer (its body read, up to
+    ``max_response_bytes``, unless it is a redirect)."""
+    import http.client
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    host, tls = parts.hostname or "", parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    conn = http.client.HTTPConnection(host, port)     # never connects: given its socket
+    resp = None
+    try:
+        conn.sock = _http_connect(job, url, host, port, tls)
+        hostport = host if ":" not in host else f"[{host}]"
+        if parts.port:
+            hostport += f":{parts.port}"
+        conn.request(method, path, body, {
+            "Host": hostport, "User-Agent": f"nexo-poller/{__version__}",
+            "Accept": "*/*", "Connection": "close",
+            **({"Content-Type": "application/json"} if body is not None else {}), **headers})
+        # Not conn.getresponse(): it closes the socket under the answer's reader.
+        resp = http.client.HTTPResponse(conn.sock, method=method)
+        resp.begin()
+        answer = _HttpAnswer(url, resp.status, resp.headers)
+        if resp.status not in _HTTP_REDIRECTS and resp.status != 304:
+            answer.body = _read_bounded(resp, job.limit, url)
+        return answer
+    except TimeoutError:
+        raise PollerError.Transient(f"{url}: no complete answer within {job.budget:g}s "
+                                    "(the job's timeout_secs)") from None
+    except (http.client.HTTPException, OSError) as exc:
+        raise PollerError.Transient(f"{url}: {_log_safe(str(exc) or type(exc).__name__, 200)}"
+                                    ) from None
+    finally:
+        if resp is not None:
+            resp.close()
+        conn.close()
+
+
+def _http_connect(job: _HttpJob, url: str, host: str, port: int, tls: bool
+                  ) -> _DeadlineSocket:
+    """A socket to one of the host's checked addresses (TLS when ``tls``),
+    connected within the deadline."""
+    error: OSError | None = None
+    for family, addr in _resolve(job, url, host, port):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            wrapped = _DeadlineSocket(sock, job.deadline, job.cancel)
+            wrapped._left()                 # the connect may wait what is left
+            sock.connect(addr)
+            if tls:
+                import ssl
+                sock = ssl.create_default_context().wrap_socket(
+                    sock, server_hostname=host, do_handshake_on_connect=False)
+                wrapped = _DeadlineSocket(sock, job.deadline, job.cancel)
+                wrapped.call(sock.do_handshake)
+            return wrapped
+        except TimeoutError:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise PollerError.Transient(f"{url}: cannot connect: {error}")
+
+
+def _read_bounded(resp, limit: int, url: str) -> bytes:
+    """An answer's body, refused past ``limit`` bytes (before reading it
+    when its Content-Length says so)."""
+    def too_big() -> PollerError:
+        return PollerError.Permanent(f"{url}: the response is larger than max_response_bytes "
+                                     f"({limit} bytes)")
+    length = resp.getheader("Content-Length", "")
+    if length.strip().isdigit() and int(length) > limit:
+        raise too_big()
+    chunks, size = [], 0
+    while True:
+        chunk = resp.read(min(1 << 16, limit + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise too_big()
+
+
+def _seen_ring(cursor: bytes | None) -> tuple[dict, bool]:
+    """A cursor of nexo's shape (``{"seen_ids": [...], ...}``) read, and
+    whether there was one; an unreadable one counts as empty (as nexo)."""
+    if cursor is None:
+        return {"seen_ids": []}, False
+    try:
+        doc = _loads(cursor)
+    except (ValueError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict) or not isinstance(doc.get("seen_ids"), list):
+        return {"seen_ids": []}, True
+    doc["seen_ids"] = [i for i in doc["seen_ids"] if isinstance(i, str)]
+    return doc, True
+
+
+def _pick_new(items: list[tuple[str, dict]], seen: list[str], cap: int, most: int,
+              first_run: bool) -> tuple[list[dict], list[str]]:
+    """Which items to deliver and the next ring of seen ids.  ``items`` are
+    (id, fields) in the source's order; only the first ``cap`` are looked
+    at (the ring can remember no more).  At most ``most`` unseen ones are
+    delivered; the others wait for the next tick, except on a job's first
+    run, which starts from now (the rest are marked seen).  The ring keeps
+    every id still in the window, so none comes back while it is listed;
+    oldest first, as nexo writes it."""
+    window, known, fresh, listed = items[:cap], set(seen), [], []
+    for item_id, fields in window:
+        if item_id in listed:
+            continue
+        listed.append(item_id)
+        if item_id not in known:
+            fresh.append((item_id, fields))
+    send = fresh[:most]
+    marked = known | {i for i, _ in (fresh if first_run else send)}
+    keep = [i for i in listed if i in marked]
+    kept = set(keep)
+    ring = [i for i in seen if i not in kept] + keep[::-1]
+    return [fields for _, fields in send], ring[-cap:]
+
+
+# -- rss -------------------------------------------------------------------------
+
+_RSS_SEEN_CAP = 200
+_ATOM_NS = "{http://www.w3.org/2005/Atom}"
+_RSS1_NS = "{http://purl.org/rss/1.0/}"
+_RDF_NS = "{http://www.w3.org/1999/02/22-rdf-syntax-ns#}"
+_DC_NS = "{http://purl.org/dc/elements/1.1/}"
+_XML_BASE = "{http://www.w3.org/XML/1998/namespace}base"
+
+
+class _RssJob(_HttpJob):
+    url_key = "feed_url"
+    max_per_tick = 5
+    template = "{title}\n{link}"
+
+
+class _FeedPrologDone(NexoPollerError):
+    """The root element began: a feed's prolog was read (internal)."""
+
+
+def _refuse_entities(data: bytes, url: str) -> None:
+    """Refuse a feed whose DOCTYPE declares entities (entity expansion,
+    external entities), reading only its prolog, before it is parsed."""
+    import xml.parsers.expat
+
+    def entity(*_args) -> None:
+        raise PollerError.Permanent(f"{url}: the feed's DOCTYPE declares entities: refused "
+                                    "(entity expansion, external entities)")
+
+    def root(*_args) -> None:
+        raise _FeedPrologDone()
+    parser = xml.parsers.expat.ParserCreate()
+    parser.EntityDeclHandler = entity
+    parser.UnparsedEntityDeclHandler = entity
+    parser.StartElementHandler = root
+    try:
+        parser.Parse(data, True)
+    except _FeedPrologDone:
+        return
+    except xml.parsers.expat.ExpatError as exc:
+        raise PollerError.Transient(f"{url}: not a well-formed feed: {exc}") from None
+
+
+def _feed_items(data: bytes, url: str) -> list[tuple[str, dict]]:
+    """An RSS 2.0, Atom 1.0 or RSS 1.0 (RDF) feed's items in its order:
+    (id, template fields); links resolved against the feed URL and
+    ``xml:base``; the id is the guid/id (rdf:about), else the link."""
+    import xml.etree.ElementTree as ET
+    from urllib.parse import urljoin
+    _refuse_entities(data, url)
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError as exc:
+        raise PollerError.Transient(f"{url}: not a well-formed feed: {exc}") from None
+
+    def text(el, *paths: str) -> str:
+        for path in paths:
+            found = el.find(path)
+            if found is not None:
+                return "".join(found.itertext()).strip()
+        return ""
+    base = urljoin(url, root.get(_XML_BASE, ""))
+    out = []
+    if root.tag == _ATOM_NS + "feed":
+        feed_author = text(root, f"{_ATOM_NS}author/{_ATOM_NS}name")
+        for entry in root.iter(_ATOM_NS + "entry"):
+            ebase = urljoin(base, entry.get(_XML_BASE, ""))
+            link = ""
+            for el in entry.findall(_ATOM_NS + "link"):
+                if el.get("rel", "alternate") == "alternate" and el.get("href"):
+                    link = urljoin(urljoin(ebase, el.get(_XML_BASE, "")), el.get("href").strip())
+                    break
+            out.append((text(entry, _ATOM_NS + "id") or link, {
+                "title": text(entry, _ATOM_NS + "title"), "link": link,
+                "summary": text(entry, _ATOM_NS + "summary", _ATOM_NS + "content"),
+                "published": text(entry, _ATOM_NS + "published", _ATOM_NS + "updated"),
+                "author": text(entry, f"{_ATOM_NS}author/{_ATOM_NS}name") or feed_author}))
+    elif root.tag in ("rss", _RDF_NS + "RDF"):
+        ns = "" if root.tag == "rss" else _RSS1_NS
+        for item in root.iter(ns + "item"):
+            link = text(item, ns + "link")
+            link = urljoin(base, link) if link else ""
+            item_id = text(item, "guid") if not ns else item.get(_RDF_NS + "about", "").strip()
+            out.append((item_id or link, {
+                "title": text(item, ns + "title"), "link": link,
+                "summary": text(item, ns + "description"),
+                "published": text(item, "pubDate", _DC_NS + "date"),
+                "author": text(item, "author", _DC_NS + "creator")}))
+    else:
+        raise PollerError.Transient(f"{url}: not an RSS or Atom feed (its root element is "
+                                    f"<{_log_safe(root.tag, 100)}>)")
+    return [(item_id, {**fields, "id": item_id}) for item_id, fields in out if item_id]
+
+
+class RssPoller:
+    """The ``rss`` kind: fetch ``feed_url`` (RSS 2.0, Atom 1.0, RSS 1.0)
+    each tick and deliver its new items, newest first as the feed lists
+    them, at most ``max_per_tick``.  The cursor is nexo's
+    ``{"seen_ids": [...], "etag": ...}`` (ids of the last 200 items
+    delivered or listed) plus ``last_modified``; both go back as
+    ``If-None-Match`` / ``If-Modified-Since``, and a 304 is a tick with
+    nothing new.  Bounds: see ``_http_fetch``."""
+
+    kind = "rss"
+    check = _RssJob
+
+    def tick(self, ctx: PollContext) -> TickAck:
+        job = _RssJob(ctx.job_id, ctx.config)
+        job.start(ctx)
+        state, had = _seen_ring(ctx.cursor)
+        extra = {}
+        if isinstance(state.get("etag"), str):
+            extra["If-None-Match"] = state["etag"]
+        if isinstance(state.get("last_modified"), str):
+            extra["If-Modified-Since"] = state["last_modified"]
+        answer = _http_fetch(job, job.url, extra=extra)
+        if answer.status == 304:
+            return TickAck(metrics=TickMetrics(0, 0))
+        error = _http_status_error(answer)
+        if error is not None:
+            raise error
+        items = _feed_items(answer.body, answer.url)
+        send, ring = _pick_new(items, state["seen_ids"], _RSS_SEEN_CAP, job.most, not had)
+        cursor = {"seen_ids": ring, "etag": answer.headers.get("ETag"),
+                  "last_modified": answer.headers.get("Last-Modified")}
+        deliver = job.deliveries(send)
+        return TickAck(next_cursor=_dumps(cursor).encode(), deliver=deliver,
+                       metrics=TickMetrics(len(items), len(deliver)))
+
+
 # The one registry of built-in kinds: kind -> the poller class serving it.
-_BUILTIN_POLLERS: dict[str, type] = {CommandPoller.kind: CommandPoller}
+_BUILTIN_POLLERS: dict[str, type] = {cls.kind: cls for cls in (CommandPoller, RssPoller)}
 BUILTIN_KINDS = tuple(sorted(_BUILTIN_POLLERS))
 
 
@@ -9638,7 +10149,6 @@ def _schedule_from_dict(raw: Any, where: str, probs: _Problems,
 
 _COMMAND_POLL_SECS = 0.5             # the running set is published at most this often
 _WALL_CLOCK_LOOK_SECS = 60.0         # how soon a wall-clock step moves cron/at slots
-_IN_PROCESS_BUDGET_SECS = 5.0
 _STATE_RETRY_MAX_SECS = 5.0
 
 
@@ -11692,40 +12202,6 @@ def _broker_sink(broker) -> Callable[[str, dict], None]:
         except PluginPollerForwardError as exc:
             raise _Undelivered(str(exc)) from None
     return send
-
-
-class _DeadlineSocket(io.RawIOBase):
-    """A connected socket whose sends and reads share one deadline: each may
-    wait only what is left of it, so a peer trickling a byte at a time is cut
-    off when the deadline passes, not when it pauses for a whole timeout.
-    Has what ``http.client`` uses of its socket."""
-
-    def __init__(self, sock, deadline: float) -> None:
-        super().__init__()
-        self.sock, self.deadline = sock, deadline
-
-    def _left(self) -> None:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("deadline passed")
-        self.sock.settimeout(left)
-
-    def sendall(self, data) -> None:
-        self._left()
-        self.sock.sendall(data)
-
-    def readinto(self, buf) -> int:
-        self._left()
-        return self.sock.recv_into(buf)
-
-    def readable(self) -> bool:
-        return True
-
-    def makefile(self, mode: str = "rb", *args, **kwargs):
-        return io.BufferedReader(self)
-
-    def close(self) -> None:         # the socket only: its reader may still be flushed
-        self.sock.close()
 
 
 def _webhook_sink(url: str) -> Callable[[str, dict], None]:
