@@ -146,7 +146,8 @@ __all__ = [
     # sdk
     "run_plugin", "NEXO_PYTHON", "entrypoint_problems",
     # built-in kinds
-    "CommandPoller", "RssPoller", "BUILTIN_KINDS", "builtin_pollers", "DEFAULT_MAX_OUTPUT_BYTES",
+    "CommandPoller", "RssPoller", "WebhookPoller", "BUILTIN_KINDS", "builtin_pollers",
+    "DEFAULT_MAX_OUTPUT_BYTES",
     # daemon
     "StateStore", "SqliteStateStore", "JetStreamStateStore", "open_state", "JobState",
     "Command", "TickStatus", "apply_command", "COMMAND_VERBS", "CursorChange",
@@ -5447,7 +5448,7 @@ def _command_output(out: bytes) -> tuple[list[dict], bytes | None]:
 
 # -- the HTTP kinds (rss, webhook_poll): one bounded fetch -------------------------
 
-_IN_PROCESS_BUDGET_SECS = 5.0        # a tick of an in-process kind, unless its job sets timeout_secs
+_IN_PROCESS_BUDGET_SECS = 5.0        # an in-process kind's tick, unless its job sets timeout_secs
 _HTTP_MAX_REDIRECTS = 5
 _HTTP_REDIRECTS = {301, 302, 303, 307, 308}
 _HTTP_MAX_PAGES = 5                  # webhook_poll pages per tick, unless max_pages says
@@ -5597,13 +5598,18 @@ class _HttpJob:
             raise self.bad(key, what)
         return value
 
-    def start(self, ctx: PollContext) -> None:
+    def start(self, ctx: PollContext) -> tuple[dict, bool]:
         """Start a tick: its one deadline is the job's ``timeout_secs`` when
         it sets one, else the in-process budget (what the runner's lease
-        assumes); ``ctx.cancel`` ends it sooner."""
+        assumes); ``ctx.cancel`` ends it sooner.  Returns the cursor read
+        (``_seen_ring``); ``self.conditional`` has its ETag as ``If-None-Match``."""
         self.budget = (_IN_PROCESS_BUDGET_SECS if ctx.timeout is None
                        else ctx.timeout.total_seconds())
         self.deadline, self.cancel = time.monotonic() + self.budget, ctx.cancel
+        state, had = _seen_ring(ctx.cursor)
+        etag = state.get("etag")
+        self.conditional = {"If-None-Match": etag} if isinstance(etag, str) else {}
+        return state, had
 
     def deliveries(self, items: list[dict]) -> tuple[Delivery, ...]:
         if self.deliver is None:
@@ -5647,9 +5653,9 @@ def _http_status_error(answer: _HttpAnswer) -> PollerError | None:
     return PollerError.Permanent(text)
 
 
-def _http_fetch(job: _HttpJob, url: str, *, method: str = "GET", headers: Mapping[str, str] | None = None,
-                body: bytes | None = None, extra: Mapping[str, str] | None = None
-                ) -> _HttpAnswer:
+def _http_fetch(job: _HttpJob, url: str, *, method: str = "GET",
+                headers: Mapping[str, str] | None = None, body: bytes | None = None,
+                extra: Mapping[str, str] | None = None) -> _HttpAnswer:
     """One request of a job, redirects followed (at most 5, http(s) only,
     each hop's address checked): its final answer with the body read.
     ``headers`` (the job's own) go only to the first URL's origin; ``extra``
@@ -5932,11 +5938,8 @@ class RssPoller:
 
     def tick(self, ctx: PollContext) -> TickAck:
         job = _RssJob(ctx.job_id, ctx.config)
-        job.start(ctx)
-        state, had = _seen_ring(ctx.cursor)
-        extra = {}
-        if isinstance(state.get("etag"), str):
-            extra["If-None-Match"] = state["etag"]
+        state, had = job.start(ctx)
+        extra = dict(job.conditional)
         if isinstance(state.get("last_modified"), str):
             extra["If-Modified-Since"] = state["last_modified"]
         answer = _http_fetch(job, job.url, extra=extra)
@@ -5954,8 +5957,131 @@ class RssPoller:
                        metrics=TickMetrics(len(items), len(deliver)))
 
 
+# -- webhook_poll ----------------------------------------------------------------
+
+_WEBHOOK_POLL_SEEN_CAP = 500
+
+
+class _WebhookPollJob(_HttpJob):
+    keys = _HttpJob.keys | {"method", "headers", "body", "items_path", "id_field",
+                            "next_path", "max_pages"}
+
+    def __init__(self, job_id: str, config: Any) -> None:
+        super().__init__(job_id, config)
+        method = self.get("method", "GET", '"GET" or "POST"',
+                          lambda v: isinstance(v, str) and v.upper() in ("GET", "POST"))
+        self.method = method.upper()
+        self.headers = self.get(
+            "headers", {}, "an object of header name -> string value (no line breaks)",
+            lambda v: isinstance(v, dict) and all(
+                isinstance(k, str) and _HTTP_TOKEN_RE.fullmatch(k) and isinstance(s, str)
+                and not any(c in s for c in "\r\n\0") for k, s in v.items()))
+        self.body = None if self.method == "GET" or config.get("body") is None \
+            else _dumps(config["body"]).encode()
+        self.items_path = self.get("items_path", "", 'a dotted path ("data.items"; "" for '
+                                   "the answer itself)", lambda v: isinstance(v, str))
+        self.next_path = self.get("next_path", "", 'a dotted path ("links.next")',
+                                  lambda v: isinstance(v, str))
+        self.id_field = self.get("id_field", "id", "a field name (default \"id\")",
+                                 lambda v: isinstance(v, str) and v != "")
+        self.max_pages = self.get("max_pages", _HTTP_MAX_PAGES, "an integer in [1, 100]",
+                                  lambda v: _is_int(v) and 1 <= v <= 100)
+
+
+def _dotted(doc: Any, path: str) -> Any:
+    """``doc`` at the dotted ``path`` (``""``: ``doc``; a digit segment
+    indexes an array), or None when it is not there."""
+    for seg in path.split(".") if path else ():
+        if isinstance(doc, dict):
+            doc = doc.get(seg)
+        elif isinstance(doc, list) and seg.isdigit() and int(seg) < len(doc):
+            doc = doc[int(seg)]
+        else:
+            return None
+    return doc
+
+
+def _link_next(headers) -> str | None:
+    """The ``rel="next"`` target of an answer's ``Link`` headers, or None."""
+    for value in headers.get_all("Link") or ():
+        for target, params in _LINK_RE.findall(value):
+            for rel in _LINK_REL_RE.findall(params):
+                if "next" in rel.lower().split():
+                    return target.strip()
+    return None
+
+
+class WebhookPoller:
+    """The ``webhook_poll`` kind: request ``url`` (GET, or POST with
+    ``body``) each tick, take the array at ``items_path`` of the JSON answer
+    and deliver the items whose ``id_field`` is new, at most
+    ``max_per_tick``.  Pages: a ``rel="next"`` ``Link`` header or the URL
+    at ``next_path`` in the answer is fetched next (GET), up to
+    ``max_pages``.  The cursor is nexo's ``{"seen_ids": [...]}`` (the last
+    500), plus the first page's ``etag`` sent back as ``If-None-Match`` (a
+    304 is a tick with nothing new).  A 429 or 503 is Transient with its
+    ``Retry-After`` as the "not before".  Bounds: see ``_http_fetch``."""
+
+    kind = "webhook_poll"
+    check = _WebhookPollJob
+
+    def tick(self, ctx: PollContext) -> TickAck:
+        from urllib.parse import urljoin
+        job = _WebhookPollJob(ctx.job_id, ctx.config)
+        state, had = job.start(ctx)
+        extra = {"Accept": "application/json", **job.conditional}
+        url, method, body, visited, items, etag = job.url, job.method, job.body, set(), [], None
+        while url is not None and len(visited) < job.max_pages:
+            visited.add(url)
+            answer = _http_fetch(job, url, method=method,
+                                 headers=job.headers, body=body, extra=extra)
+            if answer.status == 304 and len(visited) == 1:
+                return TickAck()
+            error = _http_status_error(answer)
+            if error is not None:
+                raise error
+            try:
+                doc = _loads(answer.body)
+            except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+                raise PollerError.Transient(f"{answer.url}: the answer is not JSON: "
+                                            f"{_log_safe(exc, 200)}") from None
+            found = _dotted(doc, job.items_path)
+            if found is not None and not isinstance(found, list):
+                raise PollerError.Permanent(
+                    f"{answer.url}: items_path {job.items_path!r} is not an array (it is "
+                    f"{_json_type(found)})")
+            items.extend(found or ())
+            if len(visited) == 1:
+                etag = answer.headers.get("ETag")
+            nxt = _link_next(answer.headers)
+            if nxt is None and job.next_path:
+                nxt = _dotted(doc, job.next_path)
+            url = urljoin(answer.url, nxt) if isinstance(nxt, str) and nxt else None
+            if url in visited:
+                url = None
+            problem = None if url is None else _url_problem(url, job.allow_private)
+            if problem:
+                raise PollerError.Permanent(f"{answer.url}: next page {_log_safe(url, 200)} "
+                                            f"refused: it must be {problem}")
+            method, body, extra = "GET", None, {"Accept": "application/json"}
+        keyed = []
+        for item in items:
+            value = item.get(job.id_field) if isinstance(item, dict) else None
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                continue
+            fields = {"json": _dumps(item), **item}
+            keyed.append((value if isinstance(value, str) else _dumps(value), fields))
+        send, ring = _pick_new(keyed, state["seen_ids"], _WEBHOOK_POLL_SEEN_CAP, job.most,
+                               not had)
+        cursor = {"seen_ids": ring, **({"etag": etag} if etag else {})}
+        deliver = job.deliveries(send)
+        return TickAck(next_cursor=_dumps(cursor).encode(), deliver=deliver,
+                       metrics=TickMetrics(len(items), len(deliver)))
+
+
 # The one registry of built-in kinds: kind -> the poller class serving it.
-_BUILTIN_POLLERS: dict[str, type] = {cls.kind: cls for cls in (CommandPoller, RssPoller)}
+_BUILTIN_POLLERS: dict[str, type] = {
+    cls.kind: cls for cls in (CommandPoller, RssPoller, WebhookPoller)}
 BUILTIN_KINDS = tuple(sorted(_BUILTIN_POLLERS))
 
 

@@ -20,7 +20,7 @@ from test_deliveries import Sink  # noqa: E402
 
 import nexo_poller as nx  # noqa: E402
 from nexo_poller import (ConfigError, Delivery, ErrorClass, PollContext,  # noqa: E402
-                         PollerError, Runner, RssPoller, load_config)
+                         PollerError, RssPoller, WebhookPoller, load_config)
 
 WAIT = 15.0
 DELIVER = {"channel": "telegram", "to": "42"}
@@ -115,7 +115,28 @@ def rss2(*items, extra=""):
             f'{"".join(out)}</channel></rss>')
 
 
+def trickle(test, *headers):
+    """A route answering 200 with ``headers``, then a byte every 50 ms until the test ends."""
+    stop = threading.Event()
+    test.addCleanup(stop.set)
+
+    def answer(h):
+        h.send_response(200)
+        for k, v in headers:
+            h.send_header(k, v)
+        h.end_headers()
+        while not stop.wait(0.05):
+            h.wfile.write(b" ")
+            h.wfile.flush()
+    return answer
+
+
 class HttpCase(TempDirCase):
+
+    def daemon(self, path):
+        """A started Runner on the config at ``path``, delivering to a Sink: (runner, sink)."""
+        sink = Sink()
+        return self.start_runner(load_config(path), deliver=sink), sink
 
     def tick(self, poller, config, cursor=None, timeout=None, cancel=None):
         ctx = PollContext("job1", "default", poller.kind, cursor, config,
@@ -131,6 +152,14 @@ class HttpCase(TempDirCase):
 
     def rss(self, url, **more):
         return {"feed_url": url, "deliver": DELIVER, "allow_private_networks": True, **more}
+
+    def assertConfigErrors(self, poller, cases):
+        """Each (config, text) of ``cases`` is a Config error of ``poller`` saying ``text``."""
+        for config, key in cases:
+            with self.subTest(config=config):
+                exc = self.failing(poller, config)
+                self.assertEqual(exc.classify(), ErrorClass.CONFIG)
+                self.assertIn(key, str(exc))
 
     @staticmethod
     def texts(ack):
@@ -331,21 +360,15 @@ class HttpBoundsTest(HttpCase):
         self.assertIn("redirect to file:///etc/passwd refused", str(exc))
 
     def test_a_trickle_cannot_hold_a_tick_past_its_timeout(self):
-        stop = threading.Event()
-        self.addCleanup(stop.set)
-
-        def trickle(h):
-            h.send_response(200)
-            h.send_header("Connection", "close")
-            h.end_headers()
-            h.wfile.write(b"<rss>")
-            while not stop.wait(0.05):          # forever, a byte at a time
-                h.wfile.write(b" ")
-                h.wfile.flush()
-        srv = Server(self, {"/slow": trickle})
-        exc = self.failing(RssPoller(), self.rss(srv.url("/slow")), timeout=0.5)
-        self.assertEqual(exc.classify(), ErrorClass.TRANSIENT)
-        self.assertIn("no complete answer within 0.5s", str(exc))
+        srv = Server(self, {"/slow": trickle(self, ("Connection", "close")),
+                            "/sized": trickle(self, ("Content-Length", "1000000"))})
+        for poller, key, path in ((RssPoller(), "feed_url", "/slow"),
+                                  (WebhookPoller(), "url", "/sized")):
+            with self.subTest(kind=poller.kind):
+                exc = self.failing(poller, {key: srv.url(path), "allow_private_networks": True},
+                                   timeout=0.5)
+                self.assertEqual(exc.classify(), ErrorClass.TRANSIENT)
+                self.assertIn("no complete answer within 0.5s", str(exc))
 
     def test_a_cancel_ends_a_tick_waiting_on_a_silent_server(self):
         srv = Server(self)
@@ -397,20 +420,13 @@ class HttpBoundsTest(HttpCase):
                          "the metadata service stand-in saw nothing")
 
     def test_a_bad_config_names_the_key(self):
-        for config, key in (({}, "config.feed_url"), ({"feed_url": "ftp://x.test/"},
-                                                      "config.feed_url"),
-                            ({"feed_url": "http://x.test/", "max_per_tick": 0},
-                             "config.max_per_tick"),
-                            ({"feed_url": "http://x.test/", "url": "http://x.test/"},
-                             "config.url: unknown key"),
-                            ({"feed_url": "http://x.test/", "allow_private_networks": 1},
-                             "config.allow_private_networks"),
-                            ({"feed_url": "http://x.test/", "deliver": {"channel": "t"}},
-                             "config.deliver")):
-            with self.subTest(config=config):
-                exc = self.failing(RssPoller(), config)
-                self.assertEqual(exc.classify(), ErrorClass.CONFIG)
-                self.assertIn(key, str(exc))
+        url = "http://x.test/"
+        self.assertConfigErrors(RssPoller(), (
+            ({}, "config.feed_url"), ({"feed_url": "ftp://x.test/"}, "config.feed_url"),
+            ({"feed_url": url, "max_per_tick": 0}, "config.max_per_tick"),
+            ({"feed_url": url, "url": url}, "config.url: unknown key"),
+            ({"feed_url": url, "allow_private_networks": 1}, "config.allow_private_networks"),
+            ({"feed_url": url, "deliver": {"channel": "t"}}, "config.deliver")))
 
 
 class RssDaemonTest(HttpCase):
@@ -426,12 +442,9 @@ class RssDaemonTest(HttpCase):
     def test_a_daemon_delivers_and_the_cursor_survives_a_restart(self):
         srv = Server(self, {"/feed": fixed(200, rss2(("One", "http://x.test/1", "g1")))})
         path = self.pollers_json(srv)
-        sink = Sink()
-        r = Runner(load_config(path), deliver=sink)
-        self.addCleanup(r.stop)
+        r, sink = self.daemon(path)
         dry = r.dry_run("news", None)
         self.assertEqual([d.payload for d in dry.ack.deliver], [{"text": "One"}])
-        r.start(background=False)
         self.assertEqual(r.fire_due(), 2)
         self.assertTrue(r.wait_idle(WAIT))
         self.assertTrue(sink.wait_for(1))
@@ -443,10 +456,7 @@ class RssDaemonTest(HttpCase):
         r.stop()
         srv.routes["/feed"] = fixed(200, rss2(("Two", "http://x.test/2", "g2"),
                                               ("One", "http://x.test/1", "g1")))
-        sink2 = Sink()
-        r2 = Runner(load_config(path), deliver=sink2)
-        self.addCleanup(r2.stop)
-        r2.start(background=False)
+        r2, sink2 = self.daemon(path)
         self.assertEqual(r2.run_once("news").status, nx.TickStatus.OK)
         self.assertTrue(sink2.wait_for(1))
         self.assertEqual([e["payload"]["text"] for _, e in sink2.got], ["Two"])
@@ -470,12 +480,168 @@ class RssDaemonTest(HttpCase):
             "state_db": self.db, "default_jitter_ms": 0,
             "jobs": [{"id": "slow", "kind": "rss", "schedule": {"every_secs": 3600},
                       "timeout_secs": 0.5, "config": self.rss(srv.url("/slow"))}]})
-        r = Runner(load_config(path))
-        self.addCleanup(r.stop)
-        r.start(background=False)
-        outcome = r.run_once("slow")
+        outcome = self.daemon(path)[0].run_once("slow")
         self.assertEqual(outcome.status, nx.TickStatus.TRANSIENT)
         self.assertIn("0.5s", outcome.error)
+
+
+def json_answer(doc, status=200, headers=()):
+    return fixed(status, json.dumps(doc), [("Content-Type", "application/json"), *headers])
+
+
+class WebhookPollTest(HttpCase):
+
+    def hook(self, url, **more):
+        return {"url": url, "deliver": DELIVER, "allow_private_networks": True, **more}
+
+    def test_items_at_items_path_fill_the_template(self):
+        srv = Server(self, {"/api": json_answer({"data": {"items": [
+            {"id": 1, "name": "A", "n": {"x": 1}}, {"id": "b", "name": "B"},
+            {"name": "no id"}, "not an object", {"id": True, "name": "bool id"}]}})})
+        ack = self.tick(WebhookPoller(), self.hook(
+            srv.url("/api"), items_path="data.items", headers={"X-Token": "t0k"},
+            message_template="{name} {n} {missing}|{json}"))
+        self.assertEqual(self.texts(ack), ['A {"x":1} {missing}|{"id":1,"name":"A","n":{"x":1}}',
+                                           'B {n} {missing}|{"id":"b","name":"B"}'])
+        self.assertEqual(json.loads(ack.next_cursor), {"seen_ids": ["b", "1"]})
+        self.assertEqual((ack.metrics.items_seen, ack.metrics.items_dispatched), (5, 2))
+        self.assertEqual(srv.headers_of(0)["x-token"], "t0k")
+        again = self.tick(WebhookPoller(), self.hook(srv.url("/api"), items_path="data.items"),
+                          ack.next_cursor)
+        self.assertEqual(again.deliver, (), "seen")
+
+    def test_post_sends_the_body_as_json(self):
+        srv = Server(self, {"/q": json_answer([{"id": "x", "t": "hi"}])})
+        ack = self.tick(WebhookPoller(), self.hook(srv.url("/q"), method="POST",
+                                                   body={"since": 5}, message_template="{t}"))
+        self.assertEqual(self.texts(ack), ["hi"])
+        method, _, headers, body = srv.requests[0]
+        self.assertEqual((method, json.loads(body)), ("POST", {"since": 5}))
+        self.assertEqual(headers["Content-Type"], "application/json")
+
+    def test_pages_by_link_header_bounded_by_max_pages(self):
+        srv = Server(self)
+        for n in (1, 2, 3):
+            link = [("Link", f'<{srv.url(f"/p{n + 1}")}>; rel="next", </p1>; rel="first"')]
+            srv.routes[f"/p{n}"] = json_answer([{"id": n}], headers=link if n < 3 else ())
+        ack = self.tick(WebhookPoller(), self.hook(srv.url("/p1"), message_template="{id}"))
+        self.assertEqual(self.texts(ack), ["1", "2", "3"])
+        ack = self.tick(WebhookPoller(), self.hook(srv.url("/p1"), message_template="{id}",
+                                                   max_pages=2))
+        self.assertEqual(self.texts(ack), ["1", "2"], "two pages at most")
+        self.assertEqual([r[1] for r in srv.requests], ["/p1", "/p2", "/p3", "/p1", "/p2"])
+
+    def test_pages_by_next_path(self):
+        srv = Server(self, {
+            "/a": json_answer({"items": [{"id": "1"}], "links": {"next": "/a?page=2"}}),
+            "/a?page=2": json_answer({"items": [{"id": "2"}], "links": {"next": None}})})
+        ack = self.tick(WebhookPoller(), self.hook(srv.url("/a"), items_path="items",
+                                                   next_path="links.next",
+                                                   message_template="{id}"))
+        self.assertEqual(self.texts(ack), ["1", "2"])
+
+    def test_429_and_503_carry_retry_after_and_500_is_transient(self):
+        srv = Server(self, {"/429": json_answer({}, 429, [("Retry-After", "120")]),
+                            "/503": json_answer({}, 503, [("Retry-After",
+                                                           "Fri, 01 Jan 2100 00:00:00 GMT")]),
+                            "/500": json_answer({}, 500), "/403": json_answer({}, 403)})
+        exc = self.failing(WebhookPoller(), self.hook(srv.url("/429")))
+        self.assertEqual((exc.classify(), exc.retry_after), (ErrorClass.TRANSIENT, 120.0))
+        exc = self.failing(WebhookPoller(), self.hook(srv.url("/503")))
+        self.assertEqual(exc.classify(), ErrorClass.TRANSIENT)
+        self.assertGreater(exc.retry_after, 365 * 86400)
+        exc = self.failing(WebhookPoller(), self.hook(srv.url("/500")))
+        self.assertEqual((exc.classify(), exc.retry_after), (ErrorClass.TRANSIENT, None))
+        exc = self.failing(WebhookPoller(), self.hook(srv.url("/403")))
+        self.assertEqual(exc.classify(), ErrorClass.PERMANENT)
+
+    def test_if_none_match_and_304(self):
+        def conditional(h):
+            if h.headers.get("If-None-Match") == 'W/"7"':
+                reply(h, 304)
+            else:
+                reply(h, 200, b'[{"id": 1}]', [("ETag", 'W/"7"')])
+        srv = Server(self, {"/api": conditional})
+        ack = self.tick(WebhookPoller(), self.hook(srv.url("/api")))
+        self.assertEqual(json.loads(ack.next_cursor), {"seen_ids": ["1"], "etag": 'W/"7"'})
+        again = self.tick(WebhookPoller(), self.hook(srv.url("/api")), ack.next_cursor)
+        self.assertEqual((again.deliver, again.next_cursor), ((), None))
+
+    def test_a_bad_answer_fails_the_tick(self):
+        srv = Server(self, {"/text": fixed(200, "<html>"),
+                            "/obj": json_answer({"items": {"id": 1}})})
+        exc = self.failing(WebhookPoller(), self.hook(srv.url("/text")))
+        self.assertEqual(exc.classify(), ErrorClass.TRANSIENT)
+        self.assertIn("the answer is not JSON", str(exc))
+        exc = self.failing(WebhookPoller(), self.hook(srv.url("/obj"), items_path="items"))
+        self.assertEqual(exc.classify(), ErrorClass.PERMANENT)
+        self.assertIn("items_path 'items' is not an array (it is object)", str(exc))
+
+    def test_a_next_page_on_127_0_0_1_is_refused_before_connecting(self):
+        target = Server(self, {"/": json_answer([{"id": "secret"}])})
+        public = Server(self, {"/api": json_answer([{"id": 1}], headers=[
+            ("Link", f'<{target.url("/")}>; rel="next"')])}, host="127.0.0.2")
+        public.routes["/moved"] = fixed(307, headers=[("Location", target.url("/"))])
+        real = nx._refused_address
+        # 127.0.0.2 stands in for a public address (a test may reach only loopback).
+        with mock.patch.object(nx, "_refused_address", lambda a: a != "127.0.0.2" and real(a)):
+            for path in ("/api", "/moved"):
+                with self.subTest(path=path):
+                    exc = self.failing(WebhookPoller(), {"url": public.url(path)})
+                    self.assertEqual(exc.classify(), ErrorClass.PERMANENT)
+                    self.assertIn("127.0.0.1 is loopback/private/link-local", str(exc))
+        self.assertEqual((target.connections, target.requests), (0, []))
+
+    def test_a_bad_config_names_the_key(self):
+        url = "http://x.test/"
+        self.assertConfigErrors(WebhookPoller(), (
+            ({"url": url, "method": "PUT"}, "config.method"),
+            ({"url": url, "headers": {"X": "a\r\nB: c"}}, "config.headers"),
+            ({"url": url, "headers": {"bad name": "v"}}, "config.headers"),
+            ({"url": url, "id_field": ""}, "config.id_field"),
+            ({"url": url, "max_pages": 0}, "config.max_pages"),
+            ({"url": url, "items_path": 3}, "config.items_path"),
+            ({"url": url, "feed_url": url}, "config.feed_url: unknown key"),
+            ({"url": "http://169.254.169.254/latest/meta-data/"}, "config.url")))
+
+
+class WebhookPollDaemonTest(HttpCase):
+
+    def test_a_daemon_delivers_the_cursor_survives_and_retry_after_holds(self):
+        srv = Server(self, {"/api": json_answer({"items": [{"id": 1, "t": "one"}]}),
+                            "/busy": json_answer({}, 429, [("Retry-After", "600")])})
+        path = write_config(os.path.join(self.dir, "pollers.json"), {
+            "state_db": self.db, "default_jitter_ms": 0, "shutdown_grace_secs": 3,
+            "jobs": [{"id": "api", "kind": "webhook_poll", "schedule": {"every_secs": 3600},
+                      "config": {"url": srv.url("/api"), "items_path": "items",
+                                 "message_template": "{t}", "deliver": DELIVER,
+                                 "allow_private_networks": True}},
+                     {"id": "busy", "kind": "webhook_poll", "schedule": {"every_secs": 5},
+                      "config": {"url": srv.url("/busy"), "allow_private_networks": True}}]})
+        r, sink = self.daemon(path)
+        self.assertEqual(r.run_once("api").status, nx.TickStatus.OK)
+        self.assertTrue(sink.wait_for(1))
+        self.assertEqual(sink.got[0][1]["payload"], {"text": "one", "to": "42"})
+        busy = r.run_once("busy")
+        self.assertEqual(busy.status, nx.TickStatus.TRANSIENT)
+        self.assertGreaterEqual(busy.next_run_at, r.clock() + 590, "not before Retry-After")
+        r.stop()
+        srv.routes["/api"] = json_answer({"items": [{"id": 2, "t": "two"}, {"id": 1, "t": "one"}]})
+        r2, sink2 = self.daemon(path)
+        self.assertEqual(r2.run_once("api").status, nx.TickStatus.OK)
+        self.assertTrue(sink2.wait_for(1))
+        self.assertEqual([e["payload"]["text"] for _, e in sink2.got], ["two"])
+        self.assertEqual(json.loads(r2.state.load(["api"])["api"].cursor),
+                         {"seen_ids": ["1", "2"]})
+
+    def test_validate_checks_a_webhook_poll_job_config(self):
+        path = write_config(os.path.join(self.dir, "p.json"), {
+            "state_db": self.db,
+            "jobs": [{"id": "a", "kind": "webhook_poll", "schedule": {"every_secs": 60},
+                      "config": {"url": "http://localhost/x"}}]})
+        with self.assertRaises(ConfigError) as caught:
+            load_config(path)
+        self.assertIn("localhost is loopback/private/link-local", str(caught.exception))
 
 
 if __name__ == "__main__":
