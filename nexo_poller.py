@@ -5304,10 +5304,13 @@ def _render(template: str, fields: Mapping[str, Any]) -> str:
 
 
 def _deliver_to(job_id: str, config: Mapping[str, Any]) -> tuple[str, str] | None:
-    """A built-in job's ``deliver {channel, to}``, checked; None without one."""
+    """A built-in job's ``deliver {channel, to}`` (``recipient`` for ``to``,
+    as nexo reads it too), checked; None without one."""
     deliver = config.get("deliver")
     if deliver is None:
         return None
+    if isinstance(deliver, dict) and set(deliver) == {"channel", "recipient"}:
+        deliver = {"channel": deliver["channel"], "to": deliver["recipient"]}  # nexo's alias
     if not isinstance(deliver, dict) or set(deliver) != {"channel", "to"}:
         raise PollerError.Config(job_id, 'config.deliver must be {"channel": ..., "to": ...}')
     try:

@@ -6,6 +6,8 @@ counts as public."""
 import json
 import os
 import socket
+import ssl
+import subprocess
 import sys
 import threading
 import tracemalloc
@@ -32,7 +34,7 @@ class Server:
     answer.  Records each request (method, path, headers, body) and counts
     the connections it accepted."""
 
-    def __init__(self, test, routes=None, host="127.0.0.1"):
+    def __init__(self, test, routes=None, host="127.0.0.1", tls=None):
         self.routes = dict(routes or {})
         self.requests, self.connections = [], 0
         self.lock = threading.Lock()
@@ -70,7 +72,12 @@ class Server:
 
         self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.httpd.daemon_threads = True
-        self.base = "http://%s:%d" % (host, self.httpd.server_address[1])
+        if tls is not None:         # (certificate, key) files
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.base = "%s://%s:%d" % ("https" if tls else "http", host,
+                                    self.httpd.server_address[1])
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
                                        daemon=True)
         self.thread.start()
@@ -182,6 +189,9 @@ class RssFeedTest(HttpCase):
         self.assertEqual((ack.metrics.items_seen, ack.metrics.items_dispatched), (2, 2))
         again = self.tick(RssPoller(), self.rss(srv.url("/feed")), ack.next_cursor)
         self.assertEqual(again.deliver, (), "nothing new")
+        nexo = self.tick(RssPoller(), self.rss(srv.url("/feed"), deliver={
+            "channel": "telegram", "recipient": "7"}))        # nexo's alias of "to"
+        self.assertEqual(nexo.deliver[0].recipient, "7")
         srv.routes["/feed"] = fixed(200, rss2(("Three", "http://x.test/3", "g-3"),
                                               ("Two", "http://x.test/2", None),
                                               ("One", "http://x.test/1", "g-1")))
@@ -369,6 +379,28 @@ class HttpBoundsTest(HttpCase):
                                    timeout=0.5)
                 self.assertEqual(exc.classify(), ErrorClass.TRANSIENT)
                 self.assertIn("no complete answer within 0.5s", str(exc))
+
+    def test_https_is_verified_and_a_stalled_handshake_is_bounded(self):
+        cert, key = os.path.join(self.dir, "cert.pem"), os.path.join(self.dir, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", cert,
+                        "-days", "2", "-subj", "/CN=127.0.0.1", "-addext",
+                        "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+        srv = Server(self, {"/feed": fixed(200, rss2(("One", "http://x.test/1", "g")))},
+                     tls=(cert, key))
+        with mock.patch.dict(os.environ, {"SSL_CERT_FILE": cert}):     # trust it
+            ack = self.tick(RssPoller(), self.rss(srv.url("/feed")))
+        self.assertEqual(self.texts(ack), ["One\nhttp://x.test/1"])
+        with mock.patch.dict(os.environ, {"SSL_CERT_FILE": os.devnull}):
+            exc = self.failing(RssPoller(), self.rss(srv.url("/feed")))
+        self.assertEqual(exc.classify(), ErrorClass.TRANSIENT)
+        self.assertIn("CERTIFICATE_VERIFY_FAILED", str(exc))
+        mute = socket.create_server(("127.0.0.1", 0))       # accepts, never says a word
+        self.addCleanup(mute.close)
+        exc = self.failing(RssPoller(), self.rss("https://127.0.0.1:%d/" % mute.getsockname()[1]),
+                           timeout=0.5)
+        self.assertEqual(exc.classify(), ErrorClass.TRANSIENT)
+        self.assertIn("no complete answer within 0.5s", str(exc))
 
     def test_a_cancel_ends_a_tick_waiting_on_a_silent_server(self):
         srv = Server(self)
