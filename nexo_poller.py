@@ -5608,6 +5608,8 @@ class _HttpJob:
         (``_seen_ring``); ``self.conditional`` has its ETag as ``If-None-Match``."""
         self.budget = (_IN_PROCESS_BUDGET_SECS if ctx.timeout is None
                        else ctx.timeout.total_seconds())
+        self.budget_of = ("the job's timeout_secs" if ctx.timeout is not None
+                          else "the in-process tick budget: set the job's timeout_secs")
         self.deadline, self.cancel = time.monotonic() + self.budget, ctx.cancel
         state, had = _seen_ring(ctx.cursor)
         etag = state.get("etag")
@@ -5737,7 +5739,7 @@ def _http_once(job: _HttpJob, url: str, method: str, headers: Mapping[str, str],
         return answer
     except TimeoutError:
         raise PollerError.Transient(f"{url}: no complete answer within {job.budget:g}s "
-                                    "(the job's timeout_secs)") from None
+                                    f"({job.budget_of})") from None
     except (http.client.HTTPException, OSError) as exc:
         raise PollerError.Transient(f"{url}: {_log_safe(str(exc) or type(exc).__name__, 200)}"
                                     ) from None
@@ -5818,11 +5820,11 @@ def _pick_new(items: list[tuple[str, dict]], seen: list[str], cap: int, most: in
     run, which starts from now (the rest are marked seen).  The ring keeps
     every id still in the window, so none comes back while it is listed;
     oldest first, as nexo writes it."""
-    window, known, fresh, listed = items[:cap], set(seen), [], []
+    window, known, fresh, listed = items[:cap], set(seen), [], {}
     for item_id, fields in window:
         if item_id in listed:
             continue
-        listed.append(item_id)
+        listed[item_id] = True              # an ordered set
         if item_id not in known:
             fresh.append((item_id, fields))
     send = fresh[:most]

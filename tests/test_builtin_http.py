@@ -378,7 +378,12 @@ class HttpBoundsTest(HttpCase):
                 exc = self.failing(poller, {key: srv.url(path), "allow_private_networks": True},
                                    timeout=0.5)
                 self.assertEqual(exc.classify(), ErrorClass.TRANSIENT)
-                self.assertIn("no complete answer within 0.5s", str(exc))
+                self.assertIn("no complete answer within 0.5s (the job's timeout_secs)",
+                              str(exc))
+        with mock.patch.object(nx, "_IN_PROCESS_BUDGET_SECS", 0.3):     # no timeout_secs
+            exc = self.failing(RssPoller(), self.rss(srv.url("/slow")))
+        self.assertIn("within 0.3s (the in-process tick budget: set the job's timeout_secs)",
+                      str(exc))
 
     def test_https_is_verified_and_a_stalled_handshake_is_bounded(self):
         cert, key = os.path.join(self.dir, "cert.pem"), os.path.join(self.dir, "key.pem")
