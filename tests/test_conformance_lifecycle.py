@@ -53,6 +53,7 @@ JOBS = {
     "crash": {"exit": 3},
     "malformed": {"raw_result": {"next_cursor": 5}},
     "slow": {"sleep": 60},
+    "scheduled": {"cursor_scheduled": True},
 }
 
 
@@ -154,6 +155,12 @@ class LifecycleContract:
                          "the committed cursor goes back in")
         self.assertEqual(second.ack.metrics.items_seen, 1)
         self.assertEqual(self.runner.state.load(["ok"])["ok"].cursor, str(n + 1).encode())
+
+    def test_a_tick_carries_the_scheduled_time_of_its_slot(self):
+        o = self.runner.run_once("scheduled", scheduled_at=1_900_000_000.0)
+        self.assertEqual((o.status, o.error), ("ok", None))
+        self.assertEqual(o.ack.next_cursor, b"2030-03-17T17:46:40+00:00",
+                         "the plugin's ctx.scheduled_at is the slot's, not now")
 
     def test_deliveries_come_back_as_tick_ack_deliver(self):
         o = self.tick("deliver")
