@@ -192,9 +192,27 @@ class PollerError(NexoPollerError):
     """A tick failed.  Variants: ``Transient``, ``Permanent``, ``Config``."""
 
     error_class: ErrorClass = ErrorClass.TRANSIENT
+    # Partial progress: what the tick got done before it failed, committed
+    # with the error (the cursor so far, the items fetched so far).
+    next_cursor: bytes | None = None
+    deliver: tuple = ()
 
     def classify(self) -> ErrorClass:
         return self.error_class
+
+
+def _partial_progress(err: PollerError, next_cursor: Any, deliver: Any) -> None:
+    """Keep a Transient's or Permanent's partial progress on ``err``:
+    ``next_cursor`` bytes or None, ``deliver`` Delivery items (each checked
+    where the error is read: the runner, the SDK)."""
+    if next_cursor is not None and not isinstance(next_cursor, (bytes, bytearray)):
+        raise TypeError(f"{type(err).__qualname__}: next_cursor must be bytes or None, "
+                        f"not {type(next_cursor).__name__}")
+    if isinstance(deliver, (str, bytes, dict)):
+        raise TypeError(f"{type(err).__qualname__}: deliver must be a list of Delivery, "
+                        f"not {type(deliver).__name__}")
+    err.next_cursor = None if next_cursor is None else bytes(next_cursor)
+    err.deliver = tuple(deliver or ())
 
 
 # A retry_after beyond this means "a century" (as a next_interval_secs does).
@@ -209,8 +227,10 @@ class _PollerTransient(PollerError):
     rate limit's Retry-After).  Beyond a century it is a century."""
     error_class = ErrorClass.TRANSIENT
 
-    def __init__(self, *args: Any, retry_after: int | float | None = None):
+    def __init__(self, *args: Any, retry_after: int | float | None = None,
+                 next_cursor: bytes | None = None, deliver: Iterable[Any] = ()):
         super().__init__(*args)
+        _partial_progress(self, next_cursor, deliver)
         if retry_after is not None:
             if isinstance(retry_after, bool) or not isinstance(retry_after, (int, float)):
                 raise TypeError("PollerError.Transient: retry_after must be a number of "
@@ -225,6 +245,11 @@ class _PollerTransient(PollerError):
 class _PollerPermanent(PollerError):
     """Will not get better by retrying: revoked credentials, a gone feed."""
     error_class = ErrorClass.PERMANENT
+
+    def __init__(self, *args: Any, next_cursor: bytes | None = None,
+                 deliver: Iterable[Any] = ()):
+        super().__init__(*args)
+        _partial_progress(self, next_cursor, deliver)
 
 
 class _PollerConfig(PollerError):
@@ -542,7 +567,7 @@ def _request_outcome(waiter: "_Waiter", answered: bool, topic: str, secs: float,
 # The shapes that cross a process boundary, exactly as the original sends
 # them: cursors as unpadded URL-safe base64, ``now`` as RFC 3339 +00:00.
 # Shares: _cursor_line, _cursor_view, _format_now, _json_type, _parse_reply_envelope,
-#   _reply_to_ack, _TOPIC_TOKEN_RE, _unparsable
+#   _partial_ack, _reply_to_ack, _TOPIC_TOKEN_RE, _unparsable
 # ============================================================================
 
 ERROR_TRANSIENT = -32001
@@ -813,21 +838,25 @@ def _parse_reply_envelope(envelope: Any, job: str) -> TickReply:
     error = envelope.get("error")
     if error is not None:
         code, message, retry_after = ERROR_INTERNAL, "plugin returned an error", None
+        cursor, deliver, problem = None, (), None
         if isinstance(error, dict):
             if _is_int(error.get("code")):
                 code = error["code"]
             if isinstance(error.get("message"), str):
                 message = error["message"]
             retry_after = _retry_after_secs(error.get("data"))
+            cursor, deliver, problem = _partial_of(error.get("data"))
         elif isinstance(error, str):
             message = error
         message = _log_safe(message, 2048)      # it reaches the log and the state
         if code == ERROR_CONFIG:
             raise PollerError.Config(job, message)
+        text = f"{message} (code {code})" + (f" (partial progress ignored: {problem})"
+                                              if problem else "")
         cls = _CODE_TO_CLASS.get(code, PollerError.Transient)
         if cls is PollerError.Transient:
-            raise cls(f"{message} (code {code})", retry_after=retry_after)
-        raise cls(f"{message} (code {code})")
+            raise cls(text, retry_after=retry_after, next_cursor=cursor, deliver=deliver)
+        raise cls(text, next_cursor=cursor, deliver=deliver)
     if "result" not in envelope:
         raise PluginPollerForwardError.ParseReply("reply has neither `result` nor `error`")
     result = envelope["result"]
@@ -842,6 +871,29 @@ def _retry_after_secs(data: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         return None
     return value
+
+
+def _partial_of(data: Any) -> tuple[bytes | None, tuple[Delivery, ...], str | None]:
+    """An error's ``data.next_cursor`` and ``data.deliver`` (a TickReply's
+    shapes): ``(cursor, deliveries, None)``; both dropped, with why, when
+    either is malformed, so a cursor never advances past deliveries lost."""
+    if not isinstance(data, dict):
+        return None, (), None
+    try:
+        reply = TickReply.from_dict({k: data[k] for k in ("next_cursor", "deliver")
+                                     if k in data})
+        cursor = None if reply.next_cursor is None else decode_cursor(reply.next_cursor)
+    except PluginPollerForwardError as exc:
+        return None, (), _log_safe(exc, 200)
+    return cursor, reply.deliver, None
+
+
+def _partial_ack(exc: PollerError) -> TickAck | None:
+    """A failed tick's partial progress as a TickAck (None: none); a
+    ``deliver`` item that is not a Delivery raises TypeError."""
+    if exc.next_cursor is None and not exc.deliver:
+        return None
+    return TickAck(exc.next_cursor, deliver=exc.deliver)
 
 
 def _reply_to_ack(envelope: Any, job: str) -> TickAck:
@@ -5058,14 +5110,14 @@ def _plugin_dispatch(handlers: Mapping[str, Callable], envelope: Any) -> dict:
     """Answer one ``poll_tick`` envelope: the dispatcher of both lifecycles."""
     req_id = envelope.get("id") if isinstance(envelope, dict) else None
 
-    def answer(code: int | None, payload: Any, retry_after: float | None = None) -> dict:
+    def answer(code: int | None, payload: Any, data: dict | None = None) -> dict:
         out: dict = {"jsonrpc": "2.0", "id": req_id}
         if code is None:
             out["result"] = payload
         else:
             out["error"] = {"code": code, "message": str(payload)}
-            if retry_after is not None:     # JSON-RPC's ``data``: readers not knowing it skip it
-                out["error"]["data"] = {"retry_after_secs": retry_after}
+            if data:                        # JSON-RPC's ``data``: readers not knowing it skip it
+                out["error"]["data"] = data
         return out
 
     if not isinstance(envelope, dict) or envelope.get("method") != "poll_tick":
@@ -5087,14 +5139,30 @@ def _plugin_dispatch(handlers: Mapping[str, Callable], envelope: Any) -> dict:
     except PollerError as exc:
         code = {ErrorClass.PERMANENT: ERROR_PERMANENT,
                 ErrorClass.CONFIG: ERROR_CONFIG}.get(exc.classify(), ERROR_TRANSIENT)
-        return answer(code, getattr(exc, "reason", exc),   # Config's text without "job 'x':"
-                      getattr(exc, "retry_after", None))
+        return answer(code, *_error_text_and_data(exc))
     except Exception as exc:                 # a bug in the handler: retry later, keep serving
         return answer(ERROR_TRANSIENT, _report_bug(exc))
     if ack is not None and not isinstance(ack, TickAck):
         return answer(ERROR_TRANSIENT,
                       f"TypeError: tick handler returned {type(ack).__name__}, not TickAck")
     return answer(None, TickReply.from_ack(ack).to_dict())
+
+
+def _error_text_and_data(exc: PollerError) -> tuple[str, dict]:
+    """A handler's PollerError as an error reply's message and ``data``:
+    ``retry_after_secs``, and the partial progress (``next_cursor``,
+    ``deliver``, as a TickReply's), dropped with a note when malformed."""
+    text = str(getattr(exc, "reason", exc))     # Config's text without "job 'x':"
+    data: dict = {}
+    if getattr(exc, "retry_after", None) is not None:
+        data["retry_after_secs"] = exc.retry_after
+    try:
+        partial = _partial_ack(exc)
+    except TypeError as bad:
+        return f"{text} (partial progress dropped: {bad})", data
+    if partial is not None:
+        data.update(TickReply.from_ack(partial).to_dict())
+    return text, data
 
 
 _TRACEBACK_FRAMES = 8                        # innermost frames a handler's traceback keeps
@@ -9868,6 +9936,9 @@ def plan_tick(state: JobState, outcome: TickOutcome, *, schedule: Schedule,
         alert, nxt = f"job paused after a {status.value} error", None
     else:
         raise InputError(f"a {status.value!r} outcome is not planned: nothing ran")
+    partial = outcome.ack if status is not TickStatus.OK else None
+    if partial is not None and partial.next_cursor is not None:
+        new = new.replace(cursor=partial.next_cursor)   # what it got before it failed
     if alert and state.last_alert_at is not None and \
             started - state.last_alert_at < pol.failure_alert_cooldown_secs:
         alert = None
@@ -10901,6 +10972,10 @@ class _Ticks:
             outcome.status = TickStatus(exc.classify().value)
             outcome.error = str(exc)
             outcome.retry_after = getattr(exc, "retry_after", None)
+            try:                            # committed with the error (plan_tick)
+                outcome.ack = _partial_ack(exc)
+            except TypeError as bad:
+                outcome.error += f" (partial progress dropped: {bad})"
         except Exception as exc:            # a bug in an in-process poller: retry later
             log.debug("poller for %s raised", ctx.kind, exc_info=True)
             outcome.status = TickStatus.TRANSIENT
