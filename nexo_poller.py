@@ -154,7 +154,7 @@ __all__ = [
     "cursor_command_arg", "CURSOR_HISTORY_KEEP", "Schedule", "CronExpr", "JobConfig",
     "JobPolicy", "DaemonConfig",
     "load_config", "config_from_dict", "Runner", "TickOutcome", "TickPlan", "plan_tick",
-    "next_run", "OutboxItem", "outbound_topic", "main",
+    "next_run", "catch_up", "OutboxItem", "outbound_topic", "main",
 ]
 
 log = logging.getLogger("nexo_poller")
@@ -194,9 +194,27 @@ class PollerError(NexoPollerError):
     """A tick failed.  Variants: ``Transient``, ``Permanent``, ``Config``."""
 
     error_class: ErrorClass = ErrorClass.TRANSIENT
+    # Partial progress: what the tick got done before it failed, committed
+    # with the error (the cursor so far, the items fetched so far).
+    next_cursor: bytes | None = None
+    deliver: tuple = ()
 
     def classify(self) -> ErrorClass:
         return self.error_class
+
+
+def _partial_progress(err: PollerError, next_cursor: Any, deliver: Any) -> None:
+    """Keep a Transient's or Permanent's partial progress on ``err``:
+    ``next_cursor`` bytes or None, ``deliver`` Delivery items (each checked
+    where the error is read: the runner, the SDK)."""
+    if next_cursor is not None and not isinstance(next_cursor, (bytes, bytearray)):
+        raise TypeError(f"{type(err).__qualname__}: next_cursor must be bytes or None, "
+                        f"not {type(next_cursor).__name__}")
+    if isinstance(deliver, (str, bytes, dict)):
+        raise TypeError(f"{type(err).__qualname__}: deliver must be a list of Delivery, "
+                        f"not {type(deliver).__name__}")
+    err.next_cursor = None if next_cursor is None else bytes(next_cursor)
+    err.deliver = tuple(deliver or ())
 
 
 # A retry_after beyond this means "a century" (as a next_interval_secs does).
@@ -211,8 +229,10 @@ class _PollerTransient(PollerError):
     rate limit's Retry-After).  Beyond a century it is a century."""
     error_class = ErrorClass.TRANSIENT
 
-    def __init__(self, *args: Any, retry_after: int | float | None = None):
+    def __init__(self, *args: Any, retry_after: int | float | None = None,
+                 next_cursor: bytes | None = None, deliver: Iterable[Any] = ()):
         super().__init__(*args)
+        _partial_progress(self, next_cursor, deliver)
         if retry_after is not None:
             if isinstance(retry_after, bool) or not isinstance(retry_after, (int, float)):
                 raise TypeError("PollerError.Transient: retry_after must be a number of "
@@ -227,6 +247,11 @@ class _PollerTransient(PollerError):
 class _PollerPermanent(PollerError):
     """Will not get better by retrying: revoked credentials, a gone feed."""
     error_class = ErrorClass.PERMANENT
+
+    def __init__(self, *args: Any, next_cursor: bytes | None = None,
+                 deliver: Iterable[Any] = ()):
+        super().__init__(*args)
+        _partial_progress(self, next_cursor, deliver)
 
 
 class _PollerConfig(PollerError):
@@ -543,8 +568,8 @@ def _request_outcome(waiter: "_Waiter", answered: bool, topic: str, secs: float,
 # Wire
 # The shapes that cross a process boundary, exactly as the original sends
 # them: cursors as unpadded URL-safe base64, ``now`` as RFC 3339 +00:00.
-# Shares: _cursor_line, _cursor_view, _json_type, _parse_reply_envelope,
-#   _reply_to_ack, _TOPIC_TOKEN_RE, _unparsable
+# Shares: _cursor_line, _cursor_view, _format_now, _json_type, _parse_reply_envelope,
+#   _partial_ack, _reply_to_ack, _TOPIC_TOKEN_RE, _unparsable
 # ============================================================================
 
 ERROR_TRANSIENT = -32001
@@ -625,11 +650,17 @@ class TickRequest:
     config: Any
     now: str
     interval_hint_secs: int
+    # this port's optional field (nexo's plugins ignore it): the time of
+    # the slot the tick stands for, RFC 3339 as ``now``; None: not sent
+    scheduled_at: str | None = None
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "job_id": self.job_id, "agent_id": self.agent_id,
-                "cursor": self.cursor, "config": self.config, "now": self.now,
-                "interval_hint_secs": self.interval_hint_secs}
+        d = {"kind": self.kind, "job_id": self.job_id, "agent_id": self.agent_id,
+             "cursor": self.cursor, "config": self.config, "now": self.now,
+             "interval_hint_secs": self.interval_hint_secs}
+        if self.scheduled_at is not None:
+            d["scheduled_at"] = self.scheduled_at
+        return d
 
     def envelope(self, request_id: Any = None) -> dict:
         """The JSON-RPC request object both lifecycles carry."""
@@ -782,11 +813,13 @@ def _json_type(value: Any) -> str:
 
 def build_tick_request(kind: str, job_id: str, agent_id: str, cursor: bytes | None,
                        config: Any, now: datetime,
-                       interval_hint: timedelta | int | float) -> TickRequest:
+                       interval_hint: timedelta | int | float, *,
+                       scheduled_at: datetime | None = None) -> TickRequest:
     """Build the wire request of one tick from runner inputs (pure)."""
     return TickRequest(kind, job_id, agent_id,
                        None if cursor is None else encode_cursor(cursor),
-                       config, _format_now(now), int(_seconds(interval_hint, "interval_hint")))
+                       config, _format_now(now), int(_seconds(interval_hint, "interval_hint")),
+                       None if scheduled_at is None else _format_now(scheduled_at))
 
 
 def tick_topic_for(prefix: str) -> str:
@@ -807,21 +840,25 @@ def _parse_reply_envelope(envelope: Any, job: str) -> TickReply:
     error = envelope.get("error")
     if error is not None:
         code, message, retry_after = ERROR_INTERNAL, "plugin returned an error", None
+        cursor, deliver, problem = None, (), None
         if isinstance(error, dict):
             if _is_int(error.get("code")):
                 code = error["code"]
             if isinstance(error.get("message"), str):
                 message = error["message"]
             retry_after = _retry_after_secs(error.get("data"))
+            cursor, deliver, problem = _partial_of(error.get("data"))
         elif isinstance(error, str):
             message = error
         message = _log_safe(message, 2048)      # it reaches the log and the state
         if code == ERROR_CONFIG:
             raise PollerError.Config(job, message)
+        text = f"{message} (code {code})" + (f" (partial progress ignored: {problem})"
+                                              if problem else "")
         cls = _CODE_TO_CLASS.get(code, PollerError.Transient)
         if cls is PollerError.Transient:
-            raise cls(f"{message} (code {code})", retry_after=retry_after)
-        raise cls(f"{message} (code {code})")
+            raise cls(text, retry_after=retry_after, next_cursor=cursor, deliver=deliver)
+        raise cls(text, next_cursor=cursor, deliver=deliver)
     if "result" not in envelope:
         raise PluginPollerForwardError.ParseReply("reply has neither `result` nor `error`")
     result = envelope["result"]
@@ -836,6 +873,29 @@ def _retry_after_secs(data: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         return None
     return value
+
+
+def _partial_of(data: Any) -> tuple[bytes | None, tuple[Delivery, ...], str | None]:
+    """An error's ``data.next_cursor`` and ``data.deliver`` (a TickReply's
+    shapes): ``(cursor, deliveries, None)``; both dropped, with why, when
+    either is malformed, so a cursor never advances past deliveries lost."""
+    if not isinstance(data, dict):
+        return None, (), None
+    try:
+        reply = TickReply.from_dict({k: data[k] for k in ("next_cursor", "deliver")
+                                     if k in data})
+        cursor = None if reply.next_cursor is None else decode_cursor(reply.next_cursor)
+    except PluginPollerForwardError as exc:
+        return None, (), _log_safe(exc, 200)
+    return cursor, reply.deliver, None
+
+
+def _partial_ack(exc: PollerError) -> TickAck | None:
+    """A failed tick's partial progress as a TickAck (None: none); a
+    ``deliver`` item that is not a Delivery raises TypeError."""
+    if exc.next_cursor is None and not exc.deliver:
+        return None
+    return TickAck(exc.next_cursor, deliver=exc.deliver)
 
 
 def _reply_to_ack(envelope: Any, job: str) -> TickAck:
@@ -4342,10 +4402,18 @@ class PollContext:
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     # The job's own tick timeout (its ``timeout_secs``); None: the plugin's.
     timeout: timedelta | None = None
+    # The time of the slot this tick stands for (a missed slot's, a
+    # backfill's, a retry's); None given: ``now`` (an operator's tick).
+    scheduled_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheduled_at is None:
+            self.scheduled_at = self.now
 
     def to_request(self) -> TickRequest:
         return build_tick_request(self.kind, self.job_id, self.agent_id, self.cursor,
-                                  self.config, self.now, self.interval_hint)
+                                  self.config, self.now, self.interval_hint,
+                                  scheduled_at=self.scheduled_at)
 
 
 def _tick_timeout(handle: PluginPollerHandle, ctx: PollContext) -> timedelta:
@@ -5044,14 +5112,14 @@ def _plugin_dispatch(handlers: Mapping[str, Callable], envelope: Any) -> dict:
     """Answer one ``poll_tick`` envelope: the dispatcher of both lifecycles."""
     req_id = envelope.get("id") if isinstance(envelope, dict) else None
 
-    def answer(code: int | None, payload: Any, retry_after: float | None = None) -> dict:
+    def answer(code: int | None, payload: Any, data: dict | None = None) -> dict:
         out: dict = {"jsonrpc": "2.0", "id": req_id}
         if code is None:
             out["result"] = payload
         else:
             out["error"] = {"code": code, "message": str(payload)}
-            if retry_after is not None:     # JSON-RPC's ``data``: readers not knowing it skip it
-                out["error"]["data"] = {"retry_after_secs": retry_after}
+            if data:                        # JSON-RPC's ``data``: readers not knowing it skip it
+                out["error"]["data"] = data
         return out
 
     if not isinstance(envelope, dict) or envelope.get("method") != "poll_tick":
@@ -5073,14 +5141,30 @@ def _plugin_dispatch(handlers: Mapping[str, Callable], envelope: Any) -> dict:
     except PollerError as exc:
         code = {ErrorClass.PERMANENT: ERROR_PERMANENT,
                 ErrorClass.CONFIG: ERROR_CONFIG}.get(exc.classify(), ERROR_TRANSIENT)
-        return answer(code, getattr(exc, "reason", exc),   # Config's text without "job 'x':"
-                      getattr(exc, "retry_after", None))
+        return answer(code, *_error_text_and_data(exc))
     except Exception as exc:                 # a bug in the handler: retry later, keep serving
         return answer(ERROR_TRANSIENT, _report_bug(exc))
     if ack is not None and not isinstance(ack, TickAck):
         return answer(ERROR_TRANSIENT,
                       f"TypeError: tick handler returned {type(ack).__name__}, not TickAck")
     return answer(None, TickReply.from_ack(ack).to_dict())
+
+
+def _error_text_and_data(exc: PollerError) -> tuple[str, dict]:
+    """A handler's PollerError as an error reply's message and ``data``:
+    ``retry_after_secs``, and the partial progress (``next_cursor``,
+    ``deliver``, as a TickReply's), dropped with a note when malformed."""
+    text = str(getattr(exc, "reason", exc))     # Config's text without "job 'x':"
+    data: dict = {}
+    if getattr(exc, "retry_after", None) is not None:
+        data["retry_after_secs"] = exc.retry_after
+    try:
+        partial = _partial_ack(exc)
+    except TypeError as bad:
+        return f"{text} (partial progress dropped: {bad})", data
+    if partial is not None:
+        data.update(TickReply.from_ack(partial).to_dict())
+    return text, data
 
 
 _TRACEBACK_FRAMES = 8                        # innermost frames a handler's traceback keeps
@@ -5116,11 +5200,14 @@ def _context_from_params(params: dict) -> PollContext:
     if not (_is_int(hint) or isinstance(hint, float)) or hint < 0:
         raise PluginPollerForwardError.ParseReply(
             "interval_hint_secs must be a non-negative number")
+    scheduled = params.get("scheduled_at")      # absent from nexo's daemon: ``now``
     return PollContext(
         job_id=text("job_id"), agent_id=text("agent_id"), kind=text("kind"),
         cursor=None if cursor is None else decode_cursor(cursor),
         config=params.get("config"), now=datetime.fromisoformat(text("now")),
-        interval_hint=timedelta(seconds=hint))
+        interval_hint=timedelta(seconds=hint),
+        scheduled_at=None if scheduled is None else datetime.fromisoformat(
+            text("scheduled_at")))
 
 
 def run_plugin(handlers: Mapping[str, Callable[[PollContext], TickAck | None]],
@@ -5389,7 +5476,9 @@ class CommandPoller:
             proc = _popen(job.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, cwd=job.cwd, start_new_session=True,
                           bufsize=0, env=_child_env(marker, job.env, NEXO_CURSOR=cursor,
-                                                    NEXO_JOB_ID=ctx.job_id))
+                                                    NEXO_JOB_ID=ctx.job_id,
+                                                    NEXO_SCHEDULED_AT=_format_now(
+                                                        ctx.scheduled_at or ctx.now)))
         except OSError as exc:
             key, what = (("cwd", job.cwd) if job.cwd and exc.filename == job.cwd
                          else ("argv[0]", job.argv[0]))
@@ -8993,6 +9082,33 @@ class Schedule:
                                      self.tz)
         return None if found is None else found.timestamp()
 
+    def slots_in(self, start: float, end: float, limit: int = 10_000) -> list[float]:
+        """The slots from ``start`` to ``end`` (both included), in order:
+        an ``every_secs`` schedule's are ``start``, ``start + N``, ...; a
+        cron's its firings; an ``at``'s its instant.  More than ``limit``
+        raises ``InputError``."""
+        if end < start:
+            raise InputError(f"the range ends ({_iso(end)}) before it starts "
+                             f"({_iso(start)})")
+        if self.at is not None:
+            slots = [self.at.timestamp()] if start <= self.at.timestamp() <= end else []
+        elif self.every_secs is not None:
+            count = math.floor((end - start) / self.every_secs) + 1
+            if count > limit:
+                raise InputError(f"{count} slots from {_iso(start)} to {_iso(end)}; "
+                                 f"at most {limit} at once: narrow the range")
+            slots = [start + k * self.every_secs for k in range(count)]
+        else:
+            slots, at = [], self.next_after(start - 1, start - 1)
+            while at is not None and at <= end:
+                if at >= start:
+                    if len(slots) == limit:
+                        raise InputError(f"more than {limit} slots from {_iso(start)} to "
+                                         f"{_iso(end)}: narrow the range")
+                    slots.append(at)
+                at = self.next_after(at, at)
+        return slots
+
 
 # ============================================================================
 # YAML
@@ -9516,6 +9632,10 @@ def _read_yaml(text: str, source: str) -> tuple[Any, dict[tuple, tuple[int, int]
 # ============================================================================
 
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
+# What a job does with the slots it missed (daemon down, paused, a long
+# tick): "one" run now stands for them all, "all" runs each in order,
+# "none" skips them to the next future slot.
+_CATCHUP_MODES = ("one", "all", "none")
 _HOST_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 
 
@@ -9532,6 +9652,10 @@ _JOB_POLICY_KEYS = {
     "breaker_threshold": ("breaker_threshold", 1, 10 ** 6, True),
     "failure_alert_cooldown_secs": ("failure_alert_cooldown_secs", 0, 10 ** 9, False),
     "jitter_ms": ("default_jitter_ms", 0, 86_400_000, True),
+    # catch-up of missed slots: a mode (low holds the choices), and a window
+    # (null: no bound, every missed slot counts)
+    "catchup": ("catchup", _CATCHUP_MODES, None, None),
+    "catchup_window_secs": ("catchup_window_secs", 0, 86400 * 3660, False),
 }
 _JOB_KEYS = {"id", "kind", "agent", "schedule", "config", "failure_to",
              "paused_on_boot", "extra"} | set(_JOB_POLICY_KEYS)
@@ -9598,6 +9722,8 @@ class DaemonConfig:
     delivery_retry_initial_secs: float = 1.0
     delivery_retry_max_secs: float = 60.0
     cron_dialect: str = "vixie"                    # or "nexo": how jobs' cron is read
+    catchup: str = "one"                           # missed slots: "one", "all" or "none"
+    catchup_window_secs: float | None = None       # missed slots older than this: skipped
     plugins: list[PluginPollerHandle] = dataclasses.field(default_factory=list)
     jobs: list[JobConfig] = dataclasses.field(default_factory=list)
     source: str | None = dataclasses.field(default=None, metadata={"file": False})
@@ -9647,6 +9773,8 @@ class JobPolicy:
     breaker_threshold: int
     failure_alert_cooldown_secs: float
     jitter_ms: int
+    catchup: str
+    catchup_window_secs: float | None
     sources: Mapping[str, str]
 
     @classmethod
@@ -9694,6 +9822,27 @@ def _plugin_broker_auth(doc: Any, cfg: DaemonConfig, where: str, probs: _Problem
                           "with non-empty strings")
         else:
             cfg.plugin_broker_auth[pid] = dict(auth)
+
+
+def _check_policy_value(probs: _Problems, path: str, key: str, value: Any) -> bool:
+    """A policy key's value (a job's or the global one) against its type and
+    range in ``_JOB_POLICY_KEYS``; True when it is good."""
+    _, low, high, integer = _JOB_POLICY_KEYS[key]
+    if isinstance(low, tuple):                          # a choice
+        if value not in low or not isinstance(value, str):
+            probs.add(path, f"{value!r:.40} must be one of "
+                            + ", ".join(f'"{c}"' for c in low))
+            return False
+        return True
+    if value is None and key == "catchup_window_secs":  # no window
+        return True
+    if not _check_type(probs, path, value, int if integer else (int, float),
+                       "an integer" if integer else "a number"):
+        return False
+    if not low <= value <= high:
+        probs.add(path, f"{value} is outside {low}..{high}")
+        return False
+    return True
 
 
 def _check_type(probs: _Problems, path: str, value: Any, kinds, what: str) -> bool:
@@ -9978,6 +10127,9 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
     for key in ("failure_alert_cooldown_secs", "breaker_threshold", "backoff_initial_secs",
                 "backoff_max_secs"):
         number(key, *_JOB_POLICY_KEYS[key][1:])
+    for key in ("catchup", "catchup_window_secs"):
+        if _check_policy_value(probs, prefix + key, key, get(key)):
+            setattr(cfg, key, get(key))
     number("max_workers", 1, 4096, integer=True)
     number("shutdown_grace_secs", 0.1, 3600)
     number("delivery_max_attempts", 1, 10 ** 6, integer=True)
@@ -10201,14 +10353,9 @@ def _job_from_dict(raw: Any, where: str, probs: _Problems, owners: PluginPollerR
     schedule = _schedule_from_dict(raw.get("schedule"), f"{where}.schedule", probs,
                                    cron_dialect)
     overrides = {}
-    for key, (_, low, high, integer) in _JOB_POLICY_KEYS.items():
-        value = raw.get(key)
-        if key in raw and _check_type(probs, f"{where}.{key}", value,
-                                             int if integer else (int, float),
-                                             "an integer" if integer else "a number"):
-            if not low <= value <= high:
-                probs.add(f"{where}.{key}", f"{value} is outside {low}..{high}")
-            overrides[key] = value
+    for key in _JOB_POLICY_KEYS:
+        if key in raw and _check_policy_value(probs, f"{where}.{key}", key, raw[key]):
+            overrides[key] = raw[key]
     if "jitter_ms" in overrides and isinstance(raw.get("schedule"), dict) \
             and "stagger_jitter_ms" in raw["schedule"]:
         probs.add(f"{where}.jitter_ms", "give one of jitter_ms and schedule.stagger_jitter_ms "
@@ -10369,6 +10516,7 @@ class TickPlan:
     run_at: float | None
     slot: float | None
     alert: str | None = None
+    skipped: int = 0            # missed slots older than the catch-up window, not run
 
 
 def plan_tick(state: JobState, outcome: TickOutcome, *, schedule: Schedule,
@@ -10390,7 +10538,7 @@ def plan_tick(state: JobState, outcome: TickOutcome, *, schedule: Schedule,
     global ones of ``config``.
     """
     pol = config if policy is None else policy      # the same attribute names
-    status = outcome.status
+    status, skipped = outcome.status, 0
     new = state.replace(last_run_at=started, last_status=status.value, last_error=outcome.error,
                         schedule_key=schedule_key)
     alert = None
@@ -10408,6 +10556,9 @@ def plan_tick(state: JobState, outcome: TickOutcome, *, schedule: Schedule,
             nxt = finished + ack.next_interval_hint.total_seconds()
         elif slot is None and state.next_run_at is not None and state.next_run_at > finished:
             nxt = state.next_run_at                 # an extra tick keeps the planned slot
+        elif slot is not None and pol.catchup == "all":     # the next slot, even a missed one
+            nxt, skipped = catch_up(schedule, schedule.next_after(slot, slot), finished,
+                                    pol.catchup, pol.catchup_window_secs)
         else:
             nxt = schedule.next_after(started if slot is None else slot, started)
         if schedule.at is not None:
@@ -10426,6 +10577,9 @@ def plan_tick(state: JobState, outcome: TickOutcome, *, schedule: Schedule,
         alert, nxt = f"job paused after a {status.value} error", None
     else:
         raise InputError(f"a {status.value!r} outcome is not planned: nothing ran")
+    partial = outcome.ack if status is not TickStatus.OK else None
+    if partial is not None and partial.next_cursor is not None:
+        new = new.replace(cursor=partial.next_cursor)   # what it got before it failed
     if alert and state.last_alert_at is not None and \
             started - state.last_alert_at < pol.failure_alert_cooldown_secs:
         alert = None
@@ -10433,7 +10587,66 @@ def plan_tick(state: JobState, outcome: TickOutcome, *, schedule: Schedule,
         new = new.replace(last_alert_at=started)
     run_at = None if nxt is None else nxt + (
         _jitter(schedule, config, rng) if status is TickStatus.OK else 0.0)
-    return TickPlan(new.replace(next_run_at=run_at), run_at, nxt, alert)
+    if status is TickStatus.TRANSIENT and slot is not None and pol.catchup == "all":
+        nxt = slot                                  # the retry stands for the failed slot
+    return TickPlan(new.replace(next_run_at=run_at), run_at, nxt, alert, skipped)
+
+
+def catch_up(schedule: Schedule, slot: float | None, now: float, mode: str = "one",
+             window: float | None = None) -> tuple[float | None, int]:
+    """The catch-up rule for a job's next ``slot`` at ``now`` (pure):
+    ``(the slot to run, how many missed slots are skipped)``.
+
+    A slot not in the past is no catch-up: it stands.  ``mode`` "none"
+    skips every missed slot to the first future one.  "one" and "all" run
+    the missed slot (once now; "all" then each next one in order, see
+    ``plan_tick``), but the slots older than ``window`` seconds before
+    ``now`` are skipped: the first slot within the window runs instead (or
+    the first future one when none is).  ``window`` None: no bound.
+    """
+    if slot is None or slot >= now:
+        return slot, 0
+    if mode == "none":
+        target = schedule.next_after(slot, now)
+    elif window is None or slot >= now - window:
+        return slot, 0
+    else:
+        target = schedule.next_after(slot, now - window)
+    return target, _slots_between(schedule, slot, target)
+
+
+_SKIP_COUNT_MAX = 10_000            # beyond this, skipped slots are counted as this many
+
+
+def _slots_between(schedule: Schedule, first: float, end: float | None) -> int:
+    """How many of ``schedule``'s slots lie in ``[first, end)`` (``first``
+    being one); every slot after ``first`` when ``end`` is None."""
+    if schedule.every_secs is not None and end is not None:
+        return min(_SKIP_COUNT_MAX, max(1, round((end - first) / schedule.every_secs)))
+    n, at = 0, first
+    while at is not None and (end is None or at < end) and n < _SKIP_COUNT_MAX:
+        n, at = n + 1, schedule.next_after(at, at)
+    return n
+
+
+def _caught_up(config: DaemonConfig, cfg: JobConfig, slot: float | None,
+               now: float) -> float | None:
+    """``catch_up`` under the job's policy, the skipped slots logged."""
+    policy = JobPolicy.of(config, cfg)
+    target, skipped = catch_up(cfg.schedule, slot, now, policy.catchup,
+                               policy.catchup_window_secs)
+    if skipped:
+        _log_skipped(cfg.id, skipped, policy, target)
+    return target
+
+
+def _log_skipped(job_id: str, skipped: int, policy: JobPolicy, target: float | None) -> None:
+    window = policy.catchup_window_secs
+    log.warning("job %s: %s%d missed slot(s) skipped (catchup=%s%s); next slot %s",
+                job_id, "at least " if skipped >= _SKIP_COUNT_MAX else "", skipped,
+                policy.catchup,
+                "" if window is None else f", catchup_window_secs={window:g}",
+                _iso(target) or "none")
 
 
 def next_run(state: JobState, schedule: Schedule, schedule_key: str | None,
@@ -10486,7 +10699,7 @@ class _Job:
     what only this process knows (running, lease held, heap entry)."""
     __slots__ = ("cfg", "key", "state", "leased", "running", "generation", "next_run_at",
                  "cancel", "removed", "unstored", "delivered", "commanding", "missed",
-                 "command", "commands_wait")
+                 "command", "commands_wait", "scheduled_for")
 
     def __init__(self, cfg: JobConfig, state: JobState | None = None):
         self.cfg = cfg
@@ -10504,6 +10717,7 @@ class _Job:
         self.missed: float | None = None     # the slot that came meanwhile (runs after it)
         self.command: int | None = None      # the last ``tick`` command dispatched
         self.commands_wait = False   # commands for it wait for the running tick's end
+        self.scheduled_for: float | None = None  # an operator's tick's slot time (backfill)
 
 
 class _WorkerPool:
@@ -10789,7 +11003,7 @@ class _JobBook:
     their effects, and whether the daemon has started or is stopping."""
 
     def __init__(self, clock: Callable[[], float], monotonic: Callable[[], float],
-                 jitter: Callable[[Schedule], float]):
+                 policy: Callable[[], tuple[DaemonConfig, Any]]):
         self.cond = threading.Condition(threading.Lock())   # guards all below and the jobs
         self.jobs: dict[str, _Job] = {}
         self.heap = _TimerHeap(self.jobs, clock, monotonic)
@@ -10798,7 +11012,7 @@ class _JobBook:
         self.started = False
         self.stopping = False
         self.commands_due = False           # commands queued for this daemon: look now
-        self._jitter = jitter
+        self._policy = policy               # () -> (the config, the rng): jitter, catch-up
 
     def get(self, job_id: str) -> _Job:
         """The job ``job_id``; ``InputError.UnknownJob`` when there is none."""
@@ -10836,12 +11050,14 @@ class _JobBook:
         if job.removed or job.state.paused or job.running:
             return
         slot, fresh = next_run(job.state, job.cfg.schedule, job.key, now)
+        config, rng = self._policy()
+        slot = _caught_up(config, job.cfg, slot, now)
         if slot is None:
             job.generation = -1
             return
-        when = max(slot, now)            # missed while down or paused: once, now
+        when = max(slot, now)            # missed while down or paused: now (catch-up)
         if fresh and slot >= now:
-            when += self._jitter(job.cfg.schedule)
+            when += _jitter(job.cfg.schedule, config, rng)
         self.push(job, when, slot)
 
     def release(self, job: _Job, next_run_at: float | None, slot: float | None = None, *,
@@ -11122,7 +11338,7 @@ class _Commands:
                 with book.cond:
                     if job.command == cmd.seq:      # dispatched at an earlier look
                         continue
-                if not self._tick_soon(job, cmd.seq):
+                if not self._tick_soon(job, cmd.seq, _backfill_slot(cmd.arg)):
                     r.state.finish_command(cmd.seq, json.dumps(TickOutcome(
                         job.cfg.id, job.cfg.kind, TickStatus.BUSY,
                         "a tick of this job is running").to_dict()))
@@ -11170,27 +11386,42 @@ class _Commands:
                 if was_paused and not state.paused and book.started:
                     book.schedule_first(job, now)
 
-    def _tick_soon(self, job: _Job, command: int | None = None) -> bool:
-        """Dispatch a job now, off schedule, unless a tick of it is running."""
-        r = self._runner
+    def _tick_soon(self, job: _Job, command: int | None = None,
+                   scheduled_at: float | None = None) -> bool:
+        """Dispatch a job now, off schedule, unless a tick of it is running;
+        ``scheduled_at``: the slot it stands for (a backfill's; None: now)."""
         book = self._book
         with book.cond:
             if job.running or job.removed:
                 return False
             book.mark_running(job)
+            job.scheduled_for = scheduled_at
             if command is not None:
                 job.command = command
         self._dispatch(job, None, command)
         return True
 
 
+def _backfill_slot(arg: str | None) -> float | None:
+    """A queued ``tick`` command's slot time (``backfill``): its argument,
+    epoch seconds; None when it has none (an operator's ``tick``)."""
+    try:
+        value = float(arg) if arg else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
 def _context(cfg: JobConfig, cursor: bytes | None, now: float, cancel: threading.Event,
-             timeout_secs: float | None) -> PollContext:
-    """What a poller is given for one tick of ``cfg`` (a real one or a dry run)."""
+             timeout_secs: float | None, scheduled_at: float | None = None) -> PollContext:
+    """What a poller is given for one tick of ``cfg`` (a real one or a dry
+    run); ``scheduled_at``: its slot's time (None: ``now``)."""
     return PollContext(cfg.id, cfg.agent, cfg.kind, cursor, cfg.config,
                        datetime.fromtimestamp(now, timezone.utc),
                        timedelta(seconds=cfg.schedule.nominal_interval), cancel,
-                       None if timeout_secs is None else timedelta(seconds=timeout_secs))
+                       None if timeout_secs is None else timedelta(seconds=timeout_secs),
+                       None if scheduled_at is None
+                       else datetime.fromtimestamp(scheduled_at, timezone.utc))
 
 
 class _Ticks:
@@ -11217,6 +11448,8 @@ class _Ticks:
         route = self._plugins.routes.get(cfg.kind)
         with book.cond:
             job.cancel = cancel
+            scheduled_at, job.scheduled_for = (slot if slot is not None
+                                               else job.scheduled_for), None
             if book.stopping or job.removed:
                 cancel.set()
         outcome = TickOutcome(cfg.id, cfg.kind, TickStatus.OK)
@@ -11232,7 +11465,7 @@ class _Ticks:
             early = self._claim(job, slot, now, ttl, outcome, command)
             if early is not None:
                 return early
-        ctx = _context(cfg, job.state.cursor, now, cancel, policy.timeout_secs)
+        ctx = _context(cfg, job.state.cursor, now, cancel, policy.timeout_secs, scheduled_at)
         self._poll_within(job, route, ctx, outcome)
         outcome.duration = time.monotonic() - started
         if cancel.is_set():
@@ -11311,7 +11544,8 @@ class _Ticks:
             return self._finish_unplanned(job, slot, outcome, command)
         with self._book.cond:
             job.commands_wait = True    # its tick commands: after this tick
-        resume_at, _ = next_run(job.state, cfg.schedule, job.key, now)
+        resume_at = _caught_up(r.config, cfg, next_run(job.state, cfg.schedule, job.key,
+                                                        now)[0], now)
         if slot is not None and (resume_at is None or resume_at > now):
             log.info("job %s taken over; its next slot is %s", cfg.id, _iso(resume_at))
             self._book.release(job, resume_at)
@@ -11379,6 +11613,10 @@ class _Ticks:
             outcome.status = TickStatus(exc.classify().value)
             outcome.error = str(exc)
             outcome.retry_after = getattr(exc, "retry_after", None)
+            try:                            # committed with the error (plan_tick)
+                outcome.ack = _partial_ack(exc)
+            except TypeError as bad:
+                outcome.error += f" (partial progress dropped: {bad})"
         except Exception as exc:            # a bug in an in-process poller: retry later
             log.debug("poller for %s raised", ctx.kind, exc_info=True)
             outcome.status = TickStatus.TRANSIENT
@@ -11481,6 +11719,9 @@ class _Ticks:
             r.metrics.observe(outcome, new.last_run_at, job.cfg.agent)
             if plan.alert:
                 self._send_alert(job, plan.alert, outcome)
+            if plan.skipped:
+                _log_skipped(job.cfg.id, plan.skipped, JobPolicy.of(r.config, job.cfg),
+                             plan.slot)
             book.release(job, plan.run_at, plan.slot)
             return
         lost = result is False
@@ -11577,9 +11818,10 @@ class _Workers:
                 self._pool.submit(self._work, *args)
             job, slot, command, lane = starts[0]
 
-    def run_now(self, job: _Job) -> TickOutcome:
+    def run_now(self, job: _Job, scheduled_at: float | None = None) -> TickOutcome:
         """An operator's tick of ``job`` on the caller's thread, committed
-        before it returns (``Runner.run_once``)."""
+        before it returns (``Runner.run_once``); ``scheduled_at``: the time of
+        the slot it stands for (a backfill's; None: now)."""
         book = self._book
         running = TickOutcome(job.cfg.id, job.cfg.kind, TickStatus.BUSY,
                               "a tick of this job is running")
@@ -11593,6 +11835,7 @@ class _Workers:
                 if job.running:             # it started while this one waited for a slot
                     return running
                 book.mark_running(job)
+                job.scheduled_for = scheduled_at
             try:
                 return self._tick(job, None, commit_async=False)
             finally:
@@ -11940,8 +12183,8 @@ class Runner:
         self._deliver_hook = deliver
         self._publisher: _Publisher | None = None
         self._opened = self._torn_down = False
-        book = self._book = _JobBook(clock, self.monotonic, lambda schedule: _jitter(
-            schedule, self.config, self.rng))
+        book = self._book = _JobBook(clock, self.monotonic, lambda: (self.config,
+                                                                     self.rng))
         lanes = _Lanes(lambda: self.config.max_workers)
         self._plugins = _Plugins(self, lanes, book.cond)
         # Commands dispatch ticks; workers run them; a tick may apply commands first.
@@ -12098,10 +12341,10 @@ class Runner:
 
     # -- operator actions --------------------------------------------------------------
 
-    def run_once(self, job_id: str) -> TickOutcome:
-        """Tick a job now, exactly as the scheduler would, and store the outcome."""
+    def run_once(self, job_id: str, scheduled_at: float | None = None) -> TickOutcome:
+        """Tick a job now and store the outcome; ``scheduled_at``: its slot (backfill)."""
         self.open()
-        return self._workers.run_now(self._book.get(job_id))
+        return self._workers.run_now(self._book.get(job_id), scheduled_at)
 
     def dry_run(self, job_id: str, cursor: bytes | None | object = _MISSING, *,
                 on_request: Callable[[TickRequest], None] | None = None) -> TickOutcome:
@@ -14027,8 +14270,8 @@ def _signed_duration(secs: float) -> str:
 
 def _validate_args(p) -> None:
     p.add_argument("--policy", action="store_true", help="print each job's effective "
-                   "timeout, backoff, breaker, alert cooldown and jitter, and where each "
-                   "came from (job, config, plugin or default)")
+                   "timeout, backoff, breaker, alert cooldown, jitter and catch-up, and where "
+                   "each came from (job, config, plugin or default)")
 
 
 def _print_policy(view: Mapping[str, Mapping[str, Any]]) -> None:
@@ -14420,27 +14663,129 @@ def _tick_through_daemon(config: DaemonConfig, job: str) -> int | None:
     """
     store = _config_state(config)
     try:
-        jc = next(j for j in config.jobs if j.id == job)
-        owner, seq = store.command(job, "tick", paused_on_boot=jc.paused_on_boot)
-        if seq is None:
-            return None
-        budget = _tick_budget(jc.kind, config.plugins, jc.overrides.get("timeout_secs")) + 15
-        done, result = _await_command(store, owner, seq, budget)
-        if not done:
-            raise _UsageError(f"the running daemon ({owner}) did not tick {job!r} within "
-                              f"{budget:g}s", EXIT_BUSY)
-        try:
-            outcome = json.loads(result) if result else {"job": job, "outcome": None}
-        except ValueError:                  # an older daemon's result, cut short
-            outcome = None
-        if not isinstance(outcome, dict):
-            outcome = {"job": job, "outcome": None, "error": f"unreadable result: {result[:200]}"}
-        outcome["via"] = f"daemon {owner}"
-        print(json.dumps(outcome, indent=2))
-        return EXIT_OK if outcome.get("outcome") == "ok" else (
-            EXIT_BUSY if outcome.get("outcome") in ("busy", "leased") else EXIT_TICK_FAILED)
+        outcome = _daemon_tick(store, config, job)
     finally:
         store.close()
+    if outcome is None:
+        return None
+    print(json.dumps(outcome, indent=2))
+    return _tick_exit(outcome)
+
+
+def _tick_exit(outcome: Mapping[str, Any]) -> int:
+    return EXIT_OK if outcome.get("outcome") == "ok" else (
+        EXIT_BUSY if outcome.get("outcome") in ("busy", "leased") else EXIT_TICK_FAILED)
+
+
+def _daemon_tick(store: StateStore, config: DaemonConfig, job: str,
+                 scheduled_at: float | None = None) -> dict | None:
+    """Ask the daemon holding ``job`` to tick it (standing for the slot at
+    ``scheduled_at``: a backfill's) and wait for the outcome, as a dict with
+    ``via``; None when no daemon holds the job."""
+    jc = next(j for j in config.jobs if j.id == job)
+    owner, seq = store.command(job, "tick", paused_on_boot=jc.paused_on_boot,
+                               arg=None if scheduled_at is None else repr(scheduled_at))
+    if seq is None:
+        return None
+    budget = _tick_budget(jc.kind, config.plugins, jc.overrides.get("timeout_secs")) + 15
+    done, result = _await_command(store, owner, seq, budget)
+    if not done:
+        raise _UsageError(f"the running daemon ({owner}) did not tick {job!r} within "
+                          f"{budget:g}s", EXIT_BUSY)
+    try:
+        outcome = json.loads(result) if result else {"job": job, "outcome": None}
+    except ValueError:                  # an older daemon's result, cut short
+        outcome = None
+    if not isinstance(outcome, dict):
+        outcome = {"job": job, "outcome": None, "error": f"unreadable result: {result[:200]}"}
+    outcome["via"] = f"daemon {owner}"
+    return outcome
+
+
+_BACKFILL_MAX_SLOTS = 10_000
+
+
+def _when_arg(text: str, what: str) -> float:
+    """An instant on the command line: epoch seconds, or ISO 8601 (UTC when
+    it has no offset)."""
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise _UsageError(f"{what} {text!r} is neither epoch seconds nor ISO 8601 "
+                              "(2026-05-17T10:00:00Z)", EXIT_USAGE) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        return when.timestamp()
+    if not math.isfinite(value):
+        raise _UsageError(f"{what} {text!r} is not a time", EXIT_USAGE)
+    return value
+
+
+def _backfill_local(config: DaemonConfig, args) -> int:
+    """``backfill JOB --from T1 --to T2 [--yes]``: the job's slots in that
+    range, listed; with ``--yes`` each run in order as a real tick (through
+    the daemon holding the job when one runs), the live schedule untouched."""
+    jc = next(j for j in config.jobs if j.id == args.job)
+    start, end = _when_arg(args.start, "--from"), _when_arg(args.end, "--to")
+    try:
+        slots = jc.schedule.slots_in(start, end, _BACKFILL_MAX_SLOTS)
+    except InputError as exc:
+        raise _UsageError(f"backfill {jc.id}: {exc}", EXIT_USAGE) from None
+    print(f"backfill {jc.id}: {len(slots)} slot(s) from {_iso(start)} to {_iso(end)}")
+    for slot in slots:
+        print(f"  {_iso(slot)}")
+    if not args.yes:
+        print("dry run: nothing ran (--yes runs these slots, in order)")
+        return EXIT_OK
+    _refuse_if_daemon_elsewhere(args.config, config)
+    return _run_backfill(config, jc, slots)
+
+
+def _daemon_tick_when_free(store: StateStore, config: DaemonConfig, jc: JobConfig,
+                           slot: float) -> dict | None:
+    """``_daemon_tick`` for a backfill's slot, asked again while the daemon
+    is busy with the job (its previous tick committed, its effects not yet
+    carried out; or a scheduled tick), for at most the job's tick budget."""
+    deadline = time.monotonic() + _tick_budget(jc.kind, config.plugins,
+                                               jc.overrides.get("timeout_secs"))
+    while True:
+        outcome = _daemon_tick(store, config, jc.id, slot)
+        if outcome is None or outcome.get("outcome") != "busy" \
+                or time.monotonic() >= deadline:
+            return outcome
+        time.sleep(0.05)
+
+
+def _run_backfill(config: DaemonConfig, jc: JobConfig, slots: list[float]) -> int:
+    """Tick ``jc`` once per slot, in order, each committed as usual; stop
+    at the first permanent (or config) error, or a job busy elsewhere."""
+    store, runner, failed = _config_state(config), None, 0
+    try:
+        for i, slot in enumerate(slots):
+            outcome = None if runner is not None else _daemon_tick_when_free(store, config,
+                                                                             jc, slot)
+            if outcome is None:
+                if runner is None:          # no daemon holds it: this process ticks
+                    handle = _plugin_for(jc.kind, config.plugins)
+                    runner = Runner(dataclasses.replace(config, jobs=[jc],
+                                                        plugins=[handle] if handle else []))
+                outcome = runner.run_once(jc.id, slot).to_dict()
+            status, error = outcome.get("outcome"), outcome.get("error")
+            print(f"{_iso(slot)}  {status}" + (f"  {error}" if error else ""))
+            if status in ("permanent", "config", "busy", "leased", None):
+                print(f"backfill {jc.id}: stopped at {_iso(slot)} ({status} error); "
+                      f"{len(slots) - i - 1} later slot(s) not run", file=sys.stderr)
+                return EXIT_BUSY if status in ("busy", "leased") else EXIT_TICK_FAILED
+            failed += status != "ok"
+    finally:
+        if runner is not None:
+            runner.stop()
+        store.close()
+    print(f"backfill {jc.id}: {len(slots)} slot(s) run, {failed} failed")
+    return EXIT_OK if not failed else EXIT_TICK_FAILED
 
 
 EXIT_TICK_PERMANENT = 8   # tick --dry-run: the tick failed permanently
@@ -14872,7 +15217,7 @@ def _job_arg(p) -> None:
 
 def _status_args(p) -> None:
     p.add_argument("job", nargs="?", help="show only this job, with its effective policy "
-                   "(timeout, backoff, breaker, alert cooldown, jitter) and their sources; "
+                   "(timeout, backoff, breaker, alert cooldown, jitter, catch-up) and their sources; "
                    "with --next: the job whose schedule to show")
     p.add_argument("--json", action="store_true", help="print JSON (times in ISO 8601)")
     p.add_argument("--next", type=int, metavar="N",
@@ -14888,6 +15233,16 @@ def _tick_args(p) -> None:
                    "(URL-safe base64, as `status` shows it)")
     p.add_argument("--cursor-text", metavar="TEXT", help="--dry-run: start from this "
                    "cursor given as UTF-8 text")
+
+
+def _backfill_args(p) -> None:
+    p.add_argument("job")
+    p.add_argument("--from", dest="start", required=True, metavar="T1",
+                   help="the first instant (ISO 8601, UTC without an offset, or epoch seconds)")
+    p.add_argument("--to", dest="end", required=True, metavar="T2",
+                   help="the last instant (included)")
+    p.add_argument("--yes", action="store_true",
+                   help="run the slots (without it: list them, run nothing)")
 
 
 def _cursor_args(p) -> None:
@@ -14951,6 +15306,9 @@ _VERBS = {v.name: v for v in (
           _job_arg, _command_local, _command_remote),
     _Verb("reset", "clear a job's cursor: its next tick starts from scratch",
           _job_arg, _command_local, _command_remote),
+    _Verb("backfill", "list a job's slots from --from to --to; --yes runs each in order as "
+          "a real tick (through the daemon holding the job, if one runs), the live schedule "
+          "untouched, stopping at the first permanent error", _backfill_args, _backfill_local),
     _Verb("cursor", "show a job's cursor, its history, or set it (--set, --set-text, "
           "--rollback)", _cursor_args, _cursor_local, _admin_cursor),
     _Verb("outbox", "list, retry or drop undelivered deliveries and alerts",

@@ -53,6 +53,11 @@ JOBS = {
     "crash": {"exit": 3},
     "malformed": {"raw_result": {"next_cursor": 5}},
     "slow": {"sleep": 60},
+    "scheduled": {"cursor_scheduled": True},
+    "partial": {"partial": "transient"},
+    "partial_wire": {"error_code": nx.ERROR_PERMANENT, "error_data": {
+        "next_cursor": "NDI", "deliver": [{"channel": "telegram", "recipient": "7",
+                                           "payload": {"text": "fetched"}}]}},
 }
 
 
@@ -154,6 +159,44 @@ class LifecycleContract:
                          "the committed cursor goes back in")
         self.assertEqual(second.ack.metrics.items_seen, 1)
         self.assertEqual(self.runner.state.load(["ok"])["ok"].cursor, str(n + 1).encode())
+
+    def test_a_tick_carries_the_scheduled_time_of_its_slot(self):
+        o = self.runner.run_once("scheduled", scheduled_at=1_900_000_000.0)
+        self.assertEqual((o.status, o.error), ("ok", None))
+        self.assertEqual(o.ack.next_cursor, b"2030-03-17T17:46:40+00:00",
+                         "the plugin's ctx.scheduled_at is the slot's, not now")
+
+    def committed_deliveries(self, job):
+        """The deliveries committed for ``job``: delivered, or still in the outbox."""
+        state = self.runner.state.load([job])[job]
+        return state.delivered_total + sum(i.job == job for i in self.runner.state.outbox())
+
+    def test_an_error_commits_its_partial_progress(self):
+        before = self.runner.state.load(["partial"])["partial"]
+        sent = self.committed_deliveries("partial")
+        n = int(before.cursor or b"0")
+        o = self.tick("partial")
+        self.assertEqual(o.status, "transient")
+        self.assertIn("fixture failure after some progress", o.error)
+        after = self.runner.state.load(["partial"])["partial"]
+        self.assertEqual(after.cursor, str(n + 1).encode(), "the cursor so far is committed")
+        self.assertEqual(after.consecutive_errors, before.consecutive_errors + 1,
+                         "the error policy applies as for any Transient")
+        self.assertEqual(o.ack.deliver, (nx.Delivery("telegram", "42",
+                                                     {"text": f"item {n + 1}"}),))
+        self.assertEqual(self.committed_deliveries("partial"), sent + 1,
+                         "the delivery is committed with the error")
+        self.assertEqual(self.tick("partial").ack.next_cursor, str(n + 2).encode(),
+                         "the next tick starts from the partial cursor")
+
+    def test_an_error_reply_carries_partial_progress_in_its_data(self):
+        self.addCleanup(self.runner.resume, "partial_wire")
+        sent = self.committed_deliveries("partial_wire")
+        o = self.tick("partial_wire")
+        self.assertEqual((o.status, o.error), ("permanent", "fixture error (code -32002)"))
+        after = self.runner.state.load(["partial_wire"])["partial_wire"]
+        self.assertEqual((after.cursor, after.paused), (b"42", True))
+        self.assertEqual(self.committed_deliveries("partial_wire"), sent + 1)
 
     def test_deliveries_come_back_as_tick_ack_deliver(self):
         o = self.tick("deliver")

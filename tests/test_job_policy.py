@@ -61,7 +61,8 @@ class ConfigTests(unittest.TestCase):
 
     def test_job_keys_override_and_say_where_each_came_from(self):
         cfg = config(job("a", timeout_secs=2.5, backoff_initial_secs=5, backoff_max_secs=50,
-                         breaker_threshold=2, failure_alert_cooldown_secs=60, jitter_ms=700),
+                         breaker_threshold=2, failure_alert_cooldown_secs=60, jitter_ms=700,
+                         catchup="all", catchup_window_secs=600),
                      job("b"), breaker_threshold=7)
         a, b = policy(cfg, "a"), policy(cfg, "b")
         self.assertEqual((a.timeout_secs, a.backoff_initial_secs, a.backoff_max_secs,
@@ -75,7 +76,8 @@ class ConfigTests(unittest.TestCase):
                                      "backoff_max_secs": "default",
                                      "breaker_threshold": "config",
                                      "failure_alert_cooldown_secs": "default",
-                                     "jitter_ms": "default"})
+                                     "jitter_ms": "default", "catchup": "default",
+                                     "catchup_window_secs": "default"})
 
     def test_jitter_ms_is_the_schedules_jitter_and_not_both(self):
         cfg = config(job("a", jitter_ms=700), job("b", schedule={"every_secs": 60,
