@@ -47,13 +47,17 @@ def make_certs(folder: str) -> str:
     """A test CA (ca.pem) and a server certificate it signs for 127.0.0.1
     and localhost (server.pem, server.key) in ``folder``; the CA's path."""
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    # The extensions Python 3.13's strict verification (VERIFY_X509_STRICT) wants.
     _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=nexo-poller test CA", cwd=folder)
+             "-subj", "/CN=nexo-poller test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=folder)
     _openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr",
              "-subj", "/CN=localhost", cwd=folder)
     with open(os.path.join(folder, "ext.cnf"), "w") as f:
         f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
-                "extendedKeyUsage=serverAuth\n")
+                "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+                "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
              "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf",
              cwd=folder)

@@ -237,17 +237,32 @@ class TlsAndErrorsTest(MailCase):
         self.assertEqual(exc.classify(), ErrorClass.TRANSIENT)
         self.assertIn("tick cancelled", str(exc))
 
-    def test_a_server_that_hangs_up_is_transient(self):
+    def fake_server(self, greeting: bytes) -> int:
+        """A loopback server that sends ``greeting`` to one client and hangs up."""
         listener = socket.create_server(("127.0.0.1", 0))
         self.addCleanup(listener.close)
 
-        def hang_up():
+        def serve():
             conn, _ = listener.accept()
-            conn.close()
-        threading.Thread(target=hang_up, daemon=True).start()
-        exc = self.failing(self.config(tls="starttls", port=listener.getsockname()[1]))
+            with conn:
+                try:
+                    conn.sendall(greeting)
+                except OSError:
+                    pass                        # the client had heard enough
+        threading.Thread(target=serve, daemon=True).start()
+        return listener.getsockname()[1]
+
+    def test_a_server_that_hangs_up_is_transient(self):
+        exc = self.failing(self.config(tls="starttls", port=self.fake_server(b"")))
         self.assertEqual(exc.classify(), ErrorClass.TRANSIENT)
         self.assertIn("closed the connection", str(exc))
+
+    def test_a_response_line_over_the_size_limit_fails_the_tick(self):
+        port = self.fake_server(b"* OK " + b"x" * 300_000)
+        exc = self.failing(self.config(tls="starttls", port=port, max_message_bytes=100_000))
+        self.assertEqual(exc.classify(), ErrorClass.PERMANENT)
+        self.assertIn("a response line is", str(exc))
+        self.assertIn("over config.max_message_bytes=100000", str(exc))
 
     def test_a_foreign_cursor_is_refused(self):
         with self.assertRaises(PollerError) as caught:
