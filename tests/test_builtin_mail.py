@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -364,6 +365,70 @@ class GmailTest(MailCase):
         ack = self.tick(self.gmail(query="subject:lead newer_than:2h",
                                    message_template="{subject}"), kind="gmail")
         self.assertEqual(self.texts(ack), ["lead new", "lead seen"])
+
+    def test_on_gmail_the_query_goes_as_x_gm_raw(self):
+        """Gmail's side is a scripted server here (Dovecot has no X-GM-RAW):
+        what matters is the command the kind sends."""
+        got = []
+        port = self.gmail_like_server(got)
+        ack = self.tick(self.config(port=port, query="is:unread subject:año",
+                                    newer_than="1d", message_template="{subject}"),
+                        kind="gmail")
+        self.assertEqual(self.texts(ack), ["Lead"])
+        query = "is:unread subject:año newer_than:1d".encode()
+        self.assertEqual(got, [f"UID SEARCH CHARSET UTF-8 UID 1:* X-GM-RAW "
+                               f"{{{len(query)}}}".encode(), query])
+
+    def gmail_like_server(self, got):
+        """An implicit-TLS IMAP server (the test CA's certificate) that says
+        X-GM-EXT-1 and answers one session's commands; the SEARCH command
+        and its literal go into ``got``."""
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(os.path.join(self.dovecot.dir, "server.pem"),
+                            os.path.join(self.dovecot.dir, "server.key"))
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        mail = b"From: bob@acme.com\r\nSubject: Lead\r\n\r\nhi\r\n"
+
+        def session(f):
+            f.write(b"* OK Gimap ready\r\n")
+            f.flush()
+            while line := f.readline():
+                tag, command = line.split(b" ", 1)
+                command, say = command.rstrip(b"\r\n"), []
+                if command == b"CAPABILITY":
+                    say = [b"* CAPABILITY IMAP4rev1 AUTH=PLAIN X-GM-EXT-1"]
+                elif command.startswith(b"AUTHENTICATE"):
+                    f.write(b"+ \r\n")
+                    f.flush()
+                    f.readline()
+                elif command.startswith(b"SELECT"):
+                    say = [b"* 1 EXISTS", b"* OK [UIDVALIDITY 7] ok", b"* OK [UIDNEXT 3] ok"]
+                elif command.startswith(b"UID SEARCH"):
+                    f.write(b"+ go\r\n")
+                    f.flush()
+                    size = int(command.rsplit(b"{", 1)[1].rstrip(b"}"))
+                    got.extend([command, f.read(size)])
+                    f.readline()
+                    say = [b"* SEARCH 2"]
+                elif command.startswith(b"UID FETCH"):
+                    say = [b'* 1 FETCH (UID 2 INTERNALDATE "05-Dec-2026 10:00:00 +0000" '
+                           b"BODY[] {%d}\r\n%s)" % (len(mail), mail)]
+                elif command == b"LOGOUT":
+                    say = [b"* BYE"]
+                f.write(b"".join(x + b"\r\n" for x in say) + tag + b" OK done\r\n")
+                f.flush()
+
+        def serve():
+            try:
+                conn, _ = listener.accept()
+                with tls.wrap_socket(conn, server_side=True) as conn, \
+                        conn.makefile("rwb") as f:
+                    session(f)
+            except OSError:
+                pass                            # the test ended or the client left
+        threading.Thread(target=serve, daemon=True).start()
+        return listener.getsockname()[1]
 
     def test_nexos_gmail_cursor_counts_as_none(self):
         self.append("lead a")
