@@ -38,7 +38,8 @@ The sections of this file, in dependency order:
                 StdioPollerProxy, forward_tick, PluginSupervisor
     SDK         run_plugin
     Built-in kinds  CommandPoller (the command kind), RssPoller, WebhookPoller
-                (one bounded HTTP fetch: _http_fetch), BUILTIN_KINDS,
+                (one bounded HTTP fetch: _http_fetch), MailPoller and
+                GmailPoller (imap, gmail: a mailbox over IMAP), BUILTIN_KINDS,
                 builtin_pollers: kinds served with no plugin
     State       JobState, TickStatus, OutboxItem, StateStore (the one owner of
                 job state: leases, commits, commands, the outbox), open_state;
@@ -147,7 +148,7 @@ __all__ = [
     "run_plugin", "NEXO_PYTHON", "entrypoint_problems",
     # built-in kinds
     "CommandPoller", "RssPoller", "WebhookPoller", "BUILTIN_KINDS", "builtin_pollers",
-    "DEFAULT_MAX_OUTPUT_BYTES",
+    "DEFAULT_MAX_OUTPUT_BYTES", "MailPoller", "GmailPoller", "DEFAULT_MAX_MESSAGE_BYTES",
     # daemon
     "StateStore", "SqliteStateStore", "JetStreamStateStore", "open_state", "JobState",
     "Command", "TickStatus", "apply_command", "COMMAND_VERBS", "CursorChange",
@@ -6173,9 +6174,598 @@ class WebhookPoller:
                        metrics=TickMetrics(len(items), len(deliver)))
 
 
+# ---------------------------------------------------------------------------
+# The imap and gmail kinds: a mailbox read over IMAP (imaplib), each tick
+# under one deadline; ``gmail`` is nexo's gmail job keys served over IMAP.
+
+DEFAULT_MAX_MESSAGE_BYTES = 10 << 20  # an IMAP message or response line, unless set
+_MAIL_KEYS = {"host", "port", "tls", "ca_file", "username", "password", "password_file",
+              "mailbox", "timeout_secs", "max_message_bytes", "max_per_tick",
+              "sender_allowlist", "extract", "require_fields", "message_template",
+              "mark_read_on_dispatch", "deliver"}
+_MAIL_TIMEOUT_SECS = 60.0
+_MAIL_SCAN_PER_TICK = 200     # messages a tick looks at, at most: a mailbox of
+#                               filtered-out mail still moves the cursor each tick
+_MAIL_SNIPPET_CHARS = 200
+_IMAP_ATOM_RE = re.compile(r"[\x20-\x7e]*")          # what a search/mailbox may hold
+_ONE_LINE_RE = re.compile(r"[^\x00-\x1f\x7f]*")       # a path, a Gmail query
+_NEWER_THAN_RE = re.compile(r"(\d{1,6})([hdmy])")
+_NEWER_THAN_UNIT = {"h": 3600, "d": 86400, "m": 30 * 86400, "y": 365 * 86400}
+_GMAIL_TERM_RE = re.compile(r'(-?)(?:([a-z_]+):)?("[^"]*"|[^\s"]+)')
+_GMAIL_HEADER_OPS = {"from": "FROM", "to": "TO", "cc": "CC", "bcc": "BCC",
+                     "subject": "SUBJECT"}
+_GMAIL_FLAG_OPS = {"unread": "UNSEEN", "read": "SEEN", "starred": "FLAGGED"}
+_INTERNALDATE_RE = re.compile(rb'INTERNALDATE "([^"]+)"')
+# Response codes (RFC 5530) of a refusal that may pass: the tick is transient.
+_TEMPORARY_IMAP_CODES = ("[UNAVAILABLE]", "[INUSE]", "[LIMIT]", "[SERVERBUG]",
+                         "[EXPUNGEISSUED]")
+
+
+class _MailJob:
+    """An ``imap`` or ``gmail`` job's config, checked: each problem is a
+    ``PollerError.Config`` naming its key (unknown keys refused, as nexo's
+    ``deny_unknown_fields``)."""
+
+    kind = "imap"
+    own_keys = frozenset({"search"})
+    mark_read_default = False
+
+    def __init__(self, job_id: str, config: Any) -> None:
+        def bad(key: str, what: str) -> PollerError:
+            return PollerError.Config(job_id, f"config.{key} must be {what}")
+
+        def text(key: str, default: Any = None, *, required: bool = False,
+                 ascii: bool = True) -> Any:
+            value = config.get(key, default)
+            if (value is None and required) or value is not None and (
+                    not isinstance(value, str) or not value
+                    or not (_IMAP_ATOM_RE if ascii else _ONE_LINE_RE).fullmatch(value)):
+                raise bad(key, "a non-empty string of printable ASCII" if ascii
+                          else "a non-empty string (one line)")
+            return value
+
+        def strings(key: str) -> list[str]:
+            value = config.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+                raise bad(key, "an array of non-empty strings")
+            return value
+
+        def number(key: str, default: Any, low: float, high: float, what: str) -> Any:
+            value = config.get(key, default)
+            if not (_is_int(value) or isinstance(value, float) and what != "an integer") \
+                    or not low <= value <= high:
+                raise bad(key, f"{what} in [{low}, {high}]")
+            return value
+        if not isinstance(config, dict):
+            raise PollerError.Config(job_id, "config must be an object with host and username")
+        allowed = _MAIL_KEYS | self.own_keys
+        unknown = sorted(set(config) - allowed)
+        if unknown:
+            raise PollerError.Config(job_id, f"config.{unknown[0]}: unknown key (allowed: "
+                                             f"{', '.join(sorted(allowed))})")
+        if self.kind == "gmail" and "host" not in config:     # a nexo gmail job as it was
+            raise PollerError.Config(job_id, (
+                "config.host is required: the built-in gmail kind reads the mail over IMAP "
+                "(host imap.gmail.com, username, an app password), not through Google's "
+                "API; or name a plugin serving gmail"))
+        self.job_id, self.host = job_id, text("host", required=True)
+        if " " in self.host:
+            raise bad("host", "a host name or address")
+        self.tls = config.get("tls", "implicit")
+        if self.tls not in ("implicit", "starttls"):
+            raise bad("tls", '"implicit" (TLS from the first byte, port 993) or "starttls" '
+                             "(port 143); plain text is not offered")
+        self.port = number("port", 993 if self.tls == "implicit" else 143, 1, 65535,
+                           "an integer")
+        self.ca_file = text("ca_file", ascii=False)
+        self.username = config.get("username")
+        if not isinstance(self.username, str) or not self.username \
+                or any(c in self.username for c in "\r\n\0"):
+            raise bad("username", "a non-empty string (no line break)")
+        self.password = config.get("password")
+        self.password_file = text("password_file", ascii=False)
+        if (self.password is None) == (self.password_file is None):
+            raise PollerError.Config(job_id, "config needs one of password (a ${file:...} or "
+                                             "${VAR} placeholder) or password_file")
+        if self.password is not None and (not isinstance(self.password, str) or any(
+                c in self.password for c in "\r\n\0")):
+            raise bad("password", "a string (no line break)")
+        self.mailbox = text("mailbox", "INBOX")
+        self.timeout = float(number("timeout_secs", _MAIL_TIMEOUT_SECS, 0.001, 3600,
+                                    "a number of seconds"))
+        self.max_bytes = number("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES, 1024,
+                                1 << 30, "an integer")
+        self.max_per_tick = number("max_per_tick", 20, 1, 1000, "an integer")
+        self.allow = [s.lower() for s in strings("sender_allowlist")]
+        self.required = strings("require_fields")
+        extract = config.get("extract", {})
+        if not isinstance(extract, dict):
+            raise bad("extract", "an object of field name -> regular expression")
+        self.extract = {}
+        for name, pattern in extract.items():
+            if not _TEMPLATE_FIELD_RE.fullmatch("{" + name + "}") or not isinstance(pattern, str):
+                raise bad(f"extract.{name}", "a regular expression (string) under a name "
+                                             "usable as {name} in the template")
+            try:
+                self.extract[name] = re.compile(pattern)
+            except re.error as exc:
+                raise bad(f"extract.{name}", f"a valid regular expression ({exc})") from None
+        self.template = config.get("message_template", "{from}: {subject}")
+        if not isinstance(self.template, str):
+            raise bad("message_template", 'a string (default "{from}: {subject}")')
+        self.mark_read = config.get("mark_read_on_dispatch", self.mark_read_default)
+        if not isinstance(self.mark_read, bool):
+            raise bad("mark_read_on_dispatch", "true or false")
+        self.deliver = _deliver_to(job_id, config)
+        self.search = text("search", "ALL")
+        self.query, self.newer_than = text("query", ascii=False), text("newer_than")
+        self._check_kind(config, bad)
+
+    def _check_kind(self, config: dict, bad: Callable[[str, str], PollerError]) -> None:
+        """The kind's own keys (``imap``: ``search``, checked above)."""
+
+    def where(self) -> str:
+        return f"{self.kind} {self.host}:{self.port}"
+
+    def secret(self) -> str:
+        """The password: ``password`` as written (the config loader resolved
+        its placeholders), or ``password_file``'s first line."""
+        if self.password is not None:
+            return self.password
+        try:
+            with open(self.password_file, "rb") as f:
+                data = f.read(65536)
+        except OSError as exc:
+            raise PollerError.Config(self.job_id, f"config.password_file: cannot read "
+                                     f"{self.password_file!r}: {exc.strerror or exc}") from None
+        return data.decode("utf-8", "replace").split("\n")[0].rstrip("\r")
+
+    def tls_context(self) -> Any:
+        """A verifying TLS context: the system's CAs, or only ``ca_file``'s."""
+        import ssl
+        try:
+            return ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise PollerError.Config(self.job_id, f"config.ca_file: cannot load "
+                                     f"{self.ca_file!r}: {exc}") from None
+
+
+class _GmailJob(_MailJob):
+    """nexo's ``gmail`` job keys (``query``, ``newer_than``, ...) over IMAP."""
+
+    kind = "gmail"
+    own_keys = frozenset({"query", "newer_than", "dispatch_delay_ms"})
+    mark_read_default = True            # nexo's default
+
+    def _check_kind(self, config: dict, bad: Callable[[str, str], PollerError]) -> None:
+        if self.query is None:
+            raise bad("query", 'a Gmail search (nexo\'s, e.g. "is:unread subject:lead")')
+        if self.newer_than is not None and not _NEWER_THAN_RE.fullmatch(self.newer_than):
+            raise bad("newer_than", 'an age such as "2h", "1d", "3m" or "1y"')
+        # Accepted for nexo's files; deliveries leave through the outbox,
+        # which paces them, so a pause between them inside a tick buys nothing.
+        delay = config.get("dispatch_delay_ms", 0)
+        if not _is_int(delay) or delay < 0:
+            raise bad("dispatch_delay_ms", "a non-negative integer")
+
+
+def _imap_refusal(text: str) -> PollerError:
+    """A server's NO as a tick's error: transient when its response code
+    says it may pass, else permanent (a refused login, a missing mailbox)."""
+    transient = any(code in text for code in _TEMPORARY_IMAP_CODES)
+    return (PollerError.Transient if transient else PollerError.Permanent)(text)
+
+
+def _imap_quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _imap_date(when: datetime) -> str:
+    return f"{when.day}-{when.strftime('%b')}-{when.year}"
+
+
+def _age_secs(text: str) -> int:
+    count, unit = _NEWER_THAN_RE.fullmatch(text).groups()
+    return int(count) * _NEWER_THAN_UNIT[unit]
+
+
+def _gmail_as_search(job: _GmailJob, now: datetime) -> tuple[str, datetime | None]:
+    """A Gmail ``query`` as IMAP SEARCH criteria, for a server without
+    Gmail's X-GM-RAW: the operators IMAP can say (``is:unread``, ``from:``,
+    ``subject:``, ``newer_than:`` ...; a bare word searches the text), and
+    the oldest INTERNALDATE a ``newer_than`` allows (SINCE counts whole days)."""
+    out, cutoff = [], None
+    terms = job.query + (f" newer_than:{job.newer_than}" if job.newer_than else "")
+    for neg, op, value in _GMAIL_TERM_RE.findall(terms):
+        value = value.strip('"')
+        if not value.isascii():
+            raise PollerError.Config(job.job_id, f"config.query: {value!r}: a term beyond "
+                                     "ASCII needs Gmail's X-GM-RAW (this server lacks "
+                                     "X-GM-EXT-1)")
+        if op in _GMAIL_HEADER_OPS:
+            term = f"{_GMAIL_HEADER_OPS[op]} {_imap_quote(value)}"
+        elif op == "is" and value in _GMAIL_FLAG_OPS:
+            term = _GMAIL_FLAG_OPS[value]
+        elif op in ("newer_than", "older_than") and _NEWER_THAN_RE.fullmatch(value):
+            edge = now - timedelta(seconds=_age_secs(value))
+            if op == "newer_than" and not neg:
+                cutoff = edge if cutoff is None else max(cutoff, edge)
+            # a day's margin: SINCE and BEFORE read dates in the server's zone
+            day = edge - timedelta(days=1) if op == "newer_than" else edge + timedelta(days=1)
+            term = f"{'SINCE' if op == 'newer_than' else 'BEFORE'} {_imap_date(day)}"
+        elif op in ("after", "before") and re.fullmatch(r"\d{4}/\d{1,2}/\d{1,2}", value):
+            try:
+                day = datetime.strptime(value, "%Y/%m/%d")
+            except ValueError:
+                raise PollerError.Config(job.job_id, f"config.query: {op}:{value} is not a "
+                                                     "date") from None
+            term = f"{'SINCE' if op == 'after' else 'BEFORE'} {_imap_date(day)}"
+        elif not op and value.upper() not in ("OR", "AND") and value[:1] not in "({":
+            term = f"TEXT {_imap_quote(value)}"
+        else:
+            raise PollerError.Config(job.job_id, (
+                f"config.query: {neg}{op + ':' if op else ''}{value} needs Gmail's X-GM-RAW "
+                f"(this server lacks X-GM-EXT-1); over plain IMAP the query may use "
+                "is:unread/read/starred, from:, to:, cc:, bcc:, subject:, newer_than:, "
+                "older_than:, after:, before:, words and -"))
+        out.append(f"NOT {term}" if neg else term)
+    if cutoff is not None and cutoff.tzinfo is None:
+        cutoff = cutoff.replace(tzinfo=timezone.utc)    # a library caller's naive now
+    return " ".join(out) or "ALL", cutoff
+
+
+@functools.cache
+def _imap_conn_class() -> type:
+    """imaplib.IMAP4 under one deadline and a size bound, made on first use
+    (imaplib and ssl are loaded only by a daemon with a mail job)."""
+    import imaplib
+
+    class _ImapConn(imaplib.IMAP4):
+        """Every read and write is bounded by what is left of the tick (a
+        server trickling a byte a second cannot hold it) and by the cancel
+        Event; every line and literal by ``max_message_bytes`` (imaplib's
+        own bounds: 1 MB a line, nothing on a literal)."""
+
+        def __init__(self, job: _MailJob, deadline: float, cancel: threading.Event,
+                     tls: Any) -> None:
+            self.job, self.deadline, self.cancel, self.tls = job, deadline, cancel, tls
+            self.buf, self.what = bytearray(), "a response"
+            super().__init__(job.host, job.port, timeout=self.left())
+
+        def left(self) -> float:
+            if self.cancel.is_set():
+                raise PollerError.Transient(f"{self.job.where()}: tick cancelled")
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise PollerError.Transient(f"{self.job.where()}: the tick's deadline "
+                                            f"passed (timeout_secs={self.job.timeout:g})")
+            return left
+
+        def _create_socket(self, timeout: Any) -> socket.socket:
+            sock = socket.create_connection((self.host, self.port), self.left())
+            if self.job.tls == "implicit":
+                try:
+                    sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+                except BaseException:
+                    sock.close()
+                    raise
+            return sock
+
+        def too_big(self, size: int, what: str) -> PollerError:
+            return PollerError.Permanent(
+                f"{self.job.where()}: {what} is {size} bytes, over config.max_message_bytes="
+                f"{self.job.max_bytes}")
+
+        def fill(self, want: int) -> None:
+            while True:
+                left = self.left()
+                self.sock.settimeout(min(left, _CANCEL_POLL_SECS))
+                try:
+                    data = self.sock.recv(max(65536, min(want, 1 << 20)))
+                except TimeoutError:
+                    continue                    # left() ends it at the deadline or on cancel
+                finally:
+                    # A handshake (STARTTLS) runs under the socket's timeout:
+                    # give it what is left, which Python counts as a total.
+                    self.sock.settimeout(max(self.deadline - time.monotonic(), 0.001))
+                if not data:
+                    raise self.abort("the server closed the connection")
+                self.buf += data
+                return
+
+        def readline(self) -> bytes:
+            start = 0
+            while (end := self.buf.find(b"\n", start)) < 0:
+                if len(self.buf) > self.job.max_bytes:
+                    raise self.too_big(len(self.buf), "a response line")
+                start = len(self.buf)
+                self.fill(65536)
+            line = bytes(self.buf[:end + 1])
+            del self.buf[:end + 1]
+            return line
+
+        def read(self, size: int) -> bytes:
+            if size > self.job.max_bytes:
+                raise self.too_big(size, self.what)
+            while len(self.buf) < size:
+                self.fill(size - len(self.buf))
+            data = bytes(self.buf[:size])
+            del self.buf[:size]
+            return data
+
+        def send(self, data: bytes) -> None:
+            self.sock.settimeout(self.left())
+            try:
+                self.sock.sendall(data)
+            except TimeoutError:
+                self.left()
+                raise
+
+    return _ImapConn
+
+
+class _MailCursor:
+    """An imap/gmail job's cursor: the mailbox's UIDVALIDITY, the highest UID
+    looked at, and the UIDs this tick delivered that the next tick marks as
+    read (only once the cursor naming them is committed)."""
+
+    def __init__(self, uidvalidity: int | None = None, last_uid: int = 0,
+                 to_mark: Iterable[int] = ()) -> None:
+        self.uidvalidity, self.last_uid, self.to_mark = uidvalidity, last_uid, list(to_mark)
+
+    @classmethod
+    def parse(cls, raw: bytes | None, job_id: str, kind: str) -> "_MailCursor":
+        if not raw:
+            return cls()
+        try:
+            doc = _loads(raw)
+            if kind == "gmail" and isinstance(doc, list):
+                return cls()    # nexo's gmail cursor: Gmail message ids, no use over IMAP
+            cursor = cls(doc["uidvalidity"], doc["last_uid"], doc.get("to_mark", ()))
+            if all(_is_int(n) and n >= 0 for n in
+                   (cursor.uidvalidity, cursor.last_uid, *cursor.to_mark)):
+                return cursor
+        except (ValueError, RecursionError, KeyError, TypeError):
+            pass
+        raise PollerError.Permanent(f"job {job_id!r}: its cursor is not a mail cursor "
+                                    '({"uidvalidity": N, "last_uid": N, "to_mark": [...]}); '
+                                    "set one or clear it to start over")
+
+    def encode(self) -> bytes:
+        return _dumps({"uidvalidity": self.uidvalidity, "last_uid": self.last_uid,
+                       "to_mark": self.to_mark}).encode()
+
+
+def _mail_fields(raw: bytes, uid: int) -> dict[str, str]:
+    """A message's template fields: uid, subject, from, to, date, message_id,
+    body (its text, HTML's tags dropped) and snippet (the body's start)."""
+    import email
+    import email.policy
+    import html
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+
+    def header(name: str) -> str:
+        try:
+            return str(msg.get(name, "") or "")
+        except Exception:       # noqa: BLE001 -- a malformed header of a stranger's mail
+            return ""
+    body = ""
+    try:
+        part = msg.get_body(preferencelist=("plain", "html"))
+        if part is not None:
+            body = part.get_content()
+            if part.get_content_subtype() == "html":
+                body = html.unescape(re.sub(r"(?s)<(script|style).*?</\1>|<[^>]+>", " ", body))
+    except Exception:           # noqa: BLE001 -- an unknown charset, a broken MIME tree
+        body = ""
+    return {"uid": str(uid), "subject": header("Subject"), "from": header("From"),
+            "to": header("To"), "date": header("Date"), "message_id": header("Message-ID"),
+            "body": body, "snippet": " ".join(body.split())[:_MAIL_SNIPPET_CHARS]}
+
+
+class _MailTick:
+    """One tick over an open, logged-in IMAP connection."""
+
+    def __init__(self, job: _MailJob, ctx: PollContext, conn: Any) -> None:
+        self.job, self.ctx, self.conn = job, ctx, conn
+
+    def check(self, what: str, answer: tuple) -> list:
+        typ, data = answer
+        if typ != "OK":
+            said = b" ".join(d for d in data if isinstance(d, bytes)).decode("utf-8", "replace")
+            raise _imap_refusal(f"{self.job.where()}: {what}: {typ} {_log_safe(said, 300)}")
+        return data
+
+    def run(self, cursor: _MailCursor) -> TickAck:
+        job, conn = self.job, self.conn
+        self.check(f"select {job.mailbox!r}",
+                   conn.select(_imap_quote(job.mailbox), readonly=not job.mark_read))
+        uidvalidity, uidnext = self.numbers()
+        if cursor.uidvalidity is not None and cursor.uidvalidity != uidvalidity:
+            # The mailbox was recreated: its UIDs name other mails now.  Start
+            # over from its current end, delivering nothing already there.
+            return TickAck(next_cursor=_MailCursor(uidvalidity, uidnext - 1).encode(),
+                           metrics=TickMetrics(0, 0))
+        if cursor.to_mark and job.mark_read:
+            self.check("mark as read", conn.uid(
+                "STORE", ",".join(map(str, cursor.to_mark)), "+FLAGS.SILENT", "(\\Seen)"))
+        found, cutoff = self.search(cursor.last_uid)
+        uids = sorted(n for n in (int(w) for w in b" ".join(found).split())
+                      if n > cursor.last_uid)
+        last, deliver, delivered, seen = cursor.last_uid, [], [], 0
+        for uid in uids[:_MAIL_SCAN_PER_TICK]:
+            if len(deliver) == job.max_per_tick:
+                break
+            last, seen = uid, seen + 1
+            item = self.message(uid, cutoff)
+            if item is not None and job.deliver is not None:
+                deliver.append(Delivery(*job.deliver, {"text": _render(job.template, item)}))
+                delivered.append(uid)
+        if last == (uids[-1] if uids else last):
+            last = max(last, uidnext - 1)   # everything up to the end was looked at
+        to_mark = delivered if job.mark_read else []
+        return TickAck(next_cursor=_MailCursor(uidvalidity, last, to_mark).encode(),
+                       deliver=tuple(deliver), metrics=TickMetrics(seen, len(deliver)))
+
+    def numbers(self) -> tuple[int, int]:
+        """The selected mailbox's UIDVALIDITY and UIDNEXT."""
+        found = {}
+        for key in ("UIDVALIDITY", "UIDNEXT"):
+            _, data = self.conn.response(key)
+            if data and data[0]:
+                found[key] = int(data[0])
+        if len(found) < 2:
+            data = self.check("status", self.conn.status(_imap_quote(self.job.mailbox),
+                                                         "(UIDVALIDITY UIDNEXT)"))
+            for key, value in re.findall(rb"(UIDVALIDITY|UIDNEXT) (\d+)", data[0] or b""):
+                found[key.decode()] = int(value)
+        return found["UIDVALIDITY"], found["UIDNEXT"]
+
+    def search(self, last_uid: int) -> tuple[list, datetime | None]:
+        """The UIDs after ``last_uid`` that the job's search matches (SEARCH's
+        answer), and the oldest INTERNALDATE a ``newer_than`` lets through."""
+        import imaplib
+        job, conn, cutoff = self.job, self.conn, None
+        criteria, key = job.search, "search"
+        if job.kind == "gmail":
+            key = "query"
+            if "X-GM-EXT-1" in conn.capabilities:
+                query = job.query + (f" newer_than:{job.newer_than}" if job.newer_than else "")
+                conn.literal = query.encode()       # UTF-8, sent as a literal
+                criteria = "X-GM-RAW"
+            else:
+                criteria, cutoff = _gmail_as_search(job, self.ctx.now)
+        charset = "CHARSET UTF-8 " if conn.literal else ""
+        try:
+            answer = conn.uid("SEARCH", f"{charset}UID {last_uid + 1}:* {criteria}")
+        except imaplib.IMAP4.abort:
+            raise
+        except imaplib.IMAP4.error as exc:      # BAD: the criteria, not the network
+            raise PollerError.Config(job.job_id, f"config.{key}: the server refused the "
+                                     f"search: {_log_safe(exc, 300)}") from None
+        return self.check("search", answer), cutoff
+
+    def message(self, uid: int, cutoff: datetime | None) -> dict[str, str] | None:
+        """A message's template fields, or None when a filter drops it."""
+        job = self.job
+        self.conn.what = f"message UID {uid}"
+        data = self.check(f"fetch UID {uid}",
+                          self.conn.uid("FETCH", str(uid), "(INTERNALDATE BODY.PEEK[])"))
+        parts = [d for d in data if isinstance(d, tuple)]
+        if not parts:
+            return None                     # expunged meanwhile
+        meta, raw = parts[0]
+        if cutoff is not None and (m := _INTERNALDATE_RE.search(meta)):
+            try:
+                when = datetime.strptime(m.group(1).decode().strip(), "%d-%b-%Y %H:%M:%S %z")
+            except ValueError:
+                when = None
+            if when is not None and when < cutoff:
+                return None
+        fields = _mail_fields(raw, uid)
+        if job.allow and not any(s in fields["from"].lower() for s in job.allow):
+            return None
+        for name, regex in job.extract.items():
+            m = regex.search(fields["body"]) or regex.search(fields["snippet"])
+            fields[name] = "" if m is None else (
+                (m.group(1) if regex.groups else m.group(0)) or "").strip()
+        if any(not fields.get(name) for name in job.required):
+            return None
+        return fields
+
+
+class MailPoller:
+    """The ``imap`` kind: new mail in ``mailbox`` (matching ``search``), each
+    delivered once as ``message_template``; the cursor is the mailbox's
+    UIDVALIDITY and the last UID looked at.  ``mark_read_on_dispatch`` sets
+    \\Seen on delivered mail at the start of the next tick, for the UIDs the
+    committed cursor names: never before the deliveries are stored.
+
+    One deadline (``timeout_secs``, and the job's own) bounds the whole
+    tick; a message or line over ``max_message_bytes`` fails it.  A refused
+    login or certificate is permanent, the network transient."""
+
+    kind = "imap"
+    check = _MailJob                    # check(job_id, config): raises PollerError.Config
+
+    def tick(self, ctx: PollContext) -> TickAck:
+        import imaplib
+        import ssl
+        job = self.check(ctx.job_id, ctx.config)
+        cursor = _MailCursor.parse(ctx.cursor, ctx.job_id, job.kind)
+        password, tls = job.secret(), job.tls_context()
+        budget = job.timeout if ctx.timeout is None else min(
+            job.timeout, ctx.timeout.total_seconds())
+        conn, ok = None, False
+        try:
+            conn = _imap_conn_class()(job, time.monotonic() + budget, ctx.cancel, tls)
+            if job.tls == "starttls":
+                if "STARTTLS" not in conn.capabilities:
+                    raise PollerError.Permanent(f"{job.where()}: the server does not offer "
+                                                "STARTTLS (tls: \"implicit\" for port 993?)")
+                conn.starttls(tls)
+            self._login(job, conn, password)
+            ack = _MailTick(job, ctx, conn).run(cursor)
+            ok = True
+            return ack
+        except ssl.SSLCertVerificationError as exc:
+            raise PollerError.Permanent(
+                f"{job.where()}: TLS certificate verification failed: "
+                f"{exc.verify_message or exc} (a private CA: set config.ca_file)") from None
+        except (imaplib.IMAP4.error, OSError) as exc:
+            raise PollerError.Transient(f"{job.where()}: {_log_safe(exc, 300)}") from None
+        finally:
+            if conn is not None:
+                self._close(conn, ok)
+
+    @staticmethod
+    def _close(conn: Any, polite: bool) -> None:
+        """LOGOUT after a tick that went well (its failure changes nothing),
+        then the socket closed in any case."""
+        import imaplib
+        try:
+            if polite:
+                conn.logout()                   # which closes the socket
+                return
+        except (PollerError, imaplib.IMAP4.error, OSError):
+            pass
+        try:
+            conn.shutdown()
+        except OSError:
+            pass
+
+    @staticmethod
+    def _login(job: _MailJob, conn: Any, password: str) -> None:
+        """AUTHENTICATE PLAIN when offered (UTF-8 names and passwords pass
+        as they are), else LOGIN."""
+        import imaplib
+        try:
+            if "AUTH=PLAIN" in conn.capabilities:
+                conn.authenticate("PLAIN",
+                                  lambda _: f"\0{job.username}\0{password}".encode())
+            else:
+                conn.login(job.username, password)
+        except imaplib.IMAP4.abort:
+            raise
+        except imaplib.IMAP4.error as exc:
+            raise _imap_refusal(f"{job.where()}: login as {job.username!r} refused: "
+                                f"{_log_safe(exc, 300)}") from None
+
+
+class GmailPoller(MailPoller):
+    """The ``gmail`` kind: nexo's gmail job (``query``, ``newer_than``,
+    ``sender_allowlist``, ``extract``, ``require_fields``,
+    ``mark_read_on_dispatch``, default true) over IMAP: ``query`` goes as
+    Gmail's X-GM-RAW when the server has it (X-GM-EXT-1), else as the IMAP
+    SEARCH its operators translate to."""
+
+    kind = "gmail"
+    check = _GmailJob
+
+
 # The one registry of built-in kinds: kind -> the poller class serving it.
 _BUILTIN_POLLERS: dict[str, type] = {
-    cls.kind: cls for cls in (CommandPoller, RssPoller, WebhookPoller)}
+    cls.kind: cls for cls in (CommandPoller, RssPoller, WebhookPoller, MailPoller, GmailPoller)}
 BUILTIN_KINDS = tuple(sorted(_BUILTIN_POLLERS))
 
 

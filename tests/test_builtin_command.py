@@ -277,7 +277,7 @@ class DaemonTest(CommandCase):
     def test_an_unknown_kind_still_lists_the_built_in_ones(self):
         path = write_config(os.path.join(self.dir, "p.json"), {
             "state_db": self.db,
-            "jobs": [{"id": "a", "kind": "gmail", "schedule": {"every_secs": 60}}]})
+            "jobs": [{"id": "a", "kind": "google_calendar", "schedule": {"every_secs": 60}}]})
         with self.assertRaises(ConfigError) as caught:
             load_config(path)
         self.assertIn("known kinds: command", str(caught.exception))

@@ -367,8 +367,9 @@ class JobsTest(ConfigTestCase):
 
     def test_unknown_kind_lists_known_kinds(self):
         self.write_plugin("plugins/rss", plugin_id="rss_plugin", kinds=("rss", "atom"))
-        msg = self.assertOnlyProblem({"plugins": ["plugins/rss"], "jobs": [job(kind="gmail")]},
-                                     "jobs[0].kind", "gmail", extra_kinds=["crm"])
+        msg = self.assertOnlyProblem({"plugins": ["plugins/rss"],
+                                      "jobs": [job(kind="google_calendar")]},
+                                     "jobs[0].kind", "google_calendar", extra_kinds=["crm"])
         for known in ("rss", "atom", "crm"):
             self.assertIn(known, msg)
 
