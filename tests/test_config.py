@@ -374,8 +374,9 @@ class JobsTest(ConfigTestCase):
             self.assertIn(known, msg)
 
     def test_unknown_kind_without_plugins_lists_the_built_in_kinds(self):
-        self.assertOnlyProblem({"jobs": [job(kind="gmail")]}, "jobs[0].kind", "gmail",
-                               "known kinds: command, rss, webhook_poll")
+        self.assertOnlyProblem({"jobs": [job(kind="google_calendar")]}, "jobs[0].kind",
+                               "google_calendar",
+                               "known kinds: command, gmail, imap, rss, webhook_poll")
 
     def test_extra_kinds_make_in_process_kind_valid(self):
         cfg = self.load({"jobs": [job(kind="crm")]}, extra_kinds=["crm"])
