@@ -8096,7 +8096,7 @@ def open_state(location: str, *, readonly: bool = False, owner: str | None = Non
 # When a job runs next: every N seconds, a cron expression (5 or 6 fields,
 # in a time zone; or nexo's dialect), or once at an instant.  Pure functions
 # of a given time.
-# Shares: _CRON_DIALECTS, _parse_instant
+# Shares: _CRON_DIALECTS, _fire_times, _nexo_cron_as_vixie, _parse_instant
 # ============================================================================
 
 _MONTHS = {m: i for i, m in enumerate(
@@ -8288,6 +8288,61 @@ class CronExpr:
         return None
 
 
+def _nexo_cron_as_vixie(expr: CronExpr) -> tuple[str | None, str]:
+    """A nexo cron rewritten as the Vixie cron that fires at the same times
+    (as ``CronExpr`` reads Vixie: 5 fields, or 6 with seconds first), and
+    why each field changed; or None and why no Vixie cron can (a year, or
+    day of month AND day of week both restricted: Vixie fires on either).
+    A field that means the same in Vixie is kept as written."""
+    text = expr.text.strip()
+    if text.startswith("@"):                # nexo's aliases mean the same (@weekly: Sunday)
+        return text, ""
+    parts, why = text.split(), []
+    if len(parts) == 7:
+        if expr.years != list(range(1970, 2101)):
+            return None, f"its year field {parts[6]!r} (Vixie cron has none)"
+        parts = parts[:6]
+        why.append("the year field '*' dropped")
+    dom_any = expr.dom_any or expr.days == list(range(1, 32))
+    dow_any = expr.dow_any or len(expr.dows) == 7
+    if not (dom_any or dow_any):
+        return None, ("day of month AND day of week both restricted (nexo fires when both "
+                      "match, Vixie when either does)")
+    wanted = (expr.seconds, expr.minutes, expr.hours, expr.days, expr.months,
+              sorted(expr.dows))
+    out = []
+    for i, (part, (name, low, high, names)) in enumerate(zip(parts, _CRON_FIELDS)):
+        if (i == 3 and dom_any) or (i == 5 and dow_any):
+            new = "*"                       # Vixie's "any" is the literal *
+        else:
+            try:
+                values = CronExpr._field(part, name, low, high, names)
+            except InputError:
+                values = None
+            if i == 5 and values is not None:
+                values = {v % 7 for v in values}
+            new = part if values == set(wanted[i]) else _cron_list(wanted[i])
+        if new != part:
+            why.append(f"{name} {part!r} is {new!r}" + (
+                " (nexo counts 1 = Sunday, Vixie 0)" if i == 5 and new != "*" else ""))
+        out.append(new)
+    if out[0] == "0":
+        out = out[1:]
+        why.append("seconds '0' is Vixie's 5-field form")
+    return " ".join(out), "; ".join(why)
+
+
+def _cron_list(values) -> str:
+    """Numbers as a cron list, runs written as ranges: ``1-5,7``."""
+    runs: list[list[int]] = []
+    for v in sorted(values):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 _MAX_MONTH_DAYS = {1: 31, 2: 29, 3: 31, 4: 30, 5: 31, 6: 30, 7: 31, 8: 31, 9: 30,
                    10: 31, 11: 30, 12: 31}
 
@@ -8350,6 +8405,20 @@ class Schedule:
         found = self.cron.next_after(datetime.fromtimestamp(max(slot, now), timezone.utc),
                                      self.tz)
         return None if found is None else found.timestamp()
+
+
+def _fire_times(schedule: Schedule, start: float, n: int) -> list[float]:
+    """The first ``n`` slots of a job that never ran, from ``start`` (fewer
+    when its schedule fires no more)."""
+    times: list[float] = []
+    at = start
+    while len(times) < n:
+        nxt = schedule.first_after(at) if not times else schedule.next_after(at, at)
+        if nxt is None:
+            break
+        times.append(nxt)
+        at = nxt
+    return times
 
 
 # ============================================================================
@@ -8869,8 +8938,8 @@ def _read_yaml(text: str, source: str) -> tuple[Any, dict[tuple, tuple[int, int]
 # Config
 # ``pollers.json`` read and checked as a whole before anything starts: every
 # problem is reported at once, each with its JSON path.
-# Shares: _config_state, _hide_secrets, _host_name, _JOB_POLICY_KEYS, _jitter_ms,
-#   _redact_url
+# Shares: _config_state, _convert_nexo_config, _hide_secrets, _host_name,
+#   _JOB_POLICY_KEYS, _jitter_ms, _redact_url
 # ============================================================================
 
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
@@ -8892,7 +8961,7 @@ _JOB_POLICY_KEYS = {
     "jitter_ms": ("default_jitter_ms", 0, 86_400_000, True),
 }
 _JOB_KEYS = {"id", "kind", "agent", "schedule", "config", "failure_to",
-             "paused_on_boot", "extra"} | set(_JOB_POLICY_KEYS)
+             "paused_on_boot", "repause_on_boot", "extra"} | set(_JOB_POLICY_KEYS)
 _SCHEDULE_KEYS = {"every_secs", "cron", "tz", "at", "stagger_jitter_ms"}
 
 
@@ -8906,8 +8975,9 @@ class JobConfig:
     config: Any = dataclasses.field(default_factory=dict)
     failure_to: dict | None = None
     paused_on_boot: bool = False
-    # nexo's files (cron_dialect "nexo"): paused_on_boot pauses the job again
-    # at every start, as nexo does; pollers.json: only a new job starts paused
+    # the file's repause_on_boot, by default true for paused_on_boot in nexo's
+    # files (cron_dialect "nexo"): pause the job again at every start, as nexo
+    # does; else only a new job starts paused
     repause_on_boot: bool = False
     raw: dict = dataclasses.field(default_factory=dict, repr=False)
     # nexo's free map for modules, not the runner: kept, passed to nothing
@@ -9205,16 +9275,25 @@ def load_config(path: str | os.PathLike, *, extra_kinds: Iterable[str] = (),
     start (``validate``).
     """
     path = os.path.abspath(os.fspath(path))
-    yaml = path.lower().endswith((".yaml", ".yml"))
     try:
         with open(path, "rb") as fh:
-            text = fh.read().decode("utf-8")
+            data = fh.read()
+    except OSError as exc:
+        raise ConfigError(path, [("", f"cannot read: {exc.strerror or exc}")]) from None
+    return _config_from_bytes(data, path, yaml=path.lower().endswith((".yaml", ".yml")),
+                              extra_kinds=extra_kinds, check_entrypoints=check_entrypoints)
+
+
+def _config_from_bytes(data: bytes, path: str, *, yaml: bool, extra_kinds: Iterable[str] = (),
+                       check_entrypoints: bool = False) -> DaemonConfig:
+    """``load_config`` of a file's bytes, read from ``path`` (its relative paths
+    are relative to its folder)."""
+    try:
+        text = data.decode("utf-8")
         text, secrets = _resolve_placeholders(text, path, syntax="yaml" if yaml else "json")
         doc = None if yaml else json.loads(text, object_pairs_hook=_no_duplicate_keys,
                                            parse_constant=_reject_constant,
                                            parse_float=_finite_float)
-    except OSError as exc:
-        raise ConfigError(path, [("", f"cannot read: {exc.strerror or exc}")]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(path, [("", f"not UTF-8 text (byte {exc.start})")]) from None
     except json.JSONDecodeError as exc:
@@ -9265,6 +9344,186 @@ def _config_from_yaml(text: str, path: str, **options: Any) -> DaemonConfig:
             at, _, rest = where_at.partition(": ")
             raise ConfigError(f"{path}:{at}", [(rest, message)]) from None
         raise ConfigError(path, located) from None
+
+
+# What _convert_nexo_config compares between the YAML and the JSON it writes:
+# this many next fire times of each job, from now, before nexo's last year
+# (its cron fires no more after 2100; Vixie's goes on).
+_CONVERT_CHECK_FIRES = 50
+_NEXO_CRON_END = datetime(2101, 1, 1, tzinfo=timezone.utc).timestamp()
+
+
+def _convert_nexo_config(path: str) -> tuple[str, list[str]]:
+    """``convert-config``: nexo's YAML config at ``path`` as the pollers.json
+    that reads the same, and one line per change (job, key, before -> after,
+    why) and per note.  Converted from the file's text as written, so every
+    ${...} placeholder stays one (a value never appears); the YAML is loaded
+    (placeholders resolved) and so is the result, and both must give the
+    same jobs and fire times.  Raises ``ConfigError``."""
+    path = os.path.abspath(path)
+    if not path.lower().endswith((".yaml", ".yml")):
+        raise ConfigError(path, [("", "convert-config reads a nexo YAML config (.yaml or "
+                                      ".yml); this is not one")])
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ConfigError(path, [("", f"cannot read: {exc.strerror or exc}")]) from None
+    try:                                    # it loads as it is (a plugin serves each kind)
+        config, kinds = _config_from_bytes(data, path, yaml=True), ()
+    except ConfigError:                     # or nexo built its kinds in (gmail, rss...)
+        kinds = _named_kinds(_read_yaml(_resolve_placeholders(
+            data.decode("utf-8"), path, syntax="yaml")[0], path)[0])
+        config = _config_from_bytes(data, path, yaml=True, extra_kinds=kinds)
+    try:
+        raw = _read_yaml(data.decode("utf-8"), path)[0]
+        resolved = _read_yaml(_resolve_placeholders(data.decode("utf-8"), path,
+                                                    syntax="yaml")[0], path)[0]
+    except ConfigError as exc:
+        raise ConfigError(path, [("", f"its placeholders cannot be kept as written: {exc}")]
+                          ) from None
+    tokens: dict[str, str] = {}
+    doc = _unquoted_placeholders(raw, resolved, "", tokens, path)
+    changes = [f"note: job {jc.id}: kind {jc.kind!r}: no plugin in this file serves it "
+               "(nexo built it in): list one under \"plugins\" before running the job"
+               for jc in config.jobs if jc.kind in kinds]
+    out = _converted_doc(doc, config)
+    changes = out.pop(None) + changes
+    text = json.dumps(out, indent=2, ensure_ascii=False)
+    for marker, token in tokens.items():
+        text = text.replace(json.dumps(marker), token)
+    target = os.path.join(os.path.dirname(path), "pollers.json")
+    converted = _config_from_bytes(text.encode("utf-8"), target, yaml=False, extra_kinds=kinds)
+    problem = _reads_differently(config, converted)
+    if problem:
+        raise ConfigError(path, [("", f"the converted pollers.json would read differently "
+                                      f"({problem}); nothing written")])
+    return text + "\n", changes
+
+
+def _named_kinds(doc: Any) -> tuple[str, ...]:
+    """The kinds a parsed config's jobs name that nothing built in serves."""
+    top = doc.get("pollers", doc) if isinstance(doc, dict) else None
+    jobs = top.get("jobs") if isinstance(top, dict) else None
+    return tuple(sorted({j["kind"] for j in jobs if isinstance(j, dict) and isinstance(
+        j.get("kind"), str) and j["kind"] not in BUILTIN_KINDS})) if isinstance(jobs, list) else ()
+
+
+def _unquoted_placeholders(raw: Any, resolved: Any, at: str, tokens: dict[str, str],
+                           path: str) -> Any:
+    """``raw`` (the YAML as written) with each placeholder that stands for a
+    number, boolean or null (``breaker_threshold: ${N}``) replaced by a
+    marker that ``tokens`` maps to the placeholder, unquoted in JSON."""
+    if isinstance(raw, dict) and isinstance(resolved, dict):
+        return {k: _unquoted_placeholders(v, resolved.get(k), f"{at}.{k}".lstrip("."),
+                                          tokens, path) for k, v in raw.items()}
+    if isinstance(raw, list) and isinstance(resolved, list) and len(raw) == len(resolved):
+        return [_unquoted_placeholders(v, r, f"{at}[{i}]", tokens, path)
+                for i, (v, r) in enumerate(zip(raw, resolved))]
+    if not isinstance(raw, str) or "${" not in raw or isinstance(resolved, str):
+        return raw
+    if isinstance(resolved, (dict, list)) or not re.fullmatch(r"\$\{[^{}]*\}", raw):
+        raise ConfigError(path, [(at, f"{raw!r} resolves to a YAML {_json_type(resolved)}"
+                                      ": JSON cannot keep it as a placeholder "
+                                      "(write the value, or a placeholder for a string)")])
+    marker = f"\0placeholder {len(tokens)}\0"
+    tokens[marker] = raw
+    return marker
+
+
+def _converted_doc(doc: Any, config: DaemonConfig) -> dict:
+    """The pollers.json of nexo's parsed YAML ``doc`` (placeholders as written),
+    loaded as ``config``; under the key None, the lines saying what changed."""
+    said: list[str] = []
+
+    def change(job: str | None, key: str, before: Any, after: Any, why: str) -> None:
+        show = lambda v: v if isinstance(v, _Shown) else json.dumps(v, ensure_ascii=False)  # noqa
+        said.append(f"{'job ' + job if job else 'file'}: {key}: {show(before)} → "
+                    f"{show(after)}: {why}")
+
+    gone = _Shown("(removed)")
+    if "schema_version" in doc:
+        change(None, "schema_version", doc["schema_version"], gone,
+               "nexo's config version; pollers.json has none")
+    if "pollers" in doc:
+        change(None, "pollers", _Shown("{...}"), gone, "its keys are pollers.json's top level")
+    top = dict(doc.get("pollers", {k: v for k, v in doc.items() if k != "schema_version"}))
+    jobs = [dict(j, schedule=dict(j["schedule"])) for j in top.get("jobs", [])]
+    # cron: nexo's dialect rewritten as Vixie when every cron has a Vixie twin;
+    # else the file keeps nexo's dialect and every cron as written
+    if config.cron_dialect == "nexo":
+        rewritten, kept, crons = {}, None, False
+        for raw, jc in zip(jobs, config.jobs):
+            cron = raw["schedule"].get("cron")
+            if cron is None:
+                continue
+            crons = True
+            if raw["schedule"].get("tz") not in (None, "UTC", "Etc/UTC"):
+                said.append(f"note: job {jc.id}: schedule.tz {raw['schedule']['tz']!r} kept: "
+                            "nexo ignored it (ran in UTC), nexo-poller honours it in both "
+                            "files (drop it to fire as nexo did)")
+            vixie, why = (None, "it is a placeholder (its value is not known until it "
+                                "loads)") if "${" in cron else _nexo_cron_as_vixie(
+                jc.schedule.cron)
+            if vixie is None:
+                kept = kept or f"job {jc.id}'s cron {cron!r} has no Vixie equivalent: {why}"
+            elif vixie != cron:
+                rewritten[jc.id] = (vixie, why)
+        before = top.pop("cron_dialect", _Shown("(none: nexo, a YAML file's default)"))
+        if kept:
+            change(None, "cron_dialect", before, "nexo", f"kept, so every cron fires as in "
+                   f"nexo ({kept}); every cron is left as written")
+            jobs_at = list(top).index("jobs") if "jobs" in top else len(top)
+            top = dict([*list(top.items())[:jobs_at], ("cron_dialect", "nexo"),
+                        *list(top.items())[jobs_at:]])
+        elif crons or before == "nexo":
+            change(None, "cron_dialect", before, _Shown("(none: vixie, pollers.json's "
+                                                         "default)"),
+                   "the crons below are rewritten to fire at the same times")
+            for raw, jc in zip(jobs, config.jobs):
+                if jc.id in rewritten:
+                    vixie, why = rewritten[jc.id]
+                    change(jc.id, "schedule.cron", raw["schedule"]["cron"], vixie, why)
+                    raw["schedule"]["cron"] = vixie
+    for raw, jc in zip(jobs, config.jobs):
+        if jc.repause_on_boot and "repause_on_boot" not in raw:
+            change(jc.id, "repause_on_boot", _Shown("(none)"), True, "nexo pauses a paused_on_boot "
+                   "job again at every start; in pollers.json only with this key")
+            at = list(raw).index("paused_on_boot") + 1
+            items = list(raw.items())
+            raw.clear()
+            raw.update(items[:at] + [("repause_on_boot", True)] + items[at:])
+    if "jobs" in top:
+        top["jobs"] = jobs
+    top[None] = said
+    return top
+
+
+class _Shown(str):
+    """A value a change line shows as it is, not as JSON."""
+
+
+def _reads_differently(a: DaemonConfig, b: DaemonConfig) -> str | None:
+    """What differs between two loaded configurations (cron by fire times,
+    not text), or None."""
+    for key in _TOP_DEFAULTS:
+        if key not in ("jobs", "plugins", "cron_dialect") and getattr(a, key) != getattr(b, key):
+            return key
+    if [h.plugin_id for h in a.plugins] != [h.plugin_id for h in b.plugins]:
+        return "plugins"
+    if len(a.jobs) != len(b.jobs):
+        return "jobs"
+    now = time.time()
+    for x, y in zip(a.jobs, b.jobs):
+        plain = [dataclasses.replace(j, raw={}, schedule=dataclasses.replace(
+            j.schedule, cron=None)) for j in (x, y)]
+        if plain[0] != plain[1]:
+            return f"job {x.id}"
+        fires = [[t for t in _fire_times(j.schedule, now, _CONVERT_CHECK_FIRES)
+                  if t < _NEXO_CRON_END] for j in (x, y)]
+        if fires[0] != fires[1]:
+            return f"job {x.id}'s fire times"
+    return None
 
 
 def _no_duplicate_keys(pairs):
@@ -9556,6 +9815,11 @@ def _job_from_dict(raw: Any, where: str, probs: _Problems, owners: PluginPollerR
     _check_type(probs, f"{where}.extra", raw.get("extra", {}), dict, "an object")
     paused = raw.get("paused_on_boot", False)
     _check_type(probs, f"{where}.paused_on_boot", paused, bool, "true or false")
+    repause = raw.get("repause_on_boot", paused is True and cron_dialect == "nexo")
+    if _check_type(probs, f"{where}.repause_on_boot", repause, bool, "true or false") \
+            and repause and paused is not True:
+        probs.add(f"{where}.repause_on_boot", "needs paused_on_boot: true (it makes "
+                                              "paused_on_boot pause the job at every start)")
     schedule = _schedule_from_dict(raw.get("schedule"), f"{where}.schedule", probs,
                                    cron_dialect)
     overrides = {}
@@ -9576,7 +9840,7 @@ def _job_from_dict(raw: Any, where: str, probs: _Problems, owners: PluginPollerR
     if "jitter_ms" in overrides:            # one setting: the schedule's jitter
         schedule.stagger_jitter_ms = overrides.pop("jitter_ms")
     return JobConfig(job_id, kind, agent, schedule, raw.get("config", {}), failure_to,
-                     paused, repause_on_boot=paused and cron_dialect == "nexo", raw=raw,
+                     paused, repause_on_boot=repause, raw=raw,
                      extra=raw.get("extra", {}), overrides=overrides)
 
 
@@ -13363,6 +13627,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run_verb(verb: "_Verb", args) -> int:
     """A verb on the configuration (no ``--admin``): load it, check the job
     named, run the verb's local implementation."""
+    if verb.reads_file:
+        return verb.local(None, args)
     config = load_config(args.config, check_entrypoints=verb.name == "validate")
     job_ids = {j.id for j in config.jobs}
     job = getattr(args, "job", None)
@@ -14240,13 +14506,8 @@ def _error_cell(error: str | None) -> str:
 def _print_next(config: DaemonConfig, job: str, n: int, as_json: bool) -> int:
     """``status JOB --next N``: the next N fire times of a job's schedule."""
     jc = next(j for j in config.jobs if j.id == job)
-    now, times, at = time.time(), [], time.time()
-    for _ in range(n):
-        nxt = jc.schedule.first_after(at) if not times else jc.schedule.next_after(at, at)
-        if nxt is None:
-            break
-        times.append(nxt)
-        at = nxt
+    now = time.time()
+    times = _fire_times(jc.schedule, now, n)
     if as_json:
         print(json.dumps([_iso(t) for t in times]))
         return EXIT_OK
@@ -14326,6 +14587,27 @@ class _Verb:
     args: Callable[[Any], None]
     local: Callable[[DaemonConfig, Any], int]
     remote: Callable[[Any, str | None], int] | None = None
+    reads_file: bool = False        # local gets no config: it reads --config itself
+
+
+def _convert_config(_config: None, args) -> int:
+    """``convert-config FILE``: nexo's YAML config as pollers.json on stdout,
+    each change on stderr."""
+    text, changes = _convert_nexo_config(args.config)
+    for line in changes:
+        print(f"convert-config: {line}", file=sys.stderr)
+    out = getattr(sys.stdout, "buffer", None)       # UTF-8 whatever the locale
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        sys.stdout.flush()
+        out.write(text.encode("utf-8"))
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def _convert_args(p) -> None:
+    p.add_argument("config", metavar="FILE", help="nexo's pollers.yaml (what --config names)")
 
 
 _VERBS = {v.name: v for v in (
@@ -14352,6 +14634,9 @@ _VERBS = {v.name: v for v in (
           "counters, outbox) into another state, of either backend, or import a stopped "
           "nexo daemon's poller.db (--from-nexo); jobs already there are left alone",
           _migrate_args, _migrate_state),
+    _Verb("convert-config", "print nexo's pollers.yaml as the pollers.json that fires the "
+          "same (cron as Vixie, placeholders kept); each change on stderr",
+          _convert_args, _convert_config, reads_file=True),
 )}
 
 
