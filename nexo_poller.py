@@ -149,7 +149,8 @@ __all__ = [
     # daemon
     "StateStore", "SqliteStateStore", "JetStreamStateStore", "open_state", "JobState",
     "Command", "TickStatus", "apply_command", "COMMAND_VERBS", "CursorChange",
-    "cursor_command_arg", "CURSOR_HISTORY_KEEP", "Schedule", "CronExpr", "JobConfig",
+    "cursor_command_arg", "pause_command_arg", "PAUSE_NOTE_MAX_CHARS", "CURSOR_HISTORY_KEEP",
+    "Schedule", "CronExpr", "JobConfig",
     "JobPolicy", "DaemonConfig",
     "load_config", "config_from_dict", "Runner", "TickOutcome", "TickPlan", "plan_tick",
     "next_run", "OutboxItem", "outbound_topic", "main",
@@ -5547,6 +5548,10 @@ class JobState:
     schedule_key: str | None = None
     revision: int = 0
     delivered_total: int = 0        # written only by the outbox, never by a commit
+    # an operator's pause (pause_command_arg): who, when (wall time), why
+    paused_by: str | None = None
+    paused_at: float | None = None
+    pause_note: str | None = None
 
     def replace(self, **changes) -> "JobState":
         # A tick makes several copies of its job's state: copying the fields
@@ -5569,6 +5574,24 @@ def cursor_command_arg(cursor: bytes | None, source: str) -> str:
     """The argument of a ``cursor`` command: the new cursor and why (for the history)."""
     return json.dumps({"cursor": None if cursor is None else encode_cursor(cursor),
                        "source": source})
+
+
+PAUSE_NOTE_MAX_CHARS = 500     # the longest note a pause keeps (and its "by": 200)
+_PAUSED_BY_MAX_CHARS = 200
+
+
+def pause_command_arg(note: str | None, by: str | None, at: float | None = None) -> str:
+    """The argument of a ``pause`` command: why (``note``), who (``by``) and
+    when (``at``, wall time; default now).  Raises ``InputError`` for a note
+    over ``PAUSE_NOTE_MAX_CHARS`` characters or a ``by`` over 200."""
+    for what, value, limit in (("note", note, PAUSE_NOTE_MAX_CHARS),
+                               ("by", by, _PAUSED_BY_MAX_CHARS)):
+        if value is not None and not isinstance(value, str):
+            raise InputError(f"a pause {what} must be a string, got {_json_type(value)}")
+        if value is not None and len(value) > limit:
+            raise InputError(f"a pause {what} is {len(value)} characters; at most {limit} "
+                             "characters")
+    return json.dumps({"note": note, "by": by, "at": time.time() if at is None else at})
 
 
 def _command_source(verb: str, arg: str | None) -> str:
@@ -5595,9 +5618,18 @@ def apply_command(state: JobState, verb: str, arg: str | None = None) -> JobStat
         except (ValueError, TypeError, KeyError, PluginPollerForwardError) as exc:
             raise InputError(f"bad cursor command argument: {exc}") from None
     if verb == "pause":
-        return state.replace(paused=True)
+        if arg is None:
+            return state.replace(paused=True)
+        try:
+            doc = json.loads(arg)
+            pause_command_arg(doc["note"], doc["by"], float(doc["at"]))   # bounded
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InputError(f"bad pause command argument: {exc}") from None
+        return state.replace(paused=True, pause_note=doc["note"], paused_by=doc["by"],
+                             paused_at=float(doc["at"]))
     if verb == "resume":
-        return state.replace(paused=False, consecutive_errors=0)
+        return state.replace(paused=False, consecutive_errors=0, pause_note=None,
+                             paused_by=None, paused_at=None)
     if verb == "reset":
         return state.replace(cursor=None)
     if verb == "tick":
@@ -6045,6 +6077,8 @@ CREATE TABLE IF NOT EXISTS cursor_history (
     source TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS cursor_history_by_job ON cursor_history (job, n);"""
+# Who paused a job, when, why (JobState.paused_by...): added to older files in place.
+_PAUSE_NOTE_COLUMNS = ("paused_by TEXT", "paused_at REAL", "pause_note TEXT")
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE jobs (
@@ -6063,7 +6097,8 @@ CREATE TABLE jobs (
     lease_until REAL,
     schedule_key TEXT,
     revision INTEGER NOT NULL DEFAULT 0,
-    delivered_total INTEGER NOT NULL DEFAULT 0
+    delivered_total INTEGER NOT NULL DEFAULT 0,
+    {pause_note_columns}
 );
 CREATE TABLE commands (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -6078,7 +6113,8 @@ CREATE TABLE daemons (
     started_at REAL NOT NULL,
     running TEXT NOT NULL DEFAULT '[]'
 );
-""" + _OUTBOX_SCHEMA + _CURSOR_HISTORY_SCHEMA
+""".replace("{pause_note_columns}", ",\n    ".join(_PAUSE_NOTE_COLUMNS)) \
+    + _OUTBOX_SCHEMA + _CURSOR_HISTORY_SCHEMA
 # What version 1 lacks; applied in place when a daemon opens an old file.
 _MIGRATE_1_TO_2 = """
 ALTER TABLE jobs ADD COLUMN schedule_key TEXT;
@@ -6259,6 +6295,8 @@ class _SqliteFile:
                                  f"version {STATE_SCHEMA_VERSION})")
             if not self.readonly and version == "2" and "cursor_history" not in tables:
                 self._add_cursor_history(db)        # a version 2 file from before it
+            if not self.readonly and version == "2":
+                self._add_pause_notes(db)           # one from before pause notes
             if not self.readonly:
                 # Only now that the file is known to be ours may its journal change.
                 db.execute("PRAGMA journal_mode=WAL")
@@ -6395,6 +6433,25 @@ class _SqliteFile:
             db.execute("ROLLBACK")
             raise
 
+    @staticmethod
+    def _add_pause_notes(db) -> None:
+        """Give a version 2 file made before pause notes their columns
+        (idempotent; an older reader ignores them)."""
+        def missing():
+            have = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
+            return [c for c in _PAUSE_NOTE_COLUMNS if c.split()[0] not in have]
+
+        if not missing():
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for column in missing():        # again: another process may have added them
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
     def check_file(self) -> None:
         """Raise StateError when the file was deleted or replaced under us:
         writes to an unlinked file would look durable and be lost."""
@@ -6509,11 +6566,11 @@ class SqliteStateStore(StateStore):
             "UPDATE jobs SET cursor=?, paused=?, last_status=?, last_error=?, "
             "consecutive_errors=?, last_run_at=?, next_run_at=?, items_seen_total=?, "
             "items_dispatched_total=?, last_alert_at=?, lease_owner=?, lease_until=?, "
-            "schedule_key=?, revision=? WHERE id=?",
+            "schedule_key=?, revision=?, paused_by=?, paused_at=?, pause_note=? WHERE id=?",
             (s.cursor, int(s.paused), _storable(s.last_status), _storable(s.last_error),
              s.consecutive_errors, s.last_run_at, s.next_run_at, s.items_seen_total,
              s.items_dispatched_total, s.last_alert_at, s.lease_owner, s.lease_until,
-             s.schedule_key, s.revision, s.id))
+             s.schedule_key, s.revision, s.paused_by, s.paused_at, s.pause_note, s.id))
 
     def load(self, ids: Iterable[str] | None = None) -> dict[str, JobState]:
         rows = self.file.read_with(self._rows)
@@ -10101,7 +10158,10 @@ def _status_dict(cfg: JobConfig, state: JobState, config: DaemonConfig, running:
             "items_dispatched_total": state.items_dispatched_total + state.delivered_total
             + delivered,
             "undelivered": undelivered,
-            "running": running, "holder": holder, "policy": policy}
+            "running": running, "holder": holder, "policy": policy,
+            "pause": {"by": state.paused_by, "at": _iso(state.paused_at),
+                      "note": state.pause_note}
+            if state.paused and state.paused_at is not None else None}
 
 
 class _Job:
@@ -11737,8 +11797,8 @@ class Runner:
         return self._ticks.dry(job, job.state.cursor if cursor is _MISSING else cursor,
                                on_request)
 
-    def pause(self, job_id: str) -> None:
-        self._commands.send(job_id, "pause")
+    def pause(self, job_id: str, note: str | None = None, by: str | None = None) -> None:
+        self._commands.send(job_id, "pause", pause_command_arg(note, by))   # who, why, now
 
     def resume(self, job_id: str) -> None:
         """Put a paused job back on its schedule (a slot missed while paused runs once)."""
@@ -12590,7 +12650,7 @@ def _admin_jobs(runner: "Runner") -> list[dict]:
                    breaker_open=s["breaker_open"], running=s["running"],
                    holder=s["holder"], last_run_at=s["last_run_at"], next_run_at=s["next_run_at"],
                    schedule=schedules.get(s["id"]), undelivered=undelivered.get(s["id"], 0),
-                   plugin=plugin,
+                   pause=s["pause"], plugin=plugin,
                    plugin_state=plugins[plugin]["state"] if plugin in plugins else None,
                    plugin_output=plugins[plugin]["last_output"] if plugin in plugins else [])
         out.append(doc)
@@ -12673,7 +12733,10 @@ class _Admin:
             return False
         return hmac.compare_digest(header[7:].strip().encode(), self.token.encode())
 
-    def action(self, job_id: str, verb: str) -> tuple[int, dict]:
+    def action(self, job_id: str, verb: str, body: bytes | None = None,
+               caller: str | None = None) -> tuple[int, dict]:
+        """POST an action; ``pause`` takes ``{"note": WHY, "by": WHO}`` (both
+        optional) from ``caller`` (its address)."""
         r = self.runner
         try:
             if verb == "run":
@@ -12687,13 +12750,34 @@ class _Admin:
                 code = 409 if o.status in (TickStatus.BUSY, TickStatus.LEASED) else 400
                 return code, {"ok": False, "error": o.error or o.status.value,
                               "outcome": o.to_dict()}
-            getattr(r, verb)(job_id)
+            if verb == "pause":
+                r.pause(job_id, *self._pause_note(body, caller))
+            else:
+                getattr(r, verb)(job_id)
         except StateError as exc:
             return 503, {"ok": False, "error": f"state: {exc}"}
+        except InputError as exc:               # a pause note too long, or not a note
+            return 400, {"ok": False, "error": str(exc)}
         log.info("operator (admin API): %s %s", verb, job_id)
         if verb == "reset":
             return 200, {"ok": True, "reset": True}
         return 200, {"ok": True, "paused": verb == "pause"}
+
+    @staticmethod
+    def _pause_note(body: bytes | None, caller: str | None) -> tuple[str | None, str]:
+        """A pause's note and who paused: the API knows only the caller's
+        address (one token, no identities), so a ``by`` the caller gives is
+        kept beside it: ``alice@ops (admin API from 10.0.0.5)``."""
+        try:
+            doc = _loads(body) if body else {}
+        except (ValueError, RecursionError) as exc:
+            raise InputError(f"the body is not JSON: {exc}") from None
+        if not isinstance(doc, dict) or set(doc) - {"note", "by"} or not all(
+                isinstance(v, str) for v in doc.values()):
+            raise InputError('send {"note": "<why>", "by": "<who>"} (strings, both '
+                             'optional), or no body')
+        by = f"admin API from {caller}"
+        return doc.get("note"), f"{doc['by']} ({by})" if "by" in doc else by
 
     def cursor(self, job_id: str, body: bytes | None) -> tuple[int, dict]:
         """GET: the cursor and its history; POST ``{"set": B64}``,
@@ -12815,6 +12899,11 @@ def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> 
             err = (f"<details><summary>{e(j['last_error'][:80])}</summary>"
                    f"<pre>{e(detail)}</pre></details>")
         toggle = "resume" if j["paused"] else "pause"
+        p = j["pause"]
+        pause = "" if not p else (
+            f'<br><small class="pause">paused by {e(p["by"] or "(unknown)")}, '
+            f'<time datetime="{e(p["at"])}">{e(_relative(p["at"], now, spaced=True))}</time>'
+            + (f': {e(p["note"])}' if p["note"] else "") + "</small>")
         cursor = (f'<code title="base64 {e(j["cursor"])}">{e(j["cursor_text"])}</code>'
                   if j["cursor_text"] is not None else f'<code>{e(j["cursor"])}</code>'
                   + ("" if j["cursor"] is None else "<small> base64</small>"))
@@ -12825,7 +12914,7 @@ def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> 
             f'<td><time datetime="{e(j["last_run_at"])}">{e(_relative(j["last_run_at"], now, spaced=True, never="never"))}'
             f'</time></td><td class="st-{e(status.replace(" ", "-"))}">{e(mark)}'
             f'<br><small>last: {e(j["last_status"])}, errors in a row: '
-            f'{e(j["consecutive_errors"])}</small></td><td class="err">{err}</td>'
+            f'{e(j["consecutive_errors"])}</small>{pause}</td><td class="err">{err}</td>'
             f'<td><time datetime="{e(j["next_run_at"])}">'
             f'{e("paused" if j["paused"] else _relative(j["next_run_at"], now, spaced=True, never="never"))}</time></td>'
             f'<td>{cursor}</td><td>{e(j["undelivered"])}</td>'
@@ -13059,7 +13148,8 @@ def _http_action(req, method: str, match: re.Match, query: str) -> None:
     if not known:
         return req._json(404, {"error": f"job '{job_id}' not found"})
     try:
-        code, doc = req.server_admin.action(job_id, match["action"])
+        code, doc = req.server_admin.action(job_id, match["action"], req.body,
+                                            req.client_address[0])
     except KeyError:                        # removed meanwhile by a reload
         code, doc = 404, {"error": f"job '{job_id}' not found"}
     req._json(code, doc)
@@ -13744,15 +13834,37 @@ def _tick_local(config: DaemonConfig, args) -> int:
     return EXIT_OK if outcome.status == "ok" else EXIT_TICK_FAILED
 
 
+def _operator_name() -> str:
+    """Who the CLI says paused a job: the user it runs as, on this host."""
+    import pwd
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:                        # a uid with no passwd entry (a container)
+        user = str(os.geteuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def _pause_arg(args) -> str | None:
+    """``pause [--note TEXT]``'s command argument (who, why, now); None for
+    the other verbs.  A note too long is a usage error."""
+    if args.verb != "pause":
+        return None
+    try:
+        return pause_command_arg(args.note, _operator_name())
+    except InputError as exc:
+        raise _UsageError(f"pause --note: {exc}", EXIT_USAGE) from None
+
+
 def _command_local(config: DaemonConfig, args) -> int:
     """``pause``/``resume``/``reset JOB``: through the state, to the daemon
     holding the job when one runs."""
+    arg = _pause_arg(args)
     _refuse_if_daemon_elsewhere(args.config, config)
     verb, job = args.verb, args.job
     store = _config_state(config)
     try:
         jc = next(j for j in config.jobs if j.id == job)
-        owner, seq = store.command(job, verb, paused_on_boot=jc.paused_on_boot)
+        owner, seq = store.command(job, verb, paused_on_boot=jc.paused_on_boot, arg=arg)
         if seq is None:
             print(f"{verb} {job}: done")
             return EXIT_OK
@@ -14353,6 +14465,12 @@ def _print_status_table(out: list[dict], enabled: bool = True) -> None:
               f"{_relative(s['last_run_at'], now):<9} {s['consecutive_errors']:>4} "
               f"{s['undelivered']:>7}  {_relative(s['next_run_at'], now):<9} "
               f"{s.get('holder') or '-':<{held}} {_error_cell(s['last_error'])}")
+    for s in out:                           # who paused, when, why: until resume
+        p = s.get("pause")
+        if p:
+            print(f"{s['id']}: paused by {_log_safe(p['by'] or '(unknown)')} at {p['at']} "
+                  f"({_relative(p['at'], now)})"
+                  + (f": {_log_safe(p['note'])}" if p["note"] else ""))
 
 
 def _admin_call(url: str, method: str, path: str, token: str | None,
@@ -14483,7 +14601,11 @@ def _tick_remote(args, token: str | None) -> int:
 
 def _command_remote(args, token: str | None) -> int:
     verb, job = args.verb, args.job
-    code, doc = _admin_call(args.admin, "POST", f"/admin/pollers/{job}/{verb}", token, 600)
+    body = None if _pause_arg(args) is None else json.dumps(      # checked here first
+        {k: v for k, v in (("note", args.note), ("by", _operator_name())) if v is not None}
+    ).encode()
+    code, doc = _admin_call(args.admin, "POST", f"/admin/pollers/{job}/{verb}", token, 600,
+                            body)
     error = _admin_error(args, code, doc)
     if code == 200 and isinstance(doc, dict) and doc.get("ok"):
         print(f"{verb} {job}: done (admin API at {args.admin})")
@@ -14522,6 +14644,12 @@ def _print_next(config: DaemonConfig, job: str, n: int, as_json: bool) -> int:
 
 def _job_arg(p) -> None:
     p.add_argument("job")
+
+
+def _pause_args(p) -> None:
+    p.add_argument("job")
+    p.add_argument("--note", metavar="TEXT", help="why (kept with who and when, shown by "
+                   f"status until resume; at most {PAUSE_NOTE_MAX_CHARS} characters)")
 
 
 def _status_args(p) -> None:
@@ -14620,8 +14748,8 @@ _VERBS = {v.name: v for v in (
           "job's next fire times (--next N)", _status_args, _status_local, _status_remote),
     _Verb("tick", "tick a job now and store the outcome; --dry-run stores nothing",
           _tick_args, _tick_local, _tick_remote),
-    _Verb("pause", "pause a job (through the daemon holding it, if one runs)",
-          _job_arg, _command_local, _command_remote),
+    _Verb("pause", "pause a job (through the daemon holding it, if one runs); --note: why",
+          _pause_args, _command_local, _command_remote),
     _Verb("resume", "resume a paused job, clearing its error count",
           _job_arg, _command_local, _command_remote),
     _Verb("reset", "clear a job's cursor: its next tick starts from scratch",
