@@ -9428,9 +9428,13 @@ def _convert_nexo_config(path: str) -> tuple[str, list[str]]:
         raise ConfigError(path, [("", f"cannot read: {exc.strerror or exc}")]) from None
     try:                                    # it loads as it is (a plugin serves each kind)
         config, kinds = _config_from_bytes(data, path, yaml=True), ()
-    except ConfigError:                     # or nexo built its kinds in (gmail, rss...)
-        kinds = _named_kinds(_read_yaml(_resolve_placeholders(
-            data.decode("utf-8"), path, syntax="yaml")[0], path)[0])
+    except ConfigError as first:            # or nexo built its kinds in (gmail, rss...)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise first from None
+        kinds = _named_kinds(_read_yaml(_resolve_placeholders(text, path, syntax="yaml")[0],
+                                        path)[0])
         config = _config_from_bytes(data, path, yaml=True, extra_kinds=kinds)
     try:
         raw = _read_yaml(data.decode("utf-8"), path)[0]

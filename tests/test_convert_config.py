@@ -181,10 +181,16 @@ class ConvertConfigTest(TempDirCase):
              "jobs[0].config.ids: '${NEXO_CONVERT_LIST:-[1, 2]}' resolves to a YAML array: "
              "JSON cannot keep it as a placeholder"),
             ("f.yaml", "schema_version: 99\njobs: []\n", "schema_version: 99 is newer"),
+            ("g.yaml", b"jobs: [\xff]\n", "not UTF-8 text (byte 7)"),
         ]
         for name, text, message in cases:
             with self.subTest(name=name):
-                code, out, err = main_in_process(["convert-config", self.write(name, text)])
+                if isinstance(text, bytes):
+                    with open(os.path.join(self.dir, name), "wb") as f:
+                        f.write(text)
+                path = self.write(name, text) if isinstance(text, str) else \
+                    os.path.join(self.dir, name)
+                code, out, err = main_in_process(["convert-config", path])
                 self.assertEqual(code, 2, err)
                 self.assertEqual(out, "")
                 self.assertIn(message, err)
