@@ -152,7 +152,8 @@ __all__ = [
     # daemon
     "StateStore", "SqliteStateStore", "JetStreamStateStore", "open_state", "JobState",
     "Command", "TickStatus", "apply_command", "COMMAND_VERBS", "CursorChange",
-    "cursor_command_arg", "CURSOR_HISTORY_KEEP", "Schedule", "CronExpr", "JobConfig",
+    "cursor_command_arg", "pause_command_arg", "PAUSE_NOTE_MAX_CHARS", "CURSOR_HISTORY_KEEP",
+    "Schedule", "CronExpr", "JobConfig",
     "JobPolicy", "DaemonConfig",
     "load_config", "config_from_dict", "Runner", "TickOutcome", "TickPlan", "plan_tick",
     "next_run", "catch_up", "OutboxItem", "outbound_topic", "main",
@@ -6868,6 +6869,10 @@ class JobState:
     schedule_key: str | None = None
     revision: int = 0
     delivered_total: int = 0        # written only by the outbox, never by a commit
+    # an operator's pause (pause_command_arg): who, when (wall time), why
+    paused_by: str | None = None
+    paused_at: float | None = None
+    pause_note: str | None = None
 
     def replace(self, **changes) -> "JobState":
         # A tick makes several copies of its job's state: copying the fields
@@ -6890,6 +6895,24 @@ def cursor_command_arg(cursor: bytes | None, source: str) -> str:
     """The argument of a ``cursor`` command: the new cursor and why (for the history)."""
     return json.dumps({"cursor": None if cursor is None else encode_cursor(cursor),
                        "source": source})
+
+
+PAUSE_NOTE_MAX_CHARS = 500     # the longest note a pause keeps (and its "by": 200)
+_PAUSED_BY_MAX_CHARS = 200
+
+
+def pause_command_arg(note: str | None, by: str | None, at: float | None = None) -> str:
+    """The argument of a ``pause`` command: why (``note``), who (``by``) and
+    when (``at``, wall time; default now).  Raises ``InputError`` for a note
+    over ``PAUSE_NOTE_MAX_CHARS`` characters or a ``by`` over 200."""
+    for what, value, limit in (("note", note, PAUSE_NOTE_MAX_CHARS),
+                               ("by", by, _PAUSED_BY_MAX_CHARS)):
+        if value is not None and not isinstance(value, str):
+            raise InputError(f"a pause {what} must be a string, got {_json_type(value)}")
+        if value is not None and len(value) > limit:
+            raise InputError(f"a pause {what} is {len(value)} characters; at most {limit} "
+                             "characters")
+    return json.dumps({"note": note, "by": by, "at": time.time() if at is None else at})
 
 
 def _command_source(verb: str, arg: str | None) -> str:
@@ -6916,9 +6939,18 @@ def apply_command(state: JobState, verb: str, arg: str | None = None) -> JobStat
         except (ValueError, TypeError, KeyError, PluginPollerForwardError) as exc:
             raise InputError(f"bad cursor command argument: {exc}") from None
     if verb == "pause":
-        return state.replace(paused=True)
+        if arg is None:
+            return state.replace(paused=True)
+        try:
+            doc = json.loads(arg)
+            pause_command_arg(doc["note"], doc["by"], float(doc["at"]))   # bounded
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InputError(f"bad pause command argument: {exc}") from None
+        return state.replace(paused=True, pause_note=doc["note"], paused_by=doc["by"],
+                             paused_at=float(doc["at"]))
     if verb == "resume":
-        return state.replace(paused=False, consecutive_errors=0)
+        return state.replace(paused=False, consecutive_errors=0, pause_note=None,
+                             paused_by=None, paused_at=None)
     if verb == "reset":
         return state.replace(cursor=None)
     if verb == "tick":
@@ -7366,6 +7398,8 @@ CREATE TABLE IF NOT EXISTS cursor_history (
     source TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS cursor_history_by_job ON cursor_history (job, n);"""
+# Who paused a job, when, why (JobState.paused_by...): added to older files in place.
+_PAUSE_NOTE_COLUMNS = ("paused_by TEXT", "paused_at REAL", "pause_note TEXT")
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE jobs (
@@ -7384,7 +7418,8 @@ CREATE TABLE jobs (
     lease_until REAL,
     schedule_key TEXT,
     revision INTEGER NOT NULL DEFAULT 0,
-    delivered_total INTEGER NOT NULL DEFAULT 0
+    delivered_total INTEGER NOT NULL DEFAULT 0,
+    {pause_note_columns}
 );
 CREATE TABLE commands (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -7399,7 +7434,8 @@ CREATE TABLE daemons (
     started_at REAL NOT NULL,
     running TEXT NOT NULL DEFAULT '[]'
 );
-""" + _OUTBOX_SCHEMA + _CURSOR_HISTORY_SCHEMA
+""".replace("{pause_note_columns}", ",\n    ".join(_PAUSE_NOTE_COLUMNS)) \
+    + _OUTBOX_SCHEMA + _CURSOR_HISTORY_SCHEMA
 # What version 1 lacks; applied in place when a daemon opens an old file.
 _MIGRATE_1_TO_2 = """
 ALTER TABLE jobs ADD COLUMN schedule_key TEXT;
@@ -7580,6 +7616,8 @@ class _SqliteFile:
                                  f"version {STATE_SCHEMA_VERSION})")
             if not self.readonly and version == "2" and "cursor_history" not in tables:
                 self._add_cursor_history(db)        # a version 2 file from before it
+            if not self.readonly and version == "2":
+                self._add_pause_notes(db)           # one from before pause notes
             if not self.readonly:
                 # Only now that the file is known to be ours may its journal change.
                 db.execute("PRAGMA journal_mode=WAL")
@@ -7716,6 +7754,25 @@ class _SqliteFile:
             db.execute("ROLLBACK")
             raise
 
+    @staticmethod
+    def _add_pause_notes(db) -> None:
+        """Give a version 2 file made before pause notes their columns
+        (idempotent; an older reader ignores them)."""
+        def missing():
+            have = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
+            return [c for c in _PAUSE_NOTE_COLUMNS if c.split()[0] not in have]
+
+        if not missing():
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for column in missing():        # again: another process may have added them
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
     def check_file(self) -> None:
         """Raise StateError when the file was deleted or replaced under us:
         writes to an unlinked file would look durable and be lost."""
@@ -7830,11 +7887,11 @@ class SqliteStateStore(StateStore):
             "UPDATE jobs SET cursor=?, paused=?, last_status=?, last_error=?, "
             "consecutive_errors=?, last_run_at=?, next_run_at=?, items_seen_total=?, "
             "items_dispatched_total=?, last_alert_at=?, lease_owner=?, lease_until=?, "
-            "schedule_key=?, revision=? WHERE id=?",
+            "schedule_key=?, revision=?, paused_by=?, paused_at=?, pause_note=? WHERE id=?",
             (s.cursor, int(s.paused), _storable(s.last_status), _storable(s.last_error),
              s.consecutive_errors, s.last_run_at, s.next_run_at, s.items_seen_total,
              s.items_dispatched_total, s.last_alert_at, s.lease_owner, s.lease_until,
-             s.schedule_key, s.revision, s.id))
+             s.schedule_key, s.revision, s.paused_by, s.paused_at, s.pause_note, s.id))
 
     def load(self, ids: Iterable[str] | None = None) -> dict[str, JobState]:
         rows = self.file.read_with(self._rows)
@@ -9417,7 +9474,7 @@ def open_state(location: str, *, readonly: bool = False, owner: str | None = Non
 # When a job runs next: every N seconds, a cron expression (5 or 6 fields,
 # in a time zone; or nexo's dialect), or once at an instant.  Pure functions
 # of a given time.
-# Shares: _CRON_DIALECTS, _parse_instant
+# Shares: _CRON_DIALECTS, _fire_times, _nexo_cron_as_vixie, _parse_instant
 # ============================================================================
 
 _MONTHS = {m: i for i, m in enumerate(
@@ -9609,6 +9666,61 @@ class CronExpr:
         return None
 
 
+def _nexo_cron_as_vixie(expr: CronExpr) -> tuple[str | None, str]:
+    """A nexo cron rewritten as the Vixie cron that fires at the same times
+    (as ``CronExpr`` reads Vixie: 5 fields, or 6 with seconds first), and
+    why each field changed; or None and why no Vixie cron can (a year, or
+    day of month AND day of week both restricted: Vixie fires on either).
+    A field that means the same in Vixie is kept as written."""
+    text = expr.text.strip()
+    if text.startswith("@"):                # nexo's aliases mean the same (@weekly: Sunday)
+        return text, ""
+    parts, why = text.split(), []
+    if len(parts) == 7:
+        if expr.years != list(range(1970, 2101)):
+            return None, f"its year field {parts[6]!r} (Vixie cron has none)"
+        parts = parts[:6]
+        why.append("the year field '*' dropped")
+    dom_any = expr.dom_any or expr.days == list(range(1, 32))
+    dow_any = expr.dow_any or len(expr.dows) == 7
+    if not (dom_any or dow_any):
+        return None, ("day of month AND day of week both restricted (nexo fires when both "
+                      "match, Vixie when either does)")
+    wanted = (expr.seconds, expr.minutes, expr.hours, expr.days, expr.months,
+              sorted(expr.dows))
+    out = []
+    for i, (part, (name, low, high, names)) in enumerate(zip(parts, _CRON_FIELDS)):
+        if (i == 3 and dom_any) or (i == 5 and dow_any):
+            new = "*"                       # Vixie's "any" is the literal *
+        else:
+            try:
+                values = CronExpr._field(part, name, low, high, names)
+            except InputError:
+                values = None
+            if i == 5 and values is not None:
+                values = {v % 7 for v in values}
+            new = part if values == set(wanted[i]) else _cron_list(wanted[i])
+        if new != part:
+            why.append(f"{name} {part!r} is {new!r}" + (
+                " (nexo counts 1 = Sunday, Vixie 0)" if i == 5 and new != "*" else ""))
+        out.append(new)
+    if out[0] == "0":
+        out = out[1:]
+        why.append("seconds '0' is Vixie's 5-field form")
+    return " ".join(out), "; ".join(why)
+
+
+def _cron_list(values) -> str:
+    """Numbers as a cron list, runs written as ranges: ``1-5,7``."""
+    runs: list[list[int]] = []
+    for v in sorted(values):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 _MAX_MONTH_DAYS = {1: 31, 2: 29, 3: 31, 4: 30, 5: 31, 6: 30, 7: 31, 8: 31, 9: 30,
                    10: 31, 11: 30, 12: 31}
 
@@ -9698,6 +9810,20 @@ class Schedule:
                     slots.append(at)
                 at = self.next_after(at, at)
         return slots
+
+
+def _fire_times(schedule: Schedule, start: float, n: int) -> list[float]:
+    """The first ``n`` slots of a job that never ran, from ``start`` (fewer
+    when its schedule fires no more)."""
+    times: list[float] = []
+    at = start
+    while len(times) < n:
+        nxt = schedule.first_after(at) if not times else schedule.next_after(at, at)
+        if nxt is None:
+            break
+        times.append(nxt)
+        at = nxt
+    return times
 
 
 # ============================================================================
@@ -10217,8 +10343,8 @@ def _read_yaml(text: str, source: str) -> tuple[Any, dict[tuple, tuple[int, int]
 # Config
 # ``pollers.json`` read and checked as a whole before anything starts: every
 # problem is reported at once, each with its JSON path.
-# Shares: _config_state, _hide_secrets, _host_name, _JOB_POLICY_KEYS, _jitter_ms,
-#   _redact_url
+# Shares: _config_state, _convert_nexo_config, _hide_secrets, _host_name,
+#   _JOB_POLICY_KEYS, _jitter_ms, _redact_url
 # ============================================================================
 
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
@@ -10248,7 +10374,7 @@ _JOB_POLICY_KEYS = {
     "catchup_window_secs": ("catchup_window_secs", 0, 86400 * 3660, False),
 }
 _JOB_KEYS = {"id", "kind", "agent", "schedule", "config", "failure_to",
-             "paused_on_boot", "extra"} | set(_JOB_POLICY_KEYS)
+             "paused_on_boot", "repause_on_boot", "extra"} | set(_JOB_POLICY_KEYS)
 _SCHEDULE_KEYS = {"every_secs", "cron", "tz", "at", "stagger_jitter_ms"}
 
 
@@ -10262,8 +10388,9 @@ class JobConfig:
     config: Any = dataclasses.field(default_factory=dict)
     failure_to: dict | None = None
     paused_on_boot: bool = False
-    # nexo's files (cron_dialect "nexo"): paused_on_boot pauses the job again
-    # at every start, as nexo does; pollers.json: only a new job starts paused
+    # the file's repause_on_boot, by default true for paused_on_boot in nexo's
+    # files (cron_dialect "nexo"): pause the job again at every start, as nexo
+    # does; else only a new job starts paused
     repause_on_boot: bool = False
     raw: dict = dataclasses.field(default_factory=dict, repr=False)
     # nexo's free map for modules, not the runner: kept, passed to nothing
@@ -10586,16 +10713,25 @@ def load_config(path: str | os.PathLike, *, extra_kinds: Iterable[str] = (),
     start (``validate``).
     """
     path = os.path.abspath(os.fspath(path))
-    yaml = path.lower().endswith((".yaml", ".yml"))
     try:
         with open(path, "rb") as fh:
-            text = fh.read().decode("utf-8")
+            data = fh.read()
+    except OSError as exc:
+        raise ConfigError(path, [("", f"cannot read: {exc.strerror or exc}")]) from None
+    return _config_from_bytes(data, path, yaml=path.lower().endswith((".yaml", ".yml")),
+                              extra_kinds=extra_kinds, check_entrypoints=check_entrypoints)
+
+
+def _config_from_bytes(data: bytes, path: str, *, yaml: bool, extra_kinds: Iterable[str] = (),
+                       check_entrypoints: bool = False) -> DaemonConfig:
+    """``load_config`` of a file's bytes, read from ``path`` (its relative paths
+    are relative to its folder)."""
+    try:
+        text = data.decode("utf-8")
         text, secrets = _resolve_placeholders(text, path, syntax="yaml" if yaml else "json")
         doc = None if yaml else json.loads(text, object_pairs_hook=_no_duplicate_keys,
                                            parse_constant=_reject_constant,
                                            parse_float=_finite_float)
-    except OSError as exc:
-        raise ConfigError(path, [("", f"cannot read: {exc.strerror or exc}")]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(path, [("", f"not UTF-8 text (byte {exc.start})")]) from None
     except json.JSONDecodeError as exc:
@@ -10646,6 +10782,190 @@ def _config_from_yaml(text: str, path: str, **options: Any) -> DaemonConfig:
             at, _, rest = where_at.partition(": ")
             raise ConfigError(f"{path}:{at}", [(rest, message)]) from None
         raise ConfigError(path, located) from None
+
+
+# What _convert_nexo_config compares between the YAML and the JSON it writes:
+# this many next fire times of each job, from now, before nexo's last year
+# (its cron fires no more after 2100; Vixie's goes on).
+_CONVERT_CHECK_FIRES = 50
+_NEXO_CRON_END = datetime(2101, 1, 1, tzinfo=timezone.utc).timestamp()
+
+
+def _convert_nexo_config(path: str) -> tuple[str, list[str]]:
+    """``convert-config``: nexo's YAML config at ``path`` as the pollers.json
+    that reads the same, and one line per change (job, key, before -> after,
+    why) and per note.  Converted from the file's text as written, so every
+    ${...} placeholder stays one (a value never appears); the YAML is loaded
+    (placeholders resolved) and so is the result, and both must give the
+    same jobs and fire times.  Raises ``ConfigError``."""
+    path = os.path.abspath(path)
+    if not path.lower().endswith((".yaml", ".yml")):
+        raise ConfigError(path, [("", "convert-config reads a nexo YAML config (.yaml or "
+                                      ".yml); this is not one")])
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ConfigError(path, [("", f"cannot read: {exc.strerror or exc}")]) from None
+    try:                                    # it loads as it is (a plugin serves each kind)
+        config, kinds = _config_from_bytes(data, path, yaml=True), ()
+    except ConfigError as first:            # or nexo built its kinds in (gmail, rss...)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise first from None
+        kinds = _named_kinds(_read_yaml(_resolve_placeholders(text, path, syntax="yaml")[0],
+                                        path)[0])
+        config = _config_from_bytes(data, path, yaml=True, extra_kinds=kinds)
+    try:
+        raw = _read_yaml(data.decode("utf-8"), path)[0]
+        resolved = _read_yaml(_resolve_placeholders(data.decode("utf-8"), path,
+                                                    syntax="yaml")[0], path)[0]
+    except ConfigError as exc:
+        raise ConfigError(path, [("", f"its placeholders cannot be kept as written: {exc}")]
+                          ) from None
+    tokens: dict[str, str] = {}
+    doc = _unquoted_placeholders(raw, resolved, "", tokens, path)
+    changes = [f"note: job {jc.id}: kind {jc.kind!r}: no plugin in this file serves it "
+               "(nexo built it in): list one under \"plugins\" before running the job"
+               for jc in config.jobs if jc.kind in kinds]
+    out = _converted_doc(doc, config)
+    changes = out.pop(None) + changes
+    text = json.dumps(out, indent=2, ensure_ascii=False)
+    for marker, token in tokens.items():
+        text = text.replace(json.dumps(marker), token)
+    target = os.path.join(os.path.dirname(path), "pollers.json")
+    converted = _config_from_bytes(text.encode("utf-8"), target, yaml=False, extra_kinds=kinds)
+    problem = _reads_differently(config, converted)
+    if problem:
+        raise ConfigError(path, [("", f"the converted pollers.json would read differently "
+                                      f"({problem}); nothing written")])
+    return text + "\n", changes
+
+
+def _named_kinds(doc: Any) -> tuple[str, ...]:
+    """The kinds a parsed config's jobs name that nothing built in serves."""
+    top = doc.get("pollers", doc) if isinstance(doc, dict) else None
+    jobs = top.get("jobs") if isinstance(top, dict) else None
+    return tuple(sorted({j["kind"] for j in jobs if isinstance(j, dict) and isinstance(
+        j.get("kind"), str) and j["kind"] not in BUILTIN_KINDS})) if isinstance(jobs, list) else ()
+
+
+def _unquoted_placeholders(raw: Any, resolved: Any, at: str, tokens: dict[str, str],
+                           path: str) -> Any:
+    """``raw`` (the YAML as written) with each placeholder that stands for a
+    number, boolean or null (``breaker_threshold: ${N}``) replaced by a
+    marker that ``tokens`` maps to the placeholder, unquoted in JSON."""
+    if isinstance(raw, dict) and isinstance(resolved, dict):
+        return {k: _unquoted_placeholders(v, resolved.get(k), f"{at}.{k}".lstrip("."),
+                                          tokens, path) for k, v in raw.items()}
+    if isinstance(raw, list) and isinstance(resolved, list) and len(raw) == len(resolved):
+        return [_unquoted_placeholders(v, r, f"{at}[{i}]", tokens, path)
+                for i, (v, r) in enumerate(zip(raw, resolved))]
+    if not isinstance(raw, str) or "${" not in raw or isinstance(resolved, str):
+        return raw
+    if isinstance(resolved, (dict, list)) or not re.fullmatch(r"\$\{[^{}]*\}", raw):
+        raise ConfigError(path, [(at, f"{raw!r} resolves to a YAML {_json_type(resolved)}"
+                                      ": JSON cannot keep it as a placeholder "
+                                      "(write the value, or a placeholder for a string)")])
+    marker = f"\0placeholder {len(tokens)}\0"
+    tokens[marker] = raw
+    return marker
+
+
+def _converted_doc(doc: Any, config: DaemonConfig) -> dict:
+    """The pollers.json of nexo's parsed YAML ``doc`` (placeholders as written),
+    loaded as ``config``; under the key None, the lines saying what changed."""
+    said: list[str] = []
+
+    def change(job: str | None, key: str, before: Any, after: Any, why: str) -> None:
+        show = lambda v: v if isinstance(v, _Shown) else json.dumps(v, ensure_ascii=False)  # noqa
+        said.append(f"{'job ' + job if job else 'file'}: {key}: {show(before)} → "
+                    f"{show(after)}: {why}")
+
+    gone = _Shown("(removed)")
+    if "schema_version" in doc:
+        change(None, "schema_version", doc["schema_version"], gone,
+               "nexo's config version; pollers.json has none")
+    if "pollers" in doc:
+        change(None, "pollers", _Shown("{...}"), gone, "its keys are pollers.json's top level")
+    top = dict(doc.get("pollers", {k: v for k, v in doc.items() if k != "schema_version"}))
+    jobs = [dict(j, schedule=dict(j["schedule"])) for j in top.get("jobs", [])]
+    # cron: nexo's dialect rewritten as Vixie when every cron has a Vixie twin;
+    # else the file keeps nexo's dialect and every cron as written
+    if config.cron_dialect == "nexo":
+        rewritten, kept, crons = {}, None, False
+        for raw, jc in zip(jobs, config.jobs):
+            cron = raw["schedule"].get("cron")
+            if cron is None:
+                continue
+            crons = True
+            if raw["schedule"].get("tz") not in (None, "UTC", "Etc/UTC"):
+                said.append(f"note: job {jc.id}: schedule.tz {raw['schedule']['tz']!r} kept: "
+                            "nexo ignored it (ran in UTC), nexo-poller honours it in both "
+                            "files (drop it to fire as nexo did)")
+            vixie, why = (None, "it is a placeholder (its value is not known until it "
+                                "loads)") if "${" in cron else _nexo_cron_as_vixie(
+                jc.schedule.cron)
+            if vixie is None:
+                kept = kept or f"job {jc.id}'s cron {cron!r} has no Vixie equivalent: {why}"
+            elif vixie != cron:
+                rewritten[jc.id] = (vixie, why)
+        before = top.pop("cron_dialect", _Shown("(none: nexo, a YAML file's default)"))
+        if kept:
+            change(None, "cron_dialect", before, "nexo", f"kept, so every cron fires as in "
+                   f"nexo ({kept}); every cron is left as written")
+            jobs_at = list(top).index("jobs") if "jobs" in top else len(top)
+            top = dict([*list(top.items())[:jobs_at], ("cron_dialect", "nexo"),
+                        *list(top.items())[jobs_at:]])
+        elif crons or before == "nexo":
+            change(None, "cron_dialect", before, _Shown("(none: vixie, pollers.json's "
+                                                         "default)"),
+                   "the crons below are rewritten to fire at the same times")
+            for raw, jc in zip(jobs, config.jobs):
+                if jc.id in rewritten:
+                    vixie, why = rewritten[jc.id]
+                    change(jc.id, "schedule.cron", raw["schedule"]["cron"], vixie, why)
+                    raw["schedule"]["cron"] = vixie
+    for raw, jc in zip(jobs, config.jobs):
+        if jc.repause_on_boot and "repause_on_boot" not in raw:
+            change(jc.id, "repause_on_boot", _Shown("(none)"), True, "nexo pauses a paused_on_boot "
+                   "job again at every start; in pollers.json only with this key")
+            at = list(raw).index("paused_on_boot") + 1
+            items = list(raw.items())
+            raw.clear()
+            raw.update(items[:at] + [("repause_on_boot", True)] + items[at:])
+    if "jobs" in top:
+        top["jobs"] = jobs
+    top[None] = said
+    return top
+
+
+class _Shown(str):
+    """A value a change line shows as it is, not as JSON."""
+
+
+def _reads_differently(a: DaemonConfig, b: DaemonConfig) -> str | None:
+    """What differs between two loaded configurations (cron by fire times,
+    not text), or None."""
+    for key in _TOP_DEFAULTS:
+        if key not in ("jobs", "plugins", "cron_dialect") and getattr(a, key) != getattr(b, key):
+            return key
+    if [h.plugin_id for h in a.plugins] != [h.plugin_id for h in b.plugins]:
+        return "plugins"
+    if len(a.jobs) != len(b.jobs):
+        return "jobs"
+    now = time.time()
+    for x, y in zip(a.jobs, b.jobs):
+        plain = [dataclasses.replace(j, raw={}, schedule=dataclasses.replace(
+            j.schedule, cron=None)) for j in (x, y)]
+        if plain[0] != plain[1]:
+            return f"job {x.id}"
+        fires = [[t for t in _fire_times(j.schedule, now, _CONVERT_CHECK_FIRES)
+                  if t < _NEXO_CRON_END] for j in (x, y)]
+        if fires[0] != fires[1]:
+            return f"job {x.id}'s fire times"
+    return None
 
 
 def _no_duplicate_keys(pairs):
@@ -10940,6 +11260,11 @@ def _job_from_dict(raw: Any, where: str, probs: _Problems, owners: PluginPollerR
     _check_type(probs, f"{where}.extra", raw.get("extra", {}), dict, "an object")
     paused = raw.get("paused_on_boot", False)
     _check_type(probs, f"{where}.paused_on_boot", paused, bool, "true or false")
+    repause = raw.get("repause_on_boot", paused is True and cron_dialect == "nexo")
+    if _check_type(probs, f"{where}.repause_on_boot", repause, bool, "true or false") \
+            and repause and paused is not True:
+        probs.add(f"{where}.repause_on_boot", "needs paused_on_boot: true (it makes "
+                                              "paused_on_boot pause the job at every start)")
     schedule = _schedule_from_dict(raw.get("schedule"), f"{where}.schedule", probs,
                                    cron_dialect)
     overrides = {}
@@ -10955,7 +11280,7 @@ def _job_from_dict(raw: Any, where: str, probs: _Problems, owners: PluginPollerR
     if "jitter_ms" in overrides:            # one setting: the schedule's jitter
         schedule.stagger_jitter_ms = overrides.pop("jitter_ms")
     return JobConfig(job_id, kind, agent, schedule, raw.get("config", {}), failure_to,
-                     paused, repause_on_boot=paused and cron_dialect == "nexo", raw=raw,
+                     paused, repause_on_boot=repause, raw=raw,
                      extra=raw.get("extra", {}), overrides=overrides)
 
 
@@ -11281,7 +11606,10 @@ def _status_dict(cfg: JobConfig, state: JobState, config: DaemonConfig, running:
             "items_dispatched_total": state.items_dispatched_total + state.delivered_total
             + delivered,
             "undelivered": undelivered,
-            "running": running, "holder": holder, "policy": policy}
+            "running": running, "holder": holder, "policy": policy,
+            "pause": {"by": state.paused_by, "at": _iso(state.paused_at),
+                      "note": state.pause_note}
+            if state.paused and state.paused_at is not None else None}
 
 
 class _Job:
@@ -12947,8 +13275,8 @@ class Runner:
         return self._ticks.dry(job, job.state.cursor if cursor is _MISSING else cursor,
                                on_request)
 
-    def pause(self, job_id: str) -> None:
-        self._commands.send(job_id, "pause")
+    def pause(self, job_id: str, note: str | None = None, by: str | None = None) -> None:
+        self._commands.send(job_id, "pause", pause_command_arg(note, by))   # who, why, now
 
     def resume(self, job_id: str) -> None:
         """Put a paused job back on its schedule (a slot missed while paused runs once)."""
@@ -13766,7 +14094,7 @@ def _admin_jobs(runner: "Runner") -> list[dict]:
                    breaker_open=s["breaker_open"], running=s["running"],
                    holder=s["holder"], last_run_at=s["last_run_at"], next_run_at=s["next_run_at"],
                    schedule=schedules.get(s["id"]), undelivered=undelivered.get(s["id"], 0),
-                   plugin=plugin,
+                   pause=s["pause"], plugin=plugin,
                    plugin_state=plugins[plugin]["state"] if plugin in plugins else None,
                    plugin_output=plugins[plugin]["last_output"] if plugin in plugins else [])
         out.append(doc)
@@ -13849,7 +14177,10 @@ class _Admin:
             return False
         return hmac.compare_digest(header[7:].strip().encode(), self.token.encode())
 
-    def action(self, job_id: str, verb: str) -> tuple[int, dict]:
+    def action(self, job_id: str, verb: str, body: bytes | None = None,
+               caller: str | None = None) -> tuple[int, dict]:
+        """POST an action; ``pause`` takes ``{"note": WHY, "by": WHO}`` (both
+        optional) from ``caller`` (its address)."""
         r = self.runner
         try:
             if verb == "run":
@@ -13863,13 +14194,34 @@ class _Admin:
                 code = 409 if o.status in (TickStatus.BUSY, TickStatus.LEASED) else 400
                 return code, {"ok": False, "error": o.error or o.status.value,
                               "outcome": o.to_dict()}
-            getattr(r, verb)(job_id)
+            if verb == "pause":
+                r.pause(job_id, *self._pause_note(body, caller))
+            else:
+                getattr(r, verb)(job_id)
         except StateError as exc:
             return 503, {"ok": False, "error": f"state: {exc}"}
+        except InputError as exc:               # a pause note too long, or not a note
+            return 400, {"ok": False, "error": str(exc)}
         log.info("operator (admin API): %s %s", verb, job_id)
         if verb == "reset":
             return 200, {"ok": True, "reset": True}
         return 200, {"ok": True, "paused": verb == "pause"}
+
+    @staticmethod
+    def _pause_note(body: bytes | None, caller: str | None) -> tuple[str | None, str]:
+        """A pause's note and who paused: the API knows only the caller's
+        address (one token, no identities), so a ``by`` the caller gives is
+        kept beside it: ``alice@ops (admin API from 10.0.0.5)``."""
+        try:
+            doc = _loads(body) if body else {}
+        except (ValueError, RecursionError) as exc:
+            raise InputError(f"the body is not JSON: {exc}") from None
+        if not isinstance(doc, dict) or set(doc) - {"note", "by"} or not all(
+                isinstance(v, str) for v in doc.values()):
+            raise InputError('send {"note": "<why>", "by": "<who>"} (strings, both '
+                             'optional), or no body')
+        by = f"admin API from {caller}"
+        return doc.get("note"), f"{doc['by']} ({by})" if "by" in doc else by
 
     def cursor(self, job_id: str, body: bytes | None) -> tuple[int, dict]:
         """GET: the cursor and its history; POST ``{"set": B64}``,
@@ -13991,6 +14343,11 @@ def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> 
             err = (f"<details><summary>{e(j['last_error'][:80])}</summary>"
                    f"<pre>{e(detail)}</pre></details>")
         toggle = "resume" if j["paused"] else "pause"
+        p = j["pause"]
+        pause = "" if not p else (
+            f'<br><small class="pause">paused by {e(p["by"] or "(unknown)")}, '
+            f'<time datetime="{e(p["at"])}">{e(_relative(p["at"], now, spaced=True))}</time>'
+            + (f': {e(p["note"])}' if p["note"] else "") + "</small>")
         cursor = (f'<code title="base64 {e(j["cursor"])}">{e(j["cursor_text"])}</code>'
                   if j["cursor_text"] is not None else f'<code>{e(j["cursor"])}</code>'
                   + ("" if j["cursor"] is None else "<small> base64</small>"))
@@ -14001,7 +14358,7 @@ def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> 
             f'<td><time datetime="{e(j["last_run_at"])}">{e(_relative(j["last_run_at"], now, spaced=True, never="never"))}'
             f'</time></td><td class="st-{e(status.replace(" ", "-"))}">{e(mark)}'
             f'<br><small>last: {e(j["last_status"])}, errors in a row: '
-            f'{e(j["consecutive_errors"])}</small></td><td class="err">{err}</td>'
+            f'{e(j["consecutive_errors"])}</small>{pause}</td><td class="err">{err}</td>'
             f'<td><time datetime="{e(j["next_run_at"])}">'
             f'{e("paused" if j["paused"] else _relative(j["next_run_at"], now, spaced=True, never="never"))}</time></td>'
             f'<td>{cursor}</td><td>{e(j["undelivered"])}</td>'
@@ -14235,7 +14592,8 @@ def _http_action(req, method: str, match: re.Match, query: str) -> None:
     if not known:
         return req._json(404, {"error": f"job '{job_id}' not found"})
     try:
-        code, doc = req.server_admin.action(job_id, match["action"])
+        code, doc = req.server_admin.action(job_id, match["action"], req.body,
+                                            req.client_address[0])
     except KeyError:                        # removed meanwhile by a reload
         code, doc = 404, {"error": f"job '{job_id}' not found"}
     req._json(code, doc)
@@ -14803,6 +15161,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run_verb(verb: "_Verb", args) -> int:
     """A verb on the configuration (no ``--admin``): load it, check the job
     named, run the verb's local implementation."""
+    if verb.reads_file:
+        return verb.local(None, args)
     config = load_config(args.config, check_entrypoints=verb.name == "validate")
     job_ids = {j.id for j in config.jobs}
     job = getattr(args, "job", None)
@@ -14918,15 +15278,37 @@ def _tick_local(config: DaemonConfig, args) -> int:
     return EXIT_OK if outcome.status == "ok" else EXIT_TICK_FAILED
 
 
+def _operator_name() -> str:
+    """Who the CLI says paused a job: the user it runs as, on this host."""
+    import pwd
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:                        # a uid with no passwd entry (a container)
+        user = str(os.geteuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def _pause_arg(args) -> str | None:
+    """``pause [--note TEXT]``'s command argument (who, why, now); None for
+    the other verbs.  A note too long is a usage error."""
+    if args.verb != "pause":
+        return None
+    try:
+        return pause_command_arg(args.note, _operator_name())
+    except InputError as exc:
+        raise _UsageError(f"pause --note: {exc}", EXIT_USAGE) from None
+
+
 def _command_local(config: DaemonConfig, args) -> int:
     """``pause``/``resume``/``reset JOB``: through the state, to the daemon
     holding the job when one runs."""
+    arg = _pause_arg(args)
     _refuse_if_daemon_elsewhere(args.config, config)
     verb, job = args.verb, args.job
     store = _config_state(config)
     try:
         jc = next(j for j in config.jobs if j.id == job)
-        owner, seq = store.command(job, verb, paused_on_boot=jc.paused_on_boot)
+        owner, seq = store.command(job, verb, paused_on_boot=jc.paused_on_boot, arg=arg)
         if seq is None:
             print(f"{verb} {job}: done")
             return EXIT_OK
@@ -15629,6 +16011,12 @@ def _print_status_table(out: list[dict], enabled: bool = True) -> None:
               f"{_relative(s['last_run_at'], now):<9} {s['consecutive_errors']:>4} "
               f"{s['undelivered']:>7}  {_relative(s['next_run_at'], now):<9} "
               f"{s.get('holder') or '-':<{held}} {_error_cell(s['last_error'])}")
+    for s in out:                           # who paused, when, why: until resume
+        p = s.get("pause")
+        if p:
+            print(f"{s['id']}: paused by {_log_safe(p['by'] or '(unknown)')} at {p['at']} "
+                  f"({_relative(p['at'], now)})"
+                  + (f": {_log_safe(p['note'])}" if p["note"] else ""))
 
 
 def _admin_call(url: str, method: str, path: str, token: str | None,
@@ -15759,7 +16147,11 @@ def _tick_remote(args, token: str | None) -> int:
 
 def _command_remote(args, token: str | None) -> int:
     verb, job = args.verb, args.job
-    code, doc = _admin_call(args.admin, "POST", f"/admin/pollers/{job}/{verb}", token, 600)
+    body = None if _pause_arg(args) is None else json.dumps(      # checked here first
+        {k: v for k, v in (("note", args.note), ("by", _operator_name())) if v is not None}
+    ).encode()
+    code, doc = _admin_call(args.admin, "POST", f"/admin/pollers/{job}/{verb}", token, 600,
+                            body)
     error = _admin_error(args, code, doc)
     if code == 200 and isinstance(doc, dict) and doc.get("ok"):
         print(f"{verb} {job}: done (admin API at {args.admin})")
@@ -15782,13 +16174,8 @@ def _error_cell(error: str | None) -> str:
 def _print_next(config: DaemonConfig, job: str, n: int, as_json: bool) -> int:
     """``status JOB --next N``: the next N fire times of a job's schedule."""
     jc = next(j for j in config.jobs if j.id == job)
-    now, times, at = time.time(), [], time.time()
-    for _ in range(n):
-        nxt = jc.schedule.first_after(at) if not times else jc.schedule.next_after(at, at)
-        if nxt is None:
-            break
-        times.append(nxt)
-        at = nxt
+    now = time.time()
+    times = _fire_times(jc.schedule, now, n)
     if as_json:
         print(json.dumps([_iso(t) for t in times]))
         return EXIT_OK
@@ -15803,6 +16190,12 @@ def _print_next(config: DaemonConfig, job: str, n: int, as_json: bool) -> int:
 
 def _job_arg(p) -> None:
     p.add_argument("job")
+
+
+def _pause_args(p) -> None:
+    p.add_argument("job")
+    p.add_argument("--note", metavar="TEXT", help="why (kept with who and when, shown by "
+                   f"status until resume; at most {PAUSE_NOTE_MAX_CHARS} characters)")
 
 
 def _status_args(p) -> None:
@@ -15878,6 +16271,27 @@ class _Verb:
     args: Callable[[Any], None]
     local: Callable[[DaemonConfig, Any], int]
     remote: Callable[[Any, str | None], int] | None = None
+    reads_file: bool = False        # local gets no config: it reads --config itself
+
+
+def _convert_config(_config: None, args) -> int:
+    """``convert-config FILE``: nexo's YAML config as pollers.json on stdout,
+    each change on stderr."""
+    text, changes = _convert_nexo_config(args.config)
+    for line in changes:
+        print(f"convert-config: {line}", file=sys.stderr)
+    out = getattr(sys.stdout, "buffer", None)       # UTF-8 whatever the locale
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        sys.stdout.flush()
+        out.write(text.encode("utf-8"))
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def _convert_args(p) -> None:
+    p.add_argument("config", metavar="FILE", help="nexo's pollers.yaml (what --config names)")
 
 
 _VERBS = {v.name: v for v in (
@@ -15890,8 +16304,8 @@ _VERBS = {v.name: v for v in (
           "job's next fire times (--next N)", _status_args, _status_local, _status_remote),
     _Verb("tick", "tick a job now and store the outcome; --dry-run stores nothing",
           _tick_args, _tick_local, _tick_remote),
-    _Verb("pause", "pause a job (through the daemon holding it, if one runs)",
-          _job_arg, _command_local, _command_remote),
+    _Verb("pause", "pause a job (through the daemon holding it, if one runs); --note: why",
+          _pause_args, _command_local, _command_remote),
     _Verb("resume", "resume a paused job, clearing its error count",
           _job_arg, _command_local, _command_remote),
     _Verb("reset", "clear a job's cursor: its next tick starts from scratch",
@@ -15907,6 +16321,9 @@ _VERBS = {v.name: v for v in (
           "counters, outbox) into another state, of either backend, or import a stopped "
           "nexo daemon's poller.db (--from-nexo); jobs already there are left alone",
           _migrate_args, _migrate_state),
+    _Verb("convert-config", "print nexo's pollers.yaml as the pollers.json that fires the "
+          "same (cron as Vixie, placeholders kept); each change on stderr",
+          _convert_args, _convert_config, reads_file=True),
 )}
 
 

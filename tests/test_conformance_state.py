@@ -331,6 +331,45 @@ class StateContract(_ContractCase):
         rows = {r["id"]: r for r in json.loads(out)}
         self.assertTrue(rows["j"]["paused"], "reset keeps the pause")
 
+    def test_pause_note_is_kept_shown_and_cleared_on_resume(self):
+        before = time.time()
+        note = "disk full on the feed host (INC-42)\nback after the fix"
+        code, out, err = self.cli("pause", "j", "--note", note)
+        self.assertEqual((code, out.strip()), (0, "pause j: done"), err)
+        s = self.open()                         # persisted, as the backend stores it
+        state = s.load(["j"])["j"]
+        self.assertTrue(state.paused)
+        self.assertEqual((state.pause_note, state.paused_by), (note, nx._operator_name()))
+        self.assertLessEqual(before, state.paused_at)
+        self.assertLessEqual(state.paused_at, time.time())
+        row = json.loads(self.cli("status", "j", "--json")[1])
+        self.assertEqual(row["pause"], {"by": nx._operator_name(), "at": nx._iso(state.paused_at),
+                                        "note": note})
+        for argv in (("status",), ("status", "j")):
+            code, out, err = self.cli(*argv)
+            self.assertEqual(code, 0, err)
+            self.assertIn(f"paused by {nx._operator_name()} at {nx._iso(state.paused_at)}", out)
+            self.assertIn("disk full on the feed host (INC-42)\\x0aback after the fix", out)
+        self.assertIsNone(json.loads(self.cli("status", "--json")[1])[1]["pause"],
+                          "k: paused on boot, by no operator")
+        self.assertEqual(self.cli("resume", "j")[0], 0)
+        state = s.load(["j"])["j"]
+        self.assertEqual((state.paused, state.pause_note, state.paused_by, state.paused_at),
+                         (False, None, None, None))
+        self.assertIsNone(json.loads(self.cli("status", "j", "--json")[1])["pause"])
+        self.assertEqual(self.cli("pause", "j")[0], 0)      # no note: who and when still
+        state = s.load(["j"])["j"]
+        self.assertEqual((state.pause_note, state.paused_by), (None, nx._operator_name()))
+
+    def test_an_over_long_pause_note_is_refused(self):
+        limit = nx.PAUSE_NOTE_MAX_CHARS
+        self.cli_error(nx.EXIT_USAGE, "pause", "j", "--note", "x" * (limit + 1),
+                       needle=f"at most {limit} characters")
+        self.assertFalse(json.loads(self.cli("status", "j", "--json")[1])["paused"])
+        code, out, err = self.cli("pause", "j", "--note", "é" * limit)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.open().load(["j"])["j"].pause_note, "é" * limit)
+
     def test_cursor_show_and_set(self):
         self.seeded().close()
         rows = {r["id"]: r for r in json.loads(self.cli("status", "--json")[1])}
@@ -490,6 +529,44 @@ class StateContract(_ContractCase):
         code, raw = self.get(r, "/admin/pollers/j/reset", b"")
         self.assertEqual(code, 200, raw)
         self.assertIsNone(r.state.load(["j"])["j"].cursor)
+
+
+    def test_admin_pause_note_by_caller_shown_and_cleared(self):
+        r = self.runner()
+        body = json.dumps({"note": "vendor API down <b>"}).encode()
+        code, raw = self.get(r, "/admin/pollers/j/pause", body)
+        self.assertEqual((code, json.loads(raw)), (200, {"ok": True, "paused": True}))
+        state = r.state.load(["j"])["j"]
+        self.assertEqual((state.pause_note, state.paused_by),
+                         ("vendor API down <b>", "admin API from 127.0.0.1"))
+        code, raw = self.get(r, "/admin/pollers/j")
+        self.assertEqual(json.loads(raw)["pause"], {"by": "admin API from 127.0.0.1",
+                                                    "at": nx._iso(state.paused_at),
+                                                    "note": "vendor API down <b>"})
+        page = self.get(r, "/")[1].decode()
+        self.assertIn("paused by admin API from 127.0.0.1", page)
+        self.assertIn("vendor API down &lt;b&gt;", page)
+        code, raw = self.get(r, "/admin/pollers/j/pause",
+                             json.dumps({"note": "x" * (nx.PAUSE_NOTE_MAX_CHARS + 1)}).encode())
+        self.assertEqual(code, 400, raw)
+        self.assertIn(f"at most {nx.PAUSE_NOTE_MAX_CHARS} characters", json.loads(raw)["error"])
+        self.assertEqual(r.state.load(["j"])["j"].pause_note, "vendor API down <b>")
+        for bad in (b"[1]", b'{"note": 5}', b'{"colour": "red"}', b"{"):
+            code, raw = self.get(r, "/admin/pollers/j/pause", bad)
+            self.assertEqual(code, 400, (bad, raw))
+        self.assertEqual(self.get(r, "/admin/pollers/j/resume", b"")[0], 200)
+        self.assertIsNone(json.loads(self.get(r, "/admin/pollers/j")[1])["pause"])
+        self.assertIsNone(r.state.load(["j"])["j"].pause_note)
+        url = f"http://127.0.0.1:{r.admin_address[1]}"        # the CLI through the API
+        code, out, err = self.cli("--admin", url, "--admin-token-file",
+                                  os.path.join(self.dir, "token"), "pause", "j", "--note",
+                                  "from afar")
+        self.assertEqual(code, 0, err)
+        state = r.state.load(["j"])["j"]
+        self.assertEqual((state.pause_note, state.paused_by),
+                         ("from afar", f"{nx._operator_name()} (admin API from 127.0.0.1)"))
+        code, out, err = self.cli("--admin", url, "status", "j")
+        self.assertIn(f"paused by {nx._operator_name()} (admin API from 127.0.0.1)", out)
 
 
 class OnePlacePerChoice(unittest.TestCase):

@@ -122,6 +122,26 @@ class SchemaTests(_Tmp):
         self.assertEqual((a.cursor, a.items_seen_total, a.revision), (b"*", 9, 0))
         self.assertEqual(store.outbox(), [])
         self.assertIn("a", store.claim({"a": 1.0}, 0.0))
+        store.release()
+        store.command("a", "pause", arg=np.pause_command_arg("moved", "ops"))
+        self.assertEqual(store.load()["a"].pause_note, "moved")
+
+    def test_a_version_2_file_from_before_pause_notes_gets_their_columns(self):
+        store = self.open_store()
+        store.claim({"a": 1.0}, 0.0)
+        store.close()
+        db = self.raw()
+        for column in ("paused_by", "paused_at", "pause_note"):
+            db.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
+        db.commit()
+        ro = self.open_store(readonly=True)          # status reads it as it is
+        self.assertIsNone(ro.load()["a"].pause_note)
+        ro.close()
+        store = self.open_store()
+        store.command("a", "pause", arg=np.pause_command_arg("kept", "ops", at=5.0))
+        a = store.load()["a"]
+        self.assertEqual((a.paused, a.pause_note, a.paused_by, a.paused_at),
+                         (True, "kept", "ops", 5.0))
 
     def test_garbage_file_is_refused_and_left_untouched(self):
         garbage = bytes(range(256)) * 16 + b"this is not a sqlite database\n" * 10
