@@ -10828,6 +10828,9 @@ def _convert_nexo_config(path: str) -> tuple[str, list[str]]:
     doc = _unquoted_placeholders(raw, resolved, "", tokens, path)
     changes = [f"note: job {jc.id}: kind {jc.kind!r}: no plugin in this file serves it "
                "(nexo built it in): list one under \"plugins\" before running the job"
+               + (f" (or give it the built-in {jc.kind} kind's keys: "
+                  f"{_builtin_config_problem(jc.kind, jc.config)})"
+                  if jc.kind in BUILTIN_KINDS else "")
                for jc in config.jobs if jc.kind in kinds]
     out = _converted_doc(doc, config)
     changes = out.pop(None) + changes
@@ -10844,11 +10847,16 @@ def _convert_nexo_config(path: str) -> tuple[str, list[str]]:
 
 
 def _named_kinds(doc: Any) -> tuple[str, ...]:
-    """The kinds a parsed config's jobs name that nothing built in serves."""
+    """The kinds a parsed config's jobs name that nothing built in serves as
+    the job is written: not built in, or built in with other keys (nexo's
+    gmail job reads Google's API; the built-in gmail kind reads IMAP)."""
     top = doc.get("pollers", doc) if isinstance(doc, dict) else None
     jobs = top.get("jobs") if isinstance(top, dict) else None
+    if not isinstance(jobs, list):
+        return ()
     return tuple(sorted({j["kind"] for j in jobs if isinstance(j, dict) and isinstance(
-        j.get("kind"), str) and j["kind"] not in BUILTIN_KINDS})) if isinstance(jobs, list) else ()
+        j.get("kind"), str) and (j["kind"] not in BUILTIN_KINDS or _builtin_config_problem(
+            j["kind"], j.get("config")) is not None)}))
 
 
 def _unquoted_placeholders(raw: Any, resolved: Any, at: str, tokens: dict[str, str],
