@@ -937,12 +937,13 @@ _KIND_RE = re.compile(r"[a-z][a-z0-9_]+")
 # The job id pattern: an id is written into log lines, metrics labels and
 # thread names, so it may hold no space, quote or control character.
 _PLUGIN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
-_POLLER_KEYS = {"kinds", "broker_topic_prefix", "lifecycle",
-                "max_concurrent_ticks", "tick_timeout_secs", "stdio_bridge", "publish_allow"}
+_POLLER_KEYS = {"kinds", "broker_topic_prefix", "lifecycle", "max_concurrent_ticks",
+                "tick_timeout_secs", "stdio_bridge", "publish_allow", "max_ticks_per_minute"}
 _ENTRYPOINT_KEYS = {"command", "args", "env"}
 NEXO_PYTHON = "$NEXO_PYTHON"      # an entrypoint command meaning the daemon's own interpreter
 MAX_CONCURRENT_TICKS = 64
 MAX_TICK_TIMEOUT_SECS = 3600
+MAX_TICKS_PER_MINUTE = 60_000        # a rate limit keeps this many start times at most
 
 
 class _Slots:
@@ -1056,6 +1057,7 @@ class PluginPollerHandle:
     manifest_path: str | None = None
     stdio_bridge: bool = False           # stdio: ticks as broker.event, publishes allowed
     publish_allow: tuple[str, ...] = ()  # stdio bridge: topics the plugin may publish to
+    max_ticks_per_minute: int | None = None  # tick starts in any 60 s, all kinds (None: any)
     slots: _Slots = dataclasses.field(init=False, repr=False)
     health: _PluginHealth = dataclasses.field(init=False, repr=False)
     stdio: Any = dataclasses.field(init=False, repr=False)   # Proxies: _stdio_of(handle)
@@ -1171,6 +1173,15 @@ def _manifest_limits(path: str, tbl: dict, name: str) -> tuple[int, int]:
     return limit, timeout
 
 
+def _manifest_rate(path: str, tbl: dict, name: str) -> int | None:
+    """``max_ticks_per_minute`` of a table, checked (absent: no rate limit)."""
+    key = f"{name}.max_ticks_per_minute"
+    rate = _toml_typed(path, tbl, "max_ticks_per_minute", key, int, None)
+    if rate is not None and not 1 <= rate <= MAX_TICKS_PER_MINUTE:
+        raise ManifestError(path, f"{rate} is outside 1..={MAX_TICKS_PER_MINUTE}", key)
+    return rate
+
+
 def _manifest_entry(path: str, entry: dict, name: str) -> tuple[str | None, list, dict]:
     """``command``, ``args`` and ``env`` of an entrypoint (or transport) table."""
     command = _toml_typed(path, entry, "command", f"{name}.command", str, None)
@@ -1264,6 +1275,7 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
                         "\"ephemeral\" or \"stdio\""))
     limit, timeout = p.check(_manifest_limits, path, poller, "plugin.poller", default=(1, 60))
     bridge, allow = p.check(_manifest_bridge, path, poller, "plugin.poller", default=(False, ()))
+    rate = p.check(_manifest_rate, path, poller, "plugin.poller")
     entry = _toml_table(path, plugin, "entrypoint", "plugin.entrypoint", False)
     p.unknown_keys(entry, _ENTRYPOINT_KEYS, "plugin.entrypoint")
     command, args, env = p.check(_manifest_entry, path, entry, "plugin.entrypoint",
@@ -1275,7 +1287,7 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
         tick_timeout=timedelta(seconds=timeout), entrypoint_command=command,
         entrypoint_args=tuple(args), entrypoint_env=dict(env),
         working_dir=os.path.dirname(path), manifest_path=path,
-        stdio_bridge=bridge, publish_allow=allow)
+        stdio_bridge=bridge, publish_allow=allow, max_ticks_per_minute=rate)
 
 
 def _load_extension(path: str, doc: dict, plugin: dict) -> PluginPollerHandle:
@@ -1283,7 +1295,8 @@ def _load_extension(path: str, doc: dict, plugin: dict) -> PluginPollerHandle:
     pollers``, ``[transport] kind = "stdio"``, ``command``, ``args``, ``env``.
     Other sections and keys are nexo's business and ignored; ``[transport]``
     may add this daemon's ``max_concurrent_ticks``, ``tick_timeout_secs``,
-    ``broker_topic_prefix``, ``stdio_bridge`` and ``publish_allow``."""
+    ``broker_topic_prefix``, ``stdio_bridge``, ``publish_allow`` and
+    ``max_ticks_per_minute``."""
     plugin_id = _manifest_id(path, plugin)
     caps = _toml_table(path, doc, "capabilities", "capabilities", True)
     kinds = _manifest_kinds(path, caps, "pollers", "capabilities.pollers")
@@ -1306,7 +1319,8 @@ def _load_extension(path: str, doc: dict, plugin: dict) -> PluginPollerHandle:
         tick_timeout=timedelta(seconds=timeout), entrypoint_command=command,
         entrypoint_args=tuple(args), entrypoint_env=dict(env),
         working_dir=os.path.dirname(path), manifest_path=path,
-        stdio_bridge=bridge, publish_allow=allow)
+        stdio_bridge=bridge, publish_allow=allow,
+        max_ticks_per_minute=_manifest_rate(path, transport, "transport"))
 
 
 def entrypoint_problems(handle: PluginPollerHandle) -> list[str]:
@@ -9900,13 +9914,34 @@ class _WorkerPool:
             self._q.put((None, ()))
 
 
+class _RateWindow:
+    """At most ``limit`` tick starts in any 60 seconds: the start times of
+    the last minute, kept.  A sliding log rather than a token bucket, whose
+    burst after an idle spell could put twice the limit into one minute."""
+    SPAN = 60.0
+    __slots__ = ("limit", "starts")
+
+    def __init__(self, limit: int):
+        self.limit, self.starts = limit, deque()
+
+    def ready_at(self, now: float) -> float:
+        """When the next start may be: ``now``, or when the oldest leaves the window."""
+        while self.starts and self.starts[0] <= now - self.SPAN:
+            self.starts.popleft()
+        return now if len(self.starts) < self.limit else self.starts[0] + self.SPAN
+
+
 class _Lane:
-    """At most ``limit`` ticks of one plugin (or in-process kind) at once;
-    the rest wait in order."""
-    __slots__ = ("key", "limit", "running", "waiting")
+    """At most ``limit`` ticks of one plugin (or in-process kind) at once,
+    and at most ``rate.limit`` starts a minute when it has a ``rate``; the
+    rest wait in order.  ``held_until``: the rate limit holds its next tick
+    until then (a monotonic time; None: it does not)."""
+    __slots__ = ("key", "limit", "running", "waiting", "rate", "held_until")
 
     def __init__(self, key: str, limit: int):
         self.key, self.limit, self.running, self.waiting = key, limit, 0, deque()
+        self.rate: _RateWindow | None = None
+        self.held_until: float | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -9962,22 +9997,33 @@ class _Routes:
 
 class _Lanes:
     """The tick slots: each lane (a plugin, or an in-process kind) runs at
-    most its limit of ticks at once and queues the rest in order, and each
-    idle lane keeps one worker in reserve; the Runner's lock guards it."""
+    most its limit of ticks at once (and starts at most its rate a minute)
+    and queues the rest in order, and each idle lane keeps one worker in
+    reserve; the Runner's lock (``book.cond``) guards it.  A tick the rate
+    holds waits in its lane, holding no worker, no lease renewal and no
+    other lane: the scheduler starts it when the window lets it."""
 
-    def __init__(self, workers: Callable[[], int]):
+    def __init__(self, workers: Callable[[], int], book: "_JobBook"):
         self._lanes: dict[str, _Lane] = {}
         self._workers = workers             # how many worker threads ticks share
+        self._book = book                   # its clock, lock and whether it is stopping
         self._idle = 0                      # lanes with nothing running
         self._busy = 0                      # ticks holding a worker thread
 
-    def get(self, key: str, limit: int) -> _Lane:
-        """The lane ``key`` (made when new), bounded by ``limit`` from now on."""
+    def get(self, key: str, limit: int, rate: int | None = None) -> _Lane:
+        """The lane ``key`` (made when new), bounded by ``limit`` and ``rate``
+        (starts a minute) from now on; the starts already made still count."""
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane(key, limit)
             self._idle += 1
         lane.limit = limit
+        if rate is None:
+            lane.rate = None
+        elif lane.rate is None:
+            lane.rate = _RateWindow(rate)
+        else:
+            lane.rate.limit = rate
         return lane
 
     def queue(self, lane: _Lane, job: _Job, slot: float | None, command: int | None) -> list:
@@ -9994,21 +10040,52 @@ class _Lanes:
         """
         starts, cap = [], self._workers()
         for lane in lanes:
+            lane.held_until = None
             while lane.waiting and lane.running < lane.limit:
                 reserve = min(self._idle - (lane.running == 0), cap - 1)
                 if self._busy >= cap - reserve:
                     break
+                # A tick that will not poll (stopping, job removed) needs no room.
+                if lane.rate is not None and not (self._book.stopping
+                                                  or lane.waiting[0][0].removed):
+                    wait = self.rate_wait(lane)
+                    if wait > 0:
+                        lane.held_until = self._book.monotonic() + wait
+                        self._book.cond.notify_all()    # the scheduler's next wake moved
+                        break
                 job, slot, command = lane.waiting.popleft()
                 self.take(lane)
                 self._busy += 1
                 starts.append((job, slot, command, lane))
         return starts
 
+    def rate_wait(self, lane: _Lane) -> float:
+        """Seconds until ``lane``'s rate limit lets a tick start (0: now)."""
+        if lane.rate is None:
+            return 0.0
+        now = self._book.monotonic()
+        return max(0.0, lane.rate.ready_at(now) - now)
+
+    def held_wait(self) -> float | None:
+        """Seconds until a tick the rate limit holds may start (0: now; None:
+        none is held)."""
+        held = [lane.held_until for lane in self._lanes.values() if lane.held_until is not None]
+        return None if not held else max(0.0, min(held) - self._book.monotonic())
+
+    def start_held(self) -> list:
+        """The held ticks whose rate (or, stopping, no rate) lets them start now."""
+        now = self._book.monotonic()
+        return self._start_ready([ln for ln in self._lanes.values() if ln.waiting and (
+            self._book.stopping or ln.held_until is None or ln.held_until <= now)])
+
     def take(self, lane: _Lane) -> None:
-        """A tick takes a slot of ``lane`` (an operator's: no worker thread)."""
+        """A tick takes a slot of ``lane`` (an operator's: no worker thread),
+        one of its rate's starts too."""
         if lane.running == 0:
             self._idle -= 1
         lane.running += 1
+        if lane.rate is not None:
+            lane.rate.starts.append(self._book.monotonic())
 
     def _free(self, lane: _Lane) -> None:
         lane.running -= 1
@@ -10028,9 +10105,12 @@ class _Lanes:
         return self._start_ready([lane] + [ln for ln in self._lanes.values()
                                            if ln.waiting and ln is not lane])
 
-    def snapshot(self) -> dict[str, tuple[int, int]]:
-        """Every lane: key -> (ticks running, ticks waiting for a slot)."""
-        return {k: (lane.running, len(lane.waiting)) for k, lane in self._lanes.items()}
+    def snapshot(self) -> dict[str, tuple[int, int, int]]:
+        """Every lane: key -> (ticks running, ticks waiting for a slot, of
+        those the ones its rate limit holds back)."""
+        return {k: (lane.running, len(lane.waiting),
+                    len(lane.waiting) if lane.held_until is not None else 0)
+                for k, lane in self._lanes.items()}
 
 
 class _TimerHeap:
@@ -10157,6 +10237,7 @@ class _JobBook:
         self.started = False
         self.stopping = False
         self.commands_due = False           # commands queued for this daemon: look now
+        self.monotonic = monotonic          # what deadlines and rate limits count on
         self._jitter = jitter
 
     def get(self, job_id: str) -> _Job:
@@ -10280,10 +10361,10 @@ class _Plugins:
         for poller in builtin_pollers():
             self.routes.add_builtin(poller.kind, functools.partial(self._route, poller))
 
-    def lane(self, key: str, limit: int) -> _Lane:
-        """The lane ``key``, bounded by ``limit``."""
+    def lane(self, key: str, limit: int, rate: int | None = None) -> _Lane:
+        """The lane ``key``, bounded by ``limit`` (and ``rate`` starts a minute)."""
         with self._cond:
-            return self._lanes.get(key, limit)
+            return self._lanes.get(key, limit, rate)
 
     def register(self, poller: Any) -> None:
         """Serve ``poller.kind`` in-process (``Runner.register``)."""
@@ -10296,8 +10377,9 @@ class _Plugins:
     def _route(self, poller: Any) -> _Route:
         """The route of an in-process poller: its own lane, the in-process budget."""
         limit = getattr(poller, "max_concurrent_ticks", None) or self._runner.config.max_workers
-        return _Route(poller.kind, poller, self.lane(f"kind:{poller.kind}", limit),
-                      _tick_budget(poller.kind))
+        lane = self.lane(f"kind:{poller.kind}", limit, getattr(poller, "max_ticks_per_minute",
+                                                               None))
+        return _Route(poller.kind, poller, lane, _tick_budget(poller.kind))
 
     def install(self, handles: Iterable[PluginPollerHandle],
                 auth_by_plugin: Mapping[str, Mapping[str, str]] | None = None) -> None:
@@ -10306,7 +10388,8 @@ class _Plugins:
         r = self._runner
         for handle in handles:
             self.router.register(handle)        # one owner per kind, or DuplicateKind
-            lane = self.lane(handle.plugin_id, handle.max_concurrent_ticks)
+            lane = self.lane(handle.plugin_id, handle.max_concurrent_ticks,
+                             handle.max_ticks_per_minute)
             for kind in handle.kinds:
                 self.routes.add(_Route(kind, _proxy_for(kind, handle, r.broker, limit=False),
                                        lane, _tick_budget(kind, (handle,)), handle.plugin_id))
@@ -10970,8 +11053,14 @@ class _Workers:
         deadline = time.monotonic() + budget
         book = self._book
         with book.cond:
-            while lane.running >= lane.limit and not book.stopping:
+            while not book.stopping:
                 left = deadline - time.monotonic()
+                rate = self._lanes.rate_wait(lane)      # an operator's tick counts too
+                if lane.running < lane.limit and rate <= 0:
+                    break
+                if rate > max(left, 0.0):
+                    return None, (f"the rate limit of {lane.key} ({lane.rate.limit} ticks a "
+                                  f"minute) lets the next tick start in {rate:.1f}s")
                 if left <= 0:
                     return None, (f"all {lane.limit} tick slots of {lane.key} stayed busy "
                                   f"for {budget:g}s")
@@ -10987,10 +11076,21 @@ class _Workers:
         for args in starts:
             self._pool.submit(self._work, *args)
 
-    def snapshot(self) -> dict[str, tuple[int, int]]:
-        """Every lane: key -> (ticks running, ticks waiting for a slot)."""
+    def snapshot(self) -> dict[str, tuple[int, int, int]]:
+        """Every lane: key -> (running, waiting, waiting held by its rate limit)."""
         with self._book.cond:
             return self._lanes.snapshot()
+
+    def held_wait(self) -> float | None:
+        """Seconds until a tick a rate limit holds may start (lock held; None: none)."""
+        return self._lanes.held_wait()
+
+    def start_held(self) -> None:
+        """Start the ticks a rate limit held whose time has come (all, when stopping)."""
+        with self._book.cond:
+            starts = self._lanes.start_held()
+        for args in starts:
+            self._pool.submit(self._work, *args)
 
     def close(self) -> None:
         self._pool.close()
@@ -11017,8 +11117,11 @@ class _Scheduler:
         self.thread.start()
 
     def join(self, timeout: float) -> None:
+        """Wait for the thread (stopping); then the ticks a rate limit holds
+        start, to be cancelled, rather than keep the stop waiting."""
         if self.thread is not None:
             self.thread.join(timeout)
+        self._workers.start_held()
 
     @property
     def alive(self) -> bool:
@@ -11060,6 +11163,9 @@ class _Scheduler:
             waits.append(max(0.0, deadline - now))
             if self.wall_jobs:
                 waits.append(_WALL_CLOCK_LOOK_SECS)
+        held = self._workers.held_wait()
+        if held is not None:
+            waits.append(held)
         return min(waits) if waits else None
 
     def _loop(self) -> None:
@@ -11077,12 +11183,15 @@ class _Scheduler:
                     book.watch_clock()
                     now = self._runner.monotonic()
                     due = self._pop_due(now)
-                    if not due and not book.effects and not self._poll_due():
+                    held = self._workers.held_wait() == 0      # a rate limit lets one go
+                    if not due and not held and not book.effects and not self._poll_due():
                         book.cond.wait(self._next_wake(now))
                         continue
                 self._ticks.drain_effects()
                 for job, slot in due:
                     self._workers.dispatch(job, slot)
+                if held:
+                    self._workers.start_held()
                 if self._poll_due():
                     self._last_poll = time.monotonic()
                     self._poll_state()
@@ -11140,6 +11249,7 @@ class _Scheduler:
             due = self._pop_due(self._runner.monotonic())
         for job, slot in due:
             self._workers.dispatch(job, slot)
+        self._workers.start_held()
         return len(due)
 
 
@@ -11301,7 +11411,7 @@ class Runner:
         self._opened = self._torn_down = False
         book = self._book = _JobBook(clock, self.monotonic, lambda schedule: _jitter(
             schedule, self.config, self.rng))
-        lanes = _Lanes(lambda: self.config.max_workers)
+        lanes = _Lanes(lambda: self.config.max_workers, book)
         self._plugins = _Plugins(self, lanes, book.cond)
         # Commands dispatch ticks; workers run them; a tick may apply commands first.
         self._commands = _Commands(self, book, lambda *args: self._workers.dispatch(*args))
@@ -11603,8 +11713,8 @@ class Runner:
         """The kinds ``register`` serves in this process."""
         return self._plugins.routes.in_process_kinds()
 
-    def lanes(self) -> dict[str, tuple[int, int]]:
-        """Every lane: key -> (ticks running, ticks waiting for a slot)."""
+    def lanes(self) -> dict[str, tuple[int, int, int]]:
+        """Every lane: key -> (running, waiting, waiting held by its rate limit)."""
         return self._workers.snapshot()
 
     def supervisors(self) -> dict[str, PluginSupervisor]:
@@ -12117,8 +12227,13 @@ class _Metrics:
         # can take: every job still ticks, each later than its slot.
         family("nexo_poller_ticks_waiting", "gauge",
                "Due ticks waiting for a free slot in their plugin's lane.")
-        for key, (_, n) in sorted(runner.lanes().items()):
+        lanes = sorted(runner.lanes().items())
+        for key, (_, n, _) in lanes:
             out.append(f"nexo_poller_ticks_waiting{lbl(lane=key)} {n}")
+        family("nexo_poller_ticks_rate_limited", "gauge",
+               "Of the waiting ticks, those the lane's max_ticks_per_minute holds back.")
+        for key, (_, _, n) in lanes:
+            out.append(f"nexo_poller_ticks_rate_limited{lbl(lane=key)} {n}")
         return "\n".join(out) + "\n"
 
     def _render_nexo(self, out: list, family: Callable, lbl: Callable, jobs: list) -> None:
@@ -12292,7 +12407,8 @@ def _plugin_states(runner: "Runner") -> list[dict]:
         sup = sups.get(h.plugin_id)
         doc = {"id": h.plugin_id, "kinds": list(h.kinds), "lifecycle": h.lifecycle.value,
                "state": "ephemeral", "pid": None, "restarts": 0, "last_exit": None,
-               "restart_in_secs": None, "last_output": []}
+               "restart_in_secs": None, "last_output": [],
+               "max_ticks_per_minute": h.max_ticks_per_minute}
         if sup is not None:
             down, at, tail = h.health.snapshot()
             proc = sup.proc
@@ -13379,6 +13495,10 @@ def _validate_local(config: DaemonConfig, args) -> int:
         if handle is not None:              # the plugin wins: worth knowing
             print(f"  kind {kind!r} is served by plugin {handle.plugin_id!r}, "
                   "not the built-in")
+    for h in config.plugins:
+        if h.max_ticks_per_minute is not None:
+            print(f"  plugin {h.plugin_id}: at most {h.max_ticks_per_minute} ticks a minute "
+                  f"(max_ticks_per_minute), shared by its kinds {', '.join(h.kinds)}")
     for line in _nexo_tz_warnings(config, time.time()):
         print(line)
     for jc in config.jobs if args.policy else ():

@@ -1,0 +1,203 @@
+"""Plugin limits the runner enforces (section "Runner", issue 25 items 5
+and 6): a plugin's rate limit (``max_ticks_per_minute``) and the end of a
+crash loop.
+
+Time is the injected clock: the rate limit counts on the runner's
+monotonic clock, which the tests move; nothing sleeps and nothing is timed.
+"""
+
+import os
+import sys
+import threading
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
+from support import (PY, FakePoller, TempDirCase, main_in_process, wait_until,  # noqa: E402
+                     write_config, write_manifest)
+from nexo_poller import ManifestError, TickAck, TickStatus, load_manifest  # noqa: E402
+
+T0 = 1_900_000_000.0
+WAIT = 10.0
+
+
+def metric(runner, name, **labels):
+    """The value of one series of ``runner``'s /metrics text (None: absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in runner.metrics.render(runner).splitlines():
+        if line.startswith(f"{name}{{{want}}} "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+class Limited(FakePoller):
+    """An in-process poller with a rate limit that records, per tick, the
+    runner's clock when it started."""
+
+    def __init__(self, kind, per_minute, clock, **kw):
+        super().__init__(kind, **kw)
+        if per_minute is not None:
+            self.max_ticks_per_minute = per_minute
+        self.clock = clock
+        self.starts = []
+
+    def tick(self, ctx):
+        with self.lock:
+            self.starts.append(self.clock())
+        return super().tick(ctx)
+
+
+class RateCase(TempDirCase):
+
+    def setUp(self):
+        super().setUp()
+        self.t = [T0]
+
+    def now(self):
+        return self.t[0]
+
+    def runner(self, jobs, *pollers, extra_kinds=("lim", "free"), **top):
+        cfg = self.runner_config(jobs, extra_kinds=extra_kinds, **top)
+        return self.start_runner(cfg, *pollers, clock=self.now)
+
+    @staticmethod
+    def job(job_id, kind, every=10):
+        return {"id": job_id, "kind": kind, "schedule": {"every_secs": every}}
+
+    def settle(self, r):
+        """Wait until no tick runs in any lane (those a rate holds wait, not run)."""
+        self.assertTrue(wait_until(lambda: all(v[0] == 0 for v in r.lanes().values()), WAIT),
+                        f"ticks did not finish: {r.lanes()}")
+
+    def assert_within_limit(self, starts, limit):
+        """No 60-second window [s, s + 60) holds more than ``limit`` starts."""
+        starts = sorted(starts)
+        for s in starts:
+            inside = [x for x in starts if s <= x < s + 60]
+            self.assertLessEqual(len(inside), limit, f"{len(inside)} starts in the minute "
+                                 f"from {s - T0:g}s: {[x - T0 for x in inside]}")
+
+
+class TestRateLimit(RateCase):
+
+    def test_many_due_jobs_never_exceed_the_limit_and_other_kinds_go_on(self):
+        lim = Limited("lim", 3, self.now)
+        free = Limited("free", None, self.now)
+        jobs = [self.job(f"l{i}", "lim") for i in range(10)] + \
+            [self.job(f"f{i}", "free") for i in range(2)]
+        r = self.runner(jobs, lim, free)
+        self.assertEqual(r.fire_due(), 12)
+        self.settle(r)
+        self.assertEqual(len(lim.starts), 3, "only the limit starts at once")
+        self.assertEqual(len(free.starts), 2, "another kind is not held by it")
+        self.assertEqual(metric(r, "nexo_poller_ticks_waiting", lane="kind:lim"), 7)
+        self.assertEqual(metric(r, "nexo_poller_ticks_rate_limited", lane="kind:lim"), 7)
+        self.assertEqual(metric(r, "nexo_poller_ticks_rate_limited", lane="kind:free"), 0)
+        for _ in range(60):                 # five minutes, in steps of 5 s
+            self.t[0] += 5
+            r.fire_due()
+            self.settle(r)
+        self.assert_within_limit(lim.starts, 3)
+        self.assertGreaterEqual(len(lim.starts), 15, "the limited kind kept its pace")
+        self.assertEqual({c.job_id for c in lim.calls}, {f"l{i}" for i in range(10)},
+                         "every held job got its turn")
+        self.assertGreaterEqual(len(free.starts), 2 * 28, "the free kind kept its schedule")
+
+    def test_an_operator_tick_counts_and_is_refused_when_the_window_is_full(self):
+        lim = Limited("lim", 2, self.now)
+        r = self.runner([self.job("a", "lim"), self.job("b", "lim")], lim)
+        self.assertEqual(r.run_once("a").status, TickStatus.OK)
+        self.assertEqual(r.run_once("b").status, TickStatus.OK)
+        busy = r.run_once("a")
+        self.assertEqual(busy.status, TickStatus.BUSY)
+        self.assertIn("rate limit of kind:lim (2 ticks a minute)", busy.error)
+        self.assertEqual(len(lim.starts), 2)
+        self.t[0] += 10
+        self.assertEqual(r.fire_due(), 2, "both jobs are due")
+        self.assertEqual(len(lim.starts), 2, "scheduled ticks wait: the operator's counted")
+        self.t[0] += 50
+        r.fire_due()
+        self.settle(r)
+        self.assertEqual(len(lim.starts), 4)
+        self.assert_within_limit(lim.starts, 2)
+
+    def test_a_held_job_renews_its_lease_before_it_polls(self):
+        # A job held longer than its lease's TTL holds no lease meanwhile:
+        # it claims anew when it starts, before its poller is asked.
+        leases = []
+        r = None
+
+        def record(ctx):
+            leases.append((self.t[0], r.state.load([ctx.job_id])[ctx.job_id].lease_until))
+            return TickAck()
+        lim = Limited("lim", 1, self.now, default=record)
+        r = self.runner([self.job("a", "lim", every=1), self.job("b", "lim", every=1)], lim,
+                        lease_min_secs=30)
+        r.fire_due()
+        self.settle(r)
+        for _ in range(30):                 # "b" waits 60 s: twice its 30 s lease
+            self.t[0] += 2
+            r.fire_due()
+            self.settle(r)
+        self.assertEqual([c.job_id for c in lim.calls][:2], ["a", "b"])
+        self.assert_within_limit(lim.starts, 1)
+        for at, until in leases:
+            self.assertGreater(until, at, "a tick polled on an expired lease")
+
+    def test_stop_does_not_wait_for_ticks_the_rate_holds(self):
+        lim = Limited("lim", 1, self.now)
+        r = self.runner([self.job(f"j{i}", "lim") for i in range(3)], lim)
+        self.assertEqual(r.fire_due(), 3)
+        self.settle(r)
+        with self.assertLogs("nexo_poller", "INFO") as logs:
+            r.stop()
+        self.assertNotIn("did not finish", "\n".join(logs.output))
+        self.assertEqual(len(lim.calls), 1, "held ticks are cancelled, never polled")
+
+
+class TestRateLimitManifest(RateCase):
+
+    def manifest(self, extra, name="nexo-plugin.toml", body=None):
+        path = os.path.join(self.dir, name)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(body or ('[plugin]\nid = "p"\n[plugin.poller]\nkinds = ["rss"]\n'
+                              'broker_topic_prefix = "plugin.poller.rss"\n' + extra))
+        return path
+
+    def test_the_manifest_key_is_read_and_checked(self):
+        self.assertIsNone(load_manifest(self.manifest("")).max_ticks_per_minute)
+        self.assertEqual(load_manifest(self.manifest("max_ticks_per_minute = 30\n"))
+                         .max_ticks_per_minute, 30)
+        for bad, why in (("0", "outside 1..=60000"), ("60001", "outside 1..=60000"),
+                         ('"30"', "must be an integer")):
+            with self.assertRaises(ManifestError) as cm:
+                load_manifest(self.manifest(f"max_ticks_per_minute = {bad}\n"))
+            self.assertIn("plugin.poller.max_ticks_per_minute", str(cm.exception))
+            self.assertIn(why, str(cm.exception))
+
+    def test_nexo_plugin_toml_takes_it_in_transport_and_loads_without_it(self):
+        nexo = ('[plugin]\nid = "x"\n[capabilities]\npollers = ["rss"]\n'
+                '[transport]\nkind = "stdio"\ncommand = "python3"\n')
+        self.assertIsNone(load_manifest(self.manifest("", "plugin.toml", nexo))
+                          .max_ticks_per_minute)
+        h = load_manifest(self.manifest("", "plugin.toml", nexo + "max_ticks_per_minute = 5\n"))
+        self.assertEqual(h.max_ticks_per_minute, 5)
+
+    def test_a_plugins_lane_takes_its_limit_and_validate_shows_it(self):
+        folder = write_manifest(self.dir, "ratep", "rated", command=PY,
+                                args=("-c", "import sys; sys.exit(3)"),
+                                poller_extra="max_ticks_per_minute = 1")
+        jobs = [self.job(f"j{i}", "rated") for i in range(3)]
+        path = write_config(os.path.join(self.dir, "pollers.json"), {
+            "state_db": self.db, "default_jitter_ms": 0, "plugins": [folder], "jobs": jobs})
+        code, out, err = main_in_process(["validate", "--config", path])
+        self.assertEqual(code, 0, err)
+        self.assertIn("plugin ratep: at most 1 ticks a minute (max_ticks_per_minute)", out)
+        r = self.runner(jobs, plugins=[folder], base_dir=self.dir)
+        self.assertEqual(r.fire_due(), 3)
+        self.settle(r)
+        self.assertEqual(r.lanes()["ratep"][1:], (2, 2), "one started, two held by the rate")
+        self.assertEqual(metric(r, "nexo_poller_ticks_rate_limited", lane="ratep"), 2)
+
+
+if __name__ == "__main__":
+    unittest.main()
