@@ -923,6 +923,7 @@ def tick_reply_envelope(reply: Any) -> Any:
 # Manifest
 # A plugin's ``nexo-plugin.toml`` turned into a PluginPollerHandle, with the
 # original's validation rules; every error names the file, key and rule.
+# Shares: _CRASH_LIMIT_RANGE, _CRASH_WINDOW_RANGE
 # ============================================================================
 
 class Lifecycle(str, enum.Enum):
@@ -938,12 +939,18 @@ _KIND_RE = re.compile(r"[a-z][a-z0-9_]+")
 # thread names, so it may hold no space, quote or control character.
 _PLUGIN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
 _POLLER_KEYS = {"kinds", "broker_topic_prefix", "lifecycle", "max_concurrent_ticks",
-                "tick_timeout_secs", "stdio_bridge", "publish_allow", "max_ticks_per_minute"}
+                "tick_timeout_secs", "stdio_bridge", "publish_allow", "max_ticks_per_minute",
+                "crash_limit", "crash_window_secs"}
 _ENTRYPOINT_KEYS = {"command", "args", "env"}
 NEXO_PYTHON = "$NEXO_PYTHON"      # an entrypoint command meaning the daemon's own interpreter
 MAX_CONCURRENT_TICKS = 64
 MAX_TICK_TIMEOUT_SECS = 3600
 MAX_TICKS_PER_MINUTE = 60_000        # a rate limit keeps this many start times at most
+# A supervised plugin's crash loop: so many exits within so many seconds
+# and it is given up (``crash_limit``, ``crash_window_secs``).  The ranges
+# of the manifest's keys and of the config's global ones.
+_CRASH_LIMIT_RANGE = (1, 1000)
+_CRASH_WINDOW_RANGE = (1, 86400 * 7)
 
 
 class _Slots:
@@ -1058,6 +1065,8 @@ class PluginPollerHandle:
     stdio_bridge: bool = False           # stdio: ticks as broker.event, publishes allowed
     publish_allow: tuple[str, ...] = ()  # stdio bridge: topics the plugin may publish to
     max_ticks_per_minute: int | None = None  # tick starts in any 60 s, all kinds (None: any)
+    crash_limit: int | None = None       # supervised: exits in crash_window_secs that fail it
+    crash_window_secs: float | None = None   # (None: the config's plugin_crash_* keys)
     slots: _Slots = dataclasses.field(init=False, repr=False)
     health: _PluginHealth = dataclasses.field(init=False, repr=False)
     stdio: Any = dataclasses.field(init=False, repr=False)   # Proxies: _stdio_of(handle)
@@ -1182,6 +1191,19 @@ def _manifest_rate(path: str, tbl: dict, name: str) -> int | None:
     return rate
 
 
+def _manifest_crashes(path: str, tbl: dict, name: str) -> tuple[int | None, int | None]:
+    """``crash_limit`` and ``crash_window_secs`` of a table, checked (absent:
+    the configuration's ``plugin_crash_limit`` / ``plugin_crash_window_secs``)."""
+    out = []
+    for key, (low, high) in (("crash_limit", _CRASH_LIMIT_RANGE),
+                             ("crash_window_secs", _CRASH_WINDOW_RANGE)):
+        value = _toml_typed(path, tbl, key, f"{name}.{key}", int, None)
+        if value is not None and not low <= value <= high:
+            raise ManifestError(path, f"{value} is outside {low}..={high}", f"{name}.{key}")
+        out.append(value)
+    return out[0], out[1]
+
+
 def _manifest_entry(path: str, entry: dict, name: str) -> tuple[str | None, list, dict]:
     """``command``, ``args`` and ``env`` of an entrypoint (or transport) table."""
     command = _toml_typed(path, entry, "command", f"{name}.command", str, None)
@@ -1276,6 +1298,7 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
     limit, timeout = p.check(_manifest_limits, path, poller, "plugin.poller", default=(1, 60))
     bridge, allow = p.check(_manifest_bridge, path, poller, "plugin.poller", default=(False, ()))
     rate = p.check(_manifest_rate, path, poller, "plugin.poller")
+    crashes = p.check(_manifest_crashes, path, poller, "plugin.poller", default=(None, None))
     entry = _toml_table(path, plugin, "entrypoint", "plugin.entrypoint", False)
     p.unknown_keys(entry, _ENTRYPOINT_KEYS, "plugin.entrypoint")
     command, args, env = p.check(_manifest_entry, path, entry, "plugin.entrypoint",
@@ -1287,7 +1310,8 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
         tick_timeout=timedelta(seconds=timeout), entrypoint_command=command,
         entrypoint_args=tuple(args), entrypoint_env=dict(env),
         working_dir=os.path.dirname(path), manifest_path=path,
-        stdio_bridge=bridge, publish_allow=allow, max_ticks_per_minute=rate)
+        stdio_bridge=bridge, publish_allow=allow, max_ticks_per_minute=rate,
+        crash_limit=crashes[0], crash_window_secs=crashes[1])
 
 
 def _load_extension(path: str, doc: dict, plugin: dict) -> PluginPollerHandle:
@@ -1295,8 +1319,8 @@ def _load_extension(path: str, doc: dict, plugin: dict) -> PluginPollerHandle:
     pollers``, ``[transport] kind = "stdio"``, ``command``, ``args``, ``env``.
     Other sections and keys are nexo's business and ignored; ``[transport]``
     may add this daemon's ``max_concurrent_ticks``, ``tick_timeout_secs``,
-    ``broker_topic_prefix``, ``stdio_bridge``, ``publish_allow`` and
-    ``max_ticks_per_minute``."""
+    ``broker_topic_prefix``, ``stdio_bridge``, ``publish_allow``,
+    ``max_ticks_per_minute``, ``crash_limit`` and ``crash_window_secs``."""
     plugin_id = _manifest_id(path, plugin)
     caps = _toml_table(path, doc, "capabilities", "capabilities", True)
     kinds = _manifest_kinds(path, caps, "pollers", "capabilities.pollers")
@@ -1313,6 +1337,7 @@ def _load_extension(path: str, doc: dict, plugin: dict) -> PluginPollerHandle:
         f"plugin.poller.{plugin_id}"), "transport.broker_topic_prefix")
     limit, timeout = _manifest_limits(path, transport, "transport")
     bridge, allow = _manifest_bridge(path, transport, "transport")
+    crash_limit, crash_window = _manifest_crashes(path, transport, "transport")
     return PluginPollerHandle(
         plugin_id=plugin_id, kinds=tuple(kinds), broker_topic_prefix=prefix,
         lifecycle=Lifecycle.STDIO, max_concurrent_ticks=limit,
@@ -1320,7 +1345,8 @@ def _load_extension(path: str, doc: dict, plugin: dict) -> PluginPollerHandle:
         entrypoint_args=tuple(args), entrypoint_env=dict(env),
         working_dir=os.path.dirname(path), manifest_path=path,
         stdio_bridge=bridge, publish_allow=allow,
-        max_ticks_per_minute=_manifest_rate(path, transport, "transport"))
+        max_ticks_per_minute=_manifest_rate(path, transport, "transport"),
+        crash_limit=crash_limit, crash_window_secs=crash_window)
 
 
 def entrypoint_problems(handle: PluginPollerHandle) -> list[str]:
@@ -4852,14 +4878,25 @@ class PluginSupervisor:
     relayed to the log line by line.  When it exits it is restarted after
     ``backoff_initial`` seconds, doubling up to ``backoff_max``; a run that
     lasted ``stable_after`` seconds resets the backoff.
+
+    A crash loop ends: with ``crash_limit``, the ``crash_limit``-th exit (or
+    failure to start) within ``crash_window`` seconds gives the plugin up.
+    ``failed`` then says why, no process runs, ``on_failed(self)`` is called
+    once, and nothing restarts it until ``resume()`` (or ``stop()``).
     """
 
     def __init__(self, handle: PluginPollerHandle, broker_url: str, *,
                  backoff_initial: float = 0.5, backoff_max: float = 30.0,
-                 stable_after: float = 30.0, stop_grace: float = 5.0):
+                 stable_after: float = 30.0, stop_grace: float = 5.0,
+                 crash_limit: int | None = None, crash_window: float = 600.0,
+                 on_failed: Callable[["PluginSupervisor"], None] | None = None):
         self.handle, self.broker_url = handle, broker_url
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self.stable_after, self.stop_grace = stable_after, stop_grace
+        self.crash_limit, self.crash_window, self.on_failed = crash_limit, crash_window, on_failed
+        self.failed: str | None = None           # why it was given up (a crash loop), or None
+        self._crashes: deque[float] = deque()    # when its recent runs ended (monotonic)
+        self._resume = threading.Event()
         self.restarts = 0
         self.last_exit: str | None = None        # why the last run ended, kept across restarts
         self.last_output: list[str] = []         # and its last output lines
@@ -4929,8 +4966,15 @@ class PluginSupervisor:
                         return
                     why = f"exited ({_exit_status(proc)})"
                     log.warning("plugin %s: %s; restarting in %.1fs", self._name, why, delay)
-                health.went_down(why, time.monotonic() + delay)
                 self.last_exit, self.last_output = why, list(health.tail)
+                if self._crash_looped(why):
+                    self._resume.wait()          # resume() or stop()
+                    if self._stop.is_set():
+                        return
+                    delay = self.backoff_initial
+                    self.restarts += 1
+                    continue
+                health.went_down(why, time.monotonic() + delay)
                 if time.monotonic() - started >= self.stable_after:
                     delay = self.backoff_initial
                 if self._stop.wait(delay):
@@ -4939,6 +4983,42 @@ class PluginSupervisor:
                 delay = _backoff(delay, self.backoff_max, 2)
         finally:
             health.went_down("stopped")
+
+    def _crash_looped(self, why: str) -> bool:
+        """Count a run's end; True when it ends the crash loop (the plugin is
+        given up: ``failed`` set, ``on_failed`` told, once)."""
+        now = time.monotonic()
+        with self._plock:
+            self._crashes.append(now)
+            while self._crashes and self._crashes[0] <= now - self.crash_window:
+                self._crashes.popleft()
+            if self.crash_limit is None or len(self._crashes) < self.crash_limit \
+                    or self._stop.is_set():
+                return False
+            self.failed = (f"crashed {len(self._crashes)} times within "
+                           f"{self.crash_window:g}s (last: {why})")
+            self._resume.clear()
+        self.handle.health.went_down(f"failed: {self.failed}")
+        log.error("plugin %s: %s; not restarting it until one of its jobs is resumed or "
+                  "the configuration is reloaded", self._name, _log_safe(self.failed))
+        if self.on_failed is not None:
+            try:
+                self.on_failed(self)
+            except Exception:
+                log.exception("plugin %s: handling its crash loop failed", self._name)
+        return True
+
+    def resume(self) -> bool:
+        """Start a plugin given up after a crash loop again, its count from
+        zero; False when it was not given up."""
+        with self._plock:
+            if self.failed is None:
+                return False
+            self.failed = None
+            self._crashes.clear()
+        log.info("plugin %s: resumed after its crash loop; starting it", self._name)
+        self._resume.set()
+        return True
 
     def _relay(self, proc: subprocess.Popen) -> None:
         """Log the plugin's output until it exits; then clear its whole group.
@@ -5016,6 +5096,7 @@ class PluginSupervisor:
     def request_stop(self) -> None:
         """Stop restarting and SIGTERM the plugin's group; returns at once."""
         self._stop.set()
+        self._resume.set()                      # a plugin given up waits on it
         with self._plock:
             proc = self.proc
         if proc is not None and proc.poll() is None:
@@ -5608,8 +5689,9 @@ def apply_command(state: JobState, verb: str, arg: str | None = None) -> JobStat
             return state.replace(cursor=None if text is None else decode_cursor(text))
         except (ValueError, TypeError, KeyError, PluginPollerForwardError) as exc:
             raise InputError(f"bad cursor command argument: {exc}") from None
-    if verb == "pause":
-        return state.replace(paused=True)
+    if verb == "pause":                 # ``arg``: why, when the daemon pauses it itself
+        return state.replace(paused=True) if arg is None else state.replace(
+            paused=True, last_error=_storable(arg))
     if verb == "resume":
         return state.replace(paused=False, consecutive_errors=0)
     if verb == "reset":
@@ -8956,6 +9038,8 @@ class DaemonConfig:
     backoff_max_secs: float = 300.0
     max_workers: int = 64
     shutdown_grace_secs: float = 10.0
+    plugin_crash_limit: int = 5                    # a supervised plugin exiting so often ...
+    plugin_crash_window_secs: float = 600.0        # ... within so long is given up
     alert_topic: str = "nexo.poller.alert"
     broker: str | None = None
     broker_tls: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -9351,6 +9435,8 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
                 "backoff_max_secs"):
         number(key, *_JOB_POLICY_KEYS[key][1:])
     number("max_workers", 1, 4096, integer=True)
+    number("plugin_crash_limit", *_CRASH_LIMIT_RANGE, integer=True)
+    number("plugin_crash_window_secs", *_CRASH_WINDOW_RANGE)
     number("shutdown_grace_secs", 0.1, 3600)
     number("delivery_max_attempts", 1, 10 ** 6, integer=True)
     number("delivery_max_age_secs", 1, 86400 * 365)
@@ -10347,6 +10433,12 @@ class _JobBook:
         return granted
 
 
+def _crash_policy(handle: PluginPollerHandle, config: DaemonConfig) -> dict[str, Any]:
+    """A supervised plugin's crash-loop policy: its manifest's keys, else the config's."""
+    return {"crash_limit": handle.crash_limit or config.plugin_crash_limit,
+            "crash_window": handle.crash_window_secs or config.plugin_crash_window_secs}
+
+
 class _Plugins:
     """The kinds this daemon serves and how: in-process pollers and plugins
     routed (one owner per kind), the supervised plugins started and stopped,
@@ -10358,6 +10450,8 @@ class _Plugins:
         self.router = PluginPollerRouter()          # plugins by id (the manifests)
         self.routes = _Routes(self.router)          # kinds: the one answer to "who serves it"
         self.supervisors: dict[str, PluginSupervisor] = {}
+        self.commands: "_Commands | None" = None    # set by _Commands (pause, resume)
+        self._failed_jobs: dict[str, list[str]] = {}   # plugin id -> jobs its crash loop paused
         for poller in builtin_pollers():
             self.routes.add_builtin(poller.kind, functools.partial(self._route, poller))
 
@@ -10382,9 +10476,11 @@ class _Plugins:
         return _Route(poller.kind, poller, lane, _tick_budget(poller.kind))
 
     def install(self, handles: Iterable[PluginPollerHandle],
-                auth_by_plugin: Mapping[str, Mapping[str, str]] | None = None) -> None:
+                auth_by_plugin: Mapping[str, Mapping[str, str]] | None = None,
+                config: DaemonConfig | None = None) -> None:
         """Route the plugins' kinds and start the supervised ones, each with
-        its own NATS credentials when ``plugin_broker_auth`` names it."""
+        its own NATS credentials when ``plugin_broker_auth`` names it and
+        its crash-loop policy (of ``config``: the running one by default)."""
         r = self._runner
         for handle in handles:
             self.router.register(handle)        # one owner per kind, or DuplicateKind
@@ -10399,8 +10495,51 @@ class _Plugins:
                 auth = (auth_by_plugin if auth_by_plugin is not None else
                         r.config.plugin_broker_auth).get(handle.plugin_id)
                 self.supervisors[handle.plugin_id] = PluginSupervisor(
-                    handle, _nats_url_as(r.broker_url, auth) if auth else r.broker_url
+                    handle, _nats_url_as(r.broker_url, auth) if auth else r.broker_url,
+                    on_failed=self._crash_loop, **_crash_policy(handle, config or r.config)
                 ).start()
+
+    def _crash_loop(self, sup: PluginSupervisor) -> None:
+        """A supervised plugin given up after a crash loop (its supervisor's
+        thread): pause its jobs, the reason in their ``last_error``, and send
+        ONE alert naming it, with its last output lines."""
+        r, pid, kinds = self._runner, sup.handle.plugin_id, set(sup.handle.kinds)
+        why = f"plugin {pid} failed: {sup.failed}; resume a job of it to start it again"
+        # The jobs this daemon holds: another daemon's run on its own copy of the plugin.
+        paused = [row["id"] for row in r.status() if row["kind"] in kinds
+                  and not row["paused"] and row["holder"] is not None]
+        self._failed_jobs[pid] = paused
+        for job_id in paused:
+            try:
+                self.commands.send(job_id, "pause", why)
+            except NexoPollerError as exc:
+                log.error("plugin %s: job %s not paused: %s", pid, job_id, exc)
+        payload = {"plugin": pid, "kinds": sorted(kinds), "reason": "plugin crash loop",
+                   "error": sup.failed, "last_output": list(sup.last_output), "jobs": paused,
+                   "at": _iso(r.clock())}
+        log.warning("alert: plugin %s: %s; jobs paused: %s", pid, sup.failed,
+                    ", ".join(paused) or "none")
+        try:
+            r.broker.publish(r.config.alert_topic, payload)
+        except PluginPollerForwardError as exc:
+            log.error("alert for plugin %s not published: %s", pid, exc)
+
+    def job_resumed(self, job_id: str, kind: str) -> None:
+        """A job was resumed: when a crash loop gave its plugin up, the
+        plugin starts again and the other jobs the crash loop paused resume."""
+        handle = self.router.handle_for_kind(kind)
+        sup = self.supervisors.get(handle.plugin_id) if handle is not None else None
+        if sup is not None and sup.resume():
+            self._resume_jobs(handle.plugin_id, skip=job_id)
+
+    def _resume_jobs(self, plugin_id: str, skip: str | None = None) -> None:
+        """Resume the jobs the crash loop of ``plugin_id`` paused (but ``skip``)."""
+        for job_id in self._failed_jobs.pop(plugin_id, []):
+            if job_id != skip:
+                try:
+                    self.commands.send(job_id, "resume")
+                except NexoPollerError as exc:
+                    log.error("plugin %s: job %s not resumed: %s", plugin_id, job_id, exc)
 
     def remove(self, plugin_id: str) -> None:
         sup = self.supervisors.pop(plugin_id, None)
@@ -10416,15 +10555,25 @@ class _Plugins:
         new_plugins = {h.plugin_id: h for h in new.plugins}
         old_auth, new_auth = self._runner.config.plugin_broker_auth, new.plugin_broker_auth
 
-        def same(pid: str) -> bool:
+        def same(pid: str) -> bool:         # a plugin a crash loop gave up starts again
             return (pid in old_plugins and pid in new_plugins
                     and old_plugins[pid].same_spec(new_plugins[pid])
-                    and old_auth.get(pid) == new_auth.get(pid))
+                    and old_auth.get(pid) == new_auth.get(pid)
+                    and not getattr(self.supervisors.get(pid), "failed", None))
+        keep = {pid for pid in old_plugins if same(pid)}
         for pid in old_plugins:
-            if not same(pid):
+            if pid not in keep:
                 self.remove(pid)
-        changed = [h for pid, h in new_plugins.items() if not same(pid)]
-        self.install(changed, new_auth)
+        changed = [h for pid, h in new_plugins.items() if pid not in keep]
+        self.install(changed, new_auth, new)
+        for sup in self.supervisors.values():           # the global keys may have changed
+            policy = _crash_policy(sup.handle, new)
+            sup.crash_limit, sup.crash_window = policy["crash_limit"], policy["crash_window"]
+        for pid in [p for p in list(self._failed_jobs) if p not in keep]:
+            if pid in new_plugins:          # started again: the jobs it paused resume
+                self._resume_jobs(pid)
+            else:
+                del self._failed_jobs[pid]
         return [h.plugin_id for h in changed if h.plugin_id in old_plugins]
 
     def stop_supervised(self) -> None:
@@ -10472,10 +10621,12 @@ class _Commands:
     to a job this daemon holds and is not ticking, else queued in the state
     for its owner, and the queued ones carried out when the scheduler looks."""
 
-    def __init__(self, runner: "Runner", book: _JobBook,
+    def __init__(self, runner: "Runner", book: _JobBook, plugins: "_Plugins",
                  dispatch: Callable[[_Job, float | None, int | None], None]):
         self._runner = runner               # its state and clock
         self._book = book
+        self._plugins = plugins             # told of a resume: a crash loop's end
+        plugins.commands = self             # the pauses and resumes a crash loop gives
         self._dispatch = dispatch           # _Workers.dispatch
 
     def send(self, job_id: str, verb: str, arg: str | None = None) -> None:
@@ -10548,6 +10699,8 @@ class _Commands:
             job.state = new.replace(revision=new.revision + 1)
             if verb == "pause":
                 job.generation = -1
+        if verb == "resume":
+            self._plugins.job_resumed(job.cfg.id, job.cfg.kind)
         return True
 
     def apply_pending(self) -> int:
@@ -11414,7 +11567,7 @@ class Runner:
         lanes = _Lanes(lambda: self.config.max_workers, book)
         self._plugins = _Plugins(self, lanes, book.cond)
         # Commands dispatch ticks; workers run them; a tick may apply commands first.
-        self._commands = _Commands(self, book, lambda *args: self._workers.dispatch(*args))
+        self._commands = _Commands(self, book, self._plugins, lambda *a: self._workers.dispatch(*a))
         self._ticks = _Ticks(self, book, self._plugins, self._commands)
         self._workers = _Workers(book, self._plugins, lanes, config.max_workers,
                                  self._ticks.tick)
@@ -12400,7 +12553,8 @@ def _schedule_text(s: Schedule) -> str:
 
 
 def _plugin_states(runner: "Runner") -> list[dict]:
-    """Every plugin with what its supervisor knows: up, restarting, down."""
+    """Every plugin with what its supervisor knows: up, restarting, down, or
+    failed (a crash loop gave it up: ``failed`` says why)."""
     out = []
     sups = runner.supervisors()
     for h in sorted(runner.router.handles(), key=lambda h: h.plugin_id):
@@ -12408,12 +12562,14 @@ def _plugin_states(runner: "Runner") -> list[dict]:
         doc = {"id": h.plugin_id, "kinds": list(h.kinds), "lifecycle": h.lifecycle.value,
                "state": "ephemeral", "pid": None, "restarts": 0, "last_exit": None,
                "restart_in_secs": None, "last_output": [],
-               "max_ticks_per_minute": h.max_ticks_per_minute}
+               "max_ticks_per_minute": h.max_ticks_per_minute, "failed": None}
         if sup is not None:
             down, at, tail = h.health.snapshot()
             proc = sup.proc
             alive = proc is not None and proc.poll() is None and down is None
-            doc.update(state="up" if alive else "restarting" if at is not None else "down",
+            failed = sup.failed                 # a crash loop gave it up: why
+            doc.update(state="failed" if failed else "up" if alive else
+                       "restarting" if at is not None else "down", failed=failed,
                        pid=proc.pid if alive else None, restarts=sup.restarts,
                        last_exit=down or sup.last_exit,
                        restart_in_secs=None if at is None or alive else

@@ -8,12 +8,13 @@ monotonic clock, which the tests move; nothing sleeps and nothing is timed.
 
 import os
 import sys
-import threading
 import unittest
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
 from support import (PY, FakePoller, TempDirCase, main_in_process, wait_until,  # noqa: E402
                      write_config, write_manifest)
+import nexo_poller as nx  # noqa: E402
 from nexo_poller import ManifestError, TickAck, TickStatus, load_manifest  # noqa: E402
 
 T0 = 1_900_000_000.0
@@ -64,9 +65,15 @@ class RateCase(TempDirCase):
         return {"id": job_id, "kind": kind, "schedule": {"every_secs": every}}
 
     def settle(self, r):
-        """Wait until no tick runs in any lane (those a rate holds wait, not run)."""
-        self.assertTrue(wait_until(lambda: all(v[0] == 0 for v in r.lanes().values()), WAIT),
-                        f"ticks did not finish: {r.lanes()}")
+        """Wait until every tick that ran is committed and its effects carried
+        out (``wait_idle(0)`` carries out those come so far), so the only
+        jobs still running are those a rate limit holds in their lanes."""
+        def settled():
+            r.wait_idle(0)
+            lanes = r.lanes().values()
+            running = sum(1 for row in r.status() if row["running"])
+            return all(v[0] == 0 for v in lanes) and running == sum(v[1] for v in lanes)
+        self.assertTrue(wait_until(settled, WAIT), f"ticks did not finish: {r.lanes()}")
 
     def assert_within_limit(self, starts, limit):
         """No 60-second window [s, s + 60) holds more than ``limit`` starts."""
@@ -197,6 +204,121 @@ class TestRateLimitManifest(RateCase):
         self.settle(r)
         self.assertEqual(r.lanes()["ratep"][1:], (2, 2), "one started, two held by the rate")
         self.assertEqual(metric(r, "nexo_poller_ticks_rate_limited", lane="ratep"), 2)
+
+
+# A plugin that counts its starts in ./spawns and, while ./crash exists,
+# writes a line to stderr and exits at once; else it waits for its stdin's end.
+CRASHY = """\
+import os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(here, "spawns"), "a") as f:
+    f.write("x\\n")
+if os.path.exists(os.path.join(here, "crash")):
+    print("boom: the API refused our key", file=sys.stderr, flush=True)
+    sys.exit(3)
+sys.stdin.read()
+"""
+
+
+class TestCrashLoop(RateCase):
+
+    def plugin(self, lifecycle, poller_extra=""):
+        """plugins/crashy (kind "crashy"), crashing until ``self.calm()``."""
+        self.folder = os.path.join(self.dir, "plugins", "crashy")
+        os.makedirs(self.folder)
+        script = os.path.join(self.folder, "crashy.py")
+        with open(script, "w", encoding="utf-8") as f:
+            f.write(CRASHY)
+        open(os.path.join(self.folder, "crash"), "w").close()
+        return write_manifest(self.dir, "crashy", "crashy", command=PY, args=(script,),
+                              lifecycle=lifecycle, poller_extra=poller_extra)
+
+    def calm(self):
+        os.remove(os.path.join(self.folder, "crash"))
+
+    def spawns(self):
+        try:
+            with open(os.path.join(self.folder, "spawns"), encoding="utf-8") as f:
+                return len(f.read().splitlines())
+        except FileNotFoundError:
+            return 0
+
+    def start(self, folder, **top):
+        alerts = []
+        real = nx._ClientBase.publish
+
+        def publish(client, topic, payload, *args, **kw):
+            if topic == "nexo.poller.alert":
+                alerts.append(payload)
+            return real(client, topic, payload, *args, **kw)
+        patch = mock.patch.object(nx._ClientBase, "publish", publish)
+        patch.start()
+        self.addCleanup(patch.stop)
+        jobs = [self.job("c1", "crashy", 3600), self.job("c2", "crashy", 3600),
+                self.job("m1", "mem", 3600)]
+        cfg = self.runner_config(jobs, plugins=[folder], base_dir=self.dir, **top)
+        self.cfg_args = (jobs, folder, top)
+        r = self.start_runner(cfg, FakePoller("mem"), clock=self.now)
+        return r, alerts
+
+    def rows(self, r):
+        return {row["id"]: row for row in r.status()}
+
+    def assert_given_up(self, r, alerts, crashes):
+        sup = r.supervisors()["crashy"]
+        self.assertTrue(wait_until(lambda: sup.failed, WAIT), "the crash loop never ended")
+        self.assertTrue(wait_until(lambda: self.rows(r)["c2"]["paused"] and alerts, WAIT))
+        self.assertEqual(self.spawns(), crashes, "no restart after the crash loop ended")
+        self.assertEqual(sup.restarts, crashes - 1)
+        self.assertEqual(len(alerts), 1, "exactly one alert")
+        self.assertEqual(alerts[0]["plugin"], "crashy")
+        self.assertEqual(alerts[0]["jobs"], ["c1", "c2"])
+        self.assertIn("boom: the API refused our key", "\n".join(alerts[0]["last_output"]))
+        rows = self.rows(r)
+        self.assertTrue(rows["c1"]["paused"])
+        self.assertIn(f"plugin crashy failed: crashed {crashes} times within 60s",
+                      rows["c1"]["last_error"])
+        self.assertFalse(rows["m1"]["paused"], "another kind's job is left alone")
+        [view] = [p for p in nx._plugin_states(r) if p["id"] == "crashy"]
+        self.assertEqual(view["state"], "failed")
+        self.assertIn(f"crashed {crashes} times", view["failed"])
+        self.assertEqual(self.spawns(), crashes)
+
+    def test_a_long_lived_plugin_in_a_crash_loop_is_given_up_until_a_job_is_resumed(self):
+        r, alerts = self.start(self.plugin("long_lived"), plugin_crash_limit=2,
+                               plugin_crash_window_secs=60)
+        self.assert_given_up(r, alerts, 2)
+        self.calm()
+        r.resume("c1")                      # one job's resume starts the plugin again ...
+        sup = r.supervisors()["crashy"]
+        self.assertTrue(wait_until(lambda: self.spawns() == 3 and sup.proc is not None
+                                   and sup.proc.poll() is None, WAIT), "not restarted")
+        self.assertIsNone(sup.failed)
+        rows = self.rows(r)
+        self.assertFalse(rows["c1"]["paused"] or rows["c2"]["paused"], "... and its jobs")
+        self.assertEqual(len(alerts), 1)
+
+    def test_a_stdio_plugin_takes_its_manifests_limit_and_a_reload_restarts_it(self):
+        folder = self.plugin("stdio", "crash_limit = 2\ncrash_window_secs = 60")
+        r, alerts = self.start(folder)      # the config's own limit: 5
+        self.assert_given_up(r, alerts, 2)
+        self.calm()
+        jobs, folder, top = self.cfg_args
+        diff = r.reload(self.runner_config(jobs, plugins=[folder], base_dir=self.dir, **top))
+        self.assertEqual(diff["restarted"], ["crashy"])
+        self.assertTrue(wait_until(lambda: self.spawns() == 3, WAIT), "not restarted")
+        self.assertTrue(wait_until(lambda: not self.rows(r)["c2"]["paused"], WAIT))
+        self.assertEqual(len(alerts), 1)
+
+    def test_the_limits_are_checked_where_they_are_set(self):
+        with self.assertRaises(nx.ConfigError) as cm:
+            self.runner_config([], plugin_crash_limit=0, plugin_crash_window_secs="x")
+        self.assertIn("plugin_crash_limit: 0 is outside 1..1000", str(cm.exception))
+        self.assertIn("plugin_crash_window_secs", str(cm.exception))
+        with self.assertRaises(ManifestError) as cm:
+            load_manifest(os.path.join(self.dir, self.plugin("long_lived", "crash_limit = 0"),
+                                       "nexo-plugin.toml"))
+        self.assertIn("plugin.poller.crash_limit", str(cm.exception))
 
 
 if __name__ == "__main__":
