@@ -11581,7 +11581,7 @@ class Runner:
 
     def register(self, poller: Any) -> None:
         """Serve ``poller.kind`` in-process with ``poller.tick(ctx) -> TickAck``;
-        an optional ``max_concurrent_ticks`` attribute bounds its ticks."""
+        optional ``max_concurrent_ticks``, ``max_ticks_per_minute`` attributes bound it."""
         self._plugins.register(poller)
 
     # -- life cycle -------------------------------------------------------------------

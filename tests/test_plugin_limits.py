@@ -150,6 +150,20 @@ class TestRateLimit(RateCase):
         for at, until in leases:
             self.assertGreater(until, at, "a tick polled on an expired lease")
 
+    def test_the_scheduler_thread_starts_a_held_tick_when_the_window_lets_it(self):
+        lim = Limited("lim", 1, self.now)
+        cfg = self.runner_config([self.job("a", "lim", 3600), self.job("b", "lim", 3600)],
+                                 extra_kinds=["lim"])
+        r = self.start_runner(cfg, lim, start=False, clock=self.now)
+        r.start()                           # the scheduler thread, not fire_due
+        self.assertTrue(wait_until(lambda: len(lim.starts) == 1
+                                   and r.lanes().get("kind:lim", (0, 0, 0))[2] == 1, WAIT),
+                        f"one tick ran, one is held: {r.lanes()}")
+        self.t[0] += 60                     # the window lets it go: the scheduler, woken, starts it
+        r.poke()
+        self.assertTrue(wait_until(lambda: len(lim.starts) == 2, WAIT), "the held tick never ran")
+        self.assert_within_limit(lim.starts, 1)
+
     def test_stop_does_not_wait_for_ticks_the_rate_holds(self):
         lim = Limited("lim", 1, self.now)
         r = self.runner([self.job(f"j{i}", "lim") for i in range(3)], lim)
