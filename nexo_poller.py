@@ -940,7 +940,7 @@ _KIND_RE = re.compile(r"[a-z][a-z0-9_]+")
 _PLUGIN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
 _POLLER_KEYS = {"kinds", "broker_topic_prefix", "lifecycle", "max_concurrent_ticks",
                 "tick_timeout_secs", "stdio_bridge", "publish_allow", "max_ticks_per_minute",
-                "crash_limit", "crash_window_secs"}
+                "crash_limit", "crash_window_secs"}     # the last three: _OPTIONAL_LIMITS
 _ENTRYPOINT_KEYS = {"command", "args", "env"}
 NEXO_PYTHON = "$NEXO_PYTHON"      # an entrypoint command meaning the daemon's own interpreter
 MAX_CONCURRENT_TICKS = 64
@@ -1182,26 +1182,20 @@ def _manifest_limits(path: str, tbl: dict, name: str) -> tuple[int, int]:
     return limit, timeout
 
 
-def _manifest_rate(path: str, tbl: dict, name: str) -> int | None:
-    """``max_ticks_per_minute`` of a table, checked (absent: no rate limit)."""
-    key = f"{name}.max_ticks_per_minute"
-    rate = _toml_typed(path, tbl, "max_ticks_per_minute", key, int, None)
-    if rate is not None and not 1 <= rate <= MAX_TICKS_PER_MINUTE:
-        raise ManifestError(path, f"{rate} is outside 1..={MAX_TICKS_PER_MINUTE}", key)
-    return rate
+# The optional integer keys of [plugin.poller] (and nexo's [transport]):
+# absent, no rate limit (max_ticks_per_minute) or the configuration's
+# plugin_crash_limit / plugin_crash_window_secs.
+_OPTIONAL_LIMITS = {"max_ticks_per_minute": (1, MAX_TICKS_PER_MINUTE),
+                    "crash_limit": _CRASH_LIMIT_RANGE, "crash_window_secs": _CRASH_WINDOW_RANGE}
 
 
-def _manifest_crashes(path: str, tbl: dict, name: str) -> tuple[int | None, int | None]:
-    """``crash_limit`` and ``crash_window_secs`` of a table, checked (absent:
-    the configuration's ``plugin_crash_limit`` / ``plugin_crash_window_secs``)."""
-    out = []
-    for key, (low, high) in (("crash_limit", _CRASH_LIMIT_RANGE),
-                             ("crash_window_secs", _CRASH_WINDOW_RANGE)):
-        value = _toml_typed(path, tbl, key, f"{name}.{key}", int, None)
-        if value is not None and not low <= value <= high:
-            raise ManifestError(path, f"{value} is outside {low}..={high}", f"{name}.{key}")
-        out.append(value)
-    return out[0], out[1]
+def _manifest_optional(path: str, tbl: dict, name: str, key: str) -> int | None:
+    """An optional integer key of ``_OPTIONAL_LIMITS`` in a table, checked."""
+    low, high = _OPTIONAL_LIMITS[key]
+    value = _toml_typed(path, tbl, key, f"{name}.{key}", int, None)
+    if value is not None and not low <= value <= high:
+        raise ManifestError(path, f"{value} is outside {low}..={high}", f"{name}.{key}")
+    return value
 
 
 def _manifest_entry(path: str, entry: dict, name: str) -> tuple[str | None, list, dict]:
@@ -1297,8 +1291,8 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
                         "\"ephemeral\" or \"stdio\""))
     limit, timeout = p.check(_manifest_limits, path, poller, "plugin.poller", default=(1, 60))
     bridge, allow = p.check(_manifest_bridge, path, poller, "plugin.poller", default=(False, ()))
-    rate = p.check(_manifest_rate, path, poller, "plugin.poller")
-    crashes = p.check(_manifest_crashes, path, poller, "plugin.poller", default=(None, None))
+    optional = {key: p.check(_manifest_optional, path, poller, "plugin.poller", key)
+                for key in _OPTIONAL_LIMITS}
     entry = _toml_table(path, plugin, "entrypoint", "plugin.entrypoint", False)
     p.unknown_keys(entry, _ENTRYPOINT_KEYS, "plugin.entrypoint")
     command, args, env = p.check(_manifest_entry, path, entry, "plugin.entrypoint",
@@ -1310,8 +1304,7 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
         tick_timeout=timedelta(seconds=timeout), entrypoint_command=command,
         entrypoint_args=tuple(args), entrypoint_env=dict(env),
         working_dir=os.path.dirname(path), manifest_path=path,
-        stdio_bridge=bridge, publish_allow=allow, max_ticks_per_minute=rate,
-        crash_limit=crashes[0], crash_window_secs=crashes[1])
+        stdio_bridge=bridge, publish_allow=allow, **optional)
 
 
 def _load_extension(path: str, doc: dict, plugin: dict) -> PluginPollerHandle:
@@ -1337,16 +1330,15 @@ def _load_extension(path: str, doc: dict, plugin: dict) -> PluginPollerHandle:
         f"plugin.poller.{plugin_id}"), "transport.broker_topic_prefix")
     limit, timeout = _manifest_limits(path, transport, "transport")
     bridge, allow = _manifest_bridge(path, transport, "transport")
-    crash_limit, crash_window = _manifest_crashes(path, transport, "transport")
+    optional = {key: _manifest_optional(path, transport, "transport", key)
+                for key in _OPTIONAL_LIMITS}
     return PluginPollerHandle(
         plugin_id=plugin_id, kinds=tuple(kinds), broker_topic_prefix=prefix,
         lifecycle=Lifecycle.STDIO, max_concurrent_ticks=limit,
         tick_timeout=timedelta(seconds=timeout), entrypoint_command=command,
         entrypoint_args=tuple(args), entrypoint_env=dict(env),
         working_dir=os.path.dirname(path), manifest_path=path,
-        stdio_bridge=bridge, publish_allow=allow,
-        max_ticks_per_minute=_manifest_rate(path, transport, "transport"),
-        crash_limit=crash_limit, crash_window_secs=crash_window)
+        stdio_bridge=bridge, publish_allow=allow, **optional)
 
 
 def entrypoint_problems(handle: PluginPollerHandle) -> list[str]:
@@ -4965,7 +4957,6 @@ class PluginSupervisor:
                     if self._stop.is_set():
                         return
                     why = f"exited ({_exit_status(proc)})"
-                    log.warning("plugin %s: %s; restarting in %.1fs", self._name, why, delay)
                 self.last_exit, self.last_output = why, list(health.tail)
                 if self._crash_looped(why):
                     self._resume.wait()          # resume() or stop()
@@ -4974,6 +4965,8 @@ class PluginSupervisor:
                     delay = self.backoff_initial
                     self.restarts += 1
                     continue
+                if not isinstance(proc, str):   # a start that failed is logged already
+                    log.warning("plugin %s: %s; restarting in %.1fs", self._name, why, delay)
                 health.went_down(why, time.monotonic() + delay)
                 if time.monotonic() - started >= self.stable_after:
                     delay = self.backoff_initial
@@ -4992,12 +4985,13 @@ class PluginSupervisor:
             self._crashes.append(now)
             while self._crashes and self._crashes[0] <= now - self.crash_window:
                 self._crashes.popleft()
+            # Cleared before stop is looked at: a stop after the look sets it again.
+            self._resume.clear()
             if self.crash_limit is None or len(self._crashes) < self.crash_limit \
                     or self._stop.is_set():
                 return False
             self.failed = (f"crashed {len(self._crashes)} times within "
                            f"{self.crash_window:g}s (last: {why})")
-            self._resume.clear()
         self.handle.health.went_down(f"failed: {self.failed}")
         log.error("plugin %s: %s; not restarting it until one of its jobs is resumed or "
                   "the configuration is reloaded", self._name, _log_safe(self.failed))
