@@ -10498,7 +10498,9 @@ class _Plugins:
         thread): pause its jobs, the reason in their ``last_error``, and send
         ONE alert naming it, with its last output lines."""
         r, pid, kinds = self._runner, sup.handle.plugin_id, set(sup.handle.kinds)
-        why = f"plugin {pid} failed: {sup.failed}; resume a job of it to start it again"
+        # `status` shows a long error's end: the plugin is named there too.
+        why = (f"plugin {pid} failed: {sup.failed}; plugin {pid} stays down until one of "
+               "its jobs is resumed")
         # The jobs this daemon holds: another daemon's run on its own copy of the plugin.
         paused = [row["id"] for row in r.status() if row["kind"] in kinds
                   and not row["paused"] and row["holder"] is not None]

@@ -285,6 +285,14 @@ class TestCrashLoop(RateCase):
         self.assertEqual(self.spawns(), crashes, "no restart after the crash loop ended")
         self.assertEqual(sup.restarts, crashes - 1)
         self.assertEqual(len(alerts), 1, "exactly one alert")
+        jobs, folder, top = self.cfg_args        # `status` (read from the state) says why
+        path = write_config(os.path.join(self.dir, "pollers.json"), {
+            "state_db": self.db, "plugins": [folder], "jobs": jobs[:2], **top})
+        code, out, err = main_in_process(["status", "--config", path])
+        self.assertEqual(code, 0, err)
+        [line] = [ln for ln in out.splitlines() if ln.startswith("c1 ")]
+        self.assertIn(" paused ", line)
+        self.assertIn("plugin crashy stays down until one of its jobs is resumed", line)
         self.assertEqual(alerts[0]["plugin"], "crashy")
         self.assertEqual(alerts[0]["jobs"], ["c1", "c2"])
         self.assertIn("boom: the API refused our key", "\n".join(alerts[0]["last_output"]))
