@@ -987,6 +987,7 @@ def tick_reply_envelope(reply: Any) -> Any:
 # Manifest
 # A plugin's ``nexo-plugin.toml`` turned into a PluginPollerHandle, with the
 # original's validation rules; every error names the file, key and rule.
+# Shares: _CRASH_LIMIT_RANGE, _CRASH_WINDOW_RANGE
 # ============================================================================
 
 class Lifecycle(str, enum.Enum):
@@ -1001,12 +1002,19 @@ _KIND_RE = re.compile(r"[a-z][a-z0-9_]+")
 # The job id pattern: an id is written into log lines, metrics labels and
 # thread names, so it may hold no space, quote or control character.
 _PLUGIN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
-_POLLER_KEYS = {"kinds", "broker_topic_prefix", "lifecycle",
-                "max_concurrent_ticks", "tick_timeout_secs", "stdio_bridge", "publish_allow"}
+_POLLER_KEYS = {"kinds", "broker_topic_prefix", "lifecycle", "max_concurrent_ticks",
+                "tick_timeout_secs", "stdio_bridge", "publish_allow", "max_ticks_per_minute",
+                "crash_limit", "crash_window_secs"}     # the last three: _OPTIONAL_LIMITS
 _ENTRYPOINT_KEYS = {"command", "args", "env"}
 NEXO_PYTHON = "$NEXO_PYTHON"      # an entrypoint command meaning the daemon's own interpreter
 MAX_CONCURRENT_TICKS = 64
 MAX_TICK_TIMEOUT_SECS = 3600
+MAX_TICKS_PER_MINUTE = 60_000        # a rate limit keeps this many start times at most
+# A supervised plugin's crash loop: so many exits within so many seconds
+# and it is given up (``crash_limit``, ``crash_window_secs``).  The ranges
+# of the manifest's keys and of the config's global ones.
+_CRASH_LIMIT_RANGE = (1, 1000)
+_CRASH_WINDOW_RANGE = (1, 86400 * 7)
 
 
 class _Slots:
@@ -1120,6 +1128,9 @@ class PluginPollerHandle:
     manifest_path: str | None = None
     stdio_bridge: bool = False           # stdio: ticks as broker.event, publishes allowed
     publish_allow: tuple[str, ...] = ()  # stdio bridge: topics the plugin may publish to
+    max_ticks_per_minute: int | None = None  # tick starts in any 60 s, all kinds (None: any)
+    crash_limit: int | None = None       # supervised: exits in crash_window_secs that fail it
+    crash_window_secs: float | None = None   # (None: the config's plugin_crash_* keys)
     slots: _Slots = dataclasses.field(init=False, repr=False)
     health: _PluginHealth = dataclasses.field(init=False, repr=False)
     stdio: Any = dataclasses.field(init=False, repr=False)   # Proxies: _stdio_of(handle)
@@ -1235,6 +1246,22 @@ def _manifest_limits(path: str, tbl: dict, name: str) -> tuple[int, int]:
     return limit, timeout
 
 
+# The optional integer keys of [plugin.poller] (and nexo's [transport]):
+# absent, no rate limit (max_ticks_per_minute) or the configuration's
+# plugin_crash_limit / plugin_crash_window_secs.
+_OPTIONAL_LIMITS = {"max_ticks_per_minute": (1, MAX_TICKS_PER_MINUTE),
+                    "crash_limit": _CRASH_LIMIT_RANGE, "crash_window_secs": _CRASH_WINDOW_RANGE}
+
+
+def _manifest_optional(path: str, tbl: dict, name: str, key: str) -> int | None:
+    """An optional integer key of ``_OPTIONAL_LIMITS`` in a table, checked."""
+    low, high = _OPTIONAL_LIMITS[key]
+    value = _toml_typed(path, tbl, key, f"{name}.{key}", int, None)
+    if value is not None and not low <= value <= high:
+        raise ManifestError(path, f"{value} is outside {low}..={high}", f"{name}.{key}")
+    return value
+
+
 def _manifest_entry(path: str, entry: dict, name: str) -> tuple[str | None, list, dict]:
     """``command``, ``args`` and ``env`` of an entrypoint (or transport) table."""
     command = _toml_typed(path, entry, "command", f"{name}.command", str, None)
@@ -1328,6 +1355,8 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
                         "\"ephemeral\" or \"stdio\""))
     limit, timeout = p.check(_manifest_limits, path, poller, "plugin.poller", default=(1, 60))
     bridge, allow = p.check(_manifest_bridge, path, poller, "plugin.poller", default=(False, ()))
+    optional = {key: p.check(_manifest_optional, path, poller, "plugin.poller", key)
+                for key in _OPTIONAL_LIMITS}
     entry = _toml_table(path, plugin, "entrypoint", "plugin.entrypoint", False)
     p.unknown_keys(entry, _ENTRYPOINT_KEYS, "plugin.entrypoint")
     command, args, env = p.check(_manifest_entry, path, entry, "plugin.entrypoint",
@@ -1339,7 +1368,7 @@ def load_manifest(path: str | os.PathLike) -> PluginPollerHandle:
         tick_timeout=timedelta(seconds=timeout), entrypoint_command=command,
         entrypoint_args=tuple(args), entrypoint_env=dict(env),
         working_dir=os.path.dirname(path), manifest_path=path,
-        stdio_bridge=bridge, publish_allow=allow)
+        stdio_bridge=bridge, publish_allow=allow, **optional)
 
 
 def _load_extension(path: str, doc: dict, plugin: dict) -> PluginPollerHandle:
@@ -1347,7 +1376,8 @@ def _load_extension(path: str, doc: dict, plugin: dict) -> PluginPollerHandle:
     pollers``, ``[transport] kind = "stdio"``, ``command``, ``args``, ``env``.
     Other sections and keys are nexo's business and ignored; ``[transport]``
     may add this daemon's ``max_concurrent_ticks``, ``tick_timeout_secs``,
-    ``broker_topic_prefix``, ``stdio_bridge`` and ``publish_allow``."""
+    ``broker_topic_prefix``, ``stdio_bridge``, ``publish_allow``,
+    ``max_ticks_per_minute``, ``crash_limit`` and ``crash_window_secs``."""
     plugin_id = _manifest_id(path, plugin)
     caps = _toml_table(path, doc, "capabilities", "capabilities", True)
     kinds = _manifest_kinds(path, caps, "pollers", "capabilities.pollers")
@@ -1364,13 +1394,15 @@ def _load_extension(path: str, doc: dict, plugin: dict) -> PluginPollerHandle:
         f"plugin.poller.{plugin_id}"), "transport.broker_topic_prefix")
     limit, timeout = _manifest_limits(path, transport, "transport")
     bridge, allow = _manifest_bridge(path, transport, "transport")
+    optional = {key: _manifest_optional(path, transport, "transport", key)
+                for key in _OPTIONAL_LIMITS}
     return PluginPollerHandle(
         plugin_id=plugin_id, kinds=tuple(kinds), broker_topic_prefix=prefix,
         lifecycle=Lifecycle.STDIO, max_concurrent_ticks=limit,
         tick_timeout=timedelta(seconds=timeout), entrypoint_command=command,
         entrypoint_args=tuple(args), entrypoint_env=dict(env),
         working_dir=os.path.dirname(path), manifest_path=path,
-        stdio_bridge=bridge, publish_allow=allow)
+        stdio_bridge=bridge, publish_allow=allow, **optional)
 
 
 def entrypoint_problems(handle: PluginPollerHandle) -> list[str]:
@@ -4910,14 +4942,25 @@ class PluginSupervisor:
     relayed to the log line by line.  When it exits it is restarted after
     ``backoff_initial`` seconds, doubling up to ``backoff_max``; a run that
     lasted ``stable_after`` seconds resets the backoff.
+
+    A crash loop ends: with ``crash_limit``, the ``crash_limit``-th exit (or
+    failure to start) within ``crash_window`` seconds gives the plugin up.
+    ``failed`` then says why, no process runs, ``on_failed(self)`` is called
+    once, and nothing restarts it until ``resume()`` (or ``stop()``).
     """
 
     def __init__(self, handle: PluginPollerHandle, broker_url: str, *,
                  backoff_initial: float = 0.5, backoff_max: float = 30.0,
-                 stable_after: float = 30.0, stop_grace: float = 5.0):
+                 stable_after: float = 30.0, stop_grace: float = 5.0,
+                 crash_limit: int | None = None, crash_window: float = 600.0,
+                 on_failed: Callable[["PluginSupervisor"], None] | None = None):
         self.handle, self.broker_url = handle, broker_url
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self.stable_after, self.stop_grace = stable_after, stop_grace
+        self.crash_limit, self.crash_window, self.on_failed = crash_limit, crash_window, on_failed
+        self.failed: str | None = None           # why it was given up (a crash loop), or None
+        self._crashes: deque[float] = deque()    # when its recent runs ended (monotonic)
+        self._resume = threading.Event()
         self.restarts = 0
         self.last_exit: str | None = None        # why the last run ended, kept across restarts
         self.last_output: list[str] = []         # and its last output lines
@@ -4986,9 +5029,17 @@ class PluginSupervisor:
                     if self._stop.is_set():
                         return
                     why = f"exited ({_exit_status(proc)})"
+                self.last_exit, self.last_output = why, list(health.tail)
+                if self._crash_looped(why):
+                    self._resume.wait()          # resume() or stop()
+                    if self._stop.is_set():
+                        return
+                    delay = self.backoff_initial
+                    self.restarts += 1
+                    continue
+                if not isinstance(proc, str):   # a start that failed is logged already
                     log.warning("plugin %s: %s; restarting in %.1fs", self._name, why, delay)
                 health.went_down(why, time.monotonic() + delay)
-                self.last_exit, self.last_output = why, list(health.tail)
                 if time.monotonic() - started >= self.stable_after:
                     delay = self.backoff_initial
                 if self._stop.wait(delay):
@@ -4997,6 +5048,43 @@ class PluginSupervisor:
                 delay = _backoff(delay, self.backoff_max, 2)
         finally:
             health.went_down("stopped")
+
+    def _crash_looped(self, why: str) -> bool:
+        """Count a run's end; True when it ends the crash loop (the plugin is
+        given up: ``failed`` set, ``on_failed`` told, once)."""
+        now = time.monotonic()
+        with self._plock:
+            self._crashes.append(now)
+            while self._crashes and self._crashes[0] <= now - self.crash_window:
+                self._crashes.popleft()
+            # Cleared before stop is looked at: a stop after the look sets it again.
+            self._resume.clear()
+            if self.crash_limit is None or len(self._crashes) < self.crash_limit \
+                    or self._stop.is_set():
+                return False
+            self.failed = (f"crashed {len(self._crashes)} times within "
+                           f"{self.crash_window:g}s (last: {why})")
+        self.handle.health.went_down(f"failed: {self.failed}")
+        log.error("plugin %s: %s; not restarting it until one of its jobs is resumed or "
+                  "the configuration is reloaded", self._name, _log_safe(self.failed))
+        if self.on_failed is not None:
+            try:
+                self.on_failed(self)
+            except Exception:
+                log.exception("plugin %s: handling its crash loop failed", self._name)
+        return True
+
+    def resume(self) -> bool:
+        """Start a plugin given up after a crash loop again, its count from
+        zero; False when it was not given up."""
+        with self._plock:
+            if self.failed is None:
+                return False
+            self.failed = None
+            self._crashes.clear()
+        log.info("plugin %s: resumed after its crash loop; starting it", self._name)
+        self._resume.set()
+        return True
 
     def _relay(self, proc: subprocess.Popen) -> None:
         """Log the plugin's output until it exits; then clear its whole group.
@@ -5074,6 +5162,7 @@ class PluginSupervisor:
     def request_stop(self) -> None:
         """Stop restarting and SIGTERM the plugin's group; returns at once."""
         self._stop.set()
+        self._resume.set()                      # a plugin given up waits on it
         with self._plock:
             proc = self.proc
         if proc is not None and proc.poll() is None:
@@ -10425,6 +10514,8 @@ class DaemonConfig:
     backoff_max_secs: float = 300.0
     max_workers: int = 64
     shutdown_grace_secs: float = 10.0
+    plugin_crash_limit: int = 5                    # a supervised plugin exiting so often ...
+    plugin_crash_window_secs: float = 600.0        # ... within so long is given up
     alert_topic: str = "nexo.poller.alert"
     broker: str | None = None
     broker_tls: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -11049,6 +11140,8 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
         if _check_policy_value(probs, prefix + key, key, get(key)):
             setattr(cfg, key, get(key))
     number("max_workers", 1, 4096, integer=True)
+    number("plugin_crash_limit", *_CRASH_LIMIT_RANGE, integer=True)
+    number("plugin_crash_window_secs", *_CRASH_WINDOW_RANGE)
     number("shutdown_grace_secs", 0.1, 3600)
     number("delivery_max_attempts", 1, 10 ** 6, integer=True)
     number("delivery_max_age_secs", 1, 86400 * 365)
@@ -11681,13 +11774,34 @@ class _WorkerPool:
             self._q.put((None, ()))
 
 
+class _RateWindow:
+    """At most ``limit`` tick starts in any 60 seconds: the start times of
+    the last minute, kept.  A sliding log rather than a token bucket, whose
+    burst after an idle spell could put twice the limit into one minute."""
+    SPAN = 60.0
+    __slots__ = ("limit", "starts")
+
+    def __init__(self, limit: int):
+        self.limit, self.starts = limit, deque()
+
+    def ready_at(self, now: float) -> float:
+        """When the next start may be: ``now``, or when the oldest leaves the window."""
+        while self.starts and self.starts[0] <= now - self.SPAN:
+            self.starts.popleft()
+        return now if len(self.starts) < self.limit else self.starts[0] + self.SPAN
+
+
 class _Lane:
-    """At most ``limit`` ticks of one plugin (or in-process kind) at once;
-    the rest wait in order."""
-    __slots__ = ("key", "limit", "running", "waiting")
+    """At most ``limit`` ticks of one plugin (or in-process kind) at once,
+    and at most ``rate.limit`` starts a minute when it has a ``rate``; the
+    rest wait in order.  ``held_until``: the rate limit holds its next tick
+    until then (a monotonic time; None: it does not)."""
+    __slots__ = ("key", "limit", "running", "waiting", "rate", "held_until")
 
     def __init__(self, key: str, limit: int):
         self.key, self.limit, self.running, self.waiting = key, limit, 0, deque()
+        self.rate: _RateWindow | None = None
+        self.held_until: float | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -11743,22 +11857,33 @@ class _Routes:
 
 class _Lanes:
     """The tick slots: each lane (a plugin, or an in-process kind) runs at
-    most its limit of ticks at once and queues the rest in order, and each
-    idle lane keeps one worker in reserve; the Runner's lock guards it."""
+    most its limit of ticks at once (and starts at most its rate a minute)
+    and queues the rest in order, and each idle lane keeps one worker in
+    reserve; the Runner's lock (``book.cond``) guards it.  A tick the rate
+    holds waits in its lane, holding no worker, no lease renewal and no
+    other lane: the scheduler starts it when the window lets it."""
 
-    def __init__(self, workers: Callable[[], int]):
+    def __init__(self, workers: Callable[[], int], book: "_JobBook"):
         self._lanes: dict[str, _Lane] = {}
         self._workers = workers             # how many worker threads ticks share
+        self._book = book                   # its clock, lock and whether it is stopping
         self._idle = 0                      # lanes with nothing running
         self._busy = 0                      # ticks holding a worker thread
 
-    def get(self, key: str, limit: int) -> _Lane:
-        """The lane ``key`` (made when new), bounded by ``limit`` from now on."""
+    def get(self, key: str, limit: int, rate: int | None = None) -> _Lane:
+        """The lane ``key`` (made when new), bounded by ``limit`` and ``rate``
+        (starts a minute) from now on; the starts already made still count."""
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane(key, limit)
             self._idle += 1
         lane.limit = limit
+        if rate is None:
+            lane.rate = None
+        elif lane.rate is None:
+            lane.rate = _RateWindow(rate)
+        else:
+            lane.rate.limit = rate
         return lane
 
     def queue(self, lane: _Lane, job: _Job, slot: float | None, command: int | None) -> list:
@@ -11775,21 +11900,52 @@ class _Lanes:
         """
         starts, cap = [], self._workers()
         for lane in lanes:
+            lane.held_until = None
             while lane.waiting and lane.running < lane.limit:
                 reserve = min(self._idle - (lane.running == 0), cap - 1)
                 if self._busy >= cap - reserve:
                     break
+                # A tick that will not poll (stopping, job removed) needs no room.
+                if lane.rate is not None and not (self._book.stopping
+                                                  or lane.waiting[0][0].removed):
+                    wait = self.rate_wait(lane)
+                    if wait > 0:
+                        lane.held_until = self._book.monotonic() + wait
+                        self._book.cond.notify_all()    # the scheduler's next wake moved
+                        break
                 job, slot, command = lane.waiting.popleft()
                 self.take(lane)
                 self._busy += 1
                 starts.append((job, slot, command, lane))
         return starts
 
+    def rate_wait(self, lane: _Lane) -> float:
+        """Seconds until ``lane``'s rate limit lets a tick start (0: now)."""
+        if lane.rate is None:
+            return 0.0
+        now = self._book.monotonic()
+        return max(0.0, lane.rate.ready_at(now) - now)
+
+    def held_wait(self) -> float | None:
+        """Seconds until a tick the rate limit holds may start (0: now; None:
+        none is held)."""
+        held = [lane.held_until for lane in self._lanes.values() if lane.held_until is not None]
+        return None if not held else max(0.0, min(held) - self._book.monotonic())
+
+    def start_held(self) -> list:
+        """The held ticks whose rate (or, stopping, no rate) lets them start now."""
+        now = self._book.monotonic()
+        return self._start_ready([ln for ln in self._lanes.values() if ln.waiting and (
+            self._book.stopping or ln.held_until is None or ln.held_until <= now)])
+
     def take(self, lane: _Lane) -> None:
-        """A tick takes a slot of ``lane`` (an operator's: no worker thread)."""
+        """A tick takes a slot of ``lane`` (an operator's: no worker thread),
+        one of its rate's starts too."""
         if lane.running == 0:
             self._idle -= 1
         lane.running += 1
+        if lane.rate is not None:
+            lane.rate.starts.append(self._book.monotonic())
 
     def _free(self, lane: _Lane) -> None:
         lane.running -= 1
@@ -11809,9 +11965,12 @@ class _Lanes:
         return self._start_ready([lane] + [ln for ln in self._lanes.values()
                                            if ln.waiting and ln is not lane])
 
-    def snapshot(self) -> dict[str, tuple[int, int]]:
-        """Every lane: key -> (ticks running, ticks waiting for a slot)."""
-        return {k: (lane.running, len(lane.waiting)) for k, lane in self._lanes.items()}
+    def snapshot(self) -> dict[str, tuple[int, int, int]]:
+        """Every lane: key -> (ticks running, ticks waiting for a slot, of
+        those the ones its rate limit holds back)."""
+        return {k: (lane.running, len(lane.waiting),
+                    len(lane.waiting) if lane.held_until is not None else 0)
+                for k, lane in self._lanes.items()}
 
 
 class _TimerHeap:
@@ -11938,6 +12097,7 @@ class _JobBook:
         self.started = False
         self.stopping = False
         self.commands_due = False           # commands queued for this daemon: look now
+        self.monotonic = monotonic          # what deadlines and rate limits count on
         self._policy = policy               # () -> (the config, the rng): jitter, catch-up
 
     def get(self, job_id: str) -> _Job:
@@ -12049,6 +12209,12 @@ class _JobBook:
         return granted
 
 
+def _crash_policy(handle: PluginPollerHandle, config: DaemonConfig) -> dict[str, Any]:
+    """A supervised plugin's crash-loop policy: its manifest's keys, else the config's."""
+    return {"crash_limit": handle.crash_limit or config.plugin_crash_limit,
+            "crash_window": handle.crash_window_secs or config.plugin_crash_window_secs}
+
+
 class _Plugins:
     """The kinds this daemon serves and how: in-process pollers and plugins
     routed (one owner per kind), the supervised plugins started and stopped,
@@ -12060,13 +12226,15 @@ class _Plugins:
         self.router = PluginPollerRouter()          # plugins by id (the manifests)
         self.routes = _Routes(self.router)          # kinds: the one answer to "who serves it"
         self.supervisors: dict[str, PluginSupervisor] = {}
+        self.commands: "_Commands | None" = None    # set by _Commands (pause, resume)
+        self._failed_jobs: dict[str, list[str]] = {}   # plugin id -> jobs its crash loop paused
         for poller in builtin_pollers():
             self.routes.add_builtin(poller.kind, functools.partial(self._route, poller))
 
-    def lane(self, key: str, limit: int) -> _Lane:
-        """The lane ``key``, bounded by ``limit``."""
+    def lane(self, key: str, limit: int, rate: int | None = None) -> _Lane:
+        """The lane ``key``, bounded by ``limit`` (and ``rate`` starts a minute)."""
         with self._cond:
-            return self._lanes.get(key, limit)
+            return self._lanes.get(key, limit, rate)
 
     def register(self, poller: Any) -> None:
         """Serve ``poller.kind`` in-process (``Runner.register``)."""
@@ -12079,17 +12247,21 @@ class _Plugins:
     def _route(self, poller: Any) -> _Route:
         """The route of an in-process poller: its own lane, the in-process budget."""
         limit = getattr(poller, "max_concurrent_ticks", None) or self._runner.config.max_workers
-        return _Route(poller.kind, poller, self.lane(f"kind:{poller.kind}", limit),
-                      _tick_budget(poller.kind))
+        lane = self.lane(f"kind:{poller.kind}", limit, getattr(poller, "max_ticks_per_minute",
+                                                               None))
+        return _Route(poller.kind, poller, lane, _tick_budget(poller.kind))
 
     def install(self, handles: Iterable[PluginPollerHandle],
-                auth_by_plugin: Mapping[str, Mapping[str, str]] | None = None) -> None:
+                auth_by_plugin: Mapping[str, Mapping[str, str]] | None = None,
+                config: DaemonConfig | None = None) -> None:
         """Route the plugins' kinds and start the supervised ones, each with
-        its own NATS credentials when ``plugin_broker_auth`` names it."""
+        its own NATS credentials when ``plugin_broker_auth`` names it and
+        its crash-loop policy (of ``config``: the running one by default)."""
         r = self._runner
         for handle in handles:
             self.router.register(handle)        # one owner per kind, or DuplicateKind
-            lane = self.lane(handle.plugin_id, handle.max_concurrent_ticks)
+            lane = self.lane(handle.plugin_id, handle.max_concurrent_ticks,
+                             handle.max_ticks_per_minute)
             for kind in handle.kinds:
                 self.routes.add(_Route(kind, _proxy_for(kind, handle, r.broker, limit=False),
                                        lane, _tick_budget(kind, (handle,)), handle.plugin_id))
@@ -12099,8 +12271,54 @@ class _Plugins:
                 auth = (auth_by_plugin if auth_by_plugin is not None else
                         r.config.plugin_broker_auth).get(handle.plugin_id)
                 self.supervisors[handle.plugin_id] = PluginSupervisor(
-                    handle, _nats_url_as(r.broker_url, auth) if auth else r.broker_url
+                    handle, _nats_url_as(r.broker_url, auth) if auth else r.broker_url,
+                    on_failed=self._crash_loop, **_crash_policy(handle, config or r.config)
                 ).start()
+
+    def _crash_loop(self, sup: PluginSupervisor) -> None:
+        """A supervised plugin given up after a crash loop (its supervisor's
+        thread): pause its jobs, the reason in their pause note, and send
+        ONE alert naming it, with its last output lines."""
+        r, pid, kinds = self._runner, sup.handle.plugin_id, set(sup.handle.kinds)
+        # `status` shows a long error's end: the plugin is named there too.
+        why = (f"plugin {pid} failed: {sup.failed}; plugin {pid} stays down until one of "
+               "its jobs is resumed")
+        # The jobs this daemon holds: another daemon's run on its own copy of the plugin.
+        paused = [row["id"] for row in r.status() if row["kind"] in kinds
+                  and not row["paused"] and row["holder"] is not None]
+        self._failed_jobs[pid] = paused
+        for job_id in paused:
+            try:
+                self.commands.send(job_id, "pause", pause_command_arg(
+                    why[:PAUSE_NOTE_MAX_CHARS], f"nexo-poller (plugin {pid})"))
+            except NexoPollerError as exc:
+                log.error("plugin %s: job %s not paused: %s", pid, job_id, exc)
+        payload = {"plugin": pid, "kinds": sorted(kinds), "reason": "plugin crash loop",
+                   "error": sup.failed, "last_output": list(sup.last_output), "jobs": paused,
+                   "at": _iso(r.clock())}
+        log.warning("alert: plugin %s: %s; jobs paused: %s", pid, sup.failed,
+                    ", ".join(paused) or "none")
+        try:
+            r.broker.publish(r.config.alert_topic, payload)
+        except PluginPollerForwardError as exc:
+            log.error("alert for plugin %s not published: %s", pid, exc)
+
+    def job_resumed(self, job_id: str, kind: str) -> None:
+        """A job was resumed: when a crash loop gave its plugin up, the
+        plugin starts again and the other jobs the crash loop paused resume."""
+        handle = self.router.handle_for_kind(kind)
+        sup = self.supervisors.get(handle.plugin_id) if handle is not None else None
+        if sup is not None and sup.resume():
+            self._resume_jobs(handle.plugin_id, skip=job_id)
+
+    def _resume_jobs(self, plugin_id: str, skip: str | None = None) -> None:
+        """Resume the jobs the crash loop of ``plugin_id`` paused (but ``skip``)."""
+        for job_id in self._failed_jobs.pop(plugin_id, []):
+            if job_id != skip:
+                try:
+                    self.commands.send(job_id, "resume")
+                except NexoPollerError as exc:
+                    log.error("plugin %s: job %s not resumed: %s", plugin_id, job_id, exc)
 
     def remove(self, plugin_id: str) -> None:
         sup = self.supervisors.pop(plugin_id, None)
@@ -12116,15 +12334,25 @@ class _Plugins:
         new_plugins = {h.plugin_id: h for h in new.plugins}
         old_auth, new_auth = self._runner.config.plugin_broker_auth, new.plugin_broker_auth
 
-        def same(pid: str) -> bool:
+        def same(pid: str) -> bool:         # a plugin a crash loop gave up starts again
             return (pid in old_plugins and pid in new_plugins
                     and old_plugins[pid].same_spec(new_plugins[pid])
-                    and old_auth.get(pid) == new_auth.get(pid))
+                    and old_auth.get(pid) == new_auth.get(pid)
+                    and not getattr(self.supervisors.get(pid), "failed", None))
+        keep = {pid for pid in old_plugins if same(pid)}
         for pid in old_plugins:
-            if not same(pid):
+            if pid not in keep:
                 self.remove(pid)
-        changed = [h for pid, h in new_plugins.items() if not same(pid)]
-        self.install(changed, new_auth)
+        changed = [h for pid, h in new_plugins.items() if pid not in keep]
+        self.install(changed, new_auth, new)
+        for sup in self.supervisors.values():           # the global keys may have changed
+            policy = _crash_policy(sup.handle, new)
+            sup.crash_limit, sup.crash_window = policy["crash_limit"], policy["crash_window"]
+        for pid in [p for p in list(self._failed_jobs) if p not in keep]:
+            if pid in new_plugins:          # started again: the jobs it paused resume
+                self._resume_jobs(pid)
+            else:
+                del self._failed_jobs[pid]
         return [h.plugin_id for h in changed if h.plugin_id in old_plugins]
 
     def stop_supervised(self) -> None:
@@ -12172,10 +12400,12 @@ class _Commands:
     to a job this daemon holds and is not ticking, else queued in the state
     for its owner, and the queued ones carried out when the scheduler looks."""
 
-    def __init__(self, runner: "Runner", book: _JobBook,
+    def __init__(self, runner: "Runner", book: _JobBook, plugins: "_Plugins",
                  dispatch: Callable[[_Job, float | None, int | None], None]):
         self._runner = runner               # its state and clock
         self._book = book
+        self._plugins = plugins             # told of a resume: a crash loop's end
+        plugins.commands = self             # the pauses and resumes a crash loop gives
         self._dispatch = dispatch           # _Workers.dispatch
 
     def send(self, job_id: str, verb: str, arg: str | None = None) -> None:
@@ -12248,6 +12478,8 @@ class _Commands:
             job.state = new.replace(revision=new.revision + 1)
             if verb == "pause":
                 job.generation = -1
+        if verb == "resume":
+            self._plugins.job_resumed(job.cfg.id, job.cfg.kind)
         return True
 
     def apply_pending(self) -> int:
@@ -12780,8 +13012,14 @@ class _Workers:
         deadline = time.monotonic() + budget
         book = self._book
         with book.cond:
-            while lane.running >= lane.limit and not book.stopping:
+            while not book.stopping:
                 left = deadline - time.monotonic()
+                rate = self._lanes.rate_wait(lane)      # an operator's tick counts too
+                if lane.running < lane.limit and rate <= 0:
+                    break
+                if rate > max(left, 0.0):
+                    return None, (f"the rate limit of {lane.key} ({lane.rate.limit} ticks a "
+                                  f"minute) lets the next tick start in {rate:.1f}s")
                 if left <= 0:
                     return None, (f"all {lane.limit} tick slots of {lane.key} stayed busy "
                                   f"for {budget:g}s")
@@ -12797,10 +13035,21 @@ class _Workers:
         for args in starts:
             self._pool.submit(self._work, *args)
 
-    def snapshot(self) -> dict[str, tuple[int, int]]:
-        """Every lane: key -> (ticks running, ticks waiting for a slot)."""
+    def snapshot(self) -> dict[str, tuple[int, int, int]]:
+        """Every lane: key -> (running, waiting, waiting held by its rate limit)."""
         with self._book.cond:
             return self._lanes.snapshot()
+
+    def held_wait(self) -> float | None:
+        """Seconds until a tick a rate limit holds may start (lock held; None: none)."""
+        return self._lanes.held_wait()
+
+    def start_held(self) -> None:
+        """Start the ticks a rate limit held whose time has come (all, when stopping)."""
+        with self._book.cond:
+            starts = self._lanes.start_held()
+        for args in starts:
+            self._pool.submit(self._work, *args)
 
     def close(self) -> None:
         self._pool.close()
@@ -12827,8 +13076,11 @@ class _Scheduler:
         self.thread.start()
 
     def join(self, timeout: float) -> None:
+        """Wait for the thread (stopping); then the ticks a rate limit holds
+        start, to be cancelled, rather than keep the stop waiting."""
         if self.thread is not None:
             self.thread.join(timeout)
+        self._workers.start_held()
 
     @property
     def alive(self) -> bool:
@@ -12870,6 +13122,9 @@ class _Scheduler:
             waits.append(max(0.0, deadline - now))
             if self.wall_jobs:
                 waits.append(_WALL_CLOCK_LOOK_SECS)
+        held = self._workers.held_wait()
+        if held is not None:
+            waits.append(held)
         return min(waits) if waits else None
 
     def _loop(self) -> None:
@@ -12887,12 +13142,15 @@ class _Scheduler:
                     book.watch_clock()
                     now = self._runner.monotonic()
                     due = self._pop_due(now)
-                    if not due and not book.effects and not self._poll_due():
+                    held = self._workers.held_wait() == 0      # a rate limit lets one go
+                    if not due and not held and not book.effects and not self._poll_due():
                         book.cond.wait(self._next_wake(now))
                         continue
                 self._ticks.drain_effects()
                 for job, slot in due:
                     self._workers.dispatch(job, slot)
+                if held:
+                    self._workers.start_held()
                 if self._poll_due():
                     self._last_poll = time.monotonic()
                     self._poll_state()
@@ -12950,6 +13208,7 @@ class _Scheduler:
             due = self._pop_due(self._runner.monotonic())
         for job, slot in due:
             self._workers.dispatch(job, slot)
+        self._workers.start_held()
         return len(due)
 
 
@@ -13111,10 +13370,10 @@ class Runner:
         self._opened = self._torn_down = False
         book = self._book = _JobBook(clock, self.monotonic, lambda: (self.config,
                                                                      self.rng))
-        lanes = _Lanes(lambda: self.config.max_workers)
+        lanes = _Lanes(lambda: self.config.max_workers, book)
         self._plugins = _Plugins(self, lanes, book.cond)
         # Commands dispatch ticks; workers run them; a tick may apply commands first.
-        self._commands = _Commands(self, book, lambda *args: self._workers.dispatch(*args))
+        self._commands = _Commands(self, book, self._plugins, lambda *a: self._workers.dispatch(*a))
         self._ticks = _Ticks(self, book, self._plugins, self._commands)
         self._workers = _Workers(book, self._plugins, lanes, config.max_workers,
                                  self._ticks.tick)
@@ -13128,7 +13387,7 @@ class Runner:
 
     def register(self, poller: Any) -> None:
         """Serve ``poller.kind`` in-process with ``poller.tick(ctx) -> TickAck``;
-        an optional ``max_concurrent_ticks`` attribute bounds its ticks."""
+        optional ``max_concurrent_ticks``, ``max_ticks_per_minute`` attributes bound it."""
         self._plugins.register(poller)
 
     # -- life cycle -------------------------------------------------------------------
@@ -13413,8 +13672,8 @@ class Runner:
         """The kinds ``register`` serves in this process."""
         return self._plugins.routes.in_process_kinds()
 
-    def lanes(self) -> dict[str, tuple[int, int]]:
-        """Every lane: key -> (ticks running, ticks waiting for a slot)."""
+    def lanes(self) -> dict[str, tuple[int, int, int]]:
+        """Every lane: key -> (running, waiting, waiting held by its rate limit)."""
         return self._workers.snapshot()
 
     def supervisors(self) -> dict[str, PluginSupervisor]:
@@ -13893,8 +14152,13 @@ class _Metrics:
         # can take: every job still ticks, each later than its slot.
         family("nexo_poller_ticks_waiting", "gauge",
                "Due ticks waiting for a free slot in their plugin's lane.")
-        for key, (_, n) in sorted(runner.lanes().items()):
+        lanes = sorted(runner.lanes().items())
+        for key, (_, n, _) in lanes:
             out.append(f"nexo_poller_ticks_waiting{lbl(lane=key)} {n}")
+        family("nexo_poller_ticks_rate_limited", "gauge",
+               "Of the waiting ticks, those the lane's max_ticks_per_minute holds back.")
+        for key, (_, _, n) in lanes:
+            out.append(f"nexo_poller_ticks_rate_limited{lbl(lane=key)} {n}")
         return "\n".join(out) + "\n"
 
     def _render_nexo(self, out: list, family: Callable, lbl: Callable, jobs: list) -> None:
@@ -14061,19 +14325,23 @@ def _schedule_text(s: Schedule) -> str:
 
 
 def _plugin_states(runner: "Runner") -> list[dict]:
-    """Every plugin with what its supervisor knows: up, restarting, down."""
+    """Every plugin with what its supervisor knows: up, restarting, down, or
+    failed (a crash loop gave it up: ``failed`` says why)."""
     out = []
     sups = runner.supervisors()
     for h in sorted(runner.router.handles(), key=lambda h: h.plugin_id):
         sup = sups.get(h.plugin_id)
         doc = {"id": h.plugin_id, "kinds": list(h.kinds), "lifecycle": h.lifecycle.value,
                "state": "ephemeral", "pid": None, "restarts": 0, "last_exit": None,
-               "restart_in_secs": None, "last_output": []}
+               "restart_in_secs": None, "last_output": [],
+               "max_ticks_per_minute": h.max_ticks_per_minute, "failed": None}
         if sup is not None:
             down, at, tail = h.health.snapshot()
             proc = sup.proc
             alive = proc is not None and proc.poll() is None and down is None
-            doc.update(state="up" if alive else "restarting" if at is not None else "down",
+            failed = sup.failed                 # a crash loop gave it up: why
+            doc.update(state="failed" if failed else "up" if alive else
+                       "restarting" if at is not None else "down", failed=failed,
                        pid=proc.pid if alive else None, restarts=sup.restarts,
                        last_exit=down or sup.last_exit,
                        restart_in_secs=None if at is None or alive else
@@ -15187,6 +15455,10 @@ def _validate_local(config: DaemonConfig, args) -> int:
         if handle is not None:              # the plugin wins: worth knowing
             print(f"  kind {kind!r} is served by plugin {handle.plugin_id!r}, "
                   "not the built-in")
+    for h in config.plugins:
+        if h.max_ticks_per_minute is not None:
+            print(f"  plugin {h.plugin_id}: at most {h.max_ticks_per_minute} ticks a minute "
+                  f"(max_ticks_per_minute), shared by its kinds {', '.join(h.kinds)}")
     for line in _nexo_tz_warnings(config, time.time()):
         print(line)
     for jc in config.jobs if args.policy else ():

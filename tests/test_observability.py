@@ -212,6 +212,7 @@ class TestMetricsEndpoint(Case):
             "nexo_poller_state_ok": "gauge",
             "nexo_poller_plugin_restarts_total": "counter",
             "nexo_poller_ticks_waiting": "gauge",
+            "nexo_poller_ticks_rate_limited": "gauge",
             # nexo's own families, always alongside (TestNexoMetricNames)
             "poller_ticks_total": "counter", "poller_latency_ms": "histogram",
             "poller_items_seen_total": "counter", "poller_items_dispatched_total": "counter",
