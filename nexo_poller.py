@@ -5675,14 +5675,15 @@ class RunRecord:
 
     def to_dict(self) -> dict:
         """As ``history --json`` and ``GET /admin/pollers/<id>/runs`` show it."""
-        doc = dataclasses.asdict(self)
+        doc = self.stored()
         doc["scheduled_at"], doc["started_at"] = _iso(self.scheduled_at), _iso(self.started_at)
         doc["duration_ms"] = round(doc.pop("duration") * 1000, 3)
         return doc
 
     def stored(self) -> dict:
-        """The record as a backend stores it (JSON; times as epoch seconds)."""
-        return dataclasses.asdict(self)
+        """The record as a backend stores it (JSON; times as epoch seconds).
+        Not ``dataclasses.asdict``: it deep-copies, and this runs every tick."""
+        return {f: getattr(self, f) for f in _RUN_FIELDS}
 
     @classmethod
     def from_stored(cls, doc: Mapping[str, Any]) -> "RunRecord":
