@@ -6026,6 +6026,12 @@ class StateStore:
         kept): each stored by the commit of its tick's outcome (``run``)."""
         raise NotImplementedError
 
+    def run_histories(self, job_ids: Iterable[str], limit: int | None = None
+                      ) -> dict[str, list[RunRecord]]:
+        """``run_history`` of several jobs (the status page's); a backend
+        that reads them in fewer round trips overrides it."""
+        return {job_id: self.run_history(job_id, limit) for job_id in job_ids}
+
     def cursor_history(self, job_id: str, limit: int = CURSOR_HISTORY_KEEP
                        ) -> list[CursorChange]:
         """The last committed cursors of a job, newest first (at most
@@ -7539,19 +7545,27 @@ class _KvRuns:
         return ({"next": nxt + 1, "keep": keep, "spans": spans},
                 [(_run_key(job_id, nxt % keep), value, None)], gone)
 
-    def history(self, job_id: str, limit: int | None) -> list[RunRecord]:
-        rec = self._kv.get_many(["job." + _kv_token(job_id)])["job." + _kv_token(job_id)][0]
-        runs = (rec or {}).get("runs") or {}
-        nxt, keep = int(runs.get("next") or 0), int(runs.get("keep") or 0)
-        seqs = list(range(nxt - 1, max(nxt - keep, 0) - 1, -1))[:limit]
-        got = self._kv.get_many([_run_key(job_id, seq % keep) for seq in seqs])
-        out = []
-        for seq in seqs:
-            value = got[_run_key(job_id, seq % keep)][0]
+    def histories(self, job_ids: Iterable[str], limit: int | None
+                  ) -> dict[str, list[RunRecord]]:
+        """The runs of each job, newest first: two pipelined rounds in all
+        (the records, then the runs' keys they name)."""
+        job_ids = list(job_ids)
+        records = self._kv.get_many(["job." + _kv_token(j) for j in job_ids])
+        wanted: dict[str, list[tuple[int, str]]] = {}       # job -> [(seq, key)]
+        for job_id in job_ids:
+            runs = (records["job." + _kv_token(job_id)][0] or {}).get("runs") or {}
+            nxt, keep = int(runs.get("next") or 0), int(runs.get("keep") or 0)
+            wanted[job_id] = [(seq, _run_key(job_id, seq % keep)) for seq in
+                              range(nxt - 1, max(nxt - keep, 0) - 1, -1)][:limit]
+        got = self._kv.get_many([key for pairs in wanted.values() for _, key in pairs])
+        out: dict[str, list[RunRecord]] = {}
+        for job_id, pairs in wanted.items():
+            rec = records["job." + _kv_token(job_id)][0]
             # Not this seq's, or not its committed writer's: an orphan, or overwritten.
-            if value and value.get("seq") == seq and _out_committed(rec, seq, value.get("span"),
-                                                                    "runs"):
-                out.append(RunRecord.from_stored(value))
+            out[job_id] = [RunRecord.from_stored(value) for seq, key in pairs
+                           for value in [got[key][0]]
+                           if value and value.get("seq") == seq
+                           and _out_committed(rec, seq, value.get("span"), "runs")]
         return out
 
 
@@ -8034,7 +8048,11 @@ class JetStreamStateStore(StateStore):
                           None if run is None else (run, run_keep)), done)
 
     def run_history(self, job_id: str, limit: int | None = None) -> list[RunRecord]:
-        return self.kv_runs.history(job_id, limit)
+        return self.kv_runs.histories([job_id], limit)[job_id]
+
+    def run_histories(self, job_ids: Iterable[str], limit: int | None = None
+                      ) -> dict[str, list[RunRecord]]:
+        return self.kv_runs.histories(job_ids, limit)
 
     def _commit_record(self, rec: dict | None, state: JobState, command, items: list,
                        run: tuple[RunRecord, int] | None, hand_back: bool = False
@@ -12729,14 +12747,10 @@ def _runs_limit(text: str | int | None) -> int | None:
 _PAGE_RUNS = 20                 # runs the status page shows per job
 
 
-def _runs_bar(runner: "Runner", job_id: str) -> str:
+def _runs_bar(runs: list[RunRecord]) -> str:
     """A job's recent runs on the status page: a bar of outcomes, oldest
-    left, whose details (a table, newest first) open on a click."""
+    left, whose details (a list, newest first) open on a click."""
     from html import escape
-    try:
-        runs = runner.state.run_history(job_id, _PAGE_RUNS)
-    except StateError:
-        return ""
     if not runs:
         return ""
     e = lambda v: escape("-" if v is None else str(v), quote=True)  # noqa: E731
@@ -12809,11 +12823,14 @@ def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> 
     jobs = _admin_jobs(runner) if authorized else []
     plugins = _plugin_states(runner) if authorized else []
     daemons = _admin_daemons(runner, jobs)["daemons"] if authorized else []
+    shown = [j for j in jobs if wanted in ("all", _job_status(j))]
+    try:
+        runs = runner.state.run_histories([j["id"] for j in shown], _PAGE_RUNS)
+    except StateError:
+        runs = {}
     rows = []
-    for j in jobs:
+    for j in shown:
         status = _job_status(j)
-        if wanted != "all" and status != wanted:
-            continue
         mark = {"ok": "✓ ok", "failing": "✗ failing", "paused": "‖ paused",
                 "breaker": "! breaker open", "running": "» running"}.get(status, "– never run")
         err = "-"
@@ -12831,7 +12848,7 @@ def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> 
             f'<th scope="row">{e(j["id"])}</th><td>{e(j["kind"])}</td><td>{e(j["plugin"])}</td>'
             f'<td>{e(j["schedule"])}</td>'
             f'<td><time datetime="{e(j["last_run_at"])}">{e(_relative(j["last_run_at"], now, spaced=True, never="never"))}'
-            f'</time>{_runs_bar(runner, j["id"])}</td><td class="st-{e(status.replace(" ", "-"))}">{e(mark)}'
+            f'</time>{_runs_bar(runs.get(j["id"], []))}</td><td class="st-{e(status.replace(" ", "-"))}">{e(mark)}'
             f'<br><small>last: {e(j["last_status"])}, errors in a row: '
             f'{e(j["consecutive_errors"])}</small></td><td class="err">{err}</td>'
             f'<td><time datetime="{e(j["next_run_at"])}">'

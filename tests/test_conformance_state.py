@@ -443,6 +443,8 @@ class StateContract(_ContractCase):
         self.assertEqual([r.items_seen for r in b.run_history("j")], [9, 4, 3],
                          "a refused commit records no run")
         self.assertEqual(b.run_history("nosuch"), [])
+        self.assertEqual(b.run_histories(["j", "nosuch"], 2),
+                         {"j": b.run_history("j", 2), "nosuch": []}, "several jobs at once")
         self.assertTrue(a.commit_now(got, run=self.run_record(10), run_keep=1))
         self.assertEqual([r.items_seen for r in b.run_history("j")], [10], "pruned at once")
         self.assertTrue(a.commit_now(got, run=self.run_record(11), run_keep=0))
@@ -654,6 +656,22 @@ class JetStreamConformance(StateContract, TempDirCase):
 
     def store(self, **kw) -> StateStore:
         return JetStreamStateStore(self.bucket, self.server.url, **kw)
+
+    def test_a_run_whose_record_did_not_land_is_never_shown(self):
+        # The run keys go beside the record (KV has no multi-key write): a
+        # run written by a commit whose record lost its compare-and-set, or
+        # by another writer, is not one the record names.
+        a = self.open()
+        now = time.time()
+        got = a.claim({"j": now + 60}, now)["j"]
+        for n in range(2):
+            self.assertTrue(a.commit_now(got, run=self.run_record(n), run_keep=3))
+        orphan = {**self.run_record(7).stored(), "span": "f00d"}
+        a.kv.put_many([(nx._run_key("j", 2), {**orphan, "seq": 2}, None),   # not committed
+                       (nx._run_key("j", 1), {**orphan, "seq": 1}, None)])  # another writer's
+        self.assertEqual(a.run_history("j"), [self.run_record(0)])
+        self.assertTrue(a.commit_now(got, run=self.run_record(2), run_keep=3))
+        self.assertEqual([r.items_seen for r in a.run_history("j")], [2, 0])
 
 
 class SqliteToJetStream(_Sqlite, _ContractCase, TempDirCase):
