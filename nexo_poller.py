@@ -150,8 +150,8 @@ __all__ = [
     # daemon
     "StateStore", "SqliteStateStore", "JetStreamStateStore", "open_state", "JobState",
     "Command", "TickStatus", "apply_command", "COMMAND_VERBS", "CursorChange",
-    "cursor_command_arg", "CURSOR_HISTORY_KEEP", "RunRecord", "RUN_HISTORY_KEEP", "Schedule", "CronExpr", "JobConfig",
-    "JobPolicy", "DaemonConfig",
+    "cursor_command_arg", "CURSOR_HISTORY_KEEP", "RunRecord", "RUN_HISTORY_KEEP", "Schedule",
+    "CronExpr", "JobConfig", "JobPolicy", "DaemonConfig",
     "load_config", "config_from_dict", "Runner", "TickOutcome", "TickPlan", "plan_tick",
     "next_run", "OutboxItem", "outbound_topic", "main",
 ]
