@@ -6105,15 +6105,19 @@ CREATE TABLE IF NOT EXISTS cursor_history (
     source TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS cursor_history_by_job ON cursor_history (job, n);"""
-# The run history (issue 25 item 7): one row per committed tick, its RunRecord
-# as JSON, the newest ``run_history`` of each job kept.
+# The run history (issue 25 item 7): a ring of ``run_history`` rows per job,
+# each a run (its RunRecord as JSON) at ``slot`` = its ``seq`` (the job's
+# ``runs_next`` when it was written) modulo the ring's size.  A commit
+# rewrites one row in place, among its job's own (clustered by job): the
+# cheapest bounded write, where an INSERT and a DELETE touch two pages.
 _RUNS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
-    n INTEGER PRIMARY KEY AUTOINCREMENT,
     job TEXT NOT NULL,
-    record TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS runs_by_job ON runs (job, n);"""
+    slot INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (job, slot)
+) WITHOUT ROWID;"""
 # The tables added to version 2 since it came out: made in place, at open,
 # in an older version 2 file (which a version without them still reads).
 _ADDED_TABLES = {"cursor_history": _CURSOR_HISTORY_SCHEMA, "runs": _RUNS_SCHEMA}
@@ -6135,7 +6139,8 @@ CREATE TABLE jobs (
     lease_until REAL,
     schedule_key TEXT,
     revision INTEGER NOT NULL DEFAULT 0,
-    delivered_total INTEGER NOT NULL DEFAULT 0
+    delivered_total INTEGER NOT NULL DEFAULT 0,
+    runs_next INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE commands (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -6156,6 +6161,7 @@ _MIGRATE_1_TO_2 = """
 ALTER TABLE jobs ADD COLUMN schedule_key TEXT;
 ALTER TABLE jobs ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN delivered_total INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN runs_next INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE commands ADD COLUMN result TEXT;
 ALTER TABLE commands ADD COLUMN arg TEXT;
 CREATE TABLE daemons (owner TEXT PRIMARY KEY, started_at REAL NOT NULL,
@@ -6454,7 +6460,8 @@ class _SqliteFile:
     @staticmethod
     def _add_tables(db) -> None:
         """Give a version 2 file made before the cursor or run history its
-        tables and the commands their ``arg`` column (idempotent)."""
+        tables, the commands their ``arg`` column and the jobs their
+        ``runs_next`` (idempotent)."""
         db.execute("BEGIN IMMEDIATE")
         try:
             for statement in "".join(_ADDED_TABLES.values()).split(";"):
@@ -6462,6 +6469,8 @@ class _SqliteFile:
                     db.execute(statement)
             if "arg" not in {r[1] for r in db.execute("PRAGMA table_info(commands)")}:
                 db.execute("ALTER TABLE commands ADD COLUMN arg TEXT")
+            if "runs_next" not in {r[1] for r in db.execute("PRAGMA table_info(jobs)")}:
+                db.execute("ALTER TABLE jobs ADD COLUMN runs_next INTEGER NOT NULL DEFAULT 0")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -6488,12 +6497,15 @@ def _sqlite_prune(db, table: str, job_id: str, keep: int) -> None:
                "WHERE job=? ORDER BY n DESC LIMIT 1 OFFSET ?)", (job_id, job_id, keep))
 
 
-def _sqlite_keep_run(db, job_id: str, record: str, keep: int) -> None:
-    """A run (its RunRecord as JSON) into the job's history, in the commit's
-    transaction: one INSERT and the bounded DELETE that keeps ``keep``."""
+def _sqlite_keep_run(db, job_id: str, seq: int, record: str, keep: int) -> None:
+    """A run (its RunRecord as JSON, the job's ``runs_next`` its ``seq``)
+    into the job's ring of ``keep``, in the commit's transaction; the ring's
+    end goes when ``keep`` shrank (0: every run)."""
     if keep > 0:
-        db.execute("INSERT INTO runs (job, record) VALUES (?, ?)", (job_id, record))
-    _sqlite_prune(db, "runs", job_id, keep)
+        db.execute("INSERT OR REPLACE INTO runs (job, slot, seq, record) VALUES (?, ?, ?, ?)",
+                   (job_id, seq % keep, seq, record))
+        db.execute("UPDATE jobs SET runs_next=? WHERE id=?", (seq + 1, job_id))
+    db.execute("DELETE FROM runs WHERE job=? AND slot >= ?", (job_id, keep))
 
 
 class SqliteStateStore(StateStore):
@@ -6635,8 +6647,8 @@ class SqliteStateStore(StateStore):
         record = None if run is None else _dumps(run.stored())
 
         def fn(db):
-            row = db.execute("SELECT lease_owner, revision, cursor FROM jobs WHERE id=?",
-                             (state.id,)).fetchone()
+            row = db.execute("SELECT lease_owner, revision, cursor, runs_next FROM jobs "
+                             "WHERE id=?", (state.id,)).fetchone()
             if row is None or row[0] != owner:
                 return False                    # another daemon took the job over
             why = source or "tick"
@@ -6653,7 +6665,7 @@ class SqliteStateStore(StateStore):
                 db.executemany(f"INSERT INTO outbox ({', '.join(_OUTBOX_FIELDS)}) "
                                f"VALUES ({', '.join('?' * len(_OUTBOX_FIELDS))})", items)
             if record is not None:
-                _sqlite_keep_run(db, state.id, record, run_keep)
+                _sqlite_keep_run(db, state.id, row[3], record, run_keep)
             return True
         self.submit(fn, done)
 
@@ -6873,8 +6885,8 @@ class SqliteStateStore(StateStore):
 
     def run_history(self, job_id: str, limit: int | None = None) -> list[RunRecord]:
         try:
-            rows = self.file.read("SELECT record FROM runs WHERE job=? ORDER BY n DESC LIMIT ?",
-                                  (job_id, -1 if limit is None else limit))
+            rows = self.file.read("SELECT record FROM runs WHERE job=? ORDER BY seq DESC "
+                                  "LIMIT ?", (job_id, -1 if limit is None else limit))
         except StateError:
             if "runs" in self.file.table_names():
                 raise

@@ -78,6 +78,7 @@ class OlderFileTests(TempDirCase):
         SqliteStateStore(self.db).close()
         raw = sqlite3.connect(self.db)
         raw.execute("DROP TABLE runs")
+        raw.execute("ALTER TABLE jobs DROP COLUMN runs_next")   # as main's files are
         raw.commit()
         raw.close()
         ro = SqliteStateStore(self.db, readonly=True)
