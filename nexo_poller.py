@@ -46,7 +46,8 @@ The sections of this file, in dependency order:
                 _GroupCommit (one writer thread, batches); SqliteStateStore
                 over _SqliteFile; JetStreamStateStore over _KvBucket (the KV
                 client), _KvLeases (the spreading policy), _KvDaemons
-                (heartbeats), _KvCommands and _KvOutbox
+                (heartbeats), _KvCommands, _KvOutbox and _KvRuns (the run
+                history); RunRecord (one run of a job, kept with its commit)
     Schedule    Schedule, CronExpr (Vixie cron, or nexo's: the cron crate's)
     YAML        the reader of YAML configuration files (_read_yaml): the
                 subset configuration files use, refusing the rest
@@ -153,7 +154,7 @@ __all__ = [
     "StateStore", "SqliteStateStore", "JetStreamStateStore", "open_state", "JobState",
     "Command", "TickStatus", "apply_command", "COMMAND_VERBS", "CursorChange",
     "cursor_command_arg", "pause_command_arg", "PAUSE_NOTE_MAX_CHARS", "CURSOR_HISTORY_KEEP",
-    "Schedule", "CronExpr", "JobConfig",
+    "RunRecord", "RUN_HISTORY_KEEP", "Schedule", "CronExpr", "JobConfig",
     "JobPolicy", "DaemonConfig",
     "load_config", "config_from_dict", "Runner", "TickOutcome", "TickPlan", "plan_tick",
     "next_run", "catch_up", "OutboxItem", "outbound_topic", "main",
@@ -6879,7 +6880,7 @@ def _builtin_config_problem(kind: str, config: Any) -> str | None:
 # Every job's durable state has one owner: a StateStore.  The Runner and the
 # CLI speak to it in JobState records; only the backend speaks SQL.
 # Shares: _command_source, _DAEMON_TTL_SECS, _new_owner, _no_history,
-#   _NoStateYet, _outbox_share, _pid_alive, _state_backend, _wake_owner
+#   _NoStateYet, _outbox_share, _pid_alive, _state_backend, _storable, _wake_owner
 # ============================================================================
 
 class TickStatus(str, enum.Enum):
@@ -7088,6 +7089,50 @@ class CursorChange:
 
 
 CURSOR_HISTORY_KEEP = 20        # committed cursors kept per job
+RUN_HISTORY_KEEP = 100          # runs kept per job unless run_history says otherwise
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """One committed tick of a job, as its run history keeps it.
+
+    ``scheduled_at`` is the slot it ran for (None: an operator's tick,
+    ``trigger`` "operator"; a slot's is "schedule"), ``started_at`` the wall
+    clock at its start, ``duration`` the poll's seconds.  A cursor is
+    ``{"bytes": n}``, with ``"text"`` when it is short printable text
+    (``_run_cursor``), or None for no cursor: never its bytes whole.
+    ``stderr`` is the plugin's stderr tail a failed tick's error carries."""
+    job: str
+    scheduled_at: float | None
+    started_at: float
+    duration: float
+    outcome: str
+    error: str | None = None
+    items_seen: int = 0
+    items_dispatched: int = 0
+    cursor_before: dict | None = None
+    cursor_after: dict | None = None
+    stderr: str | None = None
+    trigger: str = "schedule"
+
+    def to_dict(self) -> dict:
+        """As ``history --json`` and ``GET /admin/pollers/<id>/runs`` show it."""
+        doc = self.stored()
+        doc["scheduled_at"], doc["started_at"] = _iso(self.scheduled_at), _iso(self.started_at)
+        doc["duration_ms"] = round(doc.pop("duration") * 1000, 3)
+        return doc
+
+    def stored(self) -> dict:
+        """The record as a backend stores it (JSON; times as epoch seconds).
+        Not ``dataclasses.asdict``: it deep-copies, and this runs every tick."""
+        return {f: getattr(self, f) for f in _RUN_FIELDS}
+
+    @classmethod
+    def from_stored(cls, doc: Mapping[str, Any]) -> "RunRecord":
+        return cls(**{f: doc[f] for f in _RUN_FIELDS if f in doc})
+
+
+_RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunRecord))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -7160,7 +7205,8 @@ class StateStore:
     A backend author implements (each raises NotImplementedError here):
     ``from_location`` and ``resolve_location`` (how ``open_state`` and the
     config reach it: add the class to ``_state_backend``), ``load``,
-    ``claim``, ``commit``, ``release``, ``command``, ``pending_commands``,
+    ``claim``, ``commit``, ``run_history``, ``release``, ``command``,
+    ``pending_commands``,
     ``finish_command``, ``command_result``, ``outbox_pending``,
     ``outbox_settle``, ``outbox``, ``outbox_retry``, ``outbox_drop``,
     ``import_states``, ``register_daemon``, ``set_running``, ``daemons``,
@@ -7240,22 +7286,25 @@ class StateStore:
 
     def commit(self, state: JobState, done: Callable[[Any], None] | None = None, *,
                command: tuple[int, str | None] | None = None,
-               outbox: Iterable[OutboxItem] = (), source: str | None = None) -> None:
+               outbox: Iterable[OutboxItem] = (), source: str | None = None,
+               run: RunRecord | None = None, run_keep: int = RUN_HISTORY_KEEP) -> None:
         """Queue ``state`` for the next durable write, while this owner holds
         the lease.  ``done`` gets True, False (the lease was lost) or a
         StateError.  ``command`` (seq, result) is marked done and ``outbox``
         items are stored in the same write: all of it or none.  ``source``
         says why a changed cursor changed (the history), default: the
-        command's verb, else ``tick``."""
+        command's verb, else ``tick``.  ``run`` joins the job's run history
+        in the same write, which keeps the newest ``run_keep`` (0: none)."""
         raise NotImplementedError
 
     def commit_now(self, state: JobState, *, command: tuple[int, str | None] | None = None,
-                   outbox: Iterable[OutboxItem] = (), source: str | None = None) -> bool:
+                   outbox: Iterable[OutboxItem] = (), source: str | None = None,
+                   run: RunRecord | None = None, run_keep: int = RUN_HISTORY_KEEP) -> bool:
         """``commit`` and wait for it: True when stored, False when the lease was lost."""
         box: list = []
         ready = threading.Event()
         self.commit(state, lambda result: (box.append(result), ready.set()), command=command,
-                    outbox=outbox, source=source)
+                    outbox=outbox, source=source, run=run, run_keep=run_keep)
         ready.wait()
         if isinstance(box[0], BaseException):
             raise box[0]
@@ -7414,6 +7463,17 @@ class StateStore:
         pid = _owner_pid(owner)
         return not owner or (pid is not None and not _pid_alive(pid))
 
+    def run_history(self, job_id: str, limit: int | None = None) -> list[RunRecord]:
+        """A job's last runs, newest first (``limit`` of them, default all
+        kept): each stored by the commit of its tick's outcome (``run``)."""
+        raise NotImplementedError
+
+    def run_histories(self, job_ids: Iterable[str], limit: int | None = None
+                      ) -> dict[str, list[RunRecord]]:
+        """``run_history`` of several jobs (the status page's); a backend
+        that reads them in fewer round trips overrides it."""
+        return {job_id: self.run_history(job_id, limit) for job_id in job_ids}
+
     def cursor_history(self, job_id: str, limit: int = CURSOR_HISTORY_KEEP
                        ) -> list[CursorChange]:
         """The last committed cursors of a job, newest first (at most
@@ -7487,8 +7547,26 @@ CREATE TABLE IF NOT EXISTS cursor_history (
     source TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS cursor_history_by_job ON cursor_history (job, n);"""
-# Who paused a job, when, why (JobState.paused_by...): added to older files in place.
+# The run history (issue 25 item 7): a ring of ``run_history`` rows per job,
+# each a run (its RunRecord as JSON) at ``slot`` = its ``seq`` (the job's
+# ``runs_next`` when it was written) modulo the ring's size.  A commit
+# rewrites one row in place, among its job's own (clustered by job): the
+# cheapest bounded write, where an INSERT and a DELETE touch two pages.
+_RUNS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    job TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (job, slot)
+) WITHOUT ROWID;"""
+# Who paused a job, when, why (JobState.paused_by...).
 _PAUSE_NOTE_COLUMNS = ("paused_by TEXT", "paused_at REAL", "pause_note TEXT")
+# The tables and columns added to version 2 since it came out: made in place,
+# at open, in an older version 2 file (which a version without them still reads).
+_ADDED_TABLES = {"cursor_history": _CURSOR_HISTORY_SCHEMA, "runs": _RUNS_SCHEMA}
+_ADDED_COLUMNS = {"jobs": ("runs_next INTEGER NOT NULL DEFAULT 0", *_PAUSE_NOTE_COLUMNS),
+                  "commands": ("arg TEXT",)}
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE jobs (
@@ -7508,6 +7586,7 @@ CREATE TABLE jobs (
     schedule_key TEXT,
     revision INTEGER NOT NULL DEFAULT 0,
     delivered_total INTEGER NOT NULL DEFAULT 0,
+    runs_next INTEGER NOT NULL DEFAULT 0,
     {pause_note_columns}
 );
 CREATE TABLE commands (
@@ -7524,19 +7603,20 @@ CREATE TABLE daemons (
     running TEXT NOT NULL DEFAULT '[]'
 );
 """.replace("{pause_note_columns}", ",\n    ".join(_PAUSE_NOTE_COLUMNS)) \
-    + _OUTBOX_SCHEMA + _CURSOR_HISTORY_SCHEMA
+    + _OUTBOX_SCHEMA + "".join(_ADDED_TABLES.values())
 # What version 1 lacks; applied in place when a daemon opens an old file.
 _MIGRATE_1_TO_2 = """
 ALTER TABLE jobs ADD COLUMN schedule_key TEXT;
 ALTER TABLE jobs ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN delivered_total INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN runs_next INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE commands ADD COLUMN result TEXT;
 ALTER TABLE commands ADD COLUMN arg TEXT;
 CREATE TABLE daemons (owner TEXT PRIMARY KEY, started_at REAL NOT NULL,
                       running TEXT NOT NULL DEFAULT '[]');
 DELETE FROM meta WHERE key='daemon';
 UPDATE meta SET value='2' WHERE key='schema_version';
-""" + _OUTBOX_SCHEMA + _CURSOR_HISTORY_SCHEMA
+""" + _OUTBOX_SCHEMA + "".join(_ADDED_TABLES.values())
 _BUSY_SLICE_MS = 200            # one wait inside sqlite for a lock; we retry around it
 _WRITE_PATIENCE_SECS = 30.0     # how long a write waits for a locked database
 _READ_PATIENCE_SECS = 2.0       # how long a read waits before it is reported
@@ -7682,7 +7762,7 @@ class _SqliteFile:
                 except BaseException:
                     db.execute("ROLLBACK")
                     raise
-                tables = {"meta", "cursor_history"}
+                tables = {"meta", *_ADDED_TABLES}
             if "meta" not in tables:
                 raise StateError(f"{self.path}: not a nexo-poller state database "
                                  f"(tables: {', '.join(sorted(tables)) or 'none'})")
@@ -7703,10 +7783,8 @@ class _SqliteFile:
                 raise StateError(f"{self.path}: unknown state schema version "
                                  f"{version or 'none'} (this nexo-poller reads "
                                  f"version {STATE_SCHEMA_VERSION})")
-            if not self.readonly and version == "2" and "cursor_history" not in tables:
-                self._add_cursor_history(db)        # a version 2 file from before it
             if not self.readonly and version == "2":
-                self._add_pause_notes(db)           # one from before pause notes
+                self._add_missing(db)               # a version 2 file from before some
             if not self.readonly:
                 # Only now that the file is known to be ours may its journal change.
                 db.execute("PRAGMA journal_mode=WAL")
@@ -7828,35 +7906,28 @@ class _SqliteFile:
         return {r[0] for r in self.read("SELECT name FROM sqlite_master WHERE type='table'")}
 
     @staticmethod
-    def _add_cursor_history(db) -> None:
-        """Give a version 2 file made before the cursor history its table and
-        the commands their ``arg`` column (idempotent)."""
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _CURSOR_HISTORY_SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            if "arg" not in {r[1] for r in db.execute("PRAGMA table_info(commands)")}:
-                db.execute("ALTER TABLE commands ADD COLUMN arg TEXT")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-
-    @staticmethod
-    def _add_pause_notes(db) -> None:
-        """Give a version 2 file made before pause notes their columns
-        (idempotent; an older reader ignores them)."""
-        def missing():
-            have = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
-            return [c for c in _PAUSE_NOTE_COLUMNS if c.split()[0] not in have]
+    def _add_missing(db) -> None:
+        """Give a version 2 file made before the cursor history, the run
+        history or pause notes their tables and columns (idempotent, and
+        nothing written when nothing is missing; an older reader ignores them)."""
+        def missing() -> list[str]:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master "
+                                               "WHERE type='table'")}
+            todo = [sql for name, sql in _ADDED_TABLES.items() if name not in tables]
+            for table, columns in _ADDED_COLUMNS.items():
+                have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                todo += [f"ALTER TABLE {table} ADD COLUMN {column}"
+                         for column in columns if column.split()[0] not in have]
+            return todo
 
         if not missing():
             return
         db.execute("BEGIN IMMEDIATE")
         try:
-            for column in missing():        # again: another process may have added them
-                db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
+            for sql in missing():           # again: another process may have added some
+                for statement in sql.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -7874,6 +7945,24 @@ class _SqliteFile:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _sqlite_prune(db, table: str, job_id: str, keep: int) -> None:
+    """Keep a job's newest ``keep`` rows of a history ``table``: one bounded
+    DELETE (the index on (job, n) finds the cut)."""
+    db.execute(f"DELETE FROM {table} WHERE job=? AND n <= (SELECT n FROM {table} "
+               "WHERE job=? ORDER BY n DESC LIMIT 1 OFFSET ?)", (job_id, job_id, keep))
+
+
+def _sqlite_keep_run(db, job_id: str, seq: int, record: str, keep: int) -> None:
+    """A run (its RunRecord as JSON, the job's ``runs_next`` its ``seq``)
+    into the job's ring of ``keep``, in the commit's transaction; the ring's
+    end goes when ``keep`` shrank (0: every run)."""
+    if keep > 0:
+        db.execute("INSERT OR REPLACE INTO runs (job, slot, seq, record) VALUES (?, ?, ?, ?)",
+                   (job_id, seq % keep, seq, record))
+        db.execute("UPDATE jobs SET runs_next=? WHERE id=?", (seq + 1, job_id))
+    db.execute("DELETE FROM runs WHERE job=? AND slot >= ?", (job_id, keep))
 
 
 class SqliteStateStore(StateStore):
@@ -8009,12 +8098,14 @@ class SqliteStateStore(StateStore):
 
     def commit(self, state: JobState, done: Callable[[Any], None] | None = None, *,
                command: tuple[int, str | None] | None = None,
-               outbox: Iterable[OutboxItem] = (), source: str | None = None) -> None:
+               outbox: Iterable[OutboxItem] = (), source: str | None = None,
+               run: RunRecord | None = None, run_keep: int = RUN_HISTORY_KEEP) -> None:
         owner, items = self.owner, [self._outbox_row(i) for i in outbox]
+        record = None if run is None else _dumps(run.stored())
 
         def fn(db):
-            row = db.execute("SELECT lease_owner, revision, cursor FROM jobs WHERE id=?",
-                             (state.id,)).fetchone()
+            row = db.execute("SELECT lease_owner, revision, cursor, runs_next FROM jobs "
+                             "WHERE id=?", (state.id,)).fetchone()
             if row is None or row[0] != owner:
                 return False                    # another daemon took the job over
             why = source or "tick"
@@ -8030,6 +8121,8 @@ class SqliteStateStore(StateStore):
             if items:
                 db.executemany(f"INSERT INTO outbox ({', '.join(_OUTBOX_FIELDS)}) "
                                f"VALUES ({', '.join('?' * len(_OUTBOX_FIELDS))})", items)
+            if record is not None:
+                _sqlite_keep_run(db, state.id, row[3], record, run_keep)
             return True
         self.submit(fn, done)
 
@@ -8245,9 +8338,17 @@ class SqliteStateStore(StateStore):
     def _remember_cursor(db, job_id: str, cursor: bytes | None, source: str) -> None:
         db.execute("INSERT INTO cursor_history (job, cursor, at, source) VALUES (?, ?, ?, ?)",
                    (job_id, cursor, time.time(), _storable(source, 200)))
-        db.execute("DELETE FROM cursor_history WHERE job=? AND n <= (SELECT n FROM "
-                   "cursor_history WHERE job=? ORDER BY n DESC LIMIT 1 OFFSET ?)",
-                   (job_id, job_id, CURSOR_HISTORY_KEEP))
+        _sqlite_prune(db, "cursor_history", job_id, CURSOR_HISTORY_KEEP)
+
+    def run_history(self, job_id: str, limit: int | None = None) -> list[RunRecord]:
+        try:
+            rows = self.file.read("SELECT record FROM runs WHERE job=? ORDER BY seq DESC "
+                                  "LIMIT ?", (job_id, -1 if limit is None else limit))
+        except StateError:
+            if "runs" in self.file.table_names():
+                raise
+            return []                       # a file from before the run history: none yet
+        return [RunRecord.from_stored(_loads(r[0])) for r in rows]
 
     def cursor_history(self, job_id: str, limit: int = CURSOR_HISTORY_KEEP
                        ) -> list[CursorChange]:
@@ -8344,12 +8445,13 @@ def _out_place(key: str) -> tuple[str, int, str] | None:
     return parts[1], int(parts[2]), parts[3]
 
 
-def _out_committed(rec: Mapping[str, Any], seq: int, span: str) -> bool:
+def _out_committed(rec: Mapping[str, Any], seq: int, span: str, field: str = "out") -> bool:
     """True when the job record ``rec`` says the outbox item ``seq`` written
     by ``span`` is committed: below the record's next seq, and in the range
     the record gives that writer.  Anything else is an orphan of a commit
-    that did not land (a lost lease, a crash before the record's write)."""
-    out = rec.get("out") or {}
+    that did not land (a lost lease, a crash before the record's write).
+    ``field`` "runs": the same for a run of the run history (``_KvRuns``)."""
+    out = rec.get(field) or {}
     if seq >= int(out.get("next") or 0):
         return False
     spans = out.get("spans") or ()
@@ -8876,6 +8978,66 @@ class _KvOutbox:
         return None
 
 
+def _run_key(job_id: str, slot: int) -> str:
+    return f"run.{_kv_token(job_id)}.{slot}"
+
+
+class _KvRuns:
+    """A JetStream state's run history: a ring of ``run_keep`` keys per job,
+    ``run.<id>.<seq % run_keep>``, each a run with its seq and its writer's
+    span, as the outbox's items have.  The job record's ``runs`` (the next
+    seq, the keep, the writers' spans) says which are committed: a run key
+    is written in the same pipelined round as its job's record, so the run
+    history costs a tick no extra round trip, and the ring is its pruning."""
+
+    def __init__(self, kv: _KvBucket, span: str):
+        self._kv, self._span = kv, span
+
+    def with_run(self, rec: Mapping[str, Any], job_id: str, run: RunRecord, keep: int
+                 ) -> tuple[dict, list, list[str]]:
+        """``run`` added to a job's history: the record's new ``runs``, the
+        write of the run's key, and the keys to remove once the record is
+        written (the ring's end when ``keep`` shrank).  A run past a
+        shrunk or grown ring may take the place of one still in it."""
+        runs = rec.get("runs") or {}
+        nxt, was = int(runs.get("next") or 0), int(runs.get("keep") or 0)
+        gone = [_run_key(job_id, slot) for slot in range(max(keep, 0), was)]
+        if keep <= 0:
+            return {"next": nxt, "keep": 0, "spans": []}, [], gone
+        spans = [list(span) for span in runs.get("spans") or ()]
+        if not spans or spans[-1][1] != self._span:
+            spans.append([nxt, self._span])
+        low = nxt + 1 - keep                 # the oldest seq the ring holds after this run
+        spans = [span for n, span in enumerate(spans)
+                 if n + 1 == len(spans) or spans[n + 1][0] > low]
+        value = {**run.stored(), "seq": nxt, "span": self._span}
+        return ({"next": nxt + 1, "keep": keep, "spans": spans},
+                [(_run_key(job_id, nxt % keep), value, None)], gone)
+
+    def histories(self, job_ids: Iterable[str], limit: int | None
+                  ) -> dict[str, list[RunRecord]]:
+        """The runs of each job, newest first: two pipelined rounds in all
+        (the records, then the runs' keys they name)."""
+        job_ids = list(job_ids)
+        records = self._kv.get_many(["job." + _kv_token(j) for j in job_ids])
+        wanted: dict[str, list[tuple[int, str]]] = {}       # job -> [(seq, key)]
+        for job_id in job_ids:
+            runs = (records["job." + _kv_token(job_id)][0] or {}).get("runs") or {}
+            nxt, keep = int(runs.get("next") or 0), int(runs.get("keep") or 0)
+            wanted[job_id] = [(seq, _run_key(job_id, seq % keep)) for seq in
+                              range(nxt - 1, max(nxt - keep, 0) - 1, -1)][:limit]
+        got = self._kv.get_many([key for pairs in wanted.values() for _, key in pairs])
+        out: dict[str, list[RunRecord]] = {}
+        for job_id, pairs in wanted.items():
+            rec = records["job." + _kv_token(job_id)][0]
+            # Not this seq's, or not its committed writer's: an orphan, or overwritten.
+            out[job_id] = [RunRecord.from_stored(value) for seq, key in pairs
+                           for value in [got[key][0]]
+                           if value and value.get("seq") == seq
+                           and _out_committed(rec, seq, value.get("span"), "runs")]
+        return out
+
+
 class _KvDaemons:
     """The daemons sharing a JetStream state: this one's heartbeat record
     (with the jobs it runs), which are live, and whose leases went stale
@@ -9242,6 +9404,9 @@ class JetStreamStateStore(StateStore):
                       lease whose owner's heartbeat went stale is free.
     ``dead.<item id>`` a dead letter; written before its item leaves the
                       outbox, and removed only after a retry queued it again.
+    ``run.<id>.<n>``  one run of the job's run history, a ring of
+                      ``run_keep`` keys (``_KvRuns``); the record's ``runs``
+                      says which are committed.
 
     Deletes are ``KV-Operation: DEL`` markers, read as absent.  Writes are
     publishes to ``$KV.<bucket>.<key>`` with ``Nats-Expected-Last-Subject-
@@ -9313,6 +9478,7 @@ class JetStreamStateStore(StateStore):
         self.peers = _KvDaemons(self.kv, self.owner, daemon_ttl)
         self.claims = _KvLeases(self.kv, self.peers, self.kv_outbox, self.owner)
         self.commands = _KvCommands(self.kv, self.peers, self.owner, self.claims.held)
+        self.kv_runs = _KvRuns(self.kv, os.urandom(4).hex())
         self._seen_cmd_seq: int | None = None
         # One commit per job per round: two commits of one job never race.
         self._writes = _GroupCommit(self.location, "nexo-state-kv-writer", self._commit_batch,
@@ -9345,20 +9511,34 @@ class JetStreamStateStore(StateStore):
 
     def commit(self, state: JobState, done: Callable[[Any], None] | None = None, *,
                command: tuple[int, str | None] | None = None,
-               outbox: Iterable[OutboxItem] = (), source: str | None = None) -> None:
-        self._writes.put((state, command, [dataclasses.asdict(i) for i in outbox]), done)
+               outbox: Iterable[OutboxItem] = (), source: str | None = None,
+               run: RunRecord | None = None, run_keep: int = RUN_HISTORY_KEEP) -> None:
+        self._writes.put((state, command, [dataclasses.asdict(i) for i in outbox],
+                          None if run is None else (run, run_keep)), done)
+
+    def run_history(self, job_id: str, limit: int | None = None) -> list[RunRecord]:
+        return self.kv_runs.histories([job_id], limit)[job_id]
+
+    def run_histories(self, job_ids: Iterable[str], limit: int | None = None
+                      ) -> dict[str, list[RunRecord]]:
+        return self.kv_runs.histories(job_ids, limit)
 
     def _commit_record(self, rec: dict | None, state: JobState, command, items: list,
-                       hand_back: bool = False) -> tuple[dict, list] | bool:
+                       run: tuple[RunRecord, int] | None, hand_back: bool = False
+                       ) -> tuple[dict, list, list, list] | bool:
         """The job record a commit writes on top of ``rec`` (with the lease
-        left free when ``hand_back``) and the writes of its outbox items,
-        which go first; False when the lease is no longer this owner's."""
+        left free when ``hand_back``), the writes of its outbox items, which
+        go first, of its run, which go with the record, and the run keys to
+        remove after; False when the lease is no longer this owner's."""
         if rec is None or rec.get("lease_owner") != self.owner:
             return False
         new = {**rec, **_state_record(state), "lease_owner": self.owner,
                "delivered_total": int(rec.get("delivered_total") or 0)}
         new["out"], first = self.kv_outbox.with_out(rec, state.id, list(new.pop("outbox", None) or ())
                                            + items)
+        beside, gone = [], []
+        if run is not None:
+            new["runs"], beside, gone = self.kv_runs.with_run(rec, state.id, *run)
         commands = dict(rec.get("commands") or {})
         if command is not None:
             commands[str(command[0])] = _storable_result(command[1], _KV_RESULT_MAX)
@@ -9366,26 +9546,26 @@ class JetStreamStateStore(StateStore):
         new["commands"] = commands
         if hand_back:
             new["lease_owner"] = new["lease_until"] = None
-        return new, first
+        return new, first, beside, gone
 
     def _commit_batch(self, batch: list) -> list:
-        keys = ["job." + _kv_token(s.id) for s, _, _ in batch]
+        keys = ["job." + _kv_token(s.id) for s, *_ in batch]
         # Two pipelined rounds for the whole batch: read every record (its
         # outbox and command results are kept), then compare-and-set each on
         # the revision just read, so a daemon that took a job over in between
         # makes the write fail instead of being overwritten.
         got = self.kv.get_many(keys)
         results: list = [None] * len(batch)
-        writes, index, first = [], [], []
+        writes, index, first, beside, gone = [], [], [], [], []
         surplus = self.claims.surplus()                 # hand back, one a commit
         hand_back = set()
-        for n, ((state, command, items), key) in enumerate(zip(batch, keys)):
+        for n, ((state, command, items, run), key) in enumerate(zip(batch, keys)):
             rec, rev = got[key]
             if surplus > 0 and self.claims.holds(state.id):
                 hand_back.add(n)
                 surplus -= 1
             try:
-                made = self._commit_record(rec, state, command, items, n in hand_back)
+                made = self._commit_record(rec, state, command, items, run, n in hand_back)
             except StateError as exc:        # an item too large: this job's commit fails
                 results[n] = exc
                 continue
@@ -9394,16 +9574,24 @@ class JetStreamStateStore(StateStore):
                 continue
             writes.append((key, made[0], rev))
             first.extend(made[1])
+            beside.extend(made[2])
+            gone.extend(made[3])
             index.append(n)
         # The outbox items' keys first, the records after: a record never
-        # names an item that is not written.
+        # names an item that is not written.  The runs' keys go in the
+        # records' round, before them: a run whose record does not land is
+        # an orphan its record never names.
         self.kv.put_many(first)
-        for n, rev in zip(index, self.kv.put_many(writes)):
-            state, command, items = batch[n]
+        for n, rev in zip(index, self.kv.put_many(beside + writes)[len(beside):]):
+            state, command, items, run = batch[n]
             if rev is False:                 # changed between the read and the write
+                def change(r, state=state, command=command, items=items, run=run, n=n):
+                    made = self._commit_record(r, state, command, items, run, n in hand_back)
+                    if made is not False:
+                        gone.extend(made[3])
+                    return made if made is False else (made[0], made[1] + made[2])
                 try:
-                    new, rev = self.kv.update(keys[n], lambda r: self._commit_record(
-                        r, state, command, items, n in hand_back))
+                    new, rev = self.kv.update(keys[n], change)
                 except StateError as exc:
                     results[n] = exc
                     continue
@@ -9419,12 +9607,17 @@ class JetStreamStateStore(StateStore):
                 self.claims.lost(batch[n][0].id)
                 log.warning("job %s: commit dropped, another daemon holds its lease now",
                             batch[n][0].id)
-        for (_, command, _), result in zip(batch, results):
+        for (_, command, *_), result in zip(batch, results):
             if result is True and command is not None:
                 try:                         # its result is in the job record already
                     self.commands.finish(*command)
                 except StateError as exc:
                     log.warning("command %s: not marked done (%s)", command[0], exc)
+        if gone:                             # a ring shrunk: its end, past every record
+            try:
+                self.kv.purge(sorted(set(gone)))
+            except StateError as exc:
+                log.warning("run history: old runs not removed (%s)", exc)
         return results
 
     def import_states(self, states: Iterable[JobState],
@@ -10461,6 +10654,7 @@ _JOB_POLICY_KEYS = {
     # (null: no bound, every missed slot counts)
     "catchup": ("catchup", _CATCHUP_MODES, None, None),
     "catchup_window_secs": ("catchup_window_secs", 0, 86400 * 3660, False),
+    "run_history": ("run_history", 0, 100_000, True),     # runs kept (RUN_HISTORY_KEEP)
 }
 _JOB_KEYS = {"id", "kind", "agent", "schedule", "config", "failure_to",
              "paused_on_boot", "repause_on_boot", "extra"} | set(_JOB_POLICY_KEYS)
@@ -10509,6 +10703,7 @@ class DaemonConfig:
     lease_min_secs: float = 30.0
     daemon_ttl_secs: float = _DAEMON_TTL_SECS
     failure_alert_cooldown_secs: float = 3600
+    run_history: int = RUN_HISTORY_KEEP
     breaker_threshold: int = 5
     backoff_initial_secs: float = 30.0
     backoff_max_secs: float = 300.0
@@ -10583,6 +10778,7 @@ class JobPolicy:
     jitter_ms: int
     catchup: str
     catchup_window_secs: float | None
+    run_history: int
     sources: Mapping[str, str]
 
     @classmethod
@@ -11134,7 +11330,7 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
     number("lease_min_secs", 5, 86400)
     number("daemon_ttl_secs", 1, 3600)
     for key in ("failure_alert_cooldown_secs", "breaker_threshold", "backoff_initial_secs",
-                "backoff_max_secs"):
+                "backoff_max_secs", "run_history"):
         number(key, *_JOB_POLICY_KEYS[key][1:])
     for key in ("catchup", "catchup_window_secs"):
         if _check_policy_value(probs, prefix + key, key, get(key)):
@@ -12582,6 +12778,38 @@ def _context(cfg: JobConfig, cursor: bytes | None, now: float, cancel: threading
                        else datetime.fromtimestamp(scheduled_at, timezone.utc))
 
 
+_RUN_CURSOR_TEXT_MAX = 64       # bytes of a cursor a run record shows as text
+
+
+def _run_cursor(cursor: bytes | None, secrets: Iterable[tuple[str, str]]) -> dict | None:
+    """A cursor as a run record keeps it: its size, and its text when short
+    and printable (a resolved secret in it shown as its placeholder)."""
+    if cursor is None:
+        return None
+    doc: dict[str, Any] = {"bytes": len(cursor)}
+    if len(cursor) <= _RUN_CURSOR_TEXT_MAX:
+        try:
+            text = cursor.decode("utf-8")
+        except UnicodeDecodeError:
+            return doc
+        if text.isprintable():
+            doc["text"] = _hide_secrets(text, secrets)
+    return doc
+
+
+def _run_record(cfg: JobConfig, slot: float | None, started: float, outcome: TickOutcome,
+                before: bytes | None, after: bytes | None,
+                secrets: Iterable[tuple[str, str]]) -> RunRecord:
+    """The run history's record of a tick about to be committed; the
+    plugin's stderr tail that a failed tick's error ends with is its own field."""
+    m = outcome.ack.metrics if outcome.ack and outcome.ack.metrics else TickMetrics()
+    error, _, stderr = (_hide_secrets(outcome.error, secrets) or "").partition("; stderr: ")
+    return RunRecord(cfg.id, slot, started, outcome.duration, outcome.status.value,
+                     _storable(error or None), m.items_seen, m.items_dispatched,
+                     _run_cursor(before, secrets), _run_cursor(after, secrets),
+                     _storable(stderr or None), "operator" if slot is None else "schedule")
+
+
 class _Ticks:
     """One tick of a job, from its lease to its committed outcome's effects:
     claim when needed, poll the route, plan, commit with the outbox, then
@@ -12650,15 +12878,17 @@ class _Ticks:
         new = plan.state.replace(lease_until=now + ttl)
         result_text = None if command is None else json.dumps(outcome.to_dict())
         done = functools.partial(self._committed, job, plan, new, outcome, slot, bool(outbox))
-        cmd = None if command is None else (command, result_text)
+        stored = {"command": None if command is None else (command, result_text),
+                  "outbox": outbox, "run_keep": policy.run_history, "run": _run_record(
+                      cfg, slot, now, outcome, job.state.cursor, new.cursor, r.config.secrets)}
         if commit_async:
             try:
-                r.state.commit(new, done, command=cmd, outbox=outbox)
+                r.state.commit(new, done, **stored)
             except StateError as exc:
                 done(exc)
         else:
             try:
-                result = r.state.commit_now(new, command=cmd, outbox=outbox)
+                result = r.state.commit_now(new, **stored)
             except StateError as exc:
                 result = exc
             self._settle_one(job, plan, new, outcome, slot, bool(outbox), result)
@@ -14208,7 +14438,7 @@ def _prom_escape(value: Any) -> str:
 # one table, ``_HTTP_ROUTES``: paths, methods, whether the token is needed,
 # and a small handler each; ``_serve_http`` only reads, guards and dispatches.
 # Shares: _admin_token, _ADMIN_TOKEN_ENV, _ADMIN_URL_ENV, _cursor_text,
-#   _daemons_line, _job_status, _relative
+#   _daemons_line, _job_status, _relative, _runs_limit
 # ============================================================================
 
 _METRICS_READ_TIMEOUT_SECS = 10.0     # a request (line, headers, body) arrives within it, in all
@@ -14539,6 +14769,24 @@ class _Admin:
                      "history": [dict(_cursor_view(h.cursor), at=_iso(h.at), source=h.source)
                                  for h in history]}
 
+    def runs(self, job_id: str, query: str) -> tuple[int, dict]:
+        """``GET /admin/pollers/<id>/runs[?limit=N]``: the job's run history,
+        newest first, and how many runs it keeps."""
+        from urllib.parse import parse_qs
+        r = self.runner
+        text = (parse_qs(query).get("limit") or [None])[0]
+        try:
+            limit = _runs_limit(text)
+            runs = r.state.run_history(job_id, limit)
+        except InputError as exc:
+            return 400, {"ok": False, "error": str(exc)}
+        except StateError as exc:
+            return 503, {"ok": False, "error": f"state: {exc}"}
+        cfg = next((j for j in r.config.jobs if j.id == job_id), None)
+        keep = RUN_HISTORY_KEEP if cfg is None else JobPolicy.of(r.config, cfg).run_history
+        return 200, {"ok": True, "job": job_id, "keep": keep,
+                     "runs": [run.to_dict() for run in runs]}
+
     def do_reload(self) -> tuple[int, dict]:
         if self.reload is None:
             return 400, {"ok": False, "error": "this daemon was not started from a config file"}
@@ -14552,6 +14800,46 @@ class _Admin:
         return 200, {"ok": True, "add": diff["added"], "replace": diff["replaced"],
                      "remove": diff["removed"], "keep": diff["kept"],
                      "restarted": diff.get("restarted", [])}
+
+
+def _runs_limit(text: str | int | None) -> int | None:
+    """How many runs ``history --limit`` and ``?limit=`` ask for (None: all
+    kept); InputError for anything but a whole number of 1 or more."""
+    try:
+        limit = None if text is None else int(text)
+    except ValueError:
+        limit = 0
+    if limit is not None and limit < 1:
+        raise InputError(f"limit {text!r}: give a number of runs, 1 or more")
+    return limit
+
+
+_PAGE_RUNS = 20                 # runs the status page shows per job
+
+
+def _runs_bar(runs: list[RunRecord]) -> str:
+    """A job's recent runs on the status page: a bar of outcomes, oldest
+    left, whose details (a list, newest first) open on a click."""
+    from html import escape
+    if not runs:
+        return ""
+    e = lambda v: escape("-" if v is None else str(v), quote=True)  # noqa: E731
+    cls = lambda run: "st-ok" if run.outcome == "ok" else (  # noqa: E731
+        "st-failing" if run.outcome in ("transient", "permanent", "config") else "st-other")
+    cursor = lambda c: "-" if c is None else c.get("text", f"{c['bytes']} bytes")  # noqa: E731
+    marks = "".join(f'<i class="run {cls(run)}" title="{e(_iso(run.started_at))}: '
+                    f'{e(run.outcome)}"></i>' for run in reversed(runs))
+    # A list, not a table: the page's rows hold no nested rows.
+    items = "".join(
+        f'<li class="{cls(run)}"><time datetime="{e(_iso(run.started_at))}">'
+        f'{e(_iso(run.started_at))}</time> {e(run.trigger)}: <b>{e(run.outcome)}</b> in '
+        f'{e(round(run.duration * 1000, 1))} ms, seen {e(run.items_seen)}, sent '
+        f'{e(run.items_dispatched)}, cursor <code>{e(cursor(run.cursor_before))}</code> → '
+        f'<code>{e(cursor(run.cursor_after))}</code>'
+        + (f'<br>{e(run.error)}' if run.error else "")
+        + (f'<pre>{e(run.stderr)}</pre>' if run.stderr else "") + '</li>' for run in runs)
+    return (f'<details class="runs"><summary><span class="vh">last {e(len(runs))} runs'
+            f'</span>{marks}</summary><ol class="runlist">{items}</ol></details>')
 
 
 def _relative(when: str | float | None, now: float, *, spaced: bool = False,
@@ -14605,11 +14893,14 @@ def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> 
     jobs = _admin_jobs(runner) if authorized else []
     plugins = _plugin_states(runner) if authorized else []
     daemons = _admin_daemons(runner, jobs)["daemons"] if authorized else []
+    shown = [j for j in jobs if wanted in ("all", _job_status(j))]
+    try:
+        runs = runner.state.run_histories([j["id"] for j in shown], _PAGE_RUNS)
+    except StateError:
+        runs = {}
     rows = []
-    for j in jobs:
+    for j in shown:
         status = _job_status(j)
-        if wanted != "all" and status != wanted:
-            continue
         mark = {"ok": "✓ ok", "failing": "✗ failing", "paused": "‖ paused",
                 "breaker": "! breaker open", "running": "» running"}.get(status, "– never run")
         err = "-"
@@ -14632,7 +14923,7 @@ def _render_page(runner: "Runner", authorized: bool, query: str, nonce: str) -> 
             f'<th scope="row">{e(j["id"])}</th><td>{e(j["kind"])}</td><td>{e(j["plugin"])}</td>'
             f'<td>{e(j["schedule"])}</td>'
             f'<td><time datetime="{e(j["last_run_at"])}">{e(_relative(j["last_run_at"], now, spaced=True, never="never"))}'
-            f'</time></td><td class="st-{e(status.replace(" ", "-"))}">{e(mark)}'
+            f'</time>{_runs_bar(runs.get(j["id"], []))}</td><td class="st-{e(status.replace(" ", "-"))}">{e(mark)}'
             f'<br><small>last: {e(j["last_status"])}, errors in a row: '
             f'{e(j["consecutive_errors"])}</small>{pause}</td><td class="err">{err}</td>'
             f'<td><time datetime="{e(j["next_run_at"])}">'
@@ -14674,6 +14965,9 @@ thead th{{background:#eee}} pre{{white-space:pre-wrap;max-width:40em;margin:.3em
 .st-paused{{color:#555}} .vh{{position:absolute;left:-9999px}}
 button{{font:inherit;padding:.2em .6em;margin:.1em}} button:focus,select:focus,input:focus{{outline:3px solid #36c}}
 #msg{{min-height:1.4em;font-weight:bold}} code{{word-break:break-all}}
+i.run{{display:inline-block;width:.45em;height:1em;margin-right:1px;background:#888}}
+i.st-ok{{background:#1a7f37}} i.st-failing{{background:#c00}}
+.runlist{{margin:.3em 0;padding-left:1.2em;font-size:90%}}
 </style></head><body>
 <header><h1>nexo-poller</h1>
 <p>Version {e(__version__)} · <span id="health">{e(health)}</span> ·
@@ -14716,13 +15010,15 @@ page rendered <time id="rendered" datetime="{e(_iso(now))}">{e(_iso(now))}</time
       .then(function (html) {{
         var doc = new DOMParser().parseFromString(html, "text/html");
         var open = Array.prototype.map.call(document.querySelectorAll("details[open]"),
-          function (d) {{ return d.closest("tr") && d.closest("tr").dataset.job; }});
+          function (d) {{ var tr = d.closest("tr[data-job]");
+                          return tr && [tr.dataset.job, d.className]; }});
         var active = document.activeElement;
         if (active && active.closest && active.closest("#live")) return;
         document.getElementById("live").innerHTML = doc.getElementById("live").innerHTML;
         document.getElementById("health").textContent = doc.getElementById("health").textContent;
-        open.forEach(function (id) {{
-          var row = id && document.querySelector('tr[data-job="' + CSS.escape(id) + '"] details');
+        open.forEach(function (o) {{
+          var row = o && document.querySelector('tr[data-job="' + CSS.escape(o[0]) + '"] details'
+                                                + (o[1] ? "." + o[1] : ":not([class])"));
           if (row) row.open = true; }});
       }}).catch(function () {{ msg.textContent = "cannot reach the daemon; retrying"; }});
   }}
@@ -14863,6 +15159,13 @@ def _http_cursor(req, method: str, match: re.Match, query: str) -> None:
     req._json(*req.server_admin.cursor(job_id, req.body if method == "POST" else None))
 
 
+def _http_runs(req, method: str, match: re.Match, query: str) -> None:
+    job_id, known = _job_of(req, match)
+    if not known:
+        return req._json(404, {"error": f"job '{job_id}' not found"})
+    req._json(*req.server_admin.runs(job_id, query))
+
+
 def _http_action(req, method: str, match: re.Match, query: str) -> None:
     job_id, known = _job_of(req, match)
     if not known:
@@ -14894,6 +15197,7 @@ _HTTP_ROUTES = tuple(_HttpRoute(re.compile(pattern, re.S), methods, guard, handl
     (r"/admin/pollers/?", ("GET",), "admin", _http_jobs),
     (_POLLERS, None, "admin", _http_job),
     (_POLLERS + r"/(?P<rest>cursor)", None, "admin", _http_cursor),
+    (_POLLERS + r"/runs", ("GET",), "admin", _http_runs),
     (_POLLERS + r"/(?P<action>" + "|".join(_ADMIN_ACTIONS) + ")", ("POST",), "admin",
      _http_action),
     (_POLLERS + r"/(?P<rest>.*)", None, "admin", _http_unknown_action),
@@ -16361,6 +16665,51 @@ def _admin_cursor(args, token: str | None) -> int:
     return EXIT_OK
 
 
+def _history_local(config: DaemonConfig, args) -> int:
+    """``history JOB [--limit N] [--json]``: the job's run history, read only."""
+    limit, store = _history_limit(args), _read_state(config)
+    if store is None:
+        return _print_runs(args.job, [], args.json)
+    try:
+        runs = store.run_history(args.job, limit)
+    finally:
+        store.close()
+    return _print_runs(args.job, [run.to_dict() for run in runs], args.json)
+
+
+def _history_remote(args, token: str | None) -> int:
+    limit = _history_limit(args)
+    code, doc = _admin_call(args.admin, "GET", f"/admin/pollers/{args.job}/runs", token, 60)
+    error = _admin_error(args, code, doc)
+    if code != 200 or not isinstance(doc, dict) or not isinstance(doc.get("runs"), list):
+        raise _UsageError(f"admin API at {args.admin}: HTTP {code}: {error or doc!r}",
+                          EXIT_ADMIN)
+    return _print_runs(args.job, doc["runs"][:limit], args.json)
+
+
+def _history_limit(args) -> int | None:
+    try:
+        return _runs_limit(args.limit)
+    except InputError as exc:
+        raise _UsageError(f"--limit: {exc}", EXIT_USAGE) from None
+
+
+def _print_runs(job: str, runs: list[dict], as_json: bool) -> int:
+    """Runs (``RunRecord.to_dict``), newest first, as JSON or one line each."""
+    if as_json:
+        print(json.dumps(runs, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    cursor = lambda c: "-" if not c else (json.dumps(c["text"], ensure_ascii=False)  # noqa: E731
+                                          if "text" in c else f"{c['bytes']}B")
+    print(f"{len(runs)} run{'s' if len(runs) != 1 else ''} of {job}, newest first")
+    for r in runs:
+        print(f"{r['started_at']}  {r['trigger']:<8} {r['outcome']:<9} "
+              f"{r['duration_ms']:>9.1f} ms  seen {r['items_seen']:>4}  sent "
+              f"{r['items_dispatched']:>4}  cursor {cursor(r['cursor_before'])} -> "
+              f"{cursor(r['cursor_after'])}  {_error_cell(r['error'])}")
+    return EXIT_OK
+
+
 def _admin_cursor_bytes(b64: str | None) -> bytes | None:
     """A cursor as the admin API sends it (base64, null: none) back to bytes."""
     try:
@@ -16521,6 +16870,13 @@ def _cursor_args(p) -> None:
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
 
+def _history_args(p) -> None:
+    p.add_argument("job")
+    p.add_argument("--limit", metavar="N", help="only the newest N runs (default: every run "
+                   f"kept, the newest {RUN_HISTORY_KEEP} unless run_history says otherwise)")
+    p.add_argument("--json", action="store_true", help="print a JSON array (times in ISO 8601)")
+
+
 def _outbox_args(p) -> None:
     p.add_argument("action", nargs="?", default="list", choices=["list", "retry", "drop"])
     p.add_argument("ids", nargs="*", metavar="ID", help="event ids (default: all)")
@@ -16595,6 +16951,8 @@ _VERBS = {v.name: v for v in (
           "untouched, stopping at the first permanent error", _backfill_args, _backfill_local),
     _Verb("cursor", "show a job's cursor, its history, or set it (--set, --set-text, "
           "--rollback)", _cursor_args, _cursor_local, _admin_cursor),
+    _Verb("history", "show a job's last runs, newest first: when, outcome, duration, error, "
+          "items, cursor before and after", _history_args, _history_local, _history_remote),
     _Verb("outbox", "list, retry or drop undelivered deliveries and alerts",
           _outbox_args, _outbox_verb),
     _Verb("migrate-state", "copy a stopped daemon's state (cursors, pause states, "

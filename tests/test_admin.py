@@ -637,6 +637,14 @@ class TestStatusPage(Case):
         self.assertIn('data-action="pause"', broken)
         self.assertRegex(healthy, r"every 3600s")
         self.assertIn("2 of 2 jobs", dom)
+        # issue 25 item 7: each job's recent runs, a bar of outcomes with the
+        # details (escaped) behind a click
+        self.assertIn('<details class="runs">', healthy)
+        self.assertEqual(healthy.count('class="run st-ok"'), 2, "the first tick and run_once")
+        self.assertEqual(broken.count('class="run st-failing"'), 2)
+        details = broken.split('<ol class="runlist">')[1]
+        self.assertIn("operator: <b>transient</b>", details)
+        self.assertIn("upstream said &lt;b&gt;503&lt;/b&gt;", details)
 
         # the page's pause button: the same POST, with the token as the page sends it
         port = self.port(r)

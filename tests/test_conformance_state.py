@@ -1,5 +1,5 @@
-"""The state-store contract (issue 21 items 1-3, 6): one suite, written once,
-run against every backend.
+"""The state-store contract (issue 21 items 1-3, 6; the run history: issue 25
+item 7): one suite, written once, run against every backend.
 
 ``StateContract`` is the suite: every member of ``StateStore`` a backend
 must implement, each optional capability it declares (and the one-line
@@ -59,9 +59,9 @@ class _ContractCase:
         self.tmp_prefix = f"nexo-contract-{self.backend}-"
         super().setUp()
         self.config = os.path.join(self.dir, "pollers.json")
-        plugin = write_counter_plugin(self.dir, "feed", "e2e_feed", "ephemeral",
-                                      os.path.join(self.dir, "pids"), 2)
-        self.write_config(self.location(), plugins=[plugin])
+        self.plugin = write_counter_plugin(self.dir, "feed", "e2e_feed", "ephemeral",
+                                           os.path.join(self.dir, "pids"), 2)
+        self.write_config(self.location(), plugins=[self.plugin])
 
     def write_config(self, state_db, path=None, **top) -> str:
         doc = {"state_db": state_db, "default_jitter_ms": 0, "shutdown_grace_secs": 3,
@@ -454,6 +454,78 @@ class StateContract(_ContractCase):
                        os.path.join(self.dir, "y.db"), needle="no state")
         self.assertFalse(os.path.exists(os.path.join(self.dir, "y.db")))
 
+    # -- the run history (issue 25 item 7) ---------------------------------------------
+
+    def run_record(self, n, **kw):
+        """Run ``n`` of job j as a tick would record it."""
+        return nx.RunRecord("j", 1000.0 + n, 1000.5 + n, 0.25, kw.pop("outcome", "ok"),
+                            items_seen=n, items_dispatched=n // 2,
+                            cursor_before=None if n == 0 else {"bytes": 1, "text": str(n - 1)},
+                            cursor_after={"bytes": 1, "text": str(n)}, **kw)
+
+    def test_run_history_is_stored_with_the_commit_and_bounded_per_job(self):
+        a, b = self.open(), self.open()
+        now = time.time()
+        got = a.claim({"j": now + 60}, now)["j"]
+        for n in range(5):
+            self.assertTrue(a.commit_now(got.replace(cursor=str(n).encode()),
+                                         run=self.run_record(n), run_keep=3))
+        self.assertEqual(b.run_history("j"), [self.run_record(n) for n in (4, 3, 2)],
+                         "the newest first, bounded by run_keep, read back whole")
+        self.assertEqual([r.items_seen for r in b.run_history("j", limit=2)], [4, 3])
+        failed = self.run_record(9, outcome="transient", error="boom",
+                                 stderr="last line", trigger="operator")
+        self.assertTrue(a.commit_now(got, run=failed, run_keep=3))
+        self.assertEqual(b.run_history("j", limit=1), [failed])
+        self.assertFalse(b.commit_now(got, run=self.run_record(7)),
+                         "a commit without the lease is refused")
+        self.assertEqual([r.items_seen for r in b.run_history("j")], [9, 4, 3],
+                         "a refused commit records no run")
+        self.assertEqual(b.run_history("nosuch"), [])
+        self.assertEqual(b.run_histories(["j", "nosuch"], 2),
+                         {"j": b.run_history("j", 2), "nosuch": []}, "several jobs at once")
+        self.assertTrue(a.commit_now(got, run=self.run_record(10), run_keep=1))
+        self.assertEqual([r.items_seen for r in b.run_history("j")], [10], "pruned at once")
+        self.assertTrue(a.commit_now(got, run=self.run_record(11), run_keep=0))
+        self.assertEqual(b.run_history("j"), [], "run_history 0 keeps none")
+        self.assertTrue(a.commit_now(got, run=self.run_record(12)))
+        self.assertEqual([r.items_seen for r in b.run_history("j")], [12])
+        self.assertTrue(a.commit_now(got))
+        self.assertEqual(len(b.run_history("j")), 1, "a commit without a run adds none")
+
+    def test_history_across_restarts_and_a_dry_run_is_not_recorded(self):
+        for _ in range(2):
+            code, out, err = self.cli("tick", "j")      # each one a daemon start and stop
+            self.assertEqual(code, 0, err)
+        code, out, err = self.cli("tick", "j", "--dry-run")
+        self.assertEqual(code, 0, err)
+        code, out, err = self.cli("history", "j", "--json")
+        self.assertEqual(code, 0, err)
+        runs = json.loads(out)
+        self.assertEqual([(r["outcome"], r["trigger"], r["cursor_before"], r["cursor_after"])
+                          for r in runs],
+                         [("ok", "operator", {"bytes": 1, "text": "1"},
+                           {"bytes": 1, "text": "2"}),
+                          ("ok", "operator", None, {"bytes": 1, "text": "1"})])
+        self.assertEqual(set(runs[0]), {"job", "scheduled_at", "started_at", "duration_ms",
+                                        "outcome", "error", "items_seen", "items_dispatched",
+                                        "cursor_before", "cursor_after", "stderr", "trigger"})
+        code, out, err = self.cli("history", "j", "--limit", "1")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(out.strip().splitlines()), 2, out)     # a heading and one run
+        self.assertIn("ok", out)
+        self.cli_error(nx.EXIT_UNKNOWN_JOB, "history", "nosuch", needle="nosuch")
+        self.cli_error(nx.EXIT_USAGE, "history", "j", "--limit", "0", needle="--limit")
+
+    def test_run_history_is_kept_as_configured_per_job(self):
+        self.write_config(self.location(), run_history=5, jobs=[
+            {"id": "j", "kind": "e2e_feed", "schedule": {"every_secs": 3600},
+             "run_history": 1}], plugins=[self.plugin])
+        for _ in range(2):
+            self.assertEqual(self.cli("tick", "j")[0], 0)
+        runs = json.loads(self.cli("history", "j", "--json")[1])
+        self.assertEqual([r["cursor_after"]["text"] for r in runs], ["2"])
+
     # -- the admin routes and the page ------------------------------------------------
 
     def runner(self) -> Runner:
@@ -513,6 +585,31 @@ class StateContract(_ContractCase):
             self.assertIn("keeps no cursor history", err)
         code, out, err = self.cli("--admin", url, "cursor", "j", "--set", "!!!", "--yes")
         self.assertEqual(code, nx.EXIT_USAGE, out + err)
+
+    def test_runs_route_history_verb_remote_and_the_page(self):
+        r = self.runner()                         # its first tick: a scheduled run
+        self.assertEqual(r.run_once("j").status, "ok")
+        code, raw = self.get(r, "/admin/pollers/j/runs")
+        doc = json.loads(raw)
+        self.assertEqual(code, 200, doc)
+        self.assertEqual((doc["job"], doc["keep"]), ("j", nx.RUN_HISTORY_KEEP))
+        self.assertEqual([(x["outcome"], x["trigger"], x["cursor_after"]["text"])
+                          for x in doc["runs"]], [("ok", "operator", "2"),
+                                                  ("ok", "schedule", "1")])
+        self.assertIsNotNone(doc["runs"][1]["scheduled_at"])
+        self.assertEqual(json.loads(self.get(r, "/admin/pollers/j/runs?limit=1")[1])["runs"],
+                         doc["runs"][:1])
+        self.assertEqual(self.get(r, "/admin/pollers/j/runs?limit=x")[0], 400)
+        self.assertEqual(self.get(r, "/admin/pollers/nosuch/runs")[0], 404)
+        self.assertEqual(self.get(r, "/admin/pollers/j/runs", b"")[0], 405)
+        url = f"http://127.0.0.1:{r.admin_address[1]}"
+        code, out, err = self.cli("--admin", url, "history", "j", "--json")
+        self.assertEqual((code, json.loads(out)), (0, doc["runs"]), err)
+        code, out, err = self.cli("--admin", url, "history", "nosuch")
+        self.assertEqual(code, nx.EXIT_UNKNOWN_JOB, out + err)
+        page = self.get(r, "/")[1].decode()
+        self.assertIn('<details class="runs">', page)
+        self.assertEqual(page.count('class="run st-ok"'), 2, "one mark per run in the bar")
 
     def test_admin_routes_that_write_the_store(self):
         r = self.runner()
@@ -636,6 +733,22 @@ class JetStreamConformance(StateContract, TempDirCase):
 
     def store(self, **kw) -> StateStore:
         return JetStreamStateStore(self.bucket, self.server.url, **kw)
+
+    def test_a_run_whose_record_did_not_land_is_never_shown(self):
+        # The run keys go beside the record (KV has no multi-key write): a
+        # run written by a commit whose record lost its compare-and-set, or
+        # by another writer, is not one the record names.
+        a = self.open()
+        now = time.time()
+        got = a.claim({"j": now + 60}, now)["j"]
+        for n in range(2):
+            self.assertTrue(a.commit_now(got, run=self.run_record(n), run_keep=3))
+        orphan = {**self.run_record(7).stored(), "span": "f00d"}
+        a.kv.put_many([(nx._run_key("j", 2), {**orphan, "seq": 2}, None),   # not committed
+                       (nx._run_key("j", 1), {**orphan, "seq": 1}, None)])  # another writer's
+        self.assertEqual(a.run_history("j"), [self.run_record(0)])
+        self.assertTrue(a.commit_now(got, run=self.run_record(2), run_keep=3))
+        self.assertEqual([r.items_seen for r in a.run_history("j")], [2, 0])
 
 
 class SqliteToJetStream(_Sqlite, _ContractCase, TempDirCase):

@@ -50,6 +50,9 @@ class RouteTableTests(unittest.TestCase):
             ("GET", "/admin/pollers/nope/cursor", 404, {"error": "unknown action 'cursor'"},
              None),
             ("GET", "/admin/pollers/a/run/x", 404, {"error": "unknown action 'run/x'"}, None),
+            ("POST", "/admin/pollers/a/runs", 405, {"ok": False, "error": "GET required"},
+             None),
+            ("GET", "/admin/pollers/nope/runs", 404, {"error": "job 'nope' not found"}, None),
             ("GET", "/admin/pollers//", 404, {"error": "unknown action ''"}, None),
             ("GET", "/admin/pollersX", 404, {"error": "no route /admin/pollersX"}, None),
             ("POST", "/admin/plugins", 405, {"ok": False, "error": "GET required"}, None),
@@ -66,7 +69,7 @@ class RouteTableTests(unittest.TestCase):
         # a row shadowed by an earlier one would be dead code
         paths = {"/healthz", "/metrics", "/", "/admin/plugins", "/admin/daemons",
                  "/admin/pollers", "/admin/pollers/a", "/admin/pollers/a/cursor",
-                 "/admin/pollers/a/run", "/admin/pollers/a/x"}
+                 "/admin/pollers/a/runs", "/admin/pollers/a/run", "/admin/pollers/a/x"}
         first = {next(r for r in nx._HTTP_ROUTES if r.pattern.fullmatch(p)).handler
                  for p in paths}
         self.assertEqual(first, {r.handler for r in nx._HTTP_ROUTES})

@@ -62,12 +62,13 @@ class ConfigTests(unittest.TestCase):
     def test_job_keys_override_and_say_where_each_came_from(self):
         cfg = config(job("a", timeout_secs=2.5, backoff_initial_secs=5, backoff_max_secs=50,
                          breaker_threshold=2, failure_alert_cooldown_secs=60, jitter_ms=700,
-                         catchup="all", catchup_window_secs=600),
+                         catchup="all", catchup_window_secs=600, run_history=7),
                      job("b"), breaker_threshold=7)
         a, b = policy(cfg, "a"), policy(cfg, "b")
         self.assertEqual((a.timeout_secs, a.backoff_initial_secs, a.backoff_max_secs,
                           a.breaker_threshold, a.failure_alert_cooldown_secs, a.jitter_ms),
                          (2.5, 5, 50, 2, 60, 700))
+        self.assertEqual(a.run_history, 7)
         self.assertEqual(set(a.sources.values()), {"job"})
         self.assertEqual((b.timeout_secs, b.backoff_initial_secs, b.breaker_threshold,
                           b.failure_alert_cooldown_secs, b.jitter_ms), (None, 30.0, 7, 3600, 5000))
@@ -77,7 +78,11 @@ class ConfigTests(unittest.TestCase):
                                      "breaker_threshold": "config",
                                      "failure_alert_cooldown_secs": "default",
                                      "jitter_ms": "default", "catchup": "default",
-                                     "catchup_window_secs": "default"})
+                                     "catchup_window_secs": "default",
+                                     "run_history": "default"})
+        self.assertEqual(b.run_history, nx.RUN_HISTORY_KEEP)
+        c = policy(config(job("a"), run_history=3))
+        self.assertEqual((c.run_history, c.sources["run_history"]), (3, "config"))
 
     def test_jitter_ms_is_the_schedules_jitter_and_not_both(self):
         cfg = config(job("a", jitter_ms=700), job("b", schedule={"every_secs": 60,
@@ -98,7 +103,9 @@ class ConfigTests(unittest.TestCase):
                  ("breaker_threshold", 0, "0 is outside 1..1000000"),
                  ("failure_alert_cooldown_secs", -5, "-5 is outside 0..1000000000"),
                  ("jitter_ms", 1.5, "must be an integer, got number"),
-                 ("jitter_ms", None, "must be an integer, got null")]
+                 ("jitter_ms", None, "must be an integer, got null"),
+                 ("run_history", -1, "-1 is outside 0..100000"),
+                 ("run_history", 2.5, "must be an integer, got number")]
         for key, value, message in cases:
             with self.subTest(key=key, value=value):
                 with self.assertRaises(ConfigError) as cm:
