@@ -167,9 +167,16 @@ class LifecycleContract:
                          "the plugin's ctx.scheduled_at is the slot's, not now")
 
     def committed_deliveries(self, job):
-        """The deliveries committed for ``job``: delivered, or still in the outbox."""
-        state = self.runner.state.load([job])[job]
-        return state.delivered_total + sum(i.job == job for i in self.runner.state.outbox())
+        """The deliveries committed for ``job``: delivered, or still in the outbox.
+        The publisher may move one from the outbox to delivered between two
+        reads: read the count again until it held still around the outbox's."""
+        def delivered():
+            return self.runner.state.load([job])[job].delivered_total
+        while True:
+            first = delivered()
+            queued = sum(i.job == job for i in self.runner.state.outbox())
+            if delivered() == first:
+                return first + queued
 
     def test_an_error_commits_its_partial_progress(self):
         before = self.runner.state.load(["partial"])["partial"]
