@@ -744,7 +744,30 @@ def fig11_runner_plugin(ctx: Ctx) -> list[dict]:
                   f"ms; status max {r['status_ms']['max']:.0f} ms, signal max "
                   f"{r['signal_ms']['max']:.0f} ms; daemon CPU "
                   f"{r['daemon_cpu_us_per_tick']:.0f} us/tick"))
+    rows.append(_fig11_history_cost(ctx, s))
     return rows
+
+
+def _fig11_history_cost(ctx: Ctx, s: dict) -> dict:
+    """What the run history costs the daemon: CPU per tick at the sustained
+    demand with the default history (100 runs a job) against none
+    (``run_history: 0``), run back to back.  The done rate is pinned to the
+    demand below capacity, so CPU per tick is what capacity divides by."""
+    demand = s["demands"][0] if ctx.smoke else SUSTAINED
+    jobs = int(demand * s["interval"])
+    cpu = {}
+    for keep in (0, 100):
+        ctx.log(f"fig 11: history cost, run_history {keep}, {demand:,} ticks/s ...")
+        r = workers.call_worker("runner-plugin", {
+            "demand": demand, "jobs": jobs, "inflight": s["inflight"],
+            "warm_secs": s["warm_secs"], "secs": s["secs"], "run_history": keep},
+            timeout=ctx.timeout(300))
+        ctx.raw["fig11"].append({"run_history": keep, **r})
+        cpu[keep] = r["daemon_cpu_us_per_tick"]
+    return row("11", f"run history (100 runs a job) vs none, {demand:,} ticks/s: daemon CPU "
+                     "per tick", cpu[100], "us", "run_history 0", cpu[0],
+               target="<= 1.10x none (issue 25)", met=cpu[100] <= 1.10 * cpu[0],
+               notes="history's added cost per tick; done rate pinned to the demand")
 
 
 FIGURES = {1: fig1_round_trip, 2: fig2_throughput, 3: fig3_ephemeral, 4: fig4_scheduler,

@@ -787,6 +787,7 @@ def w_runner_plugin(a: dict) -> dict:
                                   f"max_concurrent_ticks = {a['inflight']}").format(
             id="p0", python=sys.executable, plugin=PLUGIN, kind="bench"))
     doc = {"state_db": os.path.join(tmp, "state.db"), "default_jitter_ms": 0,
+           "run_history": a.get("run_history", nx.RUN_HISTORY_KEEP),
            "plugins": [folder],
            "jobs": [{"id": f"j{i}", "kind": "bench", "schedule": {"every_secs": every}}
                     for i in range(jobs)]}
