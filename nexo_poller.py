@@ -7097,7 +7097,8 @@ class RunRecord:
     """One committed tick of a job, as its run history keeps it.
 
     ``scheduled_at`` is the slot it ran for (None: an operator's tick,
-    ``trigger`` "operator"; a slot's is "schedule"), ``started_at`` the wall
+    ``trigger`` "operator"; a slot's is "schedule", a past slot's that
+    ``backfill`` ran "backfill"), ``started_at`` the wall
     clock at its start, ``duration`` the poll's seconds.  A cursor is
     ``{"bytes": n}``, with ``"text"`` when it is short printable text
     (``_run_cursor``), or None for no cursor: never its bytes whole.
@@ -12797,17 +12798,21 @@ def _run_cursor(cursor: bytes | None, secrets: Iterable[tuple[str, str]]) -> dic
     return doc
 
 
-def _run_record(cfg: JobConfig, slot: float | None, started: float, outcome: TickOutcome,
-                before: bytes | None, after: bytes | None,
-                secrets: Iterable[tuple[str, str]]) -> RunRecord:
-    """The run history's record of a tick about to be committed; the
-    plugin's stderr tail that a failed tick's error ends with is its own field."""
+def _run_record(cfg: JobConfig, slot: float | None, scheduled_at: float | None,
+                started: float, outcome: TickOutcome, before: bytes | None,
+                after: bytes | None, secrets: Iterable[tuple[str, str]]) -> RunRecord:
+    """The run history's record of a tick about to be committed: ``slot`` is
+    the live schedule's (None: off schedule), ``scheduled_at`` the slot the
+    tick ran for (a backfill's too); the plugin's stderr tail that a failed
+    tick's error ends with is its own field."""
     m = outcome.ack.metrics if outcome.ack and outcome.ack.metrics else TickMetrics()
     error, _, stderr = (_hide_secrets(outcome.error, secrets) or "").partition("; stderr: ")
-    return RunRecord(cfg.id, slot, started, outcome.duration, outcome.status.value,
+    trigger = "schedule" if slot is not None else (
+        "operator" if scheduled_at is None else "backfill")
+    return RunRecord(cfg.id, scheduled_at, started, outcome.duration, outcome.status.value,
                      _storable(error or None), m.items_seen, m.items_dispatched,
                      _run_cursor(before, secrets), _run_cursor(after, secrets),
-                     _storable(stderr or None), "operator" if slot is None else "schedule")
+                     _storable(stderr or None), trigger)
 
 
 class _Ticks:
@@ -12880,7 +12885,8 @@ class _Ticks:
         done = functools.partial(self._committed, job, plan, new, outcome, slot, bool(outbox))
         stored = {"command": None if command is None else (command, result_text),
                   "outbox": outbox, "run_keep": policy.run_history, "run": _run_record(
-                      cfg, slot, now, outcome, job.state.cursor, new.cursor, r.config.secrets)}
+                      cfg, slot, scheduled_at, now, outcome, job.state.cursor, new.cursor,
+                      r.config.secrets)}
         if commit_async:
             try:
                 r.state.commit(new, done, **stored)

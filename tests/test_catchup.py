@@ -232,6 +232,10 @@ class RunnerCatchUpTests(RunnerCase):
         self.assertEqual(p.calls[2].scheduled_at, utc(T0 + 12.5))
         r.run_once("a", scheduled_at=T0 - 3600)
         self.assertEqual(p.calls[3].scheduled_at, utc(T0 - 3600))
+        runs = r.state.run_history("a")         # newest first: how each tick came to run
+        self.assertEqual([(run.trigger, run.scheduled_at) for run in runs],
+                         [("backfill", T0 - 3600), ("operator", None),
+                          ("schedule", T0 + 10), ("schedule", T0)])
 
 
 class WireTests(unittest.TestCase):
