@@ -3003,10 +3003,12 @@ class _ClientBase:
     def _answer_handler(self, handler, payload, inbox) -> None:
         try:
             result = handler(payload)
-        except Exception as exc:             # report it to the requester, keep serving
+        except BaseException as exc:         # report it to the requester, keep serving
+            # (SystemExit too: in a handler's thread it would end only that
+            # thread, which may be the one reading the connection.)
             log.debug("broker handler failed", exc_info=True)
             if inbox is not None:
-                self._send_reply(inbox, None, {"message": f"{type(exc).__name__}: {exc}"})
+                self._send_reply(inbox, None, {"message": _failure_text(exc)})
             return
         if inbox is not None:
             try:
@@ -3027,6 +3029,20 @@ class _ClientBase:
             params["error"] = error
         self._post_reply(params)
 
+
+
+_FAILURE_TEXT_CHARS = 2048                # of a handler's failure, in its error reply
+
+
+def _failure_text(exc: BaseException) -> str:
+    """A handler's failure as its error reply says it: short enough for one
+    broker line whatever the exception's text, and never a failure itself
+    (an exception's ``__str__`` may raise)."""
+    try:
+        text = f"{type(exc).__name__}: {exc}"
+    except Exception:
+        text = f"{type(exc).__name__} (its message could not be read)"
+    return text if len(text) <= _FAILURE_TEXT_CHARS else text[:_FAILURE_TEXT_CHARS] + "..."
 
 
 def _json_payload(payload: Any) -> None:
@@ -3259,7 +3275,10 @@ class BrokerClient(_ClientBase):
                 self._leader.release()
             if work is None:
                 return
-            self._run_handler(*work)
+            try:
+                self._run_handler(*work)
+            except Exception:                # a bug: this thread must not end with it
+                log.exception("broker client: a handler's reply failed")
 
     def _read_until_work(self):
         """Read and settle responses until a handler has work (leader only).
@@ -3284,7 +3303,11 @@ class BrokerClient(_ClientBase):
             self._buf = bytearray(lines.pop())
             work = None
             for line in lines:
-                item = self._on_line(line) if line else None
+                try:
+                    item = self._on_line(line) if line else None
+                except Exception:            # a bug: the lines after it still count
+                    log.exception("broker client: a line could not be handled")
+                    item = None
                 if item is not None:
                     if work is not None:
                         self._submit(self._run_handler, *work)

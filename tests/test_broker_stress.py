@@ -13,8 +13,10 @@ never in a timeout — and afterwards every client must still answer.
 
 Real sockets, real threads.  NEXO_TEST_FULL=1 runs ten times as many.
 """
+import json
 import os
 import random
+import socket
 import sys
 import tempfile
 import threading
@@ -38,12 +40,23 @@ ANSWER_SECS = 5.0           # a request with no answer by then lost its reader
 TOPIC = "stress.tick"
 
 
+class _Unprintable(Exception):
+    def __str__(self):
+        raise ValueError("no text for this one")
+
+
 def _handler(tag):
-    """A plugin handler: echoes, raises, or takes a while, as the payload says."""
+    """A plugin handler: echoes, raises, or takes a while, as the payload says.
+    Its failures include ones whose report cannot travel as they are: a
+    message longer than a broker line, an exception that cannot be printed."""
     def handle(payload):
         op = payload["op"]
         if op == "raise":
             raise RuntimeError(f"boom {payload['n']}")
+        if op == "raise huge":
+            raise RuntimeError("boom " + "x" * npl.BROKER_MAX_LINE_BYTES)
+        if op == "raise unprintable":
+            raise _Unprintable()
         if op == "slow":
             time.sleep(payload["ms"] / 1000)     # a handler busy on I/O, not a wait of the test
         return {"n": payload["n"], "by": tag}
@@ -96,13 +109,20 @@ class NoReaderLost(unittest.TestCase):
             if self.stop.is_set():
                 return
             roll = rng.random()
-            op = "raise" if roll < 0.15 else "slow" if roll < 0.30 else "echo"
+            op = "raise" if roll < 0.12 else "raise huge" if roll < 0.13 else \
+                "raise unprintable" if roll < 0.14 else "slow" if roll < 0.30 else "echo"
             payload = {"op": op, "n": n, "ms": rng.randint(1, 40)}
             try:
                 reply = client.request(TOPIC, payload, ANSWER_SECS, wait=True)
             except PluginPollerForwardError as exc:
                 code = getattr(exc, "code", None)
                 if code == npl.BROKER_RESPONDER_ERROR and op == "raise" and "boom" in str(exc):
+                    what = "raised"
+                elif code == npl.BROKER_RESPONDER_ERROR and op == "raise huge" and \
+                        "RuntimeError: boom" in str(exc):
+                    what = "raised"
+                elif code == npl.BROKER_RESPONDER_ERROR and op == "raise unprintable" and \
+                        "_Unprintable" in str(exc):
                     what = "raised"
                 elif code == npl.BROKER_RESPONDER_ERROR and "no handler" in str(exc):
                     what = "no handler"     # its subscription went while the message travelled
@@ -112,7 +132,7 @@ class NoReaderLost(unittest.TestCase):
                     self.stop.set()         # a lost reader: no point waiting out the rest
                     return
             else:
-                if op == "raise" or reply.get("n") != n:
+                if op.startswith("raise") or reply.get("n") != n:
                     with self.lock:
                         self.failures.append((payload, f"wrong reply {reply!r}"))
                     continue
@@ -149,6 +169,24 @@ class NoReaderLost(unittest.TestCase):
             client.subscribe(f"probe.{i}", lambda payload: payload + 1)
             self.assertEqual(self.local.request(f"probe.{i}", i, ANSWER_SECS), i + 1)
             self.assertEqual(self.external.request(f"probe.{i}", i, ANSWER_SECS), i + 1)
+
+
+class ReaderSurvivesABadLine(unittest.TestCase):
+    """A line the client cannot make sense of costs that line, not its reader."""
+
+    def test_a_message_with_params_not_an_object_is_skipped(self):
+        quiet_log(self)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(theirs.close)
+        client = BrokerClient(ours, "unix:///socketpair")
+        self.addCleanup(client.close)
+        client._handlers[1] = lambda payload: payload * 2      # as subscribe leaves it
+        theirs.settimeout(ANSWER_SECS)
+        theirs.sendall(b'{"jsonrpc":"2.0","method":"message","params":[1,2]}\n'
+                       b'{"jsonrpc":"2.0","method":"message","params":'
+                       b'{"sid":1,"topic":"t","payload":21,"inbox":7}}\n')
+        reply = json.loads(theirs.makefile("rb").readline())
+        self.assertEqual(reply["params"], {"inbox": 7, "payload": 42})
 
 
 if __name__ == "__main__":
