@@ -2110,11 +2110,12 @@ def _socket_path(url: str) -> str:
 class _Pending:
     """One request in flight through the broker."""
     __slots__ = ("inbox", "requester", "req_id", "topic", "payload", "responders",
-                 "deadline")
+                 "deadline", "encoded")
 
-    def __init__(self, inbox, requester, req_id, topic, payload, deadline):
+    def __init__(self, inbox, requester, req_id, topic, payload, deadline, encoded=None):
         self.inbox, self.requester, self.req_id = inbox, requester, req_id
         self.topic, self.payload, self.deadline = topic, payload, deadline
+        self.encoded = encoded              # the payload's JSON text, when the requester made it
         self.responders: set = set()
 
 
@@ -2160,7 +2161,10 @@ class _SocketPeer(_Peer):
     # When the socket is full the loop thread takes the writer's role.
 
     def send(self, obj: Any) -> None:
-        data = _dumps(obj).encode() + b"\n"
+        self._send_line(_dumps(obj))
+
+    def _send_line(self, line: str) -> None:
+        data = line.encode() + b"\n"
         with self.out.lock:
             if self.closed:
                 return
@@ -2196,7 +2200,12 @@ class _SocketPeer(_Peer):
                 self.out.unsent(chunk[n:])
                 return False
 
-    def deliver(self, sid, topic, payload, inbox) -> None:
+    def deliver(self, sid, topic, payload, inbox, encoded=None) -> None:
+        if encoded is not None:             # the same line as below, the payload not encoded twice
+            self._send_line(f'{{"jsonrpc":"2.0","method":"message","params":{{"sid":'
+                            f'{_dumps(sid)},"topic":{_dumps(topic)},"payload":{encoded},'
+                            f'"inbox":{_dumps(inbox)}}}}}')
+            return
         params = {"sid": sid, "topic": topic, "payload": payload}
         if inbox is not None:
             params["inbox"] = inbox
@@ -2217,7 +2226,7 @@ class _LocalPeer(_Peer):
         super().__init__()
         self.client = client
 
-    def deliver(self, sid, topic, payload, inbox) -> None:
+    def deliver(self, sid, topic, payload, inbox, encoded=None) -> None:
         self.client._dispatch(sid, payload, inbox)
 
     def answer(self, req_id, result=None, error=None) -> None:
@@ -2389,13 +2398,16 @@ class _BrokerRoutes:
         self.answer(p, result=params.get("payload"), error=error)
         return True
 
-    def open_request(self, peer, req_id, topic, payload, deadline, wait) -> _Pending | None:
-        """Register a request and deliver it; None when it failed at once."""
+    def open_request(self, peer, req_id, topic, payload, deadline, wait,
+                     encoded: str | None = None) -> _Pending | None:
+        """Register a request and deliver it; None when it failed at once.
+        ``encoded``: the payload's JSON text, if the requester has it."""
         with self.lock:
             if peer.closed or self.stopping:
                 p, send = None, None
             else:
-                p = _Pending(next(self._inboxes), peer, req_id, topic, payload, deadline)
+                p = _Pending(next(self._inboxes), peer, req_id, topic, payload, deadline,
+                             encoded)
                 send = self._route(p)
                 if send is None and wait:
                     self._parked.setdefault(topic, []).append(p)
@@ -2433,7 +2445,7 @@ class _BrokerRoutes:
     def _send_all(self, sends) -> None:
         for p, targets in sends:
             for target, sid in targets:
-                target.deliver(sid, p.topic, p.payload, p.inbox)
+                target.deliver(sid, p.topic, p.payload, p.inbox, p.encoded)
 
     def _take_pending(self, inbox: int) -> _Pending | None:
         """Forget a request everywhere (lock held)."""
@@ -3045,11 +3057,12 @@ def _failure_text(exc: BaseException) -> str:
     return text if len(text) <= _FAILURE_TEXT_CHARS else text[:_FAILURE_TEXT_CHARS] + "..."
 
 
-def _json_payload(payload: Any) -> None:
+def _json_payload(payload: Any) -> str:
     """Raise as a client whose payload must travel as JSON does, though an
-    in-process one hands the object itself to in-process handlers."""
+    in-process one hands the object itself to in-process handlers; else the
+    payload's JSON text, which a socket's line then reuses."""
     try:
-        _dumps(payload)
+        return _dumps(payload)
     except (ValueError, TypeError) as exc:
         raise _NotJson(f"payload is not JSON: {exc}") from None
 
@@ -3082,10 +3095,10 @@ class _LocalClient(_ClientBase):
     def request(self, topic: str, payload: Any, timeout: timedelta | float, *,
                 wait: bool = False, cancel: threading.Event | None = None) -> Any:
         secs = _seconds(timeout, "timeout")
-        _json_payload(payload)           # as a socket client would find, whoever answers
+        encoded = _json_payload(payload)     # as a socket client would find, whoever answers
         waiter = _Waiter()
         p = self._server.routes.open_request(self._peer, waiter, topic, payload,
-                                             time.monotonic() + secs, wait)
+                                             time.monotonic() + secs, wait, encoded)
         answered = waiter.wait(secs, cancel)
         if not answered:
             if p is not None:
