@@ -2069,6 +2069,37 @@ def _exit_status(proc: subprocess.Popen) -> str:
 # Broker
 # A minimal line-delimited JSON-RPC 2.0 broker over a Unix socket, served by
 # the daemon: subscribe (with queue groups), publish, request/reply.
+#
+# Who reads each socket, at every moment (BENCHMARKS.md, "A busy plugin"):
+# - The broker's end of every connection: the loop thread (``_serve``),
+#   alone, from accept to close.  It runs no handler and never blocks on a
+#   peer: sockets are non-blocking; a line to a peer is sent by whichever
+#   thread finds nobody sending on that socket (``_Combiner``), and what a
+#   full socket leaves over by the loop once it is writable.  A bug met on
+#   one connection closes that connection, never the loop.
+# - A client's end (BrokerClient: every plugin, every external client):
+#   whichever of its serving threads holds ``_leader``, the reading role.
+#   The holder settles responses itself.  Meeting a message for a handler,
+#   it first makes sure a successor exists (a thread idle on ``_leader``,
+#   else it starts one, up to ``max_workers``), then releases the role and
+#   runs the handler; more messages from the same read go to the pool.
+# How a reply reaches its waiter: every caller waits on its own ``_Waiter``,
+# a lock taken in advance; the reader that meets the answer releases it: one
+# wake-up, no Condition, the first answer wins (a reply racing a timeout, a
+# cancel or a lost connection).  On the daemon path (``_LocalClient``) the
+# requester writes its message to the plugin's socket itself and the loop
+# thread reads the reply; an external client's reply comes back through the
+# loop to that client's reading thread.
+# Why no reader can be lost: the role is a lock released in a ``finally``,
+# and a serving thread ends only with its connection, because nothing else
+# can end it: a handler's failure, of any kind or size, becomes its error
+# reply (``_failure_text`` cannot fail), a line that cannot be handled
+# costs only itself, a thread the system refuses to start leaves the role
+# to those there are.  So at every moment one thread reads, or one waits
+# for the role or is being started -- or every serving thread runs a
+# handler (``max_workers`` of them, or all the system gave), and the first
+# to finish reads on: that cap is the only pause, and it lasts as long as
+# the handlers it waits for.  tests/test_broker_stress.py tries to lose one.
 # Shares: _ClientBase
 # ============================================================================
 
@@ -3166,9 +3197,20 @@ class BrokerClient(_ClientBase):
         self._spawn()
 
     def _spawn(self) -> None:
-        """Start one more serving thread (``_tlock`` held or not yet shared)."""
+        """Start one more serving thread (``_tlock`` held or not yet shared).
+        When none can be started, those there are serve on: the leader
+        gives up the role and runs its handler as at the thread cap."""
         self._threads += 1
-        threading.Thread(target=self._serve, name="nexo-broker-client", daemon=True).start()
+        try:
+            threading.Thread(target=self._serve, name="nexo-broker-client", daemon=True).start()
+        except RuntimeError as exc:          # "can't start new thread"
+            self._threads -= 1
+            if not self._threads:
+                self._sock.close()
+                raise _broker_error(BROKER_CLOSED, f"cannot start a thread to read the "
+                                                   f"broker connection: {exc}") from None
+            log.warning("broker client: cannot start one more thread (%s); %d serve on",
+                        exc, self._threads)
 
     @classmethod
     def connect(cls, url: str, timeout: float = 5.0, max_workers: int = 32) -> "BrokerClient":

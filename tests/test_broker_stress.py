@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -171,22 +172,43 @@ class NoReaderLost(unittest.TestCase):
             self.assertEqual(self.external.request(f"probe.{i}", i, ANSWER_SECS), i + 1)
 
 
-class ReaderSurvivesABadLine(unittest.TestCase):
-    """A line the client cannot make sense of costs that line, not its reader."""
+class ReaderSurvivesTheUnexpected(unittest.TestCase):
+    """A line the client cannot make sense of costs that line, and a thread
+    the system will not start costs a pause, never the client's reader."""
 
-    def test_a_message_with_params_not_an_object_is_skipped(self):
+    def setUp(self):
+        """A client on one end of a socket pair; the test is its broker."""
         quiet_log(self)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(theirs.close)
+        ours, self.broker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(self.broker.close)
         client = BrokerClient(ours, "unix:///socketpair")
         self.addCleanup(client.close)
         client._handlers[1] = lambda payload: payload * 2      # as subscribe leaves it
-        theirs.settimeout(ANSWER_SECS)
-        theirs.sendall(b'{"jsonrpc":"2.0","method":"message","params":[1,2]}\n'
+        self.broker.settimeout(ANSWER_SECS)
+        self.replies = self.broker.makefile("rb")
+
+    def test_a_message_with_params_not_an_object_is_skipped(self):
+        self.broker.sendall(b'{"jsonrpc":"2.0","method":"message","params":[1,2]}\n'
                        b'{"jsonrpc":"2.0","method":"message","params":'
                        b'{"sid":1,"topic":"t","payload":21,"inbox":7}}\n')
-        reply = json.loads(theirs.makefile("rb").readline())
+        reply = json.loads(self.replies.readline())
         self.assertEqual(reply["params"], {"inbox": 7, "payload": 42})
+
+    def test_no_thread_to_be_had_leaves_the_reader_reading(self):
+        # The reading thread meets a handler's message and starts no successor,
+        # as the system refuses threads: it must still read on after the handler.
+        start = threading.Thread.start
+
+        def refuse(thread):
+            if thread.name == "nexo-broker-client":
+                raise RuntimeError("can't start new thread")
+            start(thread)
+        with unittest.mock.patch.object(threading.Thread, "start", refuse):
+            for inbox in (7, 8, 9):
+                self.broker.sendall(b'{"jsonrpc":"2.0","method":"message","params":{"sid":1,'
+                               b'"topic":"t","payload":21,"inbox":%d}}\n' % inbox)
+                reply = json.loads(self.replies.readline())
+                self.assertEqual(reply["params"], {"inbox": inbox, "payload": 42})
 
 
 if __name__ == "__main__":
