@@ -2261,7 +2261,7 @@ class _LocalPeer(_Peer):
         self.client._dispatch(sid, payload, inbox)
 
     def answer(self, req_id, result=None, error=None) -> None:
-        req_id.set(result, error)         # for a local peer the id is its _Waiter
+        self.client._server._complete(req_id, result, error)   # the id is its _Waiter
 
 
 class _BrokerRoutes:
@@ -2565,6 +2565,8 @@ class BrokerServer:
         self._listener: socket.socket | None = None
         self._wake_r = self._wake_w = -1
         self._rbuf = bytearray(_RECV_BYTES)   # the loop thread's recv_into target
+        self._loop_ident: int | None = None   # the loop thread, while it runs
+        self._completions: list = []          # (waiter, result, error) it answers before it blocks
         self._stopping = False
         self._uid = os.getuid()
         # Out of file descriptors: accepting pauses (the listener leaves the
@@ -2675,6 +2677,7 @@ class BrokerServer:
 
     def _serve(self) -> None:
         sel = self._sel
+        self._loop_ident = threading.get_ident()
         try:
             while not self._stopping:
                 timeout = None
@@ -2683,6 +2686,7 @@ class BrokerServer:
                 if self._accept_paused_until is not None:
                     left = max(0.0, self._accept_paused_until - time.monotonic())
                     timeout = left if timeout is None else min(timeout, left)
+                self._wake_waiters()
                 for key, mask in sel.select(timeout):
                     if key.data == "accept":
                         self._accept()
@@ -2700,10 +2704,29 @@ class BrokerServer:
         finally:
             for peer in list(self._peers.values()):
                 self._close_peer(peer, "broker closing")
+            self._loop_ident = None         # from here on every answer is given at once
+            self._wake_waiters()
             sel.close()
             self._listener.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
+
+    def _complete(self, waiter: _Waiter, result, error) -> None:
+        """Answer an in-process requester.  The loop thread answers just
+        before it next blocks (``_wake_waiters``): a requester woken while
+        the loop still works would wake only to wait for the GIL, one more
+        hand-off, and many replies read at once would each contend."""
+        if threading.get_ident() == self._loop_ident:
+            self._completions.append((waiter, result, error))
+        else:
+            waiter.set(result, error)
+
+    def _wake_waiters(self) -> None:
+        """Give the answers the loop gathered (loop thread)."""
+        if self._completions:
+            done, self._completions = self._completions, []
+            for waiter, result, error in done:
+                waiter.set(result, error)
 
     def _serve_peer(self, peer: _SocketPeer, mask: int) -> None:
         try:
