@@ -2087,9 +2087,11 @@ def _exit_status(proc: subprocess.Popen) -> str:
 # a lock taken in advance; the reader that meets the answer releases it: one
 # wake-up, no Condition, the first answer wins (a reply racing a timeout, a
 # cancel or a lost connection).  On the daemon path (``_LocalClient``) the
-# requester writes its message to the plugin's socket itself and the loop
-# thread reads the reply; an external client's reply comes back through the
-# loop to that client's reading thread.
+# requester writes its message to the plugin's socket itself (the payload's
+# JSON text made once) and the loop thread reads the reply; the loop gives
+# the answers of one wake-up just before it blocks again (``_complete``),
+# so a requester does not wake only to wait for the GIL.  An external
+# client's reply comes back through the loop to that client's reader.
 # Why no reader can be lost: the role is a lock released in a ``finally``,
 # and a serving thread ends only with its connection, because nothing else
 # can end it: a handler's failure, of any kind or size, becomes its error
@@ -2233,9 +2235,10 @@ class _SocketPeer(_Peer):
 
     def deliver(self, sid, topic, payload, inbox, encoded=None) -> None:
         if encoded is not None:             # the same line as below, the payload not encoded twice
+            sid_text = str(sid) if type(sid) is int else _dumps(sid)   # str(): no encoder call
             self._send_line(f'{{"jsonrpc":"2.0","method":"message","params":{{"sid":'
-                            f'{_dumps(sid)},"topic":{_dumps(topic)},"payload":{encoded},'
-                            f'"inbox":{_dumps(inbox)}}}}}')
+                            f'{sid_text},"topic":{_dumps(topic)},"payload":{encoded},'
+                            f'"inbox":{inbox:d}}}}}')
             return
         params = {"sid": sid, "topic": topic, "payload": payload}
         if inbox is not None:
