@@ -46,6 +46,11 @@ class _Unprintable(Exception):
         raise ValueError("no text for this one")
 
 
+# What the error reply of each failing handler says.
+_RAISED = {"raise": "RuntimeError: boom", "raise huge": "RuntimeError: boom",
+           "raise unprintable": "_Unprintable", "raise exit": "SystemExit: 3"}
+
+
 def _handler(tag):
     """A plugin handler: echoes, raises, or takes a while, as the payload says.
     Its failures include ones whose report cannot travel as they are: a
@@ -58,6 +63,8 @@ def _handler(tag):
             raise RuntimeError("boom " + "x" * npl.BROKER_MAX_LINE_BYTES)
         if op == "raise unprintable":
             raise _Unprintable()
+        if op == "raise exit":
+            raise SystemExit(3)                  # ends a thread, were it let through
         if op == "slow":
             time.sleep(payload["ms"] / 1000)     # a handler busy on I/O, not a wait of the test
         return {"n": payload["n"], "by": tag}
@@ -110,20 +117,16 @@ class NoReaderLost(unittest.TestCase):
             if self.stop.is_set():
                 return
             roll = rng.random()
-            op = "raise" if roll < 0.12 else "raise huge" if roll < 0.13 else \
-                "raise unprintable" if roll < 0.14 else "slow" if roll < 0.30 else "echo"
+            op = "raise" if roll < 0.11 else "raise huge" if roll < 0.12 else \
+                "raise unprintable" if roll < 0.13 else "raise exit" if roll < 0.14 else \
+                "slow" if roll < 0.30 else "echo"
             payload = {"op": op, "n": n, "ms": rng.randint(1, 40)}
             try:
                 reply = client.request(TOPIC, payload, ANSWER_SECS, wait=True)
             except PluginPollerForwardError as exc:
                 code = getattr(exc, "code", None)
-                if code == npl.BROKER_RESPONDER_ERROR and op == "raise" and "boom" in str(exc):
-                    what = "raised"
-                elif code == npl.BROKER_RESPONDER_ERROR and op == "raise huge" and \
-                        "RuntimeError: boom" in str(exc):
-                    what = "raised"
-                elif code == npl.BROKER_RESPONDER_ERROR and op == "raise unprintable" and \
-                        "_Unprintable" in str(exc):
+                if code == npl.BROKER_RESPONDER_ERROR and op in _RAISED and \
+                        _RAISED[op] in str(exc):
                     what = "raised"
                 elif code == npl.BROKER_RESPONDER_ERROR and "no handler" in str(exc):
                     what = "no handler"     # its subscription went while the message travelled
