@@ -2070,6 +2070,39 @@ def _exit_status(proc: subprocess.Popen) -> str:
 # Broker
 # A minimal line-delimited JSON-RPC 2.0 broker over a Unix socket, served by
 # the daemon: subscribe (with queue groups), publish, request/reply.
+#
+# Who reads each socket, at every moment (BENCHMARKS.md, "A busy plugin"):
+# - The broker's end of every connection: the loop thread (``_serve``),
+#   alone, from accept to close.  It runs no handler and never blocks on a
+#   peer: sockets are non-blocking; a line to a peer is sent by whichever
+#   thread finds nobody sending on that socket (``_Combiner``), and what a
+#   full socket leaves over by the loop once it is writable.  A bug met on
+#   one connection closes that connection, never the loop.
+# - A client's end (BrokerClient: every plugin, every external client):
+#   whichever of its serving threads holds ``_leader``, the reading role.
+#   The holder settles responses itself.  Meeting a message for a handler,
+#   it first makes sure a successor exists (a thread idle on ``_leader``,
+#   else it starts one, up to ``max_workers``), then releases the role and
+#   runs the handler; more messages from the same read go to the pool.
+# How a reply reaches its waiter: every caller waits on its own ``_Waiter``,
+# a lock taken in advance; the reader that meets the answer releases it: one
+# wake-up, no Condition, the first answer wins (a reply racing a timeout, a
+# cancel or a lost connection).  On the daemon path (``_LocalClient``) the
+# requester writes its message to the plugin's socket itself (the payload's
+# JSON text made once) and the loop thread reads the reply; the loop gives
+# the answers of one wake-up just before it blocks again (``_complete``),
+# so a requester does not wake only to wait for the GIL.  An external
+# client's reply comes back through the loop to that client's reader.
+# Why no reader can be lost: the role is a lock released in a ``finally``,
+# and a serving thread ends only with its connection, because nothing else
+# can end it: a handler's failure, of any kind or size, becomes its error
+# reply (``_failure_text`` cannot fail), a line that cannot be handled
+# costs only itself, a thread the system refuses to start leaves the role
+# to those there are.  So at every moment one thread reads, or one waits
+# for the role or is being started -- or every serving thread runs a
+# handler (``max_workers`` of them, or all the system gave), and the first
+# to finish reads on: that cap is the only pause, and it lasts as long as
+# the handlers it waits for.  tests/test_broker_stress.py tries to lose one.
 # Shares: _ClientBase
 # ============================================================================
 
@@ -2111,11 +2144,12 @@ def _socket_path(url: str) -> str:
 class _Pending:
     """One request in flight through the broker."""
     __slots__ = ("inbox", "requester", "req_id", "topic", "payload", "responders",
-                 "deadline")
+                 "deadline", "encoded")
 
-    def __init__(self, inbox, requester, req_id, topic, payload, deadline):
+    def __init__(self, inbox, requester, req_id, topic, payload, deadline, encoded=None):
         self.inbox, self.requester, self.req_id = inbox, requester, req_id
         self.topic, self.payload, self.deadline = topic, payload, deadline
+        self.encoded = encoded              # the payload's JSON text, when the requester made it
         self.responders: set = set()
 
 
@@ -2161,7 +2195,10 @@ class _SocketPeer(_Peer):
     # When the socket is full the loop thread takes the writer's role.
 
     def send(self, obj: Any) -> None:
-        data = _dumps(obj).encode() + b"\n"
+        self._send_line(_dumps(obj))
+
+    def _send_line(self, line: str) -> None:
+        data = line.encode() + b"\n"
         with self.out.lock:
             if self.closed:
                 return
@@ -2197,7 +2234,13 @@ class _SocketPeer(_Peer):
                 self.out.unsent(chunk[n:])
                 return False
 
-    def deliver(self, sid, topic, payload, inbox) -> None:
+    def deliver(self, sid, topic, payload, inbox, encoded=None) -> None:
+        if encoded is not None:             # the same line as below, the payload not encoded twice
+            sid_text = str(sid) if type(sid) is int else _dumps(sid)   # str(): no encoder call
+            self._send_line(f'{{"jsonrpc":"2.0","method":"message","params":{{"sid":'
+                            f'{sid_text},"topic":{_dumps(topic)},"payload":{encoded},'
+                            f'"inbox":{inbox:d}}}}}')
+            return
         params = {"sid": sid, "topic": topic, "payload": payload}
         if inbox is not None:
             params["inbox"] = inbox
@@ -2218,11 +2261,11 @@ class _LocalPeer(_Peer):
         super().__init__()
         self.client = client
 
-    def deliver(self, sid, topic, payload, inbox) -> None:
+    def deliver(self, sid, topic, payload, inbox, encoded=None) -> None:
         self.client._dispatch(sid, payload, inbox)
 
     def answer(self, req_id, result=None, error=None) -> None:
-        req_id.set(result, error)         # for a local peer the id is its _Waiter
+        self.client._server._complete(req_id, result, error)   # the id is its _Waiter
 
 
 class _BrokerRoutes:
@@ -2390,13 +2433,16 @@ class _BrokerRoutes:
         self.answer(p, result=params.get("payload"), error=error)
         return True
 
-    def open_request(self, peer, req_id, topic, payload, deadline, wait) -> _Pending | None:
-        """Register a request and deliver it; None when it failed at once."""
+    def open_request(self, peer, req_id, topic, payload, deadline, wait,
+                     encoded: str | None = None) -> _Pending | None:
+        """Register a request and deliver it; None when it failed at once.
+        ``encoded``: the payload's JSON text, if the requester has it."""
         with self.lock:
             if peer.closed or self.stopping:
                 p, send = None, None
             else:
-                p = _Pending(next(self._inboxes), peer, req_id, topic, payload, deadline)
+                p = _Pending(next(self._inboxes), peer, req_id, topic, payload, deadline,
+                             encoded)
                 send = self._route(p)
                 if send is None and wait:
                     self._parked.setdefault(topic, []).append(p)
@@ -2434,7 +2480,7 @@ class _BrokerRoutes:
     def _send_all(self, sends) -> None:
         for p, targets in sends:
             for target, sid in targets:
-                target.deliver(sid, p.topic, p.payload, p.inbox)
+                target.deliver(sid, p.topic, p.payload, p.inbox, p.encoded)
 
     def _take_pending(self, inbox: int) -> _Pending | None:
         """Forget a request everywhere (lock held)."""
@@ -2523,6 +2569,8 @@ class BrokerServer:
         self._listener: socket.socket | None = None
         self._wake_r = self._wake_w = -1
         self._rbuf = bytearray(_RECV_BYTES)   # the loop thread's recv_into target
+        self._loop_ident: int | None = None   # the loop thread, while it runs
+        self._completions: list = []          # (waiter, result, error) it answers before it blocks
         self._stopping = False
         self._uid = os.getuid()
         # Out of file descriptors: accepting pauses (the listener leaves the
@@ -2633,6 +2681,7 @@ class BrokerServer:
 
     def _serve(self) -> None:
         sel = self._sel
+        self._loop_ident = threading.get_ident()
         try:
             while not self._stopping:
                 timeout = None
@@ -2641,6 +2690,7 @@ class BrokerServer:
                 if self._accept_paused_until is not None:
                     left = max(0.0, self._accept_paused_until - time.monotonic())
                     timeout = left if timeout is None else min(timeout, left)
+                self._wake_waiters()
                 for key, mask in sel.select(timeout):
                     if key.data == "accept":
                         self._accept()
@@ -2658,10 +2708,29 @@ class BrokerServer:
         finally:
             for peer in list(self._peers.values()):
                 self._close_peer(peer, "broker closing")
+            self._loop_ident = None         # from here on every answer is given at once
+            self._wake_waiters()
             sel.close()
             self._listener.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
+
+    def _complete(self, waiter: _Waiter, result, error) -> None:
+        """Answer an in-process requester.  The loop thread answers just
+        before it next blocks (``_wake_waiters``): a requester woken while
+        the loop still works would wake only to wait for the GIL, one more
+        hand-off, and many replies read at once would each contend."""
+        if threading.get_ident() == self._loop_ident:
+            self._completions.append((waiter, result, error))
+        else:
+            waiter.set(result, error)
+
+    def _wake_waiters(self) -> None:
+        """Give the answers the loop gathered (loop thread)."""
+        if self._completions:
+            done, self._completions = self._completions, []
+            for waiter, result, error in done:
+                waiter.set(result, error)
 
     def _serve_peer(self, peer: _SocketPeer, mask: int) -> None:
         try:
@@ -3004,10 +3073,12 @@ class _ClientBase:
     def _answer_handler(self, handler, payload, inbox) -> None:
         try:
             result = handler(payload)
-        except Exception as exc:             # report it to the requester, keep serving
+        except BaseException as exc:         # report it to the requester, keep serving
+            # (SystemExit too: in a handler's thread it would end only that
+            # thread, which may be the one reading the connection.)
             log.debug("broker handler failed", exc_info=True)
             if inbox is not None:
-                self._send_reply(inbox, None, {"message": f"{type(exc).__name__}: {exc}"})
+                self._send_reply(inbox, None, {"message": _failure_text(exc)})
             return
         if inbox is not None:
             try:
@@ -3030,11 +3101,26 @@ class _ClientBase:
 
 
 
-def _json_payload(payload: Any) -> None:
-    """Raise as a client whose payload must travel as JSON does, though an
-    in-process one hands the object itself to in-process handlers."""
+_FAILURE_TEXT_CHARS = 2048                # of a handler's failure, in its error reply
+
+
+def _failure_text(exc: BaseException) -> str:
+    """A handler's failure as its error reply says it: short enough for one
+    broker line whatever the exception's text, and never a failure itself
+    (an exception's ``__str__`` may raise)."""
     try:
-        _dumps(payload)
+        text = f"{type(exc).__name__}: {exc}"
+    except Exception:
+        text = f"{type(exc).__name__} (its message could not be read)"
+    return text if len(text) <= _FAILURE_TEXT_CHARS else text[:_FAILURE_TEXT_CHARS] + "..."
+
+
+def _json_payload(payload: Any) -> str:
+    """Raise as a client whose payload must travel as JSON does, though an
+    in-process one hands the object itself to in-process handlers; else the
+    payload's JSON text, which a socket's line then reuses."""
+    try:
+        return _dumps(payload)
     except (ValueError, TypeError) as exc:
         raise _NotJson(f"payload is not JSON: {exc}") from None
 
@@ -3067,10 +3153,10 @@ class _LocalClient(_ClientBase):
     def request(self, topic: str, payload: Any, timeout: timedelta | float, *,
                 wait: bool = False, cancel: threading.Event | None = None) -> Any:
         secs = _seconds(timeout, "timeout")
-        _json_payload(payload)           # as a socket client would find, whoever answers
+        encoded = _json_payload(payload)     # as a socket client would find, whoever answers
         waiter = _Waiter()
         p = self._server.routes.open_request(self._peer, waiter, topic, payload,
-                                             time.monotonic() + secs, wait)
+                                             time.monotonic() + secs, wait, encoded)
         answered = waiter.wait(secs, cancel)
         if not answered:
             if p is not None:
@@ -3138,9 +3224,20 @@ class BrokerClient(_ClientBase):
         self._spawn()
 
     def _spawn(self) -> None:
-        """Start one more serving thread (``_tlock`` held or not yet shared)."""
+        """Start one more serving thread (``_tlock`` held or not yet shared).
+        When none can be started, those there are serve on: the leader
+        gives up the role and runs its handler as at the thread cap."""
         self._threads += 1
-        threading.Thread(target=self._serve, name="nexo-broker-client", daemon=True).start()
+        try:
+            threading.Thread(target=self._serve, name="nexo-broker-client", daemon=True).start()
+        except RuntimeError as exc:          # "can't start new thread"
+            self._threads -= 1
+            if not self._threads:
+                self._sock.close()
+                raise _broker_error(BROKER_CLOSED, f"cannot start a thread to read the "
+                                                   f"broker connection: {exc}") from None
+            log.warning("broker client: cannot start one more thread (%s); %d serve on",
+                        exc, self._threads)
 
     @classmethod
     def connect(cls, url: str, timeout: float = 5.0, max_workers: int = 32) -> "BrokerClient":
@@ -3260,7 +3357,10 @@ class BrokerClient(_ClientBase):
                 self._leader.release()
             if work is None:
                 return
-            self._run_handler(*work)
+            try:
+                self._run_handler(*work)
+            except Exception:                # a bug: this thread must not end with it
+                log.exception("broker client: a handler's reply failed")
 
     def _read_until_work(self):
         """Read and settle responses until a handler has work (leader only).
@@ -3285,7 +3385,11 @@ class BrokerClient(_ClientBase):
             self._buf = bytearray(lines.pop())
             work = None
             for line in lines:
-                item = self._on_line(line) if line else None
+                try:
+                    item = self._on_line(line) if line else None
+                except Exception:            # a bug: the lines after it still count
+                    log.exception("broker client: a line could not be handled")
+                    item = None
                 if item is not None:
                     if work is not None:
                         self._submit(self._run_handler, *work)

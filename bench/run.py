@@ -326,6 +326,14 @@ def syscall_rows(nx: dict) -> list[dict]:
 
 # --------------------------------------------------------- figure 2: throughput
 
+def _cpu_note(t: dict) -> str:
+    """CPU time per tick of the daemon process and of its plugin processes."""
+    if "cpu_us" not in t:
+        return ""
+    return (f"CPU per tick: daemon {t['cpu_us']:.0f} us, plugin processes "
+            f"{t['peer_cpu_us']:.0f} us")
+
+
 def fig2_throughput(ctx: Ctx) -> list[dict]:
     """Ticks/s with 1, 8, 64 in flight, 1 plugin process and a queue group."""
     s = ctx.sizes["tp"]
@@ -361,7 +369,7 @@ def fig2_throughput(ctx: Ctx) -> list[dict]:
                     baseline_p99=b["lat_us"]["p99"] if b else None,
                     notes=("p99 columns: per-tick latency in us under load"
                            + ("" if b else f"; {note}")) if k == s["inflight"][0]
-                    and path == "daemon" else ""))
+                    and path == "daemon" else _cpu_note(t) if path == "daemon" else ""))
     ctx.raw["fig2"] = raw
     return rows
 

@@ -60,16 +60,41 @@ def call_worker(name: str, args: dict, timeout: float, python: str | None = None
                        f"{proc.stderr[-3000:]}{proc.stdout[-1000:]}")
 
 
-def throughput(call, inflight: list[int], warm_secs: float, secs: float, rounds: int) -> dict:
-    """Median rate over ``rounds`` runs of ``secs`` for each in-flight count."""
+def throughput(call, inflight: list[int], warm_secs: float, secs: float, rounds: int,
+               pids: list[int] | None = None) -> dict:
+    """Median rate over ``rounds`` runs of ``secs`` for each in-flight count;
+    with ``pids``, also the CPU time per call over all rounds of this process
+    (``cpu_us``) and of those processes (``peer_cpu_us``): a figure the
+    machine's other load sways far less than a rate."""
     out = {}
     for k in inflight:
         run_for(call, k, warm_secs)
-        runs = sorted((run_for(call, k, secs) for _ in range(rounds)), key=lambda r: r["rate"])
+        cpu0, peer0 = _cpu_secs(), sum(map(_proc_cpu_secs, pids or ()))
+        runs = [run_for(call, k, secs) for _ in range(rounds)]
+        cpu, peer = _cpu_secs() - cpu0, sum(map(_proc_cpu_secs, pids or ())) - peer0
+        calls = sum(r["count"] for r in runs) or 1
+        runs.sort(key=lambda r: r["rate"])
         mid = runs[len(runs) // 2]
         out[str(k)] = {"rate": mid["rate"], "rates": [r["rate"] for r in runs],
                        "lat_us": mid["lat_us"]}
+        if pids:
+            out[str(k)].update(cpu_us=cpu / calls * 1e6, peer_cpu_us=peer / calls * 1e6)
     return out
+
+
+def _cpu_secs() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _proc_cpu_secs(pid: int) -> float:
+    """utime + stime of another process, all its threads (/proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------- figures 1-2: the broker
@@ -111,7 +136,7 @@ def measure_path(call, a: dict, pids: list[int] | None = None) -> dict:
         out["latency"], out["floor"] = lat["path"], lat["floor"]
     if a.get("inflight"):
         out["throughput"] = throughput(call, a["inflight"], a["warm_secs"], a["secs"],
-                                       a["rounds"])
+                                       a["rounds"], pids)
     return out
 
 

@@ -282,6 +282,29 @@ class RequestReplyTests(_ServerCase):
                     responder.unsubscribe(sid)
                     self.assertFalse(self.server.has_subscriber(topic))
 
+    def test_an_in_process_request_reaches_a_socket_as_the_wire_says(self):
+        # The daemon's client reuses the JSON text it checked the payload
+        # with; the line must be what encoding the whole message gives.
+        raw = self.raw()
+        raw.call("subscribe", {"topic": "svc.wire", "sid": "s-1"})
+        payload = {"n": 1, "s": "é\u2028", "list": [1.5, None, True], "nested": {"a": "b"}}
+        asker = threading.Thread(target=lambda: self._ask_quietly("svc.wire", payload))
+        asker.start()
+        line = raw.sock.recv(65536) if not raw.buf else raw.buf
+        while not line.endswith(b"\n"):
+            line += raw.sock.recv(65536)
+        msg = json.loads(line)
+        self.assertEqual(line, json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+        self.assertEqual(msg["params"]["payload"], payload)
+        self.assertEqual(msg["params"]["sid"], "s-1")
+        raw.send({"jsonrpc": "2.0", "method": "reply",
+                  "params": {"inbox": msg["params"]["inbox"], "payload": "done"}})
+        asker.join(WAIT)
+        self.assertEqual(self.asked, "done")
+
+    def _ask_quietly(self, topic, payload):
+        self.asked = self.local().request(topic, payload, WAIT)
+
     def test_publish_reaches_every_plain_subscriber(self):
         got = {}
         cond = threading.Condition()
