@@ -7646,7 +7646,7 @@ class _GroupCommit:
     batches (group commit): ``write(payloads) -> results`` stores a batch,
     then each write's ``done(result)`` runs; ``stop`` drains it by a deadline.
 
-    A batch is at most ``limit`` writes, or, with ``key``, one write per key
+    A batch is at most ``limit`` writes, with ``key`` at most one per key
     (the rest wait for the next round, in order)."""
 
     def __init__(self, location: str, name: str, write: Callable[[list], list], *,
@@ -7675,7 +7675,9 @@ class _GroupCommit:
         if self._key is None:
             return [self._queue.popleft() for _ in range(min(len(self._queue), self._limit))]
         batch, seen, rest = [], set(), deque()
-        while self._queue:
+        # Only the first ``limit`` queued are looked at: a backlog of many
+        # commits per key is not scanned whole at every round (quadratic).
+        for _ in range(min(len(self._queue), self._limit)):
             item = self._queue.popleft()
             key = self._key(item[0])
             (rest if key in seen else batch).append(item)
@@ -9439,7 +9441,8 @@ class JetStreamStateStore(StateStore):
     (a retry after a lost connection is deduplicated by the server), read
     back from the PubAck, whose ``seq`` is the key's new revision.  Commits
     are grouped: a writer thread sends every queued commit's compare-and-set
-    before awaiting any ack.
+    before awaiting any ack, each on the revision the store last wrote or
+    read (``_KvLeases.seen``): a record is read only when that write fails.
 
     Spreading: a daemon takes a free or expired job only while it holds
     fewer than ``ceil(jobs / live daemons) + 1``, visiting candidates in a
@@ -9610,9 +9613,9 @@ class JetStreamStateStore(StateStore):
         # records' round, before them: a run whose record does not land is
         # an orphan its record never names.
         self.kv.put_many(first)
-        for n, rev in zip(index, self.kv.put_many(beside + writes)[len(beside):]):
+        for n, write, rev in zip(index, writes, self.kv.put_many(beside + writes)[len(beside):]):
             state, command, items, run = batch[n]
-            if rev is False:                 # changed between the read and the write
+            if rev is False:                 # changed since this store wrote or read it
                 def change(r, state=state, command=command, items=items, run=run, n=n):
                     made = self._commit_record(r, state, command, items, run, n in hand_back)
                     if made is not False:
@@ -9627,7 +9630,7 @@ class JetStreamStateStore(StateStore):
                     results[n] = False
                     continue
             else:
-                new = writes[index.index(n)][1]
+                new = write[1]
             results[n] = True
             self.claims.committed(state.id, new, rev, kept=new.get("lease_owner") == self.owner)
         for n, result in enumerate(results):
