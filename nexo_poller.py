@@ -3731,10 +3731,15 @@ class _NatsRequests:
                 except PluginPollerForwardError as exc:     # this request only
                     waiter.set(None, {"code": getattr(exc, "code", BROKER_CLOSED),
                                       "message": str(exc)})
-            # One write (one system call) for the lot, not one per request.
+            # One write (one system call) per MiB or so, not one per request.
             try:
-                if frames:
-                    self._client._write(b"".join(frames))
+                chunk, size = [], 0
+                for n, frame in enumerate(frames):
+                    chunk.append(frame)
+                    size += len(frame)
+                    if size >= 1 << 20 or n + 1 == len(frames):
+                        self._client._write(b"".join(chunk))
+                        chunk, size = [], 0
             except PluginPollerForwardError as exc:
                 for _, _, waiter in sent:
                     waiter.set(None, {"code": getattr(exc, "code", BROKER_CLOSED),
@@ -8379,6 +8384,7 @@ class SqliteStateStore(StateStore):
 
 
 _KV_KEY_SAFE = re.compile(r"[A-Za-z0-9-]")
+_KV_KEY_ALL_SAFE = re.compile(r"[A-Za-z0-9-]*")      # a token as it is (one match, per commit)
 _JS_WRONG_LAST_SEQUENCE = 10071         # JetStream: the compare-and-set failed
 _JS_STREAM_NOT_FOUND = 10059
 _JS_NO_MESSAGE = 10037
@@ -8400,6 +8406,8 @@ def _kv_token(text: str) -> str:
     """A job id or owner as one NATS subject token, reversibly: letters,
     digits and ``-`` stay, anything else becomes ``_XX`` (its hex code), so
     ``rss.news:1`` is the key token ``rss_2Enews_3A1``."""
+    if _KV_KEY_ALL_SAFE.fullmatch(text):
+        return text
     return "".join(c if _KV_KEY_SAFE.fullmatch(c) else
                    "".join(f"_{b:02X}" for b in c.encode()) for c in text)
 
@@ -8409,8 +8417,11 @@ def _kv_untoken(token: str) -> str:
                   token.encode()).decode("utf-8", "replace")
 
 
+_RECORD_FIELDS = tuple(f for f in _JOB_FIELDS if f not in ("revision", "cursor"))   # as they are
+
+
 def _state_record(state: JobState) -> dict:
-    rec = {f: getattr(state, f) for f in _JOB_FIELDS if f not in ("revision", "cursor")}
+    rec = {f: getattr(state, f) for f in _RECORD_FIELDS}
     rec["cursor"] = None if state.cursor is None else encode_cursor(state.cursor)
     rec["last_status"], rec["last_error"] = _storable(state.last_status), _storable(state.last_error)
     return rec
