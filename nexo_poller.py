@@ -3820,7 +3820,7 @@ class _NatsRequests:
         """``NatsClient.request_many``."""
         secs = _seconds(timeout, "timeout")
         deadline = time.monotonic() + secs
-        sent = []
+        sent, frames = [], []
         self._want_inbox()
         try:
             for topic, payload, headers in requests:
@@ -3829,9 +3829,23 @@ class _NatsRequests:
                 self.pending[token] = waiter
                 sent.append((topic, token, waiter))
                 try:
-                    self._client._pub(topic, _nats_body(payload), self.inbox + token,
-                              _nats_headers(headers) if headers else None, buffer=False)
-                except PluginPollerForwardError as exc:
+                    frames.append(_nats_frame(topic, _nats_body(payload), self.inbox + token,
+                                              _nats_headers(headers) if headers else None,
+                                              self._client.max_payload))
+                except PluginPollerForwardError as exc:     # this request only
+                    waiter.set(None, {"code": getattr(exc, "code", BROKER_CLOSED),
+                                      "message": str(exc)})
+            # One write (one system call) per MiB or so, not one per request.
+            try:
+                chunk, size = [], 0
+                for n, frame in enumerate(frames):
+                    chunk.append(frame)
+                    size += len(frame)
+                    if size >= 1 << 20 or n + 1 == len(frames):
+                        self._client._write(b"".join(chunk))
+                        chunk, size = [], 0
+            except PluginPollerForwardError as exc:
+                for _, _, waiter in sent:
                     waiter.set(None, {"code": getattr(exc, "code", BROKER_CLOSED),
                                       "message": str(exc)})
             results = []
@@ -4311,18 +4325,7 @@ class NatsClient(_ClientBase):
 
     def _pub(self, subject: str, body: bytes, reply: str | None = None,
              headers: bytes | None = None, *, buffer: bool = True) -> None:
-        _nats_subject(subject)
-        size = len(body) + (len(headers) if headers else 0)
-        if size > self.max_payload:
-            raise _broker_error(BROKER_PAYLOAD_TOO_LARGE, (
-                f"message of {size} bytes to {subject!r} exceeds the NATS server's "
-                f"max_payload of {self.max_payload} bytes; not sent"))
-        r = f" {reply}" if reply else ""
-        if headers:
-            head = f"HPUB {subject}{r} {len(headers)} {size}\r\n".encode()
-            self._write(head + headers + body + b"\r\n", buffer=buffer)
-        else:
-            self._write(f"PUB {subject}{r} {size}\r\n".encode() + body + b"\r\n", buffer=buffer)
+        self._write(_nats_frame(subject, body, reply, headers, self.max_payload), buffer=buffer)
 
     # ------------------------------------------------------ the interface
     def subscribe(self, topic: str, handler: Callable[[Any], Any],
@@ -4448,6 +4451,22 @@ class NatsClient(_ClientBase):
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _nats_frame(subject: str, body: bytes, reply: str | None, headers: bytes | None,
+                max_payload: int) -> bytes:
+    """One PUB (or HPUB with ``headers``) as it goes on the wire; a Broker
+    error when the subject is bad or the message exceeds ``max_payload``."""
+    _nats_subject(subject)
+    size = len(body) + (len(headers) if headers else 0)
+    if size > max_payload:
+        raise _broker_error(BROKER_PAYLOAD_TOO_LARGE, (
+            f"message of {size} bytes to {subject!r} exceeds the NATS server's "
+            f"max_payload of {max_payload} bytes; not sent"))
+    r = f" {reply}" if reply else ""
+    if headers:
+        return f"HPUB {subject}{r} {len(headers)} {size}\r\n".encode() + headers + body + b"\r\n"
+    return f"PUB {subject}{r} {size}\r\n".encode() + body + b"\r\n"
 
 
 def _nats_json(payload: Any) -> bytes:
@@ -7737,7 +7756,7 @@ class _GroupCommit:
     batches (group commit): ``write(payloads) -> results`` stores a batch,
     then each write's ``done(result)`` runs; ``stop`` drains it by a deadline.
 
-    A batch is at most ``limit`` writes, or, with ``key``, one write per key
+    A batch is at most ``limit`` writes, with ``key`` at most one per key
     (the rest wait for the next round, in order)."""
 
     def __init__(self, location: str, name: str, write: Callable[[list], list], *,
@@ -7766,7 +7785,9 @@ class _GroupCommit:
         if self._key is None:
             return [self._queue.popleft() for _ in range(min(len(self._queue), self._limit))]
         batch, seen, rest = [], set(), deque()
-        while self._queue:
+        # Only the first ``limit`` queued are looked at: a backlog of many
+        # commits per key is not scanned whole at every round (quadratic).
+        for _ in range(min(len(self._queue), self._limit)):
             item = self._queue.popleft()
             key = self._key(item[0])
             (rest if key in seen else batch).append(item)
@@ -8468,6 +8489,7 @@ class SqliteStateStore(StateStore):
 
 
 _KV_KEY_SAFE = re.compile(r"[A-Za-z0-9-]")
+_KV_KEY_ALL_SAFE = re.compile(r"[A-Za-z0-9-]*")      # a token as it is (one match, per commit)
 _JS_WRONG_LAST_SEQUENCE = 10071         # JetStream: the compare-and-set failed
 _JS_STREAM_NOT_FOUND = 10059
 _JS_NO_MESSAGE = 10037
@@ -8489,6 +8511,8 @@ def _kv_token(text: str) -> str:
     """A job id or owner as one NATS subject token, reversibly: letters,
     digits and ``-`` stay, anything else becomes ``_XX`` (its hex code), so
     ``rss.news:1`` is the key token ``rss_2Enews_3A1``."""
+    if _KV_KEY_ALL_SAFE.fullmatch(text):
+        return text
     return "".join(c if _KV_KEY_SAFE.fullmatch(c) else
                    "".join(f"_{b:02X}" for b in c.encode()) for c in text)
 
@@ -8498,8 +8522,11 @@ def _kv_untoken(token: str) -> str:
                   token.encode()).decode("utf-8", "replace")
 
 
+_RECORD_FIELDS = tuple(f for f in _JOB_FIELDS if f not in ("revision", "cursor"))   # as they are
+
+
 def _state_record(state: JobState) -> dict:
-    rec = {f: getattr(state, f) for f in _JOB_FIELDS if f not in ("revision", "cursor")}
+    rec = {f: getattr(state, f) for f in _RECORD_FIELDS}
     rec["cursor"] = None if state.cursor is None else encode_cursor(state.cursor)
     rec["last_status"], rec["last_error"] = _storable(state.last_status), _storable(state.last_error)
     return rec
@@ -8985,7 +9012,7 @@ class _KvOutbox:
             new, rev = self._kv.update("job." + token, change)
             self._kv.purge(orphans)
             if new is not False:
-                self._note_revision(job_id, rev)
+                self._note_revision(job_id, new, rev)
 
     def outbox(self, *, dead: bool = False) -> list[OutboxItem]:
         if not dead:
@@ -9326,7 +9353,9 @@ class _KvLeases:
     def __init__(self, kv: _KvBucket, peers: _KvDaemons, outbox: _KvOutbox, owner: str):
         self._kv, self._peers, self._outbox, self._owner = kv, peers, outbox, owner
         self._lock = threading.Lock()            # the sets below
-        self._rev: dict[str, int] = {}           # job id -> revision last seen by this owner
+        # job id -> (record, revision) as this owner last wrote or read it: a
+        # commit sets its compare-and-set on it without reading first.
+        self._seen: dict[str, tuple[dict, int]] = {}
         self._held: set[str] = set()             # jobs whose lease this owner holds
         self._handed: set[str] = set()           # committed with the lease handed back
         self._known: set[str] = set()            # every job id claimed here (for the cap)
@@ -9389,7 +9418,7 @@ class _KvLeases:
                         order.append(job_id)
                         held -= 1
                         continue
-                    self._rev[job_id] = rev
+                    self._seen[job_id] = (rec, rev)
                     self._held.add(job_id)
                     self._handed.discard(job_id)
                     granted[job_id] = _record_state(job_id, rec, rev)
@@ -9441,11 +9470,18 @@ class _KvLeases:
         with self._lock:
             return sorted(self._held)
 
-    def note_revision(self, job_id: str, rev: int) -> None:
-        """A held job's record was rewritten (the outbox settled) at ``rev``."""
+    def note_revision(self, job_id: str, rec: dict, rev: int) -> None:
+        """A held job's record was rewritten (the outbox settled): ``rec`` at ``rev``."""
         with self._lock:
             if job_id in self._held:
-                self._rev[job_id] = rev
+                self._seen[job_id] = (rec, rev)
+
+    def seen(self, job_id: str) -> tuple[dict, int] | None:
+        """A held job's record and revision as this owner last wrote or read
+        them (None: not known).  Maybe stale: a compare-and-set on it fails
+        if the record changed since, and the caller reads it then."""
+        with self._lock:
+            return self._seen.get(job_id) if job_id in self._held else None
 
     def holds(self, job_id: str) -> bool:
         with self._lock:
@@ -9457,10 +9493,11 @@ class _KvLeases:
         with self._lock:
             return 0 if cap is None else max(0, len(self._held) - cap)
 
-    def committed(self, job_id: str, rev: int, kept: bool) -> None:
-        """A commit of ``job_id`` landed at ``rev``, the lease ``kept`` or handed back."""
+    def committed(self, job_id: str, rec: dict, rev: int, kept: bool) -> None:
+        """A commit of ``job_id`` landed (``rec`` at ``rev``), the lease ``kept``
+        or handed back."""
         with self._lock:
-            self._rev[job_id] = rev
+            self._seen[job_id] = (rec, rev)
             if not kept:
                 self._held.discard(job_id)
                 self._handed.add(job_id)
@@ -9472,6 +9509,7 @@ class _KvLeases:
         """Another daemon holds ``job_id``'s lease now."""
         with self._lock:
             self._held.discard(job_id)
+            self._seen.pop(job_id, None)
 
 
 class JetStreamStateStore(StateStore):
@@ -9519,7 +9557,8 @@ class JetStreamStateStore(StateStore):
     (a retry after a lost connection is deduplicated by the server), read
     back from the PubAck, whose ``seq`` is the key's new revision.  Commits
     are grouped: a writer thread sends every queued commit's compare-and-set
-    before awaiting any ack.
+    before awaiting any ack, each on the revision the store last wrote or
+    read (``_KvLeases.seen``): a record is read only when that write fails.
 
     Spreading: a daemon takes a free or expired job only while it holds
     fewer than ``ceil(jobs / live daemons) + 1``, visiting candidates in a
@@ -9655,11 +9694,14 @@ class JetStreamStateStore(StateStore):
 
     def _commit_batch(self, batch: list) -> list:
         keys = ["job." + _kv_token(s.id) for s, *_ in batch]
-        # Two pipelined rounds for the whole batch: read every record (its
-        # outbox and command results are kept), then compare-and-set each on
-        # the revision just read, so a daemon that took a job over in between
-        # makes the write fail instead of being overwritten.
-        got = self.kv.get_many(keys)
+        # Each record is compare-and-set on the revision this store last
+        # wrote or read (its outbox and command results are kept), so a
+        # daemon that took a job over since, or any other write, makes the
+        # write fail instead of being overwritten; a failed one is read and
+        # tried again below.  Only records not known here are read first,
+        # in one pipelined round: one round trip a batch, not two.
+        got = {key: self.claims.seen(s.id) for (s, *_), key in zip(batch, keys)}
+        got.update(self.kv.get_many([key for key, seen in got.items() if seen is None]))
         results: list = [None] * len(batch)
         writes, index, first, beside, gone = [], [], [], [], []
         surplus = self.claims.surplus()                 # hand back, one a commit
@@ -9687,9 +9729,9 @@ class JetStreamStateStore(StateStore):
         # records' round, before them: a run whose record does not land is
         # an orphan its record never names.
         self.kv.put_many(first)
-        for n, rev in zip(index, self.kv.put_many(beside + writes)[len(beside):]):
+        for n, write, rev in zip(index, writes, self.kv.put_many(beside + writes)[len(beside):]):
             state, command, items, run = batch[n]
-            if rev is False:                 # changed between the read and the write
+            if rev is False:                 # changed since this store wrote or read it
                 def change(r, state=state, command=command, items=items, run=run, n=n):
                     made = self._commit_record(r, state, command, items, run, n in hand_back)
                     if made is not False:
@@ -9704,9 +9746,9 @@ class JetStreamStateStore(StateStore):
                     results[n] = False
                     continue
             else:
-                new = writes[index.index(n)][1]
+                new = write[1]
             results[n] = True
-            self.claims.committed(state.id, rev, kept=new.get("lease_owner") == self.owner)
+            self.claims.committed(state.id, new, rev, kept=new.get("lease_owner") == self.owner)
         for n, result in enumerate(results):
             if result is False:
                 self.claims.lost(batch[n][0].id)

@@ -50,6 +50,34 @@ def proc_status(pid: int | str = "self") -> dict:
     return out
 
 
+def cpu_secs(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_nats_server(*extra: str):
+    """A local nats-server on a free loopback port (``extra`` arguments
+    added), once it accepts connections: (process, port)."""
+    import shutil
+    import socket
+    import subprocess
+    exe = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([exe, "-a", "127.0.0.1", "-p", str(port), *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc, port
+
+
 def children_of(pid: int) -> list[int]:
     """Direct children of ``pid`` (read from /proc)."""
     kids = []

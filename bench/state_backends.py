@@ -7,6 +7,8 @@ local nats-server started here with ``-js`` and a temp store (file storage,
 one replica).  Throughput: every job commits ``rounds`` times through the
 asynchronous ``commit`` (group commit), counted until the last ``done``.
 Latency: ``commit_now`` of one job, one after another (p50/p99 in ms).
+CPU: user + system time per commit of the throughput part, of this process
+(the store's threads and the bench's) and of nats-server (from /proc).
 Standard library only; needs ``nats-server`` on PATH or in /usr/sbin.
 """
 from __future__ import annotations
@@ -14,15 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import pct  # noqa: E402
+from _common import cpu_secs, pct, start_nats_server  # noqa: E402
 import nexo_poller as nx  # noqa: E402
 
 
@@ -64,20 +64,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--latency", type=int, default=300)
     a = p.parse_args()
-    exe = shutil.which("nats-server") or "/usr/sbin/nats-server"
     tmp = tempfile.mkdtemp(prefix="nexo-bench-state-")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([exe, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", tmp],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, port = start_nats_server("-js", "-sd", tmp)
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
         rows = []
         for name, make in (
                 ("sqlite", lambda: nx.SqliteStateStore(os.path.join(tmp, "s.db"))),
@@ -85,14 +74,20 @@ def main() -> int:
                     "bench", f"nats://127.0.0.1:{port}"))):
             store = make()
             try:
+                before = (os.times(), cpu_secs(proc.pid))
                 tps = throughput(store, a.jobs, a.rounds)
+                after = (os.times(), cpu_secs(proc.pid))
                 p50, p99 = latency(store, a.latency)
             finally:
                 store.close()
-            rows.append((name, tps, p50, p99))
-        print(f"{'backend':<10} {'commits/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
-        for name, tps, p50, p99 in rows:
-            print(f"{name:<10} {tps:>10.0f} {p50:>8.2f} {p99:>8.2f}")
+            n = a.jobs * a.rounds
+            ours = sum(after[0][:2]) - sum(before[0][:2])
+            server = after[1] - before[1] if name == "jetstream" else 0.0
+            rows.append((name, tps, p50, p99, ours / n * 1e6, server / n * 1e6))
+        print(f"{'backend':<10} {'commits/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'CPU us/commit: ours':>20} {'nats-server':>12}")
+        for name, tps, p50, p99, ours, server in rows:
+            print(f"{name:<10} {tps:>10.0f} {p50:>8.2f} {p99:>8.2f} {ours:>20.0f} {server:>12.0f}")
     finally:
         proc.kill()
         proc.wait()

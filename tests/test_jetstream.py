@@ -205,6 +205,44 @@ class BackendTests(LiveCase):
         self.assertEqual(done, [True] * len(ids))
         self.assertTrue(all(s.cursor == b"x" for s in a.load().values()))
 
+    def test_a_commit_of_a_held_job_writes_without_reading_first(self):
+        # issue 27 item 3: each commit read its record, then compare-and-set
+        # it: two round trips per round where one does (the store wrote or
+        # read that record at the revision it knows).
+        a = self.store()
+        now = time.time()
+        states = a.claim({f"j{i}": now + 60 for i in range(5)}, now)
+        reads = []
+        real = a.client.request_many
+
+        def request_many(requests, timeout):
+            requests = list(requests)
+            reads.extend(r for r in requests if ".MSG.GET." in r[0])
+            return real(requests, timeout)
+        a.client.request_many = request_many
+        for n in range(3):
+            for s in states.values():
+                self.assertTrue(a.commit_now(s.replace(cursor=str(n).encode())))
+        self.assertEqual(reads, [], "records read to commit jobs this store holds")
+        self.assertEqual({s.cursor for s in a.load().values()}, {b"2"})
+
+    def test_a_record_another_writer_changed_is_read_again_not_overwritten(self):
+        # The revision a commit assumes is stale once anyone else wrote the
+        # record: the write fails, the record is read, and what the other
+        # writer kept (here a settled delivery's count) stays.
+        a, b = self.store(), self.store()
+        now = time.time()
+        state = a.claim({"j": now + 60}, now)["j"]
+        self.assertTrue(a.commit_now(state.replace(cursor=b"1")))
+        b.kv.update("job.j", lambda rec: {**rec, "delivered_total": 7})
+        self.assertTrue(a.commit_now(state.replace(cursor=b"2")))
+        got = b.load()["j"]
+        self.assertEqual((got.cursor, got.delivered_total, got.lease_owner),
+                         (b"2", 7, a.owner))
+        b.kv.update("job.j", lambda rec: {**rec, "lease_owner": b.owner})   # taken over
+        self.assertFalse(a.commit_now(state.replace(cursor=b"3")))
+        self.assertEqual(b.load()["j"].cursor, b"2")
+
     def test_server_restart_loses_no_committed_cursor(self):
         a = self.store()
         now = time.time()
