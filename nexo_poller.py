@@ -93,6 +93,7 @@ import dataclasses
 import enum
 import errno
 import functools
+import gc
 import heapq
 import io
 import itertools
@@ -11442,6 +11443,10 @@ def _schedule_from_dict(raw: Any, where: str, probs: _Problems,
 # ============================================================================
 
 _COMMAND_POLL_SECS = 0.5             # the running set is published at most this often
+# What the scheduler thread does in one pass at most: due slots dispatched,
+# committed outcomes carried out.  Between passes it looks at the heap again,
+# so a slot never waits behind a whole burst or a big commit batch's effects.
+_SCHEDULER_PASS = 128
 _WALL_CLOCK_LOOK_SECS = 60.0         # how soon a wall-clock step moves cron/at slots
 _STATE_RETRY_MAX_SECS = 5.0
 
@@ -12046,12 +12051,14 @@ class _TimerHeap:
         self._heap = heap
         return True
 
-    def pop_due(self, now: float) -> list[tuple[_Job, float]]:
-        """Take every entry due by monotonic ``now``: (job, nominal slot) of
-        the live ones."""
+    def pop_due(self, now: float, limit: int | None = None) -> list[tuple[_Job, float]]:
+        """Take the entries due by monotonic ``now`` (the first ``limit`` of
+        them; None: all): (job, nominal slot) of the live ones."""
         due = []
         heap = self._heap
-        while heap and heap[0][0] <= now:
+        left = len(heap) if limit is None else limit
+        while heap and heap[0][0] <= now and left > 0:
+            left -= 1
             entry = heapq.heappop(heap)
             job = self._live(entry)
             if job is not None:
@@ -12837,15 +12844,18 @@ class _Ticks:
             if len(book.effects) == 1:
                 book.cond.notify_all()
 
-    def drain_effects(self) -> None:
-        """Carry out the committed outcomes' effects handed over so far."""
+    def drain_effects(self, limit: int | None = None) -> None:
+        """Carry out the committed outcomes' effects handed over so far (at
+        most ``limit`` of them)."""
         book = self._book
-        while True:
+        while limit is None or limit > 0:
             with book.cond:
                 if not book.effects:
                     return
                 item = book.effects.popleft()
             self._settle_one(*item)
+            if limit is not None:
+                limit -= 1
 
     def settle(self, done: Callable[[], bool], deadline: float | None) -> bool:
         """Carry out committed outcomes until ``done()`` (lock held) or the deadline."""
@@ -13072,6 +13082,12 @@ class _Scheduler:
         self._published_running: frozenset = frozenset()
 
     def start(self) -> None:
+        # Every job is scheduled: what the daemon holds for its life (configs,
+        # jobs, their states, the heap) leaves the cyclic garbage collector's
+        # view.  With 100,000 jobs a full collection walks a million objects
+        # for hundreds of milliseconds, and nothing runs meanwhile; frozen,
+        # they are never walked again (nor freed, were they cyclic garbage).
+        gc.freeze()
         self.thread = threading.Thread(target=self._loop, daemon=True, name="nexo-scheduler")
         self.thread.start()
 
@@ -13080,6 +13096,7 @@ class _Scheduler:
         start, to be cancelled, rather than keep the stop waiting."""
         if self.thread is not None:
             self.thread.join(timeout)
+            gc.unfreeze()                   # what start() froze is collectable again
         self._workers.start_held()
 
     @property
@@ -13141,16 +13158,17 @@ class _Scheduler:
                         return
                     book.watch_clock()
                     now = self._runner.monotonic()
-                    due = self._pop_due(now)
+                    due = self._pop_due(now, _SCHEDULER_PASS)
                     held = self._workers.held_wait() == 0      # a rate limit lets one go
                     if not due and not held and not book.effects and not self._poll_due():
                         book.cond.wait(self._next_wake(now))
                         continue
-                self._ticks.drain_effects()
+                # Due slots first: the effects of outcomes already stored can wait a pass.
                 for job, slot in due:
                     self._workers.dispatch(job, slot)
                 if held:
                     self._workers.start_held()
+                self._ticks.drain_effects(_SCHEDULER_PASS)
                 if self._poll_due():
                     self._last_poll = time.monotonic()
                     self._poll_state()
@@ -13188,10 +13206,11 @@ class _Scheduler:
             log.debug("state still failing: %s", exc)
         self._state_backoff = _backoff(self._state_backoff, _STATE_RETRY_MAX_SECS, 2)
 
-    def _pop_due(self, now: float) -> list[tuple[_Job, float]]:
-        """The due jobs that may run now, marked running (lock held)."""
+    def _pop_due(self, now: float, limit: int | None = None) -> list[tuple[_Job, float]]:
+        """The due jobs that may run now (at most ``limit`` entries looked
+        at), marked running (lock held)."""
         due = []
-        for job, nominal in self._book.heap.pop_due(now):
+        for job, nominal in self._book.heap.pop_due(now, limit):
             if job.state.paused or job.running:
                 if job.commanding:
                     job.missed = nominal
