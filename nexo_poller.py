@@ -116,7 +116,7 @@ import threading
 import time
 from collections import deque
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Container, Iterable, Iterator, Mapping
 
 # sqlite3, http.server, argparse, zoneinfo, concurrent.futures, tomllib and
 # tempfile are imported where first needed: a plugin importing this module for
@@ -7961,6 +7961,15 @@ class SqliteStateStore(StateStore):
         finally:
             db.row_factory = None
 
+    def _each_row(self, db, ids: Container[str]) -> Iterator[JobState]:
+        """The states of the jobs in ``ids``, one at a time, as the table is read."""
+        import sqlite3
+        cur = db.cursor()
+        cur.row_factory = sqlite3.Row
+        for r in cur.execute("SELECT * FROM jobs"):
+            if r["id"] in ids:
+                yield self._state(r)
+
     @staticmethod
     def _write_state(db, state: JobState, source: str = "tick",
                      old_cursor: Any = _MISSING) -> None:
@@ -7993,18 +8002,18 @@ class SqliteStateStore(StateStore):
 
         def fn(db):
             db.executemany("INSERT OR IGNORE INTO jobs (id, paused) VALUES (?, ?)",
-                           [(i, int(i in paused)) for i in wanted])
-            current = self._rows(db)
+                           ((i, int(i in paused)) for i in wanted))
+            # Row by row: at start every job is claimed, and a table of them
+            # all read first would hold every job's state twice at the peak.
             granted = {}
-            for job_id, until in wanted.items():
-                s = current[job_id]
+            for s in self._each_row(db, wanted):
                 if (s.lease_owner not in (None, owner) and (s.lease_until or 0) >= now
                         and not self.lease_is_stale(s.lease_owner)):
                     continue
-                s = s.replace(lease_owner=owner, lease_until=until, revision=s.revision + 1)
-                db.execute("UPDATE jobs SET lease_owner=?, lease_until=?, revision=? WHERE id=?",
-                           (owner, until, s.revision, job_id))
-                granted[job_id] = s
+                granted[s.id] = s.replace(lease_owner=owner, lease_until=wanted[s.id],
+                                          revision=s.revision + 1)
+            db.executemany("UPDATE jobs SET lease_owner=?, lease_until=?, revision=? WHERE id=?",
+                           ((owner, s.lease_until, s.revision, i) for i, s in granted.items()))
             return granted
         return self.run(fn)
 
@@ -11482,7 +11491,9 @@ def _schedule_key(cfg: JobConfig) -> str:
     dialect = getattr(getattr(cfg.schedule, "cron", None), "dialect", "vixie")
     if dialect != "vixie":              # Vixie keys stay as they were: no slot voided
         key["cron_dialect"] = dialect
-    return json.dumps(key, sort_keys=True, default=str)
+    # Interned: thousands of jobs on one schedule share one key (and the
+    # states committed with it), not a copy each.
+    return sys.intern(json.dumps(key, sort_keys=True, default=str))
 
 
 def _jitter(schedule: Schedule, config: DaemonConfig, rng) -> float:
