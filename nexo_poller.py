@@ -7766,7 +7766,14 @@ class _SqliteFile:
     def read(self, sql: str, args: tuple = ()) -> list:
         return self.read_with(lambda db: db.execute(sql, args).fetchall())
 
-    def pragma(self, name: str):
+    def pragma(self, name: str, wait: bool = True):
+        """The pragma's value; with ``wait`` False, None at once while a
+        transaction holds the connection (a commit batch's fsync can take
+        hundreds of ms)."""
+        if not wait:
+            if not self._lock.acquire(blocking=False):
+                return None
+            self._lock.release()            # a transaction may start in between: then it waits
         return self.read(f"PRAGMA {name}")[0][0]
 
     def write_batch(self, batch: list) -> list:
@@ -7908,6 +7915,7 @@ class SqliteStateStore(StateStore):
         self.file = _SqliteFile(self.path, readonly)
         self._writes = _GroupCommit(self.path, "nexo-state-writer", self._commit_batch)
         self._data_version = self.file.pragma("data_version")
+        self._changed_seen = 0.0            # time.monotonic() of changed()'s last look
 
     def check_file(self) -> None:
         self.file.check_file()
@@ -8244,7 +8252,12 @@ class SqliteStateStore(StateStore):
         return {o: json.loads(r) for o, r in rows if not self.lease_is_stale(o)}
 
     def changed(self) -> bool:
-        version = self.file.pragma("data_version")
+        # The scheduler asks twice a second while ticks run, and must not wait
+        # behind a commit: busy, it looks next time (waiting, after a second).
+        version = self.file.pragma("data_version", time.monotonic() - self._changed_seen >= 1)
+        if version is None:
+            return False                    # what changed is still there next time
+        self._changed_seen = time.monotonic()
         changed, self._data_version = version != self._data_version, version
         return changed
 
