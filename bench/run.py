@@ -467,7 +467,8 @@ def _fig4_rows(n, s, ours_s, ours, ours_b, aps_s, aps, aps_b, note) -> list[dict
         row("4", f"start-up: lateness p50 / p99, {tag}, slots due from the load's start",
             late_s["p50"], "ms", peer, g(aps_s, "lateness_ms", "p50"), p99=late_s["p99"],
             baseline_p99=g(aps_s, "lateness_ms", "p99"),
-            notes=f"{late_s['n']:,} slots up to {s['window']:.0f} s after the load, "
+            ratio=None if aps_s is None else late_s["p99"] / aps_s["lateness_ms"]["p99"],
+            notes=f"ratio of p99s; {late_s['n']:,} slots up to {s['window']:.0f} s after the load, "
                   f"{ours_s['due_during_load']:,} of them due during it, all fired "
                   f"{ours_s['caught_up_s']:.2f} s after it (APScheduler: "
                   f"{g(aps_s, 'due_during_load') or 0:,}, "
