@@ -94,6 +94,7 @@ import dataclasses
 import enum
 import errno
 import functools
+import gc
 import heapq
 import io
 import itertools
@@ -116,7 +117,7 @@ import threading
 import time
 from collections import deque
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Container, Iterable, Iterator, Mapping
 
 # sqlite3, http.server, argparse, zoneinfo, concurrent.futures, tomllib and
 # tempfile are imported where first needed: a plugin importing this module for
@@ -7969,7 +7970,14 @@ class _SqliteFile:
     def read(self, sql: str, args: tuple = ()) -> list:
         return self.read_with(lambda db: db.execute(sql, args).fetchall())
 
-    def pragma(self, name: str):
+    def pragma(self, name: str, wait: bool = True):
+        """The pragma's value; with ``wait`` False, None at once while a
+        transaction holds the connection (a commit batch's fsync can take
+        hundreds of ms)."""
+        if not wait:
+            if not self._lock.acquire(blocking=False):
+                return None
+            self._lock.release()            # a transaction may start in between: then it waits
         return self.read(f"PRAGMA {name}")[0][0]
 
     def write_batch(self, batch: list) -> list:
@@ -8122,6 +8130,7 @@ class SqliteStateStore(StateStore):
         self.file = _SqliteFile(self.path, readonly)
         self._writes = _GroupCommit(self.path, "nexo-state-writer", self._commit_batch)
         self._data_version = self.file.pragma("data_version")
+        self._changed_seen = 0.0            # time.monotonic() of changed()'s last look
 
     def check_file(self) -> None:
         self.file.check_file()
@@ -8175,6 +8184,15 @@ class SqliteStateStore(StateStore):
         finally:
             db.row_factory = None
 
+    def _each_row(self, db, ids: Container[str]) -> Iterator[JobState]:
+        """The states of the jobs in ``ids``, one at a time, as the table is read."""
+        import sqlite3
+        cur = db.cursor()
+        cur.row_factory = sqlite3.Row
+        for r in cur.execute("SELECT * FROM jobs"):
+            if r["id"] in ids:
+                yield self._state(r)
+
     @staticmethod
     def _write_state(db, state: JobState, source: str = "tick",
                      old_cursor: Any = _MISSING) -> None:
@@ -8207,18 +8225,18 @@ class SqliteStateStore(StateStore):
 
         def fn(db):
             db.executemany("INSERT OR IGNORE INTO jobs (id, paused) VALUES (?, ?)",
-                           [(i, int(i in paused)) for i in wanted])
-            current = self._rows(db)
+                           ((i, int(i in paused)) for i in wanted))
+            # Row by row: at start every job is claimed, and a table of them
+            # all read first would hold every job's state twice at the peak.
             granted = {}
-            for job_id, until in wanted.items():
-                s = current[job_id]
+            for s in self._each_row(db, wanted):
                 if (s.lease_owner not in (None, owner) and (s.lease_until or 0) >= now
                         and not self.lease_is_stale(s.lease_owner)):
                     continue
-                s = s.replace(lease_owner=owner, lease_until=until, revision=s.revision + 1)
-                db.execute("UPDATE jobs SET lease_owner=?, lease_until=?, revision=? WHERE id=?",
-                           (owner, until, s.revision, job_id))
-                granted[job_id] = s
+                granted[s.id] = s.replace(lease_owner=owner, lease_until=wanted[s.id],
+                                          revision=s.revision + 1)
+            db.executemany("UPDATE jobs SET lease_owner=?, lease_until=?, revision=? WHERE id=?",
+                           ((owner, s.lease_until, s.revision, i) for i, s in granted.items()))
             return granted
         return self.run(fn)
 
@@ -8453,7 +8471,12 @@ class SqliteStateStore(StateStore):
         return {o: json.loads(r) for o, r in rows if not self.lease_is_stale(o)}
 
     def changed(self) -> bool:
-        version = self.file.pragma("data_version")
+        # The scheduler asks twice a second while ticks run, and must not wait
+        # behind a commit: busy, it looks next time (waiting, after a second).
+        version = self.file.pragma("data_version", time.monotonic() - self._changed_seen >= 1)
+        if version is None:
+            return False                    # what changed is still there next time
+        self._changed_seen = time.monotonic()
         changed, self._data_version = version != self._data_version, version
         return changed
 
@@ -11785,6 +11808,10 @@ def _schedule_from_dict(raw: Any, where: str, probs: _Problems,
 # ============================================================================
 
 _COMMAND_POLL_SECS = 0.5             # the running set is published at most this often
+# What the scheduler thread does in one pass at most: due slots dispatched,
+# committed outcomes carried out.  Between passes it looks at the heap again,
+# so a slot never waits behind a whole burst or a big commit batch's effects.
+_SCHEDULER_PASS = 128
 _WALL_CLOCK_LOOK_SECS = 60.0         # how soon a wall-clock step moves cron/at slots
 _STATE_RETRY_MAX_SECS = 5.0
 
@@ -11820,7 +11847,9 @@ def _schedule_key(cfg: JobConfig) -> str:
     dialect = getattr(getattr(cfg.schedule, "cron", None), "dialect", "vixie")
     if dialect != "vixie":              # Vixie keys stay as they were: no slot voided
         key["cron_dialect"] = dialect
-    return json.dumps(key, sort_keys=True, default=str)
+    # Interned: thousands of jobs on one schedule share one key (and the
+    # states committed with it), not a copy each.
+    return sys.intern(json.dumps(key, sort_keys=True, default=str))
 
 
 def _jitter(schedule: Schedule, config: DaemonConfig, rng) -> float:
@@ -12389,12 +12418,14 @@ class _TimerHeap:
         self._heap = heap
         return True
 
-    def pop_due(self, now: float) -> list[tuple[_Job, float]]:
-        """Take every entry due by monotonic ``now``: (job, nominal slot) of
-        the live ones."""
+    def pop_due(self, now: float, limit: int | None = None) -> list[tuple[_Job, float]]:
+        """Take the entries due by monotonic ``now`` (the first ``limit`` of
+        them; None: all): (job, nominal slot) of the live ones."""
         due = []
         heap = self._heap
-        while heap and heap[0][0] <= now:
+        left = len(heap) if limit is None else limit
+        while heap and heap[0][0] <= now and left > 0:
+            left -= 1
             entry = heapq.heappop(heap)
             job = self._live(entry)
             if job is not None:
@@ -13219,15 +13250,18 @@ class _Ticks:
             if len(book.effects) == 1:
                 book.cond.notify_all()
 
-    def drain_effects(self) -> None:
-        """Carry out the committed outcomes' effects handed over so far."""
+    def drain_effects(self, limit: int | None = None) -> None:
+        """Carry out the committed outcomes' effects handed over so far (at
+        most ``limit`` of them)."""
         book = self._book
-        while True:
+        while limit is None or limit > 0:
             with book.cond:
                 if not book.effects:
                     return
                 item = book.effects.popleft()
             self._settle_one(*item)
+            if limit is not None:
+                limit -= 1
 
     def settle(self, done: Callable[[], bool], deadline: float | None) -> bool:
         """Carry out committed outcomes until ``done()`` (lock held) or the deadline."""
@@ -13454,6 +13488,12 @@ class _Scheduler:
         self._published_running: frozenset = frozenset()
 
     def start(self) -> None:
+        # Every job is scheduled: what the daemon holds for its life (configs,
+        # jobs, their states, the heap) leaves the cyclic garbage collector's
+        # view.  With 100,000 jobs a full collection walks a million objects
+        # for hundreds of milliseconds, and nothing runs meanwhile; frozen,
+        # they are never walked again (nor freed, were they cyclic garbage).
+        gc.freeze()
         self.thread = threading.Thread(target=self._loop, daemon=True, name="nexo-scheduler")
         self.thread.start()
 
@@ -13462,6 +13502,7 @@ class _Scheduler:
         start, to be cancelled, rather than keep the stop waiting."""
         if self.thread is not None:
             self.thread.join(timeout)
+            gc.unfreeze()                   # what start() froze is collectable again
         self._workers.start_held()
 
     @property
@@ -13523,16 +13564,17 @@ class _Scheduler:
                         return
                     book.watch_clock()
                     now = self._runner.monotonic()
-                    due = self._pop_due(now)
+                    due = self._pop_due(now, _SCHEDULER_PASS)
                     held = self._workers.held_wait() == 0      # a rate limit lets one go
                     if not due and not held and not book.effects and not self._poll_due():
                         book.cond.wait(self._next_wake(now))
                         continue
-                self._ticks.drain_effects()
+                # Due slots first: the effects of outcomes already stored can wait a pass.
                 for job, slot in due:
                     self._workers.dispatch(job, slot)
                 if held:
                     self._workers.start_held()
+                self._ticks.drain_effects(_SCHEDULER_PASS)
                 if self._poll_due():
                     self._last_poll = time.monotonic()
                     self._poll_state()
@@ -13570,10 +13612,11 @@ class _Scheduler:
             log.debug("state still failing: %s", exc)
         self._state_backoff = _backoff(self._state_backoff, _STATE_RETRY_MAX_SECS, 2)
 
-    def _pop_due(self, now: float) -> list[tuple[_Job, float]]:
-        """The due jobs that may run now, marked running (lock held)."""
+    def _pop_due(self, now: float, limit: int | None = None) -> list[tuple[_Job, float]]:
+        """The due jobs that may run now (at most ``limit`` entries looked
+        at), marked running (lock held)."""
         due = []
-        for job, nominal in self._book.heap.pop_due(now):
+        for job, nominal in self._book.heap.pop_due(now, limit):
             if job.state.paused or job.running:
                 if job.commanding:
                     job.missed = nominal

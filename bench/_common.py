@@ -265,3 +265,39 @@ def run_for(call, inflight: int, seconds: float) -> dict:
         raise errors[0]
     flat = [x * 1e6 for part in lat for x in part]
     return {"count": len(flat), "rate": len(flat) / elapsed, "lat_us": summary(flat)}
+
+
+def lateness(fired: list, base: float, plan: list[float], ready: float, window: float,
+             demand: float, *, startup: bool, index=int) -> dict:
+    """Figure 4's firing lateness, the same for both schedulers: waits out
+    the window, then reads ``fired``, (job, fire time[, dispatch time]);
+    ``index(job)`` is the job's index in ``plan``.
+
+    Slot i is intended at ``base + plan[i]``.  steady: the slots from the
+    first one (or the load's end, whichever is later) for ``window`` seconds;
+    a slot due before the load ended is left out and counted.  startup:
+    every slot from the start of the load until ``window`` seconds after it
+    ended, and when the last of those due during the load fired."""
+    first = base + min(plan) if plan else ready
+    lo = ready if startup else max(ready, first)
+    hi = lo + window
+    time.sleep(max(0.0, hi - time.time()) + 0.5)
+    late, disp, excluded, in_window, caught_up = [], [], 0, 0, ready
+    for entry in list(fired):
+        i, t_fire = index(entry[0]), entry[1]
+        intended = base + plan[i]
+        if lo <= t_fire <= hi:
+            in_window += 1
+        if intended < ready:
+            excluded += 1
+            caught_up = max(caught_up, t_fire)
+            if not startup:
+                continue
+        if intended <= hi:
+            late.append((t_fire - intended) * 1e3)
+            if len(entry) > 2:
+                disp.append((entry[2] - intended) * 1e3)
+    return {"window_s": window, "rate": in_window / window, "demand": demand,
+            "lateness_ms": summary(late), "dispatch_lateness_ms": summary(disp),
+            "due_during_load": excluded, "excluded_before_ready": 0 if startup else excluded,
+            "caught_up_s": caught_up - ready, "first_slot_after_ready_s": first - ready}

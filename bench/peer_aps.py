@@ -6,9 +6,12 @@ Runs only in the suite's throwaway virtual environment (bench/.venv).
 60 s on a no-op function, a BackgroundScheduler with a 64-thread pool (the
 Runner's default max_workers), the default in-memory job store (APScheduler
 keeps no per-tick state on disk), misfire_grace_time=None so no run is
-dropped.  steady: each job's first run is ``base + offset``, offsets spread
-evenly over ``spread`` seconds; base is set just past the expected load time
-(calibrated on 2,000 jobs).  burst: every job is due at once.
+dropped.  steady: each job's first run is ``base + lead + offset``, offsets
+spread evenly over ``spread`` seconds, base the moment the load begins and
+``lead`` past the load (given, as for the Runner, from the start-up run's
+load time; without one, calibrated on 2,000 jobs).  startup: the same with
+no lead, so the first seconds' slots fall due while it loads.  burst: every
+job is due at once.
 """
 import gc
 import json
@@ -20,7 +23,7 @@ import time
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import emit, proc_status, summary  # noqa: E402
+from _common import emit, lateness, proc_status  # noqa: E402
 
 from apscheduler.executors.pool import ThreadPoolExecutor  # noqa: E402
 from apscheduler.schedulers.background import BackgroundScheduler  # noqa: E402
@@ -58,8 +61,11 @@ def sched(a: dict) -> dict:
     spread = a.get("spread", 60.0)
     order = list(range(n))
     random.Random(7).shuffle(order)
-    plan = [order[i] * spread / n for i in range(n)] if mode == "steady" else [0.0] * n
-    per_job = calibrate() if mode == "steady" else 0.0
+    plan = [order[i] * spread / n for i in range(n)] if mode != "burst" else [0.0] * n
+    lead = 0.0
+    if mode == "steady":
+        lead = a["lead"] if a.get("lead") is not None else calibrate() * n * 1.5 + 0.5
+        plan = [lead + p for p in plan]
     fired: list = []
     done_evt = threading.Event()
 
@@ -71,11 +77,11 @@ def sched(a: dict) -> dict:
     gc.collect()
     s = make_scheduler()
     t0 = time.perf_counter()
-    base = time.time() + (per_job * n * 1.5 + 0.5 if mode == "steady" else 0.0)
+    base = time.time()
     started = load(s, n, lambda i: base + plan[i], noop)
     t1 = time.perf_counter()
     ready = time.time()
-    out = {"n": n, "mode": mode, "load_s": t1 - t0}
+    out = {"n": n, "mode": mode, "load_s": t1 - t0, "lead_s": lead}
     try:
         if mode == "burst":
             if not done_evt.wait(a.get("timeout", 300)):
@@ -84,24 +90,8 @@ def sched(a: dict) -> dict:
             out["drain_s"] = end - started
             out["rate"] = n / (end - started)
         else:
-            window = a["window"]
-            time.sleep(max(0.0, ready + window - time.time()) + 0.5)
-            snap = list(fired)
-            lo = max(ready, base)
-            hi = lo + window
-            late, excluded, in_window = [], 0, 0
-            for i, t_fire in snap:
-                intended = base + plan[i]
-                if lo <= t_fire <= hi:
-                    in_window += 1
-                if intended < lo:
-                    excluded += 1
-                    continue
-                if intended <= hi:
-                    late.append((t_fire - intended) * 1e3)
-            out.update(window_s=window, rate=in_window / window, demand=n / spread,
-                       lateness_ms=summary(late), excluded_before_ready=excluded,
-                       lead_s=base - (ready - (t1 - t0)))
+            out.update(lateness(fired, base, plan, ready, a["window"], n / spread,
+                                startup=mode == "startup"))
         out["vm"] = proc_status()
     finally:
         s.shutdown(wait=False)

@@ -24,7 +24,8 @@ from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (BENCH_DIR, REPO, children_of, count_syscalls, emit,  # noqa: E402
-                     floor_call, interleaved, peer_pid, proc_status, run_for, summary)
+                     floor_call, interleaved, lateness, peer_pid, proc_status, run_for,
+                     summary)
 
 sys.path.insert(0, REPO)
 
@@ -341,10 +342,14 @@ def w_ephemeral(a: dict) -> dict:
 class _PlannedJitter:
     """The Runner's rng, planned: the first ``len(plan)`` jitters drawn (one per
     job, in config order, all at start()) come from ``plan``; the clock value
-    in force at the first draw is start()'s ``now``.  Later draws are random."""
+    in force at the first draw is start()'s ``now``.  Later draws are random.
 
-    def __init__(self, plan: list[float], clock_box: list) -> None:
-        self.plan, self.i, self.box = plan, 0, clock_box
+    ``origin``: the plan counts from this wall time instead of start()'s
+    ``now`` (the start-up case: slots from the moment the load began); a
+    slot already past at start() is drawn as 0, which puts it at ``now``."""
+
+    def __init__(self, plan: list[float], clock_box: list, origin: float | None = None) -> None:
+        self.plan, self.i, self.box, self.origin = plan, 0, clock_box, origin
         self.real = random.Random(1)
         self.base: float | None = None
 
@@ -353,6 +358,8 @@ class _PlannedJitter:
             if self.base is None:
                 self.base = self.box[0]
             v = self.plan[self.i]
+            if self.origin is not None:
+                v -= self.base - self.origin
             self.i += 1
             return min(max(v, low), high)
         return self.real.uniform(low, high)
@@ -361,32 +368,36 @@ class _PlannedJitter:
 def w_sched(a: dict) -> dict:
     """``n`` every-60-s jobs on a no-op in-process poller with sqlite state.
 
-    steady: first runs are spread evenly over ``spread`` seconds (the jobs'
-    stagger jitter, drawn by a planned rng so each job's intended slot is
-    known); ticks are observed for ``window`` seconds from the moment start()
-    returns.  burst: every job is due at once; the figure is how fast the
-    runner drains them.
+    steady: first runs are spread evenly over ``spread`` seconds, starting
+    ``lead`` seconds after start()'s ``now`` (the jobs' stagger jitter, drawn
+    by a planned rng so each job's intended slot is known): with a lead past
+    the load, no slot falls due while start() runs, and ticks are observed
+    for ``window`` seconds from the first slot.  startup: the same spread,
+    counted from the moment the load begins (config_from_dict), so the slots
+    of the first seconds fall due while the Runner loads; every slot due up
+    to ``window`` seconds after start() returned is observed.  burst: every
+    job is due at once; the figure is how fast the runner drains them.
     """
     import nexo_poller as nx
     n, mode = a["n"], a["mode"]
-    spread = a.get("spread", 60.0) if mode == "steady" else 0.0
+    spread = a.get("spread", 60.0) if mode != "burst" else 0.0
+    lead = a.get("lead", 0.0) if mode == "steady" else 0.0
     tmp = tempfile.mkdtemp(prefix="nexo-bench-sched-")
     db = os.path.join(tmp, "state.db")
-    jitter_ms = int(spread * 1000)
+    jitter_ms = int((lead + spread) * 1000)
     doc = {"state_db": db, "default_jitter_ms": 0,
            "jobs": [{"id": f"j{i}", "kind": "noop",
                      "schedule": {"every_secs": 60, "stagger_jitter_ms": jitter_ms}}
                     for i in range(n)]}
     order = list(range(n))
     random.Random(7).shuffle(order)
-    plan = [order[i] * spread / n for i in range(n)]
+    plan = [lead + order[i] * spread / n for i in range(n)]
     box = [0.0]
 
     def clock() -> float:
         t = time.time()
         box[0] = t
         return t
-    rng = _PlannedJitter(plan, box)
     fired: list = []
     done_evt = threading.Event()
 
@@ -400,6 +411,8 @@ def w_sched(a: dict) -> dict:
             return None
 
     gc.collect()
+    origin = time.time()
+    rng = _PlannedJitter(plan, box, origin if mode == "startup" else None)
     t0 = time.perf_counter()
     cfg = nx.config_from_dict(doc, extra_kinds=["noop"])
     t1 = time.perf_counter()
@@ -410,12 +423,14 @@ def w_sched(a: dict) -> dict:
     runner.start()
     t3 = time.perf_counter()
     ready = time.time()
-    if mode == "steady" and rng.i != n:
+    if mode != "burst" and rng.i != n:
         raise RuntimeError(f"Runner.start() drew {rng.i} jitters for {n} jobs; the bench "
                            "assumes one per job, in config order: update w_sched")
     base = rng.base if rng.base is not None else ready
+    if mode == "startup":
+        base = origin                   # the plan counts from the start of the load
     out = {"n": n, "mode": mode, "load_s": t3 - t0, "config_s": t1 - t0, "open_s": t2 - t1,
-           "schedule_s": t3 - t2}
+           "schedule_s": t3 - t2, "lead_s": lead}
     try:
         if mode == "burst":
             if not done_evt.wait(a.get("timeout", 300)):
@@ -426,28 +441,10 @@ def w_sched(a: dict) -> dict:
             out["drain_s"] = end - base
             out["rate"] = n / (end - base)
         else:
-            window = a["window"]
-            time.sleep(max(0.0, ready + window - time.time()) + 0.5)
-            snap = list(fired)
-            lo = max(ready, base)
-            hi = lo + window
-            late, disp, excluded = [], [], 0
-            in_window = 0
-            for job_id, t_fire, t_now in snap:
-                intended = base + plan[int(job_id[1:])]
-                if lo <= t_fire <= hi:
-                    in_window += 1
-                if intended < lo:
-                    excluded += 1
-                    continue
-                if intended <= hi:
-                    late.append((t_fire - intended) * 1e3)
-                    disp.append((t_now - intended) * 1e3)
-            out.update(window_s=window, rate=in_window / window, demand=n / spread,
-                       lateness_ms=summary(late), dispatch_lateness_ms=summary(disp),
-                       excluded_before_ready=excluded)
+            out.update(lateness(fired, base, plan, ready, a["window"], n / spread,
+                                startup=mode == "startup", index=lambda j: int(j[1:])))
         out["vm"] = proc_status()
-        if mode == "steady":
+        if mode != "burst":
             out["slot_check"] = _check_slots(runner, base, plan, {f[0] for f in fired})
     finally:
         t_stop = time.time()

@@ -935,6 +935,49 @@ class HeapTests(RunnerCase):
         self.assertEqual(self.fire(r), 1)        # and the live entry still fires
 
 
+class SchedulerAtScaleTests(RunnerCase):
+    """Issue 27 item 1: what made slots late with 100,000 jobs."""
+
+    def test_a_due_slot_is_dispatched_before_a_backlog_of_effects(self):
+        # The scheduler thread carried out every committed outcome's effects
+        # before it dispatched the slots it had popped: behind a big commit
+        # batch, a due slot waited for all of them.
+        r = self.runner(self.config([self.job("a", every=10)]), Scripted())
+        order, book = [], r._book
+        settle, dispatch = r._ticks._settle_one, r._workers.dispatch
+
+        def settle_one(*item):
+            if item[0] is None:             # one of the backlog's stand-ins
+                order.append("effect")
+            else:
+                settle(*item)
+
+        def dispatch_one(*args, **kw):
+            order.append("dispatch")
+            return dispatch(*args, **kw)
+        r._ticks._settle_one, r._workers.dispatch = settle_one, dispatch_one
+        backlog = 600
+        with book.cond:
+            book.effects.extend([(None,) * 7] * backlog)
+        self.go_to_next(r)                  # "a" is due when the thread first looks
+        r._scheduler.start()
+        self.assertTrue(wait_until(lambda: len(order) > backlog), order[-3:])
+        self.assertTrue(r.wait_idle(WAIT), "the tick did not finish")
+        self.assertLess(order.index("dispatch"), backlog)
+
+    def test_the_jobs_leave_the_garbage_collectors_view_while_the_daemon_runs(self):
+        # A full collection walked every job's objects: hundreds of ms at
+        # 100,000 jobs, with every thread stopped.  Frozen at start, they
+        # come back at stop.
+        import gc
+        cfg = self.config([self.job("a", every=10)])
+        r = self.start_runner(cfg, Scripted(), start=False)
+        r.start()
+        self.assertGreater(gc.get_freeze_count(), 0)
+        r.stop()
+        self.assertEqual(gc.get_freeze_count(), 0)
+
+
 class ReloadTests(RunnerCase):
 
     def test_reload_diffs_and_applies(self):

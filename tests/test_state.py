@@ -437,6 +437,27 @@ class GroupCommitTests(_Tmp):
             store.submit(lambda db: None)
 
 
+class ChangedTests(_Tmp):
+
+    def test_changed_does_not_wait_behind_a_commit_and_loses_no_change(self):
+        # Issue 27 item 1: the scheduler thread asks changed() twice a second
+        # while ticks run; it waited for the writer's whole commit batch
+        # (hundreds of ms with 100,000 jobs) and no slot was dispatched meanwhile.
+        store, cli = self.open_store(), self.open_store()
+        store.changed()                     # the first look may wait
+        cli.command("j", "pause")           # another process writes meanwhile
+        got, done = [], threading.Event()
+        with store.file._lock:              # as the writer holds it through a transaction
+            threading.Thread(target=lambda: (got.append(store.changed()), done.set()),
+                             daemon=True).start()
+            answered = done.wait(WAIT)
+        done.wait(WAIT)
+        self.assertTrue(answered, "changed() waited for the commit in progress")
+        self.assertEqual(got, [False])      # busy: not looked at this time
+        self.assertTrue(store.changed(), "the change is seen the next time")
+        self.assertFalse(store.changed())
+
+
 class OutboxCountTests(_Tmp):
     def test_counts_per_job_match_the_items_without_reading_them(self):
         store = self.open_store(owner="o")
