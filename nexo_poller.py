@@ -44,8 +44,8 @@ The sections of this file, in dependency order:
     State       JobState, TickStatus, OutboxItem, StateStore (the one owner of
                 job state: leases, commits, commands, the outbox), open_state;
                 _GroupCommit (one writer thread, batches); SqliteStateStore
-                over _SqliteFile; JetStreamStateStore over _KvBucket (the KV
-                client), _KvLeases (the spreading policy), _KvDaemons
+                over _SqliteFile and _SqliteOutbox; JetStreamStateStore over
+                _KvBucket (the KV client), _KvLeases (the spreading policy), _KvDaemons
                 (heartbeats), _KvCommands, _KvOutbox and _KvRuns (the run
                 history); RunRecord (one run of a job, kept with its commit)
     Schedule    Schedule, CronExpr (Vixie cron, or nexo's: the cron crate's)
@@ -8099,6 +8099,105 @@ def _sqlite_keep_run(db, job_id: str, seq: int, record: str, keep: int) -> None:
     db.execute("DELETE FROM runs WHERE job=? AND slot >= ?", (job_id, keep))
 
 
+def _sql_outbox_row(item: OutboxItem) -> tuple:
+    """An outbox item as the sqlite state's row (long strings bounded)."""
+    return tuple(_storable(v, 1 << 24) if isinstance(v, str) else v
+                 for v in dataclasses.astuple(item))
+
+
+def _sql_id_filter(ids: Iterable[str] | None) -> tuple[str, tuple]:
+    """A WHERE clause and its arguments for ``ids`` (None: every row)."""
+    if ids is None:
+        return "", ()
+    ids = tuple(ids)
+    return f"WHERE id IN ({', '.join('?' * len(ids))})" if ids else "WHERE 0", ids
+
+
+class _SqliteOutbox:
+    """A sqlite state's outbox and dead letters: listed, settled, retried and
+    dropped, reading through the file and writing through the store's writer."""
+
+    def __init__(self, file: "_SqliteFile", owner: str, run: Callable[[Callable], Any]):
+        self.file, self.owner, self.run = file, owner, run
+
+    def outbox_pending(self, limit: int = 500, now: float | None = None) -> list[OutboxItem]:
+        def fn(db):
+            jobs = [r[0] for r in db.execute(
+                "SELECT id FROM jobs j WHERE lease_owner=? AND "
+                "EXISTS (SELECT 1 FROM outbox o WHERE o.job=j.id)", (self.owner,))]
+            share = _outbox_share(limit, len(jobs))
+            return [row for job in jobs for row in db.execute(
+                f"SELECT {', '.join(_OUTBOX_FIELDS)} FROM outbox WHERE job=? "
+                "ORDER BY n LIMIT ?", (job, share))]
+        rows = self.file.read_with(fn)
+        return _outbox_heads([OutboxItem(*r) for r in rows],
+                             time.time() if now is None else now, limit)
+
+    def outbox_settle(self, delivered: Iterable[OutboxItem] = (),
+                      retry: Iterable[tuple[str, float, str]] = (),
+                      dead: Iterable[tuple[OutboxItem, str]] = (), now: float = 0.0) -> None:
+        delivered, retry, dead = list(delivered), list(retry), list(dead)
+        counts: dict[str, int] = {}
+        for item in delivered:
+            if item.what == "delivery":
+                counts[item.job] = counts.get(item.job, 0) + 1
+        fields = ", ".join(_OUTBOX_FIELDS)
+
+        def fn(db):
+            db.executemany("DELETE FROM outbox WHERE id=?", [(i.id,) for i in delivered])
+            db.executemany("UPDATE jobs SET delivered_total = delivered_total + ? WHERE id=?",
+                           [(n, job) for job, n in counts.items()])
+            db.executemany("UPDATE outbox SET attempts = attempts + 1, next_attempt_at=?, "
+                           "last_error=? WHERE id=?",
+                           [(at, _storable(err), i) for i, at, err in retry])
+            for item, err in dead:
+                db.execute(f"INSERT OR REPLACE INTO dead_letters ({fields}, died_at) "
+                           f"SELECT {fields.replace('attempts', 'attempts + 1')}, ? "
+                           "FROM outbox WHERE id=?", (now, item.id))
+                db.execute("UPDATE dead_letters SET last_error=? WHERE id=?",
+                           (_storable(err), item.id))
+                db.execute("DELETE FROM outbox WHERE id=?", (item.id,))
+        if delivered or retry or dead:
+            self.run(fn)
+
+    def outbox(self, *, dead: bool = False) -> list[OutboxItem]:
+        table = "dead_letters" if dead else "outbox"
+        try:
+            rows = self.file.read(f"SELECT {', '.join(_OUTBOX_FIELDS)} FROM {table} ORDER BY n")
+        except StateError:
+            if self.file.schema_version_now() == "1":
+                return []                       # a version 1 file has no outbox
+            raise
+        return [OutboxItem(*r) for r in rows]
+
+    def outbox_counts(self) -> dict[str, tuple[int, float]]:
+        try:
+            rows = self.file.read("SELECT job, COUNT(*), MIN(created_at) FROM outbox GROUP BY job")
+        except StateError:
+            if self.file.schema_version_now() == "1":
+                return {}                       # a version 1 file has no outbox
+            raise
+        return {job: (n, oldest) for job, n, oldest in rows}
+
+    def outbox_retry(self, ids: Iterable[str] | None = None) -> int:
+        fields = ", ".join(_OUTBOX_FIELDS)
+        where, args = _sql_id_filter(ids)
+
+        def fn(db):
+            n = db.execute(f"UPDATE outbox SET next_attempt_at=0 {where}", args).rowcount
+            cols = fields.replace("attempts", "0").replace("next_attempt_at", "0")
+            n += db.execute(f"INSERT OR IGNORE INTO outbox ({fields}) SELECT {cols} "
+                            f"FROM dead_letters {where} ORDER BY n", args).rowcount
+            db.execute(f"DELETE FROM dead_letters {where}", args)
+            return n
+        return self.run(fn)
+
+    def outbox_drop(self, ids: Iterable[str] | None = None, *, dead: bool = False) -> int:
+        where, args = _sql_id_filter(ids)
+        table = "dead_letters" if dead else "outbox"
+        return self.run(lambda db: db.execute(f"DELETE FROM {table} {where}", args).rowcount)
+
+
 class SqliteStateStore(StateStore):
     """The default backend: one sqlite3 file, WAL, ``synchronous=FULL``.
 
@@ -8129,6 +8228,7 @@ class SqliteStateStore(StateStore):
         self.readonly = readonly
         self.file = _SqliteFile(self.path, readonly)
         self._writes = _GroupCommit(self.path, "nexo-state-writer", self._commit_batch)
+        self.sql_outbox = _SqliteOutbox(self.file, self.owner, self.run)
         self._data_version = self.file.pragma("data_version")
         self._changed_seen = 0.0            # time.monotonic() of changed()'s last look
 
@@ -8244,7 +8344,7 @@ class SqliteStateStore(StateStore):
                command: tuple[int, str | None] | None = None,
                outbox: Iterable[OutboxItem] = (), source: str | None = None,
                run: RunRecord | None = None, run_keep: int = RUN_HISTORY_KEEP) -> None:
-        owner, items = self.owner, [self._outbox_row(i) for i in outbox]
+        owner, items = self.owner, [_sql_outbox_row(i) for i in outbox]
         record = None if run is None else _dumps(run.stored())
 
         def fn(db):
@@ -8270,87 +8370,25 @@ class SqliteStateStore(StateStore):
             return True
         self.submit(fn, done)
 
-    @staticmethod
-    def _outbox_row(item: OutboxItem) -> tuple:
-        return tuple(_storable(v, 1 << 24) if isinstance(v, str) else v
-                     for v in dataclasses.astuple(item))
-
     def outbox_pending(self, limit: int = 500, now: float | None = None) -> list[OutboxItem]:
-        def fn(db):
-            jobs = [r[0] for r in db.execute(
-                "SELECT id FROM jobs j WHERE lease_owner=? AND "
-                "EXISTS (SELECT 1 FROM outbox o WHERE o.job=j.id)", (self.owner,))]
-            share = _outbox_share(limit, len(jobs))
-            return [row for job in jobs for row in db.execute(
-                f"SELECT {', '.join(_OUTBOX_FIELDS)} FROM outbox WHERE job=? "
-                "ORDER BY n LIMIT ?", (job, share))]
-        rows = self.file.read_with(fn)
-        return _outbox_heads([OutboxItem(*r) for r in rows],
-                             time.time() if now is None else now, limit)
+        return self.sql_outbox.outbox_pending(limit, now)
 
     def outbox_settle(self, delivered: Iterable[OutboxItem] = (),
                       retry: Iterable[tuple[str, float, str]] = (),
                       dead: Iterable[tuple[OutboxItem, str]] = (), now: float = 0.0) -> None:
-        delivered, retry, dead = list(delivered), list(retry), list(dead)
-        counts: dict[str, int] = {}
-        for item in delivered:
-            if item.what == "delivery":
-                counts[item.job] = counts.get(item.job, 0) + 1
-        fields = ", ".join(_OUTBOX_FIELDS)
-
-        def fn(db):
-            db.executemany("DELETE FROM outbox WHERE id=?", [(i.id,) for i in delivered])
-            db.executemany("UPDATE jobs SET delivered_total = delivered_total + ? WHERE id=?",
-                           [(n, job) for job, n in counts.items()])
-            db.executemany("UPDATE outbox SET attempts = attempts + 1, next_attempt_at=?, "
-                           "last_error=? WHERE id=?",
-                           [(at, _storable(err), i) for i, at, err in retry])
-            for item, err in dead:
-                db.execute(f"INSERT OR REPLACE INTO dead_letters ({fields}, died_at) "
-                           f"SELECT {fields.replace('attempts', 'attempts + 1')}, ? "
-                           "FROM outbox WHERE id=?", (now, item.id))
-                db.execute("UPDATE dead_letters SET last_error=? WHERE id=?",
-                           (_storable(err), item.id))
-                db.execute("DELETE FROM outbox WHERE id=?", (item.id,))
-        if delivered or retry or dead:
-            self.run(fn)
+        self.sql_outbox.outbox_settle(delivered, retry, dead, now)
 
     def outbox(self, *, dead: bool = False) -> list[OutboxItem]:
-        table = "dead_letters" if dead else "outbox"
-        try:
-            rows = self.file.read(f"SELECT {', '.join(_OUTBOX_FIELDS)} FROM {table} ORDER BY n")
-        except StateError:
-            if self.file.schema_version_now() == "1":
-                return []                       # a version 1 file has no outbox
-            raise
-        return [OutboxItem(*r) for r in rows]
+        return self.sql_outbox.outbox(dead=dead)
 
     def outbox_counts(self) -> dict[str, tuple[int, float]]:
-        try:
-            rows = self.file.read("SELECT job, COUNT(*), MIN(created_at) FROM outbox GROUP BY job")
-        except StateError:
-            if self.file.schema_version_now() == "1":
-                return {}                       # a version 1 file has no outbox
-            raise
-        return {job: (n, oldest) for job, n, oldest in rows}
+        return self.sql_outbox.outbox_counts()
 
     def outbox_retry(self, ids: Iterable[str] | None = None) -> int:
-        fields = ", ".join(_OUTBOX_FIELDS)
-        where, args = self._id_filter(ids)
-
-        def fn(db):
-            n = db.execute(f"UPDATE outbox SET next_attempt_at=0 {where}", args).rowcount
-            cols = fields.replace("attempts", "0").replace("next_attempt_at", "0")
-            n += db.execute(f"INSERT OR IGNORE INTO outbox ({fields}) SELECT {cols} "
-                            f"FROM dead_letters {where} ORDER BY n", args).rowcount
-            db.execute(f"DELETE FROM dead_letters {where}", args)
-            return n
-        return self.run(fn)
+        return self.sql_outbox.outbox_retry(ids)
 
     def outbox_drop(self, ids: Iterable[str] | None = None, *, dead: bool = False) -> int:
-        where, args = self._id_filter(ids)
-        table = "dead_letters" if dead else "outbox"
-        return self.run(lambda db: db.execute(f"DELETE FROM {table} {where}", args).rowcount)
+        return self.sql_outbox.outbox_drop(ids, dead=dead)
 
     def import_states(self, states: Iterable[JobState],
                       outbox: Iterable[OutboxItem] = ()) -> tuple[list[str], list[str]]:
@@ -8371,16 +8409,9 @@ class SqliteStateStore(StateStore):
             fresh = set(copied)
             db.executemany(f"INSERT OR IGNORE INTO outbox ({', '.join(_OUTBOX_FIELDS)}) "
                            f"VALUES ({', '.join('?' * len(_OUTBOX_FIELDS))})",
-                           [self._outbox_row(i) for i in items if i.job in fresh])
+                           [_sql_outbox_row(i) for i in items if i.job in fresh])
             return copied, skipped
         return self.run(fn)
-
-    @staticmethod
-    def _id_filter(ids: Iterable[str] | None) -> tuple[str, tuple]:
-        if ids is None:
-            return "", ()
-        ids = tuple(ids)
-        return f"WHERE id IN ({', '.join('?' * len(ids))})" if ids else "WHERE 0", ids
 
     def release(self, ids: Iterable[str] | None = None) -> None:
         owner = self.owner
