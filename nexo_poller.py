@@ -11888,10 +11888,19 @@ def _jitter(schedule: Schedule, config: DaemonConfig, rng) -> float:
     return rng.uniform(0, ms / 1000) if ms else 0.0
 
 
-def _policy_view(config: DaemonConfig, cfg: JobConfig) -> dict:
+def _policy_view(config: DaemonConfig, cfg: JobConfig, memo: dict | None = None) -> dict:
     """A job's effective policy as ``validate --policy`` and ``status`` show
     it: key -> {"value", "source"}; the tick timeout is the budget the job's
-    ticks get (``_tick_budget``): its own, or "plugin" / "default" (in-process)."""
+    ticks get (``_tick_budget``): its own, or "plugin" / "default" (in-process).
+    ``memo``, a dict kept for one read of one ``config``, shares the view of
+    the jobs the view cannot tell apart (same kind, own keys and jitter): a
+    status of 100,000 jobs works out a few policies, not one per job."""
+    if memo is not None:
+        key = (cfg.kind, tuple(sorted(cfg.overrides.items())), cfg.schedule.stagger_jitter_ms)
+        view = memo.get(key)
+        if view is None:
+            view = memo[key] = _policy_view(config, cfg)
+        return {k: dict(v) for k, v in view.items()}      # each row its own
     policy = JobPolicy.of(config, cfg)
     view = {key: {"value": getattr(policy, key), "source": policy.sources[key]}
             for key in _JOB_POLICY_KEYS}
@@ -12089,13 +12098,15 @@ def next_run(state: JobState, schedule: Schedule, schedule_key: str | None,
 
 def _status_dict(cfg: JobConfig, state: JobState, config: DaemonConfig, running: bool,
                  next_run_at: float | None = None, delivered: int = 0,
-                 undelivered: int = 0, holder: str | None = None) -> dict:
+                 undelivered: int = 0, holder: str | None = None,
+                 memo: dict | None = None) -> dict:
     """A job as ``status`` shows it (one shape for the Runner and the CLI);
     ``next_run_at`` is the live slot where one is known, else the stored one;
     ``delivered`` counts deliveries made since ``state`` was read; ``holder``
     is the daemon (or CLI) holding the job's lease (``StateStore.holders``);
-    ``policy``: the job's effective policy and its sources (``_policy_view``)."""
-    policy = _policy_view(config, cfg)
+    ``policy``: the job's effective policy and its sources (``_policy_view``,
+    sharing ``memo`` across one read's jobs)."""
+    policy = _policy_view(config, cfg, memo)
     threshold = policy["breaker_threshold"]["value"]
     if next_run_at is None:
         next_run_at = state.next_run_at
@@ -12576,9 +12587,10 @@ class _JobBook:
         with self.cond:
             if holders is None:
                 holders = self.own_holds(owner)
+            memo: dict = {}                 # under the lock: keep it short
             return [_status_dict(j.cfg, j.state, config, j.running and not j.commanding,
                                  j.next_run_at if j.generation >= 0 else None, j.delivered,
-                                 holder=holders.get(j.cfg.id))
+                                 holder=holders.get(j.cfg.id), memo=memo)
                     for j in self.jobs.values()]
 
     def own_holds(self, owner: str) -> dict[str, str]:
@@ -16783,9 +16795,10 @@ def _print_status(config: DaemonConfig, as_json: bool, job: str | None = None) -
         finally:
             store.close()
     running = set().union(*daemons.values()) if daemons else set()
+    memo: dict = {}
     out = [_status_dict(jc, states.get(jc.id) or JobState(jc.id, paused=jc.paused_on_boot),
-                        config, jc.id in running,
-                        undelivered=undelivered.get(jc.id, 0), holder=holders.get(jc.id))
+                        config, jc.id in running, undelivered=undelivered.get(jc.id, 0),
+                        holder=holders.get(jc.id), memo=memo)
            for jc in config.jobs if job is None or jc.id == job]
     for row in out:                     # as the admin API's job objects have it
         row["cursor_text"] = _cursor_text(row["cursor"])

@@ -10,6 +10,7 @@ import random
 import sys
 import threading
 import unittest
+from unittest import mock
 from datetime import datetime, timedelta, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
@@ -220,6 +221,25 @@ class RunnerTests(TempDirCase):
         self.assertEqual(rows["a"]["policy"]["breaker_threshold"],
                          {"value": 2, "source": "job"})
         self.assertEqual(rows["b"]["policy"]["timeout_secs"], {"value": 5.0, "source": "default"})
+
+    def test_status_shares_the_work_of_alike_jobs_not_their_rows(self):
+        # status() works a policy out once for the jobs it cannot tell apart
+        # (same kind, own keys, jitter); each row still gets its own view.
+        cfg = self.runner_config([job("a", breaker_threshold=2), job("b"), job("c"),
+                                  job("d", jitter_ms=700), job("e", breaker_threshold=3)])
+        r = self.start_runner(cfg, FakePoller(), clock=lambda: self.t[0])
+        calls = []
+        real = nx.JobPolicy.of
+        with mock.patch.object(nx.JobPolicy, "of", side_effect=lambda c, j: (
+                calls.append(j.id), real(c, j))[1]):
+            rows = {s["id"]: s["policy"] for s in r.status()}
+        self.assertEqual(sorted(calls), ["a", "b", "d", "e"], "c is b's twin")
+        self.assertEqual([rows[i]["breaker_threshold"]["value"] for i in "abcde"],
+                         [2, 5, 5, 5, 3])
+        self.assertEqual([rows[i]["jitter_ms"] for i in "bd"],
+                         [{"value": 0, "source": "config"}, {"value": 700, "source": "job"}])
+        rows["b"]["breaker_threshold"]["value"] = 99
+        self.assertEqual(rows["c"]["breaker_threshold"]["value"], 5, "rows are not shared")
 
 
 class PluginTimeoutTests(TempDirCase):
