@@ -115,6 +115,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections import deque
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Container, Iterable, Iterator, Mapping
@@ -7058,7 +7059,7 @@ def _storable_result(text: str | None, limit: int) -> str | None:
                       | {"omitted": {"result": len(text)}})
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class JobState:
     """Everything durable about one job: one record per job in any backend.
 
@@ -7087,21 +7088,38 @@ class JobState:
     paused_by: str | None = None
     paused_at: float | None = None
     pause_note: str | None = None
-
-    def replace(self, **changes) -> "JobState":
-        # A tick makes several copies of its job's state: copying the fields
-        # costs a quarter of dataclasses.replace (which calls __init__).
-        if not _JOB_FIELD_SET.issuperset(changes):
-            raise TypeError(f"JobState has no field {sorted(set(changes) - _JOB_FIELD_SET)}")
-        new = object.__new__(type(self))
-        fields = new.__dict__
-        fields.update(self.__dict__)
-        fields.update(changes)
-        return new
+    # replace(**changes): a copy with ``changes``; written out below (_state_replacer)
 
 
 _JOB_FIELDS = tuple(f.name for f in dataclasses.fields(JobState))
 _JOB_FIELD_SET = frozenset(_JOB_FIELDS)
+
+
+class _Unchanged:
+    """The default of each argument of ``JobState.replace``: keep the field."""
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "unchanged"
+
+
+def _state_replacer() -> Callable[..., JobState]:
+    """``JobState.replace``, written out field by field.  A tick makes several
+    copies of its job's state; a copy through ``__init__`` (what
+    ``dataclasses.replace`` does) costs twice this, and slots (no ``__dict__``
+    to copy) keep 100,000 jobs' states 120 bytes each smaller."""
+    lines = [f"def replace(self, *, {', '.join(f'{f}=_unset' for f in _JOB_FIELDS)}):",
+             '    """A copy with the fields given changed (TypeError for an unknown one)."""',
+             "    new = _new(JobState)"]
+    lines += [f"    new.{f} = self.{f} if {f} is _unset else {f}" for f in _JOB_FIELDS]
+    lines.append("    return new")
+    scope = {"_unset": _Unchanged(), "_new": object.__new__, "JobState": JobState}
+    exec("\n".join(lines), scope)
+    return scope["replace"]
+
+
+JobState.replace = _state_replacer()
+
 COMMAND_VERBS = ("pause", "resume", "reset", "tick", "cursor")
 
 
@@ -7817,6 +7835,8 @@ class _GroupCommit:
                         done(result)
                     except Exception:
                         log.exception("state callback failed")
+            # not kept while waiting for the next: a claim's batch holds every job
+            batch = results = done = result = None
 
     def stop(self, deadline: float | None) -> bool:
         """Store what is queued and stop; wait for the writer until
@@ -8270,28 +8290,23 @@ class SqliteStateStore(StateStore):
         self.file.close()
 
     @staticmethod
-    def _state(row: Mapping[str, Any]) -> JobState:
-        values = {f: row[f] for f in _JOB_FIELDS if f in row.keys()}
-        values["paused"] = bool(values.get("paused"))
-        values["revision"] = values.get("revision") or 0
-        return JobState(**values)
+    def _states(cur) -> Iterator[JobState]:
+        """The JobStates of a ``SELECT * FROM jobs`` as it is read (an older
+        file's table may lack columns: they keep their defaults)."""
+        columns = [d[0] for d in cur.description]
+        known = [(i, f) for i, f in enumerate(columns) if f in _JOB_FIELD_SET]
+        for row in cur:
+            values = {f: row[i] for i, f in known}
+            values["paused"] = bool(values.get("paused"))
+            values["revision"] = values.get("revision") or 0
+            yield JobState(**values)
 
     def _rows(self, db, where: str = "", args: tuple = ()) -> dict[str, JobState]:
-        import sqlite3
-        db.row_factory = sqlite3.Row
-        try:
-            return {r["id"]: self._state(r) for r in db.execute(f"SELECT * FROM jobs {where}", args)}
-        finally:
-            db.row_factory = None
+        return {s.id: s for s in self._states(db.execute(f"SELECT * FROM jobs {where}", args))}
 
     def _each_row(self, db, ids: Container[str]) -> Iterator[JobState]:
         """The states of the jobs in ``ids``, one at a time, as the table is read."""
-        import sqlite3
-        cur = db.cursor()
-        cur.row_factory = sqlite3.Row
-        for r in cur.execute("SELECT * FROM jobs"):
-            if r["id"] in ids:
-                yield self._state(r)
+        return (s for s in self._states(db.execute("SELECT * FROM jobs")) if s.id in ids)
 
     @staticmethod
     def _write_state(db, state: JobState, source: str = "tick",
@@ -10227,14 +10242,20 @@ def _parse_instant(text: str) -> datetime:
     return value.astimezone(timezone.utc)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, slots=True)
 class Schedule:
-    """When a job runs: ``every_secs``, ``cron`` (with ``tz``) or ``at``."""
+    """When a job runs: ``every_secs``, ``cron`` (with ``tz``) or ``at``.
+
+    Immutable: the jobs of one configuration written with the same schedule
+    share one ``Schedule`` (100,000 jobs on a handful of schedules hold a
+    handful).  ``key`` is what identifies it in a stored state
+    (``_schedule_key``), set by the config loader from the file's text."""
     every_secs: float | None = None
     cron: CronExpr | None = None
     tz: Any = timezone.utc
     at: datetime | None = None
     stagger_jitter_ms: int | None = None
+    key: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def nominal_interval(self) -> float:
@@ -10827,7 +10848,7 @@ def _read_yaml(text: str, source: str) -> tuple[Any, dict[tuple, tuple[int, int]
 # ``pollers.json`` read and checked as a whole before anything starts: every
 # problem is reported at once, each with its JSON path.
 # Shares: _config_state, _convert_nexo_config, _hide_secrets, _host_name,
-#   _JOB_POLICY_KEYS, _jitter_ms, _redact_url
+#   _JOB_POLICY_KEYS, _jitter_ms, _redact_url, _schedule_text_key
 # ============================================================================
 
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
@@ -10862,9 +10883,20 @@ _JOB_KEYS = {"id", "kind", "agent", "schedule", "config", "failure_to",
 _SCHEDULE_KEYS = {"every_secs", "cron", "tz", "at", "stagger_jitter_ms"}
 
 
-@dataclasses.dataclass
+# An empty mapping all jobs without ``extra`` or policy keys share (read-only).
+_NO_KEYS: Mapping[str, Any] = types.MappingProxyType({})
+
+
+def _compact_json(value: Any) -> str:
+    """A job's entry as compact JSON text (a value JSON cannot hold: its repr)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=repr)
+
+
+@dataclasses.dataclass(slots=True)
 class JobConfig:
-    """One configured job."""
+    """One configured job.  Kept for the daemon's whole life, once per job:
+    small on purpose (slots, shared empty mappings and schedules, the entry
+    as written kept as text)."""
     id: str
     kind: str
     agent: str
@@ -10876,12 +10908,19 @@ class JobConfig:
     # files (cron_dialect "nexo"): pause the job again at every start, as nexo
     # does; else only a new job starts paused
     repause_on_boot: bool = False
-    raw: dict = dataclasses.field(default_factory=dict, repr=False)
+    # the job's entry as written, compact JSON (``raw`` parses it): a reload
+    # keeps a job whose entry is unchanged
+    raw_json: str = dataclasses.field(default="{}", repr=False)
     # nexo's free map for modules, not the runner: kept, passed to nothing
-    extra: dict = dataclasses.field(default_factory=dict)
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=lambda: _NO_KEYS)
     # The job's own policy keys (``_JOB_POLICY_KEYS`` but jitter_ms, which is
     # its schedule's stagger_jitter_ms): ``JobPolicy.of`` reads them.
-    overrides: dict = dataclasses.field(default_factory=dict)
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=lambda: _NO_KEYS)
+
+    @property
+    def raw(self) -> dict:
+        """The job's entry as written (a new dict each time)."""
+        return json.loads(self.raw_json)
 
     @classmethod
     def every(cls, id: str, kind: str, every_secs: float, config: Any = None, *,
@@ -10889,8 +10928,9 @@ class JobConfig:
         """A convenience for library users: a job that runs every N seconds."""
         raw = {"id": id, "kind": kind, "agent": agent, "config": config or {},
                "schedule": {"every_secs": every_secs, "stagger_jitter_ms": jitter_ms}}
-        return cls(id, kind, agent, Schedule(every_secs=every_secs, stagger_jitter_ms=jitter_ms),
-                   config or {}, raw=raw)
+        return cls(id, kind, agent, Schedule(every_secs=every_secs, stagger_jitter_ms=jitter_ms,
+                                             key=_schedule_text_key(raw["schedule"])),
+                   config or {}, raw_json=_compact_json(raw))
 
 
 @dataclasses.dataclass
@@ -11453,7 +11493,7 @@ def _reads_differently(a: DaemonConfig, b: DaemonConfig) -> str | None:
         return "jobs"
     now = time.time()
     for x, y in zip(a.jobs, b.jobs):
-        plain = [dataclasses.replace(j, raw={}, schedule=dataclasses.replace(
+        plain = [dataclasses.replace(j, raw_json="{}", schedule=dataclasses.replace(
             j.schedule, cron=None)) for j in (x, y)]
         if plain[0] != plain[1]:
             return f"job {x.id}"
@@ -11683,6 +11723,7 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
 
     jobs = get("jobs")
     ids: set[str] = set()
+    schedules: dict[tuple, Schedule] = {}      # the jobs' shared schedules
     if _check_type(probs, prefix + "jobs", jobs, list, "an array of jobs"):
         for i, raw in enumerate(jobs):
             raw_id = raw.get("id") if isinstance(raw, dict) else None
@@ -11691,7 +11732,8 @@ def config_from_dict(doc: Any, *, base_dir: str = ".", source: str | None = None
                 probs.add(f"{prefix}jobs[{i}].id", f"duplicate job id {raw_id!r}")
             elif isinstance(raw_id, str):
                 ids.add(raw_id)
-            job = _job_from_dict(raw, f"{prefix}jobs[{i}]", probs, owners, cfg.cron_dialect)
+            job = _job_from_dict(raw, f"{prefix}jobs[{i}]", probs, owners, cfg.cron_dialect,
+                                 schedules)
             if job is not None and not duplicate:
                 cfg.jobs.append(job)
     if probs.items:
@@ -11722,7 +11764,11 @@ def _without_schema_version(doc: dict, source: str | None) -> dict:
 
 
 def _job_from_dict(raw: Any, where: str, probs: _Problems, owners: PluginPollerRouter,
-                   cron_dialect: str = "vixie") -> JobConfig | None:
+                   cron_dialect: str = "vixie",
+                   schedules: dict[tuple, Schedule] | None = None) -> JobConfig | None:
+    """One job of the file, checked (its problems go to ``probs``).
+    ``schedules``: the Schedules made so far for this file, by their text:
+    a job written with one of them shares it."""
     if not _check_type(probs, where, raw, dict, "an object"):
         return None
     before = len(probs.items)
@@ -11763,23 +11809,58 @@ def _job_from_dict(raw: Any, where: str, probs: _Problems, owners: PluginPollerR
             and repause and paused is not True:
         probs.add(f"{where}.repause_on_boot", "needs paused_on_boot: true (it makes "
                                               "paused_on_boot pause the job at every start)")
-    schedule = _schedule_from_dict(raw.get("schedule"), f"{where}.schedule", probs,
-                                   cron_dialect)
     overrides = {}
     for key in _JOB_POLICY_KEYS:
         if key in raw and _check_policy_value(probs, f"{where}.{key}", key, raw[key]):
             overrides[key] = raw[key]
-    if "jitter_ms" in overrides and isinstance(raw.get("schedule"), dict) \
+    jitter = overrides.pop("jitter_ms", None)     # one setting: the schedule's jitter
+    if jitter is not None and isinstance(raw.get("schedule"), dict) \
             and "stagger_jitter_ms" in raw["schedule"]:
         probs.add(f"{where}.jitter_ms", "give one of jitter_ms and schedule.stagger_jitter_ms "
                                         "(the same setting)")
+    schedule = _shared_schedule(raw.get("schedule"), f"{where}.schedule", probs, cron_dialect,
+                                jitter, {} if schedules is None else schedules)
     if len(probs.items) > before:
         return None
-    if "jitter_ms" in overrides:            # one setting: the schedule's jitter
-        schedule.stagger_jitter_ms = overrides.pop("jitter_ms")
-    return JobConfig(job_id, kind, agent, schedule, raw.get("config", {}), failure_to,
-                     paused, repause_on_boot=repause, raw=raw,
-                     extra=raw.get("extra", {}), overrides=overrides)
+    return JobConfig(sys.intern(job_id), sys.intern(kind), agent, schedule,
+                     raw.get("config", {}), failure_to, paused, repause_on_boot=repause,
+                     raw_json=_compact_json(raw), extra=raw.get("extra") or _NO_KEYS,
+                     overrides=overrides or _NO_KEYS)
+
+
+def _schedule_text_key(raw: Mapping[str, Any], dialect: str = "vixie") -> str:
+    """The schedule key of a schedule as written (its jitter aside)."""
+    key = {k: v for k, v in raw.items() if k != "stagger_jitter_ms"}
+    if dialect != "vixie":              # Vixie keys stay as they were: no slot voided
+        key["cron_dialect"] = dialect
+    # Interned: thousands of jobs on one schedule share one key (and the
+    # states committed with it), not a copy each.
+    return sys.intern(json.dumps(key, sort_keys=True, default=str))
+
+
+def _shared_schedule(raw: Any, where: str, probs: _Problems, cron_dialect: str,
+                     jitter_ms: int | None, schedules: dict[tuple, Schedule]
+                     ) -> Schedule | None:
+    """The Schedule of a job's ``schedule`` entry (its ``jitter_ms`` key
+    given apart), the one already made for the same text if there is one:
+    parsing a cron once, not once per job, and holding it once."""
+    try:
+        text = json.dumps(raw, sort_keys=True)
+    except (TypeError, ValueError):     # not JSON: nothing to share; the parse says why
+        text = None
+    memo = (text, cron_dialect, jitter_ms)
+    if text is not None and memo in schedules:
+        return schedules[memo]
+    before = len(probs.items)
+    schedule = _schedule_from_dict(raw, where, probs, cron_dialect)
+    if schedule is None or len(probs.items) > before:
+        return None                     # (never shared: each job says its problems)
+    schedule = dataclasses.replace(
+        schedule, key=_schedule_text_key(raw, getattr(schedule.cron, "dialect", "vixie")),
+        **({} if jitter_ms is None else {"stagger_jitter_ms": jitter_ms}))
+    if text is not None:
+        schedules[memo] = schedule
+    return schedule
 
 
 def _schedule_from_dict(raw: Any, where: str, probs: _Problems,
@@ -11793,13 +11874,13 @@ def _schedule_from_dict(raw: Any, where: str, probs: _Problems,
         probs.add(where, "needs exactly one of every_secs, cron, at"
                   + (f" (got {', '.join(chosen)})" if chosen else ""))
         return None
-    sched = Schedule()
+    sched: dict[str, Any] = {}          # Schedule's fields
     jitter = raw.get("stagger_jitter_ms")
     if jitter is not None and _check_type(probs, f"{where}.stagger_jitter_ms", jitter, int,
                                           "an integer"):
         if not 0 <= jitter <= 86_400_000:
             probs.add(f"{where}.stagger_jitter_ms", f"{jitter} is outside 0..86400000")
-        sched.stagger_jitter_ms = jitter
+        sched["stagger_jitter_ms"] = jitter
     if "tz" in raw and "cron" not in raw:
         probs.add(f"{where}.tz", "only a cron schedule takes a time zone")
     kind = chosen[0]
@@ -11809,26 +11890,26 @@ def _schedule_from_dict(raw: Any, where: str, probs: _Problems,
             if not 0.001 <= value <= 366 * 86400:
                 probs.add(f"{where}.every_secs", f"{value} is outside 0.001..31622400")
             else:
-                sched.every_secs = float(value)
+                sched["every_secs"] = float(value)
     elif kind == "cron":
         if _check_type(probs, f"{where}.cron", value, str, "a cron string"):
             try:
-                sched.cron = CronExpr(value, dialect=cron_dialect)
+                sched["cron"] = CronExpr(value, dialect=cron_dialect)
             except ValueError as exc:
                 probs.add(f"{where}.cron", str(exc))
         tz = raw.get("tz")
         if tz is not None and _check_type(probs, f"{where}.tz", tz, str, "a zone name"):
             try:
                 from zoneinfo import ZoneInfo
-                sched.tz = ZoneInfo(tz)
+                sched["tz"] = ZoneInfo(tz)
             except (ValueError, OSError, LookupError) as exc:     # ZoneInfoNotFoundError too
                 probs.add(f"{where}.tz", f"cannot load time zone {tz!r}: {exc}")
     else:
         try:
-            sched.at = _parse_instant(value)
+            sched["at"] = _parse_instant(value)
         except ValueError as exc:
             probs.add(f"{where}.at", f"bad RFC 3339 instant: {exc}")
-    return sched
+    return Schedule(**sched)
 
 
 # ============================================================================
@@ -11868,19 +11949,16 @@ def _has_wall_clock_jobs(config: "DaemonConfig") -> bool:
 
 def _schedule_key(cfg: JobConfig) -> str:
     """What identifies a job's schedule: a stored slot planned under another
-    key is void (the configuration is the truth for the schedule)."""
-    raw = cfg.raw.get("schedule") if cfg.raw else None
-    if not isinstance(raw, dict):
-        s = cfg.schedule
-        raw = {"every_secs": s.every_secs, "cron": s.cron.text if s.cron else None,
-               "tz": str(s.tz), "at": s.at.isoformat() if s.at else None}
-    key = {k: v for k, v in raw.items() if k != "stagger_jitter_ms"}
-    dialect = getattr(getattr(cfg.schedule, "cron", None), "dialect", "vixie")
-    if dialect != "vixie":              # Vixie keys stay as they were: no slot voided
-        key["cron_dialect"] = dialect
-    # Interned: thousands of jobs on one schedule share one key (and the
-    # states committed with it), not a copy each.
-    return sys.intern(json.dumps(key, sort_keys=True, default=str))
+    key is void (the configuration is the truth for the schedule).  The
+    loader sets it from the file's schedule (``_schedule_text_key``); a
+    Schedule built in code gets one from its fields."""
+    s = cfg.schedule
+    if s.key is not None:
+        return s.key
+    return _schedule_text_key({"every_secs": s.every_secs,
+                               "cron": s.cron.text if s.cron else None, "tz": str(s.tz),
+                               "at": s.at.isoformat() if s.at else None},
+                              getattr(s.cron, "dialect", "vixie"))
 
 
 def _jitter(schedule: Schedule, config: DaemonConfig, rng) -> float:
@@ -12610,7 +12688,8 @@ class _JobBook:
         """Lease ``jobs`` in ``store`` for ``ttl(cfg)`` seconds each; each
         granted job takes the state the claim read (paused again first when
         its config says ``repause_on_boot``: the one place that rule lives)."""
-        wanted = {j.cfg.id: now + ttl(j.cfg) for j in jobs}
+        untils: dict[float, float] = {}     # one float per distinct ttl, not one per job
+        wanted = {j.cfg.id: untils.setdefault(t, now + t) for j in jobs for t in (ttl(j.cfg),)}
         granted = store.claim(wanted, now, paused_on_boot=[
             j.cfg.id for j in jobs if j.cfg.paused_on_boot])
         for job in jobs:                    # a job starting here: nexo pauses it again
@@ -12621,8 +12700,11 @@ class _JobBook:
                     granted[job.cfg.id] = state.replace(revision=state.revision + 1)
         with self.cond:
             for job in jobs:
-                if job.cfg.id in granted:
-                    job.state, job.leased, job.delivered = granted[job.cfg.id], True, 0
+                state = granted.get(job.cfg.id)
+                if state is not None:
+                    if state.id is not job.cfg.id:      # the config's string, not a copy a job
+                        state = granted[job.cfg.id] = state.replace(id=job.cfg.id)
+                    job.state, job.leased, job.delivered = state, True, 0
         return granted
 
 
@@ -13744,7 +13826,7 @@ class _Reload:
                 job = book.jobs[job_id]
                 if job_id in diff["added"]:
                     continue
-                if jc.raw == job.cfg.raw:
+                if jc.raw_json == job.cfg.raw_json:
                     diff["kept"].append(job_id)
                     continue
                 job.cfg, job.key = jc, _schedule_key(jc)

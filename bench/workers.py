@@ -415,6 +415,7 @@ def w_sched(a: dict) -> dict:
     rng = _PlannedJitter(plan, box, origin if mode == "startup" else None)
     t0 = time.perf_counter()
     cfg = nx.config_from_dict(doc, extra_kinds=["noop"])
+    del doc                             # as the daemon drops the file it has read
     t1 = time.perf_counter()
     runner = nx.Runner(cfg, clock=clock, rng=rng)
     runner.register(Noop())

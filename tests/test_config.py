@@ -612,6 +612,46 @@ class JobConfigEveryTest(unittest.TestCase):
         self.assertEqual(j.schedule.first_after(1000.0), 1000.0)
         self.assertEqual(j.schedule.next_after(1000.0, 1001.0), 1005.0)
 
+    def test_jobs_written_with_one_schedule_share_one(self):
+        # Issue 27 item 1: 100,000 jobs held 100,000 equal Schedules (and
+        # parsed the same cron 100,000 times).
+        every = {"every_secs": 60, "stagger_jitter_ms": 500}
+        cron = {"cron": "*/5 * * * *", "tz": "Europe/Madrid"}
+        jobs = config_from_dict({"jobs": [
+            job("a", schedule=dict(every)), job("b", schedule=dict(every)),
+            job("c", schedule=dict(cron)), job("d", schedule=dict(cron)),
+            job("e", schedule={"every_secs": 60}, jitter_ms=500),
+            job("f", schedule={"every_secs": 60.0, "stagger_jitter_ms": 500})]},
+            extra_kinds=["rss"]).jobs
+        a, b, c, d, e, f = jobs
+        self.assertIs(a.schedule, b.schedule)
+        self.assertIs(c.schedule, d.schedule)
+        self.assertEqual(c.schedule.tz, ZoneInfo("Europe/Madrid"))
+        self.assertIsNot(a.schedule, e.schedule)     # written otherwise: its own key
+        self.assertEqual(e.schedule.stagger_jitter_ms, 500)
+        self.assertIsNot(a.schedule, f.schedule)     # 60.0 is not 60 in a stored key
+        self.assertEqual(a.schedule, f.schedule)     # though it fires the same
+        with self.assertRaises(AttributeError):       # shared, so immutable
+            a.schedule.every_secs = 1
+
+    def test_a_shared_bad_schedule_is_reported_at_every_job(self):
+        bad = {"every_secs": 0, "stagger_jitter_ms": 5}
+        with self.assertRaises(ConfigError) as cm:
+            config_from_dict({"jobs": [job("a", schedule=dict(bad)),
+                                       job("b", schedule=dict(bad))]}, extra_kinds=["rss"])
+        where = [w for w, _ in cm.exception.problems]
+        self.assertIn("jobs[0].schedule.every_secs", where)
+        self.assertIn("jobs[1].schedule.every_secs", where)
+
+    def test_the_entry_as_written_is_kept_compact_and_read_back_whole(self):
+        entry = job("a", config={"url": "u", "n": [1, 2]}, extra={"owner": "ana"})
+        j = config_from_dict({"jobs": [entry]}, extra_kinds=["rss"]).jobs[0]
+        self.assertEqual(j.raw, entry)
+        self.assertIsNot(j.raw, j.raw)               # a copy each time: nothing shared to mutate
+        self.assertNotIn(" ", j.raw_json)
+        self.assertEqual(dict(j.extra), {"owner": "ana"})
+        self.assertFalse(hasattr(j, "__dict__"))      # slots: held once per job for the daemon's life
+
     def test_every_matches_loaded_config(self):
         a = JobConfig.every("feed", "rss", 60, {"u": 1})
         b = config_from_dict({"jobs": [a.raw]}, extra_kinds=["rss"]).jobs[0]

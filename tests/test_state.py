@@ -13,7 +13,7 @@ import nexo_poller as np
 from nexo_poller import JobState, SqliteStateStore, StateError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
-from support import TempDirCase  # noqa: E402
+from support import TempDirCase, wait_until  # noqa: E402
 
 WAIT = 10.0
 
@@ -210,6 +210,11 @@ class JobStateTests(unittest.TestCase):
         with self.assertRaises(TypeError):
             s.replace(no_such_field=1)
 
+    def test_a_state_has_no_dict(self):
+        # Issue 27 item 1: one per job (two at a claim) for the daemon's life.
+        self.assertFalse(hasattr(JobState("j"), "__dict__"))
+        self.assertFalse(hasattr(JobState("j").replace(revision=1), "__dict__"))
+
 
 class GroupCommitTests(_Tmp):
 
@@ -308,6 +313,21 @@ class GroupCommitTests(_Tmp):
         with self.assertRaises(StateError):
             store.run(lambda db: db.execute("SELECT * FROM nope"))
         self.assertEqual(store.run(lambda db: db.execute("SELECT 41 + 1").fetchone()[0]), 42)
+
+    def test_the_writer_does_not_keep_a_result_while_it_waits(self):
+        # Issue 27 item 1: the writer thread held its last batch (and the
+        # results) until the next write came; after start() that was the
+        # claim's table of every job's state.
+        import weakref
+
+        class Held:
+            pass
+        store = self.open_store()
+        result = Held()
+        ref = weakref.ref(result)
+        self.assertIs(store.run(lambda db: result), result)
+        del result
+        self.assertTrue(wait_until(lambda: ref() is None), "the writer keeps the result")
 
     def test_python_exception_in_write_fails_only_its_own_write(self):
         # A write function that raises something other than sqlite3.Error must
