@@ -87,6 +87,7 @@ policy) decides what they mean.
 
 from __future__ import annotations
 
+import array
 import base64
 import binascii
 import bisect
@@ -11024,6 +11025,24 @@ class JobPolicy:
 
     @classmethod
     def of(cls, config: DaemonConfig, job: JobConfig) -> "JobPolicy":
+        # Asked at every tick: a policy worked out is kept under what it was
+        # worked out from (the global values, the job's keys and jitter), so
+        # 100,000 jobs on a few policies share a few, never out of date.
+        key = (tuple(getattr(config, name) for name in _POLICY_GLOBALS),
+               tuple(sorted(job.overrides.items())), job.schedule.stagger_jitter_ms)
+        try:
+            policy = _POLICIES.get(key)
+        except TypeError:               # an unhashable value set in code: not kept
+            return cls._work_out(config, job)
+        if policy is None:
+            if len(_POLICIES) >= 1024:
+                _POLICIES.clear()
+            policy = _POLICIES[key] = cls._work_out(config, job)
+        return policy
+
+    @classmethod
+    def _work_out(cls, config: DaemonConfig, job: JobConfig) -> "JobPolicy":
+        """The rule (``of`` keeps what it gives); reads no more than ``of``'s key."""
         values, sources = {}, {}
         for key, (fallback, *_) in _JOB_POLICY_KEYS.items():
             if key == "jitter_ms":
@@ -11035,7 +11054,13 @@ class JobPolicy:
             else:
                 values[key], sources[key] = getattr(config, fallback), _global_source(
                     config, fallback)
-        return cls(sources=sources, **values)
+        return cls(sources=types.MappingProxyType(sources), **values)
+
+
+# The top-level keys a job's policy falls back to: with the job's own keys
+# and jitter, all that JobPolicy.of's rule reads, so the key of its memo.
+_POLICY_GLOBALS = tuple(sorted({f for f, *_ in _JOB_POLICY_KEYS.values() if f is not None}))
+_POLICIES: dict[tuple, JobPolicy] = {}
 
 
 class _Problems:
@@ -11924,6 +11949,9 @@ _COMMAND_POLL_SECS = 0.5             # the running set is published at most this
 # committed outcomes carried out.  Between passes it looks at the heap again,
 # so a slot never waits behind a whole burst or a big commit batch's effects.
 _SCHEDULER_PASS = 128
+# Outcomes between their commit and their effects, at most (_JobBook.outcomes):
+# several commit batches' worth, so the writer is never short of work.
+_OUTCOMES_IN_FLIGHT = 1024
 _WALL_CLOCK_LOOK_SECS = 60.0         # how soon a wall-clock step moves cron/at slots
 _STATE_RETRY_MAX_SECS = 5.0
 
@@ -12588,6 +12616,12 @@ class _JobBook:
         self.heap = _TimerHeap(self.jobs, clock, monotonic)
         self.running = 0                    # ticks and commands under way
         self.effects: deque = deque()       # committed outcomes waiting for their effects
+        # An outcome takes one from its commit to its effects (``_Ticks``): a
+        # worker waits for room rather than queue ever more.  In a burst the
+        # writer is the slowest step; unbounded, its queue grew by ten
+        # thousands of outcomes, every object of which each full garbage
+        # collection walked again, slowing all the rest.
+        self.outcomes = threading.BoundedSemaphore(_OUTCOMES_IN_FLIGHT)
         self.started = False
         self.stopping = False
         self.commands_due = False           # commands queued for this daemon: look now
@@ -13185,6 +13219,7 @@ class _Ticks:
         new = plan.state.replace(lease_until=now + ttl)
         result_text = None if command is None else json.dumps(outcome.to_dict())
         done = functools.partial(self._committed, job, plan, new, outcome, slot, bool(outbox))
+        book.outcomes.acquire()             # given back by _settle_one
         stored = {"command": None if command is None else (command, result_text),
                   "outbox": outbox, "run_keep": policy.run_history, "run": _run_record(
                       cfg, slot, scheduled_at, now, outcome, job.state.cursor, new.cursor,
@@ -13406,6 +13441,13 @@ class _Ticks:
                     slot: float | None, queued: bool, result: Any) -> None:
         """A commit's effects: live state, log, metrics, alert, the publisher
         woken for what was queued, next slot."""
+        try:
+            self._carry_out(job, plan, new, outcome, slot, queued, result)
+        finally:
+            self._book.outcomes.release()
+
+    def _carry_out(self, job: _Job, plan: TickPlan, new: JobState, outcome: TickOutcome,
+                   slot: float | None, queued: bool, result: Any) -> None:
         r, book = self._runner, self._book
         if result is True:
             with book.cond:
@@ -14565,6 +14607,35 @@ class _Publisher:
             r.dead_letter(item, error)
 
 
+class _Histograms:
+    """Prometheus histograms under keys (a kind, a job), all in one array of
+    doubles, a row per key: [bucket counts..., sum, count].  nexo's latency
+    has one per job for the daemon's life; as lists they were 100,000 more
+    objects for every full garbage collection to walk, as rows they are none."""
+
+    def __init__(self, bounds: tuple):
+        self.bounds, self._width = bounds, len(bounds) + 2
+        self._rows: dict[Any, int] = {}     # key -> where its row starts
+        self._data = array.array("d")
+
+    def observe(self, key: Any, value: float) -> None:
+        """Count ``value`` into ``key``'s histogram (the caller holds the lock)."""
+        at = self._rows.get(key)
+        if at is None:
+            at = self._rows[key] = len(self._data)
+            self._data.extend((0.0,) * self._width)
+        data = self._data
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                data[at + i] += 1
+        data[at + self._width - 2] += value
+        data[at + self._width - 1] += 1
+
+    def items(self) -> list[tuple[Any, array.array]]:
+        """(key, [bucket counts..., sum, count]) by key (counts exact to 2**53)."""
+        return [(key, self._data[at:at + self._width]) for key, at in sorted(self._rows.items())]
+
+
 class _Metrics:
     """Counters for the Prometheus endpoint; updated after each commit.
 
@@ -14583,21 +14654,13 @@ class _Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.ticks: dict[tuple[str, str, str], int] = {}
-        self.duration: dict[str, list] = {}     # kind -> [bucket counts..., sum, count]
+        self.duration = _Histograms(self.BUCKETS)     # by kind
         self.state_errors = 0
         self.last_success: dict[str, float] = {}  # job -> wall time of its last ok tick
         self.elsewhere: dict[tuple[str, str], int] = {}  # (job, kind) -> slots held elsewhere
         self.nexo_ticks: dict[tuple[str, str, str, str], int] = {}  # (kind, agent, job, status)
-        self.nexo_latency: dict[tuple[str, str, str], list] = {}   # (kind, agent, job), in ms
+        self.nexo_latency = _Histograms(self.NEXO_BUCKETS_MS)   # (kind, agent, job), in ms
 
-    @staticmethod
-    def _into(hist: dict, key: Any, bounds: tuple, value: float) -> None:
-        h = hist.setdefault(key, [0] * (len(bounds) + 2))
-        for i, bound in enumerate(bounds):
-            if value <= bound:
-                h[i] += 1
-        h[-2] += value
-        h[-1] += 1
 
     def observe(self, o: TickOutcome, at: float | None = None, agent: str = "") -> None:
         with self._lock:
@@ -14605,12 +14668,11 @@ class _Metrics:
                 self.last_success[o.job_id] = max(at, self.last_success.get(o.job_id, at))
             key = (o.job_id, o.kind, o.status.value)
             self.ticks[key] = self.ticks.get(key, 0) + 1
-            self._into(self.duration, o.kind, self.BUCKETS, o.duration)
+            self.duration.observe(o.kind, o.duration)
             status = self.NEXO_STATUS[o.status]
             self._nexo_tick(o.kind, agent, o.job_id, status)
             if status != "skipped":         # nexo times only the ticks it ran
-                self._into(self.nexo_latency, (o.kind, agent, o.job_id),
-                           self.NEXO_BUCKETS_MS, o.duration * 1000)
+                self.nexo_latency.observe((o.kind, agent, o.job_id), o.duration * 1000)
 
     def _nexo_tick(self, kind: str, agent: str, job: str, status: str) -> None:
         key = (kind, agent, job, status)
@@ -14639,14 +14701,14 @@ class _Metrics:
             for (job, kind, status), n in sorted(self.ticks.items()):
                 out.append(f"nexo_poller_ticks_total{lbl(job=job, kind=kind, outcome=status)} {n}")
             family("nexo_poller_tick_duration_seconds", "histogram", "Tick duration.")
-            for kind, h in sorted(self.duration.items()):
+            for kind, h in self.duration.items():
                 for bound, n in zip(self.BUCKETS, h):
                     out.append(f"nexo_poller_tick_duration_seconds_bucket"
-                               f"{lbl(kind=kind, le=bound)} {n}")
+                               f"{lbl(kind=kind, le=bound)} {n:.0f}")
                 out.append(f"nexo_poller_tick_duration_seconds_bucket"
-                           f"{lbl(kind=kind, le='+Inf')} {h[-1]}")
+                           f"{lbl(kind=kind, le='+Inf')} {h[-1]:.0f}")
                 out.append(f"nexo_poller_tick_duration_seconds_sum{lbl(kind=kind)} {h[-2]:.6f}")
-                out.append(f"nexo_poller_tick_duration_seconds_count{lbl(kind=kind)} {h[-1]}")
+                out.append(f"nexo_poller_tick_duration_seconds_count{lbl(kind=kind)} {h[-1]:.0f}")
             family("nexo_poller_slots_held_elsewhere_total", "counter",
                    "Slots not ticked here because another daemon holds the job's lease.")
             for (job, kind), n in sorted(self.elsewhere.items()):
@@ -14720,13 +14782,13 @@ class _Metrics:
                 labels = lbl(agent=agent, job_id=job, kind=kind, status=status)
                 out.append(f"poller_ticks_total{labels} {n}")
             family("poller_latency_ms", "histogram", "Tick wall-clock duration histogram.")
-            for (kind, agent, job), h in sorted(self.nexo_latency.items()):
+            for (kind, agent, job), h in self.nexo_latency.items():
                 for bound, n in zip((*self.NEXO_BUCKETS_MS, "+Inf"), (*h[:-2], h[-1])):
                     out.append(f"poller_latency_ms_bucket"
-                               f"{lbl(agent=agent, job_id=job, kind=kind, le=bound)} {n}")
+                               f"{lbl(agent=agent, job_id=job, kind=kind, le=bound)} {n:.0f}")
                 labels = lbl(agent=agent, job_id=job, kind=kind)
                 out.append(f"poller_latency_ms_sum{labels} {h[-2]:.3f}")
-                out.append(f"poller_latency_ms_count{labels} {h[-1]}")
+                out.append(f"poller_latency_ms_count{labels} {h[-1]:.0f}")
         for name, key, help_text in (
                 ("poller_items_seen_total", "items_seen_total",
                  "Items the source returned (whether dispatched or not)."),

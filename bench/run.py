@@ -454,7 +454,8 @@ def _fig4_rows(n, s, ours_s, ours, ours_b, aps_s, aps, aps_b, note) -> list[dict
         row("4", f"peak RSS (VmHWM), {tag}", hwm, "MiB", peer, aps_hwm,
             target="<= 1.2x APScheduler" if big else "-",
             met=vs(1.2, hwm, aps_hwm) if big else None,
-            notes="whole process, incl. the job list the caller built"),
+            notes="whole process; the job list the caller built is dropped after "
+                  "config_from_dict, as the daemon drops the file it read"),
         row("4", f"ticks/s sustained, {tag}, every 60 s", ours["rate"], "ticks/s", peer,
             g(aps, "rate"), target=f">= demand ({n / s['spread']:,.0f}/s) -5%",
             met=ours["rate"] >= 0.95 * n / s["spread"],

@@ -85,6 +85,18 @@ class ConfigTests(unittest.TestCase):
         c = policy(config(job("a"), run_history=3))
         self.assertEqual((c.run_history, c.sources["run_history"]), (3, "config"))
 
+    def test_alike_jobs_share_one_policy_which_follows_the_config(self):
+        # Issue 27 item 1: JobPolicy.of worked its rule out at every tick.
+        cfg = config(job("a"), job("b"), job("c", breaker_threshold=2))
+        self.assertIs(policy(cfg, "a"), policy(cfg, "b"))
+        self.assertIsNot(policy(cfg, "a"), policy(cfg, "c"))
+        cfg.breaker_threshold = 9               # changed in place: never a stale policy
+        self.assertEqual((policy(cfg, "a").breaker_threshold,
+                          policy(cfg, "a").sources["breaker_threshold"]), (9, "config"))
+        self.assertEqual(policy(cfg, "c").breaker_threshold, 2)
+        with self.assertRaises(TypeError):      # shared, so read-only
+            policy(cfg, "a").sources["breaker_threshold"] = "job"
+
     def test_jitter_ms_is_the_schedules_jitter_and_not_both(self):
         cfg = config(job("a", jitter_ms=700), job("b", schedule={"every_secs": 60,
                                                                  "stagger_jitter_ms": 90}))

@@ -8,6 +8,7 @@ import sqlite3
 import sys
 import threading
 import unittest
+from unittest import mock
 from datetime import datetime, timedelta, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as tests.x or x
@@ -977,6 +978,60 @@ class SchedulerAtScaleTests(RunnerCase):
         r.stop()
         self.assertEqual(gc.get_freeze_count(), 0)
 
+
+    def test_outcomes_waiting_for_the_writer_are_bounded(self):
+        # Issue 27 item 1: in a burst the writer is the slowest step, and the
+        # workers queued every outcome for it (tens of thousands, each
+        # walked again by every full garbage collection).  Now a worker
+        # waits while _OUTCOMES_IN_FLIGHT outcomes are between their commit
+        # and their effects.
+        import nexo_poller as nx
+        bound, n = 4, 20
+        patch = mock.patch.object(nx, "_OUTCOMES_IN_FLIGHT", bound, create=True)
+        patch.start()
+        self.addCleanup(patch.stop)
+        cfg = self.config([self.job(f"j{i}", every=3600) for i in range(n)],
+                          max_workers=3, default_jitter_ms=0)
+        r = self.start_runner(cfg, Scripted(), start=False)
+        r.open()
+        cv, held, seen = threading.Condition(), [], {"submitted": 0, "open": 0, "most": 0}
+        commit = r.state.commit
+
+        def holding_commit(state, done=None, **kw):
+            def acked(result):
+                with cv:
+                    seen["open"] -= 1
+                done(result)
+            with cv:
+                seen["submitted"] += 1
+                seen["open"] += 1
+                seen["most"] = max(seen["most"], seen["open"])
+                held.append(lambda: commit(state, acked, **kw))
+                cv.notify_all()
+        r.state.commit = holding_commit
+
+        def writer():                       # lets commits through 4 at a time, the rest at the end
+            while True:
+                with cv:
+                    if not cv.wait_for(lambda: len(held) >= bound or (
+                            held and seen["submitted"] == n) or seen["submitted"] == n,
+                            timeout=WAIT * 4):
+                        return
+                    batch, held[:] = list(held), []
+                    last = seen["submitted"] == n and not held
+                for go in batch:
+                    go()
+                if last and not batch:
+                    return
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        r.start()
+        self.assertTrue(wait_until(lambda: sum(1 for s in r.status()
+                                               if s["last_status"] == "ok") == n, timeout=WAIT * 4),
+                        f"{seen}")
+        t.join(WAIT)
+        self.assertEqual(seen["submitted"], n)
+        self.assertLessEqual(seen["most"], bound)
 
     def test_a_job_holds_under_1300_bytes_once_scheduled(self):
         # Issue 27 item 1: 100,000 jobs took 2x APScheduler's memory.  Each
