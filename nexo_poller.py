@@ -11847,7 +11847,7 @@ def _job_from_dict(raw: Any, where: str, probs: _Problems, owners: PluginPollerR
                                 jitter, {} if schedules is None else schedules)
     if len(probs.items) > before:
         return None
-    return JobConfig(sys.intern(job_id), sys.intern(kind), agent, schedule,
+    return JobConfig(job_id, sys.intern(kind), agent, schedule,
                      raw.get("config", {}), failure_to, paused, repause_on_boot=repause,
                      raw_json=_compact_json(raw), extra=raw.get("extra") or _NO_KEYS,
                      overrides=overrides or _NO_KEYS)
@@ -13219,21 +13219,27 @@ class _Ticks:
         new = plan.state.replace(lease_until=now + ttl)
         result_text = None if command is None else json.dumps(outcome.to_dict())
         done = functools.partial(self._committed, job, plan, new, outcome, slot, bool(outbox))
-        book.outcomes.acquire()             # given back by _settle_one
         stored = {"command": None if command is None else (command, result_text),
                   "outbox": outbox, "run_keep": policy.run_history, "run": _run_record(
                       cfg, slot, scheduled_at, now, outcome, job.state.cursor, new.cursor,
                       r.config.secrets)}
+        book.outcomes.acquire()             # given back by _settle_one
         if commit_async:
             try:
                 r.state.commit(new, done, **stored)
             except StateError as exc:
                 done(exc)
+            except BaseException:
+                book.outcomes.release()     # no outcome will reach _settle_one
+                raise
         else:
             try:
                 result = r.state.commit_now(new, **stored)
             except StateError as exc:
                 result = exc
+            except BaseException:
+                book.outcomes.release()
+                raise
             self._settle_one(job, plan, new, outcome, slot, bool(outbox), result)
             if outbox and result is True and not book.started:
                 try:                        # no daemon behind this runner: try once now
@@ -14662,7 +14668,6 @@ class _Metrics:
         self.elsewhere: dict[tuple[str, str], int] = {}  # (job, kind) -> slots held elsewhere
         self.nexo_ticks: dict[tuple[str, str, str, str], int] = {}  # (kind, agent, job, status)
         self.nexo_latency = _Histograms(self.NEXO_BUCKETS_MS)   # (kind, agent, job), in ms
-
 
     def observe(self, o: TickOutcome, at: float | None = None, agent: str = "") -> None:
         with self._lock:

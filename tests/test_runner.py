@@ -1033,6 +1033,26 @@ class SchedulerAtScaleTests(RunnerCase):
         self.assertEqual(seen["submitted"], n)
         self.assertLessEqual(seen["most"], bound)
 
+    def test_a_commit_that_fails_unexpectedly_gives_its_room_back(self):
+        # The room an outcome takes is given back when it is carried out; a
+        # commit raising something unforeseen never gets there, and with its
+        # room kept the next tick would wait for it forever.
+        import nexo_poller as nx
+        patch = mock.patch.object(nx, "_OUTCOMES_IN_FLIGHT", 1)
+        patch.start()
+        self.addCleanup(patch.stop)
+        r = self.runner(self.config([self.job("a")]), Scripted())
+        commit_now = r.state.commit_now
+        r.state.commit_now = mock.Mock(side_effect=RuntimeError("a bug in a backend"))
+        with self.assertRaises(RuntimeError):
+            r.run_once("a")
+        r.state.commit_now = commit_now
+        done = []
+        t = threading.Thread(target=lambda: done.append(r.run_once("a").status), daemon=True)
+        t.start()
+        t.join(WAIT)
+        self.assertEqual(done, ["ok"])
+
     def test_looking_at_the_state_walks_the_running_jobs_not_all(self):
         # Issue 27 item 1: twice a second the scheduler thread built the
         # running set from every job (~3 ms with 100,000, due slots waiting).
