@@ -1013,12 +1013,11 @@ class SchedulerAtScaleTests(RunnerCase):
         def writer():                       # lets commits through 4 at a time, the rest at the end
             while True:
                 with cv:
-                    if not cv.wait_for(lambda: len(held) >= bound or (
-                            held and seen["submitted"] == n) or seen["submitted"] == n,
-                            timeout=WAIT * 4):
+                    if not cv.wait_for(lambda: len(held) >= bound or seen["submitted"] == n,
+                                       timeout=WAIT * 4):
                         return
                     batch, held[:] = list(held), []
-                    last = seen["submitted"] == n and not held
+                    last = seen["submitted"] == n
                 for go in batch:
                     go()
                 if last and not batch:
