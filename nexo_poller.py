@@ -102,6 +102,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import queue
 import random
@@ -11028,7 +11029,7 @@ class JobPolicy:
         # Asked at every tick: a policy worked out is kept under what it was
         # worked out from (the global values, the job's keys and jitter), so
         # 100,000 jobs on a few policies share a few, never out of date.
-        key = (tuple(getattr(config, name) for name in _POLICY_GLOBALS),
+        key = (_policy_globals(config),
                tuple(sorted(job.overrides.items())), job.schedule.stagger_jitter_ms)
         try:
             policy = _POLICIES.get(key)
@@ -11060,6 +11061,9 @@ class JobPolicy:
 # The top-level keys a job's policy falls back to: with the job's own keys
 # and jitter, all that JobPolicy.of's rule reads, so the key of its memo.
 _POLICY_GLOBALS = tuple(sorted({f for f, *_ in _JOB_POLICY_KEYS.values() if f is not None}))
+# Their values in one C call.  (With a generator expression here instead,
+# figure 7's traced high-water mark grew 23-33 bytes a tick, not ~1.)
+_policy_globals = operator.attrgetter(*_POLICY_GLOBALS)
 _POLICIES: dict[tuple, JobPolicy] = {}
 
 
