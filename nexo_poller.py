@@ -7749,19 +7749,18 @@ CREATE TABLE daemons (
 );
 """.replace("{pause_note_columns}", ",\n    ".join(_PAUSE_NOTE_COLUMNS)) \
     + _OUTBOX_SCHEMA + "".join(_ADDED_TABLES.values())
-# What version 1 lacks; applied in place when a daemon opens an old file.
+# What version 1 lacks; applied in place when a daemon opens an old file
+# (then, as in any version 2 file, _add_missing adds _ADDED_TABLES/_COLUMNS).
 _MIGRATE_1_TO_2 = """
 ALTER TABLE jobs ADD COLUMN schedule_key TEXT;
 ALTER TABLE jobs ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN delivered_total INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE jobs ADD COLUMN runs_next INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE commands ADD COLUMN result TEXT;
-ALTER TABLE commands ADD COLUMN arg TEXT;
 CREATE TABLE daemons (owner TEXT PRIMARY KEY, started_at REAL NOT NULL,
                       running TEXT NOT NULL DEFAULT '[]');
 DELETE FROM meta WHERE key='daemon';
 UPDATE meta SET value='2' WHERE key='schema_version';
-""" + _OUTBOX_SCHEMA + "".join(_ADDED_TABLES.values())
+""" + _OUTBOX_SCHEMA
 _BUSY_SLICE_MS = 200            # one wait inside sqlite for a lock; we retry around it
 _WRITE_PATIENCE_SECS = 30.0     # how long a write waits for a locked database
 _READ_PATIENCE_SECS = 2.0       # how long a read waits before it is reported

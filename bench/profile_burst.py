@@ -1,6 +1,7 @@
 """cProfile of every thread of figure 4's burst (every job due at once):
 ``python bench/profile_burst.py [JOBS]`` (30000) prints the drain rate (slowed
-by profiling) and the functions with the most time of their own."""
+by profiling) and the functions with the most time of their own;
+``NO_PROFILE=1`` gives the rate and CPU a tick unprofiled (for an A/B)."""
 import os
 import sys
 
@@ -11,11 +12,12 @@ import workers         # noqa: E402
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 30_000
-    if os.environ.get("NO_PROFILE") is None:
+    profiled = os.environ.get("NO_PROFILE") is None     # NO_PROFILE=1: the rate alone
+    if profiled:
         profile_paths.profile_all_threads()
     r = workers.w_sched({"n": n, "mode": "burst"})
     print(f"{n} jobs drained at {r['rate']:.0f} ticks/s, {r['cpu_us_per_tick']:.0f} us CPU a tick")
-    if os.environ.get("NO_PROFILE") is None:
+    if profiled:
         print(profile_paths.merged("tottime", 45))
 
 
